@@ -1,0 +1,51 @@
+"Shared fixtures: one real PostgreSQL cluster per test session, fresh databases per test."
+import pytest
+
+from fh_saas.db_host import HostDatabase
+from pgserver import start_cluster, start_server
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    "A fresh, empty PostgreSQL database for one test."
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def second_pg_server():
+    "A second cluster on another port, for tests that place tenants on several servers."
+    server = start_cluster()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path/'host.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def host_url(request, tmp_path):
+    "A fresh host database URL on each backend."
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path/'host.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def host_db(host_url):
+    "The HostDatabase singleton on a fresh database, released after the test."
+    db = HostDatabase(host_url)
+    yield db
+    db.close()
+    HostDatabase.reset_instance()
