@@ -6,13 +6,14 @@ Docs: https://fh-saas.github.io/fh_saas/db_host.html.md"""
 
 # %% auto #0
 __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscriptions_t', 'plans_t', 'audit_t', 'jobs_t',
-           'webhook_events_t', 'schema_versions_t', 'HOST_SCHEMA_VERSION', 'HOST_SCHEMA_STEPS', 'gen_id', 'as_utc',
-           'timestamp', 'UTCTimestamp', 'get_db_uri', 'GlobalUser', 'TenantCatalog', 'Membership', 'Subscription',
-           'PricingPlan', 'HostAuditLog', 'SystemJob', 'StripeWebhookEvent', 'schema_version', 'upgrade_schema',
-           'HostDatabaseConfigError', 'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'NoConnectionBound',
-           'PooledDatabase', 'DuplicateRecord', 'BoundTable', 'HostDatabase']
+           'webhook_events_t', 'schema_versions_t', 'HOST_SCHEMA_VERSION', 'HOST_SCHEMA_STEPS', 'host_components',
+           'gen_id', 'as_utc', 'timestamp', 'UTCTimestamp', 'get_db_uri', 'GlobalUser', 'TenantCatalog', 'Membership',
+           'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob', 'StripeWebhookEvent', 'schema_version',
+           'upgrade_schema', 'HostComponent', 'register_component', 'HostDatabaseConfigError',
+           'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'NoConnectionBound', 'PooledDatabase',
+           'DuplicateRecord', 'BoundTable', 'HostDatabase']
 
-# %% ../nbs/00_db_host.ipynb #04e781cb
+# %% ../nbs/00_db_host.ipynb #4de0d30a
 import os, re, threading, uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,12 +27,12 @@ from sqlalchemy.engine import URL, make_url
 from fastcore.utils import UNSET
 from fastsql import Database, DBTable
 
-# %% ../nbs/00_db_host.ipynb #0285ed4f
+# %% ../nbs/00_db_host.ipynb #4bd504bb
 def gen_id() -> str:
     "A new unique id: 32 lowercase hex characters."
     return uuid.uuid4().hex
 
-# %% ../nbs/00_db_host.ipynb #838b70ae
+# %% ../nbs/00_db_host.ipynb #a2428118
 def as_utc(value) -> datetime:
     "Parse an ISO-8601 string or datetime into an aware UTC datetime; naive values are an error."
     dt = datetime.fromisoformat(value) if isinstance(value, str) else value
@@ -43,7 +44,7 @@ def timestamp(dt: datetime | None = None) -> str:
     "`dt` (default: now) as a fixed-width ISO-8601 UTC string."
     return as_utc(dt or datetime.now(timezone.utc)).isoformat(timespec='microseconds')
 
-# %% ../nbs/00_db_host.ipynb #86805fa6
+# %% ../nbs/00_db_host.ipynb #ba1c0f51
 class UTCTimestamp(sa.types.TypeDecorator):
     "A UTC instant: `TIMESTAMPTZ` on PostgreSQL, fixed-width ISO-8601 text elsewhere; an ISO string in Python."
     impl, cache_ok = sa.String(32), True
@@ -58,7 +59,7 @@ class UTCTimestamp(sa.types.TypeDecorator):
     def process_result_value(self, value, dialect):
         return None if value is None else timestamp(as_utc(value))
 
-# %% ../nbs/00_db_host.ipynb #16ee645b
+# %% ../nbs/00_db_host.ipynb #f4e75ebf
 def _engine_of(db) -> sa.Engine:
     if isinstance(db, sa.Engine): return db
     if isinstance(db, sa.Connection): return db.engine
@@ -69,7 +70,7 @@ def get_db_uri(db) -> str:
     "The full SQLAlchemy URL (password unmasked) of a `HostDatabase`, fastsql `Database`, engine or connection."
     return _engine_of(db).url.render_as_string(hide_password=False)
 
-# %% ../nbs/00_db_host.ipynb #8e607a3c
+# %% ../nbs/00_db_host.ipynb #855bcb53
 def _model(cls):
     "Make `cls` a dataclass whose every field defaults to `UNSET`."
     for name in cls.__annotations__: setattr(cls, name, UNSET)
@@ -132,7 +133,7 @@ class StripeWebhookEvent:
     event_created: int; livemode: bool; object_id: str; tenant_id: str; attempts: int; last_error: str
     processed_at: str; updated_at: str
 
-# %% ../nbs/00_db_host.ipynb #1475799a
+# %% ../nbs/00_db_host.ipynb #c386eb20
 host_metadata = sa.MetaData()
 
 def _id(): return sa.Column('id', sa.String(64), primary_key=True, default=gen_id)
@@ -213,7 +214,7 @@ schema_versions_t = sa.Table('sys_schema_versions', host_metadata,
     sa.Column('component', sa.String(64), primary_key=True), sa.Column('version', sa.Integer, nullable=False),
     _ts('updated_at'))
 
-# %% ../nbs/00_db_host.ipynb #35ac4456
+# %% ../nbs/00_db_host.ipynb #8f80d806
 _LOCK_KEY = 0x66685f73  # pg advisory lock id for schema upgrades ("fh_s")
 
 def _lock_for_ddl(conn):
@@ -244,15 +245,17 @@ def schema_version(conn, component: str) -> int:
     v = conn.execute(sa.select(schema_versions_t.c.version).where(schema_versions_t.c.component == component)).scalar()
     return v or 0
 
-def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, version: int, steps: dict | None = None) -> int:
-    "Bring `component`'s tables in `metadata` up to `version` (running `steps[n](conn)` for each n above the recorded one)."
+def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, version: int,
+                   steps: dict | None = None, tables: list | None = None) -> int:
+    "Bring `component`'s `tables` (default: all in `metadata`) up to `version`, running `steps[n](conn)` above the recorded one."
     with engine.begin() as conn:
         _lock_for_ddl(conn)
         if not sa.inspect(conn).has_table('sys_schema_versions'): schema_versions_t.create(conn)
         old = schema_version(conn, component)
         if old > version: raise RuntimeError(f"the database has {component} schema v{old}, newer than this fh_saas (v{version}): upgrade fh_saas")
         if old == version: return old
-        _add_missing(conn, metadata, [t for t in metadata.sorted_tables if t is not schema_versions_t])
+        owned = tables if tables is not None else [t for t in metadata.sorted_tables if t is not schema_versions_t]
+        _add_missing(conn, metadata, owned)
         for n in range(old + 1, version + 1):
             if steps and n in steps: steps[n](conn)
         values = dict(component=component, version=version, updated_at=timestamp())
@@ -260,7 +263,7 @@ def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, ver
         else: conn.execute(schema_versions_t.insert().values(**values))
     return version
 
-# %% ../nbs/00_db_host.ipynb #0dfa212f
+# %% ../nbs/00_db_host.ipynb #c13fe1ed
 HOST_SCHEMA_VERSION = 2
 
 def _backfill_tenant_status(conn):
@@ -268,7 +271,23 @@ def _backfill_tenant_status(conn):
 
 HOST_SCHEMA_STEPS = {2: _backfill_tenant_status}
 
-# %% ../nbs/00_db_host.ipynb #dee612f6
+# %% ../nbs/00_db_host.ipynb #dadcfde5
+@dataclass
+class HostComponent:
+    "A set of host tables owned by one module, with its schema version and upgrade steps."
+    name: str; metadata: sa.MetaData; version: int; tables: list; steps: dict | None = None
+
+    def upgrade(self, engine): return upgrade_schema(engine, self.name, self.metadata, self.version, self.steps, self.tables)
+
+host_components: dict[str, HostComponent] = {}
+
+def register_component(component: HostComponent) -> HostComponent:
+    "Register `component`; upgrade the open host database (if any) to it now."
+    host_components[component.name] = component
+    if (inst := HostDatabase._instance) is not None: component.upgrade(inst.engine)
+    return component
+
+# %% ../nbs/00_db_host.ipynb #eddc4e41
 class HostDatabaseConfigError(ValueError):
     "The `DB_*` settings cannot describe a host database."
 
@@ -290,7 +309,7 @@ def url_from_env(env=None) -> URL:
     return URL.create('postgresql+psycopg2', env.get('DB_USER', 'postgres'), env['DB_PASS'],
                       env.get('DB_HOST', 'localhost'), int(port), name)
 
-# %% ../nbs/00_db_host.ipynb #d74f2acc
+# %% ../nbs/00_db_host.ipynb #3814b624
 def _sqlite_setup(engine):
     @sa.event.listens_for(engine, 'connect')
     def _connect(dbapi_conn, _):
@@ -315,7 +334,7 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
                             max_overflow=max_overflow if max_overflow is not None else int(env.get('DB_MAX_OVERFLOW', 10)),
                             pool_pre_ping=True, pool_recycle=1800, **kw)
 
-# %% ../nbs/00_db_host.ipynb #353cf02f
+# %% ../nbs/00_db_host.ipynb #d9befe89
 class _ScopedConnection:
     "The scope's connection as fastsql sees it: `commit`/`rollback` are left to the enclosing scope."
     def __init__(self, conn): self._conn = conn
@@ -371,7 +390,7 @@ class PooledDatabase(Database):
 
     def close(self): self.engine.dispose()
 
-# %% ../nbs/00_db_host.ipynb #69fd7d15
+# %% ../nbs/00_db_host.ipynb #a7cec846
 class DuplicateRecord(ValueError):
     "A write was refused by a unique rule of the schema; nothing was written."
 
@@ -411,7 +430,7 @@ class BoundTable:
         if not callable(attr): return attr
         return lambda *args, **kwargs: self._run(attr, *args, **kwargs)
 
-# %% ../nbs/00_db_host.ipynb #3469dcad
+# %% ../nbs/00_db_host.ipynb #a0d6b5db
 _TABLES = dict(global_users=(users_t, GlobalUser), tenants=(tenants_t, TenantCatalog),
                memberships=(memberships_t, Membership), subscriptions=(subscriptions_t, Subscription),
                pricing_plans=(plans_t, PricingPlan), audit_logs=(audit_t, HostAuditLog),
@@ -447,11 +466,15 @@ class HostDatabase:
             reason = str(e.orig).strip().splitlines()[0] if e.orig else 'connection failed'
             raise HostDatabaseUnavailable(f"cannot reach the host database at {_describe(url)}: {reason}") from None
         upgrade_schema(self.engine, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
+        for comp in list(host_components.values()): comp.upgrade(self.engine)
         self.db = PooledDatabase(self.engine, host_metadata)
-        for attr, (tbl, cls) in _TABLES.items():
-            t = DBTable(tbl, self.db, cls, _exists=True)
-            self.db._tables[tbl.name] = t
-            setattr(self, attr, BoundTable(self.db, t))
+        for attr, (tbl, cls) in _TABLES.items(): setattr(self, attr, self.bind(tbl, cls))
+
+    def bind(self, table: sa.Table, cls=None) -> 'BoundTable':
+        "A fastsql-style accessor (like `host_db.global_users`) for any host `table`, rows as `cls`."
+        t = DBTable(table, self.db, cls, _exists=True)
+        self.db._tables[table.name] = t
+        return BoundTable(self.db, t)
 
     @classmethod
     def from_env(cls):
