@@ -106,4 +106,11 @@ d = { 'settings': { 'branch': 'main',
                                  'fh_saas.db_host.schema_version': ('db_host.html#schema_version', 'fh_saas/db_host.py'),
                                  'fh_saas.db_host.timestamp': ('db_host.html#timestamp', 'fh_saas/db_host.py'),
                                  'fh_saas.db_host.upgrade_schema': ('db_host.html#upgrade_schema', 'fh_saas/db_host.py'),
-                                 'fh_saas.db_host.url_from_env': ('db_host.html#url_from_env', 'fh_saas/db_host.py')}}}
+                                 'fh_saas.db_host.url_from_env': ('db_host.html#url_from_env', 'fh_saas/db_host.py')},
+            'fh_saas.ui': { 'fh_saas.ui.alert': ('ui.html#alert', 'fh_saas/ui.py'),
+                            'fh_saas.ui.badge': ('ui.html#badge', 'fh_saas/ui.py'),
+                            'fh_saas.ui.card': ('ui.html#card', 'fh_saas/ui.py'),
+                            'fh_saas.ui.field': ('ui.html#field', 'fh_saas/ui.py'),
+                            'fh_saas.ui.mount_static': ('ui.html#mount_static', 'fh_saas/ui.py'),
+                            'fh_saas.ui.page': ('ui.html#page', 'fh_saas/ui.py'),
+                            'fh_saas.ui.static_headers': ('ui.html#static_headers', 'fh_saas/ui.py')}}}
