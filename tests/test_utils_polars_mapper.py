@@ -6,6 +6,7 @@ from decimal import Decimal
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from fastsql import Database
 
 from fh_saas import utils_polars_mapper as mapper
 from fh_saas.db_host import HostDatabase, make_engine
@@ -125,12 +126,30 @@ def test_duplicate_keys_last_wins(db_url, engine):
     assert rows(engine, "dups") == [(1, "last"), (2, "b")]
 
 
-def seed(db_url, engine):
+def seed(engine):
     "An existing table with two rows, a CHECK rule and an unrelated column."
     with engine.begin() as c:
+        c.exec_driver_sql("DROP TABLE IF EXISTS stock")
         c.exec_driver_sql("CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER CHECK (qty >= 0), note TEXT)")
         c.exec_driver_sql("INSERT INTO stock VALUES (1, 5, 'a'), (2, 6, 'b')")
     return snapshot(engine, "stock")
+
+
+@pytest.fixture(scope="module")
+def shared_pg_url(pg_server):
+    "One PostgreSQL database for the many bad-input cases (each reseeds its table)."
+    url = pg_server.create_database("mapper")
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stock(request, tmp_path):
+    "(url, engine, rows before) of a database holding the seeded `stock` table."
+    url = f"sqlite:///{tmp_path/'stock.db'}" if request.param == "sqlite" else request.getfixturevalue("shared_pg_url")
+    eng = make_engine(url)
+    yield url, eng, seed(eng)
+    eng.dispose()
 
 
 BAD_INPUTS = [
@@ -151,28 +170,29 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("kw,msg", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_is_refused_and_writes_nothing(db_url, engine, kw, msg):
-    before = seed(db_url, engine)
+def test_bad_input_is_refused_and_writes_nothing(stock, kw, msg):
+    db_url, engine, before = stock
     args = dict(table_name="stock", key_col="id") | kw
     with pytest.raises((ValueError, TypeError), match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         map_and_upsert(args.pop("df"), args.pop("table_name"), args.pop("key_col"), db_url, **args)
     assert snapshot(engine, "stock") == before
 
 
-def test_failure_in_the_database_rolls_back_every_row(db_url, engine):
-    before = seed(db_url, engine)
+def test_failure_in_the_database_rolls_back_every_row(stock):
+    db_url, engine, before = stock
     df = pl.DataFrame(dict(id=[1, 3, 4], qty=[50, 7, -1]))
     with pytest.raises(sa.exc.IntegrityError): map_and_upsert(df, "stock", "id", db_url)
     assert snapshot(engine, "stock") == before
 
 
-def test_copy_rejects_a_value_the_column_cannot_hold(pg_url):
-    eng = sa.create_engine(pg_url)
+def test_copy_rejects_a_value_the_column_cannot_hold(shared_pg_url):
+    engine = make_engine(shared_pg_url)
     try:
-        before = seed(pg_url, eng)
-        with pytest.raises(sa.exc.DataError): map_and_upsert([dict(id=1, qty="1"), dict(id=9, qty="many")], "stock", "id", pg_url)
-        assert snapshot(eng, "stock") == before
-    finally: eng.dispose()
+        before = seed(engine)
+        with pytest.raises(sa.exc.DataError, match='invalid input syntax for type integer: "many"'):
+            map_and_upsert([dict(id=1, qty="1"), dict(id=9, qty="many")], "stock", "id", shared_pg_url)
+        assert snapshot(engine, "stock") == before
+    finally: engine.dispose()
 
 
 def test_joins_the_callers_transaction(db_url, engine):
@@ -184,6 +204,7 @@ def test_joins_the_callers_transaction(db_url, engine):
     assert not sa.inspect(engine).has_table("joined")
 
 
+@pytest.mark.filterwarnings("ignore:Skipped unsupported reflection")
 def test_host_database_objects_are_accepted(db_url):
     host_db = HostDatabase(db_url)
     try:
@@ -193,6 +214,10 @@ def test_host_database_objects_are_accepted(db_url):
             map_and_upsert([dict(id=2, v="z")], "via_host", "id", host_db)
             host_db.q("INSERT INTO via_host (id, v) VALUES (3, 'w')")
         assert host_db.q("SELECT id, v FROM via_host ORDER BY id") == [dict(id=1, v="y"), dict(id=2, v="z"), dict(id=3, v="w")]
+        fdb = Database(db_url)
+        try: map_and_upsert([dict(id=4, v="f")], "via_host", "id", fdb)
+        finally: fdb.close(); fdb.engine.dispose()
+        assert host_db.q("SELECT v FROM via_host WHERE id = 4") == [dict(v="f")]
     finally:
         host_db.close()
         HostDatabase.reset_instance()
