@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/utils_polars_mapper.html.md"""
 # %% auto #0
 __all__ = ['ENGINE_CACHE_SIZE', 'apply_schema', 'map_and_upsert']
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #e236fd35
+# %% ../nbs/08_utils_polars_mapper.ipynb #a77e1db3
 import io, json, re, threading, uuid
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 
 from .db_host import UTCTimestamp, make_engine
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #e93e98e7
+# %% ../nbs/08_utils_polars_mapper.ipynb #53a25489
 _IDENT = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,62}')
 
 def _check_ident(name, what: str) -> str:
@@ -30,7 +30,7 @@ def _check_ident(name, what: str) -> str:
                          "(at most 63, not starting with a digit)")
     return name
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #1dbfbbdc
+# %% ../nbs/08_utils_polars_mapper.ipynb #102b04f1
 _TRUE, _FALSE = ('true', 't', 'yes', 'y', '1'), ('false', 'f', 'no', 'n', '0')
 _DATETIME_FORMAT, _TIME_FORMAT = '%Y-%m-%dT%H:%M:%S%.6f%:z', '%H:%M:%S%.6f'
 
@@ -79,7 +79,7 @@ def apply_schema(df: pl.DataFrame, type_map: dict) -> pl.DataFrame:
             raise ValueError(f"column {col!r}: cannot convert to {type_map[col]}: {str(e).splitlines()[0]}") from e
     return df
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #a24e9d50
+# %% ../nbs/08_utils_polars_mapper.ipynb #59f2d736
 _SQL_TYPES = {pl.Boolean: sa.Boolean, pl.Int8: sa.SmallInteger, pl.Int16: sa.SmallInteger, pl.Int32: sa.Integer,
               pl.Int64: sa.BigInteger, pl.UInt8: sa.SmallInteger, pl.UInt16: sa.Integer, pl.UInt32: sa.BigInteger,
               pl.UInt64: lambda: sa.Numeric(20, 0), pl.Float32: sa.REAL, pl.Float64: sa.Double, pl.String: sa.Text,
@@ -124,7 +124,7 @@ def _prepare(df: pl.DataFrame, keys: list, column_map, unnest_cols, type_map) ->
     df = df.with_columns(cs.datetime().dt.convert_time_zone('UTC'))
     return df.unique(subset=keys, keep='last', maintain_order=True), json_cols
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #b1df6474
+# %% ../nbs/08_utils_polars_mapper.ipynb #d53341cf
 ENGINE_CACHE_SIZE = 8
 _engines: OrderedDict[str, sa.Engine] = OrderedDict()
 _engines_lock = threading.Lock()
@@ -153,7 +153,7 @@ def _transaction(target):
         with target.engine.begin() as conn: yield conn
     else: raise TypeError(f"db_uri must be a URL, engine, connection or database, not {type(target).__name__}")
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #74c7f8fe
+# %% ../nbs/08_utils_polars_mapper.ipynb #458ee43f
 def _table_def(df: pl.DataFrame, table: str, keys: list, json_cols: set) -> sa.Table:
     def sql_type(col, dtype):
         if col in json_cols: return sa.Text().with_variant(postgresql.JSONB(), 'postgresql')
@@ -168,45 +168,55 @@ def _unique_on(insp, table: str, keys: list) -> bool:
     if any(set(u['column_names']) == want for u in insp.get_unique_constraints(table)): return True
     return any(i['unique'] and set(i['column_names']) == want for i in insp.get_indexes(table))
 
-def _ensure_table(conn, df: pl.DataFrame, table: str, keys: list, json_cols: set):
-    "Create `table` from `df` when missing; else check it can take `df` keyed on `keys`."
-    insp = sa.inspect(conn)
-    if not insp.has_table(table):
+def _ensure_table(conn, df: pl.DataFrame, table: str, keys: list, json_cols: set) -> bool:
+    "Create `table` from `df` when missing (True); else check that it can take `df` keyed on `keys` (False)."
+    if not sa.inspect(conn).has_table(table):
         if conn.dialect.name == 'postgresql':
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(f'fh_saas.mapper.{table}'))))
-        _table_def(df, table, keys, json_cols).create(conn, checkfirst=True)
-        return
+        if not sa.inspect(conn).has_table(table):
+            _table_def(df, table, keys, json_cols).create(conn)
+            return True
+    insp = sa.inspect(conn)
     if missing := [c for c in df.columns if c not in {c['name'] for c in insp.get_columns(table)}]:
         raise ValueError(f"table {table!r} has no column(s) {missing}")
     if not _unique_on(insp, table, keys):
         raise ValueError(f"table {table!r} has no primary key or unique index on {keys}, so rows cannot be matched")
+    return False
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #7b3f3205
+# %% ../nbs/08_utils_polars_mapper.ipynb #0dce4bf4
 def _on_conflict(q, cols: list, keys: list) -> str:
     target = ', '.join(map(q, keys))
     if not (rest := [c for c in cols if c not in keys]): return f'ON CONFLICT ({target}) DO NOTHING'
     return f'ON CONFLICT ({target}) DO UPDATE SET ' + ', '.join(f'{q(c)} = excluded.{q(c)}' for c in rest)
 
-def _upsert_postgresql(conn, df: pl.DataFrame, table: str, keys: list) -> int:
-    "COPY `df` as CSV into a temporary table shaped like the target's columns, then merge it; driver errors as SQLAlchemy's."
-    q = conn.dialect.identifier_preparer.quote_identifier
-    cols, stage = ', '.join(map(q, df.columns)), q(f'_fh_stage_{uuid.uuid4().hex}')
-    conn.exec_driver_sql(f'CREATE TEMPORARY TABLE {stage} AS SELECT {cols} FROM {q(table)} WITH NO DATA')
+def _copy(conn, df: pl.DataFrame, table: str, cols: str) -> int:
+    "Stream `df` as CSV into the quoted `table` with `COPY`; driver errors raised as SQLAlchemy's."
     buf = io.BytesIO()
     df.write_csv(buf, include_header=False, datetime_format=_DATETIME_FORMAT, time_format=_TIME_FORMAT)
     buf.seek(0)
-    copy = f'COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv)'
+    copy = f'COPY {table} ({cols}) FROM STDIN WITH (FORMAT csv)'
     try:
-        with conn.connection.cursor() as cur: cur.copy_expert(copy, buf)
+        with conn.connection.cursor() as cur:
+            cur.copy_expert(copy, buf)
+            return cur.rowcount
     except conn.dialect.loaded_dbapi.Error as e:
         raise sa.exc.DBAPIError.instance(copy, None, e, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect) from None
+
+def _upsert_postgresql(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
+    "COPY into a temporary table shaped like the target's columns, then merge; a table created just now takes the COPY directly."
+    q = conn.dialect.identifier_preparer.quote_identifier
+    cols = ', '.join(map(q, df.columns))
+    if new_table: return _copy(conn, df, q(table), cols)
+    stage = q(f'_fh_stage_{uuid.uuid4().hex}')
+    conn.exec_driver_sql(f'CREATE TEMPORARY TABLE {stage} AS SELECT {cols} FROM {q(table)} WITH NO DATA')
+    _copy(conn, df, stage, cols)
     n = conn.exec_driver_sql(f'INSERT INTO {q(table)} ({cols}) SELECT {cols} FROM {stage} '
                              + _on_conflict(q, df.columns, keys)).rowcount
     conn.exec_driver_sql(f'DROP TABLE {stage}')
     return n
 
-def _upsert_sqlite(conn, df: pl.DataFrame, table: str, keys: list) -> int:
-    "One `executemany` upsert; times, dates and decimals as ISO / exact text."
+def _upsert_sqlite(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
+    "One `executemany` upsert (for a new table too); times, dates and decimals as ISO / exact text."
     q = conn.dialect.identifier_preparer.quote_identifier
     rows = df.with_columns(cs.datetime().dt.to_string(_DATETIME_FORMAT), cs.time().dt.to_string(_TIME_FORMAT),
                            cs.date().dt.to_string('%Y-%m-%d'), cs.decimal().cast(pl.String)).rows()
@@ -216,7 +226,7 @@ def _upsert_sqlite(conn, df: pl.DataFrame, table: str, keys: list) -> int:
 
 _WRITERS = dict(postgresql=_upsert_postgresql, sqlite=_upsert_sqlite)
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #2d08ff5c
+# %% ../nbs/08_utils_polars_mapper.ipynb #42ee1c68
 def map_and_upsert(df, table_name: str, key_col, db_uri, column_map: dict | None = None,
                    unnest_cols: list | None = None, type_map: dict | None = None) -> int:
     "Shape `df` (polars frame or list of dicts) and upsert it into `table_name` on `key_col` in one transaction; the rows written."
@@ -230,5 +240,4 @@ def map_and_upsert(df, table_name: str, key_col, db_uri, column_map: dict | None
     with _transaction(db_uri) as conn:
         if (write := _WRITERS.get(conn.dialect.name)) is None:
             raise ValueError(f"map_and_upsert supports PostgreSQL and SQLite, not {conn.dialect.name}")
-        _ensure_table(conn, frame, table, keys, json_cols)
-        return write(conn, frame, table, keys)
+        return write(conn, frame, table, keys, _ensure_table(conn, frame, table, keys, json_cols))

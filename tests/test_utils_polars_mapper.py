@@ -124,6 +124,8 @@ def test_duplicate_keys_last_wins(db_url, engine):
     df = pl.DataFrame(dict(id=[1, 2, 1, 1], v=["first", "b", "second", "last"]))
     assert map_and_upsert(df, "dups", "id", db_url) == 2
     assert rows(engine, "dups") == [(1, "last"), (2, "b")]
+    assert map_and_upsert(pl.DataFrame(dict(id=[2, 3, 2], v=["x", "c", "y"])), "dups", "id", db_url) == 2
+    assert rows(engine, "dups") == [(1, "last"), (2, "y"), (3, "c")]
 
 
 def seed(engine):
