@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/utils_polars_mapper.html.md"""
 # %% auto #0
 __all__ = ['ENGINE_CACHE_SIZE', 'apply_schema', 'map_and_upsert']
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #a77e1db3
+# %% ../nbs/08_utils_polars_mapper.ipynb #793d2e81
 import io, json, re, threading, uuid
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 
 from .db_host import UTCTimestamp, make_engine
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #53a25489
+# %% ../nbs/08_utils_polars_mapper.ipynb #48f9ea7a
 _IDENT = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,62}')
 
 def _check_ident(name, what: str) -> str:
@@ -30,7 +30,7 @@ def _check_ident(name, what: str) -> str:
                          "(at most 63, not starting with a digit)")
     return name
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #102b04f1
+# %% ../nbs/08_utils_polars_mapper.ipynb #55c50534
 _TRUE, _FALSE = ('true', 't', 'yes', 'y', '1'), ('false', 'f', 'no', 'n', '0')
 _DATETIME_FORMAT, _TIME_FORMAT = '%Y-%m-%dT%H:%M:%S%.6f%:z', '%H:%M:%S%.6f'
 
@@ -79,7 +79,7 @@ def apply_schema(df: pl.DataFrame, type_map: dict) -> pl.DataFrame:
             raise ValueError(f"column {col!r}: cannot convert to {type_map[col]}: {str(e).splitlines()[0]}") from e
     return df
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #59f2d736
+# %% ../nbs/08_utils_polars_mapper.ipynb #12cb5996
 _SQL_TYPES = {pl.Boolean: sa.Boolean, pl.Int8: sa.SmallInteger, pl.Int16: sa.SmallInteger, pl.Int32: sa.Integer,
               pl.Int64: sa.BigInteger, pl.UInt8: sa.SmallInteger, pl.UInt16: sa.Integer, pl.UInt32: sa.BigInteger,
               pl.UInt64: lambda: sa.Numeric(20, 0), pl.Float32: sa.REAL, pl.Float64: sa.Double, pl.String: sa.Text,
@@ -95,7 +95,8 @@ def _unnest(df: pl.DataFrame, cols) -> pl.DataFrame:
     for c in cols:
         if c not in df.columns: raise ValueError(f"unnest_cols names missing column {c!r}")
         if not isinstance(df.schema[c], pl.Struct): raise ValueError(f"unnest_cols: column {c!r} is {df.schema[c]}, not a struct")
-        df = df.unnest(c, separator='_')
+        fields = [f'{c}_{f.name}' for f in df.schema[c].fields]
+        df = df.with_columns(pl.col(c).struct.rename_fields(fields)).unnest(c)
     return df
 
 def _rename(df: pl.DataFrame, column_map: dict) -> pl.DataFrame:
@@ -124,7 +125,7 @@ def _prepare(df: pl.DataFrame, keys: list, column_map, unnest_cols, type_map) ->
     df = df.with_columns(cs.datetime().dt.convert_time_zone('UTC'))
     return df.unique(subset=keys, keep='last', maintain_order=True), json_cols
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #d53341cf
+# %% ../nbs/08_utils_polars_mapper.ipynb #1339879b
 ENGINE_CACHE_SIZE = 8
 _engines: OrderedDict[str, sa.Engine] = OrderedDict()
 _engines_lock = threading.Lock()
@@ -153,7 +154,7 @@ def _transaction(target):
         with target.engine.begin() as conn: yield conn
     else: raise TypeError(f"db_uri must be a URL, engine, connection or database, not {type(target).__name__}")
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #458ee43f
+# %% ../nbs/08_utils_polars_mapper.ipynb #0eeff5e0
 def _table_def(df: pl.DataFrame, table: str, keys: list, json_cols: set) -> sa.Table:
     def sql_type(col, dtype):
         if col in json_cols: return sa.Text().with_variant(postgresql.JSONB(), 'postgresql')
@@ -183,7 +184,7 @@ def _ensure_table(conn, df: pl.DataFrame, table: str, keys: list, json_cols: set
         raise ValueError(f"table {table!r} has no primary key or unique index on {keys}, so rows cannot be matched")
     return False
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #0dce4bf4
+# %% ../nbs/08_utils_polars_mapper.ipynb #06fbeaaa
 def _on_conflict(q, cols: list, keys: list) -> str:
     target = ', '.join(map(q, keys))
     if not (rest := [c for c in cols if c not in keys]): return f'ON CONFLICT ({target}) DO NOTHING'
@@ -226,7 +227,7 @@ def _upsert_sqlite(conn, df: pl.DataFrame, table: str, keys: list, new_table: bo
 
 _WRITERS = dict(postgresql=_upsert_postgresql, sqlite=_upsert_sqlite)
 
-# %% ../nbs/08_utils_polars_mapper.ipynb #42ee1c68
+# %% ../nbs/08_utils_polars_mapper.ipynb #585ea014
 def map_and_upsert(df, table_name: str, key_col, db_uri, column_map: dict | None = None,
                    unnest_cols: list | None = None, type_map: dict | None = None) -> int:
     "Shape `df` (polars frame or list of dicts) and upsert it into `table_name` on `key_col` in one transaction; the rows written."
