@@ -91,6 +91,7 @@ def run(eng, url: str, n: int):
 
 
 def main(sizes):
+    sys.stdout.reconfigure(line_buffering=True)
     server = start_server()
     url = server.create_database("bench")
     eng = sa.create_engine(url)

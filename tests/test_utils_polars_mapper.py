@@ -13,10 +13,26 @@ from fh_saas.db_host import HostDatabase, make_engine
 from fh_saas.utils_polars_mapper import map_and_upsert
 
 
+@pytest.fixture(scope="module")
+def shared_pg_url(pg_server):
+    "One PostgreSQL database for this module; `empty_pg_url` empties it before each test (cheaper than a new one)."
+    url = pg_server.create_database("mapper")
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def empty_pg_url(shared_pg_url):
+    eng = sa.create_engine(shared_pg_url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c: c.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    eng.dispose()
+    return shared_pg_url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request):
-    "A fresh database URL on each backend."
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    "An empty database URL on each backend."
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "empty_pg_url")
 
 
 @pytest.fixture(autouse=True)
@@ -70,12 +86,12 @@ def test_key_only_frame_inserts_missing_rows(db_url, engine):
     assert rows(engine, "ids") == [(1,), (2,), (3,)]
 
 
-def test_auto_created_table_types(pg_url):
+def test_auto_created_table_types(empty_pg_url):
     df = pl.DataFrame(dict(id=[1], small=pl.Series([1], dtype=pl.Int16), x=[1.5], ok=[True], name=["n"],
                            day=[date(2026, 1, 2)], at=[datetime(2026, 1, 2, tzinfo=timezone.utc)], doc=[dict(a=1)],
                            price=pl.Series([Decimal("1.25")], dtype=pl.Decimal(10, 2))))
-    map_and_upsert(df, "typed", "id", pg_url)
-    eng = sa.create_engine(pg_url)
+    map_and_upsert(df, "typed", "id", empty_pg_url)
+    eng = sa.create_engine(empty_pg_url)
     try:
         with eng.connect() as c:
             types = dict(c.exec_driver_sql("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'typed'").all())
@@ -137,18 +153,10 @@ def seed(engine):
     return snapshot(engine, "stock")
 
 
-@pytest.fixture(scope="module")
-def shared_pg_url(pg_server):
-    "One PostgreSQL database for the many bad-input cases (each reseeds its table)."
-    url = pg_server.create_database("mapper")
-    yield url
-    pg_server.drop_database(url)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def stock(request, tmp_path):
     "(url, engine, rows before) of a database holding the seeded `stock` table."
-    url = f"sqlite:///{tmp_path/'stock.db'}" if request.param == "sqlite" else request.getfixturevalue("shared_pg_url")
+    url = f"sqlite:///{tmp_path/'stock.db'}" if request.param == "sqlite" else request.getfixturevalue("empty_pg_url")
     eng = make_engine(url)
     yield url, eng, seed(eng)
     eng.dispose()
@@ -187,12 +195,12 @@ def test_failure_in_the_database_rolls_back_every_row(stock):
     assert snapshot(engine, "stock") == before
 
 
-def test_copy_rejects_a_value_the_column_cannot_hold(shared_pg_url):
-    engine = make_engine(shared_pg_url)
+def test_copy_rejects_a_value_the_column_cannot_hold(empty_pg_url):
+    engine = make_engine(empty_pg_url)
     try:
         before = seed(engine)
         with pytest.raises(sa.exc.DataError, match='invalid input syntax for type integer: "many"'):
-            map_and_upsert([dict(id=1, qty="1"), dict(id=9, qty="many")], "stock", "id", shared_pg_url)
+            map_and_upsert([dict(id=1, qty="1"), dict(id=9, qty="many")], "stock", "id", empty_pg_url)
         assert snapshot(engine, "stock") == before
     finally: engine.dispose()
 
@@ -245,17 +253,17 @@ def test_engines_are_reused(pg_server, pg_url):
     assert len(mapper._engines) == 1
 
 
-def test_concurrent_first_writes_create_the_table_once(pg_url):
+def test_concurrent_first_writes_create_the_table_once(empty_pg_url):
     barrier, errors = threading.Barrier(4), []
 
     def work(t):
         barrier.wait()
-        try: map_and_upsert([dict(id=t, v=str(t))], "raced", "id", pg_url)
+        try: map_and_upsert([dict(id=t, v=str(t))], "raced", "id", empty_pg_url)
         except Exception as e: errors.append(e)
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for t in threads: t.start()
     for t in threads: t.join()
     assert errors == []
-    eng = sa.create_engine(pg_url)
+    eng = sa.create_engine(empty_pg_url)
     try: assert rows(eng, "raced") == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
     finally: eng.dispose()
