@@ -253,17 +253,15 @@ def test_engines_are_reused(pg_server, pg_url):
     assert len(mapper._engines) == 1
 
 
-def test_concurrent_first_writes_create_the_table_once(empty_pg_url):
+def test_concurrent_first_writes_create_the_table_once(db_url, engine):
     barrier, errors = threading.Barrier(4), []
 
     def work(t):
         barrier.wait()
-        try: map_and_upsert([dict(id=t, v=str(t))], "raced", "id", empty_pg_url)
+        try: map_and_upsert([dict(id=t, v=str(t))], "raced", "id", db_url)
         except Exception as e: errors.append(e)
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for t in threads: t.start()
     for t in threads: t.join()
     assert errors == []
-    eng = sa.create_engine(empty_pg_url)
-    try: assert rows(eng, "raced") == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
-    finally: eng.dispose()
+    assert rows(engine, "raced") == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
