@@ -54,9 +54,6 @@ def rows(engine, table, order="1"):
     with engine.connect() as c: return [tuple(r) for r in c.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {order}")]
 
 
-def snapshot(engine, table): return rows(engine, table)
-
-
 def test_insert_then_update(db_url, engine):
     assert map_and_upsert(pl.DataFrame(dict(id=[1, 2, 3], name=["a", "b", "c"])), "items", "id", db_url) == 3
     assert map_and_upsert([dict(id=2, name="B"), dict(id=4, name="d")], "items", "id", db_url) == 2
@@ -78,6 +75,16 @@ def test_composite_key(db_url, engine):
     assert rows(engine, "facts", "1, 2") == [("a", 1, 10), ("a", 2, 20), ("b", 1, 31), ("b", 2, 40)]
     pk = sa.inspect(engine).get_pk_constraint("facts")["constrained_columns"]
     assert pk == ["tenant", "seq"]
+
+
+def test_key_with_a_unique_index_instead_of_the_primary_key(db_url, engine):
+    serial = "SERIAL" if engine.dialect.name == "postgresql" else "INTEGER"
+    with engine.begin() as c:
+        c.exec_driver_sql(f"CREATE TABLE products (id {serial} PRIMARY KEY, sku TEXT NOT NULL, price INTEGER)")
+        c.exec_driver_sql("CREATE UNIQUE INDEX ux_products_sku ON products (sku)")
+    map_and_upsert([dict(sku="a", price=1), dict(sku="b", price=2)], "products", "sku", db_url)
+    map_and_upsert([dict(sku="b", price=3)], "products", "sku", db_url)
+    assert rows(engine, "products") == [(1, "a", 1), (2, "b", 3)]
 
 
 def test_key_only_frame_inserts_missing_rows(db_url, engine):
@@ -150,7 +157,7 @@ def seed(engine):
         c.exec_driver_sql("DROP TABLE IF EXISTS stock")
         c.exec_driver_sql("CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER CHECK (qty >= 0), note TEXT)")
         c.exec_driver_sql("INSERT INTO stock VALUES (1, 5, 'a'), (2, 6, 'b')")
-    return snapshot(engine, "stock")
+    return rows(engine, "stock")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -185,14 +192,14 @@ def test_bad_input_is_refused_and_writes_nothing(stock, kw, msg):
     args = dict(table_name="stock", key_col="id") | kw
     with pytest.raises((ValueError, TypeError), match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         map_and_upsert(args.pop("df"), args.pop("table_name"), args.pop("key_col"), db_url, **args)
-    assert snapshot(engine, "stock") == before
+    assert rows(engine, "stock") == before
 
 
 def test_failure_in_the_database_rolls_back_every_row(stock):
     db_url, engine, before = stock
     df = pl.DataFrame(dict(id=[1, 3, 4], qty=[50, 7, -1]))
     with pytest.raises(sa.exc.IntegrityError): map_and_upsert(df, "stock", "id", db_url)
-    assert snapshot(engine, "stock") == before
+    assert rows(engine, "stock") == before
 
 
 def test_copy_rejects_a_value_the_column_cannot_hold(empty_pg_url):
@@ -201,7 +208,7 @@ def test_copy_rejects_a_value_the_column_cannot_hold(empty_pg_url):
         before = seed(engine)
         with pytest.raises(sa.exc.DataError, match='invalid input syntax for type integer: "many"'):
             map_and_upsert([dict(id=1, qty="1"), dict(id=9, qty="many")], "stock", "id", empty_pg_url)
-        assert snapshot(engine, "stock") == before
+        assert rows(engine, "stock") == before
     finally: engine.dispose()
 
 
