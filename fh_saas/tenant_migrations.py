@@ -11,7 +11,7 @@ __all__ = ['tenant_metadata', 'tenant_users_t', 'tenant_settings_t', 'tenant_per
            'migrate_database', 'ensure_template_current', 'TenantOutcome', 'FleetReport', 'tenants_behind',
            'migrate_fleet']
 
-# %% ../nbs/02_tenant_migrations.ipynb #68cefabc
+# %% ../nbs/02_tenant_migrations.ipynb #60ad1d28
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from .db_host import UTCTimestamp, gen_id, timestamp, tenants_t
 
-# %% ../nbs/02_tenant_migrations.ipynb #553f3706
+# %% ../nbs/02_tenant_migrations.ipynb #023393b8
 class MigrationRegistryError(ValueError):
     "A migration or a list of migrations is malformed: bad version, duplicate, out of order."
 
@@ -43,11 +43,12 @@ class TenantMigration:
     def apply(self, conn: sa.Connection):
         "Run this step on `conn`, inside the caller's transaction."
         if callable(self.up): return self.up(conn)
-        if conn.dialect.name == 'sqlite':
-            for stmt in _sqlite_statements(self.up): conn.exec_driver_sql(stmt)
-        else: conn.exec_driver_sql(self.up)
+        cur = conn.connection.cursor()
+        try:
+            for stmt in _sqlite_statements(self.up) if conn.dialect.name == 'sqlite' else [self.up]: cur.execute(stmt)
+        finally: cur.close()
 
-# %% ../nbs/02_tenant_migrations.ipynb #0d052825
+# %% ../nbs/02_tenant_migrations.ipynb #2b229d38
 def _sqlite_statements(script: str) -> Iterable[str]:
     "The statements of a SQLite `script`, split where SQLite's parser says a statement is complete."
     stmt = ''
@@ -58,7 +59,7 @@ def _sqlite_statements(script: str) -> Iterable[str]:
             stmt = ''
     if stmt.strip(' \t\r\n;'): yield stmt
 
-# %% ../nbs/02_tenant_migrations.ipynb #9bec44f1
+# %% ../nbs/02_tenant_migrations.ipynb #06699412
 class TenantSchema:
     "The ordered migrations of the tenant databases; versions strictly increase."
     def __init__(self, migrations: Iterable[TenantMigration] = ()):
@@ -99,7 +100,7 @@ class TenantSchema:
     def __len__(self): return len(self._steps)
     def __repr__(self): return f"TenantSchema({[f'{m.version}:{m.name}' for m in self]})"
 
-# %% ../nbs/02_tenant_migrations.ipynb #8c96014a
+# %% ../nbs/02_tenant_migrations.ipynb #4e371db4
 tenant_metadata = sa.MetaData()
 
 tenant_users_t = sa.Table('tenant_users', tenant_metadata,
@@ -127,14 +128,14 @@ core_migrations = (
     TenantMigration(3, 'tenant_permissions', _create(tenant_permissions_t)),
 )
 
-# %% ../nbs/02_tenant_migrations.ipynb #9ff56fd9
+# %% ../nbs/02_tenant_migrations.ipynb #3a65b0a9
 tenant_schema = TenantSchema(core_migrations)
 
 def register_tenant_migration(version: int, name: str, up) -> TenantMigration:
     "Add an app migration to `tenant_schema`; `up` is SQL text or a callable taking a `Connection`."
     return tenant_schema.add(TenantMigration(version, name, up))
 
-# %% ../nbs/02_tenant_migrations.ipynb #70e5ea88
+# %% ../nbs/02_tenant_migrations.ipynb #6b7bf871
 class MigrationFailed(RuntimeError):
     "A migration step failed; the database was rolled back to the version it had before."
     def __init__(self, version: int, name: str, error: BaseException):
@@ -195,13 +196,13 @@ def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, targ
             current = m.version
     return current
 
-# %% ../nbs/02_tenant_migrations.ipynb #a2da36d5
+# %% ../nbs/02_tenant_migrations.ipynb #6b771439
 def ensure_template_current(engine: sa.Engine, schema: TenantSchema | None = None) -> int:
     "Migrate the template database behind `engine` to the latest version, then close its pooled connections."
     try: return migrate_database(engine, schema)
     finally: engine.dispose()
 
-# %% ../nbs/02_tenant_migrations.ipynb #ac835ae7
+# %% ../nbs/02_tenant_migrations.ipynb #ba8c75d3
 MIGRATABLE_STATUSES = ('active', 'suspended')
 
 @dataclass
@@ -232,7 +233,7 @@ class FleetReport:
     def __repr__(self):
         return f"FleetReport(target={self.target}, migrated={len(self.migrated)}, failed={[(o.tenant_id, o.failed_version) for o in self.failed]})"
 
-# %% ../nbs/02_tenant_migrations.ipynb #70d904d2
+# %% ../nbs/02_tenant_migrations.ipynb #69c70043
 def _reason(e: BaseException) -> str:
     "The first line of a driver's message (not SQLAlchemy's statement dump)."
     return MigrationFailed(0, '', e).reason
