@@ -123,18 +123,19 @@ def test_sqlite_engine_without_begin_immediate_is_refused(tmp_path):
 def test_two_threads_migrating_one_database_apply_each_step_once(tdbs):
     url = tdbs.new('race')
     migrate_database(tdbs.engine(url))
-    calls, start = [], threading.Barrier(2)
+    calls, entered = [], threading.Semaphore(0)
 
     def slow_step(conn):
         calls.append(threading.get_ident())
-        time.sleep(0.3)
+        for _ in range(2): assert entered.acquire(timeout=30)
+        time.sleep(0.3)  # the other thread is now waiting for the lock
         conn.exec_driver_sql('CREATE TABLE notes (id INTEGER PRIMARY KEY)')
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'notes', slow_step)])
     results, errors = [], []
 
     def run():
         eng = tdbs.engine(url)
-        start.wait()
+        entered.release()
         try: results.append(migrate_database(eng, schema))
         except Exception as e: errors.append(e)
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -157,11 +158,14 @@ CHILD = textwrap.dedent("""
         if mode == 'crash':
             (work/'ddl-done').touch()
             time.sleep(60)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while len(list(work.glob('started-*'))) < 2 and time.monotonic() < deadline: time.sleep(0.01)
+        time.sleep(0.3)  # the other process is now waiting for the lock
 
     engine = make_engine(os.environ['TENANT_URL'])
     (work/f'ready-{os.getpid()}').touch()
     while not (work/'go').exists(): time.sleep(0.01)
+    (work/f'started-{os.getpid()}').touch()
     t0 = time.monotonic()
     v = migrate_database(engine, TenantSchema([*core_migrations, TenantMigration(4, 'notes', step)]))
     print(v, t0, time.monotonic())
@@ -173,6 +177,7 @@ def spawn(mode, url, work):
     return subprocess.Popen([sys.executable, '-c', CHILD, mode, str(work)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.parametrize('tdbs', ['postgresql'], indirect=True)
 def test_two_processes_migrating_one_database_apply_each_step_once(tdbs, tmp_path):
     url = tdbs.new('procs')
     work = tmp_path / 'work'; work.mkdir()
