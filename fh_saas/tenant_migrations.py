@@ -11,7 +11,7 @@ __all__ = ['tenant_metadata', 'tenant_users_t', 'tenant_settings_t', 'tenant_per
            'migrate_database', 'ensure_template_current', 'TenantOutcome', 'FleetReport', 'tenants_behind',
            'migrate_fleet']
 
-# %% ../nbs/02_tenant_migrations.ipynb #60ad1d28
+# %% ../nbs/02_tenant_migrations.ipynb #312bbbe4
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from .db_host import UTCTimestamp, gen_id, timestamp, tenants_t
 
-# %% ../nbs/02_tenant_migrations.ipynb #023393b8
+# %% ../nbs/02_tenant_migrations.ipynb #3acd2175
 class MigrationRegistryError(ValueError):
     "A migration or a list of migrations is malformed: bad version, duplicate, out of order."
 
@@ -48,7 +48,7 @@ class TenantMigration:
             for stmt in _sqlite_statements(self.up) if conn.dialect.name == 'sqlite' else [self.up]: cur.execute(stmt)
         finally: cur.close()
 
-# %% ../nbs/02_tenant_migrations.ipynb #2b229d38
+# %% ../nbs/02_tenant_migrations.ipynb #74fa747a
 def _sqlite_statements(script: str) -> Iterable[str]:
     "The statements of a SQLite `script`, split where SQLite's parser says a statement is complete."
     stmt = ''
@@ -59,7 +59,7 @@ def _sqlite_statements(script: str) -> Iterable[str]:
             stmt = ''
     if stmt.strip(' \t\r\n;'): yield stmt
 
-# %% ../nbs/02_tenant_migrations.ipynb #06699412
+# %% ../nbs/02_tenant_migrations.ipynb #ac97d0d5
 class TenantSchema:
     "The ordered migrations of the tenant databases; versions strictly increase."
     def __init__(self, migrations: Iterable[TenantMigration] = ()):
@@ -100,7 +100,7 @@ class TenantSchema:
     def __len__(self): return len(self._steps)
     def __repr__(self): return f"TenantSchema({[f'{m.version}:{m.name}' for m in self]})"
 
-# %% ../nbs/02_tenant_migrations.ipynb #4e371db4
+# %% ../nbs/02_tenant_migrations.ipynb #ad516f05
 tenant_metadata = sa.MetaData()
 
 tenant_users_t = sa.Table('tenant_users', tenant_metadata,
@@ -128,20 +128,23 @@ core_migrations = (
     TenantMigration(3, 'tenant_permissions', _create(tenant_permissions_t)),
 )
 
-# %% ../nbs/02_tenant_migrations.ipynb #3a65b0a9
+# %% ../nbs/02_tenant_migrations.ipynb #d8bca87f
 tenant_schema = TenantSchema(core_migrations)
 
 def register_tenant_migration(version: int, name: str, up) -> TenantMigration:
     "Add an app migration to `tenant_schema`; `up` is SQL text or a callable taking a `Connection`."
     return tenant_schema.add(TenantMigration(version, name, up))
 
-# %% ../nbs/02_tenant_migrations.ipynb #6b7bf871
+# %% ../nbs/02_tenant_migrations.ipynb #dce58c91
+def _reason(e: BaseException) -> str:
+    "The first line of the driver's message: not SQLAlchemy's dump of the statement, nor PostgreSQL's DETAIL with row values."
+    orig = getattr(e, 'orig', None) or e
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
 class MigrationFailed(RuntimeError):
     "A migration step failed; the database was rolled back to the version it had before."
     def __init__(self, version: int, name: str, error: BaseException):
-        self.version, self.name = version, name
-        reason = getattr(error, 'orig', None) or error
-        self.reason = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+        self.version, self.name, self.reason = version, name, _reason(error)
         super().__init__(f"tenant migration {version} ({name}) failed: {self.reason}")
 
 class TenantSchemaMismatch(RuntimeError):
@@ -154,10 +157,11 @@ _history_t = sa.Table('_fh_saas_schema', sa.MetaData(),
 
 _LOCK_KEY = 0x66685f74  # pg advisory lock id for tenant migrations ("fh_t"); advisory locks are per database
 
-def _lock(conn: sa.Connection):
+def _lock(conn: sa.Connection, lock_timeout: float | None):
     "Serialise migrations of this database: PostgreSQL advisory lock; SQLite already holds its write lock."
     if conn.dialect.name == 'postgresql':
         conn.execute(sa.text('SELECT pg_advisory_xact_lock(:k)'), dict(k=_LOCK_KEY))
+        if lock_timeout is not None: conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}")
     elif conn.dialect.name == 'sqlite' and not conn.connection.dbapi_connection.in_transaction:
         raise TypeError("SQLite tenant engines must come from fh_saas.db_host.make_engine "
                         "(its transactions start with BEGIN IMMEDIATE, so DDL is transactional)")
@@ -174,14 +178,15 @@ def database_version(engine: sa.Engine) -> int:
         if not sa.inspect(conn).has_table(_history_t.name): return 0
         return _recorded(conn)[0]
 
-def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, target: int | None = None) -> int:
+def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, target: int | None = None,
+                     lock_timeout: float | None = 10.0) -> int:
     "Apply `schema`'s pending migrations up to `target` in one locked transaction; return the version reached."
     schema = tenant_schema if schema is None else schema
     target = schema.latest if target is None else target
     if target > schema.latest or target < 0:
         raise ValueError(f"target version {target} is not in this schema (latest: {schema.latest})")
     with engine.begin() as conn:
-        _lock(conn)
+        _lock(conn, lock_timeout)
         _history_t.create(conn, checkfirst=True)
         current, name = _recorded(conn)
         if current and ((known := schema.get(current)) is None or known.name != name):
@@ -196,13 +201,13 @@ def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, targ
             current = m.version
     return current
 
-# %% ../nbs/02_tenant_migrations.ipynb #6b771439
+# %% ../nbs/02_tenant_migrations.ipynb #66c2c2cf
 def ensure_template_current(engine: sa.Engine, schema: TenantSchema | None = None) -> int:
     "Migrate the template database behind `engine` to the latest version, then close its pooled connections."
     try: return migrate_database(engine, schema)
     finally: engine.dispose()
 
-# %% ../nbs/02_tenant_migrations.ipynb #ba8c75d3
+# %% ../nbs/02_tenant_migrations.ipynb #2440cf4b
 MIGRATABLE_STATUSES = ('active', 'suspended')
 
 @dataclass
@@ -233,15 +238,12 @@ class FleetReport:
     def __repr__(self):
         return f"FleetReport(target={self.target}, migrated={len(self.migrated)}, failed={[(o.tenant_id, o.failed_version) for o in self.failed]})"
 
-# %% ../nbs/02_tenant_migrations.ipynb #69c70043
-def _reason(e: BaseException) -> str:
-    "The first line of a driver's message (not SQLAlchemy's statement dump)."
-    return MigrationFailed(0, '', e).reason
-
+# %% ../nbs/02_tenant_migrations.ipynb #a6c0d7e9
 def tenants_behind(host_db, target: int, tenant_ids: Iterable[str] | None = None) -> list[tuple[str, int]]:
     "(id, catalog schema_version) of the migratable tenants below `target`; unknown `tenant_ids` are an error."
     q = (sa.select(tenants_t.c.id, tenants_t.c.schema_version)
          .where(tenants_t.c.status.in_(MIGRATABLE_STATUSES), tenants_t.c.schema_version < target).order_by(tenants_t.c.id))
+    if isinstance(tenant_ids, str): raise TypeError("tenant_ids must be a collection of ids, not one string")
     with host_db.transaction() as conn:
         if tenant_ids is None: return [tuple(r) for r in conn.execute(q)]
         ids = sorted(set(tenant_ids))
@@ -250,10 +252,10 @@ def tenants_behind(host_db, target: int, tenant_ids: Iterable[str] | None = None
             raise ValueError(f"unknown tenant ids: {', '.join(map(repr, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
         return [tuple(r) for r in conn.execute(q.where(tenants_t.c.id.in_(ids)))]
 
-def _migrate_tenant(host_db, engine_for, schema, target, tenant_id, from_version) -> TenantOutcome:
+def _migrate_tenant(host_db, engine_for, schema, target, lock_timeout, tenant_id, from_version) -> TenantOutcome:
     "Migrate one tenant's database, then move its catalog version forward."
     try:
-        version = migrate_database(engine_for(tenant_id), schema, target)
+        version = migrate_database(engine_for(tenant_id), schema, target, lock_timeout)
         with host_db.transaction() as conn:
             conn.execute(tenants_t.update().where(tenants_t.c.id == tenant_id, tenants_t.c.schema_version < version)
                          .values(schema_version=version))
@@ -263,7 +265,7 @@ def _migrate_tenant(host_db, engine_for, schema, target, tenant_id, from_version
 
 def migrate_fleet(host_db, engine_for: Callable[[str], sa.Engine], target: int | None = None, concurrency: int = 4,
                   tenant_ids: Iterable[str] | None = None, progress: Callable | None = None,
-                  schema: TenantSchema | None = None) -> FleetReport:
+                  schema: TenantSchema | None = None, lock_timeout: float | None = 10.0) -> FleetReport:
     "Migrate every tenant behind `target` (default: latest), `concurrency` at a time; failures are reported, not raised."
     schema = tenant_schema if schema is None else schema
     target = schema.latest if target is None else target
@@ -272,7 +274,7 @@ def migrate_fleet(host_db, engine_for: Callable[[str], sa.Engine], target: int |
     todo, outcomes = tenants_behind(host_db, target, tenant_ids), []
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix='fh_saas_migrate')
     try:
-        futures = [pool.submit(_migrate_tenant, host_db, engine_for, schema, target, tid, v) for tid, v in todo]
+        futures = [pool.submit(_migrate_tenant, host_db, engine_for, schema, target, lock_timeout, tid, v) for tid, v in todo]
         for fut in as_completed(futures):
             outcomes.append(outcome := fut.result())
             if progress: progress(outcome, len(outcomes), len(todo))

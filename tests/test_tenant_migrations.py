@@ -145,6 +145,21 @@ def test_two_threads_migrating_one_database_apply_each_step_once(tdbs):
     assert history(tdbs.engine(url))[-1] == (4, 'notes')
 
 
+def test_busy_tenant_fails_fast_and_unchanged_on_postgresql(pg_url):
+    "ALTER TABLE behind an open transaction: the migration gives up after lock_timeout instead of stalling the tenant."
+    eng = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    migrate_database(eng)
+    schema = TenantSchema([*core_migrations, TenantMigration(4, 'locale', 'ALTER TABLE tenant_users ADD COLUMN locale TEXT')])
+    with eng.connect() as reader:
+        reader.execute(sa.select(tenant_users_t)).all()  # holds ACCESS SHARE until its transaction ends
+        t = time.monotonic()
+        with pytest.raises(MigrationFailed, match='lock timeout'): migrate_database(eng, schema, lock_timeout=0.2)
+        assert time.monotonic() - t < 5
+        reader.rollback()
+    assert database_version(eng) == 3
+    assert migrate_database(eng, schema, lock_timeout=0.2) == 4
+
+
 CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
