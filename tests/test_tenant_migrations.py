@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings, strategies as st
 
 from fh_saas.db_host import TenantCatalog, make_engine, tenants_t
 from fh_saas.tenant_migrations import (MigrationFailed, MigrationRegistryError, TenantMigration, TenantSchema,
@@ -100,6 +101,19 @@ def test_failing_step_rolls_back_every_pending_step(tdbs, v5_up):
     with eng.connect() as c:
         assert c.execute(sa.select(tenant_settings_t.c.value)).scalar() == '100%'
         assert c.exec_driver_sql("INSERT INTO notes (id) VALUES ('n1') RETURNING body").scalar() == 'a;b'
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(st.sampled_from("ab;'-/*\n "), max_size=12), min_size=1, max_size=6))
+def test_sqlite_scripts_split_only_between_statements(values):
+    "Semicolons, quotes and comment markers inside string literals stay in their statement."
+    literal = lambda v: "'" + v.replace("'", "''") + "'"
+    script = "CREATE TABLE v (i INTEGER, x TEXT);\n" + ";\n".join(
+        f"INSERT INTO v VALUES ({i}, {literal(v)})" for i, v in enumerate(values)) + "; -- end"
+    eng = make_engine('sqlite://')
+    with eng.begin() as c:
+        TenantMigration(1, 'script', script).apply(c)
+        assert c.exec_driver_sql('SELECT x FROM v ORDER BY i').scalars().all() == values
 
 
 def test_database_from_other_code_is_refused(tdbs):
