@@ -11,7 +11,7 @@ __all__ = ['tenant_metadata', 'tenant_users_t', 'tenant_settings_t', 'tenant_per
            'migrate_database', 'ensure_template_current', 'TenantOutcome', 'FleetReport', 'tenants_behind',
            'migrate_fleet']
 
-# %% ../nbs/02_tenant_migrations.ipynb #d41bd296
+# %% ../nbs/02_tenant_migrations.ipynb #61dd500e
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from .db_host import UTCTimestamp, gen_id, timestamp, tenants_t
 
-# %% ../nbs/02_tenant_migrations.ipynb #fcb7b008
+# %% ../nbs/02_tenant_migrations.ipynb #b077a365
 class MigrationRegistryError(ValueError):
     "A migration or a list of migrations is malformed: bad version, duplicate, out of order."
 
@@ -48,7 +48,7 @@ class TenantMigration:
             for stmt in _sqlite_statements(self.up) if conn.dialect.name == 'sqlite' else [self.up]: cur.execute(stmt)
         finally: cur.close()
 
-# %% ../nbs/02_tenant_migrations.ipynb #4160ee22
+# %% ../nbs/02_tenant_migrations.ipynb #99e6657d
 def _sqlite_statements(script: str) -> Iterable[str]:
     "The statements of a SQLite `script`, split where SQLite's parser says a statement is complete."
     stmt = ''
@@ -59,7 +59,7 @@ def _sqlite_statements(script: str) -> Iterable[str]:
             stmt = ''
     if stmt.strip(' \t\r\n;'): yield stmt
 
-# %% ../nbs/02_tenant_migrations.ipynb #dce44953
+# %% ../nbs/02_tenant_migrations.ipynb #3b923e85
 class TenantSchema:
     "The ordered migrations of the tenant databases; versions strictly increase."
     def __init__(self, migrations: Iterable[TenantMigration] = ()):
@@ -100,7 +100,7 @@ class TenantSchema:
     def __len__(self): return len(self._steps)
     def __repr__(self): return f"TenantSchema({[f'{m.version}:{m.name}' for m in self]})"
 
-# %% ../nbs/02_tenant_migrations.ipynb #a1006963
+# %% ../nbs/02_tenant_migrations.ipynb #a39d21a5
 tenant_metadata = sa.MetaData()
 
 tenant_users_t = sa.Table('tenant_users', tenant_metadata,
@@ -128,14 +128,14 @@ core_migrations = (
     TenantMigration(3, 'tenant_permissions', _create(tenant_permissions_t)),
 )
 
-# %% ../nbs/02_tenant_migrations.ipynb #f81b6c17
+# %% ../nbs/02_tenant_migrations.ipynb #ad43c0cf
 tenant_schema = TenantSchema(core_migrations)
 
 def register_tenant_migration(version: int, name: str, up) -> TenantMigration:
     "Add an app migration to `tenant_schema`; `up` is SQL text or a callable taking a `Connection`."
     return tenant_schema.add(TenantMigration(version, name, up))
 
-# %% ../nbs/02_tenant_migrations.ipynb #5fedb7d2
+# %% ../nbs/02_tenant_migrations.ipynb #81f28c32
 def _reason(e: BaseException) -> str:
     "The first line of the driver's message: not SQLAlchemy's dump of the statement, nor PostgreSQL's DETAIL with row values."
     orig = getattr(e, 'orig', None) or e
@@ -187,7 +187,7 @@ def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, targ
         raise ValueError(f"target version {target} is not in this schema (latest: {schema.latest})")
     with engine.begin() as conn:
         _lock(conn, lock_timeout)
-        _history_t.create(conn, checkfirst=True)
+        conn.execute(sa.schema.CreateTable(_history_t, if_not_exists=True))
         current, name = _recorded(conn)
         if current and ((known := schema.get(current)) is None or known.name != name):
             here = f"is {known.name!r}" if known else "does not exist"
@@ -201,13 +201,13 @@ def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, targ
             current = m.version
     return current
 
-# %% ../nbs/02_tenant_migrations.ipynb #a45c3c7a
+# %% ../nbs/02_tenant_migrations.ipynb #a6db8d43
 def ensure_template_current(engine: sa.Engine, schema: TenantSchema | None = None) -> int:
     "Migrate the template database behind `engine` to the latest version, then close its pooled connections."
     try: return migrate_database(engine, schema)
     finally: engine.dispose()
 
-# %% ../nbs/02_tenant_migrations.ipynb #5283752b
+# %% ../nbs/02_tenant_migrations.ipynb #979591e9
 MIGRATABLE_STATUSES = ('active', 'suspended')
 
 @dataclass
@@ -238,7 +238,7 @@ class FleetReport:
     def __repr__(self):
         return f"FleetReport(target={self.target}, migrated={len(self.migrated)}, failed={[(o.tenant_id, o.failed_version) for o in self.failed]})"
 
-# %% ../nbs/02_tenant_migrations.ipynb #2576c398
+# %% ../nbs/02_tenant_migrations.ipynb #e49a1da5
 def tenants_behind(host_db, target: int, tenant_ids: Iterable[str] | None = None) -> list[tuple[str, int]]:
     "(id, catalog schema_version) of the migratable tenants below `target`; unknown `tenant_ids` are an error."
     q = (sa.select(tenants_t.c.id, tenants_t.c.schema_version)
