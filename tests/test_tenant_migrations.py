@@ -327,6 +327,23 @@ def test_fleet_concurrency_is_bounded(host_db, fleet):
     assert peak[0] == 2
 
 
+def test_two_fleet_runs_at_once_apply_each_step_once(host_db, fleet):
+    "Two deploy hooks run the fleet migration together: every tenant gets the step once, both runs succeed."
+    lock, applied = threading.Lock(), []
+
+    def counted(conn):
+        with lock: applied.append(conn.engine.url.database)
+        time.sleep(0.05)
+    schema = TenantSchema([*core_migrations, TenantMigration(4, 'counted', counted)])
+    reports = [None, None]
+    def run(i): reports[i] = migrate_fleet(host_db, fleet.engine, concurrency=2, schema=schema)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads: t.start()
+    for t in threads: t.join(60)
+    assert all(r.ok for r in reports) and sorted(applied) == sorted(set(applied)) and len(applied) == 3
+    assert catalog(host_db) == dict(t0=4, t1=4, t2=4)
+
+
 @pytest.mark.parametrize('host_url', ['sqlite'], indirect=True)
 def test_fleet_interrupted_leaves_every_tenant_whole(host_db, fleet):
     schema = schema_v5('SELECT 1')
