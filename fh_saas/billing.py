@@ -10,7 +10,7 @@ __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_
            'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
            'quota_used', 'consume_quota', 'require_feature', 'require_quota']
 
-# %% ../nbs/04_billing.ipynb #92476eae
+# %% ../nbs/04_billing.ipynb #5f97903d
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from .db_host import (HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t,
                              register_component, subscriptions_t, tenants_t, timestamp)
 
-# %% ../nbs/04_billing.ipynb #a361cb65
+# %% ../nbs/04_billing.ipynb #4a873ec4
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
@@ -87,7 +87,7 @@ def validate_plan(plan) -> dict:
     if errs: raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
-# %% ../nbs/04_billing.ipynb #5c440ccc
+# %% ../nbs/04_billing.ipynb #2170a224
 def _upsert(conn, table):
     "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
@@ -120,7 +120,7 @@ def active_plans(host_db) -> list[PricingPlan]:
     q = sa.select(plans_t).where(plans_t.c.is_active).order_by(plans_t.c.sort_order, plans_t.c.tier_level, plans_t.c.id)
     return [PricingPlan(**r) for r in host_db.db.execute(q)]
 
-# %% ../nbs/04_billing.ipynb #b9aea3b0
+# %% ../nbs/04_billing.ipynb #743f5c2f
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
@@ -181,7 +181,7 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
     return last or Access(False, 'none', 'no subscription')
 
-# %% ../nbs/04_billing.ipynb #018517a8
+# %% ../nbs/04_billing.ipynb #a5d4bf78
 def _billing_rows(conn, tenant_id: str):
     "The tenant's catalog row and its subscriptions (newest first, each with its `plan_id`)."
     tenant = conn.execute(sa.select(tenants_t.c.status, tenants_t.c.is_active).where(tenants_t.c.id == tenant_id)).mappings().first()
@@ -196,7 +196,7 @@ def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = B
     "May `tenant_id` use the app at `now` (default: the current time)?"
     with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #499f75dc
+# %% ../nbs/04_billing.ipynb #7191dc0a
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
@@ -217,7 +217,7 @@ usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
 
 register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, usage_t]))
 
-# %% ../nbs/04_billing.ipynb #1688e0e7
+# %% ../nbs/04_billing.ipynb #f1f866e0
 @dataclass(frozen=True)
 class Entitlements:
     "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
@@ -245,7 +245,7 @@ def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = Bill
         else: features.discard(o['key'])
     return Entitlements(tenant_id, access, frozenset(features), MappingProxyType(quotas))
 
-# %% ../nbs/04_billing.ipynb #41339ddf
+# %% ../nbs/04_billing.ipynb #646de16f
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
@@ -272,7 +272,7 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
         o = overrides_t.c
         return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
-# %% ../nbs/04_billing.ipynb #3e93818b
+# %% ../nbs/04_billing.ipynb #c18c8e68
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
     def __init__(self, message, tenant_id, quota, limit, used, requested):
@@ -313,7 +313,7 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
     "Atomically count `n` units of `quota` for `tenant_id`; what remains this month (`None`: unlimited). `QuotaExceeded` if over."
     return _consume(host_db, entitlements(host_db, tenant_id, now, policy), quota, n, now)
 
-# %% ../nbs/04_billing.ipynb #5e453321
+# %% ../nbs/04_billing.ipynb #50e37227
 _REQ = '_billing_request'
 
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
