@@ -10,7 +10,7 @@ __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_
            'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
            'quota_used', 'consume_quota', 'require_feature', 'require_quota']
 
-# %% ../nbs/04_billing.ipynb #5f97903d
+# %% ../nbs/04_billing.ipynb #3fa37efd
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from .db_host import (HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t,
                              register_component, subscriptions_t, tenants_t, timestamp)
 
-# %% ../nbs/04_billing.ipynb #4a873ec4
+# %% ../nbs/04_billing.ipynb #3cc7f199
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
@@ -87,7 +87,7 @@ def validate_plan(plan) -> dict:
     if errs: raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
-# %% ../nbs/04_billing.ipynb #2170a224
+# %% ../nbs/04_billing.ipynb #c73cff5c
 def _upsert(conn, table):
     "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
@@ -95,11 +95,8 @@ def _upsert(conn, table):
 def seed_plans(host_db, plans, retire_missing: bool = False) -> list[str]:
     "Insert or update `plans` (dicts or `PricingPlan`s) by id; the ids of the plans written."
     rows = [validate_plan(p) for p in plans]
-    for key in ('id', 'stripe_price_monthly', 'stripe_price_yearly'):
-        vals = [r[key] for r in rows if r[key] is not None]
-        if dups := sorted({v for v in vals if vals.count(v) > 1}): raise PlanError(f"duplicate {key}: {', '.join(dups)}")
-    prices = [v for r in rows for v in (r['stripe_price_monthly'], r['stripe_price_yearly']) if v]
-    if len(set(prices)) < len(prices): raise PlanError("a Stripe price id is used by more than one plan")
+    ids = [r['id'] for r in rows]
+    if dups := sorted({i for i in ids if ids.count(i) > 1}): raise PlanError(f"duplicate plan id(s): {', '.join(dups)}")
     now, written = timestamp(), []
     with host_db.transaction() as conn:
         for row in rows:
@@ -113,14 +110,22 @@ def seed_plans(host_db, plans, retire_missing: bool = False) -> list[str]:
             retire = (plans_t.update().where(plans_t.c.id.not_in([r['id'] for r in rows]), plans_t.c.is_active)
                       .values(is_active=False, updated_at=now).returning(plans_t.c.id))
             written += sorted(conn.execute(retire).scalars())
+        if shared := _shared_prices(conn): raise PlanError(f"Stripe price id(s) sold by more than one plan: {', '.join(shared)}")
     return written
+
+def _shared_prices(conn) -> list[str]:
+    "Stripe price ids that more than one plan (or both periods of one) claim, which would make a subscription's plan ambiguous."
+    m, y = plans_t.c.stripe_price_monthly, plans_t.c.stripe_price_yearly
+    u = sa.union_all(sa.select(m.label('price')), sa.select(y.label('price'))).subquery()
+    return list(conn.execute(sa.select(u.c.price).where(u.c.price.isnot(None)).group_by(u.c.price)
+                             .having(sa.func.count() > 1).order_by(u.c.price)).scalars())
 
 def active_plans(host_db) -> list[PricingPlan]:
     "The plans on sale, in pricing-page order (`sort_order`, then `tier_level`, then id)."
     q = sa.select(plans_t).where(plans_t.c.is_active).order_by(plans_t.c.sort_order, plans_t.c.tier_level, plans_t.c.id)
     return [PricingPlan(**r) for r in host_db.db.execute(q)]
 
-# %% ../nbs/04_billing.ipynb #743f5c2f
+# %% ../nbs/04_billing.ipynb #607ff821
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
@@ -165,7 +170,8 @@ def subscription_access(sub: dict, now, policy: BillingPolicy = BillingPolicy())
     if status == 'past_due':
         return within(sub.get('current_period_start'), policy.grace, 'payment overdue; grace', 'payment overdue; grace ended')
     if status == 'pending_payment':
-        return within(sub.get('created_at'), policy.pending_grace, 'bank transfer awaiting confirmation; allowed',
+        ordered = max((as_utc(t) for t in (sub.get('created_at'), sub.get('current_period_start')) if t), default=None)
+        return within(ordered, policy.pending_grace, 'bank transfer awaiting confirmation; allowed',
                       'bank transfer not confirmed; grace ended')
     return Access(False, status or 'unknown', _REFUSED.get(status, f"unknown subscription status {status!r}"), plan)
 
@@ -181,7 +187,7 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
     return last or Access(False, 'none', 'no subscription')
 
-# %% ../nbs/04_billing.ipynb #a5d4bf78
+# %% ../nbs/04_billing.ipynb #f655163b
 def _billing_rows(conn, tenant_id: str):
     "The tenant's catalog row and its subscriptions (newest first, each with its `plan_id`)."
     tenant = conn.execute(sa.select(tenants_t.c.status, tenants_t.c.is_active).where(tenants_t.c.id == tenant_id)).mappings().first()
@@ -196,7 +202,7 @@ def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = B
     "May `tenant_id` use the app at `now` (default: the current time)?"
     with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #7191dc0a
+# %% ../nbs/04_billing.ipynb #d6cea0fb
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
@@ -217,7 +223,7 @@ usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
 
 register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, usage_t]))
 
-# %% ../nbs/04_billing.ipynb #f1f866e0
+# %% ../nbs/04_billing.ipynb #60073fc0
 @dataclass(frozen=True)
 class Entitlements:
     "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
@@ -245,7 +251,7 @@ def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = Bill
         else: features.discard(o['key'])
     return Entitlements(tenant_id, access, frozenset(features), MappingProxyType(quotas))
 
-# %% ../nbs/04_billing.ipynb #646de16f
+# %% ../nbs/04_billing.ipynb #a33bfd14
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
@@ -272,7 +278,7 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
         o = overrides_t.c
         return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
-# %% ../nbs/04_billing.ipynb #c18c8e68
+# %% ../nbs/04_billing.ipynb #d425cd96
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
     def __init__(self, message, tenant_id, quota, limit, used, requested):
@@ -292,10 +298,12 @@ def quota_used(host_db, tenant_id: str, quota: str, now=None) -> int:
     with host_db.transaction() as conn:
         return conn.execute(sa.select(usage_t.c.used).where(_usage_key(tenant_id, quota, period_start(now)))).scalar() or 0
 
-def _consume(host_db, ents: Entitlements, quota: str, n: int, now) -> int | None:
-    "Count `n` of `quota` against the limit in `ents`; the remaining amount (`None`: unlimited)."
+def _check_consumption(quota, n):
     if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     if not _is_int(n) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
+
+def _consume(host_db, ents: Entitlements, quota: str, n: int, now) -> int | None:
+    "Count `n` of `quota` against the limit in `ents`; the remaining amount (`None`: unlimited)."
     tid, limit, period = ents.tenant_id, ents.limit(quota), period_start(now)
     if limit == 0:
         why = ents.access.reason if not ents.access.allowed else f"the {ents.access.plan_id!r} plan has no {quota!r} quota"
@@ -311,9 +319,11 @@ def _consume(host_db, ents: Entitlements, quota: str, n: int, now) -> int | None
 
 def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, policy: BillingPolicy = BillingPolicy()) -> int | None:
     "Atomically count `n` units of `quota` for `tenant_id`; what remains this month (`None`: unlimited). `QuotaExceeded` if over."
+    _check_consumption(quota, n)
+    now = _now(now)
     return _consume(host_db, entitlements(host_db, tenant_id, now, policy), quota, n, now)
 
-# %% ../nbs/04_billing.ipynb #50e37227
+# %% ../nbs/04_billing.ipynb #9490bbca
 _REQ = '_billing_request'
 
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
@@ -333,13 +343,15 @@ def _guard(check):
     "Route decorator: run `check(req, ents)` in a worker thread first; a response it returns replaces the handler's."
     def decorator(f):
         sig = inspect.signature(f)
-        params = list(sig.parameters.values())
-        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        params.insert(at, inspect.Parameter(_REQ, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
+        params, outer = list(sig.parameters.values()), _REQ not in sig.parameters
+        if outer:
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            params.insert(at, inspect.Parameter(_REQ, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
 
         @functools.wraps(f)
         async def route(*args, **kw):
-            if (refusal := await run_in_threadpool(check, kw.pop(_REQ))) is not None: return refusal
+            req = kw.pop(_REQ) if outer else kw[_REQ]
+            if (refusal := await run_in_threadpool(check, req)) is not None: return refusal
             return await f(*args, **kw) if inspect.iscoroutinefunction(f) else await run_in_threadpool(f, *args, **kw)
         route.__signature__ = sig.replace(parameters=params)
         route.__annotations__ = {**f.__annotations__, _REQ: Request}
@@ -363,6 +375,7 @@ def require_feature(feature: str, pricing_path: str | None = '/pricing', policy:
 
 def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy()):
     "Decorate a route handler so each call consumes `n` of `quota`; past the limit it answers 429."
+    _check_consumption(quota, n)
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is not None: return refusal

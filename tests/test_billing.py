@@ -92,10 +92,17 @@ def test_seed_plans_writes_nothing_when_one_plan_is_bad(host_db):
 def test_seed_plans_names_every_problem_and_duplicates(host_db):
     with pytest.raises(PlanError) as e: seed_plans(host_db, [{**PLANS[1], 'amount_monthly': -1, 'currency': 'xx'}])
     assert "plan 'pro'" in str(e.value) and 'amount_monthly' in str(e.value) and 'currency' in str(e.value)
-    with pytest.raises(PlanError, match='duplicate id: pro'): seed_plans(host_db, [PLANS[1], PLANS[1]])
-    with pytest.raises(PlanError, match='price id is used by more than one plan'):
+    with pytest.raises(PlanError, match=r'duplicate plan id\(s\): pro'): seed_plans(host_db, [PLANS[1], PLANS[1]])
+    with pytest.raises(PlanError, match=r'Stripe price id\(s\) sold by more than one plan: price_pro_y'):
         seed_plans(host_db, [PLANS[1], {**PLANS[2], 'stripe_price_monthly': 'price_pro_y', 'amount_monthly': 1}])
     assert host_db.pricing_plans.count == 0
+
+def test_a_price_id_belongs_to_one_plan_even_across_seeds(host_db):
+    seed_plans(host_db, PLANS)
+    clash = dict(id='pro-eu', name='Pro EU', currency='eur', stripe_price_monthly='price_team_m', amount_monthly=2700)
+    with pytest.raises(PlanError, match='sold by more than one plan: price_team_m'): seed_plans(host_db, [PLANS[0], clash])
+    assert [p.id for p in host_db.pricing_plans(order_by='id')] == ['free', 'pro', 'team'], "the seed was rolled back"
+    assert seed_plans(host_db, [{**clash, 'stripe_price_monthly': 'price_pro_eu_m'}]) == ['pro-eu']
 
 # ---------------------------------------------------------------- the access decision (pure)
 
@@ -116,6 +123,9 @@ GRACE, PENDING = timedelta(days=7), timedelta(days=14)
     (dict(status='past_due', current_period_end=T0), T0, False, 'past_due with no start time'),
     (dict(status='pending_payment', created_at=T0), at(PENDING - US), True, 'bank transfer awaiting confirmation'),
     (dict(status='pending_payment', created_at=T0), at(PENDING), False, 'bank transfer not confirmed'),
+    (dict(status='pending_payment', created_at=at(-PENDING), current_period_start=T0), at(PENDING - US), True,
+     f'bank transfer awaiting confirmation; allowed until {at(PENDING)}'),
+    (dict(status='pending_payment'), T0, False, 'pending_payment with no start time'),
     (dict(status='incomplete'), T0, False, 'the first payment has not completed'),
     (dict(status='incomplete_expired'), T0, False, 'the first payment was never completed'),
     (dict(status='unpaid', current_period_start=T0), T0, False, 'invoices are unpaid'),
@@ -410,6 +420,25 @@ def test_require_feature_uses_the_policy(billed):
     tenant(billed, 'solo')
     override_feature(billed, 'solo', 'exports', True)
     assert _app(policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text == "csv:10:['basic', 'exports']"
+
+def test_guards_stack(billed):
+    def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
+    app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+
+    @app.get('/bulk-export')
+    @require_feature('exports')
+    @require_quota('api_calls', n=40)
+    async def bulk_export(req): return f"exported for {req.scope['auth'].tenant_id}"
+    cli = TestClient(app)
+    assert [cli.get('/bulk-export', headers=ACME).status_code for _ in range(3)] == [200, 200, 429]
+    assert quota_used(billed, 'acme', 'api_calls') == 80
+    override_feature(billed, 'acme', 'exports', False)
+    assert cli.get('/bulk-export', headers=ACME).status_code == 403
+    assert quota_used(billed, 'acme', 'api_calls') == 80, "a refused feature consumes nothing"
+
+def test_guard_arguments_are_checked_when_decorating():
+    with pytest.raises(ValueError, match='n must be a positive integer'): require_quota('api_calls', n=0)
+    with pytest.raises(ValueError, match='quota key'): require_quota('API calls')
 
 def test_require_quota_counts_each_call(billed):
     override_quota(billed, 'acme', 'api_calls', 3)
