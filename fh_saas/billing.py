@@ -10,7 +10,7 @@ __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_
            'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
            'quota_used', 'consume_quota', 'require_feature', 'require_quota']
 
-# %% ../nbs/04_billing.ipynb #3fa37efd
+# %% ../nbs/04_billing.ipynb #6eefcec3
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -24,10 +24,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
-from .db_host import (HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t,
-                             register_component, subscriptions_t, tenants_t, timestamp)
+from .db_host import (
+    HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t, register_component, subscriptions_t,
+    tenants_t, timestamp)
 
-# %% ../nbs/04_billing.ipynb #3cc7f199
+# %% ../nbs/04_billing.ipynb #48365929
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
@@ -87,7 +88,7 @@ def validate_plan(plan) -> dict:
     if errs: raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
-# %% ../nbs/04_billing.ipynb #c73cff5c
+# %% ../nbs/04_billing.ipynb #882af28a
 def _upsert(conn, table):
     "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
@@ -125,7 +126,7 @@ def active_plans(host_db) -> list[PricingPlan]:
     q = sa.select(plans_t).where(plans_t.c.is_active).order_by(plans_t.c.sort_order, plans_t.c.tier_level, plans_t.c.id)
     return [PricingPlan(**r) for r in host_db.db.execute(q)]
 
-# %% ../nbs/04_billing.ipynb #607ff821
+# %% ../nbs/04_billing.ipynb #dba89fa7
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
@@ -187,7 +188,7 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
     return last or Access(False, 'none', 'no subscription')
 
-# %% ../nbs/04_billing.ipynb #f655163b
+# %% ../nbs/04_billing.ipynb #bb9385ca
 def _billing_rows(conn, tenant_id: str):
     "The tenant's catalog row and its subscriptions (newest first, each with its `plan_id`)."
     tenant = conn.execute(sa.select(tenants_t.c.status, tenants_t.c.is_active).where(tenants_t.c.id == tenant_id)).mappings().first()
@@ -202,7 +203,7 @@ def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = B
     "May `tenant_id` use the app at `now` (default: the current time)?"
     with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #d6cea0fb
+# %% ../nbs/04_billing.ipynb #a2391b81
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
@@ -223,7 +224,7 @@ usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
 
 register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, usage_t]))
 
-# %% ../nbs/04_billing.ipynb #60073fc0
+# %% ../nbs/04_billing.ipynb #7d45fe13
 @dataclass(frozen=True)
 class Entitlements:
     "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
@@ -237,13 +238,11 @@ class Entitlements:
         "The monthly limit of `quota`: 0 when not granted, `None` when unlimited."
         return self.quotas.get(quota, 0)
 
-def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Entitlements:
-    "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
-    with host_db.transaction() as conn:
-        access = decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
-        if not access.allowed: return Entitlements(tenant_id, access)
-        plan = conn.execute(sa.select(plans_t.c.features, plans_t.c.quotas).where(plans_t.c.id == access.plan_id)).first()
-        overrides = conn.execute(sa.select(overrides_t).where(overrides_t.c.tenant_id == tenant_id)).mappings().all()
+def _entitlements(conn, tenant_id: str, now: datetime, policy: BillingPolicy) -> Entitlements:
+    access = decide_access(*_billing_rows(conn, tenant_id), now, policy)
+    if not access.allowed: return Entitlements(tenant_id, access)
+    plan = conn.execute(sa.select(plans_t.c.features, plans_t.c.quotas).where(plans_t.c.id == access.plan_id)).first()
+    overrides = conn.execute(sa.select(overrides_t).where(overrides_t.c.tenant_id == tenant_id)).mappings().all()
     features, quotas = (set(json.loads(plan.features)), json.loads(plan.quotas)) if plan else (set(), {})
     for o in overrides:
         if o['kind'] == 'quota': quotas[o['key']] = o['quota_limit']
@@ -251,7 +250,11 @@ def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = Bill
         else: features.discard(o['key'])
     return Entitlements(tenant_id, access, frozenset(features), MappingProxyType(quotas))
 
-# %% ../nbs/04_billing.ipynb #a33bfd14
+def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Entitlements:
+    "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
+    with host_db.transaction() as conn: return _entitlements(conn, tenant_id, _now(now), policy)
+
+# %% ../nbs/04_billing.ipynb #92c8d2a8
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
@@ -278,7 +281,7 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
         o = overrides_t.c
         return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
-# %% ../nbs/04_billing.ipynb #d425cd96
+# %% ../nbs/04_billing.ipynb #149c598f
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
     def __init__(self, message, tenant_id, quota, limit, used, requested):
@@ -302,18 +305,17 @@ def _check_consumption(quota, n):
     if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     if not _is_int(n) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
 
-def _consume(host_db, ents: Entitlements, quota: str, n: int, now) -> int | None:
-    "Count `n` of `quota` against the limit in `ents`; the remaining amount (`None`: unlimited)."
+def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int | None:
+    "Count `n` of `quota` against the limit in `ents` on `conn`; the remaining amount (`None`: unlimited)."
     tid, limit, period = ents.tenant_id, ents.limit(quota), period_start(now)
     if limit == 0:
         why = ents.access.reason if not ents.access.allowed else f"the {ents.access.plan_id!r} plan has no {quota!r} quota"
         raise QuotaExceeded(f"tenant {tid!r} may not use {quota!r}: {why}", tid, quota, 0, 0, n)
-    with host_db.transaction() as conn:
-        conn.execute(_upsert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
-        add = usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n).returning(usage_t.c.used)
-        used = conn.execute(add if limit is None else add.where(usage_t.c.used + n <= limit)).scalar()
-        if used is not None: return None if limit is None else limit - used
-        used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar()
+    conn.execute(_upsert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
+    add = usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n).returning(usage_t.c.used)
+    used = conn.execute(add if limit is None else add.where(usage_t.c.used + n <= limit)).scalar()
+    if used is not None: return None if limit is None else limit - used
+    used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar()
     raise QuotaExceeded(f"tenant {tid!r} cannot use {n} more {quota!r}: {used} of {limit} used since {period}",
                         tid, quota, limit, used, n)
 
@@ -321,9 +323,9 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
     "Atomically count `n` units of `quota` for `tenant_id`; what remains this month (`None`: unlimited). `QuotaExceeded` if over."
     _check_consumption(quota, n)
     now = _now(now)
-    return _consume(host_db, entitlements(host_db, tenant_id, now, policy), quota, n, now)
+    with host_db.transaction() as conn: return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
-# %% ../nbs/04_billing.ipynb #9490bbca
+# %% ../nbs/04_billing.ipynb #a2de1f41
 _REQ = '_billing_request'
 
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
@@ -340,7 +342,7 @@ def _request_entitlements(req: Request, policy: BillingPolicy) -> Entitlements |
     return req.scope['entitlements']
 
 def _guard(check):
-    "Route decorator: run `check(req, ents)` in a worker thread first; a response it returns replaces the handler's."
+    "Route decorator: run `check(req)` in a worker thread first; a response it returns replaces the handler's."
     def decorator(f):
         sig = inspect.signature(f)
         params, outer = list(sig.parameters.values()), _REQ not in sig.parameters
@@ -366,6 +368,7 @@ def _entitled(req, policy, pricing_path) -> tuple[Entitlements | None, Response 
 
 def require_feature(feature: str, pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy()):
     "Decorate a route handler so only tenants whose plan (or override) includes `feature` reach it."
+    if not _is_key(feature): raise ValueError(f"feature key {feature!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is None and not ents.has(feature):
@@ -379,6 +382,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is not None: return refusal
-        try: _consume(HostDatabase.from_env(), ents, quota, n, None)
+        try:
+            with HostDatabase.from_env().transaction() as conn: _consume(conn, ents, quota, n, _now())
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
     return _guard(check)

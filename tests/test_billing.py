@@ -439,6 +439,7 @@ def test_guards_stack(billed):
 def test_guard_arguments_are_checked_when_decorating():
     with pytest.raises(ValueError, match='n must be a positive integer'): require_quota('api_calls', n=0)
     with pytest.raises(ValueError, match='quota key'): require_quota('API calls')
+    with pytest.raises(ValueError, match="feature key 'Exports' is not valid"): require_feature('Exports')
 
 def test_require_quota_counts_each_call(billed):
     override_quota(billed, 'acme', 'api_calls', 3)
