@@ -8,9 +8,9 @@ Docs: https://fh-saas.github.io/fh_saas/billing.html.md"""
 __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_plan', 'seed_plans', 'active_plans',
            'BillingPolicy', 'Access', 'subscription_access', 'decide_access', 'access_decision', 'Entitlements',
            'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
-           'quota_used', 'consume_quota', 'require_feature', 'require_quota']
+           'quota_used', 'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
 
-# %% ../nbs/04_billing.ipynb #6eefcec3
+# %% ../nbs/04_billing.ipynb #b4c6fcf9
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -20,6 +20,7 @@ from typing import Mapping
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from fastcore.utils import UNSET
+from fasthtml.core import Beforeware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -28,7 +29,7 @@ from .db_host import (
     HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t, register_component, subscriptions_t,
     tenants_t, timestamp)
 
-# %% ../nbs/04_billing.ipynb #48365929
+# %% ../nbs/04_billing.ipynb #15736061
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
@@ -88,7 +89,7 @@ def validate_plan(plan) -> dict:
     if errs: raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
-# %% ../nbs/04_billing.ipynb #882af28a
+# %% ../nbs/04_billing.ipynb #fef1bd1e
 def _upsert(conn, table):
     "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
@@ -126,7 +127,7 @@ def active_plans(host_db) -> list[PricingPlan]:
     q = sa.select(plans_t).where(plans_t.c.is_active).order_by(plans_t.c.sort_order, plans_t.c.tier_level, plans_t.c.id)
     return [PricingPlan(**r) for r in host_db.db.execute(q)]
 
-# %% ../nbs/04_billing.ipynb #dba89fa7
+# %% ../nbs/04_billing.ipynb #4ba57906
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
@@ -188,7 +189,7 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
     return last or Access(False, 'none', 'no subscription')
 
-# %% ../nbs/04_billing.ipynb #bb9385ca
+# %% ../nbs/04_billing.ipynb #7e0a1b26
 def _billing_rows(conn, tenant_id: str):
     "The tenant's catalog row and its subscriptions (newest first, each with its `plan_id`)."
     tenant = conn.execute(sa.select(tenants_t.c.status, tenants_t.c.is_active).where(tenants_t.c.id == tenant_id)).mappings().first()
@@ -203,7 +204,7 @@ def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = B
     "May `tenant_id` use the app at `now` (default: the current time)?"
     with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #a2391b81
+# %% ../nbs/04_billing.ipynb #3d9b9924
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
@@ -224,7 +225,7 @@ usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
 
 register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, usage_t]))
 
-# %% ../nbs/04_billing.ipynb #7d45fe13
+# %% ../nbs/04_billing.ipynb #f8451bd7
 @dataclass(frozen=True)
 class Entitlements:
     "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
@@ -254,7 +255,7 @@ def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = Bill
     "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
     with host_db.transaction() as conn: return _entitlements(conn, tenant_id, _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #92c8d2a8
+# %% ../nbs/04_billing.ipynb #d1c8c46b
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
@@ -281,7 +282,7 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
         o = overrides_t.c
         return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
-# %% ../nbs/04_billing.ipynb #149c598f
+# %% ../nbs/04_billing.ipynb #9ef1f4b3
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
     def __init__(self, message, tenant_id, quota, limit, used, requested):
@@ -325,7 +326,7 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
     now = _now(now)
     with host_db.transaction() as conn: return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
-# %% ../nbs/04_billing.ipynb #a2de1f41
+# %% ../nbs/04_billing.ipynb #ca4f53ff
 _REQ = '_billing_request'
 
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
@@ -386,3 +387,11 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
             with HostDatabase.from_env().transaction() as conn: _consume(conn, ents, quota, n, _now())
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
     return _guard(check)
+
+# %% ../nbs/04_billing.ipynb #1eb22081
+def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(), skip=()) -> Beforeware:
+    "FastHTML beforeware refusing every request of a tenant that billing refuses (`skip`: path regexes left open)."
+    def check(req):
+        ents = _request_entitlements(req, policy)
+        if ents is not None and not ents.access.allowed: return _refuse(req, 402, f"billing: {ents.access.reason}", pricing_path)
+    return Beforeware(check, skip=[*([re.escape(pricing_path)] if pricing_path else []), *skip])

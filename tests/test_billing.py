@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from fasthtml.common import Beforeware, FastHTML
 from starlette.testclient import TestClient
 
-from fh_saas.billing import (Access, BillingPolicy, PlanError, QuotaExceeded, active_plans, access_decision, clear_override,
+from fh_saas.billing import (Access, BillingPolicy, billing_beforeware, PlanError, QuotaExceeded, active_plans, access_decision, clear_override,
                              consume_quota, decide_access, entitlements, override_feature, override_quota, period_start,
                              quota_used, require_feature, require_quota, seed_plans, subscription_access, usage_t,
                              validate_plan)
@@ -455,3 +455,24 @@ def test_require_quota_counts_each_call(billed):
     assert cli.get('/api/ping', headers={**ACME, **HTMX}).headers['hx-redirect'] == '/pricing'
     assert quota_used(billed, 'acme', 'api_calls') == 3
     assert cli.get('/api/ping', headers={'x-tenant': 'lapsed'}).status_code == 402
+
+def test_billing_beforeware_guards_every_page(billed):
+    def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
+    app = FastHTML(before=[Beforeware(set_auth), billing_beforeware(skip=[r'/static/.*'])], secret_key='test-only')
+
+    @app.get('/{page}')
+    def page(page: str): return f"page {page}"
+
+    @app.get('/static/{name}')
+    def static(name: str): return name
+    cli = TestClient(app)
+    assert cli.get('/dashboard', headers=ACME).text == 'page dashboard'
+    assert cli.get('/dashboard').text == 'page dashboard', "no tenant: left to the auth layer"
+    lapsed = {'x-tenant': 'lapsed'}
+    r = cli.get('/dashboard', headers=lapsed)
+    assert (r.status_code, r.text) == (402, f"billing: trial ended at {at(-US)}")
+    assert cli.get('/dashboard', headers={**lapsed, **HTML}, follow_redirects=False).headers['location'] == '/pricing'
+    assert cli.get('/dashboard', headers={**lapsed, **HTMX}).headers['hx-redirect'] == '/pricing'
+    assert cli.get('/pricing', headers=lapsed).text == 'page pricing'
+    assert cli.get('/static/app.css', headers=lapsed).text == 'app.css'
+    assert cli.get('/pricing2', headers=lapsed).status_code == 402, "skip paths match whole paths"
