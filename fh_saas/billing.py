@@ -10,7 +10,7 @@ __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_
            'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
            'quota_used', 'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
 
-# %% ../nbs/04_billing.ipynb #b4c6fcf9
+# %% ../nbs/04_billing.ipynb #1c0bcdd3
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -29,7 +29,7 @@ from .db_host import (
     HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t, register_component, subscriptions_t,
     tenants_t, timestamp)
 
-# %% ../nbs/04_billing.ipynb #15736061
+# %% ../nbs/04_billing.ipynb #2d308f33
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
@@ -89,7 +89,7 @@ def validate_plan(plan) -> dict:
     if errs: raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
-# %% ../nbs/04_billing.ipynb #fef1bd1e
+# %% ../nbs/04_billing.ipynb #c53d28a1
 def _upsert(conn, table):
     "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
@@ -127,7 +127,7 @@ def active_plans(host_db) -> list[PricingPlan]:
     q = sa.select(plans_t).where(plans_t.c.is_active).order_by(plans_t.c.sort_order, plans_t.c.tier_level, plans_t.c.id)
     return [PricingPlan(**r) for r in host_db.db.execute(q)]
 
-# %% ../nbs/04_billing.ipynb #4ba57906
+# %% ../nbs/04_billing.ipynb #d2e37877
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
@@ -189,22 +189,31 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
     return last or Access(False, 'none', 'no subscription')
 
-# %% ../nbs/04_billing.ipynb #7e0a1b26
+# %% ../nbs/04_billing.ipynb #338ab312
+def _billing_query():
+    "One query for a tenant's catalog row and its subscriptions (newest first), each with its `plan_id` and that plan's grants."
+    t, s, p = tenants_t, subscriptions_t, plans_t
+    by_price = (sa.select(p.c.id).where(sa.or_(p.c.stripe_price_monthly == s.c.stripe_price_id, p.c.stripe_price_yearly == s.c.stripe_price_id))
+                .order_by(p.c.id).limit(1).scalar_subquery())
+    subs = sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id')).where(s.c.tenant_id == sa.bindparam('tid')).subquery()
+    return (sa.select(t.c.status.label('tenant_status'), t.c.is_active.label('tenant_active'), subs, p.c.features, p.c.quotas)
+            .select_from(t.outerjoin(subs, subs.c.tenant_id == t.c.id).outerjoin(p, p.c.id == subs.c.plan_id))
+            .where(t.c.id == sa.bindparam('tid')).order_by(subs.c.created_at.desc(), subs.c.id.desc()))
+
+_BILLING_QUERY = _billing_query()
+
 def _billing_rows(conn, tenant_id: str):
-    "The tenant's catalog row and its subscriptions (newest first, each with its `plan_id`)."
-    tenant = conn.execute(sa.select(tenants_t.c.status, tenants_t.c.is_active).where(tenants_t.c.id == tenant_id)).mappings().first()
-    subs = conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.tenant_id == tenant_id)
-                        .order_by(subscriptions_t.c.created_at.desc(), subscriptions_t.c.id.desc())).mappings().all()
-    prices = {}
-    for plan_id, *ids in conn.execute(sa.select(plans_t.c.id, plans_t.c.stripe_price_monthly, plans_t.c.stripe_price_yearly)):
-        prices.update({p: plan_id for p in ids if p})
-    return (dict(tenant) if tenant else None), [dict(s, plan_id=prices.get(s['stripe_price_id'], s['plan_tier'])) for s in subs]
+    "The tenant's catalog row (`None` if there is none) and its subscription rows, newest first."
+    rows = conn.execute(_BILLING_QUERY, dict(tid=tenant_id)).mappings().all()
+    if not rows: return None, []
+    tenant = dict(status=rows[0]['tenant_status'], is_active=rows[0]['tenant_active'])
+    return tenant, [dict(r) for r in rows if r['id'] is not None]
 
 def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Access:
     "May `tenant_id` use the app at `now` (default: the current time)?"
     with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #3d9b9924
+# %% ../nbs/04_billing.ipynb #f178022f
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
@@ -225,7 +234,7 @@ usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
 
 register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, usage_t]))
 
-# %% ../nbs/04_billing.ipynb #f8451bd7
+# %% ../nbs/04_billing.ipynb #731062bf
 @dataclass(frozen=True)
 class Entitlements:
     "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
@@ -240,11 +249,14 @@ class Entitlements:
         return self.quotas.get(quota, 0)
 
 def _entitlements(conn, tenant_id: str, now: datetime, policy: BillingPolicy) -> Entitlements:
-    access = decide_access(*_billing_rows(conn, tenant_id), now, policy)
+    tenant, subs = _billing_rows(conn, tenant_id)
+    access = decide_access(tenant, subs, now, policy)
     if not access.allowed: return Entitlements(tenant_id, access)
-    plan = conn.execute(sa.select(plans_t.c.features, plans_t.c.quotas).where(plans_t.c.id == access.plan_id)).first()
+    plan = next((s for s in subs if s['plan_id'] == access.plan_id and s['features'] is not None), None)
+    if plan is None:
+        plan = conn.execute(sa.select(plans_t.c.features, plans_t.c.quotas).where(plans_t.c.id == access.plan_id)).mappings().first()
     overrides = conn.execute(sa.select(overrides_t).where(overrides_t.c.tenant_id == tenant_id)).mappings().all()
-    features, quotas = (set(json.loads(plan.features)), json.loads(plan.quotas)) if plan else (set(), {})
+    features, quotas = (set(json.loads(plan['features'])), json.loads(plan['quotas'])) if plan else (set(), {})
     for o in overrides:
         if o['kind'] == 'quota': quotas[o['key']] = o['quota_limit']
         elif o['enabled']: features.add(o['key'])
@@ -255,7 +267,7 @@ def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = Bill
     "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
     with host_db.transaction() as conn: return _entitlements(conn, tenant_id, _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #d1c8c46b
+# %% ../nbs/04_billing.ipynb #536da4cb
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
@@ -282,7 +294,7 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
         o = overrides_t.c
         return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
-# %% ../nbs/04_billing.ipynb #9ef1f4b3
+# %% ../nbs/04_billing.ipynb #06f0ed18
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
     def __init__(self, message, tenant_id, quota, limit, used, requested):
@@ -312,9 +324,11 @@ def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int
     if limit == 0:
         why = ents.access.reason if not ents.access.allowed else f"the {ents.access.plan_id!r} plan has no {quota!r} quota"
         raise QuotaExceeded(f"tenant {tid!r} may not use {quota!r}: {why}", tid, quota, 0, 0, n)
-    conn.execute(_upsert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
     add = usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n).returning(usage_t.c.used)
-    used = conn.execute(add if limit is None else add.where(usage_t.c.used + n <= limit)).scalar()
+    if limit is not None: add = add.where(usage_t.c.used + n <= limit)
+    if (used := conn.execute(add).scalar()) is None:
+        conn.execute(_upsert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
+        used = conn.execute(add).scalar()
     if used is not None: return None if limit is None else limit - used
     used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar()
     raise QuotaExceeded(f"tenant {tid!r} cannot use {n} more {quota!r}: {used} of {limit} used since {period}",
@@ -326,7 +340,7 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
     now = _now(now)
     with host_db.transaction() as conn: return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
-# %% ../nbs/04_billing.ipynb #ca4f53ff
+# %% ../nbs/04_billing.ipynb #ad8de1be
 _REQ = '_billing_request'
 
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
@@ -388,7 +402,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
     return _guard(check)
 
-# %% ../nbs/04_billing.ipynb #1eb22081
+# %% ../nbs/04_billing.ipynb #cb48599e
 def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(), skip=()) -> Beforeware:
     "FastHTML beforeware refusing every request of a tenant that billing refuses (`skip`: path regexes left open)."
     def check(req):
