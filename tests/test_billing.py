@@ -357,6 +357,39 @@ def test_concurrent_mixed_sizes_on_postgresql(pg_url):
     finally:
         host_db.close(); HostDatabase.reset_instance()
 
+def _consume_in_process(url, n_threads, tries, out):
+    "A worker process: its own HostDatabase, `n_threads` threads each trying `tries` units; reports its grants."
+    HostDatabase.reset_instance()  # the parent's pooled connections stay untouched in the forked copy
+    host_db = HostDatabase(url)
+    def work(i):
+        got = []
+        for _ in range(tries):
+            try: got.append(consume_quota(host_db, 'acme', 'api_calls', now=T0))
+            except QuotaExceeded: pass
+        return got
+    out.put(_race(host_db, n_threads, work))
+    host_db.close()
+
+def test_consumers_in_several_processes_on_postgresql(pg_url):
+    "3 processes x 6 threads x 5 tries race for 50 units: exactly 50 are granted, each remaining value once."
+    import multiprocessing as mp
+    host_db = HostDatabase(pg_url)
+    try:
+        seed_plans(host_db, PLANS)
+        tenant(host_db, 'acme', status='active', plan_tier='pro')
+        override_quota(host_db, 'acme', 'api_calls', 50)
+        ctx = mp.get_context('fork')
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_consume_in_process, args=(pg_url, 6, 5, out)) for _ in range(3)]
+        for p in procs: p.start()
+        granted = [r for _ in procs for r in out.get(timeout=60)]
+        for p in procs: p.join(timeout=30)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert sorted(granted) == list(range(50))
+        assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 50
+    finally:
+        host_db.close(); HostDatabase.reset_instance()
+
 # ---------------------------------------------------------------- route guards
 
 class _Auth:
