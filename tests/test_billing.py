@@ -1,5 +1,5 @@
 "Billing: plan seeding, the access decision at its edges, entitlements, atomic quotas under concurrency, route guards."
-import threading
+import json, threading
 from datetime import timedelta
 
 import pytest
@@ -7,11 +7,11 @@ import sqlalchemy as sa
 from fasthtml.common import Beforeware, FastHTML
 from starlette.testclient import TestClient
 
-from fh_saas.billing import (Access, BillingPolicy, billing_beforeware, PlanError, QuotaExceeded, active_plans, access_decision, clear_override,
-                             consume_quota, decide_access, entitlements, override_feature, override_quota, period_start,
-                             quota_used, require_feature, require_quota, seed_plans, subscription_access, usage_t,
-                             validate_plan)
-from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, plans_t, timestamp
+from fh_saas.billing import (
+    Access, BillingPolicy, PlanError, QuotaExceeded, access_decision, active_plans, billing_beforeware, clear_override,
+    consume_quota, decide_access, entitlements, override_feature, override_quota, period_start, quota_used,
+    require_feature, require_quota, seed_plans, subscription_access, usage_t, validate_plan)
+from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, timestamp
 
 T0 = '2026-03-01T12:00:00.000000+00:00'
 US = timedelta(microseconds=1)
@@ -43,7 +43,9 @@ def test_seed_plans_is_idempotent(host_db):
     assert seed_plans(host_db, PLANS) == ['free', 'pro', 'team']
     before = {p.id: p for p in host_db.pricing_plans()}
     assert seed_plans(host_db, PLANS) == []
-    assert seed_plans(host_db, [PricingPlan(**{**p, 'features': p['features']}) for p in PLANS]) == []
+    as_rows = [PricingPlan(**{**p, 'features': json.dumps(p['features']), 'quotas': json.dumps(p['quotas']), 'currency': 'USD'})
+               for p in PLANS]
+    assert seed_plans(host_db, as_rows) == [], "PricingPlan rows with JSON text are the same definitions"
     assert {p.id: p for p in host_db.pricing_plans()} == before
     assert all(p.updated_at is None for p in before.values())
 
@@ -174,6 +176,8 @@ FREE = BillingPolicy(free_plan='free')
     (ACTIVE_TENANT, [dict(status='canceled', plan_id='pro')], BillingPolicy(), Access(False, 'canceled', 'the subscription was canceled', 'pro')),
     (ACTIVE_TENANT, [dict(status='canceled', plan_id='team'), dict(status='active', plan_id='pro')], BillingPolicy(),
      Access(True, 'active', 'active', 'pro')),
+    (ACTIVE_TENANT, [dict(status='trialing', trial_end=at(US), plan_id='team'), dict(status='active', plan_id='pro')],
+     BillingPolicy(), Access(True, 'trialing', f'trial until {at(US)}', 'team', trial_end=at(US))),
     (ACTIVE_TENANT, [dict(status='unpaid', plan_id='team'), dict(status='canceled', plan_id='pro')], FREE,
      Access(False, 'unpaid', 'invoices are unpaid', 'team')),
 ])
@@ -189,8 +193,10 @@ def test_access_decision_reads_the_host_database(host_db):
     assert access_decision(host_db, 'acme', now=T0).allowed is False
     assert access_decision(host_db, 'acme', now=as_utc(T0) - US).allowed is True
 
-    tenant(host_db, 'beta', status='past_due', current_period_start=T0, plan_tier='team')
-    assert access_decision(host_db, 'beta', now=at(GRACE - US)).plan_id == 'team'
+    tenant(host_db, 'beta', status='past_due', current_period_start=T0, plan_tier='team', stripe_price_id='price_unknown')
+    assert access_decision(host_db, 'beta', now=at(GRACE - US)).plan_id == 'team', "no plan sells the price: plan_tier"
+    tenant(host_db, 'gamma', status='active', plan_tier='pro', stripe_price_id='price_team_m')
+    assert access_decision(host_db, 'gamma').plan_id == 'team', "the price decides over plan_tier"
     assert not access_decision(host_db, 'beta', now=at(GRACE)).allowed
 
     seed_plans(host_db, PLANS[::2], retire_missing=True)
