@@ -232,6 +232,12 @@ def test_entitlements_from_plan_and_overrides(host_db):
     assert clear_override(host_db, 'acme', 'feature', 'exports') is False
     assert entitlements(host_db, 'acme').has('exports')
 
+def test_an_unknown_plan_grants_only_overrides(host_db):
+    tenant(host_db, 'acme', status='active', plan_tier='legacy')
+    override_feature(host_db, 'acme', 'exports', True)
+    e = entitlements(host_db, 'acme')
+    assert (e.access.allowed, e.access.plan_id, e.features, dict(e.quotas)) == (True, 'legacy', {'exports'}, {})
+
 def test_a_refused_tenant_is_entitled_to_nothing(sqlite_db):
     seed_plans(sqlite_db, PLANS)
     tenant(sqlite_db, 'acme', status='unpaid', stripe_price_id='price_pro_m')
