@@ -10,7 +10,7 @@ __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_
            'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
            'quota_used', 'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
 
-# %% ../nbs/04_billing.ipynb #a2776ebb
+# %% ../nbs/04_billing.ipynb #2b79a86f
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -29,7 +29,7 @@ from .db_host import (
     HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t, register_component, subscriptions_t,
     tenants_t, timestamp)
 
-# %% ../nbs/04_billing.ipynb #f91ccd13
+# %% ../nbs/04_billing.ipynb #1b66118d
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
@@ -89,7 +89,7 @@ def validate_plan(plan) -> dict:
     if errs: raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
-# %% ../nbs/04_billing.ipynb #29755583
+# %% ../nbs/04_billing.ipynb #1214030b
 def _upsert(conn, table):
     "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
@@ -127,7 +127,7 @@ def active_plans(host_db) -> list[PricingPlan]:
     q = sa.select(plans_t).where(plans_t.c.is_active).order_by(plans_t.c.sort_order, plans_t.c.tier_level, plans_t.c.id)
     return [PricingPlan(**r) for r in host_db.db.execute(q)]
 
-# %% ../nbs/04_billing.ipynb #3324f3d9
+# %% ../nbs/04_billing.ipynb #b66225ba
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
@@ -189,7 +189,7 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
     return last or Access(False, 'none', 'no subscription')
 
-# %% ../nbs/04_billing.ipynb #a39d5597
+# %% ../nbs/04_billing.ipynb #a6eb1d8a
 def _billing_query():
     "One query for a tenant's catalog row and its subscriptions (newest first), each with its `plan_id` and that plan's grants."
     t, s, p = tenants_t, subscriptions_t, plans_t
@@ -213,7 +213,7 @@ def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = B
     "May `tenant_id` use the app at `now` (default: the current time)?"
     with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #05dadb59
+# %% ../nbs/04_billing.ipynb #762ee361
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
@@ -234,7 +234,7 @@ usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
 
 register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, usage_t]))
 
-# %% ../nbs/04_billing.ipynb #75f186c4
+# %% ../nbs/04_billing.ipynb #29d45622
 @dataclass(frozen=True)
 class Entitlements:
     "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
@@ -267,7 +267,7 @@ def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = Bill
     "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
     with host_db.transaction() as conn: return _entitlements(conn, tenant_id, _now(now), policy)
 
-# %% ../nbs/04_billing.ipynb #4bb96f8a
+# %% ../nbs/04_billing.ipynb #1ab3208b
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
@@ -294,7 +294,7 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
         o = overrides_t.c
         return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
-# %% ../nbs/04_billing.ipynb #607192e3
+# %% ../nbs/04_billing.ipynb #49694c7b
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
     def __init__(self, message, tenant_id, quota, limit, used, requested):
@@ -340,7 +340,7 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
     now = _now(now)
     with host_db.transaction() as conn: return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
-# %% ../nbs/04_billing.ipynb #7b1b4925
+# %% ../nbs/04_billing.ipynb #f5bfecf6
 _REQ = '_billing_request'
 
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
@@ -402,7 +402,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
     return _guard(check)
 
-# %% ../nbs/04_billing.ipynb #6efae88d
+# %% ../nbs/04_billing.ipynb #5926399a
 def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(), skip=()) -> Beforeware:
     "FastHTML beforeware refusing every request of a tenant that billing refuses (`skip`: path regexes left open)."
     def check(req):
