@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/audit.html.md"""
 # %% auto #0
 __all__ = ['audit_component', 'AuditContext', 'current_audit_context', 'audit_context', 'redact', 'audit']
 
-# %% ../nbs/07_audit.ipynb #3ecba0ec
+# %% ../nbs/07_audit.ipynb #613424be
 import json, re
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from .db_host import HostDatabase, HostAuditLog, HostComponent, register_component, audit_t
 
-# %% ../nbs/07_audit.ipynb #d1de088f
+# %% ../nbs/07_audit.ipynb #36e904d6
 @dataclass(frozen=True)
 class AuditContext:
     "Who is acting and from where, for every audit row written while it is bound."
@@ -41,7 +41,7 @@ def audit_context(**fields):
     try: yield _audit_ctx.get()
     finally: _audit_ctx.reset(token)
 
-# %% ../nbs/07_audit.ipynb #b0f9f9f5
+# %% ../nbs/07_audit.ipynb #a77521d9
 _SECRET_KEY = re.compile(r'pass(word)?|secret|token|api_?key|authorization|cookie|session|signature|card|cvc|iban', re.I)
 
 def redact(value):
@@ -51,7 +51,7 @@ def redact(value):
     if isinstance(value, (list, tuple)): return [redact(v) for v in value]
     return value
 
-# %% ../nbs/07_audit.ipynb #8c61c05a
+# %% ../nbs/07_audit.ipynb #32c72c1b
 def audit(host_db: HostDatabase, event_type: str, target_id: str | None = None, details: dict | None = None,
           **fields) -> HostAuditLog:
     "Append an audit row for `event_type` in the current transaction; `fields` override the bound context."
@@ -61,7 +61,7 @@ def audit(host_db: HostDatabase, event_type: str, target_id: str | None = None, 
                        details=json.dumps(redact(details or {}), sort_keys=True, default=str), **ctx)
     return host_db.audit_logs.insert(row)
 
-# %% ../nbs/07_audit.ipynb #09308fb8
+# %% ../nbs/07_audit.ipynb #2b39e5a2
 _PG_GUARD = """
 CREATE OR REPLACE FUNCTION fh_saas_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -77,7 +77,7 @@ _SQLITE_GUARD = [f"""CREATE TRIGGER IF NOT EXISTS sys_audit_logs_no_{op.lower()}
   BEGIN SELECT RAISE(ABORT, 'sys_audit_logs is append-only ({op} refused)'); END""" for op in ('UPDATE', 'DELETE')]
 
 def _install_guard(conn):
-    if conn.dialect.name == 'postgresql': conn.exec_driver_sql(_PG_GUARD)
+    if conn.dialect.name == 'postgresql': conn.execute(sa.text(_PG_GUARD))
     else:
         for ddl in _SQLITE_GUARD: conn.exec_driver_sql(ddl)
 

@@ -13,7 +13,7 @@ __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscripti
            'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'NoConnectionBound', 'PooledDatabase',
            'DuplicateRecord', 'BoundTable', 'HostDatabase']
 
-# %% ../nbs/00_db_host.ipynb #c2b83895
+# %% ../nbs/00_db_host.ipynb #52f52564
 import os, re, threading, uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,12 +27,12 @@ from sqlalchemy.engine import URL, make_url
 from fastcore.utils import UNSET
 from fastsql import Database, DBTable
 
-# %% ../nbs/00_db_host.ipynb #6bcdd437
+# %% ../nbs/00_db_host.ipynb #5f7f94b6
 def gen_id() -> str:
     "A new unique id: 32 lowercase hex characters."
     return uuid.uuid4().hex
 
-# %% ../nbs/00_db_host.ipynb #4ca5f980
+# %% ../nbs/00_db_host.ipynb #6d24a268
 def as_utc(value) -> datetime:
     "Parse an ISO-8601 string or datetime into an aware UTC datetime; naive values are an error."
     dt = datetime.fromisoformat(value) if isinstance(value, str) else value
@@ -44,7 +44,7 @@ def timestamp(dt: datetime | None = None) -> str:
     "`dt` (default: now) as a fixed-width ISO-8601 UTC string."
     return as_utc(dt or datetime.now(timezone.utc)).isoformat(timespec='microseconds')
 
-# %% ../nbs/00_db_host.ipynb #722c43d6
+# %% ../nbs/00_db_host.ipynb #af63bad4
 class UTCTimestamp(sa.types.TypeDecorator):
     "A UTC instant: `TIMESTAMPTZ` on PostgreSQL, fixed-width ISO-8601 text elsewhere; an ISO string in Python."
     impl, cache_ok = sa.String(32), True
@@ -59,7 +59,7 @@ class UTCTimestamp(sa.types.TypeDecorator):
     def process_result_value(self, value, dialect):
         return None if value is None else timestamp(as_utc(value))
 
-# %% ../nbs/00_db_host.ipynb #210590b8
+# %% ../nbs/00_db_host.ipynb #4657c7ed
 def _engine_of(db) -> sa.Engine:
     if isinstance(db, sa.Engine): return db
     if isinstance(db, sa.Connection): return db.engine
@@ -70,7 +70,7 @@ def get_db_uri(db) -> str:
     "The full SQLAlchemy URL (password unmasked) of a `HostDatabase`, fastsql `Database`, engine or connection."
     return _engine_of(db).url.render_as_string(hide_password=False)
 
-# %% ../nbs/00_db_host.ipynb #7fb51a15
+# %% ../nbs/00_db_host.ipynb #a1cba110
 def _model(cls):
     "Make `cls` a dataclass whose every field defaults to `UNSET`."
     for name in cls.__annotations__: setattr(cls, name, UNSET)
@@ -133,7 +133,7 @@ class StripeWebhookEvent:
     event_created: int; livemode: bool; object_id: str; tenant_id: str; attempts: int; last_error: str
     processed_at: str; updated_at: str
 
-# %% ../nbs/00_db_host.ipynb #789883a3
+# %% ../nbs/00_db_host.ipynb #4dbd38f3
 host_metadata = sa.MetaData()
 
 def _id(): return sa.Column('id', sa.String(64), primary_key=True, default=gen_id)
@@ -214,7 +214,7 @@ schema_versions_t = sa.Table('sys_schema_versions', host_metadata,
     sa.Column('component', sa.String(64), primary_key=True), sa.Column('version', sa.Integer, nullable=False),
     _ts('updated_at'))
 
-# %% ../nbs/00_db_host.ipynb #40e1003d
+# %% ../nbs/00_db_host.ipynb #2dbbd568
 _LOCK_KEY = 0x66685f73  # pg advisory lock id for schema upgrades ("fh_s")
 
 def _lock_for_ddl(conn):
@@ -269,7 +269,7 @@ def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, ver
         else: conn.execute(schema_versions_t.insert().values(**values))
     return version
 
-# %% ../nbs/00_db_host.ipynb #27962d01
+# %% ../nbs/00_db_host.ipynb #bf3fbfdb
 HOST_SCHEMA_VERSION = 2
 
 def _backfill_tenant_status(conn):
@@ -277,7 +277,7 @@ def _backfill_tenant_status(conn):
 
 HOST_SCHEMA_STEPS = {2: _backfill_tenant_status}
 
-# %% ../nbs/00_db_host.ipynb #55dfb487
+# %% ../nbs/00_db_host.ipynb #0fddd977
 @dataclass
 class HostComponent:
     "A set of host tables owned by one module, with its schema version and upgrade steps."
@@ -293,7 +293,7 @@ def register_component(component: HostComponent) -> HostComponent:
     if (inst := HostDatabase._instance) is not None: component.upgrade(inst.engine)
     return component
 
-# %% ../nbs/00_db_host.ipynb #8b8ffabf
+# %% ../nbs/00_db_host.ipynb #13140db2
 class HostDatabaseConfigError(ValueError):
     "The `DB_*` settings cannot describe a host database."
 
@@ -315,7 +315,7 @@ def url_from_env(env=None) -> URL:
     return URL.create('postgresql+psycopg2', env.get('DB_USER', 'postgres'), env['DB_PASS'],
                       env.get('DB_HOST', 'localhost'), int(port), name)
 
-# %% ../nbs/00_db_host.ipynb #c8ca42a7
+# %% ../nbs/00_db_host.ipynb #32c4184c
 def _sqlite_setup(engine):
     @sa.event.listens_for(engine, 'connect')
     def _connect(dbapi_conn, _):
@@ -340,7 +340,7 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
                             max_overflow=max_overflow if max_overflow is not None else int(env.get('DB_MAX_OVERFLOW', 10)),
                             pool_pre_ping=True, pool_recycle=1800, **kw)
 
-# %% ../nbs/00_db_host.ipynb #26b62b48
+# %% ../nbs/00_db_host.ipynb #4facb4d7
 class _ScopedConnection:
     "The scope's connection as fastsql sees it: `commit`/`rollback` are left to the enclosing scope."
     def __init__(self, conn): self._conn = conn
@@ -376,10 +376,14 @@ class PooledDatabase(Database):
             finally: self._bound.reset(token)
 
     def run(self, f, *args, **kwargs):
-        "Call `f` inside a transaction scope (the current one, or a new one), materialising generators."
-        with self.transaction():
-            res = f(*args, **kwargs)
-            return list(res) if isinstance(res, GeneratorType) else res
+        "Call `f` in the current transaction scope, or in a new one of its own; generators are materialised."
+        if self._bound.get() is not None: return self._call(f, *args, **kwargs)
+        with self.transaction(): return self._call(f, *args, **kwargs)
+
+    @staticmethod
+    def _call(f, *args, **kwargs):
+        res = f(*args, **kwargs)
+        return list(res) if isinstance(res, GeneratorType) else res
 
     def execute(self, st, params=None, opts=None):
         "Run a statement in a scope: its rows as dicts when it returns rows, else the row count."
@@ -396,7 +400,7 @@ class PooledDatabase(Database):
 
     def close(self): self.engine.dispose()
 
-# %% ../nbs/00_db_host.ipynb #86c4e54c
+# %% ../nbs/00_db_host.ipynb #4830dad7
 class DuplicateRecord(ValueError):
     "A write was refused by a unique rule of the schema; nothing was written."
 
@@ -436,7 +440,7 @@ class BoundTable:
         if not callable(attr): return attr
         return lambda *args, **kwargs: self._run(attr, *args, **kwargs)
 
-# %% ../nbs/00_db_host.ipynb #1b35535b
+# %% ../nbs/00_db_host.ipynb #42dac961
 _TABLES = dict(global_users=(users_t, GlobalUser), tenants=(tenants_t, TenantCatalog),
                memberships=(memberships_t, Membership), subscriptions=(subscriptions_t, Subscription),
                pricing_plans=(plans_t, PricingPlan), audit_logs=(audit_t, HostAuditLog),
