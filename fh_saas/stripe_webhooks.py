@@ -6,12 +6,12 @@ Docs: https://fh-saas.github.io/fh_saas/stripe_webhooks.html.md"""
 
 # %% auto #0
 __all__ = ['STRIPE_API_VERSION', 'log', 'stripe_meta', 'customers_t', 'stripe_component', 'TERMINAL_STATUSES', 'EVENT_HANDLERS',
-           'DONE_STATUSES', 'WebhookRejected', 'verify_event', 'is_newer', 'subscription_period', 'subscription_amount',
+           'WebhookRejected', 'verify_event', 'is_newer', 'subscription_period', 'subscription_amount',
            'invoice_subscription', 'resolve_tenant', 'Outcome', 'on_subscription', 'on_checkout_session', 'on_invoice',
            'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'add_stripe_webhook', 'replay_failed',
            'fetch_undelivered']
 
-# %% ../nbs/05_stripe_webhooks.ipynb #2a99f245
+# %% ../nbs/05_stripe_webhooks.ipynb #f294f3ed
 import json, logging, re, time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,13 +28,13 @@ from .db_host import (HostDatabase, HostComponent, register_component, timestamp
                              plans_t, webhook_events_t)
 from .audit import audit
 
-# %% ../nbs/05_stripe_webhooks.ipynb #bcaf53cb
+# %% ../nbs/05_stripe_webhooks.ipynb #e381e5b1
 STRIPE_API_VERSION = '2026-10-28.endive'
 "The Stripe API version this code is written against (the one `stripe` 16 pins); set the webhook endpoint to it."
 
 log = logging.getLogger('fh_saas.stripe')
 
-# %% ../nbs/05_stripe_webhooks.ipynb #6255987f
+# %% ../nbs/05_stripe_webhooks.ipynb #5b54039a
 stripe_meta = sa.MetaData()
 tenants_t.to_metadata(stripe_meta)
 
@@ -49,11 +49,12 @@ sa.Index('ux_core_stripe_customers_cust', customers_t.c.stripe_cust_id, unique=T
 
 stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [customers_t]))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #91542cde
+# %% ../nbs/05_stripe_webhooks.ipynb #2e7cae90
 class WebhookRejected(ValueError):
     "A delivery that is not a genuine, well-formed Stripe event (answered 400, nothing stored)."
 
 _EVENT_ID = re.compile(r'evt_[A-Za-z0-9_]{1,200}')
+_SIG_TIME = re.compile(r'(?:^|,)\s*t=(\d+)')
 
 def _secrets(secrets) -> list[str]:
     secrets = [secrets] if isinstance(secrets, str) else list(secrets or [])
@@ -63,6 +64,7 @@ def _secrets(secrets) -> list[str]:
 
 def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int = 300) -> dict:
     "The event in `payload` if `signature` (the `Stripe-Signature` header) verifies with one of `secrets`; else `WebhookRejected`."
+    # stripe checks only the past side of the tolerance; a signature dated far ahead would stay replayable, so we bound both.
     if not signature: raise WebhookRejected("missing Stripe-Signature header")
     try: payload.decode('utf-8')
     except UnicodeDecodeError: raise WebhookRejected("body is not UTF-8") from None
@@ -72,6 +74,7 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
             break
         except stripe.SignatureVerificationError: continue
     else: raise WebhookRejected("no valid signature for any configured secret, or timestamp outside the tolerance")
+    if int(_SIG_TIME.search(signature).group(1)) > time.time() + tolerance: raise WebhookRejected("timestamp is in the future")
     try: event = json.loads(payload)
     except ValueError: raise WebhookRejected("body is not JSON") from None
     obj = event.get('data', {}).get('object') if isinstance(event, dict) and isinstance(event.get('data'), dict) else None
@@ -80,7 +83,7 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
     return event
 
-# %% ../nbs/05_stripe_webhooks.ipynb #0bdaff29
+# %% ../nbs/05_stripe_webhooks.ipynb #8a7f62f0
 TERMINAL_STATUSES = ('canceled', 'incomplete_expired')
 
 def _order_key(created, status, event_id) -> tuple:
@@ -92,7 +95,7 @@ def is_newer(event: dict, status: str | None, row) -> bool:
     last = _order_key(row.last_event_created, getattr(row, 'status', None), row.last_event_id)
     return _order_key(event['created'], status, event['id']) > last
 
-# %% ../nbs/05_stripe_webhooks.ipynb #d15dc38f
+# %% ../nbs/05_stripe_webhooks.ipynb #6b28b960
 def _iso(epoch) -> str | None:
     return None if epoch is None else timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
@@ -121,7 +124,7 @@ def invoice_subscription(inv: dict) -> str | None:
     details = (inv.get('parent') or {}).get('subscription_details') or {}
     return _id_of(details.get('subscription')) or _id_of(inv.get('subscription'))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #a39dc3af
+# %% ../nbs/05_stripe_webhooks.ipynb #dd34fdfd
 def _tenant_exists(conn, tenant_id) -> bool:
     if not isinstance(tenant_id, str) or not tenant_id: return False
     return conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id)).first() is not None
@@ -137,16 +140,21 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
     if t := _known_tenant(conn, sub_id, cust_id): return t
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #e52cdca2
+# %% ../nbs/05_stripe_webhooks.ipynb #5c14c2dc
 def _insert(conn, table):
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
+def _locked_sub(conn, stripe_id: str):
+    "The `core_subscriptions` row for `stripe_id` (None if unknown), locked for this transaction."
+    return conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id).with_for_update()).first()
+
 def _sub_row(conn, stripe_id: str, tenant_id: str, **init):
     "The `core_subscriptions` row for `stripe_id`, created for `tenant_id` if new, locked for this transaction."
+    if (row := _locked_sub(conn, stripe_id)) is not None: return row
     c = subscriptions_t.c
     conn.execute(_insert(conn, subscriptions_t).values(stripe_sub_id=stripe_id, tenant_id=tenant_id, **init)
                  .on_conflict_do_nothing(index_elements=[c.stripe_sub_id], index_where=c.stripe_sub_id.isnot(None)))
-    return conn.execute(sa.select(subscriptions_t).where(c.stripe_sub_id == stripe_id).with_for_update()).first()
+    return _locked_sub(conn, stripe_id)
 
 def _link_customer(conn, tenant_id: str, cust_id: str | None):
     "Remember `cust_id` as the tenant's Stripe customer, unless the tenant or the customer is already mapped."
@@ -165,7 +173,7 @@ def _plan_for_price(conn, price_id):
     return conn.execute(sa.select(p.id, p.name).where(sa.or_(p.stripe_price_monthly == price_id, p.stripe_price_yearly == price_id))
                         .order_by(p.is_active.desc())).first()
 
-# %% ../nbs/05_stripe_webhooks.ipynb #2fb615af
+# %% ../nbs/05_stripe_webhooks.ipynb #36d119a3
 @dataclass
 class Outcome:
     "What applying one event did: the inbox `status`, the tenant, and whether it was a repeat delivery."
@@ -177,13 +185,14 @@ def on_subscription(host_db, conn, event) -> Outcome:
     "customer.subscription.created/updated/deleted/paused/resumed/trial_will_end: store the newest snapshot."
     sub = event['data']['object']
     cust = _id_of(sub.get('customer'))
-    tenant = resolve_tenant(conn, sub_id=sub['id'], cust_id=cust, claimed=[(sub.get('metadata') or {}).get('tenant_id')])
-    if tenant is None: return Outcome('ignored_no_tenant')
-    row = _sub_row(conn, sub['id'], tenant)
+    if (row := _locked_sub(conn, sub['id'])) is None:
+        tenant = resolve_tenant(conn, cust_id=cust, claimed=[(sub.get('metadata') or {}).get('tenant_id')])
+        if tenant is None: return Outcome('ignored_no_tenant')
+        row = _sub_row(conn, sub['id'], tenant)
     if not is_newer(event, sub.get('status'), row): return Outcome('skipped_out_of_order', row.tenant_id)
-    _link_customer(conn, row.tenant_id, cust)
+    if cust != row.stripe_cust_id: _link_customer(conn, row.tenant_id, cust)
     price = _id_of(_price(_items(sub)[0])) if _items(sub) else None
-    plan = _plan_for_price(conn, price)
+    plan = _plan_for_price(conn, price) if price != row.stripe_price_id else None
     start, end = subscription_period(sub)
     values = dict(status=sub.get('status'), stripe_cust_id=cust, stripe_price_id=price, payment_type='subscription',
                   amount_cents=subscription_amount(sub), current_period_start=start, current_period_end=end,
@@ -196,7 +205,7 @@ def on_subscription(host_db, conn, event) -> Outcome:
                        previous_status=row.status))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #a4640b99
+# %% ../nbs/05_stripe_webhooks.ipynb #56d7672f
 _SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
                    'checkout.session.async_payment_succeeded': 'active',
                    'checkout.session.async_payment_failed': 'payment_failed'}
@@ -228,7 +237,7 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                        payment_status=s.get('payment_status'), previous_status=row.status))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #c20dbbde
+# %% ../nbs/05_stripe_webhooks.ipynb #f6336759
 def on_invoice(host_db, conn, event) -> Outcome:
     "invoice.paid / invoice.payment_succeeded / invoice.payment_failed: an audit row for the tenant."
     inv = event['data']['object']
@@ -262,9 +271,7 @@ EVENT_HANDLERS = {
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
     'customer.updated': on_customer}
 
-# %% ../nbs/05_stripe_webhooks.ipynb #b7a49926
-DONE_STATUSES = ('processed', 'skipped_out_of_order', 'skipped_superseded', 'ignored_no_tenant', 'ignored_unhandled')
-
+# %% ../nbs/05_stripe_webhooks.ipynb #1a13901f
 _SECRETISH = re.compile(r'\b(sk|rk|pk|whsec)_[A-Za-z0-9_]+|://[^/\s:@]+:[^@\s]+@')
 
 def scrub(message: str, limit: int = 500) -> str:
@@ -280,8 +287,9 @@ def _claim(conn, event, payload):
     c = webhook_events_t.c
     fresh = conn.execute(_insert(conn, webhook_events_t).values(status='processing', attempts=0, **_inbox_values(event, payload))
                          .on_conflict_do_nothing(index_elements=[c.event_id])).rowcount
+    if fresh: return None
     status = conn.execute(sa.select(c.status).where(c.event_id == event['id']).with_for_update()).scalar()
-    return None if fresh or status == 'failed' else status
+    return None if status == 'failed' else status
 
 def _record_failure(host_db, event, payload, error: Exception):
     "In its own transaction: mark the event failed (attempts+1) unless a concurrent delivery has applied it meanwhile."
@@ -310,7 +318,7 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
         _record_failure(host_db, event, payload, e)
         raise
 
-# %% ../nbs/05_stripe_webhooks.ipynb #7a906d5f
+# %% ../nbs/05_stripe_webhooks.ipynb #34aaf3f1
 def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
@@ -331,7 +339,7 @@ def add_stripe_webhook(app, host_db: HostDatabase, secrets, path: str = '/stripe
     app.router.routes.insert(0, route)
     return route
 
-# %% ../nbs/05_stripe_webhooks.ipynb #8b7ac261
+# %% ../nbs/05_stripe_webhooks.ipynb #471ce4a8
 def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
     try:
         out = apply_event(host_db, event, payload)
