@@ -7,11 +7,12 @@ Docs: https://fh-saas.github.io/fh_saas/stripe_webhooks.html.md"""
 # %% auto #0
 __all__ = ['STRIPE_API_VERSION', 'log', 'stripe_meta', 'customers_t', 'stripe_component', 'TERMINAL_STATUSES', 'EVENT_HANDLERS',
            'WebhookRejected', 'verify_event', 'is_newer', 'subscription_period', 'subscription_amount',
-           'invoice_subscription', 'resolve_tenant', 'Outcome', 'on_subscription', 'on_checkout_session', 'on_invoice',
-           'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'add_stripe_webhook', 'replay_failed',
-           'fetch_undelivered']
+           'invoice_subscription', 'resolve_tenant', 'locked_subscription', 'subscription_row', 'link_customer',
+           'Outcome', 'subscription_values', 'store_subscription', 'on_subscription', 'on_checkout_session',
+           'on_invoice', 'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'add_stripe_webhook',
+           'replay_failed', 'fetch_undelivered']
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f294f3ed
+# %% ../nbs/05_stripe_webhooks.ipynb #576edadd
 import json, logging, re, time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,13 +29,13 @@ from .db_host import (HostDatabase, HostComponent, register_component, timestamp
                              plans_t, webhook_events_t)
 from .audit import audit
 
-# %% ../nbs/05_stripe_webhooks.ipynb #e381e5b1
+# %% ../nbs/05_stripe_webhooks.ipynb #2b47f1b7
 STRIPE_API_VERSION = '2026-10-28.endive'
 "The Stripe API version this code is written against (the one `stripe` 16 pins); set the webhook endpoint to it."
 
 log = logging.getLogger('fh_saas.stripe')
 
-# %% ../nbs/05_stripe_webhooks.ipynb #5b54039a
+# %% ../nbs/05_stripe_webhooks.ipynb #06bd542a
 stripe_meta = sa.MetaData()
 tenants_t.to_metadata(stripe_meta)
 
@@ -49,7 +50,7 @@ sa.Index('ux_core_stripe_customers_cust', customers_t.c.stripe_cust_id, unique=T
 
 stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [customers_t]))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #2e7cae90
+# %% ../nbs/05_stripe_webhooks.ipynb #a80a577a
 class WebhookRejected(ValueError):
     "A delivery that is not a genuine, well-formed Stripe event (answered 400, nothing stored)."
 
@@ -83,7 +84,7 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
     return event
 
-# %% ../nbs/05_stripe_webhooks.ipynb #8a7f62f0
+# %% ../nbs/05_stripe_webhooks.ipynb #c361bd7a
 TERMINAL_STATUSES = ('canceled', 'incomplete_expired')
 
 def _order_key(created, status, event_id) -> tuple:
@@ -95,7 +96,7 @@ def is_newer(event: dict, status: str | None, row) -> bool:
     last = _order_key(row.last_event_created, getattr(row, 'status', None), row.last_event_id)
     return _order_key(event['created'], status, event['id']) > last
 
-# %% ../nbs/05_stripe_webhooks.ipynb #6b28b960
+# %% ../nbs/05_stripe_webhooks.ipynb #c1f6ebbb
 def _iso(epoch) -> str | None:
     return None if epoch is None else timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
@@ -124,7 +125,7 @@ def invoice_subscription(inv: dict) -> str | None:
     details = (inv.get('parent') or {}).get('subscription_details') or {}
     return _id_of(details.get('subscription')) or _id_of(inv.get('subscription'))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #dd34fdfd
+# %% ../nbs/05_stripe_webhooks.ipynb #d7c40b7f
 def _tenant_exists(conn, tenant_id) -> bool:
     if not isinstance(tenant_id, str) or not tenant_id: return False
     return conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id)).first() is not None
@@ -140,23 +141,23 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
     if t := _known_tenant(conn, sub_id, cust_id): return t
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #5c14c2dc
+# %% ../nbs/05_stripe_webhooks.ipynb #6806993a
 def _insert(conn, table):
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
-def _locked_sub(conn, stripe_id: str):
+def locked_subscription(conn, stripe_id: str):
     "The `core_subscriptions` row for `stripe_id` (None if unknown), locked for this transaction."
     return conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id).with_for_update()).first()
 
-def _sub_row(conn, stripe_id: str, tenant_id: str, **init):
+def subscription_row(conn, stripe_id: str, tenant_id: str, **init):
     "The `core_subscriptions` row for `stripe_id`, created for `tenant_id` if new, locked for this transaction."
-    if (row := _locked_sub(conn, stripe_id)) is not None: return row
+    if (row := locked_subscription(conn, stripe_id)) is not None: return row
     c = subscriptions_t.c
     conn.execute(_insert(conn, subscriptions_t).values(stripe_sub_id=stripe_id, tenant_id=tenant_id, **init)
                  .on_conflict_do_nothing(index_elements=[c.stripe_sub_id], index_where=c.stripe_sub_id.isnot(None)))
-    return _locked_sub(conn, stripe_id)
+    return locked_subscription(conn, stripe_id)
 
-def _link_customer(conn, tenant_id: str, cust_id: str | None):
+def link_customer(conn, tenant_id: str, cust_id: str | None):
     "Remember `cust_id` as the tenant's Stripe customer, unless the tenant or the customer is already mapped."
     if cust_id: conn.execute(_insert(conn, customers_t).values(tenant_id=tenant_id, stripe_cust_id=cust_id).on_conflict_do_nothing())
 
@@ -173,7 +174,7 @@ def _plan_for_price(conn, price_id):
     return conn.execute(sa.select(p.id, p.name).where(sa.or_(p.stripe_price_monthly == price_id, p.stripe_price_yearly == price_id))
                         .order_by(p.is_active.desc())).first()
 
-# %% ../nbs/05_stripe_webhooks.ipynb #36d119a3
+# %% ../nbs/05_stripe_webhooks.ipynb #a0c8e474
 @dataclass
 class Outcome:
     "What applying one event did: the inbox `status`, the tenant, and whether it was a repeat delivery."
@@ -181,31 +182,39 @@ class Outcome:
     tenant_id: str | None = None
     duplicate: bool = False
 
+def subscription_values(conn, sub: dict, row=None) -> dict:
+    "The `core_subscriptions` columns a Stripe subscription object determines (plan looked up only when the price changed)."
+    price = _id_of(_price(_items(sub)[0])) if _items(sub) else None
+    start, end = subscription_period(sub)
+    values = dict(status=sub.get('status'), stripe_cust_id=_id_of(sub.get('customer')), stripe_price_id=price,
+                  payment_type='subscription', amount_cents=subscription_amount(sub), current_period_start=start,
+                  current_period_end=end, trial_end=_iso(sub.get('trial_end')),
+                  cancel_at_period_end=bool(sub.get('cancel_at_period_end')), canceled_at=_iso(sub.get('canceled_at')),
+                  ended_at=_iso(sub.get('ended_at')))
+    if (row is None or price != row.stripe_price_id) and (plan := _plan_for_price(conn, price)):
+        values.update(plan_tier=plan.id, product_name=plan.name)
+    return values
+
+def store_subscription(host_db, conn, row, sub: dict, clock: dict, details: dict):
+    "Write the snapshot `sub` over the locked `row` with its ordering `clock`, and audit it (same transaction)."
+    if sub.get('customer') and _id_of(sub['customer']) != row.stripe_cust_id: link_customer(conn, row.tenant_id, _id_of(sub['customer']))
+    values = subscription_values(conn, sub, row)
+    _update_sub(conn, row, values | clock)
+    audit(host_db, 'billing.subscription_updated', target_id=sub['id'], tenant_id=row.tenant_id,
+          details=details | dict(status=values['status'], price=values['stripe_price_id'], previous_status=row.status))
+
 def on_subscription(host_db, conn, event) -> Outcome:
     "customer.subscription.created/updated/deleted/paused/resumed/trial_will_end: store the newest snapshot."
     sub = event['data']['object']
-    cust = _id_of(sub.get('customer'))
-    if (row := _locked_sub(conn, sub['id'])) is None:
-        tenant = resolve_tenant(conn, cust_id=cust, claimed=[(sub.get('metadata') or {}).get('tenant_id')])
+    if (row := locked_subscription(conn, sub['id'])) is None:
+        tenant = resolve_tenant(conn, cust_id=_id_of(sub.get('customer')), claimed=[(sub.get('metadata') or {}).get('tenant_id')])
         if tenant is None: return Outcome('ignored_no_tenant')
-        row = _sub_row(conn, sub['id'], tenant)
+        row = subscription_row(conn, sub['id'], tenant)
     if not is_newer(event, sub.get('status'), row): return Outcome('skipped_out_of_order', row.tenant_id)
-    if cust != row.stripe_cust_id: _link_customer(conn, row.tenant_id, cust)
-    price = _id_of(_price(_items(sub)[0])) if _items(sub) else None
-    plan = _plan_for_price(conn, price) if price != row.stripe_price_id else None
-    start, end = subscription_period(sub)
-    values = dict(status=sub.get('status'), stripe_cust_id=cust, stripe_price_id=price, payment_type='subscription',
-                  amount_cents=subscription_amount(sub), current_period_start=start, current_period_end=end,
-                  trial_end=_iso(sub.get('trial_end')), cancel_at_period_end=bool(sub.get('cancel_at_period_end')),
-                  canceled_at=_iso(sub.get('canceled_at')), ended_at=_iso(sub.get('ended_at')), **_clock(event))
-    if plan: values.update(plan_tier=plan.id, product_name=plan.name)
-    _update_sub(conn, row, values)
-    audit(host_db, 'billing.subscription_updated', target_id=sub['id'], tenant_id=row.tenant_id,
-          details=dict(event_id=event['id'], event_type=event['type'], status=values['status'], price=price,
-                       previous_status=row.status))
+    store_subscription(host_db, conn, row, sub, _clock(event), dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #56d7672f
+# %% ../nbs/05_stripe_webhooks.ipynb #9b43a512
 _SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
                    'checkout.session.async_payment_succeeded': 'active',
                    'checkout.session.async_payment_failed': 'payment_failed'}
@@ -220,14 +229,14 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                             claimed=[s.get('client_reference_id'), (s.get('metadata') or {}).get('tenant_id')])
     if tenant is None: return Outcome('ignored_no_tenant')
     if status is None: return Outcome('ignored_unhandled', tenant)
-    _link_customer(conn, tenant, cust)
+    link_customer(conn, tenant, cust)
     if s.get('mode') == 'subscription' and sub_id:
-        row = _sub_row(conn, sub_id, tenant, payment_type='subscription')
+        row = subscription_row(conn, sub_id, tenant, payment_type='subscription')
         fills = row.status is None or (row.status == 'pending_payment' and event['type'] != 'checkout.session.completed')
         if not fills and row.stripe_cust_id: return Outcome('skipped_superseded', row.tenant_id)
         values = dict(stripe_cust_id=row.stripe_cust_id or cust, updated_at=timestamp()) | (dict(status=status) if fills else {})
     elif s.get('mode') == 'payment':
-        row = _sub_row(conn, s['id'], tenant, payment_type='one_time')
+        row = subscription_row(conn, s['id'], tenant, payment_type='one_time')
         if not is_newer(event, status, row): return Outcome('skipped_out_of_order', row.tenant_id)
         values = dict(status=status, stripe_cust_id=cust, amount_cents=s.get('amount_total'), **_clock(event))
     else: return Outcome('ignored_unhandled', tenant)
@@ -237,7 +246,7 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                        payment_status=s.get('payment_status'), previous_status=row.status))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f6336759
+# %% ../nbs/05_stripe_webhooks.ipynb #a707356c
 def on_invoice(host_db, conn, event) -> Outcome:
     "invoice.paid / invoice.payment_succeeded / invoice.payment_failed: an audit row for the tenant."
     inv = event['data']['object']
@@ -256,7 +265,7 @@ def on_customer(host_db, conn, event) -> Outcome:
     cust = event['data']['object']
     tenant = resolve_tenant(conn, cust_id=cust['id'], claimed=[(cust.get('metadata') or {}).get('tenant_id')])
     if tenant is None: return Outcome('ignored_no_tenant')
-    _link_customer(conn, tenant, cust['id'])
+    link_customer(conn, tenant, cust['id'])
     row = conn.execute(sa.select(customers_t).where(customers_t.c.stripe_cust_id == cust['id']).with_for_update()).first()
     if row is None: return Outcome('ignored_no_tenant')
     if not is_newer(event, None, row): return Outcome('skipped_out_of_order', row.tenant_id)
@@ -271,7 +280,7 @@ EVENT_HANDLERS = {
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
     'customer.updated': on_customer}
 
-# %% ../nbs/05_stripe_webhooks.ipynb #1a13901f
+# %% ../nbs/05_stripe_webhooks.ipynb #ee4f3ba1
 _SECRETISH = re.compile(r'\b(sk|rk|pk|whsec)_[A-Za-z0-9_]+|://[^/\s:@]+:[^@\s]+@')
 
 def scrub(message: str, limit: int = 500) -> str:
@@ -318,7 +327,7 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
         _record_failure(host_db, event, payload, e)
         raise
 
-# %% ../nbs/05_stripe_webhooks.ipynb #34aaf3f1
+# %% ../nbs/05_stripe_webhooks.ipynb #8a24cf3f
 def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
@@ -339,7 +348,7 @@ def add_stripe_webhook(app, host_db: HostDatabase, secrets, path: str = '/stripe
     app.router.routes.insert(0, route)
     return route
 
-# %% ../nbs/05_stripe_webhooks.ipynb #471ce4a8
+# %% ../nbs/05_stripe_webhooks.ipynb #7184ffbf
 def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
     try:
         out = apply_event(host_db, event, payload)
