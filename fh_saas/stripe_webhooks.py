@@ -9,11 +9,11 @@ __all__ = ['STRIPE_API_VERSION', 'log', 'stripe_meta', 'customers_t', 'stripe_co
            'WebhookRejected', 'verify_event', 'is_newer', 'subscription_period', 'subscription_amount',
            'invoice_subscription', 'resolve_tenant', 'locked_subscription', 'subscription_row', 'link_customer',
            'Outcome', 'subscription_values', 'store_subscription', 'on_subscription', 'on_checkout_session',
-           'on_invoice', 'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'add_stripe_webhook',
-           'replay_failed', 'fetch_undelivered']
+           'on_invoice', 'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'webhook_secrets_from_env',
+           'add_stripe_webhook', 'replay_failed', 'fetch_undelivered']
 
-# %% ../nbs/05_stripe_webhooks.ipynb #576edadd
-import json, logging, re, time
+# %% ../nbs/05_stripe_webhooks.ipynb #b8b94ebf
+import json, logging, os, re, time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,13 +29,13 @@ from .db_host import (HostDatabase, HostComponent, register_component, timestamp
                              plans_t, webhook_events_t)
 from .audit import audit
 
-# %% ../nbs/05_stripe_webhooks.ipynb #2b47f1b7
+# %% ../nbs/05_stripe_webhooks.ipynb #dbf3ddd1
 STRIPE_API_VERSION = '2026-10-28.endive'
 "The Stripe API version this code is written against (the one `stripe` 16 pins); set the webhook endpoint to it."
 
 log = logging.getLogger('fh_saas.stripe')
 
-# %% ../nbs/05_stripe_webhooks.ipynb #06bd542a
+# %% ../nbs/05_stripe_webhooks.ipynb #0469a234
 stripe_meta = sa.MetaData()
 tenants_t.to_metadata(stripe_meta)
 
@@ -50,7 +50,7 @@ sa.Index('ux_core_stripe_customers_cust', customers_t.c.stripe_cust_id, unique=T
 
 stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [customers_t]))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #a80a577a
+# %% ../nbs/05_stripe_webhooks.ipynb #7cd10e60
 class WebhookRejected(ValueError):
     "A delivery that is not a genuine, well-formed Stripe event (answered 400, nothing stored)."
 
@@ -84,7 +84,7 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
     return event
 
-# %% ../nbs/05_stripe_webhooks.ipynb #c361bd7a
+# %% ../nbs/05_stripe_webhooks.ipynb #f1099ad2
 TERMINAL_STATUSES = ('canceled', 'incomplete_expired')
 
 def _order_key(created, status, event_id) -> tuple:
@@ -96,7 +96,7 @@ def is_newer(event: dict, status: str | None, row) -> bool:
     last = _order_key(row.last_event_created, getattr(row, 'status', None), row.last_event_id)
     return _order_key(event['created'], status, event['id']) > last
 
-# %% ../nbs/05_stripe_webhooks.ipynb #c1f6ebbb
+# %% ../nbs/05_stripe_webhooks.ipynb #85af49bc
 def _iso(epoch) -> str | None:
     return None if epoch is None else timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
@@ -125,7 +125,7 @@ def invoice_subscription(inv: dict) -> str | None:
     details = (inv.get('parent') or {}).get('subscription_details') or {}
     return _id_of(details.get('subscription')) or _id_of(inv.get('subscription'))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #d7c40b7f
+# %% ../nbs/05_stripe_webhooks.ipynb #d652f6b5
 def _tenant_exists(conn, tenant_id) -> bool:
     if not isinstance(tenant_id, str) or not tenant_id: return False
     return conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id)).first() is not None
@@ -141,7 +141,7 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
     if t := _known_tenant(conn, sub_id, cust_id): return t
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #6806993a
+# %% ../nbs/05_stripe_webhooks.ipynb #f5272d6d
 def _insert(conn, table):
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
@@ -174,7 +174,7 @@ def _plan_for_price(conn, price_id):
     return conn.execute(sa.select(p.id, p.name).where(sa.or_(p.stripe_price_monthly == price_id, p.stripe_price_yearly == price_id))
                         .order_by(p.is_active.desc())).first()
 
-# %% ../nbs/05_stripe_webhooks.ipynb #a0c8e474
+# %% ../nbs/05_stripe_webhooks.ipynb #b71dec05
 @dataclass
 class Outcome:
     "What applying one event did: the inbox `status`, the tenant, and whether it was a repeat delivery."
@@ -214,7 +214,7 @@ def on_subscription(host_db, conn, event) -> Outcome:
     store_subscription(host_db, conn, row, sub, _clock(event), dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #9b43a512
+# %% ../nbs/05_stripe_webhooks.ipynb #f75866f8
 _SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
                    'checkout.session.async_payment_succeeded': 'active',
                    'checkout.session.async_payment_failed': 'payment_failed'}
@@ -246,7 +246,7 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                        payment_status=s.get('payment_status'), previous_status=row.status))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #a707356c
+# %% ../nbs/05_stripe_webhooks.ipynb #3b0ccf76
 def on_invoice(host_db, conn, event) -> Outcome:
     "invoice.paid / invoice.payment_succeeded / invoice.payment_failed: an audit row for the tenant."
     inv = event['data']['object']
@@ -280,7 +280,7 @@ EVENT_HANDLERS = {
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
     'customer.updated': on_customer}
 
-# %% ../nbs/05_stripe_webhooks.ipynb #ee4f3ba1
+# %% ../nbs/05_stripe_webhooks.ipynb #29f654d6
 _SECRETISH = re.compile(r'\b(sk|rk|pk|whsec)_[A-Za-z0-9_]+|://[^/\s:@]+:[^@\s]+@')
 
 def scrub(message: str, limit: int = 500) -> str:
@@ -327,7 +327,7 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
         _record_failure(host_db, event, payload, e)
         raise
 
-# %% ../nbs/05_stripe_webhooks.ipynb #8a24cf3f
+# %% ../nbs/05_stripe_webhooks.ipynb #c7308dff
 def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
@@ -342,13 +342,19 @@ def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
         return JSONResponse({'status': out.status, 'duplicate': out.duplicate})
     return stripe_webhook
 
-def add_stripe_webhook(app, host_db: HostDatabase, secrets, path: str = '/stripe/webhook', tolerance: int = 300) -> Route:
-    "Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login."
+def webhook_secrets_from_env(env=None) -> list[str]:
+    "The signing secrets in `STRIPE_WEBHOOK_SECRET` (comma-separated during a rotation); an error when unset."
+    env = os.environ if env is None else env
+    return _secrets([x.strip() for x in env.get('STRIPE_WEBHOOK_SECRET', '').split(',') if x.strip()])
+
+def add_stripe_webhook(app, host_db: HostDatabase, secrets=None, path: str = '/stripe/webhook', tolerance: int = 300) -> Route:
+    "Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login; `secrets` default to the environment's."
+    secrets = webhook_secrets_from_env() if secrets is None else secrets
     route = Route(path, webhook_endpoint(host_db, secrets, tolerance), methods=['POST'], name='stripe_webhook')
     app.router.routes.insert(0, route)
     return route
 
-# %% ../nbs/05_stripe_webhooks.ipynb #7184ffbf
+# %% ../nbs/05_stripe_webhooks.ipynb #f70cb2c2
 def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
     try:
         out = apply_event(host_db, event, payload)

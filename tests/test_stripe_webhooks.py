@@ -81,7 +81,8 @@ def test_endpoint_is_outside_login_beforeware(pg_host):
     assert r.status_code == 200 and pg_host.subscriptions()[0].status == "active"
 
 
-def test_no_secret_no_endpoint(pg_host):
+def test_no_secret_no_endpoint(pg_host, monkeypatch):
+    monkeypatch.delenv("STRIPE_WEBHOOK_SECRET", raising=False)
     for secrets in ([], None, "", [" "]):
         with pytest.raises(ValueError): sw.add_stripe_webhook(Starlette(), pg_host, secrets=secrets)
 
