@@ -8,7 +8,6 @@ root = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(root), str(root / "tests")]
 
 import httpx
-import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from starlette.applications import Starlette
 

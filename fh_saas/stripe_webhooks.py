@@ -12,7 +12,7 @@ __all__ = ['STRIPE_API_VERSION', 'log', 'stripe_meta', 'customers_t', 'stripe_co
            'on_invoice', 'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'webhook_secrets_from_env',
            'add_stripe_webhook', 'replay_failed', 'fetch_undelivered']
 
-# %% ../nbs/05_stripe_webhooks.ipynb #b8b94ebf
+# %% ../nbs/05_stripe_webhooks.ipynb #f3f4793d
 import json, logging, os, re, time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,13 +29,13 @@ from .db_host import (HostDatabase, HostComponent, register_component, timestamp
                              plans_t, webhook_events_t)
 from .audit import audit
 
-# %% ../nbs/05_stripe_webhooks.ipynb #dbf3ddd1
+# %% ../nbs/05_stripe_webhooks.ipynb #5a3f8a31
 STRIPE_API_VERSION = '2026-10-28.endive'
 "The Stripe API version this code is written against (the one `stripe` 16 pins); set the webhook endpoint to it."
 
 log = logging.getLogger('fh_saas.stripe')
 
-# %% ../nbs/05_stripe_webhooks.ipynb #0469a234
+# %% ../nbs/05_stripe_webhooks.ipynb #0978b6c9
 stripe_meta = sa.MetaData()
 tenants_t.to_metadata(stripe_meta)
 
@@ -50,7 +50,7 @@ sa.Index('ux_core_stripe_customers_cust', customers_t.c.stripe_cust_id, unique=T
 
 stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [customers_t]))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #7cd10e60
+# %% ../nbs/05_stripe_webhooks.ipynb #4d7b91ab
 class WebhookRejected(ValueError):
     "A delivery that is not a genuine, well-formed Stripe event (answered 400, nothing stored)."
 
@@ -84,7 +84,7 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
     return event
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f1099ad2
+# %% ../nbs/05_stripe_webhooks.ipynb #ba85713f
 TERMINAL_STATUSES = ('canceled', 'incomplete_expired')
 
 def _order_key(created, status, event_id) -> tuple:
@@ -96,7 +96,7 @@ def is_newer(event: dict, status: str | None, row) -> bool:
     last = _order_key(row.last_event_created, getattr(row, 'status', None), row.last_event_id)
     return _order_key(event['created'], status, event['id']) > last
 
-# %% ../nbs/05_stripe_webhooks.ipynb #85af49bc
+# %% ../nbs/05_stripe_webhooks.ipynb #5d18764a
 def _iso(epoch) -> str | None:
     return None if epoch is None else timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
@@ -125,7 +125,7 @@ def invoice_subscription(inv: dict) -> str | None:
     details = (inv.get('parent') or {}).get('subscription_details') or {}
     return _id_of(details.get('subscription')) or _id_of(inv.get('subscription'))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #d652f6b5
+# %% ../nbs/05_stripe_webhooks.ipynb #97c9a2ff
 def _tenant_exists(conn, tenant_id) -> bool:
     if not isinstance(tenant_id, str) or not tenant_id: return False
     return conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id)).first() is not None
@@ -141,7 +141,7 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
     if t := _known_tenant(conn, sub_id, cust_id): return t
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f5272d6d
+# %% ../nbs/05_stripe_webhooks.ipynb #1cfb0376
 def _insert(conn, table):
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
@@ -174,7 +174,7 @@ def _plan_for_price(conn, price_id):
     return conn.execute(sa.select(p.id, p.name).where(sa.or_(p.stripe_price_monthly == price_id, p.stripe_price_yearly == price_id))
                         .order_by(p.is_active.desc())).first()
 
-# %% ../nbs/05_stripe_webhooks.ipynb #b71dec05
+# %% ../nbs/05_stripe_webhooks.ipynb #f1227067
 @dataclass
 class Outcome:
     "What applying one event did: the inbox `status`, the tenant, and whether it was a repeat delivery."
@@ -214,7 +214,7 @@ def on_subscription(host_db, conn, event) -> Outcome:
     store_subscription(host_db, conn, row, sub, _clock(event), dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f75866f8
+# %% ../nbs/05_stripe_webhooks.ipynb #f9ba46c6
 _SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
                    'checkout.session.async_payment_succeeded': 'active',
                    'checkout.session.async_payment_failed': 'payment_failed'}
@@ -229,14 +229,15 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                             claimed=[s.get('client_reference_id'), (s.get('metadata') or {}).get('tenant_id')])
     if tenant is None: return Outcome('ignored_no_tenant')
     if status is None: return Outcome('ignored_unhandled', tenant)
-    link_customer(conn, tenant, cust)
     if s.get('mode') == 'subscription' and sub_id:
         row = subscription_row(conn, sub_id, tenant, payment_type='subscription')
+        link_customer(conn, row.tenant_id, cust)
         fills = row.status is None or (row.status == 'pending_payment' and event['type'] != 'checkout.session.completed')
         if not fills and row.stripe_cust_id: return Outcome('skipped_superseded', row.tenant_id)
         values = dict(stripe_cust_id=row.stripe_cust_id or cust, updated_at=timestamp()) | (dict(status=status) if fills else {})
     elif s.get('mode') == 'payment':
         row = subscription_row(conn, s['id'], tenant, payment_type='one_time')
+        link_customer(conn, row.tenant_id, cust)
         if not is_newer(event, status, row): return Outcome('skipped_out_of_order', row.tenant_id)
         values = dict(status=status, stripe_cust_id=cust, amount_cents=s.get('amount_total'), **_clock(event))
     else: return Outcome('ignored_unhandled', tenant)
@@ -246,7 +247,7 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                        payment_status=s.get('payment_status'), previous_status=row.status))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #3b0ccf76
+# %% ../nbs/05_stripe_webhooks.ipynb #58fd16af
 def on_invoice(host_db, conn, event) -> Outcome:
     "invoice.paid / invoice.payment_succeeded / invoice.payment_failed: an audit row for the tenant."
     inv = event['data']['object']
@@ -280,7 +281,7 @@ EVENT_HANDLERS = {
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
     'customer.updated': on_customer}
 
-# %% ../nbs/05_stripe_webhooks.ipynb #29f654d6
+# %% ../nbs/05_stripe_webhooks.ipynb #d5c82102
 _SECRETISH = re.compile(r'\b(sk|rk|pk|whsec)_[A-Za-z0-9_]+|://[^/\s:@]+:[^@\s]+@')
 
 def scrub(message: str, limit: int = 500) -> str:
@@ -327,7 +328,7 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
         _record_failure(host_db, event, payload, e)
         raise
 
-# %% ../nbs/05_stripe_webhooks.ipynb #c7308dff
+# %% ../nbs/05_stripe_webhooks.ipynb #45a9f374
 def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
@@ -354,7 +355,7 @@ def add_stripe_webhook(app, host_db: HostDatabase, secrets=None, path: str = '/s
     app.router.routes.insert(0, route)
     return route
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f70cb2c2
+# %% ../nbs/05_stripe_webhooks.ipynb #73339319
 def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
     try:
         out = apply_event(host_db, event, payload)

@@ -3,7 +3,6 @@ import json, socket, subprocess, time
 
 import httpx
 import pytest
-import stripe
 from starlette.applications import Starlette
 
 from fh_saas import stripe_billing as sb, stripe_webhooks as sw
