@@ -6,13 +6,13 @@ Docs: https://fh-saas.github.io/fh_saas/stripe_webhooks.html.md"""
 
 # %% auto #0
 __all__ = ['STRIPE_API_VERSION', 'log', 'stripe_meta', 'customers_t', 'stripe_component', 'TERMINAL_STATUSES', 'EVENT_HANDLERS',
-           'WebhookRejected', 'verify_event', 'is_newer', 'subscription_period', 'subscription_amount',
+           'MAX_BODY', 'WebhookRejected', 'verify_event', 'is_newer', 'subscription_period', 'subscription_amount',
            'invoice_subscription', 'resolve_tenant', 'locked_subscription', 'subscription_row', 'link_customer',
            'Outcome', 'subscription_values', 'store_subscription', 'on_subscription', 'on_checkout_session',
            'on_invoice', 'on_customer', 'scrub', 'apply_event', 'webhook_endpoint', 'webhook_secrets_from_env',
            'add_stripe_webhook', 'replay_failed', 'fetch_undelivered']
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f3f4793d
+# %% ../nbs/05_stripe_webhooks.ipynb #51db089a
 import json, logging, os, re, time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,13 +29,13 @@ from .db_host import (HostDatabase, HostComponent, register_component, timestamp
                              plans_t, webhook_events_t)
 from .audit import audit
 
-# %% ../nbs/05_stripe_webhooks.ipynb #5a3f8a31
+# %% ../nbs/05_stripe_webhooks.ipynb #db9ef9a4
 STRIPE_API_VERSION = '2026-10-28.endive'
 "The Stripe API version this code is written against (the one `stripe` 16 pins); set the webhook endpoint to it."
 
 log = logging.getLogger('fh_saas.stripe')
 
-# %% ../nbs/05_stripe_webhooks.ipynb #0978b6c9
+# %% ../nbs/05_stripe_webhooks.ipynb #12f66fb9
 stripe_meta = sa.MetaData()
 tenants_t.to_metadata(stripe_meta)
 
@@ -50,7 +50,7 @@ sa.Index('ux_core_stripe_customers_cust', customers_t.c.stripe_cust_id, unique=T
 
 stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [customers_t]))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #4d7b91ab
+# %% ../nbs/05_stripe_webhooks.ipynb #f4ce4355
 class WebhookRejected(ValueError):
     "A delivery that is not a genuine, well-formed Stripe event (answered 400, nothing stored)."
 
@@ -84,7 +84,7 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
     return event
 
-# %% ../nbs/05_stripe_webhooks.ipynb #ba85713f
+# %% ../nbs/05_stripe_webhooks.ipynb #7bf4efb2
 TERMINAL_STATUSES = ('canceled', 'incomplete_expired')
 
 def _order_key(created, status, event_id) -> tuple:
@@ -96,7 +96,7 @@ def is_newer(event: dict, status: str | None, row) -> bool:
     last = _order_key(row.last_event_created, getattr(row, 'status', None), row.last_event_id)
     return _order_key(event['created'], status, event['id']) > last
 
-# %% ../nbs/05_stripe_webhooks.ipynb #5d18764a
+# %% ../nbs/05_stripe_webhooks.ipynb #35f88f61
 def _iso(epoch) -> str | None:
     return None if epoch is None else timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
@@ -125,7 +125,7 @@ def invoice_subscription(inv: dict) -> str | None:
     details = (inv.get('parent') or {}).get('subscription_details') or {}
     return _id_of(details.get('subscription')) or _id_of(inv.get('subscription'))
 
-# %% ../nbs/05_stripe_webhooks.ipynb #97c9a2ff
+# %% ../nbs/05_stripe_webhooks.ipynb #082f8a3e
 def _tenant_exists(conn, tenant_id) -> bool:
     if not isinstance(tenant_id, str) or not tenant_id: return False
     return conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id)).first() is not None
@@ -141,7 +141,7 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
     if t := _known_tenant(conn, sub_id, cust_id): return t
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #1cfb0376
+# %% ../nbs/05_stripe_webhooks.ipynb #62893f3d
 def _insert(conn, table):
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
@@ -174,7 +174,7 @@ def _plan_for_price(conn, price_id):
     return conn.execute(sa.select(p.id, p.name).where(sa.or_(p.stripe_price_monthly == price_id, p.stripe_price_yearly == price_id))
                         .order_by(p.is_active.desc())).first()
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f1227067
+# %% ../nbs/05_stripe_webhooks.ipynb #a4c54392
 @dataclass
 class Outcome:
     "What applying one event did: the inbox `status`, the tenant, and whether it was a repeat delivery."
@@ -214,7 +214,7 @@ def on_subscription(host_db, conn, event) -> Outcome:
     store_subscription(host_db, conn, row, sub, _clock(event), dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #f9ba46c6
+# %% ../nbs/05_stripe_webhooks.ipynb #c2fc016d
 _SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
                    'checkout.session.async_payment_succeeded': 'active',
                    'checkout.session.async_payment_failed': 'payment_failed'}
@@ -247,7 +247,7 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
                        payment_status=s.get('payment_status'), previous_status=row.status))
     return Outcome('processed', row.tenant_id)
 
-# %% ../nbs/05_stripe_webhooks.ipynb #58fd16af
+# %% ../nbs/05_stripe_webhooks.ipynb #14453963
 def on_invoice(host_db, conn, event) -> Outcome:
     "invoice.paid / invoice.payment_succeeded / invoice.payment_failed: an audit row for the tenant."
     inv = event['data']['object']
@@ -281,7 +281,7 @@ EVENT_HANDLERS = {
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
     'customer.updated': on_customer}
 
-# %% ../nbs/05_stripe_webhooks.ipynb #d5c82102
+# %% ../nbs/05_stripe_webhooks.ipynb #1af8684a
 _SECRETISH = re.compile(r'\b(sk|rk|pk|whsec)_[A-Za-z0-9_]+|://[^/\s:@]+:[^@\s]+@')
 
 def scrub(message: str, limit: int = 500) -> str:
@@ -328,12 +328,25 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
         _record_failure(host_db, event, payload, e)
         raise
 
-# %% ../nbs/05_stripe_webhooks.ipynb #45a9f374
+# %% ../nbs/05_stripe_webhooks.ipynb #bcc83613
+MAX_BODY = 1 << 20
+"Largest accepted delivery, in bytes (Stripe events are a few kB; the body is read before the signature can be checked)."
+
+async def _read_body(request, limit: int) -> bytes | None:
+    "The request body, or None as soon as it exceeds `limit` bytes."
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit: return None
+        chunks.append(chunk)
+    return b''.join(chunks)
+
 def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
     async def stripe_webhook(request):
-        payload = await request.body()
+        if (payload := await _read_body(request, MAX_BODY)) is None:
+            return JSONResponse({'error': f'body larger than {MAX_BODY} bytes'}, status_code=413)
         try: event = verify_event(payload, request.headers.get('stripe-signature'), secrets, tolerance)
         except WebhookRejected as e: return JSONResponse({'error': str(e)}, status_code=400)
         try: out = await run_in_threadpool(apply_event, host_db, event, payload.decode('utf-8'))
@@ -355,7 +368,7 @@ def add_stripe_webhook(app, host_db: HostDatabase, secrets=None, path: str = '/s
     app.router.routes.insert(0, route)
     return route
 
-# %% ../nbs/05_stripe_webhooks.ipynb #73339319
+# %% ../nbs/05_stripe_webhooks.ipynb #f927b2ed
 def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
     try:
         out = apply_event(host_db, event, payload)
