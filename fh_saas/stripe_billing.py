@@ -10,7 +10,7 @@ __all__ = ['LIVE_STATUSES', 'COMPARED', 'stripe_client', 'stripe_client_from_env
            'create_subscription_checkout', 'create_payment_checkout', 'create_portal_session', 'change_plan',
            'cancel_subscription', 'sync_plans', 'Drift', 'reconcile']
 
-# %% ../nbs/06_stripe_billing.ipynb #a6fd37cf
+# %% ../nbs/06_stripe_billing.ipynb #e90aac96
 import hashlib, json, os, time
 from dataclasses import dataclass
 
@@ -19,10 +19,10 @@ import stripe
 
 from .db_host import HostDatabase, PricingPlan, gen_id, subscriptions_t
 from .audit import current_audit_context
-from .stripe_webhooks import (STRIPE_API_VERSION, customers_t, link_customer, locked_subscription, subscription_row,
+from .stripe_webhooks import (STRIPE_API_VERSION, customers_t, is_newer, link_customer, locked_subscription, subscription_row,
                                      resolve_tenant, subscription_values, store_subscription)
 
-# %% ../nbs/06_stripe_billing.ipynb #a3aac928
+# %% ../nbs/06_stripe_billing.ipynb #54246c7e
 def stripe_client(api_key: str, **kwargs) -> stripe.StripeClient:
     "A `StripeClient` pinned to `STRIPE_API_VERSION`, retrying network errors twice (with the same idempotency key)."
     return stripe.StripeClient(api_key, stripe_version=STRIPE_API_VERSION, **{'max_network_retries': 2, **kwargs})
@@ -42,7 +42,7 @@ def request_scope() -> str:
     "The request id bound by `audit_context`, else a fresh one: keys that include it are shared by retries of one request only."
     return current_audit_context().request_id or gen_id()
 
-# %% ../nbs/06_stripe_billing.ipynb #aacc8fc8
+# %% ../nbs/06_stripe_billing.ipynb #eba49a7a
 def tenant_customer(host_db: HostDatabase, tenant_id: str) -> str | None:
     "The stored Stripe customer id of `tenant_id`, if it has one."
     rows = host_db.db.execute(sa.select(customers_t.c.stripe_cust_id).where(customers_t.c.tenant_id == tenant_id))
@@ -57,7 +57,7 @@ def ensure_customer(client: stripe.StripeClient, host_db: HostDatabase, tenant_i
     with host_db.transaction() as conn: link_customer(conn, tenant_id, created.id)
     return tenant_customer(host_db, tenant_id)
 
-# %% ../nbs/06_stripe_billing.ipynb #8af07efc
+# %% ../nbs/06_stripe_billing.ipynb #03b0525a
 LIVE_STATUSES = ('trialing', 'active', 'past_due', 'unpaid', 'pending_payment', 'paused')
 
 def plan_price(plan: PricingPlan, interval: str = 'month') -> str:
@@ -76,7 +76,7 @@ def subscription_checkout_params(plan: PricingPlan, tenant_id: str, customer: st
                 line_items=[{'price': plan_price(plan, interval), 'quantity': 1}], success_url=success_url, cancel_url=cancel_url,
                 subscription_data={'metadata': meta, **({'trial_period_days': trial} if trial else {})})
 
-# %% ../nbs/06_stripe_billing.ipynb #a4b70275
+# %% ../nbs/06_stripe_billing.ipynb #6958eb93
 def live_subscription(host_db: HostDatabase, tenant_id: str) -> dict | None:
     "The tenant's newest live recurring subscription row (as a dict), if any."
     c = subscriptions_t.c
@@ -113,7 +113,7 @@ def create_portal_session(client: stripe.StripeClient, host_db: HostDatabase, te
     params = dict(customer=customer, return_url=return_url)
     return client.v1.billing_portal.sessions.create(params=params, options={'idempotency_key': idempotency_key('portal', request_scope(), params)})
 
-# %% ../nbs/06_stripe_billing.ipynb #ba2d4e6a
+# %% ../nbs/06_stripe_billing.ipynb #263b1687
 def _live_sub_id(host_db, tenant_id) -> str:
     if not (live := live_subscription(host_db, tenant_id)): raise LookupError(f"tenant {tenant_id!r} has no live subscription")
     return live['stripe_sub_id']
@@ -140,7 +140,7 @@ def cancel_subscription(client: stripe.StripeClient, host_db: HostDatabase, tena
                                               options={'idempotency_key': idempotency_key('cancel_at_period_end', request_scope(), sub_id)})
     return client.v1.subscriptions.cancel(sub_id, options={'idempotency_key': idempotency_key('cancel_now', request_scope(), sub_id)})
 
-# %% ../nbs/06_stripe_billing.ipynb #fe3e4704
+# %% ../nbs/06_stripe_billing.ipynb #485088ee
 def sync_plans(client: stripe.StripeClient, host_db: HostDatabase) -> list[str]:
     "Create Stripe products/prices for active plans missing them; returns what was done."
     done = []
@@ -160,7 +160,7 @@ def sync_plans(client: stripe.StripeClient, host_db: HostDatabase) -> list[str]:
         host_db.pricing_plans.update(dict(id=plan.id, **prices))
     return done
 
-# %% ../nbs/06_stripe_billing.ipynb #695b418e
+# %% ../nbs/06_stripe_billing.ipynb #f005ae21
 @dataclass
 class Drift:
     "One difference between Stripe and `core_subscriptions`."
@@ -177,7 +177,7 @@ def _drifts(conn, sub: dict, row) -> list[Drift]:
 
 def reconcile(client: stripe.StripeClient, host_db: HostDatabase, fix: bool = False) -> list[Drift]:
     "Every difference between Stripe's subscriptions and ours; with `fix`, make ours match Stripe."
-    started = int(time.time())
+    snapshot = dict(created=int(time.time()) - 1, id='reconcile')   # ordered like an event from just before the listing
     seen, drifts = set(), []
     for obj in client.v1.subscriptions.list(params=dict(status='all', limit=100)).auto_paging_iter():
         sub = obj.to_dict()
@@ -185,10 +185,11 @@ def reconcile(client: stripe.StripeClient, host_db: HostDatabase, fix: bool = Fa
         with host_db.transaction() as conn:
             found = _drifts(conn, sub, locked_subscription(conn, sub['id']))
             drifts += found
-            if not (fix and found) or found[0].tenant_id is None: continue
+            if not (fix and found and found[0].tenant_id is not None): continue
             row = subscription_row(conn, sub['id'], found[0].tenant_id)
-            store_subscription(host_db, conn, row, sub, dict(last_event_created=started - 1, last_event_id='reconcile'),
-                               dict(source='reconcile', fields=[d.field for d in found]))
+            if is_newer(snapshot, sub.get('status'), row):
+                store_subscription(host_db, conn, row, sub, dict(last_event_created=snapshot['created'], last_event_id='reconcile'),
+                                   dict(source='reconcile', fields=[d.field for d in found]))
     c = subscriptions_t.c
     ours = host_db.db.execute(sa.select(c.stripe_sub_id, c.tenant_id, c.status).where(
         c.payment_type == 'subscription', c.status.notin_(('canceled', 'incomplete_expired'))))

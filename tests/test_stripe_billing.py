@@ -182,3 +182,14 @@ def test_reconcile_reports_missing_rows(pg_host, fake):
     assert sorted((d.stripe_sub_id, d.field) for d in drift) == [("sub_gone", "missing_in_stripe"), ("sub_remote", "missing_locally")]
     assert pg_host.subscriptions(where="stripe_sub_id = 'sub_remote'")[0].status == "active"
     assert [d.field for d in sb.reconcile(fake.client, pg_host)] == ["missing_in_stripe"]
+
+
+def test_reconcile_never_overwrites_a_newer_event(pg_host, fake):
+    "An event applied after the listing began is newer than the listing: the drift is reported, our row kept."
+    fake.add_subscription("sub_1", "price_x", "acme", status="active")
+    newer = int(time.time()) + 5
+    body = event("customer.subscription.updated", subscription("sub_1", "past_due", newer, "acme", price="price_x", amount=1000), newer)
+    sw.apply_event(pg_host, json.loads(body), body)
+    drift = sb.reconcile(fake.client, pg_host, fix=True)
+    assert [(d.field, d.ours, d.stripe) for d in drift if d.field == "status"] == [("status", "past_due", "active")]
+    assert pg_host.subscriptions()[0].status == "past_due" and pg_host.subscriptions()[0].last_event_created == newer
