@@ -367,3 +367,23 @@ def test_storm_2000_events_8_clients(pg_host):
     applied = pg_host.q("""SELECT w.object_id, w.event_created FROM core_stripe_webhook_events w
                            WHERE w.status = 'processed' AND w.event_type LIKE 'customer.subscription.%'""")
     assert len(applied) == len({(a["object_id"], a["event_created"]) for a in applied})
+
+
+def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, monkeypatch):
+    """The Checkout completion holds its locks for a while; the subscription's creation arrives meanwhile. Both take
+    the subscription row and the customer mapping: in different orders they would deadlock (one 500)."""
+    host_db, post = pg_endpoint
+    real = sw.link_customer
+    def slow_link(*args):
+        real(*args)
+        time.sleep(0.4)
+    monkeypatch.setattr(sw, "link_customer", slow_link)
+    session = dict(id="cs_1", object="checkout.session", mode="subscription", subscription="sub_1", customer="cus_1",
+                   client_reference_id="acme", payment_status="paid")
+    checkout = event("checkout.session.completed", session, T0)
+    created = event("customer.subscription.created", subscription("sub_1", "trialing", T0, "acme"), T0)
+    res = parallel(lambda: post(checkout), lambda: (time.sleep(0.15), post(created))[1])
+    assert [r.status_code for r in res] == [200, 200]
+    assert {(e.event_type, e.status, e.attempts) for e in host_db.webhook_events()} == {
+        ("checkout.session.completed", "processed", 1), ("customer.subscription.created", "processed", 1)}
+    assert [(s.stripe_cust_id, s.status) for s in host_db.subscriptions()] == [("cus_1", "trialing")]
