@@ -10,7 +10,7 @@ __all__ = ['MIN_PASSWORD', 'MAX_PASSWORD', 'default_hasher', 'WeakPassword', 'ch
            'login', 'change_password', 'request_password_reset', 'reset_password', 'send_email_verification',
            'verify_email']
 
-# %% ../nbs/03e_passwords.ipynb #d085547a
+# %% ../nbs/03e_passwords.ipynb #e8a70a0d
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -22,11 +22,11 @@ from argon2.exceptions import VerificationError, InvalidHashError
 from .db_host import HostDatabase, GlobalUser, users_t, memberships_t, tenants_t, timestamp
 from .audit import audit
 from .tokens import hash_token, issue_token, consume_token, utcnow
-from .rate_limits import RateLimit, hit, hits_so_far, reset_bucket
+from .rate_limits import RateLimit, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer
 
-# %% ../nbs/03e_passwords.ipynb #54097084
+# %% ../nbs/03e_passwords.ipynb #fe37248e
 MIN_PASSWORD, MAX_PASSWORD = 8, 1024
 default_hasher = PasswordHasher()
 
@@ -57,7 +57,7 @@ def _dummy_hash(hasher: PasswordHasher) -> str:
     if key not in _dummies: _dummies[key] = hasher.hash('fh_saas-no-such-user')
     return _dummies[key]
 
-# %% ../nbs/03e_passwords.ipynb #4392a4a4
+# %% ../nbs/03e_passwords.ipynb #da55b90b
 @dataclass(frozen=True)
 class LoginThrottle:
     "Failed logins allowed per account and per IP address in each window."
@@ -86,27 +86,27 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
     "The active user with this email and password, else `LoginFailed`/`LoginThrottled`; every outcome audited."
     email, now = (email or '').strip().lower(), now or utcnow()
     where = dict(ip_address=ip_address, user_agent=user_agent)
-    for bucket, rule in _buckets(email, ip_address, throttle):
-        if hits_so_far(host_db, bucket, rule, now) >= rule.limit:
-            s = int(now.timestamp())
-            with host_db.transaction(): audit(host_db, 'auth.login_failed', details=dict(email=email, reason='throttled'), **where)
-            raise LoginThrottled(rule.window - s % rule.window)
+    buckets = list(_buckets(email, ip_address, throttle))
+    decisions = [hit(host_db, bucket, rule, now) for bucket, rule in buckets]
+    if blocked := [d for d in decisions if not d.allowed]:
+        with host_db.transaction(): audit(host_db, 'auth.login_failed', details=dict(email=email, reason='throttled'), **where)
+        raise LoginThrottled(max(d.retry_after for d in blocked))
     with host_db.transaction() as conn: row = _user_by_email(conn, email)
     ok, new_hash = verify_password(row['password_hash'] if row else None, password, hasher)
     if not (ok and row['is_active']):
         with host_db.transaction():
-            for bucket, rule in _buckets(email, ip_address, throttle): hit(host_db, bucket, rule, now)
             audit(host_db, 'auth.login_failed', target_id=row and row['id'],
                   details=dict(email=email, reason='inactive' if ok else 'bad_credentials'), **where)
         raise LoginFailed("wrong email or password")
     with host_db.transaction() as conn:
         values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
         conn.execute(users_t.update().where(users_t.c.id == row['id']).values(**values))
-        reset_bucket(host_db, next(_buckets(email, None, throttle))[0])
+        reset_bucket(host_db, buckets[0][0])
+        for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now)
         audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
     return host_db.global_users[row['id']]
 
-# %% ../nbs/03e_passwords.ipynb #cf8c7f75
+# %% ../nbs/03e_passwords.ipynb #d28334a6
 def default_tenant(host_db: HostDatabase, user_id: str) -> str | None:
     "The active tenant `user_id` joined first through an active membership, if any."
     m, t = memberships_t.c, tenants_t.c
@@ -123,7 +123,7 @@ def login(sessions: SessionManager, email: str, password: str, ip_address: str |
     cookie = sessions.create(user.id, default_tenant(sessions.host_db, user.id), ip_address, user_agent)
     return user, cookie
 
-# %% ../nbs/03e_passwords.ipynb #99e67f92
+# %% ../nbs/03e_passwords.ipynb #69d584de
 def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now):
     conn.execute(users_t.update().where(users_t.c.id == user_id)
                  .values(password_hash=hash_password(password, hasher), password_changed_at=timestamp(now)))
@@ -161,7 +161,7 @@ def reset_password(sessions: SessionManager, token: str, new: str, hasher: Passw
         audit(db, 'auth.password_reset', target_id=user_id, actor_user_id=user_id)
     return user_id
 
-# %% ../nbs/03e_passwords.ipynb #68184a9e
+# %% ../nbs/03e_passwords.ipynb #1cd44d2a
 def send_email_verification(host_db: HostDatabase, user_id: str, mailer: Mailer, link: Callable[[str], str],
                             ttl: timedelta = timedelta(days=2), now=None):
     "Email `user_id` a link proving they control their address."
