@@ -69,7 +69,9 @@ def _credential(w, ev):
     u, t, cred = ev['user'], ev['tenant'], ev['cred']
     if cred.startswith('session'):
         cookie = w.sessions.create(u, t)
-        if cred == 'session_tampered': cookie = cookie[:-3] + ('AAA' if not cookie.endswith('AAA') else 'BBB')
+        if cred == 'session_tampered':  # a middle character: the signature's last one carries padding bits
+            sid, sig = cookie.rsplit('.', 1)
+            cookie = f"{sid}.{sig[:10]}{'A' if sig[10] != 'A' else 'B'}{sig[11:]}"
         if cred == 'session_resigned':  # a genuine session id under a signature made with another key
             from itsdangerous import Signer
             cookie = Signer('attacker-key-' + 'z' * 40, salt='fh_saas.session').sign(cookie.rsplit('.', 1)[0]).decode()
