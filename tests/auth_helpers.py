@@ -1,5 +1,5 @@
 "A small but real multi-tenant FastHTML app for the auth tests: host DB, per-tenant SQLite databases, routes."
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest

@@ -1,11 +1,10 @@
 "The beforeware through a real FastHTML app: every refusal, on the very next request, for browsers, htmx and API clients.\n\nSQLite host: resolution is backend-neutral; the concurrency tests run on PostgreSQL."
-import json
 
 import pytest
 
 from fh_saas.api_keys import create_api_key, revoke_api_key
 from fh_saas.memberships import remove_member
-from auth_helpers import make_world, sqlite_host_db
+from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
 
 
 @pytest.fixture

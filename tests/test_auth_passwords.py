@@ -1,7 +1,6 @@
 "Login, throttling (across processes), rehashing, constant-time misses, reset and verification tokens."
-import smtplib, socket, subprocess, sys, textwrap, threading
+import socket, subprocess, sys, textwrap, threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from argon2 import PasswordHasher
 from fh_saas.db_host import GlobalUser
 from fh_saas.mail import MemoryOutbox, SMTPMailer
 from fh_saas.passwords import (authenticate, hash_password, request_password_reset, reset_password, LoginFailed,
-                               LoginThrottled, LoginThrottle, send_email_verification, verify_email, WeakPassword)
+                               LoginThrottle, send_email_verification, verify_email, WeakPassword)
 from fh_saas.rate_limits import RateLimit
 from fh_saas.sessions import SessionManager
 from fh_saas.tokens import InvalidToken

@@ -1,8 +1,7 @@
 "Sessions through a real FastHTML app: cookie flags, server-side logout and revocation, idle and absolute timeouts."
 import pytest
 
-from fh_saas.sessions import sessions_t
-from auth_helpers import make_world, sqlite_host_db
+from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
