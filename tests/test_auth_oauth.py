@@ -84,3 +84,24 @@ def test_callback_without_a_started_login_is_refused(world):
     r = world.client().get('/auth/oauth/mock/callback?code=abc&state=xyz')
     assert r.headers['location'] == '/login?error=provider_refused'
     assert world.client().get('/auth/oauth/nope/login').headers['location'] == '/login?error=unknown_provider'
+
+
+@pytest.mark.postgres
+def test_concurrent_first_sign_ins_make_one_user_and_one_identity(pg_url):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from fh_saas.db_host import HostDatabase
+    from fh_saas.oauth import ExternalIdentity, link_or_create_user
+    db = HostDatabase(pg_url)
+    try:
+        barrier, ident = threading.Barrier(6), ExternalIdentity('google', 'g-77', 'new@example.com', True, 'New')
+        def sign_in(_):
+            barrier.wait()
+            return link_or_create_user(db, ident).id
+        with ThreadPoolExecutor(6) as ex: ids = set(ex.map(sign_in, range(6)))
+        assert len(ids) == 1
+        assert db.q("select count(*) n from core_users")[0]['n'] == 1
+        assert db.q("select count(*) n from auth_oauth_identities")[0]['n'] == 1
+        assert db.q("select count(*) n from sys_audit_logs where event_type = 'auth.user_created'")[0]['n'] == 1
+    finally:
+        db.close(); HostDatabase.reset_instance()
