@@ -1,0 +1,97 @@
+"Memberships under concurrency: a tenant always keeps an owner; an invitation is used once."
+import threading, time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from fh_saas.db_host import GlobalUser, TenantCatalog
+from fh_saas.mail import MemoryOutbox
+from fh_saas.memberships import (add_member, change_role, remove_member, transfer_ownership, invite, accept_invitation,
+                                 decline_invitation, LastOwner, MembershipError, Roles)
+from fh_saas.tokens import InvalidToken
+
+
+def _race(*calls):
+    "Run the calls at the same instant on their own threads; each result or the exception it raised."
+    barrier = threading.Barrier(len(calls))
+    def run(f):
+        barrier.wait()
+        try: return f()
+        except Exception as e: return e
+    with ThreadPoolExecutor(len(calls)) as ex: return list(ex.map(run, calls))
+
+
+def _owners(db, t): return db.q("select count(*) n from core_memberships where tenant_id = :t and role = 'owner' and is_active", t=t)[0]['n']
+
+
+@pytest.fixture
+def slow_owner_count(host_db):
+    "Widen the race window: every owner count takes 150 ms longer to come back from the database."
+    def slow(conn, cursor, statement, *args):
+        if 'count(*)' in statement and 'core_memberships.role' in statement: time.sleep(0.15)
+    sa.event.listen(host_db.engine, 'after_cursor_execute', slow)
+    yield
+    sa.event.remove(host_db.engine, 'after_cursor_execute', slow)
+
+
+@pytest.fixture
+def people(host_db):
+    for u in ('ann', 'bob', 'cy'): host_db.global_users.insert(GlobalUser(id=u, email=f'{u}@example.com'))
+    return host_db
+
+
+@pytest.mark.parametrize('round', range(3))
+def test_two_owners_demoting_each_other_keep_one_owner(people, slow_owner_count, round):
+    db, t = people, f'tenant{round}'
+    db.tenants.insert(TenantCatalog(id=t, name=t))
+    add_member(db, t, 'ann', 'owner'); add_member(db, t, 'bob', 'owner')
+    results = _race(lambda: change_role(db, t, 'ann', 'admin'), lambda: change_role(db, t, 'bob', 'member'))
+    assert sorted(type(r).__name__ for r in results) == ['LastOwner', 'NoneType']
+    assert _owners(db, t) == 1
+
+
+def test_concurrent_remove_and_demote_keep_one_owner(people, slow_owner_count):
+    db = people
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner'); add_member(db, 'acme', 'bob', 'owner'); add_member(db, 'acme', 'cy')
+    results = _race(lambda: remove_member(db, 'acme', 'ann'), lambda: remove_member(db, 'acme', 'bob'),
+                    lambda: transfer_ownership(db, 'acme', 'ann', 'cy'))
+    assert _owners(db, 'acme') >= 1
+    assert all(r is None or isinstance(r, MembershipError) for r in results)
+    audited = db.q("select count(*) n from sys_audit_logs where event_type in ('membership.removed', 'membership.ownership_transferred')")[0]['n']
+    assert audited == sum(r is None for r in results)
+
+
+def test_invitation_accepted_once_under_concurrency(people):
+    db, outbox = people, MemoryOutbox()
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner')
+    invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
+    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    results = _race(*[lambda: accept_invitation(db, token, 'bob')] * 4, lambda: decline_invitation(db, token))
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert all(isinstance(r, InvalidToken) for r in results if isinstance(r, Exception))
+    assert db.q("select count(*) n from sys_audit_logs where event_type in ('invitation.accepted', 'invitation.declined')")[0]['n'] == 1
+
+
+def test_invitation_expiry_and_wrong_recipient(people):
+    from datetime import datetime, timedelta, timezone
+    db, outbox, t0 = people, MemoryOutbox(), datetime(2026, 1, 1, tzinfo=timezone.utc)
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    invite(db, 'acme', 'BOB@example.com', 'viewer', 'ann', outbox, lambda t: t, ttl=timedelta(days=1), now=t0)
+    token = outbox.last_to('BOB@example.com').get_content().split('\n')[1]
+    with pytest.raises(InvalidToken): accept_invitation(db, token, 'cy', now=t0)
+    with pytest.raises(InvalidToken): accept_invitation(db, token, 'bob', now=t0 + timedelta(days=2))
+    assert accept_invitation(db, token, 'bob', now=t0 + timedelta(hours=1)).role == 'viewer'
+
+
+def test_removed_member_can_be_reinvited_and_custom_roles(people):
+    db, roles = people, Roles(('guest', 'editor', 'boss'))
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'boss', roles=roles); add_member(db, 'acme', 'bob', 'editor', roles=roles)
+    with pytest.raises(ValueError, match='unknown role'): change_role(db, 'acme', 'bob', 'owner', roles=roles)
+    with pytest.raises(LastOwner): change_role(db, 'acme', 'ann', 'guest', roles=roles)
+    remove_member(db, 'acme', 'bob', roles=roles)
+    assert add_member(db, 'acme', 'bob', 'guest', roles=roles).is_active
+    assert db.q("select count(*) n from core_memberships where user_id = 'bob'")[0]['n'] == 1

@@ -1,0 +1,107 @@
+"OpenID Connect end to end: a real FastHTML app, authlib's Starlette client and a local OIDC provider, redirects followed by hand."
+from urllib.parse import urlsplit, parse_qs, urlencode
+
+import httpx
+import pytest
+from oidc_provider_mock import run_server_in_thread, User
+
+from fh_saas.oauth import add_oauth_routes, oidc_provider
+from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
+
+# the provider mock itself uses authlib APIs that warn about their own deprecation
+pytestmark = pytest.mark.filterwarnings('ignore:get_jwt_config:DeprecationWarning', 'ignore:authlib.jose:DeprecationWarning')
+
+USERS = [User(sub='alice-sub', claims=dict(email='alice@example.com', email_verified=True, name='Alice')),
+         User(sub='mallory-sub', claims=dict(email='ann@example.com', email_verified=False)),
+         User(sub='ann-sub', claims=dict(email='ANN@example.com', email_verified=True))]
+
+
+@pytest.fixture(scope='module')
+def provider():
+    with run_server_in_thread(user_claims=USERS) as server:
+        yield f'http://localhost:{server.server_port}'
+
+
+@pytest.fixture
+def world(sqlite_host_db, tmp_path, provider):
+    w = make_world(sqlite_host_db, tmp_path)
+    w.user('ann'); w.tenant('acme'); w.member('ann', 'acme', 'owner')
+    add_oauth_routes(w.app, w.sessions, [oidc_provider('mock', 'client-1', 'secret-1', provider)], after_login='/notes')
+    yield w
+    w.tenant_dbs.close()
+
+
+def sign_in(c, sub, tamper_state=False):
+    "Start at the app, consent at the provider as `sub`, come back to the callback: the app's final response."
+    start = c.get('/auth/oauth/mock/login')
+    assert start.status_code == 302
+    authorize = start.headers['location']
+    assert authorize.startswith('http://localhost') and 'nonce=' in authorize and 'state=' in authorize
+    consent = httpx.post(authorize, data=dict(sub=sub), follow_redirects=False)
+    assert consent.status_code == 302, consent.text
+    back = urlsplit(consent.headers['location'])
+    assert back.path == '/auth/oauth/mock/callback'
+    query = parse_qs(back.query)
+    if tamper_state: query['state'] = ['forged' + query['state'][0][6:]]
+    return c.get(f'{back.path}?{urlencode({k: v[0] for k, v in query.items()})}')
+
+
+def test_new_user_is_created_and_logged_in(world):
+    c = world.client()
+    r = sign_in(c, 'alice-sub')
+    assert (r.status_code, r.headers['location']) == (303, '/notes')
+    alice = world.host_db.global_users(where="email = 'alice@example.com'")[0]
+    assert alice.name == 'Alice' and alice.email_verified_at
+    assert c.get('/tenants').text == f'choose a tenant, {alice.id}'
+    assert [e.event_type for e in world.host_db.audit_logs(order_by='created_at')][-3:] == ['auth.user_created', 'auth.oauth_linked', 'auth.login']
+    assert sign_in(world.client(), 'alice-sub').status_code == 303
+    assert world.host_db.global_users.count == 2
+
+
+def test_verified_email_links_to_existing_user(world):
+    c = world.client()
+    assert sign_in(c, 'ann-sub').status_code == 303
+    assert c.get('/notes').json()['user'] == 'ann'
+    assert world.host_db.q("select user_id from auth_oauth_identities")[0]['user_id'] == 'ann'
+
+
+def test_unverified_email_never_links(world):
+    c = world.client()
+    r = sign_in(c, 'mallory-sub')
+    assert (r.status_code, r.headers['location']) == (303, '/login?error=email_not_verified')
+    assert world.host_db.q("select count(*) n from auth_oauth_identities")[0]['n'] == 0
+    assert c.get('/notes').status_code == 303 and c.get('/notes').headers['location'].startswith('/login')
+
+
+def test_forged_state_is_refused(world):
+    c = world.client()
+    r = sign_in(c, 'alice-sub', tamper_state=True)
+    assert (r.status_code, r.headers['location']) == (303, '/login?error=provider_refused')
+    assert world.host_db.global_users.count == 1
+
+
+def test_callback_without_a_started_login_is_refused(world):
+    r = world.client().get('/auth/oauth/mock/callback?code=abc&state=xyz')
+    assert r.headers['location'] == '/login?error=provider_refused'
+    assert world.client().get('/auth/oauth/nope/login').headers['location'] == '/login?error=unknown_provider'
+
+
+@pytest.mark.postgres
+def test_concurrent_first_sign_ins_make_one_user_and_one_identity(pg_url):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from fh_saas.db_host import HostDatabase
+    from fh_saas.oauth import ExternalIdentity, link_or_create_user
+    db = HostDatabase(pg_url)
+    try:
+        barrier, ident = threading.Barrier(6), ExternalIdentity('google', 'g-77', 'new@example.com', True, 'New')
+        def sign_in(_):
+            barrier.wait()
+            return link_or_create_user(db, ident).id
+        with ThreadPoolExecutor(6) as ex: ids = set(ex.map(sign_in, range(6)))
+        assert len(ids) == 1
+        assert db.q("select count(*) n from core_users")[0]['n'] == 1
+        assert db.q("select count(*) n from auth_oauth_identities")[0]['n'] == 1
+        assert db.q("select count(*) n from sys_audit_logs where event_type = 'auth.user_created'")[0]['n'] == 1
+    finally:
+        db.close(); HostDatabase.reset_instance()

@@ -1,0 +1,186 @@
+"Login, throttling (across processes), rehashing, constant-time misses, reset and verification tokens."
+import socket, subprocess, sys, textwrap, threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+
+from fh_saas.db_host import GlobalUser
+from fh_saas.mail import MemoryOutbox, SMTPMailer
+from fh_saas.passwords import (authenticate, hash_password, request_password_reset, reset_password, LoginFailed,
+                               LoginThrottle, send_email_verification, verify_email, WeakPassword)
+from fh_saas.rate_limits import RateLimit
+from fh_saas.sessions import SessionManager
+from fh_saas.tokens import InvalidToken
+from auth_helpers import make_world, sqlite_host_db, FAST, SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def world(sqlite_host_db, tmp_path):
+    w = make_world(sqlite_host_db, tmp_path, throttle=LoginThrottle(RateLimit(3, 900), RateLimit(5, 900)))
+    w.user('ann'); w.user('bob'); w.tenant('acme'); w.member('ann', 'acme')
+    yield w
+    w.tenant_dbs.close()
+
+
+def _login(c, who, pw): return c.post('/login', data=dict(email=f'{who}@example.com', password=pw))
+
+
+def test_unknown_email_and_wrong_password_look_the_same_and_are_audited(world):
+    c = world.client()
+    a, b = _login(c, 'ann', 'wrong password'), _login(c, 'nobody', 'wrong password')
+    assert (a.status_code, a.text) == (b.status_code, b.text) == (401, 'wrong email or password')
+    rows = world.host_db.audit_logs(where="event_type = 'auth.login_failed'", order_by='created_at')
+    assert [(r.target_id, r.ip_address) for r in rows] == [('ann', 'testclient'), (None, 'testclient')]
+    assert 'wrong password' not in str([r.details for r in rows])
+
+
+class CountingHasher(PasswordHasher):
+    "A real argon2 hasher that counts verifications."
+    def __init__(self, *a, **kw): super().__init__(*a, **kw); self.verifies = 0
+    def verify(self, h, pw): self.verifies += 1; return super().verify(h, pw)
+
+
+def test_unknown_user_still_costs_one_argon2_verification(world):
+    h = CountingHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    world.host_db.global_users.insert(GlobalUser(id='oauth-only', email='o@example.com'))
+    for email in ('nobody@example.com', 'o@example.com', 'ann@example.com'):
+        with pytest.raises(LoginFailed): authenticate(world.host_db, email, 'whatever123', hasher=h)
+    assert h.verifies == 3
+
+
+def test_account_throttle_blocks_even_the_right_password_then_resets(world):
+    c = world.client()
+    assert [_login(c, 'ann', f'bad{i}xxxx').status_code for i in range(3)] == [401] * 3
+    r = _login(c, 'ann', 'correct horse battery')
+    assert r.status_code == 429 and 0 < int(r.headers['retry-after']) <= 900
+    world.clock.advance(seconds=900)
+    assert _login(c, 'ann', 'correct horse battery').status_code == 303
+
+
+def test_ip_throttle_spans_accounts(world):
+    c = world.client()
+    codes = [_login(c, who, 'bad password').status_code for who in ('ann', 'bob', 'x1', 'x2', 'x3')]
+    assert codes == [401] * 5
+    assert _login(c, 'bob', 'correct horse battery').status_code == 429
+
+
+def test_rehash_when_parameters_change(world):
+    stronger = PasswordHasher(time_cost=2, memory_cost=8192, parallelism=1)
+    authenticate(world.host_db, 'ann@example.com', 'correct horse battery', hasher=stronger)
+    stored = world.host_db.global_users['ann'].password_hash
+    assert ',t=2,' in stored and not stronger.check_needs_rehash(stored)
+    authenticate(world.host_db, 'ann@example.com', 'correct horse battery', hasher=stronger)
+    assert world.host_db.global_users['ann'].password_hash == stored
+
+
+def test_reset_link_single_use_expiring_and_only_hash_stored(world):
+    outbox = MemoryOutbox()
+    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: f'https://x/reset?t={t}', now=world.clock())
+    token = outbox.last_to('ann@example.com').get_content().split('t=')[1].strip()
+    assert token not in str(world.host_db.q("select * from auth_one_time_tokens"))
+    with pytest.raises(WeakPassword): reset_password(world.sessions, token, 'short', FAST)
+    world.clock.advance(minutes=59)
+    assert reset_password(world.sessions, token, 'brand new password', FAST) == 'ann'
+    with pytest.raises(InvalidToken): reset_password(world.sessions, token, 'another password', FAST)
+    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: t, now=world.clock())
+    late = outbox.last_to('ann@example.com').get_content().split('\n')[1]
+    world.clock.advance(minutes=61)
+    with pytest.raises(InvalidToken): reset_password(world.sessions, late, 'another password', FAST)
+    events = [r.event_type for r in world.host_db.audit_logs(order_by='created_at')]
+    assert events.count('auth.password_reset') == 1 and events.count('auth.password_reset_requested') == 2
+
+
+def test_email_verification_single_use(world):
+    outbox = MemoryOutbox()
+    send_email_verification(world.host_db, 'bob', outbox, lambda t: t)
+    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    assert verify_email(world.host_db, token) == 'bob' and world.host_db.global_users['bob'].email_verified_at
+    with pytest.raises(InvalidToken): verify_email(world.host_db, token)
+
+
+@pytest.fixture
+def pg_host_db(pg_url):
+    from fh_saas.db_host import HostDatabase
+    db = HostDatabase(pg_url)
+    yield db
+    db.close(); HostDatabase.reset_instance()
+
+
+@pytest.mark.postgres
+def test_reset_token_used_once_under_concurrency(pg_host_db):
+    host_db = pg_host_db
+    host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password('old password', FAST)))
+    sessions, outbox = SessionManager(host_db, SECRET), MemoryOutbox()
+    request_password_reset(host_db, 'ann@example.com', outbox, lambda t: t)
+    token = outbox.last_to('ann@example.com').get_content().split('\n')[1]
+    barrier = threading.Barrier(8)
+    def attempt(i):
+        barrier.wait()
+        try: return reset_password(sessions, token, f'new password {i}', FAST)
+        except InvalidToken: return None
+    with ThreadPoolExecutor(8) as ex: results = list(ex.map(attempt, range(8)))
+    assert sum(r == 'ann' for r in results) == 1
+    assert host_db.q("select count(*) n from sys_audit_logs where event_type = 'auth.password_reset'")[0]['n'] == 1
+
+
+WORKER = textwrap.dedent('''
+    import sys
+    from argon2 import PasswordHasher
+    from fh_saas.db_host import HostDatabase
+    from fh_saas.passwords import authenticate, LoginThrottle, LoginThrottled, LoginFailed
+    from fh_saas.rate_limits import RateLimit
+    db = HostDatabase(sys.argv[1])
+    throttle, fast = LoginThrottle(RateLimit(7, 900), RateLimit(1000, 900)), PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    counted = 0
+    for _ in range(10):
+        try: authenticate(db, 'ann@example.com', 'wrong password', '192.0.2.1', throttle=throttle, hasher=fast)
+        except LoginThrottled: pass
+        except LoginFailed: counted += 1
+    print(counted)
+''')
+
+
+@pytest.mark.postgres
+def test_login_throttle_holds_across_worker_processes(pg_host_db, pg_url):
+    "Three processes guess 10 times each; exactly `per_account.limit` guesses get a password check in total."
+    pg_host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password('right password', FAST)))
+    procs = [subprocess.Popen([sys.executable, '-c', WORKER, pg_url], stdout=subprocess.PIPE, text=True,
+                              env={'PYTHONPATH': str(ROOT), 'PATH': '/usr/bin:/bin'}) for _ in range(3)]
+    counted = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert sum(counted) == 7, counted
+
+
+class _SMTPSink(threading.Thread):
+    "A minimal SMTP server (just enough of RFC 5321 for smtplib) that keeps the last message."
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(); self.sock.bind(('127.0.0.1', 0)); self.sock.listen(1)
+        self.port, self.data, self.rcpt = self.sock.getsockname()[1], None, []
+
+    def run(self):
+        conn, _ = self.sock.accept()
+        f = conn.makefile('rwb')
+        def reply(s): f.write(s.encode() + b'\r\n'); f.flush()
+        reply('220 sink')
+        while line := f.readline().decode().rstrip('\r\n'):
+            cmd = line[:4].upper()
+            if cmd in ('EHLO', 'HELO'): reply('250 sink')
+            elif cmd == 'RCPT': self.rcpt.append(line); reply('250 ok')
+            elif cmd == 'DATA':
+                reply('354 go'); lines = []
+                while (l := f.readline().decode()) not in ('.\r\n', ''): lines.append(l)
+                self.data = ''.join(lines); reply('250 queued')
+            elif cmd == 'QUIT': reply('221 bye'); break
+            else: reply('250 ok')
+        conn.close(); self.sock.close()
+
+
+def test_smtp_mailer_delivers():
+    sink = _SMTPSink(); sink.start()
+    SMTPMailer('127.0.0.1', sink.port, sender='app@example.com', starttls=False).send('ann@example.com', 'Hi', 'link: https://x/y')
+    sink.join(10)
+    assert 'ann@example.com' in sink.rcpt[0] and 'Subject: Hi' in sink.data and 'link: https://x/y' in sink.data

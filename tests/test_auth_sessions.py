@@ -1,0 +1,82 @@
+"Sessions through a real FastHTML app: cookie flags, server-side logout and revocation, idle and absolute timeouts."
+import pytest
+
+from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
+
+
+@pytest.fixture
+def world(sqlite_host_db, tmp_path):
+    w = make_world(sqlite_host_db, tmp_path)
+    w.user('ann'); w.tenant('acme'); w.member('ann', 'acme', 'owner')
+    yield w
+    w.tenant_dbs.close()
+
+
+def _set_cookie(r): return r.headers['set-cookie'].lower()
+
+
+def test_cookie_flags_http_and_https(world):
+    r = world.client().post('/login', data=dict(email='ann@example.com', password='correct horse battery'))
+    assert 'httponly' in _set_cookie(r) and 'samesite=lax' in _set_cookie(r) and 'secure' not in _set_cookie(r)
+    r = world.client(base_url='https://app.example').post('/login', data=dict(email='ann@example.com', password='correct horse battery'))
+    assert 'secure' in _set_cookie(r) and 'httponly' in _set_cookie(r)
+
+
+def test_only_a_hash_of_the_session_id_is_stored(world):
+    cookie = world.login_client('ann').cookies[world.sessions.cookie_name]
+    raw = cookie.rsplit('.', 1)[0]
+    stored = world.host_db.q("select id_hash from auth_sessions")
+    assert len(stored) == 1 and raw not in stored[0]['id_hash'] and len(stored[0]['id_hash']) == 64
+
+
+def test_logout_ends_the_session_server_side(world):
+    c = world.login_client('ann')
+    stolen = c.cookies[world.sessions.cookie_name]
+    assert c.post('/logout').headers['location'] == '/login'
+    r = world.client().get('/notes', headers={'Cookie': f'{world.sessions.cookie_name}={stolen}'})
+    assert r.headers['location'] == '/login?next=/notes'
+    assert [r.event_type for r in world.host_db.audit_logs(order_by='created_at')][-1] == 'auth.logout'
+
+
+def test_password_change_ends_other_sessions_and_keeps_this_one(world):
+    laptop, phone = world.login_client('ann'), world.login_client('ann')
+    assert laptop.post('/account/password', data=dict(old='correct horse battery', new='new horse battery')).text == 'changed'
+    assert laptop.get('/notes').status_code == 200
+    assert phone.get('/notes').status_code == 303
+    assert world.client().post('/login', data=dict(email='ann@example.com', password='correct horse battery')).status_code == 401
+    world.login_client('ann', 'new horse battery')
+
+
+def test_admin_revocation_is_immediate(world):
+    c = world.login_client('ann')
+    assert c.get('/notes').status_code == 200
+    assert world.sessions.revoke_user('ann') == 1
+    assert c.get('/notes').status_code == 303
+
+
+def test_idle_timeout(world):
+    c = world.login_client('ann')
+    for _ in range(5):
+        world.clock.advance(minutes=29)
+        assert c.get('/notes').status_code == 200
+    world.clock.advance(minutes=31)
+    assert c.get('/notes').headers['location'] == '/login?next=/notes'
+
+
+def test_absolute_timeout_despite_activity(world):
+    c = world.login_client('ann')
+    statuses = []
+    for _ in range(26):
+        world.clock.advance(minutes=20)
+        statuses.append(c.get('/notes').status_code)
+    assert statuses[:23] == [200] * 23 and set(statuses[23:]) == {303}
+
+
+def test_last_seen_written_at_most_once_a_minute(world):
+    c = world.login_client('ann')
+    seen = lambda: world.host_db.q("select last_seen_at from auth_sessions")[0]['last_seen_at']
+    first = seen()
+    world.clock.advance(seconds=30); c.get('/notes')
+    assert seen() == first
+    world.clock.advance(seconds=31); c.get('/notes')
+    assert seen() > first
