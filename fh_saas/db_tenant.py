@@ -12,7 +12,7 @@ __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB',
            'NoServerAvailable', 'store_for', 'provision_tenant', 'suspend_tenant', 'resume_tenant',
            'deprovision_tenant']
 
-# %% ../nbs/01_db_tenant.ipynb #20312dde
+# %% ../nbs/01_db_tenant.ipynb #74016f13
 import base64, hashlib, hmac, os, re, threading, weakref
 from pathlib import Path
 from typing import Callable
@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
 
-# %% ../nbs/01_db_tenant.ipynb #d008b472
+# %% ../nbs/01_db_tenant.ipynb #21800ae9
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
 
 class InvalidTenantId(ValueError):
@@ -40,7 +40,7 @@ def tenant_db_name(tenant_id: str) -> str:
     "The database (and login role) name of a tenant on PostgreSQL."
     return f"tenant_{check_tenant_id(tenant_id)}"
 
-# %% ../nbs/01_db_tenant.ipynb #c415b7a0
+# %% ../nbs/01_db_tenant.ipynb #d1d5ee13
 class TenantNotFound(LookupError):
     "No catalog row has this tenant id."
 
@@ -53,7 +53,7 @@ class TenantUnavailable(RuntimeError):
 class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
-# %% ../nbs/01_db_tenant.ipynb #ae6f429e
+# %% ../nbs/01_db_tenant.ipynb #d4c01b95
 def secret_key() -> bytes:
     "The master key from `FH_SAAS_SECRET_KEY` (at least 32 characters)."
     key = os.environ.get('FH_SAAS_SECRET_KEY', '')
@@ -71,7 +71,7 @@ def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-serv
 def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
 def decrypt_secret(token: str) -> str: return _fernet().decrypt(token.encode()).decode()
 
-# %% ../nbs/01_db_tenant.ipynb #d9e74f90
+# %% ../nbs/01_db_tenant.ipynb #4c559486
 _meta = sa.MetaData()
 tenants_t.to_metadata(_meta)
 db_servers_t = sa.Table('core_db_servers', _meta,
@@ -108,7 +108,7 @@ def server_admin_url(server: dict, database: str | None = None) -> URL:
     return URL.create('postgresql+psycopg2', server['admin_user'], decrypt_secret(server['admin_password_enc']),
                       server['host'], server['port'], database or server['admin_db'])
 
-# %% ../nbs/01_db_tenant.ipynb #06ff3b1a
+# %% ../nbs/01_db_tenant.ipynb #e71e2875
 def tenant_row(host_db, tenant_id: str, lock: bool = False) -> TenantCatalog:
     "The catalog row of `tenant_id` (validated first), or `TenantNotFound`; `lock` holds it until the transaction ends."
     q = sa.select(tenants_t).where(tenants_t.c.id == check_tenant_id(tenant_id))
@@ -135,7 +135,7 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-# %% ../nbs/01_db_tenant.ipynb #bdd159e0
+# %% ../nbs/01_db_tenant.ipynb #eb24870e
 routing_caches = weakref.WeakSet()
 
 def _changed(tenant_id: str):
@@ -154,7 +154,7 @@ def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = (), **v
     if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
     return row
 
-# %% ../nbs/01_db_tenant.ipynb #b88a628f
+# %% ../nbs/01_db_tenant.ipynb #dc64859a
 def _after_step(action: str, step: str):
     "Called after each provisioning/deprovisioning step; tests replace it to crash between steps."
 
@@ -191,10 +191,10 @@ class SqliteStore:
         for suffix in ('', '-wal', '-shm'): Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
         _after_step('deprovision', 'file')
 
-# %% ../nbs/01_db_tenant.ipynb #0c4e2b46
+# %% ../nbs/01_db_tenant.ipynb #ce41778e
 TEMPLATE_DB = 'fh_saas_tenant_template'
 _TEMPLATE_LOCK = 0x66685f74  # advisory lock id guarding the template ("fh_t")
-_OWN_CLONED_OBJECTS = """
+_OWN_CLONED_OBJECTS = sa.text("""
 DO $$
 DECLARE r record; owner text := current_setting('fh_saas.tenant_role');
 BEGIN
@@ -202,7 +202,7 @@ BEGIN
            WHERE n.nspname = 'public' AND (c.relkind IN ('r','p','v','m','f') OR (c.relkind = 'S' AND NOT EXISTS
                  (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a','i'))))
   LOOP EXECUTE format('ALTER TABLE %s OWNER TO %I', r.rel, owner); END LOOP;
-END $$"""
+END $$""")
 
 class PostgresStore:
     "Tenant databases on the PostgreSQL server `server` (a `core_db_servers` row)."
@@ -210,7 +210,9 @@ class PostgresStore:
     deprovision_steps = ('deleting', 'database', 'role', 'deleted')
     _prepared, _lock = set(), threading.Lock()
 
-    def __init__(self, server: dict): self.server = server
+    def __init__(self, server: dict):
+        secret_key()  # refuse before anything is created when the master key is missing
+        self.server = server
 
     def placement(self, tenant_id: str) -> dict:
         name = tenant_db_name(tenant_id)
@@ -271,7 +273,7 @@ class PostgresStore:
             try:
                 with own.connect() as conn:
                     conn.execute(sa.text("SELECT set_config('fh_saas.tenant_role', :r, false)"), dict(r=name))
-                    conn.exec_driver_sql(_OWN_CLONED_OBJECTS)
+                    conn.execute(_OWN_CLONED_OBJECTS)
             finally: own.dispose()
             _after_step('provision', 'grants')
             return version
@@ -288,7 +290,7 @@ class PostgresStore:
                 _after_step('deprovision', 'role')
         finally: eng.dispose()
 
-# %% ../nbs/01_db_tenant.ipynb #a48fcd2a
+# %% ../nbs/01_db_tenant.ipynb #f290a866
 class NoServerAvailable(RuntimeError):
     "Every registered database server is inactive or full."
 
@@ -308,7 +310,7 @@ def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
     return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
 
-# %% ../nbs/01_db_tenant.ipynb #3b825edc
+# %% ../nbs/01_db_tenant.ipynb #e3445b2a
 def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = None,
                      server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
@@ -333,7 +335,7 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     _after_step('provision', 'activate')
     return tenant_row(host_db, tenant_id)
 
-# %% ../nbs/01_db_tenant.ipynb #3b38611e
+# %% ../nbs/01_db_tenant.ipynb #782a5f5f
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing to an active tenant, keeping its data."
     return _set_status(host_db, check_tenant_id(tenant_id), 'suspended', only_from=('active',))
@@ -344,7 +346,7 @@ def resume_tenant(host_db, tenant_id: str) -> TenantCatalog:
 
 def deprovision_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing, drop the tenant's database and role, and keep its row as `deleted`; safe to repeat."
-    try: _set_status(host_db, tenant_id, 'deleting', only_from=('provisioning', 'active', 'suspended', 'deleting'))
+    try: _set_status(host_db, check_tenant_id(tenant_id), 'deleting', only_from=('provisioning', 'active', 'suspended', 'deleting'))
     except TenantUnavailable as e:
         if e.status == 'deleted': return tenant_row(host_db, tenant_id)
         raise
