@@ -8,11 +8,11 @@ Docs: https://fh-saas.github.io/fh_saas/db_tenant.html.md"""
 __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB', 'InvalidTenantId', 'check_tenant_id',
            'tenant_db_name', 'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'secret_key', 'role_password',
            'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url', 'tenant_row',
-           'tenant_url', 'catalog_entry', 'entry_url', 'tenant_dir', 'SqliteStore', 'PostgresStore',
-           'NoServerAvailable', 'store_for', 'provision_tenant', 'suspend_tenant', 'resume_tenant',
+           'tenant_url', 'catalog_entry', 'entry_url', 'tenant_dir', 'SqliteStore', 'template_strategy',
+           'PostgresStore', 'NoServerAvailable', 'store_for', 'provision_tenant', 'suspend_tenant', 'resume_tenant',
            'deprovision_tenant']
 
-# %% ../nbs/01_db_tenant.ipynb #74016f13
+# %% ../nbs/01_db_tenant.ipynb #bd73ac27
 import base64, hashlib, hmac, os, re, threading, weakref
 from pathlib import Path
 from typing import Callable
@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
 
-# %% ../nbs/01_db_tenant.ipynb #21800ae9
+# %% ../nbs/01_db_tenant.ipynb #f2250e8d
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
 
 class InvalidTenantId(ValueError):
@@ -40,7 +40,7 @@ def tenant_db_name(tenant_id: str) -> str:
     "The database (and login role) name of a tenant on PostgreSQL."
     return f"tenant_{check_tenant_id(tenant_id)}"
 
-# %% ../nbs/01_db_tenant.ipynb #d1d5ee13
+# %% ../nbs/01_db_tenant.ipynb #db6f7869
 class TenantNotFound(LookupError):
     "No catalog row has this tenant id."
 
@@ -53,7 +53,7 @@ class TenantUnavailable(RuntimeError):
 class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
-# %% ../nbs/01_db_tenant.ipynb #d4c01b95
+# %% ../nbs/01_db_tenant.ipynb #47e6875f
 def secret_key() -> bytes:
     "The master key from `FH_SAAS_SECRET_KEY` (at least 32 characters)."
     key = os.environ.get('FH_SAAS_SECRET_KEY', '')
@@ -71,7 +71,7 @@ def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-serv
 def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
 def decrypt_secret(token: str) -> str: return _fernet().decrypt(token.encode()).decode()
 
-# %% ../nbs/01_db_tenant.ipynb #4c559486
+# %% ../nbs/01_db_tenant.ipynb #35c8350b
 _meta = sa.MetaData()
 tenants_t.to_metadata(_meta)
 db_servers_t = sa.Table('core_db_servers', _meta,
@@ -108,7 +108,7 @@ def server_admin_url(server: dict, database: str | None = None) -> URL:
     return URL.create('postgresql+psycopg2', server['admin_user'], decrypt_secret(server['admin_password_enc']),
                       server['host'], server['port'], database or server['admin_db'])
 
-# %% ../nbs/01_db_tenant.ipynb #e71e2875
+# %% ../nbs/01_db_tenant.ipynb #fa05d0c5
 def tenant_row(host_db, tenant_id: str, lock: bool = False) -> TenantCatalog:
     "The catalog row of `tenant_id` (validated first), or `TenantNotFound`; `lock` holds it until the transaction ends."
     q = sa.select(tenants_t).where(tenants_t.c.id == check_tenant_id(tenant_id))
@@ -135,7 +135,7 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-# %% ../nbs/01_db_tenant.ipynb #eb24870e
+# %% ../nbs/01_db_tenant.ipynb #79d17a31
 routing_caches = weakref.WeakSet()
 
 def _changed(tenant_id: str):
@@ -154,7 +154,7 @@ def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = (), **v
     if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
     return row
 
-# %% ../nbs/01_db_tenant.ipynb #dc64859a
+# %% ../nbs/01_db_tenant.ipynb #c2fcde90
 def _after_step(action: str, step: str):
     "Called after each provisioning/deprovisioning step; tests replace it to crash between steps."
 
@@ -191,8 +191,14 @@ class SqliteStore:
         for suffix in ('', '-wal', '-shm'): Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
         _after_step('deprovision', 'file')
 
-# %% ../nbs/01_db_tenant.ipynb #ce41778e
+# %% ../nbs/01_db_tenant.ipynb #32338bbc
 TEMPLATE_DB = 'fh_saas_tenant_template'
+
+def template_strategy() -> str:
+    "How PostgreSQL copies the template (`FH_SAAS_TEMPLATE_STRATEGY`): `WAL_LOG` (default) or `FILE_COPY`."
+    strategy = os.environ.get('FH_SAAS_TEMPLATE_STRATEGY', 'WAL_LOG').upper()
+    if strategy not in ('WAL_LOG', 'FILE_COPY'): raise TenantConfigError(f"FH_SAAS_TEMPLATE_STRATEGY={strategy!r}: use WAL_LOG or FILE_COPY")
+    return strategy
 _TEMPLATE_LOCK = 0x66685f74  # advisory lock id guarding the template ("fh_t")
 _OWN_CLONED_OBJECTS = sa.text("""
 DO $$
@@ -208,7 +214,7 @@ class PostgresStore:
     "Tenant databases on the PostgreSQL server `server` (a `core_db_servers` row)."
     provision_steps = ('claim', 'role', 'database', 'grants', 'activate')
     deprovision_steps = ('deleting', 'database', 'role', 'deleted')
-    _prepared, _lock = set(), threading.Lock()
+    _prepared, _admin_engines, _lock = set(), {}, threading.Lock()
 
     def __init__(self, server: dict):
         secret_key()  # refuse before anything is created when the master key is missing
@@ -219,7 +225,17 @@ class PostgresStore:
         url = URL.create('postgresql+psycopg2', name, None, self.server['host'], self.server['port'], name)
         return dict(server_id=self.server['id'], db_name=name, db_role=name, db_url=url.render_as_string())
 
-    def _admin(self, database=None) -> sa.Engine:
+    def _admin(self) -> sa.Engine:
+        "This process's small pool of admin connections to the server's admin database."
+        key = (self.server['id'], self.server['admin_password_enc'])
+        with self._lock:
+            if (eng := self._admin_engines.get(key)) is None:
+                eng = self._admin_engines[key] = make_engine(server_admin_url(self.server), pool_size=2, max_overflow=2,
+                                                             isolation_level='AUTOCOMMIT')
+        return eng
+
+    def _one_off(self, database: str) -> sa.Engine:
+        "An unpooled admin engine on `database`, so no connection lingers to block cloning or dropping it."
         return sa.create_engine(server_admin_url(self.server, database), isolation_level='AUTOCOMMIT', poolclass=sa.pool.NullPool)
 
     @staticmethod
@@ -239,7 +255,7 @@ class PostgresStore:
             if not self._exists(conn, 'pg_database', 'datname', TEMPLATE_DB):
                 conn.exec_driver_sql(f'CREATE DATABASE {tmpl}')
                 conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {tmpl} FROM PUBLIC')
-            eng = self._admin(TEMPLATE_DB)
+            eng = self._one_off(TEMPLATE_DB)
             try: version = prepare(eng) if prepare else 0
             finally: eng.dispose()
             conn.exec_driver_sql(f'COMMENT ON DATABASE {tmpl} IS %s', (f'schema_version={int(version)}',))
@@ -251,46 +267,41 @@ class PostgresStore:
         conn.exec_driver_sql('SELECT pg_advisory_lock_shared(%s)', (_TEMPLATE_LOCK,))
         try:
             if not self._exists(conn, 'pg_database', 'datname', name):
-                conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} TEMPLATE {self._q(conn, TEMPLATE_DB)}')
+                conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
+                                     f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()}')
             note = conn.exec_driver_sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
                                         (TEMPLATE_DB,)).scalar()
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
         return int(note.removeprefix('schema_version='))
 
     def create(self, row, prepare) -> int:
-        name, eng = row.db_name, self._admin()
+        name = row.db_name
+        with self._admin().connect() as conn:
+            q = self._q(conn, name)
+            verb = 'ALTER' if self._exists(conn, 'pg_roles', 'rolname', name) else 'CREATE'
+            conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (role_password(name),))
+            _after_step('provision', 'role')
+            self._prepare_template(conn, prepare)
+            version = self._clone_template(conn, name)
+            _after_step('provision', 'database')
+            conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {q} FROM PUBLIC')
+        own = self._one_off(name)
         try:
-            with eng.connect() as conn:
-                q = self._q(conn, name)
-                verb = 'ALTER' if self._exists(conn, 'pg_roles', 'rolname', name) else 'CREATE'
-                conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (role_password(name),))
-                _after_step('provision', 'role')
-                self._prepare_template(conn, prepare)
-                version = self._clone_template(conn, name)
-                _after_step('provision', 'database')
-                conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {q} FROM PUBLIC')
-            own = self._admin(name)
-            try:
-                with own.connect() as conn:
-                    conn.execute(sa.text("SELECT set_config('fh_saas.tenant_role', :r, false)"), dict(r=name))
-                    conn.execute(_OWN_CLONED_OBJECTS)
-            finally: own.dispose()
-            _after_step('provision', 'grants')
-            return version
-        finally: eng.dispose()
+            with own.connect() as conn:
+                conn.execute(sa.text("SELECT set_config('fh_saas.tenant_role', :r, false)"), dict(r=name))
+                conn.execute(_OWN_CLONED_OBJECTS)
+        finally: own.dispose()
+        _after_step('provision', 'grants')
+        return version
 
     def drop(self, row):
-        eng = self._admin()
-        try:
-            with eng.connect() as conn:
-                q = self._q(conn, row.db_name)
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS {q} WITH (FORCE)')
-                _after_step('deprovision', 'database')
-                conn.exec_driver_sql(f'DROP ROLE IF EXISTS {self._q(conn, row.db_role)}')
-                _after_step('deprovision', 'role')
-        finally: eng.dispose()
+        with self._admin().connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS {self._q(conn, row.db_name)} WITH (FORCE)')
+            _after_step('deprovision', 'database')
+            conn.exec_driver_sql(f'DROP ROLE IF EXISTS {self._q(conn, row.db_role)}')
+            _after_step('deprovision', 'role')
 
-# %% ../nbs/01_db_tenant.ipynb #f290a866
+# %% ../nbs/01_db_tenant.ipynb #f7b7354d
 class NoServerAvailable(RuntimeError):
     "Every registered database server is inactive or full."
 
@@ -310,7 +321,7 @@ def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
     return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
 
-# %% ../nbs/01_db_tenant.ipynb #e3445b2a
+# %% ../nbs/01_db_tenant.ipynb #8abc3d28
 def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = None,
                      server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
@@ -335,7 +346,7 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     _after_step('provision', 'activate')
     return tenant_row(host_db, tenant_id)
 
-# %% ../nbs/01_db_tenant.ipynb #782a5f5f
+# %% ../nbs/01_db_tenant.ipynb #f1f04d2b
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing to an active tenant, keeping its data."
     return _set_status(host_db, check_tenant_id(tenant_id), 'suspended', only_from=('active',))
