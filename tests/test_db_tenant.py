@@ -235,3 +235,30 @@ def test_tenant_dir_from_environment(tmp_path, monkeypatch):
         deprovision_tenant(host_db, 'acme')
     finally:
         host_db.close(); HostDatabase.reset_instance()
+
+
+def test_template_is_kept_at_the_latest_schema(pg_host, pg_server, monkeypatch):
+    first = provision_tenant(pg_host, new_id(), prepare=prepare)
+
+    def prepare_v4(engine):
+        prepare(engine)
+        with engine.begin() as c: c.exec_driver_sql('CREATE TABLE IF NOT EXISTS tags (id int)')
+        return 4
+
+    monkeypatch.setattr(PostgresStore, '_prepared', set())  # a new deploy: a fresh process with a newer migrator
+    later = provision_tenant(pg_host, new_id(), prepare=prepare_v4)
+    assert (first.schema_version, later.schema_version) == (3, 4)
+    assert sorted(tenant_tables(tenant_url(pg_host, later.id))) == ['notes', 'tags']
+    assert tenant_tables(tenant_url(pg_host, first.id)) == ['notes']
+    eng = sa.create_engine(pg_server.url(db_tenant.TEMPLATE_DB), poolclass=sa.pool.NullPool)
+    with eng.begin() as c: c.exec_driver_sql('DROP TABLE tags')  # leave the shared template as other tests expect
+    eng.dispose()
+
+
+def test_suspend_and_resume_are_idempotent(pg_host):
+    tid = new_id()
+    provision_tenant(pg_host, tid, prepare=prepare)
+    first = suspend_tenant(pg_host, tid)
+    assert suspend_tenant(pg_host, tid).routing_version == first.routing_version
+    assert resume_tenant(pg_host, tid).status == 'active'
+    assert resume_tenant(pg_host, tid).routing_version == first.routing_version + 1
