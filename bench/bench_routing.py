@@ -21,6 +21,7 @@ os.environ.setdefault('FH_SAAS_SECRET_KEY', 'bench-master-key-0123456789abcdef01
 import sqlalchemy as sa
 from pgserver import start_server
 from fh_saas.db_host import HostDatabase, make_engine
+from fh_saas import db_tenant
 from fh_saas.db_tenant import add_db_server, provision_tenant, tenant_url, tenants_t
 from fh_saas.tenant_router import TenantRouter
 
@@ -94,9 +95,17 @@ def bench_postgres(server):
     provision_tenant(host_db, 'warmup', prepare=prepare)  # creates and prepares the template once
 
     n_seq, n_par = 12, 12
-    t = time.perf_counter()
+    steps, last = {}, [time.perf_counter()]
+    def timed(action, step):
+        now = time.perf_counter()
+        steps[step] = steps.get(step, 0.0) + (now - last[0]) / n_seq
+        last[0] = now
+    db_tenant._after_step = timed
+    t = last[0] = time.perf_counter()
     for i in range(n_seq): provision_tenant(host_db, f'seq{i:04d}', prepare=prepare)
     seq = n_seq / (time.perf_counter() - t)
+    db_tenant._after_step = lambda action, step: None
+    print("mean time per provisioning step: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in steps.items()))
     t = time.perf_counter()
     ts = [threading.Thread(target=lambda k=k: [provision_tenant(host_db, f'par{k}_{i:03d}', prepare=prepare)
                                                for i in range(n_par // 4)]) for k in range(4)]
@@ -137,7 +146,7 @@ def bench_postgres(server):
 
 
 def bench_sqlite(n_tenants: int):
-    print(f"== SQLite ({n_tenants} tenant files) ==")
+    print(f"== SQLite ({min(n_tenants, REAL_SQLITE_FILES)} tenant files, {n_tenants} tenants in the catalog) ==")
     tmp = Path(tempfile.mkdtemp(prefix='fh_saas_bench_'))
     host_db = HostDatabase(f"sqlite:///{tmp/'host.db'}")
     t = time.perf_counter()
