@@ -12,7 +12,7 @@ __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB',
            'PostgresStore', 'NoServerAvailable', 'store_for', 'provision_tenant', 'suspend_tenant', 'resume_tenant',
            'deprovision_tenant']
 
-# %% ../nbs/01_db_tenant.ipynb #bd73ac27
+# %% ../nbs/01_db_tenant.ipynb #39dc4f15
 import base64, hashlib, hmac, os, re, threading, weakref
 from pathlib import Path
 from typing import Callable
@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
 
-# %% ../nbs/01_db_tenant.ipynb #f2250e8d
+# %% ../nbs/01_db_tenant.ipynb #7183515a
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
 
 class InvalidTenantId(ValueError):
@@ -40,7 +40,7 @@ def tenant_db_name(tenant_id: str) -> str:
     "The database (and login role) name of a tenant on PostgreSQL."
     return f"tenant_{check_tenant_id(tenant_id)}"
 
-# %% ../nbs/01_db_tenant.ipynb #db6f7869
+# %% ../nbs/01_db_tenant.ipynb #f3642891
 class TenantNotFound(LookupError):
     "No catalog row has this tenant id."
 
@@ -53,7 +53,7 @@ class TenantUnavailable(RuntimeError):
 class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
-# %% ../nbs/01_db_tenant.ipynb #47e6875f
+# %% ../nbs/01_db_tenant.ipynb #0e36a1e5
 def secret_key() -> bytes:
     "The master key from `FH_SAAS_SECRET_KEY` (at least 32 characters)."
     key = os.environ.get('FH_SAAS_SECRET_KEY', '')
@@ -71,9 +71,8 @@ def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-serv
 def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
 def decrypt_secret(token: str) -> str: return _fernet().decrypt(token.encode()).decode()
 
-# %% ../nbs/01_db_tenant.ipynb #35c8350b
+# %% ../nbs/01_db_tenant.ipynb #6a8cae6e
 _meta = sa.MetaData()
-tenants_t.to_metadata(_meta)
 db_servers_t = sa.Table('core_db_servers', _meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
     sa.Column('name', sa.String(64), nullable=False, unique=True),
@@ -108,7 +107,7 @@ def server_admin_url(server: dict, database: str | None = None) -> URL:
     return URL.create('postgresql+psycopg2', server['admin_user'], decrypt_secret(server['admin_password_enc']),
                       server['host'], server['port'], database or server['admin_db'])
 
-# %% ../nbs/01_db_tenant.ipynb #fa05d0c5
+# %% ../nbs/01_db_tenant.ipynb #effb5dce
 def tenant_row(host_db, tenant_id: str, lock: bool = False) -> TenantCatalog:
     "The catalog row of `tenant_id` (validated first), or `TenantNotFound`; `lock` holds it until the transaction ends."
     q = sa.select(tenants_t).where(tenants_t.c.id == check_tenant_id(tenant_id))
@@ -135,18 +134,18 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-# %% ../nbs/01_db_tenant.ipynb #79d17a31
+# %% ../nbs/01_db_tenant.ipynb #cb922549
 routing_caches = weakref.WeakSet()
 
 def _changed(tenant_id: str):
     for cache in list(routing_caches): cache.forget(tenant_id)
 
-def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = (), **values) -> TenantCatalog:
+def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = ()) -> TenantCatalog:
     "Move `tenant_id` to `status` (from one of `only_from`, if given), bump `routing_version`, tell local routers."
     t = tenants_t
     upd = (t.update().where(t.c.id == tenant_id)
            .values(status=status, is_active=status == 'active', routing_version=t.c.routing_version + 1,
-                   updated_at=timestamp(), **values))
+                   updated_at=timestamp()))
     if only_from: upd = upd.where(t.c.status.in_(only_from))
     with host_db.transaction() as conn: n = conn.execute(upd).rowcount
     _changed(tenant_id)
@@ -154,7 +153,7 @@ def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = (), **v
     if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
     return row
 
-# %% ../nbs/01_db_tenant.ipynb #c2fcde90
+# %% ../nbs/01_db_tenant.ipynb #25a4ae09
 def _after_step(action: str, step: str):
     "Called after each provisioning/deprovisioning step; tests replace it to crash between steps."
 
@@ -191,7 +190,7 @@ class SqliteStore:
         for suffix in ('', '-wal', '-shm'): Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
         _after_step('deprovision', 'file')
 
-# %% ../nbs/01_db_tenant.ipynb #32338bbc
+# %% ../nbs/01_db_tenant.ipynb #8477ae15
 TEMPLATE_DB = 'fh_saas_tenant_template'
 
 def template_strategy() -> str:
@@ -301,7 +300,7 @@ class PostgresStore:
             conn.exec_driver_sql(f'DROP ROLE IF EXISTS {self._q(conn, row.db_role)}')
             _after_step('deprovision', 'role')
 
-# %% ../nbs/01_db_tenant.ipynb #f7b7354d
+# %% ../nbs/01_db_tenant.ipynb #6395f00a
 class NoServerAvailable(RuntimeError):
     "Every registered database server is inactive or full."
 
@@ -321,7 +320,7 @@ def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
     return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
 
-# %% ../nbs/01_db_tenant.ipynb #8abc3d28
+# %% ../nbs/01_db_tenant.ipynb #66537462
 def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = None,
                      server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
@@ -346,7 +345,7 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     _after_step('provision', 'activate')
     return tenant_row(host_db, tenant_id)
 
-# %% ../nbs/01_db_tenant.ipynb #f1f04d2b
+# %% ../nbs/01_db_tenant.ipynb #dd4d3ae7
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing to an active tenant, keeping its data."
     return _set_status(host_db, check_tenant_id(tenant_id), 'suspended', only_from=('active',))
