@@ -12,7 +12,7 @@ __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB',
            'PostgresStore', 'NoServerAvailable', 'store_for', 'provision_tenant', 'suspend_tenant', 'resume_tenant',
            'deprovision_tenant']
 
-# %% ../nbs/01_db_tenant.ipynb #39dc4f15
+# %% ../nbs/01_db_tenant.ipynb #da46af25
 import base64, hashlib, hmac, os, re, threading, weakref
 from pathlib import Path
 from typing import Callable
@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
 
-# %% ../nbs/01_db_tenant.ipynb #7183515a
+# %% ../nbs/01_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
 
 class InvalidTenantId(ValueError):
@@ -40,7 +40,7 @@ def tenant_db_name(tenant_id: str) -> str:
     "The database (and login role) name of a tenant on PostgreSQL."
     return f"tenant_{check_tenant_id(tenant_id)}"
 
-# %% ../nbs/01_db_tenant.ipynb #f3642891
+# %% ../nbs/01_db_tenant.ipynb #24564b51
 class TenantNotFound(LookupError):
     "No catalog row has this tenant id."
 
@@ -53,7 +53,7 @@ class TenantUnavailable(RuntimeError):
 class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
-# %% ../nbs/01_db_tenant.ipynb #0e36a1e5
+# %% ../nbs/01_db_tenant.ipynb #e18699b1
 def secret_key() -> bytes:
     "The master key from `FH_SAAS_SECRET_KEY` (at least 32 characters)."
     key = os.environ.get('FH_SAAS_SECRET_KEY', '')
@@ -71,7 +71,7 @@ def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-serv
 def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
 def decrypt_secret(token: str) -> str: return _fernet().decrypt(token.encode()).decode()
 
-# %% ../nbs/01_db_tenant.ipynb #6a8cae6e
+# %% ../nbs/01_db_tenant.ipynb #7db45195
 _meta = sa.MetaData()
 db_servers_t = sa.Table('core_db_servers', _meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
@@ -107,7 +107,7 @@ def server_admin_url(server: dict, database: str | None = None) -> URL:
     return URL.create('postgresql+psycopg2', server['admin_user'], decrypt_secret(server['admin_password_enc']),
                       server['host'], server['port'], database or server['admin_db'])
 
-# %% ../nbs/01_db_tenant.ipynb #effb5dce
+# %% ../nbs/01_db_tenant.ipynb #2511b0ec
 def tenant_row(host_db, tenant_id: str, lock: bool = False) -> TenantCatalog:
     "The catalog row of `tenant_id` (validated first), or `TenantNotFound`; `lock` holds it until the transaction ends."
     q = sa.select(tenants_t).where(tenants_t.c.id == check_tenant_id(tenant_id))
@@ -134,7 +134,7 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-# %% ../nbs/01_db_tenant.ipynb #cb922549
+# %% ../nbs/01_db_tenant.ipynb #cc104a25
 routing_caches = weakref.WeakSet()
 
 def _changed(tenant_id: str):
@@ -153,7 +153,7 @@ def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = ()) -> 
     if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
     return row
 
-# %% ../nbs/01_db_tenant.ipynb #25a4ae09
+# %% ../nbs/01_db_tenant.ipynb #f9f77f83
 def _after_step(action: str, step: str):
     "Called after each provisioning/deprovisioning step; tests replace it to crash between steps."
 
@@ -190,7 +190,7 @@ class SqliteStore:
         for suffix in ('', '-wal', '-shm'): Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
         _after_step('deprovision', 'file')
 
-# %% ../nbs/01_db_tenant.ipynb #8477ae15
+# %% ../nbs/01_db_tenant.ipynb #1d11a9b0
 TEMPLATE_DB = 'fh_saas_tenant_template'
 
 def template_strategy() -> str:
@@ -267,7 +267,7 @@ class PostgresStore:
         try:
             if not self._exists(conn, 'pg_database', 'datname', name):
                 conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
-                                     f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()}')
+                                     f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} ALLOW_CONNECTIONS false')
             note = conn.exec_driver_sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
                                         (TEMPLATE_DB,)).scalar()
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
@@ -284,6 +284,7 @@ class PostgresStore:
             version = self._clone_template(conn, name)
             _after_step('provision', 'database')
             conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {q} FROM PUBLIC')
+            conn.exec_driver_sql(f'ALTER DATABASE {q} ALLOW_CONNECTIONS true')
         own = self._one_off(name)
         try:
             with own.connect() as conn:
@@ -300,7 +301,7 @@ class PostgresStore:
             conn.exec_driver_sql(f'DROP ROLE IF EXISTS {self._q(conn, row.db_role)}')
             _after_step('deprovision', 'role')
 
-# %% ../nbs/01_db_tenant.ipynb #6395f00a
+# %% ../nbs/01_db_tenant.ipynb #d951cc3e
 class NoServerAvailable(RuntimeError):
     "Every registered database server is inactive or full."
 
@@ -320,7 +321,7 @@ def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
     return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
 
-# %% ../nbs/01_db_tenant.ipynb #66537462
+# %% ../nbs/01_db_tenant.ipynb #393794b0
 def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = None,
                      server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
@@ -345,7 +346,7 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     _after_step('provision', 'activate')
     return tenant_row(host_db, tenant_id)
 
-# %% ../nbs/01_db_tenant.ipynb #dd4d3ae7
+# %% ../nbs/01_db_tenant.ipynb #06ef5fcc
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing to an active tenant, keeping its data."
     return _set_status(host_db, check_tenant_id(tenant_id), 'suspended', only_from=('active',))

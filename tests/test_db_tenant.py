@@ -86,7 +86,10 @@ def test_pg_provisioning_resumes_after_a_crash_at_every_step(pg_host, pg_server,
     tid = new_id()
     crash_after(monkeypatch, 'provision', step)
     with pytest.raises(Crash): provision_tenant(pg_host, tid, prepare=prepare)
-    assert len(catalog(pg_host, tid)) == 1
+    assert [r['status'] for r in catalog(pg_host, tid)] == ['provisioning' if step != 'activate' else 'active']
+    if step == 'database':  # created, but nobody may connect before CONNECT is revoked from PUBLIC
+        with pytest.raises(sa.exc.OperationalError, match='not currently accepting connections'):
+            tenant_tables(tenant_url(pg_host, tid))
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
     provision_tenant(pg_host, tid, prepare=prepare)
     provision_tenant(pg_host, tid, prepare=prepare)
