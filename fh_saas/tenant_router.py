@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/tenant_router.html.md"""
 # %% auto #0
 __all__ = ['TenantPoolExhausted', 'TenantDatabase', 'TenantRouter']
 
-# %% ../nbs/01a_tenant_router.ipynb #d2d44e53
+# %% ../nbs/01a_tenant_router.ipynb #d4e48d5d
 import os, threading, time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from .db_host import BoundTable, PooledDatabase, _ScopedConnection, make_engine
 from .db_tenant import TenantNotFound, TenantUnavailable, catalog_entry, entry_url, routing_caches
 
-# %% ../nbs/01a_tenant_router.ipynb #da31001d
+# %% ../nbs/01a_tenant_router.ipynb #e6c2789a
 class TenantPoolExhausted(TimeoutError):
     "Every connection the router may open is in use and none came free in time."
 
@@ -27,7 +27,7 @@ class _Entry:
         self.tenant_id, self.engine, self.version, self.checked = tenant_id, engine, version, time.monotonic()
         self.leases, self.retired, self.db = 0, False, None
 
-# %% ../nbs/01a_tenant_router.ipynb #a1415664
+# %% ../nbs/01a_tenant_router.ipynb #123a704d
 class TenantDatabase(PooledDatabase):
     "A fastsql `Database` on one tenant whose scopes borrow connections through a `TenantRouter`."
     def __init__(self, router, tenant_id: str, engine: sa.Engine):
@@ -49,7 +49,7 @@ class TenantDatabase(PooledDatabase):
         "Table `name` with the fastsql API, each call borrowing a routed connection: `db['notes'].insert(...)`."
         return BoundTable(self, self.table(name))
 
-# %% ../nbs/01a_tenant_router.ipynb #93eced45
+# %% ../nbs/01a_tenant_router.ipynb #fc809664
 class TenantRouter:
     "Routes tenant ids to pooled connections, within a process-wide connection `budget`."
     def __init__(self, host_db, budget: int | None = None, pool_size: int = 2, ttl: float = 5.0, timeout: float = 30.0):
@@ -59,6 +59,7 @@ class TenantRouter:
         self.capacity = self.budget // pool_size
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retiring: set[_Entry] = set()
+        self._forgets = 0  # bumped by every `forget`, so a catalog read that raced with one is redone
         self._cond = threading.Condition()
         routing_caches.add(self)
 
@@ -106,14 +107,15 @@ class TenantRouter:
         deadline = time.monotonic() + self.timeout
         while True:
             with self._cond:
-                entry = self._entries.get(tenant_id)
+                entry, forgets = self._entries.get(tenant_id), self._forgets
                 if entry is not None and time.monotonic() - entry.checked < self.ttl:
                     if self._lease(entry, deadline): return entry
                     continue
             row = self._lookup_or_forget(tenant_id)
             with self._cond:
+                if self._forgets != forgets: continue
                 entry = self._entries.get(tenant_id)
-                if entry is not None and entry.version != row['routing_version']:
+                if entry is not None and entry.version < row['routing_version']:
                     self._retire(entry)
                     entry = None
                 if entry is None:
@@ -126,7 +128,8 @@ class TenantRouter:
     def _lookup_or_forget(self, tenant_id):
         try: return self._lookup(tenant_id)
         except (TenantNotFound, TenantUnavailable):
-            self.forget(tenant_id)
+            with self._cond:
+                if (entry := self._entries.get(tenant_id)) is not None: self._retire(entry)
             raise
 
     def _release(self, entry: _Entry):
@@ -162,6 +165,7 @@ class TenantRouter:
     def forget(self, tenant_id: str):
         "Stop routing `tenant_id` from the cache (its next use reads the catalog again)."
         with self._cond:
+            self._forgets += 1
             if (entry := self._entries.get(tenant_id)) is not None: self._retire(entry)
 
     @property

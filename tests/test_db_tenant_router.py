@@ -168,3 +168,21 @@ def test_sqlite_tenants_within_budget(sqlite_host):
         for tid in ids:
             with r.connect(tid) as c: assert [x[0] for x in c.exec_driver_sql("SELECT body FROM notes")] == [tid]
     finally: r.close()
+
+
+def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_host, monkeypatch):
+    provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    r = TenantRouter(sqlite_host, budget=4, pool_size=2)
+    read = r._lookup
+
+    def read_then_suspend(tid):
+        row = read(tid)  # the catalog still says active...
+        monkeypatch.setattr(r, '_lookup', read)
+        suspend_tenant(sqlite_host, tid)  # ...and the tenant is suspended before the router caches it
+        return row
+
+    monkeypatch.setattr(r, '_lookup', read_then_suspend)
+    try:
+        with pytest.raises(TenantUnavailable, match='suspended'), r.connect('acme'): pass
+        assert r.cached == []
+    finally: r.close()
