@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/tenant_router.html.md"""
 # %% auto #0
 __all__ = ['TenantPoolExhausted', 'TenantDatabase', 'TenantRouter']
 
-# %% ../nbs/01a_tenant_router.ipynb #d4e48d5d
+# %% ../nbs/01a_tenant_router.ipynb #023b3ddf
 import os, threading, time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from .db_host import BoundTable, PooledDatabase, _ScopedConnection, make_engine
 from .db_tenant import TenantNotFound, TenantUnavailable, catalog_entry, entry_url, routing_caches
 
-# %% ../nbs/01a_tenant_router.ipynb #e6c2789a
+# %% ../nbs/01a_tenant_router.ipynb #884eb397
 class TenantPoolExhausted(TimeoutError):
     "Every connection the router may open is in use and none came free in time."
 
@@ -27,7 +27,7 @@ class _Entry:
         self.tenant_id, self.engine, self.version, self.checked = tenant_id, engine, version, time.monotonic()
         self.leases, self.retired, self.db = 0, False, None
 
-# %% ../nbs/01a_tenant_router.ipynb #123a704d
+# %% ../nbs/01a_tenant_router.ipynb #9ecd9b30
 class TenantDatabase(PooledDatabase):
     "A fastsql `Database` on one tenant whose scopes borrow connections through a `TenantRouter`."
     def __init__(self, router, tenant_id: str, engine: sa.Engine):
@@ -49,9 +49,9 @@ class TenantDatabase(PooledDatabase):
         "Table `name` with the fastsql API, each call borrowing a routed connection: `db['notes'].insert(...)`."
         return BoundTable(self, self.table(name))
 
-# %% ../nbs/01a_tenant_router.ipynb #fc809664
+# %% ../nbs/01a_tenant_router.ipynb #0f906e55
 class TenantRouter:
-    "Routes tenant ids to pooled connections, within a process-wide connection `budget`."
+    "Routes tenant ids to pooled connections within a connection `budget`; make one per process."
     def __init__(self, host_db, budget: int | None = None, pool_size: int = 2, ttl: float = 5.0, timeout: float = 30.0):
         self.host_db, self.pool_size, self.ttl, self.timeout = host_db, pool_size, ttl, timeout
         self.budget = budget or int(os.environ.get('FH_SAAS_TENANT_CONN_BUDGET', 100))
