@@ -1,0 +1,267 @@
+"Tenant provisioning and lifecycle on real PostgreSQL clusters and SQLite files."
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from fh_saas import db_tenant
+from fh_saas.db_host import HostDatabase
+from fh_saas.db_tenant import (InvalidTenantId, NoServerAvailable, PostgresStore, SqliteStore, TenantUnavailable,
+                               db_servers_t, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant,
+                               tenant_url, tenants_t)
+from tenant_helpers import SECRET, new_id, pg_host, pg_names, prepare, register, secret_key, sqlite_host  # noqa: F401
+
+pytestmark = pytest.mark.postgres
+
+
+class Crash(Exception):
+    "A failure injected between two steps."
+
+
+def crash_after(monkeypatch, action, step):
+    def hook(a, s):
+        if (a, s) == (action, step): raise Crash(f"{a}:{s}")
+    monkeypatch.setattr(db_tenant, '_after_step', hook)
+
+
+def catalog(host_db, tid) -> list[dict]:
+    with host_db.engine.connect() as c: return [dict(r) for r in c.execute(sa.select(tenants_t).where(tenants_t.c.id == tid)).mappings()]
+
+
+def tenant_tables(url) -> list[str]:
+    eng = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try: return sa.inspect(eng).get_table_names()
+    finally: eng.dispose()
+
+
+def assert_pg_tenant(host_db, server, tid):
+    "Exactly one database, one role and one active row, and the tenant's own role can use its schema."
+    name = f"tenant_{tid}"
+    assert pg_names(server, 'db', name) == [name] and pg_names(server, 'role', name) == [name]
+    rows = catalog(host_db, tid)
+    assert [(r['status'], r['is_active'], r['schema_version']) for r in rows] == [('active', True, 3)]
+    eng = sa.create_engine(tenant_url(host_db, tid), poolclass=sa.pool.NullPool)
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO notes (body) VALUES ('x')")
+        c.exec_driver_sql("CREATE TABLE more (id int)")
+        owner = c.exec_driver_sql("SELECT tableowner FROM pg_tables WHERE tablename = 'notes'").scalar()
+    eng.dispose()
+    assert owner == name
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+def test_provision_pg_catalog_and_secrets(pg_host, pg_server):
+    tid = new_id()
+    row = provision_tenant(pg_host, tid, 'Acme', prepare=prepare)
+    assert (row.status, row.db_name, row.db_role, row.routing_version) == ('active', f'tenant_{tid}', f'tenant_{tid}', 2)
+    assert_pg_tenant(pg_host, pg_server, tid)
+    url = tenant_url(pg_host, tid)
+    assert url.password and url.password not in row.db_url and sa.make_url(row.db_url).password is None
+    with pg_host.engine.connect() as c:
+        dump = ' '.join(str(v) for r in c.execute(sa.select(tenants_t, db_servers_t).select_from(
+            tenants_t.join(db_servers_t, db_servers_t.c.id == tenants_t.c.server_id))) for v in r)
+    assert url.password not in dump and pg_server.admin_url.password not in dump and SECRET not in dump
+    assert provision_tenant(pg_host, tid, prepare=prepare).routing_version == 2
+
+
+def test_tenant_credentials_reach_only_their_own_database(pg_host, pg_server):
+    a, b = new_id('a'), new_id('b')
+    for tid in (a, b): provision_tenant(pg_host, tid, prepare=prepare)
+    a_url, b_url = tenant_url(pg_host, a), tenant_url(pg_host, b)
+    assert tenant_tables(a_url) == ['notes']
+    with pytest.raises(sa.exc.OperationalError, match='permission denied for database'):
+        tenant_tables(a_url.set(database=b_url.database))
+    with pytest.raises(sa.exc.OperationalError, match='password authentication failed'):
+        tenant_tables(b_url.set(password=a_url.password))
+    with pytest.raises(sa.exc.OperationalError, match='permission denied for database'):
+        tenant_tables(a_url.set(database=db_tenant.TEMPLATE_DB))
+
+
+PG_STEPS = PostgresStore.provision_steps
+
+
+@pytest.mark.parametrize('step', PG_STEPS)
+def test_pg_provisioning_resumes_after_a_crash_at_every_step(pg_host, pg_server, monkeypatch, step):
+    tid = new_id()
+    crash_after(monkeypatch, 'provision', step)
+    with pytest.raises(Crash): provision_tenant(pg_host, tid, prepare=prepare)
+    assert [r['status'] for r in catalog(pg_host, tid)] == ['provisioning' if step != 'activate' else 'active']
+    if step == 'database':  # created, but nobody may connect before CONNECT is revoked from PUBLIC
+        with pytest.raises(sa.exc.OperationalError, match='not currently accepting connections'):
+            tenant_tables(tenant_url(pg_host, tid))
+    monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
+    provision_tenant(pg_host, tid, prepare=prepare)
+    provision_tenant(pg_host, tid, prepare=prepare)
+    assert_pg_tenant(pg_host, pg_server, tid)
+
+
+@pytest.mark.parametrize('step', PostgresStore.deprovision_steps)
+def test_pg_deprovisioning_resumes_after_a_crash_at_every_step(pg_host, pg_server, monkeypatch, step):
+    tid = new_id()
+    provision_tenant(pg_host, tid, prepare=prepare)
+    crash_after(monkeypatch, 'deprovision', step)
+    with pytest.raises(Crash): deprovision_tenant(pg_host, tid)
+    assert catalog(pg_host, tid)[0]['status'] in ('deleting', 'deleted')
+    with pytest.raises(TenantUnavailable): resume_tenant(pg_host, tid)
+    monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
+    row = deprovision_tenant(pg_host, tid)
+    assert (row.status, row.is_active) == ('deleted', False) and row.deleted_at
+    assert pg_names(pg_server, 'db', f'tenant_{tid}') == [] and pg_names(pg_server, 'role', f'tenant_{tid}') == []
+    assert deprovision_tenant(pg_host, tid).routing_version == row.routing_version
+
+
+def test_pg_lifecycle_bumps_routing_version(pg_host, pg_server):
+    tid = new_id()
+    versions = [provision_tenant(pg_host, tid, prepare=prepare).routing_version]
+    for change in (suspend_tenant, resume_tenant, suspend_tenant, deprovision_tenant):
+        row = change(pg_host, tid)
+        versions.append(row.routing_version)
+        assert row.is_active == (row.status == 'active')
+    assert versions == [2, 3, 4, 5, 7] and row.status == 'deleted'
+    with pytest.raises(TenantUnavailable, match='deleted'): provision_tenant(pg_host, tid, prepare=prepare)
+
+
+def test_concurrent_provisioning_of_one_id_yields_one_tenant(pg_host, pg_server):
+    tid, n = new_id(), 4
+    barrier, results, errors = threading.Barrier(n), [], []
+
+    def worker():
+        barrier.wait()
+        try: results.append(provision_tenant(pg_host, tid, prepare=prepare))
+        except Exception as e: errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads: t.start()
+    for t in threads: t.join(60)
+    assert errors == [] and len(results) == n and {r.id for r in results} == {tid}
+    assert {(r.status, r.routing_version) for r in results} == {('active', 2)}
+    assert_pg_tenant(pg_host, pg_server, tid)
+
+
+BAD_IDS = ["acme'; DROP DATABASE postgres; --", 'acme"; DROP ROLE postgres; --', '../../etc/passwd', 'acme/../x',
+           'Acme', 'x', 'a' * 41, 'acme\x00', 'acme\n', ' acme', 'tenant-1', 'ac me', '', None, 42]
+
+
+def test_bad_ids_are_rejected_before_anything_is_created(pg_host, pg_server, tmp_path):
+    before_dbs, before_roles = pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')
+    for bad in BAD_IDS:
+        for call in (lambda: provision_tenant(pg_host, bad, prepare=prepare), lambda: suspend_tenant(pg_host, bad),
+                     lambda: deprovision_tenant(pg_host, bad), lambda: tenant_url(pg_host, bad)):
+            with pytest.raises(InvalidTenantId): call()
+    assert pg_host.tenants.count == 0
+    assert (pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')) == (before_dbs, before_roles)
+
+
+def test_two_servers_least_loaded_and_named_placement(pg_host, pg_server, second_pg_server):
+    register(pg_host, second_pg_server, 'second')
+    ids = [new_id() for _ in range(4)]
+    rows = [provision_tenant(pg_host, tid, prepare=prepare) for tid in ids]
+    servers = {s['id']: s['name'] for s in pg_host.q('SELECT id, name FROM core_db_servers')}
+    assert sorted(servers[r.server_id] for r in rows) == ['main', 'main', 'second', 'second']
+    named = provision_tenant(pg_host, new_id(), prepare=prepare, server='second')
+    assert servers[named.server_id] == 'second'
+    for r in rows + [named]:
+        cluster = pg_server if servers[r.server_id] == 'main' else second_pg_server
+        assert_pg_tenant(pg_host, cluster, r.id)
+        other = second_pg_server if cluster is pg_server else pg_server
+        assert pg_names(other, 'db', r.db_name) == []
+    for r in rows + [named]: deprovision_tenant(pg_host, r.id)
+
+
+def test_full_or_unknown_server_refuses_without_creating(pg_host, pg_server):
+    with pg_host.transaction() as c: c.execute(db_servers_t.update().values(max_tenants=1))
+    first = new_id()
+    provision_tenant(pg_host, first, prepare=prepare)
+    before = pg_names(pg_server, 'db', 'tenant_%')
+    with pytest.raises(NoServerAvailable): provision_tenant(pg_host, new_id(), prepare=prepare)
+    with pytest.raises(NoServerAvailable, match="'nowhere'"): provision_tenant(pg_host, new_id(), server='nowhere')
+    assert pg_names(pg_server, 'db', 'tenant_%') == before and pg_host.tenants.count == 1
+    assert provision_tenant(pg_host, first, prepare=prepare).status == 'active'
+
+
+def test_pg_secret_key_is_required(pg_host, monkeypatch):
+    with monkeypatch.context() as m, pytest.raises(db_tenant.TenantConfigError, match='FH_SAAS_SECRET_KEY'):
+        m.setenv('FH_SAAS_SECRET_KEY', 'too short')
+        provision_tenant(pg_host, new_id())
+    assert pg_host.tenants.count == 0
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+def sqlite_files(host_db) -> list[str]:
+    d = db_tenant.tenant_dir(host_db)
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+@pytest.mark.parametrize('step', SqliteStore.provision_steps)
+def test_sqlite_provisioning_resumes_after_a_crash_at_every_step(sqlite_host, monkeypatch, step):
+    crash_after(monkeypatch, 'provision', step)
+    with pytest.raises(Crash): provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
+    row = provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    assert [(r['status'], r['schema_version']) for r in catalog(sqlite_host, 'acme')] == [('active', 3)]
+    assert tenant_tables(row.db_url) == ['notes'] and 'acme.db' in sqlite_files(sqlite_host)
+
+
+@pytest.mark.parametrize('step', SqliteStore.deprovision_steps)
+def test_sqlite_deprovisioning_resumes_after_a_crash_at_every_step(sqlite_host, monkeypatch, step):
+    provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    crash_after(monkeypatch, 'deprovision', step)
+    with pytest.raises(Crash): deprovision_tenant(sqlite_host, 'acme')
+    monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
+    assert deprovision_tenant(sqlite_host, 'acme').status == 'deleted'
+    assert sqlite_files(sqlite_host) == []
+
+
+def test_sqlite_concurrent_provisioning_and_bad_ids(sqlite_host):
+    barrier, results = threading.Barrier(4), []
+    def worker():
+        barrier.wait()
+        results.append(provision_tenant(sqlite_host, 'acme', prepare=prepare).routing_version)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join(30)
+    assert results == [2] * 4 and len(catalog(sqlite_host, 'acme')) == 1
+    for bad in BAD_IDS:
+        with pytest.raises(InvalidTenantId): provision_tenant(sqlite_host, bad, prepare=prepare)
+    assert sqlite_files(sqlite_host) == ['acme.db'] and sqlite_host.tenants.count == 1
+    assert not list(db_tenant.tenant_dir(sqlite_host).parent.parent.glob('etc*'))
+
+
+def test_tenant_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path/'elsewhere'))
+    host_db = HostDatabase(f"sqlite:///{tmp_path/'host.db'}")
+    try:
+        row = provision_tenant(host_db, 'acme', prepare=prepare)
+        assert row.db_url == f"sqlite:///{tmp_path/'elsewhere'/'acme.db'}" and (tmp_path/'elsewhere'/'acme.db').exists()
+        deprovision_tenant(host_db, 'acme')
+    finally:
+        host_db.close(); HostDatabase.reset_instance()
+
+
+def test_template_is_kept_at_the_latest_schema(pg_host, pg_server, monkeypatch):
+    first = provision_tenant(pg_host, new_id(), prepare=prepare)
+
+    def prepare_v4(engine):
+        prepare(engine)
+        with engine.begin() as c: c.exec_driver_sql('CREATE TABLE IF NOT EXISTS tags (id int)')
+        return 4
+
+    monkeypatch.setattr(PostgresStore, '_prepared', set())  # a new deploy: a fresh process with a newer migrator
+    later = provision_tenant(pg_host, new_id(), prepare=prepare_v4)
+    assert (first.schema_version, later.schema_version) == (3, 4)
+    assert sorted(tenant_tables(tenant_url(pg_host, later.id))) == ['notes', 'tags']
+    assert tenant_tables(tenant_url(pg_host, first.id)) == ['notes']
+    eng = sa.create_engine(pg_server.url(db_tenant.TEMPLATE_DB), poolclass=sa.pool.NullPool)
+    with eng.begin() as c: c.exec_driver_sql('DROP TABLE tags')  # leave the shared template as other tests expect
+    eng.dispose()
+
+
+def test_suspend_and_resume_are_idempotent(pg_host):
+    tid = new_id()
+    provision_tenant(pg_host, tid, prepare=prepare)
+    first = suspend_tenant(pg_host, tid)
+    assert suspend_tenant(pg_host, tid).routing_version == first.routing_version
+    assert resume_tenant(pg_host, tid).status == 'active'
+    assert resume_tenant(pg_host, tid).routing_version == first.routing_version + 1

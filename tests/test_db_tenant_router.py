@@ -1,0 +1,188 @@
+"TenantRouter on real PostgreSQL: budget and eviction, thread safety, invalidation within and across processes."
+import os, subprocess, sys, threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from fh_saas.db_host import get_db_uri
+from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant
+from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter
+from pgserver import wait_for
+from tenant_helpers import SECRET, new_id, pg_host, prepare, secret_key, sqlite_host, tenant_connections  # noqa: F401
+
+pytestmark = pytest.mark.postgres
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tenants(pg_host):
+    "Three active tenants on the test cluster: one more than the routers below may cache."
+    return [provision_tenant(pg_host, new_id(), prepare=prepare).id for _ in range(3)]
+
+
+@pytest.fixture
+def router(pg_host):
+    r = TenantRouter(pg_host, budget=4, pool_size=2, ttl=60, timeout=5)
+    yield r
+    r.close()
+
+
+def count_host_queries(host_db):
+    "A list that grows by one per statement the host engine runs."
+    seen = []
+    sa.event.listen(host_db.engine, 'before_cursor_execute', lambda *a: seen.append(1))
+    return seen
+
+
+def test_routes_each_tenant_to_its_own_database(pg_host, tenants, router):
+    for tid in tenants[:2]:
+        with router.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (%s)", (tid,))
+    for tid in tenants[:2]:
+        with router.connect(tid) as c:
+            assert c.exec_driver_sql("SELECT current_user, current_database()").one() == (f'tenant_{tid}', f'tenant_{tid}')
+            assert [r[0] for r in c.exec_driver_sql("SELECT body FROM notes")] == [tid]
+    db = router.tenant_db(tenants[0])
+    db['notes'].insert(dict(body='via fastsql'))
+    with db.transaction():
+        db['notes'].insert(dict(body='in a transaction'))
+        assert len(db['notes']()) == 3
+    assert sa.make_url(get_db_uri(router.engine(tenants[0]))).password
+
+
+def test_rollback_on_error(tenants, router):
+    with pytest.raises(ZeroDivisionError), router.connect(tenants[0]) as c:
+        c.exec_driver_sql("INSERT INTO notes (body) VALUES ('lost')")
+        1 / 0
+    with router.connect(tenants[0]) as c: assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
+
+
+def test_one_catalog_read_per_miss_none_per_hit(pg_host, tenants, router):
+    seen = count_host_queries(pg_host)
+    for _ in range(50):
+        with router.connect(tenants[0]): pass
+    assert len(seen) == 1
+    router.forget(tenants[0])
+    with router.connect(tenants[0]): pass
+    assert len(seen) == 2
+
+
+def test_budget_holds_and_cold_tenants_are_evicted(pg_server, tenants, router):
+    for tid in tenants:
+        with router.connect(tid) as c: c.exec_driver_sql("SELECT 1")
+        assert tenant_connections(pg_server) <= router.budget
+    assert router.cached == tenants[-2:]
+    assert tenant_connections(pg_server) <= router.budget
+
+
+def test_threads_never_exceed_the_budget(pg_server, tenants, router):
+    peak, stop, errors = [0], threading.Event(), []
+
+    def sample():
+        while not stop.is_set(): peak[0] = max(peak[0], tenant_connections(pg_server))
+
+    def work(i):
+        try:
+            for n in range(40):
+                with router.connect(tenants[(i + n) % len(tenants)]) as c:
+                    assert c.exec_driver_sql("SELECT current_user").scalar() == f'tenant_{tenants[(i + n) % len(tenants)]}'
+        except Exception as e: errors.append(e)
+
+    sampler = threading.Thread(target=sample); sampler.start()
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in workers: t.start()
+    for t in workers: t.join(120)
+    stop.set(); sampler.join()
+    assert errors == [] and 0 < peak[0] <= router.budget
+    assert tenant_connections(pg_server) <= router.budget
+
+
+def test_waits_then_fails_clearly_when_everything_is_busy(pg_host, tenants):
+    r = TenantRouter(pg_host, budget=2, pool_size=2, timeout=0.2)
+    try:
+        with r.connect(tenants[0]), r.connect(tenants[0]):
+            with pytest.raises(TenantPoolExhausted, match='all 2 tenant connections'): r.engine(tenants[1])
+            with pytest.raises(TenantPoolExhausted, match='has all 2 connections in use'): r.engine(tenants[0])
+        with r.connect(tenants[1]) as c: assert c.exec_driver_sql("SELECT 1").scalar() == 1
+    finally: r.close()
+
+
+def test_lifecycle_changes_stop_routing_at_once_in_this_process(pg_host, pg_server, tenants, router):
+    tid = tenants[0]
+    with router.connect(tid): pass
+    suspend_tenant(pg_host, tid)
+    assert tenant_connections(pg_server, f'tenant_{tid}') == 0
+    with pytest.raises(TenantUnavailable, match='suspended') as e: router.engine(tid)
+    assert e.value.status == 'suspended'
+    resume_tenant(pg_host, tid)
+    with pytest.raises(sa.exc.OperationalError), router.connect(tid) as c:
+        deprovision_tenant(pg_host, tid)
+        c.exec_driver_sql("SELECT 1")
+    with pytest.raises(TenantUnavailable, match='deleted'): router.engine(tid)
+    with pytest.raises(TenantNotFound): router.engine('nobody_here')
+
+
+def test_provisioning_tenant_is_not_routed(pg_host, router, monkeypatch):
+    from fh_saas import db_tenant
+    tid = new_id()
+    def crash(a, s):
+        if (a, s) == ('provision', 'role'): raise RuntimeError('crash')
+    monkeypatch.setattr(db_tenant, '_after_step', crash)
+    with pytest.raises(RuntimeError): provision_tenant(pg_host, tid, prepare=prepare)
+    with pytest.raises(TenantUnavailable, match='provisioning'): router.engine(tid)
+
+
+def run_elsewhere(code: str):
+    "Run `code` in a separate Python process (another worker of the app)."
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FH_SAAS_SECRET_KEY=SECRET)
+    subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=60)
+
+
+def test_changes_in_another_process_stop_routing_within_the_ttl(pg_host, pg_url, tenants):
+    tid, ttl = tenants[0], 0.3
+    r = TenantRouter(pg_host, budget=4, pool_size=2, ttl=ttl)
+    try:
+        with r.connect(tid): pass
+        change = ("from fh_saas.db_host import HostDatabase; from fh_saas import db_tenant; "
+                  f"h = HostDatabase({pg_url!r}); db_tenant.{{}}(h, {tid!r}); h.close()")
+        run_elsewhere(change.format('suspend_tenant'))
+
+        def refused():
+            try:
+                with r.connect(tid): return False
+            except TenantUnavailable: return True
+        assert wait_for(refused, timeout=ttl + 5)
+        run_elsewhere(change.format('resume_tenant'))
+        with r.connect(tid) as c: assert c.exec_driver_sql("SELECT current_user").scalar() == f'tenant_{tid}'
+    finally: r.close()
+
+
+def test_sqlite_tenants_within_budget(sqlite_host):
+    ids = [f'acme{i}' for i in range(5)]
+    for tid in ids: provision_tenant(sqlite_host, tid, prepare=prepare)
+    r = TenantRouter(sqlite_host, budget=4, pool_size=2)
+    try:
+        for tid in ids:
+            with r.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (?)", (tid,))
+        assert r.cached == ids[-2:]
+        for tid in ids:
+            with r.connect(tid) as c: assert [x[0] for x in c.exec_driver_sql("SELECT body FROM notes")] == [tid]
+    finally: r.close()
+
+
+def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_host, monkeypatch):
+    provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    r = TenantRouter(sqlite_host, budget=4, pool_size=2)
+    read = r._lookup
+
+    def read_then_suspend(tid):
+        row = read(tid)  # the catalog still says active...
+        monkeypatch.setattr(r, '_lookup', read)
+        suspend_tenant(sqlite_host, tid)  # ...and the tenant is suspended before the router caches it
+        return row
+
+    monkeypatch.setattr(r, '_lookup', read_then_suspend)
+    try:
+        with pytest.raises(TenantUnavailable, match='suspended'), r.connect('acme'): pass
+        assert r.cached == []
+    finally: r.close()
