@@ -6,8 +6,8 @@ Docs: https://fh-saas.github.io/fh_saas/jobs.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'job_handlers', 'enqueue', 'Job', 'claim', 'JobRejected', 'retry_delay', 'heartbeat', 'complete', 'fail',
-           'cancel', 'register_handler', 'job_handler', 'current_job_tenant', 'job_scope', 'period_start', 'Periodic',
-           'schedule', 'Worker', 'main']
+           'cancel', 'register_handler', 'job_handler', 'current_job_tenant', 'job_scope', 'archive_audit_job',
+           'period_start', 'Periodic', 'schedule', 'Worker', 'main']
 
 # %% ../nbs/06_jobs.ipynb #44fa8cee
 import argparse, importlib, json, logging, os, random, re, signal, socket, threading, traceback
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db_host import HostDatabase, SystemJob, jobs_t, timestamp, as_utc, gen_id
-from .audit import AuditContext, audit_context
+from .audit import AuditContext, audit_context, archive_audit_logs
 
 # %% ../nbs/06_jobs.ipynb #51329202
 log = logging.getLogger('fh_saas.jobs')
@@ -173,6 +173,14 @@ def job_scope(job: Job):
             yield job
     finally: _job_tenant.reset(token)
 
+# %% ../nbs/06_jobs.ipynb #b9dd8c03
+@job_handler('audit.archive')
+def archive_audit_job(job: Job) -> dict:
+    "Handler of `audit.archive`: archive audit rows older than `payload['days']` days."
+    days = job.payload.get('days')
+    if not isinstance(days, int) or days < 1: raise JobRejected(f"audit.archive needs a whole number of days >= 1, got {days!r}")
+    return dict(archived=archive_audit_logs(job.host_db, timedelta(days=days)))
+
 # %% ../nbs/06_jobs.ipynb #248696a0
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -266,6 +274,7 @@ def main(argv=None):
     p.add_argument('--concurrency', type=int, default=1, help='jobs run at the same time')
     p.add_argument('--poll', type=float, default=1.0, help='seconds between polls when idle')
     p.add_argument('--lease', type=float, default=30.0, help='seconds a claim lasts without a heartbeat')
+    p.add_argument('--retry-base', type=float, default=5.0, help='seconds before the first retry (doubling after)')
     args = p.parse_args(argv)
     for m in args.modules: importlib.import_module(m)
     if not job_handlers: p.error("no job handlers registered: pass --import <module>")
@@ -273,5 +282,5 @@ def main(argv=None):
     host_db, stop = HostDatabase.from_env(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stop.set())
     log.info("worker on %r: %s", host_db, ', '.join(sorted(job_handlers)))
-    try: Worker(host_db, concurrency=args.concurrency, poll=args.poll, lease=args.lease).run(stop)
+    try: Worker(host_db, concurrency=args.concurrency, poll=args.poll, lease=args.lease, retry_base=args.retry_base).run(stop)
     finally: host_db.close()
