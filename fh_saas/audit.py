@@ -79,7 +79,7 @@ _SQLITE_GUARD = [f"""CREATE TRIGGER IF NOT EXISTS sys_audit_logs_no_{op.lower()}
   BEGIN SELECT RAISE(ABORT, 'sys_audit_logs is append-only ({op} refused)'); END""" for op in ('UPDATE', 'DELETE')]
 
 def _install_guard(conn):
-    if conn.dialect.name == 'postgresql': conn.exec_driver_sql(_PG_GUARD)
+    if conn.dialect.name == 'postgresql': conn.execute(sa.text(_PG_GUARD))  # text(): psycopg2 would read the '%' as a parameter
     else:
         for ddl in _SQLITE_GUARD: conn.exec_driver_sql(ddl)
 
