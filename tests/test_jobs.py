@@ -7,10 +7,31 @@ import pytest
 import sqlalchemy as sa
 
 from fh_saas.audit import audit, audit_events, current_audit_context
-from fh_saas.db_host import as_utc, timestamp, jobs_t
+from fh_saas.db_host import HostDatabase, as_utc, timestamp, jobs_t
 from fh_saas.jobs import (Job, JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
                           heartbeat, retry_delay, schedule)
 from pgserver import wait_for
+
+
+@pytest.fixture(scope='module', params=['sqlite', 'postgresql'])
+def module_url(request, tmp_path_factory):
+    "One host database per backend for this module (creating one per test costs seconds on PostgreSQL)."
+    if request.param == 'sqlite':
+        yield f"sqlite:///{tmp_path_factory.mktemp('jobs') / 'host.db'}"
+        return
+    pg_server = request.getfixturevalue('pg_server')
+    url = pg_server.create_database('jobs')
+    yield url
+    pg_server.drop_database(url)
+
+@pytest.fixture
+def host_db(module_url):
+    "The host database with an empty queue."
+    db = HostDatabase(module_url)
+    db.q("delete from sys_jobs")
+    yield db
+    db.close()
+    HostDatabase.reset_instance()
 
 
 def _jobs(host_db, **where):
