@@ -2,8 +2,10 @@
 
 The bare loop is the floor of what any queue on this table can do: one autocommitted
 `UPDATE sys_jobs ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id` per
-job, no handler, no lease, no completion write. A `Worker` does two transactions per job (claim
-with lease, then complete-if-owned) plus the handler call and the tenant/audit binding.
+job, no handler, no lease, no completion write. `claim()`+`complete()` is the queue API in a loop:
+two transactions per job (claim with lease, then complete-if-owned), each borrowing a pooled
+connection (with its pre-ping). A `Worker` adds the handler call, the tenant/audit binding, the
+heartbeat thread and the idle poll.
 
     python bench/bench_jobs.py [jobs]        # FH_SAAS_BENCH_PG_URL=<superuser url> to use an existing server
 """
@@ -16,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / 'tests'))
 from pgserver import PgServer, start_cluster
 
 from fh_saas.db_host import HostDatabase, gen_id, jobs_t, make_engine, timestamp
-from fh_saas.jobs import Worker
+from fh_saas.jobs import Worker, claim, complete
 
 BARE_CLAIM = sa.text("""
 UPDATE sys_jobs SET status = 'done', locked_by = :w, attempts = attempts + 1
@@ -40,6 +42,12 @@ def bare_loop(url, w):
     with eng.connect().execution_options(isolation_level='AUTOCOMMIT') as c:
         while c.execute(BARE_CLAIM, dict(w=f'bare{w}')).first() is not None: pass
     eng.dispose()
+
+
+def api_loop(url, w):
+    host_db = HostDatabase(url)
+    while (job := claim(host_db, f'api{w}')) is not None: complete(host_db, job)
+    host_db.close()
 
 
 def worker_run(url, w):
@@ -75,9 +83,9 @@ def main(n=2000):
         engine = make_engine(url)
         print(f"{n} no-op jobs per run, PostgreSQL, {os.cpu_count()} CPUs")
         for procs in (1, 4):
-            bare = timed(bare_loop, url, procs, engine, n)
-            work = timed(worker_run, url, procs, engine, n)
-            print(f"{procs} process(es): bare claim loop {bare:7.0f} jobs/s | Worker {work:7.0f} jobs/s | ratio {work / bare:.2f}")
+            bare, api, work = (timed(f, url, procs, engine, n) for f in (bare_loop, api_loop, worker_run))
+            print(f"{procs} process(es): bare claim loop {bare:6.0f} jobs/s | claim()+complete() {api:6.0f} jobs/s "
+                  f"({api / bare:.2f} of bare) | Worker {work:6.0f} jobs/s ({work / bare:.2f} of bare)")
         engine.dispose()
     finally:
         server.drop_database(url)

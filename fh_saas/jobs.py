@@ -10,7 +10,7 @@ __all__ = ['log', 'queue_index', 'jobs_component', 'job_handlers', 'enqueue', 'J
            'job_scope', 'archive_audit_job', 'period_start', 'Periodic', 'schedule', 'Worker', 'main']
 
 # %% ../nbs/06_jobs.ipynb #44fa8cee
-import argparse, importlib, json, logging, os, random, re, signal, socket, threading, traceback
+import argparse, functools, importlib, json, logging, os, random, re, signal, socket, threading, traceback
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, asdict
@@ -85,23 +85,32 @@ def _owned(job: Job):
 def _append_error(old: str | None, line: str, keep: int = 4000) -> str:
     return ((old + '\n') if old else '') [-keep:] + line
 
-def _take(pick, worker_id: str, now: datetime, lease: float):
-    c = jobs_t.c
+def _take(pick):
+    "Lease the first row of `pick` (skipping rows other claims hold): one `UPDATE ... RETURNING`."
+    c, ts = jobs_t.c, jobs_t.c.started_at.type
+    now = sa.bindparam('now', type_=ts)
     return (jobs_t.update().where(c.id == pick.limit(1).with_for_update(skip_locked=True).scalar_subquery())
-            .values(status='running', locked_by=worker_id, attempts=c.attempts + 1, started_at=timestamp(now),
-                    heartbeat_at=timestamp(now), lease_until=timestamp(now + timedelta(seconds=lease)))
+            .values(status='running', locked_by=sa.bindparam('worker_id'), attempts=c.attempts + 1, started_at=now,
+                    heartbeat_at=now, lease_until=sa.bindparam('lease_until', type_=ts))
             .returning(*jobs_t.c))
+
+@functools.cache
+def _claim_statements(typed: bool) -> tuple:
+    "Built once: expired leases first, then due queued jobs in queue order."
+    c, now = jobs_t.c, sa.bindparam('now')
+    only = [c.job_type.in_(sa.bindparam('types', expanding=True))] if typed else []
+    expired = sa.select(c.id).where(c.status == _RUNNING, c.lease_until < now, *only).order_by(c.lease_until)
+    due = sa.select(c.id).where(c.status == _QUEUED, c.run_at <= now, *only).order_by(c.priority.desc(), c.run_at, c.id)
+    return _take(expired), _take(due)
 
 def claim(host_db: HostDatabase, worker_id: str, types: list[str] | None = None, lease: float = 30.0) -> Job | None:
     "Lease the next due job (of `types`, default any) to `worker_id` for `lease` seconds; `None` when there is none."
     c, now = jobs_t.c, _now()
-    typed = [] if types is None else [c.job_type.in_(list(types))]
-    expired = sa.select(c.id).where(c.status == _RUNNING, c.lease_until < timestamp(now), *typed).order_by(c.lease_until)
-    due = (sa.select(c.id).where(c.status == _QUEUED, c.run_at <= timestamp(now), *typed)
-           .order_by(c.priority.desc(), c.run_at, c.id))
+    params = dict(now=timestamp(now), worker_id=worker_id, lease_until=timestamp(now + timedelta(seconds=lease)))
+    if types is not None: params['types'] = list(types)
     with host_db.transaction() as conn:
-        for pick in (expired, due):
-            while (r := conn.execute(_take(pick, worker_id, now, lease)).one_or_none()) is not None:
+        for take in _claim_statements(types is not None):
+            while (r := conn.execute(take, params).one_or_none()) is not None:
                 if r.attempts <= r.max_attempts:
                     return Job(r.id, r.job_type, json.loads(r.payload or '{}'), r.tenant_id, r.attempts, r.max_attempts,
                                worker_id, lease, host_db)

@@ -98,11 +98,13 @@ def test_enqueue_rolls_back_with_its_transaction(host_db):
 
 
 def test_expired_lease_is_reclaimed_and_the_stale_owner_is_fenced_off(host_db):
+    live = enqueue(host_db, 'test.live')
+    assert claim(host_db, 'w0', ['test.live'], lease=30).id == live.id
+    assert claim(host_db, 'w2', ['test.live']) is None, "a live lease is not claimable"
     j = enqueue(host_db, 'test.lease', max_attempts=3)
-    stale = claim(host_db, 'w1', lease=0.05)
-    assert claim(host_db, 'w2') is None, "a live lease is not claimable"
+    stale = claim(host_db, 'w1', ['test.lease'], lease=0.05)
     time.sleep(0.1)
-    fresh = claim(host_db, 'w1', lease=30)  # same worker name: only the attempt number tells the claims apart
+    fresh = claim(host_db, 'w1', ['test.lease'], lease=30)  # same worker name: only the attempt number tells the claims apart
     assert (fresh.id, fresh.attempts) == (j.id, 2)
     assert not heartbeat(host_db, stale) and not complete(host_db, stale) and fail(host_db, stale, 'late') is None
     assert complete(host_db, fresh, dict(n=1))
@@ -211,10 +213,10 @@ def test_heartbeats_keep_a_long_job_from_being_taken(host_db):
     started, stolen = threading.Event(), []
     def long(job):
         started.set()
-        for _ in range(10):
+        for _ in range(20):
             time.sleep(0.1)
             if (other := claim(host_db, 'thief', lease=30)) is not None: stolen.append(other.id)
-    _run_worker(Worker(host_db, {'test.long': long}, poll=0.01, lease=0.3),
+    _run_worker(Worker(host_db, {'test.long': long}, poll=0.01, lease=1.0),  # the job runs for twice its lease
                 lambda: host_db.system_jobs[j.id].status == 'done')
     assert started.is_set() and stolen == [] and host_db.system_jobs[j.id].attempts == 1
 
