@@ -235,3 +235,10 @@ def test_graceful_stop_finishes_the_job_in_hand(host_db):
     stop.set(); t.join(10)
     assert not t.is_alive()
     assert sorted(r.status for r in _jobs(host_db, job_type='test.slow')) == ['done', 'queued']
+
+
+def test_a_broken_worker_stops_and_raises_instead_of_limping_on(host_db):
+    worker = Worker(host_db, {'test.x': lambda job: None}, concurrency=2, poll=0.01,
+                    schedules=[Periodic('Not A Type', timedelta(hours=1))])
+    with pytest.raises(RuntimeError, match='worker thread crashed') as e: worker.run(threading.Event())
+    assert 'bad job type' in str(e.value.__cause__)
