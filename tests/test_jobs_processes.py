@@ -1,4 +1,4 @@
-"""Worker processes against a real PostgreSQL server: contention, kill -9 mid-job, a server restart under load.
+"""Worker processes: contention, kill -9 mid-job and a server restart under load on PostgreSQL; SIGTERM and SQLite.
 
 Workers are started through the real `fh-saas worker` entry point (`fh_saas.jobs.main`) with the
 handlers of `jobs_helpers`, and stopped with SIGTERM.
@@ -11,9 +11,6 @@ import sqlalchemy as sa
 from fh_saas.db_host import jobs_t, make_engine
 from jobs_helpers import counts, create_tables, effects_t, runs_t, start_worker, stop_workers
 from pgserver import start_cluster, wait_for
-
-pytestmark = pytest.mark.postgres
-
 
 def _enqueue(url, n, job_type='test.effect', **kw):
     "Enqueue `n` jobs through a HostDatabase of our own (the workers have theirs)."
@@ -31,15 +28,41 @@ def _statuses(engine):
 def _logs(tmp_path):
     return '\n'.join(p.read_text(errors='replace')[-3000:] for p in sorted(tmp_path.glob('worker*.log')))
 
+def _prepared(url):
+    _enqueue(url, 0)  # creates the host schema
+    eng = make_engine(url)
+    create_tables(eng)
+    return eng
+
 @pytest.fixture
 def engine(pg_url):
-    _enqueue(pg_url, 0)  # creates the host schema
-    eng = make_engine(pg_url)
-    create_tables(eng)
+    eng = _prepared(pg_url)
     yield eng
     eng.dispose()
 
 
+def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(sqlite_url, tmp_path):
+    eng = _prepared(sqlite_url)
+    [slow] = _enqueue(sqlite_url, 1, payload=dict(pause=1.5), priority=1)
+    _enqueue(sqlite_url, 40)
+    procs = [start_worker(sqlite_url, tmp_path / f'worker{i}.log', '--poll', '0.05') for i in range(2)]
+    try:
+        assert wait_for(lambda: counts(eng)['runs'] >= 1, 30), _logs(tmp_path)
+        with eng.connect() as c: holder = c.execute(sa.select(jobs_t.c.locked_by).where(jobs_t.c.id == slow)).scalar()
+        pid = int(holder.rsplit(':', 2)[1])
+        [slow_proc] = [p for p in procs if p.pid == pid]
+        slow_proc.send_signal(signal.SIGTERM)  # mid-job: it must finish the job, then exit
+        assert slow_proc.wait(30) == 0, _logs(tmp_path)
+        assert _statuses(eng).get('done', 0) >= 1 and counts(eng)['effects'] >= 1
+        with eng.connect() as c: assert c.execute(sa.select(jobs_t.c.status).where(jobs_t.c.id == slow)).scalar() == 'done'
+        assert wait_for(lambda: _statuses(eng).get('done') == 41, 60), _logs(tmp_path)
+    finally: codes = stop_workers(procs)
+    assert codes == [0, 0]
+    assert counts(eng) == dict(runs=41, run_jobs=41, effects=41, counter=41)
+    eng.dispose()
+
+
+@pytest.mark.postgres
 def test_four_worker_processes_run_each_of_200_jobs_exactly_once(pg_url, engine, tmp_path):
     ids = _enqueue(pg_url, 200, payload=dict(pause=0.002), tenant_id='acme')
     procs = [start_worker(pg_url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05') for i in range(4)]
@@ -55,6 +78,7 @@ def test_four_worker_processes_run_each_of_200_jobs_exactly_once(pg_url, engine,
     assert len(workers) >= 2, "the work was shared between processes"
 
 
+@pytest.mark.postgres
 def test_kill_9_mid_job_resumes_on_another_worker_without_repeating_steps(pg_url, engine, tmp_path):
     [job_id] = _enqueue(pg_url, 1, 'test.steps', payload=dict(steps=8, pause=0.25))
     a = start_worker(pg_url, tmp_path / 'worker_a.log', '--lease', '1', '--poll', '0.05')
@@ -75,6 +99,7 @@ def test_kill_9_mid_job_resumes_on_another_worker_without_repeating_steps(pg_url
     assert json.loads(job.result) == dict(applied=list(range(done_by_a, 8)))
 
 
+@pytest.mark.postgres
 def test_database_restart_under_load_completes_every_job_once(tmp_path):
     server = start_cluster()
     try:
