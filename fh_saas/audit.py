@@ -64,24 +64,31 @@ def audit(host_db: HostDatabase, event_type: str, target_id: str | None = None, 
     return host_db.audit_logs.insert(row)
 
 # %% ../nbs/07_audit.ipynb #09308fb8
-_PG_GUARD = """
+_PG_GUARD_FN = """
 CREATE OR REPLACE FUNCTION fh_saas_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF TG_OP = 'DELETE' AND current_setting('fh_saas.audit_archive', true) = 'on' THEN RETURN OLD; END IF;
-  RAISE EXCEPTION 'sys_audit_logs is append-only (% refused)', TG_OP USING ERRCODE = 'insufficient_privilege';
+  RAISE EXCEPTION '% is append-only (% refused)', TG_TABLE_NAME, TG_OP USING ERRCODE = 'insufficient_privilege';
 END $$;
-DROP TRIGGER IF EXISTS sys_audit_logs_append_only ON sys_audit_logs;
-CREATE TRIGGER sys_audit_logs_append_only BEFORE UPDATE OR DELETE ON sys_audit_logs
-  FOR EACH ROW EXECUTE FUNCTION fh_saas_audit_append_only();
 """
 
-_SQLITE_GUARD = [f"""CREATE TRIGGER IF NOT EXISTS sys_audit_logs_no_{op.lower()} BEFORE {op} ON sys_audit_logs
-  BEGIN SELECT RAISE(ABORT, 'sys_audit_logs is append-only ({op} refused)'); END""" for op in ('UPDATE', 'DELETE')]
+def _pg_guard(table: str) -> str:
+    return f"""DROP TRIGGER IF EXISTS {table}_append_only ON {table};
+CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}
+  FOR EACH ROW EXECUTE FUNCTION fh_saas_audit_append_only();"""
 
-def _install_guard(conn):
-    if conn.dialect.name == 'postgresql': conn.execute(sa.text(_PG_GUARD))  # text(): psycopg2 would read the '%' as a parameter
-    else:
-        for ddl in _SQLITE_GUARD: conn.exec_driver_sql(ddl)
+def _sqlite_guard(table: str, op: str) -> str:
+    return f"""CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table}
+  BEGIN SELECT RAISE(ABORT, '{table} is append-only ({op} refused)'); END"""
+
+def _install_guard(table: str):
+    "Upgrade step: make `table` append-only."
+    def step(conn):
+        if conn.dialect.name == 'postgresql':
+            conn.execute(sa.text(_PG_GUARD_FN + _pg_guard(table)))  # text(): psycopg2 would read the '%' as a parameter
+        else:
+            for op in ('UPDATE', 'DELETE'): conn.exec_driver_sql(_sqlite_guard(table, op))
+    return step
 
 # %% ../nbs/07_audit.ipynb #d62f79be
 audit_metadata = sa.MetaData()
@@ -91,7 +98,8 @@ archive_t = sa.Table('sys_audit_logs_archive', audit_metadata,
 sa.Index('ix_sys_audit_logs_archive_tenant_created', archive_t.c.tenant_id, archive_t.c.created_at)
 sa.Index('ix_sys_audit_logs_archive_created', archive_t.c.created_at)
 
-audit_component = register_component(HostComponent('audit', audit_metadata, 2, [archive_t], steps={1: _install_guard}))
+audit_component = register_component(HostComponent('audit', audit_metadata, 2, [archive_t],
+    steps={1: _install_guard('sys_audit_logs'), 2: _install_guard('sys_audit_logs_archive')}))
 
 def _cutoff(older_than) -> str:
     if isinstance(older_than, timedelta): return timestamp(datetime.now(timezone.utc) - older_than)
@@ -114,7 +122,7 @@ def archive_audit_logs(host_db: HostDatabase, older_than: datetime | str | timed
         n = conn.execute(archive_t.insert().from_select([*cols, 'archived_at'], rows)).rowcount
         deleted = conn.execute(sa.delete(audit_t).where(old)).rowcount
         if deleted != n: raise RuntimeError(f"archived {n} audit rows but deleted {deleted}: rolled back")
-        conn.exec_driver_sql(_SQLITE_GUARD[1])
+        conn.exec_driver_sql(_sqlite_guard('sys_audit_logs', 'DELETE'))
         return n
 
 # %% ../nbs/07_audit.ipynb #615a4541

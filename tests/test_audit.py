@@ -61,6 +61,9 @@ def test_archival_moves_old_rows_in_one_transaction(host_db):
     assert archive_audit_logs(host_db, _at(6)) == 0
     assert archive_audit_logs(host_db, timedelta(days=1)) == 4 and audit_events(host_db)[0].id == recent.id
     with pytest.raises(sa.exc.DBAPIError, match='append-only'): host_db.q("delete from sys_audit_logs")
+    for sql in ["update sys_audit_logs_archive set target_id = 'x'", "delete from sys_audit_logs_archive"]:
+        with pytest.raises(sa.exc.DBAPIError, match=r'sys_audit_logs_archive is append-only'): host_db.q(sql)
+    assert _counts(host_db) == (1, 10)
 
 
 def test_failed_archival_loses_nothing_and_keeps_the_guard(host_db):
@@ -124,6 +127,25 @@ def test_postgres_archival_during_concurrent_writes_loses_no_row(pg_url):
         for t in threads: t.join()
         moved += archive_audit_logs(host_db, _at(1))
         assert moved == len(written) > 0 and _counts(host_db) == (0, len(written))
+    finally:
+        host_db.close()
+        HostDatabase.reset_instance()
+
+
+def test_a_host_database_at_audit_v1_gains_the_guarded_archive(sqlite_url):
+    from fh_saas import audit as audit_mod
+    from fh_saas.db_host import HOST_SCHEMA_STEPS, HOST_SCHEMA_VERSION, HostDatabase, host_metadata, make_engine, upgrade_schema
+    eng = make_engine(sqlite_url)
+    upgrade_schema(eng, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
+    upgrade_schema(eng, 'audit', sa.MetaData(), 1, {1: audit_mod._install_guard('sys_audit_logs')}, [])
+    assert not sa.inspect(eng).has_table('sys_audit_logs_archive')
+    eng.dispose()
+    host_db = HostDatabase(sqlite_url)
+    try:
+        audit(host_db, 'auth.login', created_at=_at(0))
+        assert archive_audit_logs(host_db, _at(1)) == 1
+        with pytest.raises(sa.exc.DBAPIError, match='sys_audit_logs_archive is append-only'):
+            host_db.q("delete from sys_audit_logs_archive")
     finally:
         host_db.close()
         HostDatabase.reset_instance()
