@@ -86,23 +86,19 @@ def _owned(job: Job):
 def _append_error(old: str | None, line: str, keep: int = 4000) -> str:
     return ((old + '\n') if old else '') [-keep:] + line
 
-def _take(pick):
-    "Lease the first row of `pick` (skipping rows other claims hold): one `UPDATE ... RETURNING`."
+def _first_unheld(pick): return pick.limit(1).with_for_update(skip_locked=True).scalar_subquery()
+
+@functools.cache
+def _claim_statement(typed: bool):
+    "Built once: lease the first expired job, else the first due one, skipping rows other claims hold."
     c, ts = jobs_t.c, jobs_t.c.started_at.type
-    now = sa.bindparam('now', type_=ts)
-    return (jobs_t.update().where(c.id == pick.limit(1).with_for_update(skip_locked=True).scalar_subquery())
+    now, only = sa.bindparam('now', type_=ts), [c.job_type.in_(sa.bindparam('types', expanding=True))] if typed else []
+    expired = sa.select(c.id).where(c.status == _RUNNING, c.lease_until < now, *only).order_by(c.lease_until)
+    due = sa.select(c.id).where(c.status == _QUEUED, c.run_at <= now, *only).order_by(c.priority.desc(), c.run_at, c.id)
+    return (jobs_t.update().where(c.id == sa.func.coalesce(_first_unheld(expired), _first_unheld(due)))
             .values(status='running', locked_by=sa.bindparam('worker_id'), attempts=c.attempts + 1, started_at=now,
                     heartbeat_at=now, lease_until=sa.bindparam('lease_until', type_=ts))
             .returning(*jobs_t.c))
-
-@functools.cache
-def _claim_statements(typed: bool) -> tuple:
-    "Built once: expired leases first, then due queued jobs in queue order."
-    c, now = jobs_t.c, sa.bindparam('now')
-    only = [c.job_type.in_(sa.bindparam('types', expanding=True))] if typed else []
-    expired = sa.select(c.id).where(c.status == _RUNNING, c.lease_until < now, *only).order_by(c.lease_until)
-    due = sa.select(c.id).where(c.status == _QUEUED, c.run_at <= now, *only).order_by(c.priority.desc(), c.run_at, c.id)
-    return _take(expired), _take(due)
 
 def claim(host_db: HostDatabase, worker_id: str, types: list[str] | None = None, lease: float = 30.0) -> Job | None:
     "Lease the next due job (of `types`, default any) to `worker_id` for `lease` seconds; `None` when there is none."
@@ -110,15 +106,14 @@ def claim(host_db: HostDatabase, worker_id: str, types: list[str] | None = None,
     params = dict(now=timestamp(now), worker_id=worker_id, lease_until=timestamp(now + timedelta(seconds=lease)))
     if types is not None: params['types'] = list(types)
     with host_db.transaction() as conn:
-        for take in _claim_statements(types is not None):
-            while (r := conn.execute(take, params).one_or_none()) is not None:
-                if r.attempts <= r.max_attempts:
-                    return Job(r.id, r.job_type, json.loads(r.payload or '{}'), r.tenant_id, r.attempts, r.max_attempts,
-                               worker_id, lease, host_db)
-                note = f"{timestamp(now)} lease expired on attempt {r.attempts - 1} of {r.max_attempts}: dead"
-                conn.execute(jobs_t.update().where(c.id == r.id).values(
-                    status='dead', locked_by=None, lease_until=None, completed_at=timestamp(now),
-                    attempts=r.max_attempts, error_log=_append_error(r.error_log, note)))
+        while (r := conn.execute(_claim_statement(types is not None), params).one_or_none()) is not None:
+            if r.attempts <= r.max_attempts:
+                return Job(r.id, r.job_type, json.loads(r.payload or '{}'), r.tenant_id, r.attempts, r.max_attempts,
+                           worker_id, lease, host_db)
+            note = f"{timestamp(now)} lease expired on attempt {r.attempts - 1} of {r.max_attempts}: dead"
+            conn.execute(jobs_t.update().where(c.id == r.id).values(
+                status='dead', locked_by=None, lease_until=None, completed_at=timestamp(now),
+                attempts=r.max_attempts, error_log=_append_error(r.error_log, note)))
     return None
 
 # %% ../nbs/06_jobs.ipynb #761d419d
