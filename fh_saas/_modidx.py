@@ -146,4 +146,6 @@ d = { 'settings': { 'branch': 'main',
                               'fh_saas.jobs.period_start': ('jobs.html#period_start', 'fh_saas/jobs.py'),
                               'fh_saas.jobs.register_handler': ('jobs.html#register_handler', 'fh_saas/jobs.py'),
                               'fh_saas.jobs.retry_delay': ('jobs.html#retry_delay', 'fh_saas/jobs.py'),
-                              'fh_saas.jobs.schedule': ('jobs.html#schedule', 'fh_saas/jobs.py')}}}
+                              'fh_saas.jobs.run_worker': ('jobs.html#run_worker', 'fh_saas/jobs.py'),
+                              'fh_saas.jobs.schedule': ('jobs.html#schedule', 'fh_saas/jobs.py'),
+                              'fh_saas.jobs.worker_arguments': ('jobs.html#worker_arguments', 'fh_saas/jobs.py')}}}

@@ -7,7 +7,8 @@ Docs: https://fh-saas.github.io/fh_saas/jobs.html.md"""
 # %% auto #0
 __all__ = ['queue_index', 'jobs_component', 'job_handlers', 'enqueue', 'Job', 'claim', 'JobRejected', 'retry_delay', 'heartbeat',
            'complete', 'fail', 'cancel', 'register_handler', 'job_handler', 'current_job_tenant', 'job_scope',
-           'archive_audit_job', 'period_start', 'Periodic', 'schedule', 'Worker', 'main']
+           'archive_audit_job', 'period_start', 'Periodic', 'schedule', 'Worker', 'worker_arguments', 'run_worker',
+           'main']
 
 # %% ../nbs/06_jobs.ipynb #44fa8cee
 import argparse, functools, importlib, json, logging, os, random, re, signal, socket, threading, traceback
@@ -291,15 +292,17 @@ class Worker:
                 except sa.exc.DBAPIError as e: _log.warning("heartbeat of job %s failed: %s", job.id, _reason(e))
 
 # %% ../nbs/06_jobs.ipynb #9c7255bd
-def main(argv=None):
-    "Entry point of `fh-saas worker`."
-    p = argparse.ArgumentParser(prog='fh-saas worker', description='run background jobs from the host database')
+def worker_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add the `fh-saas worker` options to `p` (the CLI's `worker` sub-command uses this too)."
     p.add_argument('--import', dest='modules', action='append', default=[], help='module registering job handlers (repeatable)')
     p.add_argument('--concurrency', type=int, default=1, help='jobs run at the same time')
     p.add_argument('--poll', type=float, default=1.0, help='seconds between polls when idle')
     p.add_argument('--lease', type=float, default=30.0, help='seconds a claim lasts without a heartbeat')
     p.add_argument('--retry-base', type=float, default=5.0, help='seconds before the first retry (doubling after)')
-    args = p.parse_args(argv)
+    return p
+
+def run_worker(args: argparse.Namespace):
+    "Run a worker with parsed `worker_arguments` on the `DB_*` host database until SIGTERM/SIGINT."
     for m in args.modules: importlib.import_module(m)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     host_db, stop = HostDatabase.from_env(), threading.Event()
@@ -307,3 +310,7 @@ def main(argv=None):
     _log.info("worker on %r: %s", host_db, ', '.join(sorted(job_handlers)))
     try: Worker(host_db, concurrency=args.concurrency, poll=args.poll, lease=args.lease, retry_base=args.retry_base).run(stop)
     finally: host_db.close()
+
+def main(argv=None):
+    "Entry point of `fh-saas worker` on its own (`python -c 'from fh_saas.jobs import main; main()' ...`)."
+    run_worker(worker_arguments(argparse.ArgumentParser(prog='fh-saas worker', description='run background jobs')).parse_args(argv))
