@@ -45,6 +45,7 @@ def enqueue(host_db: HostDatabase, job_type: str, payload: dict | None = None, t
     "Queue a `job_type` job (in the current transaction); with `dedupe_key`, the job already holding that key if any."
     if not _JOB_TYPE.fullmatch(job_type or ''): raise ValueError(f"bad job type {job_type!r}")
     if max_attempts < 1: raise ValueError("max_attempts must be at least 1")
+    if not isinstance(payload, dict | None): raise ValueError(f"job payload must be a dict, got {type(payload).__name__}")
     try: body = json.dumps(payload or {}, sort_keys=True)
     except TypeError as e: raise ValueError(f"job payload must be JSON: {e}") from None
     values = dict(id=gen_id(), job_type=job_type, status='queued', payload=body, tenant_id=tenant_id,
@@ -123,7 +124,7 @@ class JobRejected(Exception):
 
 def retry_delay(attempts: int, base: float = 5.0, cap: float = 3600.0) -> float:
     "Seconds to wait before retrying after failed attempt number `attempts`: `base*2**(attempts-1)` capped, half of it jittered."
-    d = min(cap, base * 2 ** (attempts - 1))
+    d = min(cap, base * 2 ** min(attempts - 1, 60))
     return d / 2 + random.uniform(0, d / 2)
 
 def heartbeat(host_db: HostDatabase, job: Job) -> bool:

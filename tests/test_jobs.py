@@ -84,6 +84,7 @@ def test_bad_input_is_refused_and_writes_nothing(host_db):
     for bad in ['', 'Tenant.Provision', 'x', 'a;drop table sys_jobs', 'a' * 70]:
         with pytest.raises(ValueError, match='bad job type'): enqueue(host_db, bad)
     with pytest.raises(ValueError, match='must be JSON'): enqueue(host_db, 'test.bad', dict(x=object()))
+    with pytest.raises(ValueError, match='must be a dict'): enqueue(host_db, 'test.bad', 'tenant=acme')
     with pytest.raises(ValueError, match='max_attempts'): enqueue(host_db, 'test.bad', max_attempts=0)
     with pytest.raises(ValueError, match='no time zone'): enqueue(host_db, 'test.bad', run_at='2026-01-01T00:00:00')
     assert host_db.system_jobs.count == 0
@@ -138,7 +139,7 @@ def test_failures_back_off_exponentially_then_die(host_db):
     assert 4 <= delays[0] <= 10 and 9 <= delays[1] <= 20
     assert [l.split(': ', 1)[1] for l in row.error_log.splitlines()] == ['boom 1', 'boom 2', 'boom 3']
     assert all(10 * 2 ** (n - 2) <= retry_delay(n, base=10, cap=1e9) <= 10 * 2 ** (n - 1) for n in range(1, 20))
-    assert retry_delay(50, base=10, cap=60) <= 60
+    assert retry_delay(50, base=10, cap=60) <= 60 and retry_delay(10_000) <= 3600
 
 
 def test_cancel_only_what_has_not_started(host_db):
