@@ -98,8 +98,13 @@ archive_t = sa.Table('sys_audit_logs_archive', audit_metadata,
 sa.Index('ix_sys_audit_logs_archive_tenant_created', archive_t.c.tenant_id, archive_t.c.created_at)
 sa.Index('ix_sys_audit_logs_archive_created', archive_t.c.created_at)
 
+def _archive_and_time_order(conn):
+    "Upgrade step 2: guard the archive; index the log by time alone, for unfiltered pages and archival."
+    _install_guard('sys_audit_logs_archive')(conn)
+    conn.exec_driver_sql('CREATE INDEX IF NOT EXISTS ix_sys_audit_logs_created ON sys_audit_logs (created_at)')
+
 audit_component = register_component(HostComponent('audit', audit_metadata, 2, [archive_t],
-    steps={1: _install_guard('sys_audit_logs'), 2: _install_guard('sys_audit_logs_archive')}))
+    steps={1: _install_guard('sys_audit_logs'), 2: _archive_and_time_order}))
 
 def _cutoff(older_than) -> str:
     if isinstance(older_than, timedelta): return timestamp(datetime.now(timezone.utc) - older_than)

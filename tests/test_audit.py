@@ -139,9 +139,11 @@ def test_a_host_database_at_audit_v1_gains_the_guarded_archive(sqlite_url):
     upgrade_schema(eng, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
     upgrade_schema(eng, 'audit', sa.MetaData(), 1, {1: audit_mod._install_guard('sys_audit_logs')}, [])
     assert not sa.inspect(eng).has_table('sys_audit_logs_archive')
+    assert 'ix_sys_audit_logs_created' not in {i['name'] for i in sa.inspect(eng).get_indexes('sys_audit_logs')}
     eng.dispose()
     host_db = HostDatabase(sqlite_url)
     try:
+        assert 'ix_sys_audit_logs_created' in {i['name'] for i in sa.inspect(host_db.engine).get_indexes('sys_audit_logs')}
         audit(host_db, 'auth.login', created_at=_at(0))
         assert archive_audit_logs(host_db, _at(1)) == 1
         with pytest.raises(sa.exc.DBAPIError, match='sys_audit_logs_archive is append-only'):
