@@ -107,7 +107,7 @@ def test_database_restart_under_load_completes_every_job_once(tmp_path):
         _enqueue(url, 0)
         eng = make_engine(url)
         create_tables(eng)
-        _enqueue(url, 200, payload=dict(pause=0.01), max_attempts=20)
+        _enqueue(url, 200, payload=dict(pause=0.05), max_attempts=20)
         procs = [start_worker(url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05',
                               '--lease', '2', '--retry-base', '0.05') for i in range(2)]
         try:
@@ -116,6 +116,7 @@ def test_database_restart_under_load_completes_every_job_once(tmp_path):
             cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w', 'restart']
             if os.geteuid() == 0: cmd = ['runuser', '-u', 'postgres', '--', *cmd]
             server.engine.dispose()
+            assert _statuses(eng).get('done', 0) < 190, "still under load when the server restarts"
             subprocess.run(cmd, check=True, capture_output=True, timeout=60)
             eng.dispose()
             assert wait_for(lambda: _statuses(eng).get('done') == 200, 90), (_statuses(eng), _logs(tmp_path))
