@@ -1,0 +1,245 @@
+"The job queue and worker on both backends: claims under thread contention, leases, retries, tenant binding."
+import json, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from fh_saas.audit import audit, audit_events, current_audit_context
+from fh_saas.db_host import HostDatabase, as_utc, timestamp, jobs_t
+from fh_saas.jobs import (Job, JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
+                          heartbeat, retry_delay, schedule)
+from pgserver import wait_for
+
+
+@pytest.fixture(scope='module', params=['sqlite', 'postgresql'])
+def module_url(request, tmp_path_factory):
+    "One host database per backend for this module (creating one per test costs seconds on PostgreSQL)."
+    if request.param == 'sqlite':
+        yield f"sqlite:///{tmp_path_factory.mktemp('jobs') / 'host.db'}"
+        return
+    pg_server = request.getfixturevalue('pg_server')
+    url = pg_server.create_database('jobs')
+    yield url
+    pg_server.drop_database(url)
+
+@pytest.fixture
+def host_db(module_url):
+    "The host database with an empty queue."
+    db = HostDatabase(module_url)
+    db.q("delete from sys_jobs")
+    yield db
+    db.close()
+    HostDatabase.reset_instance()
+
+
+def _jobs(host_db, **where):
+    c = jobs_t.c
+    with host_db.transaction() as conn:
+        return conn.execute(sa.select(jobs_t).where(*(c[k] == v for k, v in where.items()))).all()
+
+def _run_worker(worker, until, timeout=20):
+    "Run `worker` in a thread until `until()` holds; stop it gracefully and return."
+    stop = threading.Event()
+    t = threading.Thread(target=worker.run, args=(stop,))
+    t.start()
+    try: assert wait_for(until, timeout), "worker did not finish in time"
+    finally:
+        stop.set(); t.join(30)
+    assert not t.is_alive()
+
+
+def test_concurrent_enqueue_with_one_dedupe_key_makes_one_job(host_db):
+    with ThreadPoolExecutor(8) as ex:
+        ids = set(ex.map(lambda i: enqueue(host_db, 'test.once', dict(i=i), dedupe_key='k1').id, range(16)))
+    assert len(ids) == 1 and len(_jobs(host_db, job_type='test.once')) == 1
+
+
+def test_contending_threads_claim_each_job_once(host_db):
+    for i in range(60): enqueue(host_db, 'test.claim', dict(i=i))
+    def drain(w):
+        got = []
+        while (job := claim(host_db, f'w{w}', ['test.claim'])) is not None:
+            got.append(job.id)
+            assert complete(host_db, job)
+        return got
+    with ThreadPoolExecutor(6) as ex: claimed = [j for got in ex.map(drain, range(6)) for j in got]
+    assert len(claimed) == len(set(claimed)) == 60
+    assert {(r.status, r.attempts) for r in _jobs(host_db, job_type='test.claim')} == {('done', 1)}
+
+
+def test_claim_order_priority_then_run_at_and_not_before_run_at(host_db):
+    now = datetime.now(timezone.utc)
+    old = enqueue(host_db, 'test.order', run_at=now - timedelta(minutes=5))
+    new = enqueue(host_db, 'test.order', run_at=now - timedelta(minutes=1))
+    urgent = enqueue(host_db, 'test.order', priority=5)
+    enqueue(host_db, 'test.order', run_at=now + timedelta(minutes=5), priority=100)
+    got = [claim(host_db, 'w', ['test.order']).id for _ in range(3)]
+    assert got == [urgent.id, old.id, new.id]
+    assert claim(host_db, 'w', ['test.order']) is None
+
+
+def test_bad_input_is_refused_and_writes_nothing(host_db):
+    for bad in ['', 'Tenant.Provision', 'x', 'a;drop table sys_jobs', 'a' * 70]:
+        with pytest.raises(ValueError, match='bad job type'): enqueue(host_db, bad)
+    with pytest.raises(ValueError, match='must be JSON'): enqueue(host_db, 'test.bad', dict(x=object()))
+    with pytest.raises(ValueError, match='must be a dict'): enqueue(host_db, 'test.bad', 'tenant=acme')
+    with pytest.raises(ValueError, match='max_attempts'): enqueue(host_db, 'test.bad', max_attempts=0)
+    with pytest.raises(ValueError, match='no time zone'): enqueue(host_db, 'test.bad', run_at='2026-01-01T00:00:00')
+    assert host_db.system_jobs.count == 0
+
+
+def test_enqueue_rolls_back_with_its_transaction(host_db):
+    with pytest.raises(RuntimeError):
+        with host_db.transaction():
+            enqueue(host_db, 'test.tx')
+            raise RuntimeError('the change that asked for the job failed')
+    assert host_db.system_jobs.count == 0
+
+
+def test_expired_lease_is_reclaimed_and_the_stale_owner_is_fenced_off(host_db):
+    live = enqueue(host_db, 'test.live')
+    assert claim(host_db, 'w0', ['test.live'], lease=30).id == live.id
+    assert claim(host_db, 'w2', ['test.live']) is None, "a live lease is not claimable"
+    j = enqueue(host_db, 'test.lease', max_attempts=3)
+    stale = claim(host_db, 'w1', ['test.lease'], lease=0.05)
+    time.sleep(0.1)
+    fresh = claim(host_db, 'w1', ['test.lease'], lease=30)  # same worker name: only the attempt number tells the claims apart
+    assert (fresh.id, fresh.attempts) == (j.id, 2)
+    assert not heartbeat(host_db, stale) and not complete(host_db, stale) and fail(host_db, stale, 'late') is None
+    assert complete(host_db, fresh, dict(n=1))
+    row = host_db.system_jobs[j.id]
+    assert (row.status, row.attempts, json.loads(row.result), row.error_log) == ('done', 2, dict(n=1), None)
+
+
+def test_lease_expiring_on_the_last_attempt_makes_the_job_dead(host_db):
+    j = enqueue(host_db, 'test.lease', max_attempts=1)
+    assert claim(host_db, 'w1', lease=0.05).attempts == 1
+    other = enqueue(host_db, 'test.lease')
+    time.sleep(0.1)
+    assert claim(host_db, 'w2').id == other.id, "the dead job is skipped in the same claim"
+    row = host_db.system_jobs[j.id]
+    assert (row.status, row.attempts, row.locked_by) == ('dead', 1, None) and 'lease expired' in row.error_log
+
+
+def test_failures_back_off_exponentially_then_die(host_db):
+    j = enqueue(host_db, 'test.fail', max_attempts=3)
+    delays = []
+    for attempt in (1, 2, 3):
+        host_db.q("update sys_jobs set run_at = :t where id = :i", t=timestamp(), i=j.id)
+        job = claim(host_db, 'w', ['test.fail'])
+        assert job.attempts == attempt
+        status = fail(host_db, job, f'boom {attempt}', base=10)
+        row = host_db.system_jobs[j.id]
+        if attempt < 3:
+            assert status == row.status == 'queued'
+            delays.append((as_utc(row.run_at) - datetime.now(timezone.utc)).total_seconds())
+    assert status == row.status == 'dead' and row.completed_at is not None
+    assert 4 <= delays[0] <= 10 and 9 <= delays[1] <= 20
+    assert [l.split(': ', 1)[1] for l in row.error_log.splitlines()] == ['boom 1', 'boom 2', 'boom 3']
+    assert all(10 * 2 ** (n - 2) <= retry_delay(n, base=10, cap=1e9) <= 10 * 2 ** (n - 1) for n in range(1, 20))
+    assert retry_delay(50, base=10, cap=60) <= 60 and retry_delay(10_000) <= 3600
+
+
+def test_cancel_only_what_has_not_started(host_db):
+    queued, running = enqueue(host_db, 'test.cancel'), enqueue(host_db, 'test.cancel', priority=1)
+    job = claim(host_db, 'w')
+    assert job.id == running.id and not cancel(host_db, running.id)
+    assert cancel(host_db, queued.id) and not cancel(host_db, queued.id)
+    assert claim(host_db, 'w') is None and host_db.system_jobs[queued.id].status == 'canceled'
+
+
+def test_periodic_job_is_enqueued_once_per_period_by_many_workers(host_db):
+    t = datetime(2026, 5, 1, 12, 30, tzinfo=timezone.utc)
+    with ThreadPoolExecutor(6) as ex:
+        ids = set(ex.map(lambda i: schedule(host_db, 'test.sweep', timedelta(hours=1), now=t + timedelta(minutes=i)).id, range(12)))
+    assert len(ids) == 1
+    schedule(host_db, 'test.sweep', timedelta(hours=1), now=t + timedelta(hours=1))
+    schedule(host_db, 'test.sweep', timedelta(hours=1), tenant_id='acme', now=t)
+    assert len(_jobs(host_db, job_type='test.sweep')) == 3
+
+
+def test_workers_with_schedules_enqueue_one_job_per_period(host_db):
+    seen = []
+    handlers = {'test.tick': lambda job: seen.append(job.id)}
+    workers = [Worker(host_db, handlers, poll=0.01, schedules=[Periodic('test.tick', timedelta(days=1))]) for _ in range(3)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    for t in threads: t.start()
+    assert wait_for(lambda: seen, 10)
+    time.sleep(0.1)  # further polls of all three workers
+    stop.set()
+    for t in threads: t.join(10)
+    assert len(seen) == 1 and len(_jobs(host_db, job_type='test.tick')) == 1
+
+
+def test_each_job_sees_only_its_own_tenant(host_db):
+    tenants = ['acme', 'globex', None, 'initech', 'umbrella']
+    jobs = {enqueue(host_db, 'test.tenant', dict(i=i), tenant_id=tenants[i % 5]).id: tenants[i % 5] for i in range(40)}
+    seen = {}
+    def handler(job):
+        time.sleep(0.002)
+        seen[job.id] = (current_job_tenant(), current_audit_context())
+        audit(host_db, 'test.job_ran', target_id=job.id)
+    _run_worker(Worker(host_db, {'test.tenant': handler}, concurrency=4, poll=0.01),
+                lambda: len(_jobs(host_db, job_type='test.tenant', status='done')) == 40)
+    assert {j: t for j, (t, _) in seen.items()} == jobs
+    assert all(ctx.request_id == f'job:{j}' and ctx.tenant_id == jobs[j] and ctx.actor_user_id is None
+               for j, (_, ctx) in seen.items())
+    rows = audit_events(host_db, event_type='test.job_ran', limit=100)
+    assert len(rows) == 40 and all(r.tenant_id == jobs[r.target_id] and r.request_id == f'job:{r.target_id}' for r in rows)
+    assert current_job_tenant() is None
+
+
+def test_worker_retries_failures_and_rejects_hopeless_jobs(host_db):
+    tries = {}
+    def flaky(job):
+        tries[job.id] = tries.get(job.id, 0) + 1
+        if job.attempts < 3: raise ConnectionError(f'upstream down (try {job.attempts})')
+        return dict(ok=job.attempts)
+    def hopeless(job): raise JobRejected('tenant does not exist')
+    ok, bad = enqueue(host_db, 'test.flaky'), enqueue(host_db, 'test.hopeless')
+    _run_worker(Worker(host_db, {'test.flaky': flaky, 'test.hopeless': hopeless}, poll=0.01, retry_base=0.02),
+                lambda: {r.status for r in _jobs(host_db)} <= {'done', 'dead'})
+    row = host_db.system_jobs[ok.id]
+    assert (row.status, row.attempts, json.loads(row.result), tries[ok.id]) == ('done', 3, dict(ok=3), 3)
+    assert 'ConnectionError: upstream down (try 2)' in row.error_log
+    row = host_db.system_jobs[bad.id]
+    assert (row.status, row.attempts) == ('dead', 1) and 'rejected: tenant does not exist' in row.error_log
+
+
+def test_heartbeats_keep_a_long_job_from_being_taken(host_db):
+    j = enqueue(host_db, 'test.long')
+    started, stolen = threading.Event(), []
+    def long(job):
+        started.set()
+        for _ in range(20):
+            time.sleep(0.1)
+            if (other := claim(host_db, 'thief', lease=30)) is not None: stolen.append(other.id)
+    _run_worker(Worker(host_db, {'test.long': long}, poll=0.01, lease=1.0),  # the job runs for twice its lease
+                lambda: host_db.system_jobs[j.id].status == 'done')
+    assert started.is_set() and stolen == [] and host_db.system_jobs[j.id].attempts == 1
+
+
+def test_graceful_stop_finishes_the_job_in_hand(host_db):
+    j = enqueue(host_db, 'test.slow')
+    enqueue(host_db, 'test.slow', run_at=datetime.now(timezone.utc))
+    started = threading.Event()
+    def slow(job):
+        started.set()
+        time.sleep(0.3)
+    stop = threading.Event()
+    t = threading.Thread(target=Worker(host_db, {'test.slow': slow}, poll=0.01).run, args=(stop,))
+    t.start()
+    assert started.wait(10)
+    stop.set(); t.join(10)
+    assert not t.is_alive()
+    assert sorted(r.status for r in _jobs(host_db, job_type='test.slow')) == ['done', 'queued']
+
+
+def test_a_broken_worker_stops_and_raises_instead_of_limping_on(host_db):
+    worker = Worker(host_db, {'test.x': lambda job: None}, concurrency=2, poll=0.01,
+                    schedules=[Periodic('Not A Type', timedelta(hours=1))])
+    with pytest.raises(RuntimeError, match='worker thread crashed') as e: worker.run(threading.Event())
+    assert 'bad job type' in str(e.value.__cause__)
