@@ -329,12 +329,13 @@ def _sqlite_setup(engine):
     def _begin(conn): conn.exec_driver_sql('BEGIN IMMEDIATE')
 
 def make_engine(url, pool_size: int | None = None, max_overflow: int | None = None, **kw) -> sa.Engine:
-    "An engine for `url` with fh_saas's pool and SQLite settings."
+    "An engine for `url` with fh_saas's pool and SQLite settings (a given `poolclass`, e.g. `NullPool`, replaces the pool)."
     url = make_url(url)
     if url.get_backend_name() == 'sqlite':
         eng = sa.create_engine(url, **kw)
         _sqlite_setup(eng)
         return eng
+    if 'poolclass' in kw: return sa.create_engine(url, pool_pre_ping=True, **kw)
     env = os.environ
     return sa.create_engine(url, pool_size=pool_size or int(env.get('DB_POOL_SIZE', 10)),
                             max_overflow=max_overflow if max_overflow is not None else int(env.get('DB_MAX_OVERFLOW', 10)),

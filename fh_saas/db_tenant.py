@@ -9,8 +9,8 @@ __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB',
            'tenant_db_name', 'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'secret_key', 'role_password',
            'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url', 'tenant_row',
            'tenant_url', 'catalog_entry', 'entry_url', 'tenant_dir', 'SqliteStore', 'template_strategy',
-           'PostgresStore', 'NoServerAvailable', 'store_for', 'provision_tenant', 'suspend_tenant', 'resume_tenant',
-           'deprovision_tenant']
+           'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants',
+           'suspend_tenant', 'resume_tenant', 'deprovision_tenant']
 
 # %% ../nbs/01_db_tenant.ipynb #da46af25
 import base64, hashlib, hmac, os, re, threading, weakref
@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
+from .tenant_migrations import migrate_database, migrate_fleet, database_version
 
 # %% ../nbs/01_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
@@ -322,17 +323,24 @@ def store_for(host_db, row: TenantCatalog):
     return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
 
 # %% ../nbs/01_db_tenant.ipynb #393794b0
-def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = None,
-                     server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
-    "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
+def register_tenant(host_db, tenant_id: str, name: str | None = None, server: str | None = None,
+                    plan_tier: str | None = None) -> bool:
+    "Claim `tenant_id` with a catalog row in `provisioning` (in the caller's transaction); False if it was taken."
     t = tenants_t
     try:
         with host_db.transaction() as conn:
-            if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is None:
-                store = _place(conn, host_db, tenant_id, server)
-                conn.execute(t.insert().values(id=tenant_id, name=name or tenant_id, status='provisioning', is_active=False,
-                                               plan_tier=plan_tier, routing_version=1, **store.placement(tenant_id)))
-    except sa.exc.IntegrityError: pass  # a concurrent provisioning claimed the id first: finish with its row
+            if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is not None: return False
+            store = _place(conn, host_db, tenant_id, server)
+            conn.execute(t.insert().values(id=tenant_id, name=name or tenant_id, status='provisioning', is_active=False,
+                                           plan_tier=plan_tier, routing_version=1, **store.placement(tenant_id)))
+            return True
+    except sa.exc.IntegrityError: return False  # a concurrent registration claimed the id first
+
+def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = migrate_database,
+                     server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
+    "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
+    t = tenants_t
+    register_tenant(host_db, tenant_id, name, server, plan_tier)
     _after_step('provision', 'claim')
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
@@ -345,6 +353,12 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     _changed(tenant_id)
     _after_step('provision', 'activate')
     return tenant_row(host_db, tenant_id)
+
+# %% ../nbs/01_db_tenant.ipynb #5e831b28
+def migrate_tenants(host_db, target: int | None = None, concurrency: int = 4, tenant_ids=None, progress=None):
+    "Bring every tenant behind `target` (default: the latest) up to date; a `FleetReport`."
+    def engine_for(tenant_id): return make_engine(tenant_url(host_db, tenant_id), poolclass=sa.pool.NullPool)
+    return migrate_fleet(host_db, engine_for, target=target, concurrency=concurrency, tenant_ids=tenant_ids, progress=progress)
 
 # %% ../nbs/01_db_tenant.ipynb #06ef5fcc
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
