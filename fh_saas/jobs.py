@@ -302,14 +302,15 @@ def worker_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--retry-base', type=float, default=5.0, help='seconds before the first retry (doubling after)')
     return p
 
-def run_worker(args: argparse.Namespace):
-    "Run a worker with parsed `worker_arguments` on the `DB_*` host database until SIGTERM/SIGINT."
+def run_worker(args: argparse.Namespace, schedules: list[Periodic] = ()):
+    "Run a worker with parsed `worker_arguments` (keeping `schedules` queued) on the `DB_*` host database until SIGTERM/SIGINT."
     for m in args.modules: importlib.import_module(m)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     host_db, stop = HostDatabase.from_env(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stop.set())
     _log.info("worker on %r: %s", host_db, ', '.join(sorted(job_handlers)))
-    try: Worker(host_db, concurrency=args.concurrency, poll=args.poll, lease=args.lease, retry_base=args.retry_base).run(stop)
+    try: Worker(host_db, concurrency=args.concurrency, poll=args.poll, lease=args.lease, retry_base=args.retry_base,
+                schedules=schedules).run(stop)
     finally: host_db.close()
 
 def main(argv=None):
