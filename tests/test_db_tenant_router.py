@@ -186,3 +186,29 @@ def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_host, monkeypa
         with pytest.raises(TenantUnavailable, match='suspended'), r.connect('acme'): pass
         assert r.cached == []
     finally: r.close()
+
+
+def test_suspensions_during_concurrent_routing_leak_nothing(pg_host, pg_server, tenants, router):
+    errors, done = [], threading.Event()
+
+    def work(i):
+        n = 0
+        while not done.is_set() or n < 20:
+            tid = tenants[(i + n) % len(tenants)]
+            n += 1
+            try:
+                with router.connect(tid) as c: c.exec_driver_sql("SELECT 1")
+            except TenantUnavailable as e:
+                if tid != tenants[0]: errors.append(e)
+            except Exception as e: errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in workers: t.start()
+    for _ in range(5):
+        suspend_tenant(pg_host, tenants[0])
+        resume_tenant(pg_host, tenants[0])
+    done.set()
+    for t in workers: t.join(120)
+    assert errors == [] and not router._retiring
+    assert all(e.leases == 0 for e in router._entries.values())
+    assert tenant_connections(pg_server) <= router.budget
