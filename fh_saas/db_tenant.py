@@ -12,7 +12,7 @@ __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB',
            'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants',
            'suspend_tenant', 'resume_tenant', 'deprovision_tenant']
 
-# %% ../nbs/01_db_tenant.ipynb #e390bd7c
+# %% ../nbs/01_db_tenant.ipynb #da46af25
 import base64, hashlib, hmac, os, re, threading, weakref
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,7 @@ from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, registe
                              tenants_t, timestamp, UTCTimestamp)
 from .tenant_migrations import migrate_database, migrate_fleet, database_version
 
-# %% ../nbs/01_db_tenant.ipynb #05acae07
+# %% ../nbs/01_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
 
 class InvalidTenantId(ValueError):
@@ -41,7 +41,7 @@ def tenant_db_name(tenant_id: str) -> str:
     "The database (and login role) name of a tenant on PostgreSQL."
     return f"tenant_{check_tenant_id(tenant_id)}"
 
-# %% ../nbs/01_db_tenant.ipynb #bc203203
+# %% ../nbs/01_db_tenant.ipynb #24564b51
 class TenantNotFound(LookupError):
     "No catalog row has this tenant id."
 
@@ -54,7 +54,7 @@ class TenantUnavailable(RuntimeError):
 class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
-# %% ../nbs/01_db_tenant.ipynb #9b7820e7
+# %% ../nbs/01_db_tenant.ipynb #e18699b1
 def secret_key() -> bytes:
     "The master key from `FH_SAAS_SECRET_KEY` (at least 32 characters)."
     key = os.environ.get('FH_SAAS_SECRET_KEY', '')
@@ -72,7 +72,7 @@ def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-serv
 def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
 def decrypt_secret(token: str) -> str: return _fernet().decrypt(token.encode()).decode()
 
-# %% ../nbs/01_db_tenant.ipynb #9f8c6496
+# %% ../nbs/01_db_tenant.ipynb #7db45195
 _meta = sa.MetaData()
 db_servers_t = sa.Table('core_db_servers', _meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
@@ -108,7 +108,7 @@ def server_admin_url(server: dict, database: str | None = None) -> URL:
     return URL.create('postgresql+psycopg2', server['admin_user'], decrypt_secret(server['admin_password_enc']),
                       server['host'], server['port'], database or server['admin_db'])
 
-# %% ../nbs/01_db_tenant.ipynb #31779ab8
+# %% ../nbs/01_db_tenant.ipynb #2511b0ec
 def tenant_row(host_db, tenant_id: str, lock: bool = False) -> TenantCatalog:
     "The catalog row of `tenant_id` (validated first), or `TenantNotFound`; `lock` holds it until the transaction ends."
     q = sa.select(tenants_t).where(tenants_t.c.id == check_tenant_id(tenant_id))
@@ -135,7 +135,7 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-# %% ../nbs/01_db_tenant.ipynb #b9352bed
+# %% ../nbs/01_db_tenant.ipynb #cc104a25
 routing_caches = weakref.WeakSet()
 
 def _changed(tenant_id: str):
@@ -154,7 +154,7 @@ def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = ()) -> 
     if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
     return row
 
-# %% ../nbs/01_db_tenant.ipynb #5444899e
+# %% ../nbs/01_db_tenant.ipynb #f9f77f83
 def _after_step(action: str, step: str):
     "Called after each provisioning/deprovisioning step; tests replace it to crash between steps."
 
@@ -191,7 +191,7 @@ class SqliteStore:
         for suffix in ('', '-wal', '-shm'): Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
         _after_step('deprovision', 'file')
 
-# %% ../nbs/01_db_tenant.ipynb #9eb0c31c
+# %% ../nbs/01_db_tenant.ipynb #1d11a9b0
 TEMPLATE_DB = 'fh_saas_tenant_template'
 
 def template_strategy() -> str:
@@ -302,7 +302,7 @@ class PostgresStore:
             conn.exec_driver_sql(f'DROP ROLE IF EXISTS {self._q(conn, row.db_role)}')
             _after_step('deprovision', 'role')
 
-# %% ../nbs/01_db_tenant.ipynb #7bbc9db0
+# %% ../nbs/01_db_tenant.ipynb #d951cc3e
 class NoServerAvailable(RuntimeError):
     "Every registered database server is inactive or full."
 
@@ -323,7 +323,6 @@ def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
     return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
 
-<<<<<<< HEAD
 # %% ../nbs/01_db_tenant.ipynb #393794b0
 def register_tenant(host_db, tenant_id: str, name: str | None = None, server: str | None = None,
                     plan_tier: str | None = None) -> bool:
@@ -332,7 +331,7 @@ def register_tenant(host_db, tenant_id: str, name: str | None = None, server: st
     try:
         with host_db.transaction() as conn:
             if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is not None: return False
-            store = _place(conn, host_db, tenant_id, server)
+            store = _place(conn, host_db, server)
             conn.execute(t.insert().values(id=tenant_id, name=name or tenant_id, status='provisioning', is_active=False,
                                            plan_tier=plan_tier, routing_version=1, **store.placement(tenant_id)))
             return True
@@ -343,20 +342,6 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
     t = tenants_t
     register_tenant(host_db, tenant_id, name, server, plan_tier)
-=======
-# %% ../nbs/01_db_tenant.ipynb #1ae61614
-def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = None,
-                     server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
-    "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
-    t = tenants_t
-    try:
-        with host_db.transaction() as conn:
-            if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is None:
-                store = _place(conn, host_db, server)
-                conn.execute(t.insert().values(id=tenant_id, name=name or tenant_id, status='provisioning', is_active=False,
-                                               plan_tier=plan_tier, routing_version=1, **store.placement(tenant_id)))
-    except sa.exc.IntegrityError: pass  # a concurrent provisioning claimed the id first: finish with its row
->>>>>>> tenant
     _after_step('provision', 'claim')
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
@@ -370,7 +355,6 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
     _after_step('provision', 'activate')
     return tenant_row(host_db, tenant_id)
 
-<<<<<<< HEAD
 # %% ../nbs/01_db_tenant.ipynb #5e831b28
 def migrate_tenants(host_db, target: int | None = None, concurrency: int = 4, tenant_ids=None, progress=None):
     "Bring every tenant behind `target` (default: the latest) up to date; a `FleetReport`."
@@ -378,9 +362,6 @@ def migrate_tenants(host_db, target: int | None = None, concurrency: int = 4, te
     return migrate_fleet(host_db, engine_for, target=target, concurrency=concurrency, tenant_ids=tenant_ids, progress=progress)
 
 # %% ../nbs/01_db_tenant.ipynb #06ef5fcc
-=======
-# %% ../nbs/01_db_tenant.ipynb #d82037e9
->>>>>>> tenant
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing to an active tenant, keeping its data."
     return _set_status(host_db, check_tenant_id(tenant_id), 'suspended', only_from=('active',))
