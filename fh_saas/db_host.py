@@ -332,6 +332,7 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
     "An engine for `url` with fh_saas's pool and SQLite settings (a given `poolclass`, e.g. `NullPool`, replaces the pool)."
     url = make_url(url)
     if url.get_backend_name() == 'sqlite':
+        if pool_size is not None: kw.update(pool_size=pool_size, max_overflow=max_overflow or 0)
         eng = sa.create_engine(url, **kw)
         _sqlite_setup(eng)
         return eng
@@ -365,13 +366,17 @@ class PooledDatabase(Database):
             raise NoConnectionBound("no connection is bound: use the table accessors or `with db.transaction():`")
         return c
 
+    def _begin(self):
+        "A connection in a new outermost transaction (the tenant router overrides this to route it)."
+        return self.engine.begin()
+
     @contextmanager
     def transaction(self):
         "A scope in which every call shares one connection and commits or rolls back together."
         if (outer := self._bound.get()) is not None:
             with outer._conn.begin_nested(): yield outer._conn
             return
-        with self.engine.connect() as conn, conn.begin():
+        with self._begin() as conn:
             token = self._bound.set(_ScopedConnection(conn))
             try: yield conn
             finally: self._bound.reset(token)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from .db_host import BoundTable, PooledDatabase, _ScopedConnection, make_engine
+from .db_host import BoundTable, PooledDatabase, make_engine
 from .db_tenant import TenantNotFound, TenantUnavailable, catalog_entry, entry_url, routing_caches
 
 # %% ../nbs/01a_tenant_router.ipynb #884eb397
@@ -34,16 +34,9 @@ class TenantDatabase(PooledDatabase):
         super().__init__(engine)
         self.router, self.tenant_id = router, tenant_id
 
-    @contextmanager
-    def transaction(self):
-        "A scope in which every call shares one tenant connection and commits or rolls back together."
-        if (outer := self._bound.get()) is not None:
-            with outer._conn.begin_nested(): yield outer._conn
-            return
-        with self.router.connect(self.tenant_id) as conn:
-            token = self._bound.set(_ScopedConnection(conn))
-            try: yield conn
-            finally: self._bound.reset(token)
+    def _begin(self):
+        "The outermost scope borrows a routed connection, within the router's budget."
+        return self.router.connect(self.tenant_id)
 
     def __getitem__(self, name: str) -> BoundTable:
         "Table `name` with the fastsql API, each call borrowing a routed connection: `db['notes'].insert(...)`."
