@@ -9,7 +9,7 @@ __all__ = ['DEFAULT_SKIP', 'AuthContext', 'Refusal', 'AuthResolver', 'refusal_re
 
 # %% ../nbs/03h_beforeware.ipynb #a8287ddb
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from .db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t,
                              memberships_t, gen_id)
-from .audit import _audit_ctx, current_audit_context
+from .audit import bind_audit_context, current_audit_context
 from .sessions import SessionManager, SessionRecord
 from .api_keys import verify_api_key, api_key_from_headers
 from .rate_limits import RateLimit, hit
@@ -145,9 +145,7 @@ def saas_beforeware(resolver: AuthResolver, skip=DEFAULT_SKIP, login_path='/logi
                              'request_id': rid if _REQUEST_ID.fullmatch(rid) else gen_id()})
         req.scope['auth'] = res
         actor = res.user.id if res.api_key_id is None else f'apikey:{res.api_key_id}'
-        # Set, not reset: the binding belongs to this request's task, whose context ends with the request.
-        _audit_ctx.set(replace(current_audit_context(), actor_user_id=actor,
-                               impersonator_user_id=res.impersonator and res.impersonator.id, tenant_id=res.tenant_id,
-                               request_id=res.request_id, ip_address=req.client and req.client.host,
-                               user_agent=(req.headers.get('user-agent') or '')[:512] or None))
+        bind_audit_context(actor_user_id=actor, impersonator_user_id=res.impersonator and res.impersonator.id,
+                           tenant_id=res.tenant_id, request_id=res.request_id, ip_address=req.client and req.client.host,
+                           user_agent=(req.headers.get('user-agent') or '')[:512] or None)
     return Beforeware(before, skip=skip)
