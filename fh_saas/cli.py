@@ -102,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
     from fh_saas.jobs import worker_arguments
     p = argparse.ArgumentParser(prog='fh-saas', description='fh_saas: multi-tenant SaaS kit for FastHTML')
     sub = p.add_subparsers(dest='cmd', required=True)
+    d = sub.add_parser('demo', help='run the demo SaaS (SQLite unless DB_TYPE=POSTGRESQL) at http://127.0.0.1:5001')
+    d.add_argument('--folder', default='fh_saas_demo'); d.add_argument('--host', default='127.0.0.1')
+    d.add_argument('--port', type=int, default=5001)
+    v = sub.add_parser('serve', help='serve your app (module:attribute) with uvicorn')
+    v.add_argument('app'); v.add_argument('--host', default='127.0.0.1'); v.add_argument('--port', type=int, default=5001)
+    v.add_argument('--workers', type=int, default=1, help='worker processes')
     q = sub.add_parser('quickstart', help='create a SQLite host database with a demo user and tenant')
     q.add_argument('--folder', default='fh_saas_data')
     t = sub.add_parser('tenants', help='create, list, suspend, resume or delete tenants; register database servers')
@@ -129,6 +135,14 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.cmd == 'quickstart':
         for line in quickstart(args.folder): print(line)
+        return 0
+    if args.cmd == 'demo':
+        from fh_saas.demo import run_demo
+        run_demo(args.folder, args.host, args.port)
+        return 0
+    if args.cmd == 'serve':
+        import uvicorn
+        uvicorn.run(args.app, host=args.host, port=args.port, workers=args.workers)
         return 0
     if args.cmd == 'tenants' and args.action != 'list' and not args.id: parser().error(f"tenants {args.action} needs an id")
     try: return _COMMANDS[args.cmd](args, HostDatabase.from_env())
