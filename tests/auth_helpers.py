@@ -21,15 +21,6 @@ FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 SECRET = 'test-secret-' + 'x' * 40
 
 
-@pytest.fixture
-def sqlite_host_db(sqlite_url):
-    "The HostDatabase singleton on a fresh SQLite file (for tests where the backend does not matter)."
-    db = HostDatabase(sqlite_url)
-    yield db
-    db.close()
-    HostDatabase.reset_instance()
-
-
 class Clock:
     "A clock the tests move by hand."
     def __init__(self): self.t = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)

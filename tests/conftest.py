@@ -42,10 +42,27 @@ def host_url(request, tmp_path):
         yield request.getfixturevalue("pg_url")
 
 
-@pytest.fixture
-def host_db(host_url):
-    "The HostDatabase singleton on a fresh database, released after the test."
-    db = HostDatabase(host_url)
+def opened_host_db(url):
+    "The HostDatabase singleton on `url`, closed and forgotten when the test ends."
+    db = HostDatabase(url)
     yield db
     db.close()
     HostDatabase.reset_instance()
+
+
+@pytest.fixture
+def host_db(host_url):
+    "The HostDatabase singleton on a fresh database (each backend)."
+    yield from opened_host_db(host_url)
+
+
+@pytest.fixture
+def sqlite_host_db(sqlite_url):
+    "The HostDatabase singleton on a fresh SQLite file (for tests where the backend does not matter)."
+    yield from opened_host_db(sqlite_url)
+
+
+@pytest.fixture
+def pg_host_db(pg_url):
+    "The HostDatabase singleton on a fresh PostgreSQL database."
+    yield from opened_host_db(pg_url)

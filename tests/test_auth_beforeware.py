@@ -4,7 +4,7 @@ import pytest
 
 from fh_saas.api_keys import create_api_key, revoke_api_key
 from fh_saas.memberships import remove_member
-from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
+from auth_helpers import make_world
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from fh_saas.api_keys import create_api_key
 from fh_saas.db_host import Membership
 from fh_saas.rate_limits import RateLimit
-from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
+from auth_helpers import make_world
 
 USERS, TENANTS = ['u0', 'u1', 'u2'], ['t0', 't1', 't2']
 ROLES = ['viewer', 'member', 'admin', 'owner']

@@ -6,7 +6,7 @@ import pytest
 from oidc_provider_mock import run_server_in_thread, User
 
 from fh_saas.oauth import add_oauth_routes, oidc_provider
-from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
+from auth_helpers import make_world
 
 # the provider mock itself uses authlib APIs that warn about their own deprecation
 pytestmark = pytest.mark.filterwarnings('ignore:get_jwt_config:DeprecationWarning', 'ignore:authlib.jose:DeprecationWarning')

@@ -13,7 +13,7 @@ from fh_saas.passwords import (authenticate, hash_password, request_password_res
 from fh_saas.rate_limits import RateLimit
 from fh_saas.sessions import SessionManager
 from fh_saas.tokens import InvalidToken
-from auth_helpers import make_world, sqlite_host_db, FAST, SECRET
+from auth_helpers import make_world, FAST, SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,14 +100,6 @@ def test_email_verification_single_use(world):
     token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
     assert verify_email(world.host_db, token) == 'bob' and world.host_db.global_users['bob'].email_verified_at
     with pytest.raises(InvalidToken): verify_email(world.host_db, token)
-
-
-@pytest.fixture
-def pg_host_db(pg_url):
-    from fh_saas.db_host import HostDatabase
-    db = HostDatabase(pg_url)
-    yield db
-    db.close(); HostDatabase.reset_instance()
 
 
 @pytest.mark.postgres

@@ -5,15 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from fh_saas.db_host import HostDatabase
 from fh_saas.rate_limits import RateLimit, hit, hits_so_far
-
-
-@pytest.fixture
-def pg_host_db(pg_url):
-    db = HostDatabase(pg_url)
-    yield db
-    db.close(); HostDatabase.reset_instance()
 
 
 @pytest.mark.postgres

@@ -1,7 +1,7 @@
 "Sessions through a real FastHTML app: cookie flags, server-side logout and revocation, idle and absolute timeouts."
 import pytest
 
-from auth_helpers import make_world, sqlite_host_db  # noqa: F401 (a fixture)
+from auth_helpers import make_world
 
 
 @pytest.fixture
