@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_admin.html.md"""
 # %% auto #0
 __all__ = ['DEPROVISION_JOB', 'status_badge', 'deprovision_key', 'tenant_overview', 'add_admin_routes']
 
-# %% ../nbs/98_pages_admin.ipynb #d7eee6e5
+# %% ../nbs/98_pages_admin.ipynb #95529eb6
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ from .jobs import enqueue
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
 
-# %% ../nbs/98_pages_admin.ipynb #c7cfca37
+# %% ../nbs/98_pages_admin.ipynb #bfbfdc49
 _OK = {'active', 'done', 'processed', 'trialing'}
 _BAD = {'failed', 'dead', 'deleted', 'canceled', 'unpaid', 'incomplete_expired'}
 
@@ -39,7 +39,7 @@ def _last_line(text: str | None, limit: int = 160) -> str:
     lines = [l for l in (text or '').splitlines() if l.strip()]
     return (lines[-1][:limit] + ('…' if len(lines[-1]) > limit else '')) if lines else ''
 
-# %% ../nbs/98_pages_admin.ipynb #607641cb
+# %% ../nbs/98_pages_admin.ipynb #bc581718
 DEPROVISION_JOB = 'tenant.deprovision'
 
 def deprovision_key(tenant_id: str) -> str: return f"{DEPROVISION_JOB}:{tenant_id}"
@@ -58,7 +58,7 @@ def tenant_overview(host_db, search: str = '', limit: int = 200) -> list[dict]:
     if search: q = q.where(sa.or_(t.c.id.contains(search, autoescape=True), t.c.name.contains(search, autoescape=True)))
     return host_db.db.execute(q)
 
-# %% ../nbs/98_pages_admin.ipynb #dc08cea3
+# %% ../nbs/98_pages_admin.ipynb #5ae03366
 _SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/jobs'), ('Audit log', '/admin/audit'),
              ('Webhooks', '/admin/webhooks'))
 _DONE = dict(suspend='suspended', resume='resumed', delete='queued for deletion')
@@ -78,7 +78,7 @@ def _filters(action: str, *fields):
 def _status_select(name: str, value: str, options):
     return Label('Status', Select(Option('any', value=''), *[Option(o, value=o, selected=o == value) for o in options], name=name))
 
-# %% ../nbs/98_pages_admin.ipynb #ac4add5a
+# %% ../nbs/98_pages_admin.ipynb #95697786
 def add_admin_routes(app, saas, page_size: int = 50):
     "Mount the system-admin area under `/admin` on `app`."
     host_db = saas.host_db
@@ -120,14 +120,18 @@ def add_admin_routes(app, saas, page_size: int = 50):
         if refusal := admin_only(req, auth): return refusal
         if action not in _DONE: return refused(req, 404, f"Unknown tenant action {action!r}.")
         try:
-            with host_db.transaction():
-                details = {}
+            with host_db.transaction() as conn:
+                row, details = tenant_row(host_db, tenant_id, lock=True), {}
+                deleting = conn.execute(sa.select(jobs_t.c.id).where(jobs_t.c.dedupe_key == deprovision_key(tenant_id),
+                                                                     jobs_t.c.status.in_(('queued', 'running')))).first()
                 if action == 'delete':
-                    row = tenant_row(host_db, tenant_id, lock=True)
                     if row.status in ('deleting', 'deleted'): raise TenantUnavailable(tenant_id, row.status)
                     if row.status == 'active': suspend_tenant(host_db, tenant_id)
                     details['job_id'] = enqueue(host_db, DEPROVISION_JOB, dict(tenant_id=tenant_id), tenant_id=tenant_id,
                                                 dedupe_key=deprovision_key(tenant_id)).id
+                elif row.status == ('suspended' if action == 'suspend' else 'active'):
+                    return RedirectResponse('/admin', 303)
+                elif action == 'resume' and deleting: raise TenantUnavailable(tenant_id, 'queued for deletion')
                 else: (suspend_tenant if action == 'suspend' else resume_tenant)(host_db, tenant_id)
                 audit(host_db, f"admin.tenant_{'delete_requested' if action == 'delete' else _DONE[action]}",
                       target_id=tenant_id, details=details, tenant_id=tenant_id)
