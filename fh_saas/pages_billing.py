@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_billing.html.md"""
 __all__ = ['ZERO_DECIMAL', 'SYMBOLS', 'format_money', 'plan_card', 'stripe_setup_help', 'may_manage', 'viewer',
            'add_billing_routes']
 
-# %% ../nbs/97_pages_billing.ipynb #33a83886
+# %% ../nbs/97_pages_billing.ipynb #04a2e37d
 import json
 
 import sqlalchemy as sa
@@ -22,7 +22,7 @@ from .audit import audit
 from .beforeware import AuthContext, AuthResolver
 from .db_host import PricingPlan, as_utc, plans_t, subscriptions_t
 
-# %% ../nbs/97_pages_billing.ipynb #c6c5ffd2
+# %% ../nbs/97_pages_billing.ipynb #94427075
 ZERO_DECIMAL = frozenset('bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf'.split())
 SYMBOLS = dict(usd='$', eur='€', gbp='£', jpy='¥', inr='₹', cad='CA$', aud='A$')
 
@@ -34,7 +34,7 @@ def format_money(amount: int, currency: str = 'usd') -> str:
 
 def _when(ts) -> str: return as_utc(ts).strftime('%Y-%m-%d %H:%M UTC') if ts else '—'
 
-# %% ../nbs/97_pages_billing.ipynb #28c059e1
+# %% ../nbs/97_pages_billing.ipynb #0607ed7f
 _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:center'
 
 def _quota_limit(limit) -> str: return 'unlimited' if limit is None else f"{limit:,}"
@@ -60,7 +60,7 @@ def stripe_setup_help(webhook_url: str) -> Div:
         Code('STRIPE_WEBHOOK_SECRET'), ' to the signing secret (whsec_…) of a Stripe webhook endpoint pointing at ',
         Code(webhook_url), ', then restart the app. Until then plans can be viewed but not bought.'), 'warn')
 
-# %% ../nbs/97_pages_billing.ipynb #f63e439b
+# %% ../nbs/97_pages_billing.ipynb #8cfc70dc
 def may_manage(auth: AuthContext | None, min_role: str = 'admin') -> bool:
     "Whether `auth` may buy, change or cancel its tenant's plan."
     return auth is not None and auth.tenant_id is not None and auth.has_role(min_role)
@@ -71,7 +71,7 @@ def viewer(in_tenant: AuthResolver, signed_in: AuthResolver, req) -> AuthContext
     if not isinstance(res, AuthContext) and res.kind in ('no_tenant', 'forbidden'): res = signed_in.resolve(req)
     return res if isinstance(res, AuthContext) else None
 
-# %% ../nbs/97_pages_billing.ipynb #90b51900
+# %% ../nbs/97_pages_billing.ipynb #eab6f35c
 _NOTICES = dict(plan_changed='Plan change requested. It shows here as soon as Stripe confirms it (usually within seconds).',
                 cancel_requested='The subscription will end at the close of the current billing period; access continues until then.')
 _CHECKOUT_DONE = 'Thank you! Your subscription starts as soon as Stripe confirms the payment (usually within seconds).'
@@ -91,7 +91,7 @@ def _plan(host_db, plan_id: str | None) -> PricingPlan | None:
 
 def _rows(*pairs) -> Table: return Table(Tbody(*[Tr(Th(k), Td(v)) for k, v in pairs if v is not None]))
 
-# %% ../nbs/97_pages_billing.ipynb #b05da55d
+# %% ../nbs/97_pages_billing.ipynb #6ad16378
 def add_billing_routes(app, saas, min_role: str = 'admin'):
     "Mount `/pricing`, `/billing` and the billing actions on `app`; `min_role` may buy, change and cancel plans."
     host_db = saas.host_db
@@ -180,7 +180,7 @@ def add_billing_routes(app, saas, min_role: str = 'admin'):
         access, sub = ents.access, _subscription(host_db, tid)
         plan = _plan(host_db, access.plan_id)
         notice = _NOTICES.get(done) or (_CHECKOUT_DONE if checkout == 'success' else None)
-        status = Div(H2('Access'), P(ui.badge(access.state.replace('_', ' '), _state_kind(access)), ' ', access.reason),
+        status = Div(H2('Access'), P(ui.badge(access.state.replace('_', ' '), _state_kind(access)), ' ', access.reason if access.reason != access.state else None),
                      P(f"Trial ends {_when(access.trial_end)}.") if access.trial_end else None,
                      P(f"Grace period until {_when(access.grace_until)}.") if access.grace_until else None,
                      None if access.allowed else ui.alert(

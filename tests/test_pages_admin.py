@@ -155,3 +155,20 @@ def test_replay_reapplies_a_failed_event(site):
     assert site.host_db.q("select status from core_subscriptions where stripe_sub_id = 'sub_r1'") == [dict(status='active')]
     assert site.host_db.q("select details from sys_audit_logs where event_type = 'admin.webhooks_replayed'") == [dict(details='{"processed": 1}')]
     assert 'There were no failed events to replay.' in root.post('/admin/webhooks/replay').text
+
+
+def test_tenant_overview_on_both_backends(host_db):
+    "The one-query tenants table (nested correlated subqueries, string concatenation) on SQLite and PostgreSQL."
+    from fh_saas.billing import seed_plans
+    from fh_saas.db_host import TenantCatalog
+    from fh_saas.jobs import enqueue
+    from fh_saas.pages_admin import deprovision_key, tenant_overview
+    seed_plans(host_db, [dict(id='pro', name='Pro', amount_monthly=1999, stripe_price_monthly='price_pro_m')])
+    for tid in ('acme', 'beta', 'a_c'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid.title()))
+    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='canceled', plan_tier='legacy', created_at='2026-01-01T00:00:00.000000+00:00'))
+    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='past_due', stripe_price_id='price_pro_m', created_at='2026-02-01T00:00:00.000000+00:00'))
+    host_db.subscriptions.insert(Subscription(tenant_id='beta', status='canceled', plan_tier='legacy'))
+    enqueue(host_db, 'tenant.deprovision', tenant_id='beta', dedupe_key=deprovision_key('beta'))
+    rows = {r['id']: (r['plan'], r['subscription'], r['deletion']) for r in tenant_overview(host_db)}
+    assert rows == {'acme': ('pro', 'past_due', None), 'beta': ('legacy', 'canceled', 'queued'), 'a_c': (None, None, None)}
+    assert [r['id'] for r in tenant_overview(host_db, '_')] == ['a_c']       # LIKE wildcards are literal
