@@ -7,11 +7,11 @@ Docs: https://fh-saas.github.io/fh_saas/pages_admin.html.md"""
 # %% auto #0
 __all__ = ['DEPROVISION_JOB', 'status_badge', 'deprovision_key', 'tenant_overview', 'add_admin_routes']
 
-# %% ../nbs/98_pages_admin.ipynb #95529eb6
+# %% ../nbs/98_pages_admin.ipynb #6055a6c0
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
-from fasthtml.common import (A, Button, Code, Div, Form, FtResponse, H1, H2, Input, Label, Nav, Option, P, Select, Small,
+from fasthtml.common import (A, Button, Code, Div, Form, FtResponse, H1, Input, Label, Nav, Option, P, Select, Small,
                              Span, Table, Tbody, Td, Th, Thead, Tr)
 from starlette.responses import RedirectResponse
 
@@ -23,7 +23,7 @@ from .jobs import enqueue
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
 
-# %% ../nbs/98_pages_admin.ipynb #bfbfdc49
+# %% ../nbs/98_pages_admin.ipynb #89f7aeff
 _OK = {'active', 'done', 'processed', 'trialing'}
 _BAD = {'failed', 'dead', 'deleted', 'canceled', 'unpaid', 'incomplete_expired'}
 
@@ -39,7 +39,7 @@ def _last_line(text: str | None, limit: int = 160) -> str:
     lines = [l for l in (text or '').splitlines() if l.strip()]
     return (lines[-1][:limit] + ('…' if len(lines[-1]) > limit else '')) if lines else ''
 
-# %% ../nbs/98_pages_admin.ipynb #bc581718
+# %% ../nbs/98_pages_admin.ipynb #dcd39bfa
 DEPROVISION_JOB = 'tenant.deprovision'
 
 def deprovision_key(tenant_id: str) -> str: return f"{DEPROVISION_JOB}:{tenant_id}"
@@ -58,7 +58,7 @@ def tenant_overview(host_db, search: str = '', limit: int = 200) -> list[dict]:
     if search: q = q.where(sa.or_(t.c.id.contains(search, autoescape=True), t.c.name.contains(search, autoescape=True)))
     return host_db.db.execute(q)
 
-# %% ../nbs/98_pages_admin.ipynb #5ae03366
+# %% ../nbs/98_pages_admin.ipynb #58ca6afd
 _SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/jobs'), ('Audit log', '/admin/audit'),
              ('Webhooks', '/admin/webhooks'))
 _DONE = dict(suspend='suspended', resume='resumed', delete='queued for deletion')
@@ -78,7 +78,7 @@ def _filters(action: str, *fields):
 def _status_select(name: str, value: str, options):
     return Label('Status', Select(Option('any', value=''), *[Option(o, value=o, selected=o == value) for o in options], name=name))
 
-# %% ../nbs/98_pages_admin.ipynb #95697786
+# %% ../nbs/98_pages_admin.ipynb #47763ab5
 def add_admin_routes(app, saas, page_size: int = 50):
     "Mount the system-admin area under `/admin` on `app`."
     host_db = saas.host_db
@@ -147,7 +147,7 @@ def add_admin_routes(app, saas, page_size: int = 50):
         n_tenants = sa.select(sa.func.count()).where(m.c.user_id == u.c.id, m.c.is_active).scalar_subquery()
         query = sa.select(u.c.id, u.c.email, u.c.name, u.c.is_sys_admin, u.c.is_active, u.c.created_at, u.c.last_login,
                           n_tenants.label('tenants')).order_by(u.c.created_at.desc(), u.c.id).limit(200)
-        if q: query = query.where(u.c.email.contains(q.lower(), autoescape=True))
+        if q: query = query.where(sa.func.lower(u.c.email).contains(q.lower(), autoescape=True))
         rows = host_db.db.execute(query)
         def role(r): return ui.badge('system admin', 'warn') if r['is_sys_admin'] else None if r['is_active'] else ui.badge('disabled', 'bad')
         table = _table(('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),

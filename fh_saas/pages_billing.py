@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_billing.html.md"""
 __all__ = ['ZERO_DECIMAL', 'SYMBOLS', 'format_money', 'plan_card', 'stripe_setup_help', 'may_manage', 'viewer',
            'add_billing_routes']
 
-# %% ../nbs/97_pages_billing.ipynb #04a2e37d
+# %% ../nbs/97_pages_billing.ipynb #99a0942e
 import json
 
 import sqlalchemy as sa
@@ -22,7 +22,7 @@ from .audit import audit
 from .beforeware import AuthContext, AuthResolver
 from .db_host import PricingPlan, as_utc, plans_t, subscriptions_t
 
-# %% ../nbs/97_pages_billing.ipynb #94427075
+# %% ../nbs/97_pages_billing.ipynb #f5693d6f
 ZERO_DECIMAL = frozenset('bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf'.split())
 SYMBOLS = dict(usd='$', eur='€', gbp='£', jpy='¥', inr='₹', cad='CA$', aud='A$')
 
@@ -34,7 +34,7 @@ def format_money(amount: int, currency: str = 'usd') -> str:
 
 def _when(ts) -> str: return as_utc(ts).strftime('%Y-%m-%d %H:%M UTC') if ts else '—'
 
-# %% ../nbs/97_pages_billing.ipynb #0607ed7f
+# %% ../nbs/97_pages_billing.ipynb #42d241e1
 _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:center'
 
 def _quota_limit(limit) -> str: return 'unlimited' if limit is None else f"{limit:,}"
@@ -60,7 +60,7 @@ def stripe_setup_help(webhook_url: str) -> Div:
         Code('STRIPE_WEBHOOK_SECRET'), ' to the signing secret (whsec_…) of a Stripe webhook endpoint pointing at ',
         Code(webhook_url), ', then restart the app. Until then plans can be viewed but not bought.'), 'warn')
 
-# %% ../nbs/97_pages_billing.ipynb #8cfc70dc
+# %% ../nbs/97_pages_billing.ipynb #98255065
 def may_manage(auth: AuthContext | None, min_role: str = 'admin') -> bool:
     "Whether `auth` may buy, change or cancel its tenant's plan."
     return auth is not None and auth.tenant_id is not None and auth.has_role(min_role)
@@ -71,7 +71,7 @@ def viewer(in_tenant: AuthResolver, signed_in: AuthResolver, req) -> AuthContext
     if not isinstance(res, AuthContext) and res.kind in ('no_tenant', 'forbidden'): res = signed_in.resolve(req)
     return res if isinstance(res, AuthContext) else None
 
-# %% ../nbs/97_pages_billing.ipynb #eab6f35c
+# %% ../nbs/97_pages_billing.ipynb #d5755c69
 _NOTICES = dict(plan_changed='Plan change requested. It shows here as soon as Stripe confirms it (usually within seconds).',
                 cancel_requested='The subscription will end at the close of the current billing period; access continues until then.')
 _CHECKOUT_DONE = 'Thank you! Your subscription starts as soon as Stripe confirms the payment (usually within seconds).'
@@ -91,7 +91,7 @@ def _plan(host_db, plan_id: str | None) -> PricingPlan | None:
 
 def _rows(*pairs) -> Table: return Table(Tbody(*[Tr(Th(k), Td(v)) for k, v in pairs if v is not None]))
 
-# %% ../nbs/97_pages_billing.ipynb #6ad16378
+# %% ../nbs/97_pages_billing.ipynb #e3e314a0
 def add_billing_routes(app, saas, min_role: str = 'admin'):
     "Mount `/pricing`, `/billing` and the billing actions on `app`; `min_role` may buy, change and cancel plans."
     host_db = saas.host_db
@@ -153,6 +153,8 @@ def add_billing_routes(app, saas, min_role: str = 'admin'):
             session = stripe_billing.create_subscription_checkout(
                 saas.stripe, host_db, auth.tenant_id, plan.id, success_url=saas.url('/billing?checkout=success'),
                 cancel_url=saas.url('/pricing'), interval=interval, email=auth.user.email)
+        except (ValueError, LookupError):
+            return refused(req, 409, 'Subscription changed', "The tenant's subscription changed while you were choosing; reload and try again.", ('See the plans', '/pricing'))
         except stripe.StripeError: return stripe_failed(req)
         return RedirectResponse(session.url, 303)
 

@@ -2,9 +2,10 @@
 import json, re
 
 from fh_saas.audit import audit
-from fh_saas.db_host import StripeWebhookEvent, Subscription
-from fh_saas.jobs import claim, fail
-from fh_saas.stripe_webhooks import apply_event
+from fh_saas.billing import seed_plans
+from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
+from fh_saas.jobs import claim, enqueue, fail
+from fh_saas.pages_admin import deprovision_key, tenant_overview
 from pages_helpers import site  # noqa: F401
 from stripe_helpers import event, subscription
 
@@ -110,7 +111,6 @@ def test_impersonation_refusals(site):
 
 def test_jobs_page(site):
     root, _ = admin_world(site)
-    from fh_saas.jobs import enqueue
     enqueue(site.host_db, 'mail.send', tenant_id='acme', max_attempts=1)
     job = claim(site.host_db, 'w1')
     fail(site.host_db, job, 'SMTP refused <b>connection</b>')
@@ -159,10 +159,6 @@ def test_replay_reapplies_a_failed_event(site):
 
 def test_tenant_overview_on_both_backends(host_db):
     "The one-query tenants table (nested correlated subqueries, string concatenation) on SQLite and PostgreSQL."
-    from fh_saas.billing import seed_plans
-    from fh_saas.db_host import TenantCatalog
-    from fh_saas.jobs import enqueue
-    from fh_saas.pages_admin import deprovision_key, tenant_overview
     seed_plans(host_db, [dict(id='pro', name='Pro', amount_monthly=1999, stripe_price_monthly='price_pro_m')])
     for tid in ('acme', 'beta', 'a_c'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid.title()))
     host_db.subscriptions.insert(Subscription(tenant_id='acme', status='canceled', plan_tier='legacy', created_at='2026-01-01T00:00:00.000000+00:00'))
@@ -172,3 +168,12 @@ def test_tenant_overview_on_both_backends(host_db):
     rows = {r['id']: (r['plan'], r['subscription'], r['deletion']) for r in tenant_overview(host_db)}
     assert rows == {'acme': ('pro', 'past_due', None), 'beta': ('legacy', 'canceled', 'queued'), 'a_c': (None, None, None)}
     assert [r['id'] for r in tenant_overview(host_db, '_')] == ['a_c']       # LIKE wildcards are literal
+
+
+def test_users_search_is_case_insensitive_and_literal(site):
+    root, _ = admin_world(site)
+    site.user('Bob_Smith')
+    assert 'bob_smith@example.com' not in root.get('/admin/users?q=zzz').text.lower()
+    html = root.get('/admin/users?q=BOB_').text
+    assert 'Bob_Smith@example.com' in html and 'alice@example.com' not in html
+    assert 'alice@example.com' not in root.get('/admin/users?q=%25').text                # '%' matches only a literal '%'

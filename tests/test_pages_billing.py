@@ -2,7 +2,9 @@
 import re
 from datetime import datetime, timedelta, timezone
 
-from fh_saas.db_host import timestamp
+from fh_saas import stripe_billing
+from fh_saas.billing import consume_quota
+from fh_saas.db_host import Subscription, timestamp
 from pages_helpers import fake_stripe, site  # noqa: F401
 
 
@@ -113,7 +115,6 @@ def test_billing_page_when_blocked_is_reachable_and_explains(site):
 
 
 def test_billing_page_shows_trial_entitlements_and_usage(site, fake_stripe):
-    from fh_saas.billing import consume_quota
     end = datetime.now(timezone.utc) + timedelta(days=10)
     site.user('owner'); site.tenant('acme', sub_status='trialing', trial_end=timestamp(end), amount_cents=1999)
     site.member('owner', 'acme', 'owner')
@@ -134,3 +135,17 @@ def test_without_stripe_pages_explain_which_variables_to_set(site):
         assert 'https://app.test/stripe/webhook' in r.text and 'action="/billing/checkout"' not in r.text
     r = c.post('/billing/checkout', data=dict(plan_id='starter', interval='month'))
     assert r.status_code == 503 and 'STRIPE_SECRET_KEY' in r.text
+
+
+def test_checkout_raced_by_a_new_subscription_is_a_409(site, fake_stripe, monkeypatch):
+    "A subscription that appears between the page's check and Stripe's call: no second subscription, a clear answer."
+    site.user('owner'); site.tenant('acme', sub_status=None); site.member('owner', 'acme', 'owner')
+    real, calls = stripe_billing.live_subscription, []
+    def first_sees_none(db, tid):
+        calls.append(tid)
+        return None if len(calls) == 1 else real(db, tid)
+    monkeypatch.setattr(stripe_billing, 'live_subscription', first_sees_none)
+    site.host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', payment_type='subscription', stripe_sub_id='sub_new'))
+    r = site.client('owner', 'acme').post('/billing/checkout', data=dict(plan_id='starter', interval='month'))
+    assert r.status_code == 409 and 'changed while you were choosing' in r.text and len(calls) == 2
+    assert not [c for c in fake_stripe.calls if c[1] == '/v1/checkout/sessions']
