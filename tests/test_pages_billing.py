@@ -34,10 +34,11 @@ def test_checkout_redirects_to_stripe_with_price_and_metadata(site, fake_stripe)
     site.user('owner'); site.tenant('acme', sub_status=None); site.member('owner', 'acme', 'owner')
     r = site.client('owner', 'acme').post('/billing/checkout', data=dict(plan_id='starter', interval='year'))
     assert r.status_code == 303
-    checkout = [p for m, path, p, _ in fake_stripe.calls if path == '/v1/checkout/sessions']
+    checkout = [(p, key) for m, path, p, key in fake_stripe.calls if path == '/v1/checkout/sessions']
     assert len(checkout) == 1
-    p = checkout[0]
-    assert r.headers['location'] == f"https://checkout.stripe.com/c/pay/{r.headers['location'].rsplit('/', 1)[1]}"
+    p, key = checkout[0]
+    assert r.headers['location'] == fake_stripe._idem[key][2]['url']                 # the session the stand-in created
+    assert r.headers['location'].startswith('https://checkout.stripe.com/c/pay/cs_test_')
     assert p['line_items'] == [dict(price='price_starter_y', quantity='1')]
     assert p['metadata'] == dict(tenant_id='acme', plan_id='starter') and p['client_reference_id'] == 'acme'
     assert p['subscription_data'] == dict(metadata=dict(tenant_id='acme', plan_id='starter'), trial_period_days='14')
