@@ -74,9 +74,13 @@ def test_delete_suspends_and_queues_one_deprovision_job(site):
     assert alice.post('/notes', data=dict(body='x')).status_code == 303
     row = re.search(r'<code>acme</code>.*?</tr>', root.get('/admin').text, re.S).group(0)
     assert 'deletion' in row and 'queued' in row and '/delete' not in row
-    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type = 'admin.tenant_delete_requested'")[0]['n'] == 2
+    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type = 'admin.tenant_delete_requested'")[0]['n'] == 1
     r = root.post('/admin/tenants/acme/resume')
     assert r.status_code == 409 and 'queued for deletion' in r.text and site.host_db.tenants['acme'].status == 'suspended'
+    site.host_db.q("update sys_jobs set status = 'dead'")                     # the deprovision handler gave up
+    r = root.post('/admin/tenants/acme/delete')
+    assert r.status_code == 409 and 'a job that is dead' in r.text
+    assert 'deletion' in root.get('/admin').text and 'badge bad">dead' in root.get('/admin').text
 
 
 def test_impersonation_banner_audit_and_stop(site):
