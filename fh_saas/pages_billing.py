@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_billing.html.md"""
 __all__ = ['ZERO_DECIMAL', 'SYMBOLS', 'format_money', 'plan_card', 'stripe_setup_help', 'may_manage', 'viewer', 'access_card',
            'subscription_card', 'entitlements_card', 'add_billing_routes']
 
-# %% ../nbs/97_pages_billing.ipynb #d46f92d6
+# %% ../nbs/97_pages_billing.ipynb #cb4b133c
 import json
 
 import sqlalchemy as sa
@@ -21,8 +21,9 @@ from . import billing, stripe_billing, ui
 from .audit import audit
 from .beforeware import AuthContext, AuthResolver
 from .db_host import PricingPlan, as_utc, plans_t, subscriptions_t
+from .memberships import DEFAULT_ROLES, Roles
 
-# %% ../nbs/97_pages_billing.ipynb #09003009
+# %% ../nbs/97_pages_billing.ipynb #97212219
 ZERO_DECIMAL = frozenset('bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf'.split())
 SYMBOLS = dict(usd='$', eur='€', gbp='£', jpy='¥', inr='₹', cad='CA$', aud='A$')
 
@@ -34,7 +35,7 @@ def format_money(amount: int, currency: str = 'usd') -> str:
 
 def _when(ts) -> str: return as_utc(ts).strftime('%Y-%m-%d %H:%M UTC') if ts else '—'
 
-# %% ../nbs/97_pages_billing.ipynb #7ebbdaf0
+# %% ../nbs/97_pages_billing.ipynb #8ac0763f
 _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:center'
 
 def _quota_limit(limit) -> str: return 'unlimited' if limit is None else f"{limit:,}"
@@ -60,7 +61,7 @@ def stripe_setup_help(webhook_url: str) -> Div:
         Code('STRIPE_WEBHOOK_SECRET'), ' to the signing secret (whsec_…) of a Stripe webhook endpoint pointing at ',
         Code(webhook_url), ', then restart the app. Until then plans can be viewed but not bought.'), 'warn')
 
-# %% ../nbs/97_pages_billing.ipynb #3ae089ef
+# %% ../nbs/97_pages_billing.ipynb #01349b91
 def may_manage(auth: AuthContext | None, min_role: str = 'admin') -> bool:
     "Whether `auth` may buy, change or cancel its tenant's plan."
     return auth is not None and auth.tenant_id is not None and auth.has_role(min_role)
@@ -71,7 +72,7 @@ def viewer(in_tenant: AuthResolver, signed_in: AuthResolver, req) -> AuthContext
     if not isinstance(res, AuthContext) and res.kind in ('no_tenant', 'forbidden'): res = signed_in.resolve(req)
     return res if isinstance(res, AuthContext) else None
 
-# %% ../nbs/97_pages_billing.ipynb #76757bb6
+# %% ../nbs/97_pages_billing.ipynb #76571ce8
 _NOTICES = dict(plan_changed='Plan change requested. It shows here as soon as Stripe confirms it (usually within seconds).',
                 cancel_requested='The subscription will end at the close of the current billing period; access continues until then.')
 _CHECKOUT_DONE = 'Thank you! Your subscription starts as soon as Stripe confirms the payment (usually within seconds).'
@@ -91,7 +92,7 @@ def _plan(host_db, plan_id: str | None) -> PricingPlan | None:
 
 def _rows(*pairs) -> Table: return Table(Tbody(*[Tr(Th(k), Td(v)) for k, v in pairs if v is not None]))
 
-# %% ../nbs/97_pages_billing.ipynb #8dcf3274
+# %% ../nbs/97_pages_billing.ipynb #4ea12751
 def access_card(access: billing.Access, tenant_name: str) -> Div:
     "The access verdict: state, reason, trial end or grace, and what to do when access is paused."
     reason = access.reason if access.reason != access.state else None
@@ -124,12 +125,13 @@ def entitlements_card(ents: billing.Entitlements, used) -> Div:
                      Tbody(*[Tr(Td(q), Td(f"{u:,}"), Td(_quota_limit(n)), Td(bar(n, u))) for q, n, u in quotas])) if quotas else None,
                cls='card')
 
-# %% ../nbs/97_pages_billing.ipynb #be5b9987
-def add_billing_routes(app, saas, min_role: str = 'admin'):
-    "Mount `/pricing`, `/billing` and the billing actions on `app`; `min_role` may buy, change and cancel plans."
+# %% ../nbs/97_pages_billing.ipynb #92e70641
+def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAULT_ROLES, webhook_path: str = '/stripe/webhook'):
+    "Mount `/pricing`, `/billing` and the billing actions on `app`; `min_role` (of `roles`) may buy, change and cancel plans."
     host_db = saas.host_db
-    in_tenant, signed_in = AuthResolver(host_db, saas.sessions), AuthResolver(host_db, saas.sessions, tenantless=(r'.*',))
-    webhook_url = saas.url('/stripe/webhook')
+    in_tenant = AuthResolver(host_db, saas.sessions, roles=roles)
+    signed_in = AuthResolver(host_db, saas.sessions, tenantless=(r'.*',), roles=roles)
+    webhook_url = saas.url(webhook_path)
 
     def refused(req, status: int, title: str, message, back=('Back to billing', '/billing')):
         return FtResponse(saas.page(req, title, H1(title), ui.alert(message, 'bad'), P(A(back[0], href=back[1]))), status)

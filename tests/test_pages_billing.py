@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 from fh_saas import stripe_billing
 from fh_saas.billing import consume_quota
+from fh_saas.db_tenant import suspend_tenant
 from fh_saas.db_host import Subscription, timestamp
 from pages_helpers import fake_stripe, site  # noqa: F401
 
@@ -150,3 +151,13 @@ def test_checkout_raced_by_a_new_subscription_is_a_409(site, fake_stripe, monkey
     r = site.client('owner', 'acme').post('/billing/checkout', data=dict(plan_id='starter', interval='month'))
     assert r.status_code == 409 and 'changed while you were choosing' in r.text and len(calls) == 2
     assert not [c for c in fake_stripe.calls if c[1] == '/v1/checkout/sessions']
+
+
+def test_pricing_for_a_visitor_whose_tenant_is_not_usable(site, fake_stripe):
+    "Signed in, but the session's tenant is suspended: shown signed in, without tenant buttons, never refused."
+    site.user('owner'); site.tenant('acme'); site.member('owner', 'acme', 'owner')
+    suspend_tenant(site.host_db, 'acme')
+    r = site.client('owner', 'acme').get('/pricing')
+    assert r.status_code == 200 and 'owner@example.com' in r.text and 'no tenant' in r.text
+    assert 'Choose a tenant first' in r.text and 'action="/billing/checkout"' not in r.text
+    assert site.client('owner', 'acme').get('/billing').status_code == 303         # the tenant pages themselves are refused
