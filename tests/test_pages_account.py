@@ -1,0 +1,411 @@
+"""The account pages through a real FastHTML app wired the way `setup_saas` wires it: a SQLite host
+database, server-side sessions, the tenant router on per-tenant SQLite files, the beforeware, and an
+in-memory outbox whose links the tests follow. Provisioning runs the real `tenant.provision` job."""
+import re
+
+import pytest
+from argon2 import PasswordHasher
+from fasthtml.common import FastHTML
+from starlette.testclient import TestClient
+
+import fh_saas.system_jobs  # noqa: F401 (registers the tenant.provision handler)
+from fh_saas import ui
+from fh_saas.beforeware import AuthResolver, saas_beforeware
+from fh_saas.db_host import HostDatabase, jobs_t
+from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
+from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
+from fh_saas.mail import MemoryOutbox
+from fh_saas.memberships import invitations_t
+from fh_saas.pages_account import add_account_routes, csrf_token
+from fh_saas.passwords import LoginThrottle
+from fh_saas.rate_limits import RateLimit
+from fh_saas.saas import Saas
+from fh_saas.sessions import SessionManager
+from fh_saas.tenant_router import TenantRouter
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+SECRET = 'pages-test-secret-' + 'y' * 40
+PW = 'correct horse battery'
+
+
+class App:
+    "The test app and the parts the tests inspect."
+    def __init__(self, host_db, sessions, router, outbox, app):
+        self.host_db, self.sessions, self.router, self.outbox, self.app = host_db, sessions, router, outbox, app
+
+    def client(self) -> TestClient: return TestClient(self.app, follow_redirects=False, base_url='http://testserver')
+
+    def signup(self, email, company='Acme Corp', password=PW, client=None, **extra) -> TestClient:
+        c = client or self.client()
+        r = c.post('/signup', data=dict(email=email, password=password, name='Someone', company=company, **extra))
+        assert r.status_code == 303, r.text
+        return c
+
+    def provision(self) -> int:
+        "Run every queued `tenant.provision` job the way a worker does; the number run."
+        n = 0
+        while (job := claim(self.host_db, 'test-worker', ['tenant.provision'])) is not None:
+            with job_scope(job): result = job_handlers['tenant.provision'](job)
+            assert complete(self.host_db, job, result)
+            n += 1
+        return n
+
+    def link(self, to: str) -> str:
+        "The path of the link in the last email sent to `to`."
+        body = self.outbox.last_to(to).get_content()
+        return re.search(r'https://app\.test(/\S+)', body).group(1)
+
+
+def csrf(page: str) -> str: return re.search(r'value="([0-9a-f]{64})" name="csrf"', page).group(1)
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    monkeypatch.delenv('FH_SAAS_TENANT_DIR', raising=False)
+    host_db = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}")
+    sessions = SessionManager(host_db, SECRET)
+    router = TenantRouter(host_db, budget=8)
+    outbox = MemoryOutbox()
+    saas = Saas(host_db, sessions, router, outbox, base_url='https://app.test', home='/')
+    resolver = AuthResolver(host_db, sessions, router.tenant_db, unavailable=(TenantNotFound, TenantUnavailable),
+                            rate_limit=RateLimit(1000, 60))
+    app = FastHTML(before=saas_beforeware(resolver), hdrs=ui.static_headers(), default_hdrs=False, secret_key=SECRET)
+    ui.mount_static(app)
+    add_account_routes(app, saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)))
+
+    @app.get('/')
+    def home(auth): return f'home of {auth.tenant_id} for {auth.user.email} as {auth.role}'
+
+    @app.get('/api/whoami')
+    def whoami(auth): return dict(user=auth.user.email, tenant=auth.tenant_id, mode=auth.mode)
+
+    yield App(host_db, sessions, router, outbox, app)
+    router.close()
+    host_db.close()
+    HostDatabase.reset_instance()
+
+
+def counts(host_db):
+    return (host_db.global_users.count, host_db.tenants.count, host_db.memberships.count, host_db.system_jobs.count)
+
+
+def test_signup_provisions_in_the_background_and_the_status_page_polls_until_home(world):
+    page = world.client().get('/signup').text
+    for label in ('Email', 'Password', 'Your name', 'Company or team name', 'Create account'): assert label in page
+    c = world.client()
+    r = c.post('/signup', data=dict(email='ann@example.com', password=PW, name='Ann', company='Acme Corp'))
+    assert (r.status_code, r.headers['location']) == (303, '/tenants/acme_corp/status')
+    assert world.host_db.tenants['acme_corp'].status == 'provisioning'
+    assert [(m.user_id, m.role) for m in world.host_db.memberships()] == [(world.host_db.global_users()[0].id, 'owner')]
+    job = world.host_db.system_jobs()[0]
+    assert (job.job_type, job.tenant_id, job.dedupe_key) == ('tenant.provision', 'acme_corp', 'tenant.provision:acme_corp')
+
+    full = c.get('/tenants/acme_corp/status')
+    assert full.status_code == 200 and '<html' in full.text and 'Setting up Acme Corp' in full.text
+    assert 'hx-trigger="every 1s"' in full.text and 'hx-get="/tenants/acme_corp/status"' in full.text
+    frag = c.get('/tenants/acme_corp/status', headers={'HX-Request': 'true'})
+    assert '<html' not in frag.text and 'every 1s' in frag.text
+    assert c.get('/').headers['location'] == '/tenants'           # no usable tenant yet
+
+    assert world.provision() == 1
+    assert world.host_db.tenants['acme_corp'].status == 'active'
+    done = c.get('/tenants/acme_corp/status', headers={'HX-Request': 'true'})
+    assert done.headers['hx-redirect'] == '/'
+    assert c.get('/').text == 'home of acme_corp for ann@example.com as owner'
+    assert 'every 1s' not in c.get('/tenants/acme_corp/status').text
+
+
+def test_signup_sends_a_verification_link_that_works_once(world):
+    world.signup('ann@example.com')
+    link = world.link('ann@example.com')
+    assert link.startswith('/verify-email/')
+    r = world.client().get(link)
+    assert r.status_code == 200 and 'Email confirmed' in r.text
+    assert world.host_db.global_users()[0].email_verified_at is not None
+    assert world.client().get(link).status_code == 400
+
+
+def test_duplicate_email_and_bad_input_write_nothing(world):
+    world.signup('ann@example.com')
+    before = counts(world.host_db)
+    for data, status, message in [
+            (dict(email='ANN@example.com', password=PW, company='Other'), 400, 'already exists'),
+            (dict(email='bob@example.com', password='short', company='Other'), 400, 'longer password'),
+            (dict(email='bob@example', password=PW, company='Other'), 400, 'valid email'),
+            (dict(email='bob@example.com', password=PW, company='   '), 400, 'Enter a company name')]:
+        r = world.client().post('/signup', data=data)
+        assert (r.status_code, message in r.text, 'set-cookie' in r.headers) == (status, True, False), (data, r.text)
+        assert 'class="alert bad"' in r.text and data['email'] in r.text     # the form is shown again, filled in
+    assert counts(world.host_db) == before
+
+
+def test_same_company_name_gets_its_own_tenant_id(world):
+    world.signup('ann@example.com', 'Acme Corp')
+    r = world.client().post('/signup', data=dict(email='bob@example.com', password=PW, company='Acme Corp'))
+    assert re.fullmatch(r'/tenants/acme_corp_[0-9a-f]{6}/status', r.headers['location'])
+
+
+def test_login_logout_bad_login_and_throttling(world):
+    world.signup('ann@example.com')
+    world.provision()
+    c = world.client()
+    assert 'Forgot your password?' in c.get('/login').text
+    r = c.post('/login', data=dict(email='ann@example.com', password='wrong password'))
+    assert r.status_code == 401 and 'Wrong email or password' in r.text and 'set-cookie' not in r.headers
+    r = c.post('/login', data=dict(email='nobody@example.com', password=PW))
+    assert r.status_code == 401 and 'Wrong email or password' in r.text
+    r = c.post('/login', data=dict(email='ann@example.com', password=PW))
+    assert (r.status_code, r.headers['location']) == (303, '/')
+    assert c.get('/').text.startswith('home of acme_corp')
+    r = c.post('/logout')
+    assert (r.status_code, r.headers['location']) == (303, '/login')
+    assert c.get('/').headers['location'] == '/login?next=/'
+    for _ in range(3): c.post('/login', data=dict(email='ann@example.com', password='wrong password'))
+    r = c.post('/login', data=dict(email='ann@example.com', password=PW))
+    assert r.status_code == 429 and 'Too many failed attempts' in r.text and int(r.headers['retry-after']) > 0
+
+
+def test_next_is_followed_only_to_local_paths(world):
+    world.signup('ann@example.com')
+    world.provision()
+    c = world.client()
+    r = c.get('/team')
+    assert r.headers['location'] == '/login?next=/team'
+    assert 'value="/team"' in c.get('/login?next=/team').text
+    assert c.post('/login', data=dict(email='ann@example.com', password=PW, next='/team')).headers['location'] == '/team'
+    for evil in ('https://evil.example/x', '//evil.example', '/\\evil.example', 'http:/evil.example', ' //evil.example'):
+        r = world.client().post('/login', data=dict(email='ann@example.com', password=PW, next=evil))
+        assert (r.status_code, r.headers['location']) == (303, '/'), evil
+        assert re.search(r'value="" name="next"', world.client().get('/login', params=dict(next=evil)).text), evil
+
+
+def test_password_reset_through_the_emailed_link(world):
+    old = world.signup('ann@example.com')
+    world.provision()
+    same = {world.client().post('/password-reset', data=dict(email=e)).text.split('<main')[1]
+            for e in ('ann@example.com', 'nobody@example.com')}
+    assert len(same) == 1 and 'If an account exists' in same.pop()
+    assert [m['To'] for m in world.outbox.messages if 'Reset' in m['Subject']] == ['ann@example.com']
+    link = world.link('ann@example.com')
+    c = world.client()
+    page = c.get(link)
+    assert page.status_code == 200 and page.headers['referrer-policy'] == 'no-referrer' and 'New password' in page.text
+    assert c.post(link, data=dict(password='brand new secret', confirm='different one')).status_code == 400
+    assert c.post(link, data=dict(password='short', confirm='short')).status_code == 400
+    r = c.post(link, data=dict(password='brand new secret', confirm='brand new secret'))
+    assert r.status_code == 200 and 'password has been changed' in r.text
+    assert c.post(link, data=dict(password='another secret', confirm='another secret')).status_code == 400
+    assert old.get('/').headers['location'] == '/login?next=/'     # every old session ended
+    assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
+    assert world.client().post('/login', data=dict(email='ann@example.com', password='brand new secret')).status_code == 303
+
+
+def test_password_reset_mails_are_rate_limited_per_address(world):
+    world.signup('ann@example.com')
+    for _ in range(5): assert world.client().post('/password-reset', data=dict(email='Ann@Example.com')).status_code == 200
+    assert sum('Reset' in m['Subject'] for m in world.outbox.messages) == 3
+
+
+def invite(world, owner: TestClient, email: str, role='member') -> str:
+    page = owner.get('/team').text
+    r = owner.post('/team/invite', data=dict(email=email, role=role, csrf=csrf(page)))
+    assert r.status_code == 200 and f'Invitation sent to {email}' in r.text, r.text
+    return world.link(email)
+
+
+def test_invited_user_accepts_sees_the_tenant_and_switches(world):
+    ann = world.signup('ann@example.com', 'Acme Corp')
+    bob = world.signup('bob@example.com', 'Bob Co')
+    world.provision()
+    assert ann.get('/tenants/acme_corp/status').headers['location'] == '/'
+    assert bob.get('/tenants/bob_co/status').headers['location'] == '/'
+    link = invite(world, ann, 'bob@example.com')
+    anon = world.client().get(link)
+    assert 'Log in to accept' in anon.text and 'Acme Corp' in anon.text
+    assert world.client().post(f'{link}/accept').headers['location'] == f'/login?next={link}'
+    assert 'Accept invitation' in bob.get(link).text
+    r = bob.post(f'{link}/accept')
+    assert (r.status_code, r.headers['location']) == (303, '/')
+    assert bob.get('/').text == 'home of acme_corp for bob@example.com as member'
+    assert bob.post(f'{link}/accept').status_code == 400                # single use
+    tenants = bob.get('/tenants').text
+    assert 'Acme Corp' in tenants and 'Bob Co' in tenants
+    r = bob.post('/tenants/switch', data=dict(tenant_id='bob_co', csrf=csrf(tenants)))
+    assert (r.status_code, r.headers['location']) == (303, '/')
+    assert bob.get('/').text == 'home of bob_co for bob@example.com as owner'
+    world.signup('eve@example.com', 'Evil Inc')
+    world.provision()
+    r = bob.post('/tenants/switch', data=dict(tenant_id='evil_inc', csrf=csrf(tenants)))
+    assert r.status_code == 403 and 'not an active member' in r.text
+    assert bob.get('/').text.startswith('home of bob_co')
+
+
+def test_new_user_signs_up_from_an_invitation_without_a_tenant_of_their_own(world):
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    link = invite(world, ann, 'carol@example.com')
+    form = world.client().get(f'/signup?next={link}').text
+    assert 'Company or team name' not in form and f'value="{link}"' in form
+    carol = world.client()
+    r = carol.post('/signup', data=dict(email='carol@example.com', password=PW, next=link))
+    assert r.headers['location'] == link
+    assert carol.post(f'{link}/accept').headers['location'] == '/'
+    assert carol.get('/').text == 'home of acme_corp for carol@example.com as member'
+    assert world.host_db.tenants.count == 1
+
+
+def test_invitation_for_someone_else_cannot_be_accepted_and_decline_works(world):
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    link = invite(world, ann, 'bob@example.com')
+    eve = world.signup('eve@example.com', 'Evil Inc')
+    assert 'but this invitation is for bob@example.com' in eve.get(link).text
+    assert eve.post(f'{link}/accept').status_code == 400
+    assert 'You declined' in world.client().post(f'{link}/decline').text
+    assert world.client().get(link).status_code == 404
+    assert world.client().get('/invitations/not-a-token').status_code == 404
+
+
+def logged_in_member(world, role='member'):
+    "Ann owns acme_corp (active, current); bob is a `role` there. Both clients."
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    link = invite(world, ann, 'bob@example.com', role)
+    bob = world.client()
+    bob.post('/signup', data=dict(email='bob@example.com', password=PW, next=link))
+    bob.post(f'{link}/accept')
+    return ann, bob
+
+
+def bob_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'bob@example.com')
+
+
+def test_non_admin_cannot_invite_or_manage(world):
+    ann, bob = logged_in_member(world)
+    page = bob.get('/team').text
+    assert 'ann@example.com' in page and 'Send invitation' not in page and 'Only admins and owners' in page
+    token, sent = csrf(bob.get('/tenants').text), len(world.outbox.messages)
+    r = bob.post('/team/invite', data=dict(email='mallory@example.com', role='admin', csrf=token))
+    assert r.status_code == 403 and 'class="alert bad"' in r.text
+    ann_id = next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+    assert bob.post('/team/remove', data=dict(user_id=ann_id, csrf=token)).status_code == 403
+    assert len(world.outbox.messages) == sent
+    with world.host_db.transaction() as conn: assert conn.execute(invitations_t.select()).all()[-1].email == 'bob@example.com'
+
+
+def test_roles_last_owner_transfer_and_removal(world):
+    ann, bob = logged_in_member(world)
+    ann_id = next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+    page = ann.get('/team').text
+    assert 'Make owner' in page and 'Change role' in page
+    token = csrf(page)
+    r = ann.post('/team/invite', data=dict(email='x@example.com', role='owner', csrf=token))
+    assert r.status_code == 400 and 'transfer ownership' in r.text
+    r = ann.post('/team/role', data=dict(user_id=bob_id(world), role='admin', csrf=token))
+    assert r.status_code == 200 and 'Role changed' in r.text
+    assert bob.get('/').text.endswith('as admin')
+    r = bob.post('/team/role', data=dict(user_id=ann_id, role='member', csrf=csrf(bob.get('/team').text)))
+    assert r.status_code == 400 and 'Only an owner can change an owner' in r.text
+    r = ann.post('/team/transfer', data=dict(user_id=bob_id(world), csrf=token))
+    assert r.status_code == 200 and 'Ownership transferred' in r.text
+    assert (ann.get('/').text.endswith('as admin'), bob.get('/').text.endswith('as owner')) == (True, True)
+    r = bob.post('/team/remove', data=dict(user_id=ann_id, csrf=csrf(bob.get('/team').text)))
+    assert r.status_code == 200 and 'Member removed' in r.text
+    assert ann.get('/').headers['location'] == '/tenants'
+
+
+def test_the_only_owner_cannot_leave_the_tenant_ownerless(world):
+    ann, bob = logged_in_member(world, role='admin')
+    page = bob.get('/team').text
+    ann_id = next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+    assert 'Make owner' not in page
+    r = bob.post('/team/remove', data=dict(user_id=ann_id, csrf=csrf(page)))
+    assert r.status_code == 400 and 'Only an owner can change an owner' in r.text
+    ann_token = csrf(ann.get('/team').text)
+    r = ann.post('/team/transfer', data=dict(user_id=ann_id, csrf=ann_token))
+    assert r.status_code == 400 and 'another member' in r.text
+    assert ann.get('/').text.endswith('as owner')
+
+
+def test_api_key_shown_once_authenticates_and_revokes(world):
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    page = ann.get('/api-keys')
+    assert page.headers['cache-control'] == 'no-store' and 'No keys yet' in page.text
+    r = ann.post('/api-keys', data=dict(name='CI deploys', mode='test', csrf=csrf(page.text)))
+    secret = re.search(r'<div class="secret">(sk_test_[0-9a-f]{16}_[A-Za-z0-9_-]{43})</div>', r.text).group(1)
+    assert 'shown only once' in r.text and r.headers['cache-control'] == 'no-store'
+    listing = ann.get('/api-keys').text
+    key_id = secret.split('_')[2]
+    assert secret not in listing and f'sk_test_{key_id}_…' in listing and 'CI deploys' in listing
+    api = world.client()
+    who = api.get('/api/whoami', headers={'Authorization': f'Bearer {secret}'})
+    assert who.json() == dict(user='ann@example.com', tenant='acme_corp', mode='test')
+    assert api.post('/api-keys', data=dict(name='minted by a key', csrf=csrf(listing)),
+                    headers={'Authorization': f'Bearer {secret}'}).status_code == 403
+    r = ann.post(f'/api-keys/{key_id}/revoke', data=dict(csrf=csrf(listing)))
+    assert r.status_code == 200 and 'Key revoked' in r.text and 'revoked' in r.text
+    assert api.get('/api/whoami', headers={'Authorization': f'Bearer {secret}'}).status_code == 401
+    assert ann.post(f'/api-keys/{key_id}/revoke', data=dict(csrf=csrf(listing))).status_code == 404
+    assert ann.post('/api-keys', data=dict(name=' ', mode='test', csrf=csrf(listing))).status_code == 400
+    assert ann.post('/api-keys', data=dict(name='k', mode='prod', csrf=csrf(listing))).status_code == 400
+    assert len(world.host_db.q("select key_id from auth_api_keys")) == 1
+
+
+def test_members_see_keys_but_cannot_create_them(world):
+    ann, bob = logged_in_member(world)
+    page = bob.get('/api-keys').text
+    assert 'Create key' not in page and 'Only admins and owners' in page
+    r = bob.post('/api-keys', data=dict(name='mine', mode='live', csrf=csrf(bob.get('/tenants').text)))
+    assert r.status_code == 403 and len(world.host_db.q("select key_id from auth_api_keys")) == 0
+
+
+def test_changes_without_this_sessions_form_token_are_refused(world):
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    other = world.signup('eve@example.com', 'Evil Inc')
+    foreign = csrf(other.get('/tenants').text)
+    for path, data in [('/tenants/switch', dict(tenant_id='acme_corp')), ('/tenants', dict(company='Sneaky')),
+                       ('/api-keys', dict(name='k', mode='live')), ('/team/invite', dict(email='m@example.com', role='admin'))]:
+        for token in ('', foreign):
+            r = ann.post(path, data=dict(data, csrf=token))
+            assert r.status_code == 403 and 'did not come from this site' in r.text, (path, token)
+    assert world.host_db.tenants.count == 2 and len(world.host_db.q("select key_id from auth_api_keys")) == 0
+
+
+def test_tenants_page_creates_another_tenant(world):
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    page = ann.get('/tenants').text
+    assert 'current' in page and 'Create tenant' in page
+    r = ann.post('/tenants', data=dict(company='Second Shop', csrf=csrf(page)))
+    assert r.headers['location'] == '/tenants/second_shop/status'
+    assert 'Being set up' in ann.get('/tenants').text
+    assert ann.post('/tenants', data=dict(company='', csrf=csrf(page))).status_code == 400
+    world.provision()
+    done = ann.get('/tenants/second_shop/status', headers={'HX-Request': 'true'}).text
+    assert 'Second Shop is ready' in done and 'every 1s' not in done     # acme stays current: offered, not switched
+    assert ann.get('/').text.startswith('home of acme_corp')
+
+
+def test_status_page_is_for_members_only_and_reports_a_failed_job(world):
+    ann = world.signup('ann@example.com')
+    eve = world.signup('eve@example.com', 'Evil Inc')
+    assert eve.get('/tenants/acme_corp/status').status_code == 404
+    assert eve.get('/tenants/no_such/status').status_code == 404
+    job = claim(world.host_db, 'test-worker', ['tenant.provision'])
+    while job.tenant_id != 'acme_corp':
+        fail(world.host_db, job, 'not this one', retry=False)
+        job = claim(world.host_db, 'test-worker', ['tenant.provision'])
+    assert 'Creating the database' in ann.get('/tenants/acme_corp/status').text
+    fail(world.host_db, job, 'disk full', retry=False)
+    page = ann.get('/tenants/acme_corp/status', headers={'HX-Request': 'true'}).text
+    assert 'Setting up this tenant failed' in page and 'every 1s' not in page and 'disk full' not in page
+    with world.host_db.transaction() as conn:
+        assert conn.execute(jobs_t.select().where(jobs_t.c.tenant_id == 'acme_corp')).one().status == 'dead'
