@@ -54,7 +54,7 @@ class Refusal:
     kind: str; detail: str; retry_after: int | None = None
 
 # %% ../nbs/03h_beforeware.ipynb #4774a79c
-DEFAULT_SKIP = [r'/login.*', r'/signup.*', r'/password-reset.*', r'/verify-email.*', r'/invitations/.*',
+DEFAULT_SKIP = [r'/login', r'/signup', r'/password-reset(/.*)?', r'/verify-email/.*', r'/invitations/.*',
                 r'/auth/oauth/.*', r'/stripe/webhook', r'/webhooks/.*', r'/static/.*', r'/favicon\.ico',
                 r'/health']
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{8,64}')
@@ -127,7 +127,7 @@ def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_pa
         if status == 401: headers['WWW-Authenticate'] = 'Bearer'
         return JSONResponse(dict(error=r.kind, detail=r.detail), status, headers=headers)
     if r.kind in ('unavailable', 'rate_limited'): return Response(r.detail, status, headers=headers, media_type='text/plain')
-    if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote(req.url.path)}"
+    if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"  # '//evil.com' must stay a local path
     else: loc = billing_path if r.kind == 'payment_required' else tenants_path
     if req.headers.get('hx-request') == 'true': return Response(status_code=200, headers={'HX-Redirect': loc})
     return RedirectResponse(loc, 303)

@@ -7,8 +7,8 @@ Docs: https://fh-saas.github.io/fh_saas/db_tenant.html.md"""
 # %% auto #0
 __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB', 'InvalidTenantId', 'check_tenant_id',
            'tenant_db_name', 'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'secret_key', 'role_password',
-           'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url', 'tenant_row',
-           'tenant_url', 'catalog_entry', 'entry_url', 'tenant_dir', 'SqliteStore', 'template_strategy',
+           'scram_verifier', 'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url',
+           'tenant_row', 'tenant_url', 'catalog_entry', 'entry_url', 'tenant_dir', 'SqliteStore', 'template_strategy',
            'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants',
            'suspend_tenant', 'resume_tenant', 'deprovision_tenant']
 
@@ -67,6 +67,15 @@ def _derive(purpose: str, msg: str = '') -> bytes:
 def role_password(role: str) -> str:
     "The password of tenant login role `role`, derived from the master key."
     return _derive('tenant-role', role).hex()
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    "PostgreSQL's SCRAM-SHA-256 verifier of `password` (RFC 5802), so `CREATE ROLE` never sends the password itself."
+    b64 = lambda b: base64.b64encode(b).decode()
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac('sha256', password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b'Client Key', hashlib.sha256).digest()
+    server_key = hmac.new(salted, b'Server Key', hashlib.sha256).digest()
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
 def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-server-admin')))
 def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
@@ -231,12 +240,13 @@ class PostgresStore:
         with self._lock:
             if (eng := self._admin_engines.get(key)) is None:
                 eng = self._admin_engines[key] = make_engine(server_admin_url(self.server), pool_size=2, max_overflow=2,
-                                                             isolation_level='AUTOCOMMIT')
+                                                             isolation_level='AUTOCOMMIT', hide_parameters=True)
         return eng
 
     def _one_off(self, database: str) -> sa.Engine:
         "An unpooled admin engine on `database`, so no connection lingers to block cloning or dropping it."
-        return sa.create_engine(server_admin_url(self.server, database), isolation_level='AUTOCOMMIT', poolclass=sa.pool.NullPool)
+        return sa.create_engine(server_admin_url(self.server, database), isolation_level='AUTOCOMMIT', poolclass=sa.pool.NullPool,
+                                hide_parameters=True)
 
     @staticmethod
     def _q(conn, name): return conn.dialect.identifier_preparer.quote(name)
@@ -279,7 +289,7 @@ class PostgresStore:
         with self._admin().connect() as conn:
             q = self._q(conn, name)
             verb = 'ALTER' if self._exists(conn, 'pg_roles', 'rolname', name) else 'CREATE'
-            conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (role_password(name),))
+            conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (scram_verifier(role_password(name)),))
             _after_step('provision', 'role')
             self._prepare_template(conn, prepare)
             version = self._clone_template(conn, name)

@@ -11,6 +11,7 @@ __all__ = ['MIN_PASSWORD', 'MAX_PASSWORD', 'default_hasher', 'WeakPassword', 'ch
            'verify_email']
 
 # %% ../nbs/03e_passwords.ipynb #e8a70a0d
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -21,7 +22,7 @@ from argon2.exceptions import VerificationError, InvalidHashError
 
 from .db_host import HostDatabase, GlobalUser, users_t, memberships_t, tenants_t, timestamp
 from .audit import audit
-from .tokens import hash_token, issue_token, consume_token, utcnow
+from .tokens import hash_token, issue_token, consume_token, utcnow, one_time_tokens_t
 from .rate_limits import RateLimit, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer
@@ -47,7 +48,7 @@ def verify_password(stored: str | None, password: str, hasher: PasswordHasher = 
     "`(ok, new_hash)`: whether `password` matches `stored`, and a fresh hash when the parameters changed."
     try: hasher.verify(stored or _dummy_hash(hasher), password or '')
     except (VerificationError, InvalidHashError): return False, None
-    if stored is None: return False, None
+    if not stored: return False, None
     return True, hasher.hash(password) if hasher.check_needs_rehash(stored) else None
 
 _dummies: dict = {}
@@ -63,6 +64,11 @@ class LoginThrottle:
     "Failed logins allowed per account and per IP address in each window."
     per_account: RateLimit = RateLimit(5, 900)
     per_ip: RateLimit = RateLimit(50, 900)
+
+def _as_logged(email: str) -> str:
+    "What the audit log keeps of a submitted email: the address, or a placeholder (people type passwords there)."
+    email = (email or '').strip()
+    return email[:320] if re.fullmatch(r'[^@\s]{1,64}@[^@\s]{1,255}', email) else '[not an email address]'
 
 class LoginFailed(PermissionError):
     "Wrong email or password (deliberately vague)."
@@ -89,14 +95,14 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
     buckets = list(_buckets(email, ip_address, throttle))
     decisions = [hit(host_db, bucket, rule, now) for bucket, rule in buckets]
     if blocked := [d for d in decisions if not d.allowed]:
-        with host_db.transaction(): audit(host_db, 'auth.login_failed', details=dict(email=email, reason='throttled'), **where)
+        with host_db.transaction(): audit(host_db, 'auth.login_failed', details=dict(email=_as_logged(email), reason='throttled'), **where)
         raise LoginThrottled(max(d.retry_after for d in blocked))
     with host_db.transaction() as conn: row = _user_by_email(conn, email)
     ok, new_hash = verify_password(row['password_hash'] if row else None, password, hasher)
     if not (ok and row['is_active']):
         with host_db.transaction():
             audit(host_db, 'auth.login_failed', target_id=row and row['id'],
-                  details=dict(email=email, reason='inactive' if ok else 'bad_credentials'), **where)
+                  details=dict(email=_as_logged(email), reason='inactive' if ok else 'bad_credentials'), **where)
         raise LoginFailed("wrong email or password")
     with host_db.transaction() as conn:
         values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
@@ -125,8 +131,12 @@ def login(sessions: SessionManager, email: str, password: str, ip_address: str |
 
 # %% ../nbs/03e_passwords.ipynb #69d584de
 def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now):
+    "Store the new hash and spend every reset link still open: a leaked one must not outlive the change."
     conn.execute(users_t.update().where(users_t.c.id == user_id)
                  .values(password_hash=hash_password(password, hasher), password_changed_at=timestamp(now)))
+    t = one_time_tokens_t.c
+    conn.execute(one_time_tokens_t.update().where(t.user_id == user_id, t.purpose == 'password_reset', t.used_at.is_(None))
+                 .values(used_at=timestamp(now)))
 
 def change_password(sessions: SessionManager, record: SessionRecord, old: str, new: str,
                     hasher: PasswordHasher = default_hasher):

@@ -105,9 +105,9 @@ class SessionManager:
                                 .values(revoked_at=timestamp(self.clock()))).rowcount == 1
 
     def revoke_user(self, user_id: str, keep: str | None = None) -> int:
-        "End every session of `user_id` (except the one keyed `keep`); the number ended."
+        "End every session of `user_id`, including those in which they impersonate someone (except the one keyed `keep`)."
         c = sessions_t.c
-        cond = [c.user_id == user_id, c.revoked_at.is_(None)] + ([c.id_hash != keep] if keep else [])
+        cond = [sa.or_(c.user_id == user_id, c.impersonator_user_id == user_id), c.revoked_at.is_(None)] + ([c.id_hash != keep] if keep else [])
         with self.host_db.transaction() as conn:
             return conn.execute(sessions_t.update().where(*cond).values(revoked_at=timestamp(self.clock()))).rowcount
 

@@ -112,8 +112,8 @@ class TenantRouter:
                     self._retire(entry)
                     entry = None
                 if entry is None:
-                    self._make_room(deadline)
-                    if tenant_id in self._entries: continue
+                    self._make_room(deadline)   # may wait, releasing the lock: re-check what could have changed
+                    if tenant_id in self._entries or self._forgets != forgets: continue
                     entry = self._entries[tenant_id] = _Entry(tenant_id, self._new_engine(row), row['routing_version'])
                 else: entry.checked = time.monotonic()
                 if self._lease(entry, deadline): return entry

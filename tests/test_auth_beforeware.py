@@ -164,3 +164,13 @@ def test_non_admin_cannot_impersonate(world):
     rec = world.sessions.load(bob.cookies[world.sessions.cookie_name])
     with pytest.raises(ImpersonationRefused): start_impersonation(world.sessions, rec, 'ann')
     assert bob.get('/notes').json()['impersonator'] is None
+
+
+def test_a_double_slash_path_never_becomes_an_external_login_target():
+    "An app's catch-all route could see '//evil.example/x'; the login redirect must keep it a local path."
+    from starlette.requests import Request
+    from fh_saas.beforeware import Refusal, refusal_response
+    req = Request(dict(type='http', method='GET', path='//evil.example/notes', raw_path=b'//evil.example/notes',
+                       query_string=b'', headers=[], scheme='http', server=('testserver', 80)))
+    r = refusal_response(Refusal('unauthenticated', 'not logged in'), req, api=False)
+    assert r.status_code == 303 and r.headers['location'] == '/login?next=/evil.example/notes'

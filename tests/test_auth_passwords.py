@@ -176,3 +176,29 @@ def test_smtp_mailer_delivers():
     SMTPMailer('127.0.0.1', sink.port, sender='app@example.com', starttls=False).send('ann@example.com', 'Hi', 'link: https://x/y')
     sink.join(10)
     assert 'ann@example.com' in sink.rcpt[0] and 'Subject: Hi' in sink.data and 'link: https://x/y' in sink.data
+
+
+def test_a_password_reset_spends_every_other_open_reset_link(world):
+    outbox, link = MemoryOutbox(), lambda tok: f'/password-reset/{tok}'
+    tokens = []
+    for _ in range(2):
+        request_password_reset(world.host_db, 'ann@example.com', outbox, link)
+        tokens.append(outbox.last_to('ann@example.com').get_content().split('/password-reset/')[1].split()[0])
+    reset_password(world.sessions, tokens[0], 'a brand new password', FAST)
+    with pytest.raises(InvalidToken): reset_password(world.sessions, tokens[1], 'the leaked link wins', FAST)
+    assert authenticate(world.host_db, 'ann@example.com', 'a brand new password', hasher=FAST)
+
+
+def test_the_audit_log_keeps_no_password_typed_into_the_email_field(world):
+    c = world.client()
+    c.post('/login', data=dict(email='hunter2 my secret', password='x'))
+    c.post('/login', data=dict(email='ann@example.com', password='x'))
+    details = [r.details for r in world.host_db.audit_logs(where="event_type = 'auth.login_failed'", order_by='created_at')]
+    assert 'hunter2' not in str(details) and '[not an email address]' in details[0] and 'ann@example.com' in details[1]
+
+
+@pytest.mark.parametrize("stored", ["", None])
+def test_an_account_without_a_password_never_matches(stored):
+    from fh_saas.passwords import verify_password
+    assert verify_password(stored, "fh_saas-no-such-user", FAST) == (False, None)
+    assert verify_password(stored, "", FAST) == (False, None)

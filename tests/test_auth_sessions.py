@@ -80,3 +80,14 @@ def test_last_seen_written_at_most_once_a_minute(world):
     assert seen() == first
     world.clock.advance(seconds=31); c.get('/notes')
     assert seen() > first
+
+
+def test_revoking_an_admin_also_ends_the_sessions_in_which_they_impersonate(world):
+    from fh_saas.sessions import start_impersonation
+    world.user('bob')
+    world.host_db.global_users.update(dict(id='ann', is_sys_admin=True))
+    cookie = world.sessions.create('ann')
+    start_impersonation(world.sessions, world.sessions.load(cookie), 'bob')
+    assert world.sessions.load(cookie).impersonator_user_id == 'ann'
+    world.sessions.revoke_user('ann')          # e.g. the admin's password was reset after the cookie was stolen
+    assert world.sessions.load(cookie) is None
