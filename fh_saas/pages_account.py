@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_account.html.md"""
 __all__ = ['local_path', 'csrf_token', 'csrf_ok', 'tenant_ids', 'AccountError', 'create_tenant', 'sign_up', 'tenant_members',
            'tenant_for_member', 'pending_tenants', 'provisioning_job', 'open_invitation', 'add_account_routes']
 
-# %% ../nbs/96_pages_account.ipynb #27082679
+# %% ../nbs/96_pages_account.ipynb #9b6d2f13
 import hashlib, hmac, logging, re, secrets, unicodedata
 from urllib.parse import quote, urlsplit
 
@@ -36,7 +36,7 @@ from .tokens import InvalidToken, hash_token, utcnow
 
 _log = logging.getLogger('fh_saas.pages_account')
 
-# %% ../nbs/96_pages_account.ipynb #871ff40b
+# %% ../nbs/96_pages_account.ipynb #bc88a431
 def local_path(target: str | None, default: str = '/') -> str:
     "`target` if it is a path on this site (no scheme, host or protocol-relative trick), else `default`."
     t = target or ''
@@ -45,7 +45,7 @@ def local_path(target: str | None, default: str = '/') -> str:
     parts = urlsplit(t)
     return t if not parts.scheme and not parts.netloc else default
 
-# %% ../nbs/96_pages_account.ipynb #2d2a4ffa
+# %% ../nbs/96_pages_account.ipynb #d6bbfe89
 def csrf_token(session: SessionRecord) -> str:
     "The form token of `session`."
     return hmac.new(session.id_hash.encode(), b'fh_saas.csrf', hashlib.sha256).hexdigest()
@@ -55,7 +55,7 @@ def csrf_ok(auth, token: str | None) -> bool:
     session = getattr(auth, 'session', None)
     return session is not None and hmac.compare_digest(csrf_token(session), token or '')
 
-# %% ../nbs/96_pages_account.ipynb #683a8049
+# %% ../nbs/96_pages_account.ipynb #e5f1f82d
 def tenant_ids(name: str, attempts: int = 5):
     "Candidate tenant ids for company `name`: its slug (when valid), then the slug with random suffixes."
     ascii_name = unicodedata.normalize('NFKD', name or '').encode('ascii', 'ignore').decode().lower()
@@ -65,7 +65,7 @@ def tenant_ids(name: str, attempts: int = 5):
     if len(slug) >= 3: yield check_tenant_id(slug)
     for _ in range(attempts): yield check_tenant_id(f"{slug}_{secrets.token_hex(3)}")
 
-# %% ../nbs/96_pages_account.ipynb #42d4a8d7
+# %% ../nbs/96_pages_account.ipynb #1fd85a94
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
 
@@ -109,7 +109,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
         raise AccountError("An account with this email address already exists. Log in, or reset your password.") from None
     return uid, tid
 
-# %% ../nbs/96_pages_account.ipynb #e1be1d38
+# %% ../nbs/96_pages_account.ipynb #294b510f
 def tenant_members(host_db: HostDatabase, tenant_id: str) -> list[dict]:
     "Active members of `tenant_id` with email, name, role and join time, oldest first."
     m, u = memberships_t.c, users_t.c
@@ -146,7 +146,7 @@ def open_invitation(host_db: HostDatabase, token: str) -> dict | None:
     with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
     return dict(row) if row and as_utc(row['expires_at']) > utcnow() else None
 
-# %% ../nbs/96_pages_account.ipynb #ff391fcf
+# %% ../nbs/96_pages_account.ipynb #e9e8f873
 _NO_STORE = {'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer'}
 _RESET_RATE = RateLimit(3, 3600)   # reset emails per address per hour
 
@@ -163,7 +163,7 @@ def _post(action: str, *content, auth=None, cls='stack', **kw) -> Form:
 def _role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
     return Select(*[Option(r, value=r, selected=r == selected) for r in roles.names if r != roles.owner], name=name)
 
-# %% ../nbs/96_pages_account.ipynb #05c6234d
+# %% ../nbs/96_pages_account.ipynb #06b4e947
 def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle(),
                        roles: Roles = DEFAULT_ROLES, signup_rate: RateLimit = RateLimit(20, 3600)):
     "Mount sign-up, login, password reset, email verification, tenants, team, invitations and API key pages on `app`."
@@ -353,9 +353,10 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
             if m['user_id'] == me or not is_admin or (m['role'] == auth.roles.owner and not is_owner): return ()
             uid = Hidden(name='user_id', value=m['user_id'])
             return (_post('/team/role', uid, _role_select(auth.roles, m['role']), Button('Change role', cls='secondary'), auth=auth, cls='inline'),
-                    _post('/team/remove', uid, Button('Remove', cls='danger'), auth=auth, cls='inline'),
+                    _post('/team/remove', uid, Button('Remove', cls='danger'), auth=auth, cls='inline',
+                          onsubmit="return confirm('Remove this member from the tenant?')"),
                     _post('/team/transfer', uid, Button('Make owner', cls='secondary'), auth=auth, cls='inline') if is_owner else None)
-        rows = [(m['email'], m['name'] or '', ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''), _when(m['created_at']),
+        rows = [((m['email'], Span(' (you)', cls='muted') if m['user_id'] == me else None), m['name'] or '', ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''), _when(m['created_at']),
                  Div(*actions(m), style='display:flex;gap:.5rem;flex-wrap:wrap')) for m in tenant_members(host_db, tid)]
         inviting = ui.card(H2('Invite someone'), _post('/team/invite', ui.field('Email', 'email', 'email', required=True),
                                                       Label('Role', _role_select(auth.roles, 'member')), Button('Send invitation'),
@@ -367,7 +368,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
     def team_change(req, auth, csrf, change, done: str, minimum='admin'):
         "Run `change()` for an admin (or `minimum`) with a valid form; show the team page with the outcome."
         if not csrf_ok(auth, csrf): return forged(req)
-        if not auth.has_role(minimum): return team_page(req, auth, f"Only {minimum}s and above can do that.", 'bad', 403)
+        if not auth.has_role(minimum): return team_page(req, auth, f"Your role ({auth.role}) cannot do that: it takes {minimum} or above.", 'bad', 403)
         try: change()
         except LastOwner: return team_page(req, auth, "A tenant must keep at least one owner. Make someone else owner first.", 'bad', 409)
         except (MembershipError, ValueError) as e: return team_page(req, auth, str(e), 'bad', 400)
@@ -458,7 +459,8 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
         rows = [(k.name, Span(f"{'sk' if k.kind == 'secret' else 'pk'}_{k.mode}_{k.key_id}_…", cls='secret'),
                  ui.badge(k.mode, 'warn' if k.mode == 'test' else 'ok'), _when(k.created_at), _when(k.last_used_at),
                  ui.badge('revoked', 'bad') if k.revoked_at else
-                 (_post(f'/api-keys/{k.key_id}/revoke', Button('Revoke', cls='danger'), auth=auth, cls='inline') if is_admin else ui.badge('active', 'ok')))
+                 (_post(f'/api-keys/{k.key_id}/revoke', Button('Revoke', cls='danger'), auth=auth, cls='inline',
+                        onsubmit="return confirm('Revoke this key? Requests using it will be refused.')") if is_admin else ui.badge('active', 'ok')))
                 for k in list_api_keys(host_db, auth.tenant_id)]
         shown = ui.card(ui.alert("Copy this key now. It is shown only once: we store only its hash, so it cannot be shown again.", 'warn'),
                         Div(secret, cls='secret')) if secret else None
