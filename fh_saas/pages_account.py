@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_account.html.md"""
 __all__ = ['local_path', 'csrf_token', 'csrf_ok', 'tenant_ids', 'AccountError', 'create_tenant', 'sign_up', 'tenant_members',
            'tenant_for_member', 'pending_tenants', 'provisioning_job', 'open_invitation', 'add_account_routes']
 
-# %% ../nbs/96_pages_account.ipynb #9b6d2f13
+# %% ../nbs/96_pages_account.ipynb #5166620b
 import hashlib, hmac, logging, re, secrets, unicodedata
 from urllib.parse import quote, urlsplit
 
@@ -36,7 +36,7 @@ from .tokens import InvalidToken, hash_token, utcnow
 
 _log = logging.getLogger('fh_saas.pages_account')
 
-# %% ../nbs/96_pages_account.ipynb #bc88a431
+# %% ../nbs/96_pages_account.ipynb #71e3be07
 def local_path(target: str | None, default: str = '/') -> str:
     "`target` if it is a path on this site (no scheme, host or protocol-relative trick), else `default`."
     t = target or ''
@@ -45,7 +45,7 @@ def local_path(target: str | None, default: str = '/') -> str:
     parts = urlsplit(t)
     return t if not parts.scheme and not parts.netloc else default
 
-# %% ../nbs/96_pages_account.ipynb #d6bbfe89
+# %% ../nbs/96_pages_account.ipynb #d1a695ee
 def csrf_token(session: SessionRecord) -> str:
     "The form token of `session`."
     return hmac.new(session.id_hash.encode(), b'fh_saas.csrf', hashlib.sha256).hexdigest()
@@ -55,7 +55,7 @@ def csrf_ok(auth, token: str | None) -> bool:
     session = getattr(auth, 'session', None)
     return session is not None and hmac.compare_digest(csrf_token(session), token or '')
 
-# %% ../nbs/96_pages_account.ipynb #e5f1f82d
+# %% ../nbs/96_pages_account.ipynb #86af48cf
 def tenant_ids(name: str, attempts: int = 5):
     "Candidate tenant ids for company `name`: its slug (when valid), then the slug with random suffixes."
     ascii_name = unicodedata.normalize('NFKD', name or '').encode('ascii', 'ignore').decode().lower()
@@ -65,7 +65,7 @@ def tenant_ids(name: str, attempts: int = 5):
     if len(slug) >= 3: yield check_tenant_id(slug)
     for _ in range(attempts): yield check_tenant_id(f"{slug}_{secrets.token_hex(3)}")
 
-# %% ../nbs/96_pages_account.ipynb #1fd85a94
+# %% ../nbs/96_pages_account.ipynb #48d5d478
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
 
@@ -109,7 +109,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
         raise AccountError("An account with this email address already exists. Log in, or reset your password.") from None
     return uid, tid
 
-# %% ../nbs/96_pages_account.ipynb #294b510f
+# %% ../nbs/96_pages_account.ipynb #978bf0ed
 def tenant_members(host_db: HostDatabase, tenant_id: str) -> list[dict]:
     "Active members of `tenant_id` with email, name, role and join time, oldest first."
     m, u = memberships_t.c, users_t.c
@@ -146,7 +146,7 @@ def open_invitation(host_db: HostDatabase, token: str) -> dict | None:
     with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
     return dict(row) if row and as_utc(row['expires_at']) > utcnow() else None
 
-# %% ../nbs/96_pages_account.ipynb #e9e8f873
+# %% ../nbs/96_pages_account.ipynb #603fdad3
 _NO_STORE = {'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer'}
 _RESET_RATE = RateLimit(3, 3600)   # reset emails per address per hour
 
@@ -163,7 +163,7 @@ def _post(action: str, *content, auth=None, cls='stack', **kw) -> Form:
 def _role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
     return Select(*[Option(r, value=r, selected=r == selected) for r in roles.names if r != roles.owner], name=name)
 
-# %% ../nbs/96_pages_account.ipynb #06b4e947
+# %% ../nbs/96_pages_account.ipynb #92deb8a0
 def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle(),
                        roles: Roles = DEFAULT_ROLES, signup_rate: RateLimit = RateLimit(20, 3600)):
     "Mount sign-up, login, password reset, email verification, tenants, team, invitations and API key pages on `app`."
