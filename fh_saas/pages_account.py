@@ -292,7 +292,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
                 for t in active_tenants(host_db, auth.user.id)]
         pending = pending_tenants(host_db, auth.user.id)
         return show(req, 'Your tenants', ui.alert(error, 'bad') if error else None,
-                    None if current or rows else ui.alert("You are not a member of any active tenant yet. Create one below, or ask for an invitation.", 'warn'),
+                    None if current or rows or pending else ui.alert("You are not a member of any active tenant yet. Create one below, or ask for an invitation.", 'warn'),
                     ui.alert("Choose the tenant to work in.", 'warn') if rows and not current else None,
                     ui.card(_table(('Name', 'Id', 'Role', ''), rows)) if rows else None,
                     ui.card(H2('Being set up'), *[P(A(t['name'], href=f"/tenants/{t['id']}/status"), ' ', ui.badge('provisioning', 'warn'))
