@@ -101,7 +101,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
     uid = gen_id()
     try:
         with host_db.transaction():
-            host_db.global_users.insert(GlobalUser(id=uid, email=email, name=' '.join(name.split()) if name else None,
+            host_db.global_users.insert(GlobalUser(id=uid, email=email, name=' '.join((name or '').split()) or None,
                                                    password_hash=password_hash))
             tid = create_tenant(host_db, uid, company, roles) if company else None
             audit(host_db, 'auth.signup', target_id=uid, actor_user_id=uid, tenant_id=tid)
