@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_account.html.md"""
 __all__ = ['local_path', 'csrf_token', 'csrf_ok', 'tenant_ids', 'AccountError', 'create_tenant', 'sign_up', 'tenant_members',
            'tenant_for_member', 'pending_tenants', 'provisioning_job', 'open_invitation', 'add_account_routes']
 
-# %% ../nbs/96_pages_account.ipynb #f76794e4
+# %% ../nbs/96_pages_account.ipynb #5166620b
 import hashlib, hmac, logging, re, secrets, unicodedata
 from urllib.parse import quote, urlsplit
 
@@ -36,7 +36,7 @@ from .tokens import InvalidToken, hash_token, utcnow
 
 _log = logging.getLogger('fh_saas.pages_account')
 
-# %% ../nbs/96_pages_account.ipynb #36391af0
+# %% ../nbs/96_pages_account.ipynb #71e3be07
 def local_path(target: str | None, default: str = '/') -> str:
     "`target` if it is a path on this site (no scheme, host or protocol-relative trick), else `default`."
     t = target or ''
@@ -45,7 +45,7 @@ def local_path(target: str | None, default: str = '/') -> str:
     parts = urlsplit(t)
     return t if not parts.scheme and not parts.netloc else default
 
-# %% ../nbs/96_pages_account.ipynb #58413085
+# %% ../nbs/96_pages_account.ipynb #d1a695ee
 def csrf_token(session: SessionRecord) -> str:
     "The form token of `session`."
     return hmac.new(session.id_hash.encode(), b'fh_saas.csrf', hashlib.sha256).hexdigest()
@@ -55,7 +55,7 @@ def csrf_ok(auth, token: str | None) -> bool:
     session = getattr(auth, 'session', None)
     return session is not None and hmac.compare_digest(csrf_token(session), token or '')
 
-# %% ../nbs/96_pages_account.ipynb #29a17332
+# %% ../nbs/96_pages_account.ipynb #86af48cf
 def tenant_ids(name: str, attempts: int = 5):
     "Candidate tenant ids for company `name`: its slug (when valid), then the slug with random suffixes."
     ascii_name = unicodedata.normalize('NFKD', name or '').encode('ascii', 'ignore').decode().lower()
@@ -65,7 +65,7 @@ def tenant_ids(name: str, attempts: int = 5):
     if len(slug) >= 3: yield check_tenant_id(slug)
     for _ in range(attempts): yield check_tenant_id(f"{slug}_{secrets.token_hex(3)}")
 
-# %% ../nbs/96_pages_account.ipynb #477d6fc4
+# %% ../nbs/96_pages_account.ipynb #48d5d478
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
 
@@ -82,9 +82,11 @@ def create_tenant(host_db: HostDatabase, owner_id: str, name: str, roles: Roles 
     "Register tenant `name` (state `provisioning`) with `owner_id` as owner and queue its provisioning, in one transaction; its id."
     name = _clean_name(name, 'company name')
     with host_db.transaction():
-        tid = next(t for t in tenant_ids(name) if register_tenant(host_db, t, name))
+        tid = next((t for t in tenant_ids(name) if register_tenant(host_db, t, name)), None)
+        if tid is None: raise AccountError("Every id we tried for this name is taken. Please try again, or choose another name.")
         add_member(host_db, tid, owner_id, roles.owner, roles=roles)
         enqueue(host_db, 'tenant.provision', {'tenant_id': tid}, tenant_id=tid, dedupe_key=f'tenant.provision:{tid}')
+        audit(host_db, 'tenant.registered', target_id=tid, tenant_id=tid, actor_user_id=owner_id, details=dict(name=name))
     return tid
 
 def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None = None, company: str | None = None,
@@ -99,7 +101,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
     uid = gen_id()
     try:
         with host_db.transaction():
-            host_db.global_users.insert(GlobalUser(id=uid, email=email, name=' '.join(name.split()) if name else None,
+            host_db.global_users.insert(GlobalUser(id=uid, email=email, name=' '.join((name or '').split()) or None,
                                                    password_hash=password_hash))
             tid = create_tenant(host_db, uid, company, roles) if company else None
             audit(host_db, 'auth.signup', target_id=uid, actor_user_id=uid, tenant_id=tid)
@@ -107,7 +109,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
         raise AccountError("An account with this email address already exists. Log in, or reset your password.") from None
     return uid, tid
 
-# %% ../nbs/96_pages_account.ipynb #f48c53db
+# %% ../nbs/96_pages_account.ipynb #978bf0ed
 def tenant_members(host_db: HostDatabase, tenant_id: str) -> list[dict]:
     "Active members of `tenant_id` with email, name, role and join time, oldest first."
     m, u = memberships_t.c, users_t.c
@@ -144,7 +146,7 @@ def open_invitation(host_db: HostDatabase, token: str) -> dict | None:
     with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
     return dict(row) if row and as_utc(row['expires_at']) > utcnow() else None
 
-# %% ../nbs/96_pages_account.ipynb #68093487
+# %% ../nbs/96_pages_account.ipynb #603fdad3
 _NO_STORE = {'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer'}
 _RESET_RATE = RateLimit(3, 3600)   # reset emails per address per hour
 
@@ -161,9 +163,9 @@ def _post(action: str, *content, auth=None, cls='stack', **kw) -> Form:
 def _role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
     return Select(*[Option(r, value=r, selected=r == selected) for r in roles.names if r != roles.owner], name=name)
 
-# %% ../nbs/96_pages_account.ipynb #6b920bd1
+# %% ../nbs/96_pages_account.ipynb #92deb8a0
 def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle(),
-                       roles: Roles = DEFAULT_ROLES):
+                       roles: Roles = DEFAULT_ROLES, signup_rate: RateLimit = RateLimit(20, 3600)):
     "Mount sign-up, login, password reset, email verification, tenants, team, invitations and API key pages on `app`."
     host_db, sessions = saas.host_db, saas.sessions
 
@@ -197,7 +199,9 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
 
     @app.post('/signup')
     def signup(req, email: str = '', password: str = '', name: str = '', company: str = '', next: str = ''):
-        invited = local_path(next, '')
+        invited, (ip, _) = local_path(next, ''), client(req)
+        if ip and not (rl := hit(host_db, f'signup:ip:{ip}', signup_rate)).allowed:
+            return signup_form(req, email, name, company, next, f"Too many sign-ups from your network. Try again in {rl.retry_after} seconds.", 429)
         try: uid, tid = sign_up(host_db, email, password, name or None, None if invited else company, hasher, roles)
         except AccountError as e: return signup_form(req, email, name, company, next, str(e), 400)
         except NoServerAvailable:
@@ -223,9 +227,9 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
     def do_login(req, email: str = '', password: str = '', next: str = ''):
         try: user, cookie = login(sessions, email, password, *client(req), throttle, hasher)
         except LoginThrottled as e:
-            return login_form(req, email, next, f"Too many failed attempts. Try again in {e.retry_after} seconds.", 429,
+            return login_form(req, email, local_path(next, ''), f"Too many failed attempts. Try again in {e.retry_after} seconds.", 429,
                               headers={'Retry-After': str(e.retry_after)})
-        except LoginFailed: return login_form(req, email, next, "Wrong email or password.", 401)
+        except LoginFailed: return login_form(req, email, local_path(next, ''), "Wrong email or password.", 401)
         return signed_in(req, cookie, local_path(next, saas.home))
 
     @app.post('/logout')
@@ -288,7 +292,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
                 for t in active_tenants(host_db, auth.user.id)]
         pending = pending_tenants(host_db, auth.user.id)
         return show(req, 'Your tenants', ui.alert(error, 'bad') if error else None,
-                    None if current or rows else ui.alert("You are not a member of any active tenant yet. Create one below, or ask for an invitation.", 'warn'),
+                    None if current or rows or pending else ui.alert("You are not a member of any active tenant yet. Create one below, or ask for an invitation.", 'warn'),
                     ui.alert("Choose the tenant to work in.", 'warn') if rows and not current else None,
                     ui.card(_table(('Name', 'Id', 'Role', ''), rows)) if rows else None,
                     ui.card(H2('Being set up'), *[P(A(t['name'], href=f"/tenants/{t['id']}/status"), ' ', ui.badge('provisioning', 'warn'))
@@ -349,9 +353,10 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
             if m['user_id'] == me or not is_admin or (m['role'] == auth.roles.owner and not is_owner): return ()
             uid = Hidden(name='user_id', value=m['user_id'])
             return (_post('/team/role', uid, _role_select(auth.roles, m['role']), Button('Change role', cls='secondary'), auth=auth, cls='inline'),
-                    _post('/team/remove', uid, Button('Remove', cls='danger'), auth=auth, cls='inline'),
+                    _post('/team/remove', uid, Button('Remove', cls='danger'), auth=auth, cls='inline',
+                          onsubmit="return confirm('Remove this member from the tenant?')"),
                     _post('/team/transfer', uid, Button('Make owner', cls='secondary'), auth=auth, cls='inline') if is_owner else None)
-        rows = [(m['email'], m['name'] or '', ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''), _when(m['created_at']),
+        rows = [((m['email'], Span(' (you)', cls='muted') if m['user_id'] == me else None), m['name'] or '', ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''), _when(m['created_at']),
                  Div(*actions(m), style='display:flex;gap:.5rem;flex-wrap:wrap')) for m in tenant_members(host_db, tid)]
         inviting = ui.card(H2('Invite someone'), _post('/team/invite', ui.field('Email', 'email', 'email', required=True),
                                                       Label('Role', _role_select(auth.roles, 'member')), Button('Send invitation'),
@@ -363,7 +368,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
     def team_change(req, auth, csrf, change, done: str, minimum='admin'):
         "Run `change()` for an admin (or `minimum`) with a valid form; show the team page with the outcome."
         if not csrf_ok(auth, csrf): return forged(req)
-        if not auth.has_role(minimum): return team_page(req, auth, f"Only {minimum}s and above can do that.", 'bad', 403)
+        if not auth.has_role(minimum): return team_page(req, auth, f"Your role ({auth.role}) cannot do that: it takes {minimum} or above.", 'bad', 403)
         try: change()
         except LastOwner: return team_page(req, auth, "A tenant must keep at least one owner. Make someone else owner first.", 'bad', 409)
         except (MembershipError, ValueError) as e: return team_page(req, auth, str(e), 'bad', 400)
@@ -405,15 +410,19 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
         return team_change(req, auth, csrf, change, "Ownership transferred: you are now an admin.", minimum=auth.roles.owner)
 
     # --- invitations ------------------------------------------------------------------------------
+    def session_user(req) -> tuple[SessionRecord | None, GlobalUser | None]:
+        "The live session and active user behind the request's cookie (these pages are public, so no `auth`)."
+        session = sessions.load(req.cookies.get(sessions.cookie_name))
+        user = session and host_db.global_users[session.user_id]
+        return (session, user) if user and user.is_active else (None, None)
+
     @app.get('/invitations/{token}')
     def invitation(req, token: str):
         inv = open_invitation(host_db, token)
         if inv is None:
             return show(req, 'Invitation unavailable', ui.alert("This invitation is invalid, expired, or has already been used.", 'bad'),
                         status=404, narrow=True, headers=_NO_STORE)
-        session = sessions.load(req.cookies.get(sessions.cookie_name))
-        here = f'/invitations/{quote(token)}'
-        user = session and host_db.global_users[session.user_id]
+        here, (_, user) = f'/invitations/{quote(token)}', session_user(req)
         intro = P(f"You are invited to join ", Strong(inv['tenant_name']), f" as {inv['role']}. The invitation was sent to {inv['email']}.")
         decline = Form(Button('Decline', cls='secondary'), method='post', action=f'{here}/decline', cls='inline')
         if user is None:
@@ -428,8 +437,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
 
     @app.post('/invitations/{token}/accept')
     def invitation_accept(req, token: str):
-        here = f'/invitations/{quote(token)}'
-        session = sessions.load(req.cookies.get(sessions.cookie_name))
+        here, (session, _) = f'/invitations/{quote(token)}', session_user(req)
         if session is None: return RedirectResponse(f"/login?next={quote(here)}", 303)
         try:
             m = accept_invitation(host_db, token, session.user_id, roles)
@@ -451,7 +459,8 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
         rows = [(k.name, Span(f"{'sk' if k.kind == 'secret' else 'pk'}_{k.mode}_{k.key_id}_…", cls='secret'),
                  ui.badge(k.mode, 'warn' if k.mode == 'test' else 'ok'), _when(k.created_at), _when(k.last_used_at),
                  ui.badge('revoked', 'bad') if k.revoked_at else
-                 (_post(f'/api-keys/{k.key_id}/revoke', Button('Revoke', cls='danger'), auth=auth, cls='inline') if is_admin else ui.badge('active', 'ok')))
+                 (_post(f'/api-keys/{k.key_id}/revoke', Button('Revoke', cls='danger'), auth=auth, cls='inline',
+                        onsubmit="return confirm('Revoke this key? Requests using it will be refused.')") if is_admin else ui.badge('active', 'ok')))
                 for k in list_api_keys(host_db, auth.tenant_id)]
         shown = ui.card(ui.alert("Copy this key now. It is shown only once: we store only its hash, so it cannot be shown again.", 'warn'),
                         Div(secret, cls='secret')) if secret else None

@@ -71,7 +71,8 @@ def world(tmp_path, monkeypatch):
                             rate_limit=RateLimit(1000, 60))
     app = FastHTML(before=saas_beforeware(resolver), hdrs=ui.static_headers(), default_hdrs=False, secret_key=SECRET)
     ui.mount_static(app)
-    add_account_routes(app, saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)))
+    add_account_routes(app, saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)),
+                       signup_rate=RateLimit(6, 3600))
 
     @app.get('/')
     def home(auth): return f'home of {auth.tenant_id} for {auth.user.email} as {auth.role}'
@@ -136,6 +137,14 @@ def test_duplicate_email_and_bad_input_write_nothing(world):
         r = world.client().post('/signup', data=data)
         assert (r.status_code, message in r.text, 'set-cookie' in r.headers) == (status, True, False), (data, r.text)
         assert 'class="alert bad"' in r.text and data['email'] in r.text     # the form is shown again, filled in
+    assert counts(world.host_db) == before
+
+
+def test_signups_per_network_address_are_limited(world):
+    for i in range(6): world.signup(f"user{i}@example.com", f"Company {i}")
+    before = counts(world.host_db)
+    r = world.client().post('/signup', data=dict(email='late@example.com', password=PW, company='Late'))
+    assert r.status_code == 429 and 'Too many sign-ups' in r.text
     assert counts(world.host_db) == before
 
 
@@ -268,6 +277,18 @@ def test_invitation_for_someone_else_cannot_be_accepted_and_decline_works(world)
     assert world.client().get('/invitations/not-a-token').status_code == 404
 
 
+def test_a_disabled_account_cannot_accept(world):
+    ann = world.signup('ann@example.com')
+    world.provision()
+    ann.get('/tenants/acme_corp/status')
+    link = invite(world, ann, 'bob@example.com')
+    bob = world.signup('bob@example.com', 'Bob Co')
+    world.host_db.q("update core_users set is_active = false where email = 'bob@example.com'")
+    assert 'Log in to accept' in bob.get(link).text
+    assert bob.post(f'{link}/accept').headers['location'] == f'/login?next={link}'
+    assert world.host_db.memberships.count == 2
+
+
 def logged_in_member(world, role='member'):
     "Ann owns acme_corp (active, current); bob is a `role` there. Both clients."
     ann = world.signup('ann@example.com')
@@ -304,6 +325,8 @@ def test_roles_last_owner_transfer_and_removal(world):
     token = csrf(page)
     r = ann.post('/team/invite', data=dict(email='x@example.com', role='owner', csrf=token))
     assert r.status_code == 400 and 'transfer ownership' in r.text
+    r = ann.post('/team/role', data=dict(user_id=ann_id, role='admin', csrf=token))
+    assert r.status_code == 409 and 'must keep at least one owner' in r.text
     r = ann.post('/team/role', data=dict(user_id=bob_id(world), role='admin', csrf=token))
     assert r.status_code == 200 and 'Role changed' in r.text
     assert bob.get('/').text.endswith('as admin')
