@@ -116,7 +116,7 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     host_db = HostDatabase.from_env()
     seed_demo(host_db)
     outbox, policy = MemoryOutbox(), BillingPolicy(free_plan='free')
-    app = FastHTML(default_hdrs=False, title='fh_saas demo')
+    app = FastHTML(default_hdrs=False, title='fh_saas demo', secret_key=os.environ['FH_SAAS_SECRET_KEY'])
     saas = setup_saas(app, host_db, mailer=outbox, policy=policy, base_url=base_url, brand='fh_saas demo',
                       home='/projects', app_nav=[('Projects', '/projects')], public=[r'/dev/mail'])
     app.get('/')(lambda: RedirectResponse('/projects', 303))
