@@ -8,7 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/cli.html.md"""
 __all__ = ['parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #a7174111
-import argparse, getpass, os, sys
+import argparse, getpass, json, os, sys
+from pathlib import Path
 
 from .db_host import HostDatabase, GlobalUser
 
@@ -46,6 +47,17 @@ def _migrate(args, host_db) -> int:
     for o in report.failed: print(f"FAILED {o.tenant_id} at v{o.failed_version}: {o.error}")
     print(f"migrated {len(report.migrated)} tenant(s) to v{report.target}, {len(report.failed)} failed")
     return 0 if report.ok else 1
+
+# %% ../nbs/90_cli.ipynb #e0410f95
+def _plans(args, host_db) -> int:
+    from fh_saas.billing import seed_plans, active_plans
+    if args.action == 'seed':
+        ids = seed_plans(host_db, json.loads(Path(args.file).read_text()), retire_missing=args.retire_missing)
+        print(f"{len(ids)} plan(s) written: {', '.join(ids) or 'none changed'}")
+        return 0
+    for p in active_plans(host_db):
+        print(f"{p.id:<16} {p.name:<20} {p.amount_monthly or 0:>8} {p.currency}/month  features={p.features}")
+    return 0
 
 # %% ../nbs/90_cli.ipynb #1dc884ee
 def _stripe(args, host_db) -> int:
@@ -103,12 +115,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('action', choices=['replay', 'reconcile', 'sync-plans'])
     s.add_argument('--fetch-days', type=int, default=0, help='replay: also apply events Stripe could not deliver (max 30)')
     s.add_argument('--fix', action='store_true', help="reconcile: write Stripe's state over ours")
+    pl = sub.add_parser('plans', help='list the active plans, or seed plans from a JSON file')
+    pl.add_argument('action', choices=['list', 'seed']); pl.add_argument('file', nargs='?', help='seed: a JSON list of plans')
+    pl.add_argument('--retire-missing', action='store_true', help='seed: deactivate plans not in the file')
     u = sub.add_parser('users', help='create a system admin (password from FH_SAAS_ADMIN_PASSWORD or a prompt)')
     u.add_argument('action', choices=['create-admin']); u.add_argument('email')
     worker_arguments(sub.add_parser('worker', help='run background jobs (provisioning, migrations, reconcile, clean-ups)'))
     return p
 
-_COMMANDS = dict(tenants=_tenants, migrate=_migrate, stripe=_stripe, users=_users, worker=_worker)
+_COMMANDS = dict(tenants=_tenants, migrate=_migrate, plans=_plans, stripe=_stripe, users=_users, worker=_worker)
 
 def main(argv=None) -> int:
     "Entry point of the `fh-saas` command."
@@ -122,6 +137,7 @@ def main(argv=None) -> int:
         uvicorn.run(args.app, host=args.host, port=args.port, workers=args.workers)
         return 0
     if args.cmd == 'tenants' and args.action != 'list' and not args.id: parser().error(f"tenants {args.action} needs an id")
+    if args.cmd == 'plans' and args.action == 'seed' and not args.file: parser().error("plans seed needs a JSON file")
     try: return _COMMANDS[args.cmd](args, HostDatabase.from_env())
     except (ValueError, LookupError, RuntimeError, PermissionError) as e:
         print(f"fh-saas {args.cmd}: {e}", file=sys.stderr)
