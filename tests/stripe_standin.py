@@ -126,6 +126,7 @@ class FakeStripe:
         "The hosted Checkout page: GET shows the session, POST pays it and returns to its success_url."
         session = self.objects.get(request.path_params['id'])
         if not (self.hosts_checkout and session and session['object'] == 'checkout.session'): return HTMLResponse('No such session', 404)
+        if session['mode'] != 'subscription': return HTMLResponse('This stand-in completes subscription sessions only', 400)
         if request.method == 'POST':
             if session['status'] == 'open': self.complete_checkout(session['id'])
             return RedirectResponse(session['success_url'], 303)

@@ -58,16 +58,14 @@ def demo(tmp_path_factory):
 def stripe_standin():
     "The Stripe stand-in, serving its own hosted Checkout page, over real HTTP."
     fake = FakeStripe(hosts_checkout=True)
-    with ServedApp(fake.app()) as srv:
-        fake.url = srv.url
-        yield fake
+    with ServedApp(fake.app()) as srv: yield fake, srv.url
 
 
 @pytest.fixture(scope="module")
 def paid_demo(tmp_path_factory, stripe_standin):
     "The demo with Stripe configured: the SDK talks to the stand-in, the webhook checks our signing secret."
     with served_demo(tmp_path_factory.mktemp("paid-demo"), STRIPE_SECRET_KEY="sk_test_standin",
-                     STRIPE_API_BASE=stripe_standin.url, STRIPE_WEBHOOK_SECRET=SECRET) as base: yield base
+                     STRIPE_API_BASE=stripe_standin[1], STRIPE_WEBHOOK_SECRET=SECRET) as base: yield base
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +189,7 @@ def export_refused(page, base) -> bool:
 
 
 def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_standin, browser):
-    base, fake = paid_demo, stripe_standin
+    base, (fake, stripe_url) = paid_demo, stripe_standin
     alice = browser.new_context().new_page()
     alice.set_default_timeout(20_000)
     with screenshots_on_failure("upgrade", alice=alice):
@@ -208,7 +206,7 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         # She chooses Pro monthly and lands on the (stand-in's) hosted Checkout page for the monthly price.
         alice.goto(f"{base}/pricing")
         alice.locator(".card.plan", has_text="Pro").locator("button:has-text('Choose monthly')").click()
-        alice.wait_for_url(f"{fake.url}/c/pay/cs_test_*")
+        alice.wait_for_url(f"{stripe_url}/c/pay/cs_test_*")
         expect(alice.locator("body")).to_contain_text(prices[(1900, "month")])
         session = fake.objects[alice.url.rsplit("/", 1)[1]]
         tenant_id = session["metadata"]["tenant_id"]
@@ -224,6 +222,9 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         completed, created = fake.events
         assert (completed["type"], created["type"]) == ("checkout.session.completed", "customer.subscription.created")
         assert created["data"]["object"]["metadata"]["tenant_id"] == tenant_id
+        forged = json.dumps(created)
+        r = httpx.post(f"{base}/stripe/webhook", content=forged, headers={"Stripe-Signature": sign(forged, "whsec_not_ours")}, timeout=10)
+        assert r.status_code == 400 and export_refused(alice, base)                 # a forged event unlocks nothing
         assert [deliver(base, e)["status"] for e in fake.events] == ["processed", "processed"]
         assert deliver(base, created) == dict(status="processed", duplicate=True)   # Stripe redelivers: no second effect
 
