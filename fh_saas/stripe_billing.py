@@ -31,6 +31,7 @@ def stripe_client(api_key: str, **kwargs) -> stripe.StripeClient:
 def api_base(url: str, api_key: str) -> str:
     "`url` checked as a Stripe API host for `api_key` (no trailing slash): http(s), a host, no path; https for live keys."
     u = urlsplit(url.strip())
+    if '@' in u.netloc: raise ValueError("STRIPE_API_BASE must not carry credentials (the API key authenticates)")
     if u.scheme not in ('http', 'https') or not u.hostname or u.path.strip('/') or u.query or u.fragment:
         raise ValueError(f"STRIPE_API_BASE must be like https://host[:port], not {url!r}")
     if api_key.startswith(('sk_live_', 'rk_live_')) and u.scheme != 'https':
