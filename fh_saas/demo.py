@@ -24,6 +24,7 @@ from .mail import MemoryOutbox
 from .memberships import add_member
 from .pages_account import csrf_token, csrf_ok
 from .passwords import hash_password
+from .stripe_billing import stripe_client_from_env, sync_plans
 from .system_jobs import SYSTEM_SCHEDULES
 from .tenant_migrations import register_tenant_migration, tenant_schema
 from . import ui
@@ -115,9 +116,11 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     _register_projects()
     host_db = HostDatabase.from_env()
     seed_demo(host_db)
+    stripe = stripe_client_from_env() if os.environ.get('STRIPE_SECRET_KEY') else None
+    if stripe: sync_plans(stripe, host_db)
     outbox, policy = MemoryOutbox(), BillingPolicy(free_plan='free')
     app = FastHTML(default_hdrs=False, title='fh_saas demo', secret_key=os.environ['FH_SAAS_SECRET_KEY'])
-    saas = setup_saas(app, host_db, mailer=outbox, policy=policy, base_url=base_url, brand='fh_saas demo',
+    saas = setup_saas(app, host_db, mailer=outbox, stripe=stripe, policy=policy, base_url=base_url, brand='fh_saas demo',
                       home='/projects', app_nav=[('Projects', '/projects')], public=[r'/dev/mail'])
     app.get('/')(lambda: RedirectResponse('/projects', 303))
     _add_projects(app, saas, policy)

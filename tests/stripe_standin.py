@@ -1,11 +1,14 @@
 """A small stand-in for the Stripe API endpoints localstripe lacks (Checkout, billing portal, prices) and for
 event listing with `delivery_success`. It checks what Stripe documents (auth, API version, required and
-allowed parameters, idempotency-key reuse with other parameters) and answers realistic objects."""
-import itertools, re, secrets
+allowed parameters, idempotency-key reuse with other parameters) and answers realistic objects.
+
+With `hosts_checkout=True` it also serves the hosted Checkout page itself (for a browser): paying there
+creates the subscription as Stripe would and queues the events Stripe then sends, in `events`."""
+import html, itertools, re, secrets, time
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from fh_saas.stripe_webhooks import STRIPE_API_VERSION
@@ -47,8 +50,9 @@ def only(params, allowed):
 class FakeStripe:
     "State and routes of the stand-in; `calls` records (method, path, params, idempotency key) for assertions."
 
-    def __init__(self):
+    def __init__(self, hosts_checkout: bool = False):
         self.calls, self.objects, self.events, self._idem = [], {}, [], {}
+        self.hosts_checkout = hosts_checkout
         self.fail_next = 0
         self._n = itertools.count(1)
 
@@ -63,7 +67,8 @@ class FakeStripe:
             Route('/v1/prices', self.wrap(self.create_price), methods=['POST']),
             Route('/v1/subscriptions', self.wrap(self.list_subscriptions), methods=['GET']),
             Route('/v1/subscriptions/{id}', self.wrap(self.subscription), methods=['GET', 'POST', 'DELETE']),
-            Route('/v1/events', self.wrap(self.list_events), methods=['GET'])])
+            Route('/v1/events', self.wrap(self.list_events), methods=['GET']),
+            Route('/c/pay/{id}', self.checkout_page, methods=['GET', 'POST'])])
 
     def wrap(self, handler):
         async def endpoint(request):
@@ -110,9 +115,41 @@ class FakeStripe:
                 raise StripeError("trial_period_days must be at least 1", 'subscription_data[trial_period_days]')
         elif 'subscription_data' in p: raise StripeError("subscription_data is only for subscription mode", 'subscription_data')
         sid = self.new_id('cs_test')
-        return dict(id=sid, object='checkout.session', mode=p['mode'], customer=p['customer'], status='open',
-                    client_reference_id=p.get('client_reference_id'), metadata=p.get('metadata', {}), payment_status='unpaid',
-                    success_url=p['success_url'], cancel_url=p['cancel_url'], url=f"https://checkout.stripe.com/c/pay/{sid}")
+        host = str(request.base_url).rstrip('/') if self.hosts_checkout else 'https://checkout.stripe.com'
+        session = dict(id=sid, object='checkout.session', mode=p['mode'], customer=p['customer'], status='open',
+                       client_reference_id=p.get('client_reference_id'), metadata=p.get('metadata', {}), payment_status='unpaid',
+                       success_url=p['success_url'], cancel_url=p['cancel_url'], url=f"{host}/c/pay/{sid}")
+        self.objects[sid] = dict(session, line_items=p['line_items'], subscription_data=p.get('subscription_data', {}))
+        return session
+
+    async def checkout_page(self, request):
+        "The hosted Checkout page: GET shows the session, POST pays it and returns to its success_url."
+        session = self.objects.get(request.path_params['id'])
+        if not (self.hosts_checkout and session and session['object'] == 'checkout.session'): return HTMLResponse('No such session', 404)
+        if session['mode'] != 'subscription': return HTMLResponse('This stand-in completes subscription sessions only', 400)
+        if request.method == 'POST':
+            if session['status'] == 'open': self.complete_checkout(session['id'])
+            return RedirectResponse(session['success_url'], 303)
+        items = ''.join(f"<li>{html.escape(li['price'])} x {html.escape(li['quantity'])}</li>" for li in session['line_items'])
+        return HTMLResponse(f"<h1>Stripe Checkout stand-in</h1><p>Session {html.escape(session['id'])}</p><ul>{items}</ul>"
+                            f"<form method='post'><button>Pay</button></form>")
+
+    def complete_checkout(self, sid):
+        "Pay session `sid` in subscription mode: its subscription (trialing when the session asked for a trial) and the two events."
+        session, now = self.objects[sid], int(time.time())
+        sub_data, li = session['subscription_data'], session['line_items'][0]
+        trial = int(sub_data.get('trial_period_days', 0))
+        sub = dict(id=self.new_id('sub'), object='subscription', customer=session['customer'], status='trialing' if trial else 'active',
+                   cancel_at_period_end=False, metadata=sub_data.get('metadata', {}), trial_end=now + trial * 86400 if trial else None,
+                   items=dict(object='list', data=[dict(id=self.new_id('si'), object='subscription_item', quantity=int(li['quantity']),
+                              price=dict(id=li['price'], unit_amount=self.objects[li['price']]['unit_amount']),
+                              current_period_start=now, current_period_end=now + (trial or 30) * 86400)]))
+        self.objects[sub['id']] = sub
+        session.update(status='complete', payment_status='no_payment_required' if trial else 'paid', subscription=sub['id'])
+        public = {k: v for k, v in session.items() if k not in ('line_items', 'subscription_data')}
+        for etype, obj in (('checkout.session.completed', public), ('customer.subscription.created', sub)):
+            self.events.append(dict(id=self.new_id('evt'), object='event', type=etype, created=now, livemode=False,
+                                    api_version=STRIPE_API_VERSION, data=dict(object=obj)))
 
     def create_portal(self, request, p):
         only(p, ['customer', 'return_url'])
@@ -134,8 +171,10 @@ class FakeStripe:
         need(p, 'product', 'unit_amount', 'currency', 'recurring.interval')
         if p['product'] not in self.objects: raise StripeError(f"No such product: '{p['product']}'", 'product')
         if p['recurring']['interval'] not in ('day', 'week', 'month', 'year'): raise StripeError("bad interval", 'recurring[interval]')
-        return dict(id=self.new_id('price'), object='price', product=p['product'], unit_amount=int(p['unit_amount']),
-                    currency=p['currency'], recurring=dict(interval=p['recurring']['interval']), lookup_key=p.get('lookup_key'))
+        obj = dict(id=self.new_id('price'), object='price', product=p['product'], unit_amount=int(p['unit_amount']),
+                   currency=p['currency'], recurring=dict(interval=p['recurring']['interval']), lookup_key=p.get('lookup_key'))
+        self.objects[obj['id']] = obj
+        return obj
 
     def add_subscription(self, sub_id, price, tenant_id, customer='cus_x', status='active', t=1_760_000_000):
         self.objects[sub_id] = dict(id=sub_id, object='subscription', customer=customer, status=status,

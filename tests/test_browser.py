@@ -3,9 +3,12 @@
 One story, as two people and an admin live it: sign up (the tenant is provisioned by the worker), keep data in
 the tenant's own database, hit a feature the plan lacks, invite a teammate who accepts in another browser,
 switch tenants without ever seeing the other tenant's data, and have an admin suspend the tenant so its members
-are refused on their very next request. Screenshots of every page are saved to test-artifacts/ on failure.
+are refused on their very next request. Then an upgrade, with the demo's Stripe SDK pointed at the local Stripe
+stand-in: the owner of a free tenant chooses Pro, pays on the stand-in's hosted Checkout page, and the signed events
+Stripe sends next, delivered over HTTP to the demo's webhook, unlock the Pro feature. Screenshots of every page are
+saved to test-artifacts/ on failure.
 """
-import os, re, shutil, subprocess, sys, time
+import json, os, re, shutil, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,17 +17,19 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from pgserver import free_port
+from stripe_helpers import SECRET, ServedApp, sign
+from stripe_standin import FakeStripe
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 DEMO_EMAIL, DEMO_PASSWORD = "demo@example.com", "demo password 1234"
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    "The demo served by `fh-saas demo` in its own process, on a fresh SQLite folder."
-    port, folder = free_port(), tmp_path_factory.mktemp("demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))}
+@contextmanager
+def served_demo(folder, **settings):
+    "`fh-saas demo` in its own process on a fresh SQLite folder, with only `settings` of the DB_/FH_SAAS_/STRIPE_ variables."
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))} | settings
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from fh_saas.cli import main; sys.exit(main())",
                              "demo", "--folder", str(folder), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -37,9 +42,30 @@ def demo(tmp_path_factory):
         if proc.poll() is not None: pytest.fail(f"the demo exited early:\n{proc.stdout.read()}")
         time.sleep(0.2)
     else: pytest.fail("the demo did not start within 60 s")
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    try: yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    "The demo without Stripe."
+    with served_demo(tmp_path_factory.mktemp("demo")) as base: yield base
+
+
+@pytest.fixture(scope="module")
+def stripe_standin():
+    "The Stripe stand-in, serving its own hosted Checkout page, over real HTTP."
+    fake = FakeStripe(hosts_checkout=True)
+    with ServedApp(fake.app()) as srv: yield fake, srv.url
+
+
+@pytest.fixture(scope="module")
+def paid_demo(tmp_path_factory, stripe_standin):
+    "The demo with Stripe configured: the SDK talks to the stand-in, the webhook checks our signing secret."
+    with served_demo(tmp_path_factory.mktemp("paid-demo"), STRIPE_SECRET_KEY="sk_test_standin",
+                     STRIPE_API_BASE=stripe_standin[1], STRIPE_WEBHOOK_SECRET=SECRET) as base: yield base
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +171,74 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
         # Bob, working in Beta, is unaffected.
         bob.goto(f"{base}/projects")
         expect(bob.locator("main")).to_contain_text("Beta secret")
+
+
+def deliver(base, event) -> dict:
+    "POST `event` to the demo's webhook signed as Stripe signs it; Stripe's view of the answer."
+    payload = json.dumps(event)
+    r = httpx.post(f"{base}/stripe/webhook", content=payload, timeout=10,
+                   headers={"Stripe-Signature": sign(payload), "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def export_refused(page, base) -> bool:
+    "Whether the export, fetched with the page's session, is refused for want of the `exports` feature."
+    r = page.request.get(f"{base}/projects/export", max_redirects=0)
+    return r.status == 403 and "does not include 'exports'" in r.text()
+
+
+def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_standin, browser):
+    base, (fake, stripe_url) = paid_demo, stripe_standin
+    alice = browser.new_context().new_page()
+    alice.set_default_timeout(20_000)
+    with screenshots_on_failure("upgrade", alice=alice):
+        # The demo created Pro's Stripe prices at start, through the SDK pointed at the stand-in.
+        prices = {(o["unit_amount"], o["recurring"]["interval"]): o["id"] for o in fake.objects.values() if o["object"] == "price"}
+        assert set(prices) == {(1900, "month"), (19000, "year")}
+
+        # Alice's new tenant is on the free plan: projects yes, exports no.
+        sign_up(alice, base, "alice@gamma.test", "gamma password 1234", "Alice", "Gamma Co")
+        alice.wait_for_url("**/projects")
+        add_project(alice, "Gamma launch")
+        assert export_refused(alice, base)
+
+        # She chooses Pro monthly and lands on the (stand-in's) hosted Checkout page for the monthly price.
+        alice.goto(f"{base}/pricing")
+        alice.locator(".card.plan", has_text="Pro").locator("button:has-text('Choose monthly')").click()
+        alice.wait_for_url(f"{stripe_url}/c/pay/cs_test_*")
+        expect(alice.locator("body")).to_contain_text(prices[(1900, "month")])
+        session = fake.objects[alice.url.rsplit("/", 1)[1]]
+        tenant_id = session["metadata"]["tenant_id"]
+        assert session["client_reference_id"] == tenant_id and session["subscription_data"]["metadata"]["plan_id"] == "pro"
+
+        # She pays and is sent back to billing; until Stripe's events arrive nothing is unlocked.
+        alice.click("button:has-text('Pay')")
+        alice.wait_for_url("**/billing?checkout=success")
+        expect(alice.locator("main")).to_contain_text("Thank you")
+        assert export_refused(alice, base)
+
+        # Stripe's events for the payment reach the webhook, signed; Pro (on its 14-day trial) is now the tenant's plan.
+        completed, created = fake.events
+        assert (completed["type"], created["type"]) == ("checkout.session.completed", "customer.subscription.created")
+        assert created["data"]["object"]["metadata"]["tenant_id"] == tenant_id
+        forged = json.dumps(created)
+        r = httpx.post(f"{base}/stripe/webhook", content=forged, headers={"Stripe-Signature": sign(forged, "whsec_not_ours")}, timeout=10)
+        assert r.status_code == 400 and export_refused(alice, base)                 # a forged event unlocks nothing
+        assert [deliver(base, e)["status"] for e in fake.events] == ["processed", "processed"]
+        assert deliver(base, created) == dict(status="processed", duplicate=True)   # Stripe redelivers: no second effect
+
+        alice.goto(f"{base}/billing")
+        sub = alice.locator(".card", has_text="Subscription")
+        expect(sub).to_contain_text("Pro")
+        expect(sub).to_contain_text("trialing")
+        expect(sub).to_contain_text(created["data"]["object"]["id"])
+        expect(alice.locator(".card", has_text="Plan features")).to_contain_text("exports")
+
+        # The export now downloads her tenant's projects as CSV.
+        alice.goto(f"{base}/projects")
+        with alice.expect_download() as download:
+            alice.click("text=Export CSV (Pro)")
+        assert download.value.suggested_filename == "projects.csv"
+        rows = Path(download.value.path()).read_text().splitlines()
+        assert rows[0] == "name,created_at" and rows[1].startswith("Gamma launch,") and len(rows) == 2
