@@ -107,9 +107,9 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
     with host_db.transaction() as conn:
         values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
         conn.execute(users_t.update().where(users_t.c.id == row['id']).values(**values))
-        reset_bucket(host_db, buckets[0][0])
-        for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now)
         audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
+    reset_bucket(host_db, buckets[0][0])
+    for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now)
     return host_db.global_users[row['id']]
 
 # %% ../nbs/03e_passwords.ipynb #d28334a6
