@@ -1,7 +1,7 @@
 """The account pages through a real FastHTML app wired the way `setup_saas` wires it: a SQLite host
 database, server-side sessions, the tenant router on per-tenant SQLite files, the beforeware, and an
 in-memory outbox whose links the tests follow. Provisioning runs the real `tenant.provision` job."""
-import re
+import re, threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -218,6 +218,21 @@ def test_password_reset_through_the_emailed_link(world, reset_mails):
     assert old.get('/').headers['location'] == '/login?next=/'     # every old session ended
     assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
     assert world.client().post('/login', data=dict(email='ann@example.com', password='brand new secret')).status_code == 303
+
+
+def test_the_reset_page_answers_before_a_slow_mail_server_for_any_address(world, reset_mails, monkeypatch):
+    world.signup('ann@example.com')
+    release, send = threading.Event(), world.outbox.send
+    def held_send(to, subject, body):
+        release.wait(5)
+        send(to, subject, body)
+    monkeypatch.setattr(world.outbox, 'send', held_send)
+    for email in ('ann@example.com', 'nobody@example.com'):
+        assert world.client().post('/password-reset', data=dict(email=email)).status_code == 200
+    assert not any('Reset' in m['Subject'] for m in world.outbox.messages)     # both answered while the mail waits
+    release.set()
+    reset_mails()
+    assert [m['To'] for m in world.outbox.messages if 'Reset' in m['Subject']] == ['ann@example.com']
 
 
 def test_password_reset_mails_are_rate_limited_per_address(world, reset_mails):
