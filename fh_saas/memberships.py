@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from .db_host import (HostDatabase, HostComponent, register_component, Membership, users_t, tenants_t,
                              memberships_t, gen_id, timestamp, UTCTimestamp)
 from .audit import audit
+from .api_keys import api_keys_t
 from .tokens import new_token, hash_token, utcnow, InvalidToken
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer
@@ -91,14 +92,23 @@ def change_role(host_db: HostDatabase, tenant_id: str, user_id: str, role: str, 
         _set(conn, row['id'], role=role)
         audit(host_db, 'membership.role_changed', target_id=user_id, tenant_id=tenant_id, details=dict(old=row['role'], new=role))
 
+def _revoke_keys_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str):
+    "Revoke every live API key `user_id` created for `tenant_id`, each audited."
+    k = api_keys_t.c
+    revoked = conn.execute(api_keys_t.update().where(k.tenant_id == tenant_id, k.created_by == user_id, k.revoked_at.is_(None))
+                           .values(revoked_at=timestamp()).returning(k.key_id)).scalars().all()
+    for key_id in revoked:
+        audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id, details=dict(reason='member_removed', user_id=user_id))
+
 def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Roles = DEFAULT_ROLES):
-    "Deactivate a membership (it stops working on the next request); `LastOwner` for the only owner."
+    "Deactivate a membership and revoke the API keys the member made for this tenant; `LastOwner` for the only owner."
     with host_db.transaction() as conn:
         _lock_tenant(conn, tenant_id)
         row = _active(conn, tenant_id, user_id)
         if row['role'] == roles.owner and _owner_count(conn, tenant_id, roles.owner) <= 1:
             raise LastOwner(f"{tenant_id} must keep at least one owner")
         _set(conn, row['id'], is_active=False)
+        _revoke_keys_of(host_db, conn, tenant_id, user_id)
         audit(host_db, 'membership.removed', target_id=user_id, tenant_id=tenant_id, details=dict(role=row['role']))
 
 def transfer_ownership(host_db: HostDatabase, tenant_id: str, from_user_id: str, to_user_id: str,

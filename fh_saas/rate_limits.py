@@ -9,6 +9,7 @@ __all__ = ['rate_meta', 'rate_counters_t', 'rate_limits_component', 'RateLimit',
            'reset_bucket', 'purge_windows']
 
 # %% ../nbs/03b_rate_limits.ipynb #63d8ce64
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -45,11 +46,19 @@ def _window(rule: RateLimit, now: datetime) -> tuple[int, int]:
 def _upsert(conn):
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(rate_counters_t)
 
+@contextmanager
+def _own_transaction(host_db: HostDatabase):
+    "A transaction of the counters' own, committed whatever becomes of the caller's."
+    if host_db.in_transaction and host_db.engine.dialect.name == 'sqlite':
+        raise RuntimeError("on SQLite, rate limits are counted outside host_db.transaction(): "
+                           "its single writer is held by the open transaction")
+    with host_db.engine.begin() as conn: yield conn
+
 def hit(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None) -> RateDecision:
     "Count one hit on `bucket` in the current window, atomically; `allowed` is False once `rule.limit` is passed."
     start, t = _window(rule, now or utcnow())
     c = rate_counters_t.c
-    with host_db.transaction() as conn:
+    with _own_transaction(host_db) as conn:
         stmt = (_upsert(conn).values(bucket=bucket, window_start=start, hits=1)
                 .on_conflict_do_update(index_elements=[c.bucket, c.window_start], set_=dict(hits=c.hits + 1))
                 .returning(c.hits))
@@ -60,7 +69,7 @@ def refund(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | 
     "Give back one hit of the current window (an attempt that turned out to be legitimate)."
     start, _ = _window(rule, now or utcnow())
     c = rate_counters_t.c
-    with host_db.transaction() as conn:
+    with _own_transaction(host_db) as conn:
         conn.execute(rate_counters_t.update().where(c.bucket == bucket, c.window_start == start, c.hits > 0)
                      .values(hits=c.hits - 1))
 
@@ -68,14 +77,14 @@ def hits_so_far(host_db: HostDatabase, bucket: str, rule: RateLimit, now: dateti
     "The count of `bucket` in the current window, without adding to it."
     start, _ = _window(rule, now or utcnow())
     c = rate_counters_t.c
-    with host_db.transaction() as conn:
+    with _own_transaction(host_db) as conn:
         return conn.execute(sa.select(c.hits).where(c.bucket == bucket, c.window_start == start)).scalar() or 0
 
 def reset_bucket(host_db: HostDatabase, bucket: str):
     "Forget every window of `bucket` (e.g. an account's failed logins after a successful one)."
-    with host_db.transaction() as conn: conn.execute(rate_counters_t.delete().where(rate_counters_t.c.bucket == bucket))
+    with _own_transaction(host_db) as conn: conn.execute(rate_counters_t.delete().where(rate_counters_t.c.bucket == bucket))
 
 def purge_windows(host_db: HostDatabase, before: datetime) -> int:
     "Delete counters whose window started before `before` (run it from a periodic job); the number deleted."
-    with host_db.transaction() as conn:
+    with _own_transaction(host_db) as conn:
         return conn.execute(rate_counters_t.delete().where(rate_counters_t.c.window_start < int(before.timestamp()))).rowcount

@@ -103,9 +103,15 @@ def test_api_key_dies_with_its_creators_membership(world):
     key, _ = create_api_key(world.host_db, 'acme', 'bob', 'bob key')
     c = world.client()
     assert c.get('/api/notes', headers={'X-API-Key': key}).status_code == 200
-    remove_member(world.host_db, 'acme', 'bob')
+    m = world.host_db.memberships(where="user_id = 'bob' and tenant_id = 'acme'")[0]
+    world.host_db.memberships.update(dict(id=m.id, is_active=False))      # the membership ends, the key itself is live
     r = c.get('/api/notes', headers={'X-API-Key': key})
     assert (r.status_code, r.json()['error']) == (403, 'forbidden')
+    world.host_db.memberships.update(dict(id=m.id, is_active=True))
+    remove_member(world.host_db, 'acme', 'bob')                             # revokes the key as well
+    world.host_db.memberships.update(dict(id=m.id, is_active=True))
+    r = c.get('/api/notes', headers={'X-API-Key': key})
+    assert (r.status_code, r.json()['error']) == (401, 'unauthenticated')
 
 
 def test_publishable_keys_only_on_publishable_paths(world):

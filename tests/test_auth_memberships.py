@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
+from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.db_host import GlobalUser, TenantCatalog
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import (add_member, change_role, remove_member, transfer_ownership, invite, accept_invitation,
@@ -95,3 +96,28 @@ def test_removed_member_can_be_reinvited_and_custom_roles(people):
     remove_member(db, 'acme', 'bob', roles=roles)
     assert add_member(db, 'acme', 'bob', 'guest', roles=roles).is_active
     assert db.q("select count(*) n from core_memberships where user_id = 'bob'")[0]['n'] == 1
+
+
+def test_removing_a_member_revokes_their_api_keys_for_that_tenant_only(people):
+    db = people
+    for t in ('acme', 'globex'): db.tenants.insert(TenantCatalog(id=t, name=t))
+    add_member(db, 'acme', 'ann', 'owner'); add_member(db, 'acme', 'bob', 'admin'); add_member(db, 'globex', 'bob', 'owner')
+    bobs = [create_api_key(db, 'acme', 'bob', f'bob {i}')[0] for i in range(2)]
+    anns, bob_globex = create_api_key(db, 'acme', 'ann', 'ann')[0], create_api_key(db, 'globex', 'bob', 'bob')[0]
+    remove_member(db, 'acme', 'bob')
+    assert [verify_api_key(db, k) for k in bobs] == [None, None]
+    assert verify_api_key(db, anns).created_by == 'ann' and verify_api_key(db, bob_globex).tenant_id == 'globex'
+    add_member(db, 'acme', 'bob', 'admin')
+    assert [verify_api_key(db, k) for k in bobs] == [None, None]     # coming back does not revive them
+    revoked = db.q("select target_id, details from sys_audit_logs where event_type = 'api_key.revoked' and tenant_id = 'acme'")
+    assert sorted(r['target_id'] for r in revoked) == sorted(k.split('_')[2] for k in bobs)
+    assert all('member_removed' in str(r['details']) for r in revoked)
+
+
+def test_a_refused_removal_revokes_no_key(people):
+    db = people
+    db.tenants.insert(TenantCatalog(id='acme', name='acme'))
+    add_member(db, 'acme', 'ann', 'owner')
+    key = create_api_key(db, 'acme', 'ann', 'ann')[0]
+    with pytest.raises(LastOwner): remove_member(db, 'acme', 'ann')
+    assert verify_api_key(db, key).created_by == 'ann'

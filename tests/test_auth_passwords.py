@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from argon2 import PasswordHasher
 
 from fh_saas.db_host import GlobalUser
@@ -14,6 +15,7 @@ from fh_saas.rate_limits import RateLimit
 from fh_saas.sessions import SessionManager
 from fh_saas.tokens import InvalidToken
 from auth_helpers import make_world, FAST, SECRET
+from pgserver import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,14 +81,14 @@ def test_rehash_when_parameters_change(world):
 
 def test_reset_link_single_use_expiring_and_only_hash_stored(world):
     outbox = MemoryOutbox()
-    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: f'https://x/reset?t={t}', now=world.clock())
+    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: f'https://x/reset?t={t}', now=world.clock()).result(timeout=10)
     token = outbox.last_to('ann@example.com').get_content().split('t=')[1].strip()
     assert token not in str(world.host_db.q("select * from auth_one_time_tokens"))
     with pytest.raises(WeakPassword): reset_password(world.sessions, token, 'short', FAST)
     world.clock.advance(minutes=59)
     assert reset_password(world.sessions, token, 'brand new password', FAST) == 'ann'
     with pytest.raises(InvalidToken): reset_password(world.sessions, token, 'another password', FAST)
-    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: t, now=world.clock())
+    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: t, now=world.clock()).result(timeout=10)
     late = outbox.last_to('ann@example.com').get_content().split('\n')[1]
     world.clock.advance(minutes=61)
     with pytest.raises(InvalidToken): reset_password(world.sessions, late, 'another password', FAST)
@@ -107,7 +109,7 @@ def test_reset_token_used_once_under_concurrency(pg_host_db):
     host_db = pg_host_db
     host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password('old password', FAST)))
     sessions, outbox = SessionManager(host_db, SECRET), MemoryOutbox()
-    request_password_reset(host_db, 'ann@example.com', outbox, lambda t: t)
+    request_password_reset(host_db, 'ann@example.com', outbox, lambda t: t).result(timeout=10)
     token = outbox.last_to('ann@example.com').get_content().split('\n')[1]
     barrier = threading.Barrier(8)
     def attempt(i):
@@ -182,7 +184,7 @@ def test_a_password_reset_spends_every_other_open_reset_link(world):
     outbox, link = MemoryOutbox(), lambda tok: f'/password-reset/{tok}'
     tokens = []
     for _ in range(2):
-        request_password_reset(world.host_db, 'ann@example.com', outbox, link)
+        request_password_reset(world.host_db, 'ann@example.com', outbox, link).result(timeout=10)
         tokens.append(outbox.last_to('ann@example.com').get_content().split('/password-reset/')[1].split()[0])
     reset_password(world.sessions, tokens[0], 'a brand new password', FAST)
     with pytest.raises(InvalidToken): reset_password(world.sessions, tokens[1], 'the leaked link wins', FAST)
@@ -202,3 +204,39 @@ def test_an_account_without_a_password_never_matches(stored):
     from fh_saas.passwords import verify_password
     assert verify_password(stored, "fh_saas-no-such-user", FAST) == (False, None)
     assert verify_password(stored, "", FAST) == (False, None)
+
+
+class HeldMailer:
+    "A real outbox whose sends wait until `release` is set (a slow SMTP server), recording the thread they ran on."
+    def __init__(self): self.outbox, self.release, self.threads = MemoryOutbox(), threading.Event(), []
+    def send(self, to, subject, body):
+        self.threads.append(threading.get_ident())
+        self.release.wait(5)
+        self.outbox.send(to, subject, body)
+
+
+@pytest.mark.parametrize('email', ['ann@example.com', 'nobody@example.com'])
+def test_a_reset_request_does_the_same_work_whether_or_not_the_account_exists(world, email):
+    "The caller's thread only hands the request over: no query, no token, no mail on it, so its time tells nothing."
+    caller, statements, mailer = threading.get_ident(), [], HeldMailer()
+    def on_caller_thread(*_):
+        if threading.get_ident() == caller: statements.append(1)
+    sa.event.listen(world.host_db.engine, 'before_cursor_execute', on_caller_thread)
+    try:
+        done = request_password_reset(world.host_db, email, mailer, lambda t: f'https://x/reset?t={t}')
+        assert statements == []
+        if email.startswith('ann'): assert not done.done()                 # returned while the mail server holds the send
+    finally: sa.event.remove(world.host_db.engine, 'before_cursor_execute', on_caller_thread)
+    mailer.release.set()
+    done.result(timeout=10)
+    assert [m['To'] for m in mailer.outbox.messages] == ([email] if email.startswith('ann') else [])
+    assert caller not in mailer.threads
+
+
+def test_a_failed_reset_mail_is_logged_without_the_link(world, caplog):
+    class Down:
+        def send(self, to, subject, body): raise ConnectionRefusedError("smtp is down")
+    done = request_password_reset(world.host_db, 'ann@example.com', Down(), lambda t: f'https://x/reset?t={t}')
+    with pytest.raises(ConnectionRefusedError): done.result(timeout=10)
+    assert wait_for(lambda: 'password reset' in caplog.text)       # the done-callback may run just after result()
+    assert 'password reset' in caplog.text and 'smtp is down' in caplog.text and 'reset?t=' not in caplog.text
