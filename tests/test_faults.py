@@ -72,3 +72,91 @@ def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_host, 
             owners = set(c.exec_driver_sql("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'").scalars())
     finally: eng.dispose()
     assert owners == {name}, "every table of the tenant's database belongs to the tenant's role"
+
+
+# --- kill -9 the webhook server in the middle of a batch -----------------------------------------
+
+T0 = 1_760_000_000
+SUBS, PER_SUB, STATUSES = 6, 40, ['trialing', 'active', 'past_due', 'active', 'unpaid']
+
+
+def _batch() -> list[str]:
+    "PER_SUB successive snapshots of each of SUBS subscriptions, one second apart, with a changing status and quantity."
+    return [event('customer.subscription.updated',
+                  subscription(f'sub_{s}', STATUSES[i % len(STATUSES)], T0, 'acme', customer=f'cus_{s}', quantity=i + 1),
+                  T0 + i, event_id=f'evt_{s}_{i:03d}')
+            for s in range(SUBS) for i in range(PER_SUB)]
+
+
+def _serve(url, port, log, hold=()) -> subprocess.Popen:
+    "The endpoint of `webhook_app` under uvicorn, holding the answers to the events `hold` after applying them."
+    cmd = [sys.executable, '-m', 'uvicorn', 'webhook_app:app', '--host', '127.0.0.1', '--port', str(port), '--log-level', 'warning']
+    proc = subprocess.Popen(cmd, env=_env(url, FH_SAAS_TEST_HOLD_EVENTS=','.join(hold)), stdout=open(log, 'ab'), stderr=subprocess.STDOUT)
+    def up():
+        try: return httpx.get(f'http://127.0.0.1:{port}/', timeout=1).status_code == 404
+        except httpx.TransportError: return False
+    assert wait_for(up, 30), log.read_text()
+    return proc
+
+
+def _deliver(port, bodies, threads=6) -> dict:
+    "POST each signed body from `threads` clients; event id -> whether Stripe would count it delivered (2xx)."
+    with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=10) as http:
+        def post(body):
+            try: ok = http.post('/stripe/webhook', content=body, headers={'Stripe-Signature': sign(body)}).is_success
+            except httpx.TransportError: ok = False
+            return json.loads(body)['id'], ok
+        with ThreadPoolExecutor(threads) as pool: return dict(pool.map(post, bodies))
+
+
+@pytest.mark.postgres
+def test_webhook_server_killed_mid_batch_then_redelivery_applies_every_event_once(pg_url, tmp_path):
+    host_db = HostDatabase(pg_url)
+    try:
+        host_db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+        batch = _batch()
+        random.Random(7).shuffle(batch)
+        ids, held = [json.loads(b)['id'] for b in batch], set([json.loads(b)['id'] for b in batch][5:25:5])
+        def inbox_ids():
+            with host_db.engine.connect() as c: return set(c.execute(sa.select(webhook_events_t.c.event_id)).scalars())
+        port = free_port()
+        server = _serve(pg_url, port, tmp_path / 'server1.log', hold=held)
+        def kill_mid_batch():  # once the held events are committed (their answers never sent) and 60 events are in
+            wait_for(lambda: len(stored := inbox_ids()) >= 60 and held <= stored, 60)
+            server.send_signal(signal.SIGKILL)
+        killer = threading.Thread(target=kill_mid_batch)
+        killer.start()
+        first = _deliver(port, batch)
+        killer.join(); server.wait(10)
+        stored = inbox_ids()
+        undelivered = [b for b, i in zip(batch, ids) if not first[i]]
+        assert 60 <= len(stored) < len(batch) and 0 < len(undelivered) <= len(batch) - 60, (len(stored), len(undelivered))
+        with host_db.engine.connect() as c:
+            assert c.execute(sa.select(sa.func.count()).select_from(webhook_events_t)
+                             .where(webhook_events_t.c.status == 'processing')).scalar() == 0, "the killed transactions left nothing half-done"
+        again = undelivered + random.Random(8).sample([b for b, i in zip(batch, ids) if first[i]], 40)
+        server = _serve(pg_url, port, tmp_path / 'server2.log')
+        try: second = _deliver(port, again)
+        finally: server.send_signal(signal.SIGTERM); server.wait(20)
+        assert all(second.values()) and len(second) == len(again), _logs(tmp_path)
+        with host_db.engine.connect() as c:
+            inbox = c.execute(sa.select(webhook_events_t.c.event_id, webhook_events_t.c.status, webhook_events_t.c.attempts)).all()
+            audited = [json.loads(d)['event_id'] for d in c.execute(sa.select(audit_t.c.details)
+                                                                   .where(audit_t.c.event_type == 'billing.subscription_updated')).scalars()]
+            subs = {r.stripe_sub_id: r for r in c.execute(sa.select(subscriptions_t))}
+        assert sorted(e for e, _, _ in inbox) == sorted(ids), "one inbox row per event"
+        assert {a for _, _, a in inbox} == {1}, "each event applied by exactly one delivery"
+        assert {s for _, s, _ in inbox} == {'processed', 'skipped_out_of_order'}
+        processed = sorted(e for e, s, _ in inbox if s == 'processed')
+        assert sorted(audited) == processed, "one audit row per applied event, none for a repeat"
+        last = PER_SUB - 1
+        assert {k: (r.status, r.amount_cents, r.last_event_id, r.last_event_created, r.stripe_cust_id) for k, r in subs.items()} == \
+               {f'sub_{s}': (STATUSES[last % len(STATUSES)], 2900 * PER_SUB, f'evt_{s}_{last:03d}', T0 + last, f'cus_{s}')
+                for s in range(SUBS)}, "the newest snapshot of each subscription won"
+        assert stored & {json.loads(b)['id'] for b in undelivered} >= held, "applied, but Stripe saw no answer"
+        print(f"\n{len(batch)} events; {len(stored)} stored when the server was killed; {len(undelivered)} undelivered "
+              f"({len(stored & {json.loads(b)['id'] for b in undelivered})} of them applied but unanswered) + 40 delivered redelivered; {len(processed)} applied, "
+              f"{len(inbox) - len(processed)} skipped as out of order")
+    finally:
+        host_db.close()
+        HostDatabase.reset_instance()
