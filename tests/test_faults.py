@@ -3,7 +3,7 @@
 The processes are the real entry points (`fh-saas worker` through `fh_saas.cli.main`, the webhook
 endpoint under uvicorn), killed with SIGKILL at a moment the test chooses, then started again.
 """
-import json, os, random, signal, subprocess, sys, threading
+import json, random, signal, subprocess, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
@@ -22,6 +22,7 @@ from tenant_helpers import new_id, pg_host, pg_names, secret_key  # noqa: F401 (
 
 
 def _env(url, **extra) -> dict:
+    "The environment of a child process on host database `url` (without Stripe credentials: nothing here calls Stripe)."
     env = {**worker_env(url), **extra}
     env.pop('STRIPE_SECRET_KEY', None)
     return env
@@ -39,10 +40,6 @@ def _worker(url, log, *args, **env) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=_env(url, **env), stdout=open(log, 'ab'), stderr=subprocess.STDOUT)
 
 
-def _job(host_db, job_id):
-    return host_db.system_jobs[job_id]
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize('step', ['role', 'database', 'grants'])
 def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_host, pg_server, pg_url, tmp_path, step):
@@ -54,13 +51,13 @@ def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_host, 
                 FH_SAAS_TEST_PAUSE_SIGNAL=str(ready))
     try: assert wait_for(ready.exists, 30), _logs(tmp_path)
     finally: a.send_signal(signal.SIGKILL); a.wait(10)
-    assert pg_host.tenants[tid].status == 'provisioning' and _job(pg_host, job_id).status == 'running'
+    assert pg_host.tenants[tid].status == 'provisioning' and pg_host.system_jobs[job_id].status == 'running'
     name = f'tenant_{tid}'
     assert (pg_names(pg_server, 'role', name), pg_names(pg_server, 'db', name)) == ([name], [name] if step != 'role' else [])
     b = _worker(pg_url, tmp_path / 'b.log')
-    try: assert wait_for(lambda: _job(pg_host, job_id).status == 'done', 30), _logs(tmp_path)
+    try: assert wait_for(lambda: pg_host.system_jobs[job_id].status == 'done', 30), _logs(tmp_path)
     finally: b.send_signal(signal.SIGTERM); assert b.wait(20) == 0, _logs(tmp_path)
-    job = _job(pg_host, job_id)
+    job = pg_host.system_jobs[job_id]
     assert (job.attempts, json.loads(job.result)) == (2, dict(status='active'))
     assert pg_names(pg_server, 'db', 'tenant_kp%') == [name] and pg_names(pg_server, 'role', 'tenant_kp%') == [name]
     with pg_host.engine.connect() as c: rows = c.execute(sa.select(tenants_t)).mappings().all()
