@@ -6,7 +6,7 @@ Docs: https://fh-saas.github.io/fh_saas/system_jobs.html.md"""
 
 # %% auto #0
 __all__ = ['SYSTEM_SCHEDULES', 'provision_job', 'deprovision_job', 'migrate_job', 'reconcile_job', 'auth_cleanup_job',
-           'purge_jobs_job']
+           'purge_jobs_job', 'trial_sweep_job']
 
 # %% ../nbs/09a_system_jobs.ipynb #fa41812c
 import os
@@ -14,7 +14,8 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from .db_host import jobs_t
+from .audit import audit
+from .db_host import jobs_t, subscriptions_t
 from .db_tenant import provision_tenant, deprovision_tenant, migrate_tenants
 from .jobs import job_handler, Periodic
 from .rate_limits import purge_windows
@@ -65,5 +66,18 @@ def purge_jobs_job(job):
                                                jobs_t.c.completed_at < cutoff)).rowcount
     return dict(deleted=n)
 
-SYSTEM_SCHEDULES = [Periodic('billing.reconcile', timedelta(hours=1)), Periodic('auth.cleanup', timedelta(hours=6)),
-                    Periodic('jobs.purge', timedelta(days=1))]
+# %% ../nbs/09a_system_jobs.ipynb #47162168
+@job_handler('billing.trial_sweep')
+def trial_sweep_job(job):
+    "Cancel local trials (no `stripe_sub_id`) whose `trial_end` has passed, ended at `trial_end`; one audit row each."
+    s = subscriptions_t
+    with job.host_db.transaction() as conn:
+        ended = conn.execute(s.update().where(s.c.status == 'trialing', s.c.stripe_sub_id.is_(None), s.c.trial_end < utcnow())
+                             .values(status='canceled', ended_at=s.c.trial_end)
+                             .returning(s.c.id, s.c.tenant_id, s.c.trial_end)).all()
+        for r in ended: audit(job.host_db, 'billing.trial_expired', target_id=r.id, tenant_id=r.tenant_id, details=dict(trial_end=r.trial_end))
+    return dict(expired=len(ended))
+
+# %% ../nbs/09a_system_jobs.ipynb #d086b35f
+SYSTEM_SCHEDULES = [Periodic('billing.reconcile', timedelta(hours=1)), Periodic('billing.trial_sweep', timedelta(hours=1)),
+                    Periodic('auth.cleanup', timedelta(hours=6)), Periodic('jobs.purge', timedelta(days=1))]
