@@ -12,13 +12,15 @@ import csv, io, os, secrets, threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, Pre, RedirectResponse, Response, Table, Tbody, Td,
                              Th, Thead, Tr)
 
 from .app import setup_saas
 from .billing import BillingPolicy, require_feature, seed_plans
 from .db_host import HostDatabase, GlobalUser, Subscription, gen_id, timestamp, url_from_env
-from .db_tenant import provision_tenant
+from .db_tenant import add_db_server, db_servers_t, provision_tenant
 from .jobs import Worker
 from .mail import MemoryOutbox
 from .memberships import add_member
@@ -107,6 +109,13 @@ def _add_dev_mail(app, saas, outbox: MemoryOutbox):
         return saas.page(req, 'Mail', H1('Mail sent by the demo'), *items)
 
 # %% ../nbs/99_demo.ipynb #082fa2c3
+def _tenants_beside_host(host_db):
+    "On PostgreSQL with no tenant server registered, keep the tenants' databases on the host's own server."
+    with host_db.transaction() as conn:
+        if conn.execute(sa.select(sa.func.count()).select_from(db_servers_t)).scalar(): return
+    u = host_db.url
+    add_db_server(host_db, 'local', u.host or 'localhost', u.password, port=u.port or 5432, admin_user=u.username)
+
 def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:5001', worker: bool = True):
     "The demo app, its `Saas` context, and the event that stops its worker thread."
     path = Path(folder).absolute()
@@ -115,6 +124,7 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     if os.environ.get('DB_TYPE', 'SQLITE').upper() == 'SQLITE': os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(path/'host.db'))
     _register_projects()
     host_db = HostDatabase.from_env()
+    if host_db.engine.dialect.name == 'postgresql': _tenants_beside_host(host_db)
     seed_demo(host_db)
     stripe = stripe_client_from_env() if os.environ.get('STRIPE_SECRET_KEY') else None
     if stripe: sync_plans(stripe, host_db)

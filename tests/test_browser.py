@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from playwright.sync_api import expect, sync_playwright
 
 from pgserver import free_port
@@ -242,3 +244,19 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         assert download.value.suggested_filename == "projects.csv"
         rows = Path(download.value.path()).read_text().splitlines()
         assert rows[0] == "name,created_at" and rows[1].startswith("Gamma launch,") and len(rows) == 2
+
+
+def test_the_demo_runs_on_postgresql_unchanged(second_pg_server, tmp_path):
+    "With DB_TYPE=POSTGRESQL the same demo keeps its host database and its tenants' databases on PostgreSQL."
+    u = make_url(second_pg_server.create_database("demo_host"))
+    settings = dict(DB_TYPE="POSTGRESQL", DB_USER=u.username, DB_PASS=u.password, DB_HOST=u.host, DB_PORT=str(u.port),
+                    DB_NAME=u.database)
+    with served_demo(tmp_path / "demo", **settings) as base, httpx.Client(base_url=base) as c:
+        assert c.post("/login", data=dict(email=DEMO_EMAIL, password=DEMO_PASSWORD), follow_redirects=True).url.path == "/projects"
+        tag = re.search(r'<input[^>]*name="csrf"[^>]*>', c.get("/projects").text).group(0)
+        c.post("/projects", data=dict(name="Stored in PostgreSQL", csrf=re.search(r'value="(\w+)"', tag).group(1)))
+        assert "Stored in PostgreSQL" in c.get("/projects").text
+    eng = sa.create_engine(second_pg_server.url("tenant_demo"), poolclass=sa.pool.NullPool)
+    with eng.connect() as conn: assert conn.exec_driver_sql("SELECT name FROM projects").scalars().all() == ["Stored in PostgreSQL"]
+    eng.dispose()
+    assert not (tmp_path / "demo" / "tenants").exists()
