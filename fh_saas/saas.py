@@ -37,10 +37,17 @@ class Saas:
         "An absolute URL for `path`, for links sent by mail or to Stripe."
         return self.base_url.rstrip('/') + path
 
-    def nav(self, auth) -> list:
-        "The navigation entries `auth` may use."
+    def current_tenant(self, auth):
+        "The tenant `auth` works in: the one the beforeware resolved, else (on tenant-free pages) the session's while active."
+        if auth is None or auth.tenant is not None: return auth and auth.tenant
+        tid = auth.session.tenant_id if auth.session else None
+        tenant = self.host_db.tenants.get(tid, default=None) if tid else None
+        return tenant if tenant is not None and tenant.status == 'active' else None
+
+    def nav(self, auth, tenant=None) -> list:
+        "The navigation entries `auth` may use (the tenant pages only with a current `tenant`)."
         if auth is None: return [('Pricing', '/pricing'), ('Log in', '/login')]
-        items = [*self.app_nav, ('Team', '/team'), ('API keys', '/api-keys'), ('Billing', '/billing')] if auth.tenant_id else []
+        items = [*self.app_nav, ('Team', '/team'), ('API keys', '/api-keys'), ('Billing', '/billing')] if tenant else []
         items.append(('Tenants', '/tenants'))
         if auth.user.is_sys_admin or auth.impersonator is not None: items.append(('Admin', '/admin'))
         return items
@@ -48,10 +55,9 @@ class Saas:
     def page(self, req, title: str, *content, narrow: bool = False):
         "`content` in the shared layout, with the top bar for the request's user and tenant."
         auth = req.scope.get('auth')
-        who = None
+        tenant, who = self.current_tenant(auth), None
         if auth is not None:
-            tenant = auth.tenant.name if auth.tenant else 'no tenant'
-            who = (Span(auth.user.email), ui.badge(tenant), Span(auth.role) if auth.role else None,
+            who = (Span(auth.user.email), ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
                    Form(Button('Log out', cls='secondary'), method='post', action='/logout'))
-        return ui.page(title, *content, nav=self.nav(auth), active=req.url.path, who=who, brand=self.brand, narrow=narrow,
+        return ui.page(title, *content, nav=self.nav(auth, tenant), active=req.url.path, who=who, brand=self.brand, narrow=narrow,
                        impersonator=auth.user.email if auth is not None and auth.impersonator is not None else None)

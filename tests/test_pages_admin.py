@@ -4,6 +4,7 @@ import json, re
 from fh_saas.audit import audit
 from fh_saas.billing import seed_plans
 from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
+from fh_saas.db_tenant import suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
 from fh_saas.pages_admin import deprovision_key, tenant_overview
 from pages_helpers import site  # noqa: F401
@@ -181,3 +182,15 @@ def test_users_search_is_case_insensitive_and_literal(site):
     html = root.get('/admin/users?q=BOB_').text
     assert 'Bob_Smith@example.com' in html and 'alice@example.com' not in html
     assert 'alice@example.com' not in root.get('/admin/users?q=%25').text                # '%' matches only a literal '%'
+
+
+def test_admin_pages_name_the_sessions_current_tenant_while_it_is_active(site):
+    "/admin needs no tenant, yet the top bar still says where the admin works, and stops saying it once suspended."
+    admin_world(site)
+    site.member('root', 'acme', 'admin')
+    root = site.client('root', 'acme')
+    page = root.get('/admin').text
+    assert '<span class="badge">Acme</span>' in page and 'href="/team"' in page
+    suspend_tenant(site.host_db, 'acme')
+    page = root.get('/admin').text
+    assert 'no tenant' in page and 'href="/team"' not in page
