@@ -9,7 +9,7 @@ __all__ = ['DEFAULT_SKIP', 'AuthContext', 'Refusal', 'AuthResolver', 'refusal_re
 
 # %% ../nbs/03h_beforeware.ipynb #a8287ddb
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from .db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t,
                              memberships_t, gen_id)
-from .audit import bind_audit_context, current_audit_context
+from .audit import bind_audit_context
 from .sessions import SessionManager, SessionRecord
 from .api_keys import verify_api_key, api_key_from_headers
 from .rate_limits import RateLimit, hit
@@ -141,8 +141,7 @@ def saas_beforeware(resolver: AuthResolver, skip=DEFAULT_SKIP, login_path='/logi
         if isinstance(res, Refusal):
             return refusal_response(res, req, resolver.is_api(req), login_path, tenants_path, billing_path)
         rid = req.headers.get('x-request-id', '')
-        res = AuthContext(**{**{f: getattr(res, f) for f in res.__dataclass_fields__},
-                             'request_id': rid if _REQUEST_ID.fullmatch(rid) else gen_id()})
+        res = replace(res, request_id=rid if _REQUEST_ID.fullmatch(rid) else gen_id())
         req.scope['auth'] = res
         actor = res.user.id if res.api_key_id is None else f'apikey:{res.api_key_id}'
         bind_audit_context(actor_user_id=actor, impersonator_user_id=res.impersonator and res.impersonator.id,

@@ -283,7 +283,9 @@ class HostComponent:
     "A set of host tables owned by one module, with its schema version and upgrade steps."
     name: str; metadata: sa.MetaData; version: int; tables: list; steps: dict | None = None
 
-    def upgrade(self, engine): return upgrade_schema(engine, self.name, self.metadata, self.version, self.steps, self.tables)
+    def upgrade(self, engine):
+        "Bring this component's tables in `engine`'s database up to its version."
+        return upgrade_schema(engine, self.name, self.metadata, self.version, self.steps, self.tables)
 
 host_components: dict[str, HostComponent] = {}
 
@@ -362,6 +364,7 @@ class PooledDatabase(Database):
 
     @property
     def conn(self):
+        "The connection bound by the current scope (what fastsql's table methods use)."
         if (c := self._bound.get()) is None:
             raise NoConnectionBound("no connection is bound: use the table accessors or `with db.transaction():`")
         return c
@@ -503,11 +506,9 @@ class HostDatabase:
         return self.db.transaction()
 
     @property
-    def in_transaction(self) -> bool: return self.db._bound.get() is not None
-
-    def connection(self):
-        "The SQLAlchemy connection of the current scope (a new transaction scope when none is open)."
-        return self.db.transaction()
+    def in_transaction(self) -> bool:
+        "Whether a `transaction()` scope is open in this context."
+        return self.db._bound.get() is not None
 
     def q(self, sql: str, **params) -> list[dict]:
         "Raw SQL with named parameters, in the current scope or its own; rows as dicts."

@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet
 
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
-from .tenant_migrations import migrate_database, migrate_fleet, database_version
+from .tenant_migrations import migrate_database, migrate_fleet
 
 # %% ../nbs/01_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
@@ -78,8 +78,13 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
 def _fernet() -> Fernet: return Fernet(base64.urlsafe_b64encode(_derive('db-server-admin')))
-def encrypt_secret(value: str) -> str: return _fernet().encrypt(value.encode()).decode()
-def decrypt_secret(token: str) -> str: return _fernet().decrypt(token.encode()).decode()
+def encrypt_secret(value: str) -> str:
+    "`value` encrypted with a key derived from the master key (for server admin passwords in the catalog)."
+    return _fernet().encrypt(value.encode()).decode()
+
+def decrypt_secret(token: str) -> str:
+    "The value `encrypt_secret` encrypted into `token`."
+    return _fernet().decrypt(token.encode()).decode()
 
 # %% ../nbs/01_db_tenant.ipynb #7db45195
 _meta = sa.MetaData()

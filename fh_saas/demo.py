@@ -19,7 +19,7 @@ from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, Pre, Redi
 
 from .app import setup_saas
 from .billing import BillingPolicy, require_feature, seed_plans
-from .db_host import HostDatabase, GlobalUser, Subscription, gen_id, timestamp, url_from_env
+from .db_host import HostDatabase, GlobalUser, Subscription, gen_id, timestamp
 from .db_tenant import add_db_server, db_servers_t, provision_tenant
 from .jobs import Worker
 from .mail import MemoryOutbox

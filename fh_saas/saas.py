@@ -11,7 +11,7 @@ __all__ = ['Saas']
 from dataclasses import dataclass, field
 from typing import Any
 
-from fasthtml.common import Span, Strong, A, Form, Button
+from fasthtml.common import Span, Form, Button
 
 from .db_host import HostDatabase
 from .mail import Mailer
