@@ -12,15 +12,15 @@ __all__ = ['DEPROVISION_JOB', 'TENANT_ACTIONS', 'status_badge', 'deprovision_key
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
-from fasthtml.common import (A, Button, Code, Div, Form, FtResponse, H1, Input, Label, Nav, Option, P, Select, Small,
-                             Span, Table, Tbody, Td, Th, Thead, Tr)
+from fasthtml.common import A, Button, Code, Div, Form, FtResponse, H1, Label, Nav, Option, P, Select, Small, Span
 from starlette.responses import RedirectResponse
 
 from . import ui
 from .audit import audit, audit_cursor, audit_events
-from .db_host import as_utc, jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
+from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
 from .db_tenant import InvalidTenantId, TenantNotFound, TenantUnavailable, resume_tenant, suspend_tenant, tenant_row
 from .jobs import enqueue
+from .pages_account import FORGED, csrf_ok, post_form
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
 
@@ -33,8 +33,6 @@ def status_badge(status: str | None):
     s = status or 'none'
     kind = 'ok' if s in _OK else 'bad' if s in _BAD else '' if s.startswith(('ignored', 'skipped')) or s == 'none' else 'warn'
     return ui.badge(s.replace('_', ' '), kind)
-
-def _when(ts) -> str: return as_utc(ts).strftime('%Y-%m-%d %H:%M UTC') if ts else '—'
 
 def _last_line(text: str | None, limit: int = 160) -> str:
     lines = [l for l in (text or '').splitlines() if l.strip()]
@@ -88,13 +86,8 @@ _SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/
              ('Webhooks', '/admin/webhooks'))
 _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:end'
 
-def _table(head, rows, empty: str):
-    if not rows: return P(empty, cls='muted')
-    return Table(Thead(Tr(*[Th(h) for h in head])), Tbody(*[Tr(*[Td(c) for c in r]) for r in rows]))
-
-def _post(action: str, label: str, cls: str | None = 'secondary', confirm: str | None = None, **hidden):
-    return Form(*[Input(type='hidden', name=k, value=v) for k, v in hidden.items()],
-                Button(label, cls=cls, onclick=f"return confirm({confirm!r})" if confirm else None), method='post', action=action)
+def _action(action: str, label: str, auth, cls: str | None = 'secondary', confirm: str | None = None):
+    return post_form(action, Button(label, cls=cls, onclick=f"return confirm({confirm!r})" if confirm else None), auth=auth, cls=None)
 
 def _filters(action: str, *fields):
     return Form(*fields, Button('Filter', cls='secondary'), A('Clear', href=action), method='get', action=action, style=_ROW)
@@ -118,30 +111,34 @@ def add_admin_routes(app, saas, page_size: int = 50):
         "The refusal for anyone but a system admin, else None."
         if not auth.user.is_sys_admin: return refused(req, 403, 'This area is for system administrators.', '/')
 
+    def admin_form(req, auth, csrf: str):
+        "The refusal for a form that is not a system admin's, from this session's page, else None."
+        return admin_only(req, auth) or (None if csrf_ok(auth, csrf) else refused(req, 403, FORGED))
+
     @app.get('/admin')
     def tenants(req, auth, q: str = '', done: str = '', tenant: str = ''):
         if refusal := admin_only(req, auth): return refusal
         rows = tenant_overview(host_db, q, limit=200)
         def actions(r):
             tid, st = r['id'], r['status']
-            return Div(_post(f"/admin/tenants/{tid}/suspend", 'Suspend') if st == 'active' else None,
-                       _post(f"/admin/tenants/{tid}/resume", 'Resume') if st == 'suspended' else None,
-                       _post(f"/admin/tenants/{tid}/delete", 'Delete', 'danger',
-                             f"Delete tenant {tid} and all its data? This cannot be undone.")
+            return Div(_action(f"/admin/tenants/{tid}/suspend", 'Suspend', auth) if st == 'active' else None,
+                       _action(f"/admin/tenants/{tid}/resume", 'Resume', auth) if st == 'suspended' else None,
+                       _action(f"/admin/tenants/{tid}/delete", 'Delete', auth, 'danger',
+                               f"Delete tenant {tid} and all its data? This cannot be undone.")
                        if st in ('provisioning', 'active', 'suspended') and r['deletion'] is None else None, style=_ROW)
-        table = _table(('Tenant', 'Name', 'Status', 'Plan', 'Server', 'Schema', 'Created', ''),
-                       [(Code(r['id']), r['name'], Div(status_badge(r['status']),
-                                                       Small(' deletion ', status_badge(r['deletion'])) if r['deletion'] else None),
-                         Span(r['plan'] or '—', ' ', status_badge(r['subscription'])) if r['subscription'] else '—',
-                         r['server_id'] or 'local', r['schema_version'], _when(r['created_at']), actions(r)) for r in rows],
-                       'No tenants match.' if q else 'No tenants yet.')
+        table = ui.table(('Tenant', 'Name', 'Status', 'Plan', 'Server', 'Schema', 'Created', ''),
+                         [(Code(r['id']), r['name'], Div(status_badge(r['status']),
+                                                         Small(' deletion ', status_badge(r['deletion'])) if r['deletion'] else None),
+                           Span(r['plan'] or '—', ' ', status_badge(r['subscription'])) if r['subscription'] else '—',
+                           r['server_id'] or 'local', r['schema_version'], ui.when(r['created_at']), actions(r)) for r in rows],
+                         'No tenants match.' if q else 'No tenants yet.')
         return page(req, 'Tenants', ui.alert(f"Tenant {tenant} {_DONE[done]}.", 'ok') if done in _DONE and tenant else None,
                     _filters('/admin', ui.field('Search id or name', 'q', value=q)),
                     Div(table, P(f"Showing the newest {len(rows)}; search to narrow.", cls='muted') if len(rows) == 200 else None, cls='card'))
 
     @app.post('/admin/tenants/{tenant_id}/{action}')
-    def lifecycle(req, auth, tenant_id: str, action: str):
-        if refusal := admin_only(req, auth): return refusal
+    def lifecycle(req, auth, tenant_id: str, action: str, csrf: str = ''):
+        if refusal := admin_form(req, auth, csrf): return refusal
         if action not in TENANT_ACTIONS: return refused(req, 404, f"Unknown tenant action {action!r}.")
         try: changed = tenant_action(host_db, tenant_id, action)
         except InvalidTenantId as e: return refused(req, 400, str(e))
@@ -160,10 +157,10 @@ def add_admin_routes(app, saas, page_size: int = 50):
         if q: query = query.where(sa.func.lower(u.c.email).contains(q.lower(), autoescape=True))
         rows = host_db.db.execute(query)
         def role(r): return ui.badge('system admin', 'warn') if r['is_sys_admin'] else None if r['is_active'] else ui.badge('disabled', 'bad')
-        table = _table(('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
-                       [(r['email'], r['name'] or '', role(r), r['tenants'], _when(r['last_login']), _when(r['created_at']),
-                         _post(f"/admin/impersonate/{r['id']}", 'Impersonate') if r['is_active'] and not r['is_sys_admin'] else None)
-                        for r in rows], 'No users match.' if q else 'No users yet.')
+        table = ui.table(('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
+                         [(r['email'], r['name'] or '', role(r), r['tenants'], ui.when(r['last_login']), ui.when(r['created_at']),
+                           _action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth) if r['is_active'] and not r['is_sys_admin'] else None)
+                          for r in rows], 'No users match.' if q else 'No users yet.')
         return page(req, 'Users', ui.alert('You are yourself again.', 'ok') if done == 'stopped' else None,
                     _filters('/admin/users', ui.field('Email contains', 'q', value=q)), Div(table, cls='card'))
 
@@ -174,9 +171,8 @@ def add_admin_routes(app, saas, page_size: int = 50):
         return RedirectResponse('/admin/users?done=stopped', 303)
 
     @app.post('/admin/impersonate/{user_id}')
-    def impersonate(req, auth, user_id: str):
-        if refusal := admin_only(req, auth): return refusal
-        if auth.session is None: return refused(req, 403, 'Impersonation needs a browser session, not an API key.')
+    def impersonate(req, auth, user_id: str, csrf: str = ''):
+        if refusal := admin_form(req, auth, csrf): return refusal
         try: start_impersonation(saas.sessions, auth.session, user_id)
         except ImpersonationRefused as e: return refused(req, 409, f"{str(e).capitalize()}.", '/admin/users')
         return RedirectResponse('/tenants', 303)
@@ -188,9 +184,9 @@ def add_admin_routes(app, saas, page_size: int = 50):
         query = sa.select(jobs_t).order_by(c.created_at.desc(), c.id.desc()).limit(100)
         if status: query = query.where(c.status == status)
         rows = host_db.db.execute(query)
-        table = _table(('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error'),
-                       [(status_badge(r['status']), Code(r['job_type']), r['tenant_id'] or '—', f"{r['attempts']} / {r['max_attempts']}",
-                         _when(r['run_at']), _when(r['created_at']), Small(_last_line(r['error_log']))) for r in rows], 'No jobs.')
+        table = ui.table(('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error'),
+                         [(status_badge(r['status']), Code(r['job_type']), r['tenant_id'] or '—', f"{r['attempts']} / {r['max_attempts']}",
+                           ui.when(r['run_at']), ui.when(r['created_at']), Small(_last_line(r['error_log']))) for r in rows], 'No jobs.')
         return page(req, 'Jobs', _filters('/admin/jobs', _status_select('status', status, ('queued', 'running', 'done', 'dead', 'canceled'))),
                     Div(table, cls='card'))
 
@@ -203,44 +199,44 @@ def add_admin_routes(app, saas, page_size: int = 50):
         except ValueError as e: return refused(req, 400, f"{str(e).capitalize()}.", '/admin/audit')
         kept = {k: v for k, v in filters.items() if v}
         older = ('/admin/audit?' + urlencode({**kept, 'before': audit_cursor(rows[-1])})) if len(rows) == page_size else None
-        table = _table(('When', 'Event', 'Actor', 'Impersonator', 'Tenant', 'Target', 'Details', 'IP'),
-                       [(_when(r.created_at), Code(r.event_type), r.actor_user_id or '—', r.impersonator_user_id or '', r.tenant_id or '',
-                         r.target_id or '', Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…'), r.ip_address or '')
-                        for r in rows], 'No audit events match.')
+        table = ui.table(('When', 'Event', 'Actor', 'Impersonator', 'Tenant', 'Target', 'Details', 'IP'),
+                         [(ui.when(r.created_at), Code(r.event_type), r.actor_user_id or '—', r.impersonator_user_id or '', r.tenant_id or '',
+                           r.target_id or '', Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…'), r.ip_address or '')
+                          for r in rows], 'No audit events match.')
         return page(req, 'Audit log',
                     _filters('/admin/audit', ui.field('Tenant', 'tenant', value=tenant), ui.field('Actor (user id)', 'actor', value=actor),
                              ui.field("Event type (exact, or a prefix ending in '.')", 'type', value=type)),
                     Div(table, Div(A('← Newest', href='/admin/audit?' + urlencode(kept)) if before else None,
                                    A('Older →', href=older) if older else None, style=_ROW), cls='card'))
 
-    def webhooks_page(req, status: str = '', result=None):
+    def webhooks_page(req, auth, status: str = '', result=None):
         c = webhook_events_t.c
         query = sa.select(webhook_events_t).order_by(c.created_at.desc(), c.id.desc()).limit(100)
         if status: query = query.where(c.status == status)
         rows = host_db.db.execute(query)
         failed = host_db.db.execute(sa.select(sa.func.count().label('n')).where(c.status == 'failed'))[0]['n']
-        table = _table(('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
-                       [(_when(r['created_at']), Code(r['event_id']), r['event_type'], status_badge(r['status']), r['attempts'],
-                         r['tenant_id'] or '—', Small(_last_line(r['last_error']))) for r in rows], 'No webhook events received yet.')
+        table = ui.table(('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
+                         [(ui.when(r['created_at']), Code(r['event_id']), r['event_type'], status_badge(r['status']), r['attempts'],
+                           r['tenant_id'] or '—', Small(_last_line(r['last_error']))) for r in rows], 'No webhook events received yet.')
         outcome = None
         if result is not None:
             outcome = ui.alert(('Replayed ' + ', '.join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(result.items())) + '.')
                                if result else 'There were no failed events to replay.', 'bad' if result.get('failed') else 'ok')
         return page(req, 'Stripe webhooks', outcome,
                     Div(_filters('/admin/webhooks', _status_select('status', status, ('processed', 'failed', 'processing'))),
-                        _post('/admin/webhooks/replay', f"Replay {failed} failed event{'' if failed == 1 else 's'}", None)
+                        _action('/admin/webhooks/replay', f"Replay {failed} failed event{'' if failed == 1 else 's'}", auth, None)
                         if failed else None, style=_ROW),
                     Div(table, cls='card'))
 
     @app.get('/admin/webhooks')
     def webhooks(req, auth, status: str = ''):
-        return admin_only(req, auth) or webhooks_page(req, status)
+        return admin_only(req, auth) or webhooks_page(req, auth, status)
 
     @app.post('/admin/webhooks/replay')
-    def webhooks_replay(req, auth):
-        if refusal := admin_only(req, auth): return refusal
+    def webhooks_replay(req, auth, csrf: str = ''):
+        if refusal := admin_form(req, auth, csrf): return refusal
         result = replay_failed(host_db)
         audit(host_db, 'admin.webhooks_replayed', details=result)
-        return webhooks_page(req, result=result)
+        return webhooks_page(req, auth, result=result)
 
     return app

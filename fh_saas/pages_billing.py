@@ -13,15 +13,16 @@ import json
 
 import sqlalchemy as sa
 import stripe
-from fasthtml.common import (A, Button, Code, Div, Form, FtResponse, H1, H2, H3, Hidden, Li, P, Span, Strong, Table,
+from fasthtml.common import (A, Button, Code, Div, FtResponse, H1, H2, H3, Hidden, Li, P, Span, Strong, Table,
                              Tbody, Td, Th, Thead, Tr, Ul)
 from starlette.responses import RedirectResponse
 
 from . import billing, stripe_billing, ui
 from .audit import audit
 from .beforeware import AuthContext, AuthResolver
-from .db_host import PricingPlan, as_utc, plans_t, subscriptions_t
+from .db_host import PricingPlan, plans_t, subscriptions_t
 from .memberships import DEFAULT_ROLES, Roles
+from .pages_account import FORGED, csrf_ok, post_form
 
 # %% ../nbs/97_pages_billing.ipynb #97212219
 ZERO_DECIMAL = frozenset('bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf'.split())
@@ -32,8 +33,6 @@ def format_money(amount: int, currency: str = 'usd') -> str:
     cur = currency.lower()
     number = f"{amount:,}" if cur in ZERO_DECIMAL else f"{amount // 100:,}.{amount % 100:02d}"
     return f"{SYMBOLS[cur]}{number}" if cur in SYMBOLS else f"{number} {cur.upper()}"
-
-def _when(ts) -> str: return as_utc(ts).strftime('%Y-%m-%d %H:%M UTC') if ts else '—'
 
 # %% ../nbs/97_pages_billing.ipynb #8ac0763f
 _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:center'
@@ -97,8 +96,8 @@ def access_card(access: billing.Access, tenant_name: str) -> Div:
     "The access verdict: state, reason, trial end or grace, and what to do when access is paused."
     reason = access.reason if access.reason != access.state else None
     return Div(H2('Access'), P(ui.badge(access.state.replace('_', ' '), _state_kind(access)), ' ', reason),
-               P(f"Trial ends {_when(access.trial_end)}.") if access.trial_end else None,
-               P(f"Grace period until {_when(access.grace_until)}.") if access.grace_until else None,
+               P(f"Trial ends {ui.when(access.trial_end)}.") if access.trial_end else None,
+               P(f"Grace period until {ui.when(access.grace_until)}.") if access.grace_until else None,
                None if access.allowed else ui.alert(f"Access to {tenant_name} is paused: {access.reason}. Choose a plan or update "
                                                     "the payment method to restore it; your data is kept.", 'bad'), cls='card')
 
@@ -106,13 +105,13 @@ def subscription_card(sub: dict | None, plan: PricingPlan | None, access: billin
     "The tenant's newest subscription row, as people read it."
     if sub is None: return Div(H2('Subscription'), P('No subscription yet. ', A('Choose a plan', href='/pricing'), ' to start.'), cls='card')
     end, live = sub['current_period_end'], sub['status'] in stripe_billing.LIVE_STATUSES
-    renewal = (f"Cancels at the end of the period, {_when(end)}" if sub['cancel_at_period_end']
-               else f"Renews {_when(end)}" if end and live else None)
+    renewal = (f"Cancels at the end of the period, {ui.when(end)}" if sub['cancel_at_period_end']
+               else f"Renews {ui.when(end)}" if end and live else None)
     return Div(H2('Subscription'), _rows(
         ('Plan', plan.name if plan else (access.plan_id or '—')), ('Status', ui.badge(sub['status'] or 'unknown', _state_kind(access))),
         ('Amount', format_money(sub['amount_cents'], plan.currency if plan else 'usd') if sub['amount_cents'] is not None else None),
-        ('Current period', f"{_when(sub['current_period_start'])} – {_when(end)}" if sub['current_period_start'] else None),
-        ('Renewal', renewal), ('Trial ends', _when(sub['trial_end']) if sub['trial_end'] else None),
+        ('Current period', f"{ui.when(sub['current_period_start'])} – {ui.when(end)}" if sub['current_period_start'] else None),
+        ('Renewal', renewal), ('Trial ends', ui.when(sub['trial_end']) if sub['trial_end'] else None),
         ('Stripe subscription', Code(sub['stripe_sub_id']) if sub['stripe_sub_id'] else None)), cls='card')
 
 def entitlements_card(ents: billing.Entitlements, used) -> Div:
@@ -136,8 +135,9 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
     def refused(req, status: int, title: str, message, back=('Back to billing', '/billing')):
         return FtResponse(saas.page(req, title, H1(title), ui.alert(message, 'bad'), P(A(back[0], href=back[1]))), status)
 
-    def guard(req, auth):
+    def guard(req, auth, csrf: str):
         "The refusal for a request that may not change billing, else None."
+        if not csrf_ok(auth, csrf): return refused(req, 403, 'Not allowed', FORGED)
         if not may_manage(auth, min_role): return refused(req, 403, 'Not allowed', 'Only owners and admins of this tenant can change its billing.')
         if saas.stripe is None:
             return FtResponse(saas.page(req, 'Payments not configured', H1('Payments not configured'), stripe_setup_help(webhook_url)), 503)
@@ -155,8 +155,8 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
         if auth.tenant_id is None: return (A('Choose a tenant first', href='/tenants', cls='button secondary'),)
         if not may_manage(auth, min_role): return (P(f"Ask an owner or admin of {auth.tenant.name} to change the plan.", cls='muted'),)
         verb = 'Switch to' if live else 'Choose'
-        return tuple(Form(Hidden(name='plan_id', value=plan.id), Hidden(name='interval', value=interval),
-                          Button(f"{verb} {label}"), method='post', action='/billing/checkout', cls='inline')
+        return tuple(post_form('/billing/checkout', Hidden(name='plan_id', value=plan.id), Hidden(name='interval', value=interval),
+                               Button(f"{verb} {label}"), auth=auth, cls='inline')
                      for interval, label, price in (('month', 'monthly', plan.stripe_price_monthly), ('year', 'yearly', plan.stripe_price_yearly))
                      if price)
 
@@ -174,8 +174,8 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
                          else ui.alert('No plans are on sale yet.', 'warn'))
 
     @app.post('/billing/checkout')
-    def checkout(req, auth, plan_id: str = '', interval: str = 'month'):
-        if refusal := guard(req, auth): return refusal
+    def checkout(req, auth, plan_id: str = '', interval: str = 'month', csrf: str = ''):
+        if refusal := guard(req, auth, csrf): return refusal
         plan = next((p for p in billing.active_plans(host_db) if p.id == plan_id), None)
         if plan is None: return refused(req, 400, 'Unknown plan', 'That plan is not on sale.', ('See the plans', '/pricing'))
         if interval not in ('month', 'year') or not (plan.stripe_price_monthly if interval == 'month' else plan.stripe_price_yearly):
@@ -194,16 +194,16 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
         return RedirectResponse(session.url, 303)
 
     @app.post('/billing/portal')
-    def portal(req, auth):
-        if refusal := guard(req, auth): return refusal
+    def portal(req, auth, csrf: str = ''):
+        if refusal := guard(req, auth, csrf): return refusal
         try: session = stripe_billing.create_portal_session(saas.stripe, host_db, auth.tenant_id, return_url=saas.url('/billing'))
         except LookupError: return refused(req, 409, 'No billing account yet', 'Choose a plan first; the billing portal opens once the tenant has a Stripe customer.', ('See the plans', '/pricing'))
         except stripe.StripeError: return stripe_failed(req)
         return RedirectResponse(session.url, 303)
 
     @app.post('/billing/cancel')
-    def cancel(req, auth):
-        if refusal := guard(req, auth): return refusal
+    def cancel(req, auth, csrf: str = ''):
+        if refusal := guard(req, auth, csrf): return refusal
         try: stripe_billing.cancel_subscription(saas.stripe, host_db, auth.tenant_id, at_period_end=True)
         except LookupError: return refused(req, 409, 'Nothing to cancel', 'This tenant has no live subscription.')
         except stripe.StripeError: return stripe_failed(req)
@@ -220,11 +220,11 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
         else:
             live = sub is not None and sub['status'] in stripe_billing.LIVE_STATUSES
             actions = Div(A('Change plan', href='/pricing', cls='button'),
-                          Form(Button('Manage billing', cls='secondary'), method='post', action='/billing/portal', cls='inline')
+                          post_form('/billing/portal', Button('Manage billing', cls='secondary'), auth=auth, cls='inline')
                           if stripe_billing.tenant_customer(host_db, auth.tenant_id) else None,
-                          Form(Button('Cancel at period end', cls='danger',
-                                      onclick="return confirm('Cancel the subscription at the end of the current period?')"),
-                               method='post', action='/billing/cancel', cls='inline') if live and not sub['cancel_at_period_end'] else None,
+                          post_form('/billing/cancel', Button('Cancel at period end', cls='danger',
+                                                              onclick="return confirm('Cancel the subscription at the end of the current period?')"),
+                                    auth=auth, cls='inline') if live and not sub['cancel_at_period_end'] else None,
                           style=_ROW)
         return saas.page(req, 'Billing', H1('Billing'), ui.alert(notice, 'ok') if notice else None,
                          access_card(ents.access, auth.tenant.name), subscription_card(sub, _plan(host_db, ents.access.plan_id), ents.access),

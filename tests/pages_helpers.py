@@ -1,4 +1,4 @@
-"A FastHTML app wired the way `setup_saas` wires it (SQLite host file, sessions, tenant router, beforeware), with the billing and admin pages mounted."
+"A FastHTML app wired the way `setup_saas` wires it (SQLite host file, sessions, tenant router, beforeware), with the billing and admin pages mounted, and a browser that submits its session's form token."
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +11,7 @@ from fh_saas.beforeware import DEFAULT_SKIP, AuthResolver, saas_beforeware
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, provision_tenant
 from fh_saas.mail import MemoryOutbox
+from fh_saas.pages_account import csrf_token
 from fh_saas.pages_admin import add_admin_routes
 from fh_saas.pages_billing import add_billing_routes
 from fh_saas.saas import Saas
@@ -25,6 +26,20 @@ PLANS = [dict(id='starter', name='Starter', description='For small teams', amoun
               features=['api'], quotas={'exports': 100}, sort_order=1),
          dict(id='pro', name='Pro', amount_monthly=4900, amount_yearly=None, stripe_price_monthly='price_pro_m',
               trial_days=0, features=['api', 'sso'], quotas={'exports': None}, sort_order=2)]
+
+
+class Browser(TestClient):
+    "A test client that, like a browser submitting a page's form, posts its session's form token unless given `csrf` ('' or a wrong one)."
+    def __init__(self, app, sessions: SessionManager, **kw):
+        super().__init__(app, **kw)
+        self.sessions = sessions
+
+    def token(self) -> str:
+        return csrf_token(self.sessions.load(self.cookies.get(self.sessions.cookie_name)))
+
+    def post(self, url, data=None, csrf: str | None = None, **kw):
+        if self.cookies.get(self.sessions.cookie_name): data = {'csrf': self.token() if csrf is None else csrf, **(data or {})}
+        return super().post(url, data=data, **kw)
 
 
 @dataclass
@@ -46,9 +61,9 @@ class Site:
     def member(self, uid, tid, role='member'):
         self.host_db.memberships.insert(Membership(user_id=uid, tenant_id=tid, role=role))
 
-    def client(self, uid=None, tenant_id=None) -> TestClient:
+    def client(self, uid=None, tenant_id=None) -> Browser:
         "A browser signed in as `uid` (in `tenant_id`), or anonymous."
-        c = TestClient(self.app, follow_redirects=False, base_url='https://app.test')
+        c = Browser(self.app, self.saas.sessions, follow_redirects=False, base_url='https://app.test')
         if uid: c.cookies.set(self.saas.sessions.cookie_name, self.saas.sessions.create(uid, tenant_id))
         return c
 

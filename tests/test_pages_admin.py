@@ -106,6 +106,27 @@ def test_impersonation_banner_audit_and_stop(site):
     assert root.get('/admin/impersonate/stop').status_code == 403             # nothing left to stop
 
 
+def test_admin_forms_carry_the_token_and_a_forged_post_changes_nothing(site):
+    "A POST without this session's form token is refused before anything happens, for every admin action."
+    root, _ = admin_world(site)
+    site.host_db.webhook_events.insert(StripeWebhookEvent(event_id='evt_f', event_type='invoice.paid', status='failed', payload_json='{}',
+                                                          event_created=1_760_000_000, attempts=1, last_error='boom'))
+    pages = root.get('/admin').text + root.get('/admin/users').text + root.get('/admin/webhooks').text
+    assert pages.count('name="csrf"') == 4                                   # suspend, delete, impersonate alice, replay
+    assert set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', pages)) == {root.token()}
+    other = site.client('root').token()                                      # the same admin's other session
+    for path in ('/admin/tenants/acme/suspend', '/admin/tenants/acme/delete', '/admin/impersonate/alice', '/admin/webhooks/replay'):
+        for bad in ('', 'f' * 64, other):
+            r = root.post(path, csrf=bad)
+            assert r.status_code == 403 and 'did not come from this site' in r.text, (path, bad)
+    assert site.host_db.tenants['acme'].status == 'active' and site.host_db.system_jobs.count == 0
+    assert site.host_db.q("select status, attempts from core_stripe_webhook_events") == [dict(status='failed', attempts=1)]
+    assert site.host_db.audit_logs.count == 0
+    assert root.get('/tenants').text == 'choose a tenant, root'                # still root: no impersonation started
+    assert root.post('/admin/tenants/acme/suspend').status_code == 303        # the page's own token works
+    assert site.host_db.tenants['acme'].status == 'suspended'
+
+
 def test_impersonation_refusals(site):
     root, _ = admin_world(site)
     site.user('other_admin', is_sys_admin=True)

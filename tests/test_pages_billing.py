@@ -60,6 +60,24 @@ def test_checkout_with_live_subscription_changes_the_plan(site, fake_stripe):
     assert 'Plan change requested' in site.client('owner', 'acme').get(r.headers['location']).text
 
 
+def test_billing_forms_carry_the_token_and_a_forged_post_changes_nothing(site, fake_stripe):
+    "A POST without this session's form token is refused before Stripe is called, for every billing action."
+    site.user('owner'); site.tenant('acme', stripe_sub_id='sub_live1'); site.member('owner', 'acme', 'owner')
+    fake_stripe.add_subscription('sub_live1', 'price_starter_m', 'acme')
+    owner = site.client('owner', 'acme')
+    tokens = set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', owner.get('/pricing').text))
+    tokens |= set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', owner.get('/billing').text))
+    assert tokens == {owner.token()}                                                # every form on both pages
+    other = site.client('owner', 'acme').token()                                    # the same user's other session
+    for path in ('/billing/checkout', '/billing/portal', '/billing/cancel'):
+        for bad in ('', 'f' * 64, other):
+            r = owner.post(path, data=dict(plan_id='pro', interval='month'), csrf=bad)
+            assert r.status_code == 403 and 'did not come from this site' in r.text, (path, bad)
+    assert fake_stripe.calls == [] and fake_stripe.objects['sub_live1']['items']['data'][0]['price']['id'] == 'price_starter_m'
+    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type like 'billing.%'")[0]['n'] == 0
+    assert owner.post('/billing/cancel').status_code == 303                          # the page's own token works
+
+
 def test_member_and_bad_input_are_refused_without_calling_stripe(site, fake_stripe):
     site.user('owner'); site.user('mem'); site.tenant('acme', sub_status=None)
     site.member('owner', 'acme', 'owner'); site.member('mem', 'acme', 'member')
