@@ -420,7 +420,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
             return show(req, 'Invitation unavailable', ui.alert("This invitation is invalid, expired, or has already been used.", 'bad'),
                         status=404, narrow=True, headers=_NO_STORE)
         here, (_, user) = f'/invitations/{quote(token)}', session_user(req)
-        intro = P(f"You are invited to join ", Strong(inv['tenant_name']), f" as {inv['role']}. The invitation was sent to {inv['email']}.")
+        intro = P("You are invited to join ", Strong(inv['tenant_name']), f" as {inv['role']}. The invitation was sent to {inv['email']}.")
         decline = Form(Button('Decline', cls='secondary'), method='post', action=f'{here}/decline', cls='inline')
         if user is None:
             act = P(A('Log in to accept', href=f"/login?next={quote(here)}", cls='button'), ' ',

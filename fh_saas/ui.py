@@ -10,7 +10,7 @@ __all__ = ['STATIC_DIR', 'static_headers', 'mount_static', 'badge', 'alert', 'fi
 # %% ../nbs/80_ui.ipynb #cb5defe0
 from importlib.resources import files
 
-from fasthtml.common import (A, Button, Div, FileResponse, Input, Label, Link, Main, Meta, Nav, P, Script, Span,
+from fasthtml.common import (A, Div, FileResponse, Input, Label, Link, Main, Meta, Nav, P, Script, Span,
                              Table, Tbody, Td, Th, Thead, Title, Tr, Header, Response)
 
 from .db_host import as_utc
