@@ -9,7 +9,7 @@ __all__ = ['api_keys_meta', 'api_keys_t', 'api_keys_component', 'ApiKey', 'Parse
            'revoke_api_key', 'list_api_keys', 'verify_api_key', 'api_key_from_headers']
 
 # %% ../nbs/03g_api_keys.ipynb #538df314
-import hashlib, hmac, re, secrets
+import hmac, re, secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from .db_host import HostDatabase, HostComponent, register_component, users_t, tenants_t, timestamp, as_utc, UTCTimestamp
 from .audit import audit
-from .tokens import utcnow
+from .tokens import hash_token, utcnow
 
 # %% ../nbs/03g_api_keys.ipynb #83f06356
 api_keys_meta = sa.MetaData()
@@ -60,8 +60,6 @@ def parse_api_key(raw: str | None) -> ParsedKey | None:
     prefix, mode, key_id, secret = m.groups()
     return ParsedKey('secret' if prefix == 'sk' else 'publishable', mode, key_id, secret)
 
-def _secret_hash(secret: str) -> str: return hashlib.sha256(secret.encode()).hexdigest()
-
 def _record(row) -> ApiKey: return ApiKey(**{k: row[k] for k in ApiKey.__dataclass_fields__})
 
 def create_api_key(host_db: HostDatabase, tenant_id: str, created_by: str, name: str,
@@ -70,7 +68,7 @@ def create_api_key(host_db: HostDatabase, tenant_id: str, created_by: str, name:
     if kind not in _PREFIX or mode not in ('live', 'test'): raise ValueError(f"bad key kind/mode {kind!r}/{mode!r}")
     key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     values = dict(key_id=key_id, tenant_id=tenant_id, created_by=created_by, name=name[:200], kind=kind, mode=mode,
-                  secret_hash=_secret_hash(secret), created_at=timestamp())
+                  secret_hash=hash_token(secret), created_at=timestamp())
     with host_db.transaction() as conn:
         conn.execute(api_keys_t.insert().values(**values))
         audit(host_db, 'api_key.created', target_id=key_id, tenant_id=tenant_id, details=dict(name=name, kind=kind, mode=mode))
@@ -101,7 +99,7 @@ def verify_api_key(host_db: HostDatabase, raw: str | None, now=None, touch_every
     with host_db.transaction() as conn:
         row = conn.execute(sa.select(api_keys_t).where(k.key_id == p.key_id)).mappings().first()
         if (row is None or row['revoked_at'] is not None or (row['kind'], row['mode']) != (p.kind, p.mode)
-                or not hmac.compare_digest(row['secret_hash'], _secret_hash(p.secret))): return None
+                or not hmac.compare_digest(row['secret_hash'], hash_token(p.secret))): return None
         if row['last_used_at'] is None or as_utc(row['last_used_at']) <= now - touch_every:
             conn.execute(api_keys_t.update().where(k.key_id == p.key_id).values(last_used_at=timestamp(now)))
     return _record(row)

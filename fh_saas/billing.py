@@ -18,7 +18,6 @@ from types import MappingProxyType
 from typing import Mapping
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from fastcore.utils import UNSET
 from fasthtml.core import Beforeware
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from .db_host import (
-    HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, plans_t, register_component, subscriptions_t,
+    HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, dialect_insert, plans_t, register_component, subscriptions_t,
     tenants_t, timestamp)
 
 # %% ../nbs/04_billing.ipynb #1b66118d
@@ -90,10 +89,6 @@ def validate_plan(plan) -> dict:
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
 # %% ../nbs/04_billing.ipynb #1214030b
-def _upsert(conn, table):
-    "A dialect `INSERT` for `table` that supports `ON CONFLICT`."
-    return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
-
 def seed_plans(host_db, plans, retire_missing: bool = False) -> list[str]:
     "Insert or update `plans` (dicts or `PricingPlan`s) by id; the ids of the plans written."
     rows = [validate_plan(p) for p in plans]
@@ -102,7 +97,7 @@ def seed_plans(host_db, plans, retire_missing: bool = False) -> list[str]:
     now, written = timestamp(), []
     with host_db.transaction() as conn:
         for row in rows:
-            ins = _upsert(conn, plans_t).values(**row, created_at=now)
+            ins = dialect_insert(conn, plans_t).values(**row, created_at=now)
             cols = [c for c in row if c != 'id']
             ins = ins.on_conflict_do_update(index_elements=[plans_t.c.id],
                 set_={**{c: ins.excluded[c] for c in cols}, 'updated_at': now},
@@ -272,7 +267,7 @@ def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
         with host_db.transaction() as conn:
-            ins = _upsert(conn, overrides_t).values(tenant_id=tenant_id, kind=kind, key=key, updated_at=timestamp(), **values)
+            ins = dialect_insert(conn, overrides_t).values(tenant_id=tenant_id, kind=kind, key=key, updated_at=timestamp(), **values)
             conn.execute(ins.on_conflict_do_update(index_elements=list(overrides_t.primary_key),
                                                    set_=dict(updated_at=ins.excluded.updated_at, **values)))
     except sa.exc.IntegrityError: raise LookupError(f"no tenant {tenant_id!r}") from None
@@ -327,7 +322,7 @@ def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int
     add = usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n).returning(usage_t.c.used)
     if limit is not None: add = add.where(usage_t.c.used + n <= limit)
     if (used := conn.execute(add).scalar()) is None:
-        conn.execute(_upsert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
+        conn.execute(dialect_insert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
         used = conn.execute(add).scalar()
     if used is not None: return None if limit is None else limit - used
     used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar()

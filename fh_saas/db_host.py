@@ -10,8 +10,8 @@ __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscripti
            'gen_id', 'as_utc', 'timestamp', 'UTCTimestamp', 'get_db_uri', 'GlobalUser', 'TenantCatalog', 'Membership',
            'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob', 'StripeWebhookEvent', 'schema_version',
            'upgrade_schema', 'HostComponent', 'register_component', 'HostDatabaseConfigError',
-           'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'NoConnectionBound', 'PooledDatabase',
-           'DuplicateRecord', 'BoundTable', 'HostDatabase']
+           'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'dialect_insert', 'NoConnectionBound',
+           'PooledDatabase', 'DuplicateRecord', 'BoundTable', 'HostDatabase']
 
 # %% ../nbs/00_db_host.ipynb #52f52564
 import os, re, threading, uuid
@@ -23,6 +23,7 @@ from pathlib import Path
 from types import GeneratorType
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from fastcore.utils import UNSET
 from fastsql import Database, DBTable
@@ -343,6 +344,11 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
     return sa.create_engine(url, pool_size=pool_size or int(env.get('DB_POOL_SIZE', 10)),
                             max_overflow=max_overflow if max_overflow is not None else int(env.get('DB_MAX_OVERFLOW', 10)),
                             pool_pre_ping=True, pool_recycle=1800, **kw)
+
+# %% ../nbs/00_db_host.ipynb #32b46e25
+def dialect_insert(conn, table: sa.Table):
+    "An `INSERT` into `table` with the connection's dialect, so `.on_conflict_do_nothing/do_update` work on both backends."
+    return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
 # %% ../nbs/00_db_host.ipynb #4facb4d7
 class _ScopedConnection:

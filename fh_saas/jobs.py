@@ -18,9 +18,8 @@ from dataclasses import dataclass, field, asdict
 from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .db_host import HostDatabase, HostComponent, SystemJob, jobs_t, timestamp, as_utc, gen_id, register_component
+from .db_host import HostDatabase, HostComponent, SystemJob, dialect_insert, jobs_t, timestamp, as_utc, gen_id, register_component
 from .audit import AuditContext, audit_context, archive_audit_logs
 
 # %% ../nbs/09_jobs.ipynb #51329202
@@ -35,8 +34,7 @@ def _row(r) -> SystemJob: return SystemJob(**r._mapping)
 # %% ../nbs/09_jobs.ipynb #4eedfc0a
 def _insert_ignoring_duplicate(conn, values):
     c = jobs_t.c
-    dialect = postgresql if conn.dialect.name == 'postgresql' else sqlite
-    ins = dialect.insert(jobs_t).values(**values)
+    ins = dialect_insert(conn, jobs_t).values(**values)
     return ins.on_conflict_do_nothing(index_elements=[c.dedupe_key], index_where=c.dedupe_key.isnot(None))
 
 def enqueue(host_db: HostDatabase, job_type: str, payload: dict | None = None, tenant_id: str | None = None,

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .db_host import HostDatabase, HostComponent, register_component
+from .db_host import HostDatabase, HostComponent, dialect_insert, register_component
 from .tokens import utcnow
 
 # %% ../nbs/03b_rate_limits.ipynb #282b1862
@@ -43,8 +42,6 @@ def _window(rule: RateLimit, now: datetime) -> tuple[int, int]:
     t = int(now.timestamp())
     return t - t % rule.window, t
 
-def _upsert(conn):
-    return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(rate_counters_t)
 
 @contextmanager
 def _own_transaction(host_db: HostDatabase):
@@ -59,7 +56,7 @@ def hit(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | Non
     start, t = _window(rule, now or utcnow())
     c = rate_counters_t.c
     with _own_transaction(host_db) as conn:
-        stmt = (_upsert(conn).values(bucket=bucket, window_start=start, hits=1)
+        stmt = (dialect_insert(conn, rate_counters_t).values(bucket=bucket, window_start=start, hits=1)
                 .on_conflict_do_update(index_elements=[c.bucket, c.window_start], set_=dict(hits=c.hits + 1))
                 .returning(c.hits))
         hits = conn.execute(stmt).scalar_one()

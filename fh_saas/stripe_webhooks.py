@@ -20,12 +20,11 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 import stripe
-from sqlalchemy.dialects import postgresql, sqlite
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .db_host import (HostDatabase, HostComponent, register_component, timestamp, UTCTimestamp, tenants_t, subscriptions_t,
+from .db_host import (HostDatabase, HostComponent, dialect_insert, register_component, timestamp, UTCTimestamp, tenants_t, subscriptions_t,
                              plans_t, webhook_events_t)
 from .audit import audit
 
@@ -142,9 +141,6 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
 # %% ../nbs/05_stripe_webhooks.ipynb #52f234e0
-def _insert(conn, table):
-    return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
-
 def locked_subscription(conn, stripe_id: str):
     "The `core_subscriptions` row for `stripe_id` (None if unknown), locked for this transaction."
     return conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id).with_for_update()).first()
@@ -153,13 +149,13 @@ def subscription_row(conn, stripe_id: str, tenant_id: str, **init):
     "The `core_subscriptions` row for `stripe_id`, created for `tenant_id` if new, locked for this transaction."
     if (row := locked_subscription(conn, stripe_id)) is not None: return row
     c = subscriptions_t.c
-    conn.execute(_insert(conn, subscriptions_t).values(stripe_sub_id=stripe_id, tenant_id=tenant_id, **init)
+    conn.execute(dialect_insert(conn, subscriptions_t).values(stripe_sub_id=stripe_id, tenant_id=tenant_id, **init)
                  .on_conflict_do_nothing(index_elements=[c.stripe_sub_id], index_where=c.stripe_sub_id.isnot(None)))
     return locked_subscription(conn, stripe_id)
 
 def link_customer(conn, tenant_id: str, cust_id: str | None):
     "Remember `cust_id` as the tenant's Stripe customer, unless the tenant or the customer is already mapped."
-    if cust_id: conn.execute(_insert(conn, customers_t).values(tenant_id=tenant_id, stripe_cust_id=cust_id).on_conflict_do_nothing())
+    if cust_id: conn.execute(dialect_insert(conn, customers_t).values(tenant_id=tenant_id, stripe_cust_id=cust_id).on_conflict_do_nothing())
 
 def _clock(event) -> dict:
     return dict(last_event_created=event['created'], last_event_id=event['id'], updated_at=timestamp())
@@ -295,7 +291,7 @@ def _inbox_values(event, payload: str) -> dict:
 def _claim(conn, event, payload):
     "Insert or lock the inbox row of `event`: the stored status when it is already done, else None (apply it)."
     c = webhook_events_t.c
-    fresh = conn.execute(_insert(conn, webhook_events_t).values(status='processing', attempts=0, **_inbox_values(event, payload))
+    fresh = conn.execute(dialect_insert(conn, webhook_events_t).values(status='processing', attempts=0, **_inbox_values(event, payload))
                          .on_conflict_do_nothing(index_elements=[c.event_id])).rowcount
     if fresh: return None
     status = conn.execute(sa.select(c.status).where(c.event_id == event['id']).with_for_update()).scalar()
@@ -306,7 +302,7 @@ def _record_failure(host_db, event, payload, error: Exception):
     c, msg = webhook_events_t.c, scrub(f"{type(error).__name__}: {error}")
     try:
         with host_db.transaction() as conn:
-            conn.execute(_insert(conn, webhook_events_t).values(status='failed', attempts=1, last_error=msg, **_inbox_values(event, payload))
+            conn.execute(dialect_insert(conn, webhook_events_t).values(status='failed', attempts=1, last_error=msg, **_inbox_values(event, payload))
                          .on_conflict_do_update(index_elements=[c.event_id], where=c.status == 'failed',
                                                 set_=dict(attempts=c.attempts + 1, last_error=msg, updated_at=timestamp())))
     except Exception as e: _log.error("could not record the failure of Stripe event %s: %s", event['id'], scrub(str(e)))
