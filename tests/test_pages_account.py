@@ -42,6 +42,13 @@ class App:
         assert r.status_code == 303, r.text
         return c
 
+    def owner(self, email, company='Acme Corp') -> TestClient:
+        "A client signed up as `email`, working in its newly provisioned tenant."
+        c = self.signup(email, company)
+        self.provision()
+        c.get(f"/tenants/{company.lower().replace(' ', '_')}/status")   # an active first tenant becomes current
+        return c
+
     def provision(self) -> int:
         "Run every queued `tenant.provision` job the way a worker does; the number run."
         n = 0
@@ -277,9 +284,7 @@ def test_invited_user_accepts_sees_the_tenant_and_switches(world):
 
 
 def test_new_user_signs_up_from_an_invitation_without_a_tenant_of_their_own(world):
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     link = invite(world, ann, 'carol@example.com')
     form = world.client().get(f'/signup?next={link}').text
     assert 'Company or team name' not in form and f'value="{link}"' in form
@@ -292,9 +297,7 @@ def test_new_user_signs_up_from_an_invitation_without_a_tenant_of_their_own(worl
 
 
 def test_invitation_for_someone_else_cannot_be_accepted_and_decline_works(world):
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     link = invite(world, ann, 'bob@example.com')
     eve = world.signup('eve@example.com', 'Evil Inc')
     assert 'but this invitation is for bob@example.com' in eve.get(link).text
@@ -305,9 +308,7 @@ def test_invitation_for_someone_else_cannot_be_accepted_and_decline_works(world)
 
 
 def test_a_disabled_account_cannot_accept(world):
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     link = invite(world, ann, 'bob@example.com')
     bob = world.signup('bob@example.com', 'Bob Co')
     world.host_db.q("update core_users set is_active = false where email = 'bob@example.com'")
@@ -318,9 +319,7 @@ def test_a_disabled_account_cannot_accept(world):
 
 def logged_in_member(world, role='member'):
     "Ann owns acme_corp (active, current); bob is a `role` there. Both clients."
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     link = invite(world, ann, 'bob@example.com', role)
     bob = world.client()
     bob.post('/signup', data=dict(email='bob@example.com', password=PW, next=link))
@@ -381,9 +380,7 @@ def test_the_only_owner_cannot_leave_the_tenant_ownerless(world):
 
 
 def test_api_key_shown_once_authenticates_and_revokes(world):
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     page = ann.get('/api-keys')
     assert page.headers['cache-control'] == 'no-store' and 'No keys yet' in page.text
     r = ann.post('/api-keys', data=dict(name='CI deploys', mode='test', csrf=csrf(page.text)))
@@ -415,9 +412,7 @@ def test_members_see_keys_but_cannot_create_them(world):
 
 
 def test_changes_without_this_sessions_form_token_are_refused(world):
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     other = world.signup('eve@example.com', 'Evil Inc')
     foreign = csrf(other.get('/tenants').text)
     for path, data in [('/tenants/switch', dict(tenant_id='acme_corp')), ('/tenants', dict(company='Sneaky')),
@@ -429,9 +424,7 @@ def test_changes_without_this_sessions_form_token_are_refused(world):
 
 
 def test_tenants_page_creates_another_tenant(world):
-    ann = world.signup('ann@example.com')
-    world.provision()
-    ann.get('/tenants/acme_corp/status')
+    ann = world.owner('ann@example.com')
     page = ann.get('/tenants').text
     assert 'current' in page and 'Create tenant' in page
     r = ann.post('/tenants', data=dict(company='Second Shop', csrf=csrf(page)))
