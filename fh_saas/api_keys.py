@@ -15,9 +15,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostComponent, register_component, users_t, tenants_t, timestamp, as_utc, UTCTimestamp
+from .db_host import HostDatabase, HostComponent, register_component, users_t, tenants_t, timestamp, utcnow, as_utc, UTCTimestamp
 from .audit import audit
-from .tokens import hash_token, utcnow
+from .tokens import hash_token
 
 # %% ../nbs/03g_api_keys.ipynb #83f06356
 api_keys_meta = sa.MetaData()

@@ -13,11 +13,11 @@ import json, re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace, asdict
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostAuditLog, HostComponent, register_component, audit_t, UTCTimestamp, as_utc, timestamp
+from .db_host import HostDatabase, HostAuditLog, HostComponent, register_component, audit_t, UTCTimestamp, as_utc, timestamp, utcnow
 
 # %% ../nbs/07_audit.ipynb #d1de088f
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ audit_component = register_component(HostComponent('audit', audit_metadata, 2, [
     steps={1: _install_guard('sys_audit_logs'), 2: _archive_and_time_order}))
 
 def _cutoff(older_than) -> str:
-    if isinstance(older_than, timedelta): return timestamp(datetime.now(timezone.utc) - older_than)
+    if isinstance(older_than, timedelta): return timestamp(utcnow() - older_than)
     return timestamp(as_utc(older_than))
 
 def archive_audit_logs(host_db: HostDatabase, older_than: datetime | str | timedelta) -> int:

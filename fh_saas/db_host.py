@@ -7,11 +7,11 @@ Docs: https://fh-saas.github.io/fh_saas/db_host.html.md"""
 # %% auto #0
 __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscriptions_t', 'plans_t', 'audit_t', 'jobs_t',
            'webhook_events_t', 'schema_versions_t', 'HOST_SCHEMA_VERSION', 'HOST_SCHEMA_STEPS', 'host_components',
-           'gen_id', 'as_utc', 'timestamp', 'UTCTimestamp', 'get_db_uri', 'GlobalUser', 'TenantCatalog', 'Membership',
-           'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob', 'StripeWebhookEvent', 'schema_version',
-           'upgrade_schema', 'HostComponent', 'register_component', 'HostDatabaseConfigError',
-           'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'dialect_insert', 'NoConnectionBound',
-           'PooledDatabase', 'DuplicateRecord', 'BoundTable', 'HostDatabase']
+           'gen_id', 'as_utc', 'utcnow', 'timestamp', 'UTCTimestamp', 'get_db_uri', 'GlobalUser', 'TenantCatalog',
+           'Membership', 'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob', 'StripeWebhookEvent',
+           'schema_version', 'upgrade_schema', 'HostComponent', 'register_component', 'HostDatabaseConfigError',
+           'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'dialect_insert', 'error_reason',
+           'NoConnectionBound', 'PooledDatabase', 'DuplicateRecord', 'BoundTable', 'HostDatabase']
 
 # %% ../nbs/00_db_host.ipynb #52f52564
 import os, re, threading, uuid
@@ -41,9 +41,13 @@ def as_utc(value) -> datetime:
     if dt.tzinfo is None: raise ValueError(f"timestamp {value!r} has no time zone; use UTC")
     return dt.astimezone(timezone.utc)
 
+def utcnow() -> datetime:
+    "The current time as an aware UTC datetime: the one clock every fh_saas module defaults to."
+    return datetime.now(timezone.utc)
+
 def timestamp(dt: datetime | None = None) -> str:
     "`dt` (default: now) as a fixed-width ISO-8601 UTC string."
-    return as_utc(dt or datetime.now(timezone.utc)).isoformat(timespec='microseconds')
+    return as_utc(dt or utcnow()).isoformat(timespec='microseconds')
 
 # %% ../nbs/00_db_host.ipynb #af63bad4
 class UTCTimestamp(sa.types.TypeDecorator):
@@ -350,6 +354,12 @@ def dialect_insert(conn, table: sa.Table):
     "An `INSERT` into `table` with the connection's dialect, so `.on_conflict_do_nothing/do_update` work on both backends."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
+# %% ../nbs/00_db_host.ipynb #caa0f768
+def error_reason(err: BaseException) -> str:
+    "The first line of the driver's message in `err` (a SQLAlchemy error, or any exception)."
+    orig = getattr(err, 'orig', None) or err
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
 # %% ../nbs/00_db_host.ipynb #4facb4d7
 class _ScopedConnection:
     "The scope's connection as fastsql sees it: `commit`/`rollback` are left to the enclosing scope."
@@ -489,8 +499,7 @@ class HostDatabase:
             with self.engine.connect() as c: c.exec_driver_sql('SELECT 1')
         except sa.exc.OperationalError as e:
             self.engine.dispose()
-            reason = str(e.orig).strip().splitlines()[0] if e.orig else 'connection failed'
-            raise HostDatabaseUnavailable(f"cannot reach the host database at {_describe(url)}: {reason}") from None
+            raise HostDatabaseUnavailable(f"cannot reach the host database at {_describe(url)}: {error_reason(e)}") from None
         upgrade_schema(self.engine, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
         for comp in list(host_components.values()): comp.upgrade(self.engine)
         self.db = PooledDatabase(self.engine, host_metadata)

@@ -6,7 +6,7 @@ Docs: https://fh-saas.github.io/fh_saas/db_tenant.html.md"""
 
 # %% auto #0
 __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'TEMPLATE_DB', 'InvalidTenantId', 'check_tenant_id',
-           'tenant_db_name', 'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'secret_key', 'role_password',
+           'tenant_db_name', 'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'role_password',
            'scram_verifier', 'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url',
            'tenant_row', 'tenant_url', 'catalog_entry', 'entry_url', 'tenant_dir', 'SqliteStore', 'template_strategy',
            'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants',
@@ -24,6 +24,7 @@ from cryptography.fernet import Fernet
 from .db_host import (HostComponent, TenantCatalog, gen_id, make_engine, register_component,
                              tenants_t, timestamp, UTCTimestamp)
 from .tenant_migrations import migrate_database, migrate_fleet
+from .tokens import secret_key
 
 # %% ../nbs/01_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
@@ -55,14 +56,8 @@ class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
 # %% ../nbs/01_db_tenant.ipynb #e18699b1
-def secret_key() -> bytes:
-    "The master key from `FH_SAAS_SECRET_KEY` (at least 32 characters)."
-    key = os.environ.get('FH_SAAS_SECRET_KEY', '')
-    if len(key) < 32: raise TenantConfigError("FH_SAAS_SECRET_KEY must be set to a random string of at least 32 characters")
-    return key.encode()
-
 def _derive(purpose: str, msg: str = '') -> bytes:
-    return hmac.new(secret_key(), f"fh_saas:{purpose}:{msg}".encode(), hashlib.sha256).digest()
+    return hmac.new(secret_key().encode(), f"fh_saas:{purpose}:{msg}".encode(), hashlib.sha256).digest()
 
 def role_password(role: str) -> str:
     "The password of tenant login role `role`, derived from the master key."

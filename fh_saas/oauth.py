@@ -21,7 +21,7 @@ from .db_host import (HostDatabase, HostComponent, register_component, GlobalUse
                              UTCTimestamp)
 from .audit import audit
 from .sessions import SessionManager
-from .passwords import default_tenant
+from .passwords import open_session
 
 # %% ../nbs/03i_oauth.ipynb #ef3db1c3
 identities_meta = sa.MetaData()
@@ -147,7 +147,7 @@ def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvide
             with sessions.host_db.transaction():
                 audit(sessions.host_db, 'auth.login', target_id=user.id, actor_user_id=user.id, ip_address=ip, user_agent=ua,
                       details=dict(provider=name))
-                return sessions.create(user.id, default_tenant(sessions.host_db, user.id), ip, ua)
+                return open_session(sessions, user.id, ip, ua)
         try: cookie = await run_in_threadpool(sign_in)
         except OAuthLinkRefused: return fail('email_not_verified')
         if cookie is None: return fail('account_disabled')

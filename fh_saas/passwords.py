@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/passwords.html.md"""
 # %% auto #0
 __all__ = ['MIN_PASSWORD', 'MAX_PASSWORD', 'default_hasher', 'reset_mail_executor', 'WeakPassword', 'check_password_policy',
            'hash_password', 'verify_password', 'LoginThrottle', 'LoginFailed', 'LoginThrottled', 'authenticate',
-           'default_tenant', 'login', 'change_password', 'request_password_reset', 'reset_password',
+           'open_session', 'login', 'change_password', 'request_password_reset', 'reset_password',
            'send_email_verification', 'verify_email']
 
 # %% ../nbs/03e_passwords.ipynb #e8a70a0d
@@ -21,9 +21,10 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError, InvalidHashError
 
-from .db_host import HostDatabase, GlobalUser, users_t, memberships_t, tenants_t, timestamp
+from .db_host import HostDatabase, GlobalUser, users_t, timestamp, utcnow
 from .audit import audit
-from .tokens import hash_token, issue_token, consume_token, utcnow, one_time_tokens_t
+from .tokens import hash_token, issue_token, consume_token, one_time_tokens_t
+from .memberships import active_tenants
 from .rate_limits import RateLimit, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer
@@ -115,21 +116,17 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
     return host_db.global_users[row['id']]
 
 # %% ../nbs/03e_passwords.ipynb #d28334a6
-def default_tenant(host_db: HostDatabase, user_id: str) -> str | None:
-    "The active tenant `user_id` joined first through an active membership, if any."
-    m, t = memberships_t.c, tenants_t.c
-    q = (sa.select(m.tenant_id).join(tenants_t, t.id == m.tenant_id)
-         .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'active', t.is_active.is_(True))
-         .order_by(m.created_at, m.tenant_id).limit(1))
-    with host_db.transaction() as conn: return conn.execute(q).scalar()
+def open_session(sessions: SessionManager, user_id: str, ip_address: str | None = None, user_agent: str | None = None) -> str:
+    "A new session for `user_id` in the active tenant they joined first (none if they have none); the cookie value."
+    first = next(iter(active_tenants(sessions.host_db, user_id)), None)
+    return sessions.create(user_id, first and first['tenant_id'], ip_address, user_agent)
 
 def login(sessions: SessionManager, email: str, password: str, ip_address: str | None = None,
           user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
           hasher: PasswordHasher = default_hasher) -> tuple[GlobalUser, str]:
     "Authenticate and open a session: `(user, cookie_value)`."
     user = authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher, sessions.clock())
-    cookie = sessions.create(user.id, default_tenant(sessions.host_db, user.id), ip_address, user_agent)
-    return user, cookie
+    return user, open_session(sessions, user.id, ip_address, user_agent)
 
 # %% ../nbs/03e_passwords.ipynb #69d584de
 def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now):

@@ -15,8 +15,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostComponent, dialect_insert, register_component
-from .tokens import utcnow
+from .db_host import HostDatabase, HostComponent, dialect_insert, register_component, utcnow
 
 # %% ../nbs/03b_rate_limits.ipynb #282b1862
 rate_meta = sa.MetaData()

@@ -9,7 +9,6 @@ __all__ = ['sessions_meta', 'sessions_t', 'sessions_component', 'SessionRecord',
            'ImpersonationRefused', 'start_impersonation', 'stop_impersonation']
 
 # %% ../nbs/03d_sessions.ipynb #60393107
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -17,9 +16,9 @@ from typing import Callable
 import sqlalchemy as sa
 from itsdangerous import BadSignature, Signer
 
-from .db_host import (HostDatabase, HostComponent, register_component, users_t, timestamp, as_utc,
+from .db_host import (HostDatabase, HostComponent, register_component, users_t, timestamp, utcnow, as_utc,
                              UTCTimestamp)
-from .tokens import new_token, hash_token, utcnow
+from .tokens import new_token, hash_token, secret_key
 from .audit import audit
 
 # %% ../nbs/03d_sessions.ipynb #b21630d7
@@ -62,9 +61,7 @@ class SessionManager:
     @classmethod
     def from_env(cls, host_db: HostDatabase, **kwargs):
         "A manager whose secret is `FH_SAAS_SECRET_KEY`."
-        key = os.environ.get('FH_SAAS_SECRET_KEY')
-        if not key: raise ValueError("set FH_SAAS_SECRET_KEY to a long random string (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)")
-        return cls(host_db, key, **kwargs)
+        return cls(host_db, secret_key(), **kwargs)
 
     def create(self, user_id: str, tenant_id: str | None = None, ip_address: str | None = None,
                user_agent: str | None = None) -> str:

@@ -15,12 +15,12 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from .audit import audit
-from .db_host import jobs_t, subscriptions_t
+from .db_host import jobs_t, subscriptions_t, utcnow
 from .db_tenant import provision_tenant, deprovision_tenant, migrate_tenants
 from .jobs import job_handler, Periodic
 from .rate_limits import purge_windows
 from .sessions import sessions_t
-from .tokens import one_time_tokens_t, utcnow
+from .tokens import one_time_tokens_t
 
 # %% ../nbs/09a_system_jobs.ipynb #819f4f51
 @job_handler('tenant.provision')

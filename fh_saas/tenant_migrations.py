@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import sqlalchemy as sa
 
-from .db_host import UTCTimestamp, gen_id, timestamp, tenants_t
+from .db_host import UTCTimestamp, error_reason, gen_id, timestamp, tenants_t
 
 # %% ../nbs/02_tenant_migrations.ipynb #b077a365
 class MigrationRegistryError(ValueError):
@@ -136,15 +136,10 @@ def register_tenant_migration(version: int, name: str, up) -> TenantMigration:
     return tenant_schema.add(TenantMigration(version, name, up))
 
 # %% ../nbs/02_tenant_migrations.ipynb #81f28c32
-def _reason(e: BaseException) -> str:
-    "The first line of the driver's message: not SQLAlchemy's dump of the statement, nor PostgreSQL's DETAIL with row values."
-    orig = getattr(e, 'orig', None) or e
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-
 class MigrationFailed(RuntimeError):
     "A migration step failed; the database was rolled back to the version it had before."
     def __init__(self, version: int, name: str, error: BaseException):
-        self.version, self.name, self.reason = version, name, _reason(error)
+        self.version, self.name, self.reason = version, name, error_reason(error)
         super().__init__(f"tenant migration {version} ({name}) failed: {self.reason}")
 
 class TenantSchemaMismatch(RuntimeError):
@@ -261,7 +256,7 @@ def _migrate_tenant(host_db, engine_for, schema, target, lock_timeout, tenant_id
                          .values(schema_version=version))
         return TenantOutcome(tenant_id, from_version, version)
     except MigrationFailed as e: return TenantOutcome(tenant_id, from_version, failed_version=e.version, error=str(e))
-    except Exception as e: return TenantOutcome(tenant_id, from_version, error=f"{type(e).__name__}: {_reason(e)}")
+    except Exception as e: return TenantOutcome(tenant_id, from_version, error=f"{type(e).__name__}: {error_reason(e)}")
 
 def migrate_fleet(host_db, engine_for: Callable[[str], sa.Engine], target: int | None = None, concurrency: int = 4,
                   tenant_ids: Iterable[str] | None = None, progress: Callable | None = None,
