@@ -10,8 +10,8 @@ __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscripti
            'gen_id', 'as_utc', 'utcnow', 'timestamp', 'UTCTimestamp', 'get_db_uri', 'GlobalUser', 'TenantCatalog',
            'Membership', 'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob', 'StripeWebhookEvent',
            'schema_version', 'upgrade_schema', 'HostComponent', 'register_component', 'HostDatabaseConfigError',
-           'HostDatabaseUnavailable', 'url_from_env', 'make_engine', 'dialect_insert', 'error_reason',
-           'NoConnectionBound', 'PooledDatabase', 'DuplicateRecord', 'BoundTable', 'HostDatabase']
+           'HostDatabaseUnavailable', 'url_from_env', 'env_count', 'env_flag', 'make_engine', 'dialect_insert',
+           'error_reason', 'NoConnectionBound', 'PooledDatabase', 'DuplicateRecord', 'BoundTable', 'HostDatabase']
 
 # %% ../nbs/00_db_host.ipynb #52f52564
 import os, re, threading, uuid
@@ -322,6 +322,22 @@ def url_from_env(env=None) -> URL:
     return URL.create('postgresql+psycopg2', env.get('DB_USER', 'postgres'), env['DB_PASS'],
                       env.get('DB_HOST', 'localhost'), int(port), name)
 
+def env_count(name: str, default: int, env=None, minimum: int = 0) -> int:
+    "The whole number (at least `minimum`) in the variable `name`, else `default`."
+    value = (os.environ if env is None else env).get(name, '').strip()
+    if not value: return default
+    if not value.isdigit() or int(value) < minimum:
+        raise HostDatabaseConfigError(f"{name}={value!r} is not a whole number of at least {minimum}")
+    return int(value)
+
+def env_flag(name: str, default: bool, env=None) -> bool:
+    "The yes/no in the variable `name` (`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`), else `default`."
+    value = (os.environ if env is None else env).get(name, '').strip().lower()
+    if not value: return default
+    if value in ('1', 'true', 'yes', 'on'): return True
+    if value in ('0', 'false', 'no', 'off'): return False
+    raise HostDatabaseConfigError(f"{name}={value!r}: use true or false")
+
 # %% ../nbs/00_db_host.ipynb #32c4184c
 def _sqlite_setup(engine):
     @sa.event.listens_for(engine, 'connect')
@@ -343,11 +359,11 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
         eng = sa.create_engine(url, **kw)
         _sqlite_setup(eng)
         return eng
-    if 'poolclass' in kw: return sa.create_engine(url, pool_pre_ping=True, **kw)
-    env = os.environ
-    return sa.create_engine(url, pool_size=pool_size or int(env.get('DB_POOL_SIZE', 10)),
-                            max_overflow=max_overflow if max_overflow is not None else int(env.get('DB_MAX_OVERFLOW', 10)),
-                            pool_pre_ping=True, pool_recycle=1800, **kw)
+    kw.setdefault('pool_pre_ping', env_flag('DB_POOL_PRE_PING', True))
+    if 'poolclass' in kw: return sa.create_engine(url, **kw)
+    return sa.create_engine(url, pool_size=pool_size or env_count('DB_POOL_SIZE', 10, minimum=1),
+                            max_overflow=max_overflow if max_overflow is not None else env_count('DB_MAX_OVERFLOW', 10),
+                            pool_recycle=1800, **kw)
 
 # %% ../nbs/00_db_host.ipynb #32b46e25
 def dialect_insert(conn, table: sa.Table):

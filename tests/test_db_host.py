@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 
 from fh_saas.db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, Subscription, DuplicateRecord,
                              HostDatabaseConfigError, HostDatabaseUnavailable, HOST_SCHEMA_VERSION, gen_id,
-                             timestamp, get_db_uri, schema_version, users_t)
+                             timestamp, get_db_uri, make_engine, schema_version, users_t)
 from pgserver import free_port
 
 
@@ -160,6 +160,27 @@ def test_pool_is_bounded_and_connections_are_not_held(pg_url):
         host_db.close(); HostDatabase.reset_instance()
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("pre_ping", ["true", "false"])
+def test_a_dropped_connection_fails_one_statement_only_without_pre_ping(pg_url, pg_server, monkeypatch, pre_ping):
+    monkeypatch.setenv("DB_POOL_PRE_PING", pre_ping)
+    engine = make_engine(pg_url, pool_size=2, max_overflow=0)
+    try:
+        pids = set()
+        with engine.connect() as a, engine.connect() as b:   # two pooled connections, both returned to the pool
+            pids = {c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (a, b)}
+        with pg_server.engine.connect() as admin:              # the server drops them, as a restart would
+            for pid in pids: admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), dict(p=pid))
+        failures = 0
+        for _ in range(3):
+            try:
+                with engine.connect() as c: assert c.exec_driver_sql("SELECT 1").scalar() == 1
+            except sa.exc.OperationalError: failures += 1
+        assert failures == (0 if pre_ping == "true" else 1)   # without pre-ping the first use fails and the pool is discarded
+    finally:
+        engine.dispose()
+
+
 SEED_SCHEMA = [
     "CREATE TABLE core_users (id TEXT PRIMARY KEY, email TEXT, oauth_id TEXT, password_hash TEXT, stripe_cust_id TEXT, is_sys_admin BOOLEAN, created_at TEXT, last_login TEXT)",
     "CREATE TABLE core_tenants (id TEXT PRIMARY KEY, name TEXT, db_url TEXT, is_active BOOLEAN, plan_tier TEXT, created_at TEXT)",
@@ -236,9 +257,12 @@ def test_singleton_refuses_a_second_url(tmp_path):
     (dict(DB_TYPE="POSTGRESQL"), "DB_PASS is required"),
     (dict(DB_TYPE="ORACLE", DB_PASS="x"), "DB_TYPE='ORACLE' is not supported"),
     (dict(DB_PASS="x", DB_PORT="fivefour"), "DB_PORT='fivefour'"),
+    (dict(DB_PASS="x", DB_POOL_SIZE="0"), "DB_POOL_SIZE='0' is not a whole number of at least 1"),
+    (dict(DB_PASS="x", DB_POOL_PRE_PING="sometimes"), "DB_POOL_PRE_PING='sometimes': use true or false"),
 ])
 def test_bad_configuration_names_the_variable(monkeypatch, env, message):
-    for k in ("DB_TYPE", "DB_USER", "DB_PASS", "DB_HOST", "DB_PORT", "DB_NAME"): monkeypatch.delenv(k, raising=False)
+    for k in ("DB_TYPE", "DB_USER", "DB_PASS", "DB_HOST", "DB_PORT", "DB_NAME", "DB_POOL_SIZE", "DB_POOL_PRE_PING"):
+        monkeypatch.delenv(k, raising=False)
     for k, v in env.items(): monkeypatch.setenv(k, v)
     with pytest.raises(HostDatabaseConfigError, match=message): HostDatabase.from_env()
     assert HostDatabase._instance is None
