@@ -48,6 +48,16 @@ def _migrate(args, host_db) -> int:
     print(f"migrated {len(report.migrated)} tenant(s) to v{report.target}, {len(report.failed)} failed")
     return 0 if report.ok else 1
 
+# %% ../nbs/90_cli.ipynb #24f4e937
+def _secret(args, host_db) -> int:
+    from fh_saas.db_tenant import rotate_secret_key
+    report = rotate_secret_key(host_db)
+    for tenant_id, reason in report.failed: print(f"FAILED {tenant_id}: {reason}")
+    print(f"re-encrypted {report.servers} server admin password(s), re-keyed {len(report.rotated)} tenant role(s), {len(report.failed)} failed")
+    if report.ok: print("now remove FH_SAAS_PREVIOUS_SECRET_KEYS from every process (sessions signed under those keys then end)")
+    else: print("keep FH_SAAS_PREVIOUS_SECRET_KEYS and run `fh-saas secret rotate` again")
+    return 0 if report.ok else 1
+
 # %% ../nbs/90_cli.ipynb #e0410f95
 def _plans(args, host_db) -> int:
     from fh_saas.billing import seed_plans, active_plans
@@ -119,10 +129,12 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument('--retire-missing', action='store_true', help='seed: deactivate plans not in the file')
     u = sub.add_parser('users', help='create a system admin (password from FH_SAAS_ADMIN_PASSWORD or a prompt)')
     u.add_argument('action', choices=['create-admin']); u.add_argument('email')
+    x = sub.add_parser('secret', help='after a master key change: re-key server passwords and tenant roles to FH_SAAS_SECRET_KEY')
+    x.add_argument('action', choices=['rotate'])
     worker_arguments(sub.add_parser('worker', help='run background jobs (provisioning, migrations, reconcile, clean-ups)'))
     return p
 
-_COMMANDS = dict(tenants=_tenants, migrate=_migrate, plans=_plans, stripe=_stripe, users=_users, worker=_worker)
+_COMMANDS = dict(tenants=_tenants, migrate=_migrate, secret=_secret, plans=_plans, stripe=_stripe, users=_users, worker=_worker)
 
 def main(argv=None) -> int:
     "Entry point of the `fh-saas` command."

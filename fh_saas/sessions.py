@@ -11,14 +11,14 @@ __all__ = ['sessions_meta', 'sessions_t', 'sessions_component', 'SessionRecord',
 # %% ../nbs/03d_sessions.ipynb #60393107
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from itsdangerous import BadSignature, Signer
 
 from .db_host import (HostDatabase, HostComponent, register_component, users_t, timestamp, utcnow, as_utc,
                              UTCTimestamp)
-from .tokens import new_token, hash_token, secret_key
+from .tokens import new_token, hash_token, secret_keys
 from .audit import audit
 
 # %% ../nbs/03d_sessions.ipynb #b21630d7
@@ -50,18 +50,19 @@ class SessionRecord:
 # %% ../nbs/03d_sessions.ipynb #478f7b6b
 class SessionManager:
     "Create, load, revoke and re-point server-side sessions, and read/write their signed cookie."
-    def __init__(self, host_db: HostDatabase, secret_key: str, idle: timedelta = timedelta(hours=2),
+    def __init__(self, host_db: HostDatabase, secret_key: str | Sequence[str], idle: timedelta = timedelta(hours=2),
                  absolute: timedelta = timedelta(days=7), cookie_name: str = 'fh_saas_session',
                  clock: Callable[[], datetime] = utcnow, touch_every: timedelta = timedelta(minutes=1)):
-        if not secret_key or len(secret_key) < 32: raise ValueError("the session secret key must be at least 32 characters")
+        keys = list(secret_key) if isinstance(secret_key, (list, tuple)) else [secret_key]
+        if not keys or any(len(k or '') < 32 for k in keys): raise ValueError("each session secret key must be at least 32 characters")
         self.host_db, self.idle, self.absolute, self.cookie_name = host_db, idle, absolute, cookie_name
         self.clock, self.touch_every = clock, touch_every
-        self._signer = Signer(secret_key, salt='fh_saas.session')
+        self._signer = Signer(keys[::-1], salt='fh_saas.session')  # signs with the last key, accepts any
 
     @classmethod
     def from_env(cls, host_db: HostDatabase, **kwargs):
-        "A manager whose secret is `FH_SAAS_SECRET_KEY`."
-        return cls(host_db, secret_key(), **kwargs)
+        "A manager signing with `FH_SAAS_SECRET_KEY` and also accepting `FH_SAAS_PREVIOUS_SECRET_KEYS`."
+        return cls(host_db, secret_keys(), **kwargs)
 
     def create(self, user_id: str, tenant_id: str | None = None, ip_address: str | None = None,
                user_agent: str | None = None) -> str:

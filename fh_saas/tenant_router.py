@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from .db_host import BoundTable, PooledDatabase, make_engine
-from .db_tenant import TenantNotFound, TenantUnavailable, catalog_entry, entry_url, routing_caches
+from .db_host import BoundTable, PooledDatabase
+from .db_tenant import TenantNotFound, TenantUnavailable, catalog_entry, entry_engine, routing_caches
 
 # %% ../nbs/01a_tenant_router.ipynb #884eb397
 class TenantPoolExhausted(TimeoutError):
@@ -64,7 +64,7 @@ class TenantRouter:
         return row
 
     def _new_engine(self, row) -> sa.Engine:
-        return make_engine(entry_url(row), pool_size=self.pool_size, max_overflow=0, pool_timeout=self.timeout)
+        return entry_engine(row, pool_size=self.pool_size, max_overflow=0, pool_timeout=self.timeout)
 
     def _retire(self, entry: _Entry):
         "Drop `entry` from routing; close its pool now, or when its last user is done. Call with the lock held."
