@@ -25,8 +25,8 @@ from .db_host import DuplicateRecord, GlobalUser, HostDatabase, as_utc, gen_id, 
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .jobs import enqueue
 from .memberships import (DEFAULT_ROLES, LastOwner, MembershipError, Roles, accept_invitation, active_tenants,
-                                 add_member, change_role, decline_invitation, invitations_t, invite, remove_member,
-                                 switch_tenant, transfer_ownership)
+                                 add_member, cancel_invitation, change_role, decline_invitation, invitations_t, invite,
+                                 pending_invitations, remove_member, switch_tenant, transfer_ownership)
 from .passwords import (LoginFailed, LoginThrottle, LoginThrottled, WeakPassword, default_hasher, hash_password,
                                login, request_password_reset, reset_password, send_email_verification, verify_email)
 from .rate_limits import RateLimit, hit
@@ -359,8 +359,14 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
                                                           Label('Role', _role_select(auth.roles, 'member')), Button('Send invitation'),
                                                           auth=auth)) if is_admin else \
                    P("Only admins and owners can invite people or change roles.", cls='muted')
+        invited = [(i['email'], ui.badge(i['role']), i['invited_by_email'] or '—', ui.when(i['expires_at']),
+                    post_form(f"/team/invitations/{i['id']}/cancel", Button('Cancel', cls='danger'), auth=auth, cls='inline',
+                              onsubmit="return confirm('Cancel this invitation? Its link will stop working.')"))
+                   for i in pending_invitations(host_db, tid)] if is_admin else []
         return show(req, f"Team of {auth.tenant.name}", ui.alert(notice, kind) if notice else None,
-                    ui.card(ui.table(('Email', 'Name', 'Role', 'Member since', ''), rows)), inviting, status=status)
+                    ui.card(ui.table(('Email', 'Name', 'Role', 'Member since', ''), rows)),
+                    ui.card(H2('Pending invitations'), ui.table(('Email', 'Role', 'Invited by', 'Expires', ''), invited)) if invited else None,
+                    inviting, status=status)
 
     def team_change(req, auth, csrf, change, done: str, minimum='admin'):
         "Run `change()` for an admin (or `minimum`) with a valid form; show the team page with the outcome."
@@ -379,6 +385,13 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
         link = lambda tok: saas.url(f'/invitations/{tok}')
         return team_change(req, auth, csrf, lambda: invite(host_db, auth.tenant_id, email, role, auth.user.id, saas.mailer, link, roles=auth.roles),
                            f"Invitation sent to {email.strip()}.")
+
+    @app.post('/team/invitations/{invitation_id}/cancel')
+    def team_cancel_invitation(req, auth, invitation_id: str, csrf: str = ''):
+        def change():
+            if not cancel_invitation(host_db, auth.tenant_id, invitation_id):
+                raise MembershipError("This tenant has no open invitation with that id: it may have been accepted or cancelled already.")
+        return team_change(req, auth, csrf, change, "Invitation cancelled: its link no longer works.")
 
     def check_may_change(auth, user_id):
         "Admins manage the members below owner; changing an owner takes an owner."

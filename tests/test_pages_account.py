@@ -343,6 +343,47 @@ def test_non_admin_cannot_invite_or_manage(world):
     with world.host_db.transaction() as conn: assert conn.execute(invitations_t.select()).all()[-1].email == 'bob@example.com'
 
 
+def invitation_id(world, email):
+    with world.host_db.transaction() as conn:
+        return conn.execute(invitations_t.select().where(invitations_t.c.email == email)).one().id
+
+
+def test_admins_see_pending_invitations_and_cancel_one_whose_link_then_fails(world):
+    ann = world.owner('ann@example.com')
+    link = invite(world, ann, 'carol@example.com', 'admin')
+    page = ann.get('/team').text
+    assert 'Pending invitations' in page and 'carol@example.com' in page and 'ann@example.com</td>' in page
+    iid = invitation_id(world, 'carol@example.com')
+    assert f'action="/team/invitations/{iid}/cancel"' in page
+    with world.host_db.transaction() as conn: token_hash = conn.execute(invitations_t.select()).one().token_hash
+    assert token_hash not in page and link.rsplit('/', 1)[1] not in page
+    r = ann.post(f'/team/invitations/{iid}/cancel', data=dict(csrf=csrf(page)))
+    assert r.status_code == 200 and 'Invitation cancelled' in r.text and 'Pending invitations' not in r.text
+    assert [a.event_type for a in world.host_db.audit_logs(where="target_id = :i", where_args=dict(i=iid))][-1] == 'invitation.canceled'
+    assert world.client().get(link).status_code == 404
+    carol = world.client()
+    carol.post('/signup', data=dict(email='carol@example.com', password=PW, next=link))
+    assert carol.post(f'{link}/accept').status_code == 400 and world.host_db.memberships.count == 1
+    assert ann.post(f'/team/invitations/{iid}/cancel', data=dict(csrf=csrf(page))).status_code == 400
+
+
+def test_invitations_are_cancelled_only_by_their_tenants_admins_with_the_form_token(world):
+    ann, bob = logged_in_member(world)
+    invite(world, ann, 'carol@example.com')
+    eve = world.owner('eve@example.com', 'Evil Inc')
+    invite(world, eve, 'dan@example.com')
+    carol_inv = invitation_id(world, 'carol@example.com')
+    assert 'carol@example.com' not in eve.get('/team').text and 'carol@example.com' not in bob.get('/team').text
+    r = eve.post(f'/team/invitations/{carol_inv}/cancel', data=dict(csrf=csrf(eve.get('/team').text)))
+    assert r.status_code == 400 and 'no open invitation' in r.text
+    r = bob.post(f'/team/invitations/{carol_inv}/cancel', data=dict(csrf=csrf(bob.get('/tenants').text)))
+    assert r.status_code == 403
+    for token in ('', csrf(eve.get('/team').text)):
+        r = ann.post(f'/team/invitations/{carol_inv}/cancel', data=dict(csrf=token))
+        assert r.status_code == 403 and 'did not come from this site' in r.text
+    assert 'carol@example.com' in ann.get('/team').text
+
+
 def test_roles_last_owner_transfer_and_removal(world):
     ann, bob = logged_in_member(world)
     ann_id = next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
