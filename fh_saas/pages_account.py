@@ -156,6 +156,7 @@ def open_invitation(host_db: HostDatabase, token: str) -> dict | None:
 # %% ../nbs/96_pages_account.ipynb #603fdad3
 _NO_STORE = {'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer'}
 _RESET_RATE = RateLimit(3, 3600)   # reset emails per address per hour
+_VERIFY_RATE = RateLimit(3, 3600)  # new confirmation links per user per hour
 
 def _role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
     return Select(*[Option(r, value=r, selected=r == selected) for r in roles.names if r != roles.owner], name=name)
@@ -163,7 +164,7 @@ def _role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
 # %% ../nbs/96_pages_account.ipynb #92deb8a0
 def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle(),
                        roles: Roles = DEFAULT_ROLES, signup_rate: RateLimit = RateLimit(20, 3600)):
-    "Mount sign-up, login, password reset, email verification, tenants, team, invitations and API key pages on `app`."
+    "Mount sign-up, login, password reset, email verification, account, tenants, team, invitations and API key pages on `app`."
     host_db, sessions = saas.host_db, saas.sessions
 
     def show(req, title, *content, status=200, narrow=False, headers=None):
@@ -278,6 +279,33 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
                         status=400, narrow=True, headers=_NO_STORE)
         return show(req, 'Email confirmed', ui.alert("Thank you: your email address is confirmed.", 'ok'),
                     P(A('Continue', href=saas.home)), narrow=True, headers=_NO_STORE)
+
+    # --- the signed-in user's account ------------------------------------------------------------
+    def account_page(req, auth, notice=None, kind='ok', status=200, headers=None):
+        u = auth.user
+        confirm = None if u.email_verified_at else post_form(
+            '/account/verify-email', P("Your email address is not confirmed yet. Lost the link, or did it expire? We can send a new one."),
+            Button('Send a new confirmation link'), auth=auth)
+        return show(req, 'Your account', ui.alert(notice, kind) if notice else None,
+                    ui.card(P(Strong('Email: '), u.email, ' ', ui.badge('confirmed', 'ok') if u.email_verified_at else ui.badge('not confirmed', 'warn')),
+                            P(Strong('Name: '), u.name or '—'), confirm),
+                    status=status, narrow=True, headers=headers)
+
+    @app.get('/account')
+    def account(req, auth): return account_page(req, auth)
+
+    @app.post('/account/verify-email')
+    def resend_verification(req, auth, csrf: str = ''):
+        if not csrf_ok(auth, csrf): return forged(req)
+        if auth.user.email_verified_at: return account_page(req, auth, "Your email address is already confirmed.")
+        if not (rl := hit(host_db, f'email_verify:{auth.user.id}', _VERIFY_RATE)).allowed:
+            return account_page(req, auth, f"We have sent you several links already. Try again in {rl.retry_after} seconds.", 'bad', 429,
+                                headers={'Retry-After': str(rl.retry_after)})
+        try: send_email_verification(host_db, auth.user.id, saas.mailer, verify_link)
+        except OSError as e:
+            _log.warning("user %s: the verification email was not sent: %s", auth.user.id, e)
+            return account_page(req, auth, "We could not send the email just now. Please try again in a few minutes.", 'bad', 503)
+        return account_page(req, auth, f"We sent a new confirmation link to {auth.user.email}. It works once, within two days.")
 
     # --- tenants ----------------------------------------------------------------------------------
     def tenants_page(req, auth, error=None, status=200):

@@ -134,6 +134,38 @@ def test_signup_sends_a_verification_link_that_works_once(world):
     assert world.client().get(link).status_code == 400
 
 
+def test_an_unconfirmed_user_gets_a_new_verification_link_a_few_times_an_hour(world):
+    ann = world.signup('ann@example.com')
+    page = ann.get('/account').text
+    assert 'not confirmed' in page and 'action="/account/verify-email"' in page
+    sent = len(world.outbox.messages)
+    assert world.client().post('/account/verify-email').headers['location'].startswith('/login')
+    for token in ('', csrf(world.signup('eve@example.com', 'Evil Inc').get('/tenants').text)):
+        assert ann.post('/account/verify-email', data=dict(csrf=token)).status_code == 403
+    assert len(world.outbox.messages) == sent + 1                          # eve's sign-up mail only
+    for _ in range(2):
+        r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
+        assert r.status_code == 200 and 'We sent a new confirmation link to ann@example.com' in r.text
+    r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
+    assert r.status_code == 200
+    r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
+    assert r.status_code == 429 and 'Try again in' in r.text and int(r.headers['retry-after']) > 0
+    mails = [m for m in world.outbox.messages if m['To'] == 'ann@example.com']
+    assert len(mails) == 4 and all(m['Subject'] == 'Confirm your email' for m in mails)
+    assert world.client().get(world.link('ann@example.com')).status_code == 200    # the newest link works
+    assert world.host_db.global_users(where="email = 'ann@example.com'")[0].email_verified_at is not None
+
+
+def test_a_confirmed_user_is_sent_nothing(world):
+    ann = world.signup('ann@example.com')
+    world.client().get(world.link('ann@example.com'))
+    page = ann.get('/account').text
+    assert '>confirmed<' in page and '/account/verify-email' not in page
+    sent = len(world.outbox.messages)
+    r = ann.post('/account/verify-email', data=dict(csrf=csrf(ann.get('/tenants').text)))
+    assert r.status_code == 200 and 'already confirmed' in r.text and len(world.outbox.messages) == sent
+
+
 def test_duplicate_email_and_bad_input_write_nothing(world):
     world.signup('ann@example.com')
     before = counts(world.host_db)
