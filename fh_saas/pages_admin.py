@@ -20,7 +20,7 @@ from .audit import audit, audit_cursor, audit_events
 from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
 from .db_tenant import InvalidTenantId, TenantNotFound, TenantUnavailable, resume_tenant, suspend_tenant, tenant_row
 from .jobs import enqueue, retry
-from .pages_account import FORGED, csrf_ok, post_form
+from .forms import FORGED, csrf_ok, post_form
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
 
