@@ -24,7 +24,7 @@ from .db_tenant import add_db_server, db_servers_t, provision_tenant
 from .jobs import Worker
 from .mail import MemoryOutbox
 from .memberships import add_member
-from .pages_account import csrf_token, csrf_ok
+from .forms import csrf_token, csrf_ok
 from .passwords import hash_password
 from .stripe_billing import stripe_client_from_env, sync_plans
 from .system_jobs import SYSTEM_SCHEDULES

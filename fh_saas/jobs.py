@@ -6,7 +6,7 @@ Docs: https://fh-saas.github.io/fh_saas/jobs.html.md"""
 
 # %% auto #0
 __all__ = ['queue_index', 'jobs_component', 'job_handlers', 'enqueue', 'Job', 'claim', 'JobRejected', 'retry_delay', 'heartbeat',
-           'complete', 'fail', 'cancel', 'register_handler', 'job_handler', 'current_job_tenant', 'job_scope',
+           'complete', 'fail', 'cancel', 'retry', 'register_handler', 'job_handler', 'current_job_tenant', 'job_scope',
            'archive_audit_job', 'period_start', 'Periodic', 'schedule', 'Worker', 'worker_arguments', 'run_worker',
            'main']
 
@@ -161,6 +161,16 @@ def cancel(host_db: HostDatabase, job_id: str) -> bool:
     with host_db.transaction() as conn:
         res = conn.execute(jobs_t.update().where(c.id == job_id, c.status == 'queued')
                            .values(status='canceled', completed_at=timestamp()))
+    return res.rowcount == 1
+
+# %% ../nbs/09_jobs.ipynb #ba64ca53
+def retry(host_db: HostDatabase, job_id: str) -> bool:
+    "Queue the `dead` job `job_id` again, due now with its attempts reset; `False` if it is not dead."
+    c, now = jobs_t.c, timestamp()
+    with host_db.transaction() as conn:
+        res = conn.execute(jobs_t.update().where(c.id == job_id, c.status == 'dead').values(
+            status='queued', run_at=now, attempts=0, completed_at=None, locked_by=None, lease_until=None,
+            error_log=sa.func.coalesce(c.error_log + '\n', '') + f"{now} retried by hand: attempts reset"))
     return res.rowcount == 1
 
 # %% ../nbs/09_jobs.ipynb #a304744b

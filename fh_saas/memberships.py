@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/memberships.html.md"""
 # %% auto #0
 __all__ = ['DEFAULT_ROLES', 'invitations_meta', 'invitations_t', 'invitations_component', 'Roles', 'MembershipError', 'LastOwner',
            'add_member', 'change_role', 'remove_member', 'transfer_ownership', 'active_tenants', 'switch_tenant',
-           'invite', 'accept_invitation', 'decline_invitation']
+           'invite', 'accept_invitation', 'decline_invitation', 'pending_invitations', 'cancel_invitation']
 
 # %% ../nbs/03f_memberships.ipynb #b443bf62
 from datetime import timedelta
@@ -206,3 +206,24 @@ def decline_invitation(host_db: HostDatabase, token: str, now=None) -> str:
         inv = _use_invitation(conn, token, now, None, declined_at=now)
         audit(host_db, 'invitation.declined', target_id=inv['id'], tenant_id=inv['tenant_id'])
     return inv['tenant_id']
+
+# %% ../nbs/03f_memberships.ipynb #c2b9807d
+def pending_invitations(host_db: HostDatabase, tenant_id: str, now=None) -> list[dict]:
+    "Unused, unexpired invitations of `tenant_id`: `id`, `email`, `role`, `invited_by_email`, `expires_at`; newest first."
+    i, u = invitations_t.c, users_t.c
+    q = (sa.select(i.id, i.email, i.role, u.email.label('invited_by_email'), i.created_at, i.expires_at)
+         .join(users_t, u.id == i.invited_by, isouter=True)
+         .where(i.tenant_id == tenant_id, i.accepted_at.is_(None), i.declined_at.is_(None), i.expires_at > timestamp(now or utcnow()))
+         .order_by(i.created_at.desc(), i.id))
+    with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
+
+def cancel_invitation(host_db: HostDatabase, tenant_id: str, invitation_id: str) -> bool:
+    "Withdraw `tenant_id`'s unused invitation `invitation_id` (its link stops working), audited; False if there is none."
+    i = invitations_t.c
+    with host_db.transaction() as conn:
+        row = conn.execute(invitations_t.delete().where(i.id == invitation_id, i.tenant_id == tenant_id,
+                                                        i.accepted_at.is_(None), i.declined_at.is_(None))
+                           .returning(i.email, i.role)).mappings().first()
+        if row is None: return False
+        audit(host_db, 'invitation.canceled', target_id=invitation_id, tenant_id=tenant_id, details=dict(row))
+    return True

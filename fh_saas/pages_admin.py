@@ -19,8 +19,8 @@ from . import ui
 from .audit import audit, audit_cursor, audit_events
 from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
 from .db_tenant import InvalidTenantId, TenantNotFound, TenantUnavailable, resume_tenant, suspend_tenant, tenant_row
-from .jobs import enqueue
-from .pages_account import FORGED, csrf_ok, post_form
+from .jobs import enqueue, retry
+from .forms import FORGED, csrf_ok, post_form
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
 
@@ -178,17 +178,29 @@ def add_admin_routes(app, saas, page_size: int = 50):
         return RedirectResponse('/tenants', 303)
 
     @app.get('/admin/jobs')
-    def jobs(req, auth, status: str = ''):
+    def jobs(req, auth, status: str = '', retried: str = ''):
         if refusal := admin_only(req, auth): return refusal
         c = jobs_t.c
         query = sa.select(jobs_t).order_by(c.created_at.desc(), c.id.desc()).limit(100)
         if status: query = query.where(c.status == status)
         rows = host_db.db.execute(query)
-        table = ui.table(('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error'),
+        table = ui.table(('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error', ''),
                          [(status_badge(r['status']), Code(r['job_type']), r['tenant_id'] or '—', f"{r['attempts']} / {r['max_attempts']}",
-                           ui.when(r['run_at']), ui.when(r['created_at']), Small(_last_line(r['error_log']))) for r in rows], 'No jobs.')
-        return page(req, 'Jobs', _filters('/admin/jobs', _status_select('status', status, ('queued', 'running', 'done', 'dead', 'canceled'))),
+                           ui.when(r['run_at']), ui.when(r['created_at']), Small(_last_line(r['error_log'])),
+                           _action(f"/admin/jobs/{r['id']}/retry", 'Retry', auth) if r['status'] == 'dead' else None) for r in rows], 'No jobs.')
+        return page(req, 'Jobs', ui.alert(f"Job {retried} is queued again.", 'ok') if retried else None,
+                    _filters('/admin/jobs', _status_select('status', status, ('queued', 'running', 'done', 'dead', 'canceled'))),
                     Div(table, cls='card'))
+
+    @app.post('/admin/jobs/{job_id}/retry')
+    def job_retry(req, auth, job_id: str, csrf: str = ''):
+        if refusal := admin_form(req, auth, csrf): return refusal
+        with host_db.transaction():
+            if not retry(host_db, job_id):
+                return refused(req, 409, f"Job {job_id} is not dead, so there is nothing to retry (someone may have retried it already).", '/admin/jobs')
+            job = host_db.system_jobs[job_id]
+            audit(host_db, 'admin.job_retried', target_id=job_id, tenant_id=job.tenant_id, details=dict(job_type=job.job_type))
+        return RedirectResponse('/admin/jobs?' + urlencode(dict(retried=job_id)), 303)
 
     @app.get('/admin/audit')
     def audit_log(req, auth, tenant: str = '', actor: str = '', type: str = '', before: str = ''):

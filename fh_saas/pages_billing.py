@@ -22,7 +22,7 @@ from .audit import audit
 from .beforeware import AuthContext, AuthResolver
 from .db_host import PricingPlan, plans_t, subscriptions_t
 from .memberships import DEFAULT_ROLES, Roles
-from .pages_account import FORGED, csrf_ok, post_form
+from .forms import FORGED, csrf_ok, post_form
 
 # %% ../nbs/97_pages_billing.ipynb #97212219
 ZERO_DECIMAL = frozenset('bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf'.split())

@@ -11,7 +11,7 @@ from fh_saas.beforeware import DEFAULT_SKIP, AuthResolver, saas_beforeware
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, provision_tenant
 from fh_saas.mail import MemoryOutbox
-from fh_saas.pages_account import csrf_token
+from fh_saas.forms import csrf_token
 from fh_saas.pages_admin import add_admin_routes
 from fh_saas.pages_billing import add_billing_routes
 from fh_saas.saas import Saas

@@ -9,7 +9,7 @@ from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.db_host import GlobalUser, TenantCatalog
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import (add_member, change_role, remove_member, transfer_ownership, invite, accept_invitation,
-                                 decline_invitation, LastOwner, MembershipError, Roles)
+                                 decline_invitation, cancel_invitation, pending_invitations, LastOwner, MembershipError, Roles)
 from fh_saas.tokens import InvalidToken
 
 
@@ -74,6 +74,34 @@ def test_invitation_accepted_once_under_concurrency(people):
     assert sum(not isinstance(r, Exception) for r in results) == 1
     assert all(isinstance(r, InvalidToken) for r in results if isinstance(r, Exception))
     assert db.q("select count(*) n from sys_audit_logs where event_type in ('invitation.accepted', 'invitation.declined')")[0]['n'] == 1
+
+
+@pytest.mark.parametrize('round', range(3))
+def test_an_invitation_is_either_accepted_or_cancelled_never_both(people, round):
+    db, outbox = people, MemoryOutbox()
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner')
+    iid = invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
+    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    accepted, cancelled = _race(lambda: accept_invitation(db, token, 'bob'), lambda: cancel_invitation(db, 'acme', iid))
+    member = not isinstance(accepted, Exception)
+    assert member != cancelled and (member or isinstance(accepted, InvalidToken))
+    assert len(db.memberships(where="tenant_id = 'acme' and user_id = 'bob'")) == int(member)
+    assert pending_invitations(db, 'acme') == []
+    events = {r['event_type'] for r in db.q("select event_type from sys_audit_logs where target_id = :i", i=iid)}
+    assert events == {'invitation.created', 'invitation.accepted' if member else 'invitation.canceled'}
+
+
+def test_invitations_are_listed_and_cancelled_within_their_tenant_only(people):
+    db, outbox = people, MemoryOutbox()
+    for t in ('acme', 'globex'): db.tenants.insert(TenantCatalog(id=t, name=t))
+    iid = invite(db, 'acme', 'cy@example.com', 'admin', 'ann', outbox, lambda t: t)
+    invite(db, 'globex', 'dee@example.com', 'member', 'gone-user', outbox, lambda t: t)
+    assert [(r['id'], r['invited_by_email']) for r in pending_invitations(db, 'acme')] == [(iid, 'ann@example.com')]
+    assert [(r['email'], r['invited_by_email']) for r in pending_invitations(db, 'globex')] == [('dee@example.com', None)]
+    assert not cancel_invitation(db, 'globex', iid) and not cancel_invitation(db, 'acme', 'no-such-id')
+    assert cancel_invitation(db, 'acme', iid) and pending_invitations(db, 'acme') == []
+    assert len(pending_invitations(db, 'globex')) == 1
 
 
 def test_invitation_expiry_and_wrong_recipient(people):

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from fh_saas.audit import audit, audit_events, current_audit_context
 from fh_saas.db_host import HostDatabase, as_utc, timestamp, jobs_t
 from fh_saas.jobs import (Job, JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
-                          heartbeat, retry_delay, schedule)
+                          heartbeat, retry, retry_delay, schedule)
 from pgserver import wait_for
 
 
@@ -148,6 +148,46 @@ def test_cancel_only_what_has_not_started(host_db):
     assert job.id == running.id and not cancel(host_db, running.id)
     assert cancel(host_db, queued.id) and not cancel(host_db, queued.id)
     assert claim(host_db, 'w') is None and host_db.system_jobs[queued.id].status == 'canceled'
+
+
+def _dead(host_db, job_type='test.dead', **kw):
+    "A job that failed its only attempt, still holding its dedupe key."
+    j = enqueue(host_db, job_type, max_attempts=1, **kw)
+    assert fail(host_db, claim(host_db, 'w', [job_type]), 'boom') == 'dead'
+    return j
+
+
+def test_a_retried_dead_job_runs_again_and_keeps_its_history(host_db):
+    j = _dead(host_db, dedupe_key='test.dead:1')
+    assert enqueue(host_db, 'test.dead', dedupe_key='test.dead:1').status == 'dead'   # the key blocks a fresh enqueue
+    assert retry(host_db, j.id)
+    job = claim(host_db, 'w2', ['test.dead'])
+    assert (job.id, job.attempts, job.max_attempts) == (j.id, 1, 1)
+    assert complete(host_db, job, dict(ok=True))
+    row = host_db.system_jobs[j.id]
+    assert row.status == 'done' and row.error_log.splitlines()[0].endswith('boom') and 'retried by hand' in row.error_log
+
+
+def test_concurrent_retries_queue_a_dead_job_once(host_db):
+    j = _dead(host_db)
+    start = threading.Barrier(8)
+    def go(_):
+        start.wait()
+        return retry(host_db, j.id)
+    with ThreadPoolExecutor(8) as pool: results = list(pool.map(go, range(8)))
+    assert sorted(results) == [False] * 7 + [True]
+    assert host_db.system_jobs[j.id].error_log.count('retried by hand') == 1
+
+
+def test_only_dead_jobs_are_retried(host_db):
+    queued, running, done = (enqueue(host_db, 'test.alive', priority=p) for p in (0, 1, 2))
+    finished = claim(host_db, 'w', ['test.alive'])
+    assert finished.id == done.id and complete(host_db, finished)
+    assert claim(host_db, 'w', ['test.alive']).id == running.id
+    canceled = enqueue(host_db, 'test.alive')
+    assert cancel(host_db, canceled.id)
+    assert not any(retry(host_db, j.id) for j in (queued, running, done, canceled)) and not retry(host_db, 'no-such-job')
+    assert [host_db.system_jobs[j.id].status for j in (queued, running, done, canceled)] == ['queued', 'running', 'done', 'canceled']
 
 
 def test_periodic_job_is_enqueued_once_per_period_by_many_workers(host_db):

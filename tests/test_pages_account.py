@@ -17,7 +17,8 @@ from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
 from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import invitations_t
-from fh_saas.pages_account import add_account_routes, csrf_token
+from fh_saas.forms import csrf_token
+from fh_saas.pages_account import add_account_routes
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
 from fh_saas.saas import Saas
@@ -132,6 +133,38 @@ def test_signup_sends_a_verification_link_that_works_once(world):
     assert r.status_code == 200 and 'Email confirmed' in r.text
     assert world.host_db.global_users()[0].email_verified_at is not None
     assert world.client().get(link).status_code == 400
+
+
+def test_an_unconfirmed_user_gets_a_new_verification_link_a_few_times_an_hour(world):
+    ann = world.signup('ann@example.com')
+    page = ann.get('/account').text
+    assert 'not confirmed' in page and 'action="/account/verify-email"' in page
+    sent = len(world.outbox.messages)
+    assert world.client().post('/account/verify-email').headers['location'].startswith('/login')
+    for token in ('', csrf(world.signup('eve@example.com', 'Evil Inc').get('/tenants').text)):
+        assert ann.post('/account/verify-email', data=dict(csrf=token)).status_code == 403
+    assert len(world.outbox.messages) == sent + 1                          # eve's sign-up mail only
+    for _ in range(2):
+        r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
+        assert r.status_code == 200 and 'We sent a new confirmation link to ann@example.com' in r.text
+    r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
+    assert r.status_code == 200
+    r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
+    assert r.status_code == 429 and 'Try again in' in r.text and int(r.headers['retry-after']) > 0
+    mails = [m for m in world.outbox.messages if m['To'] == 'ann@example.com']
+    assert len(mails) == 4 and all(m['Subject'] == 'Confirm your email' for m in mails)
+    assert world.client().get(world.link('ann@example.com')).status_code == 200    # the newest link works
+    assert world.host_db.global_users(where="email = 'ann@example.com'")[0].email_verified_at is not None
+
+
+def test_a_confirmed_user_is_sent_nothing(world):
+    ann = world.signup('ann@example.com')
+    world.client().get(world.link('ann@example.com'))
+    page = ann.get('/account').text
+    assert '>confirmed<' in page and '/account/verify-email' not in page
+    sent = len(world.outbox.messages)
+    r = ann.post('/account/verify-email', data=dict(csrf=csrf(ann.get('/tenants').text)))
+    assert r.status_code == 200 and 'already confirmed' in r.text and len(world.outbox.messages) == sent
 
 
 def test_duplicate_email_and_bad_input_write_nothing(world):
@@ -341,6 +374,47 @@ def test_non_admin_cannot_invite_or_manage(world):
     assert bob.post('/team/remove', data=dict(user_id=ann_id, csrf=token)).status_code == 403
     assert len(world.outbox.messages) == sent
     with world.host_db.transaction() as conn: assert conn.execute(invitations_t.select()).all()[-1].email == 'bob@example.com'
+
+
+def invitation_id(world, email):
+    with world.host_db.transaction() as conn:
+        return conn.execute(invitations_t.select().where(invitations_t.c.email == email)).one().id
+
+
+def test_admins_see_pending_invitations_and_cancel_one_whose_link_then_fails(world):
+    ann = world.owner('ann@example.com')
+    link = invite(world, ann, 'carol@example.com', 'admin')
+    page = ann.get('/team').text
+    assert 'Pending invitations' in page and 'carol@example.com' in page and 'ann@example.com</td>' in page
+    iid = invitation_id(world, 'carol@example.com')
+    assert f'action="/team/invitations/{iid}/cancel"' in page
+    with world.host_db.transaction() as conn: token_hash = conn.execute(invitations_t.select()).one().token_hash
+    assert token_hash not in page and link.rsplit('/', 1)[1] not in page
+    r = ann.post(f'/team/invitations/{iid}/cancel', data=dict(csrf=csrf(page)))
+    assert r.status_code == 200 and 'Invitation cancelled' in r.text and 'Pending invitations' not in r.text
+    assert [a.event_type for a in world.host_db.audit_logs(where="target_id = :i", where_args=dict(i=iid))][-1] == 'invitation.canceled'
+    assert world.client().get(link).status_code == 404
+    carol = world.client()
+    carol.post('/signup', data=dict(email='carol@example.com', password=PW, next=link))
+    assert carol.post(f'{link}/accept').status_code == 400 and world.host_db.memberships.count == 1
+    assert ann.post(f'/team/invitations/{iid}/cancel', data=dict(csrf=csrf(page))).status_code == 400
+
+
+def test_invitations_are_cancelled_only_by_their_tenants_admins_with_the_form_token(world):
+    ann, bob = logged_in_member(world)
+    invite(world, ann, 'carol@example.com')
+    eve = world.owner('eve@example.com', 'Evil Inc')
+    invite(world, eve, 'dan@example.com')
+    carol_inv = invitation_id(world, 'carol@example.com')
+    assert 'carol@example.com' not in eve.get('/team').text and 'carol@example.com' not in bob.get('/team').text
+    r = eve.post(f'/team/invitations/{carol_inv}/cancel', data=dict(csrf=csrf(eve.get('/team').text)))
+    assert r.status_code == 400 and 'no open invitation' in r.text
+    r = bob.post(f'/team/invitations/{carol_inv}/cancel', data=dict(csrf=csrf(bob.get('/tenants').text)))
+    assert r.status_code == 403
+    for token in ('', csrf(eve.get('/team').text)):
+        r = ann.post(f'/team/invitations/{carol_inv}/cancel', data=dict(csrf=token))
+        assert r.status_code == 403 and 'did not come from this site' in r.text
+    assert 'carol@example.com' in ann.get('/team').text
 
 
 def test_roles_last_owner_transfer_and_removal(world):

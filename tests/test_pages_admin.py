@@ -146,6 +146,28 @@ def test_jobs_page(site):
     assert 'mail.send' not in root.get('/admin/jobs?status=queued').text.split('<main')[1]
 
 
+def test_a_dead_deprovision_job_is_retried_once_from_the_jobs_page(site):
+    root, alice = admin_world(site)
+    j = enqueue(site.host_db, 'tenant.deprovision', dict(tenant_id='acme'), tenant_id='acme', dedupe_key=deprovision_key('acme'), max_attempts=1)
+    fail(site.host_db, claim(site.host_db, 'w1'), 'server unreachable')
+    html = root.get('/admin/jobs').text
+    assert f'action="/admin/jobs/{j.id}/retry"' in html
+    for bad in ('', 'f' * 64):
+        assert root.post(f'/admin/jobs/{j.id}/retry', csrf=bad).status_code == 403
+    assert alice.post(f'/admin/jobs/{j.id}/retry', csrf=alice.token()).status_code == 403
+    assert site.host_db.system_jobs[j.id].status == 'dead' and site.host_db.audit_logs.count == 0
+    r = root.post(f'/admin/jobs/{j.id}/retry')
+    assert (r.status_code, r.headers['location']) == (303, f'/admin/jobs?retried={j.id}')
+    assert 'is queued again' in root.get(r.headers['location']).text
+    row = site.host_db.system_jobs[j.id]
+    assert (row.status, row.attempts) == ('queued', 0) and 'server unreachable' in row.error_log
+    r = root.post(f'/admin/jobs/{j.id}/retry')
+    assert r.status_code == 409 and 'not dead' in r.text
+    [entry] = site.host_db.audit_logs()
+    assert (entry.event_type, entry.actor_user_id, entry.tenant_id, entry.target_id) == ('admin.job_retried', 'root', 'acme', j.id)
+    assert claim(site.host_db, 'w2').id == j.id
+
+
 def test_audit_filters_and_older_paging(site):
     root, _ = admin_world(site)
     for i in range(120):
