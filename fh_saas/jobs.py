@@ -19,7 +19,8 @@ from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostComponent, SystemJob, dialect_insert, jobs_t, timestamp, as_utc, gen_id, register_component
+from .db_host import (HostDatabase, HostComponent, SystemJob, dialect_insert, error_reason, jobs_t, timestamp, utcnow,
+                             as_utc, gen_id, register_component)
 from .audit import AuditContext, audit_context, archive_audit_logs
 
 # %% ../nbs/09_jobs.ipynb #51329202
@@ -27,8 +28,6 @@ _log = logging.getLogger('fh_saas.jobs')
 
 _JOB_TYPE = re.compile(r'[a-z][a-z0-9_.]{1,63}')
 
-def _now() -> datetime: return datetime.now(timezone.utc)
-def _reason(err: sa.exc.DBAPIError) -> str: return (str(err.orig).strip().splitlines() or ['?'])[0]
 def _row(r) -> SystemJob: return SystemJob(**r._mapping)
 
 # %% ../nbs/09_jobs.ipynb #4eedfc0a
@@ -102,7 +101,7 @@ def _claim_statement(typed: bool):
 
 def claim(host_db: HostDatabase, worker_id: str, types: list[str] | None = None, lease: float = 30.0) -> Job | None:
     "Lease the next due job (of `types`, default any) to `worker_id` for `lease` seconds; `None` when there is none."
-    c, now = jobs_t.c, _now()
+    c, now = jobs_t.c, utcnow()
     params = dict(now=timestamp(now), worker_id=worker_id, lease_until=timestamp(now + timedelta(seconds=lease)))
     if types is not None: params['types'] = list(types)
     with host_db.transaction() as conn:
@@ -127,7 +126,7 @@ def retry_delay(attempts: int, base: float = 5.0, cap: float = 3600.0) -> float:
 
 def heartbeat(host_db: HostDatabase, job: Job) -> bool:
     "Extend `job`'s lease by `job.lease` seconds if `job.worker_id` still holds it."
-    now = _now()
+    now = utcnow()
     with host_db.transaction() as conn:
         res = conn.execute(jobs_t.update().where(_owned(job)).values(
             heartbeat_at=timestamp(now), lease_until=timestamp(now + timedelta(seconds=job.lease))))
@@ -143,7 +142,7 @@ def complete(host_db: HostDatabase, job: Job, result=None) -> bool:
 
 def fail(host_db: HostDatabase, job: Job, error: str, retry: bool = True, base: float = 5.0, cap: float = 3600.0) -> str | None:
     "Record `error` on `job`: queue it again after a backoff, or `dead` when out of attempts; the new status, `None` if not held."
-    now = _now()
+    now = utcnow()
     dead = not retry or job.attempts >= job.max_attempts
     with host_db.transaction() as conn:
         old = conn.execute(sa.select(jobs_t.c.error_log).where(_owned(job))).one_or_none()
@@ -214,7 +213,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 def period_start(every: timedelta, now: datetime | None = None) -> datetime:
     "Start of the `every`-long period (counted from the Unix epoch) that contains `now`."
-    now = as_utc(now or _now())
+    now = as_utc(now or utcnow())
     return _EPOCH + (now - _EPOCH) // every * every
 
 @dataclass(frozen=True)
@@ -260,7 +259,7 @@ class Worker:
                     self._schedule_due()
                     job = claim(self.host_db, worker_id, list(self.handlers), self.lease)
                 except sa.exc.DBAPIError as e:
-                    _log.warning("claim failed, retrying in %ss: %s", self.poll, _reason(e))
+                    _log.warning("claim failed, retrying in %ss: %s", self.poll, error_reason(e))
                     job = None
                 if job is None: stop.wait(self.poll)
                 else: self._run(job)
@@ -287,7 +286,7 @@ class Worker:
             else: outcome = 'done' if complete(self.host_db, job, result) else None
             if outcome is None: _log.warning("job %s %s: lease lost, outcome discarded", job.job_type, job.id)
         except sa.exc.DBAPIError as e:
-            _log.warning("job %s %s: outcome not recorded (retried after its lease): %s", job.job_type, job.id, _reason(e))
+            _log.warning("job %s %s: outcome not recorded (retried after its lease): %s", job.job_type, job.id, error_reason(e))
         finally:
             with self._lock: self._running.pop(job.id, None)
 
@@ -298,7 +297,7 @@ class Worker:
                 try:
                     if not job.heartbeat() and job.id in self._running:
                         _log.warning("job %s %s: lease lost to another worker", job.job_type, job.id)
-                except sa.exc.DBAPIError as e: _log.warning("heartbeat of job %s failed: %s", job.id, _reason(e))
+                except sa.exc.DBAPIError as e: _log.warning("heartbeat of job %s failed: %s", job.id, error_reason(e))
 
 # %% ../nbs/09_jobs.ipynb #9c7255bd
 def worker_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -16,10 +16,10 @@ from typing import Callable
 import sqlalchemy as sa
 
 from .db_host import (HostDatabase, HostComponent, register_component, Membership, users_t, tenants_t,
-                             memberships_t, gen_id, timestamp, UTCTimestamp)
+                             memberships_t, gen_id, timestamp, utcnow, UTCTimestamp)
 from .audit import audit
 from .api_keys import api_keys_t
-from .tokens import new_token, hash_token, utcnow, InvalidToken
+from .tokens import new_token, hash_token, InvalidToken
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer
 
@@ -129,7 +129,7 @@ def active_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
     "The active tenants `user_id` can switch to: `tenant_id`, `name`, `role`, oldest membership first."
     m, t = memberships_t.c, tenants_t.c
     q = (sa.select(m.tenant_id, t.name, m.role).join(tenants_t, t.id == m.tenant_id)
-         .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'active', t.is_active.is_(True))
+         .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'active')
          .order_by(m.created_at, m.tenant_id))
     with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
 

@@ -20,7 +20,8 @@ from starlette.responses import RedirectResponse, Response
 from . import ui
 from .api_keys import create_api_key, list_api_keys, revoke_api_key
 from .audit import audit
-from .db_host import DuplicateRecord, GlobalUser, HostDatabase, as_utc, gen_id, jobs_t, memberships_t, tenants_t, users_t
+from .db_host import (DuplicateRecord, GlobalUser, HostDatabase, as_utc, gen_id, jobs_t, memberships_t, tenants_t,
+                             users_t, utcnow)
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .forms import FORGED, csrf_ok, local_path, post_form
 from .jobs import enqueue
@@ -32,7 +33,7 @@ from .passwords import (LoginFailed, LoginThrottle, LoginThrottled, WeakPassword
 from .rate_limits import RateLimit, hit
 from .saas import Saas
 from .sessions import SessionRecord, logout
-from .tokens import InvalidToken, hash_token, utcnow
+from .tokens import InvalidToken, hash_token
 
 _log = logging.getLogger('fh_saas.pages_account')
 

@@ -11,7 +11,7 @@ __all__ = ['Saas']
 from dataclasses import dataclass, field
 from typing import Any
 
-from fasthtml.common import Span, Form, Button
+from fasthtml.common import A, Span, Form, Button
 
 from .db_host import HostDatabase
 from .mail import Mailer
@@ -57,7 +57,7 @@ class Saas:
         auth = req.scope.get('auth')
         tenant, who = self.current_tenant(auth), None
         if auth is not None:
-            who = (Span(auth.user.email), ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
+            who = (A(auth.user.email, href='/account', title='Your account'), ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
                    Form(Button('Log out', cls='secondary'), method='post', action='/logout'))
         return ui.page(title, *content, nav=self.nav(auth, tenant), active=req.url.path, who=who, brand=self.brand, narrow=narrow,
                        impersonator=auth.user.email if auth is not None and auth.impersonator is not None else None)

@@ -8,13 +8,13 @@ Docs: https://fh-saas.github.io/fh_saas/tenant_router.html.md"""
 __all__ = ['TenantPoolExhausted', 'TenantDatabase', 'TenantRouter']
 
 # %% ../nbs/01a_tenant_router.ipynb #023b3ddf
-import os, threading, time
+import threading, time
 from collections import OrderedDict
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from .db_host import BoundTable, PooledDatabase
+from .db_host import BoundTable, PooledDatabase, env_count
 from .db_tenant import TenantNotFound, TenantUnavailable, catalog_entry, entry_engine, routing_caches
 
 # %% ../nbs/01a_tenant_router.ipynb #884eb397
@@ -47,7 +47,7 @@ class TenantRouter:
     "Routes tenant ids to pooled connections within a connection `budget`; make one per process."
     def __init__(self, host_db, budget: int | None = None, pool_size: int = 2, ttl: float = 5.0, timeout: float = 30.0):
         self.host_db, self.pool_size, self.ttl, self.timeout = host_db, pool_size, ttl, timeout
-        self.budget = budget or int(os.environ.get('FH_SAAS_TENANT_CONN_BUDGET', 100))
+        self.budget = budget or env_count('FH_SAAS_TENANT_CONN_BUDGET', 100, minimum=1)
         if self.budget < pool_size: raise ValueError(f"budget {self.budget} is smaller than one tenant's pool ({pool_size})")
         self.capacity = self.budget // pool_size
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
