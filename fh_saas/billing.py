@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from .db_host import (
-    HostComponent, HostDatabase, PricingPlan, UTCTimestamp, as_utc, dialect_insert, plans_t, register_component, subscriptions_t,
+    HostComponent, PricingPlan, UTCTimestamp, as_utc, dialect_insert, plans_t, register_component, subscriptions_t,
     tenants_t, timestamp)
 
 # %% ../nbs/04_billing.ipynb #1b66118d
@@ -344,11 +344,18 @@ def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -
     if pricing_path and 'text/html' in req.headers.get('accept', ''): return RedirectResponse(pricing_path, status_code=303)
     return PlainTextResponse(message, status_code=status)
 
+def _host_db(req: Request):
+    "The host database of the app serving `req` (`setup_saas` sets `app.state.host_db`)."
+    if (db := getattr(req.app.state, 'host_db', None)) is None:
+        raise RuntimeError("billing guards need the app's host database: set app.state.host_db (setup_saas does)")
+    return db
+
 def _request_entitlements(req: Request, policy: BillingPolicy) -> Entitlements | None:
-    "The entitlements of the request's tenant, computed once per request."
+    "The entitlements of the request's tenant: the auth layer's if it resolved them, else computed once on the app's host database."
     if 'entitlements' not in req.scope:
-        tid = getattr(req.scope.get('auth'), 'tenant_id', None)
-        req.scope['entitlements'] = entitlements(HostDatabase.from_env(), tid, policy=policy) if tid else None
+        auth = req.scope.get('auth')
+        ents, tid = getattr(auth, 'entitlements', None), getattr(auth, 'tenant_id', None)
+        req.scope['entitlements'] = ents if ents is not None or not tid else entitlements(_host_db(req), tid, policy=policy)
     return req.scope['entitlements']
 
 def _guard(check):
@@ -393,7 +400,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is not None: return refusal
         try:
-            with HostDatabase.from_env().transaction() as conn: _consume(conn, ents, quota, n, _now())
+            with _host_db(req).transaction() as conn: _consume(conn, ents, quota, n, _now())
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
     return _guard(check)
 

@@ -407,10 +407,11 @@ def test_consumers_in_several_processes_on_postgresql(pg_url):
 class _Auth:
     def __init__(self, tenant_id): self.tenant_id = tenant_id
 
-def _app(**guard):
+def _app(host_db, **guard):
     "A FastHTML app whose beforeware plays the auth layer: the tenant comes from the `x-tenant` header."
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
     app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+    app.state.host_db = host_db
 
     @app.get('/reports/{fmt}')
     @require_feature('exports', **guard)
@@ -437,14 +438,14 @@ def billed(sqlite_db):
 ACME, HTML, HTMX = {'x-tenant': 'acme'}, {'accept': 'text/html'}, {'hx-request': 'true'}
 
 def test_require_feature_lets_entitled_tenants_through(billed):
-    cli = _app()
+    cli = _app(billed)
     r = cli.get('/reports/csv?rows=3', headers=ACME)
     assert (r.status_code, r.text) == (200, "csv:3:['basic', 'exports']")
     override_feature(billed, 'acme', 'sso', True)
     assert cli.post('/sso', headers=ACME).text == 'sso on'
 
 def test_require_feature_refusals(billed):
-    cli = _app()
+    cli = _app(billed)
     r = cli.post('/sso', headers=ACME)
     assert (r.status_code, r.text) == (403, "your plan does not include 'sso'")
     r = cli.post('/sso', headers={**ACME, **HTML}, follow_redirects=False)
@@ -461,19 +462,20 @@ def test_require_feature_refusals(billed):
     assert (r.status_code, r.text) == (401, 'sign in and choose a tenant first')
 
 def test_require_feature_without_pricing_page(billed):
-    cli = _app(pricing_path=None)
+    cli = _app(billed, pricing_path=None)
     r = cli.post('/sso', headers={**ACME, **HTML, **HTMX}, follow_redirects=False)
     assert (r.status_code, 'hx-redirect' in r.headers, 'location' in r.headers) == (403, False, False)
 
 def test_require_feature_uses_the_policy(billed):
-    assert _app().get('/reports/csv', headers={'x-tenant': 'lapsed'}).status_code == 402
+    assert _app(billed).get('/reports/csv', headers={'x-tenant': 'lapsed'}).status_code == 402
     tenant(billed, 'solo')
     override_feature(billed, 'solo', 'exports', True)
-    assert _app(policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text == "csv:10:['basic', 'exports']"
+    assert _app(billed, policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text == "csv:10:['basic', 'exports']"
 
 def test_guards_stack(billed):
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
     app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+    app.state.host_db = billed
 
     @app.get('/bulk-export')
     @require_feature('exports')
@@ -493,7 +495,7 @@ def test_guard_arguments_are_checked_when_decorating():
 
 def test_require_quota_counts_each_call(billed):
     override_quota(billed, 'acme', 'api_calls', 3)
-    cli = _app()
+    cli = _app(billed)
     assert [cli.get('/api/ping', headers=ACME).text for _ in range(3)] == ['pong'] * 3
     r = cli.get('/api/ping', headers=ACME)
     assert r.status_code == 429 and "cannot use 1 more 'api_calls': 3 of 3 used" in r.text
@@ -504,6 +506,7 @@ def test_require_quota_counts_each_call(billed):
 def test_billing_beforeware_guards_every_page(billed):
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
     app = FastHTML(before=[Beforeware(set_auth), billing_beforeware(skip=[r'/static/.*'])], secret_key='test-only')
+    app.state.host_db = billed
 
     @app.get('/{page}')
     def page(page: str): return f"page {page}"
@@ -521,3 +524,13 @@ def test_billing_beforeware_guards_every_page(billed):
     assert cli.get('/pricing', headers=lapsed).text == 'page pricing'
     assert cli.get('/static/app.css', headers=lapsed).text == 'app.css'
     assert cli.get('/pricing2', headers=lapsed).status_code == 402, "skip paths match whole paths"
+
+def test_guards_without_the_apps_host_database_fail_loudly(billed):
+    "An auth layer that names only the tenant, on an app that never said which host database it uses: an error, not a guess."
+    def set_auth(req): req.scope['auth'] = _Auth('acme')
+    app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+
+    @app.get('/x')
+    @require_feature('exports')
+    def x(): return 'x'
+    with pytest.raises(RuntimeError, match='set app.state.host_db'): TestClient(app).get('/x')
