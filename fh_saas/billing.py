@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/billing.html.md"""
 # %% auto #0
 __all__ = ['billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_plan', 'seed_plans', 'active_plans',
            'BillingPolicy', 'Access', 'subscription_access', 'decide_access', 'access_decision', 'Entitlements',
-           'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'period_start',
+           'entitlements', 'override_feature', 'override_quota', 'clear_override', 'QuotaExceeded', 'month_start',
            'quota_used', 'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
 
 # %% ../nbs/04_billing.ipynb #2b79a86f
@@ -296,7 +296,7 @@ class QuotaExceeded(Exception):
         super().__init__(message)
         self.tenant_id, self.quota, self.limit, self.used, self.requested = tenant_id, quota, limit, used, requested
 
-def period_start(now=None) -> str:
+def month_start(now=None) -> str:
     "The first instant of `now`'s UTC calendar month, the start of the quota period."
     return timestamp(_now(now).replace(day=1, hour=0, minute=0, second=0, microsecond=0))
 
@@ -307,7 +307,7 @@ def _usage_key(tenant_id, quota, period):
 def quota_used(host_db, tenant_id: str, quota: str, now=None) -> int:
     "How much of `quota` `tenant_id` has used in `now`'s month."
     with host_db.transaction() as conn:
-        return conn.execute(sa.select(usage_t.c.used).where(_usage_key(tenant_id, quota, period_start(now)))).scalar() or 0
+        return conn.execute(sa.select(usage_t.c.used).where(_usage_key(tenant_id, quota, month_start(now)))).scalar() or 0
 
 def _check_consumption(quota, n):
     if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
@@ -315,7 +315,7 @@ def _check_consumption(quota, n):
 
 def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int | None:
     "Count `n` of `quota` against the limit in `ents` on `conn`; the remaining amount (`None`: unlimited)."
-    tid, limit, period = ents.tenant_id, ents.limit(quota), period_start(now)
+    tid, limit, period = ents.tenant_id, ents.limit(quota), month_start(now)
     if limit == 0:
         why = ents.access.reason if not ents.access.allowed else f"the {ents.access.plan_id!r} plan has no {quota!r} quota"
         raise QuotaExceeded(f"tenant {tid!r} may not use {quota!r}: {why}", tid, quota, 0, 0, n)

@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 
 from fh_saas.billing import (
     Access, BillingPolicy, PlanError, QuotaExceeded, access_decision, active_plans, billing_beforeware, clear_override,
-    consume_quota, decide_access, entitlements, override_feature, override_quota, period_start, quota_used,
+    consume_quota, decide_access, entitlements, override_feature, override_quota, month_start, quota_used,
     require_feature, require_quota, seed_plans, subscription_access, usage_t, validate_plan)
 from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, timestamp
 
@@ -284,7 +284,7 @@ def test_consume_quota_counts_and_refuses_past_the_limit(host_db):
     override_quota(host_db, 'acme', 'api_calls', 5)
     assert consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0) == 2
     with pytest.raises(QuotaExceeded) as e: consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0)
-    assert str(e.value) == f"tenant 'acme' cannot use 3 more 'api_calls': 3 of 5 used since {period_start(T0)}"
+    assert str(e.value) == f"tenant 'acme' cannot use 3 more 'api_calls': 3 of 5 used since {month_start(T0)}"
     assert (e.value.limit, e.value.used, e.value.requested) == (5, 3, 3)
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 3
     assert consume_quota(host_db, 'acme', 'api_calls', n=2, now=T0) == 0
@@ -299,8 +299,8 @@ def test_quota_periods_are_utc_calendar_months(host_db):
     tenant(host_db, 'acme', status='active', plan_tier='pro')
     override_quota(host_db, 'acme', 'api_calls', 1)
     last = '2026-03-31T23:59:59.999999+00:00'
-    assert period_start(last) == '2026-03-01T00:00:00.000000+00:00'
-    assert period_start('2026-04-01T01:00:00+02:00') == period_start(last), "23:00 UTC on March 31"
+    assert month_start(last) == '2026-03-01T00:00:00.000000+00:00'
+    assert month_start('2026-04-01T01:00:00+02:00') == month_start(last), "23:00 UTC on March 31"
     assert consume_quota(host_db, 'acme', 'api_calls', now=last) == 0
     with pytest.raises(QuotaExceeded): consume_quota(host_db, 'acme', 'api_calls', now='2026-03-01T00:00:00+00:00')
     assert consume_quota(host_db, 'acme', 'api_calls', now='2026-04-01T00:00:00+00:00') == 0
