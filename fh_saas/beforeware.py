@@ -65,7 +65,7 @@ def _row(conn, table, cls, *where):
     return None if row is None else cls(**row)
 
 def _tenant_usable(t: TenantCatalog | None) -> bool:
-    return t is not None and t.status == 'active' and bool(t.is_active) and t.deleted_at is None
+    return t is not None and t.status == 'active' and t.deleted_at is None
 
 class AuthResolver:
     "Turn a request into an `AuthContext` or a `Refusal`, reading every fact from the host database."

@@ -175,8 +175,7 @@ def subscription_access(sub: dict, now, policy: BillingPolicy = BillingPolicy())
 def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPolicy = BillingPolicy()) -> Access:
     "The verdict for a tenant from its catalog row and its subscription rows (newest first); no database."
     if tenant is None: return Access(False, 'no_tenant', 'no such tenant')
-    if tenant['status'] != 'active' or not tenant['is_active']:
-        return Access(False, 'tenant_blocked', f"the tenant is {tenant['status'] if tenant['status'] != 'active' else 'inactive'}")
+    if tenant['status'] != 'active': return Access(False, 'tenant_blocked', f"the tenant is {tenant['status']}")
     verdicts = [subscription_access(s, now, policy) for s in subs]
     if ok := next((v for v in verdicts if v.allowed), None): return ok
     last = verdicts[0] if verdicts else None
@@ -191,7 +190,7 @@ def _billing_query():
     by_price = (sa.select(p.c.id).where(sa.or_(p.c.stripe_price_monthly == s.c.stripe_price_id, p.c.stripe_price_yearly == s.c.stripe_price_id))
                 .order_by(p.c.id).limit(1).scalar_subquery())
     subs = sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id')).where(s.c.tenant_id == sa.bindparam('tid')).subquery()
-    return (sa.select(t.c.status.label('tenant_status'), t.c.is_active.label('tenant_active'), subs, p.c.features, p.c.quotas)
+    return (sa.select(t.c.status.label('tenant_status'), subs, p.c.features, p.c.quotas)
             .select_from(t.outerjoin(subs, subs.c.tenant_id == t.c.id).outerjoin(p, p.c.id == subs.c.plan_id))
             .where(t.c.id == sa.bindparam('tid')).order_by(subs.c.created_at.desc(), subs.c.id.desc()))
 
@@ -201,7 +200,7 @@ def _billing_rows(conn, tenant_id: str):
     "The tenant's catalog row (`None` if there is none) and its subscription rows, newest first."
     rows = conn.execute(_BILLING_QUERY, dict(tid=tenant_id)).mappings().all()
     if not rows: return None, []
-    tenant = dict(status=rows[0]['tenant_status'], is_active=rows[0]['tenant_active'])
+    tenant = dict(status=rows[0]['tenant_status'])
     return tenant, [dict(r) for r in rows if r['id'] is not None]
 
 def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Access:

@@ -158,14 +158,13 @@ def test_grace_periods_follow_the_policy():
     assert not subscription_access(dict(status='pending_payment', created_at=T0), T0, short).allowed
     with pytest.raises(ValueError, match='no time zone'): subscription_access(late, '2026-03-01T12:00:00')
 
-ACTIVE_TENANT = dict(status='active', is_active=True)
+ACTIVE_TENANT = dict(status='active')
 FREE = BillingPolicy(free_plan='free')
 
 @pytest.mark.parametrize('tenant_row, subs, policy, expected', [
     (None, [], BillingPolicy(), Access(False, 'no_tenant', 'no such tenant')),
-    (dict(status='suspended', is_active=False), [dict(status='active')], FREE, Access(False, 'tenant_blocked', 'the tenant is suspended')),
-    (dict(status='provisioning', is_active=True), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is provisioning')),
-    (dict(status='active', is_active=False), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is inactive')),
+    (dict(status='suspended'), [dict(status='active')], FREE, Access(False, 'tenant_blocked', 'the tenant is suspended')),
+    (dict(status='provisioning'), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is provisioning')),
     (ACTIVE_TENANT, [], BillingPolicy(), Access(False, 'none', 'no subscription')),
     (ACTIVE_TENANT, [], FREE, Access(True, 'free', 'free plan', 'free')),
     (ACTIVE_TENANT, [dict(status='canceled', plan_id='pro')], FREE,
