@@ -8,8 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/billing.html.md"""
 __all__ = ['ENDED_STATUSES', 'billing_metadata', 'overrides_t', 'usage_t', 'PlanError', 'validate_plan', 'seed_plans',
            'active_plans', 'BillingPolicy', 'Access', 'subscription_access', 'decide_access', 'plan_selling',
            'access_decision', 'Entitlements', 'entitlements', 'override_feature', 'override_quota', 'clear_override',
-           'QuotaExceeded', 'month_start', 'quota_used', 'consume_quota', 'require_feature', 'require_quota',
-           'billing_beforeware']
+           'QuotaExceeded', 'month_start', 'quota_used', 'quota_usage', 'consume_quota', 'require_feature',
+           'require_quota', 'billing_beforeware']
 
 # %% ../nbs/04_billing.ipynb #2b79a86f
 import functools, inspect, json, re
@@ -185,6 +185,8 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
     return last or Access(False, 'none', 'no subscription')
 
 # %% ../nbs/04_billing.ipynb #a6eb1d8a
+_PLAN_GRANTS = (plans_t.c.features, plans_t.c.quotas, plans_t.c.name.label('plan_name'), plans_t.c.currency)
+
 def plan_selling(price) -> sa.Select:
     "The plan selling Stripe `price` (a value or a column), monthly or yearly; a plan on sale first if prices were ever shared."
     p = plans_t.c
@@ -196,7 +198,7 @@ def _billing_query():
     t, s, p = tenants_t, subscriptions_t, plans_t
     by_price = plan_selling(s.c.stripe_price_id).with_only_columns(p.c.id).scalar_subquery()
     subs = sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id')).where(s.c.tenant_id == sa.bindparam('tid')).subquery()
-    return (sa.select(t.c.status.label('tenant_status'), subs, p.c.features, p.c.quotas)
+    return (sa.select(t.c.status.label('tenant_status'), subs, *_PLAN_GRANTS)
             .select_from(t.outerjoin(subs, subs.c.tenant_id == t.c.id).outerjoin(p, p.c.id == subs.c.plan_id))
             .where(t.c.id == sa.bindparam('tid')).order_by(subs.c.created_at.desc(), subs.c.id.desc()))
 
@@ -237,11 +239,13 @@ register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, u
 # %% ../nbs/04_billing.ipynb #29d45622
 @dataclass(frozen=True)
 class Entitlements:
-    "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited)."
+    "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited), and what they were read from."
     tenant_id: str
     access: Access
     features: frozenset = frozenset()
     quotas: Mapping[str, int | None] = field(default_factory=lambda: MappingProxyType({}))
+    subscription: Mapping | None = None   # the newest subscription row, with its `plan_id`
+    plan: Mapping | None = None           # the `id`, `name` and `currency` of the plan `access.plan_id` names, if it exists
 
     def has(self, feature: str) -> bool: return feature in self.features
     def limit(self, quota: str) -> int | None:
@@ -251,17 +255,19 @@ class Entitlements:
 def _entitlements(conn, tenant_id: str, now: datetime, policy: BillingPolicy) -> Entitlements:
     tenant, subs = _billing_rows(conn, tenant_id)
     access = decide_access(tenant, subs, now, policy)
-    if not access.allowed: return Entitlements(tenant_id, access)
-    plan = next((s for s in subs if s['plan_id'] == access.plan_id and s['features'] is not None), None)
-    if plan is None:
-        plan = conn.execute(sa.select(plans_t.c.features, plans_t.c.quotas).where(plans_t.c.id == access.plan_id)).mappings().first()
+    grants = next((s for s in subs if s['plan_id'] == access.plan_id and s['features'] is not None), None)
+    if grants is None and access.allowed:
+        grants = conn.execute(sa.select(*_PLAN_GRANTS).where(plans_t.c.id == access.plan_id)).mappings().first()
+    read = dict(subscription=MappingProxyType(subs[0]) if subs else None,
+                plan=None if grants is None else MappingProxyType(dict(id=access.plan_id, name=grants['plan_name'], currency=grants['currency'])))
+    if not access.allowed: return Entitlements(tenant_id, access, **read)
     overrides = conn.execute(sa.select(overrides_t).where(overrides_t.c.tenant_id == tenant_id)).mappings().all()
-    features, quotas = (set(json.loads(plan['features'])), json.loads(plan['quotas'])) if plan else (set(), {})
+    features, quotas = (set(json.loads(grants['features'])), json.loads(grants['quotas'])) if grants is not None else (set(), {})
     for o in overrides:
         if o['kind'] == 'quota': quotas[o['key']] = o['quota_limit']
         elif o['enabled']: features.add(o['key'])
         else: features.discard(o['key'])
-    return Entitlements(tenant_id, access, frozenset(features), MappingProxyType(quotas))
+    return Entitlements(tenant_id, access, frozenset(features), MappingProxyType(quotas), **read)
 
 def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Entitlements:
     "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
@@ -313,6 +319,12 @@ def quota_used(host_db, tenant_id: str, quota: str, now=None) -> int:
     "How much of `quota` `tenant_id` has used in `now`'s month."
     with host_db.transaction() as conn:
         return conn.execute(sa.select(usage_t.c.used).where(_usage_key(tenant_id, quota, month_start(now)))).scalar() or 0
+
+def quota_usage(host_db, tenant_id: str, now=None) -> dict[str, int]:
+    "How much of each quota `tenant_id` has used in `now`'s month, in one query (quotas not used yet are absent)."
+    u = usage_t.c
+    with host_db.transaction() as conn:
+        return dict(conn.execute(sa.select(u.quota, u.used).where(u.tenant_id == tenant_id, u.period_start == month_start(now))).all())
 
 def _check_consumption(quota, n):
     if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")

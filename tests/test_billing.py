@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 
 from fh_saas.billing import (
     Access, BillingPolicy, PlanError, QuotaExceeded, access_decision, active_plans, billing_beforeware, clear_override,
-    consume_quota, decide_access, entitlements, override_feature, override_quota, month_start, quota_used,
+    consume_quota, decide_access, entitlements, override_feature, override_quota, month_start, quota_usage, quota_used,
     require_feature, require_quota, seed_plans, subscription_access, usage_t, validate_plan)
 from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, timestamp
 
@@ -236,6 +236,7 @@ def test_an_unknown_plan_grants_only_overrides(host_db):
     override_feature(host_db, 'acme', 'exports', True)
     e = entitlements(host_db, 'acme')
     assert (e.access.allowed, e.access.plan_id, e.features, dict(e.quotas)) == (True, 'legacy', {'exports'}, {})
+    assert (e.plan, e.subscription['plan_tier']) == (None, 'legacy')
 
 def test_a_refused_tenant_is_entitled_to_nothing(sqlite_db):
     seed_plans(sqlite_db, PLANS)
@@ -244,6 +245,7 @@ def test_a_refused_tenant_is_entitled_to_nothing(sqlite_db):
     override_quota(sqlite_db, 'acme', 'api_calls', None)
     e = entitlements(sqlite_db, 'acme')
     assert (e.access.reason, e.features, dict(e.quotas)) == ('invoices are unpaid', frozenset(), {})
+    assert (dict(e.plan), e.subscription['status']) == (dict(id='pro', name='Pro', currency='usd'), 'unpaid'), "what the page shows"
     with pytest.raises(QuotaExceeded, match="tenant 'acme' may not use 'api_calls': invoices are unpaid"):
         consume_quota(sqlite_db, 'acme', 'api_calls')
 
@@ -253,6 +255,7 @@ def test_free_plan_entitlements(sqlite_db):
     assert entitlements(sqlite_db, 'solo').features == frozenset()
     e = entitlements(sqlite_db, 'solo', policy=FREE)
     assert (e.access.state, e.features, e.limit('api_calls')) == ('free', {'basic'}, 10)
+    assert (dict(e.plan), e.subscription) == (dict(id='free', name='Free', currency='usd'), None)
 
 def test_bad_overrides_are_refused(host_db):
     tenant(host_db, 'acme')
@@ -304,6 +307,16 @@ def test_quota_periods_are_utc_calendar_months(host_db):
     with pytest.raises(QuotaExceeded): consume_quota(host_db, 'acme', 'api_calls', now='2026-03-01T00:00:00+00:00')
     assert consume_quota(host_db, 'acme', 'api_calls', now='2026-04-01T00:00:00+00:00') == 0
     assert [quota_used(host_db, 'acme', 'api_calls', now=m) for m in (last, '2026-04-15T00:00:00+00:00', '2026-05-01T00:00:00+00:00')] == [1, 1, 0]
+
+def test_quota_usage_reads_every_quota_of_one_tenant_and_month(host_db):
+    seed_plans(host_db, PLANS)
+    for t in ('acme', 'beta'): tenant(host_db, t, status='active', plan_tier='pro')
+    override_quota(host_db, 'acme', 'seats', 9)
+    consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0); consume_quota(host_db, 'acme', 'seats', n=2, now=T0)
+    consume_quota(host_db, 'acme', 'api_calls', now=at(timedelta(days=31))); consume_quota(host_db, 'beta', 'api_calls', now=T0)
+    assert quota_usage(host_db, 'acme', now=T0) == {'api_calls': 3, 'seats': 2}
+    assert quota_usage(host_db, 'acme', now=at(timedelta(days=31))) == {'api_calls': 1}
+    assert quota_usage(host_db, 'ghost', now=T0) == {}
 
 def test_unlimited_quota_still_counts(sqlite_db):
     seed_plans(sqlite_db, PLANS)
