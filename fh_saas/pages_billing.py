@@ -169,8 +169,8 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
         if refusal := guard(req, auth, csrf): return refusal
         plan = next((p for p in billing.active_plans(host_db) if p.id == plan_id), None)
         if plan is None: return refused(req, 400, 'Unknown plan', 'That plan is not on sale.', ('See the plans', '/pricing'))
-        if interval not in ('month', 'year') or not (plan.stripe_price_monthly if interval == 'month' else plan.stripe_price_yearly):
-            return refused(req, 400, 'Unknown billing period', f"{plan.name} cannot be bought per {interval}.", ('See the plans', '/pricing'))
+        try: stripe_billing.plan_price(plan, interval)
+        except ValueError: return refused(req, 400, 'Unknown billing period', f"{plan.name} cannot be bought per {interval}.", ('See the plans', '/pricing'))
         try:
             if stripe_billing.live_subscription(host_db, auth.tenant_id):
                 stripe_billing.change_plan(saas.stripe, host_db, auth.tenant_id, plan.id, interval)
