@@ -16,7 +16,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).parents[1] / 'tests'))
 from pgserver import PgServer, start_cluster
 
-from fh_saas.billing import consume_quota, override_quota, period_start, seed_plans, usage_t
+from fh_saas.billing import consume_quota, override_quota, month_start, seed_plans, usage_t
 from fh_saas.db_host import HostDatabase, Subscription, TenantCatalog
 
 FLOOR = (usage_t.update().where(usage_t.c.tenant_id == sa.bindparam('t'), usage_t.c.quota == 'api_calls',
@@ -38,7 +38,7 @@ def run_threads(n_threads, work):
 
 def measure(host_db, tenants, units, n_threads, limit):
     "Units per second for the bare counter and for `consume_quota`, each thread on `tenants[i]`."
-    period = period_start()
+    period = month_start()
     def floor(i):
         with host_db.engine.connect().execution_options(isolation_level='AUTOCOMMIT') as c:
             for _ in range(units): assert c.execute(FLOOR, dict(t=tenants[i], p=period, lim=limit)).scalar() is not None

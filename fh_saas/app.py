@@ -13,7 +13,7 @@ import os
 from fastcore.utils import listify
 
 from .beforeware import AuthResolver, DEFAULT_SKIP, saas_beforeware
-from .billing import BillingPolicy, access_decision
+from .billing import BillingPolicy, entitlements
 from .db_host import HostDatabase
 from .db_tenant import TenantNotFound, TenantUnavailable
 from .mail import Mailer, SMTPMailer
@@ -49,13 +49,14 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
     saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
                 mailer or mailer_from_env(), stripe, base_url, brand, home, list(app_nav))
+    app.state.host_db = host_db   # billing's route guards count quotas here
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
     if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
     if oauth_providers: add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
-                            access=lambda h, tid: access_decision(h, tid, policy=policy),
+                            access=lambda h, tid: entitlements(h, tid, policy=policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable))
     app.before = [saas_beforeware(resolver, skip=[*DEFAULT_SKIP, *PUBLIC_PATHS, *public]), *listify(app.before)]
     for add in (add_account_routes, add_billing_routes, add_admin_routes): add(app, saas)

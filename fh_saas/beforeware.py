@@ -29,7 +29,7 @@ from .memberships import Roles, DEFAULT_ROLES
 # %% ../nbs/03h_beforeware.ipynb #f99792cf
 @dataclass(frozen=True)
 class AuthContext:
-    "Who is asking, in which tenant, with what role, and the tenant database to use."
+    "Who is asking, in which tenant, with what role, the tenant database to use, and billing's verdict with the entitlements it grants."
     user: GlobalUser
     tenant_id: str | None = None
     tenant: TenantCatalog | None = None
@@ -37,6 +37,7 @@ class AuthContext:
     role: str | None = None
     db: Any = None
     access: Any = None
+    entitlements: Any = None
     impersonator: GlobalUser | None = None
     api_key_id: str | None = None
     mode: str | None = None
@@ -64,7 +65,7 @@ def _row(conn, table, cls, *where):
     return None if row is None else cls(**row)
 
 def _tenant_usable(t: TenantCatalog | None) -> bool:
-    return t is not None and t.status == 'active' and bool(t.is_active) and t.deleted_at is None
+    return t is not None and t.status == 'active' and t.deleted_at is None
 
 class AuthResolver:
     "Turn a request into an `AuthContext` or a `Refusal`, reading every fact from the host database."
@@ -105,16 +106,16 @@ class AuthResolver:
             tenant = _row(conn, tenants_t, TenantCatalog, tenants_t.c.id == tenant_id)
         if not (m and m.is_active): return Refusal('forbidden', 'you are not a member of this tenant')
         if not _tenant_usable(tenant): return Refusal('forbidden', 'this tenant is not active')
-        decision = None
-        if self.access is not None and not any(re.fullmatch(p, path) for p in self.access_exempt):
-            decision = self.access(self.host_db, tenant_id)
-            if not decision.allowed: return Refusal('payment_required', decision.reason or f'subscription is {decision.state}')
+        ents = None if self.access is None else self.access(self.host_db, tenant_id)
+        if ents is not None and not ents.access.allowed and not any(re.fullmatch(p, path) for p in self.access_exempt):
+            return Refusal('payment_required', ents.access.reason or f'subscription is {ents.access.state}')
         if key is not None and self.rate_limit is not None:
             rl = hit(self.host_db, f'api:{tenant_id}:{key.mode}', self.rate_limit)
             if not rl.allowed: return Refusal('rate_limited', 'rate limit exceeded', rl.retry_after)
         try: db = self.tenant_db(tenant_id) if self.tenant_db else None
         except self.unavailable: return Refusal('unavailable', 'the tenant database is unavailable; try again shortly')
-        return AuthContext(**base, tenant_id=tenant_id, tenant=tenant, membership=m, role=m.role, db=db, access=decision)
+        return AuthContext(**base, tenant_id=tenant_id, tenant=tenant, membership=m, role=m.role, db=db,
+                           access=None if ents is None else ents.access, entitlements=ents)
 
 # %% ../nbs/03h_beforeware.ipynb #f4e0ee4e
 _STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=403, rate_limited=429, unavailable=503)

@@ -11,7 +11,6 @@ __all__ = ['ZERO_DECIMAL', 'SYMBOLS', 'format_money', 'plan_card', 'stripe_setup
 # %% ../nbs/97_pages_billing.ipynb #cb4b133c
 import json
 
-import sqlalchemy as sa
 import stripe
 from fasthtml.common import (A, Button, Code, Div, FtResponse, H1, H2, H3, Hidden, Li, P, Span, Strong, Table,
                              Tbody, Td, Th, Thead, Tr, Ul)
@@ -20,7 +19,7 @@ from starlette.responses import RedirectResponse
 from . import billing, stripe_billing, ui
 from .audit import audit
 from .beforeware import AuthContext, AuthResolver
-from .db_host import PricingPlan, plans_t, subscriptions_t
+from .db_host import PricingPlan
 from .memberships import DEFAULT_ROLES, Roles
 from .forms import FORGED, csrf_ok, post_form
 
@@ -80,15 +79,6 @@ def _state_kind(access) -> str:
     if not access.allowed: return 'bad'
     return 'warn' if access.grace_until or access.state in ('past_due', 'pending_payment') else 'ok'
 
-def _subscription(host_db, tenant_id: str) -> dict | None:
-    c = subscriptions_t.c
-    rows = host_db.db.execute(sa.select(subscriptions_t).where(c.tenant_id == tenant_id).order_by(c.created_at.desc(), c.id.desc()).limit(1))
-    return rows[0] if rows else None
-
-def _plan(host_db, plan_id: str | None) -> PricingPlan | None:
-    rows = host_db.db.execute(sa.select(plans_t).where(plans_t.c.id == plan_id)) if plan_id else []
-    return PricingPlan(**rows[0]) if rows else None
-
 def _rows(*pairs) -> Table: return Table(Tbody(*[Tr(Th(k), Td(v)) for k, v in pairs if v is not None]))
 
 # %% ../nbs/97_pages_billing.ipynb #4ea12751
@@ -101,23 +91,24 @@ def access_card(access: billing.Access, tenant_name: str) -> Div:
                None if access.allowed else ui.alert(f"Access to {tenant_name} is paused: {access.reason}. Choose a plan or update "
                                                     "the payment method to restore it; your data is kept.", 'bad'), cls='card')
 
-def subscription_card(sub: dict | None, plan: PricingPlan | None, access: billing.Access) -> Div:
+def subscription_card(ents: billing.Entitlements) -> Div:
     "The tenant's newest subscription row, as people read it."
+    sub, plan, access = ents.subscription, ents.plan, ents.access
     if sub is None: return Div(H2('Subscription'), P('No subscription yet. ', A('Choose a plan', href='/pricing'), ' to start.'), cls='card')
     end, live = sub['current_period_end'], sub['status'] in stripe_billing.LIVE_STATUSES
     renewal = (f"Cancels at the end of the period, {ui.when(end)}" if sub['cancel_at_period_end']
                else f"Renews {ui.when(end)}" if end and live else None)
     return Div(H2('Subscription'), _rows(
-        ('Plan', plan.name if plan else (access.plan_id or '—')), ('Status', ui.badge(sub['status'] or 'unknown', _state_kind(access))),
-        ('Amount', format_money(sub['amount_cents'], plan.currency if plan else 'usd') if sub['amount_cents'] is not None else None),
+        ('Plan', plan['name'] if plan else (access.plan_id or '—')), ('Status', ui.badge(sub['status'] or 'unknown', _state_kind(access))),
+        ('Amount', format_money(sub['amount_cents'], plan['currency'] if plan else 'usd') if sub['amount_cents'] is not None else None),
         ('Current period', f"{ui.when(sub['current_period_start'])} – {ui.when(end)}" if sub['current_period_start'] else None),
         ('Renewal', renewal), ('Trial ends', ui.when(sub['trial_end']) if sub['trial_end'] else None),
         ('Stripe subscription', Code(sub['stripe_sub_id']) if sub['stripe_sub_id'] else None)), cls='card')
 
-def entitlements_card(ents: billing.Entitlements, used) -> Div:
-    "The features and quotas `ents` grants; `used(quota)` is this month's usage."
+def entitlements_card(ents: billing.Entitlements, used: dict[str, int]) -> Div:
+    "The features and quotas `ents` grants; `used` is this month's usage of each quota."
     if not ents.access.allowed: return Div(H2('Plan features'), P('Nothing is granted while access is paused.', cls='muted'), cls='card')
-    quotas = [(q, ents.quotas[q], used(q)) for q in sorted(ents.quotas)]
+    quotas = [(q, ents.quotas[q], used.get(q, 0)) for q in sorted(ents.quotas)]
     def bar(n, u): return Div(Span(style=f"width:{min(100, 100 * u // n) if n else 0}%"), cls='progress')
     return Div(H2('Plan features'), Ul(*[Li(f) for f in sorted(ents.features)]) if ents.features else P('No features.', cls='muted'),
                Table(Thead(Tr(Th('Quota'), Th('Used this month'), Th('Limit'), Th('Usage'))),
@@ -178,8 +169,8 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
         if refusal := guard(req, auth, csrf): return refusal
         plan = next((p for p in billing.active_plans(host_db) if p.id == plan_id), None)
         if plan is None: return refused(req, 400, 'Unknown plan', 'That plan is not on sale.', ('See the plans', '/pricing'))
-        if interval not in ('month', 'year') or not (plan.stripe_price_monthly if interval == 'month' else plan.stripe_price_yearly):
-            return refused(req, 400, 'Unknown billing period', f"{plan.name} cannot be bought per {interval}.", ('See the plans', '/pricing'))
+        try: stripe_billing.plan_price(plan, interval)
+        except ValueError: return refused(req, 400, 'Unknown billing period', f"{plan.name} cannot be bought per {interval}.", ('See the plans', '/pricing'))
         try:
             if stripe_billing.live_subscription(host_db, auth.tenant_id):
                 stripe_billing.change_plan(saas.stripe, host_db, auth.tenant_id, plan.id, interval)
@@ -212,9 +203,9 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
 
     @app.get('/billing')
     def billing_page(req, auth, checkout: str = '', done: str = ''):
-        ents = billing.entitlements(host_db, auth.tenant_id)
+        ents = auth.entitlements if auth.entitlements is not None else billing.entitlements(host_db, auth.tenant_id)
         notice = _NOTICES.get(done) or (_CHECKOUT_DONE if checkout == 'success' else None)
-        sub = _subscription(host_db, auth.tenant_id)
+        sub = ents.subscription
         if saas.stripe is None: actions = stripe_setup_help(webhook_url)
         elif not may_manage(auth, min_role): actions = P('Only owners and admins can change the plan or payment details.', cls='muted')
         else:
@@ -227,8 +218,8 @@ def add_billing_routes(app, saas, min_role: str = 'admin', roles: Roles = DEFAUL
                                     auth=auth, cls='inline') if live and not sub['cancel_at_period_end'] else None,
                           style=_ROW)
         return saas.page(req, 'Billing', H1('Billing'), ui.alert(notice, 'ok') if notice else None,
-                         access_card(ents.access, auth.tenant.name), subscription_card(sub, _plan(host_db, ents.access.plan_id), ents.access),
-                         entitlements_card(ents, lambda q: billing.quota_used(host_db, auth.tenant_id, q)),
+                         access_card(ents.access, auth.tenant.name), subscription_card(ents),
+                         entitlements_card(ents, billing.quota_usage(host_db, auth.tenant_id)),
                          Div(H2('Manage'), actions, cls='card'))
 
     return app

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import stripe
 
 from .db_host import HostDatabase, PricingPlan, gen_id, subscriptions_t
+from .billing import ENDED_STATUSES
 from .audit import current_audit_context
 from .stripe_webhooks import (STRIPE_API_VERSION, customers_t, is_newer, link_customer, locked_subscription, subscription_row,
                                      resolve_tenant, subscription_values, store_subscription)
@@ -204,6 +205,6 @@ def reconcile(client: stripe.StripeClient, host_db: HostDatabase, fix: bool = Fa
                                    dict(source='reconcile', fields=[d.field for d in found]))
     c = subscriptions_t.c
     ours = host_db.db.execute(sa.select(c.stripe_sub_id, c.tenant_id, c.status).where(
-        c.payment_type == 'subscription', c.status.notin_(('canceled', 'incomplete_expired'))))
+        c.payment_type == 'subscription', c.status.notin_(ENDED_STATUSES)))
     drifts += [Drift(r['stripe_sub_id'], r['tenant_id'], 'missing_in_stripe', r['status'], None) for r in ours if r['stripe_sub_id'] not in seen]
     return drifts

@@ -33,12 +33,17 @@ class Access:
     allowed: bool; state: str; reason: str | None = None
 
 
-def subscription_access(host_db: HostDatabase, tenant_id: str) -> Access:
-    "Allowed while the tenant's newest subscription is active or trialing."
+@dataclass
+class Entitled:
+    access: Access
+
+
+def subscription_access(host_db: HostDatabase, tenant_id: str) -> Entitled:
+    "Entitlements carrying only a verdict: allowed while the tenant's newest subscription is active or trialing."
     rows = host_db.q("select status from core_subscriptions where tenant_id = :t order by created_at desc limit 1", t=tenant_id)
     state = rows[0]['status'] if rows else 'none'
     ok = state in ('active', 'trialing')
-    return Access(ok, state, None if ok else f'subscription is {state}')
+    return Entitled(Access(ok, state, None if ok else f'subscription is {state}'))
 
 
 class TenantDbs:

@@ -75,7 +75,7 @@ def site(tmp_path, monkeypatch):
     billing.seed_plans(host_db, PLANS)
     sessions, router = SessionManager(host_db, SECRET), TenantRouter(host_db)
     saas = Saas(host_db, sessions, router, MemoryOutbox(), base_url='https://app.test')
-    resolver = AuthResolver(host_db, sessions, tenant_db=router.tenant_db, access=billing.access_decision,
+    resolver = AuthResolver(host_db, sessions, tenant_db=router.tenant_db, access=billing.entitlements,
                             unavailable=(TenantNotFound, TenantUnavailable),
                             tenantless=(r'/tenants.*', r'/account.*', r'/logout', r'/admin.*'))
     app = FastHTML(before=saas_beforeware(resolver, skip=[*DEFAULT_SKIP, r'/pricing']), secret_key=SECRET)

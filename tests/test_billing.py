@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 
 from fh_saas.billing import (
     Access, BillingPolicy, PlanError, QuotaExceeded, access_decision, active_plans, billing_beforeware, clear_override,
-    consume_quota, decide_access, entitlements, override_feature, override_quota, period_start, quota_used,
+    consume_quota, decide_access, entitlements, override_feature, override_quota, month_start, quota_usage, quota_used,
     require_feature, require_quota, seed_plans, subscription_access, usage_t, validate_plan)
 from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, timestamp
 
@@ -158,14 +158,13 @@ def test_grace_periods_follow_the_policy():
     assert not subscription_access(dict(status='pending_payment', created_at=T0), T0, short).allowed
     with pytest.raises(ValueError, match='no time zone'): subscription_access(late, '2026-03-01T12:00:00')
 
-ACTIVE_TENANT = dict(status='active', is_active=True)
+ACTIVE_TENANT = dict(status='active')
 FREE = BillingPolicy(free_plan='free')
 
 @pytest.mark.parametrize('tenant_row, subs, policy, expected', [
     (None, [], BillingPolicy(), Access(False, 'no_tenant', 'no such tenant')),
-    (dict(status='suspended', is_active=False), [dict(status='active')], FREE, Access(False, 'tenant_blocked', 'the tenant is suspended')),
-    (dict(status='provisioning', is_active=True), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is provisioning')),
-    (dict(status='active', is_active=False), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is inactive')),
+    (dict(status='suspended'), [dict(status='active')], FREE, Access(False, 'tenant_blocked', 'the tenant is suspended')),
+    (dict(status='provisioning'), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is provisioning')),
     (ACTIVE_TENANT, [], BillingPolicy(), Access(False, 'none', 'no subscription')),
     (ACTIVE_TENANT, [], FREE, Access(True, 'free', 'free plan', 'free')),
     (ACTIVE_TENANT, [dict(status='canceled', plan_id='pro')], FREE,
@@ -237,6 +236,7 @@ def test_an_unknown_plan_grants_only_overrides(host_db):
     override_feature(host_db, 'acme', 'exports', True)
     e = entitlements(host_db, 'acme')
     assert (e.access.allowed, e.access.plan_id, e.features, dict(e.quotas)) == (True, 'legacy', {'exports'}, {})
+    assert (e.plan, e.subscription['plan_tier']) == (None, 'legacy')
 
 def test_a_refused_tenant_is_entitled_to_nothing(sqlite_db):
     seed_plans(sqlite_db, PLANS)
@@ -245,6 +245,7 @@ def test_a_refused_tenant_is_entitled_to_nothing(sqlite_db):
     override_quota(sqlite_db, 'acme', 'api_calls', None)
     e = entitlements(sqlite_db, 'acme')
     assert (e.access.reason, e.features, dict(e.quotas)) == ('invoices are unpaid', frozenset(), {})
+    assert (dict(e.plan), e.subscription['status']) == (dict(id='pro', name='Pro', currency='usd'), 'unpaid'), "what the page shows"
     with pytest.raises(QuotaExceeded, match="tenant 'acme' may not use 'api_calls': invoices are unpaid"):
         consume_quota(sqlite_db, 'acme', 'api_calls')
 
@@ -254,6 +255,7 @@ def test_free_plan_entitlements(sqlite_db):
     assert entitlements(sqlite_db, 'solo').features == frozenset()
     e = entitlements(sqlite_db, 'solo', policy=FREE)
     assert (e.access.state, e.features, e.limit('api_calls')) == ('free', {'basic'}, 10)
+    assert (dict(e.plan), e.subscription) == (dict(id='free', name='Free', currency='usd'), None)
 
 def test_bad_overrides_are_refused(host_db):
     tenant(host_db, 'acme')
@@ -284,7 +286,7 @@ def test_consume_quota_counts_and_refuses_past_the_limit(host_db):
     override_quota(host_db, 'acme', 'api_calls', 5)
     assert consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0) == 2
     with pytest.raises(QuotaExceeded) as e: consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0)
-    assert str(e.value) == f"tenant 'acme' cannot use 3 more 'api_calls': 3 of 5 used since {period_start(T0)}"
+    assert str(e.value) == f"tenant 'acme' cannot use 3 more 'api_calls': 3 of 5 used since {month_start(T0)}"
     assert (e.value.limit, e.value.used, e.value.requested) == (5, 3, 3)
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 3
     assert consume_quota(host_db, 'acme', 'api_calls', n=2, now=T0) == 0
@@ -299,12 +301,22 @@ def test_quota_periods_are_utc_calendar_months(host_db):
     tenant(host_db, 'acme', status='active', plan_tier='pro')
     override_quota(host_db, 'acme', 'api_calls', 1)
     last = '2026-03-31T23:59:59.999999+00:00'
-    assert period_start(last) == '2026-03-01T00:00:00.000000+00:00'
-    assert period_start('2026-04-01T01:00:00+02:00') == period_start(last), "23:00 UTC on March 31"
+    assert month_start(last) == '2026-03-01T00:00:00.000000+00:00'
+    assert month_start('2026-04-01T01:00:00+02:00') == month_start(last), "23:00 UTC on March 31"
     assert consume_quota(host_db, 'acme', 'api_calls', now=last) == 0
     with pytest.raises(QuotaExceeded): consume_quota(host_db, 'acme', 'api_calls', now='2026-03-01T00:00:00+00:00')
     assert consume_quota(host_db, 'acme', 'api_calls', now='2026-04-01T00:00:00+00:00') == 0
     assert [quota_used(host_db, 'acme', 'api_calls', now=m) for m in (last, '2026-04-15T00:00:00+00:00', '2026-05-01T00:00:00+00:00')] == [1, 1, 0]
+
+def test_quota_usage_reads_every_quota_of_one_tenant_and_month(host_db):
+    seed_plans(host_db, PLANS)
+    for t in ('acme', 'beta'): tenant(host_db, t, status='active', plan_tier='pro')
+    override_quota(host_db, 'acme', 'seats', 9)
+    consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0); consume_quota(host_db, 'acme', 'seats', n=2, now=T0)
+    consume_quota(host_db, 'acme', 'api_calls', now=at(timedelta(days=31))); consume_quota(host_db, 'beta', 'api_calls', now=T0)
+    assert quota_usage(host_db, 'acme', now=T0) == {'api_calls': 3, 'seats': 2}
+    assert quota_usage(host_db, 'acme', now=at(timedelta(days=31))) == {'api_calls': 1}
+    assert quota_usage(host_db, 'ghost', now=T0) == {}
 
 def test_unlimited_quota_still_counts(sqlite_db):
     seed_plans(sqlite_db, PLANS)
@@ -407,10 +419,11 @@ def test_consumers_in_several_processes_on_postgresql(pg_url):
 class _Auth:
     def __init__(self, tenant_id): self.tenant_id = tenant_id
 
-def _app(**guard):
+def _app(host_db, **guard):
     "A FastHTML app whose beforeware plays the auth layer: the tenant comes from the `x-tenant` header."
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
     app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+    app.state.host_db = host_db
 
     @app.get('/reports/{fmt}')
     @require_feature('exports', **guard)
@@ -437,14 +450,14 @@ def billed(sqlite_db):
 ACME, HTML, HTMX = {'x-tenant': 'acme'}, {'accept': 'text/html'}, {'hx-request': 'true'}
 
 def test_require_feature_lets_entitled_tenants_through(billed):
-    cli = _app()
+    cli = _app(billed)
     r = cli.get('/reports/csv?rows=3', headers=ACME)
     assert (r.status_code, r.text) == (200, "csv:3:['basic', 'exports']")
     override_feature(billed, 'acme', 'sso', True)
     assert cli.post('/sso', headers=ACME).text == 'sso on'
 
 def test_require_feature_refusals(billed):
-    cli = _app()
+    cli = _app(billed)
     r = cli.post('/sso', headers=ACME)
     assert (r.status_code, r.text) == (403, "your plan does not include 'sso'")
     r = cli.post('/sso', headers={**ACME, **HTML}, follow_redirects=False)
@@ -461,19 +474,20 @@ def test_require_feature_refusals(billed):
     assert (r.status_code, r.text) == (401, 'sign in and choose a tenant first')
 
 def test_require_feature_without_pricing_page(billed):
-    cli = _app(pricing_path=None)
+    cli = _app(billed, pricing_path=None)
     r = cli.post('/sso', headers={**ACME, **HTML, **HTMX}, follow_redirects=False)
     assert (r.status_code, 'hx-redirect' in r.headers, 'location' in r.headers) == (403, False, False)
 
 def test_require_feature_uses_the_policy(billed):
-    assert _app().get('/reports/csv', headers={'x-tenant': 'lapsed'}).status_code == 402
+    assert _app(billed).get('/reports/csv', headers={'x-tenant': 'lapsed'}).status_code == 402
     tenant(billed, 'solo')
     override_feature(billed, 'solo', 'exports', True)
-    assert _app(policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text == "csv:10:['basic', 'exports']"
+    assert _app(billed, policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text == "csv:10:['basic', 'exports']"
 
 def test_guards_stack(billed):
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
     app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+    app.state.host_db = billed
 
     @app.get('/bulk-export')
     @require_feature('exports')
@@ -493,7 +507,7 @@ def test_guard_arguments_are_checked_when_decorating():
 
 def test_require_quota_counts_each_call(billed):
     override_quota(billed, 'acme', 'api_calls', 3)
-    cli = _app()
+    cli = _app(billed)
     assert [cli.get('/api/ping', headers=ACME).text for _ in range(3)] == ['pong'] * 3
     r = cli.get('/api/ping', headers=ACME)
     assert r.status_code == 429 and "cannot use 1 more 'api_calls': 3 of 3 used" in r.text
@@ -504,6 +518,7 @@ def test_require_quota_counts_each_call(billed):
 def test_billing_beforeware_guards_every_page(billed):
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
     app = FastHTML(before=[Beforeware(set_auth), billing_beforeware(skip=[r'/static/.*'])], secret_key='test-only')
+    app.state.host_db = billed
 
     @app.get('/{page}')
     def page(page: str): return f"page {page}"
@@ -521,3 +536,13 @@ def test_billing_beforeware_guards_every_page(billed):
     assert cli.get('/pricing', headers=lapsed).text == 'page pricing'
     assert cli.get('/static/app.css', headers=lapsed).text == 'app.css'
     assert cli.get('/pricing2', headers=lapsed).status_code == 402, "skip paths match whole paths"
+
+def test_guards_without_the_apps_host_database_fail_loudly(billed):
+    "An auth layer that names only the tenant, on an app that never said which host database it uses: an error, not a guess."
+    def set_auth(req): req.scope['auth'] = _Auth('acme')
+    app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
+
+    @app.get('/x')
+    @require_feature('exports')
+    def x(): return 'x'
+    with pytest.raises(RuntimeError, match='set app.state.host_db'): TestClient(app).get('/x')

@@ -1,9 +1,11 @@
 "The billing pages through a real FastHTML app: pricing, Checkout and portal against the Stripe stand-in over HTTP, the billing page when access is blocked, and the no-Stripe explanation."
 import re
+
+import sqlalchemy as sa
 from datetime import datetime, timedelta, timezone
 
 from fh_saas import stripe_billing
-from fh_saas.billing import consume_quota
+from fh_saas.billing import consume_quota, override_quota
 from fh_saas.db_tenant import suspend_tenant
 from fh_saas.db_host import Subscription, timestamp
 from pages_helpers import fake_stripe, site  # noqa: F401
@@ -144,6 +146,21 @@ def test_billing_page_shows_trial_entitlements_and_usage(site, fake_stripe):
     assert '<td>Starter</td>' in html and '$19.99' in html
     assert re.search(r'<td>exports</td>\s*<td>7</td>\s*<td>100</td>', html) and 'width:7%' in html
     assert '<li>api</li>' in html and 'Change plan' in html
+
+
+def test_billing_page_reuses_the_requests_entitlements(site):
+    "The page shows the subscription and plan the beforeware's entitlements read, and the usage of every quota in one query."
+    site.user('owner'); site.tenant('acme', amount_cents=1999); site.member('owner', 'acme', 'owner')
+    override_quota(site.host_db, 'acme', 'seats', 5)
+    consume_quota(site.host_db, 'acme', 'exports', 7); consume_quota(site.host_db, 'acme', 'seats', 2)
+    reads = []
+    def count(conn, cursor, sql, *args): reads.extend(t for t in ('core_subscriptions', 'core_quota_usage') if t in sql)
+    sa.event.listen(site.host_db.engine, 'before_cursor_execute', count)
+    try: html = site.client('owner', 'acme').get('/billing').text
+    finally: sa.event.remove(site.host_db.engine, 'before_cursor_execute', count)
+    assert '<td>Starter</td>' in html and '$19.99' in html
+    assert re.search(r'<td>exports</td>\s*<td>7</td>', html) and re.search(r'<td>seats</td>\s*<td>2</td>\s*<td>5</td>', html)
+    assert (reads.count('core_subscriptions'), reads.count('core_quota_usage')) == (1, 1)
 
 
 def test_without_stripe_pages_explain_which_variables_to_set(site):
