@@ -3,7 +3,7 @@ and a route behind `require_feature` + `require_quota`. Counts every statement t
 (SQLAlchemy `before_cursor_execute`) while the request runs, and how many of them read the tenant's subscriptions.
 
 Run: python bench/bench_gated_request.py"""
-import os, sys, tempfile, time
+import os, tempfile, time
 from pathlib import Path
 
 import sqlalchemy as sa

@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
 os.environ.setdefault('FH_SAAS_SECRET_KEY', 'bench-master-key-0123456789abcdef0123456789')
 
-import sqlalchemy as sa
 from pgserver import start_server
 from fh_saas.db_host import HostDatabase, make_engine
 from fh_saas import db_tenant

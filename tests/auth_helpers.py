@@ -2,7 +2,6 @@
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import pytest
 from argon2 import PasswordHasher
 from fasthtml.common import FastHTML
 from starlette.responses import RedirectResponse, Response

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from fh_saas.audit import audit, audit_events, current_audit_context
 from fh_saas.db_host import HostDatabase, as_utc, timestamp, jobs_t
-from fh_saas.jobs import (Job, JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
+from fh_saas.jobs import (JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
                           heartbeat, retry, retry_delay, schedule)
 from pgserver import wait_for
 
@@ -276,6 +276,7 @@ def test_graceful_stop_finishes_the_job_in_hand(host_db):
     stop.set(); t.join(10)
     assert not t.is_alive()
     assert sorted(r.status for r in _jobs(host_db, job_type='test.slow')) == ['done', 'queued']
+    assert host_db.system_jobs[j.id].status == 'done'   # the one in hand, the earlier of the two
 
 
 def test_a_broken_worker_stops_and_raises_instead_of_limping_on(host_db):

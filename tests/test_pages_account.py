@@ -17,7 +17,6 @@ from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
 from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import invitations_t
-from fh_saas.forms import csrf_token
 from fh_saas.pages_account import add_account_routes
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
