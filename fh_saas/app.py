@@ -33,7 +33,8 @@ def mailer_from_env(env=None) -> Mailer:
     "An `SMTPMailer` from `SMTP_HOST`, `SMTP_PORT`, `SMTP_USER`, `SMTP_PASSWORD`, `SMTP_FROM`."
     env = os.environ if env is None else env
     if not (host := env.get('SMTP_HOST')): raise ValueError("set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), or pass mailer=")
-    return SMTPMailer(host, int(env.get('SMTP_PORT', 587)), env.get('SMTP_FROM', 'no-reply@localhost'),
+    if not (port := env.get('SMTP_PORT', '587').strip()).isdigit(): raise ValueError(f"SMTP_PORT={port!r} is not a port number")
+    return SMTPMailer(host, int(port), env.get('SMTP_FROM', 'no-reply@localhost'),
                       env.get('SMTP_USER'), env.get('SMTP_PASSWORD'))
 
 # %% ../nbs/95_app.ipynb #a409d7b6
