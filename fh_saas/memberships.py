@@ -15,13 +15,13 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from .db_host import (HostDatabase, HostComponent, register_component, Membership, users_t, tenants_t,
-                             memberships_t, gen_id, timestamp, utcnow, UTCTimestamp)
+from .db_host import (HostDatabase, HostComponent, register_component, DuplicateRecord, Membership, users_t,
+                             tenants_t, memberships_t, gen_id, timestamp, utcnow, UTCTimestamp)
 from .audit import audit
 from .api_keys import api_keys_t
 from .tokens import new_token, hash_token, InvalidToken
 from .sessions import SessionManager, SessionRecord
-from .mail import Mailer
+from .mail import Mailer, is_email_address
 
 # %% ../nbs/03f_memberships.ipynb #1ea8103a
 class Roles:
@@ -72,7 +72,9 @@ def add_member(host_db: HostDatabase, tenant_id: str, user_id: str, role: str = 
         old = _membership(conn, tenant_id, user_id)
         if old and old['is_active']: raise MembershipError(f"user {user_id} is already a member of {tenant_id}")
         if old: _set(conn, old['id'], role=role, is_active=True, invited_by=invited_by)
-        else: host_db.memberships.insert(Membership(user_id=user_id, tenant_id=tenant_id, role=role, invited_by=invited_by))
+        else:
+            try: host_db.memberships.insert(Membership(user_id=user_id, tenant_id=tenant_id, role=role, invited_by=invited_by))
+            except DuplicateRecord: raise MembershipError(f"user {user_id} is already a member of {tenant_id}") from None
         audit(host_db, 'membership.created', target_id=user_id, tenant_id=tenant_id, details=dict(role=role))
         return host_db.memberships[_membership(conn, tenant_id, user_id)['id']]
 
@@ -167,8 +169,8 @@ def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited
            link: Callable[[str], str], ttl: timedelta = timedelta(days=7), roles: Roles = DEFAULT_ROLES, now=None) -> str:
     "Invite `email` to `tenant_id` as `role` (not owner: ownership is transferred); email the link; the invitation id."
     if roles.rank(role) >= roles.rank(roles.owner): raise MembershipError("invite as a lower role, then transfer ownership")
-    email, raw, now = email.strip(), new_token(), now or utcnow()
-    if '@' not in email: raise MembershipError(f"{email!r} is not an email address")
+    email, raw, now = (email or '').strip(), new_token(), now or utcnow()
+    if not is_email_address(email): raise MembershipError(f"{email[:320]!r} is not an email address")
     iid = gen_id()
     with host_db.transaction() as conn:
         name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
@@ -176,7 +178,7 @@ def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited
         conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=email, role=role, token_hash=hash_token(raw),
                      invited_by=invited_by, created_at=timestamp(now), expires_at=timestamp(now + ttl)))
         audit(host_db, 'invitation.created', target_id=iid, tenant_id=tenant_id, details=dict(email=email, role=role))
-    mailer.send(email, f"You are invited to {name}", f"Join {name} as {role}:\n{link(raw)}\n")
+        mailer.send(email, f"You are invited to {name}", f"Join {name} as {role}:\n{link(raw)}\n")   # fails: nothing is kept
     return iid
 
 def _use_invitation(conn, token: str, now: str, user_email: str | None, **values):

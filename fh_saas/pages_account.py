@@ -23,8 +23,9 @@ from .audit import audit
 from .db_host import (DuplicateRecord, GlobalUser, HostDatabase, as_utc, gen_id, jobs_t, memberships_t, tenants_t,
                              users_t, utcnow)
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
-from .forms import FORGED, csrf_ok, local_path, post_form
+from .forms import FORGED, cross_site, csrf_ok, local_path, post_form
 from .jobs import enqueue
+from .mail import is_email_address
 from .memberships import (DEFAULT_ROLES, LastOwner, MembershipError, Roles, accept_invitation, active_tenants,
                                  add_member, cancel_invitation, change_role, decline_invitation, invitations_t, invite,
                                  pending_invitations, remove_member, switch_tenant, transfer_ownership)
@@ -51,7 +52,6 @@ def tenant_ids(name: str, attempts: int = 5):
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
 
-_EMAIL = re.compile(r'[^@\s]{1,64}@[^@\s]+\.[^@\s]+')
 _NAME_MAX = 100
 
 def _clean_name(name: str | None, what: str) -> str:
@@ -75,7 +75,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
             hasher: PasswordHasher = default_hasher, roles: Roles = DEFAULT_ROLES) -> tuple[str, str | None]:
     "Create a user (and, given `company`, their tenant) in one transaction: `(user_id, tenant_id)`."
     email = (email or '').strip()
-    if len(email) > 320 or not _EMAIL.fullmatch(email): raise AccountError("Enter a valid email address.")
+    if not is_email_address(email): raise AccountError("Enter a valid email address.")
     if name and len(name) > _NAME_MAX: raise AccountError(f"Your name can be at most {_NAME_MAX} characters long.")
     if company is not None: company = _clean_name(company, 'company name')
     try: password_hash = hash_password(password, hasher)
@@ -149,7 +149,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
         return show(req, 'Not allowed', ui.alert(FORGED, 'bad'), status=403)
 
     def signed_in(req, cookie: str, to: str, status=303):
-        return sessions.set_cookie(RedirectResponse(to, status), cookie, req.url.scheme == 'https')
+        return sessions.set_cookie(RedirectResponse(to, status), cookie, saas.secure or req.url.scheme == 'https')
 
     def client(req): return (req.client.host if req.client else None), req.headers.get('user-agent')
 
@@ -172,6 +172,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
 
     @app.post('/signup')
     def signup(req, email: str = '', password: str = '', name: str = '', company: str = '', next: str = ''):
+        if cross_site(req): return forged(req)
         invited, (ip, _) = local_path(next, ''), client(req)
         if ip and not (rl := hit(host_db, f'signup:ip:{ip}', signup_rate)).allowed:
             return signup_form(req, email, name, company, next, f"Too many sign-ups from your network. Try again in {rl.retry_after} seconds.", 429)
@@ -198,6 +199,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
 
     @app.post('/login')
     def do_login(req, email: str = '', password: str = '', next: str = ''):
+        if cross_site(req): return forged(req)
         try: user, cookie = login(sessions, email, password, *client(req), throttle, hasher)
         except LoginThrottled as e:
             return login_form(req, email, local_path(next, ''), f"Too many failed attempts. Try again in {e.retry_after} seconds.", 429,
@@ -218,6 +220,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
 
     @app.post('/password-reset')
     def reset_request(req, email: str = ''):
+        if cross_site(req): return forged(req)
         address = (email or '').strip().lower()
         if address and hit(host_db, f'password_reset:{hash_token(address)[:40]}', _RESET_RATE).allowed:
             request_password_reset(host_db, address, saas.mailer, lambda tok: saas.url(f'/password-reset/{tok}'))
@@ -237,6 +240,7 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
 
     @app.post('/password-reset/{token}')
     def new_password(req, token: str, password: str = '', confirm: str = ''):
+        if cross_site(req): return forged(req)
         if password != confirm: return new_password_form(req, token, "The two passwords differ.", 400)
         try: reset_password(sessions, token, password, hasher)
         except WeakPassword as e: return new_password_form(req, token, f"Choose a longer password: {e}.", 400)
@@ -386,8 +390,11 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
     @app.post('/team/invite')
     def team_invite(req, auth, email: str = '', role: str = 'member', csrf: str = ''):
         link = lambda tok: saas.url(f'/invitations/{tok}')
-        return team_change(req, auth, csrf, lambda: invite(host_db, auth.tenant_id, email, role, auth.user.id, saas.mailer, link, roles=auth.roles),
-                           f"Invitation sent to {email.strip()}.")
+        try: return team_change(req, auth, csrf, lambda: invite(host_db, auth.tenant_id, email, role, auth.user.id, saas.mailer, link, roles=auth.roles),
+                                f"Invitation sent to {email.strip()}.")
+        except OSError as e:
+            _log.warning("invitation to tenant %s: the email was not sent: %s", auth.tenant_id, e)
+            return team_page(req, auth, "The invitation email could not be sent, so no invitation was made. Please try again later.", 'bad', 503)
 
     @app.post('/team/invitations/{invitation_id}/cancel')
     def team_cancel_invitation(req, auth, invitation_id: str, csrf: str = ''):
@@ -493,6 +500,8 @@ def add_account_routes(app, saas: Saas, *, hasher: PasswordHasher = default_hash
     def new_api_key(req, auth, name: str = '', mode: str = 'test', csrf: str = ''):
         if not csrf_ok(auth, csrf): return forged(req)
         if not auth.has_role('admin'): return keys_page(req, auth, notice="Only admins and owners can create keys.", kind='bad', status=403)
+        if auth.impersonator is not None:
+            return keys_page(req, auth, notice="Keys cannot be created while impersonating: a key would outlast the impersonation.", kind='bad', status=403)
         name = ' '.join(name.split())
         if not name or len(name) > 200 or mode not in ('test', 'live'):
             return keys_page(req, auth, notice="Give the key a name (at most 200 characters) and choose test or live.", kind='bad', status=400)

@@ -108,7 +108,9 @@ def add_admin_routes(app, saas, page_size: int = 50):
         return page(req, 'Not allowed' if status == 403 else 'Not done', ui.alert(message, 'bad'), P(A('Back', href=back)), status=status)
 
     def admin_only(req, auth):
-        "The refusal for anyone but a system admin, else None."
+        "The refusal for anyone but a system admin signed in with a browser session (never an API key), else None."
+        if auth.api_key_id is not None or auth.session is None:
+            return refused(req, 403, 'The admin area needs a signed-in browser session; API keys cannot open it.', '/')
         if not auth.user.is_sys_admin: return refused(req, 403, 'This area is for system administrators.', '/')
 
     def admin_form(req, auth, csrf: str):

@@ -33,6 +33,11 @@ class Saas:
     home: str = '/'                      # where a signed-in user lands
     app_nav: list = field(default_factory=list)   # the app's own (label, href) entries
 
+    @property
+    def secure(self) -> bool:
+        "Whether the site is served over https (by `base_url`), so cookies are `Secure` even behind a TLS proxy."
+        return self.base_url.startswith('https://')
+
     def url(self, path: str) -> str:
         "An absolute URL for `path`, for links sent by mail or to Stripe."
         return self.base_url.rstrip('/') + path

@@ -149,3 +149,16 @@ def test_a_refused_removal_revokes_no_key(people):
     key = create_api_key(db, 'acme', 'ann', 'ann')[0]
     with pytest.raises(LastOwner): remove_member(db, 'acme', 'ann')
     assert verify_api_key(db, key).created_by == 'ann'
+
+
+def test_racing_adds_of_one_member_give_one_membership_and_a_clear_error(people):
+    "Every add reads 'not a member yet' before any inserts; the unique index decides, and the losers get MembershipError."
+    db = people
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    def slow(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith('SELECT') and 'FROM core_memberships' in statement: time.sleep(0.15)
+    sa.event.listen(db.engine, 'after_cursor_execute', slow)
+    try: results = _race(*[lambda: add_member(db, 'acme', 'cy', 'member')] * 4)
+    finally: sa.event.remove(db.engine, 'after_cursor_execute', slow)
+    assert sorted(type(r).__name__ for r in results) == ['Membership'] + ['MembershipError'] * 3
+    assert db.q("select count(*) n from core_memberships where tenant_id = 'acme' and user_id = 'cy'")[0]['n'] == 1

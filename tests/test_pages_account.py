@@ -16,12 +16,12 @@ from fh_saas.db_host import HostDatabase, jobs_t
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
 from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
-from fh_saas.memberships import invitations_t
+from fh_saas.memberships import invitations_t, switch_tenant
 from fh_saas.pages_account import add_account_routes
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
 from fh_saas.saas import Saas
-from fh_saas.sessions import SessionManager
+from fh_saas.sessions import SessionManager, start_impersonation
 from fh_saas.tenant_router import TenantRouter
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
@@ -34,7 +34,7 @@ class App:
     def __init__(self, host_db, sessions, router, outbox, app):
         self.host_db, self.sessions, self.router, self.outbox, self.app = host_db, sessions, router, outbox, app
 
-    def client(self) -> TestClient: return TestClient(self.app, follow_redirects=False, base_url='http://testserver')
+    def client(self) -> TestClient: return TestClient(self.app, follow_redirects=False, base_url='https://app.test')
 
     def signup(self, email, company='Acme Corp', password=PW, client=None, **extra) -> TestClient:
         c = client or self.client()
@@ -490,7 +490,7 @@ def test_changes_without_this_sessions_form_token_are_refused(world):
     foreign = csrf(other.get('/tenants').text)
     for path, data in [('/tenants/switch', dict(tenant_id='acme_corp')), ('/tenants', dict(company='Sneaky')),
                        ('/api-keys', dict(name='k', mode='live')), ('/team/invite', dict(email='m@example.com', role='admin'))]:
-        for token in ('', foreign):
+        for token in ('', foreign, 'é' * 64):
             r = ann.post(path, data=dict(data, csrf=token))
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, token)
     assert world.host_db.tenants.count == 2 and len(world.host_db.q("select key_id from auth_api_keys")) == 0
@@ -525,3 +525,54 @@ def test_status_page_is_for_members_only_and_reports_a_failed_job(world):
     assert 'Setting up this tenant failed' in page and 'every 1s' not in page and 'disk full' not in page
     with world.host_db.transaction() as conn:
         assert conn.execute(jobs_t.select().where(jobs_t.c.tenant_id == 'acme_corp')).one().status == 'dead'
+
+
+def test_public_forms_refuse_posts_started_by_another_site(world):
+    "Login CSRF: another site's form must not sign the visitor in (or up) as someone else, nor send reset mail."
+    world.signup('ann@example.com')
+    before = (world.host_db.global_users.count, len(world.outbox.messages))
+    for headers in ({'Sec-Fetch-Site': 'cross-site'}, {'Sec-Fetch-Site': 'same-site'}, {'Origin': 'https://evil.example'}, {'Origin': 'null'}):
+        c = world.client()
+        for path, data in [('/login', dict(email='ann@example.com', password=PW)),
+                           ('/signup', dict(email='eve@example.com', password=PW, company='Evil Inc')),
+                           ('/password-reset', dict(email='ann@example.com'))]:
+            r = c.post(path, data=data, headers=headers)
+            assert r.status_code == 403 and 'did not come from this site' in r.text and 'set-cookie' not in r.headers, (path, headers)
+    assert (world.host_db.global_users.count, len(world.outbox.messages)) == before
+    for headers in ({'Sec-Fetch-Site': 'same-origin', 'Origin': 'https://app.test'}, {'Origin': 'https://app.test'}, {}):
+        r = world.client().post('/login', data=dict(email='ann@example.com', password=PW), headers=headers)
+        assert r.status_code == 303 and 'fh_saas_session=' in r.headers['set-cookie'], headers
+
+
+def test_the_session_cookie_is_secure_when_the_site_is_https_even_behind_a_plain_http_proxy(world):
+    world.signup('ann@example.com')
+    r = TestClient(world.app, follow_redirects=False, base_url='http://app.internal').post('/login', data=dict(email='ann@example.com', password=PW))
+    assert r.status_code == 303 and 'secure' in r.headers['set-cookie'].lower().split('; ')
+
+
+def test_an_invitation_whose_mail_fails_is_not_kept_and_a_bad_address_stores_nothing(world, monkeypatch):
+    ann = world.owner('ann@example.com')
+    token = csrf(ann.get('/team').text)
+    r = ann.post('/team/invite', data=dict(email='bob@example.com\r\nBcc: all@example.com', role='member', csrf=token))
+    assert r.status_code == 400 and 'not an email address' in r.text
+    def down(to, subject, body): raise ConnectionRefusedError('SMTP server down')
+    monkeypatch.setattr(world.outbox, 'send', down)
+    r = ann.post('/team/invite', data=dict(email='bob@example.com', role='member', csrf=token))
+    assert r.status_code == 503 and 'could not be sent' in r.text
+    assert world.host_db.q("select count(*) n from auth_invitations")[0]['n'] == 0
+    assert 'Pending invitations' not in ann.get('/team').text
+
+
+def test_an_impersonating_admin_cannot_mint_an_api_key_that_outlasts_the_impersonation(world):
+    world.owner('ann@example.com')
+    ann_id = next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+    world.host_db.global_users.insert(dict(id='root', email='root@example.com', is_sys_admin=True))
+    cookie = world.sessions.create('root')
+    switch_tenant(world.sessions, start_impersonation(world.sessions, world.sessions.load(cookie), ann_id), 'acme_corp')
+    admin = world.client()
+    admin.cookies.set(world.sessions.cookie_name, cookie)
+    page = admin.get('/api-keys')
+    assert page.status_code == 200
+    r = admin.post('/api-keys', data=dict(name='backdoor', mode='live', csrf=csrf(page.text)))
+    assert r.status_code == 403 and 'while impersonating' in r.text
+    assert len(world.host_db.q("select key_id from auth_api_keys")) == 0

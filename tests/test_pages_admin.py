@@ -1,6 +1,7 @@
 "The system-admin pages through a real FastHTML app: tenant lifecycle, impersonation, jobs, audit paging and webhook replay."
 import json, re
 
+from fh_saas.api_keys import create_api_key
 from fh_saas.audit import audit
 from fh_saas.billing import seed_plans
 from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
@@ -237,3 +238,14 @@ def test_admin_pages_name_the_sessions_current_tenant_while_it_is_active(site):
     suspend_tenant(site.host_db, 'acme')
     page = root.get('/admin').text
     assert 'no tenant' in page and 'href="/team"' not in page
+
+
+def test_a_system_admins_api_key_does_not_open_the_admin_area(site):
+    site.user('root', is_sys_admin=True); site.user('alice')
+    site.tenant('acme'); site.member('root', 'acme', 'owner'); site.member('alice', 'acme')
+    secret, _ = create_api_key(site.host_db, 'acme', 'root', 'automation', 'secret', 'live')
+    api = site.client()
+    for path in ('/admin', '/admin/users', '/admin/jobs', '/admin/audit', '/admin/webhooks'):
+        r = api.get(path, headers={'Authorization': f'Bearer {secret}'})
+        assert r.status_code == 403 and 'API keys cannot open it' in r.text and 'alice@example.com' not in r.text, path
+    assert 'alice@example.com' in site.client('root').get('/admin/users').text   # the same admin, signed in, is let in
