@@ -60,12 +60,12 @@ def _find_user(conn, ident: ExternalIdentity):
     row = conn.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == ident.email.lower())).first()
     return (row[0] if row else None), True
 
-def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalIdentity) -> bool:
-    "Hand `uid` to the proven owner of its email when it was never verified, cutting every other way in; False when verified."
+def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalIdentity):
+    "Hand `uid` to the proven owner of its email if it was never verified, cutting every other way in; nothing if verified."
     db, now, u = sessions.host_db, timestamp(), users_t.c
     claimed = conn.execute(users_t.update().where(u.id == uid, u.email_verified_at.is_(None))
                            .values(email_verified_at=now, password_hash=None, password_changed_at=now)).rowcount
-    if not claimed: return False
+    if not claimed: return  # verified already (perhaps by a concurrent claim, whose row lock this update waited on)
     ended = sessions.revoke_user(uid)
     k = api_keys_t.c
     keys = conn.execute(api_keys_t.update().where(k.created_by == uid, k.revoked_at.is_(None))
@@ -75,7 +75,6 @@ def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalI
     dropped = conn.execute(oauth_identities_t.delete().where(oauth_identities_t.c.user_id == uid)).rowcount
     audit(db, 'auth.unverified_account_claimed', target_id=uid, actor_user_id=uid,
           details=dict(provider=ident.provider, logins_ended=ended, keys_revoked=len(keys), identities_removed=dropped))
-    return True
 
 def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> GlobalUser:
     "The user `ident` signs in as: already linked, linked now by verified email (claiming an unverified account), or created; audited."
