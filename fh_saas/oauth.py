@@ -22,6 +22,7 @@ from .db_host import (HostDatabase, HostComponent, register_component, GlobalUse
 from .audit import audit
 from .sessions import SessionManager
 from .passwords import open_session
+from .api_keys import api_keys_t
 
 # %% ../nbs/03i_oauth.ipynb #ef3db1c3
 identities_meta = sa.MetaData()
@@ -46,35 +47,53 @@ class ExternalIdentity:
     provider: str; subject: str; email: str | None; email_verified: bool; name: str | None = None
 
 class OAuthLinkRefused(PermissionError):
-    "The provider's email matches an account but is not verified, so it cannot be linked."
+    "The provider shared no email, or one it has not verified, for an identity not linked yet."
 
 def _find_user(conn, ident: ExternalIdentity):
+    "`(user_id, new_link)`: the linked user, the user to link by email, or `(None, True)` to create one."
     i = oauth_identities_t.c
     uid = conn.execute(sa.select(i.user_id).where(i.provider == ident.provider, i.subject == ident.subject)).scalar()
     if uid: return uid, False
     if not ident.email: raise OAuthLinkRefused(f"{ident.provider} did not share an email address")
-    row = conn.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == ident.email.lower())).first()
-    if row is None: return None, True
     if not ident.email_verified:
-        raise OAuthLinkRefused(f"an account uses {ident.email}, but {ident.provider} has not verified it: log in with your password, then link")
-    return row[0], True
+        raise OAuthLinkRefused(f"{ident.provider} has not verified {ident.email}: verify it there, or sign up with a password")
+    row = conn.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == ident.email.lower())).first()
+    return (row[0] if row else None), True
 
-def link_or_create_user(host_db: HostDatabase, ident: ExternalIdentity) -> GlobalUser:
-    "The user `ident` signs in as: already linked, linked now by verified email, or created; audited."
+def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalIdentity):
+    "Hand `uid` to the proven owner of its email if it was never verified, cutting every other way in; nothing if verified."
+    db, now, u = sessions.host_db, timestamp(), users_t.c
+    claimed = conn.execute(users_t.update().where(u.id == uid, u.email_verified_at.is_(None))
+                           .values(email_verified_at=now, password_hash=None, password_changed_at=now)).rowcount
+    if not claimed: return  # verified already (perhaps by a concurrent claim, whose row lock this update waited on)
+    ended = sessions.revoke_user(uid)
+    k = api_keys_t.c
+    keys = conn.execute(api_keys_t.update().where(k.created_by == uid, k.revoked_at.is_(None))
+                        .values(revoked_at=now).returning(k.key_id, k.tenant_id)).all()
+    for key_id, tenant_id in keys:
+        audit(db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id, details=dict(reason='unverified_account_claimed', user_id=uid))
+    dropped = conn.execute(oauth_identities_t.delete().where(oauth_identities_t.c.user_id == uid)).rowcount
+    audit(db, 'auth.unverified_account_claimed', target_id=uid, actor_user_id=uid,
+          details=dict(provider=ident.provider, logins_ended=ended, keys_revoked=len(keys), identities_removed=dropped))
+
+def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> GlobalUser:
+    "The user `ident` signs in as: already linked, linked now by verified email (claiming an unverified account), or created; audited."
+    db = sessions.host_db
     for attempt in (1, 2):
         try:
-            with host_db.transaction() as conn:
+            with db.transaction() as conn:
                 uid, new_link = _find_user(conn, ident)
                 if uid is None:
                     uid = gen_id()
                     conn.execute(users_t.insert().values(id=uid, email=ident.email, name=ident.name, created_at=timestamp(),
-                                 is_active=True, is_sys_admin=False, email_verified_at=timestamp() if ident.email_verified else None))
-                    audit(host_db, 'auth.user_created', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider))
+                                 is_active=True, is_sys_admin=False, email_verified_at=timestamp()))
+                    audit(db, 'auth.user_created', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider))
+                elif new_link: _claim_unverified(sessions, conn, uid, ident)
                 if new_link:
                     conn.execute(oauth_identities_t.insert().values(id=gen_id(), provider=ident.provider, subject=ident.subject,
                                                                     user_id=uid, email=ident.email, created_at=timestamp()))
-                    audit(host_db, 'auth.oauth_linked', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider))
-            return host_db.global_users[uid]
+                    audit(db, 'auth.oauth_linked', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider))
+            return db.global_users[uid]
         except sa.exc.IntegrityError:
             if attempt == 2: raise  # a concurrent first sign-in of the same person won; the retry finds its rows
 
@@ -142,7 +161,7 @@ def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvide
         except OAuthError: return fail('provider_refused')
         ip, ua = req.client and req.client.host, req.headers.get('user-agent')
         def sign_in():
-            user = link_or_create_user(sessions.host_db, ident)
+            user = link_or_create_user(sessions, ident)
             if not user.is_active: return None
             with sessions.host_db.transaction():
                 audit(sessions.host_db, 'auth.login', target_id=user.id, actor_user_id=user.id, ip_address=ip, user_agent=ua,

@@ -1,19 +1,25 @@
 "OpenID Connect end to end: a real FastHTML app, authlib's Starlette client and a local OIDC provider, redirects followed by hand."
+import json
 from urllib.parse import urlsplit, parse_qs, urlencode
 
 import httpx
 import pytest
 from oidc_provider_mock import run_server_in_thread, User
 
-from fh_saas.oauth import add_oauth_routes, oidc_provider
-from auth_helpers import make_world
+from fh_saas.api_keys import create_api_key
+from fh_saas.db_host import timestamp
+from fh_saas.oauth import add_oauth_routes, oidc_provider, oauth_identities_t
+from auth_helpers import make_world, SECRET
 
 # the provider mock itself uses authlib APIs that warn about their own deprecation
 pytestmark = pytest.mark.filterwarnings('ignore:get_jwt_config:DeprecationWarning', 'ignore:authlib.jose:DeprecationWarning')
 
 USERS = [User(sub='alice-sub', claims=dict(email='alice@example.com', email_verified=True, name='Alice')),
          User(sub='mallory-sub', claims=dict(email='ann@example.com', email_verified=False)),
-         User(sub='ann-sub', claims=dict(email='ANN@example.com', email_verified=True))]
+         User(sub='ann-sub', claims=dict(email='ANN@example.com', email_verified=True)),
+         User(sub='sam-sub', claims=dict(email='Sam@example.com', email_verified=True, name='Sam')),
+         User(sub='lax-sam-sub', claims=dict(email='sam@example.com', email_verified=False)),
+         User(sub='lax-new-sub', claims=dict(email='nobody@example.com', email_verified=False))]
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +31,7 @@ def provider():
 @pytest.fixture
 def world(sqlite_host_db, tmp_path, provider):
     w = make_world(sqlite_host_db, tmp_path)
-    w.user('ann'); w.tenant('acme'); w.member('ann', 'acme', 'owner')
+    w.user('ann', email_verified_at=timestamp()); w.tenant('acme'); w.member('ann', 'acme', 'owner')
     add_oauth_routes(w.app, w.sessions, [oidc_provider('mock', 'client-1', 'secret-1', provider)], after_login='/notes')
     yield w
     w.tenant_dbs.close()
@@ -73,6 +79,52 @@ def test_unverified_email_never_links(world):
     assert c.get('/notes').status_code == 303 and c.get('/notes').headers['location'].startswith('/login')
 
 
+def test_unverified_email_never_creates_a_user(world):
+    r = sign_in(world.client(), 'lax-new-sub')
+    assert r.headers['location'] == '/login?error=email_not_verified'
+    assert world.host_db.global_users.count == 1
+    assert world.host_db.q("select count(*) n from auth_oauth_identities")[0]['n'] == 0
+
+
+def squatter(world):
+    "An attacker's password account on Sam's address, never confirmed: a live session, an API key and an identity at a lax provider."
+    world.user('sam'); world.member('sam', 'acme')
+    attacker = world.login_client('sam')
+    assert attacker.get('/tenants').text == 'choose a tenant, sam'
+    key, _ = create_api_key(world.host_db, 'acme', 'sam', 'attacker ci')
+    assert world.client().get('/api/notes', headers={'Authorization': f'Bearer {key}'}).status_code == 200
+    with world.host_db.transaction() as conn:
+        conn.execute(oauth_identities_t.insert().values(provider='lax', subject='squat', user_id='sam', email='sam@example.com'))
+    return attacker, key
+
+
+def test_unverified_email_does_not_claim_an_unverified_account(world):
+    attacker, key = squatter(world)
+    assert sign_in(world.client(), 'lax-sam-sub').headers['location'] == '/login?error=email_not_verified'
+    assert attacker.get('/tenants').text == 'choose a tenant, sam'
+    assert world.host_db.global_users['sam'].email_verified_at is None
+
+
+def test_verified_owner_claims_a_squatted_account(world):
+    attacker, key = squatter(world)
+    victim = world.client()
+    r = sign_in(victim, 'sam-sub')
+    assert (r.status_code, r.headers['location']) == (303, '/notes')
+    assert victim.get('/tenants').text == 'choose a tenant, sam'
+    assert attacker.get('/tenants').headers['location'].startswith('/login')
+    assert world.client().get('/api/notes', headers={'Authorization': f'Bearer {key}'}).status_code == 401
+    assert world.client().post('/login', data=dict(email='sam@example.com', password='correct horse battery')).status_code == 401
+    sam = world.host_db.global_users['sam']
+    assert sam.email_verified_at and sam.password_hash is None
+    assert world.host_db.q("select provider, subject from auth_oauth_identities where user_id = 'sam'") == [dict(provider='mock', subject='sam-sub')]
+    claim = world.host_db.audit_logs(where="event_type = 'auth.unverified_account_claimed'")
+    assert [(a.target_id, json.loads(a.details)) for a in claim] == [
+        ('sam', dict(provider='mock', logins_ended=1, keys_revoked=1, identities_removed=1))]
+    assert world.host_db.memberships(where="user_id = 'sam'")[0].is_active
+    assert sign_in(world.client(), 'sam-sub').status_code == 303
+    assert len(world.host_db.audit_logs(where="event_type = 'auth.unverified_account_claimed'")) == 1
+
+
 def test_forged_state_is_refused(world):
     c = world.client()
     r = sign_in(c, 'alice-sub', tamper_state=True)
@@ -92,16 +144,42 @@ def test_concurrent_first_sign_ins_make_one_user_and_one_identity(pg_url):
     from concurrent.futures import ThreadPoolExecutor
     from fh_saas.db_host import HostDatabase
     from fh_saas.oauth import ExternalIdentity, link_or_create_user
+    from fh_saas.sessions import SessionManager
     db = HostDatabase(pg_url)
+    sessions = SessionManager(db, SECRET)
     try:
         barrier, ident = threading.Barrier(6), ExternalIdentity('google', 'g-77', 'new@example.com', True, 'New')
         def sign_in(_):
             barrier.wait()
-            return link_or_create_user(db, ident).id
+            return link_or_create_user(sessions, ident).id
         with ThreadPoolExecutor(6) as ex: ids = set(ex.map(sign_in, range(6)))
         assert len(ids) == 1
         assert db.q("select count(*) n from core_users")[0]['n'] == 1
         assert db.q("select count(*) n from auth_oauth_identities")[0]['n'] == 1
         assert db.q("select count(*) n from sys_audit_logs where event_type = 'auth.user_created'")[0]['n'] == 1
+    finally:
+        db.close(); HostDatabase.reset_instance()
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_by_several_providers_claim_once_and_keep_every_link(pg_url):
+    "Six providers vouch for the owner of an unverified account at once: one claim; no claim deletes another's fresh link."
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from fh_saas.db_host import HostDatabase, GlobalUser
+    from fh_saas.oauth import ExternalIdentity, link_or_create_user
+    from fh_saas.sessions import SessionManager
+    db = HostDatabase(pg_url)
+    sessions = SessionManager(db, SECRET)
+    try:
+        db.global_users.insert(GlobalUser(id='sam', email='sam@example.com', password_hash='attacker-chosen'))
+        barrier = threading.Barrier(6)
+        def sign_in(n):
+            barrier.wait()
+            return link_or_create_user(sessions, ExternalIdentity(f'p{n}', 'sub', 'sam@example.com', True)).id
+        with ThreadPoolExecutor(6) as ex: assert set(ex.map(sign_in, range(6))) == {'sam'}
+        assert db.q("select count(*) n from auth_oauth_identities where user_id = 'sam'")[0]['n'] == 6
+        assert db.q("select count(*) n from sys_audit_logs where event_type = 'auth.unverified_account_claimed'")[0]['n'] == 1
+        assert db.global_users['sam'].password_hash is None
     finally:
         db.close(); HostDatabase.reset_instance()
