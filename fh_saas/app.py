@@ -55,7 +55,7 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
     if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
-    if oauth_providers: add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home)
+    if oauth_providers: add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
                             access=lambda h, tid: entitlements(h, tid, policy=policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable))

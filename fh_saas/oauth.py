@@ -17,8 +17,7 @@ from authlib.integrations.starlette_client import OAuth, OAuthError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse
 
-from .db_host import (HostDatabase, HostComponent, register_component, GlobalUser, users_t, gen_id, timestamp,
-                             UTCTimestamp)
+from .db_host import HostComponent, register_component, GlobalUser, users_t, gen_id, timestamp, UTCTimestamp
 from .audit import audit
 from .sessions import SessionManager
 from .passwords import open_session
@@ -142,8 +141,8 @@ async def identity_from_token(client, provider: OAuthProvider, token: dict) -> E
 
 # %% ../nbs/03i_oauth.ipynb #4cddd968
 def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvider], prefix: str = '/auth/oauth',
-                     after_login: str = '/', login_path: str = '/login') -> OAuth:
-    "Add `{prefix}/{name}/login` and `{prefix}/{name}/callback` to a FastHTML `app`; the authlib registry."
+                     after_login: str = '/', login_path: str = '/login', secure: bool = False) -> OAuth:
+    "Add `{prefix}/{name}/login` and `{prefix}/{name}/callback` to a FastHTML `app` (`secure`: the site is https); the authlib registry."
     oauth, by_name = make_oauth(providers), {p.name: p for p in providers}
 
     def fail(reason: str): return RedirectResponse(f'{login_path}?error={reason}', 303)
@@ -170,5 +169,5 @@ def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvide
         try: cookie = await run_in_threadpool(sign_in)
         except OAuthLinkRefused: return fail('email_not_verified')
         if cookie is None: return fail('account_disabled')
-        return sessions.set_cookie(RedirectResponse(after_login, 303), cookie, req.url.scheme == 'https')
+        return sessions.set_cookie(RedirectResponse(after_login, 303), cookie, secure or req.url.scheme == 'https')
     return oauth
