@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/tenant_router.html.md"""
 __all__ = ['LISTENER_NAME', 'TenantPoolExhausted', 'TenantDatabase', 'TenantRouter', 'RoutingListener']
 
 # %% ../nbs/01a_tenant_router.ipynb #023b3ddf
-import logging, os, select, threading, time, weakref
+import logging, os, selectors, threading, time, weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -188,8 +188,8 @@ _log = logging.getLogger(__name__)
 
 class RoutingListener:
     "A daemon thread that `LISTEN`s for routing changes on a PostgreSQL host `engine` and tells this process's routers."
-    def __init__(self, engine: sa.Engine, backoff: tuple[float, float] = (0.1, 5.0), heartbeat: float = 30.0):
-        self.engine, self.backoff, self.heartbeat = engine, backoff, heartbeat
+    def __init__(self, engine: sa.Engine, backoff: tuple[float, float] = (0.1, 5.0)):
+        self.engine, self.backoff = engine, backoff
         self.routers, self.listens = weakref.WeakSet(), 0   # `listens`: how many times it has connected, LISTENed and made routers forget
         self._stopping = threading.Event()
         self._wake, self._waker = os.pipe()   # `stop` writes to `_waker` to end the wait at once
@@ -212,12 +212,14 @@ class RoutingListener:
         for router in routers: router.forget_all()
 
     def _serve(self, conn):
-        "Pass each notification to `_changed` until `stop` (psycopg2's select/poll/notifies pattern)."
-        while not self._stopping.is_set():
-            ready, _, _ = select.select([conn, self._wake], [], [], self.heartbeat)
-            if self._wake in ready: return
-            conn.poll()
-            while conn.notifies: _changed(conn.notifies.pop(0).payload)
+        "Pass each notification to `_changed` until `stop`: psycopg2's select/poll/notifies pattern."
+        with selectors.DefaultSelector() as sel:  # not `select.select`, which fails on descriptors past 1023
+            sel.register(conn, selectors.EVENT_READ)
+            sel.register(self._wake, selectors.EVENT_READ)
+            while True:  # no timeout needed: `stop` wakes it, a dropped connection is readable, keepalives catch a silent one
+                if any(key.fileobj == self._wake for key, _ in sel.select()): return
+                conn.poll()
+                while conn.notifies: _changed(conn.notifies.pop(0).payload)
 
     def _run(self):
         delay = self.backoff[0]
@@ -252,7 +254,7 @@ _listeners_lock = threading.Lock()
 def _listen(router):
     "Register `router` with its host database's listener, starting it if needed; nothing on SQLite."
     engine = router.host_db.engine
-    if engine.dialect.name != 'postgresql': return
+    if (engine.dialect.name, engine.dialect.driver) != ('postgresql', 'psycopg2'): return
     with _listeners_lock:
         if (listener := _listeners.get(engine)) is None:
             listener = _listeners[engine] = RoutingListener(engine)

@@ -1,5 +1,5 @@
 "Routing changes reach routers in other processes through PostgreSQL LISTEN/NOTIFY, with the TTL as the safety net."
-import logging, select, threading
+import logging, os, select, subprocess, threading
 from contextlib import closing
 
 import psycopg2
@@ -8,9 +8,10 @@ import sqlalchemy as sa
 
 from fh_saas.db_tenant import ROUTING_CHANNEL, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant, \
     rotate_secret_key, suspend_tenant, tenant_row, tenants_t
+from fh_saas.db_host import HostDatabase
 from fh_saas.tenant_router import LISTENER_NAME, TenantRouter, _listeners
-from pgserver import wait_for
-from tenant_helpers import listening, new_id, pg_host, prepare, run_elsewhere, secret_key, sqlite_host  # noqa: F401
+from pgserver import start_cluster, wait_for
+from tenant_helpers import clean_up, listening, new_id, pg_host, prepare, register, run_elsewhere, secret_key, sqlite_host  # noqa: F401
 
 pytestmark = pytest.mark.postgres
 
@@ -120,6 +121,32 @@ def test_the_listener_reconnects_after_its_connection_is_killed(pg_server, pg_ur
     elsewhere(pg_url, 'suspend_tenant', tid)
     assert wait_for(lambda: refused(router, tid), timeout=2)
     assert listener_threads() == [listener.thread]
+
+
+def test_the_listener_comes_back_after_a_server_restart(caplog):
+    server = start_cluster()
+    try:
+        url = server.create_database('restart')
+        host_db = HostDatabase(url)
+        try:
+            register(host_db, server)
+            tid = provision_tenant(host_db, new_id(), prepare=prepare).id
+            router = TenantRouter(host_db, ttl=60)
+            listener = listening(router)
+            with server.engine.connect() as c: data = c.exec_driver_sql('SHOW data_directory').scalar()
+            server.engine.dispose()
+            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w', 'restart']
+            with caplog.at_level(logging.WARNING, logger='fh_saas.tenant_router'):
+                subprocess.run(['runuser', '-u', 'postgres', '--', *cmd] if os.geteuid() == 0 else cmd, check=True, capture_output=True, timeout=60)
+                assert wait_for(lambda: listener.listens == 2)
+            assert 'reconnecting' in caplog.text and listener_threads() == [listener.thread]
+            with router.connect(tid): pass
+            elsewhere(url, 'suspend_tenant', tid)
+            assert wait_for(lambda: refused(router, tid), timeout=2)
+            router.close()
+            assert listener_threads() == []
+        finally: clean_up(host_db)
+    finally: server.stop()
 
 
 def test_one_listener_per_host_database_until_the_last_router_closes(pg_host, pg_server, pg_url):
