@@ -1,13 +1,17 @@
 "Fixtures and helpers shared by the tenant tests (and importable by their subprocesses)."
-import secrets
+import os, secrets, subprocess, sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from fh_saas.db_host import HostDatabase
 from fh_saas.db_tenant import add_db_server, deprovision_tenant, tenants_t
+from fh_saas.tenant_router import _listeners
+from pgserver import wait_for
 
 SECRET = 'test-master-key-' + '0123456789abcdef' * 2
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare(engine) -> int:
@@ -40,6 +44,19 @@ def tenant_connections(server, like='tenant_%') -> int:
     "Open client connections on `server` made by tenant roles."
     with server.engine.connect() as c:
         return c.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE usename LIKE %s", (like,)).scalar()
+
+
+def run_elsewhere(code: str):
+    "Run `code` in a separate Python process (another worker of the app)."
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FH_SAAS_SECRET_KEY=SECRET)
+    subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=60)
+
+
+def listening(router):
+    "The `RoutingListener` of `router` (on a PostgreSQL host) once it listens and has made its routers forget what came before."
+    listener = _listeners[router.host_db.engine]
+    assert wait_for(lambda: listener.listens >= 1)
+    return listener
 
 
 def clean_up(host_db):

@@ -1,6 +1,5 @@
 "TenantRouter on real PostgreSQL: budget and eviction, thread safety, invalidation within and across processes."
-import os, subprocess, sys, threading
-from pathlib import Path
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -9,10 +8,9 @@ from fh_saas.db_host import get_db_uri
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant
 from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter
 from pgserver import wait_for
-from tenant_helpers import SECRET, new_id, pg_host, prepare, secret_key, sqlite_host, tenant_connections  # noqa: F401
+from tenant_helpers import listening, new_id, pg_host, prepare, run_elsewhere, secret_key, sqlite_host, tenant_connections  # noqa: F401
 
 pytestmark = pytest.mark.postgres
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -24,6 +22,7 @@ def tenants(pg_host):
 @pytest.fixture
 def router(pg_host):
     r = TenantRouter(pg_host, budget=4, pool_size=2, ttl=60, timeout=5)
+    listening(r)  # its first LISTEN empties the cache: let that happen before the tests count catalog reads
     yield r
     r.close()
 
@@ -99,6 +98,7 @@ def test_threads_never_exceed_the_budget(pg_server, tenants, router):
 
 def test_waits_then_fails_clearly_when_everything_is_busy(pg_host, tenants):
     r = TenantRouter(pg_host, budget=2, pool_size=2, timeout=0.2)
+    listening(r)
     try:
         with r.connect(tenants[0]), r.connect(tenants[0]):
             with pytest.raises(TenantPoolExhausted, match='all 2 tenant connections'): r.engine(tenants[1])
@@ -130,12 +130,6 @@ def test_provisioning_tenant_is_not_routed(pg_host, router, monkeypatch):
     monkeypatch.setattr(db_tenant, '_after_step', crash)
     with pytest.raises(RuntimeError): provision_tenant(pg_host, tid, prepare=prepare)
     with pytest.raises(TenantUnavailable, match='provisioning'): router.engine(tid)
-
-
-def run_elsewhere(code: str):
-    "Run `code` in a separate Python process (another worker of the app)."
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FH_SAAS_SECRET_KEY=SECRET)
-    subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=60)
 
 
 def test_changes_in_another_process_stop_routing_within_the_ttl(pg_host, pg_url, tenants):
