@@ -14,7 +14,7 @@ __all__ = ['ENDED_STATUSES', 'billing_metadata', 'overrides_t', 'usage_t', 'Plan
 # %% ../nbs/04_billing.ipynb #2b79a86f
 import functools, inspect, json, re
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Mapping
 
@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from .db_host import (
     HostComponent, PricingPlan, UTCTimestamp, as_utc, dialect_insert, plans_t, register_component, subscriptions_t,
-    tenants_t, timestamp)
+    tenants_t, timestamp, utcnow)
 
 # %% ../nbs/04_billing.ipynb #1b66118d
 class PlanError(ValueError):
@@ -145,7 +145,7 @@ _REFUSED = dict(incomplete='the first payment has not completed', incomplete_exp
                 unpaid='invoices are unpaid', paused='the subscription is paused', canceled='the subscription was canceled')
 ENDED_STATUSES = frozenset({'canceled', 'incomplete_expired'})   # over for good: no later event revives them
 
-def _now(now=None) -> datetime: return datetime.now(timezone.utc) if now is None else as_utc(now)
+def _now(now=None) -> datetime: return utcnow() if now is None else as_utc(now)
 
 def subscription_access(sub: dict, now, policy: BillingPolicy = BillingPolicy()) -> Access:
     "The verdict of one subscription row (with its resolved `plan_id`) at `now`; no database."

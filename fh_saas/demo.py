@@ -9,7 +9,7 @@ __all__ = ['DEMO_PLANS', 'DEMO_EMAIL', 'DEMO_PASSWORD', 'PROJECTS_SQL', 'seed_de
 
 # %% ../nbs/99_demo.ipynb #16bb71dc
 import csv, io, os, secrets, threading
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -19,7 +19,7 @@ from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, Pre, Redi
 
 from .app import setup_saas
 from .billing import BillingPolicy, require_feature, seed_plans
-from .db_host import HostDatabase, GlobalUser, Subscription, gen_id, timestamp
+from .db_host import HostDatabase, GlobalUser, Subscription, gen_id, timestamp, utcnow
 from .db_tenant import add_db_server, db_servers_t, provision_tenant
 from .jobs import Worker
 from .mail import MemoryOutbox
@@ -67,7 +67,7 @@ def seed_demo(host_db: HostDatabase) -> str:
                                                       is_sys_admin=True, email_verified_at=timestamp()))
         add_member(host_db, tenant.id, user.id, 'owner')
         host_db.subscriptions.insert(Subscription(tenant_id=tenant.id, status='trialing', plan_tier='pro',
-                                                  trial_end=timestamp(datetime.now(timezone.utc) + timedelta(days=14))))
+                                                  trial_end=timestamp(utcnow() + timedelta(days=14))))
     return user.id
 
 # %% ../nbs/99_demo.ipynb #6b187a00
