@@ -109,8 +109,14 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
         raise LoginFailed("wrong email or password")
     with host_db.transaction() as conn:
         values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
-        conn.execute(users_t.update().where(users_t.c.id == row['id']).values(**values))
-        audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
+        u = users_t.c
+        if still := conn.execute(users_t.update().where(u.id == row['id'], u.password_hash == row['password_hash'], u.is_active.is_(True))
+                                 .values(**values)).rowcount == 1:
+            audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
+    if not still:   # the password changed (a reset, an account claimed by its email's owner) while this one was checked
+        with host_db.transaction():
+            audit(host_db, 'auth.login_failed', target_id=row['id'], details=dict(email=_as_logged(email), reason='changed'), **where)
+        raise LoginFailed("wrong email or password")
     reset_bucket(host_db, buckets[0][0])
     for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now)
     return host_db.global_users[row['id']]
@@ -125,8 +131,11 @@ def login(sessions: SessionManager, email: str, password: str, ip_address: str |
           user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
           hasher: PasswordHasher = default_hasher) -> tuple[GlobalUser, str]:
     "Authenticate and open a session: `(user, cookie_value)`."
-    user = authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher, sessions.clock())
-    return user, open_session(sessions, user.id, ip_address, user_agent)
+    user, db, u = authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher, sessions.clock()), sessions.host_db, users_t.c
+    with db.transaction() as conn:
+        checked = sa.select(u.id).where(u.id == user.id, u.password_hash == user.password_hash, u.is_active.is_(True))
+        if conn.execute(checked.with_for_update()).first() is None: raise LoginFailed("wrong email or password")
+        return user, open_session(sessions, user.id, ip_address, user_agent)
 
 # %% ../nbs/03e_passwords.ipynb #69d584de
 def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now):

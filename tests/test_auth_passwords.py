@@ -8,7 +8,9 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 
 from fh_saas.db_host import GlobalUser
+from fh_saas import passwords
 from fh_saas.mail import MemoryOutbox, SMTPMailer
+from fh_saas.oauth import ExternalIdentity, link_or_create_user
 from fh_saas.passwords import (authenticate, hash_password, request_password_reset, reset_password, LoginFailed,
                                LoginThrottle, send_email_verification, verify_email, WeakPassword)
 from fh_saas.rate_limits import RateLimit
@@ -240,3 +242,20 @@ def test_a_failed_reset_mail_is_logged_without_the_link(world, caplog):
     with pytest.raises(ConnectionRefusedError): done.result(timeout=10)
     assert wait_for(lambda: 'password reset' in caplog.text)       # the done-callback may run just after result()
     assert 'password reset' in caplog.text and 'smtp is down' in caplog.text and 'reset?t=' not in caplog.text
+
+
+@pytest.mark.parametrize('moment', ['after_the_password_check', 'before_the_session'])
+def test_a_claim_by_the_emails_owner_racing_a_password_login_leaves_the_squatter_no_session(host_db, monkeypatch, moment):
+    "Mallory registered victim@corp.com unconfirmed; the victim's verified OAuth sign-in claims it while Mallory logs in."
+    host_db.global_users.insert(GlobalUser(id='squat', email='victim@corp.com', password_hash=hash_password('mallory pw 123', FAST)))
+    sessions = SessionManager(host_db, SECRET)
+    claim = lambda: link_or_create_user(sessions, ExternalIdentity('google', 'victim-sub', 'victim@corp.com', True))
+    if moment == 'after_the_password_check':
+        check = passwords.verify_password
+        monkeypatch.setattr(passwords, 'verify_password', lambda *a: (check(*a), claim())[0])
+    else:
+        auth = passwords.authenticate
+        monkeypatch.setattr(passwords, 'authenticate', lambda *a, **k: (auth(*a, **k), claim())[0])
+    with pytest.raises(LoginFailed): passwords.login(sessions, 'victim@corp.com', 'mallory pw 123', hasher=FAST)
+    live = host_db.q("select count(*) n from auth_sessions where user_id = 'squat' and revoked_at is null")[0]['n']
+    assert live == 0 and host_db.global_users['squat'].password_hash is None
