@@ -217,7 +217,10 @@ class RoutingListener:
             sel.register(conn, selectors.EVENT_READ)
             sel.register(self._wake, selectors.EVENT_READ)
             while True:  # no timeout needed: `stop` wakes it, a dropped connection is readable, keepalives catch a silent one
-                if any(key.fileobj == self._wake for key, _ in sel.select()): return
+                if any(key.fileobj == self._wake for key, _ in sel.select()):
+                    os.read(self._wake, 512)   # drained, so a stray byte cannot make every later wait return at once
+                    if self._stopping.is_set(): return
+                    continue
                 conn.poll()
                 while conn.notifies: _changed(conn.notifies.pop(0).payload)
 
@@ -250,6 +253,14 @@ class RoutingListener:
 # %% ../nbs/01a_tenant_router.ipynb #503a651c
 _listeners: dict[sa.Engine, RoutingListener] = {}
 _listeners_lock = threading.Lock()
+
+def _forget_listeners_after_fork():
+    "In a forked child the parent's listener threads are gone and their pipes are the parent's: drop them untouched."
+    global _listeners_lock
+    _listeners.clear()
+    _listeners_lock = threading.Lock()
+
+os.register_at_fork(after_in_child=_forget_listeners_after_fork)
 
 def _listen(router):
     "Register `router` with its host database's listener, starting it if needed; nothing on SQLite."

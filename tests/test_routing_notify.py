@@ -186,3 +186,17 @@ def test_a_sqlite_host_has_no_listener(sqlite_host):
     r = TenantRouter(sqlite_host)
     try: assert _listeners == {} and listener_threads() == []
     finally: r.close()
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_listener_alone(pg_url, tenants, router):
+    "The child's close/dispose must not stop (or wake) the parent's listener through the inherited pipe."
+    tid, listener = tenants[0], listening(router)
+    before = listener.listens
+    if (pid := os.fork()) == 0:
+        try: router.close(); router.host_db.engine.dispose(close=False)
+        finally: os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    with router.connect(tid): pass
+    elsewhere(pg_url, 'suspend_tenant', tid)
+    assert wait_for(lambda: refused(router, tid), timeout=2)
+    assert listener.thread.is_alive() and listener.listens == before and len(listener_threads()) == 1
