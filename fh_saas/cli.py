@@ -148,6 +148,7 @@ def main(argv=None) -> int:
         uvicorn.run(args.app, host=args.host, port=args.port, workers=args.workers)
         return 0
     if args.cmd == 'tenants' and args.action != 'list' and not args.id: parser().error(f"tenants {args.action} needs an id")
+    if args.cmd == 'tenants' and args.action == 'add-server' and not args.host: parser().error("tenants add-server needs --host")
     if args.cmd == 'plans' and args.action == 'seed' and not args.file: parser().error("plans seed needs a JSON file")
     try: return _COMMANDS[args.cmd](args, HostDatabase.from_env())
     except (ValueError, LookupError, RuntimeError, PermissionError) as e:
