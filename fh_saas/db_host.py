@@ -390,9 +390,15 @@ class NoConnectionBound(RuntimeError):
 class PooledDatabase(Database):
     "A fastsql `Database` over a pooled engine: each call or transaction scope borrows its own connection."
     def __init__(self, engine: sa.Engine, metadata: sa.MetaData | None = None):
-        self.engine, self.conn_str = engine, engine.url.render_as_string()
+        self._engine, self.conn_str = engine, engine.url.render_as_string()
         self.meta = metadata or sa.MetaData()
         self._tables, self._bound = {}, ContextVar(f'fh_saas_conn_{id(self)}', default=None)
+
+    @property
+    def engine(self) -> sa.Engine | sa.Connection:
+        "What fastsql reflects and creates tables through: the scope's connection while one is open, else the pooled engine."
+        c = self._bound.get()
+        return self._engine if c is None else c._conn
 
     @property
     def conn(self):
@@ -403,7 +409,7 @@ class PooledDatabase(Database):
 
     def _begin(self):
         "A connection in a new outermost transaction (the tenant router overrides this to route it)."
-        return self.engine.begin()
+        return self._engine.begin()
 
     @contextmanager
     def transaction(self):
@@ -439,7 +445,21 @@ class PooledDatabase(Database):
         res = self.execute(sa.text(sql), params)
         return res if isinstance(res, list) else []
 
-    def close(self): self.engine.dispose()
+    def table(self, nm: str, cls=None) -> DBTable:
+        "fastsql's `table`; the first use of `nm` reflects it in the current scope, or in one of its own."
+        if nm in self._tables: return self._tables[nm]
+        return self.run(super().table, nm, cls)
+
+    def create(self, cls: type, *args, **kwargs) -> DBTable:
+        "fastsql's `create`, in the current scope or one of its own."
+        return self.run(super().create, cls, *args, **kwargs)
+
+    def table_names(self) -> list[str]: return self.run(super().table_names)
+    def view_names(self) -> list[str]: return self.run(super().view_names)
+    def schema(self) -> str: return self.run(super().schema)
+    def create_view(self, *args, **kwargs): return self.run(super().create_view, *args, **kwargs)
+
+    def close(self): self._engine.dispose()
 
 # %% ../nbs/00_db_host.ipynb #4830dad7
 class DuplicateRecord(ValueError):
