@@ -161,17 +161,13 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-def _password_refused(err) -> bool:
-    return getattr(err, 'pgcode', None) == '28P01' or 'password authentication failed' in str(err)
-
 def _login_under_any_key(dialect, conn_rec, cargs, cparams):
-    "Log a tenant role in with its current-key password; on a password refusal, with each previous key's."
-    *earlier, last = role_passwords(cparams['user'])
-    for password in earlier:
+    "Log a tenant role in with its current-key password, else with each previous key's; if none logs in, the current key's error."
+    current = None
+    for password in role_passwords(cparams['user']):
         try: return dialect.connect(*cargs, **{**cparams, 'password': password})
-        except dialect.loaded_dbapi.OperationalError as e:
-            if not _password_refused(e): raise
-    return dialect.connect(*cargs, **{**cparams, 'password': last})
+        except dialect.loaded_dbapi.OperationalError as e: current = current or e
+    raise current
 
 def entry_engine(row, **kwargs) -> sa.Engine:
     "An engine (`make_engine` with `kwargs`) on a `catalog_entry` row's database; PostgreSQL logins fall back to previous keys."
