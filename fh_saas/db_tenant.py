@@ -302,23 +302,20 @@ class PostgresStore:
                 conn.exec_driver_sql(f'CREATE DATABASE {tmpl}')
                 conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {tmpl} FROM PUBLIC')
             eng = self._one_off(TEMPLATE_DB)
-            try: version = prepare(eng) if prepare else 0
+            try:
+                if prepare: prepare(eng)
             finally: eng.dispose()
-            conn.exec_driver_sql(f'COMMENT ON DATABASE {tmpl} IS %s', (f'schema_version={int(version)}',))
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock(%s)', (_TEMPLATE_LOCK,))
         with self._lock: self._prepared.add(key)
 
-    def _clone_template(self, conn, name) -> int:
-        "Create database `name` from the template (unless it exists); the template's schema version."
+    def _clone_template(self, conn, name):
+        "Create database `name` from the template, unless it exists."
         conn.exec_driver_sql('SELECT pg_advisory_lock_shared(%s)', (_TEMPLATE_LOCK,))
         try:
             if not self._exists(conn, 'pg_database', 'datname', name):
                 conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
                                      f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} ALLOW_CONNECTIONS false')
-            note = conn.exec_driver_sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-                                        (TEMPLATE_DB,)).scalar()
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
-        return int(note.removeprefix('schema_version='))
 
     def create(self, row, prepare) -> int:
         name = row.db_name
@@ -328,12 +325,13 @@ class PostgresStore:
             conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (scram_verifier(role_password(name)),))
             _after_step('provision', 'role')
             self._prepare_template(conn, prepare)
-            version = self._clone_template(conn, name)
+            self._clone_template(conn, name)
             _after_step('provision', 'database')
             conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {q} FROM PUBLIC')
             conn.exec_driver_sql(f'ALTER DATABASE {q} ALLOW_CONNECTIONS true')
         own = self._one_off(name)
         try:
+            version = prepare(own) if prepare else 0
             with own.connect() as conn:
                 conn.execute(sa.text("SELECT set_config('fh_saas.tenant_role', :r, false)"), dict(r=name))
                 conn.execute(_OWN_CLONED_OBJECTS)
