@@ -248,11 +248,27 @@ _TEMPLATE_LOCK = 0x66685f74  # advisory lock id guarding the template ("fh_t")
 _OWN_CLONED_OBJECTS = sa.text("""
 DO $$
 DECLARE r record; owner text := current_setting('fh_saas.tenant_role');
+        admin oid := (SELECT oid FROM pg_roles WHERE rolname = current_user);
 BEGIN
-  FOR r IN SELECT c.oid::regclass AS rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = 'public' AND (c.relkind IN ('r','p','v','m','f') OR (c.relkind = 'S' AND NOT EXISTS
-                 (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a','i'))))
-  LOOP EXECUTE format('ALTER TABLE %s OWNER TO %I', r.rel, owner); END LOOP;
+  FOR r IN WITH user_ns AS (SELECT oid, nspname FROM pg_namespace
+                            WHERE nspname !~ '^pg_' AND nspname <> 'information_schema'),
+                ext AS (SELECT classid, objid FROM pg_depend WHERE deptype = 'e')
+    SELECT format('SCHEMA %I', n.nspname) AS obj FROM pg_namespace n JOIN user_ns USING (oid)
+     WHERE n.nspowner = admin AND n.nspname <> 'public' AND (n.tableoid, n.oid) NOT IN (SELECT * FROM ext)
+    UNION ALL
+    SELECT format('TABLE %s', c.oid::regclass) FROM pg_class c JOIN user_ns n ON n.oid = c.relnamespace
+     WHERE c.relowner = admin AND (c.tableoid, c.oid) NOT IN (SELECT * FROM ext)
+       AND (c.relkind IN ('r','p','v','m','f') OR (c.relkind = 'S' AND NOT EXISTS
+            (SELECT 1 FROM pg_depend d WHERE d.classid = c.tableoid AND d.objid = c.oid AND d.deptype IN ('a','i'))))
+    UNION ALL
+    SELECT format(CASE t.typtype WHEN 'd' THEN 'DOMAIN %s' ELSE 'TYPE %s' END, t.oid::regtype)
+      FROM pg_type t JOIN user_ns n ON n.oid = t.typnamespace LEFT JOIN pg_class c ON c.oid = t.typrelid
+     WHERE t.typowner = admin AND (t.tableoid, t.oid) NOT IN (SELECT * FROM ext)
+       AND (t.typtype IN ('e','d','r') OR (t.typtype = 'c' AND c.relkind = 'c'))
+    UNION ALL
+    SELECT format('ROUTINE %s', p.oid::regprocedure) FROM pg_proc p JOIN user_ns n ON n.oid = p.pronamespace
+     WHERE p.proowner = admin AND (p.tableoid, p.oid) NOT IN (SELECT * FROM ext)
+  LOOP EXECUTE format('ALTER %s OWNER TO %I', r.obj, owner); END LOOP;
 END $$""")
 
 class PostgresStore:

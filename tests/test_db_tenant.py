@@ -284,6 +284,37 @@ def test_provisioning_resumed_by_a_newer_deploy_ends_at_the_newer_version(pg_hos
         deprovision_tenant(pg_host, tid)  # before the second cluster stops
 
 
+KINDS = TenantSchema([TenantMigration(1, 'kinds', """
+    CREATE SCHEMA app;
+    CREATE TABLE app.items (id serial PRIMARY KEY);
+    CREATE TYPE mood AS ENUM ('ok');
+    CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+    CREATE TYPE pair AS (a int, b int);
+    CREATE TYPE span AS RANGE (subtype = int4);
+    CREATE FUNCTION app.greet() RETURNS text LANGUAGE sql AS $$ SELECT 'hi' $$;
+    CREATE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 1 $$""")])
+
+
+def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_host, second_pg_server):
+    register(pg_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
+    row = provision_tenant(pg_host, new_id(), prepare=partial(migrate_database, schema=KINDS), server='second')
+    eng = tenant_engine(pg_host, row.id, poolclass=sa.pool.NullPool)
+    try:
+        with eng.begin() as c:  # what a later migration, run as the tenant role, does
+            for stmt in ("ALTER TYPE mood ADD VALUE 'great'", "ALTER DOMAIN positive ADD CHECK (VALUE < 100)",
+                         "ALTER TYPE pair ADD ATTRIBUTE c int", "CREATE OR REPLACE FUNCTION app.greet() RETURNS text LANGUAGE sql AS $$ SELECT 'hello' $$",
+                         "CREATE OR REPLACE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 2 $$", "ALTER TABLE app.items ADD COLUMN body text",
+                         "CREATE TABLE app.more (id int)", "ALTER TYPE span RENAME TO spans"):
+                c.exec_driver_sql(stmt)
+            assert c.exec_driver_sql("SELECT app.greet()").scalar() == 'hello'
+            owners = c.exec_driver_sql("""SELECT nspname, nspowner::regrole::text FROM pg_namespace
+                                          WHERE nspname IN ('app', 'public') ORDER BY 1""").all()
+        assert owners == [('app', row.db_role), ('public', 'pg_database_owner')]
+    finally:
+        eng.dispose()
+        deprovision_tenant(pg_host, row.id)  # before the second cluster stops
+
+
 def test_suspend_and_resume_are_idempotent(pg_host):
     tid = new_id()
     provision_tenant(pg_host, tid, prepare=prepare)
