@@ -161,17 +161,13 @@ def entry_url(row) -> URL:
     if row['host'] is None: return make_url(row['db_url'])
     return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
 
-def _password_refused(err) -> bool:
-    return getattr(err, 'pgcode', None) == '28P01' or 'password authentication failed' in str(err)
-
 def _login_under_any_key(dialect, conn_rec, cargs, cparams):
-    "Log a tenant role in with its current-key password; on a password refusal, with each previous key's."
-    *earlier, last = role_passwords(cparams['user'])
-    for password in earlier:
+    "Log a tenant role in with its current-key password, else with each previous key's; if none logs in, the current key's error."
+    current = None
+    for password in role_passwords(cparams['user']):
         try: return dialect.connect(*cargs, **{**cparams, 'password': password})
-        except dialect.loaded_dbapi.OperationalError as e:
-            if not _password_refused(e): raise
-    return dialect.connect(*cargs, **{**cparams, 'password': last})
+        except dialect.loaded_dbapi.OperationalError as e: current = current or e
+    raise current
 
 def entry_engine(row, **kwargs) -> sa.Engine:
     "An engine (`make_engine` with `kwargs`) on a `catalog_entry` row's database; PostgreSQL logins fall back to previous keys."
@@ -252,11 +248,27 @@ _TEMPLATE_LOCK = 0x66685f74  # advisory lock id guarding the template ("fh_t")
 _OWN_CLONED_OBJECTS = sa.text("""
 DO $$
 DECLARE r record; owner text := current_setting('fh_saas.tenant_role');
+        admin oid := (SELECT oid FROM pg_roles WHERE rolname = current_user);
 BEGIN
-  FOR r IN SELECT c.oid::regclass AS rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = 'public' AND (c.relkind IN ('r','p','v','m','f') OR (c.relkind = 'S' AND NOT EXISTS
-                 (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a','i'))))
-  LOOP EXECUTE format('ALTER TABLE %s OWNER TO %I', r.rel, owner); END LOOP;
+  FOR r IN WITH user_ns AS (SELECT oid, nspname FROM pg_namespace
+                            WHERE nspname !~ '^pg_' AND nspname <> 'information_schema'),
+                ext AS (SELECT classid, objid FROM pg_depend WHERE deptype = 'e')
+    SELECT format('SCHEMA %I', n.nspname) AS obj FROM pg_namespace n JOIN user_ns USING (oid)
+     WHERE n.nspowner = admin AND n.nspname <> 'public' AND (n.tableoid, n.oid) NOT IN (SELECT * FROM ext)
+    UNION ALL
+    SELECT format('TABLE %s', c.oid::regclass) FROM pg_class c JOIN user_ns n ON n.oid = c.relnamespace
+     WHERE c.relowner = admin AND (c.tableoid, c.oid) NOT IN (SELECT * FROM ext)
+       AND (c.relkind IN ('r','p','v','m','f') OR (c.relkind = 'S' AND NOT EXISTS
+            (SELECT 1 FROM pg_depend d WHERE d.classid = c.tableoid AND d.objid = c.oid AND d.deptype IN ('a','i'))))
+    UNION ALL
+    SELECT format(CASE t.typtype WHEN 'd' THEN 'DOMAIN %s' ELSE 'TYPE %s' END, t.oid::regtype)
+      FROM pg_type t JOIN user_ns n ON n.oid = t.typnamespace LEFT JOIN pg_class c ON c.oid = t.typrelid
+     WHERE t.typowner = admin AND (t.tableoid, t.oid) NOT IN (SELECT * FROM ext)
+       AND (t.typtype IN ('e','d','r') OR (t.typtype = 'c' AND c.relkind = 'c'))
+    UNION ALL
+    SELECT format('ROUTINE %s', p.oid::regprocedure) FROM pg_proc p JOIN user_ns n ON n.oid = p.pronamespace
+     WHERE p.proowner = admin AND (p.tableoid, p.oid) NOT IN (SELECT * FROM ext)
+  LOOP EXECUTE format('ALTER %s OWNER TO %I', r.obj, owner); END LOOP;
 END $$""")
 
 class PostgresStore:
@@ -306,23 +318,20 @@ class PostgresStore:
                 conn.exec_driver_sql(f'CREATE DATABASE {tmpl}')
                 conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {tmpl} FROM PUBLIC')
             eng = self._one_off(TEMPLATE_DB)
-            try: version = prepare(eng) if prepare else 0
+            try:
+                if prepare: prepare(eng)
             finally: eng.dispose()
-            conn.exec_driver_sql(f'COMMENT ON DATABASE {tmpl} IS %s', (f'schema_version={int(version)}',))
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock(%s)', (_TEMPLATE_LOCK,))
         with self._lock: self._prepared.add(key)
 
-    def _clone_template(self, conn, name) -> int:
-        "Create database `name` from the template (unless it exists); the template's schema version."
+    def _clone_template(self, conn, name):
+        "Create database `name` from the template, unless it exists."
         conn.exec_driver_sql('SELECT pg_advisory_lock_shared(%s)', (_TEMPLATE_LOCK,))
         try:
             if not self._exists(conn, 'pg_database', 'datname', name):
                 conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
                                      f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} ALLOW_CONNECTIONS false')
-            note = conn.exec_driver_sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-                                        (TEMPLATE_DB,)).scalar()
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
-        return int(note.removeprefix('schema_version='))
 
     def create(self, row, prepare) -> int:
         name = row.db_name
@@ -332,12 +341,13 @@ class PostgresStore:
             conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (scram_verifier(role_password(name)),))
             _after_step('provision', 'role')
             self._prepare_template(conn, prepare)
-            version = self._clone_template(conn, name)
+            self._clone_template(conn, name)
             _after_step('provision', 'database')
             conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {q} FROM PUBLIC')
             conn.exec_driver_sql(f'ALTER DATABASE {q} ALLOW_CONNECTIONS true')
         own = self._one_off(name)
         try:
+            version = prepare(own) if prepare else 0
             with own.connect() as conn:
                 conn.execute(sa.text("SELECT set_config('fh_saas.tenant_role', :r, false)"), dict(r=name))
                 conn.execute(_OWN_CLONED_OBJECTS)

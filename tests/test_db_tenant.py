@@ -1,5 +1,6 @@
 "Tenant provisioning and lifecycle on real PostgreSQL clusters and SQLite files."
 import threading
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
@@ -8,7 +9,8 @@ from fh_saas import db_tenant
 from fh_saas.db_host import HostDatabase
 from fh_saas.db_tenant import (InvalidTenantId, NoServerAvailable, PostgresStore, SqliteStore, TenantUnavailable,
                                db_servers_t, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant,
-                               tenant_url, tenants_t)
+                               tenant_engine, tenant_url, tenants_t)
+from fh_saas.tenant_migrations import TenantMigration, TenantSchema, database_version, migrate_database, tenants_behind
 from tenant_helpers import SECRET, new_id, pg_host, pg_names, prepare, register, secret_key, sqlite_host  # noqa: F401
 
 pytestmark = pytest.mark.postgres
@@ -256,6 +258,61 @@ def test_template_is_kept_at_the_latest_schema(pg_host, pg_server, monkeypatch):
     eng = sa.create_engine(pg_server.url(db_tenant.TEMPLATE_DB), poolclass=sa.pool.NullPool)
     with eng.begin() as c: c.exec_driver_sql('DROP TABLE tags')  # leave the shared template as other tests expect
     eng.dispose()
+
+
+V1 = TenantSchema([TenantMigration(1, 'notes', 'CREATE TABLE notes (id serial PRIMARY KEY, body text)')])
+V2 = TenantSchema([*V1, TenantMigration(2, 'tags', 'CREATE TABLE tags (id int)')])
+
+
+def test_provisioning_resumed_by_a_newer_deploy_ends_at_the_newer_version(pg_host, second_pg_server, monkeypatch):
+    register(pg_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
+    tid = new_id()
+    crash_after(monkeypatch, 'provision', 'database')
+    with pytest.raises(Crash): provision_tenant(pg_host, tid, prepare=partial(migrate_database, schema=V1), server='second')
+    monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
+    monkeypatch.setattr(PostgresStore, '_prepared', set())  # a new deploy, with migration 2, resumes it
+    row = provision_tenant(pg_host, tid, prepare=partial(migrate_database, schema=V2))
+    eng = tenant_engine(pg_host, tid, poolclass=sa.pool.NullPool)
+    try:
+        assert (row.status, row.schema_version, database_version(eng)) == ('active', 2, 2)
+        assert sorted(sa.inspect(eng).get_table_names()) == ['_fh_saas_schema', 'notes', 'tags']
+        with eng.connect() as c:  # migration 2 ran on resume, and what it made is the tenant's too
+            assert c.exec_driver_sql("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'").scalars().all() == [row.db_role]
+        assert tenants_behind(pg_host, 2) == []
+    finally:
+        eng.dispose()
+        deprovision_tenant(pg_host, tid)  # before the second cluster stops
+
+
+KINDS = TenantSchema([TenantMigration(1, 'kinds', """
+    CREATE SCHEMA app;
+    CREATE TABLE app.items (id serial PRIMARY KEY);
+    CREATE TYPE mood AS ENUM ('ok');
+    CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+    CREATE TYPE pair AS (a int, b int);
+    CREATE TYPE span AS RANGE (subtype = int4);
+    CREATE FUNCTION app.greet() RETURNS text LANGUAGE sql AS $$ SELECT 'hi' $$;
+    CREATE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 1 $$""")])
+
+
+def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_host, second_pg_server):
+    register(pg_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
+    row = provision_tenant(pg_host, new_id(), prepare=partial(migrate_database, schema=KINDS), server='second')
+    eng = tenant_engine(pg_host, row.id, poolclass=sa.pool.NullPool)
+    try:
+        with eng.begin() as c:  # what a later migration, run as the tenant role, does
+            for stmt in ("ALTER TYPE mood ADD VALUE 'great'", "ALTER DOMAIN positive ADD CHECK (VALUE < 100)",
+                         "ALTER TYPE pair ADD ATTRIBUTE c int", "CREATE OR REPLACE FUNCTION app.greet() RETURNS text LANGUAGE sql AS $$ SELECT 'hello' $$",
+                         "CREATE OR REPLACE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 2 $$", "ALTER TABLE app.items ADD COLUMN body text",
+                         "CREATE TABLE app.more (id int)", "ALTER TYPE span RENAME TO spans"):
+                c.exec_driver_sql(stmt)
+            assert c.exec_driver_sql("SELECT app.greet()").scalar() == 'hello'
+            owners = c.exec_driver_sql("""SELECT nspname, nspowner::regrole::text FROM pg_namespace
+                                          WHERE nspname IN ('app', 'public') ORDER BY 1""").all()
+        assert owners == [('app', row.db_role), ('public', 'pg_database_owner')]
+    finally:
+        eng.dispose()
+        deprovision_tenant(pg_host, row.id)  # before the second cluster stops
 
 
 def test_suspend_and_resume_are_idempotent(pg_host):

@@ -1,4 +1,5 @@
 "Rotating the master key on real PostgreSQL: old secrets keep working mid-rotation, `rotate_secret_key` re-keys them, the old key can then go."
+import psycopg2
 import pytest
 import sqlalchemy as sa
 
@@ -95,6 +96,23 @@ def test_rotation_from_key_a_to_key_b(pg_host, pg_server, fleet, monkeypatch):
         assert [whoami(pg_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
         assert admin_password(pg_host) == pg_server.admin_url.password
     finally: router.close()
+
+
+def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_key(pg_host, fleet, monkeypatch):
+    "No locale but C is installed here, so the server's refusal is reworded as with `lc_messages = 'de_DE'`."
+    connect, refusals = psycopg2.connect, []
+    def in_german(*args, **kwargs):
+        try: return connect(*args, **kwargs)
+        except psycopg2.OperationalError as e:
+            refusals.append(str(e).replace('password authentication failed for user', 'Passwort-Authentifizierung für Benutzer'))
+            raise psycopg2.OperationalError(refusals[-1]) from None
+    monkeypatch.setattr(psycopg2, 'connect', in_german)
+    use_keys(monkeypatch, KEY_B, KEY_A)
+    assert whoami(pg_host, fleet[0]) == f'tenant_{fleet[0]}'
+    assert len(refusals) == 1 and 'Passwort-Authentifizierung' in refusals[0] and 'password authentication' not in refusals[0]
+    use_keys(monkeypatch, KEY_B, 'unrelated-key-' + '0' * 32)   # no key works: the current key's error, no password in it
+    with pytest.raises(sa.exc.OperationalError, match='Passwort-Authentifizierung') as e: whoami(pg_host, fleet[0])
+    assert len(refusals) == 3 and not any(p in str(e.value) for p in db_tenant.role_passwords(f'tenant_{fleet[0]}'))
 
 
 def test_rotation_stores_no_secret_in_the_catalog(pg_host, pg_server, fleet, monkeypatch):
