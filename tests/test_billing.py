@@ -280,10 +280,15 @@ def test_overrides_and_usage_go_with_their_tenant(host_db):
 
 # ---------------------------------------------------------------- quotas
 
-def test_consume_quota_counts_and_refuses_past_the_limit(host_db):
+def pro_acme(host_db, api_calls):
+    "`host_db` with tenant acme active on the pro plan and a monthly limit of `api_calls` (`None`: unlimited)."
     seed_plans(host_db, PLANS)
     tenant(host_db, 'acme', status='active', plan_tier='pro')
-    override_quota(host_db, 'acme', 'api_calls', 5)
+    override_quota(host_db, 'acme', 'api_calls', api_calls)
+    return host_db
+
+def test_consume_quota_counts_and_refuses_past_the_limit(host_db):
+    pro_acme(host_db, 5)
     assert consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0) == 2
     with pytest.raises(QuotaExceeded) as e: consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0)
     assert str(e.value) == f"tenant 'acme' cannot use 3 more 'api_calls': 3 of 5 used since {month_start(T0)}"
@@ -297,9 +302,7 @@ def test_consume_quota_counts_and_refuses_past_the_limit(host_db):
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 5
 
 def test_quota_periods_are_utc_calendar_months(host_db):
-    seed_plans(host_db, PLANS)
-    tenant(host_db, 'acme', status='active', plan_tier='pro')
-    override_quota(host_db, 'acme', 'api_calls', 1)
+    pro_acme(host_db, 1)
     last = '2026-03-31T23:59:59.999999+00:00'
     assert month_start(last) == '2026-03-01T00:00:00.000000+00:00'
     assert month_start('2026-04-01T01:00:00+02:00') == month_start(last), "23:00 UTC on March 31"
@@ -341,9 +344,7 @@ def _race(host_db, n_threads, work):
 def test_concurrent_consumers_never_pass_the_limit(host_db):
     "16 threads race for one quota: exactly `limit` units are granted, each remaining value once."
     limit = 50
-    seed_plans(host_db, PLANS)
-    tenant(host_db, 'acme', status='active', plan_tier='pro')
-    override_quota(host_db, 'acme', 'api_calls', limit)
+    pro_acme(host_db, limit)
     def work(i):
         out = []
         for _ in range(5):
@@ -356,30 +357,24 @@ def test_concurrent_consumers_never_pass_the_limit(host_db):
     assert sorted(granted) == list(range(limit)), "every remaining value was handed out exactly once"
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == limit
 
-def test_concurrent_mixed_sizes_on_postgresql(pg_url):
+def test_concurrent_mixed_sizes_on_postgresql(pg_host_db):
     "16 threads consume 1-4 units each try on PostgreSQL: the count equals the sum granted and never passes the limit."
-    host_db = HostDatabase(pg_url)
-    try:
-        seed_plans(host_db, PLANS)
-        tenant(host_db, 'acme', status='active', plan_tier='pro')
-        override_quota(host_db, 'acme', 'api_calls', 97)
-        def work(i):
-            out = []
-            for k in range(6):
-                n = 1 + (i + k) % 4
-                try: out.append((n, consume_quota(host_db, 'acme', 'api_calls', n=n, now=T0)))
-                except QuotaExceeded as e:
-                    assert e.used + n > 97
-                    out.append((n, None))
-            return out
-        outcomes = _race(host_db, 16, work)
-        granted = sum(n for n, rest in outcomes if rest is not None)
-        used = quota_used(host_db, 'acme', 'api_calls', now=T0)
-        assert used == granted and 97 - 3 <= used <= 97
-        assert min(rest for _, rest in outcomes if rest is not None) == 97 - used
-        with host_db.transaction() as c: assert c.execute(sa.select(sa.func.count()).select_from(usage_t)).scalar() == 1
-    finally:
-        host_db.close(); HostDatabase.reset_instance()
+    host_db = pro_acme(pg_host_db, 97)
+    def work(i):
+        out = []
+        for k in range(6):
+            n = 1 + (i + k) % 4
+            try: out.append((n, consume_quota(host_db, 'acme', 'api_calls', n=n, now=T0)))
+            except QuotaExceeded as e:
+                assert e.used + n > 97
+                out.append((n, None))
+        return out
+    outcomes = _race(host_db, 16, work)
+    granted = sum(n for n, rest in outcomes if rest is not None)
+    used = quota_used(host_db, 'acme', 'api_calls', now=T0)
+    assert used == granted and 97 - 3 <= used <= 97
+    assert min(rest for _, rest in outcomes if rest is not None) == 97 - used
+    with host_db.transaction() as c: assert c.execute(sa.select(sa.func.count()).select_from(usage_t)).scalar() == 1
 
 def _consume_in_process(url, n_threads, tries, out):
     "A worker process: its own HostDatabase, `n_threads` threads each trying `tries` units; reports its grants."
@@ -394,25 +389,19 @@ def _consume_in_process(url, n_threads, tries, out):
     out.put(_race(host_db, n_threads, work))
     host_db.close()
 
-def test_consumers_in_several_processes_on_postgresql(pg_url):
+def test_consumers_in_several_processes_on_postgresql(pg_url, pg_host_db):
     "3 processes x 6 threads x 5 tries race for 50 units: exactly 50 are granted, each remaining value once."
     import multiprocessing as mp
-    host_db = HostDatabase(pg_url)
-    try:
-        seed_plans(host_db, PLANS)
-        tenant(host_db, 'acme', status='active', plan_tier='pro')
-        override_quota(host_db, 'acme', 'api_calls', 50)
-        ctx = mp.get_context('fork')
-        out = ctx.Queue()
-        procs = [ctx.Process(target=_consume_in_process, args=(pg_url, 6, 5, out)) for _ in range(3)]
-        for p in procs: p.start()
-        granted = [r for _ in procs for r in out.get(timeout=60)]
-        for p in procs: p.join(timeout=30)
-        assert [p.exitcode for p in procs] == [0, 0, 0]
-        assert sorted(granted) == list(range(50))
-        assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 50
-    finally:
-        host_db.close(); HostDatabase.reset_instance()
+    host_db = pro_acme(pg_host_db, 50)
+    ctx = mp.get_context('fork')
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_consume_in_process, args=(pg_url, 6, 5, out)) for _ in range(3)]
+    for p in procs: p.start()
+    granted = [r for _ in procs for r in out.get(timeout=60)]
+    for p in procs: p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(granted) == list(range(50))
+    assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 50
 
 # ---------------------------------------------------------------- route guards
 
