@@ -393,6 +393,7 @@ class PooledDatabase(Database):
         self._engine, self.conn_str = engine, engine.url.render_as_string()
         self.meta = metadata or sa.MetaData()
         self._tables, self._bound = {}, ContextVar(f'fh_saas_conn_{id(self)}', default=None)
+        self._reflecting = threading.RLock()   # held while `meta` changes: a table half-reflected is never seen
 
     @property
     def engine(self) -> sa.Engine | sa.Connection:
@@ -446,13 +447,17 @@ class PooledDatabase(Database):
         return res if isinstance(res, list) else []
 
     def table(self, nm: str, cls=None) -> DBTable:
-        "fastsql's `table`; the first use of `nm` reflects it in the current scope, or in one of its own."
-        if nm in self._tables: return self._tables[nm]
-        return self.run(super().table, nm, cls)
+        "fastsql's `table`; the first use of `nm` reflects it, once, in the current scope or in one of its own."
+        if (tbl := self._tables.get(nm)) is not None: return tbl
+        return self.run(self._locked, super().table, nm, cls)
 
     def create(self, cls: type, *args, **kwargs) -> DBTable:
         "fastsql's `create`, in the current scope or one of its own."
-        return self.run(super().create, cls, *args, **kwargs)
+        return self.run(self._locked, super().create, cls, *args, **kwargs)
+
+    def _locked(self, f, *args, **kwargs):
+        "`f` changing `meta`, one thread at a time; taken inside the scope, so no thread waits for the pool holding it."
+        with self._reflecting: return f(*args, **kwargs)
 
     def table_names(self) -> list[str]: return self.run(super().table_names)
     def view_names(self) -> list[str]: return self.run(super().view_names)

@@ -1,4 +1,6 @@
-"A table's first use inside a transaction reflects it on the scope's connection: no second connection, no lock wait."
+"A table's first use reflects it once, on the scope's connection: no second connection, no lock wait, no half-reflected table."
+import sys
+
 import pytest
 
 from fh_saas.db_tenant import provision_tenant
@@ -40,4 +42,54 @@ def test_postgres_first_touch_needs_only_the_one_routed_connection(pg_host):
         tdb = r.tenant_db(tid)
         assert [n['body'] for n in tdb['notes']()] == ['in a transaction']   # outside a scope: reflects in a routed one
         assert tdb._engine.pool.checkedout() == 0
+    finally: r.close()
+
+
+WIDE = {name: [f'{name}_c{i}' for i in range(24)] for name in ('projects', 'tasks', 'labels')}
+
+
+def add_wide_tables(router, tid):
+    "Three tables of 25 columns with one row each, made outside the router's tenant database (so nothing is reflected yet)."
+    with router.connect(tid) as c:
+        for name, cols in WIDE.items():
+            c.exec_driver_sql(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {', '.join(f'{col} TEXT' for col in cols)})")
+            c.exec_driver_sql(f"INSERT INTO {name} VALUES (1, {', '.join(repr(col) for col in cols)})")
+
+
+def first_touch_race(router, tid, race, rounds=8, threads=16):
+    "Threads released at one barrier read the tables of a freshly routed tenant; again after each eviction."
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # threads take turns every few bytecodes, so a reflection is interrupted midway
+    try: _first_touch_rounds(router, tid, race, rounds, threads)
+    finally: sys.setswitchinterval(switch)
+
+
+def _first_touch_rounds(router, tid, race, rounds, threads):
+    for _ in range(rounds):
+        router.forget(tid)   # a new entry: its database object has reflected nothing
+        tdb = router.tenant_db(tid)
+        outcomes = race([lambda name=name: tdb[name]() for name in list(WIDE) * (threads // len(WIDE) + 1)][:threads])
+        for name, rows in zip(list(WIDE) * threads, outcomes):
+            assert not isinstance(rows, Exception), rows
+            assert rows == [dict(id=1, **{col: col for col in WIDE[name]})]
+
+
+def test_sqlite_threads_first_touching_one_table_all_see_every_column(sqlite_host, race):
+    "SQLite's scopes each hold the write lock (BEGIN IMMEDIATE), so they reflect one at a time; this keeps it so."
+    provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    r = TenantRouter(sqlite_host, budget=4, pool_size=4)
+    try:
+        add_wide_tables(r, 'acme')
+        first_touch_race(r, 'acme', race)
+    finally: r.close()
+
+
+@pytest.mark.postgres
+def test_postgres_threads_first_touching_one_table_all_see_every_column(pg_host, race):
+    "Unlocked, a thread took the table another was still reflecting, and read rows with some or none of its columns."
+    tid = provision_tenant(pg_host, new_id(), prepare=prepare).id
+    r = TenantRouter(pg_host, budget=4, pool_size=4)
+    try:
+        add_wide_tables(r, tid)
+        first_touch_race(r, tid, race)
     finally: r.close()
