@@ -15,7 +15,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostComponent, register_component, users_t, tenants_t, timestamp, utcnow, as_utc, UTCTimestamp
+from .db_values import timestamp, utcnow, as_utc, UTCTimestamp
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, register_component, users_t, tenants_t
 from .audit import audit
 from .tokens import hash_token
 

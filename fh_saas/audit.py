@@ -17,7 +17,9 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostAuditLog, HostComponent, register_component, audit_t, UTCTimestamp, as_utc, timestamp, utcnow
+from .db_values import UTCTimestamp, as_utc, timestamp, utcnow
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, HostAuditLog, register_component, audit_t
 
 # %% ../nbs/07_audit.ipynb #d1de088f
 @dataclass(frozen=True)

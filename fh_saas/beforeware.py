@@ -18,8 +18,8 @@ from fasthtml.common import Beforeware
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from .db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t,
-                             memberships_t, gen_id)
+from .db_values import gen_id
+from .db_host import HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t, memberships_t
 from .audit import bind_audit_context
 from .sessions import SessionManager, SessionRecord
 from .api_keys import verify_api_key, api_key_from_headers

@@ -25,9 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
-from .db_host import (
-    HostComponent, PricingPlan, UTCTimestamp, as_utc, dialect_insert, plans_t, register_component, subscriptions_t,
-    tenants_t, timestamp, utcnow)
+from .db_values import UTCTimestamp, as_utc, timestamp, utcnow
+from .db_engine import dialect_insert
+from .db_upgrade import HostComponent
+from .db_host import PricingPlan, plans_t, register_component, subscriptions_t, tenants_t
 
 # %% ../nbs/04_billing.ipynb #1b66118d
 class PlanError(ValueError):

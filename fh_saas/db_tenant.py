@@ -23,8 +23,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from .db_host import (HostComponent, TenantCatalog, error_reason, gen_id, make_engine, register_component,
-                             tenants_t, timestamp, UTCTimestamp)
+from .db_values import gen_id, timestamp, UTCTimestamp
+from .db_engine import error_reason, make_engine
+from .db_upgrade import HostComponent
+from .db_host import TenantCatalog, register_component, tenants_t
 from .tenant_migrations import migrate_database, migrate_fleet
 from .tokens import secret_key, secret_keys
 

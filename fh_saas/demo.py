@@ -19,7 +19,8 @@ from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, Pre, Redi
 
 from .app import setup_saas
 from .billing import BillingPolicy, require_feature, seed_plans
-from .db_host import HostDatabase, GlobalUser, Subscription, gen_id, timestamp, utcnow
+from .db_values import gen_id, timestamp, utcnow
+from .db_host import HostDatabase, GlobalUser, Subscription
 from .db_tenant import add_db_server, db_servers_t, provision_tenant
 from .jobs import Worker
 from .mail import MemoryOutbox

@@ -19,8 +19,10 @@ from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from .db_host import (HostDatabase, HostComponent, SystemJob, dialect_insert, error_reason, jobs_t, timestamp, utcnow,
-                             as_utc, gen_id, register_component)
+from .db_values import timestamp, utcnow, as_utc, gen_id
+from .db_engine import dialect_insert, error_reason
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, SystemJob, jobs_t, register_component
 from .audit import AuditContext, audit_context, archive_audit_logs
 
 # %% ../nbs/09_jobs.ipynb #51329202

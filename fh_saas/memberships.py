@@ -15,8 +15,10 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from .db_host import (HostDatabase, HostComponent, register_component, DuplicateRecord, Membership, users_t,
-                             tenants_t, memberships_t, gen_id, timestamp, utcnow, UTCTimestamp)
+from .db_values import gen_id, timestamp, utcnow, UTCTimestamp
+from .db_pooled import DuplicateRecord
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, register_component, Membership, users_t, tenants_t, memberships_t
 from .audit import audit
 from .api_keys import api_keys_t
 from .tokens import new_token, hash_token, InvalidToken

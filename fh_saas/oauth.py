@@ -17,7 +17,9 @@ from authlib.integrations.starlette_client import OAuth, OAuthError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse
 
-from .db_host import HostComponent, register_component, GlobalUser, users_t, gen_id, timestamp, UTCTimestamp
+from .db_values import gen_id, timestamp, UTCTimestamp
+from .db_upgrade import HostComponent
+from .db_host import register_component, GlobalUser, users_t
 from .audit import audit
 from .sessions import SessionManager
 from .passwords import open_session

@@ -20,8 +20,9 @@ from starlette.responses import RedirectResponse, Response
 from . import ui
 from .api_keys import create_api_key, list_api_keys, revoke_api_key
 from .audit import audit
-from .db_host import (DuplicateRecord, GlobalUser, HostDatabase, as_utc, gen_id, jobs_t, memberships_t, tenants_t,
-                             users_t, utcnow)
+from .db_values import as_utc, gen_id, utcnow
+from .db_pooled import DuplicateRecord
+from .db_host import GlobalUser, HostDatabase, jobs_t, memberships_t, tenants_t, users_t
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .forms import FORGED, cross_site, csrf_ok, local_path, post_form
 from .jobs import enqueue

@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError, InvalidHashError
 
-from .db_host import HostDatabase, GlobalUser, users_t, timestamp, utcnow
+from .db_values import timestamp, utcnow
+from .db_host import HostDatabase, GlobalUser, users_t
 from .audit import audit
 from .tokens import hash_token, issue_token, consume_token, one_time_tokens_t
 from .memberships import active_tenants

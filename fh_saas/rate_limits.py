@@ -15,7 +15,10 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostComponent, dialect_insert, register_component, utcnow
+from .db_values import utcnow
+from .db_engine import dialect_insert
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, register_component
 
 # %% ../nbs/03b_rate_limits.ipynb #282b1862
 rate_meta = sa.MetaData()

@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 import sqlalchemy as sa
 from itsdangerous import BadSignature, Signer
 
-from .db_host import (HostDatabase, HostComponent, register_component, users_t, timestamp, utcnow, as_utc,
-                             UTCTimestamp)
+from .db_values import timestamp, utcnow, as_utc, UTCTimestamp
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, register_component, users_t
 from .tokens import new_token, hash_token, secret_keys
 from .audit import audit
 

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 import stripe
 
-from .db_host import HostDatabase, PricingPlan, gen_id, subscriptions_t
+from .db_values import gen_id
+from .db_host import HostDatabase, PricingPlan, subscriptions_t
 from .billing import ENDED_STATUSES
 from .audit import current_audit_context
 from .stripe_webhooks import (STRIPE_API_VERSION, customers_t, is_newer, link_customer, locked_subscription, subscription_row,

@@ -24,8 +24,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .db_host import (HostDatabase, HostComponent, dialect_insert, register_component, timestamp, UTCTimestamp, tenants_t, subscriptions_t,
-                             webhook_events_t)
+from .db_values import timestamp, UTCTimestamp
+from .db_engine import dialect_insert
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, register_component, tenants_t, subscriptions_t, webhook_events_t
 from .audit import audit
 from .billing import ENDED_STATUSES, plan_selling
 

@@ -15,7 +15,8 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from .audit import audit
-from .db_host import jobs_t, subscriptions_t, utcnow
+from .db_values import utcnow
+from .db_host import jobs_t, subscriptions_t
 from .db_tenant import provision_tenant, deprovision_tenant, migrate_tenants
 from .jobs import job_handler, Periodic
 from .rate_limits import purge_windows

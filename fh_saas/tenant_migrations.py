@@ -19,7 +19,9 @@ from typing import Callable, Iterable
 
 import sqlalchemy as sa
 
-from .db_host import UTCTimestamp, error_reason, gen_id, timestamp, tenants_t
+from .db_values import UTCTimestamp, gen_id, timestamp
+from .db_engine import error_reason
+from .db_host import tenants_t
 
 # %% ../nbs/02_tenant_migrations.ipynb #b077a365
 class MigrationRegistryError(ValueError):

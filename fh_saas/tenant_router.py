@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from .db_host import BoundTable, PooledDatabase, env_count, error_reason
+from .db_engine import env_count, error_reason
+from .db_pooled import BoundTable, PooledDatabase
 from .db_tenant import (ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, _changed, catalog_entry, entry_engine,
                                routing_caches)
 

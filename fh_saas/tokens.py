@@ -14,7 +14,9 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from .db_host import HostDatabase, HostComponent, register_component, users_t, gen_id, timestamp, utcnow, UTCTimestamp
+from .db_values import gen_id, timestamp, utcnow, UTCTimestamp
+from .db_upgrade import HostComponent
+from .db_host import HostDatabase, register_component, users_t
 
 # %% ../nbs/03a_tokens.ipynb #e2ac6a36
 def secret_key() -> str:

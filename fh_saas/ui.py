@@ -13,7 +13,7 @@ from importlib.resources import files
 from fasthtml.common import (A, Div, FileResponse, Input, Label, Link, Main, Meta, Nav, P, Script, Span,
                              Table, Tbody, Td, Th, Thead, Title, Tr, Header, Response)
 
-from .db_host import as_utc
+from .db_values import as_utc
 
 STATIC_DIR = files('fh_saas') / 'static'
 

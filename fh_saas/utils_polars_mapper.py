@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
-from .db_host import UTCTimestamp, make_engine
+from .db_values import UTCTimestamp
+from .db_engine import make_engine
 
 # %% ../nbs/08_utils_polars_mapper.ipynb #48f9ea7a
 _IDENT = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,62}')
