@@ -22,8 +22,9 @@ from .db_values import gen_id
 from .db_host import HostDatabase, PricingPlan, subscriptions_t
 from .billing import ENDED_STATUSES
 from .audit import current_audit_context
-from .stripe_webhooks import (STRIPE_API_VERSION, customers_t, is_newer, link_customer, locked_subscription, subscription_row,
-                                     resolve_tenant, subscription_values, store_subscription)
+from .stripe_models import (STRIPE_API_VERSION, customers_t, is_newer, link_customer, locked_subscription,
+                                   metadata_tenant, resolve_tenant, store_subscription, subscription_row,
+                                   subscription_values)
 
 # %% ../nbs/06_stripe_billing.ipynb #54246c7e
 def stripe_client(api_key: str, **kwargs) -> stripe.StripeClient:
@@ -184,7 +185,7 @@ COMPARED = ('status', 'stripe_cust_id', 'stripe_price_id', 'amount_cents', 'curr
 
 def _drifts(conn, sub: dict, row) -> list[Drift]:
     if row is None:
-        tenant = resolve_tenant(conn, cust_id=sub.get('customer'), claimed=[(sub.get('metadata') or {}).get('tenant_id')])
+        tenant = resolve_tenant(conn, cust_id=sub.get('customer'), claimed=[metadata_tenant(sub)])
         return [Drift(sub['id'], tenant, 'missing_locally', None, sub.get('status'))]
     want = subscription_values(conn, sub, row)
     return [Drift(sub['id'], row.tenant_id, f, getattr(row, f), want[f]) for f in COMPARED if getattr(row, f) != want[f]]

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.routing import Route
 
-from fh_saas.stripe_webhooks import STRIPE_API_VERSION
+from fh_saas.stripe_models import STRIPE_API_VERSION
 
 
 def decode_form(body: str) -> dict:

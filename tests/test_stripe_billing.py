@@ -5,7 +5,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from fh_saas import stripe_billing as sb, stripe_webhooks as sw
+from fh_saas import stripe_billing as sb, stripe_models, stripe_webhooks as sw
 from fh_saas.audit import audit_context
 from fh_saas.db_host import HostDatabase, PricingPlan, TenantCatalog
 from pgserver import free_port, wait_for
@@ -63,7 +63,7 @@ def test_lifecycle_against_localstripe(pg_host, localstripe_url):
         assert wait_for(lambda: pg_host.subscriptions.count == 1, 15)
         row = pg_host.subscriptions()[0]
         assert (row.tenant_id, row.stripe_sub_id, row.status, row.amount_cents, row.stripe_price_id) == ("acme", sub.id, "active", 2900, "pro-monthly")
-        assert row.current_period_end == sw._iso(sub.to_dict()["current_period_end"])
+        assert row.current_period_end == stripe_models.epoch_iso(sub.to_dict()["current_period_end"])
         assert sb.reconcile(client, pg_host) == []
 
         sb.cancel_subscription(client, pg_host, "acme", at_period_end=True)   # localstripe sends no event for this update
@@ -80,7 +80,7 @@ def test_lifecycle_against_localstripe(pg_host, localstripe_url):
 
 
 def test_customer_is_created_once_even_after_a_crash(pg_host, fake, monkeypatch):
-    real = sw.link_customer
+    real = sb.link_customer
     def crash(*a): raise ConnectionError("host database went away")
     monkeypatch.setattr(sb, "link_customer", crash)
     with pytest.raises(ConnectionError): sb.ensure_customer(fake.client, pg_host, "acme")
