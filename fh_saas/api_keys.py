@@ -19,7 +19,7 @@ from .db_values import timestamp, utcnow, as_utc, UTCTimestamp
 from .db_upgrade import HostComponent
 from .db_host import HostDatabase, register_component, users_t, tenants_t
 from .audit import audit
-from .tokens import hash_token
+from .one_time_tokens import hash_token
 
 # %% ../nbs/03g_api_keys.ipynb #83f06356
 api_keys_meta = sa.MetaData()

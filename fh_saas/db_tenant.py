@@ -7,11 +7,11 @@ Docs: https://fh-saas.github.io/fh_saas/db_tenant.html.md"""
 # %% auto #0
 __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'routing_caches', 'ROUTING_CHANNEL', 'TEMPLATE_DB', 'REKEYED_STATUSES',
            'InvalidTenantId', 'check_tenant_id', 'tenant_db_name', 'TenantNotFound', 'TenantUnavailable',
-           'TenantConfigError', 'role_password', 'role_passwords', 'scram_verifier', 'encrypt_secret', 'decrypt_secret',
-           'add_db_server', 'db_server', 'server_admin_url', 'tenant_row', 'tenant_url', 'tenant_engine',
-           'catalog_entry', 'entry_url', 'entry_engine', 'tenant_dir', 'SqliteStore', 'template_strategy',
-           'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants',
-           'suspend_tenant', 'resume_tenant', 'deprovision_tenant', 'RotationReport', 'rotate_secret_key']
+           'TenantConfigError', 'scram_verifier', 'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server',
+           'server_admin_url', 'tenant_row', 'tenant_url', 'tenant_engine', 'catalog_entry', 'entry_url',
+           'entry_engine', 'tenant_dir', 'SqliteStore', 'template_strategy', 'PostgresStore', 'NoServerAvailable',
+           'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants', 'suspend_tenant', 'resume_tenant',
+           'deprovision_tenant', 'RotationReport', 'rotate_secret_key']
 
 # %% ../nbs/01_db_tenant.ipynb #da46af25
 import base64, hashlib, hmac, os, re, threading, weakref
@@ -21,14 +21,14 @@ from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.fernet import InvalidToken
 
 from .db_values import gen_id, timestamp, UTCTimestamp
 from .db_engine import error_reason, make_engine
 from .db_upgrade import HostComponent
 from .db_host import TenantCatalog, register_component, tenants_t
 from .tenant_migrations import migrate_database, migrate_fleet
-from .tokens import secret_key, secret_keys
+from .master_key import cipher, role_password, role_passwords, secret_key
 
 # %% ../nbs/01_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
@@ -60,17 +60,6 @@ class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
 
 # %% ../nbs/01_db_tenant.ipynb #e18699b1
-def _derive(purpose: str, msg: str = '', key: str | None = None) -> bytes:
-    return hmac.new((key or secret_key()).encode(), f"fh_saas:{purpose}:{msg}".encode(), hashlib.sha256).digest()
-
-def role_password(role: str, key: str | None = None) -> str:
-    "The password of tenant login role `role`, derived from the master key (or from `key`)."
-    return _derive('tenant-role', role, key).hex()
-
-def role_passwords(role: str) -> list[str]:
-    "`role`'s password under the current master key, then under each previous key."
-    return [role_password(role, key) for key in secret_keys()]
-
 def scram_verifier(password: str, iterations: int = 4096) -> str:
     "PostgreSQL's SCRAM-SHA-256 verifier of `password` (RFC 5802), so `CREATE ROLE` never sends the password itself."
     b64 = lambda b: base64.b64encode(b).decode()
@@ -80,16 +69,13 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     server_key = hmac.new(salted, b'Server Key', hashlib.sha256).digest()
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
-def _fernet() -> MultiFernet:
-    return MultiFernet([Fernet(base64.urlsafe_b64encode(_derive('db-server-admin', key=key))) for key in secret_keys()])
-
 def encrypt_secret(value: str) -> str:
     "`value` encrypted with a key derived from the master key (for server admin passwords in the catalog)."
-    return _fernet().encrypt(value.encode()).decode()
+    return cipher('db-server-admin').encrypt(value.encode()).decode()
 
 def decrypt_secret(token: str) -> str:
     "The value `encrypt_secret` encrypted into `token`, under the current or a previous master key."
-    try: return _fernet().decrypt(token.encode()).decode()
+    try: return cipher('db-server-admin').decrypt(token.encode()).decode()
     except InvalidToken: raise TenantConfigError("a stored secret decrypts under none of the master keys: keep the key it was "
                                                  "encrypted under in FH_SAAS_PREVIOUS_SECRET_KEYS until `fh-saas secret rotate` has run") from None
 

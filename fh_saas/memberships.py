@@ -21,7 +21,7 @@ from .db_upgrade import HostComponent
 from .db_host import HostDatabase, register_component, Membership, users_t, tenants_t, memberships_t
 from .audit import audit
 from .api_keys import api_keys_t
-from .tokens import new_token, hash_token, InvalidToken
+from .one_time_tokens import new_token, hash_token, InvalidToken
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer, is_email_address
 

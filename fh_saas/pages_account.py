@@ -35,7 +35,7 @@ from .passwords import (LoginFailed, LoginThrottle, LoginThrottled, WeakPassword
 from .rate_limits import RateLimit, hit
 from .saas import Saas
 from .sessions import SessionRecord, logout
-from .tokens import InvalidToken, hash_token
+from .one_time_tokens import InvalidToken, hash_token
 
 _log = logging.getLogger('fh_saas.pages_account')
 

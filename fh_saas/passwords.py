@@ -24,7 +24,7 @@ from argon2.exceptions import VerificationError, InvalidHashError
 from .db_values import timestamp, utcnow
 from .db_host import HostDatabase, GlobalUser, users_t
 from .audit import audit
-from .tokens import hash_token, issue_token, consume_token, one_time_tokens_t
+from .one_time_tokens import hash_token, issue_token, consume_token, one_time_tokens_t
 from .memberships import active_tenants
 from .rate_limits import RateLimit, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord

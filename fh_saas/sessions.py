@@ -19,7 +19,8 @@ from itsdangerous import BadSignature, Signer
 from .db_values import timestamp, utcnow, as_utc, UTCTimestamp
 from .db_upgrade import HostComponent
 from .db_host import HostDatabase, register_component, users_t
-from .tokens import new_token, hash_token, secret_keys
+from .master_key import secret_keys
+from .one_time_tokens import new_token, hash_token
 from .audit import audit
 
 # %% ../nbs/03d_sessions.ipynb #b21630d7

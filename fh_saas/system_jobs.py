@@ -21,7 +21,7 @@ from .db_tenant import provision_tenant, deprovision_tenant, migrate_tenants
 from .jobs import job_handler, Periodic
 from .rate_limits import purge_windows
 from .sessions import sessions_t
-from .tokens import one_time_tokens_t
+from .one_time_tokens import one_time_tokens_t
 
 # %% ../nbs/09a_system_jobs.ipynb #819f4f51
 @job_handler('tenant.provision')

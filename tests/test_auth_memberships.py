@@ -10,7 +10,7 @@ from fh_saas.db_host import GlobalUser, TenantCatalog
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import (add_member, change_role, remove_member, transfer_ownership, invite, accept_invitation,
                                  decline_invitation, cancel_invitation, pending_invitations, LastOwner, MembershipError, Roles)
-from fh_saas.tokens import InvalidToken
+from fh_saas.one_time_tokens import InvalidToken
 
 
 def _race(*calls):

@@ -15,7 +15,7 @@ from fh_saas.passwords import (authenticate, hash_password, request_password_res
                                LoginThrottle, send_email_verification, verify_email, WeakPassword)
 from fh_saas.rate_limits import RateLimit
 from fh_saas.sessions import SessionManager
-from fh_saas.tokens import InvalidToken
+from fh_saas.one_time_tokens import InvalidToken
 from auth_helpers import make_world, FAST, SECRET
 from pgserver import wait_for
 

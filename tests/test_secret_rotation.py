@@ -3,7 +3,7 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 
-from fh_saas import db_tenant
+from fh_saas import db_tenant, master_key
 from fh_saas.cli import main
 from fh_saas.db_host import GlobalUser
 from fh_saas.db_tenant import (TenantConfigError, db_server, db_servers_t, provision_tenant, resume_tenant, rotate_secret_key,
@@ -112,7 +112,7 @@ def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_k
     assert len(refusals) == 1 and 'Passwort-Authentifizierung' in refusals[0] and 'password authentication' not in refusals[0]
     use_keys(monkeypatch, KEY_B, 'unrelated-key-' + '0' * 32)   # no key works: the current key's error, no password in it
     with pytest.raises(sa.exc.OperationalError, match='Passwort-Authentifizierung') as e: whoami(pg_host, fleet[0])
-    assert len(refusals) == 3 and not any(p in str(e.value) for p in db_tenant.role_passwords(f'tenant_{fleet[0]}'))
+    assert len(refusals) == 3 and not any(p in str(e.value) for p in master_key.role_passwords(f'tenant_{fleet[0]}'))
 
 
 def test_rotation_stores_no_secret_in_the_catalog(pg_host, pg_server, fleet, monkeypatch):
@@ -121,7 +121,7 @@ def test_rotation_stores_no_secret_in_the_catalog(pg_host, pg_server, fleet, mon
     with pg_host.engine.connect() as c:
         dump = ' '.join(str(v) for t in (db_servers_t, db_tenant.tenants_t) for r in c.execute(sa.select(t)) for v in r)
     assert pg_server.admin_url.password not in dump and KEY_A not in dump and KEY_B not in dump
-    assert not any(db_tenant.role_password(f'tenant_{tid}', k) in dump for tid in fleet for k in (KEY_A, KEY_B))
+    assert not any(master_key.role_password(f'tenant_{tid}', k) in dump for tid in fleet for k in (KEY_A, KEY_B))
 
 
 @pytest.mark.parametrize('step', ['locked', 'role'])
