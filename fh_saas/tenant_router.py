@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from .db_engine import env_count, error_reason
 from .db_pooled import BoundTable, PooledDatabase
-from .db_tenant import (ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, _changed, catalog_entry, entry_engine,
-                               routing_caches)
+from .db_tenant import (ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, catalog_entry, entry_engine,
+                               routing_changed, unwatch_routing, watch_routing)
 
 # %% ../nbs/01a_tenant_router.ipynb #884eb397
 class TenantPoolExhausted(TimeoutError):
@@ -56,7 +56,7 @@ class TenantRouter:
         self._retiring: set[_Entry] = set()
         self._forgets = 0  # bumped by every `forget`, so a catalog read that raced with one is redone
         self._cond = threading.Condition()
-        routing_caches.add(self)
+        watch_routing(self)
         _listen(self)
 
     def _lookup(self, tenant_id: str):
@@ -178,7 +178,7 @@ class TenantRouter:
     def close(self):
         "Close every pool (connections in use close when their users finish) and stop listening for changes."
         self.forget_all()
-        routing_caches.discard(self)
+        unwatch_routing(self)
         _unlisten(self)
 
     def __repr__(self): return f"TenantRouter({len(self._entries)}/{self.capacity} tenants cached, budget {self.budget})"
@@ -213,7 +213,7 @@ class RoutingListener:
         for router in routers: router.forget_all()
 
     def _serve(self, conn):
-        "Pass each notification to `_changed` until `stop`: psycopg2's select/poll/notifies pattern."
+        "Pass each notification to `routing_changed` until `stop`: psycopg2's select/poll/notifies pattern."
         with selectors.DefaultSelector() as sel:  # not `select.select`, which fails on descriptors past 1023
             sel.register(conn, selectors.EVENT_READ)
             sel.register(self._wake, selectors.EVENT_READ)
@@ -223,7 +223,7 @@ class RoutingListener:
                     if self._stopping.is_set(): return
                     continue
                 conn.poll()
-                while conn.notifies: _changed(conn.notifies.pop(0).payload)
+                while conn.notifies: routing_changed(conn.notifies.pop(0).payload)
 
     def _run(self):
         delay = self.backoff[0]
