@@ -24,8 +24,8 @@ from fastcore.utils import UNSET
 from fastsql import DBTable
 
 from .db_values import UTCTimestamp, as_utc, gen_id, timestamp, utcnow
-from .db_engine import (HostDatabaseConfigError, dialect_insert, env_count, env_flag, error_reason, get_db_uri,
-                               make_engine, url_from_env)
+from .db_engine import HostDatabaseConfigError, dialect_insert, env_count, env_flag, error_reason, get_db_uri
+from .db_engine import make_engine, url_from_env
 from .db_pooled import BoundTable, DuplicateRecord, NoConnectionBound, PooledDatabase
 from .db_upgrade import HostComponent, schema_version, schema_versions_t, upgrade_schema
 

@@ -11,10 +11,10 @@ from fh_saas.beforeware import DEFAULT_SKIP, AuthResolver, saas_beforeware
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, provision_tenant
 from fh_saas.mail import MemoryOutbox
-from fh_saas.forms import csrf_token
+from fh_saas.csrf import csrf_token
 from fh_saas.pages_admin import add_admin_routes
 from fh_saas.pages_billing import add_billing_routes
-from fh_saas.saas import Saas
+from fh_saas.saas_context import Saas
 from fh_saas.sessions import SessionManager
 from fh_saas.tenant_router import TenantRouter
 from stripe_helpers import ServedApp

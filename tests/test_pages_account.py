@@ -20,7 +20,7 @@ from fh_saas.memberships import invitations_t, switch_tenant
 from fh_saas.pages_account import add_account_routes
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
-from fh_saas.saas import Saas
+from fh_saas.saas_context import Saas
 from fh_saas.sessions import SessionManager, start_impersonation
 from fh_saas.tenant_router import TenantRouter
 
