@@ -16,7 +16,10 @@ from .beforeware import AuthResolver, DEFAULT_SKIP, saas_beforeware
 from .billing import BillingPolicy, entitlements
 from .db_host import HostDatabase
 from .db_tenant import TenantNotFound, TenantUnavailable
+from .dev_mode import DEV_MAIL_PATH, DevOutbox, SaasConfigError, add_dev_mail, dev_policy, is_development
+from .dev_mode import serve_jobs
 from .mail import Mailer, SMTPMailer
+from .master_key import secret_key
 from .oauth import add_oauth_routes
 from .pages_account import add_account_routes
 from .pages_admin import add_admin_routes
@@ -32,8 +35,9 @@ from .ui import mount_static, static_headers
 def mailer_from_env(env=None) -> Mailer:
     "An `SMTPMailer` from `SMTP_HOST`, `SMTP_PORT`, `SMTP_USER`, `SMTP_PASSWORD`, `SMTP_FROM`."
     env = os.environ if env is None else env
-    if not (host := env.get('SMTP_HOST')): raise ValueError("set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), or pass mailer=")
-    if not (port := env.get('SMTP_PORT', '587').strip()).isdigit(): raise ValueError(f"SMTP_PORT={port!r} is not a port number")
+    if not (host := env.get('SMTP_HOST')): raise SaasConfigError(
+        "set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), pass mailer=, or set FH_SAAS_ENV=development")
+    if not (port := env.get('SMTP_PORT', '587').strip()).isdigit(): raise SaasConfigError(f"SMTP_PORT={port!r} is not a port number")
     return SMTPMailer(host, int(port), env.get('SMTP_FROM', 'no-reply@localhost'),
                       env.get('SMTP_USER'), env.get('SMTP_PASSWORD'))
 
@@ -41,15 +45,25 @@ def mailer_from_env(env=None) -> Mailer:
 PUBLIC_PATHS = [r'/_fh_saas/static/.*', r'/pricing']
 TENANTLESS_PATHS = (r'/tenants.*', r'/account.*', r'/logout', r'/admin.*')   # signed in, but no current tenant needed
 
+def _master_key_set():
+    "Refuse to start without a usable master key, saying what to set."
+    try: secret_key()
+    except ValueError as e: raise SaasConfigError(str(e)) from None
+
 def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionManager | None = None,
                router: TenantRouter | None = None, mailer: Mailer | None = None, stripe=None, webhook_secrets=None,
-               policy: BillingPolicy = BillingPolicy(), base_url: str = 'http://127.0.0.1:5001', brand: str = 'fh_saas',
-               home: str = '/', app_nav=(), oauth_providers=(), public=()) -> Saas:
+               policy: BillingPolicy = BillingPolicy(), base_url: str | None = None, brand: str = 'fh_saas',
+               home: str = '/', app_nav=(), oauth_providers=(), public=(), dev: bool | None = None) -> Saas:
     "Mount fh_saas on `app` and return the `Saas` context its pages share."
+    dev = is_development() if dev is None else dev
+    if sessions is None: _master_key_set()
+    if mailer is None: mailer = DevOutbox() if dev else mailer_from_env()
+    base_url = base_url or os.environ.get('FH_SAAS_BASE_URL') or f"http://127.0.0.1:{os.environ.get('PORT', '5001')}"
     host_db = host_db or HostDatabase.from_env()
+    if dev: policy = dev_policy(host_db, policy)
     if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
     saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
-                mailer or mailer_from_env(), stripe, base_url, brand, home, list(app_nav))
+                mailer, stripe, base_url, brand, home, list(app_nav), dev=dev)
     app.state.host_db = host_db   # billing's route guards count quotas here
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
@@ -59,6 +73,10 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
                             access=lambda h, tid: entitlements(h, tid, policy=policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable))
-    app.before = [saas_beforeware(resolver, skip=[*DEFAULT_SKIP, *PUBLIC_PATHS, *public]), *listify(app.before)]
+    dev_paths = [DEV_MAIL_PATH] if dev else []
+    app.before = [saas_beforeware(resolver, skip=[*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]), *listify(app.before)]
     for add in (add_account_routes, add_billing_routes, add_admin_routes): add(app, saas)
+    if dev:
+        if isinstance(mailer, DevOutbox): add_dev_mail(app, saas, mailer, DEV_MAIL_PATH)
+        saas.stop_jobs = serve_jobs(app, host_db)
     return saas

@@ -8,27 +8,24 @@ Docs: https://fh-saas.github.io/fh_saas/demo.html.md"""
 __all__ = ['DEMO_PLANS', 'DEMO_EMAIL', 'DEMO_PASSWORD', 'PROJECTS_SQL', 'seed_demo', 'demo_app', 'run_demo']
 
 # %% ../nbs/91_demo.ipynb #16bb71dc
-import csv, io, os, secrets, threading
+import csv, io, os, secrets
 from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, Pre, RedirectResponse, Response, Table, Tbody, Td,
-                             Th, Thead, Tr)
+from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, RedirectResponse, Response, Table, Tbody, Td, Th,
+                             Thead, Tr)
 
 from .app import setup_saas
 from .billing import BillingPolicy, require_feature, seed_plans
 from .db_values import gen_id, timestamp, utcnow
 from .db_host import HostDatabase, GlobalUser, Subscription
 from .db_tenant import add_db_server, db_servers_t, provision_tenant
-from .jobs import Worker
-from .mail import MemoryOutbox
 from .memberships import add_member
 from .csrf import csrf_token, csrf_ok
 from .passwords import hash_password
 from .stripe_billing import stripe_client_from_env, sync_plans
-from .system_jobs import SYSTEM_SCHEDULES
 from .tenant_migrations import register_tenant_migration, tenant_schema
 from . import ui
 
@@ -102,13 +99,6 @@ def _add_projects(app, saas, policy):
             auth.db['projects'].insert(dict(id=gen_id(), name=name.strip()[:200], created_by=auth.user.id, created_at=timestamp()))
         return RedirectResponse('/projects', 303)
 
-def _add_dev_mail(app, saas, outbox: MemoryOutbox):
-    @app.get('/dev/mail')
-    def dev_mail(req):
-        msgs = list(reversed(outbox.messages))
-        items = [ui.card(P(f"To {m['To']}: ", m['Subject']), Pre(m.get_content())) for m in msgs] or [P('No mail yet.', cls='muted')]
-        return saas.page(req, 'Mail', H1('Mail sent by the demo'), *items)
-
 # %% ../nbs/91_demo.ipynb #082fa2c3
 def _tenants_beside_host(host_db):
     "On PostgreSQL with no tenant server registered, keep the tenants' databases on the host's own server."
@@ -117,8 +107,8 @@ def _tenants_beside_host(host_db):
     u = host_db.url
     add_db_server(host_db, 'local', u.host or 'localhost', u.password, port=u.port or 5432, admin_user=u.username)
 
-def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:5001', worker: bool = True):
-    "The demo app, its `Saas` context, and the event that stops its worker thread."
+def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:5001'):
+    "The demo app and its `Saas` context, in development mode (its jobs run while it serves)."
     path = Path(folder).absolute()
     path.mkdir(parents=True, exist_ok=True)
     os.environ['FH_SAAS_SECRET_KEY'] = _secret_key(path)
@@ -129,23 +119,17 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     seed_demo(host_db)
     stripe = stripe_client_from_env() if os.environ.get('STRIPE_SECRET_KEY') else None
     if stripe: sync_plans(stripe, host_db)
-    outbox, policy = MemoryOutbox(), BillingPolicy(free_plan='free')
+    policy = BillingPolicy(free_plan='free')
     app = FastHTML(default_hdrs=False, title='fh_saas demo', secret_key=os.environ['FH_SAAS_SECRET_KEY'])
-    saas = setup_saas(app, host_db, mailer=outbox, stripe=stripe, policy=policy, base_url=base_url, brand='fh_saas demo',
-                      home='/projects', app_nav=[('Projects', '/projects')], public=[r'/dev/mail'])
+    saas = setup_saas(app, host_db, stripe=stripe, policy=policy, base_url=base_url, brand='fh_saas demo', home='/projects',
+                      app_nav=[('Projects', '/projects')], dev=True)
     app.get('/')(lambda: RedirectResponse('/projects', 303))
     _add_projects(app, saas, policy)
-    _add_dev_mail(app, saas, outbox)
-    stop = threading.Event()
-    if worker:
-        threading.Thread(target=Worker(host_db, poll=0.2, schedules=SYSTEM_SCHEDULES).run, args=(stop,),
-                         name='fh-saas-demo-worker', daemon=True).start()
-    return app, saas, stop
+    return app, saas
 
 def run_demo(folder: str = 'fh_saas_demo', host: str = '127.0.0.1', port: int = 5001):
     "Serve the demo until interrupted."
     import uvicorn
-    app, saas, stop = demo_app(folder, f'http://{host}:{port}')
+    app, _ = demo_app(folder, f'http://{host}:{port}')
     print(f"fh_saas demo on http://{host}:{port}  (log in as {DEMO_EMAIL} / {DEMO_PASSWORD})")
-    try: uvicorn.run(app, host=host, port=port, log_level='warning')
-    finally: stop.set()
+    uvicorn.run(app, host=host, port=port, log_level='warning')
