@@ -18,7 +18,7 @@ from fh_saas.system_jobs import SYSTEM_SCHEDULES
 from jobs_helpers import worker_env
 from pgserver import free_port, wait_for
 from stripe_helpers import event, sign, subscription
-from tenant_helpers import new_id, pg_host, pg_names, secret_key  # noqa: F401 (fixtures)
+from tenant_helpers import new_id, pg_tenant_host, pg_names, secret_key  # noqa: F401 (fixtures)
 
 
 def _env(url, **extra) -> dict:
@@ -42,27 +42,30 @@ def _worker(url, log, *args, **env) -> subprocess.Popen:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize('step', ['role', 'database', 'grants'])
-def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_host, pg_server, pg_url, tmp_path, step):
+def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_tenant_host, pg_server, pg_url, tmp_path,
+                                                                       step):
     tid, ready = new_id('kp'), tmp_path / 'paused'
-    with pg_host.transaction():
-        register_tenant(pg_host, tid)
-        job_id = enqueue(pg_host, 'tenant.provision', dict(tenant_id=tid), tenant_id=tid, dedupe_key=f'tenant.provision:{tid}').id
+    with pg_tenant_host.transaction():
+        register_tenant(pg_tenant_host, tid)
+        job_id = enqueue(pg_tenant_host, 'tenant.provision', dict(tenant_id=tid), tenant_id=tid,
+                         dedupe_key=f'tenant.provision:{tid}').id
     a = _worker(pg_url, tmp_path / 'a.log', '--import', 'slow_steps', FH_SAAS_TEST_PAUSE_AFTER=step,
                 FH_SAAS_TEST_PAUSE_SIGNAL=str(ready))
     try: assert wait_for(ready.exists, 30), _logs(tmp_path)
     finally: a.send_signal(signal.SIGKILL); a.wait(10)
-    assert pg_host.tenants[tid].status == 'provisioning' and pg_host.system_jobs[job_id].status == 'running'
+    assert pg_tenant_host.tenants[tid].status == 'provisioning'
+    assert pg_tenant_host.system_jobs[job_id].status == 'running'
     name = f'tenant_{tid}'
     assert (pg_names(pg_server, 'role', name), pg_names(pg_server, 'db', name)) == ([name], [name] if step != 'role' else [])
     b = _worker(pg_url, tmp_path / 'b.log')
-    try: assert wait_for(lambda: pg_host.system_jobs[job_id].status == 'done', 30), _logs(tmp_path)
+    try: assert wait_for(lambda: pg_tenant_host.system_jobs[job_id].status == 'done', 30), _logs(tmp_path)
     finally: b.send_signal(signal.SIGTERM); assert b.wait(20) == 0, _logs(tmp_path)
-    job = pg_host.system_jobs[job_id]
+    job = pg_tenant_host.system_jobs[job_id]
     assert (job.attempts, json.loads(job.result)) == (2, dict(status='active'))
     assert pg_names(pg_server, 'db', 'tenant_kp%') == [name] and pg_names(pg_server, 'role', 'tenant_kp%') == [name]
-    with pg_host.engine.connect() as c: rows = c.execute(sa.select(tenants_t)).mappings().all()
+    with pg_tenant_host.engine.connect() as c: rows = c.execute(sa.select(tenants_t)).mappings().all()
     assert [(r['id'], r['status'], r['is_active'], r['db_name'], r['db_role']) for r in rows] == [(tid, 'active', True, name, name)]
-    eng = sa.create_engine(tenant_url(pg_host, tid), poolclass=sa.pool.NullPool)
+    eng = sa.create_engine(tenant_url(pg_tenant_host, tid), poolclass=sa.pool.NullPool)
     try:
         with eng.begin() as c:
             c.exec_driver_sql('CREATE TABLE proof (id int)')
