@@ -1,10 +1,9 @@
 "Shared fixtures: one real PostgreSQL cluster per test session, fresh databases per test, and `race`."
-import threading
-
 import pytest
 
 from fh_saas.db_host import HostDatabase
 from pgserver import start_cluster, start_server
+import races
 
 
 @pytest.fixture(scope="session")
@@ -70,21 +69,7 @@ def pg_host_db(pg_url):
     yield from opened_host_db(pg_url)
 
 
-def _race(fns, timeout: float = 60):
-    "Call each of `fns` on its own thread, all released at one barrier; each one's result, or the exception it raised."
-    start, out = threading.Barrier(len(fns)), [None] * len(fns)
-    def run(i):
-        start.wait()
-        try: out[i] = fns[i]()
-        except Exception as e: out[i] = e
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads: t.start()
-    for t in threads: t.join(timeout)
-    assert not any(t.is_alive() for t in threads), f"a racing call was still running after {timeout}s"
-    return out
-
-
 @pytest.fixture
 def race():
-    "`race(fns)`: run the callables together on threads released at one barrier; their outcomes in order."
-    return _race
+    "`race(fns, catch=())`: run the callables together on threads released at one barrier; their outcomes in order."
+    return races.race

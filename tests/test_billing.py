@@ -1,6 +1,7 @@
 "Billing: plan seeding, the access decision at its edges, entitlements, atomic quotas under concurrency, route guards."
-import json, threading
+import json
 from datetime import timedelta
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +13,7 @@ from fh_saas.billing import (
     consume_quota, decide_access, entitlements, override_feature, override_quota, month_start, quota_usage, quota_used,
     require_feature, require_quota, seed_plans, subscription_access, usage_t, validate_plan)
 from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, timestamp
+from races import race
 
 T0 = '2026-03-01T12:00:00.000000+00:00'
 US = timedelta(microseconds=1)
@@ -322,19 +324,9 @@ def test_unlimited_quota_still_counts(sqlite_host_db):
     assert [consume_quota(sqlite_host_db, 'acme', 'api_calls', n=1000, now=T0) for _ in range(3)] == [None] * 3
     assert quota_used(sqlite_host_db, 'acme', 'api_calls', now=T0) == 3000
 
-def _race(host_db, n_threads, work):
-    "Run `work(i)` in `n_threads` threads released together; each returns a list of outcomes."
-    gate, results, errors = threading.Barrier(n_threads), [None] * n_threads, []
-    def run(i):
-        try:
-            gate.wait()
-            results[i] = work(i)
-        except Exception as e: errors.append(e)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
-    for t in threads: t.start()
-    for t in threads: t.join(timeout=60)
-    assert not errors, errors
-    return [r for rs in results for r in rs]
+def _race_lists(n_threads, work):
+    "Run `work(i)` on `n_threads` threads released together; the lists they return, joined (also in worker processes)."
+    return [r for rs in race([partial(work, i) for i in range(n_threads)]) for r in rs]
 
 def test_concurrent_consumers_never_pass_the_limit(host_db):
     "16 threads race for one quota: exactly `limit` units are granted, each remaining value once."
@@ -346,7 +338,7 @@ def test_concurrent_consumers_never_pass_the_limit(host_db):
             try: out.append(consume_quota(host_db, 'acme', 'api_calls', now=T0))
             except QuotaExceeded: out.append('refused')
         return out
-    outcomes = _race(host_db, 16, work)
+    outcomes = _race_lists(16, work)
     granted = [o for o in outcomes if o != 'refused']
     assert len(outcomes) == 80 and len(granted) == limit
     assert sorted(granted) == list(range(limit)), "every remaining value was handed out exactly once"
@@ -364,7 +356,7 @@ def test_concurrent_mixed_sizes_on_postgresql(pg_host_db):
                 assert e.used + n > 97
                 out.append((n, None))
         return out
-    outcomes = _race(host_db, 16, work)
+    outcomes = _race_lists(16, work)
     granted = sum(n for n, rest in outcomes if rest is not None)
     used = quota_used(host_db, 'acme', 'api_calls', now=T0)
     assert used == granted and 97 - 3 <= used <= 97
@@ -381,7 +373,7 @@ def _consume_in_process(url, n_threads, tries, out):
             try: got.append(consume_quota(host_db, 'acme', 'api_calls', now=T0))
             except QuotaExceeded: pass
         return got
-    out.put(_race(host_db, n_threads, work))
+    out.put(_race_lists(n_threads, work))
     host_db.close()
 
 def test_consumers_in_several_processes_on_postgresql(pg_url, pg_host_db):

@@ -1,5 +1,4 @@
 "Tenant provisioning and lifecycle on real PostgreSQL clusters and SQLite files."
-import threading
 from functools import partial
 
 import pytest
@@ -125,18 +124,10 @@ def test_pg_lifecycle_bumps_routing_version(pg_tenant_host, pg_server):
     with pytest.raises(TenantUnavailable, match='deleted'): provision_tenant(pg_tenant_host, tid, prepare=prepare)
 
 
-def test_concurrent_provisioning_of_one_id_yields_one_tenant(pg_tenant_host, pg_server):
+def test_concurrent_provisioning_of_one_id_yields_one_tenant(pg_tenant_host, pg_server, race):
     tid, n = new_id(), 4
-    barrier, results, errors = threading.Barrier(n), [], []
-
-    def worker():
-        barrier.wait()
-        try: results.append(provision_tenant(pg_tenant_host, tid, prepare=prepare))
-        except Exception as e: errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(n)]
-    for t in threads: t.start()
-    for t in threads: t.join(60)
+    results = race([lambda: provision_tenant(pg_tenant_host, tid, prepare=prepare)] * n, catch=Exception)
+    errors = [r for r in results if isinstance(r, Exception)]
     assert errors == [] and len(results) == n and {r.id for r in results} == {tid}
     assert {(r.status, r.routing_version) for r in results} == {('active', 2)}
     assert_pg_tenant(pg_tenant_host, pg_server, tid)
@@ -219,14 +210,8 @@ def test_sqlite_deprovisioning_resumes_after_a_crash_at_every_step(sqlite_tenant
     assert sqlite_files(sqlite_tenant_host) == []
 
 
-def test_sqlite_concurrent_provisioning_and_bad_ids(sqlite_tenant_host):
-    barrier, results = threading.Barrier(4), []
-    def worker():
-        barrier.wait()
-        results.append(provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare).routing_version)
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads: t.start()
-    for t in threads: t.join(30)
+def test_sqlite_concurrent_provisioning_and_bad_ids(sqlite_tenant_host, race):
+    results = race([lambda: provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare).routing_version] * 4)
     assert results == [2] * 4 and len(catalog(sqlite_tenant_host, 'acme')) == 1
     for bad in BAD_IDS:
         with pytest.raises(InvalidTenantId): provision_tenant(sqlite_tenant_host, bad, prepare=prepare)

@@ -165,14 +165,14 @@ def test_webhook_server_killed_mid_batch_then_redelivery_applies_every_event_onc
 
 # --- the expired-trial sweep ---------------------------------------------------------------------
 
-def _run_sweep(host_db, barrier):
-    "Claim and run one `billing.trial_sweep` job the way a worker does (after `barrier`); its result."
+def _run_sweep(host_db, claimed=None):
+    "Claim and run one `billing.trial_sweep` job as a worker does (after all sweeps at `claimed` hold one); its result."
     job = claim(host_db, f'sweeper-{threading.get_ident()}', ['billing.trial_sweep'])
-    barrier.wait()
+    if claimed: claimed.wait()
     with job_scope(job): return job_handlers['billing.trial_sweep'](job)
 
 
-def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_race(host_db):
+def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_race(host_db, race):
     assert 'billing.trial_sweep' in {p.job_type for p in SYSTEM_SCHEDULES}
     now = datetime.now(timezone.utc)
     for t in ('acme', 'globex'): host_db.tenants.insert(TenantCatalog(id=t, name=t))
@@ -182,8 +182,8 @@ def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_rac
     expired = [trial(('acme', 'globex')[i % 2], -1 - i) for i in range(20)]
     kept = [trial('acme', 2), trial('acme', -3, stripe_sub_id='sub_stripe'), trial('globex', -3, status='active')]
     for _ in range(2): enqueue(host_db, 'billing.trial_sweep')
-    barrier = threading.Barrier(2)
-    with ThreadPoolExecutor(2) as pool: results = list(pool.map(lambda _: _run_sweep(host_db, barrier), range(2)))
+    claimed = threading.Barrier(2)  # a second barrier, after the claims: both sweeps hold a job before either runs
+    results = race([lambda: _run_sweep(host_db, claimed)] * 2)
     assert sum(r['expired'] for r in results) == 20, "between them the two sweeps ended each trial once"
     rows = {s.id: s for s in host_db.subscriptions()}
     assert {(rows[i].status, rows[i].ended_at == rows[i].trial_end) for i in expired} == {('canceled', True)}
@@ -192,5 +192,5 @@ def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_rac
     assert sorted((a.target_id, a.tenant_id) for a in audits) == sorted((i, rows[i].tenant_id) for i in expired)
     assert {json.loads(a.details)['trial_end'] for a in audits} == {rows[i].trial_end for i in expired}
     enqueue(host_db, 'billing.trial_sweep')
-    assert _run_sweep(host_db, threading.Barrier(1)) == dict(expired=0)
+    assert _run_sweep(host_db) == dict(expired=0)
     assert len(host_db.audit_logs(where="event_type = 'billing.trial_expired'")) == 20

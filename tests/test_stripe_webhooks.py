@@ -209,18 +209,6 @@ def test_failure_rolls_back_records_and_retry_applies(endpoint, monkeypatch):
     assert (host_db.subscriptions.count, host_db.audit_logs.count, flaky.calls) == (1, 1, 2)
 
 
-def parallel(*calls):
-    "Run `calls` in threads started together; their results in order."
-    out, start = [None] * len(calls), threading.Barrier(len(calls))
-    def run(i):
-        start.wait()
-        out[i] = calls[i]()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads: t.start()
-    for t in threads: t.join(30)
-    return out
-
-
 @pytest.fixture
 def pg_endpoint(pg_host_db):
     pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
@@ -231,34 +219,34 @@ def pg_endpoint(pg_host_db):
         yield pg_host_db, post
 
 
-def test_simultaneous_duplicates_apply_once(pg_endpoint, monkeypatch):
+def test_simultaneous_duplicates_apply_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
     slow = FlakyHandler(sw.on_subscription, fail=0, delay=0.3)
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", slow)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
-    res = parallel(*[lambda: post(body)] * 4)
+    res = race([lambda: post(body)] * 4)
     assert sorted(r.json()["duplicate"] for r in res) == [False, True, True, True]
     assert (slow.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (1, 1, 1)
 
 
-def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, monkeypatch):
+def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
     flaky = FlakyHandler(sw.on_subscription, fail=1, delay=0.3)
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
     assert post(body).status_code == 500
-    res = parallel(lambda: post(body), lambda: post(body))
+    res = race([lambda: post(body)] * 2)
     assert sorted((r.status_code, r.json()["duplicate"]) for r in res) == [(200, False), (200, True)]
     assert (flaky.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (2, 1, 2)
 
 
-def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, monkeypatch):
+def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race, monkeypatch):
     "Delivery A fails slowly while B waits on the inbox's unique index; B applies after A rolls back; A's failure record must not clobber it."
     host_db, post = pg_endpoint
     flaky = FlakyHandler(sw.on_subscription, fail=1, delay=0.4)
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
-    res = parallel(lambda: post(body), lambda: (time.sleep(0.15), post(body))[1])
+    res = race([lambda: post(body), lambda: (time.sleep(0.15), post(body))[1]])
     assert sorted(r.status_code for r in res) == [200, 500]
     row = inbox(host_db, body)
     assert (row.status, row.attempts, row.last_error, flaky.calls) == ("processed", 1, None, 2)
@@ -362,7 +350,7 @@ def test_storm_2000_events_8_clients(pg_host_db):
     assert len(applied) == len({(a["object_id"], a["event_created"]) for a in applied})
 
 
-def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, monkeypatch):
+def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, race, monkeypatch):
     """The Checkout completion holds its locks for a while; the subscription's creation arrives meanwhile. Both take
     the subscription row and the customer mapping: in different orders they would deadlock (one 500)."""
     host_db, post = pg_endpoint
@@ -375,7 +363,7 @@ def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, 
                    client_reference_id="acme", payment_status="paid")
     checkout = event("checkout.session.completed", session, T0)
     created = event("customer.subscription.created", subscription("sub_1", "trialing", T0, "acme"), T0)
-    res = parallel(lambda: post(checkout), lambda: (time.sleep(0.15), post(created))[1])
+    res = race([lambda: post(checkout), lambda: (time.sleep(0.15), post(created))[1]])
     assert [r.status_code for r in res] == [200, 200]
     assert {(e.event_type, e.status, e.attempts) for e in host_db.webhook_events()} == {
         ("checkout.session.completed", "processed", 1), ("customer.subscription.created", "processed", 1)}

@@ -2,6 +2,7 @@
 import threading
 from datetime import date, datetime, timezone
 from decimal import Decimal
+from functools import partial
 
 import polars as pl
 import pytest
@@ -260,15 +261,9 @@ def test_engines_are_reused(pg_server, pg_url):
     assert len(mapper._engines) == 1
 
 
-def test_concurrent_first_writes_create_the_table_once(db_url, engine):
-    barrier, errors = threading.Barrier(4), []
-
-    def work(t):
-        barrier.wait()
-        try: map_and_upsert([dict(id=t, v=str(t))], "raced", "id", db_url)
-        except Exception as e: errors.append(e)
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads: t.start()
-    for t in threads: t.join()
+def test_concurrent_first_writes_create_the_table_once(db_url, engine, race):
+    outcomes = race([partial(map_and_upsert, [dict(id=t, v=str(t))], "raced", "id", db_url) for t in range(4)],
+                    catch=Exception)
+    errors = [o for o in outcomes if isinstance(o, Exception)]
     assert errors == []
     assert rows(engine, "raced") == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
