@@ -17,7 +17,7 @@ def _owners(db, t): return db.q("select count(*) n from core_memberships where t
 
 @pytest.fixture
 def slow_owner_count(host_db):
-    "Widen the race window: every owner count takes 150 ms longer to come back from the database."
+    "Widen the race window: every owner count takes 150 ms longer (no barrier: correct code counts one at a time)."
     def slow(conn, cursor, statement, *args):
         if 'count(*)' in statement and 'core_memberships.role' in statement: time.sleep(0.15)
     sa.event.listen(host_db.engine, 'after_cursor_execute', slow)
@@ -148,6 +148,7 @@ def test_racing_adds_of_one_member_give_one_membership_and_a_clear_error(people,
     db = people
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     def slow(conn, cursor, statement, *args):
+        # a wider window, not a barrier: on SQLite the adds cannot overlap at all
         if statement.lstrip().upper().startswith('SELECT') and 'FROM core_memberships' in statement: time.sleep(0.15)
     sa.event.listen(db.engine, 'after_cursor_execute', slow)
     try: results = race([lambda: add_member(db, 'acme', 'cy', 'member')] * 4, catch=MembershipError)

@@ -1,5 +1,6 @@
 "The job queue and worker on both backends: claims under thread contention, leases, retries, tenant binding."
 import json, threading, time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
@@ -199,8 +200,12 @@ def test_periodic_job_is_enqueued_once_per_period_by_many_workers(queue_db):
     assert len(_jobs(queue_db, job_type='test.sweep')) == 3
 
 
-def test_workers_with_schedules_enqueue_one_job_per_period(queue_db):
-    seen = []
+def test_workers_with_schedules_enqueue_one_job_per_period(queue_db, monkeypatch):
+    seen, polls = [], Counter()
+    def counted_claim(host_db, worker_id, *args):
+        try: return claim(host_db, worker_id, *args)
+        finally: polls[worker_id] += 1
+    monkeypatch.setattr('fh_saas.jobs.claim', counted_claim)
     handlers = {'test.tick': lambda job: seen.append(job.id)}
     daily = [Periodic('test.tick', timedelta(days=1))]
     workers = [Worker(queue_db, handlers, poll=0.01, schedules=daily) for _ in range(3)]
@@ -208,7 +213,8 @@ def test_workers_with_schedules_enqueue_one_job_per_period(queue_db):
     threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
     for t in threads: t.start()
     assert wait_for(lambda: seen, 10)
-    time.sleep(0.1)  # further polls of all three workers
+    before = dict(polls)
+    assert wait_for(lambda: len(polls) == 3 and all(polls[w] > before.get(w, 0) for w in polls), 10), "all polled again"
     stop.set()
     for t in threads: t.join(10)
     assert len(seen) == 1 and len(_jobs(queue_db, job_type='test.tick')) == 1
@@ -219,7 +225,7 @@ def test_each_job_sees_only_its_own_tenant(queue_db):
     jobs = {enqueue(queue_db, 'test.tenant', dict(i=i), tenant_id=tenants[i % 5]).id: tenants[i % 5] for i in range(40)}
     seen = {}
     def handler(job):
-        time.sleep(0.002)
+        time.sleep(0.002)  # keeps several jobs in flight at once
         seen[job.id] = (current_job_tenant(), current_audit_context())
         audit(queue_db, 'test.job_ran', target_id=job.id)
     _run_worker(Worker(queue_db, {'test.tenant': handler}, concurrency=4, poll=0.01),
@@ -265,15 +271,15 @@ def test_heartbeats_keep_a_long_job_from_being_taken(queue_db):
 def test_graceful_stop_finishes_the_job_in_hand(queue_db):
     j = enqueue(queue_db, 'test.slow')
     enqueue(queue_db, 'test.slow', run_at=datetime.now(timezone.utc))
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
     def slow(job):
         started.set()
-        time.sleep(0.3)
+        release.wait(10)
     stop = threading.Event()
     t = threading.Thread(target=Worker(queue_db, {'test.slow': slow}, poll=0.01).run, args=(stop,))
     t.start()
     assert started.wait(10)
-    stop.set(); t.join(10)
+    stop.set(); release.set(); t.join(10)   # the stop comes while the job is in hand
     assert not t.is_alive()
     assert sorted(r.status for r in _jobs(queue_db, job_type='test.slow')) == ['done', 'queued']
     assert queue_db.system_jobs[j.id].status == 'done'   # the one in hand, the earlier of the two

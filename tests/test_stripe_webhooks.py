@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 
 from fh_saas import stripe_webhooks as sw
 from fh_saas.db_host import PricingPlan, TenantCatalog
+from pgserver import wait_for
 from stripe_helpers import OLD_SECRET, SECRET, ServedApp, event, sign, subscription
 
 T0 = 1_760_000_000
@@ -181,13 +182,16 @@ def test_customer_updated(endpoint):
 
 
 class FlakyHandler:
-    "Wraps a real handler: runs it (so its writes happen), optionally slowly, then raises on the first `fail` calls."
-    def __init__(self, real, fail=1, delay=0.0): self.real, self.fail, self.delay, self.calls = real, fail, delay, 0
+    """Wraps a real handler: runs it (so its writes happen) and sets `entered`, calls `hold()` if given (its locks still
+    held), then raises on the first `fail` calls."""
+    def __init__(self, real, fail=1, hold=None):
+        self.real, self.fail, self.hold, self.calls, self.entered = real, fail, hold, 0, threading.Event()
 
     def __call__(self, host_db, conn, event):
         self.calls += 1
         out = self.real(host_db, conn, event)
-        time.sleep(self.delay)
+        self.entered.set()
+        if self.hold: self.hold()
         if self.calls <= self.fail: raise RuntimeError("ledger service down; api key sk_live_abc123 leaked into message")
         return out
 
@@ -209,6 +213,14 @@ def test_failure_rolls_back_records_and_retry_applies(endpoint, monkeypatch):
     assert (host_db.subscriptions.count, host_db.audit_logs.count, flaky.calls) == (1, 1, 2)
 
 
+def lock_waits(host_db, n=1):
+    "A `hold`: return once `n` sessions of `host_db`'s database wait for a lock (at most 10 s), i.e. queue behind ours."
+    q = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    def waiting():
+        with host_db.engine.connect() as c: return c.exec_driver_sql(q).scalar() >= n
+    return lambda: wait_for(waiting, 10)
+
+
 @pytest.fixture
 def pg_endpoint(pg_host_db):
     pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
@@ -221,7 +233,7 @@ def pg_endpoint(pg_host_db):
 
 def test_simultaneous_duplicates_apply_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
-    slow = FlakyHandler(sw.on_subscription, fail=0, delay=0.3)
+    slow = FlakyHandler(sw.on_subscription, fail=0, hold=lock_waits(host_db, 3))
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", slow)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
     res = race([lambda: post(body)] * 4)
@@ -231,10 +243,11 @@ def test_simultaneous_duplicates_apply_once(pg_endpoint, race, monkeypatch):
 
 def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
-    flaky = FlakyHandler(sw.on_subscription, fail=1, delay=0.3)
+    flaky = FlakyHandler(sw.on_subscription, fail=1)
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
     assert post(body).status_code == 500
+    flaky.hold = lock_waits(host_db)
     res = race([lambda: post(body)] * 2)
     assert sorted((r.status_code, r.json()["duplicate"]) for r in res) == [(200, False), (200, True)]
     assert (flaky.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (2, 1, 2)
@@ -243,10 +256,10 @@ def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monk
 def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race, monkeypatch):
     "Delivery A fails slowly while B waits on the inbox's unique index; B applies after A rolls back; A's failure record must not clobber it."
     host_db, post = pg_endpoint
-    flaky = FlakyHandler(sw.on_subscription, fail=1, delay=0.4)
+    flaky = FlakyHandler(sw.on_subscription, fail=1, hold=lock_waits(host_db))   # B behind A; then A's record behind B
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
-    res = race([lambda: post(body), lambda: (time.sleep(0.15), post(body))[1]])
+    res = race([lambda: post(body), lambda: (flaky.entered.wait(10), post(body))[1]])
     assert sorted(r.status_code for r in res) == [200, 500]
     row = inbox(host_db, body)
     assert (row.status, row.attempts, row.last_error, flaky.calls) == ("processed", 1, None, 2)
@@ -354,16 +367,16 @@ def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, 
     """The Checkout completion holds its locks for a while; the subscription's creation arrives meanwhile. Both take
     the subscription row and the customer mapping: in different orders they would deadlock (one 500)."""
     host_db, post = pg_endpoint
-    real = sw.link_customer
+    real, linked, hold = sw.link_customer, threading.Event(), lock_waits(host_db)
     def slow_link(*args):
         real(*args)
-        time.sleep(0.4)
+        if not linked.is_set(): linked.set(); hold()  # the first link keeps its locks until the creation waits
     monkeypatch.setattr(sw, "link_customer", slow_link)
     session = dict(id="cs_1", object="checkout.session", mode="subscription", subscription="sub_1", customer="cus_1",
                    client_reference_id="acme", payment_status="paid")
     checkout = event("checkout.session.completed", session, T0)
     created = event("customer.subscription.created", subscription("sub_1", "trialing", T0, "acme"), T0)
-    res = race([lambda: post(checkout), lambda: (time.sleep(0.15), post(created))[1]])
+    res = race([lambda: post(checkout), lambda: (linked.wait(10), post(created))[1]])
     assert [r.status_code for r in res] == [200, 200]
     assert {(e.event_type, e.status, e.attempts) for e in host_db.webhook_events()} == {
         ("checkout.session.completed", "processed", 1), ("customer.subscription.created", "processed", 1)}

@@ -134,27 +134,32 @@ def test_sqlite_engine_without_begin_immediate_is_refused(tmp_path):
 
 # --- concurrency ---------------------------------------------------------------------------------
 
-def test_two_threads_migrating_one_database_apply_each_step_once(tdbs):
+LOCK_WAITS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+              " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+"Sessions of this PostgreSQL database waiting for an advisory lock (the migration lock)."
+
+def test_two_threads_migrating_one_database_apply_each_step_once(tdbs, race):
     url = tdbs.new('race')
     migrate_database(tdbs.engine(url))
-    calls, entered = [], threading.Semaphore(0)
+    calls, locking = [], threading.Semaphore(0)
 
     def slow_step(conn):
         calls.append(threading.get_ident())
-        for _ in range(2): assert entered.acquire(timeout=30)
-        time.sleep(0.3)  # the other thread is now waiting for the lock
+        for _ in range(2): assert locking.acquire(timeout=30)  # ours took the lock; the other thread is taking it
+        if conn.dialect.name == 'postgresql': wait_for(lambda: conn.exec_driver_sql(LOCK_WAITS).scalar(), 30)
         conn.exec_driver_sql('CREATE TABLE notes (id INTEGER PRIMARY KEY)')
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'notes', slow_step)])
-    results, errors = [], []
+
+    def taking_the_lock(conn, cursor, statement, *args):
+        if statement.startswith('BEGIN IMMEDIATE') or 'pg_advisory_xact_lock' in statement: locking.release()
 
     def run():
         eng = tdbs.engine(url)
-        entered.release()
-        try: results.append(migrate_database(eng, schema))
-        except Exception as e: errors.append(e)
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads: t.start()
-    for t in threads: t.join(30)
+        sa.event.listen(eng, 'before_cursor_execute', taking_the_lock)
+        return migrate_database(eng, schema)
+    outcomes = race([run, run], catch=Exception)
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    results = [o for o in outcomes if o not in errors]
     assert errors == [] and results == [4, 4] and len(calls) == 1
     assert history(tdbs.engine(url))[-1] == (4, 'notes')
 
@@ -187,14 +192,12 @@ CHILD = textwrap.dedent("""
         if mode == 'crash':
             (work/'ddl-done').touch()
             time.sleep(60)
-        deadline = time.monotonic() + 30
-        while len(list(work.glob('started-*'))) < 2 and time.monotonic() < deadline: time.sleep(0.01)
-        time.sleep(0.3)  # the other process is now waiting for the lock
+        deadline = time.monotonic() + 30   # until the other process waits for the migration lock
+        while not conn.exec_driver_sql(sys.argv[3]).scalar() and time.monotonic() < deadline: time.sleep(0.01)
 
     engine = make_engine(os.environ['TENANT_URL'])
     (work/f'ready-{os.getpid()}').touch()
     while not (work/'go').exists(): time.sleep(0.01)
-    (work/f'started-{os.getpid()}').touch()
     t0 = time.monotonic()
     v = migrate_database(engine, TenantSchema([*core_migrations, TenantMigration(4, 'notes', step)]))
     print(v, t0, time.monotonic())
@@ -203,7 +206,8 @@ CHILD = textwrap.dedent("""
 
 def spawn(mode, url, work):
     env = dict(os.environ, TENANT_URL=url, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-    return subprocess.Popen([sys.executable, '-c', CHILD, mode, str(work)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, '-c', CHILD, mode, str(work), LOCK_WAITS], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize('tdbs', ['postgresql'], indirect=True)
@@ -320,7 +324,7 @@ def test_fleet_concurrency_is_bounded(host_db, fleet):
 
     def tracked(conn):
         with lock: active[0] += 1; peak[0] = max(peak[0], active[0])
-        time.sleep(0.1)
+        time.sleep(0.1)  # long enough for the runs to overlap
         with lock: active[0] -= 1
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'tracked', tracked)])
     assert len(migrate_fleet(host_db, fleet.engine, concurrency=2, schema=schema).migrated) == 3
@@ -333,7 +337,7 @@ def test_two_fleet_runs_at_once_apply_each_step_once(host_db, fleet):
 
     def counted(conn):
         with lock: applied.append(conn.engine.url.database)
-        time.sleep(0.05)
+        time.sleep(0.05)  # keeps both fleet runs busy at once
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'counted', counted)])
     reports = [None, None]
     def run(i): reports[i] = migrate_fleet(host_db, fleet.engine, concurrency=2, schema=schema)
