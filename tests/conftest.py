@@ -6,6 +6,14 @@ from pgserver import start_cluster, start_server
 import races
 
 
+def pytest_collection_modifyitems(items):
+    "Refuse a test that reaches a PostgreSQL cluster unmarked: `-m 'not postgres'` must run without PostgreSQL."
+    def reaches(item): return ({'pg_server', 'second_pg_server'} & set(item.fixturenames)
+                               or 'postgresql' in getattr(getattr(item, 'callspec', None), 'params', {}).values())
+    if unmarked := [i.nodeid for i in items if reaches(i) and not i.get_closest_marker('postgres')]:
+        raise pytest.UsageError("these tests use PostgreSQL but are not marked postgres:\n  " + "\n  ".join(unmarked))
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     server = start_server()
@@ -34,7 +42,7 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path/'host.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def host_url(request, tmp_path):
     "A fresh host database URL on each backend."
     if request.param == "sqlite":

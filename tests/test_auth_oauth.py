@@ -53,6 +53,7 @@ def sign_in(c, sub, tamper_state=False):
     return c.get(f'{back.path}?{urlencode({k: v[0] for k, v in query.items()})}')
 
 
+@pytest.mark.oidc
 def test_new_user_is_created_and_logged_in(world):
     c = world.client()
     r = sign_in(c, 'alice-sub')
@@ -65,6 +66,7 @@ def test_new_user_is_created_and_logged_in(world):
     assert world.host_db.global_users.count == 2
 
 
+@pytest.mark.oidc
 def test_verified_email_links_to_existing_user(world):
     c = world.client()
     assert sign_in(c, 'ann-sub').status_code == 303
@@ -72,6 +74,7 @@ def test_verified_email_links_to_existing_user(world):
     assert world.host_db.q("select user_id from auth_oauth_identities")[0]['user_id'] == 'ann'
 
 
+@pytest.mark.oidc
 def test_unverified_email_never_links(world):
     c = world.client()
     r = sign_in(c, 'mallory-sub')
@@ -80,6 +83,7 @@ def test_unverified_email_never_links(world):
     assert c.get('/notes').status_code == 303 and c.get('/notes').headers['location'].startswith('/login')
 
 
+@pytest.mark.oidc
 def test_unverified_email_never_creates_a_user(world):
     r = sign_in(world.client(), 'lax-new-sub')
     assert r.headers['location'] == '/login?error=email_not_verified'
@@ -99,6 +103,7 @@ def squatter(world):
     return attacker, key
 
 
+@pytest.mark.oidc
 def test_unverified_email_does_not_claim_an_unverified_account(world):
     attacker, key = squatter(world)
     assert sign_in(world.client(), 'lax-sam-sub').headers['location'] == '/login?error=email_not_verified'
@@ -106,6 +111,7 @@ def test_unverified_email_does_not_claim_an_unverified_account(world):
     assert world.host_db.global_users['sam'].email_verified_at is None
 
 
+@pytest.mark.oidc
 def test_verified_owner_claims_a_squatted_account(world):
     attacker, key = squatter(world)
     victim = world.client()
@@ -126,6 +132,7 @@ def test_verified_owner_claims_a_squatted_account(world):
     assert len(world.host_db.audit_logs(where="event_type = 'auth.unverified_account_claimed'")) == 1
 
 
+@pytest.mark.oidc
 def test_forged_state_is_refused(world):
     c = world.client()
     r = sign_in(c, 'alice-sub', tamper_state=True)
@@ -133,6 +140,7 @@ def test_forged_state_is_refused(world):
     assert world.host_db.global_users.count == 1
 
 
+@pytest.mark.oidc
 def test_callback_without_a_started_login_is_refused(world):
     r = world.client().get('/auth/oauth/mock/callback?code=abc&state=xyz')
     assert r.headers['location'] == '/login?error=provider_refused'

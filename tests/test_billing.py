@@ -344,6 +344,7 @@ def test_concurrent_consumers_never_pass_the_limit(host_db):
     assert sorted(granted) == list(range(limit)), "every remaining value was handed out exactly once"
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == limit
 
+@pytest.mark.postgres
 def test_concurrent_mixed_sizes_on_postgresql(pg_host_db):
     "16 threads consume 1-4 units each try on PostgreSQL: the count equals the sum granted and never passes the limit."
     host_db = pro_acme(pg_host_db, 97)
@@ -376,6 +377,7 @@ def _consume_in_process(url, n_threads, tries, out):
     out.put(_race_lists(n_threads, work))
     host_db.close()
 
+@pytest.mark.postgres
 def test_consumers_in_several_processes_on_postgresql(pg_url, pg_host_db):
     "3 processes x 6 threads x 5 tries race for 50 units: exactly 50 are granted, each remaining value once."
     import multiprocessing as mp

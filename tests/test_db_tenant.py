@@ -13,8 +13,6 @@ from fh_saas.tenant_migrations import TenantMigration, TenantSchema, database_ve
 from tenant_helpers import (SECRET, new_id, pg_tenant_host, pg_names, prepare, register, secret_key,  # noqa: F401
                             sqlite_tenant_host)
 
-pytestmark = pytest.mark.postgres
-
 
 class Crash(Exception):
     "A failure injected between two steps."
@@ -53,6 +51,7 @@ def assert_pg_tenant(host_db, server, tid):
 
 # --- PostgreSQL --------------------------------------------------------------------------------
 
+@pytest.mark.postgres
 def test_provision_pg_catalog_and_secrets(pg_tenant_host, pg_server):
     tid = new_id()
     row = provision_tenant(pg_tenant_host, tid, 'Acme', prepare=prepare)
@@ -67,6 +66,7 @@ def test_provision_pg_catalog_and_secrets(pg_tenant_host, pg_server):
     assert provision_tenant(pg_tenant_host, tid, prepare=prepare).routing_version == 2
 
 
+@pytest.mark.postgres
 def test_tenant_credentials_reach_only_their_own_database(pg_tenant_host, pg_server):
     a, b = new_id('a'), new_id('b')
     for tid in (a, b): provision_tenant(pg_tenant_host, tid, prepare=prepare)
@@ -83,6 +83,7 @@ def test_tenant_credentials_reach_only_their_own_database(pg_tenant_host, pg_ser
 PG_STEPS = PostgresStore.provision_steps
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('step', PG_STEPS)
 def test_pg_provisioning_resumes_after_a_crash_at_every_step(pg_tenant_host, pg_server, monkeypatch, step):
     tid = new_id()
@@ -98,6 +99,7 @@ def test_pg_provisioning_resumes_after_a_crash_at_every_step(pg_tenant_host, pg_
     assert_pg_tenant(pg_tenant_host, pg_server, tid)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('step', PostgresStore.deprovision_steps)
 def test_pg_deprovisioning_resumes_after_a_crash_at_every_step(pg_tenant_host, pg_server, monkeypatch, step):
     tid = new_id()
@@ -113,6 +115,7 @@ def test_pg_deprovisioning_resumes_after_a_crash_at_every_step(pg_tenant_host, p
     assert deprovision_tenant(pg_tenant_host, tid).routing_version == row.routing_version
 
 
+@pytest.mark.postgres
 def test_pg_lifecycle_bumps_routing_version(pg_tenant_host, pg_server):
     tid = new_id()
     versions = [provision_tenant(pg_tenant_host, tid, prepare=prepare).routing_version]
@@ -124,6 +127,7 @@ def test_pg_lifecycle_bumps_routing_version(pg_tenant_host, pg_server):
     with pytest.raises(TenantUnavailable, match='deleted'): provision_tenant(pg_tenant_host, tid, prepare=prepare)
 
 
+@pytest.mark.postgres
 def test_concurrent_provisioning_of_one_id_yields_one_tenant(pg_tenant_host, pg_server, race):
     tid, n = new_id(), 4
     results = race([lambda: provision_tenant(pg_tenant_host, tid, prepare=prepare)] * n, catch=Exception)
@@ -137,6 +141,7 @@ BAD_IDS = ["acme'; DROP DATABASE postgres; --", 'acme"; DROP ROLE postgres; --',
            'Acme', 'x', 'a' * 41, 'acme\x00', 'acme\n', ' acme', 'tenant-1', 'ac me', '', None, 42]
 
 
+@pytest.mark.postgres
 def test_bad_ids_are_rejected_before_anything_is_created(pg_tenant_host, pg_server, tmp_path):
     before_dbs, before_roles = pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')
     for bad in BAD_IDS:
@@ -148,6 +153,7 @@ def test_bad_ids_are_rejected_before_anything_is_created(pg_tenant_host, pg_serv
     assert (pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')) == (before_dbs, before_roles)
 
 
+@pytest.mark.postgres
 def test_two_servers_least_loaded_and_named_placement(pg_tenant_host, pg_server, second_pg_server):
     register(pg_tenant_host, second_pg_server, 'second')
     ids = [new_id() for _ in range(4)]
@@ -164,6 +170,7 @@ def test_two_servers_least_loaded_and_named_placement(pg_tenant_host, pg_server,
     for r in rows + [named]: deprovision_tenant(pg_tenant_host, r.id)
 
 
+@pytest.mark.postgres
 def test_full_or_unknown_server_refuses_without_creating(pg_tenant_host, pg_server):
     with pg_tenant_host.transaction() as c: c.execute(db_servers_t.update().values(max_tenants=1))
     first = new_id()
@@ -176,6 +183,7 @@ def test_full_or_unknown_server_refuses_without_creating(pg_tenant_host, pg_serv
     assert provision_tenant(pg_tenant_host, first, prepare=prepare).status == 'active'
 
 
+@pytest.mark.postgres
 def test_pg_secret_key_is_required(pg_tenant_host, monkeypatch):
     with monkeypatch.context() as m, pytest.raises(ValueError, match='FH_SAAS_SECRET_KEY'):
         m.setenv('FH_SAAS_SECRET_KEY', 'too short')
@@ -230,6 +238,7 @@ def test_tenant_dir_from_environment(tmp_path, monkeypatch):
         host_db.close(); HostDatabase.reset_instance()
 
 
+@pytest.mark.postgres
 def test_template_is_kept_at_the_latest_schema(pg_tenant_host, pg_server, monkeypatch):
     first = provision_tenant(pg_tenant_host, new_id(), prepare=prepare)
 
@@ -252,6 +261,7 @@ V1 = TenantSchema([TenantMigration(1, 'notes', 'CREATE TABLE notes (id serial PR
 V2 = TenantSchema([*V1, TenantMigration(2, 'tags', 'CREATE TABLE tags (id int)')])
 
 
+@pytest.mark.postgres
 def test_provisioning_resumed_by_a_newer_deploy_ends_at_the_newer_version(pg_tenant_host, second_pg_server,
                                                                           monkeypatch):
     register(pg_tenant_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
@@ -285,6 +295,7 @@ KINDS = TenantSchema([TenantMigration(1, 'kinds', """
     CREATE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 1 $$""")])
 
 
+@pytest.mark.postgres
 def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_tenant_host, second_pg_server):
     register(pg_tenant_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
     row = provision_tenant(pg_tenant_host, new_id(), prepare=partial(migrate_database, schema=KINDS), server='second')
@@ -305,6 +316,7 @@ def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_tenant
         deprovision_tenant(pg_tenant_host, row.id)  # before the second cluster stops
 
 
+@pytest.mark.postgres
 def test_suspend_and_resume_are_idempotent(pg_tenant_host):
     tid = new_id()
     provision_tenant(pg_tenant_host, tid, prepare=prepare)

@@ -11,8 +11,6 @@ from pgserver import wait_for
 from tenant_helpers import (listening, new_id, pg_tenant_host, prepare, run_elsewhere, secret_key,  # noqa: F401
                             sqlite_tenant_host, tenant_connections)
 
-pytestmark = pytest.mark.postgres
-
 
 @pytest.fixture
 def tenants(pg_tenant_host):
@@ -35,6 +33,7 @@ def count_host_queries(host_db):
     return seen
 
 
+@pytest.mark.postgres
 def test_routes_each_tenant_to_its_own_database(pg_tenant_host, tenants, router):
     for tid in tenants[:2]:
         with router.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (%s)", (tid,))
@@ -50,6 +49,7 @@ def test_routes_each_tenant_to_its_own_database(pg_tenant_host, tenants, router)
     assert sa.make_url(get_db_uri(router.engine(tenants[0]))).password
 
 
+@pytest.mark.postgres
 def test_rollback_on_error(tenants, router):
     with pytest.raises(ZeroDivisionError), router.connect(tenants[0]) as c:
         c.exec_driver_sql("INSERT INTO notes (body) VALUES ('lost')")
@@ -57,6 +57,7 @@ def test_rollback_on_error(tenants, router):
     with router.connect(tenants[0]) as c: assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
 
 
+@pytest.mark.postgres
 def test_one_catalog_read_per_miss_none_per_hit(pg_tenant_host, tenants, router):
     seen = count_host_queries(pg_tenant_host)
     for _ in range(50):
@@ -67,6 +68,7 @@ def test_one_catalog_read_per_miss_none_per_hit(pg_tenant_host, tenants, router)
     assert len(seen) == 2
 
 
+@pytest.mark.postgres
 def test_budget_holds_and_cold_tenants_are_evicted(pg_server, tenants, router):
     for tid in tenants:
         with router.connect(tid) as c: c.exec_driver_sql("SELECT 1")
@@ -75,6 +77,7 @@ def test_budget_holds_and_cold_tenants_are_evicted(pg_server, tenants, router):
     assert tenant_connections(pg_server) <= router.budget
 
 
+@pytest.mark.postgres
 def test_threads_never_exceed_the_budget(pg_server, tenants, router):
     peak, stop, errors = [0], threading.Event(), []
 
@@ -97,6 +100,7 @@ def test_threads_never_exceed_the_budget(pg_server, tenants, router):
     assert tenant_connections(pg_server) <= router.budget
 
 
+@pytest.mark.postgres
 def test_waits_then_fails_clearly_when_everything_is_busy(pg_tenant_host, tenants):
     r = TenantRouter(pg_tenant_host, budget=2, pool_size=2, timeout=0.2)
     listening(r)
@@ -108,6 +112,7 @@ def test_waits_then_fails_clearly_when_everything_is_busy(pg_tenant_host, tenant
     finally: r.close()
 
 
+@pytest.mark.postgres
 def test_lifecycle_changes_stop_routing_at_once_in_this_process(pg_tenant_host, pg_server, tenants, router):
     tid = tenants[0]
     with router.connect(tid): pass
@@ -123,6 +128,7 @@ def test_lifecycle_changes_stop_routing_at_once_in_this_process(pg_tenant_host, 
     with pytest.raises(TenantNotFound): router.engine('nobody_here')
 
 
+@pytest.mark.postgres
 def test_provisioning_tenant_is_not_routed(pg_tenant_host, router, monkeypatch):
     from fh_saas import db_tenant
     tid = new_id()
@@ -133,6 +139,7 @@ def test_provisioning_tenant_is_not_routed(pg_tenant_host, router, monkeypatch):
     with pytest.raises(TenantUnavailable, match='provisioning'): router.engine(tid)
 
 
+@pytest.mark.postgres
 def test_changes_in_another_process_stop_routing_within_the_ttl(pg_tenant_host, pg_url, tenants):
     tid, ttl = tenants[0], 0.3
     r = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=ttl)
@@ -183,6 +190,7 @@ def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_tenant_host, m
     finally: r.close()
 
 
+@pytest.mark.postgres
 def test_suspensions_during_concurrent_routing_leak_nothing(pg_tenant_host, pg_server, tenants, router):
     errors, done = [], threading.Event()
 

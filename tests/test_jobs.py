@@ -14,7 +14,7 @@ from fh_saas.jobs import (JobRejected, Periodic, Worker, cancel, claim, complete
 from pgserver import wait_for
 
 
-@pytest.fixture(scope='module', params=['sqlite', 'postgresql'])
+@pytest.fixture(scope='module', params=['sqlite', pytest.param('postgresql', marks=pytest.mark.postgres)])
 def module_url(request, tmp_path_factory):
     "One host database per backend for this module (creating one per test costs seconds on PostgreSQL)."
     if request.param == 'sqlite':

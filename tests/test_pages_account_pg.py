@@ -1,10 +1,12 @@
 "Sign-up under concurrency on PostgreSQL: the unique email and the tenant primary key decide, never a prior check."
 from functools import partial
 
+import pytest
 from argon2 import PasswordHasher
 
 from fh_saas.pages_account import AccountError, sign_up
 
+pytestmark = pytest.mark.postgres
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 
 

@@ -14,8 +14,6 @@ from pgserver import start_cluster, wait_for
 from tenant_helpers import (clean_up, listening, new_id, pg_tenant_host, prepare, register, run_elsewhere,  # noqa: F401
                             secret_key, sqlite_tenant_host)
 
-pytestmark = pytest.mark.postgres
-
 
 @pytest.fixture
 def tenants(pg_tenant_host):
@@ -53,6 +51,7 @@ def listener_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == LISTENER_NAME]
 
 
+@pytest.mark.postgres
 def test_a_change_committed_in_another_process_stops_routing_at_once(pg_url, tenants, router):
     tid = tenants[0]
     listening(router)
@@ -83,6 +82,7 @@ class Notifications:
     def close(self): self.conn.close()
 
 
+@pytest.mark.postgres
 def test_a_rolled_back_change_sends_nothing(pg_tenant_host, pg_url, tenants):
     with closing(Notifications(pg_url)) as heard:
         with pytest.raises(RuntimeError, match='changed my mind'), pg_tenant_host.transaction():
@@ -94,6 +94,7 @@ def test_a_rolled_back_change_sends_nothing(pg_tenant_host, pg_url, tenants):
         assert heard.until(tenants[1]) == [tenants[1]]
 
 
+@pytest.mark.postgres
 def test_every_routing_version_bump_notifies_once(pg_tenant_host, pg_url, tenants):
     tid = new_id()
     with closing(Notifications(pg_url)) as heard:
@@ -108,6 +109,7 @@ def test_every_routing_version_bump_notifies_once(pg_tenant_host, pg_url, tenant
         assert bumps == 6 and heard.until(tenants[0]).count(tid) == bumps
 
 
+@pytest.mark.postgres
 def test_the_listener_reconnects_after_its_connection_is_killed(pg_server, pg_url, tenants, router, caplog):
     listener = listening(router)
     [pid] = listener_backends(pg_server, pg_url)
@@ -125,6 +127,7 @@ def test_the_listener_reconnects_after_its_connection_is_killed(pg_server, pg_ur
     assert listener_threads() == [listener.thread]
 
 
+@pytest.mark.postgres
 def test_the_listener_comes_back_after_a_server_restart(caplog):
     server = start_cluster()
     try:
@@ -151,6 +154,7 @@ def test_the_listener_comes_back_after_a_server_restart(caplog):
     finally: server.stop()
 
 
+@pytest.mark.postgres
 def test_one_listener_per_host_database_until_the_last_router_closes(pg_tenant_host, pg_server, pg_url):
     first, second = TenantRouter(pg_tenant_host), TenantRouter(pg_tenant_host)
     listener = listening(first)
@@ -163,6 +167,7 @@ def test_one_listener_per_host_database_until_the_last_router_closes(pg_tenant_h
     assert wait_for(lambda: listener_backends(pg_server, pg_url) == [])
 
 
+@pytest.mark.postgres
 def test_closing_the_host_database_stops_the_listener(pg_tenant_host, pg_server, pg_url):
     router = TenantRouter(pg_tenant_host)
     listener = listening(router)
@@ -172,6 +177,7 @@ def test_closing_the_host_database_stops_the_listener(pg_tenant_host, pg_server,
     router.close()
 
 
+@pytest.mark.postgres
 def test_a_missed_notification_is_caught_by_the_ttl(pg_tenant_host, pg_server, pg_url, tenants):
     tid, r = tenants[0], TenantRouter(pg_tenant_host, ttl=0.3)
     try:
@@ -190,6 +196,7 @@ def test_a_sqlite_host_has_no_listener(sqlite_tenant_host):
     finally: r.close()
 
 
+@pytest.mark.postgres
 def test_a_forked_child_closing_its_copy_leaves_the_parents_listener_alone(pg_url, tenants, router):
     "The child's close/dispose must not stop (or wake) the parent's listener through the inherited pipe."
     tid, listener = tenants[0], listening(router)

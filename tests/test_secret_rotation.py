@@ -12,7 +12,6 @@ from fh_saas.sessions import SessionManager
 from fh_saas.tenant_router import TenantRouter
 from tenant_helpers import SECRET, new_id, pg_tenant_host, prepare, secret_key  # noqa: F401
 
-pytestmark = pytest.mark.postgres
 KEY_A, KEY_B = SECRET, 'rotated-master-key-' + 'fedcba9876543210' * 2
 
 
@@ -60,6 +59,7 @@ def fleet(pg_tenant_host):
     return ids
 
 
+@pytest.mark.postgres
 def test_rotation_from_key_a_to_key_b(pg_tenant_host, pg_server, fleet, monkeypatch):
     router = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=60, timeout=5)
     try:
@@ -98,6 +98,7 @@ def test_rotation_from_key_a_to_key_b(pg_tenant_host, pg_server, fleet, monkeypa
     finally: router.close()
 
 
+@pytest.mark.postgres
 def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_key(pg_tenant_host, fleet, monkeypatch):
     "No locale but C is installed here, so the server's refusal is reworded as with `lc_messages = 'de_DE'`."
     connect, refusals = psycopg2.connect, []
@@ -116,6 +117,7 @@ def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_k
     assert len(refusals) == 3 and not any(p in str(e.value) for p in db_tenant.role_passwords(f'tenant_{fleet[0]}'))
 
 
+@pytest.mark.postgres
 def test_rotation_stores_no_secret_in_the_catalog(pg_tenant_host, pg_server, fleet, monkeypatch):
     use_keys(monkeypatch, KEY_B, KEY_A)
     rotate_secret_key(pg_tenant_host)
@@ -125,6 +127,7 @@ def test_rotation_stores_no_secret_in_the_catalog(pg_tenant_host, pg_server, fle
     assert not any(db_tenant.role_password(f'tenant_{tid}', k) in dump for tid in fleet for k in (KEY_A, KEY_B))
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('step', ['locked', 'role'])
 def test_an_interrupted_rotation_reports_the_tenant_and_a_second_run_completes(pg_tenant_host, fleet, monkeypatch,
                                                                                step):
@@ -152,6 +155,7 @@ def test_an_interrupted_rotation_reports_the_tenant_and_a_second_run_completes(p
     assert [whoami(pg_tenant_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
 
 
+@pytest.mark.postgres
 def test_a_server_password_under_an_unknown_key_stops_the_rotation_before_any_change(pg_tenant_host, fleet,
                                                                                       monkeypatch):
     use_keys(monkeypatch, KEY_B)
@@ -163,6 +167,7 @@ def test_a_server_password_under_an_unknown_key_stops_the_rotation_before_any_ch
     assert whoami(pg_tenant_host, fleet[0]) == f'tenant_{fleet[0]}'
 
 
+@pytest.mark.postgres
 def test_cli_rotates_and_says_when_the_old_key_can_go(pg_tenant_host, fleet, monkeypatch, capsys):
     use_keys(monkeypatch, KEY_B, KEY_A)
     def server_down(action, step):

@@ -12,6 +12,7 @@ from pgserver import free_port, wait_for
 from stripe_helpers import SECRET, ServedApp, event, subscription
 from stripe_standin import FakeStripe
 
+pytestmark = [pytest.mark.postgres, pytest.mark.stripe]
 URLS = dict(success_url="https://app.test/billing/ok", cancel_url="https://app.test/billing")
 
 

@@ -63,6 +63,7 @@ def test_every_bad_delivery_is_400_and_stores_nothing(endpoint):
     assert post(good, secret=OLD_SECRET).json() == dict(status="processed", duplicate=False)
 
 
+@pytest.mark.postgres
 def test_endpoint_is_outside_login_beforeware(pg_host_db):
     pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
     app = FastHTML(secret_key="test-only", before=Beforeware(lambda req, sess: RedirectResponse("/login", status_code=303)))
@@ -75,6 +76,7 @@ def test_endpoint_is_outside_login_beforeware(pg_host_db):
     assert r.status_code == 200 and pg_host_db.subscriptions()[0].status == "active"
 
 
+@pytest.mark.postgres
 def test_no_secret_no_endpoint(pg_host_db, monkeypatch):
     monkeypatch.delenv("STRIPE_WEBHOOK_SECRET", raising=False)
     for secrets in ([], None, "", [" "]):
@@ -231,6 +233,7 @@ def pg_endpoint(pg_host_db):
         yield pg_host_db, post
 
 
+@pytest.mark.postgres
 def test_simultaneous_duplicates_apply_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
     slow = FlakyHandler(sw.on_subscription, fail=0, hold=lock_waits(host_db, 3))
@@ -241,6 +244,7 @@ def test_simultaneous_duplicates_apply_once(pg_endpoint, race, monkeypatch):
     assert (slow.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (1, 1, 1)
 
 
+@pytest.mark.postgres
 def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
     flaky = FlakyHandler(sw.on_subscription, fail=1)
@@ -253,6 +257,7 @@ def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monk
     assert (flaky.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (2, 1, 2)
 
 
+@pytest.mark.postgres
 def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race, monkeypatch):
     "Delivery A fails slowly while B waits on the inbox's unique index; B applies after A rolls back; A's failure record must not clobber it."
     host_db, post = pg_endpoint
@@ -266,6 +271,7 @@ def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race,
     assert (host_db.subscriptions()[0].status, host_db.audit_logs.count) == ("active", 1)
 
 
+@pytest.mark.postgres
 def test_replay_failed(pg_host_db, monkeypatch):
     pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.updated", FlakyHandler(sw.on_subscription, fail=3))
@@ -323,6 +329,7 @@ def expected_state(events):
     return state
 
 
+@pytest.mark.postgres
 def test_storm_2000_events_8_clients(pg_host_db):
     events = storm_events()
     assert len(events) == 2000
@@ -363,6 +370,7 @@ def test_storm_2000_events_8_clients(pg_host_db):
     assert len(applied) == len({(a["object_id"], a["event_created"]) for a in applied})
 
 
+@pytest.mark.postgres
 def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, race, monkeypatch):
     """The Checkout completion holds its locks for a while; the subscription's creation arrives meanwhile. Both take
     the subscription row and the customer mapping: in different orders they would deadlock (one 500)."""

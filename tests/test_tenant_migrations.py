@@ -40,7 +40,7 @@ class TenantDatabases:
             for url in self.urls.values(): self.pg.drop_database(url)
 
 
-@pytest.fixture(params=['sqlite', 'postgresql'])
+@pytest.fixture(params=['sqlite', pytest.param('postgresql', marks=pytest.mark.postgres)])
 def tdbs(request, tmp_path):
     pg = request.getfixturevalue('pg_server') if request.param == 'postgresql' else None
     dbs = TenantDatabases(request.param, tmp_path, pg)
@@ -164,6 +164,7 @@ def test_two_threads_migrating_one_database_apply_each_step_once(tdbs, race):
     assert history(tdbs.engine(url))[-1] == (4, 'notes')
 
 
+@pytest.mark.postgres
 def test_busy_tenant_fails_fast_and_unchanged_on_postgresql(pg_url):
     "ALTER TABLE behind an open transaction: the migration gives up after lock_timeout instead of stalling the tenant."
     eng = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
@@ -210,6 +211,7 @@ def spawn(mode, url, work):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('tdbs', ['postgresql'], indirect=True)
 def test_two_processes_migrating_one_database_apply_each_step_once(tdbs, tmp_path):
     url = tdbs.new('procs')
@@ -370,6 +372,7 @@ def test_fleet_argument_errors(host_db, fleet):
 
 # --- provisioning from a template ----------------------------------------------------------------
 
+@pytest.mark.postgres
 def test_tenants_copied_from_the_template_are_born_migrated(pg_server):
     tpl_url = pg_server.create_database('tpl')
     tpl = make_engine(tpl_url)
