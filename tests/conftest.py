@@ -1,10 +1,17 @@
 "Shared fixtures: one real PostgreSQL cluster per test session, fresh databases per test, and `race`."
-import threading
-
 import pytest
 
 from fh_saas.db_host import HostDatabase
 from pgserver import start_cluster, start_server
+import races
+
+
+def pytest_collection_modifyitems(items):
+    "Refuse a test that reaches a PostgreSQL cluster unmarked: `-m 'not postgres'` must run without PostgreSQL."
+    def reaches(item): return ({'pg_server', 'second_pg_server'} & set(item.fixturenames)
+                               or 'postgresql' in getattr(getattr(item, 'callspec', None), 'params', {}).values())
+    if unmarked := [i.nodeid for i in items if reaches(i) and not i.get_closest_marker('postgres')]:
+        raise pytest.UsageError("these tests use PostgreSQL but are not marked postgres:\n  " + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +42,7 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path/'host.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def host_url(request, tmp_path):
     "A fresh host database URL on each backend."
     if request.param == "sqlite":
@@ -70,21 +77,7 @@ def pg_host_db(pg_url):
     yield from opened_host_db(pg_url)
 
 
-def _race(fns, timeout: float = 60):
-    "Call each of `fns` on its own thread, all released at one barrier; each one's result, or the exception it raised."
-    start, out = threading.Barrier(len(fns)), [None] * len(fns)
-    def run(i):
-        start.wait()
-        try: out[i] = fns[i]()
-        except Exception as e: out[i] = e
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads: t.start()
-    for t in threads: t.join(timeout)
-    assert not any(t.is_alive() for t in threads), f"a racing call was still running after {timeout}s"
-    return out
-
-
 @pytest.fixture
 def race():
-    "`race(fns)`: run the callables together on threads released at one barrier; their outcomes in order."
-    return _race
+    "`race(fns, catch=())`: run the callables together on threads released at one barrier; their outcomes in order."
+    return races.race

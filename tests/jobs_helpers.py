@@ -51,13 +51,13 @@ def one_effect(job):
 
 @job_handler('test.steps')
 def several_steps(job):
-    "`steps` idempotent steps with a pause between them; a rerun skips the steps already applied."
+    "`steps` idempotent steps; a rerun skips the steps already applied. Step `hold_after`, applied by this run, holds."
     _record_run(job)
     applied = []
     for step in range(job.payload['steps']):
         if apply_step(job, step): applied.append(step)
         job.heartbeat()
-        time.sleep(job.payload.get('pause', 0))
+        if step + 1 == job.payload.get('hold_after') and step in applied: time.sleep(60)  # until killed
     return dict(applied=applied)
 
 

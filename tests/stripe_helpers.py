@@ -1,8 +1,10 @@
 "Helpers for the Stripe tests: signed events as Stripe sends them, and an ASGI app served over real HTTP."
 import hashlib, hmac, itertools, json, threading, time
 
+import stripe
 import uvicorn
 
+from fh_saas.stripe_models import STRIPE_API_VERSION
 from pgserver import free_port, wait_for
 
 SECRET = "whsec_test_current"
@@ -11,16 +13,19 @@ _ids = itertools.count(1)
 
 
 def sign(payload, secret=SECRET, t=None) -> str:
-    "A `Stripe-Signature` header for `payload` (str or bytes), as Stripe computes it."
-    t = int(time.time()) if t is None else t
-    body = payload.encode() if isinstance(payload, str) else payload
-    return f"t={t},v1={hmac.new(secret.encode(), f'{t}.'.encode() + body, hashlib.sha256).hexdigest()}"
+    "A `Stripe-Signature` header for `payload` (str or bytes), made by the Stripe SDK's own test signer."
+    if isinstance(payload, bytes):
+        try: payload = payload.decode()
+        except UnicodeDecodeError:  # the SDK signs text (Stripe sends JSON); for a non-UTF-8 body, the same HMAC
+            t = int(time.time()) if t is None else t
+            return f"t={t},v1={hmac.new(secret.encode(), f'{t}.'.encode() + payload, hashlib.sha256).hexdigest()}"
+    return stripe.WebhookSignature.generate_signature_header(payload, secret, t)
 
 
 def event(etype, obj, created, event_id=None) -> str:
     "A Stripe event payload (JSON text) of type `etype` about `obj`."
     return json.dumps(dict(id=event_id or f"evt_{next(_ids):06d}{int(time.time()*1e6):x}", object="event", type=etype,
-                           created=created, livemode=False, api_version="2026-10-28.endive", data=dict(object=obj)))
+                           created=created, livemode=False, api_version=STRIPE_API_VERSION, data=dict(object=obj)))
 
 
 def subscription(sub_id, status, created, tenant_id=None, customer="cus_1", price="price_pro", amount=2900,

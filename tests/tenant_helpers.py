@@ -74,7 +74,7 @@ def secret_key(monkeypatch):
 
 
 @pytest.fixture
-def pg_host(pg_server, pg_url):
+def pg_tenant_host(pg_server, pg_url):
     "A PostgreSQL host database with the test cluster registered as its one tenant server."
     host_db = HostDatabase(pg_url)
     register(host_db, pg_server)
@@ -83,7 +83,7 @@ def pg_host(pg_server, pg_url):
 
 
 @pytest.fixture
-def sqlite_host(tmp_path, monkeypatch):
+def sqlite_tenant_host(tmp_path, monkeypatch):
     "A SQLite host database whose tenants are files in `tmp_path/tenants`."
     monkeypatch.delenv('FH_SAAS_TENANT_DIR', raising=False)
     host_db = HostDatabase(f"sqlite:///{tmp_path/'host.db'}")

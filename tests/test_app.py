@@ -38,7 +38,7 @@ def _site(tmp_path, monkeypatch, policy=BillingPolicy()):
 
 
 @pytest.fixture
-def site(tmp_path, monkeypatch):
+def saas_app(tmp_path, monkeypatch):
     saas, app = _site(tmp_path, monkeypatch)
     yield saas, app
     saas.router.close(); saas.host_db.close(); HostDatabase.reset_instance()
@@ -50,9 +50,9 @@ def _client(saas, app, tenant_id):
     return cli
 
 
-def test_a_gated_request_reads_billing_once(site):
+def test_a_gated_request_reads_billing_once(saas_app):
     "The guards reuse the beforeware's entitlements: one read of the subscriptions per request, and the quota counted once."
-    saas, app = site
+    saas, app = saas_app
     cli = _client(saas, app, 'acme')
     reads = []
     def count(conn, cursor, sql, *args):
@@ -69,8 +69,8 @@ def test_a_gated_request_reads_billing_once(site):
     assert quota_used(saas.host_db, 'acme', 'exports') == 2
 
 
-def test_a_lapsed_tenant_is_refused_before_the_guards(site):
-    saas, app = site
+def test_a_lapsed_tenant_is_refused_before_the_guards(saas_app):
+    saas, app = saas_app
     r = _client(saas, app, 'solo').get('/export')
     assert (r.status_code, r.headers['location']) == (303, '/billing')
     assert quota_used(saas.host_db, 'solo', 'exports') == 0

@@ -1,6 +1,7 @@
 "Billing: plan seeding, the access decision at its edges, entitlements, atomic quotas under concurrency, route guards."
-import json, threading
+import json
 from datetime import timedelta
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +13,7 @@ from fh_saas.billing import (
     consume_quota, decide_access, entitlements, override_feature, override_quota, month_start, quota_usage, quota_used,
     require_feature, require_quota, seed_plans, subscription_access, usage_t, validate_plan)
 from fh_saas.db_host import HostDatabase, PricingPlan, Subscription, TenantCatalog, as_utc, timestamp
+from races import race
 
 T0 = '2026-03-01T12:00:00.000000+00:00'
 US = timedelta(microseconds=1)
@@ -24,13 +26,6 @@ PLANS = [dict(id='free', name='Free', amount_monthly=0, trial_days=0, features=[
               quotas={'api_calls': 100, 'seats': 5}, tier_level=2, sort_order=1),
          dict(id='team', name='Team', stripe_price_monthly='price_team_m', amount_monthly=9900,
               features=['basic', 'exports', 'sso'], quotas={'api_calls': None}, tier_level=3, sort_order=2)]
-
-@pytest.fixture
-def sqlite_db(sqlite_url):
-    "The host database on SQLite only, for behaviour that does not depend on the backend."
-    host_db = HostDatabase(sqlite_url)
-    yield host_db
-    host_db.close(); HostDatabase.reset_instance()
 
 def tenant(host_db, tid='acme', **sub):
     "A tenant, with a subscription row when `sub` is given."
@@ -63,11 +58,11 @@ def test_seed_plans_retires_missing_plans(host_db):
     assert seed_plans(host_db, PLANS[:2], retire_missing=True) == []
     assert seed_plans(host_db, PLANS) == ['team']
 
-def test_active_plans_pricing_page_order(sqlite_db):
-    seed_plans(sqlite_db, [{**PLANS[2], 'sort_order': 0}, {**PLANS[1], 'sort_order': 0, 'tier_level': 9},
+def test_active_plans_pricing_page_order(sqlite_host_db):
+    seed_plans(sqlite_host_db, [{**PLANS[2], 'sort_order': 0}, {**PLANS[1], 'sort_order': 0, 'tier_level': 9},
                          {**PLANS[0], 'sort_order': 5}, dict(id='old', name='Old', is_active=False)])
-    assert [p.id for p in active_plans(sqlite_db)] == ['team', 'pro', 'free']
-    assert isinstance(active_plans(sqlite_db)[0], PricingPlan)
+    assert [p.id for p in active_plans(sqlite_host_db)] == ['team', 'pro', 'free']
+    assert isinstance(active_plans(sqlite_host_db)[0], PricingPlan)
 
 @pytest.mark.parametrize('bad, message', [
     (dict(id='Pro Plan'), "id must be 1-64 characters"),
@@ -98,13 +93,15 @@ def test_seed_plans_writes_nothing_when_one_plan_is_bad(host_db):
     with pytest.raises(PlanError, match="plan 'pro': amount_monthly"): seed_plans(host_db, [PLANS[0], {**PLANS[1], 'amount_monthly': -1}])
     assert host_db.pricing_plans.count == 0
 
-def test_seed_plans_names_every_problem_and_duplicates(sqlite_db):
-    with pytest.raises(PlanError) as e: seed_plans(sqlite_db, [{**PLANS[1], 'amount_monthly': -1, 'currency': 'xx'}])
+def test_seed_plans_names_every_problem_and_duplicates(sqlite_host_db):
+    with pytest.raises(PlanError) as e:
+        seed_plans(sqlite_host_db, [{**PLANS[1], 'amount_monthly': -1, 'currency': 'xx'}])
     assert "plan 'pro'" in str(e.value) and 'amount_monthly' in str(e.value) and 'currency' in str(e.value)
-    with pytest.raises(PlanError, match=r'duplicate plan id\(s\): pro'): seed_plans(sqlite_db, [PLANS[1], PLANS[1]])
+    with pytest.raises(PlanError, match=r'duplicate plan id\(s\): pro'):
+        seed_plans(sqlite_host_db, [PLANS[1], PLANS[1]])
     with pytest.raises(PlanError, match=r'Stripe price id\(s\) sold by more than one plan: price_pro_y'):
-        seed_plans(sqlite_db, [PLANS[1], {**PLANS[2], 'stripe_price_monthly': 'price_pro_y', 'amount_monthly': 1}])
-    assert sqlite_db.pricing_plans.count == 0
+        seed_plans(sqlite_host_db, [PLANS[1], {**PLANS[2], 'stripe_price_monthly': 'price_pro_y', 'amount_monthly': 1}])
+    assert sqlite_host_db.pricing_plans.count == 0
 
 def test_a_price_id_belongs_to_one_plan_even_across_seeds(host_db):
     seed_plans(host_db, PLANS)
@@ -238,22 +235,22 @@ def test_an_unknown_plan_grants_only_overrides(host_db):
     assert (e.access.allowed, e.access.plan_id, e.features, dict(e.quotas)) == (True, 'legacy', {'exports'}, {})
     assert (e.plan, e.subscription['plan_tier']) == (None, 'legacy')
 
-def test_a_refused_tenant_is_entitled_to_nothing(sqlite_db):
-    seed_plans(sqlite_db, PLANS)
-    tenant(sqlite_db, 'acme', status='unpaid', stripe_price_id='price_pro_m')
-    override_feature(sqlite_db, 'acme', 'sso', True)
-    override_quota(sqlite_db, 'acme', 'api_calls', None)
-    e = entitlements(sqlite_db, 'acme')
+def test_a_refused_tenant_is_entitled_to_nothing(sqlite_host_db):
+    seed_plans(sqlite_host_db, PLANS)
+    tenant(sqlite_host_db, 'acme', status='unpaid', stripe_price_id='price_pro_m')
+    override_feature(sqlite_host_db, 'acme', 'sso', True)
+    override_quota(sqlite_host_db, 'acme', 'api_calls', None)
+    e = entitlements(sqlite_host_db, 'acme')
     assert (e.access.reason, e.features, dict(e.quotas)) == ('invoices are unpaid', frozenset(), {})
     assert (dict(e.plan), e.subscription['status']) == (dict(id='pro', name='Pro', currency='usd'), 'unpaid'), "what the page shows"
     with pytest.raises(QuotaExceeded, match="tenant 'acme' may not use 'api_calls': invoices are unpaid"):
-        consume_quota(sqlite_db, 'acme', 'api_calls')
+        consume_quota(sqlite_host_db, 'acme', 'api_calls')
 
-def test_free_plan_entitlements(sqlite_db):
-    seed_plans(sqlite_db, PLANS)
-    tenant(sqlite_db, 'solo')
-    assert entitlements(sqlite_db, 'solo').features == frozenset()
-    e = entitlements(sqlite_db, 'solo', policy=FREE)
+def test_free_plan_entitlements(sqlite_host_db):
+    seed_plans(sqlite_host_db, PLANS)
+    tenant(sqlite_host_db, 'solo')
+    assert entitlements(sqlite_host_db, 'solo').features == frozenset()
+    e = entitlements(sqlite_host_db, 'solo', policy=FREE)
     assert (e.access.state, e.features, e.limit('api_calls')) == ('free', {'basic'}, 10)
     assert (dict(e.plan), e.subscription) == (dict(id='free', name='Free', currency='usd'), None)
 
@@ -321,25 +318,15 @@ def test_quota_usage_reads_every_quota_of_one_tenant_and_month(host_db):
     assert quota_usage(host_db, 'acme', now=at(timedelta(days=31))) == {'api_calls': 1}
     assert quota_usage(host_db, 'ghost', now=T0) == {}
 
-def test_unlimited_quota_still_counts(sqlite_db):
-    seed_plans(sqlite_db, PLANS)
-    tenant(sqlite_db, 'acme', status='active', plan_tier='team')
-    assert [consume_quota(sqlite_db, 'acme', 'api_calls', n=1000, now=T0) for _ in range(3)] == [None] * 3
-    assert quota_used(sqlite_db, 'acme', 'api_calls', now=T0) == 3000
+def test_unlimited_quota_still_counts(sqlite_host_db):
+    seed_plans(sqlite_host_db, PLANS)
+    tenant(sqlite_host_db, 'acme', status='active', plan_tier='team')
+    assert [consume_quota(sqlite_host_db, 'acme', 'api_calls', n=1000, now=T0) for _ in range(3)] == [None] * 3
+    assert quota_used(sqlite_host_db, 'acme', 'api_calls', now=T0) == 3000
 
-def _race(host_db, n_threads, work):
-    "Run `work(i)` in `n_threads` threads released together; each returns a list of outcomes."
-    gate, results, errors = threading.Barrier(n_threads), [None] * n_threads, []
-    def run(i):
-        try:
-            gate.wait()
-            results[i] = work(i)
-        except Exception as e: errors.append(e)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
-    for t in threads: t.start()
-    for t in threads: t.join(timeout=60)
-    assert not errors, errors
-    return [r for rs in results for r in rs]
+def _race_lists(n_threads, work):
+    "Run `work(i)` on `n_threads` threads released together; the lists they return, joined (also in worker processes)."
+    return [r for rs in race([partial(work, i) for i in range(n_threads)]) for r in rs]
 
 def test_concurrent_consumers_never_pass_the_limit(host_db):
     "16 threads race for one quota: exactly `limit` units are granted, each remaining value once."
@@ -351,12 +338,13 @@ def test_concurrent_consumers_never_pass_the_limit(host_db):
             try: out.append(consume_quota(host_db, 'acme', 'api_calls', now=T0))
             except QuotaExceeded: out.append('refused')
         return out
-    outcomes = _race(host_db, 16, work)
+    outcomes = _race_lists(16, work)
     granted = [o for o in outcomes if o != 'refused']
     assert len(outcomes) == 80 and len(granted) == limit
     assert sorted(granted) == list(range(limit)), "every remaining value was handed out exactly once"
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == limit
 
+@pytest.mark.postgres
 def test_concurrent_mixed_sizes_on_postgresql(pg_host_db):
     "16 threads consume 1-4 units each try on PostgreSQL: the count equals the sum granted and never passes the limit."
     host_db = pro_acme(pg_host_db, 97)
@@ -369,7 +357,7 @@ def test_concurrent_mixed_sizes_on_postgresql(pg_host_db):
                 assert e.used + n > 97
                 out.append((n, None))
         return out
-    outcomes = _race(host_db, 16, work)
+    outcomes = _race_lists(16, work)
     granted = sum(n for n, rest in outcomes if rest is not None)
     used = quota_used(host_db, 'acme', 'api_calls', now=T0)
     assert used == granted and 97 - 3 <= used <= 97
@@ -386,9 +374,10 @@ def _consume_in_process(url, n_threads, tries, out):
             try: got.append(consume_quota(host_db, 'acme', 'api_calls', now=T0))
             except QuotaExceeded: pass
         return got
-    out.put(_race(host_db, n_threads, work))
+    out.put(_race_lists(n_threads, work))
     host_db.close()
 
+@pytest.mark.postgres
 def test_consumers_in_several_processes_on_postgresql(pg_url, pg_host_db):
     "3 processes x 6 threads x 5 tries race for 50 units: exactly 50 are granted, each remaining value once."
     import multiprocessing as mp
@@ -429,12 +418,12 @@ def _app(host_db, **guard):
     return TestClient(app)
 
 @pytest.fixture
-def billed(sqlite_db):
+def billed(sqlite_host_db):
     "The HTTP layer on SQLite (the decisions under it are tested on both backends above)."
-    seed_plans(sqlite_db, PLANS)
-    tenant(sqlite_db, 'acme', status='active', stripe_price_id='price_pro_m')
-    tenant(sqlite_db, 'lapsed', status='trialing', trial_end=at(-US))
-    return sqlite_db
+    seed_plans(sqlite_host_db, PLANS)
+    tenant(sqlite_host_db, 'acme', status='active', stripe_price_id='price_pro_m')
+    tenant(sqlite_host_db, 'lapsed', status='trialing', trial_end=at(-US))
+    return sqlite_host_db
 
 ACME, HTML, HTMX = {'x-tenant': 'acme'}, {'accept': 'text/html'}, {'hx-request': 'true'}
 

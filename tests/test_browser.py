@@ -114,6 +114,7 @@ def add_project(page, name):
     expect(page.locator("main table")).to_contain_text(name)
 
 
+@pytest.mark.browser
 def test_two_teams_an_invitation_and_a_suspension(demo, browser):
     base = demo
     alice, bob, admin = (browser.new_context().new_page() for _ in range(3))
@@ -190,6 +191,8 @@ def export_refused(page, base) -> bool:
     return r.status == 403 and "does not include 'exports'" in r.text()
 
 
+@pytest.mark.browser
+@pytest.mark.stripe
 def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_standin, browser):
     base, (fake, stripe_url) = paid_demo, stripe_standin
     alice = browser.new_context().new_page()
@@ -246,6 +249,7 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         assert rows[0] == "name,created_at" and rows[1].startswith("Gamma launch,") and len(rows) == 2
 
 
+@pytest.mark.postgres
 def test_the_demo_runs_on_postgresql_unchanged(second_pg_server, tmp_path):
     "With DB_TYPE=POSTGRESQL the same demo keeps its host database and its tenants' databases on PostgreSQL."
     u = make_url(second_pg_server.create_database("demo_host"))

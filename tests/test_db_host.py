@@ -1,7 +1,7 @@
 "HostDatabase on SQLite files and a real PostgreSQL server: the seed API, integrity, concurrency, upgrades, bad input."
 import multiprocessing as mp
-import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
@@ -106,12 +106,10 @@ def test_commit_and_rollback_inside_a_scope_are_reported(host_db):
         with pytest.raises(RuntimeError, match="roll the scope back"): host_db.rollback()
 
 
-def test_sixteen_threads_insert_and_read_at_once(host_db):
+def test_sixteen_threads_insert_and_read_at_once(host_db, race):
     n_threads, per_thread = 16, 25
-    start = threading.Barrier(n_threads)
 
     def work(t):
-        start.wait()
         seen = 0
         for i in range(per_thread):
             with host_db.transaction():
@@ -122,24 +120,21 @@ def test_sixteen_threads_insert_and_read_at_once(host_db):
             assert host_db.global_users[user.id].email == f"t{t}-{i}@load.test"
         return seen
 
-    with ThreadPoolExecutor(n_threads) as ex: results = list(ex.map(work, range(n_threads)))
+    results = race([partial(work, t) for t in range(n_threads)])
     assert results == [1] * n_threads
     total = n_threads * per_thread
     assert (host_db.global_users.count, host_db.tenants.count, host_db.memberships.count) == (total, total, total)
 
 
-def test_racing_sign_ups_with_one_email_give_one_user(host_db):
-    start = threading.Barrier(16)
-
+def test_racing_sign_ups_with_one_email_give_one_user(host_db, race):
     def sign_up(i):
-        start.wait()
         try:
             with host_db.transaction():
                 host_db.global_users.insert(GlobalUser(email="Same@Race.test" if i % 2 else "same@race.TEST"))
             return "ok"
         except DuplicateRecord: return "dup"
 
-    with ThreadPoolExecutor(16) as ex: outcomes = list(ex.map(sign_up, range(16)))
+    outcomes = race([partial(sign_up, i) for i in range(16)])
     assert sorted(outcomes) == ["dup"] * 15 + ["ok"]
     assert host_db.global_users.count == 1
 

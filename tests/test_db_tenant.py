@@ -1,5 +1,4 @@
 "Tenant provisioning and lifecycle on real PostgreSQL clusters and SQLite files."
-import threading
 from functools import partial
 
 import pytest
@@ -11,9 +10,8 @@ from fh_saas.db_tenant import (InvalidTenantId, NoServerAvailable, PostgresStore
                                db_servers_t, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant,
                                tenant_engine, tenant_url, tenants_t)
 from fh_saas.tenant_migrations import TenantMigration, TenantSchema, database_version, migrate_database, tenants_behind
-from tenant_helpers import SECRET, new_id, pg_host, pg_names, prepare, register, secret_key, sqlite_host  # noqa: F401
-
-pytestmark = pytest.mark.postgres
+from tenant_helpers import (SECRET, new_id, pg_tenant_host, pg_names, prepare, register, secret_key,  # noqa: F401
+                            sqlite_tenant_host)
 
 
 class Crash(Exception):
@@ -53,24 +51,26 @@ def assert_pg_tenant(host_db, server, tid):
 
 # --- PostgreSQL --------------------------------------------------------------------------------
 
-def test_provision_pg_catalog_and_secrets(pg_host, pg_server):
+@pytest.mark.postgres
+def test_provision_pg_catalog_and_secrets(pg_tenant_host, pg_server):
     tid = new_id()
-    row = provision_tenant(pg_host, tid, 'Acme', prepare=prepare)
+    row = provision_tenant(pg_tenant_host, tid, 'Acme', prepare=prepare)
     assert (row.status, row.db_name, row.db_role, row.routing_version) == ('active', f'tenant_{tid}', f'tenant_{tid}', 2)
-    assert_pg_tenant(pg_host, pg_server, tid)
-    url = tenant_url(pg_host, tid)
+    assert_pg_tenant(pg_tenant_host, pg_server, tid)
+    url = tenant_url(pg_tenant_host, tid)
     assert url.password and url.password not in row.db_url and sa.make_url(row.db_url).password is None
-    with pg_host.engine.connect() as c:
+    with pg_tenant_host.engine.connect() as c:
         dump = ' '.join(str(v) for r in c.execute(sa.select(tenants_t, db_servers_t).select_from(
             tenants_t.join(db_servers_t, db_servers_t.c.id == tenants_t.c.server_id))) for v in r)
     assert url.password not in dump and pg_server.admin_url.password not in dump and SECRET not in dump
-    assert provision_tenant(pg_host, tid, prepare=prepare).routing_version == 2
+    assert provision_tenant(pg_tenant_host, tid, prepare=prepare).routing_version == 2
 
 
-def test_tenant_credentials_reach_only_their_own_database(pg_host, pg_server):
+@pytest.mark.postgres
+def test_tenant_credentials_reach_only_their_own_database(pg_tenant_host, pg_server):
     a, b = new_id('a'), new_id('b')
-    for tid in (a, b): provision_tenant(pg_host, tid, prepare=prepare)
-    a_url, b_url = tenant_url(pg_host, a), tenant_url(pg_host, b)
+    for tid in (a, b): provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    a_url, b_url = tenant_url(pg_tenant_host, a), tenant_url(pg_tenant_host, b)
     assert tenant_tables(a_url) == ['notes']
     with pytest.raises(sa.exc.OperationalError, match='permission denied for database'):
         tenant_tables(a_url.set(database=b_url.database))
@@ -83,110 +83,112 @@ def test_tenant_credentials_reach_only_their_own_database(pg_host, pg_server):
 PG_STEPS = PostgresStore.provision_steps
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('step', PG_STEPS)
-def test_pg_provisioning_resumes_after_a_crash_at_every_step(pg_host, pg_server, monkeypatch, step):
+def test_pg_provisioning_resumes_after_a_crash_at_every_step(pg_tenant_host, pg_server, monkeypatch, step):
     tid = new_id()
     crash_after(monkeypatch, 'provision', step)
-    with pytest.raises(Crash): provision_tenant(pg_host, tid, prepare=prepare)
-    assert [r['status'] for r in catalog(pg_host, tid)] == ['provisioning' if step != 'activate' else 'active']
+    with pytest.raises(Crash): provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    assert [r['status'] for r in catalog(pg_tenant_host, tid)] == ['provisioning' if step != 'activate' else 'active']
     if step == 'database':  # created, but nobody may connect before CONNECT is revoked from PUBLIC
         with pytest.raises(sa.exc.OperationalError, match='not currently accepting connections'):
-            tenant_tables(tenant_url(pg_host, tid))
+            tenant_tables(tenant_url(pg_tenant_host, tid))
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
-    provision_tenant(pg_host, tid, prepare=prepare)
-    provision_tenant(pg_host, tid, prepare=prepare)
-    assert_pg_tenant(pg_host, pg_server, tid)
+    provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    assert_pg_tenant(pg_tenant_host, pg_server, tid)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('step', PostgresStore.deprovision_steps)
-def test_pg_deprovisioning_resumes_after_a_crash_at_every_step(pg_host, pg_server, monkeypatch, step):
+def test_pg_deprovisioning_resumes_after_a_crash_at_every_step(pg_tenant_host, pg_server, monkeypatch, step):
     tid = new_id()
-    provision_tenant(pg_host, tid, prepare=prepare)
+    provision_tenant(pg_tenant_host, tid, prepare=prepare)
     crash_after(monkeypatch, 'deprovision', step)
-    with pytest.raises(Crash): deprovision_tenant(pg_host, tid)
-    assert catalog(pg_host, tid)[0]['status'] in ('deleting', 'deleted')
-    with pytest.raises(TenantUnavailable): resume_tenant(pg_host, tid)
+    with pytest.raises(Crash): deprovision_tenant(pg_tenant_host, tid)
+    assert catalog(pg_tenant_host, tid)[0]['status'] in ('deleting', 'deleted')
+    with pytest.raises(TenantUnavailable): resume_tenant(pg_tenant_host, tid)
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
-    row = deprovision_tenant(pg_host, tid)
+    row = deprovision_tenant(pg_tenant_host, tid)
     assert (row.status, row.is_active) == ('deleted', False) and row.deleted_at
     assert pg_names(pg_server, 'db', f'tenant_{tid}') == [] and pg_names(pg_server, 'role', f'tenant_{tid}') == []
-    assert deprovision_tenant(pg_host, tid).routing_version == row.routing_version
+    assert deprovision_tenant(pg_tenant_host, tid).routing_version == row.routing_version
 
 
-def test_pg_lifecycle_bumps_routing_version(pg_host, pg_server):
+@pytest.mark.postgres
+def test_pg_lifecycle_bumps_routing_version(pg_tenant_host, pg_server):
     tid = new_id()
-    versions = [provision_tenant(pg_host, tid, prepare=prepare).routing_version]
+    versions = [provision_tenant(pg_tenant_host, tid, prepare=prepare).routing_version]
     for change in (suspend_tenant, resume_tenant, suspend_tenant, deprovision_tenant):
-        row = change(pg_host, tid)
+        row = change(pg_tenant_host, tid)
         versions.append(row.routing_version)
         assert row.is_active == (row.status == 'active')
     assert versions == [2, 3, 4, 5, 7] and row.status == 'deleted'
-    with pytest.raises(TenantUnavailable, match='deleted'): provision_tenant(pg_host, tid, prepare=prepare)
+    with pytest.raises(TenantUnavailable, match='deleted'): provision_tenant(pg_tenant_host, tid, prepare=prepare)
 
 
-def test_concurrent_provisioning_of_one_id_yields_one_tenant(pg_host, pg_server):
+@pytest.mark.postgres
+def test_concurrent_provisioning_of_one_id_yields_one_tenant(pg_tenant_host, pg_server, race):
     tid, n = new_id(), 4
-    barrier, results, errors = threading.Barrier(n), [], []
-
-    def worker():
-        barrier.wait()
-        try: results.append(provision_tenant(pg_host, tid, prepare=prepare))
-        except Exception as e: errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(n)]
-    for t in threads: t.start()
-    for t in threads: t.join(60)
+    results = race([lambda: provision_tenant(pg_tenant_host, tid, prepare=prepare)] * n, catch=Exception)
+    errors = [r for r in results if isinstance(r, Exception)]
     assert errors == [] and len(results) == n and {r.id for r in results} == {tid}
     assert {(r.status, r.routing_version) for r in results} == {('active', 2)}
-    assert_pg_tenant(pg_host, pg_server, tid)
+    assert_pg_tenant(pg_tenant_host, pg_server, tid)
 
 
 BAD_IDS = ["acme'; DROP DATABASE postgres; --", 'acme"; DROP ROLE postgres; --', '../../etc/passwd', 'acme/../x',
            'Acme', 'x', 'a' * 41, 'acme\x00', 'acme\n', ' acme', 'tenant-1', 'ac me', '', None, 42]
 
 
-def test_bad_ids_are_rejected_before_anything_is_created(pg_host, pg_server, tmp_path):
+@pytest.mark.postgres
+def test_bad_ids_are_rejected_before_anything_is_created(pg_tenant_host, pg_server, tmp_path):
     before_dbs, before_roles = pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')
     for bad in BAD_IDS:
-        for call in (lambda: provision_tenant(pg_host, bad, prepare=prepare), lambda: suspend_tenant(pg_host, bad),
-                     lambda: deprovision_tenant(pg_host, bad), lambda: tenant_url(pg_host, bad)):
+        for call in (lambda: provision_tenant(pg_tenant_host, bad, prepare=prepare),
+                     lambda: suspend_tenant(pg_tenant_host, bad), lambda: deprovision_tenant(pg_tenant_host, bad),
+                     lambda: tenant_url(pg_tenant_host, bad)):
             with pytest.raises(InvalidTenantId): call()
-    assert pg_host.tenants.count == 0
+    assert pg_tenant_host.tenants.count == 0
     assert (pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')) == (before_dbs, before_roles)
 
 
-def test_two_servers_least_loaded_and_named_placement(pg_host, pg_server, second_pg_server):
-    register(pg_host, second_pg_server, 'second')
+@pytest.mark.postgres
+def test_two_servers_least_loaded_and_named_placement(pg_tenant_host, pg_server, second_pg_server):
+    register(pg_tenant_host, second_pg_server, 'second')
     ids = [new_id() for _ in range(4)]
-    rows = [provision_tenant(pg_host, tid, prepare=prepare) for tid in ids]
-    servers = {s['id']: s['name'] for s in pg_host.q('SELECT id, name FROM core_db_servers')}
+    rows = [provision_tenant(pg_tenant_host, tid, prepare=prepare) for tid in ids]
+    servers = {s['id']: s['name'] for s in pg_tenant_host.q('SELECT id, name FROM core_db_servers')}
     assert sorted(servers[r.server_id] for r in rows) == ['main', 'main', 'second', 'second']
-    named = provision_tenant(pg_host, new_id(), prepare=prepare, server='second')
+    named = provision_tenant(pg_tenant_host, new_id(), prepare=prepare, server='second')
     assert servers[named.server_id] == 'second'
     for r in rows + [named]:
         cluster = pg_server if servers[r.server_id] == 'main' else second_pg_server
-        assert_pg_tenant(pg_host, cluster, r.id)
+        assert_pg_tenant(pg_tenant_host, cluster, r.id)
         other = second_pg_server if cluster is pg_server else pg_server
         assert pg_names(other, 'db', r.db_name) == []
-    for r in rows + [named]: deprovision_tenant(pg_host, r.id)
+    for r in rows + [named]: deprovision_tenant(pg_tenant_host, r.id)
 
 
-def test_full_or_unknown_server_refuses_without_creating(pg_host, pg_server):
-    with pg_host.transaction() as c: c.execute(db_servers_t.update().values(max_tenants=1))
+@pytest.mark.postgres
+def test_full_or_unknown_server_refuses_without_creating(pg_tenant_host, pg_server):
+    with pg_tenant_host.transaction() as c: c.execute(db_servers_t.update().values(max_tenants=1))
     first = new_id()
-    provision_tenant(pg_host, first, prepare=prepare)
+    provision_tenant(pg_tenant_host, first, prepare=prepare)
     before = pg_names(pg_server, 'db', 'tenant_%')
-    with pytest.raises(NoServerAvailable): provision_tenant(pg_host, new_id(), prepare=prepare)
-    with pytest.raises(NoServerAvailable, match="'nowhere'"): provision_tenant(pg_host, new_id(), server='nowhere')
-    assert pg_names(pg_server, 'db', 'tenant_%') == before and pg_host.tenants.count == 1
-    assert provision_tenant(pg_host, first, prepare=prepare).status == 'active'
+    with pytest.raises(NoServerAvailable): provision_tenant(pg_tenant_host, new_id(), prepare=prepare)
+    with pytest.raises(NoServerAvailable, match="'nowhere'"):
+        provision_tenant(pg_tenant_host, new_id(), server='nowhere')
+    assert pg_names(pg_server, 'db', 'tenant_%') == before and pg_tenant_host.tenants.count == 1
+    assert provision_tenant(pg_tenant_host, first, prepare=prepare).status == 'active'
 
 
-def test_pg_secret_key_is_required(pg_host, monkeypatch):
+@pytest.mark.postgres
+def test_pg_secret_key_is_required(pg_tenant_host, monkeypatch):
     with monkeypatch.context() as m, pytest.raises(ValueError, match='FH_SAAS_SECRET_KEY'):
         m.setenv('FH_SAAS_SECRET_KEY', 'too short')
-        provision_tenant(pg_host, new_id())
-    assert pg_host.tenants.count == 0
+        provision_tenant(pg_tenant_host, new_id())
+    assert pg_tenant_host.tenants.count == 0
 
 
 # --- SQLite ------------------------------------------------------------------------------------
@@ -197,38 +199,32 @@ def sqlite_files(host_db) -> list[str]:
 
 
 @pytest.mark.parametrize('step', SqliteStore.provision_steps)
-def test_sqlite_provisioning_resumes_after_a_crash_at_every_step(sqlite_host, monkeypatch, step):
+def test_sqlite_provisioning_resumes_after_a_crash_at_every_step(sqlite_tenant_host, monkeypatch, step):
     crash_after(monkeypatch, 'provision', step)
-    with pytest.raises(Crash): provision_tenant(sqlite_host, 'acme', prepare=prepare)
+    with pytest.raises(Crash): provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare)
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
-    row = provision_tenant(sqlite_host, 'acme', prepare=prepare)
-    assert [(r['status'], r['schema_version']) for r in catalog(sqlite_host, 'acme')] == [('active', 3)]
-    assert tenant_tables(row.db_url) == ['notes'] and 'acme.db' in sqlite_files(sqlite_host)
+    row = provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare)
+    assert [(r['status'], r['schema_version']) for r in catalog(sqlite_tenant_host, 'acme')] == [('active', 3)]
+    assert tenant_tables(row.db_url) == ['notes'] and 'acme.db' in sqlite_files(sqlite_tenant_host)
 
 
 @pytest.mark.parametrize('step', SqliteStore.deprovision_steps)
-def test_sqlite_deprovisioning_resumes_after_a_crash_at_every_step(sqlite_host, monkeypatch, step):
-    provision_tenant(sqlite_host, 'acme', prepare=prepare)
+def test_sqlite_deprovisioning_resumes_after_a_crash_at_every_step(sqlite_tenant_host, monkeypatch, step):
+    provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare)
     crash_after(monkeypatch, 'deprovision', step)
-    with pytest.raises(Crash): deprovision_tenant(sqlite_host, 'acme')
+    with pytest.raises(Crash): deprovision_tenant(sqlite_tenant_host, 'acme')
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
-    assert deprovision_tenant(sqlite_host, 'acme').status == 'deleted'
-    assert sqlite_files(sqlite_host) == []
+    assert deprovision_tenant(sqlite_tenant_host, 'acme').status == 'deleted'
+    assert sqlite_files(sqlite_tenant_host) == []
 
 
-def test_sqlite_concurrent_provisioning_and_bad_ids(sqlite_host):
-    barrier, results = threading.Barrier(4), []
-    def worker():
-        barrier.wait()
-        results.append(provision_tenant(sqlite_host, 'acme', prepare=prepare).routing_version)
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads: t.start()
-    for t in threads: t.join(30)
-    assert results == [2] * 4 and len(catalog(sqlite_host, 'acme')) == 1
+def test_sqlite_concurrent_provisioning_and_bad_ids(sqlite_tenant_host, race):
+    results = race([lambda: provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare).routing_version] * 4)
+    assert results == [2] * 4 and len(catalog(sqlite_tenant_host, 'acme')) == 1
     for bad in BAD_IDS:
-        with pytest.raises(InvalidTenantId): provision_tenant(sqlite_host, bad, prepare=prepare)
-    assert sqlite_files(sqlite_host) == ['acme.db'] and sqlite_host.tenants.count == 1
-    assert not list(db_tenant.tenant_dir(sqlite_host).parent.parent.glob('etc*'))
+        with pytest.raises(InvalidTenantId): provision_tenant(sqlite_tenant_host, bad, prepare=prepare)
+    assert sqlite_files(sqlite_tenant_host) == ['acme.db'] and sqlite_tenant_host.tenants.count == 1
+    assert not list(db_tenant.tenant_dir(sqlite_tenant_host).parent.parent.glob('etc*'))
 
 
 def test_tenant_dir_from_environment(tmp_path, monkeypatch):
@@ -242,8 +238,9 @@ def test_tenant_dir_from_environment(tmp_path, monkeypatch):
         host_db.close(); HostDatabase.reset_instance()
 
 
-def test_template_is_kept_at_the_latest_schema(pg_host, pg_server, monkeypatch):
-    first = provision_tenant(pg_host, new_id(), prepare=prepare)
+@pytest.mark.postgres
+def test_template_is_kept_at_the_latest_schema(pg_tenant_host, pg_server, monkeypatch):
+    first = provision_tenant(pg_tenant_host, new_id(), prepare=prepare)
 
     def prepare_v4(engine):
         prepare(engine)
@@ -251,10 +248,10 @@ def test_template_is_kept_at_the_latest_schema(pg_host, pg_server, monkeypatch):
         return 4
 
     monkeypatch.setattr(PostgresStore, '_prepared', set())  # a new deploy: a fresh process with a newer migrator
-    later = provision_tenant(pg_host, new_id(), prepare=prepare_v4)
+    later = provision_tenant(pg_tenant_host, new_id(), prepare=prepare_v4)
     assert (first.schema_version, later.schema_version) == (3, 4)
-    assert sorted(tenant_tables(tenant_url(pg_host, later.id))) == ['notes', 'tags']
-    assert tenant_tables(tenant_url(pg_host, first.id)) == ['notes']
+    assert sorted(tenant_tables(tenant_url(pg_tenant_host, later.id))) == ['notes', 'tags']
+    assert tenant_tables(tenant_url(pg_tenant_host, first.id)) == ['notes']
     eng = sa.create_engine(pg_server.url(db_tenant.TEMPLATE_DB), poolclass=sa.pool.NullPool)
     with eng.begin() as c: c.exec_driver_sql('DROP TABLE tags')  # leave the shared template as other tests expect
     eng.dispose()
@@ -264,24 +261,27 @@ V1 = TenantSchema([TenantMigration(1, 'notes', 'CREATE TABLE notes (id serial PR
 V2 = TenantSchema([*V1, TenantMigration(2, 'tags', 'CREATE TABLE tags (id int)')])
 
 
-def test_provisioning_resumed_by_a_newer_deploy_ends_at_the_newer_version(pg_host, second_pg_server, monkeypatch):
-    register(pg_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
+@pytest.mark.postgres
+def test_provisioning_resumed_by_a_newer_deploy_ends_at_the_newer_version(pg_tenant_host, second_pg_server,
+                                                                          monkeypatch):
+    register(pg_tenant_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
     tid = new_id()
     crash_after(monkeypatch, 'provision', 'database')
-    with pytest.raises(Crash): provision_tenant(pg_host, tid, prepare=partial(migrate_database, schema=V1), server='second')
+    with pytest.raises(Crash):
+        provision_tenant(pg_tenant_host, tid, prepare=partial(migrate_database, schema=V1), server='second')
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
     monkeypatch.setattr(PostgresStore, '_prepared', set())  # a new deploy, with migration 2, resumes it
-    row = provision_tenant(pg_host, tid, prepare=partial(migrate_database, schema=V2))
-    eng = tenant_engine(pg_host, tid, poolclass=sa.pool.NullPool)
+    row = provision_tenant(pg_tenant_host, tid, prepare=partial(migrate_database, schema=V2))
+    eng = tenant_engine(pg_tenant_host, tid, poolclass=sa.pool.NullPool)
     try:
         assert (row.status, row.schema_version, database_version(eng)) == ('active', 2, 2)
         assert sorted(sa.inspect(eng).get_table_names()) == ['_fh_saas_schema', 'notes', 'tags']
         with eng.connect() as c:  # migration 2 ran on resume, and what it made is the tenant's too
             assert c.exec_driver_sql("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'").scalars().all() == [row.db_role]
-        assert tenants_behind(pg_host, 2) == []
+        assert tenants_behind(pg_tenant_host, 2) == []
     finally:
         eng.dispose()
-        deprovision_tenant(pg_host, tid)  # before the second cluster stops
+        deprovision_tenant(pg_tenant_host, tid)  # before the second cluster stops
 
 
 KINDS = TenantSchema([TenantMigration(1, 'kinds', """
@@ -295,10 +295,11 @@ KINDS = TenantSchema([TenantMigration(1, 'kinds', """
     CREATE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 1 $$""")])
 
 
-def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_host, second_pg_server):
-    register(pg_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
-    row = provision_tenant(pg_host, new_id(), prepare=partial(migrate_database, schema=KINDS), server='second')
-    eng = tenant_engine(pg_host, row.id, poolclass=sa.pool.NullPool)
+@pytest.mark.postgres
+def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_tenant_host, second_pg_server):
+    register(pg_tenant_host, second_pg_server, 'second')  # a cluster of its own: its template gets these tests' schema
+    row = provision_tenant(pg_tenant_host, new_id(), prepare=partial(migrate_database, schema=KINDS), server='second')
+    eng = tenant_engine(pg_tenant_host, row.id, poolclass=sa.pool.NullPool)
     try:
         with eng.begin() as c:  # what a later migration, run as the tenant role, does
             for stmt in ("ALTER TYPE mood ADD VALUE 'great'", "ALTER DOMAIN positive ADD CHECK (VALUE < 100)",
@@ -312,13 +313,14 @@ def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_host, 
         assert owners == [('app', row.db_role), ('public', 'pg_database_owner')]
     finally:
         eng.dispose()
-        deprovision_tenant(pg_host, row.id)  # before the second cluster stops
+        deprovision_tenant(pg_tenant_host, row.id)  # before the second cluster stops
 
 
-def test_suspend_and_resume_are_idempotent(pg_host):
+@pytest.mark.postgres
+def test_suspend_and_resume_are_idempotent(pg_tenant_host):
     tid = new_id()
-    provision_tenant(pg_host, tid, prepare=prepare)
-    first = suspend_tenant(pg_host, tid)
-    assert suspend_tenant(pg_host, tid).routing_version == first.routing_version
-    assert resume_tenant(pg_host, tid).status == 'active'
-    assert resume_tenant(pg_host, tid).routing_version == first.routing_version + 1
+    provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    first = suspend_tenant(pg_tenant_host, tid)
+    assert suspend_tenant(pg_tenant_host, tid).routing_version == first.routing_version
+    assert resume_tenant(pg_tenant_host, tid).status == 'active'
+    assert resume_tenant(pg_tenant_host, tid).routing_version == first.routing_version + 1

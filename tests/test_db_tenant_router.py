@@ -8,20 +8,19 @@ from fh_saas.db_host import get_db_uri
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant
 from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter
 from pgserver import wait_for
-from tenant_helpers import listening, new_id, pg_host, prepare, run_elsewhere, secret_key, sqlite_host, tenant_connections  # noqa: F401
-
-pytestmark = pytest.mark.postgres
+from tenant_helpers import (listening, new_id, pg_tenant_host, prepare, run_elsewhere, secret_key,  # noqa: F401
+                            sqlite_tenant_host, tenant_connections)
 
 
 @pytest.fixture
-def tenants(pg_host):
+def tenants(pg_tenant_host):
     "Three active tenants on the test cluster: one more than the routers below may cache."
-    return [provision_tenant(pg_host, new_id(), prepare=prepare).id for _ in range(3)]
+    return [provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id for _ in range(3)]
 
 
 @pytest.fixture
-def router(pg_host):
-    r = TenantRouter(pg_host, budget=4, pool_size=2, ttl=60, timeout=5)
+def router(pg_tenant_host):
+    r = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=60, timeout=5)
     listening(r)  # its first LISTEN empties the cache: let that happen before the tests count catalog reads
     yield r
     r.close()
@@ -34,7 +33,8 @@ def count_host_queries(host_db):
     return seen
 
 
-def test_routes_each_tenant_to_its_own_database(pg_host, tenants, router):
+@pytest.mark.postgres
+def test_routes_each_tenant_to_its_own_database(pg_tenant_host, tenants, router):
     for tid in tenants[:2]:
         with router.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (%s)", (tid,))
     for tid in tenants[:2]:
@@ -49,6 +49,7 @@ def test_routes_each_tenant_to_its_own_database(pg_host, tenants, router):
     assert sa.make_url(get_db_uri(router.engine(tenants[0]))).password
 
 
+@pytest.mark.postgres
 def test_rollback_on_error(tenants, router):
     with pytest.raises(ZeroDivisionError), router.connect(tenants[0]) as c:
         c.exec_driver_sql("INSERT INTO notes (body) VALUES ('lost')")
@@ -56,8 +57,9 @@ def test_rollback_on_error(tenants, router):
     with router.connect(tenants[0]) as c: assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
 
 
-def test_one_catalog_read_per_miss_none_per_hit(pg_host, tenants, router):
-    seen = count_host_queries(pg_host)
+@pytest.mark.postgres
+def test_one_catalog_read_per_miss_none_per_hit(pg_tenant_host, tenants, router):
+    seen = count_host_queries(pg_tenant_host)
     for _ in range(50):
         with router.connect(tenants[0]): pass
     assert len(seen) == 1
@@ -66,6 +68,7 @@ def test_one_catalog_read_per_miss_none_per_hit(pg_host, tenants, router):
     assert len(seen) == 2
 
 
+@pytest.mark.postgres
 def test_budget_holds_and_cold_tenants_are_evicted(pg_server, tenants, router):
     for tid in tenants:
         with router.connect(tid) as c: c.exec_driver_sql("SELECT 1")
@@ -74,6 +77,7 @@ def test_budget_holds_and_cold_tenants_are_evicted(pg_server, tenants, router):
     assert tenant_connections(pg_server) <= router.budget
 
 
+@pytest.mark.postgres
 def test_threads_never_exceed_the_budget(pg_server, tenants, router):
     peak, stop, errors = [0], threading.Event(), []
 
@@ -96,8 +100,9 @@ def test_threads_never_exceed_the_budget(pg_server, tenants, router):
     assert tenant_connections(pg_server) <= router.budget
 
 
-def test_waits_then_fails_clearly_when_everything_is_busy(pg_host, tenants):
-    r = TenantRouter(pg_host, budget=2, pool_size=2, timeout=0.2)
+@pytest.mark.postgres
+def test_waits_then_fails_clearly_when_everything_is_busy(pg_tenant_host, tenants):
+    r = TenantRouter(pg_tenant_host, budget=2, pool_size=2, timeout=0.2)
     listening(r)
     try:
         with r.connect(tenants[0]), r.connect(tenants[0]):
@@ -107,34 +112,37 @@ def test_waits_then_fails_clearly_when_everything_is_busy(pg_host, tenants):
     finally: r.close()
 
 
-def test_lifecycle_changes_stop_routing_at_once_in_this_process(pg_host, pg_server, tenants, router):
+@pytest.mark.postgres
+def test_lifecycle_changes_stop_routing_at_once_in_this_process(pg_tenant_host, pg_server, tenants, router):
     tid = tenants[0]
     with router.connect(tid): pass
-    suspend_tenant(pg_host, tid)
+    suspend_tenant(pg_tenant_host, tid)
     assert tenant_connections(pg_server, f'tenant_{tid}') == 0
     with pytest.raises(TenantUnavailable, match='suspended') as e: router.engine(tid)
     assert e.value.status == 'suspended'
-    resume_tenant(pg_host, tid)
+    resume_tenant(pg_tenant_host, tid)
     with pytest.raises(sa.exc.OperationalError), router.connect(tid) as c:
-        deprovision_tenant(pg_host, tid)
+        deprovision_tenant(pg_tenant_host, tid)
         c.exec_driver_sql("SELECT 1")
     with pytest.raises(TenantUnavailable, match='deleted'): router.engine(tid)
     with pytest.raises(TenantNotFound): router.engine('nobody_here')
 
 
-def test_provisioning_tenant_is_not_routed(pg_host, router, monkeypatch):
+@pytest.mark.postgres
+def test_provisioning_tenant_is_not_routed(pg_tenant_host, router, monkeypatch):
     from fh_saas import db_tenant
     tid = new_id()
     def crash(a, s):
         if (a, s) == ('provision', 'role'): raise RuntimeError('crash')
     monkeypatch.setattr(db_tenant, '_after_step', crash)
-    with pytest.raises(RuntimeError): provision_tenant(pg_host, tid, prepare=prepare)
+    with pytest.raises(RuntimeError): provision_tenant(pg_tenant_host, tid, prepare=prepare)
     with pytest.raises(TenantUnavailable, match='provisioning'): router.engine(tid)
 
 
-def test_changes_in_another_process_stop_routing_within_the_ttl(pg_host, pg_url, tenants):
+@pytest.mark.postgres
+def test_changes_in_another_process_stop_routing_within_the_ttl(pg_tenant_host, pg_url, tenants):
     tid, ttl = tenants[0], 0.3
-    r = TenantRouter(pg_host, budget=4, pool_size=2, ttl=ttl)
+    r = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=ttl)
     try:
         with r.connect(tid): pass
         change = ("from fh_saas.db_host import HostDatabase; from fh_saas import db_tenant; "
@@ -151,10 +159,10 @@ def test_changes_in_another_process_stop_routing_within_the_ttl(pg_host, pg_url,
     finally: r.close()
 
 
-def test_sqlite_tenants_within_budget(sqlite_host):
+def test_sqlite_tenants_within_budget(sqlite_tenant_host):
     ids = [f'acme{i}' for i in range(5)]
-    for tid in ids: provision_tenant(sqlite_host, tid, prepare=prepare)
-    r = TenantRouter(sqlite_host, budget=4, pool_size=2)
+    for tid in ids: provision_tenant(sqlite_tenant_host, tid, prepare=prepare)
+    r = TenantRouter(sqlite_tenant_host, budget=4, pool_size=2)
     try:
         for tid in ids:
             with r.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (?)", (tid,))
@@ -164,15 +172,15 @@ def test_sqlite_tenants_within_budget(sqlite_host):
     finally: r.close()
 
 
-def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_host, monkeypatch):
-    provision_tenant(sqlite_host, 'acme', prepare=prepare)
-    r = TenantRouter(sqlite_host, budget=4, pool_size=2)
+def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_tenant_host, monkeypatch):
+    provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare)
+    r = TenantRouter(sqlite_tenant_host, budget=4, pool_size=2)
     read = r._lookup
 
     def read_then_suspend(tid):
         row = read(tid)  # the catalog still says active...
         monkeypatch.setattr(r, '_lookup', read)
-        suspend_tenant(sqlite_host, tid)  # ...and the tenant is suspended before the router caches it
+        suspend_tenant(sqlite_tenant_host, tid)  # ...and the tenant is suspended before the router caches it
         return row
 
     monkeypatch.setattr(r, '_lookup', read_then_suspend)
@@ -182,7 +190,8 @@ def test_a_change_racing_with_a_catalog_read_is_not_missed(sqlite_host, monkeypa
     finally: r.close()
 
 
-def test_suspensions_during_concurrent_routing_leak_nothing(pg_host, pg_server, tenants, router):
+@pytest.mark.postgres
+def test_suspensions_during_concurrent_routing_leak_nothing(pg_tenant_host, pg_server, tenants, router):
     errors, done = [], threading.Event()
 
     def work(i):
@@ -199,8 +208,8 @@ def test_suspensions_during_concurrent_routing_leak_nothing(pg_host, pg_server, 
     workers = [threading.Thread(target=work, args=(i,)) for i in range(6)]
     for t in workers: t.start()
     for _ in range(5):
-        suspend_tenant(pg_host, tenants[0])
-        resume_tenant(pg_host, tenants[0])
+        suspend_tenant(pg_tenant_host, tenants[0])
+        resume_tenant(pg_tenant_host, tenants[0])
     done.set()
     for t in workers: t.join(120)
     assert errors == [] and not router._retiring

@@ -18,7 +18,7 @@ from fh_saas.system_jobs import SYSTEM_SCHEDULES
 from jobs_helpers import worker_env
 from pgserver import free_port, wait_for
 from stripe_helpers import event, sign, subscription
-from tenant_helpers import new_id, pg_host, pg_names, secret_key  # noqa: F401 (fixtures)
+from tenant_helpers import new_id, pg_tenant_host, pg_names, secret_key  # noqa: F401 (fixtures)
 
 
 def _env(url, **extra) -> dict:
@@ -42,27 +42,30 @@ def _worker(url, log, *args, **env) -> subprocess.Popen:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize('step', ['role', 'database', 'grants'])
-def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_host, pg_server, pg_url, tmp_path, step):
+def test_worker_killed_mid_provisioning_is_finished_by_the_next_worker(pg_tenant_host, pg_server, pg_url, tmp_path,
+                                                                       step):
     tid, ready = new_id('kp'), tmp_path / 'paused'
-    with pg_host.transaction():
-        register_tenant(pg_host, tid)
-        job_id = enqueue(pg_host, 'tenant.provision', dict(tenant_id=tid), tenant_id=tid, dedupe_key=f'tenant.provision:{tid}').id
+    with pg_tenant_host.transaction():
+        register_tenant(pg_tenant_host, tid)
+        job_id = enqueue(pg_tenant_host, 'tenant.provision', dict(tenant_id=tid), tenant_id=tid,
+                         dedupe_key=f'tenant.provision:{tid}').id
     a = _worker(pg_url, tmp_path / 'a.log', '--import', 'slow_steps', FH_SAAS_TEST_PAUSE_AFTER=step,
                 FH_SAAS_TEST_PAUSE_SIGNAL=str(ready))
     try: assert wait_for(ready.exists, 30), _logs(tmp_path)
     finally: a.send_signal(signal.SIGKILL); a.wait(10)
-    assert pg_host.tenants[tid].status == 'provisioning' and pg_host.system_jobs[job_id].status == 'running'
+    assert pg_tenant_host.tenants[tid].status == 'provisioning'
+    assert pg_tenant_host.system_jobs[job_id].status == 'running'
     name = f'tenant_{tid}'
     assert (pg_names(pg_server, 'role', name), pg_names(pg_server, 'db', name)) == ([name], [name] if step != 'role' else [])
     b = _worker(pg_url, tmp_path / 'b.log')
-    try: assert wait_for(lambda: pg_host.system_jobs[job_id].status == 'done', 30), _logs(tmp_path)
+    try: assert wait_for(lambda: pg_tenant_host.system_jobs[job_id].status == 'done', 30), _logs(tmp_path)
     finally: b.send_signal(signal.SIGTERM); assert b.wait(20) == 0, _logs(tmp_path)
-    job = pg_host.system_jobs[job_id]
+    job = pg_tenant_host.system_jobs[job_id]
     assert (job.attempts, json.loads(job.result)) == (2, dict(status='active'))
     assert pg_names(pg_server, 'db', 'tenant_kp%') == [name] and pg_names(pg_server, 'role', 'tenant_kp%') == [name]
-    with pg_host.engine.connect() as c: rows = c.execute(sa.select(tenants_t)).mappings().all()
+    with pg_tenant_host.engine.connect() as c: rows = c.execute(sa.select(tenants_t)).mappings().all()
     assert [(r['id'], r['status'], r['is_active'], r['db_name'], r['db_role']) for r in rows] == [(tid, 'active', True, name, name)]
-    eng = sa.create_engine(tenant_url(pg_host, tid), poolclass=sa.pool.NullPool)
+    eng = sa.create_engine(tenant_url(pg_tenant_host, tid), poolclass=sa.pool.NullPool)
     try:
         with eng.begin() as c:
             c.exec_driver_sql('CREATE TABLE proof (id int)')
@@ -162,14 +165,14 @@ def test_webhook_server_killed_mid_batch_then_redelivery_applies_every_event_onc
 
 # --- the expired-trial sweep ---------------------------------------------------------------------
 
-def _run_sweep(host_db, barrier):
-    "Claim and run one `billing.trial_sweep` job the way a worker does (after `barrier`); its result."
+def _run_sweep(host_db, claimed=None):
+    "Claim and run one `billing.trial_sweep` job as a worker does (after all sweeps at `claimed` hold one); its result."
     job = claim(host_db, f'sweeper-{threading.get_ident()}', ['billing.trial_sweep'])
-    barrier.wait()
+    if claimed: claimed.wait()
     with job_scope(job): return job_handlers['billing.trial_sweep'](job)
 
 
-def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_race(host_db):
+def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_race(host_db, race):
     assert 'billing.trial_sweep' in {p.job_type for p in SYSTEM_SCHEDULES}
     now = datetime.now(timezone.utc)
     for t in ('acme', 'globex'): host_db.tenants.insert(TenantCatalog(id=t, name=t))
@@ -179,8 +182,8 @@ def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_rac
     expired = [trial(('acme', 'globex')[i % 2], -1 - i) for i in range(20)]
     kept = [trial('acme', 2), trial('acme', -3, stripe_sub_id='sub_stripe'), trial('globex', -3, status='active')]
     for _ in range(2): enqueue(host_db, 'billing.trial_sweep')
-    barrier = threading.Barrier(2)
-    with ThreadPoolExecutor(2) as pool: results = list(pool.map(lambda _: _run_sweep(host_db, barrier), range(2)))
+    claimed = threading.Barrier(2)  # a second barrier, after the claims: both sweeps hold a job before either runs
+    results = race([lambda: _run_sweep(host_db, claimed)] * 2)
     assert sum(r['expired'] for r in results) == 20, "between them the two sweeps ended each trial once"
     rows = {s.id: s for s in host_db.subscriptions()}
     assert {(rows[i].status, rows[i].ended_at == rows[i].trial_end) for i in expired} == {('canceled', True)}
@@ -189,5 +192,5 @@ def test_trial_sweep_ends_each_expired_local_trial_once_even_when_two_sweeps_rac
     assert sorted((a.target_id, a.tenant_id) for a in audits) == sorted((i, rows[i].tenant_id) for i in expired)
     assert {json.loads(a.details)['trial_end'] for a in audits} == {rows[i].trial_end for i in expired}
     enqueue(host_db, 'billing.trial_sweep')
-    assert _run_sweep(host_db, threading.Barrier(1)) == dict(expired=0)
+    assert _run_sweep(host_db) == dict(expired=0)
     assert len(host_db.audit_logs(where="event_type = 'billing.trial_expired'")) == 20

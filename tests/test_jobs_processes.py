@@ -43,7 +43,7 @@ def engine(pg_url):
 
 def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(sqlite_url, tmp_path):
     eng = _prepared(sqlite_url)
-    [slow] = _enqueue(sqlite_url, 1, payload=dict(pause=1.5), priority=1)
+    [slow] = _enqueue(sqlite_url, 1, payload=dict(pause=1.5), priority=1)  # long enough for a SIGTERM mid-job
     _enqueue(sqlite_url, 40)
     procs = [start_worker(sqlite_url, tmp_path / f'worker{i}.log', '--poll', '0.05') for i in range(2)]
     try:
@@ -80,7 +80,7 @@ def test_four_worker_processes_run_each_of_200_jobs_exactly_once(pg_url, engine,
 
 @pytest.mark.postgres
 def test_kill_9_mid_job_resumes_on_another_worker_without_repeating_steps(pg_url, engine, tmp_path):
-    [job_id] = _enqueue(pg_url, 1, 'test.steps', payload=dict(steps=8, pause=0.25))
+    [job_id] = _enqueue(pg_url, 1, 'test.steps', payload=dict(steps=8, hold_after=3))
     a = start_worker(pg_url, tmp_path / 'worker_a.log', '--lease', '1', '--poll', '0.05')
     try: assert wait_for(lambda: counts(engine)['effects'] >= 3, 30), _logs(tmp_path)
     finally: a.send_signal(signal.SIGKILL); a.wait(10)

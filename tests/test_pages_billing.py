@@ -1,6 +1,7 @@
 "The billing pages through a real FastHTML app: pricing, Checkout and portal against the Stripe stand-in over HTTP, the billing page when access is blocked, and the no-Stripe explanation."
 import re
 
+import pytest
 import sqlalchemy as sa
 from datetime import datetime, timedelta, timezone
 
@@ -11,6 +12,7 @@ from fh_saas.db_host import Subscription, timestamp
 from pages_helpers import fake_stripe, site  # noqa: F401
 
 
+@pytest.mark.stripe
 def test_pricing_public_amounts_and_no_buttons_for_anonymous(site, fake_stripe):
     r = site.client().get('/pricing')
     assert r.status_code == 200
@@ -21,6 +23,7 @@ def test_pricing_public_amounts_and_no_buttons_for_anonymous(site, fake_stripe):
     assert 'Log in' in r.text                                          # anonymous navigation
 
 
+@pytest.mark.stripe
 def test_pricing_shows_current_plan_and_buttons_to_admins_only(site, fake_stripe):
     site.user('owner'); site.user('mem'); site.tenant('acme', price='price_pro_m')
     site.member('owner', 'acme', 'owner'); site.member('mem', 'acme', 'member')
@@ -33,6 +36,7 @@ def test_pricing_shows_current_plan_and_buttons_to_admins_only(site, fake_stripe
     assert 'action="/billing/checkout"' not in member and 'Ask an owner or admin of Acme' in member
 
 
+@pytest.mark.stripe
 def test_checkout_redirects_to_stripe_with_price_and_metadata(site, fake_stripe):
     site.user('owner'); site.tenant('acme', sub_status=None); site.member('owner', 'acme', 'owner')
     r = site.client('owner', 'acme').post('/billing/checkout', data=dict(plan_id='starter', interval='year'))
@@ -50,6 +54,7 @@ def test_checkout_redirects_to_stripe_with_price_and_metadata(site, fake_stripe)
     assert customer['email'] == 'owner@example.com' and customer['metadata'] == dict(tenant_id='acme')
 
 
+@pytest.mark.stripe
 def test_checkout_with_live_subscription_changes_the_plan(site, fake_stripe):
     site.user('owner'); site.tenant('acme', stripe_sub_id='sub_live1'); site.member('owner', 'acme', 'owner')
     fake_stripe.add_subscription('sub_live1', 'price_starter_m', 'acme')
@@ -62,6 +67,7 @@ def test_checkout_with_live_subscription_changes_the_plan(site, fake_stripe):
     assert 'Plan change requested' in site.client('owner', 'acme').get(r.headers['location']).text
 
 
+@pytest.mark.stripe
 def test_billing_forms_carry_the_token_and_a_forged_post_changes_nothing(site, fake_stripe):
     "A POST without this session's form token is refused before Stripe is called, for every billing action."
     site.user('owner'); site.tenant('acme', stripe_sub_id='sub_live1'); site.member('owner', 'acme', 'owner')
@@ -80,6 +86,7 @@ def test_billing_forms_carry_the_token_and_a_forged_post_changes_nothing(site, f
     assert owner.post('/billing/cancel').status_code == 303                          # the page's own token works
 
 
+@pytest.mark.stripe
 def test_member_and_bad_input_are_refused_without_calling_stripe(site, fake_stripe):
     site.user('owner'); site.user('mem'); site.tenant('acme', sub_status=None)
     site.member('owner', 'acme', 'owner'); site.member('mem', 'acme', 'member')
@@ -97,6 +104,7 @@ def test_member_and_bad_input_are_refused_without_calling_stripe(site, fake_stri
     assert fake_stripe.calls == []
 
 
+@pytest.mark.stripe
 def test_portal_redirects_once_the_tenant_is_a_customer(site, fake_stripe):
     site.user('owner'); site.tenant('acme', sub_status=None); site.member('owner', 'acme', 'owner')
     c = site.client('owner', 'acme')
@@ -108,6 +116,7 @@ def test_portal_redirects_once_the_tenant_is_a_customer(site, fake_stripe):
     assert portal['return_url'] == 'https://app.test/billing'
 
 
+@pytest.mark.stripe
 def test_cancel_at_period_end(site, fake_stripe):
     site.user('owner'); site.tenant('acme', stripe_sub_id='sub_live2'); site.member('owner', 'acme', 'owner')
     fake_stripe.add_subscription('sub_live2', 'price_starter_m', 'acme')
@@ -118,6 +127,7 @@ def test_cancel_at_period_end(site, fake_stripe):
     assert site.host_db.q("select count(*) n from sys_audit_logs where event_type = 'billing.cancel_requested'")[0]['n'] == 1
 
 
+@pytest.mark.stripe
 def test_stripe_failure_is_a_clear_502(site, fake_stripe):
     site.user('owner'); site.tenant('acme', sub_status=None); site.member('owner', 'acme', 'owner')
     fake_stripe.fail_next = 5
@@ -136,6 +146,7 @@ def test_billing_page_when_blocked_is_reachable_and_explains(site):
     assert 'Nothing is granted while access is paused' in r.text and 'badge bad' in r.text
 
 
+@pytest.mark.stripe
 def test_billing_page_shows_trial_entitlements_and_usage(site, fake_stripe):
     end = datetime.now(timezone.utc) + timedelta(days=10)
     site.user('owner'); site.tenant('acme', sub_status='trialing', trial_end=timestamp(end), amount_cents=1999)
@@ -174,6 +185,7 @@ def test_without_stripe_pages_explain_which_variables_to_set(site):
     assert r.status_code == 503 and 'STRIPE_SECRET_KEY' in r.text
 
 
+@pytest.mark.stripe
 def test_checkout_raced_by_a_new_subscription_is_a_409(site, fake_stripe, monkeypatch):
     "A subscription that appears between the page's check and Stripe's call: no second subscription, a clear answer."
     site.user('owner'); site.tenant('acme', sub_status=None); site.member('owner', 'acme', 'owner')
@@ -188,6 +200,7 @@ def test_checkout_raced_by_a_new_subscription_is_a_409(site, fake_stripe, monkey
     assert not [c for c in fake_stripe.calls if c[1] == '/v1/checkout/sessions']
 
 
+@pytest.mark.stripe
 def test_pricing_for_a_visitor_whose_tenant_is_not_usable(site, fake_stripe):
     "Signed in, but the session's tenant is suspended: shown signed in, without tenant buttons, never refused."
     site.user('owner'); site.tenant('acme'); site.member('owner', 'acme', 'owner')

@@ -5,7 +5,7 @@ import pytest
 
 from fh_saas.db_tenant import provision_tenant
 from fh_saas.tenant_router import TenantRouter
-from tenant_helpers import new_id, pg_host, prepare, secret_key, sqlite_host  # noqa: F401
+from tenant_helpers import new_id, pg_tenant_host, prepare, secret_key, sqlite_tenant_host  # noqa: F401
 
 
 def first_touch_in_a_transaction(tdb, body):
@@ -17,10 +17,10 @@ def first_touch_in_a_transaction(tdb, body):
     assert tdb._engine.pool.checkedout() == 0
 
 
-def test_sqlite_first_touch_inside_a_transaction_takes_no_second_connection(sqlite_host):
+def test_sqlite_first_touch_inside_a_transaction_takes_no_second_connection(sqlite_tenant_host):
     "A second SQLite connection would wait behind the scope's write lock (busy_timeout) and then fail."
-    provision_tenant(sqlite_host, 'acme', prepare=prepare)
-    r = TenantRouter(sqlite_host, budget=2, pool_size=2)
+    provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare)
+    r = TenantRouter(sqlite_tenant_host, budget=2, pool_size=2)
     try:
         first_touch_in_a_transaction(r.tenant_db('acme'), 'before eviction')
         r.forget('acme')   # a new entry with an empty table cache reflects again
@@ -31,10 +31,10 @@ def test_sqlite_first_touch_inside_a_transaction_takes_no_second_connection(sqli
 
 
 @pytest.mark.postgres
-def test_postgres_first_touch_needs_only_the_one_routed_connection(pg_host):
+def test_postgres_first_touch_needs_only_the_one_routed_connection(pg_tenant_host):
     "With one connection per tenant, reflecting on another would time out in the pool instead of working."
-    tid = provision_tenant(pg_host, new_id(), prepare=prepare).id
-    r = TenantRouter(pg_host, budget=1, pool_size=1, timeout=2)
+    tid = provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id
+    r = TenantRouter(pg_tenant_host, budget=1, pool_size=1, timeout=2)
     try:
         tdb = r.tenant_db(tid)
         first_touch_in_a_transaction(tdb, 'in a transaction')
@@ -68,16 +68,17 @@ def _first_touch_rounds(router, tid, race, rounds, threads):
     for _ in range(rounds):
         router.forget(tid)   # a new entry: its database object has reflected nothing
         tdb = router.tenant_db(tid)
-        outcomes = race([lambda name=name: tdb[name]() for name in list(WIDE) * (threads // len(WIDE) + 1)][:threads])
+        reads = [lambda name=name: tdb[name]() for name in list(WIDE) * (threads // len(WIDE) + 1)][:threads]
+        outcomes = race(reads, catch=Exception)
         for name, rows in zip(list(WIDE) * threads, outcomes):
             assert not isinstance(rows, Exception), rows
             assert rows == [dict(id=1, **{col: col for col in WIDE[name]})]
 
 
-def test_sqlite_threads_first_touching_one_table_all_see_every_column(sqlite_host, race):
+def test_sqlite_threads_first_touching_one_table_all_see_every_column(sqlite_tenant_host, race):
     "SQLite's scopes each hold the write lock (BEGIN IMMEDIATE), so they reflect one at a time; this keeps it so."
-    provision_tenant(sqlite_host, 'acme', prepare=prepare)
-    r = TenantRouter(sqlite_host, budget=4, pool_size=4)
+    provision_tenant(sqlite_tenant_host, 'acme', prepare=prepare)
+    r = TenantRouter(sqlite_tenant_host, budget=4, pool_size=4)
     try:
         add_wide_tables(r, 'acme')
         first_touch_race(r, 'acme', race)
@@ -85,10 +86,10 @@ def test_sqlite_threads_first_touching_one_table_all_see_every_column(sqlite_hos
 
 
 @pytest.mark.postgres
-def test_postgres_threads_first_touching_one_table_all_see_every_column(pg_host, race):
+def test_postgres_threads_first_touching_one_table_all_see_every_column(pg_tenant_host, race):
     "Unlocked, a thread took the table another was still reflecting, and read rows with some or none of its columns."
-    tid = provision_tenant(pg_host, new_id(), prepare=prepare).id
-    r = TenantRouter(pg_host, budget=4, pool_size=4)
+    tid = provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id
+    r = TenantRouter(pg_tenant_host, budget=4, pool_size=4)
     try:
         add_wide_tables(r, tid)
         first_touch_race(r, tid, race)

@@ -11,20 +11,19 @@ from fh_saas.db_tenant import ROUTING_CHANNEL, TenantUnavailable, deprovision_te
 from fh_saas.db_host import HostDatabase
 from fh_saas.tenant_router import LISTENER_NAME, TenantRouter, _listeners
 from pgserver import start_cluster, wait_for
-from tenant_helpers import clean_up, listening, new_id, pg_host, prepare, register, run_elsewhere, secret_key, sqlite_host  # noqa: F401
-
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def tenants(pg_host):
-    return [provision_tenant(pg_host, new_id(), prepare=prepare).id for _ in range(2)]
+from tenant_helpers import (clean_up, listening, new_id, pg_tenant_host, prepare, register, run_elsewhere,  # noqa: F401
+                            secret_key, sqlite_tenant_host)
 
 
 @pytest.fixture
-def router(pg_host):
+def tenants(pg_tenant_host):
+    return [provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id for _ in range(2)]
+
+
+@pytest.fixture
+def router(pg_tenant_host):
     "A router that, by its TTL alone, would not notice a change for a minute."
-    r = TenantRouter(pg_host, budget=4, pool_size=2, ttl=60, timeout=5)
+    r = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=60, timeout=5)
     yield r
     r.close()
 
@@ -52,6 +51,7 @@ def listener_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == LISTENER_NAME]
 
 
+@pytest.mark.postgres
 def test_a_change_committed_in_another_process_stops_routing_at_once(pg_url, tenants, router):
     tid = tenants[0]
     listening(router)
@@ -82,30 +82,34 @@ class Notifications:
     def close(self): self.conn.close()
 
 
-def test_a_rolled_back_change_sends_nothing(pg_host, pg_url, tenants):
+@pytest.mark.postgres
+def test_a_rolled_back_change_sends_nothing(pg_tenant_host, pg_url, tenants):
     with closing(Notifications(pg_url)) as heard:
-        with pytest.raises(RuntimeError, match='changed my mind'), pg_host.transaction():
-            suspend_tenant(pg_host, tenants[0])
+        with pytest.raises(RuntimeError, match='changed my mind'), pg_tenant_host.transaction():
+            suspend_tenant(pg_tenant_host, tenants[0])
             raise RuntimeError('changed my mind')
-        assert tenant_row(pg_host, tenants[0]).status == 'active'
-        suspend_tenant(pg_host, tenants[1])  # committed after the rollback: its notification comes after any from it
+        assert tenant_row(pg_tenant_host, tenants[0]).status == 'active'
+        # committed after the rollback: its notification comes after any from it
+        suspend_tenant(pg_tenant_host, tenants[1])
         assert heard.until(tenants[1]) == [tenants[1]]
 
 
-def test_every_routing_version_bump_notifies_once(pg_host, pg_url, tenants):
+@pytest.mark.postgres
+def test_every_routing_version_bump_notifies_once(pg_tenant_host, pg_url, tenants):
     tid = new_id()
     with closing(Notifications(pg_url)) as heard:
-        provision_tenant(pg_host, tid, prepare=prepare)
-        suspend_tenant(pg_host, tid)
-        suspend_tenant(pg_host, tid)  # already suspended: nothing changes, nothing is sent
-        resume_tenant(pg_host, tid)
-        assert rotate_secret_key(pg_host).ok
-        deprovision_tenant(pg_host, tid)
-        suspend_tenant(pg_host, tenants[0])  # the end marker
-        bumps = tenant_row(pg_host, tid).routing_version - 1  # registering starts at 1 without a bump
+        provision_tenant(pg_tenant_host, tid, prepare=prepare)
+        suspend_tenant(pg_tenant_host, tid)
+        suspend_tenant(pg_tenant_host, tid)  # already suspended: nothing changes, nothing is sent
+        resume_tenant(pg_tenant_host, tid)
+        assert rotate_secret_key(pg_tenant_host).ok
+        deprovision_tenant(pg_tenant_host, tid)
+        suspend_tenant(pg_tenant_host, tenants[0])  # the end marker
+        bumps = tenant_row(pg_tenant_host, tid).routing_version - 1  # registering starts at 1 without a bump
         assert bumps == 6 and heard.until(tenants[0]).count(tid) == bumps
 
 
+@pytest.mark.postgres
 def test_the_listener_reconnects_after_its_connection_is_killed(pg_server, pg_url, tenants, router, caplog):
     listener = listening(router)
     [pid] = listener_backends(pg_server, pg_url)
@@ -123,6 +127,7 @@ def test_the_listener_reconnects_after_its_connection_is_killed(pg_server, pg_ur
     assert listener_threads() == [listener.thread]
 
 
+@pytest.mark.postgres
 def test_the_listener_comes_back_after_a_server_restart(caplog):
     server = start_cluster()
     try:
@@ -149,29 +154,32 @@ def test_the_listener_comes_back_after_a_server_restart(caplog):
     finally: server.stop()
 
 
-def test_one_listener_per_host_database_until_the_last_router_closes(pg_host, pg_server, pg_url):
-    first, second = TenantRouter(pg_host), TenantRouter(pg_host)
+@pytest.mark.postgres
+def test_one_listener_per_host_database_until_the_last_router_closes(pg_tenant_host, pg_server, pg_url):
+    first, second = TenantRouter(pg_tenant_host), TenantRouter(pg_tenant_host)
     listener = listening(first)
     assert set(listener.routers) == {first, second} and listener_threads() == [listener.thread]
     assert len(listener_backends(pg_server, pg_url)) == 1
     first.close()
     assert listener.thread.is_alive() and len(listener_backends(pg_server, pg_url)) == 1
     second.close()
-    assert not listener.thread.is_alive() and pg_host.engine not in _listeners and listener_threads() == []
+    assert not listener.thread.is_alive() and pg_tenant_host.engine not in _listeners and listener_threads() == []
     assert wait_for(lambda: listener_backends(pg_server, pg_url) == [])
 
 
-def test_closing_the_host_database_stops_the_listener(pg_host, pg_server, pg_url):
-    router = TenantRouter(pg_host)
+@pytest.mark.postgres
+def test_closing_the_host_database_stops_the_listener(pg_tenant_host, pg_server, pg_url):
+    router = TenantRouter(pg_tenant_host)
     listener = listening(router)
-    pg_host.close()
-    assert not listener.thread.is_alive() and pg_host.engine not in _listeners
+    pg_tenant_host.close()
+    assert not listener.thread.is_alive() and pg_tenant_host.engine not in _listeners
     assert wait_for(lambda: listener_backends(pg_server, pg_url) == [])
     router.close()
 
 
-def test_a_missed_notification_is_caught_by_the_ttl(pg_host, pg_server, pg_url, tenants):
-    tid, r = tenants[0], TenantRouter(pg_host, ttl=0.3)
+@pytest.mark.postgres
+def test_a_missed_notification_is_caught_by_the_ttl(pg_tenant_host, pg_server, pg_url, tenants):
+    tid, r = tenants[0], TenantRouter(pg_tenant_host, ttl=0.3)
     try:
         listening(r)
         with r.connect(tid): pass
@@ -182,12 +190,13 @@ def test_a_missed_notification_is_caught_by_the_ttl(pg_host, pg_server, pg_url, 
     finally: r.close()
 
 
-def test_a_sqlite_host_has_no_listener(sqlite_host):
-    r = TenantRouter(sqlite_host)
+def test_a_sqlite_host_has_no_listener(sqlite_tenant_host):
+    r = TenantRouter(sqlite_tenant_host)
     try: assert _listeners == {} and listener_threads() == []
     finally: r.close()
 
 
+@pytest.mark.postgres
 def test_a_forked_child_closing_its_copy_leaves_the_parents_listener_alone(pg_url, tenants, router):
     "The child's close/dispose must not stop (or wake) the parent's listener through the inherited pipe."
     tid, listener = tenants[0], listening(router)

@@ -10,9 +10,8 @@ from fh_saas.db_tenant import (TenantConfigError, db_server, db_servers_t, provi
                                server_admin_url, suspend_tenant, tenant_engine, tenant_row)
 from fh_saas.sessions import SessionManager
 from fh_saas.tenant_router import TenantRouter
-from tenant_helpers import SECRET, new_id, pg_host, prepare, secret_key  # noqa: F401
+from tenant_helpers import SECRET, new_id, pg_tenant_host, prepare, secret_key  # noqa: F401
 
-pytestmark = pytest.mark.postgres
 KEY_A, KEY_B = SECRET, 'rotated-master-key-' + 'fedcba9876543210' * 2
 
 
@@ -53,52 +52,54 @@ def routing_versions(host_db, ids) -> list[int]:
 
 
 @pytest.fixture
-def fleet(pg_host):
+def fleet(pg_tenant_host):
     "Three tenants provisioned under key A, the last one suspended."
-    ids = sorted(provision_tenant(pg_host, new_id(), prepare=prepare).id for _ in range(3))
-    suspend_tenant(pg_host, ids[2])
+    ids = sorted(provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id for _ in range(3))
+    suspend_tenant(pg_tenant_host, ids[2])
     return ids
 
 
-def test_rotation_from_key_a_to_key_b(pg_host, pg_server, fleet, monkeypatch):
-    router = TenantRouter(pg_host, budget=4, pool_size=2, ttl=60, timeout=5)
+@pytest.mark.postgres
+def test_rotation_from_key_a_to_key_b(pg_tenant_host, pg_server, fleet, monkeypatch):
+    router = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=60, timeout=5)
     try:
         with router.connect(fleet[0]) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES ('under A')")
         use_keys(monkeypatch, KEY_B)          # the new key alone, too early: nothing made under A opens
-        assert refused(pg_host, fleet[0])
-        with pytest.raises(TenantConfigError, match='none of the master keys'): admin_password(pg_host)
+        assert refused(pg_tenant_host, fleet[0])
+        with pytest.raises(TenantConfigError, match='none of the master keys'): admin_password(pg_tenant_host)
 
         use_keys(monkeypatch, KEY_B, KEY_A)   # step 1: new key, old one still accepted
-        assert whoami(pg_host, fleet[1]) == f'tenant_{fleet[1]}'
-        assert admin_password(pg_host) == pg_server.admin_url.password
+        assert whoami(pg_tenant_host, fleet[1]) == f'tenant_{fleet[1]}'
+        assert admin_password(pg_tenant_host) == pg_server.admin_url.password
         router.forget(fleet[0])               # a new pooled engine, built mid-rotation
         with router.connect(fleet[0]) as c: assert c.exec_driver_sql("SELECT body FROM notes").scalars().all() == ['under A']
 
-        before = routing_versions(pg_host, fleet)
-        report = rotate_secret_key(pg_host)   # step 2
+        before = routing_versions(pg_tenant_host, fleet)
+        report = rotate_secret_key(pg_tenant_host)   # step 2
         assert (report.servers, report.rotated, report.failed, report.ok) == (1, fleet, [], True)
-        assert routing_versions(pg_host, fleet) == [v + 1 for v in before]
+        assert routing_versions(pg_tenant_host, fleet) == [v + 1 for v in before]
         assert fleet[0] not in router.cached  # this process's routers drop engines built before the re-keying
 
         use_keys(monkeypatch, KEY_B)          # step 3: the old key is gone
-        resume_tenant(pg_host, fleet[2])
-        assert [whoami(pg_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
+        resume_tenant(pg_tenant_host, fleet[2])
+        assert [whoami(pg_tenant_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
         with router.connect(fleet[0]) as c: assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 1
-        assert admin_password(pg_host) == pg_server.admin_url.password
+        assert admin_password(pg_tenant_host) == pg_server.admin_url.password
 
         use_keys(monkeypatch, KEY_A)          # the old key alone opens nothing any more
-        assert all(refused(pg_host, tid) for tid in fleet)
-        with pytest.raises(TenantConfigError, match='none of the master keys'): admin_password(pg_host)
+        assert all(refused(pg_tenant_host, tid) for tid in fleet)
+        with pytest.raises(TenantConfigError, match='none of the master keys'): admin_password(pg_tenant_host)
 
         use_keys(monkeypatch, KEY_B)          # running it again changes nothing that matters
-        again = rotate_secret_key(pg_host)
+        again = rotate_secret_key(pg_tenant_host)
         assert (again.servers, again.rotated, again.ok) == (1, fleet, True)
-        assert [whoami(pg_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
-        assert admin_password(pg_host) == pg_server.admin_url.password
+        assert [whoami(pg_tenant_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
+        assert admin_password(pg_tenant_host) == pg_server.admin_url.password
     finally: router.close()
 
 
-def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_key(pg_host, fleet, monkeypatch):
+@pytest.mark.postgres
+def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_key(pg_tenant_host, fleet, monkeypatch):
     "No locale but C is installed here, so the server's refusal is reworded as with `lc_messages = 'de_DE'`."
     connect, refusals = psycopg2.connect, []
     def in_german(*args, **kwargs):
@@ -108,24 +109,28 @@ def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_k
             raise psycopg2.OperationalError(refusals[-1]) from None
     monkeypatch.setattr(psycopg2, 'connect', in_german)
     use_keys(monkeypatch, KEY_B, KEY_A)
-    assert whoami(pg_host, fleet[0]) == f'tenant_{fleet[0]}'
+    assert whoami(pg_tenant_host, fleet[0]) == f'tenant_{fleet[0]}'
     assert len(refusals) == 1 and 'Passwort-Authentifizierung' in refusals[0] and 'password authentication' not in refusals[0]
     use_keys(monkeypatch, KEY_B, 'unrelated-key-' + '0' * 32)   # no key works: the current key's error, no password in it
-    with pytest.raises(sa.exc.OperationalError, match='Passwort-Authentifizierung') as e: whoami(pg_host, fleet[0])
+    with pytest.raises(sa.exc.OperationalError, match='Passwort-Authentifizierung') as e:
+        whoami(pg_tenant_host, fleet[0])
     assert len(refusals) == 3 and not any(p in str(e.value) for p in master_key.role_passwords(f'tenant_{fleet[0]}'))
 
 
-def test_rotation_stores_no_secret_in_the_catalog(pg_host, pg_server, fleet, monkeypatch):
+@pytest.mark.postgres
+def test_rotation_stores_no_secret_in_the_catalog(pg_tenant_host, pg_server, fleet, monkeypatch):
     use_keys(monkeypatch, KEY_B, KEY_A)
-    rotate_secret_key(pg_host)
-    with pg_host.engine.connect() as c:
+    rotate_secret_key(pg_tenant_host)
+    with pg_tenant_host.engine.connect() as c:
         dump = ' '.join(str(v) for t in (db_servers_t, db_tenant.tenants_t) for r in c.execute(sa.select(t)) for v in r)
     assert pg_server.admin_url.password not in dump and KEY_A not in dump and KEY_B not in dump
     assert not any(master_key.role_password(f'tenant_{tid}', k) in dump for tid in fleet for k in (KEY_A, KEY_B))
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('step', ['locked', 'role'])
-def test_an_interrupted_rotation_reports_the_tenant_and_a_second_run_completes(pg_host, fleet, monkeypatch, step):
+def test_an_interrupted_rotation_reports_the_tenant_and_a_second_run_completes(pg_tenant_host, fleet, monkeypatch,
+                                                                               step):
     use_keys(monkeypatch, KEY_B, KEY_A)
     calls = []
     def fail_first(action, s):
@@ -133,33 +138,37 @@ def test_an_interrupted_rotation_reports_the_tenant_and_a_second_run_completes(p
             calls.append(s)
             if len(calls) == 1: raise Crash(f"injected after {s}")
     monkeypatch.setattr(db_tenant, '_after_step', fail_first)
-    before = routing_versions(pg_host, fleet)
-    report = rotate_secret_key(pg_host)
+    before = routing_versions(pg_tenant_host, fleet)
+    report = rotate_secret_key(pg_tenant_host)
     assert (report.rotated, report.failed, report.ok) == (fleet[1:], [(fleet[0], f'injected after {step}')], False)
-    assert routing_versions(pg_host, fleet) == [before[0], before[1] + 1, before[2] + 1]
-    assert whoami(pg_host, fleet[0]) == f'tenant_{fleet[0]}'     # still reachable mid-rotation
+    assert routing_versions(pg_tenant_host, fleet) == [before[0], before[1] + 1, before[2] + 1]
+    assert whoami(pg_tenant_host, fleet[0]) == f'tenant_{fleet[0]}'     # still reachable mid-rotation
     use_keys(monkeypatch, KEY_B)
-    assert refused(pg_host, fleet[0]) == (step == 'locked')      # re-keyed only if it failed after the ALTER ROLE
-    assert not refused(pg_host, fleet[1])
+    assert refused(pg_tenant_host, fleet[0]) == (step == 'locked')  # re-keyed only if it failed after the ALTER ROLE
+    assert not refused(pg_tenant_host, fleet[1])
 
     use_keys(monkeypatch, KEY_B, KEY_A)
     monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
-    assert rotate_secret_key(pg_host).rotated == fleet
+    assert rotate_secret_key(pg_tenant_host).rotated == fleet
     use_keys(monkeypatch, KEY_B)
-    resume_tenant(pg_host, fleet[2])
-    assert [whoami(pg_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
+    resume_tenant(pg_tenant_host, fleet[2])
+    assert [whoami(pg_tenant_host, tid) for tid in fleet] == [f'tenant_{tid}' for tid in fleet]
 
 
-def test_a_server_password_under_an_unknown_key_stops_the_rotation_before_any_change(pg_host, fleet, monkeypatch):
+@pytest.mark.postgres
+def test_a_server_password_under_an_unknown_key_stops_the_rotation_before_any_change(pg_tenant_host, fleet,
+                                                                                      monkeypatch):
     use_keys(monkeypatch, KEY_B)
-    before = routing_versions(pg_host, fleet)
-    with pytest.raises(TenantConfigError, match=r"database server 'main': .*none of the master keys"): rotate_secret_key(pg_host)
-    assert routing_versions(pg_host, fleet) == before
+    before = routing_versions(pg_tenant_host, fleet)
+    with pytest.raises(TenantConfigError, match=r"database server 'main': .*none of the master keys"):
+        rotate_secret_key(pg_tenant_host)
+    assert routing_versions(pg_tenant_host, fleet) == before
     use_keys(monkeypatch, KEY_A)
-    assert whoami(pg_host, fleet[0]) == f'tenant_{fleet[0]}'
+    assert whoami(pg_tenant_host, fleet[0]) == f'tenant_{fleet[0]}'
 
 
-def test_cli_rotates_and_says_when_the_old_key_can_go(pg_host, fleet, monkeypatch, capsys):
+@pytest.mark.postgres
+def test_cli_rotates_and_says_when_the_old_key_can_go(pg_tenant_host, fleet, monkeypatch, capsys):
     use_keys(monkeypatch, KEY_B, KEY_A)
     def server_down(action, step):
         if (action, step) == ('rotate', 'locked'): raise Crash('server down')

@@ -8,18 +8,11 @@ from fasthtml.common import Beforeware, FastHTML, RedirectResponse
 from starlette.applications import Starlette
 
 from fh_saas import stripe_webhooks as sw
-from fh_saas.db_host import HostDatabase, PricingPlan, TenantCatalog
+from fh_saas.db_host import PricingPlan, TenantCatalog
+from pgserver import wait_for
 from stripe_helpers import OLD_SECRET, SECRET, ServedApp, event, sign, subscription
 
 T0 = 1_760_000_000
-
-
-@pytest.fixture
-def pg_host(pg_url):
-    db = HostDatabase(pg_url)
-    yield db
-    db.close()
-    HostDatabase.reset_instance()
 
 
 def served(host_db, app=None):
@@ -70,22 +63,24 @@ def test_every_bad_delivery_is_400_and_stores_nothing(endpoint):
     assert post(good, secret=OLD_SECRET).json() == dict(status="processed", duplicate=False)
 
 
-def test_endpoint_is_outside_login_beforeware(pg_host):
-    pg_host.tenants.insert(TenantCatalog(id="acme", name="Acme"))
+@pytest.mark.postgres
+def test_endpoint_is_outside_login_beforeware(pg_host_db):
+    pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
     app = FastHTML(secret_key="test-only", before=Beforeware(lambda req, sess: RedirectResponse("/login", status_code=303)))
     @app.get("/")
     def home(): return "private"
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
-    with served(pg_host, app) as srv, httpx.Client(base_url=srv.url) as http:
+    with served(pg_host_db, app) as srv, httpx.Client(base_url=srv.url) as http:
         assert http.get("/", follow_redirects=False).status_code == 303
         r = http.post("/stripe/webhook", content=body, headers={"Stripe-Signature": sign(body)})
-    assert r.status_code == 200 and pg_host.subscriptions()[0].status == "active"
+    assert r.status_code == 200 and pg_host_db.subscriptions()[0].status == "active"
 
 
-def test_no_secret_no_endpoint(pg_host, monkeypatch):
+@pytest.mark.postgres
+def test_no_secret_no_endpoint(pg_host_db, monkeypatch):
     monkeypatch.delenv("STRIPE_WEBHOOK_SECRET", raising=False)
     for secrets in ([], None, "", [" "]):
-        with pytest.raises(ValueError): sw.add_stripe_webhook(Starlette(), pg_host, secrets=secrets)
+        with pytest.raises(ValueError): sw.add_stripe_webhook(Starlette(), pg_host_db, secrets=secrets)
 
 
 def test_subscription_snapshot_and_period_fallback(endpoint):
@@ -189,13 +184,16 @@ def test_customer_updated(endpoint):
 
 
 class FlakyHandler:
-    "Wraps a real handler: runs it (so its writes happen), optionally slowly, then raises on the first `fail` calls."
-    def __init__(self, real, fail=1, delay=0.0): self.real, self.fail, self.delay, self.calls = real, fail, delay, 0
+    """Wraps a real handler: runs it (so its writes happen) and sets `entered`, calls `hold()` if given (its locks still
+    held), then raises on the first `fail` calls."""
+    def __init__(self, real, fail=1, hold=None):
+        self.real, self.fail, self.hold, self.calls, self.entered = real, fail, hold, 0, threading.Event()
 
     def __call__(self, host_db, conn, event):
         self.calls += 1
         out = self.real(host_db, conn, event)
-        time.sleep(self.delay)
+        self.entered.set()
+        if self.hold: self.hold()
         if self.calls <= self.fail: raise RuntimeError("ledger service down; api key sk_live_abc123 leaked into message")
         return out
 
@@ -217,75 +215,77 @@ def test_failure_rolls_back_records_and_retry_applies(endpoint, monkeypatch):
     assert (host_db.subscriptions.count, host_db.audit_logs.count, flaky.calls) == (1, 1, 2)
 
 
-def parallel(*calls):
-    "Run `calls` in threads started together; their results in order."
-    out, start = [None] * len(calls), threading.Barrier(len(calls))
-    def run(i):
-        start.wait()
-        out[i] = calls[i]()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads: t.start()
-    for t in threads: t.join(30)
-    return out
+def lock_waits(host_db, n=1):
+    "A `hold`: return once `n` sessions of `host_db`'s database wait for a lock (at most 10 s), i.e. queue behind ours."
+    q = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    def waiting():
+        with host_db.engine.connect() as c: return c.exec_driver_sql(q).scalar() >= n
+    return lambda: wait_for(waiting, 10)
 
 
 @pytest.fixture
-def pg_endpoint(pg_host):
-    pg_host.tenants.insert(TenantCatalog(id="acme", name="Acme"))
-    with served(pg_host) as srv:
+def pg_endpoint(pg_host_db):
+    pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
+    with served(pg_host_db) as srv:
         def post(body):
             with httpx.Client(base_url=srv.url, timeout=30) as http:
                 return http.post("/stripe/webhook", content=body, headers={"Stripe-Signature": sign(body)})
-        yield pg_host, post
+        yield pg_host_db, post
 
 
-def test_simultaneous_duplicates_apply_once(pg_endpoint, monkeypatch):
+@pytest.mark.postgres
+def test_simultaneous_duplicates_apply_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
-    slow = FlakyHandler(sw.on_subscription, fail=0, delay=0.3)
+    slow = FlakyHandler(sw.on_subscription, fail=0, hold=lock_waits(host_db, 3))
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", slow)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
-    res = parallel(*[lambda: post(body)] * 4)
+    res = race([lambda: post(body)] * 4)
     assert sorted(r.json()["duplicate"] for r in res) == [False, True, True, True]
     assert (slow.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (1, 1, 1)
 
 
-def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, monkeypatch):
+@pytest.mark.postgres
+def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monkeypatch):
     host_db, post = pg_endpoint
-    flaky = FlakyHandler(sw.on_subscription, fail=1, delay=0.3)
+    flaky = FlakyHandler(sw.on_subscription, fail=1)
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
     assert post(body).status_code == 500
-    res = parallel(lambda: post(body), lambda: post(body))
+    flaky.hold = lock_waits(host_db)
+    res = race([lambda: post(body)] * 2)
     assert sorted((r.status_code, r.json()["duplicate"]) for r in res) == [(200, False), (200, True)]
     assert (flaky.calls, host_db.audit_logs.count, inbox(host_db, body).attempts) == (2, 1, 2)
 
 
-def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, monkeypatch):
+@pytest.mark.postgres
+def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race, monkeypatch):
     "Delivery A fails slowly while B waits on the inbox's unique index; B applies after A rolls back; A's failure record must not clobber it."
     host_db, post = pg_endpoint
-    flaky = FlakyHandler(sw.on_subscription, fail=1, delay=0.4)
+    flaky = FlakyHandler(sw.on_subscription, fail=1, hold=lock_waits(host_db))   # B behind A; then A's record behind B
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
-    res = parallel(lambda: post(body), lambda: (time.sleep(0.15), post(body))[1])
+    res = race([lambda: post(body), lambda: (flaky.entered.wait(10), post(body))[1]])
     assert sorted(r.status_code for r in res) == [200, 500]
     row = inbox(host_db, body)
     assert (row.status, row.attempts, row.last_error, flaky.calls) == ("processed", 1, None, 2)
     assert (host_db.subscriptions()[0].status, host_db.audit_logs.count) == ("active", 1)
 
 
-def test_replay_failed(pg_host, monkeypatch):
-    pg_host.tenants.insert(TenantCatalog(id="acme", name="Acme"))
+@pytest.mark.postgres
+def test_replay_failed(pg_host_db, monkeypatch):
+    pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.updated", FlakyHandler(sw.on_subscription, fail=3))
     bodies = [event("customer.subscription.updated", subscription("sub_1", s, T0 + i, "acme"), T0 + i)
               for i, s in enumerate(("trialing", "active", "past_due"))]
     for b in bodies:
-        with pytest.raises(RuntimeError): sw.apply_event(pg_host, json.loads(b), b)
-    assert pg_host.webhook_events.count == 3 and pg_host.subscriptions.count == 0
-    assert sw.replay_failed(pg_host) == dict(processed=3)
-    assert sw.replay_failed(pg_host) == {}
-    sub = pg_host.subscriptions()[0]
+        with pytest.raises(RuntimeError): sw.apply_event(pg_host_db, json.loads(b), b)
+    assert pg_host_db.webhook_events.count == 3 and pg_host_db.subscriptions.count == 0
+    assert sw.replay_failed(pg_host_db) == dict(processed=3)
+    assert sw.replay_failed(pg_host_db) == {}
+    sub = pg_host_db.subscriptions()[0]
     assert (sub.status, sub.last_event_id) == ("past_due", json.loads(bodies[-1])["id"])
-    with pg_host.transaction(), pytest.raises(RuntimeError, match="outside"): sw.apply_event(pg_host, json.loads(bodies[0]), bodies[0])
+    with pg_host_db.transaction(), pytest.raises(RuntimeError, match="outside"):
+        sw.apply_event(pg_host_db, json.loads(bodies[0]), bodies[0])
 
 
 def storm_events(n_subs=50, per_sub=40, seed=7):
@@ -329,11 +329,12 @@ def expected_state(events):
     return state
 
 
-def test_storm_2000_events_8_clients(pg_host):
+@pytest.mark.postgres
+def test_storm_2000_events_8_clients(pg_host_db):
     events = storm_events()
     assert len(events) == 2000
-    with pg_host.transaction():
-        for s in range(50): pg_host.tenants.insert(TenantCatalog(id=f"t{s:02d}", name=f"Tenant {s}"))
+    with pg_host_db.transaction():
+        for s in range(50): pg_host_db.tenants.insert(TenantCatalog(id=f"t{s:02d}", name=f"Tenant {s}"))
     rng = random.Random(11)
     deliveries = events + rng.sample(events, 600)
     rng.shuffle(deliveries)
@@ -346,43 +347,44 @@ def test_storm_2000_events_8_clients(pg_host):
                 except queue.Empty: return
                 r = http.post("/stripe/webhook", content=body, headers={"Stripe-Signature": sign(body)})
                 results[(r.status_code, r.json().get("duplicate"))] += 1
-    with served(pg_host) as srv:
+    with served(pg_host_db) as srv:
         threads = [threading.Thread(target=client) for _ in range(8)]
         for t in threads: t.start()
         for t in threads: t.join(120)
     assert results == {(200, False): 2000, (200, True): 600}
 
     rows = {r.stripe_sub_id: (r.status, r.stripe_price_id, r.amount_cents, r.cancel_at_period_end, r.stripe_cust_id, r.last_event_id)
-            for r in pg_host.subscriptions()}
+            for r in pg_host_db.subscriptions()}
     assert rows == expected_state(events)
-    inbox_rows = pg_host.q("SELECT event_id, status, attempts FROM core_stripe_webhook_events")
+    inbox_rows = pg_host_db.q("SELECT event_id, status, attempts FROM core_stripe_webhook_events")
     assert len(inbox_rows) == 2000 and {r["attempts"] for r in inbox_rows} == {1}
     statuses = Counter(r["status"] for r in inbox_rows)
     assert set(statuses) <= {"processed", "skipped_out_of_order", "skipped_superseded"} and statuses["processed"] >= 350 + 50
-    assert pg_host.q("SELECT count(*) AS n FROM core_stripe_customers") == [dict(n=50)]
-    effects = Counter(json.loads(a.details)["event_id"] for a in pg_host.audit_logs())
+    assert pg_host_db.q("SELECT count(*) AS n FROM core_stripe_customers") == [dict(n=50)]
+    effects = Counter(json.loads(a.details)["event_id"] for a in pg_host_db.audit_logs())
     processed = {r["event_id"] for r in inbox_rows if r["status"] == "processed"}
     assert set(effects) == processed and set(effects.values()) == {1}
     # each subscription's applied events are a strictly increasing sequence ending in its last event
-    applied = pg_host.q("""SELECT w.object_id, w.event_created FROM core_stripe_webhook_events w
+    applied = pg_host_db.q("""SELECT w.object_id, w.event_created FROM core_stripe_webhook_events w
                            WHERE w.status = 'processed' AND w.event_type LIKE 'customer.subscription.%'""")
     assert len(applied) == len({(a["object_id"], a["event_created"]) for a in applied})
 
 
-def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, monkeypatch):
+@pytest.mark.postgres
+def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, race, monkeypatch):
     """The Checkout completion holds its locks for a while; the subscription's creation arrives meanwhile. Both take
     the subscription row and the customer mapping: in different orders they would deadlock (one 500)."""
     host_db, post = pg_endpoint
-    real = sw.link_customer
+    real, linked, hold = sw.link_customer, threading.Event(), lock_waits(host_db)
     def slow_link(*args):
         real(*args)
-        time.sleep(0.4)
+        if not linked.is_set(): linked.set(); hold()  # the first link keeps its locks until the creation waits
     monkeypatch.setattr(sw, "link_customer", slow_link)
     session = dict(id="cs_1", object="checkout.session", mode="subscription", subscription="sub_1", customer="cus_1",
                    client_reference_id="acme", payment_status="paid")
     checkout = event("checkout.session.completed", session, T0)
     created = event("customer.subscription.created", subscription("sub_1", "trialing", T0, "acme"), T0)
-    res = parallel(lambda: post(checkout), lambda: (time.sleep(0.15), post(created))[1])
+    res = race([lambda: post(checkout), lambda: (linked.wait(10), post(created))[1]])
     assert [r.status_code for r in res] == [200, 200]
     assert {(e.event_type, e.status, e.attempts) for e in host_db.webhook_events()} == {
         ("checkout.session.completed", "processed", 1), ("customer.subscription.created", "processed", 1)}

@@ -40,7 +40,7 @@ class TenantDatabases:
             for url in self.urls.values(): self.pg.drop_database(url)
 
 
-@pytest.fixture(params=['sqlite', 'postgresql'])
+@pytest.fixture(params=['sqlite', pytest.param('postgresql', marks=pytest.mark.postgres)])
 def tdbs(request, tmp_path):
     pg = request.getfixturevalue('pg_server') if request.param == 'postgresql' else None
     dbs = TenantDatabases(request.param, tmp_path, pg)
@@ -134,31 +134,37 @@ def test_sqlite_engine_without_begin_immediate_is_refused(tmp_path):
 
 # --- concurrency ---------------------------------------------------------------------------------
 
-def test_two_threads_migrating_one_database_apply_each_step_once(tdbs):
+LOCK_WAITS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+              " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+"Sessions of this PostgreSQL database waiting for an advisory lock (the migration lock)."
+
+def test_two_threads_migrating_one_database_apply_each_step_once(tdbs, race):
     url = tdbs.new('race')
     migrate_database(tdbs.engine(url))
-    calls, entered = [], threading.Semaphore(0)
+    calls, locking = [], threading.Semaphore(0)
 
     def slow_step(conn):
         calls.append(threading.get_ident())
-        for _ in range(2): assert entered.acquire(timeout=30)
-        time.sleep(0.3)  # the other thread is now waiting for the lock
+        for _ in range(2): assert locking.acquire(timeout=30)  # ours took the lock; the other thread is taking it
+        if conn.dialect.name == 'postgresql': wait_for(lambda: conn.exec_driver_sql(LOCK_WAITS).scalar(), 30)
         conn.exec_driver_sql('CREATE TABLE notes (id INTEGER PRIMARY KEY)')
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'notes', slow_step)])
-    results, errors = [], []
+
+    def taking_the_lock(conn, cursor, statement, *args):
+        if statement.startswith('BEGIN IMMEDIATE') or 'pg_advisory_xact_lock' in statement: locking.release()
 
     def run():
         eng = tdbs.engine(url)
-        entered.release()
-        try: results.append(migrate_database(eng, schema))
-        except Exception as e: errors.append(e)
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads: t.start()
-    for t in threads: t.join(30)
+        sa.event.listen(eng, 'before_cursor_execute', taking_the_lock)
+        return migrate_database(eng, schema)
+    outcomes = race([run, run], catch=Exception)
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    results = [o for o in outcomes if o not in errors]
     assert errors == [] and results == [4, 4] and len(calls) == 1
     assert history(tdbs.engine(url))[-1] == (4, 'notes')
 
 
+@pytest.mark.postgres
 def test_busy_tenant_fails_fast_and_unchanged_on_postgresql(pg_url):
     "ALTER TABLE behind an open transaction: the migration gives up after lock_timeout instead of stalling the tenant."
     eng = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
@@ -187,14 +193,12 @@ CHILD = textwrap.dedent("""
         if mode == 'crash':
             (work/'ddl-done').touch()
             time.sleep(60)
-        deadline = time.monotonic() + 30
-        while len(list(work.glob('started-*'))) < 2 and time.monotonic() < deadline: time.sleep(0.01)
-        time.sleep(0.3)  # the other process is now waiting for the lock
+        deadline = time.monotonic() + 30   # until the other process waits for the migration lock
+        while not conn.exec_driver_sql(sys.argv[3]).scalar() and time.monotonic() < deadline: time.sleep(0.01)
 
     engine = make_engine(os.environ['TENANT_URL'])
     (work/f'ready-{os.getpid()}').touch()
     while not (work/'go').exists(): time.sleep(0.01)
-    (work/f'started-{os.getpid()}').touch()
     t0 = time.monotonic()
     v = migrate_database(engine, TenantSchema([*core_migrations, TenantMigration(4, 'notes', step)]))
     print(v, t0, time.monotonic())
@@ -203,9 +207,11 @@ CHILD = textwrap.dedent("""
 
 def spawn(mode, url, work):
     env = dict(os.environ, TENANT_URL=url, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-    return subprocess.Popen([sys.executable, '-c', CHILD, mode, str(work)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, '-c', CHILD, mode, str(work), LOCK_WAITS], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize('tdbs', ['postgresql'], indirect=True)
 def test_two_processes_migrating_one_database_apply_each_step_once(tdbs, tmp_path):
     url = tdbs.new('procs')
@@ -320,7 +326,7 @@ def test_fleet_concurrency_is_bounded(host_db, fleet):
 
     def tracked(conn):
         with lock: active[0] += 1; peak[0] = max(peak[0], active[0])
-        time.sleep(0.1)
+        time.sleep(0.1)  # long enough for the runs to overlap
         with lock: active[0] -= 1
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'tracked', tracked)])
     assert len(migrate_fleet(host_db, fleet.engine, concurrency=2, schema=schema).migrated) == 3
@@ -333,7 +339,7 @@ def test_two_fleet_runs_at_once_apply_each_step_once(host_db, fleet):
 
     def counted(conn):
         with lock: applied.append(conn.engine.url.database)
-        time.sleep(0.05)
+        time.sleep(0.05)  # keeps both fleet runs busy at once
     schema = TenantSchema([*core_migrations, TenantMigration(4, 'counted', counted)])
     reports = [None, None]
     def run(i): reports[i] = migrate_fleet(host_db, fleet.engine, concurrency=2, schema=schema)
@@ -366,6 +372,7 @@ def test_fleet_argument_errors(host_db, fleet):
 
 # --- provisioning from a template ----------------------------------------------------------------
 
+@pytest.mark.postgres
 def test_tenants_copied_from_the_template_are_born_migrated(pg_server):
     tpl_url = pg_server.create_database('tpl')
     tpl = make_engine(tpl_url)

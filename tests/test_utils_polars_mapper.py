@@ -2,6 +2,7 @@
 import threading
 from datetime import date, datetime, timezone
 from decimal import Decimal
+from functools import partial
 
 import polars as pl
 import pytest
@@ -29,7 +30,7 @@ def empty_pg_url(shared_pg_url):
     return shared_pg_url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request):
     "An empty database URL on each backend."
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "empty_pg_url")
@@ -93,6 +94,7 @@ def test_key_only_frame_inserts_missing_rows(db_url, engine):
     assert rows(engine, "ids") == [(1,), (2,), (3,)]
 
 
+@pytest.mark.postgres
 def test_auto_created_table_types(empty_pg_url):
     df = pl.DataFrame(dict(id=[1], small=pl.Series([1], dtype=pl.Int16), x=[1.5], ok=[True], name=["n"],
                            day=[date(2026, 1, 2)], at=[datetime(2026, 1, 2, tzinfo=timezone.utc)], doc=[dict(a=1)],
@@ -160,7 +162,7 @@ def seed(engine):
     return rows(engine, "stock")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def stock(request, tmp_path):
     "(url, engine, rows before) of a database holding the seeded `stock` table."
     url = f"sqlite:///{tmp_path/'stock.db'}" if request.param == "sqlite" else request.getfixturevalue("empty_pg_url")
@@ -202,6 +204,7 @@ def test_failure_in_the_database_rolls_back_every_row(stock):
     assert rows(engine, "stock") == before
 
 
+@pytest.mark.postgres
 def test_copy_rejects_a_value_the_column_cannot_hold(empty_pg_url):
     engine = make_engine(empty_pg_url)
     try:
@@ -246,6 +249,7 @@ def connections_to(pg_server, url):
                                  (sa.make_url(url).database,)).scalar()
 
 
+@pytest.mark.postgres
 def test_engines_are_reused(pg_server, pg_url):
     for i in range(50): map_and_upsert([dict(id=i % 7, v=i)], "calls", "id", pg_url)
     assert connections_to(pg_server, pg_url) == 1
@@ -260,15 +264,9 @@ def test_engines_are_reused(pg_server, pg_url):
     assert len(mapper._engines) == 1
 
 
-def test_concurrent_first_writes_create_the_table_once(db_url, engine):
-    barrier, errors = threading.Barrier(4), []
-
-    def work(t):
-        barrier.wait()
-        try: map_and_upsert([dict(id=t, v=str(t))], "raced", "id", db_url)
-        except Exception as e: errors.append(e)
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads: t.start()
-    for t in threads: t.join()
+def test_concurrent_first_writes_create_the_table_once(db_url, engine, race):
+    outcomes = race([partial(map_and_upsert, [dict(id=t, v=str(t))], "raced", "id", db_url) for t in range(4)],
+                    catch=Exception)
+    errors = [o for o in outcomes if isinstance(o, Exception)]
     assert errors == []
     assert rows(engine, "raced") == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
