@@ -1,7 +1,10 @@
 "The beforeware through a real FastHTML app: every refusal, on the very next request, for browsers, htmx and API clients.\n\nSQLite host: resolution is backend-neutral; the concurrency tests run on PostgreSQL."
 
+from datetime import datetime, timezone
+
 import pytest
 
+from fh_saas import rate_limits
 from fh_saas.api_keys import create_api_key, revoke_api_key
 from fh_saas.memberships import remove_member
 from auth_helpers import make_world
@@ -122,7 +125,9 @@ def test_publishable_keys_only_on_publishable_paths(world):
     assert c.get('/api/notes', headers={'X-API-Key': pk}).status_code == 403
 
 
-def test_rate_limit_per_tenant_429_with_retry_after(world):
+def test_rate_limit_per_tenant_429_with_retry_after(world, monkeypatch):
+    at = datetime(2026, 1, 1, 12, 0, 10, tzinfo=timezone.utc)   # ten seconds into a window, so all six fall in it
+    monkeypatch.setattr(rate_limits, 'utcnow', lambda: at)
     a1, _ = create_api_key(world.host_db, 'acme', 'ann', 'a1')
     a2, _ = create_api_key(world.host_db, 'acme', 'bob', 'a2')
     g, _ = create_api_key(world.host_db, 'globex', 'bob', 'g')
@@ -130,7 +135,7 @@ def test_rate_limit_per_tenant_429_with_retry_after(world):
     codes = [c.get('/api/notes', headers={'X-API-Key': k}).status_code for k in (a1, a2, a1, a2, a1)]
     assert codes == [200] * 5
     r = c.get('/api/notes', headers={'X-API-Key': a2})
-    assert r.status_code == 429 and 1 <= int(r.headers['retry-after']) <= 60 and r.json()['error'] == 'rate_limited'
+    assert r.status_code == 429 and r.headers['retry-after'] == '50' and r.json()['error'] == 'rate_limited'
     assert c.get('/api/notes', headers={'X-API-Key': g}).status_code == 200
 
 

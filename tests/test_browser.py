@@ -8,7 +8,7 @@ stand-in: the owner of a free tenant chooses Pro, pays on the stand-in's hosted 
 Stripe sends next, delivered over HTTP to the demo's webhook, unlock the Pro feature. Screenshots of every page are
 saved to test-artifacts/ on failure.
 """
-import json, os, re, shutil, subprocess, sys, time
+import json, os, re, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,14 +16,13 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
+from browser_helpers import chromium, screenshots_on_failure, sign_up
 from pgserver import free_port
 from stripe_helpers import SECRET, ServedApp, sign
 from stripe_standin import FakeStripe
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 DEMO_EMAIL, DEMO_PASSWORD = "demo@example.com", "demo password 1234"
 
 
@@ -72,33 +71,7 @@ def paid_demo(tmp_path_factory, stripe_standin):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield b
-        b.close()
-
-
-@contextmanager
-def screenshots_on_failure(name, **pages):
-    "Save a full-page screenshot of each page when the block fails."
-    try: yield
-    except BaseException:
-        ARTIFACTS.mkdir(exist_ok=True)
-        for who, page in pages.items():
-            try: page.screenshot(path=str(ARTIFACTS / f"{name}-{who}.png"), full_page=True)
-            except Exception: pass
-        raise
-
-
-def sign_up(page, base, email, password, name, company=None):
-    page.goto(f"{base}/signup")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", password)
-    page.fill("input[name=name]", name)
-    if company: page.fill("input[name=company]", company)
-    page.click("button:has-text('Create account')")
+    with chromium() as b: yield b
 
 
 def log_in(page, base, email, password):
