@@ -64,7 +64,7 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
     saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
                 mailer, stripe, base_url, brand, home, list(app_nav), dev=dev)
-    app.state.host_db = host_db   # billing's route guards count quotas here
+    app.state.host_db, app.state.saas = host_db, saas   # guards count quotas there, and refuse in the app's layout
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()

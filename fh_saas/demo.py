@@ -24,6 +24,7 @@ from .db_host import HostDatabase, GlobalUser, Subscription
 from .db_tenant import add_db_server, db_servers_t, provision_tenant
 from .memberships import add_member
 from .csrf import csrf_token, csrf_ok
+from .guards import require_role
 from .passwords import hash_password
 from .stripe_billing import stripe_client_from_env, sync_plans
 from .tenant_migrations import register_tenant_migration, tenant_schema
@@ -78,6 +79,8 @@ def _add_projects(app, saas, policy):
                       Tbody(*[Tr(Td(p['name']), Td(p['created_at'][:16].replace('T', ' '))) for p in rows])) if rows else P('No projects yet.', cls='muted')
         form = Form(ui.field('New project', 'name', required=True, maxlength=200), Button('Create'),
                     Hidden(name='csrf', value=csrf_token(auth.session)), method='post', action='/projects', cls='inline')
+        if not auth.roles.at_least(auth.role, 'member'):
+            form = P(f"As a viewer you see {auth.tenant.name}'s projects; ask an admin to make you a member to add one.")
         return saas.page(req, 'Projects', H1('Projects'), ui.card(form), ui.card(table),
                          A('Export CSV (Pro)', href='/projects/export', cls='button secondary'))
 
@@ -93,6 +96,7 @@ def _add_projects(app, saas, policy):
 
     @app.post('/projects')
     @require_feature('projects', policy=policy)
+    @require_role('member')
     def create_project(auth, name: str, csrf: str = ''):
         if not csrf_ok(auth, csrf): return Response('invalid form token: reload the page', status_code=403)
         if name.strip():
