@@ -19,6 +19,7 @@ from .db_tenant import TenantNotFound, TenantUnavailable
 from .dev_mode import DEV_MAIL_PATH, DevOutbox, SaasConfigError, add_dev_mail, dev_policy, is_development
 from .dev_mode import serve_jobs
 from .mail import Mailer, SMTPMailer
+from .memberships import DEFAULT_ROLES, Roles
 from .master_key import secret_key
 from .oauth import add_oauth_routes
 from .pages_account import add_account_routes
@@ -53,7 +54,8 @@ def _master_key_set():
 def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionManager | None = None,
                router: TenantRouter | None = None, mailer: Mailer | None = None, stripe=None, webhook_secrets=None,
                policy: BillingPolicy = BillingPolicy(), base_url: str | None = None, brand: str = 'fh_saas',
-               home: str = '/', app_nav=(), oauth_providers=(), public=(), dev: bool | None = None) -> Saas:
+               home: str = '/', app_nav=(), oauth_providers=(), public=(), dev: bool | None = None,
+               roles: Roles = DEFAULT_ROLES) -> Saas:
     "Mount fh_saas on `app` and return the `Saas` context its pages share."
     dev = is_development() if dev is None else dev
     if sessions is None: _master_key_set()
@@ -72,10 +74,11 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     if oauth_providers: add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
                             access=lambda h, tid: entitlements(h, tid, policy=policy),
-                            tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable))
+                            tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles)
     dev_paths = [DEV_MAIL_PATH] if dev else []
     app.before = [saas_beforeware(resolver, skip=[*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]), *listify(app.before)]
-    for add in (add_account_routes, add_billing_routes, add_admin_routes): add(app, saas)
+    add_account_routes(app, saas, roles=roles)
+    for add in (add_billing_routes, add_admin_routes): add(app, saas)
     if dev:
         if isinstance(mailer, DevOutbox): add_dev_mail(app, saas, mailer, DEV_MAIL_PATH)
         saas.stop_jobs = serve_jobs(app, host_db)

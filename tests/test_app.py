@@ -1,5 +1,7 @@
 """`setup_saas` end to end on a SQLite host file: a route behind billing's guards reads the tenant's billing once per
 request (the beforeware's entitlements), with the app's policy, and counts quotas on the app's own host database."""
+import re
+
 import pytest
 import sqlalchemy as sa
 from fasthtml.common import FastHTML
@@ -9,7 +11,10 @@ from fh_saas.app import setup_saas
 from fh_saas.billing import BillingPolicy, quota_used, require_feature, require_quota, seed_plans
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import provision_tenant
+from fh_saas.guards import require_role
 from fh_saas.mail import MemoryOutbox
+from fh_saas.memberships import Roles, add_member, invite
+from fh_saas.passwords import hash_password
 from fh_saas.sessions import SessionManager
 
 PLANS = [dict(id='pro', name='Pro', features=['exports'], quotas={'exports': 2}),
@@ -86,3 +91,35 @@ def test_the_guards_apply_the_apps_policy(tmp_path, monkeypatch):
         assert quota_used(saas.host_db, 'solo', 'exports') == 1
     finally:
         saas.router.close(); saas.host_db.close(); HostDatabase.reset_instance()
+
+
+def test_an_app_with_its_own_roles_invites_and_guards_with_them(tmp_path, monkeypatch):
+    "A `developer` invited to a tenant of an app whose roles are developer < admin < owner joins as a developer."
+    monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
+    host_db, outbox = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}"), MemoryOutbox()
+    app = FastHTML(default_hdrs=False, secret_key='a' * 48)
+    roles = Roles(('developer', 'admin', 'owner'))
+    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=outbox, webhook_secrets=[],
+                      policy=BillingPolicy(free_plan='free'), base_url='https://app.test', roles=roles)
+    try:
+        @app.post('/deploys')
+        @require_role('developer')
+        def deploy(auth): return f'deployed by a {auth.role}'
+
+        seed_plans(host_db, PLANS)
+        host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
+        bob = host_db.global_users.insert(GlobalUser(email='bob@example.com', password_hash=hash_password('long pw 123')))
+        provision_tenant(host_db, 'acme', 'Acme')
+        add_member(host_db, 'acme', 'ann', 'owner', roles=roles)
+        invite(host_db, 'acme', 'bob@example.com', 'developer', 'ann', outbox, lambda tok: f'https://app.test/invitations/{tok}',
+               roles=roles)
+        link = re.search(r'https://app\.test(/\S+)', outbox.last_to('bob@example.com').get_content()).group(1)
+        cli = TestClient(app, follow_redirects=False, base_url='https://app.test')
+        assert cli.post('/login', data=dict(email='bob@example.com', password='long pw 123')).status_code == 303
+        r = cli.post(f'{link}/accept')
+        assert r.status_code == 303, r.text
+        assert [(m.user_id, m.role) for m in host_db.memberships(where="tenant_id = 'acme'", order_by='role')] == [
+            (bob.id, 'developer'), ('ann', 'owner')]
+        assert cli.post('/deploys').text == 'deployed by a developer'
+    finally:
+        saas.router.close(); host_db.close(); HostDatabase.reset_instance()
