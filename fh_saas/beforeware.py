@@ -126,7 +126,7 @@ def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_pa
     headers = {'Retry-After': str(r.retry_after)} if r.retry_after else {}
     if api:
         if status == 401: headers['WWW-Authenticate'] = 'Bearer'
-        return JSONResponse(dict(error=r.kind, detail=r.detail), status, headers=headers)
+        return JSONResponse(dict(error=dict(code=r.kind, message=r.detail)), status, headers=headers)
     if r.kind in ('unavailable', 'rate_limited'): return Response(r.detail, status, headers=headers, media_type='text/plain')
     if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"  # '//evil.com' must stay a local path
     else: loc = billing_path if r.kind == 'payment_required' else tenants_path

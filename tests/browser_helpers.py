@@ -1,12 +1,40 @@
-"Debian's Chromium driven by Playwright, and the steps every browser test takes."
-import shutil
+"The demo served in its own process, Debian's Chromium driven by Playwright, and the steps every browser test takes."
+import os, shutil, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import pytest
 from playwright.sync_api import sync_playwright
+
+from pgserver import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+
+@contextmanager
+def served_demo(folder, **settings):
+    "`fh-saas demo` in its own process on a fresh SQLite folder, with only `settings` of the DB_/FH_SAAS_/STRIPE_ variables."
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))} | settings
+    log = Path(folder) / "demo.log"   # a file, not a pipe: the mail it prints must never fill a buffer nobody reads
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from fh_saas.cli import main; sys.exit(main())",
+                             "demo", "--folder", str(folder), "--port", str(port)], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/pricing", timeout=2).status_code == 200: break
+        except httpx.TransportError: pass
+        if proc.poll() is not None: pytest.fail(f"the demo exited early:\n{log.read_text()}")
+        time.sleep(0.2)
+    else: pytest.fail("the demo did not start within 60 s")
+    try: yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextmanager

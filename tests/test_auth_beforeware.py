@@ -27,7 +27,7 @@ def test_anonymous_is_sent_to_login_htmx_redirected_and_api_gets_401(world):
     r = c.get('/notes', headers={'HX-Request': 'true'})
     assert r.headers['hx-redirect'] == '/login?next=/notes' and 'location' not in r.headers
     r = c.get('/api/notes')
-    assert (r.status_code, r.json()['error'], r.headers['www-authenticate']) == (401, 'unauthenticated', 'Bearer')
+    assert (r.status_code, r.json()['error']['code'], r.headers['www-authenticate']) == (401, 'unauthenticated', 'Bearer')
     assert world.tenant_dbs.opened == []
 
 
@@ -109,12 +109,12 @@ def test_api_key_dies_with_its_creators_membership(world):
     m = world.host_db.memberships(where="user_id = 'bob' and tenant_id = 'acme'")[0]
     world.host_db.memberships.update(dict(id=m.id, is_active=False))      # the membership ends, the key itself is live
     r = c.get('/api/notes', headers={'X-API-Key': key})
-    assert (r.status_code, r.json()['error']) == (403, 'forbidden')
+    assert (r.status_code, r.json()['error']['code']) == (403, 'forbidden')
     world.host_db.memberships.update(dict(id=m.id, is_active=True))
     remove_member(world.host_db, 'acme', 'bob')                             # revokes the key as well
     world.host_db.memberships.update(dict(id=m.id, is_active=True))
     r = c.get('/api/notes', headers={'X-API-Key': key})
-    assert (r.status_code, r.json()['error']) == (401, 'unauthenticated')
+    assert (r.status_code, r.json()['error']['code']) == (401, 'unauthenticated')
 
 
 def test_publishable_keys_only_on_publishable_paths(world):
@@ -135,7 +135,7 @@ def test_rate_limit_per_tenant_429_with_retry_after(world, monkeypatch):
     codes = [c.get('/api/notes', headers={'X-API-Key': k}).status_code for k in (a1, a2, a1, a2, a1)]
     assert codes == [200] * 5
     r = c.get('/api/notes', headers={'X-API-Key': a2})
-    assert r.status_code == 429 and r.headers['retry-after'] == '50' and r.json()['error'] == 'rate_limited'
+    assert r.status_code == 429 and r.headers['retry-after'] == '50' and r.json()['error']['code'] == 'rate_limited'
     assert c.get('/api/notes', headers={'X-API-Key': g}).status_code == 200
 
 
@@ -143,7 +143,7 @@ def test_blocked_subscription_api_gets_403_json(world):
     key, _ = create_api_key(world.host_db, 'acme', 'ann', 'k')
     world.host_db.q("update core_subscriptions set status = 'canceled' where tenant_id = 'acme'")
     r = world.client().get('/api/notes', headers={'X-API-Key': key})
-    assert (r.status_code, r.json()) == (403, dict(error='payment_required', detail='subscription is canceled'))
+    assert (r.status_code, r.json()) == (403, dict(error=dict(code='payment_required', message='subscription is canceled')))
 
 
 def test_unreachable_tenant_db_is_503(world):

@@ -8,8 +8,7 @@ stand-in: the owner of a free tenant chooses Pro, pays on the stand-in's hosted 
 Stripe sends next, delivered over HTTP to the demo's webhook, unlock the Pro feature. Screenshots of every page are
 saved to test-artifacts/ on failure.
 """
-import json, os, re, subprocess, sys, time
-from contextlib import contextmanager
+import json, re
 from pathlib import Path
 
 import httpx
@@ -18,35 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from playwright.sync_api import expect
 
-from browser_helpers import chromium, screenshots_on_failure, sign_up
-from pgserver import free_port
+from browser_helpers import chromium, screenshots_on_failure, served_demo, sign_up
 from stripe_helpers import SECRET, ServedApp, sign
 from stripe_standin import FakeStripe
 
 DEMO_EMAIL, DEMO_PASSWORD = "demo@example.com", "demo password 1234"
-
-
-@contextmanager
-def served_demo(folder, **settings):
-    "`fh-saas demo` in its own process on a fresh SQLite folder, with only `settings` of the DB_/FH_SAAS_/STRIPE_ variables."
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))} | settings
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from fh_saas.cli import main; sys.exit(main())",
-                             "demo", "--folder", str(folder), "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/pricing", timeout=2).status_code == 200: break
-        except httpx.TransportError: pass
-        if proc.poll() is not None: pytest.fail(f"the demo exited early:\n{proc.stdout.read()}")
-        time.sleep(0.2)
-    else: pytest.fail("the demo did not start within 60 s")
-    try: yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,9 @@ def served_readme_app(folder: Path):
     "`python app.py` from the README, as its instructions say, in `folder`, on a free port."
     (folder / 'app.py').write_text(dict(python_blocks())['app.py'])
     port = free_port()
+    log = folder / 'app.log'   # a file, not a pipe: the mail it prints must never fill a buffer nobody reads
     proc = subprocess.Popen([sys.executable, 'app.py'], cwd=folder, env=fresh_env(PORT=str(port)), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log.open('w'), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -59,7 +60,7 @@ def served_readme_app(folder: Path):
             try:
                 if httpx.get(f"{base}/login", timeout=2).status_code == 200: break
             except httpx.TransportError: pass
-            if proc.poll() is not None: pytest.fail(f"app.py exited early:\n{proc.stdout.read()}")
+            if proc.poll() is not None: pytest.fail(f"app.py exited early:\n{log.read_text()}")
             time.sleep(0.2)
         else: pytest.fail("app.py did not start within 60 s")
         yield base, proc
