@@ -73,7 +73,8 @@ def create_api_key(host_db: HostDatabase, tenant_id: str, created_by: str, name:
                   secret_hash=hash_token(secret), created_at=timestamp())
     with host_db.transaction() as conn:
         conn.execute(api_keys_t.insert().values(**values))
-        audit(host_db, 'api_key.created', target_id=key_id, tenant_id=tenant_id, details=dict(name=name, kind=kind, mode=mode))
+        audit(host_db, 'api_key.created', target_id=key_id, tenant_id=tenant_id,
+              details=dict(name=name, kind=kind, mode=mode))
         row = conn.execute(sa.select(api_keys_t).where(api_keys_t.c.key_id == key_id)).mappings().one()
     return f'{_PREFIX[kind]}_{mode}_{key_id}_{secret}', _record(row)
 
@@ -94,7 +95,8 @@ def list_api_keys(host_db: HostDatabase, tenant_id: str) -> list[ApiKey]:
         return [_record(r) for r in rows]
 
 # %% ../nbs/24_api_keys.ipynb #38282c34
-def verify_api_key(host_db: HostDatabase, raw: str | None, now=None, touch_every: timedelta = timedelta(minutes=1)) -> ApiKey | None:
+def verify_api_key(host_db: HostDatabase, raw: str | None, now=None,
+                   touch_every: timedelta = timedelta(minutes=1)) -> ApiKey | None:
     "The live (unrevoked) key `raw` names, if its secret matches; None otherwise."
     if (p := parse_api_key(raw)) is None: return None
     now, k = now or utcnow(), api_keys_t.c

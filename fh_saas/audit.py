@@ -32,7 +32,8 @@ class AuditContext:
     ip_address: str | None = None
     user_agent: str | None = None
 
-_audit_ctx: ContextVar[AuditContext] = ContextVar('fh_saas_audit_ctx', default=AuditContext())
+# AuditContext is frozen, so the shared default cannot be mutated (B039 cannot tell)
+_audit_ctx: ContextVar[AuditContext] = ContextVar('fh_saas_audit_ctx', default=AuditContext())  # noqa: B039
 
 def current_audit_context() -> AuditContext:
     "The context bound for the current request or job."
@@ -51,7 +52,8 @@ def bind_audit_context(**fields) -> AuditContext:
     return _audit_ctx.get()
 
 # %% ../nbs/05_audit.ipynb #b0f9f9f5
-_SECRET_KEY = re.compile(r'pass(word)?|secret|token|api_?key|authorization|cookie|session|signature|card|cvc|iban', re.I)
+_SECRET_KEY = re.compile(r'pass(word)?|secret|token|api_?key|authorization|cookie|session|signature|card|cvc|iban',
+                         re.I)
 
 def redact(value):
     "`value` with every credential-looking key's value replaced by `'[redacted]'`, recursively."
@@ -150,8 +152,9 @@ def _parse_cursor(cursor: str) -> tuple[str, str]:
     return created, row_id
 
 def audit_events(host_db: HostDatabase, tenant_id: str | None = None, actor: str | None = None,
-                 event_type: str | None = None, since: datetime | str | None = None, until: datetime | str | None = None,
-                 limit: int = 100, before: str | None = None, archived: bool = False) -> list[HostAuditLog]:
+                 event_type: str | None = None, since: datetime | str | None = None,
+                 until: datetime | str | None = None, limit: int = 100, before: str | None = None,
+                 archived: bool = False) -> list[HostAuditLog]:
     "Audit rows matching every given filter, newest first, at most `limit`, after the `before` cursor."
     if not 1 <= limit <= 1000: raise ValueError("limit must be between 1 and 1000")
     t = archive_t if archived else audit_t
@@ -159,7 +162,8 @@ def audit_events(host_db: HostDatabase, tenant_id: str | None = None, actor: str
     if tenant_id is not None: conds.append(c.tenant_id == tenant_id)
     if actor is not None: conds.append(c.actor_user_id == actor)
     if event_type is not None:
-        conds.append(c.event_type.startswith(event_type, autoescape=True) if event_type.endswith('.') else c.event_type == event_type)
+        conds.append(c.event_type.startswith(event_type, autoescape=True) if event_type.endswith('.')
+                     else c.event_type == event_type)
     if since is not None: conds.append(c.created_at >= timestamp(as_utc(since)))
     if until is not None: conds.append(c.created_at < timestamp(as_utc(until)))
     if before is not None:

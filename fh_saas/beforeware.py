@@ -29,7 +29,8 @@ from .memberships import Roles, DEFAULT_ROLES
 # %% ../nbs/28_beforeware.ipynb #f99792cf
 @dataclass(frozen=True)
 class AuthContext:
-    "Who is asking, in which tenant, with what role, the tenant database to use, and billing's verdict with the entitlements it grants."
+    """Who is asking, in which tenant, with what role, the tenant database to use, and billing's verdict with the
+    entitlements it grants."""
     user: GlobalUser
     tenant_id: str | None = None
     tenant: TenantCatalog | None = None
@@ -51,7 +52,8 @@ class AuthContext:
 
 @dataclass(frozen=True)
 class Refusal:
-    "Why a request was refused: `kind` is unauthenticated, no_tenant, forbidden, payment_required, rate_limited or unavailable."
+    """Why a request was refused: `kind` is unauthenticated, no_tenant, forbidden, payment_required, rate_limited or
+    unavailable."""
     kind: str; detail: str; retry_after: int | None = None
 
 # %% ../nbs/28_beforeware.ipynb #4774a79c
@@ -70,8 +72,9 @@ def _tenant_usable(t: TenantCatalog | None) -> bool:
 class AuthResolver:
     "Turn a request into an `AuthContext` or a `Refusal`, reading every fact from the host database."
     def __init__(self, host_db: HostDatabase, sessions: SessionManager, tenant_db: Callable[[str], Any] | None = None,
-                 access: Callable[[HostDatabase, str], Any] | None = None, *, tenantless=(r'/tenants.*', r'/account.*', r'/logout'),
-                 access_exempt=(r'/billing.*',), api=(r'/api/.*',), publishable=(), rate_limit: RateLimit | None = None,
+                 access: Callable[[HostDatabase, str], Any] | None = None, *,
+                 tenantless=(r'/tenants.*', r'/account.*', r'/logout'), access_exempt=(r'/billing.*',),
+                 api=(r'/api/.*',), publishable=(), rate_limit: RateLimit | None = None,
                  unavailable: tuple[type[Exception], ...] = (), roles: Roles = DEFAULT_ROLES):
         self.host_db, self.sessions, self.tenant_db, self.access = host_db, sessions, tenant_db, access
         self.tenantless, self.access_exempt, self.api, self.publishable = tenantless, access_exempt, api, publishable
@@ -85,7 +88,8 @@ class AuthResolver:
         "The request's `AuthContext`, or why it is refused."
         path, raw_key, session, key = req.url.path, api_key_from_headers(req.headers), None, None
         if raw_key is not None:
-            if (key := verify_api_key(self.host_db, raw_key)) is None: return Refusal('unauthenticated', 'invalid or revoked API key')
+            if (key := verify_api_key(self.host_db, raw_key)) is None:
+                return Refusal('unauthenticated', 'invalid or revoked API key')
             if key.kind == 'publishable' and not any(re.fullmatch(p, path) for p in self.publishable):
                 return Refusal('forbidden', 'a publishable key cannot call this endpoint')
             user_id, tenant_id, impersonator_id = key.created_by, key.tenant_id, None
@@ -96,13 +100,15 @@ class AuthResolver:
         with self.host_db.transaction() as conn:
             user = _row(conn, users_t, GlobalUser, users_t.c.id == user_id)
             impersonator = impersonator_id and _row(conn, users_t, GlobalUser, users_t.c.id == impersonator_id)
-            if not (user and user.is_active) or (impersonator_id and not (impersonator and impersonator.is_active and impersonator.is_sys_admin)):
+            if not (user and user.is_active) or (impersonator_id and not (impersonator and impersonator.is_active
+                                                                          and impersonator.is_sys_admin)):
                 return Refusal('unauthenticated', 'this account is disabled')
             base = dict(user=user, impersonator=impersonator or None, session=session, roles=self.roles,
                         api_key_id=key and key.key_id, mode=key and key.mode)
             if key is None and any(re.fullmatch(p, path) for p in self.tenantless): return AuthContext(**base)
             if tenant_id is None: return Refusal('no_tenant', 'choose a tenant first')
-            m = _row(conn, memberships_t, Membership, memberships_t.c.user_id == user_id, memberships_t.c.tenant_id == tenant_id)
+            m = _row(conn, memberships_t, Membership, memberships_t.c.user_id == user_id,
+                     memberships_t.c.tenant_id == tenant_id)
             tenant = _row(conn, tenants_t, TenantCatalog, tenants_t.c.id == tenant_id)
         if not (m and m.is_active): return Refusal('forbidden', 'you are not a member of this tenant')
         if not _tenant_usable(tenant): return Refusal('forbidden', 'this tenant is not active')
@@ -118,17 +124,21 @@ class AuthResolver:
                            access=None if ents is None else ents.access, entitlements=ents)
 
 # %% ../nbs/28_beforeware.ipynb #f4e0ee4e
-_STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=403, rate_limited=429, unavailable=503)
+_STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=403, rate_limited=429,
+               unavailable=503)
 
-def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_path='/tenants', billing_path='/billing') -> Response:
+def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_path='/tenants',
+                     billing_path='/billing') -> Response:
     "The response for a refused request: JSON for API calls, `HX-Redirect` for htmx, else a 303 redirect."
     status = _STATUS[r.kind]
     headers = {'Retry-After': str(r.retry_after)} if r.retry_after else {}
     if api:
         if status == 401: headers['WWW-Authenticate'] = 'Bearer'
         return JSONResponse(dict(error=dict(code=r.kind, message=r.detail)), status, headers=headers)
-    if r.kind in ('unavailable', 'rate_limited'): return Response(r.detail, status, headers=headers, media_type='text/plain')
-    if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"  # '//evil.com' must stay a local path
+    if r.kind in ('unavailable', 'rate_limited'):
+        return Response(r.detail, status, headers=headers, media_type='text/plain')
+    # '//evil.com' must stay a local path
+    if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"
     else: loc = billing_path if r.kind == 'payment_required' else tenants_path
     if req.headers.get('hx-request') == 'true': return Response(status_code=200, headers={'HX-Redirect': loc})
     return RedirectResponse(loc, 303)
@@ -146,6 +156,7 @@ def saas_beforeware(resolver: AuthResolver, skip=DEFAULT_SKIP, login_path='/logi
         req.scope['auth'] = res
         actor = res.user.id if res.api_key_id is None else f'apikey:{res.api_key_id}'
         bind_audit_context(actor_user_id=actor, impersonator_user_id=res.impersonator and res.impersonator.id,
-                           tenant_id=res.tenant_id, request_id=res.request_id, ip_address=req.client and req.client.host,
+                           tenant_id=res.tenant_id, request_id=res.request_id,
+                           ip_address=req.client and req.client.host,
                            user_agent=(req.headers.get('user-agent') or '')[:512] or None)
     return Beforeware(before, skip=skip)

@@ -109,11 +109,12 @@ def seed_plans(host_db, plans, retire_missing: bool = False) -> list[str]:
             retire = (plans_t.update().where(plans_t.c.id.not_in([r['id'] for r in rows]), plans_t.c.is_active)
                       .values(is_active=False, updated_at=now).returning(plans_t.c.id))
             written += sorted(conn.execute(retire).scalars())
-        if shared := _shared_prices(conn): raise PlanError(f"Stripe price id(s) sold by more than one plan: {', '.join(shared)}")
+        if shared := _shared_prices(conn):
+            raise PlanError(f"Stripe price id(s) sold by more than one plan: {', '.join(shared)}")
     return written
 
 def _shared_prices(conn) -> list[str]:
-    "Stripe price ids that more than one plan (or both periods of one) claim, which would make a subscription's plan ambiguous."
+    "Stripe price ids claimed by more than one plan (or both periods of one): a subscription's plan would be ambiguous."
     m, y = plans_t.c.stripe_price_monthly, plans_t.c.stripe_price_yearly
     u = sa.union_all(sa.select(m.label('price')), sa.select(y.label('price'))).subquery()
     return list(conn.execute(sa.select(u.c.price).where(u.c.price.isnot(None)).group_by(u.c.price)
@@ -142,8 +143,9 @@ class Access:
     trial_end: str | None = None
     grace_until: str | None = None
 
-_REFUSED = dict(incomplete='the first payment has not completed', incomplete_expired='the first payment was never completed',
-                unpaid='invoices are unpaid', paused='the subscription is paused', canceled='the subscription was canceled')
+_REFUSED = dict(incomplete='the first payment has not completed',
+                incomplete_expired='the first payment was never completed', unpaid='invoices are unpaid',
+                paused='the subscription is paused', canceled='the subscription was canceled')
 ENDED_STATUSES = frozenset({'canceled', 'incomplete_expired'})   # over for good: no later event revives them
 
 def _now(now=None) -> datetime: return utcnow() if now is None else as_utc(now)
@@ -156,7 +158,8 @@ def subscription_access(sub: dict, now, policy: BillingPolicy = BillingPolicy())
         if start is None: return Access(False, status, f"{status} with no start time to count the grace from", plan)
         until = timestamp(as_utc(start) + span)
         allowed = now < as_utc(until)
-        return Access(allowed, status, f"{ok} until {until}" if allowed else f"{over} at {until}", plan, grace_until=until)
+        return Access(allowed, status, f"{ok} until {until}" if allowed else f"{over} at {until}", plan,
+                      grace_until=until)
     if status == 'trialing':
         end = sub.get('trial_end')
         if end is None: return Access(False, status, 'the trial has no end date', plan)
@@ -167,7 +170,8 @@ def subscription_access(sub: dict, now, policy: BillingPolicy = BillingPolicy())
         if end is None or now < as_utc(end): return Access(True, status, 'active', plan)
         return within(end, policy.grace, 'renewal awaited; grace', 'no renewal recorded; grace ended')
     if status == 'past_due':
-        return within(sub.get('current_period_start'), policy.grace, 'payment overdue; grace', 'payment overdue; grace ended')
+        return within(sub.get('current_period_start'), policy.grace, 'payment overdue; grace',
+                      'payment overdue; grace ended')
     if status == 'pending_payment':
         ordered = max((as_utc(t) for t in (sub.get('created_at'), sub.get('current_period_start')) if t), default=None)
         return within(ordered, policy.pending_grace, 'bank transfer awaiting confirmation; allowed',
@@ -189,16 +193,17 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
 _PLAN_GRANTS = (plans_t.c.features, plans_t.c.quotas, plans_t.c.name.label('plan_name'), plans_t.c.currency)
 
 def plan_selling(price) -> sa.Select:
-    "The plan selling Stripe `price` (a value or a column), monthly or yearly; a plan on sale first if prices were ever shared."
+    "The plan selling Stripe `price` (value or column) monthly or yearly; one on sale first if prices were ever shared."
     p = plans_t.c
     return (sa.select(plans_t).where(sa.or_(p.stripe_price_monthly == price, p.stripe_price_yearly == price))
             .order_by(p.is_active.desc(), p.id).limit(1))
 
 def _billing_query():
-    "One query for a tenant's catalog row and its subscriptions (newest first), each with its `plan_id` and that plan's grants."
+    "One query for a tenant's catalog row, its subscriptions newest first, each with `plan_id` and that plan's grants."
     t, s, p = tenants_t, subscriptions_t, plans_t
     by_price = plan_selling(s.c.stripe_price_id).with_only_columns(p.c.id).scalar_subquery()
-    subs = sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id')).where(s.c.tenant_id == sa.bindparam('tid')).subquery()
+    subs = (sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id'))
+            .where(s.c.tenant_id == sa.bindparam('tid')).subquery())
     return (sa.select(t.c.status.label('tenant_status'), subs, *_PLAN_GRANTS)
             .select_from(t.outerjoin(subs, subs.c.tenant_id == t.c.id).outerjoin(p, p.c.id == subs.c.plan_id))
             .where(t.c.id == sa.bindparam('tid')).order_by(subs.c.created_at.desc(), subs.c.id.desc()))
@@ -220,7 +225,8 @@ def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = B
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
-def _tenant_fk(): return sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), primary_key=True)
+def _tenant_fk():
+    return sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), primary_key=True)
 
 overrides_t = sa.Table('core_entitlement_overrides', billing_metadata, _tenant_fk(),
     sa.Column('kind', sa.String(8), primary_key=True), sa.Column('key', sa.String(64), primary_key=True),
@@ -240,13 +246,14 @@ register_component(HostComponent('billing', billing_metadata, 1, [overrides_t, u
 # %% ../nbs/30_billing.ipynb #29d45622
 @dataclass(frozen=True)
 class Entitlements:
-    "What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited), and what they were read from."
+    """What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited), and what they were
+    read from."""
     tenant_id: str
     access: Access
     features: frozenset = frozenset()
     quotas: Mapping[str, int | None] = field(default_factory=lambda: MappingProxyType({}))
     subscription: Mapping | None = None   # the newest subscription row, with its `plan_id`
-    plan: Mapping | None = None           # the `id`, `name` and `currency` of the plan `access.plan_id` names, if it exists
+    plan: Mapping | None = None           # `id`, `name` and `currency` of the plan `access.plan_id` names, if it exists
 
     def has(self, feature: str) -> bool: return feature in self.features
     def limit(self, quota: str) -> int | None:
@@ -260,10 +267,12 @@ def _entitlements(conn, tenant_id: str, now: datetime, policy: BillingPolicy) ->
     if grants is None and access.allowed:
         grants = conn.execute(sa.select(*_PLAN_GRANTS).where(plans_t.c.id == access.plan_id)).mappings().first()
     read = dict(subscription=MappingProxyType(subs[0]) if subs else None,
-                plan=None if grants is None else MappingProxyType(dict(id=access.plan_id, name=grants['plan_name'], currency=grants['currency'])))
+                plan=None if grants is None else MappingProxyType(dict(id=access.plan_id, name=grants['plan_name'],
+                                                                       currency=grants['currency'])))
     if not access.allowed: return Entitlements(tenant_id, access, **read)
     overrides = conn.execute(sa.select(overrides_t).where(overrides_t.c.tenant_id == tenant_id)).mappings().all()
-    features, quotas = (set(json.loads(grants['features'])), json.loads(grants['quotas'])) if grants is not None else (set(), {})
+    features, quotas = ((set(json.loads(grants['features'])), json.loads(grants['quotas'])) if grants is not None
+                        else (set(), {}))
     for o in overrides:
         if o['kind'] == 'quota': quotas[o['key']] = o['quota_limit']
         elif o['enabled']: features.add(o['key'])
@@ -279,7 +288,8 @@ def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
     if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
         with host_db.transaction() as conn:
-            ins = dialect_insert(conn, overrides_t).values(tenant_id=tenant_id, kind=kind, key=key, updated_at=timestamp(), **values)
+            ins = dialect_insert(conn, overrides_t).values(tenant_id=tenant_id, kind=kind, key=key,
+                                                           updated_at=timestamp(), **values)
             conn.execute(ins.on_conflict_do_update(index_elements=list(overrides_t.primary_key),
                                                    set_=dict(updated_at=ins.excluded.updated_at, **values)))
     except sa.exc.IntegrityError: raise LookupError(f"no tenant {tenant_id!r}") from None
@@ -299,7 +309,8 @@ def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
     if kind not in ('feature', 'quota'): raise ValueError(f"kind must be 'feature' or 'quota', got {kind!r}")
     with host_db.transaction() as conn:
         o = overrides_t.c
-        return conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
+        return conn.execute(overrides_t.delete()
+                            .where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
 
 # %% ../nbs/30_billing.ipynb #49694c7b
 class QuotaExceeded(Exception):
@@ -319,13 +330,15 @@ def _usage_key(tenant_id, quota, period):
 def quota_used(host_db, tenant_id: str, quota: str, now=None) -> int:
     "How much of `quota` `tenant_id` has used in `now`'s month."
     with host_db.transaction() as conn:
-        return conn.execute(sa.select(usage_t.c.used).where(_usage_key(tenant_id, quota, month_start(now)))).scalar() or 0
+        return conn.execute(sa.select(usage_t.c.used)
+                            .where(_usage_key(tenant_id, quota, month_start(now)))).scalar() or 0
 
 def quota_usage(host_db, tenant_id: str, now=None) -> dict[str, int]:
     "How much of each quota `tenant_id` has used in `now`'s month, in one query (quotas not used yet are absent)."
     u = usage_t.c
     with host_db.transaction() as conn:
-        return dict(conn.execute(sa.select(u.quota, u.used).where(u.tenant_id == tenant_id, u.period_start == month_start(now))).all())
+        return dict(conn.execute(sa.select(u.quota, u.used)
+                                 .where(u.tenant_id == tenant_id, u.period_start == month_start(now))).all())
 
 def _check_consumption(quota, n):
     if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
@@ -335,23 +348,28 @@ def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int
     "Count `n` of `quota` against the limit in `ents` on `conn`; the remaining amount (`None`: unlimited)."
     tid, limit, period = ents.tenant_id, ents.limit(quota), month_start(now)
     if limit == 0:
-        why = ents.access.reason if not ents.access.allowed else f"the {ents.access.plan_id!r} plan has no {quota!r} quota"
+        why = (ents.access.reason if not ents.access.allowed
+               else f"the {ents.access.plan_id!r} plan has no {quota!r} quota")
         raise QuotaExceeded(f"tenant {tid!r} may not use {quota!r}: {why}", tid, quota, 0, 0, n)
-    add = usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n).returning(usage_t.c.used)
+    add = (usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n)
+           .returning(usage_t.c.used))
     if limit is not None: add = add.where(usage_t.c.used + n <= limit)
     if (used := conn.execute(add).scalar()) is None:
-        conn.execute(dialect_insert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0).on_conflict_do_nothing())
+        conn.execute(dialect_insert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0)
+                     .on_conflict_do_nothing())
         used = conn.execute(add).scalar()
     if used is not None: return None if limit is None else limit - used
     used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar()
     raise QuotaExceeded(f"tenant {tid!r} cannot use {n} more {quota!r}: {used} of {limit} used since {period}",
                         tid, quota, limit, used, n)
 
-def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, policy: BillingPolicy = BillingPolicy()) -> int | None:
-    "Atomically count `n` units of `quota` for `tenant_id`; what remains this month (`None`: unlimited). `QuotaExceeded` if over."
+def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None,
+                  policy: BillingPolicy = BillingPolicy()) -> int | None:
+    "Atomically count `n` of `quota` for `tenant_id`; what remains this month (`None`: unlimited), or `QuotaExceeded`."
     _check_consumption(quota, n)
     now = _now(now)
-    with host_db.transaction() as conn: return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
+    with host_db.transaction() as conn:
+        return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
 # %% ../nbs/30_billing.ipynb #f5bfecf6
 _REQ = '_billing_request'
@@ -359,7 +377,8 @@ _REQ = '_billing_request'
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
     if pricing_path and req.headers.get('hx-request'):
         return PlainTextResponse(message, status_code=status, headers={'HX-Redirect': pricing_path})
-    if pricing_path and 'text/html' in req.headers.get('accept', ''): return RedirectResponse(pricing_path, status_code=303)
+    if pricing_path and 'text/html' in req.headers.get('accept', ''):
+        return RedirectResponse(pricing_path, status_code=303)
     return PlainTextResponse(message, status_code=status)
 
 def _host_db(req: Request):
@@ -369,11 +388,13 @@ def _host_db(req: Request):
     return db
 
 def _request_entitlements(req: Request, policy: BillingPolicy) -> Entitlements | None:
-    "The entitlements of the request's tenant: the auth layer's if it resolved them, else computed once on the app's host database."
+    """The entitlements of the request's tenant: the auth layer's if it resolved them, else computed once on the app's
+    host database."""
     if 'entitlements' not in req.scope:
         auth = req.scope.get('auth')
         ents, tid = getattr(auth, 'entitlements', None), getattr(auth, 'tenant_id', None)
-        req.scope['entitlements'] = ents if ents is not None or not tid else entitlements(_host_db(req), tid, policy=policy)
+        req.scope['entitlements'] = (ents if ents is not None or not tid
+                                     else entitlements(_host_db(req), tid, policy=policy))
     return req.scope['entitlements']
 
 def _guard(check):
@@ -403,7 +424,8 @@ def _entitled(req, policy, pricing_path) -> tuple[Entitlements | None, Response 
 
 def require_feature(feature: str, pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy()):
     "Decorate a route handler so only tenants whose plan (or override) includes `feature` reach it."
-    if not _is_key(feature): raise ValueError(f"feature key {feature!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
+    if not _is_key(feature):
+        raise ValueError(f"feature key {feature!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is None and not ents.has(feature):
@@ -411,7 +433,8 @@ def require_feature(feature: str, pricing_path: str | None = '/pricing', policy:
         return refusal
     return _guard(check)
 
-def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy()):
+def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
+                  policy: BillingPolicy = BillingPolicy()):
     "Decorate a route handler so each call consumes `n` of `quota`; past the limit it answers 429."
     _check_consumption(quota, n)
     def check(req):
@@ -423,9 +446,11 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
     return _guard(check)
 
 # %% ../nbs/30_billing.ipynb #5926399a
-def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(), skip=()) -> Beforeware:
+def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(),
+                       skip=()) -> Beforeware:
     "FastHTML beforeware refusing every request of a tenant that billing refuses (`skip`: path regexes left open)."
     def check(req):
         ents = _request_entitlements(req, policy)
-        if ents is not None and not ents.access.allowed: return _refuse(req, 402, f"billing: {ents.access.reason}", pricing_path)
+        if ents is not None and not ents.access.allowed:
+            return _refuse(req, 402, f"billing: {ents.access.reason}", pricing_path)
     return Beforeware(check, skip=[*([re.escape(pricing_path)] if pricing_path else []), *skip])

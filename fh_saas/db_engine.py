@@ -65,7 +65,7 @@ def _sqlite_setup(engine):
     def _begin(conn): conn.exec_driver_sql('BEGIN IMMEDIATE')
 
 def make_engine(url, pool_size: int | None = None, max_overflow: int | None = None, **kw) -> sa.Engine:
-    "An engine for `url` with fh_saas's pool and SQLite settings (a given `poolclass`, e.g. `NullPool`, replaces the pool)."
+    "An engine for `url` with fh_saas's pool and SQLite settings; a `poolclass` (e.g. `NullPool`) replaces the pool."
     url = make_url(url)
     if url.get_backend_name() == 'sqlite':
         if pool_size is not None: kw.update(pool_size=pool_size, max_overflow=max_overflow or 0)
@@ -80,7 +80,7 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
 
 # %% ../nbs/01_db_engine.ipynb #32b46e25
 def dialect_insert(conn, table: sa.Table):
-    "An `INSERT` into `table` with the connection's dialect, so `.on_conflict_do_nothing/do_update` work on both backends."
+    "An `INSERT` into `table` in the connection's dialect: `.on_conflict_do_nothing/do_update` work on both backends."
     return (postgresql if conn.dialect.name == 'postgresql' else sqlite).insert(table)
 
 # %% ../nbs/01_db_engine.ipynb #4657c7ed

@@ -105,7 +105,8 @@ host_metadata = sa.MetaData()
 def _id(): return sa.Column('id', sa.String(64), primary_key=True, default=gen_id)
 def _created(): return sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp)
 def _updated(): return sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp)
-def _flag(name, on): return sa.Column(name, sa.Boolean, nullable=False, default=on, server_default=sa.true() if on else sa.false())
+def _flag(name, on):
+    return sa.Column(name, sa.Boolean, nullable=False, default=on, server_default=sa.true() if on else sa.false())
 def _int(name, n=0): return sa.Column(name, sa.Integer, nullable=False, default=n, server_default=str(n))
 def _ts(name): return sa.Column(name, UTCTimestamp())
 def _str(name, n=255, **kw): return sa.Column(name, sa.String(n), **kw)
@@ -122,13 +123,15 @@ sa.Index('ux_core_users_oauth_id', users_t.c.oauth_id, unique=True, **_where_set
 tenants_t = sa.Table('core_tenants', host_metadata, _id(),
     _str('name', nullable=False), _text('db_url'), _flag('is_active', True), _str('plan_tier', 64), _created(),
     _str('status', 16, nullable=False, default='active', server_default='active'), _str('server_id', 64),
-    _str('db_name', 63), _str('db_role', 63), _int('schema_version'), _int('routing_version'), _updated(), _ts('deleted_at'))
+    _str('db_name', 63), _str('db_role', 63), _int('schema_version'), _int('routing_version'), _updated(),
+    _ts('deleted_at'))
 sa.Index('ix_core_tenants_status', tenants_t.c.status)
 
 memberships_t = sa.Table('core_memberships', host_metadata, _id(),
     sa.Column('user_id', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), nullable=False),
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), nullable=False),
-    _str('profile_id', 64), _text('meta_attributes'), _str('role', 32, nullable=False, default='member', server_default='member'),
+    _str('profile_id', 64), _text('meta_attributes'),
+    _str('role', 32, nullable=False, default='member', server_default='member'),
     _flag('is_active', True), _created(), _str('invited_by', 64), _updated())
 sa.Index('ux_core_memberships_user_tenant', memberships_t.c.user_id, memberships_t.c.tenant_id, unique=True)
 sa.Index('ix_core_memberships_tenant', memberships_t.c.tenant_id)
@@ -140,7 +143,8 @@ subscriptions_t = sa.Table('core_subscriptions', host_metadata, _id(),
     _str('product_name'), _ts('trial_end'), _created(),
     _str('stripe_price_id'), _ts('current_period_start'), _ts('canceled_at'), _ts('ended_at'),
     sa.Column('last_event_created', sa.BigInteger), _str('last_event_id'), _updated())
-sa.Index('ux_core_subscriptions_stripe_sub_id', subscriptions_t.c.stripe_sub_id, unique=True, **_where_set(subscriptions_t.c.stripe_sub_id))
+sa.Index('ux_core_subscriptions_stripe_sub_id', subscriptions_t.c.stripe_sub_id, unique=True,
+         **_where_set(subscriptions_t.c.stripe_sub_id))
 sa.Index('ix_core_subscriptions_tenant', subscriptions_t.c.tenant_id)
 
 plans_t = sa.Table('core_pricing_plans', host_metadata, _id(),
@@ -171,7 +175,8 @@ sa.Index('ux_sys_jobs_dedupe_key', jobs_t.c.dedupe_key, unique=True, **_where_se
 webhook_events_t = sa.Table('core_stripe_webhook_events', host_metadata, _id(),
     _str('event_id', nullable=False), _str('event_type', 128, nullable=False), _str('status', 32, nullable=False),
     _text('payload_json'), _created(),
-    sa.Column('event_created', sa.BigInteger), sa.Column('livemode', sa.Boolean), _str('object_id'), _str('tenant_id', 64),
+    sa.Column('event_created', sa.BigInteger), sa.Column('livemode', sa.Boolean), _str('object_id'),
+    _str('tenant_id', 64),
     _int('attempts'), _text('last_error'), _ts('processed_at'), _updated())
 sa.Index('ux_core_stripe_webhook_events_event_id', webhook_events_t.c.event_id, unique=True)
 sa.Index('ix_core_stripe_webhook_events_status', webhook_events_t.c.status)
@@ -216,7 +221,8 @@ class HostDatabase:
         with cls._lock:
             if (inst := cls._instance) is not None:
                 if db_url is not None and inst.url != make_url(db_url):
-                    raise RuntimeError(f"HostDatabase is already open on {_describe(inst.url)}; call close() and reset_instance() first")
+                    raise RuntimeError(f"HostDatabase is already open on {_describe(inst.url)}; "
+                                       "call close() and reset_instance() first")
                 return inst
             url = make_url(db_url) if db_url is not None else url_from_env()
             inst = super().__new__(cls)
@@ -230,7 +236,8 @@ class HostDatabase:
             with self.engine.connect() as c: c.exec_driver_sql('SELECT 1')
         except sa.exc.OperationalError as e:
             self.engine.dispose()
-            raise HostDatabaseUnavailable(f"cannot reach the host database at {_describe(url)}: {error_reason(e)}") from None
+            raise HostDatabaseUnavailable(
+                f"cannot reach the host database at {_describe(url)}: {error_reason(e)}") from None
         upgrade_schema(self.engine, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
         for comp in list(host_components.values()): comp.upgrade(self.engine)
         self.db = PooledDatabase(self.engine, host_metadata)
@@ -266,7 +273,8 @@ class HostDatabase:
 
     def rollback(self):
         "Kept from the original API: nothing is pending outside `transaction()`; inside it, raise to roll back."
-        if self.in_transaction: raise RuntimeError("inside host_db.transaction() raise an exception to roll the scope back")
+        if self.in_transaction:
+            raise RuntimeError("inside host_db.transaction() raise an exception to roll the scope back")
 
     def close(self):
         "Release every pooled connection."

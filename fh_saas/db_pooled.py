@@ -37,7 +37,7 @@ class PooledDatabase(Database):
 
     @property
     def engine(self) -> sa.Engine | sa.Connection:
-        "What fastsql reflects and creates tables through: the scope's connection while one is open, else the pooled engine."
+        "What fastsql reflects and creates tables through: the open scope's connection, else the pooled engine."
         c = self._bound.get()
         return self._engine if c is None else c._conn
 

@@ -39,7 +39,8 @@ class InvalidTenantId(ValueError):
 def check_tenant_id(tenant_id) -> str:
     "`tenant_id` if it matches `TENANT_ID_PATTERN`, else `InvalidTenantId`."
     if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
-        raise InvalidTenantId(f"invalid tenant id {str(tenant_id)[:60]!r}: use 3-40 characters a-z, 0-9, _ starting with a letter")
+        raise InvalidTenantId(f"invalid tenant id {str(tenant_id)[:60]!r}: "
+                              "use 3-40 characters a-z, 0-9, _ starting with a letter")
     return tenant_id
 
 def tenant_db_name(tenant_id: str) -> str:
@@ -76,8 +77,9 @@ def encrypt_secret(value: str) -> str:
 def decrypt_secret(token: str) -> str:
     "The value `encrypt_secret` encrypted into `token`, under the current or a previous master key."
     try: return cipher('db-server-admin').decrypt(token.encode()).decode()
-    except InvalidToken: raise TenantConfigError("a stored secret decrypts under none of the master keys: keep the key it was "
-                                                 "encrypted under in FH_SAAS_PREVIOUS_SECRET_KEYS until `fh-saas secret rotate` has run") from None
+    except InvalidToken:
+        raise TenantConfigError("a stored secret decrypts under none of the master keys: keep the key it was encrypted "
+                                "under in FH_SAAS_PREVIOUS_SECRET_KEYS until `fh-saas secret rotate` has run") from None
 
 # %% ../nbs/12_db_tenant.ipynb #7db45195
 _meta = sa.MetaData()
@@ -147,10 +149,11 @@ def catalog_entry(conn, tenant_id: str):
 def entry_url(row) -> URL:
     "The usable URL for a `catalog_entry` row: from its server for PostgreSQL, its file for SQLite."
     if row['host'] is None: return make_url(row['db_url'])
-    return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name'])
+    return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'],
+                      row['db_name'])
 
 def _login_under_any_key(dialect, conn_rec, cargs, cparams):
-    "Log a tenant role in with its current-key password, else with each previous key's; if none logs in, the current key's error."
+    "Log a tenant role in with its current-key password, else a previous key's; if none works, the current key's error."
     current = None
     for password in role_passwords(cparams['user']):
         try: return dialect.connect(*cargs, **{**cparams, 'password': password})
@@ -158,7 +161,7 @@ def _login_under_any_key(dialect, conn_rec, cargs, cparams):
     raise current
 
 def entry_engine(row, **kwargs) -> sa.Engine:
-    "An engine (`make_engine` with `kwargs`) on a `catalog_entry` row's database; PostgreSQL logins fall back to previous keys."
+    "An engine (`make_engine` with `kwargs`) on a `catalog_entry` row's database; PostgreSQL logins try old keys too."
     engine = make_engine(entry_url(row), **kwargs)
     if row['host'] is not None: sa.event.listen(engine, 'do_connect', _login_under_any_key)
     return engine
@@ -180,9 +183,11 @@ def routing_changed(tenant_id: str):
     for cache in list(_watchers): cache.forget(tenant_id)
 
 def _bump_routing(conn, tenant_id: str, only_from: tuple = (), **values) -> int:
-    "Set `values` on `tenant_id`'s row (if its status is in `only_from`, when given) and bump `routing_version`, notifying at commit; rows changed."
+    """Set `values` on `tenant_id`'s row (if its status is in `only_from`, when given) and bump `routing_version`,
+    notifying at commit; rows changed."""
     t = tenants_t
-    upd = t.update().where(t.c.id == tenant_id).values(routing_version=t.c.routing_version + 1, updated_at=timestamp(), **values)
+    upd = t.update().where(t.c.id == tenant_id).values(routing_version=t.c.routing_version + 1, updated_at=timestamp(),
+                                                       **values)
     if only_from: upd = upd.where(t.c.status.in_(only_from))
     n = conn.execute(upd).rowcount
     if n and conn.dialect.name == 'postgresql': conn.execute(sa.select(sa.func.pg_notify(ROUTING_CHANNEL, tenant_id)))
@@ -190,7 +195,8 @@ def _bump_routing(conn, tenant_id: str, only_from: tuple = (), **values) -> int:
 
 def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = ()) -> TenantCatalog:
     "Move `tenant_id` to `status` (from one of `only_from`, if given), bump `routing_version`, tell local routers."
-    with host_db.transaction() as conn: n = _bump_routing(conn, tenant_id, only_from, status=status, is_active=status == 'active')
+    with host_db.transaction() as conn:
+        n = _bump_routing(conn, tenant_id, only_from, status=status, is_active=status == 'active')
     routing_changed(tenant_id)
     row = tenant_row(host_db, tenant_id)
     if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
@@ -216,7 +222,8 @@ class SqliteStore:
     def path(self, tenant_id: str) -> Path: return self.folder / f"{check_tenant_id(tenant_id)}.db"
 
     def placement(self, tenant_id: str) -> dict:
-        return dict(server_id=None, db_name=self.path(tenant_id).name, db_role=None, db_url=f"sqlite:///{self.path(tenant_id)}")
+        return dict(server_id=None, db_name=self.path(tenant_id).name, db_role=None,
+                    db_url=f"sqlite:///{self.path(tenant_id)}")
 
     def create(self, row, prepare) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -239,7 +246,8 @@ TEMPLATE_DB = 'fh_saas_tenant_template'
 def template_strategy() -> str:
     "How PostgreSQL copies the template (`FH_SAAS_TEMPLATE_STRATEGY`): `WAL_LOG` (default) or `FILE_COPY`."
     strategy = os.environ.get('FH_SAAS_TEMPLATE_STRATEGY', 'WAL_LOG').upper()
-    if strategy not in ('WAL_LOG', 'FILE_COPY'): raise TenantConfigError(f"FH_SAAS_TEMPLATE_STRATEGY={strategy!r}: use WAL_LOG or FILE_COPY")
+    if strategy not in ('WAL_LOG', 'FILE_COPY'):
+        raise TenantConfigError(f"FH_SAAS_TEMPLATE_STRATEGY={strategy!r}: use WAL_LOG or FILE_COPY")
     return strategy
 _TEMPLATE_LOCK = 0x66685f74  # advisory lock id guarding the template ("fh_t")
 _OWN_CLONED_OBJECTS = sa.text("""
@@ -294,8 +302,8 @@ class PostgresStore:
 
     def _one_off(self, database: str) -> sa.Engine:
         "An unpooled admin engine on `database`, so no connection lingers to block cloning or dropping it."
-        return sa.create_engine(server_admin_url(self.server, database), isolation_level='AUTOCOMMIT', poolclass=sa.pool.NullPool,
-                                hide_parameters=True)
+        return sa.create_engine(server_admin_url(self.server, database), isolation_level='AUTOCOMMIT',
+                                poolclass=sa.pool.NullPool, hide_parameters=True)
 
     @staticmethod
     def _q(conn, name): return conn.dialect.identifier_preparer.quote(name)
@@ -327,7 +335,8 @@ class PostgresStore:
         try:
             if not self._exists(conn, 'pg_database', 'datname', name):
                 conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
-                                     f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} ALLOW_CONNECTIONS false')
+                                     f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} '
+                                     'ALLOW_CONNECTIONS false')
         finally: conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
 
     def create(self, row, prepare) -> int:
@@ -335,7 +344,8 @@ class PostgresStore:
         with self._admin().connect() as conn:
             q = self._q(conn, name)
             verb = 'ALTER' if self._exists(conn, 'pg_roles', 'rolname', name) else 'CREATE'
-            conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s', (scram_verifier(role_password(name)),))
+            conn.exec_driver_sql(f'{verb} ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s',
+                                 (scram_verifier(role_password(name)),))
             _after_step('provision', 'role')
             self._prepare_template(conn, prepare)
             self._clone_template(conn, name)
@@ -366,19 +376,23 @@ class NoServerAvailable(RuntimeError):
 def _place(conn, host_db, server_name: str | None):
     "The store for a new tenant: the named or least-loaded active server with room, else SQLite files."
     s, t = db_servers_t, tenants_t
-    servers = conn.execute(sa.select(s).where(s.c.is_active == sa.true()).order_by(s.c.name).with_for_update()).mappings().all()
+    servers = conn.execute(sa.select(s).where(s.c.is_active == sa.true()).order_by(s.c.name)
+                           .with_for_update()).mappings().all()
     if not servers:
         if server_name: raise NoServerAvailable(f"no active database server named {server_name!r}")
         return SqliteStore(tenant_dir(host_db))
     load = dict(conn.execute(sa.select(t.c.server_id, sa.func.count()).where(t.c.status != 'deleted')
                              .group_by(t.c.server_id)).all())
     fits = [dict(r) for r in servers if load.get(r['id'], 0) < r['max_tenants'] and (server_name in (None, r['name']))]
-    if not fits: raise NoServerAvailable(f"no active database server with room{f' named {server_name!r}' if server_name else ''}")
+    if not fits:
+        raise NoServerAvailable("no active database server with room"
+                                f"{f' named {server_name!r}' if server_name else ''}")
     return PostgresStore(min(fits, key=lambda r: load.get(r['id'], 0)))
 
 def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
-    return PostgresStore(db_server(host_db, row.server_id)) if row.server_id else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
+    return (PostgresStore(db_server(host_db, row.server_id)) if row.server_id
+            else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent))
 
 # %% ../nbs/12_db_tenant.ipynb #393794b0
 def register_tenant(host_db, tenant_id: str, name: str | None = None, server: str | None = None,
@@ -387,14 +401,16 @@ def register_tenant(host_db, tenant_id: str, name: str | None = None, server: st
     t = tenants_t
     try:
         with host_db.transaction() as conn:
-            if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is not None: return False
+            if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is not None:
+                return False
             store = _place(conn, host_db, server)
             conn.execute(t.insert().values(id=tenant_id, name=name or tenant_id, status='provisioning', is_active=False,
                                            plan_tier=plan_tier, routing_version=1, **store.placement(tenant_id)))
             return True
     except sa.exc.IntegrityError: return False  # a concurrent registration claimed the id first
 
-def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: Callable[[sa.Engine], int] | None = migrate_database,
+def provision_tenant(host_db, tenant_id: str, name: str | None = None,
+                     prepare: Callable[[sa.Engine], int] | None = migrate_database,
                      server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
     register_tenant(host_db, tenant_id, name, server, plan_tier)
@@ -413,7 +429,8 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None, prepare: 
 def migrate_tenants(host_db, target: int | None = None, concurrency: int = 4, tenant_ids=None, progress=None):
     "Bring every tenant behind `target` (default: the latest) up to date; a `FleetReport`."
     def engine_for(tenant_id): return tenant_engine(host_db, tenant_id, poolclass=sa.pool.NullPool)
-    return migrate_fleet(host_db, engine_for, target=target, concurrency=concurrency, tenant_ids=tenant_ids, progress=progress)
+    return migrate_fleet(host_db, engine_for, target=target, concurrency=concurrency, tenant_ids=tenant_ids,
+                         progress=progress)
 
 # %% ../nbs/12_db_tenant.ipynb #06ef5fcc
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
@@ -426,7 +443,8 @@ def resume_tenant(host_db, tenant_id: str) -> TenantCatalog:
 
 def deprovision_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing, drop the tenant's database and role, and keep its row as `deleted`; safe to repeat."
-    try: _set_status(host_db, check_tenant_id(tenant_id), 'deleting', only_from=('provisioning', 'active', 'suspended', 'deleting'))
+    try: _set_status(host_db, check_tenant_id(tenant_id), 'deleting',
+                     only_from=('provisioning', 'active', 'suspended', 'deleting'))
     except TenantUnavailable as e:
         if e.status == 'deleted': return tenant_row(host_db, tenant_id)
         raise
@@ -443,7 +461,7 @@ def deprovision_tenant(host_db, tenant_id: str) -> TenantCatalog:
 # %% ../nbs/12_db_tenant.ipynb #a8754366
 @dataclass
 class RotationReport:
-    "What `rotate_secret_key` re-keyed: server admin passwords, tenant roles, and the tenants it could not (id, reason)."
+    "What `rotate_secret_key` re-keyed: server admin passwords, tenant roles, and tenants it could not (id, reason)."
     servers: int
     rotated: list[str]
     failed: list[tuple[str, str]]
@@ -457,22 +475,26 @@ def _rekey_servers(host_db) -> int:
     "Re-encrypt every server's admin password under the current key, in one transaction."
     s = db_servers_t
     with host_db.transaction() as conn:
-        rows = conn.execute(sa.select(s.c.id, s.c.name, s.c.admin_password_enc).order_by(s.c.id).with_for_update()).all()
+        rows = conn.execute(sa.select(s.c.id, s.c.name, s.c.admin_password_enc).order_by(s.c.id)
+                            .with_for_update()).all()
         for server_id, name, enc in rows:
             try: password = decrypt_secret(enc)
             except TenantConfigError as e: raise TenantConfigError(f"database server {name!r}: {e}") from None
-            conn.execute(s.update().where(s.c.id == server_id).values(admin_password_enc=encrypt_secret(password), updated_at=timestamp()))
+            conn.execute(s.update().where(s.c.id == server_id)
+                         .values(admin_password_enc=encrypt_secret(password), updated_at=timestamp()))
     return len(rows)
 
 def _rekey_role(host_db, tenant_id: str) -> bool:
-    "Give `tenant_id`'s role its current-key password and bump `routing_version`, the catalog row locked; False if no longer re-keyed."
+    """Give `tenant_id`'s role its current-key password and bump `routing_version`, the catalog row locked;
+    False if no longer re-keyed."""
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
         if row.status not in REKEYED_STATUSES or row.server_id is None: return False
         _after_step('rotate', 'locked')
         role, store = tenant_db_name(row.id), PostgresStore(db_server(host_db, row.server_id))
         with store._admin().connect() as admin:
-            admin.exec_driver_sql(f'ALTER ROLE {store._q(admin, role)} PASSWORD %s', (scram_verifier(role_password(role)),))
+            admin.exec_driver_sql(f'ALTER ROLE {store._q(admin, role)} PASSWORD %s',
+                                  (scram_verifier(role_password(role)),))
         _after_step('rotate', 'role')
         _bump_routing(conn, tenant_id)
     routing_changed(tenant_id)

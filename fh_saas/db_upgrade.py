@@ -29,7 +29,8 @@ def _lock_for_ddl(conn):
 def _index_names(conn, table: str) -> set[str]:
     "Names of `table`'s indexes, expression indexes included (SQLAlchemy's SQLite reflection skips those)."
     if conn.dialect.name == 'sqlite':
-        return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,)).scalars())
+        return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
+                                        (table,)).scalars())
     return {i['name'] for i in sa.inspect(conn).get_indexes(table)}
 
 def _add_missing(conn, metadata, tables):
@@ -58,19 +59,22 @@ def schema_version(conn, component: str) -> int:
 
 def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, version: int,
                    steps: dict | None = None, tables: list | None = None) -> int:
-    "Bring `component`'s `tables` (default: all in `metadata`) up to `version`, running `steps[n](conn)` above the recorded one."
+    "Bring `component`'s `tables` (default: all in `metadata`) to `version`, running `steps[n](conn)` for each newer n."
     with engine.begin() as conn:
         _lock_for_ddl(conn)
         if not sa.inspect(conn).has_table('sys_schema_versions'): schema_versions_t.create(conn)
         old = schema_version(conn, component)
-        if old > version: raise RuntimeError(f"the database has {component} schema v{old}, newer than this fh_saas (v{version}): upgrade fh_saas")
+        if old > version:
+            raise RuntimeError(f"the database has {component} schema v{old}, newer than this fh_saas (v{version}): "
+                               "upgrade fh_saas")
         if old == version: return old
         owned = tables if tables is not None else metadata.sorted_tables
         _add_missing(conn, metadata, owned)
         for n in range(old + 1, version + 1):
             if steps and n in steps: steps[n](conn)
         values = dict(component=component, version=version, updated_at=timestamp())
-        if old: conn.execute(schema_versions_t.update().where(schema_versions_t.c.component == component).values(**values))
+        if old:
+            conn.execute(schema_versions_t.update().where(schema_versions_t.c.component == component).values(**values))
         else: conn.execute(schema_versions_t.insert().values(**values))
     return version
 

@@ -22,7 +22,8 @@ def gen_id() -> str:
 def as_utc(value) -> datetime:
     "Parse an ISO-8601 string or datetime into an aware UTC datetime; naive values are an error."
     dt = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if not isinstance(dt, datetime): raise TypeError(f"expected a datetime or ISO-8601 string, got {type(value).__name__}")
+    if not isinstance(dt, datetime):
+        raise TypeError(f"expected a datetime or ISO-8601 string, got {type(value).__name__}")
     if dt.tzinfo is None: raise ValueError(f"timestamp {value!r} has no time zone; use UTC")
     return dt.astimezone(timezone.utc)
 

@@ -44,7 +44,8 @@ def enqueue(host_db: HostDatabase, job_type: str, payload: dict | None = None, t
     "Queue a `job_type` job (in the current transaction); with `dedupe_key`, the job already holding that key if any."
     if not _JOB_TYPE.fullmatch(job_type or ''): raise ValueError(f"bad job type {job_type!r}")
     if max_attempts < 1: raise ValueError("max_attempts must be at least 1")
-    if not isinstance(payload, dict | None): raise ValueError(f"job payload must be a dict, got {type(payload).__name__}")
+    if not isinstance(payload, dict | None):
+        raise ValueError(f"job payload must be a dict, got {type(payload).__name__}")
     try: body = json.dumps(payload or {}, sort_keys=True)
     except TypeError as e: raise ValueError(f"job payload must be JSON: {e}") from None
     values = dict(id=gen_id(), job_type=job_type, status='queued', payload=body, tenant_id=tenant_id,
@@ -122,7 +123,7 @@ class JobRejected(Exception):
     "Raised by a handler when retrying cannot help (bad payload, missing tenant): the job goes straight to `dead`."
 
 def retry_delay(attempts: int, base: float = 5.0, cap: float = 3600.0) -> float:
-    "Seconds to wait before retrying after failed attempt number `attempts`: `base*2**(attempts-1)` capped, half of it jittered."
+    "Seconds before retrying after failed attempt `attempts`: `base*2**(attempts-1)` capped, half of it jittered."
     d = min(cap, base * 2 ** min(attempts - 1, 60))
     return d / 2 + random.uniform(0, d / 2)
 
@@ -142,8 +143,10 @@ def complete(host_db: HostDatabase, job: Job, result=None) -> bool:
             result=None if result is None else json.dumps(result, default=str)))
     return res.rowcount == 1
 
-def fail(host_db: HostDatabase, job: Job, error: str, retry: bool = True, base: float = 5.0, cap: float = 3600.0) -> str | None:
-    "Record `error` on `job`: queue it again after a backoff, or `dead` when out of attempts; the new status, `None` if not held."
+def fail(host_db: HostDatabase, job: Job, error: str, retry: bool = True, base: float = 5.0,
+         cap: float = 3600.0) -> str | None:
+    """Record `error` on `job`: queue it again after a backoff, or `dead` when out of attempts;
+    the new status, `None` if not held."""
     now = utcnow()
     dead = not retry or job.attempts >= job.max_attempts
     with host_db.transaction() as conn:
@@ -207,7 +210,8 @@ def job_scope(job: Job):
 def archive_audit_job(job: Job) -> dict:
     "Handler of `audit.archive`: archive audit rows older than `payload['days']` days."
     days = job.payload.get('days')
-    if not isinstance(days, int) or days < 1: raise JobRejected(f"audit.archive needs a whole number of days >= 1, got {days!r}")
+    if not isinstance(days, int) or days < 1:
+        raise JobRejected(f"audit.archive needs a whole number of days >= 1, got {days!r}")
     return dict(archived=archive_audit_logs(job.host_db, timedelta(days=days)))
 
 # %% ../nbs/40_jobs.ipynb #248696a0
@@ -224,7 +228,8 @@ class Periodic:
     job_type: str; every: timedelta; payload: dict | None = None; tenant_id: str | None = None; priority: int = 0
 
 def schedule(host_db: HostDatabase, job_type: str, every: timedelta, payload: dict | None = None,
-             tenant_id: str | None = None, now: datetime | None = None, priority: int = 0, max_attempts: int = 5) -> SystemJob:
+             tenant_id: str | None = None, now: datetime | None = None, priority: int = 0,
+             max_attempts: int = 5) -> SystemJob:
     "The `job_type` job of the period containing `now`, enqueued once however many workers ask."
     start = period_start(every, now)
     key = f"{job_type}{'/' + tenant_id if tenant_id else ''}@{timestamp(start)}"
@@ -235,8 +240,8 @@ def schedule(host_db: HostDatabase, job_type: str, every: timedelta, payload: di
 class Worker:
     "Claims and runs jobs with `handlers` (default: every registered one) until stopped."
     def __init__(self, host_db: HostDatabase, handlers: dict | None = None, concurrency: int = 1, poll: float = 1.0,
-                 lease: float = 30.0, schedules: list[Periodic] = (), retry_base: float = 5.0, retry_cap: float = 3600.0,
-                 name: str | None = None):
+                 lease: float = 30.0, schedules: list[Periodic] = (), retry_base: float = 5.0,
+                 retry_cap: float = 3600.0, name: str | None = None):
         self.host_db, self.handlers = host_db, dict(job_handlers if handlers is None else handlers)
         self.concurrency, self.poll, self.lease, self.schedules = concurrency, poll, lease, list(schedules)
         self.retry_base, self.retry_cap = retry_base, retry_cap
@@ -288,7 +293,8 @@ class Worker:
             else: outcome = 'done' if complete(self.host_db, job, result) else None
             if outcome is None: _log.warning("job %s %s: lease lost, outcome discarded", job.job_type, job.id)
         except sa.exc.DBAPIError as e:
-            _log.warning("job %s %s: outcome not recorded (retried after its lease): %s", job.job_type, job.id, error_reason(e))
+            _log.warning("job %s %s: outcome not recorded (retried after its lease): %s",
+                         job.job_type, job.id, error_reason(e))
         finally:
             with self._lock: self._running.pop(job.id, None)
 
@@ -304,7 +310,8 @@ class Worker:
 # %% ../nbs/40_jobs.ipynb #9c7255bd
 def worker_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add the `fh-saas worker` options to `p` (the CLI's `worker` sub-command uses this too)."
-    p.add_argument('--import', dest='modules', action='append', default=[], help='module registering job handlers (repeatable)')
+    p.add_argument('--import', dest='modules', action='append', default=[],
+                   help='module registering job handlers (repeatable)')
     p.add_argument('--concurrency', type=int, default=1, help='jobs run at the same time')
     p.add_argument('--poll', type=float, default=1.0, help='seconds between polls when idle')
     p.add_argument('--lease', type=float, default=30.0, help='seconds a claim lasts without a heartbeat')
@@ -312,7 +319,8 @@ def worker_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 def run_worker(args: argparse.Namespace, schedules: list[Periodic] = ()):
-    "Run a worker with parsed `worker_arguments` (keeping `schedules` queued) on the `DB_*` host database until SIGTERM/SIGINT."
+    """Run a worker with parsed `worker_arguments` (keeping `schedules` queued) on the `DB_*` host database
+    until SIGTERM/SIGINT."""
     for m in args.modules: importlib.import_module(m)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     host_db, stop = HostDatabase.from_env(), threading.Event()
@@ -324,4 +332,5 @@ def run_worker(args: argparse.Namespace, schedules: list[Periodic] = ()):
 
 def main(argv=None):
     "Entry point of `fh-saas worker` on its own (`python -c 'from fh_saas.jobs import main; main()' ...`)."
-    run_worker(worker_arguments(argparse.ArgumentParser(prog='fh-saas worker', description='run background jobs')).parse_args(argv))
+    run_worker(worker_arguments(argparse.ArgumentParser(prog='fh-saas worker', description='run background jobs'))
+               .parse_args(argv))

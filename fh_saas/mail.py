@@ -39,7 +39,8 @@ class SMTPMailer:
 
 class MemoryOutbox:
     "Keep sent messages in a list (thread-safe), for tests and local development."
-    def __init__(self, sender: str = 'no-reply@localhost'): self.sender, self.messages, self._lock = sender, [], threading.Lock()
+    def __init__(self, sender: str = 'no-reply@localhost'):
+        self.sender, self.messages, self._lock = sender, [], threading.Lock()
 
     def send(self, to: str, subject: str, body: str) -> None:
         with self._lock: self.messages.append(_message(self.sender, to, subject, body))

@@ -21,11 +21,13 @@ def secret_key() -> str:
     return key
 
 def secret_keys() -> tuple[str, ...]:
-    "The current master key, then the distinct keys in `FH_SAAS_PREVIOUS_SECRET_KEYS` (each checked like the current one)."
+    "The current master key, then the distinct keys in `FH_SAAS_PREVIOUS_SECRET_KEYS` (checked like the current one)."
     current, listed = secret_key(), os.environ.get('FH_SAAS_PREVIOUS_SECRET_KEYS', '')
     previous = [k.strip() for k in listed.split(',') if k.strip()]
     for i, key in enumerate(previous, 1):
-        if len(key) < 32: raise ValueError(f"key {i} of {len(previous)} in FH_SAAS_PREVIOUS_SECRET_KEYS is shorter than 32 characters")
+        if len(key) < 32:
+            raise ValueError(f"key {i} of {len(previous)} in FH_SAAS_PREVIOUS_SECRET_KEYS "
+                             "is shorter than 32 characters")
     return tuple(dict.fromkeys([current, *previous]))
 
 # %% ../nbs/10_master_key.ipynb #47d18afc

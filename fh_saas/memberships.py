@@ -29,7 +29,8 @@ from .mail import Mailer, is_email_address
 class Roles:
     "Role names ordered from least to most privileged; the last one owns the tenant."
     def __init__(self, names=('viewer', 'member', 'admin', 'owner')):
-        if len(set(names)) != len(names) or len(names) < 2: raise ValueError("roles must be at least two distinct names")
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError("roles must be at least two distinct names")
         self.names, self.owner = tuple(names), names[-1]
 
     def rank(self, role: str) -> int:
@@ -57,14 +58,17 @@ def _lock_tenant(conn, tenant_id: str):
 
 def _membership(conn, tenant_id: str, user_id: str):
     m = memberships_t.c
-    return conn.execute(sa.select(memberships_t).where(m.tenant_id == tenant_id, m.user_id == user_id)).mappings().first()
+    return conn.execute(sa.select(memberships_t)
+                        .where(m.tenant_id == tenant_id, m.user_id == user_id)).mappings().first()
 
 def _owner_count(conn, tenant_id: str, owner: str) -> int:
     m = memberships_t.c
-    return conn.execute(sa.select(sa.func.count()).where(m.tenant_id == tenant_id, m.role == owner, m.is_active.is_(True))).scalar()
+    return conn.execute(sa.select(sa.func.count()).where(m.tenant_id == tenant_id, m.role == owner,
+                                                         m.is_active.is_(True))).scalar()
 
 def _set(conn, membership_id: str, **values):
-    conn.execute(memberships_t.update().where(memberships_t.c.id == membership_id).values(updated_at=timestamp(), **values))
+    conn.execute(memberships_t.update().where(memberships_t.c.id == membership_id)
+                 .values(updated_at=timestamp(), **values))
 
 def add_member(host_db: HostDatabase, tenant_id: str, user_id: str, role: str = 'member',
                invited_by: str | None = None, roles: Roles = DEFAULT_ROLES) -> Membership:
@@ -75,8 +79,10 @@ def add_member(host_db: HostDatabase, tenant_id: str, user_id: str, role: str = 
         if old and old['is_active']: raise MembershipError(f"user {user_id} is already a member of {tenant_id}")
         if old: _set(conn, old['id'], role=role, is_active=True, invited_by=invited_by)
         else:
-            try: host_db.memberships.insert(Membership(user_id=user_id, tenant_id=tenant_id, role=role, invited_by=invited_by))
-            except DuplicateRecord: raise MembershipError(f"user {user_id} is already a member of {tenant_id}") from None
+            try: host_db.memberships.insert(Membership(user_id=user_id, tenant_id=tenant_id, role=role,
+                                                       invited_by=invited_by))
+            except DuplicateRecord:
+                raise MembershipError(f"user {user_id} is already a member of {tenant_id}") from None
         audit(host_db, 'membership.created', target_id=user_id, tenant_id=tenant_id, details=dict(role=role))
         return host_db.memberships[_membership(conn, tenant_id, user_id)['id']]
 
@@ -94,15 +100,18 @@ def change_role(host_db: HostDatabase, tenant_id: str, user_id: str, role: str, 
         if row['role'] == roles.owner != role and _owner_count(conn, tenant_id, roles.owner) <= 1:
             raise LastOwner(f"{tenant_id} must keep at least one owner")
         _set(conn, row['id'], role=role)
-        audit(host_db, 'membership.role_changed', target_id=user_id, tenant_id=tenant_id, details=dict(old=row['role'], new=role))
+        audit(host_db, 'membership.role_changed', target_id=user_id, tenant_id=tenant_id,
+              details=dict(old=row['role'], new=role))
 
 def _revoke_keys_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str):
     "Revoke every live API key `user_id` created for `tenant_id`, each audited."
     k = api_keys_t.c
-    revoked = conn.execute(api_keys_t.update().where(k.tenant_id == tenant_id, k.created_by == user_id, k.revoked_at.is_(None))
+    revoked = conn.execute(api_keys_t.update()
+                           .where(k.tenant_id == tenant_id, k.created_by == user_id, k.revoked_at.is_(None))
                            .values(revoked_at=timestamp()).returning(k.key_id)).scalars().all()
     for key_id in revoked:
-        audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id, details=dict(reason='member_removed', user_id=user_id))
+        audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id,
+              details=dict(reason='member_removed', user_id=user_id))
 
 def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Roles = DEFAULT_ROLES):
     "Deactivate a membership and revoke the API keys the member made for this tenant; `LastOwner` for the only owner."
@@ -168,32 +177,39 @@ invitations_component = register_component(HostComponent('invitations', invitati
 
 # %% ../nbs/25_memberships.ipynb #3f40afa0
 def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited_by: str, mailer: Mailer,
-           link: Callable[[str], str], ttl: timedelta = timedelta(days=7), roles: Roles = DEFAULT_ROLES, now=None) -> str:
+           link: Callable[[str], str], ttl: timedelta = timedelta(days=7), roles: Roles = DEFAULT_ROLES,
+           now=None) -> str:
     "Invite `email` to `tenant_id` as `role` (not owner: ownership is transferred); email the link; the invitation id."
-    if roles.rank(role) >= roles.rank(roles.owner): raise MembershipError("invite as a lower role, then transfer ownership")
+    if roles.rank(role) >= roles.rank(roles.owner):
+        raise MembershipError("invite as a lower role, then transfer ownership")
     email, raw, now = (email or '').strip(), new_token(), now or utcnow()
     if not is_email_address(email): raise MembershipError(f"{email[:320]!r} is not an email address")
     iid = gen_id()
     with host_db.transaction() as conn:
         name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
         if name is None: raise MembershipError(f"no tenant {tenant_id!r}")
-        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=email, role=role, token_hash=hash_token(raw),
-                     invited_by=invited_by, created_at=timestamp(now), expires_at=timestamp(now + ttl)))
+        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=email, role=role,
+                                                   token_hash=hash_token(raw), invited_by=invited_by,
+                                                   created_at=timestamp(now), expires_at=timestamp(now + ttl)))
         audit(host_db, 'invitation.created', target_id=iid, tenant_id=tenant_id, details=dict(email=email, role=role))
-        mailer.send(email, f"You are invited to {name}", f"Join {name} as {role}:\n{link(raw)}\n")   # fails: nothing is kept
+        mailer.send(email, f"You are invited to {name}",
+                    f"Join {name} as {role}:\n{link(raw)}\n")   # fails: nothing is kept
     return iid
 
 def _use_invitation(conn, token: str, now: str, user_email: str | None, **values):
     "Mark an open invitation (for `user_email`, if given) used, atomically; its row or `InvalidToken`."
     i = invitations_t.c
-    cond = [i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None), i.expires_at > now]
+    cond = [i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None),
+            i.expires_at > now]
     if user_email is not None: cond.append(sa.func.lower(i.email) == user_email.lower())
     row = conn.execute(invitations_t.update().where(*cond).values(**values)
                        .returning(i.id, i.tenant_id, i.role, i.invited_by)).mappings().first()
-    if row is None: raise InvalidToken("this invitation is invalid, expired, already used, or for another email address")
+    if row is None:
+        raise InvalidToken("this invitation is invalid, expired, already used, or for another email address")
     return row
 
-def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES, now=None) -> Membership:
+def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES,
+                      now=None) -> Membership:
     "Join the invitation's tenant as `user_id` (whose email it must be for); single use; the membership."
     now = timestamp(now or utcnow())
     with host_db.transaction() as conn:
@@ -213,16 +229,17 @@ def decline_invitation(host_db: HostDatabase, token: str, now=None) -> str:
 
 # %% ../nbs/25_memberships.ipynb #c2b9807d
 def pending_invitations(host_db: HostDatabase, tenant_id: str, now=None) -> list[dict]:
-    "Unused, unexpired invitations of `tenant_id`: `id`, `email`, `role`, `invited_by_email`, `expires_at`; newest first."
+    "Unused, unexpired invites of `tenant_id`: `id`, `email`, `role`, `invited_by_email`, `expires_at`; newest first."
     i, u = invitations_t.c, users_t.c
     q = (sa.select(i.id, i.email, i.role, u.email.label('invited_by_email'), i.created_at, i.expires_at)
          .join(users_t, u.id == i.invited_by, isouter=True)
-         .where(i.tenant_id == tenant_id, i.accepted_at.is_(None), i.declined_at.is_(None), i.expires_at > timestamp(now or utcnow()))
+         .where(i.tenant_id == tenant_id, i.accepted_at.is_(None), i.declined_at.is_(None),
+                i.expires_at > timestamp(now or utcnow()))
          .order_by(i.created_at.desc(), i.id))
     with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
 
 def cancel_invitation(host_db: HostDatabase, tenant_id: str, invitation_id: str) -> bool:
-    "Withdraw `tenant_id`'s unused invitation `invitation_id` (its link stops working), audited; False if there is none."
+    "Withdraw `tenant_id`'s unused invitation `invitation_id` (its link stops working), audited; False if none."
     i = invitations_t.c
     with host_db.transaction() as conn:
         row = conn.execute(invitations_t.delete().where(i.id == invitation_id, i.tenant_id == tenant_id,

@@ -36,7 +36,8 @@ oauth_identities_t = sa.Table('auth_oauth_identities', identities_meta,
     sa.Column('user_id', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), nullable=False),
     sa.Column('email', sa.String(320)),
     sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp))
-sa.Index('ux_auth_oauth_identities_provider_subject', oauth_identities_t.c.provider, oauth_identities_t.c.subject, unique=True)
+sa.Index('ux_auth_oauth_identities_provider_subject', oauth_identities_t.c.provider, oauth_identities_t.c.subject,
+         unique=True)
 sa.Index('ix_auth_oauth_identities_user', oauth_identities_t.c.user_id)
 
 identities_component = register_component(HostComponent('oauth_identities', identities_meta, 1, [oauth_identities_t]))
@@ -57,12 +58,13 @@ def _find_user(conn, ident: ExternalIdentity):
     if uid: return uid, False
     if not ident.email: raise OAuthLinkRefused(f"{ident.provider} did not share an email address")
     if not ident.email_verified:
-        raise OAuthLinkRefused(f"{ident.provider} has not verified {ident.email}: verify it there, or sign up with a password")
+        raise OAuthLinkRefused(f"{ident.provider} has not verified {ident.email}: "
+                               "verify it there, or sign up with a password")
     row = conn.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == ident.email.lower())).first()
     return (row[0] if row else None), True
 
 def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalIdentity):
-    "Hand `uid` to the proven owner of its email if it was never verified, cutting every other way in; nothing if verified."
+    "Hand `uid` to the proven owner of its email if it was never verified, cutting every other way in; else nothing."
     db, now, u = sessions.host_db, timestamp(), users_t.c
     claimed = conn.execute(users_t.update().where(u.id == uid, u.email_verified_at.is_(None))
                            .values(email_verified_at=now, password_hash=None, password_changed_at=now)).rowcount
@@ -72,13 +74,15 @@ def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalI
     keys = conn.execute(api_keys_t.update().where(k.created_by == uid, k.revoked_at.is_(None))
                         .values(revoked_at=now).returning(k.key_id, k.tenant_id)).all()
     for key_id, tenant_id in keys:
-        audit(db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id, details=dict(reason='unverified_account_claimed', user_id=uid))
+        audit(db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id,
+              details=dict(reason='unverified_account_claimed', user_id=uid))
     dropped = conn.execute(oauth_identities_t.delete().where(oauth_identities_t.c.user_id == uid)).rowcount
     audit(db, 'auth.unverified_account_claimed', target_id=uid, actor_user_id=uid,
           details=dict(provider=ident.provider, logins_ended=ended, keys_revoked=len(keys), identities_removed=dropped))
 
 def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> GlobalUser:
-    "The user `ident` signs in as: already linked, linked now by verified email (claiming an unverified account), or created; audited."
+    """The user `ident` signs in as: already linked, linked now by verified email (claiming an unverified account),
+    or created; audited."""
     db = sessions.host_db
     for attempt in (1, 2):
         try:
@@ -86,14 +90,18 @@ def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> Gl
                 uid, new_link = _find_user(conn, ident)
                 if uid is None:
                     uid = gen_id()
-                    conn.execute(users_t.insert().values(id=uid, email=ident.email, name=ident.name, created_at=timestamp(),
-                                 is_active=True, is_sys_admin=False, email_verified_at=timestamp()))
-                    audit(db, 'auth.user_created', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider))
+                    conn.execute(users_t.insert().values(id=uid, email=ident.email, name=ident.name,
+                                                         created_at=timestamp(), is_active=True, is_sys_admin=False,
+                                                         email_verified_at=timestamp()))
+                    audit(db, 'auth.user_created', target_id=uid, actor_user_id=uid,
+                          details=dict(provider=ident.provider))
                 elif new_link: _claim_unverified(sessions, conn, uid, ident)
                 if new_link:
-                    conn.execute(oauth_identities_t.insert().values(id=gen_id(), provider=ident.provider, subject=ident.subject,
-                                                                    user_id=uid, email=ident.email, created_at=timestamp()))
-                    audit(db, 'auth.oauth_linked', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider))
+                    conn.execute(oauth_identities_t.insert().values(id=gen_id(), provider=ident.provider,
+                                                                    subject=ident.subject, user_id=uid,
+                                                                    email=ident.email, created_at=timestamp()))
+                    audit(db, 'auth.oauth_linked', target_id=uid, actor_user_id=uid,
+                          details=dict(provider=ident.provider))
             return db.global_users[uid]
         except sa.exc.IntegrityError:
             if attempt == 2: raise  # a concurrent first sign-in of the same person won; the retry finds its rows
@@ -119,15 +127,16 @@ def github_provider(client_id: str, client_secret: str) -> OAuthProvider:
     "Sign in with GitHub (OAuth 2; the verified primary email comes from the API)."
     return OAuthProvider('github', client_id, client_secret, kind='github', scope='read:user user:email')
 
-_GITHUB = dict(authorize_url='https://github.com/login/oauth/authorize', access_token_url='https://github.com/login/oauth/access_token',
-               api_base_url='https://api.github.com/')
+_GITHUB = dict(authorize_url='https://github.com/login/oauth/authorize',
+               access_token_url='https://github.com/login/oauth/access_token', api_base_url='https://api.github.com/')
 
 def make_oauth(providers: list[OAuthProvider]) -> OAuth:
     "An authlib `OAuth` registry with `providers`."
     oauth = OAuth()
     for p in providers:
         urls = _GITHUB if p.kind == 'github' else dict(server_metadata_url=p.metadata_url)
-        oauth.register(p.name, client_id=p.client_id, client_secret=p.client_secret, client_kwargs=dict(scope=p.scope), **urls)
+        oauth.register(p.name, client_id=p.client_id, client_secret=p.client_secret, client_kwargs=dict(scope=p.scope),
+                       **urls)
     return oauth
 
 # %% ../nbs/27_oauth.ipynb #46a390fa
@@ -137,14 +146,17 @@ async def identity_from_token(client, provider: OAuthProvider, token: dict) -> E
         user = (await client.get('user', token=token)).json()
         emails = (await client.get('user/emails', token=token)).json()
         primary = next((e for e in emails if e.get('primary')), {})
-        return ExternalIdentity('github', str(user['id']), primary.get('email'), bool(primary.get('verified')), user.get('name'))
+        return ExternalIdentity('github', str(user['id']), primary.get('email'), bool(primary.get('verified')),
+                                user.get('name'))
     claims = token.get('userinfo') or await client.userinfo(token=token)
-    return ExternalIdentity(provider.name, str(claims['sub']), claims.get('email'), claims.get('email_verified') is True, claims.get('name'))
+    return ExternalIdentity(provider.name, str(claims['sub']), claims.get('email'),
+                            claims.get('email_verified') is True, claims.get('name'))
 
 # %% ../nbs/27_oauth.ipynb #4cddd968
 def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvider], prefix: str = '/auth/oauth',
                      after_login: str = '/', login_path: str = '/login', secure: bool = False) -> OAuth:
-    "Add `{prefix}/{name}/login` and `{prefix}/{name}/callback` to a FastHTML `app` (`secure`: the site is https); the authlib registry."
+    """Add `{prefix}/{name}/login` and `{prefix}/{name}/callback` to a FastHTML `app` (`secure`: the site is https);
+    the authlib registry."""
     oauth, by_name = make_oauth(providers), {p.name: p for p in providers}
 
     def fail(reason: str): return RedirectResponse(f'{login_path}?error={reason}', 303)
@@ -165,8 +177,8 @@ def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvide
             user = link_or_create_user(sessions, ident)
             if not user.is_active: return None
             with sessions.host_db.transaction():
-                audit(sessions.host_db, 'auth.login', target_id=user.id, actor_user_id=user.id, ip_address=ip, user_agent=ua,
-                      details=dict(provider=name))
+                audit(sessions.host_db, 'auth.login', target_id=user.id, actor_user_id=user.id, ip_address=ip,
+                      user_agent=ua, details=dict(provider=name))
                 return open_session(sessions, user.id, ip, ua)
         try: cookie = await run_in_threadpool(sign_in)
         except OAuthLinkRefused: return fail('email_not_verified')

@@ -48,12 +48,13 @@ class InvalidToken(ValueError):
     "The token is unknown, expired, already used, or meant for something else."
 
 def issue_token(host_db: HostDatabase, user_id: str, purpose: str, ttl: timedelta, now: datetime | None = None) -> str:
-    "Store the hash of a new token for `user_id` and `purpose`, valid for `ttl`; return the raw token (send it, never store it)."
+    "Store a new token's hash for `user_id` and `purpose`, valid for `ttl`; the raw token (send it, never store it)."
     now = now or utcnow()
     raw = new_token()
     with host_db.transaction() as conn:
         conn.execute(one_time_tokens_t.insert().values(id=gen_id(), token_hash=hash_token(raw), purpose=purpose,
-                                                       user_id=user_id, created_at=timestamp(now), expires_at=timestamp(now + ttl)))
+                                                       user_id=user_id, created_at=timestamp(now),
+                                                       expires_at=timestamp(now + ttl)))
     return raw
 
 def consume_token(host_db: HostDatabase, raw: str, purpose: str, now: datetime | None = None) -> str:

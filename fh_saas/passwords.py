@@ -48,7 +48,8 @@ def hash_password(password: str, hasher: PasswordHasher = default_hasher) -> str
     check_password_policy(password)
     return hasher.hash(password)
 
-def verify_password(stored: str | None, password: str, hasher: PasswordHasher = default_hasher) -> tuple[bool, str | None]:
+def verify_password(stored: str | None, password: str,
+                    hasher: PasswordHasher = default_hasher) -> tuple[bool, str | None]:
     "`(ok, new_hash)`: whether `password` matches `stored`, and a fresh hash when the parameters changed."
     try: hasher.verify(stored or _dummy_hash(hasher), password or '')
     except (VerificationError, InvalidHashError): return False, None
@@ -99,7 +100,8 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
     buckets = list(_buckets(email, ip_address, throttle))
     decisions = [hit(host_db, bucket, rule, now) for bucket, rule in buckets]
     if blocked := [d for d in decisions if not d.allowed]:
-        with host_db.transaction(): audit(host_db, 'auth.login_failed', details=dict(email=_as_logged(email), reason='throttled'), **where)
+        with host_db.transaction():
+            audit(host_db, 'auth.login_failed', details=dict(email=_as_logged(email), reason='throttled'), **where)
         raise LoginThrottled(max(d.retry_after for d in blocked))
     with host_db.transaction() as conn: row = _user_by_email(conn, email)
     ok, new_hash = verify_password(row['password_hash'] if row else None, password, hasher)
@@ -111,19 +113,22 @@ def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: s
     with host_db.transaction() as conn:
         values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
         u = users_t.c
-        if still := conn.execute(users_t.update().where(u.id == row['id'], u.password_hash == row['password_hash'], u.is_active.is_(True))
+        if still := conn.execute(users_t.update().where(u.id == row['id'], u.password_hash == row['password_hash'],
+                                                        u.is_active.is_(True))
                                  .values(**values)).rowcount == 1:
             audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
     if not still:   # the password changed (a reset, an account claimed by its email's owner) while this one was checked
         with host_db.transaction():
-            audit(host_db, 'auth.login_failed', target_id=row['id'], details=dict(email=_as_logged(email), reason='changed'), **where)
+            audit(host_db, 'auth.login_failed', target_id=row['id'],
+                  details=dict(email=_as_logged(email), reason='changed'), **where)
         raise LoginFailed("wrong email or password")
     reset_bucket(host_db, buckets[0][0])
     for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now)
     return host_db.global_users[row['id']]
 
 # %% ../nbs/26_passwords.ipynb #d28334a6
-def open_session(sessions: SessionManager, user_id: str, ip_address: str | None = None, user_agent: str | None = None) -> str:
+def open_session(sessions: SessionManager, user_id: str, ip_address: str | None = None,
+                 user_agent: str | None = None) -> str:
     "A new session for `user_id` in the active tenant they joined first (none if they have none); the cookie value."
     first = next(iter(active_tenants(sessions.host_db, user_id)), None)
     return sessions.create(user_id, first and first['tenant_id'], ip_address, user_agent)
@@ -132,7 +137,8 @@ def login(sessions: SessionManager, email: str, password: str, ip_address: str |
           user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
           hasher: PasswordHasher = default_hasher) -> tuple[GlobalUser, str]:
     "Authenticate and open a session: `(user, cookie_value)`."
-    user, db, u = authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher, sessions.clock()), sessions.host_db, users_t.c
+    user, db, u = (authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher,
+                                sessions.clock()), sessions.host_db, users_t.c)
     with db.transaction() as conn:
         checked = sa.select(u.id).where(u.id == user.id, u.password_hash == user.password_hash, u.is_active.is_(True))
         if conn.execute(checked.with_for_update()).first() is None: raise LoginFailed("wrong email or password")
@@ -144,7 +150,8 @@ def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now
     conn.execute(users_t.update().where(users_t.c.id == user_id)
                  .values(password_hash=hash_password(password, hasher), password_changed_at=timestamp(now)))
     t = one_time_tokens_t.c
-    conn.execute(one_time_tokens_t.update().where(t.user_id == user_id, t.purpose == 'password_reset', t.used_at.is_(None))
+    conn.execute(one_time_tokens_t.update()
+                 .where(t.user_id == user_id, t.purpose == 'password_reset', t.used_at.is_(None))
                  .values(used_at=timestamp(now)))
 
 def change_password(sessions: SessionManager, record: SessionRecord, old: str, new: str,
@@ -161,14 +168,16 @@ def change_password(sessions: SessionManager, record: SessionRecord, old: str, n
 
 reset_mail_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix='fh_saas-password-reset')
 
-def _send_reset_link(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str], ttl: timedelta, now):
+def _send_reset_link(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str], ttl: timedelta,
+                     now):
     "Email a reset link (built by `link(token)`) if an active user has this email; nothing otherwise."
     with host_db.transaction() as conn: row = _user_by_email(conn, (email or '').strip().lower())
     if not row or not row['is_active']: return
     with host_db.transaction():
         raw = issue_token(host_db, row['id'], 'password_reset', ttl, now)
         audit(host_db, 'auth.password_reset_requested', target_id=row['id'])
-    mailer.send(row['email'], 'Reset your password', f"Use this link within {ttl} to choose a new password:\n{link(raw)}\n")
+    mailer.send(row['email'], 'Reset your password',
+                f"Use this link within {ttl} to choose a new password:\n{link(raw)}\n")
 
 def _log_failure(done: Future):
     if (e := done.exception()) is not None: _log.error("a password reset mail was not sent", exc_info=e)
@@ -196,12 +205,14 @@ def send_email_verification(host_db: HostDatabase, user_id: str, mailer: Mailer,
                             ttl: timedelta = timedelta(days=2), now=None):
     "Email `user_id` a link proving they control their address."
     email = host_db.global_users[user_id].email
-    mailer.send(email, 'Confirm your email', f"Confirm your address:\n{link(issue_token(host_db, user_id, 'email_verify', ttl, now))}\n")
+    mailer.send(email, 'Confirm your email',
+                f"Confirm your address:\n{link(issue_token(host_db, user_id, 'email_verify', ttl, now))}\n")
 
 def verify_email(host_db: HostDatabase, token: str, now=None) -> str:
     "Mark the token's user as verified (single use); the user id."
     with host_db.transaction() as conn:
         user_id = consume_token(host_db, token, 'email_verify', now)
-        conn.execute(users_t.update().where(users_t.c.id == user_id).values(email_verified_at=timestamp(now or utcnow())))
+        conn.execute(users_t.update().where(users_t.c.id == user_id)
+                     .values(email_verified_at=timestamp(now or utcnow())))
         audit(host_db, 'auth.email_verified', target_id=user_id, actor_user_id=user_id)
     return user_id

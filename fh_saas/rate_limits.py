@@ -81,9 +81,11 @@ def hits_so_far(host_db: HostDatabase, bucket: str, rule: RateLimit, now: dateti
 
 def reset_bucket(host_db: HostDatabase, bucket: str):
     "Forget every window of `bucket` (e.g. an account's failed logins after a successful one)."
-    with _own_transaction(host_db) as conn: conn.execute(rate_counters_t.delete().where(rate_counters_t.c.bucket == bucket))
+    with _own_transaction(host_db) as conn:
+        conn.execute(rate_counters_t.delete().where(rate_counters_t.c.bucket == bucket))
 
 def purge_windows(host_db: HostDatabase, before: datetime) -> int:
     "Delete counters whose window started before `before` (run it from a periodic job); the number deleted."
     with _own_transaction(host_db) as conn:
-        return conn.execute(rate_counters_t.delete().where(rate_counters_t.c.window_start < int(before.timestamp()))).rowcount
+        return conn.execute(rate_counters_t.delete()
+                            .where(rate_counters_t.c.window_start < int(before.timestamp()))).rowcount

@@ -56,7 +56,8 @@ class SessionManager:
                  absolute: timedelta = timedelta(days=7), cookie_name: str = 'fh_saas_session',
                  clock: Callable[[], datetime] = utcnow, touch_every: timedelta = timedelta(minutes=1)):
         keys = list(secret_key) if isinstance(secret_key, (list, tuple)) else [secret_key]
-        if not keys or any(len(k or '') < 32 for k in keys): raise ValueError("each session secret key must be at least 32 characters")
+        if not keys or any(len(k or '') < 32 for k in keys):
+            raise ValueError("each session secret key must be at least 32 characters")
         self.host_db, self.idle, self.absolute, self.cookie_name = host_db, idle, absolute, cookie_name
         self.clock, self.touch_every = clock, touch_every
         self._signer = Signer(keys[::-1], salt='fh_saas.session')  # signs with the last key, accepts any
@@ -105,9 +106,10 @@ class SessionManager:
                                 .values(revoked_at=timestamp(self.clock()))).rowcount == 1
 
     def revoke_user(self, user_id: str, keep: str | None = None) -> int:
-        "End every session of `user_id`, including those in which they impersonate someone (except the one keyed `keep`)."
+        "End every session of `user_id`, including those where they impersonate someone (except the one keyed `keep`)."
         c = sessions_t.c
-        cond = [sa.or_(c.user_id == user_id, c.impersonator_user_id == user_id), c.revoked_at.is_(None)] + ([c.id_hash != keep] if keep else [])
+        cond = ([sa.or_(c.user_id == user_id, c.impersonator_user_id == user_id), c.revoked_at.is_(None)]
+                + ([c.id_hash != keep] if keep else []))
         with self.host_db.transaction() as conn:
             return conn.execute(sessions_t.update().where(*cond).values(revoked_at=timestamp(self.clock()))).rowcount
 
@@ -153,7 +155,8 @@ def start_impersonation(sessions: SessionManager, record: SessionRecord, target_
                      .values(user_id=target_user_id, impersonator_user_id=admin['id'], tenant_id=None))
         audit(db, 'impersonation.started', target_id=target_user_id, actor_user_id=admin['id'],
               impersonator_user_id=admin['id'])
-    return SessionRecord(**{**record.__dict__, 'user_id': target_user_id, 'impersonator_user_id': admin['id'], 'tenant_id': None})
+    return SessionRecord(**{**record.__dict__, 'user_id': target_user_id, 'impersonator_user_id': admin['id'],
+                            'tenant_id': None})
 
 def stop_impersonation(sessions: SessionManager, record: SessionRecord) -> SessionRecord:
     "Return `record`'s session to the impersonating admin."

@@ -73,7 +73,8 @@ def item_price(item: dict) -> dict:
 
 def subscription_amount(sub: dict) -> int | None:
     "What the subscription costs per period, in integer cents (sum over items of unit amount x quantity)."
-    amounts = [(item_price(i).get('unit_amount', item_price(i).get('amount')), i.get('quantity') or 1) for i in sub_items(sub)]
+    amounts = [(item_price(i).get('unit_amount', item_price(i).get('amount')), i.get('quantity') or 1)
+               for i in sub_items(sub)]
     return None if not amounts or any(a is None for a, _ in amounts) else sum(a * q for a, q in amounts)
 
 def metadata_tenant(obj: dict) -> str | None:
@@ -92,9 +93,11 @@ def _tenant_exists(conn, tenant_id) -> bool:
 
 def _known_tenant(conn, sub_id=None, cust_id=None) -> str | None:
     if sub_id:
-        t = conn.execute(sa.select(subscriptions_t.c.tenant_id).where(subscriptions_t.c.stripe_sub_id == sub_id)).scalar()
+        t = conn.execute(sa.select(subscriptions_t.c.tenant_id)
+                         .where(subscriptions_t.c.stripe_sub_id == sub_id)).scalar()
         if t: return t
-    if cust_id: return conn.execute(sa.select(customers_t.c.tenant_id).where(customers_t.c.stripe_cust_id == cust_id)).scalar()
+    if cust_id:
+        return conn.execute(sa.select(customers_t.c.tenant_id).where(customers_t.c.stripe_cust_id == cust_id)).scalar()
 
 def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None:
     "The tenant of an object: a stored mapping first, then the first `claimed` id (metadata) that exists."
@@ -104,7 +107,8 @@ def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None
 # %% ../nbs/31_stripe_models.ipynb #52f234e0
 def locked_subscription(conn, stripe_id: str):
     "The `core_subscriptions` row for `stripe_id` (None if unknown), locked for this transaction."
-    return conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id).with_for_update()).first()
+    return conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id)
+                        .with_for_update()).first()
 
 def subscription_row(conn, stripe_id: str, tenant_id: str, **init):
     "The `core_subscriptions` row for `stripe_id`, created for `tenant_id` if new, locked for this transaction."
@@ -116,7 +120,9 @@ def subscription_row(conn, stripe_id: str, tenant_id: str, **init):
 
 def link_customer(conn, tenant_id: str, cust_id: str | None):
     "Remember `cust_id` as the tenant's Stripe customer, unless the tenant or the customer is already mapped."
-    if cust_id: conn.execute(dialect_insert(conn, customers_t).values(tenant_id=tenant_id, stripe_cust_id=cust_id).on_conflict_do_nothing())
+    if cust_id:
+        conn.execute(dialect_insert(conn, customers_t).values(tenant_id=tenant_id, stripe_cust_id=cust_id)
+                     .on_conflict_do_nothing())
 
 def event_clock(event) -> dict:
     return dict(last_event_created=event['created'], last_event_id=event['id'], updated_at=timestamp())
@@ -126,21 +132,22 @@ def update_subscription(conn, row, values: dict):
 
 # %% ../nbs/31_stripe_models.ipynb #64b827da
 def subscription_values(conn, sub: dict, row=None) -> dict:
-    "The `core_subscriptions` columns a Stripe subscription object determines (plan looked up only when the price changed)."
+    "The `core_subscriptions` columns a Stripe subscription determines (plan looked up only when the price changed)."
     price = ref_id(item_price(sub_items(sub)[0])) if sub_items(sub) else None
     start, end = subscription_period(sub)
     values = dict(status=sub.get('status'), stripe_cust_id=ref_id(sub.get('customer')), stripe_price_id=price,
                   payment_type='subscription', amount_cents=subscription_amount(sub), current_period_start=start,
                   current_period_end=end, trial_end=epoch_iso(sub.get('trial_end')),
-                  cancel_at_period_end=bool(sub.get('cancel_at_period_end')), canceled_at=epoch_iso(sub.get('canceled_at')),
-                  ended_at=epoch_iso(sub.get('ended_at')))
+                  cancel_at_period_end=bool(sub.get('cancel_at_period_end')),
+                  canceled_at=epoch_iso(sub.get('canceled_at')), ended_at=epoch_iso(sub.get('ended_at')))
     if (row is None or price != row.stripe_price_id) and price and (plan := conn.execute(plan_selling(price)).first()):
         values.update(plan_tier=plan.id, product_name=plan.name)
     return values
 
 def store_subscription(host_db, conn, row, sub: dict, clock: dict, details: dict):
     "Write the snapshot `sub` over the locked `row` with its ordering `clock`, and audit it (same transaction)."
-    if sub.get('customer') and ref_id(sub['customer']) != row.stripe_cust_id: link_customer(conn, row.tenant_id, ref_id(sub['customer']))
+    if sub.get('customer') and ref_id(sub['customer']) != row.stripe_cust_id:
+        link_customer(conn, row.tenant_id, ref_id(sub['customer']))
     values = subscription_values(conn, sub, row)
     update_subscription(conn, row, values | clock)
     audit(host_db, 'billing.subscription_updated', target_id=sub['id'], tenant_id=row.tenant_id,

@@ -45,8 +45,10 @@ def _secrets(secrets) -> list[str]:
     return secrets
 
 def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int = 300) -> dict:
-    "The event in `payload` if `signature` (the `Stripe-Signature` header) verifies with one of `secrets`; else `WebhookRejected`."
-    # stripe checks only the past side of the tolerance; a signature dated far ahead would stay replayable, so we bound both.
+    """The event in `payload` if `signature` (the `Stripe-Signature` header) verifies with one of `secrets`;
+    else `WebhookRejected`."""
+    # stripe checks only the past side of the tolerance; a signature dated far ahead would stay replayable,
+    # so we bound both.
     if not signature: raise WebhookRejected("missing Stripe-Signature header")
     try: payload.decode('utf-8')
     except UnicodeDecodeError: raise WebhookRejected("body is not UTF-8") from None
@@ -56,10 +58,12 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
             break
         except stripe.SignatureVerificationError: continue
     else: raise WebhookRejected("no valid signature for any configured secret, or timestamp outside the tolerance")
-    if int(_SIG_TIME.search(signature).group(1)) > time.time() + tolerance: raise WebhookRejected("timestamp is in the future")
+    if int(_SIG_TIME.search(signature).group(1)) > time.time() + tolerance:
+        raise WebhookRejected("timestamp is in the future")
     try: event = json.loads(payload)
     except ValueError: raise WebhookRejected("body is not JSON") from None
-    obj = event.get('data', {}).get('object') if isinstance(event, dict) and isinstance(event.get('data'), dict) else None
+    obj = (event.get('data', {}).get('object') if isinstance(event, dict) and isinstance(event.get('data'), dict)
+           else None)
     if not (isinstance(obj, dict) and isinstance(event.get('id'), str) and _EVENT_ID.fullmatch(event['id'])
             and isinstance(event.get('type'), str) and type(event.get('created')) is int):
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
@@ -81,11 +85,13 @@ def on_subscription(host_db, conn, event) -> Outcome:
         if tenant is None: return Outcome('ignored_no_tenant')
         row = subscription_row(conn, sub['id'], tenant)
     if not is_newer(event, sub.get('status'), row): return Outcome('skipped_out_of_order', row.tenant_id)
-    store_subscription(host_db, conn, row, sub, event_clock(event), dict(event_id=event['id'], event_type=event['type']))
+    store_subscription(host_db, conn, row, sub, event_clock(event),
+                       dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', row.tenant_id)
 
 # %% ../nbs/32_stripe_webhooks.ipynb #659edeb5
-_SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
+_SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active',
+                                                  'unpaid': 'pending_payment'},
                    'checkout.session.async_payment_succeeded': 'active',
                    'checkout.session.async_payment_failed': 'payment_failed'}
 
@@ -102,9 +108,11 @@ def on_checkout_session(host_db, conn, event) -> Outcome:
     if s.get('mode') == 'subscription' and sub_id:
         row = subscription_row(conn, sub_id, tenant, payment_type='subscription')
         link_customer(conn, row.tenant_id, cust)
-        fills = row.status is None or (row.status == 'pending_payment' and event['type'] != 'checkout.session.completed')
+        fills = row.status is None or (row.status == 'pending_payment'
+                                       and event['type'] != 'checkout.session.completed')
         if not fills and row.stripe_cust_id: return Outcome('skipped_superseded', row.tenant_id)
-        values = dict(stripe_cust_id=row.stripe_cust_id or cust, updated_at=timestamp()) | (dict(status=status) if fills else {})
+        values = (dict(stripe_cust_id=row.stripe_cust_id or cust, updated_at=timestamp())
+                  | (dict(status=status) if fills else {}))
     elif s.get('mode') == 'payment':
         row = subscription_row(conn, s['id'], tenant, payment_type='one_time')
         link_customer(conn, row.tenant_id, cust)
@@ -123,12 +131,14 @@ def on_invoice(host_db, conn, event) -> Outcome:
     inv = event['data']['object']
     sub_id = invoice_subscription(inv)
     details = (inv.get('parent') or {}).get('subscription_details') or {}
-    tenant = resolve_tenant(conn, sub_id=sub_id, cust_id=ref_id(inv.get('customer')), claimed=[metadata_tenant(details)])
+    tenant = resolve_tenant(conn, sub_id=sub_id, cust_id=ref_id(inv.get('customer')),
+                            claimed=[metadata_tenant(details)])
     if tenant is None: return Outcome('ignored_no_tenant')
     kind = 'billing.invoice_payment_failed' if event['type'] == 'invoice.payment_failed' else 'billing.invoice_paid'
     audit(host_db, kind, target_id=inv.get('id'), tenant_id=tenant,
-          details=dict(event_id=event['id'], event_type=event['type'], subscription=sub_id, amount_due=inv.get('amount_due'),
-                       amount_paid=inv.get('amount_paid'), attempt_count=inv.get('attempt_count'), currency=inv.get('currency')))
+          details=dict(event_id=event['id'], event_type=event['type'], subscription=sub_id,
+                       amount_due=inv.get('amount_due'), amount_paid=inv.get('amount_paid'),
+                       attempt_count=inv.get('attempt_count'), currency=inv.get('currency')))
     return Outcome('processed', tenant)
 
 def on_customer(host_db, conn, event) -> Outcome:
@@ -137,16 +147,19 @@ def on_customer(host_db, conn, event) -> Outcome:
     tenant = resolve_tenant(conn, cust_id=cust['id'], claimed=[metadata_tenant(cust)])
     if tenant is None: return Outcome('ignored_no_tenant')
     link_customer(conn, tenant, cust['id'])
-    row = conn.execute(sa.select(customers_t).where(customers_t.c.stripe_cust_id == cust['id']).with_for_update()).first()
+    row = conn.execute(sa.select(customers_t).where(customers_t.c.stripe_cust_id == cust['id'])
+                       .with_for_update()).first()
     if row is None: return Outcome('ignored_no_tenant')
     if not is_newer(event, None, row): return Outcome('skipped_out_of_order', row.tenant_id)
-    conn.execute(customers_t.update().where(customers_t.c.stripe_cust_id == cust['id']).values(email=cust.get('email'), **event_clock(event)))
+    conn.execute(customers_t.update().where(customers_t.c.stripe_cust_id == cust['id'])
+                 .values(email=cust.get('email'), **event_clock(event)))
     audit(host_db, 'billing.customer_updated', target_id=cust['id'], tenant_id=row.tenant_id,
           details=dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', row.tenant_id)
 
 EVENT_HANDLERS = {
-    **{f'customer.subscription.{k}': on_subscription for k in ('created', 'updated', 'deleted', 'paused', 'resumed', 'trial_will_end')},
+    **{f'customer.subscription.{k}': on_subscription
+       for k in ('created', 'updated', 'deleted', 'paused', 'resumed', 'trial_will_end')},
     **{t: on_checkout_session for t in _SESSION_STATUS},
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
     'customer.updated': on_customer}
@@ -165,7 +178,8 @@ def _inbox_values(event, payload: str) -> dict:
 def _claim(conn, event, payload):
     "Insert or lock the inbox row of `event`: the stored status when it is already done, else None (apply it)."
     c = webhook_events_t.c
-    fresh = conn.execute(dialect_insert(conn, webhook_events_t).values(status='processing', attempts=0, **_inbox_values(event, payload))
+    fresh = conn.execute(dialect_insert(conn, webhook_events_t)
+                         .values(status='processing', attempts=0, **_inbox_values(event, payload))
                          .on_conflict_do_nothing(index_elements=[c.event_id])).rowcount
     if fresh: return None
     status = conn.execute(sa.select(c.status).where(c.event_id == event['id']).with_for_update()).scalar()
@@ -176,14 +190,17 @@ def _record_failure(host_db, event, payload, error: Exception):
     c, msg = webhook_events_t.c, scrub(f"{type(error).__name__}: {error}")
     try:
         with host_db.transaction() as conn:
-            conn.execute(dialect_insert(conn, webhook_events_t).values(status='failed', attempts=1, last_error=msg, **_inbox_values(event, payload))
+            conn.execute(dialect_insert(conn, webhook_events_t)
+                         .values(status='failed', attempts=1, last_error=msg, **_inbox_values(event, payload))
                          .on_conflict_do_update(index_elements=[c.event_id], where=c.status == 'failed',
-                                                set_=dict(attempts=c.attempts + 1, last_error=msg, updated_at=timestamp())))
+                                                set_=dict(attempts=c.attempts + 1, last_error=msg,
+                                                          updated_at=timestamp())))
     except Exception as e: _log.error("could not record the failure of Stripe event %s: %s", event['id'], scrub(str(e)))
 
 def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
     "Apply a verified `event` (raw JSON `payload`) exactly once; raises if its handler fails (the failure is recorded)."
-    if host_db.in_transaction: raise RuntimeError("apply_event commits its own transaction: call it outside host_db.transaction()")
+    if host_db.in_transaction:
+        raise RuntimeError("apply_event commits its own transaction: call it outside host_db.transaction()")
     handler = EVENT_HANDLERS.get(event['type'])
     try:
         with host_db.transaction() as conn:
@@ -200,7 +217,7 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
 
 # %% ../nbs/32_stripe_webhooks.ipynb #c6a080bd
 MAX_BODY = 1 << 20
-"Largest accepted delivery, in bytes (Stripe events are a few kB; the body is read before the signature can be checked)."
+"Largest accepted delivery, in bytes (Stripe events are a few kB; the body is read before the signature is checked)."
 
 async def _read_body(request, limit: int) -> bytes | None:
     "The request body, or None as soon as it exceeds `limit` bytes."
@@ -231,8 +248,10 @@ def webhook_secrets_from_env(env=None) -> list[str]:
     env = os.environ if env is None else env
     return _secrets([x.strip() for x in env.get('STRIPE_WEBHOOK_SECRET', '').split(',') if x.strip()])
 
-def add_stripe_webhook(app, host_db: HostDatabase, secrets=None, path: str = '/stripe/webhook', tolerance: int = 300) -> Route:
-    "Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login; `secrets` default to the environment's."
+def add_stripe_webhook(app, host_db: HostDatabase, secrets=None, path: str = '/stripe/webhook',
+                       tolerance: int = 300) -> Route:
+    """Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login;
+    `secrets` default to the environment's."""
     secrets = webhook_secrets_from_env() if secrets is None else secrets
     route = Route(path, webhook_endpoint(host_db, secrets, tolerance), methods=['POST'], name='stripe_webhook')
     app.router.routes.insert(0, route)
@@ -248,7 +267,8 @@ def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
 def replay_failed(host_db: HostDatabase, limit: int = 1000) -> dict[str, int]:
     "Apply again up to `limit` failed events from their stored payloads, oldest first; counts by outcome."
     c = webhook_events_t.c
-    rows = host_db.db.execute(sa.select(c.payload_json).where(c.status == 'failed').order_by(c.event_created, c.id).limit(limit))
+    rows = host_db.db.execute(sa.select(c.payload_json).where(c.status == 'failed').order_by(c.event_created, c.id)
+                              .limit(limit))
     counts = Counter()
     for r in rows: _apply_counting(host_db, counts, json.loads(r['payload_json']), r['payload_json'])
     return dict(counts)

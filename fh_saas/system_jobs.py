@@ -37,7 +37,8 @@ def deprovision_job(job):
 @job_handler('tenants.migrate')
 def migrate_job(job):
     "Bring every tenant up to date; a tenant that fails is reported in the result (the others go on)."
-    report = migrate_tenants(job.host_db, target=job.payload.get('target'), concurrency=job.payload.get('concurrency', 4))
+    report = migrate_tenants(job.host_db, target=job.payload.get('target'),
+                             concurrency=job.payload.get('concurrency', 4))
     return dict(migrated=len(report.migrated), failed={o.tenant_id: o.error for o in report.failed})
 
 # %% ../nbs/41_system_jobs.ipynb #bbf27efe
@@ -53,7 +54,8 @@ def auth_cleanup_job(job):
     "Delete sessions and one-time tokens that ended more than `keep_days` ago, and old rate-limit windows."
     cutoff = utcnow() - timedelta(days=job.payload.get('keep_days', 1))
     with job.host_db.transaction() as conn:
-        s = conn.execute(sessions_t.delete().where(sa.or_(sessions_t.c.expires_at < cutoff, sessions_t.c.revoked_at < cutoff))).rowcount
+        s = conn.execute(sessions_t.delete().where(sa.or_(sessions_t.c.expires_at < cutoff,
+                                                          sessions_t.c.revoked_at < cutoff))).rowcount
         t = conn.execute(one_time_tokens_t.delete().where(sa.or_(one_time_tokens_t.c.expires_at < cutoff,
                                                                  one_time_tokens_t.c.used_at < cutoff))).rowcount
     return dict(sessions=s, tokens=t, rate_windows=purge_windows(job.host_db, cutoff))
@@ -73,12 +75,16 @@ def trial_sweep_job(job):
     "Cancel local trials (no `stripe_sub_id`) whose `trial_end` has passed, ended at `trial_end`; one audit row each."
     s = subscriptions_t
     with job.host_db.transaction() as conn:
-        ended = conn.execute(s.update().where(s.c.status == 'trialing', s.c.stripe_sub_id.is_(None), s.c.trial_end < utcnow())
+        ended = conn.execute(s.update()
+                             .where(s.c.status == 'trialing', s.c.stripe_sub_id.is_(None), s.c.trial_end < utcnow())
                              .values(status='canceled', ended_at=s.c.trial_end)
                              .returning(s.c.id, s.c.tenant_id, s.c.trial_end)).all()
-        for r in ended: audit(job.host_db, 'billing.trial_expired', target_id=r.id, tenant_id=r.tenant_id, details=dict(trial_end=r.trial_end))
+        for r in ended:
+            audit(job.host_db, 'billing.trial_expired', target_id=r.id, tenant_id=r.tenant_id,
+                  details=dict(trial_end=r.trial_end))
     return dict(expired=len(ended))
 
 # %% ../nbs/41_system_jobs.ipynb #d086b35f
-SYSTEM_SCHEDULES = [Periodic('billing.reconcile', timedelta(hours=1)), Periodic('billing.trial_sweep', timedelta(hours=1)),
+SYSTEM_SCHEDULES = [Periodic('billing.reconcile', timedelta(hours=1)),
+                    Periodic('billing.trial_sweep', timedelta(hours=1)),
                     Periodic('auth.cleanup', timedelta(hours=6)), Periodic('jobs.purge', timedelta(days=1))]

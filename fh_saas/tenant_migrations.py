@@ -158,7 +158,8 @@ def _lock(conn: sa.Connection, lock_timeout: float | None):
     "Serialise migrations of this database: PostgreSQL advisory lock; SQLite already holds its write lock."
     if conn.dialect.name == 'postgresql':
         conn.execute(sa.text('SELECT pg_advisory_xact_lock(:k)'), dict(k=_LOCK_KEY))
-        if lock_timeout is not None: conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}")
+        if lock_timeout is not None:
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}")
     elif conn.dialect.name == 'sqlite' and not conn.connection.dbapi_connection.in_transaction:
         raise TypeError("SQLite tenant engines must come from fh_saas.db_host.make_engine "
                         "(its transactions start with BEGIN IMMEDIATE, so DDL is transactional)")
@@ -233,20 +234,24 @@ class FleetReport:
     def ok(self) -> bool: return not self.failed
 
     def __repr__(self):
-        return f"FleetReport(target={self.target}, migrated={len(self.migrated)}, failed={[(o.tenant_id, o.failed_version) for o in self.failed]})"
+        return (f"FleetReport(target={self.target}, migrated={len(self.migrated)}, "
+                f"failed={[(o.tenant_id, o.failed_version) for o in self.failed]})")
 
 # %% ../nbs/11_tenant_migrations.ipynb #e49a1da5
 def tenants_behind(host_db, target: int, tenant_ids: Iterable[str] | None = None) -> list[tuple[str, int]]:
     "(id, catalog schema_version) of the migratable tenants below `target`; unknown `tenant_ids` are an error."
     q = (sa.select(tenants_t.c.id, tenants_t.c.schema_version)
-         .where(tenants_t.c.status.in_(MIGRATABLE_STATUSES), tenants_t.c.schema_version < target).order_by(tenants_t.c.id))
+         .where(tenants_t.c.status.in_(MIGRATABLE_STATUSES), tenants_t.c.schema_version < target)
+         .order_by(tenants_t.c.id))
     if isinstance(tenant_ids, str): raise TypeError("tenant_ids must be a collection of ids, not one string")
     with host_db.transaction() as conn:
         if tenant_ids is None: return [tuple(r) for r in conn.execute(q)]
         ids = sorted(set(tenant_ids))
-        known = set(conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(ids)).order_by(tenants_t.c.id)).scalars())
+        known = set(conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(ids))
+                                 .order_by(tenants_t.c.id)).scalars())
         if missing := [i for i in ids if i not in known]:
-            raise ValueError(f"unknown tenant ids: {', '.join(map(repr, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
+            raise ValueError(f"unknown tenant ids: {', '.join(map(repr, missing[:10]))}"
+                             f"{' ...' if len(missing) > 10 else ''}")
         return [tuple(r) for r in conn.execute(q.where(tenants_t.c.id.in_(ids)))]
 
 def _migrate_tenant(host_db, engine_for, schema, target, lock_timeout, tenant_id, from_version) -> TenantOutcome:
@@ -263,15 +268,18 @@ def _migrate_tenant(host_db, engine_for, schema, target, lock_timeout, tenant_id
 def migrate_fleet(host_db, engine_for: Callable[[str], sa.Engine], target: int | None = None, concurrency: int = 4,
                   tenant_ids: Iterable[str] | None = None, progress: Callable | None = None,
                   schema: TenantSchema | None = None, lock_timeout: float | None = 10.0) -> FleetReport:
-    "Migrate every tenant behind `target` (default: latest), `concurrency` at a time; failures are reported, not raised."
+    "Migrate each tenant behind `target` (default: latest), `concurrency` at a time; failures are reported, not raised."
     schema = tenant_schema if schema is None else schema
     target = schema.latest if target is None else target
-    if not 0 < target <= schema.latest: raise ValueError(f"target version {target} is not in this schema (latest: {schema.latest})")
-    if type(concurrency) is not int or concurrency < 1: raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    if not 0 < target <= schema.latest:
+        raise ValueError(f"target version {target} is not in this schema (latest: {schema.latest})")
+    if type(concurrency) is not int or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
     todo, outcomes = tenants_behind(host_db, target, tenant_ids), []
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix='fh_saas_migrate')
     try:
-        futures = [pool.submit(_migrate_tenant, host_db, engine_for, schema, target, lock_timeout, tid, v) for tid, v in todo]
+        futures = [pool.submit(_migrate_tenant, host_db, engine_for, schema, target, lock_timeout, tid, v)
+                   for tid, v in todo]
         for fut in as_completed(futures):
             outcomes.append(outcome := fut.result())
             if progress: progress(outcome, len(outcomes), len(todo))

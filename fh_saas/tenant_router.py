@@ -50,7 +50,8 @@ class TenantRouter:
     def __init__(self, host_db, budget: int | None = None, pool_size: int = 2, ttl: float = 5.0, timeout: float = 30.0):
         self.host_db, self.pool_size, self.ttl, self.timeout = host_db, pool_size, ttl, timeout
         self.budget = budget or env_count('FH_SAAS_TENANT_CONN_BUDGET', 100, minimum=1)
-        if self.budget < pool_size: raise ValueError(f"budget {self.budget} is smaller than one tenant's pool ({pool_size})")
+        if self.budget < pool_size:
+            raise ValueError(f"budget {self.budget} is smaller than one tenant's pool ({pool_size})")
         self.capacity = self.budget // pool_size
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retiring: set[_Entry] = set()
@@ -181,7 +182,8 @@ class TenantRouter:
         unwatch_routing(self)
         _unlisten(self)
 
-    def __repr__(self): return f"TenantRouter({len(self._entries)}/{self.capacity} tenants cached, budget {self.budget})"
+    def __repr__(self):
+        return f"TenantRouter({len(self._entries)}/{self.capacity} tenants cached, budget {self.budget})"
 
 # %% ../nbs/13_tenant_router.ipynb #fc8fb10c
 LISTENER_NAME = 'fh_saas routing listener'
@@ -191,7 +193,8 @@ class RoutingListener:
     "A daemon thread that `LISTEN`s for routing changes on a PostgreSQL host `engine` and tells this process's routers."
     def __init__(self, engine: sa.Engine, backoff: tuple[float, float] = (0.1, 5.0)):
         self.engine, self.backoff = engine, backoff
-        self.routers, self.listens = weakref.WeakSet(), 0   # `listens`: how many times it has connected, LISTENed and made routers forget
+        # `listens`: how many times it has connected, LISTENed and made routers forget
+        self.routers, self.listens = weakref.WeakSet(), 0
         self._stopping = threading.Event()
         self._wake, self._waker = os.pipe()   # `stop` writes to `_waker` to end the wait at once
         self.thread = threading.Thread(target=self._run, name=LISTENER_NAME, daemon=True)
@@ -201,9 +204,9 @@ class RoutingListener:
         "A new psycopg2 connection (not from the pool) in autocommit, listening on `ROUTING_CHANNEL`."
         dialect = self.engine.dialect
         cargs, cparams = dialect.create_connect_args(self.engine.url)
-        conn = dialect.loaded_dbapi.connect(*cargs, **{**cparams, 'application_name': LISTENER_NAME, 'connect_timeout': 5,
-                                                       'keepalives': 1, 'keepalives_idle': 30, 'keepalives_interval': 10,
-                                                       'keepalives_count': 3})
+        conn = dialect.loaded_dbapi.connect(*cargs, **{**cparams, 'application_name': LISTENER_NAME,
+                                                       'connect_timeout': 5, 'keepalives': 1, 'keepalives_idle': 30,
+                                                       'keepalives_interval': 10, 'keepalives_count': 3})
         conn.autocommit = True
         with conn.cursor() as cur: cur.execute(f'LISTEN {ROUTING_CHANNEL}')
         return conn
@@ -217,7 +220,8 @@ class RoutingListener:
         with selectors.DefaultSelector() as sel:  # not `select.select`, which fails on descriptors past 1023
             sel.register(conn, selectors.EVENT_READ)
             sel.register(self._wake, selectors.EVENT_READ)
-            while True:  # no timeout needed: `stop` wakes it, a dropped connection is readable, keepalives catch a silent one
+            # no timeout needed: `stop` wakes it, a dropped connection is readable, keepalives catch a silent one
+            while True:
                 if any(key.fileobj == self._wake for key, _ in sel.select()):
                     os.read(self._wake, 512)   # drained, so a stray byte cannot make every later wait return at once
                     if self._stopping.is_set(): return
@@ -237,7 +241,8 @@ class RoutingListener:
                 self._serve(conn)
             except Exception as e:
                 if self._stopping.is_set(): break
-                _log.warning("routing listener on %r: %s; reconnecting in %.1fs", self.engine.url, error_reason(e), delay)
+                _log.warning("routing listener on %r: %s; reconnecting in %.1fs",
+                             self.engine.url, error_reason(e), delay)
                 self._stopping.wait(delay)
                 delay = min(2 * delay, self.backoff[1])
             finally:
@@ -248,7 +253,8 @@ class RoutingListener:
         self._stopping.set()
         os.write(self._waker, b'.')
         self.thread.join(timeout)
-        if self.thread.is_alive(): _log.warning("routing listener on %r did not stop within %ss", self.engine.url, timeout)
+        if self.thread.is_alive():
+            _log.warning("routing listener on %r did not stop within %ss", self.engine.url, timeout)
         else: os.close(self._wake); os.close(self._waker)
 
 # %% ../nbs/13_tenant_router.ipynb #503a651c
@@ -270,7 +276,8 @@ def _listen(router):
     with _listeners_lock:
         if (listener := _listeners.get(engine)) is None:
             listener = _listeners[engine] = RoutingListener(engine)
-            if not sa.event.contains(engine, 'engine_disposed', _host_closed): sa.event.listen(engine, 'engine_disposed', _host_closed)
+            if not sa.event.contains(engine, 'engine_disposed', _host_closed):
+                sa.event.listen(engine, 'engine_disposed', _host_closed)
         listener.routers.add(router)
 
 def _unlisten(router):

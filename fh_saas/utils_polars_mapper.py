@@ -55,7 +55,8 @@ def _to_json(s: pl.Series) -> pl.Series:
         for v in s.drop_nulls(): json.loads(v)
         return s
     encoded = pl.struct(pl.col(s.name).alias('v')).struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix('}')
-    return s.to_frame().select(pl.when(pl.col(s.name).is_null()).then(None).otherwise(encoded)).to_series().alias(s.name)
+    return (s.to_frame().select(pl.when(pl.col(s.name).is_null()).then(None).otherwise(encoded))
+            .to_series().alias(s.name))
 
 _CONVERTERS = {'int': lambda s: s.cast(pl.Int64), 'float': lambda s: s.cast(pl.Float64),
                'str': lambda s: s.cast(pl.String), 'bool': _to_bool, 'datetime': _to_datetime,
@@ -64,7 +65,8 @@ _CONVERTERS = {'int': lambda s: s.cast(pl.Int64), 'float': lambda s: s.cast(pl.F
 def _converter(kind):
     "The Series -> Series conversion for a type name or polars dtype."
     if isinstance(kind, str):
-        if kind not in _CONVERTERS: raise ValueError(f"unknown type {kind!r}: use one of {', '.join(_CONVERTERS)} or a polars dtype")
+        if kind not in _CONVERTERS:
+            raise ValueError(f"unknown type {kind!r}: use one of {', '.join(_CONVERTERS)} or a polars dtype")
         return _CONVERTERS[kind]
     if isinstance(kind, pl.DataType) or (isinstance(kind, type) and issubclass(kind, pl.DataType)):
         return lambda s: s.cast(kind)
@@ -73,7 +75,8 @@ def _converter(kind):
 def apply_schema(df: pl.DataFrame, type_map: dict) -> pl.DataFrame:
     "`df` with each column of `type_map` converted to its type (a name from the table above or a polars dtype)."
     convs = {col: _converter(kind) for col, kind in type_map.items()}
-    if missing := [c for c in convs if c not in df.columns]: raise ValueError(f"type_map names missing column(s) {missing}")
+    if missing := [c for c in convs if c not in df.columns]:
+        raise ValueError(f"type_map names missing column(s) {missing}")
     for col, conv in convs.items():
         try: df = df.with_columns(conv(df[col]).alias(col))
         except (pl.exceptions.PolarsError, ValueError, TypeError) as e:
@@ -95,13 +98,15 @@ def _as_frame(data) -> pl.DataFrame:
 def _unnest(df: pl.DataFrame, cols) -> pl.DataFrame:
     for c in cols:
         if c not in df.columns: raise ValueError(f"unnest_cols names missing column {c!r}")
-        if not isinstance(df.schema[c], pl.Struct): raise ValueError(f"unnest_cols: column {c!r} is {df.schema[c]}, not a struct")
+        if not isinstance(df.schema[c], pl.Struct):
+            raise ValueError(f"unnest_cols: column {c!r} is {df.schema[c]}, not a struct")
         fields = [f'{c}_{f.name}' for f in df.schema[c].fields]
         df = df.with_columns(pl.col(c).struct.rename_fields(fields)).unnest(c)
     return df
 
 def _rename(df: pl.DataFrame, column_map: dict) -> pl.DataFrame:
-    if missing := [c for c in column_map if c not in df.columns]: raise ValueError(f"column_map names missing column(s) {missing}")
+    if missing := [c for c in column_map if c not in df.columns]:
+        raise ValueError(f"column_map names missing column(s) {missing}")
     return df.rename(column_map)
 
 def _check_storable(df: pl.DataFrame, json_cols: set):
@@ -111,14 +116,17 @@ def _check_storable(df: pl.DataFrame, json_cols: set):
         if dtype.base_type() not in _SQL_TYPES and not isinstance(dtype, pl.Decimal):
             raise ValueError(f"column {col!r} has type {dtype}, which cannot be stored: cast it with type_map")
         if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
-            raise ValueError(f"column {col!r} holds date-times without a time zone: give them in UTC (type_map 'datetime')")
+            raise ValueError(f"column {col!r} holds date-times without a time zone: "
+                             "give them in UTC (type_map 'datetime')")
 
 def _prepare(df: pl.DataFrame, keys: list, column_map, unnest_cols, type_map) -> tuple[pl.DataFrame, set]:
     "The frame to write (shaped, cast, checked, one row per key) and its JSON columns."
     df = _rename(_unnest(df, unnest_cols or []), column_map or {})
     for c in df.columns: _check_ident(c, 'column')
-    if missing := [k for k in keys if k not in df.columns]: raise ValueError(f"key column(s) {missing} not in the data (columns: {df.columns})")
-    type_map = {c: 'json' for c, t in df.schema.items() if t.is_nested() and c not in (type_map or {})} | (type_map or {})
+    if missing := [k for k in keys if k not in df.columns]:
+        raise ValueError(f"key column(s) {missing} not in the data (columns: {df.columns})")
+    type_map = ({c: 'json' for c, t in df.schema.items() if t.is_nested() and c not in (type_map or {})}
+                | (type_map or {}))
     df = apply_schema(df, type_map)
     json_cols = {c for c, t in type_map.items() if t == 'json'}
     _check_storable(df, json_cols)
@@ -205,7 +213,7 @@ def _copy(conn, df: pl.DataFrame, table: str, cols: str) -> int:
         raise sa.exc.DBAPIError.instance(copy, None, e, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect) from None
 
 def _upsert_postgresql(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
-    "COPY into a temporary table shaped like the target's columns, then merge; a table created just now takes the COPY directly."
+    "COPY into a temporary table shaped like the target, then merge; a table created just now takes the COPY directly."
     q = conn.dialect.identifier_preparer.quote_identifier
     cols = ', '.join(map(q, df.columns))
     if new_table: return _copy(conn, df, q(table), cols)
@@ -231,7 +239,7 @@ _WRITERS = dict(postgresql=_upsert_postgresql, sqlite=_upsert_sqlite)
 # %% ../nbs/06_utils_polars_mapper.ipynb #585ea014
 def map_and_upsert(df, table_name: str, key_col, db_uri, column_map: dict | None = None,
                    unnest_cols: list | None = None, type_map: dict | None = None) -> int:
-    "Shape `df` (polars frame or list of dicts) and upsert it into `table_name` on `key_col` in one transaction; the rows written."
+    "Shape `df` (polars frame or list of dicts) and upsert it into `table_name` on `key_col` atomically; rows written."
     table = _check_ident(table_name, 'table name')
     keys = [key_col] if isinstance(key_col, str) else list(key_col)
     if not keys: raise ValueError("key_col names no column")
