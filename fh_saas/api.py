@@ -1,4 +1,4 @@
-"""`/api/...` handlers that answer API keys only, in JSON with one error shape, validated, metered and described by OpenAPI 3.1.
+"""`/api/...` handlers for API keys only: JSON with one error shape, validated, metered, described by OpenAPI.
 
 Docs: https://fh-saas.github.io/fh_saas/api.html.md"""
 
@@ -61,8 +61,8 @@ def _quota_reset(now: datetime) -> int:
 
 class Api:
     "JSON endpoints under `prefix` for API keys, described at `prefix/openapi.json` and `prefix/docs`."
-    def __init__(self, app, prefix: str = '/api', title: str = 'API', version: str = '1', quota: str | None = 'api_calls',
-                 roles: Roles | None = None):
+    def __init__(self, app, prefix: str = '/api', title: str = 'API', version: str = '1',
+                 quota: str | None = 'api_calls', roles: Roles | None = None):
         self.app, self.prefix, self.title, self.version, self.quota = app, prefix.rstrip('/'), title, version, quota
         self.roles, self.endpoints = roles, []
         app.get(f'{self.prefix}/openapi.json')(lambda: JSONResponse(self.openapi()))
@@ -105,7 +105,8 @@ async def _body(ep: Endpoint, req):
 def _check(api: Api, ep: Endpoint, req, auth):
     "Refuse a call that is not an API key's, a member's below `ep.role`, or past the tenant's metered quota."
     if getattr(auth, 'api_key_id', None) is None:
-        raise ApiError(401, 'unauthenticated', "send an API key: Authorization: Bearer <key>", {'WWW-Authenticate': 'Bearer'})
+        raise ApiError(401, 'unauthenticated', "send an API key: Authorization: Bearer <key>",
+                       {'WWW-Authenticate': 'Bearer'})
     if ep.role is not None and not (api.roles or auth.roles).at_least(auth.role, ep.role):
         raise ApiError(403, 'forbidden', f"this needs the {ep.role} role; the key's member is {auth.role}")
     ents = auth.entitlements
@@ -146,7 +147,8 @@ def _operation(ep: Endpoint) -> dict:
     op = dict(operationId=ep.handler.__name__, summary=ep.summary, security=[{'bearer': []}, {'apiKey': []}],
               responses={str(ep.status): ok} | {str(c): {'description': _ERRORS[c], 'content': {
                   'application/json': {'schema': {'$ref': '#/components/schemas/Error'}}}} for c in sorted(codes)})
-    if ep.params: op['parameters'] = [dict(name=n, schema={'type': 'string'}, required=True, **{'in': 'path'}) for n in ep.params]
+    path_param = lambda n: {'name': n, 'in': 'path', 'required': True, 'schema': {'type': 'string'}}
+    if ep.params: op['parameters'] = [path_param(n) for n in ep.params]
     if ep.body is not None:
         op['requestBody'] = {'required': True, 'content': {'application/json': {'schema': ep.body.model_json_schema()}}}
     return op
@@ -159,7 +161,8 @@ def openapi(self: Api) -> dict:
     error = {'type': 'object', 'required': ['error'], 'properties': {'error': {
         'type': 'object', 'required': ['code', 'message'],
         'properties': {'code': {'type': 'string'}, 'message': {'type': 'string'}}}}}
-    schemes = {'bearer': {'type': 'http', 'scheme': 'bearer'}, 'apiKey': {'type': 'apiKey', 'name': 'X-API-Key', 'in': 'header'}}
+    schemes = {'bearer': {'type': 'http', 'scheme': 'bearer'},
+               'apiKey': {'type': 'apiKey', 'name': 'X-API-Key', 'in': 'header'}}
     return {'openapi': '3.1.0', 'info': {'title': self.title, 'version': self.version}, 'paths': paths,
             'components': {'schemas': {'Error': error}, 'securitySchemes': schemes}}
 
@@ -168,10 +171,12 @@ def openapi(self: Api) -> dict:
 def _docs(self: Api, req):
     "A page listing each endpoint: method, path, what it does and the body it takes."
     def fields(ep): return ', '.join(ep.body.model_json_schema().get('properties', {})) if ep.body is not None else ''
-    rows = [Tr(Td(Code(ep.method)), Td(Code(self.prefix + ep.path)), Td(ep.summary), Td(fields(ep))) for ep in self.endpoints]
+    rows = [Tr(Td(Code(ep.method)), Td(Code(self.prefix + ep.path)), Td(ep.summary), Td(fields(ep)))
+            for ep in self.endpoints]
     content = (H1(self.title), P('Send an API key as ', Code('Authorization: Bearer <key>'), '. Errors are ',
                                    Code('{"error": {"code": ..., "message": ...}}'), '. The OpenAPI document: ',
                                    Code(f'{self.prefix}/openapi.json'), '.'),
-               H2('Endpoints'), Table(Thead(Tr(Th('Method'), Th('Path'), Th('What it does'), Th('Body'))), Tbody(*rows)))
+               H2('Endpoints'),
+               Table(Thead(Tr(Th('Method'), Th('Path'), Th('What it does'), Th('Body'))), Tbody(*rows)))
     saas = getattr(req.app.state, 'saas', None)
     return FtResponse(saas.page(req, self.title, *content) if saas is not None else content)

@@ -1,4 +1,4 @@
-"""Stripe-style tenant API keys: shown once, stored hashed, found by a public key id, live or test mode read from the key itself, revocable.
+"""Stripe-style tenant API keys: shown once, stored hashed, found by a public id, live or test, revocable.
 
 Docs: https://fh-saas.github.io/fh_saas/api_keys.html.md"""
 

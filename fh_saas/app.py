@@ -1,4 +1,4 @@
-"""`setup_saas(app)`: sign-up, login, teams, API keys, pricing, billing, the Stripe webhook and the admin area on any FastHTML app.
+"""`setup_saas(app)`: sign-up, login, teams, API keys, pricing, billing, webhooks and admin on any FastHTML app.
 
 Docs: https://fh-saas.github.io/fh_saas/app.html.md"""
 
@@ -37,9 +37,11 @@ from .ui import mount_static, static_headers
 def mailer_from_env(env=None) -> Mailer:
     "An `SMTPMailer` from `SMTP_HOST`, `SMTP_PORT`, `SMTP_USER`, `SMTP_PASSWORD`, `SMTP_FROM`."
     env = os.environ if env is None else env
-    if not (host := env.get('SMTP_HOST')): raise SaasConfigError(
-        "set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), pass mailer=, or set FH_SAAS_ENV=development")
-    if not (port := env.get('SMTP_PORT', '587').strip()).isdigit(): raise SaasConfigError(f"SMTP_PORT={port!r} is not a port number")
+    if not (host := env.get('SMTP_HOST')):
+        raise SaasConfigError("set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), pass mailer=, "
+                              "or set FH_SAAS_ENV=development")
+    if not (port := env.get('SMTP_PORT', '587').strip()).isdigit():
+        raise SaasConfigError(f"SMTP_PORT={port!r} is not a port number")
     return SMTPMailer(host, int(port), env.get('SMTP_FROM', 'no-reply@localhost'),
                       env.get('SMTP_USER'), env.get('SMTP_PASSWORD'))
 
@@ -62,7 +64,7 @@ def _master_key_set():
 
 def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionManager | None = None,
                router: TenantRouter | None = None, mailer: Mailer | None = None, stripe=None, webhook_secrets=None,
-               policy: BillingPolicy = BillingPolicy(), base_url: str | None = None, brand: str = 'fh_saas',
+               policy: BillingPolicy | None = None, base_url: str | None = None, brand: str = 'fh_saas',
                home: str = '/', app_nav=(), oauth_providers=(), public=(), dev: bool | None = None,
                roles: Roles = DEFAULT_ROLES, api_rate_limit: RateLimit | None = None) -> Saas:
     "Mount fh_saas on `app` and return the `Saas` context its pages share."
@@ -71,6 +73,7 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     if mailer is None: mailer = DevOutbox() if dev else mailer_from_env()
     base_url = base_url or os.environ.get('FH_SAAS_BASE_URL') or f"http://127.0.0.1:{os.environ.get('PORT', '5001')}"
     host_db = host_db or HostDatabase.from_env()
+    policy = policy or BillingPolicy()
     if dev: policy = dev_policy(host_db, policy)
     if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
     saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
@@ -80,13 +83,15 @@ def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionMan
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
     if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
-    if oauth_providers: add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
+    if oauth_providers:
+        add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
                             access=lambda h, tid: entitlements(h, tid, policy=policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles,
                             rate_limit=api_rate_limit or api_rate_limit_from_env())
     dev_paths = [DEV_MAIL_PATH] if dev else []
-    app.before = [saas_beforeware(resolver, skip=[*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]), *listify(app.before)]
+    skip = [*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]
+    app.before = [saas_beforeware(resolver, skip=skip), *listify(app.before)]
     add_account_routes(app, saas, roles=roles)
     for add in (add_billing_routes, add_admin_routes): add(app, saas)
     if dev:

@@ -1,4 +1,4 @@
-"""Forms that change things carry a per-session token, public forms refuse other sites, and redirects follow only local paths.
+"""Changing forms carry a per-session token, public forms refuse other sites, redirects follow local paths only.
 
 Docs: https://fh-saas.github.io/fh_saas/csrf.html.md"""
 

@@ -37,8 +37,9 @@ from . import ui
 DEMO_PLANS = [
     dict(id='free', name='Free', description='Projects for a small team.', amount_monthly=0, amount_yearly=0,
          trial_days=0, features=['projects'], quotas={'api_calls': 1000}, tier_level=0, sort_order=0),
-    dict(id='pro', name='Pro', description='Exports, more seats and more API calls.', amount_monthly=1900, amount_yearly=19000,
-         trial_days=14, features=['projects', 'exports'], quotas={'seats': 10, 'api_calls': 100000}, tier_level=1, sort_order=1),
+    dict(id='pro', name='Pro', description='Exports, more seats and more API calls.', amount_monthly=1900,
+         amount_yearly=19000, trial_days=14, features=['projects', 'exports'],
+         quotas={'seats': 10, 'api_calls': 100000}, tier_level=1, sort_order=1),
 ]
 DEMO_EMAIL, DEMO_PASSWORD = 'demo@example.com', 'demo password 1234'
 
@@ -65,7 +66,8 @@ def seed_demo(host_db: HostDatabase) -> str:
     with host_db.transaction():
         found = host_db.global_users(where='lower(email) = :e', where_args=dict(e=DEMO_EMAIL))
         if found: return found[0].id
-        user = host_db.global_users.insert(GlobalUser(email=DEMO_EMAIL, name='Demo User', password_hash=hash_password(DEMO_PASSWORD),
+        user = host_db.global_users.insert(GlobalUser(email=DEMO_EMAIL, name='Demo User',
+                                                      password_hash=hash_password(DEMO_PASSWORD),
                                                       is_sys_admin=True, email_verified_at=timestamp()))
         add_member(host_db, tenant.id, user.id, 'owner')
         host_db.subscriptions.insert(Subscription(tenant_id=tenant.id, status='trialing', plan_tier='pro',
@@ -78,12 +80,14 @@ def _add_projects(app, saas, policy):
     @require_feature('projects', policy=policy)
     def projects(auth, req):
         rows = auth.db['projects'](order_by='created_at desc')
-        table = Table(Thead(Tr(Th('Project'), Th('Created'))),
-                      Tbody(*[Tr(Td(p['name']), Td(p['created_at'][:16].replace('T', ' '))) for p in rows])) if rows else P('No projects yet.', cls='muted')
+        body = Tbody(*[Tr(Td(p['name']), Td(p['created_at'][:16].replace('T', ' '))) for p in rows])
+        table = Table(Thead(Tr(Th('Project'), Th('Created'))), body) if rows else P('No projects yet.', cls='muted')
         form = Form(ui.field('New project', 'name', required=True, maxlength=200), Button('Create'),
-                    Hidden(name='csrf', value=csrf_token(auth.session)), method='post', action='/projects', cls='inline')
+                    Hidden(name='csrf', value=csrf_token(auth.session)), method='post', action='/projects',
+                    cls='inline')
         if not auth.roles.at_least(auth.role, 'member'):
-            form = P(f"As a viewer you see {auth.tenant.name}'s projects; ask an admin to make you a member to add one.")
+            form = P(f"As a viewer you see {auth.tenant.name}'s projects; ask an admin to make you a member to add "
+                     "one.")
         return saas.page(req, 'Projects', H1('Projects'), ui.card(form), ui.card(table),
                          A('Export CSV (Pro)', href='/projects/export', cls='button secondary'))
 
@@ -103,7 +107,8 @@ def _add_projects(app, saas, policy):
     def create_project(auth, name: str, csrf: str = ''):
         if not csrf_ok(auth, csrf): return Response('invalid form token: reload the page', status_code=403)
         if name.strip():
-            auth.db['projects'].insert(dict(id=gen_id(), name=name.strip()[:200], created_by=auth.user.id, created_at=timestamp()))
+            auth.db['projects'].insert(dict(id=gen_id(), name=name.strip()[:200], created_by=auth.user.id,
+                                            created_at=timestamp()))
         return RedirectResponse('/projects', 303)
 
 # %% ../nbs/91_demo.ipynb #6dd97d25
@@ -144,7 +149,8 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     path = Path(folder).absolute()
     path.mkdir(parents=True, exist_ok=True)
     os.environ['FH_SAAS_SECRET_KEY'] = _secret_key(path)
-    if os.environ.get('DB_TYPE', 'SQLITE').upper() == 'SQLITE': os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(path/'host.db'))
+    if os.environ.get('DB_TYPE', 'SQLITE').upper() == 'SQLITE':
+        os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(path/'host.db'))
     _register_projects()
     host_db = HostDatabase.from_env()
     if host_db.engine.dialect.name == 'postgresql': _tenants_beside_host(host_db)
@@ -153,8 +159,8 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     if stripe: sync_plans(stripe, host_db)
     policy = BillingPolicy(free_plan='free')
     app = FastHTML(default_hdrs=False, title='fh_saas demo', secret_key=os.environ['FH_SAAS_SECRET_KEY'])
-    saas = setup_saas(app, host_db, stripe=stripe, policy=policy, base_url=base_url, brand='fh_saas demo', home='/projects',
-                      app_nav=[('Projects', '/projects')], dev=True)
+    saas = setup_saas(app, host_db, stripe=stripe, policy=policy, base_url=base_url, brand='fh_saas demo',
+                      home='/projects', app_nav=[('Projects', '/projects')], dev=True)
     app.get('/')(lambda: RedirectResponse('/projects', 303))
     _add_projects(app, saas, policy)
     _add_projects_api(app)

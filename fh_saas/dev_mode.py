@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/dev_mode.html.md"""
 __all__ = ['DEV_MAIL_PATH', 'DEV_PLAN', 'SaasConfigError', 'is_development', 'DevOutbox', 'linked', 'add_dev_mail', 'serve_jobs',
            'dev_policy']
 
-# %% ../nbs/51_dev_mode.ipynb #575a50b7
+# %% ../nbs/51_dev_mode.ipynb #9ebcf4a5
 import os, re, sys, threading
 
 from fasthtml.common import A, H1, P, Pre, Strong
@@ -19,7 +19,7 @@ from .mail import MemoryOutbox
 from .system_jobs import SYSTEM_SCHEDULES
 from . import ui
 
-# %% ../nbs/51_dev_mode.ipynb #4773689e
+# %% ../nbs/51_dev_mode.ipynb #5fe8e543
 class SaasConfigError(RuntimeError):
     "fh_saas cannot start as configured; the message names what to set."
 
@@ -30,7 +30,7 @@ def is_development(env=None) -> bool:
     if value in ('', 'production', 'prod'): return False
     raise SaasConfigError(f"FH_SAAS_ENV={value!r}: use development or production")
 
-# %% ../nbs/51_dev_mode.ipynb #029e963a
+# %% ../nbs/51_dev_mode.ipynb #e2592816
 class DevOutbox(MemoryOutbox):
     "The development mailer: keeps each message for `/dev/mail` and prints it to `stream` (default: stderr)."
     def __init__(self, sender: str = 'no-reply@localhost', stream=None): super().__init__(sender); self.stream = stream
@@ -39,7 +39,7 @@ class DevOutbox(MemoryOutbox):
         super().send(to, subject, body)
         print(f"--- mail to {to}: {subject}\n{body.rstrip()}\n---", file=self.stream or sys.stderr, flush=True)
 
-# %% ../nbs/51_dev_mode.ipynb #d0411bcf
+# %% ../nbs/51_dev_mode.ipynb #12c0c3a9
 _URL = re.compile(r'(https?://[^\s<>"]+)')
 
 def linked(text: str) -> list:
@@ -56,7 +56,7 @@ def add_dev_mail(app, saas, outbox: MemoryOutbox, path: str = DEV_MAIL_PATH):
         items = [ui.card(P(Strong(m['Subject']), f" to {m['To']}"), Pre(*linked(m.get_content()))) for m in msgs]
         return saas.page(req, 'Mail', H1('Mail sent by this app'), *(items or [P('No mail yet.', cls='muted')]))
 
-# %% ../nbs/51_dev_mode.ipynb #3a62177d
+# %% ../nbs/51_dev_mode.ipynb #558fe745
 def serve_jobs(app, host_db, schedules=SYSTEM_SCHEDULES, poll: float = 0.2) -> threading.Event:
     "Run jobs on a thread of this process while `app` serves; the event that stops it (set at shutdown)."
     stop = threading.Event()
@@ -66,12 +66,12 @@ def serve_jobs(app, host_db, schedules=SYSTEM_SCHEDULES, poll: float = 0.2) -> t
     app.lifespan.shutdown.append(stop.set)
     return stop
 
-# %% ../nbs/51_dev_mode.ipynb #b8d8a89e
+# %% ../nbs/51_dev_mode.ipynb #457cf41e
 DEV_PLAN = dict(id='free', name='Free', description='Everything, while you develop.', amount_monthly=0, amount_yearly=0,
                 trial_days=0, features=[], quotas={}, tier_level=0, sort_order=0)
 
 def dev_policy(host_db, policy: BillingPolicy) -> BillingPolicy:
-    "`policy`, or, when it names no free plan and no plan but `DEV_PLAN` is on sale, one giving every tenant `DEV_PLAN`."
+    "`policy`, or, when it names no free plan and only `DEV_PLAN` is on sale (or none), one giving `DEV_PLAN` to all."
     if policy.free_plan is not None: return policy
     on_sale = [p.id for p in active_plans(host_db)]
     if not on_sale: seed_plans(host_db, [DEV_PLAN])

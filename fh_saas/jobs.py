@@ -1,4 +1,4 @@
-"""A durable queue in the host database: enqueue, claim with a lease, retry with backoff, a worker that binds each job's tenant, and periodic jobs.
+"""A durable queue in the host database: claims with a lease, retries with backoff, a worker, periodic jobs.
 
 Docs: https://fh-saas.github.io/fh_saas/jobs.html.md"""
 

@@ -1,4 +1,4 @@
-"""Sending account email (reset links, verification, invitations) through one small interface: SMTP in production, an in-memory outbox in tests.
+"""Account email (resets, verification, invitations) through one small interface: SMTP, or an outbox in tests.
 
 Docs: https://fh-saas.github.io/fh_saas/mail.html.md"""
 

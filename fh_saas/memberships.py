@@ -1,4 +1,4 @@
-"""Roles, invitations, switching tenants, removing members and transferring ownership, with "every tenant keeps an owner" enforced under concurrency.
+"""Roles, invitations, tenant switching, removal and ownership transfer; every tenant always keeps an owner.
 
 Docs: https://fh-saas.github.io/fh_saas/memberships.html.md"""
 

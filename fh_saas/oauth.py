@@ -1,4 +1,4 @@
-"""Sign in with Google, GitHub or any OpenID Connect provider through authlib; accounts are linked only by a verified email.
+"""Sign in with Google, GitHub or any OpenID Connect provider; accounts are linked only by a verified email.
 
 Docs: https://fh-saas.github.io/fh_saas/oauth.html.md"""
 

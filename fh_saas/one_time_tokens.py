@@ -1,4 +1,4 @@
-"""Random secrets for links sent by email (password reset, email verification): only their hash is kept; each expires and works once.
+"""Secrets for links sent by email (reset, verification): only their hash is kept; each expires and works once.
 
 Docs: https://fh-saas.github.io/fh_saas/one_time_tokens.html.md"""
 

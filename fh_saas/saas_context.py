@@ -46,7 +46,7 @@ class Saas:
         return self.base_url.rstrip('/') + path
 
     def current_tenant(self, auth):
-        "The tenant `auth` works in: the one the beforeware resolved, else (on tenant-free pages) the session's while active."
+        "The tenant `auth` works in: the beforeware's, else (on tenant-free pages) the session's while it is active."
         if auth is None or auth.tenant is not None: return auth and auth.tenant
         tid = auth.session.tenant_id if auth.session else None
         tenant = self.host_db.tenants.get(tid, default=None) if tid else None
@@ -66,7 +66,9 @@ class Saas:
         auth = req.scope.get('auth')
         tenant, who = self.current_tenant(auth), None
         if auth is not None:
-            who = (A(auth.user.email, href='/account', title='Your account'), ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
+            who = (A(auth.user.email, href='/account', title='Your account'),
+                   ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
                    Form(Button('Log out', cls='secondary'), method='post', action='/logout'))
-        return ui.page(title, *content, nav=self.nav(auth, tenant), active=req.url.path, who=who, brand=self.brand, narrow=narrow,
+        return ui.page(title, *content, nav=self.nav(auth, tenant), active=req.url.path, who=who, brand=self.brand,
+                       narrow=narrow,
                        impersonator=auth.user.email if auth is not None and auth.impersonator is not None else None)

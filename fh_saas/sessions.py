@@ -1,4 +1,4 @@
-"""Server-side login sessions behind a signed cookie: logout, password change and admin revocation end them at once, and idle and absolute timeouts really expire them.
+"""Server-side sessions behind a signed cookie: logout, password change and revocation end them at once.
 
 Docs: https://fh-saas.github.io/fh_saas/sessions.html.md"""
 

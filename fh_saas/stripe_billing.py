@@ -1,4 +1,4 @@
-"""The calls fh_saas makes to Stripe: the tenant's customer, Checkout, the billing portal, plan changes, cancellation, plan sync and reconciliation.
+"""fh_saas's calls to Stripe: customer, Checkout, portal, plan change, cancellation, plan sync, reconciliation.
 
 Docs: https://fh-saas.github.io/fh_saas/stripe_billing.html.md"""
 

@@ -1,5 +1,4 @@
-"""What fh_saas keeps of Stripe's objects: each tenant's customer, its subscriptions in event order, and how
-Stripe's fields are read.
+"""What fh_saas keeps of Stripe: each tenant's customer, its subscriptions in event order, how Stripe's fields read.
 
 Docs: https://fh-saas.github.io/fh_saas/stripe_models.html.md"""
 

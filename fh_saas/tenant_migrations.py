@@ -1,4 +1,4 @@
-"""Versioned schema migrations for tenant databases: one database at a time, or the whole fleet with bounded concurrency.
+"""Versioned schema migrations for tenant databases: one database at a time, or the whole fleet, concurrently.
 
 Docs: https://fh-saas.github.io/fh_saas/tenant_migrations.html.md"""
 
