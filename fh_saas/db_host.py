@@ -11,8 +11,8 @@ __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscripti
            'StripeWebhookEvent', 'register_component', 'HostDatabaseUnavailable', 'HostDatabase', 'UTCTimestamp',
            'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert', 'env_count',
            'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable', 'DuplicateRecord',
-           'NoConnectionBound', 'PooledDatabase', 'HostComponent', 'schema_version', 'schema_versions_t',
-           'upgrade_schema']
+           'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase', 'HostComponent',
+           'schema_version', 'schema_versions_t', 'upgrade_schema']
 
 # %% ../nbs/04_db_host.ipynb #52f52564
 import threading
@@ -26,15 +26,16 @@ from fastsql import DBTable
 from .db_values import UTCTimestamp, as_utc, gen_id, timestamp, utcnow
 from .db_engine import HostDatabaseConfigError, dialect_insert, env_count, env_flag, error_reason, get_db_uri
 from .db_engine import make_engine, url_from_env
-from .db_pooled import BoundTable, DuplicateRecord, NoConnectionBound, PooledDatabase
+from .db_pooled import BoundTable, DuplicateRecord, MissingReference, NoConnectionBound, PooledDatabase
+from .db_pooled import RecordRefused
 from .db_upgrade import HostComponent, schema_version, schema_versions_t, upgrade_schema
 
 
 # %% ../nbs/04_db_host.ipynb #dfdea55a
 _all_ = ['UTCTimestamp', 'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert',
           'env_count', 'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable',
-          'DuplicateRecord', 'NoConnectionBound', 'PooledDatabase', 'HostComponent', 'schema_version',
-          'schema_versions_t', 'upgrade_schema']
+          'DuplicateRecord', 'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase',
+          'HostComponent', 'schema_version', 'schema_versions_t', 'upgrade_schema']
 
 # %% ../nbs/04_db_host.ipynb #a1cba110
 def _model(cls):

@@ -42,6 +42,11 @@ class TenantMigration:
         if not (self.up.strip() if isinstance(self.up, str) else callable(self.up)):
             raise MigrationRegistryError(f"migration {self.version} ({self.name}): `up` must be SQL text or a callable")
 
+    def same_as(self, other: 'TenantMigration') -> bool:
+        "Whether `other` is this step again: same version and name, and the same SQL or the same function by name."
+        def key(up): return (up.__module__, up.__qualname__) if callable(up) else up.strip()
+        return (self.version, self.name, key(self.up)) == (other.version, other.name, key(other.up))
+
     def apply(self, conn: sa.Connection):
         "Run this step on `conn`, inside the caller's transaction."
         if callable(self.up): return self.up(conn)
@@ -69,11 +74,12 @@ class TenantSchema:
         for m in migrations: self.add(m)
 
     def add(self, migration: TenantMigration) -> TenantMigration:
-        "Append `migration`; its version must be above every version already here."
+        "Append `migration` (the same step again is harmless); its version must be above every version here."
         if not isinstance(migration, TenantMigration):
             raise MigrationRegistryError(f"expected a TenantMigration, got {type(migration).__name__}")
         v = migration.version
         if (dup := self._steps.get(v)) is not None:
+            if dup.same_as(migration): return dup   # registered again (a second import, a reload): nothing to do
             raise MigrationRegistryError(f"duplicate tenant migration version {v}: {dup.name!r} and {migration.name!r}")
         if v < self.latest:
             raise MigrationRegistryError(f"tenant migration {v} ({migration.name!r}) is out of order: "

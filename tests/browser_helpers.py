@@ -18,6 +18,7 @@ def served_demo(folder, **settings):
     "`fh-saas demo` in its own process on a fresh SQLite folder, with only `settings` of the DB_/FH_SAAS_/STRIPE_ variables."
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))} | settings
+    Path(folder).mkdir(parents=True, exist_ok=True)
     log = Path(folder) / "demo.log"   # a file, not a pipe: the mail it prints must never fill a buffer nobody reads
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from fh_saas.cli import main; sys.exit(main())",
                              "demo", "--folder", str(folder), "--port", str(port)], env=env,
