@@ -8,14 +8,14 @@ Docs: https://fh-saas.github.io/fh_saas/db_host.html.md"""
 __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscriptions_t', 'plans_t', 'audit_t', 'jobs_t',
            'webhook_events_t', 'HOST_SCHEMA_VERSION', 'HOST_SCHEMA_STEPS', 'host_components', 'GlobalUser',
            'TenantCatalog', 'Membership', 'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob',
-           'StripeWebhookEvent', 'register_component', 'HostDatabaseUnavailable', 'HostDatabase', 'UTCTimestamp',
-           'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert', 'env_count',
-           'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable', 'DuplicateRecord',
-           'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase', 'HostComponent',
-           'schema_version', 'schema_versions_t', 'upgrade_schema']
+           'StripeWebhookEvent', 'register_component', 'HostDatabaseUnavailable', 'HostDatabase', 'host_doctor',
+           'UTCTimestamp', 'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert',
+           'env_count', 'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable',
+           'DuplicateRecord', 'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase',
+           'HostComponent', 'schema_version', 'schema_versions_t', 'upgrade_schema']
 
 # %% ../nbs/04_db_host.ipynb #52f52564
-import threading
+import itertools, threading
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -23,12 +23,13 @@ from sqlalchemy.engine import URL, make_url
 from fastcore.utils import UNSET
 from fastsql import DBTable
 
-from .db_values import UTCTimestamp, as_utc, gen_id, timestamp, utcnow
+from .db_values import UTCTimestamp, as_utc, gen_id, stored_utc, timestamp, utcnow
 from .db_engine import HostDatabaseConfigError, dialect_insert, env_count, env_flag, error_reason, get_db_uri
 from .db_engine import make_engine, url_from_env
 from .db_pooled import BoundTable, DuplicateRecord, MissingReference, NoConnectionBound, PooledDatabase
 from .db_pooled import RecordRefused
-from .db_upgrade import HostComponent, schema_version, schema_versions_t, upgrade_schema
+from .db_upgrade import HostComponent, create_missing_indexes, missing_indexes, schema_version, schema_versions_t
+from .db_upgrade import upgrade_schema
 
 
 # %% ../nbs/04_db_host.ipynb #dfdea55a
@@ -183,12 +184,30 @@ sa.Index('ux_core_stripe_webhook_events_event_id', webhook_events_t.c.event_id, 
 sa.Index('ix_core_stripe_webhook_events_status', webhook_events_t.c.status)
 
 # %% ../nbs/04_db_host.ipynb #bf3fbfdb
-HOST_SCHEMA_VERSION = 2
+HOST_SCHEMA_VERSION = 3
 
 def _backfill_tenant_status(conn):
     conn.execute(tenants_t.update().where(tenants_t.c.is_active == sa.false()).values(status='suspended'))
 
-HOST_SCHEMA_STEPS = {2: _backfill_tenant_status}
+def _text_times(conn, t: sa.Table) -> list[str]:
+    "The columns of `t` that hold instants as text: all of them on SQLite, those fh-saas 0.9 made on PostgreSQL."
+    stored = {c['name']: c['type'] for c in sa.inspect(conn).get_columns(t.name)}
+    return [c.name for c in t.columns
+            if isinstance(c.type, UTCTimestamp) and isinstance(stored.get(c.name), sa.String)]
+
+def _utc_times(conn):
+    "fh-saas 0.9 stored naive UTC times: rewrite each as the aware, fixed-width text every other row holds."
+    for t in host_metadata.sorted_tables:
+        cols = _text_times(conn, t)
+        # untyped columns: the text as it is stored
+        raw = sa.table(t.name, *[sa.column(n) for n in [*(c.name for c in t.primary_key), *cols]])
+        for name in cols:
+            naive = raw.c[name].isnot(None) & raw.c[name].notlike('%+00:00')
+            for row in conn.execute(sa.select(raw).where(naive)).mappings():
+                keys = [raw.c[c.name] == row[c.name] for c in t.primary_key]
+                conn.execute(raw.update().where(*keys).values({name: stored_utc(row[name])}))
+
+HOST_SCHEMA_STEPS = {2: _backfill_tenant_status, 3: _utc_times}
 
 # %% ../nbs/04_db_host.ipynb #0fddd977
 host_components: dict[str, HostComponent] = {}
@@ -244,6 +263,11 @@ class HostDatabase:
         self.db = PooledDatabase(self.engine, host_metadata)
         for attr, (tbl, cls) in _TABLES.items(): setattr(self, attr, self.bind(tbl, cls))
 
+    @property
+    def tenant_catalogs(self) -> BoundTable:
+        "fh-saas 0.9's name for `tenants`."
+        return self.tenants
+
     def bind(self, table: sa.Table, cls=None) -> 'BoundTable':
         "A fastsql-style accessor (like `host_db.global_users`) for any host `table`, rows as `cls`."
         t = DBTable(table, self.db, cls, _exists=True)
@@ -287,3 +311,21 @@ class HostDatabase:
         with cls._lock: cls._instance = None
 
     def __repr__(self): return f"HostDatabase({_describe(self.url)})"
+
+# %% ../nbs/04_db_host.ipynb #702a530e
+def _shared_emails(conn) -> list[tuple[str, str]]:
+    "(email, user ids) of the emails that several users share in some letter case."
+    email = sa.func.lower(users_t.c.email)
+    shared = sa.select(email).group_by(email).having(sa.func.count() > 1)
+    rows = conn.execute(sa.select(email, users_t.c.id).where(email.in_(shared)).order_by(email, users_t.c.id)).all()
+    return [(e, ', '.join(r.id for r in group)) for e, group in itertools.groupby(rows, key=lambda r: r[0])]
+
+def host_doctor(host_db: HostDatabase, repair: bool = False) -> list[str]:
+    "What keeps the host database from its integrity rules, each with what to do; `repair` adds the rules now possible."
+    tables = [*host_metadata.sorted_tables, *(t for comp in host_components.values() for t in comp.tables)]
+    missing = create_missing_indexes(host_db.engine, tables) if repair else missing_indexes(host_db.engine, tables)
+    with host_db.engine.connect() as conn: shared = _shared_emails(conn)
+    found = [f"users {ids} share the email {email}: merge them or change all but one, then run `fh-saas doctor "
+             "--repair`" for email, ids in shared]
+    return found + [f"index {name} is missing: run `fh-saas doctor --repair` once nothing above is left"
+                    for name in missing]

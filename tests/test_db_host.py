@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from fh_saas.db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, Subscription, DuplicateRecord,
+from fh_saas.db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, Subscription, DuplicateRecord, MissingReference,
                              HostDatabaseConfigError, HostDatabaseUnavailable, HOST_SCHEMA_VERSION, gen_id,
                              timestamp, get_db_uri, make_engine, schema_version, users_t)
 from pgserver import free_port
@@ -84,8 +84,8 @@ def test_oauth_id_and_stripe_sub_may_repeat_when_unset(host_db):
     assert host_db.global_users.count == 3 and host_db.subscriptions.count == 3
 
 
-def test_foreign_keys_hold(host_db):
-    with pytest.raises(sa.exc.IntegrityError):
+def test_foreign_keys_hold_with_the_kits_own_error(host_db):
+    with pytest.raises(MissingReference, match="core_memberships: "):
         host_db.memberships.insert(Membership(user_id="nobody", tenant_id="nowhere"))
     assert host_db.memberships.count == 0
 
