@@ -124,7 +124,7 @@ class AuthResolver:
                            access=None if ents is None else ents.access, entitlements=ents)
 
 # %% ../nbs/28_beforeware.ipynb #f4e0ee4e
-_STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=403, rate_limited=429,
+_STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=402, rate_limited=429,
                unavailable=503)
 
 def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_path='/tenants',

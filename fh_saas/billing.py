@@ -429,7 +429,7 @@ def require_feature(feature: str, pricing_path: str | None = '/pricing', policy:
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is None and not ents.has(feature):
-            refusal = _refuse(req, 403, f"your plan does not include {feature!r}", pricing_path)
+            refusal = _refuse(req, 402, f"your plan does not include {feature!r}", pricing_path)
         return refusal
     return _guard(check)
 

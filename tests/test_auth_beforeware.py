@@ -139,11 +139,12 @@ def test_rate_limit_per_tenant_429_with_retry_after(world, monkeypatch):
     assert c.get('/api/notes', headers={'X-API-Key': g}).status_code == 200
 
 
-def test_blocked_subscription_api_gets_403_json(world):
+def test_blocked_subscription_api_gets_402_json(world):
     key, _ = create_api_key(world.host_db, 'acme', 'ann', 'k')
     world.host_db.q("update core_subscriptions set status = 'canceled' where tenant_id = 'acme'")
     r = world.client().get('/api/notes', headers={'X-API-Key': key})
-    assert (r.status_code, r.json()) == (403, dict(error=dict(code='payment_required', message='subscription is canceled')))
+    refusal = dict(error=dict(code='payment_required', message='subscription is canceled'))
+    assert (r.status_code, r.json()) == (402, refusal)
 
 
 def test_unreachable_tenant_db_is_503(world):

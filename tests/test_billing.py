@@ -437,11 +437,11 @@ def test_require_feature_lets_entitled_tenants_through(billed):
 def test_require_feature_refusals(billed):
     cli = _app(billed)
     r = cli.post('/sso', headers=ACME)
-    assert (r.status_code, r.text) == (403, "your plan does not include 'sso'")
+    assert (r.status_code, r.text) == (402, "your plan does not include 'sso'")
     r = cli.post('/sso', headers={**ACME, **HTML}, follow_redirects=False)
     assert (r.status_code, r.headers['location']) == (303, '/pricing')
     r = cli.post('/sso', headers={**ACME, **HTMX, **HTML})
-    assert (r.status_code, r.headers['hx-redirect'], r.text) == (403, '/pricing', "your plan does not include 'sso'")
+    assert (r.status_code, r.headers['hx-redirect'], r.text) == (402, '/pricing', "your plan does not include 'sso'")
     r = cli.get('/reports/csv', headers={'x-tenant': 'lapsed'})
     assert (r.status_code, r.text) == (402, f"billing: trial ended at {at(-US)}")
     r = cli.get('/reports/csv', headers={'x-tenant': 'lapsed', **HTMX})
@@ -454,7 +454,7 @@ def test_require_feature_refusals(billed):
 def test_require_feature_without_pricing_page(billed):
     cli = _app(billed, pricing_path=None)
     r = cli.post('/sso', headers={**ACME, **HTML, **HTMX}, follow_redirects=False)
-    assert (r.status_code, 'hx-redirect' in r.headers, 'location' in r.headers) == (403, False, False)
+    assert (r.status_code, 'hx-redirect' in r.headers, 'location' in r.headers) == (402, False, False)
 
 def test_require_feature_uses_the_policy(billed):
     assert _app(billed).get('/reports/csv', headers={'x-tenant': 'lapsed'}).status_code == 402
@@ -475,7 +475,7 @@ def test_guards_stack(billed):
     assert [cli.get('/bulk-export', headers=ACME).status_code for _ in range(3)] == [200, 200, 429]
     assert quota_used(billed, 'acme', 'api_calls') == 80
     override_feature(billed, 'acme', 'exports', False)
-    assert cli.get('/bulk-export', headers=ACME).status_code == 403
+    assert cli.get('/bulk-export', headers=ACME).status_code == 402
     assert quota_used(billed, 'acme', 'api_calls') == 80, "a refused feature consumes nothing"
 
 def test_guard_arguments_are_checked_when_decorating():

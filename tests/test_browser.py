@@ -136,7 +136,7 @@ def deliver(base, event) -> dict:
 def export_refused(page, base) -> bool:
     "Whether the export, fetched with the page's session, is refused for want of the `exports` feature."
     r = page.request.get(f"{base}/projects/export", max_redirects=0)
-    return r.status == 403 and "does not include 'exports'" in r.text()
+    return r.status == 402 and "does not include 'exports'" in r.text()
 
 
 @pytest.mark.browser
