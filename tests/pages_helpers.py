@@ -12,8 +12,8 @@ from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, provision_tenant
 from fh_saas.mail import MemoryOutbox
 from fh_saas.csrf import csrf_token
-from fh_saas.pages_admin import add_admin_routes
-from fh_saas.pages_billing import add_billing_routes
+from fh_saas.pages_admin import AdminPages
+from fh_saas.pages_billing import BillingPages
 from fh_saas.saas_context import Saas
 from fh_saas.sessions import SessionManager
 from fh_saas.tenant_router import TenantRouter
@@ -79,8 +79,8 @@ def site(tmp_path, monkeypatch):
                             unavailable=(TenantNotFound, TenantUnavailable),
                             tenantless=(r'/tenants.*', r'/account.*', r'/logout', r'/admin.*'))
     app = FastHTML(before=saas_beforeware(resolver, skip=[*DEFAULT_SKIP, r'/pricing']), secret_key=SECRET)
-    add_billing_routes(app, saas)
-    add_admin_routes(app, saas)
+    BillingPages(saas).mount(app)
+    AdminPages(saas).mount(app)
 
     @app.get('/tenants')
     def tenants(auth): return f'choose a tenant, {auth.user.id}'

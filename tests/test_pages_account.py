@@ -17,7 +17,9 @@ from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
 from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import invitations_t, switch_tenant
-from fh_saas.pages_account import add_account_routes
+from fh_saas.pages_api_keys import ApiKeyPages
+from fh_saas.pages_auth import AccountPages, AuthPages
+from fh_saas.pages_tenants import InvitationPages, TeamPages, TenantPages
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
 from fh_saas.saas_context import Saas
@@ -79,8 +81,8 @@ def world(tmp_path, monkeypatch):
                             rate_limit=RateLimit(1000, 60))
     app = FastHTML(before=saas_beforeware(resolver), hdrs=ui.static_headers(), default_hdrs=False, secret_key=SECRET)
     ui.mount_static(app)
-    add_account_routes(app, saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)),
-                       signup_rate=RateLimit(6, 3600))
+    AuthPages(saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)), signup_rate=RateLimit(6, 3600)).mount(app)
+    for pages in (AccountPages, TenantPages, TeamPages, InvitationPages, ApiKeyPages): pages(saas).mount(app)
 
     @app.get('/')
     def home(auth): return f'home of {auth.tenant_id} for {auth.user.email} as {auth.role}'

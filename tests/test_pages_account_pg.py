@@ -4,7 +4,7 @@ from functools import partial
 import pytest
 from argon2 import PasswordHasher
 
-from fh_saas.pages_account import AccountError, sign_up
+from fh_saas.pages_auth import AccountError, sign_up
 
 pytestmark = pytest.mark.postgres
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
