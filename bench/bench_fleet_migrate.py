@@ -19,14 +19,15 @@ import psycopg2
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / 'tests'))
 
 from fh_saas.db_host import HostDatabase, TenantCatalog, make_engine, timestamp
 from fh_saas.tenant_migrations import (TenantMigration, TenantSchema, _history_t, core_migrations, migrate_fleet,
                                        tenant_metadata)
 
-SCHEMA = TenantSchema([*core_migrations, TenantMigration(4, 'user_locale', 'ALTER TABLE tenant_users ADD COLUMN locale VARCHAR(16)')])
+SCHEMA = TenantSchema([*core_migrations,
+                       TenantMigration(4, 'user_locale', 'ALTER TABLE tenant_users ADD COLUMN locale VARCHAR(16)')])
 
 
 def raw_ddl(dialect) -> list[str]:
@@ -53,9 +54,11 @@ def report(name, n, concurrency, fleet, raw_create, raw_alter, raw_empty):
     t_core, t_alter, t_rerun = fleet
     print(f"\n{name}: {n} tenants, concurrency {concurrency}")
     print(f"  fleet 0 -> 3 (3 tables + version rows): {t_core:7.2f} s  {n / t_core:7.0f} tenants/s   "
-          f"raw DDL x N: {raw_create:6.2f} s (ratio {t_core / raw_create:4.2f})   empty txn x N: {raw_empty:6.2f} s (ratio {t_core / raw_empty:4.2f})")
+          f"raw DDL x N: {raw_create:6.2f} s (ratio {t_core / raw_create:4.2f})   "
+          f"empty txn x N: {raw_empty:6.2f} s (ratio {t_core / raw_empty:4.2f})")
     print(f"  fleet 3 -> 4 (one ADD COLUMN):          {t_alter:7.2f} s  {n / t_alter:7.0f} tenants/s   "
-          f"raw DDL x N: {raw_alter:6.2f} s (ratio {t_alter / raw_alter:4.2f})   empty txn x N: {raw_empty:6.2f} s (ratio {t_alter / raw_empty:4.2f})")
+          f"raw DDL x N: {raw_alter:6.2f} s (ratio {t_alter / raw_alter:4.2f})   "
+          f"empty txn x N: {raw_empty:6.2f} s (ratio {t_alter / raw_empty:4.2f})")
     print(f"  re-run, nothing behind:                 {t_rerun:7.3f} s")
 
 
@@ -69,7 +72,8 @@ def bench_sqlite(n, concurrency):
     ids = [f"t{i:05d}" for i in range(n)]
     host_db = HostDatabase(f"sqlite:///{tmp/'host.db'}")
     catalog(host_db, ids)
-    fleet = fleet_runs(host_db, lambda tid: make_engine(f"sqlite:///{tmp/tid}.db", poolclass=sa.pool.NullPool), n, concurrency)
+    fleet = fleet_runs(host_db, lambda tid: make_engine(f"sqlite:///{tmp/tid}.db", poolclass=sa.pool.NullPool), n,
+                       concurrency)
     host_db.close(); HostDatabase.reset_instance()
 
     ddl = raw_ddl(sqlite.dialect())
@@ -82,7 +86,8 @@ def bench_sqlite(n, concurrency):
             c.execute('COMMIT'); c.close()
     raw_paths = [tmp / f"raw_{tid}.db" for tid in ids]
     raw_create = timed(lambda: raw(raw_paths, ddl))
-    raw_alter = timed(lambda: raw(raw_paths, [SCHEMA.get(4).up, "INSERT INTO _fh_saas_schema VALUES (4, 'user_locale', '')"]))
+    raw_alter = timed(lambda: raw(raw_paths, [SCHEMA.get(4).up,
+                                              "INSERT INTO _fh_saas_schema VALUES (4, 'user_locale', '')"]))
     raw_empty = timed(lambda: raw(raw_paths, []))
     report('SQLite files', n, concurrency, fleet, raw_create, raw_alter, raw_empty)
 
@@ -97,11 +102,13 @@ def bench_postgres(n, concurrency):
         host_url = server.create_database('bench_host')
         host_db = HostDatabase(host_url)
         catalog(host_db, fleet_urls)
-        fleet = fleet_runs(host_db, lambda tid: sa.create_engine(fleet_urls[tid], poolclass=sa.pool.NullPool), n, concurrency)
+        fleet = fleet_runs(host_db, lambda tid: sa.create_engine(fleet_urls[tid], poolclass=sa.pool.NullPool), n,
+                           concurrency)
         host_db.close(); HostDatabase.reset_instance()
 
         ddl = raw_ddl(postgresql.dialect())
-        dsns = [sa.make_url(u).set(drivername='postgresql').render_as_string(hide_password=False) for u in fleet_urls.values()]
+        dsns = [sa.make_url(u).set(drivername='postgresql').render_as_string(hide_password=False)
+                for u in fleet_urls.values()]
         def raw(statements):
             for dsn in dsns:
                 c = psycopg2.connect(dsn)
@@ -110,7 +117,8 @@ def bench_postgres(n, concurrency):
                 c.close()
         raw([f"DROP TABLE {t.name}" for t in [_history_t, *tenant_metadata.sorted_tables]])  # untimed: empty them again
         raw_create = timed(lambda: raw(ddl))
-        raw_alter = timed(lambda: raw([SCHEMA.get(4).up, "INSERT INTO _fh_saas_schema VALUES (4, 'user_locale', now())"]))
+        raw_alter = timed(lambda: raw([SCHEMA.get(4).up,
+                                       "INSERT INTO _fh_saas_schema VALUES (4, 'user_locale', now())"]))
         raw_empty = timed(lambda: raw(['SELECT 1']))
         report('PostgreSQL databases', n, concurrency, fleet, raw_create, raw_alter, raw_empty)
     finally: server.stop()

@@ -32,7 +32,8 @@ seed_plans(host_db, [dict(id='pro', name='Pro', features=['exports'], quotas={'e
 host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
 provision_tenant(host_db, 'acme', 'Acme')
 host_db.memberships.insert(Membership(user_id='ann', tenant_id='acme', role='owner'))
-host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro', payment_type='subscription'))
+host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro',
+                                          payment_type='subscription'))
 cli = TestClient(app, follow_redirects=False)
 cli.cookies.set(saas.sessions.cookie_name, saas.sessions.create('ann', 'acme'))
 

@@ -34,7 +34,8 @@ def fill(engine, n):
     with engine.begin() as c:
         c.execute(jobs_t.delete())
         c.execute(jobs_t.insert(), rows)
-    with engine.connect().execution_options(isolation_level='AUTOCOMMIT') as c: c.exec_driver_sql('VACUUM ANALYZE sys_jobs')
+    with engine.connect().execution_options(isolation_level='AUTOCOMMIT') as c:
+        c.exec_driver_sql('VACUUM ANALYZE sys_jobs')
 
 
 def bare_loop(url, w):

@@ -6,7 +6,8 @@ used + 1 <= :limit RETURNING used` per unit: no entitlement read, no period-row 
 ensures the month's row exists and runs that update, all in one transaction. Both are measured
 with the same threads, on one hot row (every thread on one tenant) and on one row per thread.
 
-    python bench/bench_quota.py [units_per_thread] [threads]   # FH_SAAS_BENCH_PG_URL=<superuser url> to use a running server
+    python bench/bench_quota.py [units_per_thread] [threads]
+    # FH_SAAS_BENCH_PG_URL=<superuser url> to use a running server
 """
 import os, sys, threading, time
 from pathlib import Path
@@ -46,7 +47,8 @@ def measure(host_db, tenants, units, n_threads, limit):
         for _ in range(units): consume_quota(host_db, tenants[i], 'api_calls')
     with host_db.transaction() as c:
         c.execute(usage_t.delete())
-        c.execute(usage_t.insert(), [dict(tenant_id=t, quota='api_calls', period_start=period, used=0) for t in set(tenants)])
+        c.execute(usage_t.insert(), [dict(tenant_id=t, quota='api_calls', period_start=period, used=0)
+                                     for t in set(tenants)])
     floor_s = run_threads(n_threads, floor)
     with host_db.transaction() as c: c.execute(usage_t.delete())
     full_s = run_threads(n_threads, full)
@@ -66,8 +68,10 @@ def main(units=250, n_threads=8):
             host_db.tenants.insert(TenantCatalog(id=f't{i}', name=f'T{i}'))
             host_db.subscriptions.insert(Subscription(tenant_id=f't{i}', status='active', plan_tier='pro'))
             override_quota(host_db, f't{i}', 'api_calls', limit)
-        print(f"{n_threads} threads x {units} units, PostgreSQL {host_db.q('show server_version')[0]['server_version']}")
-        for label, tenants in (('hot row (one tenant)', ['t0'] * n_threads), ('row per thread', [f't{i}' for i in range(n_threads)])):
+        print(f"{n_threads} threads x {units} units, "
+              f"PostgreSQL {host_db.q('show server_version')[0]['server_version']}")
+        for label, tenants in (('hot row (one tenant)', ['t0'] * n_threads),
+                               ('row per thread', [f't{i}' for i in range(n_threads)])):
             floor, full = measure(host_db, tenants, units, n_threads, limit)
             print(f"{label:22} bare counter {floor:8.0f}/s   consume_quota {full:8.0f}/s   ratio {full / floor:.2f}")
     finally:

@@ -15,8 +15,8 @@ Run: `python bench/bench_routing.py [--sqlite-tenants N]` from the repository ro
 import argparse, os, sys, tempfile, threading, time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / 'tests'))
 os.environ.setdefault('FH_SAAS_SECRET_KEY', 'bench-master-key-0123456789abcdef0123456789')
 
 from pgserver import start_server
@@ -120,8 +120,8 @@ def bench_postgres(server):
     for x in ts: x.start()
     for x in ts: x.join()
     par = n_par / (time.perf_counter() - t)
-    print(f"provisioning from template ({strategy}): {seq:.1f} tenants/s sequential, {par:.1f} tenants/s with 4 threads "
-          f"(target >= 10); a bare CREATE DATABASE from the same template, interleaved: {bare:.1f}/s "
+    print(f"provisioning from template ({strategy}): {seq:.1f} tenants/s sequential, {par:.1f} tenants/s "
+          f"with 4 threads (target >= 10); a bare CREATE DATABASE from the same template, interleaved: {bare:.1f}/s "
           f"-> sequential provisioning at {seq / bare:.2f}x the bare copy")
 
     hot = [f'seq{i:04d}' for i in range(10)]
@@ -129,7 +129,9 @@ def bench_postgres(server):
     router = TenantRouter(host_db, budget=40, pool_size=4, ttl=5.0)
     filled = host_db.tenants.count
     for n in (10, 1_000, 10_000):
-        if filled < n: add_filler(host_db, n - filled, host_db.q('SELECT id FROM core_db_servers')[0]['id'], start=filled); filled = n
+        if filled < n:
+            add_filler(host_db, n - filled, host_db.q('SELECT id FROM core_db_servers')[0]['id'], start=filled)
+            filled = n
         for n_hot, threads in ((1, 1), (10, 1), (10, 4)):
             base, got = compare(select1(*raw[:n_hot]), routed(router, hot[:n_hot]), threads)
             print(f"warm routing, {host_db.tenants.count:>6} tenants in catalog, {n_hot:>2} hot, {threads} thread(s): "
@@ -144,7 +146,8 @@ def bench_postgres(server):
     real = [r['id'] for r in host_db.q("SELECT id FROM core_tenants WHERE id NOT LIKE 'filler%' ORDER BY id")]
     small = TenantRouter(host_db, budget=10, pool_size=2)
     cold = rate(routed(small, real), 4, seconds=3)
-    print(f"cold routing over {len(real)} real tenant databases, budget 10 (every call evicts + opens): {cold:.0f} calls/s")
+    print(f"cold routing over {len(real)} real tenant databases, budget 10 (every call evicts + opens): "
+          f"{cold:.0f} calls/s")
     print(f"open tenant connections at the end (pg_stat_activity): {tenant_conns(server)} (budget 10)")
     small.close()
     host_db.close(); HostDatabase.reset_instance()
@@ -170,7 +173,8 @@ def bench_sqlite(n_tenants: int):
     small = TenantRouter(host_db, budget=10, pool_size=2)
     cold = rate(routed(small, [f'ten{i:05d}' for i in range(n_real)]), seconds=3)
     opened = sum(e.engine.pool.checkedin() + e.engine.pool.checkedout() for e in small._entries.values())
-    print(f"cold routing over {n_real} tenant files, budget 10: {cold:.0f} calls/s; pooled connections at the end {opened} (budget 10)")
+    print(f"cold routing over {n_real} tenant files, budget 10: {cold:.0f} calls/s; "
+          f"pooled connections at the end {opened} (budget 10)")
     small.close(); host_db.close(); HostDatabase.reset_instance()
 
 

@@ -59,7 +59,8 @@ def raw_copy(eng, df: pl.DataFrame, table: str):
 def naive(eng, df: pl.DataFrame, table: str):
     "What a loop of inserts does: one upsert statement per row."
     cols = df.columns
-    sql = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) ON CONFLICT (id) DO UPDATE SET "
+    sql = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+           " ON CONFLICT (id) DO UPDATE SET "
            + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]))
     with eng.begin() as c, c.connection.cursor() as cur: cur.executemany(sql, df.rows())
 
@@ -76,7 +77,8 @@ def run(eng, url: str, n: int):
         t_ins = min(t_ins, timed(lambda: map_and_upsert(df, "b_upsert", "id", url)))
         t_upd = min(t_upd, timed(lambda: map_and_upsert(df2, "b_upsert", "id", url)))
     with eng.connect() as c:
-        assert c.exec_driver_sql("SELECT count(*), sum(amount_cents) FROM b_upsert").one() == (n, df2["amount_cents"].sum())
+        assert (c.exec_driver_sql("SELECT count(*), sum(amount_cents) FROM b_upsert").one()
+                == (n, df2["amount_cents"].sum()))
     m = min(n, NAIVE_MAX)
     fresh_table(eng, "b_naive")
     t_naive = timed(lambda: naive(eng, df.head(m), "b_naive"))

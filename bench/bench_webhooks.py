@@ -4,8 +4,8 @@ event into the inbox table. Usage: python bench/bench_webhooks.py [events]"""
 import json, queue, sys, threading, time
 from pathlib import Path
 
-root = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(root), str(root / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import httpx
 from sqlalchemy.dialects import postgresql
@@ -44,7 +44,8 @@ def bare_inserts(engine, events):
                 except queue.Empty: return
                 ev = json.loads(body)
                 conn.execute(postgresql.insert(webhook_events_t).values(
-                    event_id=ev["id"], event_type=ev["type"], status="processed", payload_json=body, event_created=ev["created"])
+                    event_id=ev["id"], event_type=ev["type"], status="processed", payload_json=body,
+                    event_created=ev["created"])
                     .on_conflict_do_nothing(index_elements=["event_id"]))
                 conn.commit()
     return run_threads(work, worker)

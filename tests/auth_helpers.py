@@ -39,14 +39,16 @@ class Entitled:
 
 def subscription_access(host_db: HostDatabase, tenant_id: str) -> Entitled:
     "Entitlements carrying only a verdict: allowed while the tenant's newest subscription is active or trialing."
-    rows = host_db.q("select status from core_subscriptions where tenant_id = :t order by created_at desc limit 1", t=tenant_id)
+    rows = host_db.q("select status from core_subscriptions where tenant_id = :t order by created_at desc limit 1",
+                     t=tenant_id)
     state = rows[0]['status'] if rows else 'none'
     ok = state in ('active', 'trialing')
     return Entitled(Access(ok, state, None if ok else f'subscription is {state}'))
 
 
 class TenantDbs:
-    "One SQLite file per tenant, each holding a `marker` row with its own tenant id and a `notes` table; records every open."
+    """One SQLite file per tenant, each holding a `marker` row with its own tenant id and a `notes` table; records every
+    open."""
     def __init__(self, root):
         self.root, self.dbs, self.opened = root, {}, []
 
@@ -75,7 +77,8 @@ class World:
     app: FastHTML = None
 
     def user(self, uid, password='correct horse battery', **kw):
-        self.host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com', password_hash=hash_password(password, FAST), **kw))
+        self.host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com',
+                                                    password_hash=hash_password(password, FAST), **kw))
 
     def tenant(self, tid, sub_status='active'):
         self.host_db.tenants.insert(TenantCatalog(id=tid, name=tid.title()))
@@ -94,7 +97,11 @@ class World:
         return c
 
 
-def make_world(host_db, tmp_path, rate_limit=RateLimit(5, 60), throttle=LoginThrottle()) -> World:
+# Frozen dataclasses, shared as make_world's defaults (B008: built once, not at each call).
+DEFAULT_RATE_LIMIT, DEFAULT_THROTTLE = RateLimit(5, 60), LoginThrottle()
+
+
+def make_world(host_db, tmp_path, rate_limit=DEFAULT_RATE_LIMIT, throttle=DEFAULT_THROTTLE) -> World:
     clock = Clock()
     sessions = SessionManager(host_db, SECRET, idle=timedelta(minutes=30), absolute=timedelta(hours=8), clock=clock)
     w = World(host_db, sessions, TenantDbs(tmp_path), clock)
@@ -105,7 +112,8 @@ def make_world(host_db, tmp_path, rate_limit=RateLimit(5, 60), throttle=LoginThr
 
     @app.post('/login')
     def do_login(req, email: str, password: str):
-        try: _, cookie = login(sessions, email, password, req.client.host, req.headers.get('user-agent'), throttle, FAST)
+        try:
+            _, cookie = login(sessions, email, password, req.client.host, req.headers.get('user-agent'), throttle, FAST)
         except LoginThrottled as e: return Response(str(e), 429, headers={'Retry-After': str(e.retry_after)})
         except LoginFailed: return Response('wrong email or password', 401)
         return sessions.set_cookie(RedirectResponse('/notes', 303), cookie, req.url.scheme == 'https')
@@ -132,7 +140,8 @@ def make_world(host_db, tmp_path, rate_limit=RateLimit(5, 60), throttle=LoginThr
     @app.get('/notes')
     def notes(auth):
         return dict(tenant=auth.db.q("select tenant_id from marker")[0]['tenant_id'], user=auth.user.id, role=auth.role,
-                    impersonator=auth.impersonator and auth.impersonator.id, notes=[n['body'] for n in auth.db.q("select body from notes order by id")])
+                    impersonator=auth.impersonator and auth.impersonator.id,
+                    notes=[n['body'] for n in auth.db.q("select body from notes order by id")])
 
     @app.post('/notes')
     def add_note(auth, body: str):
@@ -141,7 +150,9 @@ def make_world(host_db, tmp_path, rate_limit=RateLimit(5, 60), throttle=LoginThr
         return 'ok'
 
     @app.get('/api/notes')
-    def api_notes(auth): return dict(tenant=auth.db.q("select tenant_id from marker")[0]['tenant_id'], mode=auth.mode, key=auth.api_key_id)
+    def api_notes(auth):
+        return dict(tenant=auth.db.q("select tenant_id from marker")[0]['tenant_id'], mode=auth.mode,
+                    key=auth.api_key_id)
 
     @app.get('/api/public/ping')
     def public_ping(auth): return dict(tenant=auth.tenant_id)

@@ -19,7 +19,8 @@ effects_t = sa.Table('test_effects', meta,
     sa.Column('job_id', sa.String(64), primary_key=True), sa.Column('step', sa.Integer, primary_key=True),
     sa.Column('worker_id', sa.String(128)), sa.Column('tenant_id', sa.String(64)))
 runs_t = sa.Table('test_runs', meta, sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column('job_id', sa.String(64), nullable=False), sa.Column('worker_id', sa.String(128)), sa.Column('attempt', sa.Integer))
+    sa.Column('job_id', sa.String(64), nullable=False), sa.Column('worker_id', sa.String(128)),
+    sa.Column('attempt', sa.Integer))
 counters_t = sa.Table('test_counters', meta, sa.Column('name', sa.String(64), primary_key=True),
     sa.Column('n', sa.Integer, nullable=False))
 

@@ -58,7 +58,8 @@ def start_cluster(port: int | None = None) -> PgServer:
     data = root / "data"
     _as_postgres(["initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
                   f"--pwfile={root/'pw'}", "-E", "UTF8", "--no-sync"])
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300"
+    opts = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+            " -c max_connections=300")
     _as_postgres(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", opts, "start"])
 
     def stop():

@@ -35,7 +35,8 @@ def subscription(sub_id, status, created, tenant_id=None, customer="cus_1", pric
                 metadata={"tenant_id": tenant_id} if tenant_id else {}, cancel_at_period_end=cancel_at_period_end,
                 items=dict(object="list", data=[dict(id=f"si_{sub_id}", quantity=quantity,
                                                      price=dict(id=price, unit_amount=amount),
-                                                     current_period_start=created, current_period_end=created + 30 * 86400)]),
+                                                     current_period_start=created,
+                                                     current_period_end=created + 30 * 86400)]),
                 **extra)
 
 

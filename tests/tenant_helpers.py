@@ -53,7 +53,8 @@ def run_elsewhere(code: str):
 
 
 def listening(router):
-    "The `RoutingListener` of `router` (on a PostgreSQL host) once it listens and has made its routers forget what came before."
+    """The `RoutingListener` of `router` (on a PostgreSQL host) once it listens and has made its routers forget what
+    came before."""
     listener = _listeners[router.host_db.engine]
     assert wait_for(lambda: listener.listens >= 1)
     return listener

@@ -14,7 +14,8 @@ def _at(minutes): return timestamp(T0 + timedelta(minutes=minutes))
 
 def _counts(host_db):
     live = host_db.audit_logs.count
-    with host_db.transaction() as conn: archived = conn.execute(sa.select(sa.func.count()).select_from(archive_t)).scalar()
+    with host_db.transaction() as conn:
+        archived = conn.execute(sa.select(sa.func.count()).select_from(archive_t)).scalar()
     return live, archived
 
 
@@ -26,7 +27,8 @@ def test_filters_select_and_order_newest_first(host_db):
     assert [r.target_id for r in rows] == [str(i) for i in reversed(range(12))]
     assert {r.target_id for r in audit_events(host_db, tenant_id='globex')} == {'0', '3', '6', '9'}
     assert {r.target_id for r in audit_events(host_db, actor='u1', event_type='billing.')} == {'1', '5', '9'}
-    assert {r.target_id for r in audit_events(host_db, event_type='auth.login', since=_at(4), until=_at(8))} == {'4', '6'}
+    assert {r.target_id
+            for r in audit_events(host_db, event_type='auth.login', since=_at(4), until=_at(8))} == {'4', '6'}
     assert audit_events(host_db, event_type='billing') == [], "a type without a trailing dot matches exactly"
     assert audit_events(host_db, event_type='auth_login') == [], "'_' is not a wildcard"
 
@@ -45,7 +47,7 @@ def test_keyset_pages_cover_every_row_once_even_with_equal_timestamps(host_db):
 def test_bad_queries_are_refused(host_db):
     for cursor in ['', 'yesterday', '2026-01-01T00:00:00|', '2026-01-01T00:00:00+00:00|x;--', 'nonsense|abc']:
         with pytest.raises(ValueError, match='bad audit cursor'): audit_events(host_db, before=cursor)
-    for limit in (0, 1001): 
+    for limit in (0, 1001):
         with pytest.raises(ValueError, match='limit'): audit_events(host_db, limit=limit)
     with pytest.raises(ValueError, match='no time zone'): audit_events(host_db, since='2026-01-01T00:00:00')
 
@@ -134,7 +136,8 @@ def test_postgres_archival_during_concurrent_writes_loses_no_row(pg_url):
 
 def test_a_host_database_at_audit_v1_gains_the_guarded_archive(sqlite_url):
     from fh_saas import audit as audit_mod
-    from fh_saas.db_host import HOST_SCHEMA_STEPS, HOST_SCHEMA_VERSION, HostDatabase, host_metadata, make_engine, upgrade_schema
+    from fh_saas.db_host import (HOST_SCHEMA_STEPS, HOST_SCHEMA_VERSION, HostDatabase, host_metadata, make_engine,
+                                 upgrade_schema)
     eng = make_engine(sqlite_url)
     upgrade_schema(eng, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
     upgrade_schema(eng, 'audit', sa.MetaData(), 1, {1: audit_mod._install_guard('sys_audit_logs')}, [])
@@ -143,7 +146,8 @@ def test_a_host_database_at_audit_v1_gains_the_guarded_archive(sqlite_url):
     eng.dispose()
     host_db = HostDatabase(sqlite_url)
     try:
-        assert 'ix_sys_audit_logs_created' in {i['name'] for i in sa.inspect(host_db.engine).get_indexes('sys_audit_logs')}
+        assert 'ix_sys_audit_logs_created' in {i['name']
+                                               for i in sa.inspect(host_db.engine).get_indexes('sys_audit_logs')}
         audit(host_db, 'auth.login', created_at=_at(0))
         assert archive_audit_logs(host_db, _at(1)) == 1
         with pytest.raises(sa.exc.DBAPIError, match='sys_audit_logs_archive is append-only'):

@@ -35,11 +35,13 @@ class Model:
 
 def _reset(w, memberships, tenant_ok, sub_ok):
     db = w.host_db
-    for table in ('core_memberships', 'auth_sessions', 'auth_api_keys', 'auth_rate_counters'): db.q(f"delete from {table}")
+    for table in ('core_memberships', 'auth_sessions', 'auth_api_keys', 'auth_rate_counters'):
+        db.q(f"delete from {table}")
     db.q("update core_users set is_active = true")
     for t in TENANTS:
         db.q("update core_tenants set status = :s where id = :t", s='active' if tenant_ok[t] else 'suspended', t=t)
-        db.q("update core_subscriptions set status = :s where tenant_id = :t", s='active' if sub_ok[t] else 'unpaid', t=t)
+        db.q("update core_subscriptions set status = :s where tenant_id = :t",
+             s='active' if sub_ok[t] else 'unpaid', t=t)
     for (u, t), role in memberships.items(): db.memberships.insert(Membership(user_id=u, tenant_id=t, role=role))
     return Model(dict(memberships), dict(tenant_ok), dict(sub_ok), {u: True for u in USERS})
 
@@ -50,8 +52,10 @@ mostly = st.sampled_from([True, True, True, False])
 
 def events(pairs):
     "Requests (aimed mostly at real memberships, so the allowed path is exercised too) interleaved with changes."
-    target = st.one_of(st.sampled_from(pairs), st.sampled_from(pairs), st.tuples(user, tenant)) if pairs else st.tuples(user, tenant)
-    request = st.builds(lambda ut, spoof, cred, path: dict(kind='request', user=ut[0], tenant=ut[1], spoof=spoof, cred=cred, path=path),
+    target = (st.one_of(st.sampled_from(pairs), st.sampled_from(pairs), st.tuples(user, tenant)) if pairs
+              else st.tuples(user, tenant))
+    request = st.builds(lambda ut, spoof, cred, path: dict(kind='request', user=ut[0], tenant=ut[1], spoof=spoof,
+                                                           cred=cred, path=path),
         target, tenant,
         st.sampled_from(['session', 'session', 'session_tampered', 'session_resigned', 'key_bearer', 'key_header',
                          'key_wrong_secret', 'key_mode_flipped', 'none']),
@@ -80,14 +84,16 @@ def _credential(w, ev):
         key, _ = create_api_key(w.host_db, t, u, 'prop', mode='live')
         if cred == 'key_wrong_secret': key = key[:-4] + ('abcd' if not key.endswith('abcd') else 'wxyz')
         if cred == 'key_mode_flipped': key = key.replace('sk_live_', 'sk_test_', 1)
-        return ({'Authorization': f'Bearer {key}'} if cred == 'key_bearer' else {'X-API-Key': key}), cred in ('key_bearer', 'key_header')
+        return (({'Authorization': f'Bearer {key}'} if cred == 'key_bearer' else {'X-API-Key': key}),
+                cred in ('key_bearer', 'key_header'))
     return {}, False
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_no_request_reaches_another_tenants_database(world, data):
-    memberships = data.draw(st.dictionaries(st.tuples(user, tenant), st.sampled_from(ROLES), min_size=1, max_size=9), 'memberships')
+    memberships = data.draw(st.dictionaries(st.tuples(user, tenant), st.sampled_from(ROLES), min_size=1, max_size=9),
+                            'memberships')
     tenant_ok = data.draw(st.fixed_dictionaries({t: mostly for t in TENANTS}), 'tenant_ok')
     sub_ok = data.draw(st.fixed_dictionaries({t: mostly for t in TENANTS}), 'sub_ok')
     evs = data.draw(events(sorted(memberships)), 'events')
@@ -95,14 +101,18 @@ def test_no_request_reaches_another_tenants_database(world, data):
     c = w.client()
     for ev in evs:
         if ev['kind'] == 'revoke':
-            w.host_db.q("update core_memberships set is_active = false where user_id = :u and tenant_id = :t", u=ev['user'], t=ev['tenant'])
+            w.host_db.q("update core_memberships set is_active = false where user_id = :u and tenant_id = :t",
+                        u=ev['user'], t=ev['tenant'])
             model.members.pop((ev['user'], ev['tenant']), None)
         elif ev['kind'] == 'suspend':
-            w.host_db.q("update core_tenants set status = 'suspended' where id = :t", t=ev['tenant']); model.tenant_ok[ev['tenant']] = False
+            w.host_db.q("update core_tenants set status = 'suspended' where id = :t", t=ev['tenant'])
+            model.tenant_ok[ev['tenant']] = False
         elif ev['kind'] == 'block':
-            w.host_db.q("update core_subscriptions set status = 'canceled' where tenant_id = :t", t=ev['tenant']); model.sub_ok[ev['tenant']] = False
+            w.host_db.q("update core_subscriptions set status = 'canceled' where tenant_id = :t", t=ev['tenant'])
+            model.sub_ok[ev['tenant']] = False
         elif ev['kind'] == 'deactivate':
-            w.host_db.q("update core_users set is_active = false where id = :u", u=ev['user']); model.user_ok[ev['user']] = False
+            w.host_db.q("update core_users set is_active = false where id = :u", u=ev['user'])
+            model.user_ok[ev['user']] = False
         else:
             headers, genuine = _credential(w, ev)
             headers |= {'X-Tenant-ID': ev['spoof']}
@@ -112,7 +122,8 @@ def test_no_request_reaches_another_tenants_database(world, data):
                           data=dict(body='note', tenant_id=ev['spoof']) if method == 'POST' else None)
             opened = w.tenant_dbs.opened[before:]
             u, t = ev['user'], ev['tenant']
-            event(f"{'genuine' if genuine else 'forged'} {'entitled' if model.entitled(u, t) else 'refused'} -> {r.status_code}")
+            event(f"{'genuine' if genuine else 'forged'} "
+                  f"{'entitled' if model.entitled(u, t) else 'refused'} -> {r.status_code}")
             is_key = ev['cred'].startswith('key')
             if path == '/tenants' and genuine and not is_key and model.user_ok[u]:
                 assert (r.status_code, opened) == (200, []), (ev, r.status_code, r.text)

@@ -8,11 +8,14 @@ from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.db_host import GlobalUser, TenantCatalog
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import (add_member, change_role, remove_member, transfer_ownership, invite, accept_invitation,
-                                 decline_invitation, cancel_invitation, pending_invitations, LastOwner, MembershipError, Roles)
+                                 decline_invitation, cancel_invitation, pending_invitations, LastOwner, MembershipError,
+                                 Roles)
 from fh_saas.one_time_tokens import InvalidToken
 
 
-def _owners(db, t): return db.q("select count(*) n from core_memberships where tenant_id = :t and role = 'owner' and is_active", t=t)[0]['n']
+def _owners(db, t):
+    return db.q("select count(*) n from core_memberships where tenant_id = :t and role = 'owner' and is_active",
+                t=t)[0]['n']
 
 
 @pytest.fixture
@@ -50,7 +53,8 @@ def test_concurrent_remove_and_demote_keep_one_owner(people, slow_owner_count, r
                     lambda: transfer_ownership(db, 'acme', 'ann', 'cy')], catch=MembershipError)
     assert _owners(db, 'acme') >= 1
     assert all(r is None or isinstance(r, MembershipError) for r in results)
-    audited = db.q("select count(*) n from sys_audit_logs where event_type in ('membership.removed', 'membership.ownership_transferred')")[0]['n']
+    audited = db.q("select count(*) n from sys_audit_logs"
+                   " where event_type in ('membership.removed', 'membership.ownership_transferred')")[0]['n']
     assert audited == sum(r is None for r in results)
 
 
@@ -64,7 +68,8 @@ def test_invitation_accepted_once_under_concurrency(people, race):
                    catch=InvalidToken)
     assert sum(not isinstance(r, Exception) for r in results) == 1
     assert all(isinstance(r, InvalidToken) for r in results if isinstance(r, Exception))
-    assert db.q("select count(*) n from sys_audit_logs where event_type in ('invitation.accepted', 'invitation.declined')")[0]['n'] == 1
+    assert db.q("select count(*) n from sys_audit_logs"
+                " where event_type in ('invitation.accepted', 'invitation.declined')")[0]['n'] == 1
 
 
 @pytest.mark.parametrize('round', range(3))
@@ -90,7 +95,8 @@ def test_invitations_are_listed_and_cancelled_within_their_tenant_only(people):
     iid = invite(db, 'acme', 'cy@example.com', 'admin', 'ann', outbox, lambda t: t)
     invite(db, 'globex', 'dee@example.com', 'member', 'gone-user', outbox, lambda t: t)
     assert [(r['id'], r['invited_by_email']) for r in pending_invitations(db, 'acme')] == [(iid, 'ann@example.com')]
-    assert [(r['email'], r['invited_by_email']) for r in pending_invitations(db, 'globex')] == [('dee@example.com', None)]
+    assert ([(r['email'], r['invited_by_email']) for r in pending_invitations(db, 'globex')]
+            == [('dee@example.com', None)])
     assert not cancel_invitation(db, 'globex', iid) and not cancel_invitation(db, 'acme', 'no-such-id')
     assert cancel_invitation(db, 'acme', iid) and pending_invitations(db, 'acme') == []
     assert len(pending_invitations(db, 'globex')) == 1
@@ -121,7 +127,8 @@ def test_removed_member_can_be_reinvited_and_custom_roles(people):
 def test_removing_a_member_revokes_their_api_keys_for_that_tenant_only(people):
     db = people
     for t in ('acme', 'globex'): db.tenants.insert(TenantCatalog(id=t, name=t))
-    add_member(db, 'acme', 'ann', 'owner'); add_member(db, 'acme', 'bob', 'admin'); add_member(db, 'globex', 'bob', 'owner')
+    add_member(db, 'acme', 'ann', 'owner'); add_member(db, 'acme', 'bob', 'admin')
+    add_member(db, 'globex', 'bob', 'owner')
     bobs = [create_api_key(db, 'acme', 'bob', f'bob {i}')[0] for i in range(2)]
     anns, bob_globex = create_api_key(db, 'acme', 'ann', 'ann')[0], create_api_key(db, 'globex', 'bob', 'bob')[0]
     remove_member(db, 'acme', 'bob')
@@ -129,7 +136,8 @@ def test_removing_a_member_revokes_their_api_keys_for_that_tenant_only(people):
     assert verify_api_key(db, anns).created_by == 'ann' and verify_api_key(db, bob_globex).tenant_id == 'globex'
     add_member(db, 'acme', 'bob', 'admin')
     assert [verify_api_key(db, k) for k in bobs] == [None, None]     # coming back does not revive them
-    revoked = db.q("select target_id, details from sys_audit_logs where event_type = 'api_key.revoked' and tenant_id = 'acme'")
+    revoked = db.q("select target_id, details from sys_audit_logs"
+                   " where event_type = 'api_key.revoked' and tenant_id = 'acme'")
     assert sorted(r['target_id'] for r in revoked) == sorted(k.split('_')[2] for k in bobs)
     assert all('member_removed' in str(r['details']) for r in revoked)
 
@@ -144,7 +152,8 @@ def test_a_refused_removal_revokes_no_key(people):
 
 
 def test_racing_adds_of_one_member_give_one_membership_and_a_clear_error(people, race):
-    "Every add reads 'not a member yet' before any inserts; the unique index decides, and the losers get MembershipError."
+    """Every add reads 'not a member yet' before any inserts; the unique index decides, and the losers get
+    MembershipError."""
     db = people
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     def slow(conn, cursor, statement, *args):

@@ -1,4 +1,5 @@
-"OpenID Connect end to end: a real FastHTML app, authlib's Starlette client and a local OIDC provider, redirects followed by hand."
+"""OpenID Connect end to end: a real FastHTML app, authlib's Starlette client and a local OIDC provider, redirects
+followed by hand."""
 import json
 from functools import partial
 from urllib.parse import urlsplit, parse_qs, urlencode
@@ -13,7 +14,8 @@ from fh_saas.oauth import add_oauth_routes, oidc_provider, oauth_identities_t
 from auth_helpers import make_world, SECRET
 
 # the provider mock itself uses authlib APIs that warn about their own deprecation
-pytestmark = pytest.mark.filterwarnings('ignore:get_jwt_config:DeprecationWarning', 'ignore:authlib.jose:DeprecationWarning')
+pytestmark = pytest.mark.filterwarnings('ignore:get_jwt_config:DeprecationWarning',
+                                        'ignore:authlib.jose:DeprecationWarning')
 
 USERS = [User(sub='alice-sub', claims=dict(email='alice@example.com', email_verified=True, name='Alice')),
          User(sub='mallory-sub', claims=dict(email='ann@example.com', email_verified=False)),
@@ -61,7 +63,8 @@ def test_new_user_is_created_and_logged_in(world):
     alice = world.host_db.global_users(where="email = 'alice@example.com'")[0]
     assert alice.name == 'Alice' and alice.email_verified_at
     assert c.get('/tenants').text == f'choose a tenant, {alice.id}'
-    assert [e.event_type for e in world.host_db.audit_logs(order_by='created_at')][-3:] == ['auth.user_created', 'auth.oauth_linked', 'auth.login']
+    assert ([e.event_type for e in world.host_db.audit_logs(order_by='created_at')][-3:]
+            == ['auth.user_created', 'auth.oauth_linked', 'auth.login'])
     assert sign_in(world.client(), 'alice-sub').status_code == 303
     assert world.host_db.global_users.count == 2
 
@@ -92,14 +95,16 @@ def test_unverified_email_never_creates_a_user(world):
 
 
 def squatter(world):
-    "An attacker's password account on Sam's address, never confirmed: a live session, an API key and an identity at a lax provider."
+    """An attacker's password account on Sam's address, never confirmed: a live session, an API key and an identity at
+    a lax provider."""
     world.user('sam'); world.member('sam', 'acme')
     attacker = world.login_client('sam')
     assert attacker.get('/tenants').text == 'choose a tenant, sam'
     key, _ = create_api_key(world.host_db, 'acme', 'sam', 'attacker ci')
     assert world.client().get('/api/notes', headers={'Authorization': f'Bearer {key}'}).status_code == 200
     with world.host_db.transaction() as conn:
-        conn.execute(oauth_identities_t.insert().values(provider='lax', subject='squat', user_id='sam', email='sam@example.com'))
+        conn.execute(oauth_identities_t.insert().values(provider='lax', subject='squat', user_id='sam',
+                                                        email='sam@example.com'))
     return attacker, key
 
 
@@ -120,10 +125,12 @@ def test_verified_owner_claims_a_squatted_account(world):
     assert victim.get('/tenants').text == 'choose a tenant, sam'
     assert attacker.get('/tenants').headers['location'].startswith('/login')
     assert world.client().get('/api/notes', headers={'Authorization': f'Bearer {key}'}).status_code == 401
-    assert world.client().post('/login', data=dict(email='sam@example.com', password='correct horse battery')).status_code == 401
+    assert world.client().post('/login', data=dict(email='sam@example.com',
+                                                   password='correct horse battery')).status_code == 401
     sam = world.host_db.global_users['sam']
     assert sam.email_verified_at and sam.password_hash is None
-    assert world.host_db.q("select provider, subject from auth_oauth_identities where user_id = 'sam'") == [dict(provider='mock', subject='sam-sub')]
+    assert (world.host_db.q("select provider, subject from auth_oauth_identities where user_id = 'sam'")
+            == [dict(provider='mock', subject='sam-sub')])
     claim = world.host_db.audit_logs(where="event_type = 'auth.unverified_account_claimed'")
     assert [(a.target_id, json.loads(a.details)) for a in claim] == [
         ('sam', dict(provider='mock', logins_ended=1, keys_revoked=1, identities_removed=1))]
@@ -167,7 +174,8 @@ def test_concurrent_first_sign_ins_make_one_user_and_one_identity(pg_url, race):
 
 @pytest.mark.postgres
 def test_concurrent_claims_by_several_providers_claim_once_and_keep_every_link(pg_url, race):
-    "Six providers vouch for the owner of an unverified account at once: one claim; no claim deletes another's fresh link."
+    """Six providers vouch for the owner of an unverified account at once: one claim; no claim deletes another's fresh
+    link."""
     from fh_saas.db_host import HostDatabase, GlobalUser
     from fh_saas.oauth import ExternalIdentity, link_or_create_user
     from fh_saas.sessions import SessionManager
@@ -179,7 +187,8 @@ def test_concurrent_claims_by_several_providers_claim_once_and_keep_every_link(p
             return link_or_create_user(sessions, ExternalIdentity(f'p{n}', 'sub', 'sam@example.com', True)).id
         assert set(race([partial(sign_in, n) for n in range(6)])) == {'sam'}
         assert db.q("select count(*) n from auth_oauth_identities where user_id = 'sam'")[0]['n'] == 6
-        assert db.q("select count(*) n from sys_audit_logs where event_type = 'auth.unverified_account_claimed'")[0]['n'] == 1
+        assert db.q("select count(*) n from sys_audit_logs"
+                    " where event_type = 'auth.unverified_account_claimed'")[0]['n'] == 1
         assert db.global_users['sam'].password_hash is None
     finally:
         db.close(); HostDatabase.reset_instance()

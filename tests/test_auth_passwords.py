@@ -83,7 +83,8 @@ def test_rehash_when_parameters_change(world):
 
 def test_reset_link_single_use_expiring_and_only_hash_stored(world):
     outbox = MemoryOutbox()
-    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: f'https://x/reset?t={t}', now=world.clock()).result(timeout=10)
+    request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: f'https://x/reset?t={t}',
+                           now=world.clock()).result(timeout=10)
     token = outbox.last_to('ann@example.com').get_content().split('t=')[1].strip()
     assert token not in str(world.host_db.q("select * from auth_one_time_tokens"))
     with pytest.raises(WeakPassword): reset_password(world.sessions, token, 'short', FAST)
@@ -109,7 +110,8 @@ def test_email_verification_single_use(world):
 @pytest.mark.postgres
 def test_reset_token_used_once_under_concurrency(pg_host_db, race):
     host_db = pg_host_db
-    host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password('old password', FAST)))
+    host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com',
+                                           password_hash=hash_password('old password', FAST)))
     sessions, outbox = SessionManager(host_db, SECRET), MemoryOutbox()
     request_password_reset(host_db, 'ann@example.com', outbox, lambda t: t).result(timeout=10)
     token = outbox.last_to('ann@example.com').get_content().split('\n')[1]
@@ -126,7 +128,8 @@ WORKER = textwrap.dedent('''
     from fh_saas.passwords import authenticate, LoginThrottle, LoginThrottled, LoginFailed
     from fh_saas.rate_limits import RateLimit
     db = HostDatabase(sys.argv[1])
-    throttle, fast = LoginThrottle(RateLimit(7, 900), RateLimit(1000, 900)), PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    throttle, fast = (LoginThrottle(RateLimit(7, 900), RateLimit(1000, 900)),
+                      PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1))
     counted = 0
     for _ in range(10):
         try: authenticate(db, 'ann@example.com', 'wrong password', '192.0.2.1', throttle=throttle, hasher=fast)
@@ -139,7 +142,8 @@ WORKER = textwrap.dedent('''
 @pytest.mark.postgres
 def test_login_throttle_holds_across_worker_processes(pg_host_db, pg_url):
     "Three processes guess 10 times each; exactly `per_account.limit` guesses get a password check in total."
-    pg_host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password('right password', FAST)))
+    pg_host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com',
+                                              password_hash=hash_password('right password', FAST)))
     procs = [subprocess.Popen([sys.executable, '-c', WORKER, pg_url], stdout=subprocess.PIPE, text=True,
                               env={'PYTHONPATH': str(ROOT), 'PATH': '/usr/bin:/bin'}) for _ in range(3)]
     counted = [int(p.communicate(timeout=120)[0]) for p in procs]
@@ -164,7 +168,7 @@ class _SMTPSink(threading.Thread):
             elif cmd == 'RCPT': self.rcpt.append(line); reply('250 ok')
             elif cmd == 'DATA':
                 reply('354 go'); lines = []
-                while (l := f.readline().decode()) not in ('.\r\n', ''): lines.append(l)
+                while (ln := f.readline().decode()) not in ('.\r\n', ''): lines.append(ln)
                 self.data = ''.join(lines); reply('250 queued')
             elif cmd == 'QUIT': reply('221 bye'); break
             else: reply('250 ok')
@@ -193,7 +197,8 @@ def test_the_audit_log_keeps_no_password_typed_into_the_email_field(world):
     c = world.client()
     c.post('/login', data=dict(email='hunter2 my secret', password='x'))
     c.post('/login', data=dict(email='ann@example.com', password='x'))
-    details = [r.details for r in world.host_db.audit_logs(where="event_type = 'auth.login_failed'", order_by='created_at')]
+    details = [r.details
+               for r in world.host_db.audit_logs(where="event_type = 'auth.login_failed'", order_by='created_at')]
     assert 'hunter2' not in str(details) and '[not an email address]' in details[0] and 'ann@example.com' in details[1]
 
 
@@ -223,7 +228,8 @@ def test_a_reset_request_does_the_same_work_whether_or_not_the_account_exists(wo
     try:
         done = request_password_reset(world.host_db, email, mailer, lambda t: f'https://x/reset?t={t}')
         assert statements == []
-        if email.startswith('ann'): assert not done.done()                 # returned while the mail server holds the send
+        # returned while the mail server holds the send
+        if email.startswith('ann'): assert not done.done()
     finally: sa.event.remove(world.host_db.engine, 'before_cursor_execute', on_caller_thread)
     mailer.release.set()
     done.result(timeout=10)
@@ -241,9 +247,12 @@ def test_a_failed_reset_mail_is_logged_without_the_link(world, caplog):
 
 
 @pytest.mark.parametrize('moment', ['after_the_password_check', 'before_the_session'])
-def test_a_claim_by_the_emails_owner_racing_a_password_login_leaves_the_squatter_no_session(host_db, monkeypatch, moment):
-    "Mallory registered victim@corp.com unconfirmed; the victim's verified OAuth sign-in claims it while Mallory logs in."
-    host_db.global_users.insert(GlobalUser(id='squat', email='victim@corp.com', password_hash=hash_password('mallory pw 123', FAST)))
+def test_a_claim_by_the_emails_owner_racing_a_password_login_leaves_the_squatter_no_session(
+        host_db, monkeypatch, moment):
+    """Mallory registered victim@corp.com unconfirmed; the victim's verified OAuth sign-in claims it while Mallory logs
+    in."""
+    host_db.global_users.insert(GlobalUser(id='squat', email='victim@corp.com',
+                                           password_hash=hash_password('mallory pw 123', FAST)))
     sessions = SessionManager(host_db, SECRET)
     claim = lambda: link_or_create_user(sessions, ExternalIdentity('google', 'victim-sub', 'victim@corp.com', True))
     if moment == 'after_the_password_check':

@@ -1,4 +1,5 @@
-"The fixed-window counter: exact under concurrent hits from many threads, and kept even when the caller's transaction rolls back."
+"""The fixed-window counter: exact under concurrent hits from many threads, and kept even when the caller's transaction
+rolls back."""
 from datetime import datetime, timezone
 
 import pytest
@@ -37,7 +38,8 @@ def test_a_hit_inside_a_transaction_that_rolls_back_still_counts(pg_host_db):
 
 @pytest.mark.postgres
 def test_failed_logins_inside_the_callers_transaction_reach_the_throttle(pg_host_db):
-    pg_host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password('right password', FAST)))
+    pg_host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com',
+                                              password_hash=hash_password('right password', FAST)))
     throttle = LoginThrottle(RateLimit(3, 900), RateLimit(50, 900))
     def attempt(password):
         with pg_host_db.transaction():

@@ -18,7 +18,8 @@ def _set_cookie(r): return r.headers['set-cookie'].lower()
 def test_cookie_flags_http_and_https(world):
     r = world.client().post('/login', data=dict(email='ann@example.com', password='correct horse battery'))
     assert 'httponly' in _set_cookie(r) and 'samesite=lax' in _set_cookie(r) and 'secure' not in _set_cookie(r)
-    r = world.client(base_url='https://app.example').post('/login', data=dict(email='ann@example.com', password='correct horse battery'))
+    r = world.client(base_url='https://app.example').post('/login', data=dict(email='ann@example.com',
+                                                                              password='correct horse battery'))
     assert 'secure' in _set_cookie(r) and 'httponly' in _set_cookie(r)
 
 
@@ -40,10 +41,12 @@ def test_logout_ends_the_session_server_side(world):
 
 def test_password_change_ends_other_sessions_and_keeps_this_one(world):
     laptop, phone = world.login_client('ann'), world.login_client('ann')
-    assert laptop.post('/account/password', data=dict(old='correct horse battery', new='new horse battery')).text == 'changed'
+    assert laptop.post('/account/password',
+                       data=dict(old='correct horse battery', new='new horse battery')).text == 'changed'
     assert laptop.get('/notes').status_code == 200
     assert phone.get('/notes').status_code == 303
-    assert world.client().post('/login', data=dict(email='ann@example.com', password='correct horse battery')).status_code == 401
+    assert world.client().post('/login', data=dict(email='ann@example.com',
+                                                   password='correct horse battery')).status_code == 401
     world.login_client('ann', 'new horse battery')
 
 

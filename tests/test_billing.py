@@ -38,7 +38,8 @@ def test_seed_plans_is_idempotent(host_db):
     assert seed_plans(host_db, PLANS) == ['free', 'pro', 'team']
     before = {p.id: p for p in host_db.pricing_plans()}
     assert seed_plans(host_db, PLANS) == []
-    as_rows = [PricingPlan(**{**p, 'features': json.dumps(p['features']), 'quotas': json.dumps(p['quotas']), 'currency': 'USD'})
+    as_rows = [PricingPlan(**{**p, 'features': json.dumps(p['features']), 'quotas': json.dumps(p['quotas']),
+                              'currency': 'USD'})
                for p in PLANS]
     assert seed_plans(host_db, as_rows) == [], "PricingPlan rows with JSON text are the same definitions"
     assert {p.id: p for p in host_db.pricing_plans()} == before
@@ -90,7 +91,8 @@ def test_validate_plan_refuses_bad_plans(bad, message):
     assert message in str(e.value)
 
 def test_seed_plans_writes_nothing_when_one_plan_is_bad(host_db):
-    with pytest.raises(PlanError, match="plan 'pro': amount_monthly"): seed_plans(host_db, [PLANS[0], {**PLANS[1], 'amount_monthly': -1}])
+    with pytest.raises(PlanError, match="plan 'pro': amount_monthly"):
+        seed_plans(host_db, [PLANS[0], {**PLANS[1], 'amount_monthly': -1}])
     assert host_db.pricing_plans.count == 0
 
 def test_seed_plans_names_every_problem_and_duplicates(sqlite_host_db):
@@ -106,7 +108,8 @@ def test_seed_plans_names_every_problem_and_duplicates(sqlite_host_db):
 def test_a_price_id_belongs_to_one_plan_even_across_seeds(host_db):
     seed_plans(host_db, PLANS)
     clash = dict(id='pro-eu', name='Pro EU', currency='eur', stripe_price_monthly='price_team_m', amount_monthly=2700)
-    with pytest.raises(PlanError, match='sold by more than one plan: price_team_m'): seed_plans(host_db, [PLANS[0], clash])
+    with pytest.raises(PlanError, match='sold by more than one plan: price_team_m'):
+        seed_plans(host_db, [PLANS[0], clash])
     assert [p.id for p in host_db.pricing_plans(order_by='id')] == ['free', 'pro', 'team'], "the seed was rolled back"
     assert seed_plans(host_db, [{**clash, 'stripe_price_monthly': 'price_pro_eu_m'}]) == ['pro-eu']
 
@@ -122,10 +125,12 @@ GRACE, PENDING = timedelta(days=7), timedelta(days=14)
     (dict(status='active', current_period_end=T0), at(-US), True, 'active'),
     (dict(status='active', current_period_end=T0), T0, True, f'renewal awaited; grace until {at(GRACE)}'),
     (dict(status='active', current_period_end=T0), at(GRACE - US), True, 'renewal awaited'),
-    (dict(status='active', current_period_end=T0), at(GRACE), False, f'no renewal recorded; grace ended at {at(GRACE)}'),
+    (dict(status='active', current_period_end=T0), at(GRACE), False,
+     f'no renewal recorded; grace ended at {at(GRACE)}'),
     (dict(status='past_due', current_period_start=T0), T0, True, f'payment overdue; grace until {at(GRACE)}'),
     (dict(status='past_due', current_period_start=T0), at(GRACE - US), True, 'payment overdue; grace until'),
-    (dict(status='past_due', current_period_start=T0), at(GRACE), False, f'payment overdue; grace ended at {at(GRACE)}'),
+    (dict(status='past_due', current_period_start=T0), at(GRACE), False,
+     f'payment overdue; grace ended at {at(GRACE)}'),
     (dict(status='past_due', current_period_end=T0), T0, False, 'past_due with no start time'),
     (dict(status='pending_payment', created_at=T0), at(PENDING - US), True, 'bank transfer awaiting confirmation'),
     (dict(status='pending_payment', created_at=T0), at(PENDING), False, 'bank transfer not confirmed'),
@@ -160,16 +165,22 @@ FREE = BillingPolicy(free_plan='free')
 
 @pytest.mark.parametrize('tenant_row, subs, policy, expected', [
     (None, [], BillingPolicy(), Access(False, 'no_tenant', 'no such tenant')),
-    (dict(status='suspended'), [dict(status='active')], FREE, Access(False, 'tenant_blocked', 'the tenant is suspended')),
-    (dict(status='provisioning'), [dict(status='active')], BillingPolicy(), Access(False, 'tenant_blocked', 'the tenant is provisioning')),
+    (dict(status='suspended'), [dict(status='active')], FREE,
+     Access(False, 'tenant_blocked', 'the tenant is suspended')),
+    (dict(status='provisioning'), [dict(status='active')], BillingPolicy(),
+     Access(False, 'tenant_blocked', 'the tenant is provisioning')),
     (ACTIVE_TENANT, [], BillingPolicy(), Access(False, 'none', 'no subscription')),
     (ACTIVE_TENANT, [], FREE, Access(True, 'free', 'free plan', 'free')),
     (ACTIVE_TENANT, [dict(status='canceled', plan_id='pro')], FREE,
      Access(True, 'free', 'free plan (the subscription was canceled)', 'free')),
-    (ACTIVE_TENANT, [dict(status='incomplete_expired')], FREE, Access(True, 'free', 'free plan (the first payment was never completed)', 'free')),
-    (ACTIVE_TENANT, [dict(status='unpaid', plan_id='pro')], FREE, Access(False, 'unpaid', 'invoices are unpaid', 'pro')),
-    (ACTIVE_TENANT, [dict(status='paused', plan_id='pro')], FREE, Access(False, 'paused', 'the subscription is paused', 'pro')),
-    (ACTIVE_TENANT, [dict(status='canceled', plan_id='pro')], BillingPolicy(), Access(False, 'canceled', 'the subscription was canceled', 'pro')),
+    (ACTIVE_TENANT, [dict(status='incomplete_expired')], FREE,
+     Access(True, 'free', 'free plan (the first payment was never completed)', 'free')),
+    (ACTIVE_TENANT, [dict(status='unpaid', plan_id='pro')], FREE,
+     Access(False, 'unpaid', 'invoices are unpaid', 'pro')),
+    (ACTIVE_TENANT, [dict(status='paused', plan_id='pro')], FREE,
+     Access(False, 'paused', 'the subscription is paused', 'pro')),
+    (ACTIVE_TENANT, [dict(status='canceled', plan_id='pro')], BillingPolicy(),
+     Access(False, 'canceled', 'the subscription was canceled', 'pro')),
     (ACTIVE_TENANT, [dict(status='canceled', plan_id='team'), dict(status='active', plan_id='pro')], BillingPolicy(),
      Access(True, 'active', 'active', 'pro')),
     (ACTIVE_TENANT, [dict(status='trialing', trial_end=at(US), plan_id='team'), dict(status='active', plan_id='pro')],
@@ -185,11 +196,13 @@ def test_decide_access_table(tenant_row, subs, policy, expected):
 def test_access_decision_reads_the_host_database(host_db):
     seed_plans(host_db, PLANS)
     tenant(host_db, 'acme', status='trialing', trial_end=T0, stripe_price_id='price_pro_y')
-    assert access_decision(host_db, 'acme', now=at(-US)) == Access(True, 'trialing', f'trial until {T0}', 'pro', trial_end=T0)
+    assert access_decision(host_db, 'acme', now=at(-US)) == Access(True, 'trialing', f'trial until {T0}', 'pro',
+                                                                   trial_end=T0)
     assert access_decision(host_db, 'acme', now=T0).allowed is False
     assert access_decision(host_db, 'acme', now=as_utc(T0) - US).allowed is True
 
-    tenant(host_db, 'beta', status='past_due', current_period_start=T0, plan_tier='team', stripe_price_id='price_unknown')
+    tenant(host_db, 'beta', status='past_due', current_period_start=T0, plan_tier='team',
+           stripe_price_id='price_unknown')
     assert access_decision(host_db, 'beta', now=at(GRACE - US)).plan_id == 'team', "no plan sells the price: plan_tier"
     tenant(host_db, 'gamma', status='active', plan_tier='pro', stripe_price_id='price_team_m')
     assert access_decision(host_db, 'gamma').plan_id == 'team', "the price decides over plan_tier"
@@ -204,7 +217,8 @@ def test_access_decision_reads_the_host_database(host_db):
 def test_newest_subscription_explains_a_refusal(host_db):
     tenant(host_db, 'acme', status='canceled', created_at=at(-GRACE), plan_tier='team')
     host_db.subscriptions.insert(Subscription(tenant_id='acme', status='incomplete', created_at=T0, plan_tier='pro'))
-    assert access_decision(host_db, 'acme', now=T0) == Access(False, 'incomplete', 'the first payment has not completed', 'pro')
+    assert access_decision(host_db, 'acme', now=T0) == Access(False, 'incomplete',
+                                                              'the first payment has not completed', 'pro')
 
 # ---------------------------------------------------------------- entitlements
 
@@ -242,7 +256,8 @@ def test_a_refused_tenant_is_entitled_to_nothing(sqlite_host_db):
     override_quota(sqlite_host_db, 'acme', 'api_calls', None)
     e = entitlements(sqlite_host_db, 'acme')
     assert (e.access.reason, e.features, dict(e.quotas)) == ('invoices are unpaid', frozenset(), {})
-    assert (dict(e.plan), e.subscription['status']) == (dict(id='pro', name='Pro', currency='usd'), 'unpaid'), "what the page shows"
+    assert ((dict(e.plan), e.subscription['status'])
+            == (dict(id='pro', name='Pro', currency='usd'), 'unpaid')), "what the page shows"
     with pytest.raises(QuotaExceeded, match="tenant 'acme' may not use 'api_calls': invoices are unpaid"):
         consume_quota(sqlite_host_db, 'acme', 'api_calls')
 
@@ -257,12 +272,16 @@ def test_free_plan_entitlements(sqlite_host_db):
 def test_bad_overrides_are_refused(host_db):
     tenant(host_db, 'acme')
     with pytest.raises(LookupError, match="no tenant 'ghost'"): override_feature(host_db, 'ghost', 'sso', True)
-    with pytest.raises(ValueError, match="feature key 'SSO!' is not valid"): override_feature(host_db, 'acme', 'SSO!', True)
-    with pytest.raises(TypeError, match='enabled must be True or False'): override_feature(host_db, 'acme', 'sso', 'yes')
+    with pytest.raises(ValueError, match="feature key 'SSO!' is not valid"):
+        override_feature(host_db, 'acme', 'SSO!', True)
+    with pytest.raises(TypeError, match='enabled must be True or False'):
+        override_feature(host_db, 'acme', 'sso', 'yes')
     with pytest.raises(ValueError, match='non-negative integer or None'): override_quota(host_db, 'acme', 'seats', -1)
-    with pytest.raises(ValueError, match="kind must be 'feature' or 'quota'"): clear_override(host_db, 'acme', 'plan', 'x')
+    with pytest.raises(ValueError, match="kind must be 'feature' or 'quota'"):
+        clear_override(host_db, 'acme', 'plan', 'x')
     assert entitlements(host_db, 'acme').access.allowed is False
-    with host_db.transaction() as c: assert c.execute(sa.text('SELECT count(*) FROM core_entitlement_overrides')).scalar() == 0
+    with host_db.transaction() as c:
+        assert c.execute(sa.text('SELECT count(*) FROM core_entitlement_overrides')).scalar() == 0
 
 def test_overrides_and_usage_go_with_their_tenant(host_db):
     seed_plans(host_db, PLANS)
@@ -292,9 +311,11 @@ def test_consume_quota_counts_and_refuses_past_the_limit(host_db):
     assert (e.value.limit, e.value.used, e.value.requested) == (5, 3, 3)
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 3
     assert consume_quota(host_db, 'acme', 'api_calls', n=2, now=T0) == 0
-    with pytest.raises(QuotaExceeded, match="the 'pro' plan has no 'storage_gb' quota"): consume_quota(host_db, 'acme', 'storage_gb')
+    with pytest.raises(QuotaExceeded, match="the 'pro' plan has no 'storage_gb' quota"):
+        consume_quota(host_db, 'acme', 'storage_gb')
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match='n must be a positive integer'): consume_quota(host_db, 'acme', 'api_calls', n=bad, now=T0)
+        with pytest.raises(ValueError, match='n must be a positive integer'):
+            consume_quota(host_db, 'acme', 'api_calls', n=bad, now=T0)
     with pytest.raises(ValueError, match='quota key'): consume_quota(host_db, 'acme', 'API calls')
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == 5
 
@@ -306,14 +327,16 @@ def test_quota_periods_are_utc_calendar_months(host_db):
     assert consume_quota(host_db, 'acme', 'api_calls', now=last) == 0
     with pytest.raises(QuotaExceeded): consume_quota(host_db, 'acme', 'api_calls', now='2026-03-01T00:00:00+00:00')
     assert consume_quota(host_db, 'acme', 'api_calls', now='2026-04-01T00:00:00+00:00') == 0
-    assert [quota_used(host_db, 'acme', 'api_calls', now=m) for m in (last, '2026-04-15T00:00:00+00:00', '2026-05-01T00:00:00+00:00')] == [1, 1, 0]
+    assert [quota_used(host_db, 'acme', 'api_calls', now=m)
+            for m in (last, '2026-04-15T00:00:00+00:00', '2026-05-01T00:00:00+00:00')] == [1, 1, 0]
 
 def test_quota_usage_reads_every_quota_of_one_tenant_and_month(host_db):
     seed_plans(host_db, PLANS)
     for t in ('acme', 'beta'): tenant(host_db, t, status='active', plan_tier='pro')
     override_quota(host_db, 'acme', 'seats', 9)
     consume_quota(host_db, 'acme', 'api_calls', n=3, now=T0); consume_quota(host_db, 'acme', 'seats', n=2, now=T0)
-    consume_quota(host_db, 'acme', 'api_calls', now=at(timedelta(days=31))); consume_quota(host_db, 'beta', 'api_calls', now=T0)
+    consume_quota(host_db, 'acme', 'api_calls', now=at(timedelta(days=31)))
+    consume_quota(host_db, 'beta', 'api_calls', now=T0)
     assert quota_usage(host_db, 'acme', now=T0) == {'api_calls': 3, 'seats': 2}
     assert quota_usage(host_db, 'acme', now=at(timedelta(days=31))) == {'api_calls': 1}
     assert quota_usage(host_db, 'ghost', now=T0) == {}
@@ -460,7 +483,8 @@ def test_require_feature_uses_the_policy(billed):
     assert _app(billed).get('/reports/csv', headers={'x-tenant': 'lapsed'}).status_code == 402
     tenant(billed, 'solo')
     override_feature(billed, 'solo', 'exports', True)
-    assert _app(billed, policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text == "csv:10:['basic', 'exports']"
+    assert (_app(billed, policy=FREE).get('/reports/csv', headers={'x-tenant': 'solo'}).text
+            == "csv:10:['basic', 'exports']")
 
 def test_guards_stack(billed):
     def set_auth(req): req.scope['auth'] = _Auth(req.headers.get('x-tenant'))
@@ -516,7 +540,8 @@ def test_billing_beforeware_guards_every_page(billed):
     assert cli.get('/pricing2', headers=lapsed).status_code == 402, "skip paths match whole paths"
 
 def test_guards_without_the_apps_host_database_fail_loudly(billed):
-    "An auth layer that names only the tenant, on an app that never said which host database it uses: an error, not a guess."
+    """An auth layer that names only the tenant, on an app that never said which host database it uses: an error, not
+    a guess."""
     def set_auth(req): req.scope['auth'] = _Auth('acme')
     app = FastHTML(before=Beforeware(set_auth), secret_key='test-only')
 

@@ -64,9 +64,11 @@ def test_duplicate_email_any_case_is_refused_and_writes_nothing(host_db):
 
 
 @pytest.mark.parametrize("table,row", [
-    ("global_users", lambda: [GlobalUser(email="a@x.io", oauth_id="gh_1"), GlobalUser(email="b@x.io", oauth_id="gh_1")]),
+    ("global_users", lambda: [GlobalUser(email="a@x.io", oauth_id="gh_1"),
+                              GlobalUser(email="b@x.io", oauth_id="gh_1")]),
     ("memberships", lambda: [Membership(user_id="u", tenant_id="t"), Membership(user_id="u", tenant_id="t")]),
-    ("subscriptions", lambda: [Subscription(tenant_id="t", stripe_sub_id="sub_1"), Subscription(tenant_id="t", stripe_sub_id="sub_1")]),
+    ("subscriptions", lambda: [Subscription(tenant_id="t", stripe_sub_id="sub_1"),
+                               Subscription(tenant_id="t", stripe_sub_id="sub_1")]),
 ])
 def test_unique_rules(host_db, table, row):
     host_db.global_users.insert(GlobalUser(id="u", email="u@x.io"))
@@ -143,13 +145,15 @@ def test_racing_sign_ups_with_one_email_give_one_user(host_db, race):
 def test_pool_is_bounded_and_connections_are_not_held(pg_url):
     host_db = HostDatabase(pg_url)
     try:
-        with ThreadPoolExecutor(32) as ex: list(ex.map(lambda i: host_db.global_users.insert(GlobalUser(email=f"{i}@p.io")), range(400)))
+        with ThreadPoolExecutor(32) as ex:
+            list(ex.map(lambda i: host_db.global_users.insert(GlobalUser(email=f"{i}@p.io")), range(400)))
         pool = host_db.engine.pool
         assert pool.checkedout() == 0 and pool.size() <= 10
         db = make_url(pg_url).database
         with sa.create_engine(pg_url, poolclass=sa.pool.NullPool).connect() as c:
             n = c.execute(sa.text("select count(*) from pg_stat_activity where datname = :d"), dict(d=db)).scalar()
-            idle_in_tx = c.execute(sa.text("select count(*) from pg_stat_activity where datname = :d and state like 'idle in transaction%'"), dict(d=db)).scalar()
+            idle_in_tx = c.execute(sa.text("select count(*) from pg_stat_activity where datname = :d"
+                                           " and state like 'idle in transaction%'"), dict(d=db)).scalar()
         assert n <= 10 + 10 + 1 and idle_in_tx == 0
     finally:
         host_db.close(); HostDatabase.reset_instance()
@@ -171,16 +175,21 @@ def test_a_dropped_connection_fails_one_statement_only_without_pre_ping(pg_url, 
             try:
                 with engine.connect() as c: assert c.exec_driver_sql("SELECT 1").scalar() == 1
             except sa.exc.OperationalError: failures += 1
-        assert failures == (0 if pre_ping == "true" else 1)   # without pre-ping the first use fails and the pool is discarded
+        # without pre-ping the first use fails and the pool is discarded
+        assert failures == (0 if pre_ping == "true" else 1)
     finally:
         engine.dispose()
 
 
 SEED_SCHEMA = [
-    "CREATE TABLE core_users (id TEXT PRIMARY KEY, email TEXT, oauth_id TEXT, password_hash TEXT, stripe_cust_id TEXT, is_sys_admin BOOLEAN, created_at TEXT, last_login TEXT)",
-    "CREATE TABLE core_tenants (id TEXT PRIMARY KEY, name TEXT, db_url TEXT, is_active BOOLEAN, plan_tier TEXT, created_at TEXT)",
-    "CREATE TABLE core_memberships (id TEXT PRIMARY KEY, user_id TEXT, tenant_id TEXT, profile_id TEXT, meta_attributes TEXT, role TEXT, is_active BOOLEAN, created_at TEXT)",
-    "INSERT INTO core_users (id, email, is_sys_admin, created_at) VALUES ('u1', 'old@seed.io', false, '2025-01-01T00:00:00+00:00')",
+    "CREATE TABLE core_users (id TEXT PRIMARY KEY, email TEXT, oauth_id TEXT, password_hash TEXT, stripe_cust_id TEXT,"
+    " is_sys_admin BOOLEAN, created_at TEXT, last_login TEXT)",
+    "CREATE TABLE core_tenants (id TEXT PRIMARY KEY, name TEXT, db_url TEXT, is_active BOOLEAN, plan_tier TEXT,"
+    " created_at TEXT)",
+    "CREATE TABLE core_memberships (id TEXT PRIMARY KEY, user_id TEXT, tenant_id TEXT, profile_id TEXT,"
+    " meta_attributes TEXT, role TEXT, is_active BOOLEAN, created_at TEXT)",
+    "INSERT INTO core_users (id, email, is_sys_admin, created_at)"
+    " VALUES ('u1', 'old@seed.io', false, '2025-01-01T00:00:00+00:00')",
     "INSERT INTO core_tenants VALUES ('t1', 'Old Co', NULL, false, 'basic', '2025-01-01T00:00:00+00:00')",
     "INSERT INTO core_tenants VALUES ('t2', 'Live Co', NULL, true, 'pro', '2025-01-01T00:00:00+00:00')",
 ]
@@ -194,7 +203,8 @@ def test_upgrades_a_host_database_from_an_earlier_version(host_url):
     host_db = HostDatabase(host_url)
     try:
         assert host_db.global_users["u1"].is_active is True
-        assert [(t.id, t.status, t.routing_version) for t in host_db.tenants(order_by="id")] == [("t1", "suspended", 0), ("t2", "active", 0)]
+        assert ([(t.id, t.status, t.routing_version) for t in host_db.tenants(order_by="id")]
+                == [("t1", "suspended", 0), ("t2", "active", 0)])
         with pytest.raises(DuplicateRecord): host_db.global_users.insert(GlobalUser(email="OLD@seed.io"))
         with host_db.transaction() as c:
             assert schema_version(c, "core") == HOST_SCHEMA_VERSION
@@ -212,7 +222,9 @@ def test_upgrades_a_host_database_from_an_earlier_version(host_url):
 def test_refuses_a_newer_schema_than_it_knows(host_url):
     HostDatabase(host_url).close(); HostDatabase.reset_instance()
     eng = sa.create_engine(host_url)
-    with eng.begin() as c: c.exec_driver_sql(f"UPDATE sys_schema_versions SET version = {HOST_SCHEMA_VERSION + 1} WHERE component = 'core'")
+    with eng.begin() as c:
+        c.exec_driver_sql(f"UPDATE sys_schema_versions SET version = {HOST_SCHEMA_VERSION + 1}"
+                          " WHERE component = 'core'")
     eng.dispose()
     with pytest.raises(RuntimeError, match="newer than this fh_saas"): HostDatabase(host_url)
     HostDatabase.reset_instance()
@@ -235,7 +247,8 @@ def test_many_processes_create_the_schema_at_once(pg_url):
     assert sorted(q.get(timeout=5) for _ in procs) == ["ok"] * 4
     eng = sa.create_engine(pg_url)
     with eng.connect() as c:
-        assert c.exec_driver_sql("select version from sys_schema_versions where component = 'core'").all() == [(HOST_SCHEMA_VERSION,)]
+        assert (c.exec_driver_sql("select version from sys_schema_versions where component = 'core'").all()
+                == [(HOST_SCHEMA_VERSION,)])
     eng.dispose()
 
 

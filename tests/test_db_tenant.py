@@ -25,7 +25,8 @@ def crash_after(monkeypatch, action, step):
 
 
 def catalog(host_db, tid) -> list[dict]:
-    with host_db.engine.connect() as c: return [dict(r) for r in c.execute(sa.select(tenants_t).where(tenants_t.c.id == tid)).mappings()]
+    with host_db.engine.connect() as c:
+        return [dict(r) for r in c.execute(sa.select(tenants_t).where(tenants_t.c.id == tid)).mappings()]
 
 
 def tenant_tables(url) -> list[str]:
@@ -55,7 +56,8 @@ def assert_pg_tenant(host_db, server, tid):
 def test_provision_pg_catalog_and_secrets(pg_tenant_host, pg_server):
     tid = new_id()
     row = provision_tenant(pg_tenant_host, tid, 'Acme', prepare=prepare)
-    assert (row.status, row.db_name, row.db_role, row.routing_version) == ('active', f'tenant_{tid}', f'tenant_{tid}', 2)
+    assert ((row.status, row.db_name, row.db_role, row.routing_version)
+            == ('active', f'tenant_{tid}', f'tenant_{tid}', 2))
     assert_pg_tenant(pg_tenant_host, pg_server, tid)
     url = tenant_url(pg_tenant_host, tid)
     assert url.password and url.password not in row.db_url and sa.make_url(row.db_url).password is None
@@ -145,9 +147,10 @@ BAD_IDS = ["acme'; DROP DATABASE postgres; --", 'acme"; DROP ROLE postgres; --',
 def test_bad_ids_are_rejected_before_anything_is_created(pg_tenant_host, pg_server, tmp_path):
     before_dbs, before_roles = pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')
     for bad in BAD_IDS:
-        for call in (lambda: provision_tenant(pg_tenant_host, bad, prepare=prepare),
-                     lambda: suspend_tenant(pg_tenant_host, bad), lambda: deprovision_tenant(pg_tenant_host, bad),
-                     lambda: tenant_url(pg_tenant_host, bad)):
+        for call in (lambda bad=bad: provision_tenant(pg_tenant_host, bad, prepare=prepare),
+                     lambda bad=bad: suspend_tenant(pg_tenant_host, bad),
+                     lambda bad=bad: deprovision_tenant(pg_tenant_host, bad),
+                     lambda bad=bad: tenant_url(pg_tenant_host, bad)):
             with pytest.raises(InvalidTenantId): call()
     assert pg_tenant_host.tenants.count == 0
     assert (pg_names(pg_server, 'db', '%'), pg_names(pg_server, 'role', '%')) == (before_dbs, before_roles)
@@ -277,7 +280,8 @@ def test_provisioning_resumed_by_a_newer_deploy_ends_at_the_newer_version(pg_ten
         assert (row.status, row.schema_version, database_version(eng)) == ('active', 2, 2)
         assert sorted(sa.inspect(eng).get_table_names()) == ['_fh_saas_schema', 'notes', 'tags']
         with eng.connect() as c:  # migration 2 ran on resume, and what it made is the tenant's too
-            assert c.exec_driver_sql("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'").scalars().all() == [row.db_role]
+            assert (c.exec_driver_sql("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'")
+                    .scalars().all() == [row.db_role])
         assert tenants_behind(pg_tenant_host, 2) == []
     finally:
         eng.dispose()
@@ -303,8 +307,10 @@ def test_the_tenant_role_owns_every_kind_of_object_its_migrations_made(pg_tenant
     try:
         with eng.begin() as c:  # what a later migration, run as the tenant role, does
             for stmt in ("ALTER TYPE mood ADD VALUE 'great'", "ALTER DOMAIN positive ADD CHECK (VALUE < 100)",
-                         "ALTER TYPE pair ADD ATTRIBUTE c int", "CREATE OR REPLACE FUNCTION app.greet() RETURNS text LANGUAGE sql AS $$ SELECT 'hello' $$",
-                         "CREATE OR REPLACE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 2 $$", "ALTER TABLE app.items ADD COLUMN body text",
+                         "ALTER TYPE pair ADD ATTRIBUTE c int",
+                         "CREATE OR REPLACE FUNCTION app.greet() RETURNS text LANGUAGE sql AS $$ SELECT 'hello' $$",
+                         "CREATE OR REPLACE PROCEDURE tidy() LANGUAGE sql AS $$ SELECT 2 $$",
+                         "ALTER TABLE app.items ADD COLUMN body text",
                          "CREATE TABLE app.more (id int)", "ALTER TYPE span RENAME TO spans"):
                 c.exec_driver_sql(stmt)
             assert c.exec_driver_sql("SELECT app.greet()").scalar() == 'hello'

@@ -5,7 +5,8 @@ import pytest
 import sqlalchemy as sa
 
 from fh_saas.db_host import get_db_uri
-from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant
+from fh_saas.db_tenant import (TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant,
+                               suspend_tenant)
 from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter
 from pgserver import wait_for
 from tenant_helpers import (listening, new_id, pg_tenant_host, prepare, run_elsewhere, secret_key,  # noqa: F401
@@ -39,7 +40,8 @@ def test_routes_each_tenant_to_its_own_database(pg_tenant_host, tenants, router)
         with router.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (%s)", (tid,))
     for tid in tenants[:2]:
         with router.connect(tid) as c:
-            assert c.exec_driver_sql("SELECT current_user, current_database()").one() == (f'tenant_{tid}', f'tenant_{tid}')
+            assert (c.exec_driver_sql("SELECT current_user, current_database()").one()
+                    == (f'tenant_{tid}', f'tenant_{tid}'))
             assert [r[0] for r in c.exec_driver_sql("SELECT body FROM notes")] == [tid]
     db = router.tenant_db(tenants[0])
     db['notes'].insert(dict(body='via fastsql'))
@@ -53,7 +55,7 @@ def test_routes_each_tenant_to_its_own_database(pg_tenant_host, tenants, router)
 def test_rollback_on_error(tenants, router):
     with pytest.raises(ZeroDivisionError), router.connect(tenants[0]) as c:
         c.exec_driver_sql("INSERT INTO notes (body) VALUES ('lost')")
-        1 / 0
+        1 / 0  # noqa: B018 (the ZeroDivisionError inside the block is the point)
     with router.connect(tenants[0]) as c: assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
 
 
@@ -88,7 +90,8 @@ def test_threads_never_exceed_the_budget(pg_server, tenants, router):
         try:
             for n in range(40):
                 with router.connect(tenants[(i + n) % len(tenants)]) as c:
-                    assert c.exec_driver_sql("SELECT current_user").scalar() == f'tenant_{tenants[(i + n) % len(tenants)]}'
+                    assert (c.exec_driver_sql("SELECT current_user").scalar()
+                            == f'tenant_{tenants[(i + n) % len(tenants)]}')
         except Exception as e: errors.append(e)
 
     sampler = threading.Thread(target=sample); sampler.start()

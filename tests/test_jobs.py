@@ -139,7 +139,7 @@ def test_failures_back_off_exponentially_then_die(queue_db):
             delays.append((as_utc(row.run_at) - datetime.now(timezone.utc)).total_seconds())
     assert status == row.status == 'dead' and row.completed_at is not None
     assert 4 <= delays[0] <= 10 and 9 <= delays[1] <= 20
-    assert [l.split(': ', 1)[1] for l in row.error_log.splitlines()] == ['boom 1', 'boom 2', 'boom 3']
+    assert [ln.split(': ', 1)[1] for ln in row.error_log.splitlines()] == ['boom 1', 'boom 2', 'boom 3']
     assert all(10 * 2 ** (n - 2) <= retry_delay(n, base=10, cap=1e9) <= 10 * 2 ** (n - 1) for n in range(1, 20))
     assert retry_delay(50, base=10, cap=60) <= 60 and retry_delay(10_000) <= 3600
 
@@ -167,7 +167,8 @@ def test_a_retried_dead_job_runs_again_and_keeps_its_history(queue_db):
     assert (job.id, job.attempts, job.max_attempts) == (j.id, 1, 1)
     assert complete(queue_db, job, dict(ok=True))
     row = queue_db.system_jobs[j.id]
-    assert row.status == 'done' and row.error_log.splitlines()[0].endswith('boom') and 'retried by hand' in row.error_log
+    assert (row.status == 'done' and row.error_log.splitlines()[0].endswith('boom')
+            and 'retried by hand' in row.error_log)
 
 
 def test_concurrent_retries_queue_a_dead_job_once(queue_db, race):
@@ -234,7 +235,8 @@ def test_each_job_sees_only_its_own_tenant(queue_db):
     assert all(ctx.request_id == f'job:{j}' and ctx.tenant_id == jobs[j] and ctx.actor_user_id is None
                for j, (_, ctx) in seen.items())
     rows = audit_events(queue_db, event_type='test.job_ran', limit=100)
-    assert len(rows) == 40 and all(r.tenant_id == jobs[r.target_id] and r.request_id == f'job:{r.target_id}' for r in rows)
+    assert len(rows) == 40 and all(r.tenant_id == jobs[r.target_id] and r.request_id == f'job:{r.target_id}'
+                                   for r in rows)
     assert current_job_tenant() is None
 
 

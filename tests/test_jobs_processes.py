@@ -23,7 +23,8 @@ def _enqueue(url, n, job_type='test.effect', **kw):
         HostDatabase.reset_instance()
 
 def _statuses(engine):
-    with engine.connect() as c: return dict(c.execute(sa.select(jobs_t.c.status, sa.func.count()).group_by(jobs_t.c.status)).all())
+    with engine.connect() as c:
+        return dict(c.execute(sa.select(jobs_t.c.status, sa.func.count()).group_by(jobs_t.c.status)).all())
 
 def _logs(tmp_path):
     return '\n'.join(p.read_text(errors='replace')[-3000:] for p in sorted(tmp_path.glob('worker*.log')))
@@ -54,7 +55,8 @@ def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(
         slow_proc.send_signal(signal.SIGTERM)  # mid-job: it must finish the job, then exit
         assert slow_proc.wait(30) == 0, _logs(tmp_path)
         assert _statuses(eng).get('done', 0) >= 1 and counts(eng)['effects'] >= 1
-        with eng.connect() as c: assert c.execute(sa.select(jobs_t.c.status).where(jobs_t.c.id == slow)).scalar() == 'done'
+        with eng.connect() as c:
+            assert c.execute(sa.select(jobs_t.c.status).where(jobs_t.c.id == slow)).scalar() == 'done'
         assert wait_for(lambda: _statuses(eng).get('done') == 41, 60), _logs(tmp_path)
     finally: codes = stop_workers(procs)
     assert codes == [0, 0]
@@ -65,7 +67,8 @@ def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(
 @pytest.mark.postgres
 def test_four_worker_processes_run_each_of_200_jobs_exactly_once(pg_url, engine, tmp_path):
     ids = _enqueue(pg_url, 200, payload=dict(pause=0.002), tenant_id='acme')
-    procs = [start_worker(pg_url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05') for i in range(4)]
+    procs = [start_worker(pg_url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05')
+             for i in range(4)]
     try: assert wait_for(lambda: _statuses(engine).get('done') == 200, 90), (_statuses(engine), _logs(tmp_path))
     finally: codes = stop_workers(procs)
     assert codes == [0, 0, 0, 0], _logs(tmp_path)
@@ -113,7 +116,8 @@ def test_database_restart_under_load_completes_every_job_once(tmp_path):
         try:
             assert wait_for(lambda: _statuses(eng).get('done', 0) >= 30, 60), _logs(tmp_path)
             with server.engine.connect() as c: data = c.exec_driver_sql('SHOW data_directory').scalar()
-            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w', 'restart']
+            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w',
+                   'restart']
             if os.geteuid() == 0: cmd = ['runuser', '-u', 'postgres', '--', *cmd]
             server.engine.dispose()
             assert _statuses(eng).get('done', 0) < 190, "still under load when the server restarts"

@@ -1,4 +1,5 @@
-"A table's first use reflects it once, on the scope's connection: no second connection, no lock wait, no half-reflected table."
+"""A table's first use reflects it once, on the scope's connection: no second connection, no lock wait, no
+half-reflected table."""
 import sys
 
 import pytest
@@ -49,10 +50,12 @@ WIDE = {name: [f'{name}_c{i}' for i in range(24)] for name in ('projects', 'task
 
 
 def add_wide_tables(router, tid):
-    "Three tables of 25 columns with one row each, made outside the router's tenant database (so nothing is reflected yet)."
+    """Three tables of 25 columns with one row each, made outside the router's tenant database (so nothing is reflected
+    yet)."""
     with router.connect(tid) as c:
         for name, cols in WIDE.items():
-            c.exec_driver_sql(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {', '.join(f'{col} TEXT' for col in cols)})")
+            c.exec_driver_sql(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, "
+                              f"{', '.join(f'{col} TEXT' for col in cols)})")
             c.exec_driver_sql(f"INSERT INTO {name} VALUES (1, {', '.join(repr(col) for col in cols)})")
 
 
@@ -68,9 +71,10 @@ def _first_touch_rounds(router, tid, race, rounds, threads):
     for _ in range(rounds):
         router.forget(tid)   # a new entry: its database object has reflected nothing
         tdb = router.tenant_db(tid)
-        reads = [lambda name=name: tdb[name]() for name in list(WIDE) * (threads // len(WIDE) + 1)][:threads]
+        reads = [lambda name=name, tdb=tdb: tdb[name]() for name in list(WIDE) * (threads // len(WIDE) + 1)][:threads]
         outcomes = race(reads, catch=Exception)
-        for name, rows in zip(list(WIDE) * threads, outcomes):
+        # the names in the order of `reads`; that list is the longer one, so zip stops with the outcomes
+        for name, rows in zip(list(WIDE) * threads, outcomes, strict=False):
             assert not isinstance(rows, Exception), rows
             assert rows == [dict(id=1, **{col: col for col in WIDE[name]})]
 

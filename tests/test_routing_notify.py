@@ -43,7 +43,8 @@ def refused(router, tid) -> bool:
 def listener_backends(pg_server, pg_url) -> list[int]:
     "Pids of the listener connections on the host database."
     with pg_server.engine.connect() as c:
-        return [r[0] for r in c.exec_driver_sql("SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
+        return [r[0] for r in c.exec_driver_sql("SELECT pid FROM pg_stat_activity"
+                                                " WHERE application_name = %s AND datname = %s",
                                                 (LISTENER_NAME, sa.make_url(pg_url).database))]
 
 
@@ -65,7 +66,8 @@ def test_a_change_committed_in_another_process_stops_routing_at_once(pg_url, ten
 class Notifications:
     "A connection of the test's own listening on the routing channel."
     def __init__(self, url):
-        self.conn = psycopg2.connect(sa.make_url(url).set(drivername='postgresql').render_as_string(hide_password=False))
+        self.conn = psycopg2.connect(sa.make_url(url).set(drivername='postgresql')
+                                     .render_as_string(hide_password=False))
         self.conn.autocommit = True
         with self.conn.cursor() as cur: cur.execute(f'LISTEN {ROUTING_CHANNEL}')
         self.heard = []
@@ -140,9 +142,11 @@ def test_the_listener_comes_back_after_a_server_restart(caplog):
             listener = listening(router)
             with server.engine.connect() as c: data = c.exec_driver_sql('SHOW data_directory').scalar()
             server.engine.dispose()
-            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w', 'restart']
+            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w',
+                   'restart']
             with caplog.at_level(logging.WARNING, logger='fh_saas.tenant_router'):
-                subprocess.run(['runuser', '-u', 'postgres', '--', *cmd] if os.geteuid() == 0 else cmd, check=True, capture_output=True, timeout=60)
+                subprocess.run(['runuser', '-u', 'postgres', '--', *cmd] if os.geteuid() == 0 else cmd, check=True,
+                               capture_output=True, timeout=60)
                 assert wait_for(lambda: listener.listens == 2)
             assert 'reconnecting' in caplog.text and listener_threads() == [listener.thread]
             with router.connect(tid): pass
@@ -184,8 +188,10 @@ def test_a_missed_notification_is_caught_by_the_ttl(pg_tenant_host, pg_server, p
         listening(r)
         with r.connect(tid): pass
         t = tenants_t
-        with sa.create_engine(pg_server.url(sa.make_url(pg_url).database), poolclass=sa.pool.NullPool).begin() as c:  # no pg_notify
-            c.execute(t.update().where(t.c.id == tid).values(status='suspended', routing_version=t.c.routing_version + 1))
+        # no pg_notify
+        with sa.create_engine(pg_server.url(sa.make_url(pg_url).database), poolclass=sa.pool.NullPool).begin() as c:
+            c.execute(t.update().where(t.c.id == tid).values(status='suspended',
+                                                             routing_version=t.c.routing_version + 1))
         assert wait_for(lambda: refused(r, tid), timeout=5)
     finally: r.close()
 

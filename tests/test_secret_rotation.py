@@ -1,4 +1,5 @@
-"Rotating the master key on real PostgreSQL: old secrets keep working mid-rotation, `rotate_secret_key` re-keys them, the old key can then go."
+"""Rotating the master key on real PostgreSQL: old secrets keep working mid-rotation, `rotate_secret_key` re-keys them,
+the old key can then go."""
 import psycopg2
 import pytest
 import sqlalchemy as sa
@@ -6,8 +7,8 @@ import sqlalchemy as sa
 from fh_saas import db_tenant, master_key
 from fh_saas.cli import main
 from fh_saas.db_host import GlobalUser
-from fh_saas.db_tenant import (TenantConfigError, db_server, db_servers_t, provision_tenant, resume_tenant, rotate_secret_key,
-                               server_admin_url, suspend_tenant, tenant_engine, tenant_row)
+from fh_saas.db_tenant import (TenantConfigError, db_server, db_servers_t, provision_tenant, resume_tenant,
+                               rotate_secret_key, server_admin_url, suspend_tenant, tenant_engine, tenant_row)
 from fh_saas.sessions import SessionManager
 from fh_saas.tenant_router import TenantRouter
 from tenant_helpers import SECRET, new_id, pg_tenant_host, prepare, secret_key  # noqa: F401
@@ -72,7 +73,8 @@ def test_rotation_from_key_a_to_key_b(pg_tenant_host, pg_server, fleet, monkeypa
         assert whoami(pg_tenant_host, fleet[1]) == f'tenant_{fleet[1]}'
         assert admin_password(pg_tenant_host) == pg_server.admin_url.password
         router.forget(fleet[0])               # a new pooled engine, built mid-rotation
-        with router.connect(fleet[0]) as c: assert c.exec_driver_sql("SELECT body FROM notes").scalars().all() == ['under A']
+        with router.connect(fleet[0]) as c:
+            assert c.exec_driver_sql("SELECT body FROM notes").scalars().all() == ['under A']
 
         before = routing_versions(pg_tenant_host, fleet)
         report = rotate_secret_key(pg_tenant_host)   # step 2
@@ -105,13 +107,16 @@ def test_a_refusal_worded_in_another_language_still_falls_back_to_the_previous_k
     def in_german(*args, **kwargs):
         try: return connect(*args, **kwargs)
         except psycopg2.OperationalError as e:
-            refusals.append(str(e).replace('password authentication failed for user', 'Passwort-Authentifizierung für Benutzer'))
+            refusals.append(str(e).replace('password authentication failed for user',
+                                           'Passwort-Authentifizierung für Benutzer'))
             raise psycopg2.OperationalError(refusals[-1]) from None
     monkeypatch.setattr(psycopg2, 'connect', in_german)
     use_keys(monkeypatch, KEY_B, KEY_A)
     assert whoami(pg_tenant_host, fleet[0]) == f'tenant_{fleet[0]}'
-    assert len(refusals) == 1 and 'Passwort-Authentifizierung' in refusals[0] and 'password authentication' not in refusals[0]
-    use_keys(monkeypatch, KEY_B, 'unrelated-key-' + '0' * 32)   # no key works: the current key's error, no password in it
+    assert (len(refusals) == 1 and 'Passwort-Authentifizierung' in refusals[0]
+            and 'password authentication' not in refusals[0])
+    # no key works: the current key's error, no password in it
+    use_keys(monkeypatch, KEY_B, 'unrelated-key-' + '0' * 32)
     with pytest.raises(sa.exc.OperationalError, match='Passwort-Authentifizierung') as e:
         whoami(pg_tenant_host, fleet[0])
     assert len(refusals) == 3 and not any(p in str(e.value) for p in master_key.role_passwords(f'tenant_{fleet[0]}'))
@@ -209,5 +214,6 @@ def test_sessions_signed_under_the_previous_key_still_load(sessions_host, monkey
 
 def test_a_malformed_previous_key_is_refused_without_echoing_it(sessions_host, monkeypatch):
     use_keys(monkeypatch, KEY_B, KEY_A, 'tiny-secret')
-    with pytest.raises(ValueError, match='key 2 of 2 in FH_SAAS_PREVIOUS_SECRET_KEYS') as e: SessionManager.from_env(sessions_host)
+    with pytest.raises(ValueError, match='key 2 of 2 in FH_SAAS_PREVIOUS_SECRET_KEYS') as e:
+        SessionManager.from_env(sessions_host)
     assert 'tiny-secret' not in str(e.value) and KEY_A not in str(e.value)

@@ -1,4 +1,5 @@
-"The Stripe webhook endpoint over real HTTP (uvicorn) on PostgreSQL and SQLite: verification, exactly-once, ordering, failures."
+"""The Stripe webhook endpoint over real HTTP (uvicorn) on PostgreSQL and SQLite: verification, exactly-once, ordering,
+failures."""
 import json, queue, random, threading, time
 from collections import Counter
 
@@ -66,7 +67,8 @@ def test_every_bad_delivery_is_400_and_stores_nothing(endpoint):
 @pytest.mark.postgres
 def test_endpoint_is_outside_login_beforeware(pg_host_db):
     pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
-    app = FastHTML(secret_key="test-only", before=Beforeware(lambda req, sess: RedirectResponse("/login", status_code=303)))
+    app = FastHTML(secret_key="test-only",
+                   before=Beforeware(lambda req, sess: RedirectResponse("/login", status_code=303)))
     @app.get("/")
     def home(): return "private"
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
@@ -85,17 +87,21 @@ def test_no_secret_no_endpoint(pg_host_db, monkeypatch):
 
 def test_subscription_snapshot_and_period_fallback(endpoint):
     host_db, post = endpoint
-    host_db.pricing_plans.insert(PricingPlan(id="pro", name="Pro", stripe_price_monthly="price_pro", amount_monthly=1500))
+    host_db.pricing_plans.insert(PricingPlan(id="pro", name="Pro", stripe_price_monthly="price_pro",
+                                             amount_monthly=1500))
     new_shape = subscription("sub_new", "trialing", T0, "acme", amount=1500, quantity=3, trial_end=T0 + 86400)
     old_shape = dict(subscription("sub_old", "active", T0, "acme"), current_period_start=T0, current_period_end=T0 + 60)
     for item in old_shape["items"]["data"]: del item["current_period_start"], item["current_period_end"]
     for obj in (new_shape, old_shape): assert post(event("customer.subscription.created", obj, T0)).status_code == 200
-    new, old = (host_db.subscriptions(where="stripe_sub_id = :s", where_args=dict(s=s))[0] for s in ("sub_new", "sub_old"))
+    new, old = (host_db.subscriptions(where="stripe_sub_id = :s", where_args=dict(s=s))[0]
+                for s in ("sub_new", "sub_old"))
     assert (new.status, new.amount_cents, new.stripe_price_id, new.tenant_id) == ("trialing", 4500, "price_pro", "acme")
     assert (new.plan_tier, new.product_name, new.payment_type) == ("pro", "Pro", "subscription")
-    assert new.current_period_end == "2025-11-08T08:53:20.000000+00:00" and new.trial_end == "2025-10-10T08:53:20.000000+00:00"
+    assert (new.current_period_end == "2025-11-08T08:53:20.000000+00:00"
+            and new.trial_end == "2025-10-10T08:53:20.000000+00:00")
     assert old.current_period_end == "2025-10-09T08:54:20.000000+00:00"
-    assert host_db.q("SELECT stripe_cust_id FROM core_stripe_customers WHERE tenant_id = 'acme'") == [dict(stripe_cust_id="cus_1")]
+    assert (host_db.q("SELECT stripe_cust_id FROM core_stripe_customers WHERE tenant_id = 'acme'")
+            == [dict(stripe_cust_id="cus_1")])
 
 
 def test_out_of_order_and_same_second_rule(endpoint):
@@ -108,8 +114,10 @@ def test_out_of_order_and_same_second_rule(endpoint):
     assert host_db.subscriptions()[0].status == "past_due"
     # Same second: an end wins whichever arrives first; both orders give the same state.
     for order, sub_id in (((0, 1), "sub_a"), ((1, 0), "sub_b")):
-        pair = [event("customer.subscription.updated", subscription(sub_id, "active", T0, "acme"), T0, f"evt_zz_{sub_id}"),
-                event("customer.subscription.deleted", subscription(sub_id, "canceled", T0, "acme"), T0, f"evt_aa_{sub_id}")]
+        pair = [event("customer.subscription.updated", subscription(sub_id, "active", T0, "acme"), T0,
+                      f"evt_zz_{sub_id}"),
+                event("customer.subscription.deleted", subscription(sub_id, "canceled", T0, "acme"), T0,
+                      f"evt_aa_{sub_id}")]
         for i in order: assert post(pair[i]).status_code == 200
     rows = host_db.subscriptions(where="stripe_sub_id IN ('sub_a', 'sub_b')")
     assert [(r.status, r.last_event_id) for r in rows] == [("canceled", "evt_aa_sub_a"), ("canceled", "evt_aa_sub_b")]
@@ -118,24 +126,29 @@ def test_out_of_order_and_same_second_rule(endpoint):
 def test_late_invoice_does_not_revive_canceled(endpoint):
     host_db, post = endpoint
     post(event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0))
-    post(event("customer.subscription.deleted", subscription("sub_1", "canceled", T0 + 50, "acme", ended_at=T0 + 50), T0 + 50))
+    post(event("customer.subscription.deleted", subscription("sub_1", "canceled", T0 + 50, "acme", ended_at=T0 + 50),
+               T0 + 50))
     invoice = dict(id="in_1", object="invoice", customer="cus_1", amount_due=2900, amount_paid=2900, attempt_count=2,
                    parent=dict(subscription_details=dict(subscription="sub_1")))
-    for etype, t in (("invoice.payment_succeeded", T0 + 40), ("invoice.payment_succeeded", T0 + 60), ("invoice.paid", T0 + 60)):
+    for etype, t in (("invoice.payment_succeeded", T0 + 40), ("invoice.payment_succeeded", T0 + 60),
+                     ("invoice.paid", T0 + 60)):
         assert post(event(etype, invoice, t)).json()["status"] == "processed"
     late_update = event("customer.subscription.updated", subscription("sub_1", "active", T0 + 30, "acme"), T0 + 30)
     assert post(late_update).json()["status"] == "skipped_out_of_order"
     sub = host_db.subscriptions()[0]
     assert (sub.status, sub.ended_at) == ("canceled", "2025-10-09T08:54:10.000000+00:00")
-    assert Counter(a.event_type for a in host_db.audit_logs()) == {"billing.subscription_updated": 2, "billing.invoice_paid": 3}
+    assert Counter(a.event_type for a in host_db.audit_logs()) == {"billing.subscription_updated": 2,
+                                                                   "billing.invoice_paid": 3}
 
 
 def test_missing_or_unknown_tenant_is_recorded_and_changes_nothing(endpoint):
     host_db, post = endpoint
     no_meta = event("customer.subscription.created", subscription("sub_x", "active", T0, customer="cus_unknown"), T0)
-    ghost = event("customer.subscription.created", subscription("sub_y", "active", T0, "no-such-tenant", customer="cus_y"), T0)
-    session = event("checkout.session.completed", dict(id="cs_1", object="checkout.session", mode="subscription",
-                                                       subscription="sub_z", customer="cus_z", payment_status="paid"), T0)
+    ghost = event("customer.subscription.created",
+                  subscription("sub_y", "active", T0, "no-such-tenant", customer="cus_y"), T0)
+    session = event("checkout.session.completed",
+                    dict(id="cs_1", object="checkout.session", mode="subscription",
+                         subscription="sub_z", customer="cus_z", payment_status="paid"), T0)
     for body in (no_meta, ghost, session):
         assert post(body).json() == dict(status="ignored_no_tenant", duplicate=False)
         assert inbox(host_db, body).status == "ignored_no_tenant"
@@ -157,14 +170,16 @@ def test_checkout_async_payment_in_both_orders(endpoint):
                     client_reference_id=ref, customer="cus_1", payment_status=payment_status, amount_total=4900, **kw)
     # subscription mode, delayed method: pending until the async result
     done = event("checkout.session.completed", session("subscription", "unpaid", subscription="sub_s"), T0)
-    ok = event("checkout.session.async_payment_succeeded", session("subscription", "paid", subscription="sub_s"), T0 + 90)
+    ok = event("checkout.session.async_payment_succeeded", session("subscription", "paid", subscription="sub_s"),
+               T0 + 90)
     assert post(done).json()["status"] == "processed"
     assert host_db.subscriptions()[0].status == "pending_payment"
     assert post(ok).json()["status"] == "processed"
     assert host_db.subscriptions()[0].status == "active"
     # the subscription's own events take over from there
     post(event("customer.subscription.updated", subscription("sub_s", "past_due", T0 + 100), T0 + 100))
-    late = event("checkout.session.completed", session("subscription", "paid", subscription="sub_s"), T0 + 1, "evt_late_cs")
+    late = event("checkout.session.completed", session("subscription", "paid", subscription="sub_s"), T0 + 1,
+                 "evt_late_cs")
     assert post(late).json()["status"] == "skipped_superseded"
     assert host_db.subscriptions()[0].status == "past_due"
     # payment mode, result delivered before the completion
@@ -172,7 +187,8 @@ def test_checkout_async_payment_in_both_orders(endpoint):
     first = event("checkout.session.completed", session("payment", "unpaid"), T0)
     assert [post(b).json()["status"] for b in (fail, first)] == ["processed", "skipped_out_of_order"]
     one = host_db.subscriptions(where="payment_type = 'one_time'")[0]
-    assert (one.stripe_sub_id, one.status, one.amount_cents, one.tenant_id) == ("cs_payment_unpaid_", "payment_failed", 4900, "acme")
+    assert (one.stripe_sub_id, one.status, one.amount_cents, one.tenant_id) == ("cs_payment_unpaid_", "payment_failed",
+                                                                                4900, "acme")
 
 
 def test_customer_updated(endpoint):
@@ -194,7 +210,8 @@ class FlakyHandler:
         out = self.real(host_db, conn, event)
         self.entered.set()
         if self.hold: self.hold()
-        if self.calls <= self.fail: raise RuntimeError("ledger service down; api key sk_live_abc123 leaked into message")
+        if self.calls <= self.fail:
+            raise RuntimeError("ledger service down; api key sk_live_abc123 leaked into message")
         return out
 
 
@@ -206,7 +223,8 @@ def test_failure_rolls_back_records_and_retry_applies(endpoint, monkeypatch):
     r = post(body)
     assert r.status_code == 500 and "sk_live" not in r.text
     row = inbox(host_db, body)
-    assert (row.status, row.attempts, row.last_error) == ("failed", 1, "RuntimeError: ledger service down; api key [redacted] leaked into message")
+    assert (row.status, row.attempts, row.last_error) == (
+        "failed", 1, "RuntimeError: ledger service down; api key [redacted] leaked into message")
     assert (host_db.subscriptions.count, host_db.audit_logs.count) == (0, 0)
     assert post(body).json() == dict(status="processed", duplicate=False)
     assert post(body).json() == dict(status="processed", duplicate=True)
@@ -259,7 +277,8 @@ def test_failed_event_retried_twice_at_once_applies_once(pg_endpoint, race, monk
 
 @pytest.mark.postgres
 def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race, monkeypatch):
-    "Delivery A fails slowly while B waits on the inbox's unique index; B applies after A rolls back; A's failure record must not clobber it."
+    """Delivery A fails slowly while B waits on the inbox's unique index; B applies after A rolls back; A's failure
+    record must not clobber it."""
     host_db, post = pg_endpoint
     flaky = FlakyHandler(sw.on_subscription, fail=1, hold=lock_waits(host_db))   # B behind A; then A's record behind B
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
@@ -289,7 +308,8 @@ def test_replay_failed(pg_host_db, monkeypatch):
 
 
 def storm_events(n_subs=50, per_sub=40, seed=7):
-    "per_sub events for each of n_subs subscriptions (a Checkout completion, every 5th an invoice); some end with a deletion."
+    """per_sub events for each of n_subs subscriptions (a Checkout completion, every 5th an invoice); some end with a
+    deletion."""
     rng, events = random.Random(seed), []
     for s in range(n_subs):
         sub_id, tenant = f"sub_storm_{s:02d}", f"t{s:02d}"
@@ -309,7 +329,8 @@ def storm_events(n_subs=50, per_sub=40, seed=7):
             status = "canceled" if last and ends else rng.choice(["trialing", "active", "active", "past_due", "unpaid"])
             etype = ("customer.subscription.deleted" if last and ends else
                      "customer.subscription.created" if k == 0 else "customer.subscription.updated")
-            obj = subscription(sub_id, status, created, tenant, customer=f"cus_{s}", price=rng.choice(["price_a", "price_b"]),
+            obj = subscription(sub_id, status, created, tenant, customer=f"cus_{s}",
+                               price=rng.choice(["price_a", "price_b"]),
                                amount=rng.choice([900, 2900]), quantity=rng.randint(1, 5),
                                cancel_at_period_end=rng.random() < 0.3)
             events.append(event(etype, obj, created))
@@ -353,13 +374,15 @@ def test_storm_2000_events_8_clients(pg_host_db):
         for t in threads: t.join(120)
     assert results == {(200, False): 2000, (200, True): 600}
 
-    rows = {r.stripe_sub_id: (r.status, r.stripe_price_id, r.amount_cents, r.cancel_at_period_end, r.stripe_cust_id, r.last_event_id)
+    rows = {r.stripe_sub_id: (r.status, r.stripe_price_id, r.amount_cents, r.cancel_at_period_end, r.stripe_cust_id,
+                              r.last_event_id)
             for r in pg_host_db.subscriptions()}
     assert rows == expected_state(events)
     inbox_rows = pg_host_db.q("SELECT event_id, status, attempts FROM core_stripe_webhook_events")
     assert len(inbox_rows) == 2000 and {r["attempts"] for r in inbox_rows} == {1}
     statuses = Counter(r["status"] for r in inbox_rows)
-    assert set(statuses) <= {"processed", "skipped_out_of_order", "skipped_superseded"} and statuses["processed"] >= 350 + 50
+    assert (set(statuses) <= {"processed", "skipped_out_of_order", "skipped_superseded"}
+            and statuses["processed"] >= 350 + 50)
     assert pg_host_db.q("SELECT count(*) AS n FROM core_stripe_customers") == [dict(n=50)]
     effects = Counter(json.loads(a.details)["event_id"] for a in pg_host_db.audit_logs())
     processed = {r["event_id"] for r in inbox_rows if r["status"] == "processed"}

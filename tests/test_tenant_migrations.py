@@ -51,7 +51,8 @@ def tdbs(request, tmp_path):
 def tables(engine): return set(sa.inspect(engine).get_table_names())
 
 def history(engine):
-    with engine.connect() as c: return [tuple(r) for r in c.exec_driver_sql('SELECT version, name FROM _fh_saas_schema ORDER BY version')]
+    with engine.connect() as c:
+        return [tuple(r) for r in c.exec_driver_sql('SELECT version, name FROM _fh_saas_schema ORDER BY version')]
 
 def schema_v5(v5_up):
     "Core + v4 (a table, an index, a new column, a row) + v5 `v5_up`."
@@ -61,7 +62,7 @@ def schema_v5(v5_up):
             CREATE INDEX ix_notes_body ON notes (body);
             ALTER TABLE tenant_users ADD COLUMN locale VARCHAR(16);
             INSERT INTO tenant_settings (key, value, updated_at) VALUES ('notes.enabled', '100%', '2026-01-01T00:00:00+00:00');
-        """),
+        """),  # noqa: E501 (the migration script is test data, kept as written)
         TenantMigration(5, 'step5', v5_up)])
 
 
@@ -75,7 +76,8 @@ def test_core_schema_matches_exported_tables(tdbs):
     for t in tenant_metadata.sorted_tables:
         assert [c['name'] for c in insp.get_columns(t.name)] == [c.name for c in t.columns]
     with eng.begin() as c: c.execute(tenant_users_t.insert().values(global_user_id='g1'))
-    with pytest.raises(sa.exc.IntegrityError), eng.begin() as c: c.execute(tenant_users_t.insert().values(global_user_id='g1'))
+    with pytest.raises(sa.exc.IntegrityError), eng.begin() as c:
+        c.execute(tenant_users_t.insert().values(global_user_id='g1'))
     assert migrate_database(eng) == 3 and len(history(eng)) == 3
 
 
@@ -121,7 +123,8 @@ def test_database_from_other_code_is_refused(tdbs):
     migrate_database(eng, schema_v5('SELECT 1'))
     with pytest.raises(TenantSchemaMismatch, match=r"at tenant schema 5 \('step5'\).*does not exist \(latest: 3\)"):
         migrate_database(eng)
-    renamed = TenantSchema([*core_migrations, TenantMigration(4, 'notes', 'SELECT 1'), TenantMigration(5, 'other', 'SELECT 1')])
+    renamed = TenantSchema([*core_migrations, TenantMigration(4, 'notes', 'SELECT 1'),
+                            TenantMigration(5, 'other', 'SELECT 1')])
     with pytest.raises(TenantSchemaMismatch, match="migration 5 is 'other'"): migrate_database(eng, renamed)
     assert database_version(eng) == 5
 
@@ -169,7 +172,8 @@ def test_busy_tenant_fails_fast_and_unchanged_on_postgresql(pg_url):
     "ALTER TABLE behind an open transaction: the migration gives up after lock_timeout instead of stalling the tenant."
     eng = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     migrate_database(eng)
-    schema = TenantSchema([*core_migrations, TenantMigration(4, 'locale', 'ALTER TABLE tenant_users ADD COLUMN locale TEXT')])
+    schema = TenantSchema([*core_migrations,
+                           TenantMigration(4, 'locale', 'ALTER TABLE tenant_users ADD COLUMN locale TEXT')])
     with eng.connect() as reader:
         reader.execute(sa.select(tenant_users_t)).all()  # holds ACCESS SHARE until its transaction ends
         t = time.monotonic()
@@ -238,7 +242,8 @@ def test_process_killed_mid_migration_leaves_previous_version(tdbs, tmp_path):
     proc.send_signal(signal.SIGKILL); proc.wait(10)
     eng = tdbs.engine(url)
     assert database_version(eng) == 3 and 'notes' not in tables(eng)
-    assert migrate_database(eng, TenantSchema([*core_migrations, TenantMigration(4, 'notes', 'CREATE TABLE notes (id INTEGER)')])) == 4
+    assert migrate_database(eng, TenantSchema([*core_migrations,
+                                               TenantMigration(4, 'notes', 'CREATE TABLE notes (id INTEGER)')])) == 4
 
 
 # --- fleet ---------------------------------------------------------------------------------------
@@ -355,7 +360,8 @@ def test_fleet_interrupted_leaves_every_tenant_whole(host_db, fleet):
     schema = schema_v5('SELECT 1')
 
     def stop(outcome, done, total): raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt): migrate_fleet(host_db, fleet.engine, concurrency=1, schema=schema, progress=stop)
+    with pytest.raises(KeyboardInterrupt):
+        migrate_fleet(host_db, fleet.engine, concurrency=1, schema=schema, progress=stop)
     versions = {t: database_version(fleet.engine(t)) for t in fleet.urls}
     assert set(versions.values()) <= {3, 5} and 1 <= list(versions.values()).count(5) <= 2
     assert catalog(host_db) == versions
@@ -364,7 +370,8 @@ def test_fleet_interrupted_leaves_every_tenant_whole(host_db, fleet):
 
 @pytest.mark.parametrize('host_url', ['sqlite'], indirect=True)
 def test_fleet_argument_errors(host_db, fleet):
-    with pytest.raises(ValueError, match="unknown tenant ids: 'nope'"): migrate_fleet(host_db, fleet.engine, tenant_ids=['t0', 'nope'])
+    with pytest.raises(ValueError, match="unknown tenant ids: 'nope'"):
+        migrate_fleet(host_db, fleet.engine, tenant_ids=['t0', 'nope'])
     with pytest.raises(ValueError, match='not in this schema'): migrate_fleet(host_db, fleet.engine, target=4)
     with pytest.raises(ValueError, match='concurrency'): migrate_fleet(host_db, fleet.engine, concurrency=0)
     assert set(catalog(host_db).values()) == {3}
@@ -380,10 +387,12 @@ def test_tenants_copied_from_the_template_are_born_migrated(pg_server):
     assert ensure_template_current(tpl) == 3
     tpl_name, new_url = sa.make_url(tpl_url).database, pg_server.url('tenant_from_tpl')
     try:
-        with pg_server.engine.connect() as c: c.exec_driver_sql(f'CREATE DATABASE tenant_from_tpl TEMPLATE "{tpl_name}"')
+        with pg_server.engine.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE tenant_from_tpl TEMPLATE "{tpl_name}"')
         eng = sa.create_engine(new_url, poolclass=sa.pool.NullPool)
         before = history(eng)
-        assert migrate_database(eng) == 3 and history(eng) == before == [(1, 'tenant_users'), (2, 'tenant_settings'), (3, 'tenant_permissions')]
+        assert migrate_database(eng) == 3 and history(eng) == before == [(1, 'tenant_users'), (2, 'tenant_settings'),
+                                                                         (3, 'tenant_permissions')]
     finally:
         pg_server.drop_database(new_url); pg_server.drop_database(tpl_url)
 
@@ -394,12 +403,14 @@ def test_registry_refuses_duplicates_and_disorder():
     s = TenantSchema([TenantMigration(1, 'a', 'SELECT 1'), TenantMigration(5, 'e', 'SELECT 1')])
     with pytest.raises(MigrationRegistryError, match="duplicate tenant migration version 5: 'e' and 'again'"):
         s.add(TenantMigration(5, 'again', 'SELECT 1'))
-    with pytest.raises(MigrationRegistryError, match=r"tenant migration 3 \('c'\) is out of order: the latest is 5 \('e'\)"):
+    with pytest.raises(MigrationRegistryError,
+                       match=r"tenant migration 3 \('c'\) is out of order: the latest is 5 \('e'\)"):
         s.add(TenantMigration(3, 'c', 'SELECT 1'))
     with pytest.raises(MigrationRegistryError, match='out of order'):
         TenantSchema([TenantMigration(2, 'b', 'SELECT 1'), TenantMigration(1, 'a', 'SELECT 1')])
     with pytest.raises(MigrationRegistryError, match='expected a TenantMigration'): s.add((6, 'f', 'SELECT 1'))
-    for bad in [(True, 'x', 'SELECT 1'), ('2', 'x', 'SELECT 1'), (-1, 'x', 'SELECT 1'), (6, 'x', None), (6, 'x' * 129, 'SELECT 1')]:
+    for bad in [(True, 'x', 'SELECT 1'), ('2', 'x', 'SELECT 1'), (-1, 'x', 'SELECT 1'), (6, 'x', None),
+                (6, 'x' * 129, 'SELECT 1')]:
         with pytest.raises(MigrationRegistryError): TenantMigration(*bad)
 
     @s.migration(6, 'f')

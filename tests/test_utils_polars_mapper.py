@@ -62,7 +62,8 @@ def test_insert_then_update(db_url, engine):
 
 
 def test_columns_missing_from_the_frame_are_kept(db_url, engine):
-    with engine.begin() as c: c.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, note TEXT DEFAULT 'n')")
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, note TEXT DEFAULT 'n')")
     map_and_upsert([dict(id=1, name="a")], "items", "id", db_url)
     with engine.begin() as c: c.exec_driver_sql("UPDATE items SET note = 'kept'")
     map_and_upsert([dict(id=1, name="A")], "items", "id", db_url)
@@ -72,7 +73,8 @@ def test_columns_missing_from_the_frame_are_kept(db_url, engine):
 def test_composite_key(db_url, engine):
     df = pl.DataFrame(dict(tenant=["a", "a", "b"], seq=[1, 2, 1], v=[10, 20, 30]))
     assert map_and_upsert(df, "facts", ["tenant", "seq"], db_url) == 3
-    assert map_and_upsert(pl.DataFrame(dict(tenant=["b", "b"], seq=[1, 2], v=[31, 40])), "facts", ("tenant", "seq"), db_url) == 2
+    assert map_and_upsert(pl.DataFrame(dict(tenant=["b", "b"], seq=[1, 2], v=[31, 40])), "facts", ("tenant", "seq"),
+                          db_url) == 2
     assert rows(engine, "facts", "1, 2") == [("a", 1, 10), ("a", 2, 20), ("b", 1, 31), ("b", 2, 40)]
     pk = sa.inspect(engine).get_pk_constraint("facts")["constrained_columns"]
     assert pk == ["tenant", "seq"]
@@ -103,7 +105,8 @@ def test_auto_created_table_types(empty_pg_url):
     eng = sa.create_engine(empty_pg_url)
     try:
         with eng.connect() as c:
-            types = dict(c.exec_driver_sql("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'typed'").all())
+            types = dict(c.exec_driver_sql("SELECT column_name, data_type FROM information_schema.columns"
+                                           " WHERE table_name = 'typed'").all())
         assert types == dict(id="bigint", small="smallint", x="double precision", ok="boolean", name="text", day="date",
                              at="timestamp with time zone", doc="jsonb", price="numeric")
         assert sa.inspect(eng).get_pk_constraint("typed")["constrained_columns"] == ["id"]
@@ -113,12 +116,14 @@ def test_auto_created_table_types(empty_pg_url):
 def test_unnest_two_levels_and_rename(db_url, engine):
     recs = [dict(id=1, user=dict(name="Ann", geo=dict(lat=1.5, lon=2.5))), dict(id=2, user=dict(name="Bob", geo=None))]
     map_and_upsert(recs, "people", "id", db_url, unnest_cols=["user", "user_geo"], column_map=dict(user_name="name"))
-    assert [c["name"] for c in sa.inspect(engine).get_columns("people")] == ["id", "name", "user_geo_lat", "user_geo_lon"]
+    assert ([c["name"] for c in sa.inspect(engine).get_columns("people")]
+            == ["id", "name", "user_geo_lat", "user_geo_lon"])
     assert rows(engine, "people") == [(1, "Ann", 1.5, 2.5), (2, "Bob", None, None)]
 
 
 def test_type_map_casts_round_trip(db_url, engine):
-    recs = [dict(id="1", n="7", x="2.5", ok="YES", at="2026-01-02T03:04:05.123456+02:00", day="2026-01-02", doc=dict(a=[1, 2])),
+    recs = [dict(id="1", n="7", x="2.5", ok="YES", at="2026-01-02T03:04:05.123456+02:00", day="2026-01-02",
+                 doc=dict(a=[1, 2])),
             dict(id="2", n=None, x="-1", ok="0", at="2026-01-02T00:00:00Z", day=None, doc=None)]
     tm = dict(id="int", n="int", x="float", ok="bool", at="datetime", day="date", doc="json")
     assert map_and_upsert(recs, "casts", "id", db_url, type_map=tm) == 2
@@ -192,7 +197,8 @@ BAD_INPUTS = [
 def test_bad_input_is_refused_and_writes_nothing(stock, kw, msg):
     db_url, engine, before = stock
     args = dict(table_name="stock", key_col="id") | kw
-    with pytest.raises((ValueError, TypeError), match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises((ValueError, TypeError),
+                       match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         map_and_upsert(args.pop("df"), args.pop("table_name"), args.pop("key_col"), db_url, **args)
     assert rows(engine, "stock") == before
 
@@ -233,7 +239,8 @@ def test_host_database_objects_are_accepted(db_url):
         with host_db.transaction():
             map_and_upsert([dict(id=2, v="z")], "via_host", "id", host_db)
             host_db.q("INSERT INTO via_host (id, v) VALUES (3, 'w')")
-        assert host_db.q("SELECT id, v FROM via_host ORDER BY id") == [dict(id=1, v="y"), dict(id=2, v="z"), dict(id=3, v="w")]
+        assert host_db.q("SELECT id, v FROM via_host ORDER BY id") == [dict(id=1, v="y"), dict(id=2, v="z"),
+                                                                       dict(id=3, v="w")]
         fdb = Database(db_url)
         try: map_and_upsert([dict(id=4, v="f")], "via_host", "id", fdb)
         finally: fdb.close(); fdb.engine.dispose()

@@ -11,7 +11,8 @@ from fh_saas import stripe_webhooks
 from fh_saas.db_host import HostDatabase
 from stripe_helpers import SECRET
 
-_held, _apply = set(filter(None, os.environ.get('FH_SAAS_TEST_HOLD_EVENTS', '').split(','))), stripe_webhooks.apply_event
+_held, _apply = (set(filter(None, os.environ.get('FH_SAAS_TEST_HOLD_EVENTS', '').split(','))),
+                 stripe_webhooks.apply_event)
 
 def _apply_then_hold(host_db, event, payload):
     out = _apply(host_db, event, payload)
