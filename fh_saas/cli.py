@@ -215,6 +215,13 @@ def _users(args, host_db) -> int:
     print(f"system admin {u.email} created")
     return 0
 
+def _doctor(args, host_db) -> int:
+    from fh_saas.db_host import host_doctor
+    found = host_doctor(host_db, repair=args.repair)
+    for line in found: print(line)
+    print(f"{len(found)} problem(s)" if found else "the host database keeps every integrity rule")
+    return 1 if found else 0
+
 def _worker(args, host_db) -> int:
     from fh_saas.jobs import run_worker
     from fh_saas.system_jobs import SYSTEM_SCHEDULES
@@ -277,19 +284,12 @@ def _app_option(p):
 
 def _tenant_id(p, what='the tenant'): p.add_argument('id', metavar='ID', help=f"{what}'s id")
 
-def parser() -> argparse.ArgumentParser:
-    "The `fh-saas` argument parser."
-    from fh_saas.jobs import worker_arguments
-    p = argparse.ArgumentParser(prog='fh-saas', description='fh_saas: multi-tenant SaaS kit for FastHTML',
-                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--env-file', metavar='PATH', help='read settings from PATH instead of ./.env')
-    sub = p.add_subparsers(dest='cmd', required=True, metavar='COMMAND', title='commands')
-    def command(name, help, description=None):
-        return sub.add_parser(name, help=help, description=description or help)
-    def actions(cmd, help):
-        return cmd.add_subparsers(dest='action', required=True, metavar='ACTION', title='actions', help=help)
-    def act(group, name, help): return group.add_parser(name, help=help, description=help)
+def _actions(cmd, help):
+    return cmd.add_subparsers(dest='action', required=True, metavar='ACTION', title='actions', help=help)
 
+def _act(group, name, help): return group.add_parser(name, help=help, description=help)
+
+def _developer_commands(command):
     n = command('new', 'write a starter project (app.py, test_app.py, .env.example) into a new folder')
     n.add_argument('name', metavar='NAME', help='the new folder (it may exist if empty)')
     v = command('serve', 'serve your app with uvicorn', 'serve your app (a module in the current folder) with uvicorn')
@@ -303,10 +303,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument('--host', default='127.0.0.1', help='address to listen on (default: %(default)s)')
     d.add_argument('--port', type=int, default=5001, help='port to listen on (default: %(default)s)')
 
-    t = actions(command('tenants', 'create, list, suspend, resume or delete tenants; register database servers'),
+def _tenant_commands(command):
+    t = _actions(command('tenants', 'create, list, suspend, resume or delete tenants; register database servers'),
                 'what to do')
-    act(t, 'list', 'list the tenants with their status, schema version and server')
-    c = act(t, 'create', 'create a tenant and its database, at the latest schema (safe to repeat)')
+    _act(t, 'list', 'list the tenants with their status, schema version and server')
+    c = _act(t, 'create', 'create a tenant and its database, at the latest schema (safe to repeat)')
     _tenant_id(c, 'the new tenant'); c.add_argument('--name', help='its display name (default: the id)')
     c.add_argument('--server', help='place its database on this registered server (default: the least used '
                    'one; SQLite files when none is registered)')
@@ -314,8 +315,8 @@ def parser() -> argparse.ArgumentParser:
     for action, help in [('suspend', 'stop routing to a tenant, keeping its data'),
                          ('resume', 'make a suspended tenant active again'),
                          ('delete', "drop a tenant's database (irreversible)")]:
-        _tenant_id(act(t, action, help))
-    a = act(t, 'add-server', 'register a PostgreSQL server for tenant databases (admin password from '
+        _tenant_id(_act(t, action, help))
+    a = _act(t, 'add-server', 'register a PostgreSQL server for tenant databases (admin password from '
                      'FH_SAAS_SERVER_PASSWORD or a prompt)')
     a.add_argument('id', metavar='NAME', help="the server's name")
     a.add_argument('--host', required=True, help="the server's host name or address")
@@ -331,41 +332,55 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument('--tenant', action='append', metavar='ID', help='only this tenant (repeatable)')
     _app_option(m)
 
-    k = actions(command('keys', "mint, list or revoke a tenant's API keys"), 'what to do')
-    kc = act(k, 'create', 'mint a secret API key and print it, once')
+def _key_and_billing_commands(command):
+    k = _actions(command('keys', "mint, list or revoke a tenant's API keys"), 'what to do')
+    kc = _act(k, 'create', 'mint a secret API key and print it, once')
     kc.add_argument('tenant', metavar='TENANT', help="the tenant's id")
     kc.add_argument('--name', default='command line',
                     help='what the key is for, shown on the API keys page (default: %(default)s)')
     kc.add_argument('--mode', choices=['live', 'test'], default='test', help='live or test key (default: %(default)s)')
     kc.add_argument('--user', metavar='EMAIL', help="the member the key acts as (default: the tenant's first owner)")
-    kl = act(k, 'list', "list a tenant's keys (never their secrets)")
+    kl = _act(k, 'list', "list a tenant's keys (never their secrets)")
     kl.add_argument('tenant', metavar='TENANT', help="the tenant's id")
-    kr = act(k, 'revoke', 'revoke a key at once')
+    kr = _act(k, 'revoke', 'revoke a key at once')
     kr.add_argument('tenant', metavar='TENANT', help="the tenant's id")
     kr.add_argument('key_id', metavar='KEY_ID', help='the key id (the hex part after sk_live_ or sk_test_)')
 
-    pl = actions(command('plans', 'list the plans on sale, or seed plans from a JSON file'), 'what to do')
-    act(pl, 'list', 'each plan on sale with its prices, features and quotas')
-    ps = act(pl, 'seed', 'write the plans in a JSON file (validated; unchanged plans are left alone)')
+    pl = _actions(command('plans', 'list the plans on sale, or seed plans from a JSON file'), 'what to do')
+    _act(pl, 'list', 'each plan on sale with its prices, features and quotas')
+    ps = _act(pl, 'seed', 'write the plans in a JSON file (validated; unchanged plans are left alone)')
     ps.add_argument('file', metavar='FILE', help='a JSON list of plans (objects with id, name, features, quotas, ...)')
     ps.add_argument('--retire-missing', action='store_true', help='deactivate the plans not in the file')
 
-    s = actions(command('stripe', 'replay failed webhook events, reconcile with Stripe, sync plans'), 'what to do')
-    act(s, 'replay', 'apply again the webhook events that failed').add_argument(
+    s = _actions(command('stripe', 'replay failed webhook events, reconcile with Stripe, sync plans'), 'what to do')
+    _act(s, 'replay', 'apply again the webhook events that failed').add_argument(
         '--fetch-days', type=int, default=0, metavar='N',
         help="also apply events of the last N days Stripe could not deliver (max 30)")
-    act(s, 'reconcile', "compare Stripe's subscriptions with ours").add_argument(
+    _act(s, 'reconcile', "compare Stripe's subscriptions with ours").add_argument(
         '--fix', action='store_true', help="write Stripe's state over ours where that is safe")
-    act(s, 'sync-plans', 'create or update the Stripe products and prices of the plans')
+    _act(s, 'sync-plans', 'create or update the Stripe products and prices of the plans')
 
-    u = actions(command('users', 'create a system admin'), 'what to do')
-    act(u, 'create-admin', 'a system admin (password from FH_SAAS_ADMIN_PASSWORD or a prompt)').add_argument(
+def _operator_commands(command):
+    from fh_saas.jobs import worker_arguments
+    u = _actions(command('users', 'create a system admin'), 'what to do')
+    _act(u, 'create-admin', 'a system admin (password from FH_SAAS_ADMIN_PASSWORD or a prompt)').add_argument(
         'email', metavar='EMAIL', help="the admin's email address")
-    x = actions(command('secret', 'after a master key change: re-key server passwords and tenant roles to '
+    x = _actions(command('secret', 'after a master key change: re-key server passwords and tenant roles to '
                         'FH_SAAS_SECRET_KEY'), 'what to do')
-    act(x, 'rotate', 're-encrypt server passwords and re-key tenant roles (safe to repeat)')
+    _act(x, 'rotate', 're-encrypt server passwords and re-key tenant roles (safe to repeat)')
     w = command('worker', 'run background jobs (provisioning, migrations, reconcile, clean-ups) until stopped')
     worker_arguments(w); _app_option(w)
+    command('doctor', 'check the host database against its integrity rules (e.g. after fh-saas 0.9)').add_argument(
+        '--repair', action='store_true', help='add the rules nothing blocks any more (safe to repeat)')
+
+def parser() -> argparse.ArgumentParser:
+    "The `fh-saas` argument parser."
+    p = argparse.ArgumentParser(prog='fh-saas', description='fh_saas: multi-tenant SaaS kit for FastHTML',
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--env-file', metavar='PATH', help='read settings from PATH instead of ./.env')
+    sub = p.add_subparsers(dest='cmd', required=True, metavar='COMMAND', title='commands')
+    def command(name, help, description=None): return sub.add_parser(name, help=help, description=description or help)
+    for add in (_developer_commands, _tenant_commands, _key_and_billing_commands, _operator_commands): add(command)
     return p
 
 def _demo(args) -> int:
@@ -375,7 +390,7 @@ def _demo(args) -> int:
 
 _STANDALONE = dict(new=_new, serve=_serve, demo=_demo)
 _COMMANDS = dict(tenants=_tenants, migrate=_migrate, secret=_secret, plans=_plans, stripe=_stripe, users=_users,
-                 worker=_worker, keys=_keys)
+                 worker=_worker, keys=_keys, doctor=_doctor)
 # Mistakes: bad ids, settings, plans and passwords are ValueErrors; unknown tenants LookupErrors; a host database
 # out of reach a ConnectionError; a tenant in the wrong state, a missing server or an app's setup a RuntimeError.
 _MISTAKES = (CliError, ValueError, LookupError, RuntimeError, PermissionError, ConnectionError, sa.exc.OperationalError)

@@ -280,3 +280,17 @@ def test_a_password_without_a_terminal_is_asked_for_by_name(tmp_path):
     r = fh_saas('users', 'create-admin', 'root@example.com', cwd=tmp_path, stdin=subprocess.DEVNULL,
                 env=env | dict(FH_SAAS_ADMIN_PASSWORD='correct horse battery staple'))
     assert (r.returncode, r.stdout) == (0, 'system admin root@example.com created\n')
+
+
+def test_doctor_names_what_a_fh_saas_0_9_database_breaks_and_repairs_it(tmp_path):
+    "A host database written by fh-saas 0.9.14 opens; `doctor` names the case-duplicate accounts, then adds the rule."
+    shutil.copy(ROOT / 'tests' / 'fixtures' / 'fh_saas_0_9_14.db', tmp_path / 'host.db')
+    env = clean_env(DB_TYPE='SQLITE', DB_NAME=str(tmp_path / 'host.db'))
+    found = fh_saas('doctor', cwd=tmp_path, env=env)
+    assert found.returncode == 1 and 'users u-ann, u-ann2 share the email ann@example.com' in found.stdout
+    with sqlite3.connect(tmp_path / 'host.db') as c:
+        c.execute("UPDATE core_users SET email = 'ann.work@example.com' WHERE id = 'u-ann2'")
+    repaired = fh_saas('doctor', '--repair', cwd=tmp_path, env=env)
+    assert repaired.returncode == 0 and 'keeps every integrity rule' in repaired.stdout, repaired.stdout
+    with sqlite3.connect(tmp_path / 'host.db') as c, pytest.raises(sqlite3.IntegrityError):
+        c.execute("INSERT INTO core_users (id, email) VALUES ('u-x', 'ANN@example.com')")
