@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from dotenv import load_dotenv
 
 from .db_engine import error_reason
+from .db_pooled import RecordRefused
 from .db_host import HostDatabase, GlobalUser, memberships_t, tenants_t, users_t
 
 # %% ../nbs/92_cli.ipynb #8d2f41a7
@@ -391,9 +392,11 @@ def _demo(args) -> int:
 _STANDALONE = dict(new=_new, serve=_serve, demo=_demo)
 _COMMANDS = dict(tenants=_tenants, migrate=_migrate, secret=_secret, plans=_plans, stripe=_stripe, users=_users,
                  worker=_worker, keys=_keys, doctor=_doctor)
-# Mistakes: bad ids, settings, plans and passwords are ValueErrors; unknown tenants LookupErrors; a host database
-# out of reach a ConnectionError; a tenant in the wrong state, a missing server or an app's setup a RuntimeError.
-_MISTAKES = (CliError, ValueError, LookupError, RuntimeError, PermissionError, ConnectionError, sa.exc.OperationalError)
+# Mistakes: bad ids, settings, plans and passwords are ValueErrors; a duplicate a RecordRefused; unknown tenants
+# LookupErrors; a host database out of reach a ConnectionError; a tenant in the wrong state, a missing server or an
+# app's setup a RuntimeError.
+_MISTAKES = (CliError, ValueError, RecordRefused, LookupError, RuntimeError, PermissionError, ConnectionError,
+             sa.exc.OperationalError)
 
 def _reason(e: BaseException) -> str:
     "What went wrong, in one line."
