@@ -237,13 +237,12 @@ def checkout(self: BillingPages, req, auth, plan_id: str = '', interval: str = '
     try:
         if stripe_billing.live_subscription(self.host_db, auth.tenant_id):
             stripe_billing.change_plan(self.saas.stripe, self.host_db, auth.tenant_id, plan.id, interval)
-            audit(self.host_db, AUDIT_PLAN_CHANGE_REQUESTED, target_id=auth.tenant_id, details=dict(plan_id=plan.id,
-                                                                                                    interval=interval))
+            audit(self.host_db, AUDIT_PLAN_CHANGE_REQUESTED, target_id=auth.tenant_id,
+                  details=dict(plan_id=plan.id, interval=interval))
             return Redirect('/billing?done=plan_changed')
         session = stripe_billing.create_subscription_checkout(
-            self.saas.stripe, self.host_db, auth.tenant_id, plan.id,
-                                                              success_url=self.saas.url('/billing?checkout=success'),
-            cancel_url=self.saas.url('/pricing'), interval=interval, email=auth.user.email)
+            self.saas.stripe, self.host_db, auth.tenant_id, plan.id, interval=interval, email=auth.user.email,
+            success_url=self.saas.url('/billing?checkout=success'), cancel_url=self.saas.url('/pricing'))
     except (ValueError, LookupError):
         return self.refused(req, 409, 'Subscription changed',
                             "The tenant's subscription changed while you were choosing; reload and try again.",
