@@ -15,7 +15,8 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 @contextmanager
 def served_demo(folder, **settings):
-    "`fh-saas demo` in its own process on a fresh SQLite folder, with only `settings` of the DB_/FH_SAAS_/STRIPE_ variables."
+    """`fh-saas demo` in its own process on a fresh SQLite folder,
+    with only `settings` of the DB_/FH_SAAS_/STRIPE_ variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))} | settings
     Path(folder).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"A FastHTML app wired the way `setup_saas` wires it (SQLite host file, sessions, tenant router, beforeware), with the billing and admin pages mounted, and a browser that submits its session's form token."
+"""A FastHTML app wired the way `setup_saas` wires it (SQLite host file, sessions, tenant router, beforeware),
+with the billing and admin pages mounted, and a browser that submits its session's form token."""
 from dataclasses import dataclass
 
 import pytest
@@ -29,7 +30,8 @@ PLANS = [dict(id='starter', name='Starter', description='For small teams', amoun
 
 
 class Browser(TestClient):
-    "A test client that, like a browser submitting a page's form, posts its session's form token unless given `csrf` ('' or a wrong one)."
+    """A test client that, like a browser submitting a page's form,
+    posts its session's form token unless given `csrf` ('' or a wrong one)."""
     def __init__(self, app, sessions: SessionManager, **kw):
         super().__init__(app, **kw)
         self.sessions = sessions
@@ -38,7 +40,8 @@ class Browser(TestClient):
         return csrf_token(self.sessions.load(self.cookies.get(self.sessions.cookie_name)))
 
     def post(self, url, data=None, csrf: str | None = None, **kw):
-        if self.cookies.get(self.sessions.cookie_name): data = {'csrf': self.token() if csrf is None else csrf, **(data or {})}
+        if self.cookies.get(self.sessions.cookie_name):
+            data = {'csrf': self.token() if csrf is None else csrf, **(data or {})}
         return super().post(url, data=data, **kw)
 
 
@@ -55,7 +58,8 @@ class Site:
 
     def tenant(self, tid, sub_status='active', price='price_starter_m', **sub):
         provision_tenant(self.host_db, tid, tid.title())
-        if sub_status: self.host_db.subscriptions.insert(Subscription(tenant_id=tid, status=sub_status, stripe_price_id=price,
+        if sub_status: self.host_db.subscriptions.insert(Subscription(tenant_id=tid, status=sub_status,
+                                                                      stripe_price_id=price,
                                                                       payment_type='subscription', **sub))
 
     def member(self, uid, tid, role='member'):

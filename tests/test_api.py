@@ -68,7 +68,8 @@ def test_a_browser_session_is_refused_on_the_api(demo_api):
     "A session cookie opens the pages, never the API, so no cross-site form can call it."
     base, _ = demo_api
     with httpx.Client(base_url=base, timeout=10) as browser:
-        assert browser.post('/login', data=dict(email='demo@example.com', password='demo password 1234')).status_code == 303
+        login = dict(email='demo@example.com', password='demo password 1234')
+        assert browser.post('/login', data=login).status_code == 303
         assert browser.get('/projects').status_code == 200
         assert error(browser.get('/api/projects'))[0] == 401
 

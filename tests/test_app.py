@@ -21,12 +21,15 @@ PLANS = [dict(id='pro', name='Pro', features=['exports'], quotas={'exports': 2})
          dict(id='free', name='Free', features=['exports'], quotas={'exports': 1})]
 
 
-def _site(tmp_path, monkeypatch, policy=BillingPolicy()):
+DEFAULT_POLICY = BillingPolicy()
+
+
+def _site(tmp_path, monkeypatch, policy=DEFAULT_POLICY):
     monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
     host_db = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}")
     app = FastHTML(default_hdrs=False, secret_key='a' * 48)
-    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=MemoryOutbox(), webhook_secrets=[],
-                      policy=policy)
+    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=MemoryOutbox(),
+                      webhook_secrets=[], policy=policy)
 
     @app.get('/export')
     @require_feature('exports')
@@ -38,7 +41,8 @@ def _site(tmp_path, monkeypatch, policy=BillingPolicy()):
     for tid in ('acme', 'solo'):
         provision_tenant(host_db, tid, tid.title())
         host_db.memberships.insert(Membership(user_id='ann', tenant_id=tid, role='owner'))
-    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro', payment_type='subscription'))
+    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro',
+                                              payment_type='subscription'))
     return saas, app
 
 
@@ -56,7 +60,8 @@ def _client(saas, app, tenant_id):
 
 
 def test_a_gated_request_reads_billing_once(saas_app):
-    "The guards reuse the beforeware's entitlements: one read of the subscriptions per request, and the quota counted once."
+    """The guards reuse the beforeware's entitlements:
+    one read of the subscriptions per request, and the quota counted once."""
     saas, app = saas_app
     cli = _client(saas, app, 'acme')
     reads = []
@@ -82,7 +87,8 @@ def test_a_lapsed_tenant_is_refused_before_the_guards(saas_app):
 
 
 def test_the_guards_apply_the_apps_policy(tmp_path, monkeypatch):
-    "With a free plan in `setup_saas`'s policy, a tenant without a subscription gets the free plan's grants behind the guards."
+    """With a free plan in `setup_saas`'s policy,
+    a tenant without a subscription gets the free plan's grants behind the guards."""
     saas, app = _site(tmp_path, monkeypatch, BillingPolicy(free_plan='free'))
     try:
         cli = _client(saas, app, 'solo')
@@ -108,7 +114,8 @@ def test_an_app_with_its_own_roles_invites_and_guards_with_them(tmp_path, monkey
 
         seed_plans(host_db, PLANS)
         host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
-        bob = host_db.global_users.insert(GlobalUser(email='bob@example.com', password_hash=hash_password('long pw 123')))
+        bob = host_db.global_users.insert(GlobalUser(email='bob@example.com',
+                                                     password_hash=hash_password('long pw 123')))
         provision_tenant(host_db, 'acme', 'Acme')
         add_member(host_db, 'acme', 'ann', 'owner', roles=roles)
         invite(host_db, 'acme', 'bob@example.com', 'developer', 'ann', outbox, lambda tok: f'https://app.test/invitations/{tok}',

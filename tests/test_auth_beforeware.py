@@ -1,4 +1,7 @@
-"The beforeware through a real FastHTML app: every refusal, on the very next request, for browsers, htmx and API clients.\n\nSQLite host: resolution is backend-neutral; the concurrency tests run on PostgreSQL."
+"""The beforeware through a real FastHTML app: every refusal, on the very next request, for browsers, htmx and API
+clients.
+
+SQLite host: resolution is backend-neutral; the concurrency tests run on PostgreSQL."""
 
 from datetime import datetime, timezone
 
@@ -27,7 +30,8 @@ def test_anonymous_is_sent_to_login_htmx_redirected_and_api_gets_401(world):
     r = c.get('/notes', headers={'HX-Request': 'true'})
     assert r.headers['hx-redirect'] == '/login?next=/notes' and 'location' not in r.headers
     r = c.get('/api/notes')
-    assert (r.status_code, r.json()['error']['code'], r.headers['www-authenticate']) == (401, 'unauthenticated', 'Bearer')
+    assert ((r.status_code, r.json()['error']['code'], r.headers['www-authenticate'])
+            == (401, 'unauthenticated', 'Bearer'))
     assert world.tenant_dbs.opened == []
 
 
@@ -48,9 +52,11 @@ def test_tampered_cookie_is_anonymous_not_an_error(world):
 def test_request_reaches_own_tenant_db_and_audit_carries_request_facts(world):
     c = world.login_client('ann')
     assert c.get('/notes').json()['tenant'] == 'acme'
-    assert c.post('/notes', data=dict(body='hi'), headers={'X-Request-ID': 'req-12345678', 'User-Agent': 'pytest-ua'}).text == 'ok'
+    headers = {'X-Request-ID': 'req-12345678', 'User-Agent': 'pytest-ua'}
+    assert c.post('/notes', data=dict(body='hi'), headers=headers).text == 'ok'
     row = world.host_db.audit_logs(where="event_type = 'note.created'")[0]
-    assert (row.actor_user_id, row.tenant_id, row.request_id, row.user_agent, row.ip_address) == ('ann', 'acme', 'req-12345678', 'pytest-ua', 'testclient')
+    assert ((row.actor_user_id, row.tenant_id, row.request_id, row.user_agent, row.ip_address)
+            == ('ann', 'acme', 'req-12345678', 'pytest-ua', 'testclient'))
 
 
 def test_revoked_membership_refused_on_next_request(world):
@@ -95,7 +101,8 @@ def test_api_keys_by_both_headers_modes_and_revocation(world):
     live, rec = create_api_key(world.host_db, 'acme', 'ann', 'ci')
     test, _ = create_api_key(world.host_db, 'acme', 'ann', 'ci', mode='test')
     c = world.client()
-    assert c.get('/api/notes', headers={'Authorization': f'Bearer {live}'}).json() == dict(tenant='acme', mode='live', key=rec.key_id)
+    assert (c.get('/api/notes', headers={'Authorization': f'Bearer {live}'}).json()
+            == dict(tenant='acme', mode='live', key=rec.key_id))
     assert c.get('/api/notes', headers={'X-API-Key': test}).json()['mode'] == 'test'
     assert c.get('/api/notes', headers={'X-API-Key': live[:-2] + 'zz'}).status_code == 401
     revoke_api_key(world.host_db, 'acme', rec.key_id)

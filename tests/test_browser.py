@@ -147,7 +147,8 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
     alice.set_default_timeout(20_000)
     with screenshots_on_failure("upgrade", alice=alice):
         # The demo created Pro's Stripe prices at start, through the SDK pointed at the stand-in.
-        prices = {(o["unit_amount"], o["recurring"]["interval"]): o["id"] for o in fake.objects.values() if o["object"] == "price"}
+        prices = {(o["unit_amount"], o["recurring"]["interval"]): o["id"]
+                  for o in fake.objects.values() if o["object"] == "price"}
         assert set(prices) == {(1900, "month"), (19000, "year")}
 
         # Alice's new tenant is on the free plan: projects yes, exports no.
@@ -163,7 +164,8 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         expect(alice.locator("body")).to_contain_text(prices[(1900, "month")])
         session = fake.objects[alice.url.rsplit("/", 1)[1]]
         tenant_id = session["metadata"]["tenant_id"]
-        assert session["client_reference_id"] == tenant_id and session["subscription_data"]["metadata"]["plan_id"] == "pro"
+        assert (session["client_reference_id"] == tenant_id
+                and session["subscription_data"]["metadata"]["plan_id"] == "pro")
 
         # She pays and is sent back to billing; until Stripe's events arrive nothing is unlocked.
         alice.click("button:has-text('Pay')")
@@ -176,10 +178,12 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         assert (completed["type"], created["type"]) == ("checkout.session.completed", "customer.subscription.created")
         assert created["data"]["object"]["metadata"]["tenant_id"] == tenant_id
         forged = json.dumps(created)
-        r = httpx.post(f"{base}/stripe/webhook", content=forged, headers={"Stripe-Signature": sign(forged, "whsec_not_ours")}, timeout=10)
+        r = httpx.post(f"{base}/stripe/webhook", content=forged,
+                       headers={"Stripe-Signature": sign(forged, "whsec_not_ours")}, timeout=10)
         assert r.status_code == 400 and export_refused(alice, base)                 # a forged event unlocks nothing
         assert [deliver(base, e)["status"] for e in fake.events] == ["processed", "processed"]
-        assert deliver(base, created) == dict(status="processed", duplicate=True)   # Stripe redelivers: no second effect
+        # Stripe redelivers: no second effect
+        assert deliver(base, created) == dict(status="processed", duplicate=True)
 
         alice.goto(f"{base}/billing")
         sub = alice.locator(".card", has_text="Subscription")
@@ -204,11 +208,13 @@ def test_the_demo_runs_on_postgresql_unchanged(second_pg_server, tmp_path):
     settings = dict(DB_TYPE="POSTGRESQL", DB_USER=u.username, DB_PASS=u.password, DB_HOST=u.host, DB_PORT=str(u.port),
                     DB_NAME=u.database)
     with served_demo(tmp_path / "demo", **settings) as base, httpx.Client(base_url=base) as c:
-        assert c.post("/login", data=dict(email=DEMO_EMAIL, password=DEMO_PASSWORD), follow_redirects=True).url.path == "/projects"
+        r = c.post("/login", data=dict(email=DEMO_EMAIL, password=DEMO_PASSWORD), follow_redirects=True)
+        assert r.url.path == "/projects"
         tag = re.search(r'<input[^>]*name="csrf"[^>]*>', c.get("/projects").text).group(0)
         c.post("/projects", data=dict(name="Stored in PostgreSQL", csrf=re.search(r'value="(\w+)"', tag).group(1)))
         assert "Stored in PostgreSQL" in c.get("/projects").text
     eng = sa.create_engine(second_pg_server.url("tenant_demo"), poolclass=sa.pool.NullPool)
-    with eng.connect() as conn: assert conn.exec_driver_sql("SELECT name FROM projects").scalars().all() == ["Stored in PostgreSQL"]
+    with eng.connect() as conn:
+        assert conn.exec_driver_sql("SELECT name FROM projects").scalars().all() == ["Stored in PostgreSQL"]
     eng.dispose()
     assert not (tmp_path / "demo" / "tenants").exists()

@@ -7,9 +7,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from fh_saas.db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, Subscription, DuplicateRecord, MissingReference,
-                             HostDatabaseConfigError, HostDatabaseUnavailable, HOST_SCHEMA_VERSION, gen_id,
-                             timestamp, get_db_uri, make_engine, schema_version, users_t)
+from fh_saas.db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, Subscription, DuplicateRecord,
+                             MissingReference, HostDatabaseConfigError, HostDatabaseUnavailable, HOST_SCHEMA_VERSION,
+                             gen_id, timestamp, get_db_uri, make_engine, schema_version, users_t)
 from pgserver import free_port
 
 

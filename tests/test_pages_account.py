@@ -81,7 +81,8 @@ def world(tmp_path, monkeypatch):
                             rate_limit=RateLimit(1000, 60))
     app = FastHTML(before=saas_beforeware(resolver), hdrs=ui.static_headers(), default_hdrs=False, secret_key=SECRET)
     ui.mount_static(app)
-    AuthPages(saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)), signup_rate=RateLimit(6, 3600)).mount(app)
+    AuthPages(saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)),
+              signup_rate=RateLimit(6, 3600)).mount(app)
     for pages in (AccountPages, TenantPages, TeamPages, InvitationPages, ApiKeyPages): pages(saas).mount(app)
 
     @app.get('/')
@@ -109,7 +110,8 @@ def test_signup_provisions_in_the_background_and_the_status_page_polls_until_hom
     assert world.host_db.tenants['acme_corp'].status == 'provisioning'
     assert [(m.user_id, m.role) for m in world.host_db.memberships()] == [(world.host_db.global_users()[0].id, 'owner')]
     job = world.host_db.system_jobs()[0]
-    assert (job.job_type, job.tenant_id, job.dedupe_key) == ('tenant.provision', 'acme_corp', 'tenant.provision:acme_corp')
+    assert ((job.job_type, job.tenant_id, job.dedupe_key)
+            == ('tenant.provision', 'acme_corp', 'tenant.provision:acme_corp'))
 
     full = c.get('/tenants/acme_corp/status')
     assert full.status_code == 200 and '<html' in full.text and 'Setting up Acme Corp' in full.text
@@ -223,8 +225,10 @@ def test_next_is_followed_only_to_local_paths(world):
     r = c.get('/team')
     assert r.headers['location'] == '/login?next=/team'
     assert 'value="/team"' in c.get('/login?next=/team').text
-    assert c.post('/login', data=dict(email='ann@example.com', password=PW, next='/team')).headers['location'] == '/team'
-    for evil in ('https://evil.example/x', '//evil.example', '/\\evil.example', 'http:/evil.example', ' //evil.example'):
+    assert (c.post('/login', data=dict(email='ann@example.com', password=PW, next='/team')).headers['location']
+            == '/team')
+    for evil in ('https://evil.example/x', '//evil.example', '/\\evil.example', 'http:/evil.example',
+                 ' //evil.example'):
         r = world.client().post('/login', data=dict(email='ann@example.com', password=PW, next=evil))
         assert (r.status_code, r.headers['location']) == (303, '/'), evil
         assert re.search(r'value="" name="next"', world.client().get('/login', params=dict(next=evil)).text), evil
@@ -258,7 +262,8 @@ def test_password_reset_through_the_emailed_link(world, reset_mails):
     assert c.post(link, data=dict(password='another secret', confirm='another secret')).status_code == 400
     assert old.get('/').headers['location'] == '/login?next=/'     # every old session ended
     assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
-    assert world.client().post('/login', data=dict(email='ann@example.com', password='brand new secret')).status_code == 303
+    login = dict(email='ann@example.com', password='brand new secret')
+    assert world.client().post('/login', data=login).status_code == 303
 
 
 def test_the_reset_page_answers_before_a_slow_mail_server_for_any_address(world, reset_mails, monkeypatch):
@@ -278,7 +283,8 @@ def test_the_reset_page_answers_before_a_slow_mail_server_for_any_address(world,
 
 def test_password_reset_mails_are_rate_limited_per_address(world, reset_mails):
     world.signup('ann@example.com')
-    for _ in range(5): assert world.client().post('/password-reset', data=dict(email='Ann@Example.com')).status_code == 200
+    for _ in range(5):
+        assert world.client().post('/password-reset', data=dict(email='Ann@Example.com')).status_code == 200
     reset_mails()
     assert sum('Reset' in m['Subject'] for m in world.outbox.messages) == 3
 
@@ -374,7 +380,8 @@ def test_non_admin_cannot_invite_or_manage(world):
     ann_id = next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
     assert bob.post('/team/remove', data=dict(user_id=ann_id, csrf=token)).status_code == 403
     assert len(world.outbox.messages) == sent
-    with world.host_db.transaction() as conn: assert conn.execute(invitations_t.select()).all()[-1].email == 'bob@example.com'
+    with world.host_db.transaction() as conn:
+        assert conn.execute(invitations_t.select()).all()[-1].email == 'bob@example.com'
 
 
 def invitation_id(world, email):
@@ -393,7 +400,8 @@ def test_admins_see_pending_invitations_and_cancel_one_whose_link_then_fails(wor
     assert token_hash not in page and link.rsplit('/', 1)[1] not in page
     r = ann.post(f'/team/invitations/{iid}/cancel', data=dict(csrf=csrf(page)))
     assert r.status_code == 200 and 'Invitation cancelled' in r.text and 'Pending invitations' not in r.text
-    assert [a.event_type for a in world.host_db.audit_logs(where="target_id = :i", where_args=dict(i=iid))][-1] == 'invitation.canceled'
+    logs = world.host_db.audit_logs(where="target_id = :i", where_args=dict(i=iid))
+    assert [a.event_type for a in logs][-1] == 'invitation.canceled'
     assert world.client().get(link).status_code == 404
     carol = world.client()
     carol.post('/signup', data=dict(email='carol@example.com', password=PW, next=link))
@@ -491,7 +499,8 @@ def test_changes_without_this_sessions_form_token_are_refused(world):
     other = world.signup('eve@example.com', 'Evil Inc')
     foreign = csrf(other.get('/tenants').text)
     for path, data in [('/tenants/switch', dict(tenant_id='acme_corp')), ('/tenants', dict(company='Sneaky')),
-                       ('/api-keys', dict(name='k', mode='live')), ('/team/invite', dict(email='m@example.com', role='admin'))]:
+                       ('/api-keys', dict(name='k', mode='live')),
+                       ('/team/invite', dict(email='m@example.com', role='admin'))]:
         for token in ('', foreign, 'é' * 64):
             r = ann.post(path, data=dict(data, csrf=token))
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, token)
@@ -533,22 +542,26 @@ def test_public_forms_refuse_posts_started_by_another_site(world):
     "Login CSRF: another site's form must not sign the visitor in (or up) as someone else, nor send reset mail."
     world.signup('ann@example.com')
     before = (world.host_db.global_users.count, len(world.outbox.messages))
-    for headers in ({'Sec-Fetch-Site': 'cross-site'}, {'Sec-Fetch-Site': 'same-site'}, {'Origin': 'https://evil.example'}, {'Origin': 'null'}):
+    for headers in ({'Sec-Fetch-Site': 'cross-site'}, {'Sec-Fetch-Site': 'same-site'},
+                    {'Origin': 'https://evil.example'}, {'Origin': 'null'}):
         c = world.client()
         for path, data in [('/login', dict(email='ann@example.com', password=PW)),
                            ('/signup', dict(email='eve@example.com', password=PW, company='Evil Inc')),
                            ('/password-reset', dict(email='ann@example.com'))]:
             r = c.post(path, data=data, headers=headers)
-            assert r.status_code == 403 and 'did not come from this site' in r.text and 'set-cookie' not in r.headers, (path, headers)
+            assert (r.status_code == 403 and 'did not come from this site' in r.text
+                    and 'set-cookie' not in r.headers), (path, headers)
     assert (world.host_db.global_users.count, len(world.outbox.messages)) == before
-    for headers in ({'Sec-Fetch-Site': 'same-origin', 'Origin': 'https://app.test'}, {'Origin': 'https://app.test'}, {}):
+    for headers in ({'Sec-Fetch-Site': 'same-origin', 'Origin': 'https://app.test'}, {'Origin': 'https://app.test'},
+                    {}):
         r = world.client().post('/login', data=dict(email='ann@example.com', password=PW), headers=headers)
         assert r.status_code == 303 and 'fh_saas_session=' in r.headers['set-cookie'], headers
 
 
 def test_the_session_cookie_is_secure_when_the_site_is_https_even_behind_a_plain_http_proxy(world):
     world.signup('ann@example.com')
-    r = TestClient(world.app, follow_redirects=False, base_url='http://app.internal').post('/login', data=dict(email='ann@example.com', password=PW))
+    client = TestClient(world.app, follow_redirects=False, base_url='http://app.internal')
+    r = client.post('/login', data=dict(email='ann@example.com', password=PW))
     assert r.status_code == 303 and 'secure' in r.headers['set-cookie'].lower().split('; ')
 
 

@@ -1,4 +1,5 @@
-"The system-admin pages through a real FastHTML app: tenant lifecycle, impersonation, jobs, audit paging and webhook replay."
+"""The system-admin pages through a real FastHTML app:
+tenant lifecycle, impersonation, jobs, audit paging and webhook replay."""
 import json, re
 
 from fh_saas.api_keys import create_api_key
@@ -23,7 +24,8 @@ def test_non_admins_get_403_everywhere(site):
     for path in ('/admin', '/admin/users', '/admin/jobs', '/admin/audit', '/admin/webhooks'):
         r = alice.get(path)
         assert r.status_code == 403 and 'system administrators' in r.text, path
-    for path in ('/admin/tenants/acme/suspend', '/admin/impersonate/alice', '/admin/webhooks/replay', '/admin/impersonate/stop'):
+    for path in ('/admin/tenants/acme/suspend', '/admin/impersonate/alice', '/admin/webhooks/replay',
+                 '/admin/impersonate/stop'):
         assert alice.post(path).status_code == 403, path
     assert site.client().get('/admin').status_code == 303                     # anonymous: to the login page
     assert site.host_db.tenants['acme'].status == 'active'
@@ -48,7 +50,8 @@ def test_suspend_refuses_the_member_on_the_next_request_and_resume_restores(site
     assert root.post('/admin/tenants/acme/suspend').status_code == 303       # repeat: a no-op, not audited
     assert root.post('/admin/tenants/acme/resume').status_code == 303
     assert alice.post('/notes', data=dict(body='again')).text == 'noted in acme'
-    events = site.host_db.q("select event_type, actor_user_id, tenant_id, target_id from sys_audit_logs where event_type like 'admin.%' order by created_at")
+    events = site.host_db.q("select event_type, actor_user_id, tenant_id, target_id from sys_audit_logs"
+                            " where event_type like 'admin.%' order by created_at")
     assert [e['event_type'] for e in events] == ['admin.tenant_suspended', 'admin.tenant_resumed']
     assert all(e['actor_user_id'] == 'root' and e['tenant_id'] == 'acme' and e['target_id'] == 'acme' for e in events)
 
@@ -76,9 +79,11 @@ def test_delete_suspends_and_queues_one_deprovision_job(site):
     assert alice.post('/notes', data=dict(body='x')).status_code == 303
     row = re.search(r'<code>acme</code>.*?</tr>', root.get('/admin').text, re.S).group(0)
     assert 'deletion' in row and 'queued' in row and '/delete' not in row
-    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type = 'admin.tenant_delete_requested'")[0]['n'] == 1
+    assert site.host_db.q("select count(*) n from sys_audit_logs"
+                          " where event_type = 'admin.tenant_delete_requested'")[0]['n'] == 1
     r = root.post('/admin/tenants/acme/resume')
-    assert r.status_code == 409 and 'queued for deletion' in r.text and site.host_db.tenants['acme'].status == 'suspended'
+    assert (r.status_code == 409 and 'queued for deletion' in r.text
+            and site.host_db.tenants['acme'].status == 'suspended')
     site.host_db.q("update sys_jobs set status = 'dead'")                     # the deprovision handler gave up
     r = root.post('/admin/tenants/acme/delete')
     assert r.status_code == 409 and 'a job that is dead' in r.text
@@ -93,13 +98,16 @@ def test_impersonation_banner_audit_and_stop(site):
     assert r.status_code == 303 and r.headers['location'] == '/tenants'
     assert root.get('/tenants').text == 'choose a tenant, alice'
     page = root.get('/admin')
-    assert page.status_code == 403                                            # acting as alice: no admin area, but the banner
+    # acting as alice: no admin area, but the banner
+    assert page.status_code == 403
     assert 'You are acting as alice@example.com' in page.text and 'href="/admin/impersonate/stop"' in page.text
     site.saas.sessions.set_tenant(site.saas.sessions.id_hash(root.cookies.get(site.saas.sessions.cookie_name)), 'acme')
     assert root.post('/notes', data=dict(body='as alice')).text == 'noted in acme'
-    note = site.host_db.q("select actor_user_id, impersonator_user_id, tenant_id from sys_audit_logs where event_type = 'note.created'")
+    note = site.host_db.q("select actor_user_id, impersonator_user_id, tenant_id from sys_audit_logs"
+                          " where event_type = 'note.created'")
     assert note == [dict(actor_user_id='alice', impersonator_user_id='root', tenant_id='acme')]
-    started = site.host_db.q("select actor_user_id, impersonator_user_id, target_id from sys_audit_logs where event_type = 'impersonation.started'")
+    started = site.host_db.q("select actor_user_id, impersonator_user_id, target_id from sys_audit_logs"
+                             " where event_type = 'impersonation.started'")
     assert started == [dict(actor_user_id='root', impersonator_user_id='root', target_id='alice')]
     r = root.get('/admin/impersonate/stop')
     assert r.status_code == 303 and 'You are yourself again' in root.get(r.headers['location']).text
@@ -110,18 +118,22 @@ def test_impersonation_banner_audit_and_stop(site):
 def test_admin_forms_carry_the_token_and_a_forged_post_changes_nothing(site):
     "A POST without this session's form token is refused before anything happens, for every admin action."
     root, _ = admin_world(site)
-    site.host_db.webhook_events.insert(StripeWebhookEvent(event_id='evt_f', event_type='invoice.paid', status='failed', payload_json='{}',
-                                                          event_created=1_760_000_000, attempts=1, last_error='boom'))
+    site.host_db.webhook_events.insert(StripeWebhookEvent(event_id='evt_f', event_type='invoice.paid', status='failed',
+                                                          payload_json='{}', event_created=1_760_000_000, attempts=1,
+                                                          last_error='boom'))
     pages = root.get('/admin').text + root.get('/admin/users').text + root.get('/admin/webhooks').text
-    assert pages.count('name="csrf"') == 4                                   # suspend, delete, impersonate alice, replay
+    # suspend, delete, impersonate alice, replay
+    assert pages.count('name="csrf"') == 4
     assert set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', pages)) == {root.token()}
     other = site.client('root').token()                                      # the same admin's other session
-    for path in ('/admin/tenants/acme/suspend', '/admin/tenants/acme/delete', '/admin/impersonate/alice', '/admin/webhooks/replay'):
+    for path in ('/admin/tenants/acme/suspend', '/admin/tenants/acme/delete', '/admin/impersonate/alice',
+                 '/admin/webhooks/replay'):
         for bad in ('', 'f' * 64, other):
             r = root.post(path, csrf=bad)
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, bad)
     assert site.host_db.tenants['acme'].status == 'active' and site.host_db.system_jobs.count == 0
-    assert site.host_db.q("select status, attempts from core_stripe_webhook_events") == [dict(status='failed', attempts=1)]
+    assert (site.host_db.q("select status, attempts from core_stripe_webhook_events")
+            == [dict(status='failed', attempts=1)])
     assert site.host_db.audit_logs.count == 0
     assert root.get('/tenants').text == 'choose a tenant, root'                # still root: no impersonation started
     assert root.post('/admin/tenants/acme/suspend').status_code == 303        # the page's own token works
@@ -133,7 +145,8 @@ def test_impersonation_refusals(site):
     site.user('other_admin', is_sys_admin=True)
     assert root.post('/admin/impersonate/other_admin').status_code == 409
     assert root.post('/admin/impersonate/ghost').status_code == 409
-    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type = 'impersonation.started'")[0]['n'] == 0
+    assert site.host_db.q("select count(*) n from sys_audit_logs"
+                          " where event_type = 'impersonation.started'")[0]['n'] == 0
 
 
 def test_jobs_page(site):
@@ -149,7 +162,8 @@ def test_jobs_page(site):
 
 def test_a_dead_deprovision_job_is_retried_once_from_the_jobs_page(site):
     root, alice = admin_world(site)
-    j = enqueue(site.host_db, 'tenant.deprovision', dict(tenant_id='acme'), tenant_id='acme', dedupe_key=deprovision_key('acme'), max_attempts=1)
+    j = enqueue(site.host_db, 'tenant.deprovision', dict(tenant_id='acme'), tenant_id='acme',
+                dedupe_key=deprovision_key('acme'), max_attempts=1)
     fail(site.host_db, claim(site.host_db, 'w1'), 'server unreachable')
     html = root.get('/admin/jobs').text
     assert f'action="/admin/jobs/{j.id}/retry"' in html
@@ -165,14 +179,16 @@ def test_a_dead_deprovision_job_is_retried_once_from_the_jobs_page(site):
     r = root.post(f'/admin/jobs/{j.id}/retry')
     assert r.status_code == 409 and 'not dead' in r.text
     [entry] = site.host_db.audit_logs()
-    assert (entry.event_type, entry.actor_user_id, entry.tenant_id, entry.target_id) == ('admin.job_retried', 'root', 'acme', j.id)
+    assert ((entry.event_type, entry.actor_user_id, entry.tenant_id, entry.target_id)
+            == ('admin.job_retried', 'root', 'acme', j.id))
     assert claim(site.host_db, 'w2').id == j.id
 
 
 def test_audit_filters_and_older_paging(site):
     root, _ = admin_world(site)
     for i in range(120):
-        audit(site.host_db, 'test.ping', target_id=f't{i:03d}', actor_user_id='bot', tenant_id='acme' if i % 2 else None)
+        audit(site.host_db, 'test.ping', target_id=f't{i:03d}', actor_user_id='bot',
+              tenant_id='acme' if i % 2 else None)
     audit(site.host_db, 'other.thing', actor_user_id='bot', tenant_id='acme')
     seen, url = [], '/admin/audit?type=test.&actor=bot'
     for _ in range(5):
@@ -195,14 +211,17 @@ def test_replay_reapplies_a_failed_event(site):
     payload = event('customer.subscription.updated', subscription('sub_r1', 'active', 1_760_000_000, tenant_id='acme',
                                                                   price='price_pro_m'), 1_760_000_000)
     e = json.loads(payload)
-    site.host_db.webhook_events.insert(StripeWebhookEvent(event_id=e['id'], event_type=e['type'], status='failed', payload_json=payload,
-                                                          event_created=e['created'], attempts=1, last_error='database was down'))
+    site.host_db.webhook_events.insert(StripeWebhookEvent(event_id=e['id'], event_type=e['type'], status='failed',
+                                                          payload_json=payload, event_created=e['created'], attempts=1,
+                                                          last_error='database was down'))
     html = root.get('/admin/webhooks').text
     assert 'badge bad">failed' in html and 'database was down' in html and 'Replay 1 failed event' in html
     r = root.post('/admin/webhooks/replay')
     assert r.status_code == 200 and 'Replayed 1 processed.' in r.text and 'badge ok">processed' in r.text
-    assert site.host_db.q("select status from core_subscriptions where stripe_sub_id = 'sub_r1'") == [dict(status='active')]
-    assert site.host_db.q("select details from sys_audit_logs where event_type = 'admin.webhooks_replayed'") == [dict(details='{"processed": 1}')]
+    assert (site.host_db.q("select status from core_subscriptions where stripe_sub_id = 'sub_r1'")
+            == [dict(status='active')])
+    assert (site.host_db.q("select details from sys_audit_logs where event_type = 'admin.webhooks_replayed'")
+            == [dict(details='{"processed": 1}')])
     assert 'There were no failed events to replay.' in root.post('/admin/webhooks/replay').text
 
 
@@ -210,12 +229,15 @@ def test_tenant_overview_on_both_backends(host_db):
     "The one-query tenants table (nested correlated subqueries, string concatenation) on SQLite and PostgreSQL."
     seed_plans(host_db, [dict(id='pro', name='Pro', amount_monthly=1999, stripe_price_monthly='price_pro_m')])
     for tid in ('acme', 'beta', 'a_c'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid.title()))
-    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='canceled', plan_tier='legacy', created_at='2026-01-01T00:00:00.000000+00:00'))
-    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='past_due', stripe_price_id='price_pro_m', created_at='2026-02-01T00:00:00.000000+00:00'))
+    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='canceled', plan_tier='legacy',
+                                              created_at='2026-01-01T00:00:00.000000+00:00'))
+    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='past_due', stripe_price_id='price_pro_m',
+                                              created_at='2026-02-01T00:00:00.000000+00:00'))
     host_db.subscriptions.insert(Subscription(tenant_id='beta', status='canceled', plan_tier='legacy'))
     enqueue(host_db, 'tenant.deprovision', tenant_id='beta', dedupe_key=deprovision_key('beta'))
     rows = {r['id']: (r['plan'], r['subscription'], r['deletion']) for r in tenant_overview(host_db)}
-    assert rows == {'acme': ('pro', 'past_due', None), 'beta': ('legacy', 'canceled', 'queued'), 'a_c': (None, None, None)}
+    assert rows == {'acme': ('pro', 'past_due', None), 'beta': ('legacy', 'canceled', 'queued'),
+                    'a_c': (None, None, None)}
     assert [r['id'] for r in tenant_overview(host_db, '_')] == ['a_c']       # LIKE wildcards are literal
 
 
@@ -225,7 +247,8 @@ def test_users_search_is_case_insensitive_and_literal(site):
     assert 'bob_smith@example.com' not in root.get('/admin/users?q=zzz').text.lower()
     html = root.get('/admin/users?q=BOB_').text
     assert 'Bob_Smith@example.com' in html and 'alice@example.com' not in html
-    assert 'alice@example.com' not in root.get('/admin/users?q=%25').text                # '%' matches only a literal '%'
+    # '%' matches only a literal '%'
+    assert 'alice@example.com' not in root.get('/admin/users?q=%25').text
 
 
 def test_admin_pages_name_the_sessions_current_tenant_while_it_is_active(site):

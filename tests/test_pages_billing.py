@@ -1,4 +1,5 @@
-"The billing pages through a real FastHTML app: pricing, Checkout and portal against the Stripe stand-in over HTTP, the billing page when access is blocked, and the no-Stripe explanation."
+"""The billing pages through a real FastHTML app: pricing, Checkout and portal against the Stripe stand-in over HTTP,
+the billing page when access is blocked, and the no-Stripe explanation."""
 import re
 
 import pytest
@@ -16,7 +17,8 @@ from pages_helpers import fake_stripe, site  # noqa: F401
 def test_pricing_public_amounts_and_no_buttons_for_anonymous(site, fake_stripe):
     r = site.client().get('/pricing')
     assert r.status_code == 200
-    for text in ('$19.99', '$199.00', '$49.00', '14-day free trial', 'exports: 100 per month', 'exports: unlimited per month', 'sso'):
+    for text in ('$19.99', '$199.00', '$49.00', '14-day free trial', 'exports: 100 per month',
+                 'exports: unlimited per month', 'sso'):
         assert text in r.text, text
     assert r.text.index('Starter') < r.text.index('Pro')              # sort_order
     assert 'action="/billing/checkout"' not in r.text and 'href="/signup"' in r.text
@@ -30,8 +32,10 @@ def test_pricing_shows_current_plan_and_buttons_to_admins_only(site, fake_stripe
     html = site.client('owner', 'acme').get('/pricing').text
     assert html.count('Current plan') == 1 and re.search(r'card plan current">\s*<h3>\s*Pro', html)
     assert 'owner@example.com' in html                                 # signed-in top bar on a public page
-    assert html.count('action="/billing/checkout"') == 3                # starter monthly + yearly, pro monthly (no yearly price)
-    assert 'Switch to monthly' in html                                  # live subscription: a plan change, not a second subscription
+    # starter monthly + yearly, pro monthly (no yearly price)
+    assert html.count('action="/billing/checkout"') == 3
+    # live subscription: a plan change, not a second subscription
+    assert 'Switch to monthly' in html
     member = site.client('mem', 'acme').get('/pricing').text
     assert 'action="/billing/checkout"' not in member and 'Ask an owner or admin of Acme' in member
 
@@ -62,7 +66,8 @@ def test_checkout_with_live_subscription_changes_the_plan(site, fake_stripe):
     assert r.status_code == 303 and r.headers['location'] == '/billing?done=plan_changed'
     assert fake_stripe.objects['sub_live1']['items']['data'][0]['price']['id'] == 'price_pro_m'
     assert not [c for c in fake_stripe.calls if c[1] == '/v1/checkout/sessions']
-    rows = site.host_db.q("select actor_user_id, tenant_id, details from sys_audit_logs where event_type = 'billing.plan_change_requested'")
+    rows = site.host_db.q("select actor_user_id, tenant_id, details from sys_audit_logs"
+                          " where event_type = 'billing.plan_change_requested'")
     assert rows == [dict(actor_user_id='owner', tenant_id='acme', details='{"interval": "month", "plan_id": "pro"}')]
     assert 'Plan change requested' in site.client('owner', 'acme').get(r.headers['location']).text
 
@@ -81,7 +86,8 @@ def test_billing_forms_carry_the_token_and_a_forged_post_changes_nothing(site, f
         for bad in ('', 'f' * 64, other):
             r = owner.post(path, data=dict(plan_id='pro', interval='month'), csrf=bad)
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, bad)
-    assert fake_stripe.calls == [] and fake_stripe.objects['sub_live1']['items']['data'][0]['price']['id'] == 'price_starter_m'
+    assert (fake_stripe.calls == []
+            and fake_stripe.objects['sub_live1']['items']['data'][0]['price']['id'] == 'price_starter_m')
     assert site.host_db.q("select count(*) n from sys_audit_logs where event_type like 'billing.%'")[0]['n'] == 0
     assert owner.post('/billing/cancel').status_code == 303                          # the page's own token works
 
@@ -96,11 +102,14 @@ def test_member_and_bad_input_are_refused_without_calling_stripe(site, fake_stri
         assert r.status_code == 403 and 'Only owners and admins' in r.text, path
     owner = site.client('owner', 'acme')
     assert owner.post('/billing/checkout', data=dict(plan_id='nope', interval='month')).status_code == 400
-    assert owner.post('/billing/checkout', data=dict(plan_id='pro', interval='year')).status_code == 400    # pro has no yearly price
+    # pro has no yearly price
+    assert owner.post('/billing/checkout', data=dict(plan_id='pro', interval='year')).status_code == 400
     assert owner.post('/billing/checkout', data=dict(plan_id='starter', interval='week')).status_code == 400
     r = owner.post('/billing/portal')
-    assert r.status_code == 409 and 'Choose a plan first' in r.text                                       # no Stripe customer yet
-    assert owner.post('/billing/cancel').status_code == 409                                                # nothing to cancel
+    # no Stripe customer yet
+    assert r.status_code == 409 and 'Choose a plan first' in r.text
+    # nothing to cancel
+    assert owner.post('/billing/cancel').status_code == 409
     assert fake_stripe.calls == []
 
 
@@ -124,7 +133,8 @@ def test_cancel_at_period_end(site, fake_stripe):
     assert 'action="/billing/cancel"' in c.get('/billing').text
     r = c.post('/billing/cancel')
     assert r.status_code == 303 and fake_stripe.objects['sub_live2']['cancel_at_period_end'] is True
-    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type = 'billing.cancel_requested'")[0]['n'] == 1
+    assert site.host_db.q("select count(*) n from sys_audit_logs"
+                          " where event_type = 'billing.cancel_requested'")[0]['n'] == 1
 
 
 @pytest.mark.stripe
@@ -160,7 +170,8 @@ def test_billing_page_shows_trial_entitlements_and_usage(site, fake_stripe):
 
 
 def test_billing_page_reuses_the_requests_entitlements(site):
-    "The page shows the subscription and plan the beforeware's entitlements read, and the usage of every quota in one query."
+    """The page shows the subscription and plan the beforeware's entitlements read,
+    and the usage of every quota in one query."""
     site.user('owner'); site.tenant('acme', amount_cents=1999); site.member('owner', 'acme', 'owner')
     override_quota(site.host_db, 'acme', 'seats', 5)
     consume_quota(site.host_db, 'acme', 'exports', 7); consume_quota(site.host_db, 'acme', 'seats', 2)
@@ -170,7 +181,8 @@ def test_billing_page_reuses_the_requests_entitlements(site):
     try: html = site.client('owner', 'acme').get('/billing').text
     finally: sa.event.remove(site.host_db.engine, 'before_cursor_execute', count)
     assert '<td>Starter</td>' in html and '$19.99' in html
-    assert re.search(r'<td>exports</td>\s*<td>7</td>', html) and re.search(r'<td>seats</td>\s*<td>2</td>\s*<td>5</td>', html)
+    assert (re.search(r'<td>exports</td>\s*<td>7</td>', html)
+            and re.search(r'<td>seats</td>\s*<td>2</td>\s*<td>5</td>', html))
     assert (reads.count('core_subscriptions'), reads.count('core_quota_usage')) == (1, 1)
 
 
@@ -194,7 +206,8 @@ def test_checkout_raced_by_a_new_subscription_is_a_409(site, fake_stripe, monkey
         calls.append(tid)
         return None if len(calls) == 1 else real(db, tid)
     monkeypatch.setattr(stripe_billing, 'live_subscription', first_sees_none)
-    site.host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', payment_type='subscription', stripe_sub_id='sub_new'))
+    site.host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', payment_type='subscription',
+                                                   stripe_sub_id='sub_new'))
     r = site.client('owner', 'acme').post('/billing/checkout', data=dict(plan_id='starter', interval='month'))
     assert r.status_code == 409 and 'changed while you were choosing' in r.text and len(calls) == 2
     assert not [c for c in fake_stripe.calls if c[1] == '/v1/checkout/sessions']
@@ -208,4 +221,5 @@ def test_pricing_for_a_visitor_whose_tenant_is_not_usable(site, fake_stripe):
     r = site.client('owner', 'acme').get('/pricing')
     assert r.status_code == 200 and 'owner@example.com' in r.text and 'no tenant' in r.text
     assert 'Choose a tenant first' in r.text and 'action="/billing/checkout"' not in r.text
-    assert site.client('owner', 'acme').get('/billing').status_code == 303         # the tenant pages themselves are refused
+    # the tenant pages themselves are refused
+    assert site.client('owner', 'acme').get('/billing').status_code == 303
