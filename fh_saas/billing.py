@@ -12,7 +12,7 @@ __all__ = ['ENDED_STATUSES', 'billing_metadata', 'overrides_t', 'usage_t', 'Plan
            'require_quota', 'billing_beforeware']
 
 # %% ../nbs/30_billing.ipynb #2b79a86f
-import functools, inspect, json, re
+import json, re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -21,7 +21,6 @@ from typing import Mapping
 import sqlalchemy as sa
 from fastcore.utils import UNSET
 from fasthtml.core import Beforeware
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
@@ -29,6 +28,7 @@ from .db_values import UTCTimestamp, as_utc, timestamp, utcnow
 from .db_engine import dialect_insert
 from .db_upgrade import HostComponent
 from .db_host import PricingPlan, plans_t, register_component, subscriptions_t, tenants_t
+from .guards import route_guard
 
 # %% ../nbs/30_billing.ipynb #1b66118d
 class PlanError(ValueError):
@@ -372,8 +372,6 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None,
         return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
 # %% ../nbs/30_billing.ipynb #f5bfecf6
-_REQ = '_billing_request'
-
 def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
     if pricing_path and req.headers.get('hx-request'):
         return PlainTextResponse(message, status_code=status, headers={'HX-Redirect': pricing_path})
@@ -397,25 +395,6 @@ def _request_entitlements(req: Request, policy: BillingPolicy) -> Entitlements |
                                      else entitlements(_host_db(req), tid, policy=policy))
     return req.scope['entitlements']
 
-def _guard(check):
-    "Route decorator: run `check(req)` in a worker thread first; a response it returns replaces the handler's."
-    def decorator(f):
-        sig = inspect.signature(f)
-        params, outer = list(sig.parameters.values()), _REQ not in sig.parameters
-        if outer:
-            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-            params.insert(at, inspect.Parameter(_REQ, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
-
-        @functools.wraps(f)
-        async def route(*args, **kw):
-            req = kw.pop(_REQ) if outer else kw[_REQ]
-            if (refusal := await run_in_threadpool(check, req)) is not None: return refusal
-            return await f(*args, **kw) if inspect.iscoroutinefunction(f) else await run_in_threadpool(f, *args, **kw)
-        route.__signature__ = sig.replace(parameters=params)
-        route.__annotations__ = {**f.__annotations__, _REQ: Request}
-        return route
-    return decorator
-
 def _entitled(req, policy, pricing_path) -> tuple[Entitlements | None, Response | None]:
     ents = _request_entitlements(req, policy)
     if ents is None: return None, PlainTextResponse('sign in and choose a tenant first', status_code=401)
@@ -431,7 +410,7 @@ def require_feature(feature: str, pricing_path: str | None = '/pricing', policy:
         if refusal is None and not ents.has(feature):
             refusal = _refuse(req, 402, f"your plan does not include {feature!r}", pricing_path)
         return refusal
-    return _guard(check)
+    return route_guard(check)
 
 def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
                   policy: BillingPolicy = BillingPolicy()):
@@ -443,7 +422,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
         try:
             with _host_db(req).transaction() as conn: _consume(conn, ents, quota, n, _now())
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
-    return _guard(check)
+    return route_guard(check)
 
 # %% ../nbs/30_billing.ipynb #5926399a
 def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(),

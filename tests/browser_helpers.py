@@ -13,6 +13,18 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
+def wait_until_serving(url: str, proc, log: Path, what: str, seconds: float = 60):
+    "Return once `url` answers 200; fail with `log` if `proc` exits first, or after `seconds`."
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200: return
+        except httpx.TransportError: pass
+        if proc.poll() is not None: pytest.fail(f"{what} exited early:\n{log.read_text()}")
+        time.sleep(0.2)
+    pytest.fail(f"{what} did not start within {seconds:.0f} s")
+
+
 @contextmanager
 def served_demo(folder, **settings):
     """`fh-saas demo` in its own process on a fresh SQLite folder,
@@ -25,15 +37,9 @@ def served_demo(folder, **settings):
                              "demo", "--folder", str(folder), "--port", str(port)], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/pricing", timeout=2).status_code == 200: break
-        except httpx.TransportError: pass
-        if proc.poll() is not None: pytest.fail(f"the demo exited early:\n{log.read_text()}")
-        time.sleep(0.2)
-    else: pytest.fail("the demo did not start within 60 s")
-    try: yield base
+    try:
+        wait_until_serving(f"{base}/pricing", proc, log, "the demo")
+        yield base
     finally:
         proc.terminate()
         proc.wait(10)

@@ -1,14 +1,13 @@
 """The README as a new user meets it: written from nbs/index.ipynb, every Python block runs as written in a fresh
 folder, and the app it builds serves a sign-up that ends on the app's own home page, in a real browser."""
-import os, re, secrets, signal, subprocess, sys, time
+import os, re, secrets, signal, subprocess, sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import expect
 
-from browser_helpers import chromium, screenshots_on_failure, sign_up
+from browser_helpers import chromium, screenshots_on_failure, sign_up, wait_until_serving
 from pgserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +54,7 @@ def served_readme_app(folder: Path):
                             stdout=log.open('w'), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/login", timeout=2).status_code == 200: break
-            except httpx.TransportError: pass
-            if proc.poll() is not None: pytest.fail(f"app.py exited early:\n{log.read_text()}")
-            time.sleep(0.2)
-        else: pytest.fail("app.py did not start within 60 s")
+        wait_until_serving(f"{base}/login", proc, log, "app.py")
         yield base, proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)   # the reloader and the server it started
