@@ -80,6 +80,8 @@ def make_engine(url, pool_size: int | None = None, max_overflow: int | None = No
         _sqlite_setup(eng)
         return eng
     kw.setdefault('pool_pre_ping', env_flag('DB_POOL_PRE_PING', True))
+    # fh_saas stores no hstore: skip psycopg2's look-up of its type ids, a query on every new connection
+    if url.get_driver_name() == 'psycopg2': kw.setdefault('use_native_hstore', False)
     if 'poolclass' in kw: return sa.create_engine(url, **kw)
     return sa.create_engine(url, pool_size=pool_size or env_count('DB_POOL_SIZE', 10, minimum=1),
                             max_overflow=max_overflow if max_overflow is not None else env_count('DB_MAX_OVERFLOW', 10),
