@@ -61,15 +61,23 @@ def _quota_reset(now: datetime) -> int:
 
 class Api:
     "JSON endpoints under `prefix` for API keys, described at `prefix/openapi.json` and `prefix/docs`."
-    def __init__(self, app, prefix: str = '/api', title: str = 'API', version: str = '1',
-                 quota: str | None = 'api_calls', roles: Roles | None = None):
+    def __init__(self, app,                   # the FastHTML app (its beforeware resolves the keys)
+                 prefix: str = '/api',          # the path every endpoint is under
+                 title: str = 'API',            # shown in the OpenAPI document and on the docs page
+                 version: str = '1',            # the API's version, in the OpenAPI document
+                 quota: str | None = 'api_calls',  # the quota each call counts, when the plan has it; None: none
+                 roles: Roles | None = None):   # the role order for `role=`; default the app's (`auth.roles`)
         self.app, self.prefix, self.title, self.version, self.quota = app, prefix.rstrip('/'), title, version, quota
         self.roles, self.endpoints = roles, []
         app.get(f'{self.prefix}/openapi.json')(lambda: JSONResponse(self.openapi()))
         app.get(f'{self.prefix}/docs')(self._docs)
 
-    def route(self, method: str, path: str, body: type | None = None, status: int = 200, summary: str = '',
-              role: str | None = None):
+    def route(self, method: str,              # GET, POST, PUT, PATCH or DELETE
+              path: str,                        # below `prefix`, with `{name}` path parameters
+              body: type | None = None,         # a pydantic model the JSON body must validate against
+              status: int = 200,                # the status of a success (201 for created, 204 for no content)
+              summary: str = '',                # what it does; default the handler's docstring
+              role: str | None = None):         # the least role of the key's member
         "Declare `handler(auth, body=..., **path_params)` for `method` `path`; it returns what the JSON answer holds."
         if body is not None and not (isinstance(body, type) and issubclass(body, BaseModel)):
             raise TypeError(f"body must be a pydantic BaseModel class, not {body!r}")

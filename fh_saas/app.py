@@ -67,12 +67,26 @@ def _master_key_set():
     try: secret_key()
     except ValueError as e: raise SaasConfigError(str(e)) from None
 
-def setup_saas(app, host_db: HostDatabase | None = None, *, sessions: SessionManager | None = None,
-               router: TenantRouter | None = None, mailer: Mailer | None = None, stripe=None, webhook_secrets=None,
-               policy: BillingPolicy | None = None, base_url: str | None = None, brand: str = 'fh_saas',
-               home: str = '/', app_nav=(), oauth_providers=(), public=(), dev: bool | None = None,
-               roles: Roles = DEFAULT_ROLES, api_rate_limit: RateLimit | None = None,
-               pages: dict | None = None) -> Saas:
+def setup_saas(app,                                 # the FastHTML app to mount the kit on
+               host_db: HostDatabase | None = None,  # default: `HostDatabase.from_env()` (the `DB_*` variables)
+               *,
+               sessions: SessionManager | None = None,  # default: server-side sessions under `FH_SAAS_SECRET_KEY`
+               router: TenantRouter | None = None,   # default: one within `FH_SAAS_TENANT_CONN_BUDGET`
+               mailer: Mailer | None = None,         # default: SMTP from `SMTP_*`; the outbox page in development
+               stripe=None,                          # a `StripeClient`; default: from `STRIPE_SECRET_KEY` when set
+               webhook_secrets=None,                 # Stripe signing secrets; default: `STRIPE_WEBHOOK_SECRET`
+               policy: BillingPolicy | None = None,  # grace periods and free plan; default `BillingPolicy()`
+               base_url: str | None = None,          # the site's address; default `FH_SAAS_BASE_URL`, else localhost
+               brand: str = 'fh_saas',               # the name in the top bar
+               home: str = '/',                      # where a signed-in user lands (after sign-up too)
+               app_nav=(),                           # the app's own (label, href) navigation entries
+               oauth_providers=(),                   # `OAuthProvider`s for "Sign in with ..."
+               public=(),                            # path regexes of the app that need no login
+               dev: bool | None = None,              # development mode; default: `FH_SAAS_ENV`
+               roles: Roles = DEFAULT_ROLES,         # the app's role order, least privileged first
+               api_rate_limit: RateLimit | None = None,  # per tenant and key mode; default `FH_SAAS_API_RATE_LIMIT`
+               pages: dict | None = None,            # page groups replacing those of `PAGES` (None drops one)
+              ) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
     if sessions is None: _master_key_set()

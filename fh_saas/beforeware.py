@@ -71,11 +71,18 @@ def _tenant_usable(t: TenantCatalog | None) -> bool:
 
 class AuthResolver:
     "Turn a request into an `AuthContext` or a `Refusal`, reading every fact from the host database."
-    def __init__(self, host_db: HostDatabase, sessions: SessionManager, tenant_db: Callable[[str], Any] | None = None,
-                 access: Callable[[HostDatabase, str], Any] | None = None, *,
-                 tenantless=(r'/tenants.*', r'/account.*', r'/logout'), access_exempt=(r'/billing.*',),
-                 api=(r'/api/.*',), publishable=(), rate_limit: RateLimit | None = None,
-                 unavailable: tuple[type[Exception], ...] = (), roles: Roles = DEFAULT_ROLES):
+    def __init__(self, host_db: HostDatabase,  # users, memberships, tenants and keys are read here
+                 sessions: SessionManager,      # what a session cookie is checked against
+                 tenant_db: Callable[[str], Any] | None = None,  # tenant id -> its database (`TenantRouter.tenant_db`)
+                 access: Callable[[HostDatabase, str], Any] | None = None,  # (host_db, tenant) -> `Entitlements`
+                 *,
+                 tenantless=(r'/tenants.*', r'/account.*', r'/logout'),  # paths that need a user but no tenant
+                 access_exempt=(r'/billing.*',),  # paths open to a tenant that billing refuses (to pay)
+                 api=(r'/api/.*',),             # paths whose refusals are JSON even without a key
+                 publishable=(),                # paths a publishable (`pk_`) key may call
+                 rate_limit: RateLimit | None = None,  # API calls per tenant and key mode; None: unlimited
+                 unavailable: tuple[type[Exception], ...] = (),  # `tenant_db` errors that mean "try again" (503)
+                 roles: Roles = DEFAULT_ROLES):  # the app's role order, put on every `AuthContext`
         self.host_db, self.sessions, self.tenant_db, self.access = host_db, sessions, tenant_db, access
         self.tenantless, self.access_exempt, self.api, self.publishable = tenantless, access_exempt, api, publishable
         self.rate_limit, self.unavailable, self.roles = rate_limit, unavailable, roles

@@ -71,7 +71,11 @@ def with_driver(url) -> URL:
         return url.set(drivername='postgresql+psycopg2')
     return url
 
-def make_engine(url, pool_size: int | None = None, max_overflow: int | None = None, **kw) -> sa.Engine:
+def make_engine(url,                            # a SQLAlchemy URL or string; bare `postgresql://` works
+                pool_size: int | None = None,   # pooled connections; default `DB_POOL_SIZE` (10)
+                max_overflow: int | None = None,  # connections beyond the pool; default `DB_MAX_OVERFLOW` (10)
+                **kw,                           # passed to `sqlalchemy.create_engine`
+               ) -> sa.Engine:
     "An engine for `url` with fh_saas's pool and SQLite settings; a `poolclass` (e.g. `NullPool`) replaces the pool."
     url = with_driver(url)
     if url.get_backend_name() == 'sqlite':

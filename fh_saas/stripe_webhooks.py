@@ -248,8 +248,12 @@ def webhook_secrets_from_env(env=None) -> list[str]:
     env = os.environ if env is None else env
     return _secrets([x.strip() for x in env.get('STRIPE_WEBHOOK_SECRET', '').split(',') if x.strip()])
 
-def add_stripe_webhook(app, host_db: HostDatabase, secrets=None, path: str = '/stripe/webhook',
-                       tolerance: int = 300) -> Route:
+def add_stripe_webhook(app,                          # a FastHTML or Starlette app
+                       host_db: HostDatabase,        # where the inbox and subscriptions live
+                       secrets=None,                 # signing secrets, newest first; default `STRIPE_WEBHOOK_SECRET`
+                       path: str = '/stripe/webhook',  # the endpoint's path, as configured in Stripe
+                       tolerance: int = 300,         # seconds a signature's timestamp may be old
+                      ) -> Route:
     """Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login;
     `secrets` default to the environment's."""
     secrets = webhook_secrets_from_env() if secrets is None else secrets

@@ -47,7 +47,11 @@ class TenantDatabase(PooledDatabase):
 # %% ../nbs/13_tenant_router.ipynb #0f906e55
 class TenantRouter:
     "Routes tenant ids to pooled connections within a connection `budget`; make one per process."
-    def __init__(self, host_db, budget: int | None = None, pool_size: int = 2, ttl: float = 5.0, timeout: float = 30.0):
+    def __init__(self, host_db,                 # the host database whose catalog says where each tenant lives
+                 budget: int | None = None,     # tenant connections this process may hold; `FH_SAAS_TENANT_CONN_BUDGET`
+                 pool_size: int = 2,            # connections one tenant may hold at once
+                 ttl: float = 5.0,              # seconds a catalog read is trusted (LISTEN/NOTIFY is sooner)
+                 timeout: float = 30.0):        # seconds to wait for a free connection before `TenantPoolExhausted`
         self.host_db, self.pool_size, self.ttl, self.timeout = host_db, pool_size, ttl, timeout
         self.budget = budget or env_count('FH_SAAS_TENANT_CONN_BUDGET', 100, minimum=1)
         if self.budget < pool_size:
