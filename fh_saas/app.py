@@ -86,6 +86,8 @@ def setup_saas(app,                                 # the FastHTML app to mount 
                roles: Roles = DEFAULT_ROLES,         # the app's role order, least privileged first
                api_rate_limit: RateLimit | None = None,  # per tenant and key mode; default `FH_SAAS_API_RATE_LIMIT`
                pages: dict | None = None,            # page groups replacing those of `PAGES` (None drops one)
+               publishable=(),                       # path regexes a publishable (`pk_`) key may call
+               access=None,                          # (host_db, tenant_id) -> `Entitlements`; default `entitlements`
               ) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
@@ -106,9 +108,9 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
-                            access=lambda h, tid: entitlements(h, tid, policy=policy),
+                            access=access or (lambda h, tid: entitlements(h, tid, policy=policy)),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles,
-                            rate_limit=api_rate_limit or api_rate_limit_from_env())
+                            rate_limit=api_rate_limit or api_rate_limit_from_env(), publishable=publishable)
     dev_paths = [DEV_MAIL_PATH] if dev else []
     skip = [*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]
     app.before = [saas_beforeware(resolver, skip=skip), *listify(app.before)]

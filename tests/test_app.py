@@ -8,7 +8,8 @@ from fasthtml.common import FastHTML
 from starlette.testclient import TestClient
 
 from fh_saas.app import setup_saas
-from fh_saas.billing import BillingPolicy, quota_used, require_feature, require_quota, seed_plans
+from fh_saas.api_keys import create_api_key
+from fh_saas.billing import BillingPolicy, entitlements, quota_used, require_feature, require_quota, seed_plans
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import provision_tenant
 from fh_saas.guards import require_role
@@ -128,5 +129,36 @@ def test_an_app_with_its_own_roles_invites_and_guards_with_them(tmp_path, monkey
         assert [(m.user_id, m.role) for m in host_db.memberships(where="tenant_id = 'acme'", order_by='role')] == [
             (bob.id, 'developer'), ('ann', 'owner')]
         assert cli.post('/deploys').text == 'deployed by a developer'
+    finally:
+        saas.router.close(); host_db.close(); HostDatabase.reset_instance()
+
+
+def test_setup_saas_takes_publishable_paths_and_the_apps_own_access_decision(tmp_path, monkeypatch):
+    "A publishable key reaches only the paths the app names; the app's access decision replaces billing's."
+    monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
+    host_db = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}")
+    app = FastHTML(default_hdrs=False, secret_key='a' * 48)
+    decided = []
+    def access(host_db, tenant_id):
+        decided.append(tenant_id)
+        return entitlements(host_db, tenant_id, policy=BillingPolicy(free_plan='free'))
+    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=MemoryOutbox(),
+                      webhook_secrets=[], publishable=[r'/api/public/.*'], access=access)
+    try:
+        @app.get('/api/public/ping')
+        def ping(auth): return dict(tenant=auth.tenant_id)
+
+        @app.get('/api/private')
+        def private(auth): return dict(tenant=auth.tenant_id)
+
+        seed_plans(host_db, PLANS)
+        host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
+        provision_tenant(host_db, 'acme', 'Acme')
+        add_member(host_db, 'acme', 'ann', 'owner')
+        pk, _ = create_api_key(host_db, 'acme', 'ann', 'web', kind='publishable')
+        cli = TestClient(app)
+        assert cli.get('/api/public/ping', headers={'X-API-Key': pk}).json() == dict(tenant='acme')
+        assert cli.get('/api/private', headers={'X-API-Key': pk}).status_code == 403
+        assert decided == ['acme']   # the app's decision ran (the refused call stops before billing)
     finally:
         saas.router.close(); host_db.close(); HostDatabase.reset_instance()
