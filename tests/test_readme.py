@@ -70,6 +70,7 @@ def test_the_readme_app_signs_up_to_its_own_home_page(tmp_path):
             page.wait_for_url(f"{base}/", timeout=30_000)   # provisioned by the app's own in-process job
             expect(page.locator('main')).to_contain_text('You are signed in as ann@example.com')
             expect(page.locator('main h1')).to_have_text('Welcome to Acme')
+            assert page.evaluate('document.documentElement.scrollWidth') <= 390   # a phone's width, no wider
             page.click("nav a:has-text('Mail')")
             link = page.locator("main a[href*='/verify-email/']")
             expect(link).to_have_count(1)
