@@ -110,13 +110,16 @@ async def _body(ep: Endpoint, req):
     if _has_nul(body.model_dump()): raise ApiError(422, 'invalid', 'text must not contain NUL characters')
     return body
 
-def _check(api: Api, ep: Endpoint, req, auth):
-    "Refuse a call that is not an API key's, a member's below `ep.role`, or past the tenant's metered quota."
+def _check(api: Api, ep: Endpoint, auth):
+    "Refuse a call that is not an API key's, or a member's below `ep.role`."
     if getattr(auth, 'api_key_id', None) is None:
         raise ApiError(401, 'unauthenticated', "send an API key: Authorization: Bearer <key>",
                        {'WWW-Authenticate': 'Bearer'})
     if ep.role is not None and not (api.roles or auth.roles).at_least(auth.role, ep.role):
         raise ApiError(403, 'forbidden', f"this needs the {ep.role} role; the key's member is {auth.role}")
+
+def _meter(api: Api, req, auth):
+    "Count the call against the tenant's metered quota (a refused or invalid call counts nothing), or refuse it."
     ents = auth.entitlements
     if api.quota and ents is not None and api.quota in ents.quotas:
         try: consume_quota(req.app.state.host_db, auth.tenant_id, api.quota)
@@ -134,8 +137,9 @@ async def _answer(self: Api, ep: Endpoint, req) -> Response:
     "Run `ep` for `req`: every refusal in the error shape, never a bare 500 for a bad call."
     auth = req.scope.get('auth')
     try:
-        await run_in_threadpool(_check, self, ep, req, auth)
+        _check(self, ep, auth)
         kw = {**req.path_params, **({'body': await _body(ep, req)} if ep.body is not None else {})}
+        await run_in_threadpool(_meter, self, req, auth)
         f = ep.handler
         value = await f(auth, **kw) if inspect.iscoroutinefunction(f) else await run_in_threadpool(f, auth, **kw)
         return _json(value, ep.status)

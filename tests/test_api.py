@@ -1,5 +1,7 @@
 """The demo's JSON API over real HTTP (the demo served by uvicorn in its own process), with keys minted in its host
 database: list, create and delete projects, and every refusal in the one error shape (401, 403, 404, 422, 429)."""
+import sqlite3
+
 import httpx
 import pytest
 from openapi_spec_validator import validate
@@ -26,7 +28,7 @@ def demo_api(tmp_path_factory):
                         test=create_api_key(host_db, 'demo', owner.id, 'test', mode='test')[0],
                         viewer=create_api_key(host_db, 'demo', viewer.id, 'viewer')[0])
         finally: host_db.close(); HostDatabase.reset_instance()
-        yield base, keys
+        yield base, keys, folder / 'host.db'
 
 
 def call(base, method, path, key=None, **kw) -> httpx.Response:
@@ -42,7 +44,7 @@ def error(r) -> tuple:
 
 
 def test_a_key_lists_creates_and_deletes_projects(demo_api):
-    base, keys = demo_api
+    base, keys, _ = demo_api
     r = call(base, 'POST', '/projects', keys['test'], json=dict(name='Launch plan'))
     assert r.status_code == 201
     project = r.json()
@@ -53,7 +55,7 @@ def test_a_key_lists_creates_and_deletes_projects(demo_api):
 
 
 def test_every_refusal_has_the_one_shape(demo_api):
-    base, keys = demo_api
+    base, keys, _ = demo_api
     assert error(call(base, 'GET', '/projects')) == (401, 'unauthenticated')
     assert error(call(base, 'GET', '/projects', 'sk_test_' + 'x' * 40))[0] == 401
     assert error(call(base, 'POST', '/projects', keys['viewer'], json=dict(name='No'))) == (403, 'forbidden')
@@ -64,9 +66,24 @@ def test_every_refusal_has_the_one_shape(demo_api):
     assert error(call(base, 'POST', '/projects', keys['test'], json=dict(name='x' * 201))) == (422, 'invalid')
 
 
+def api_calls_used(host_file) -> int:
+    with sqlite3.connect(host_file) as c:
+        return c.execute("SELECT coalesce(sum(used), 0) FROM core_quota_usage WHERE quota = 'api_calls'").fetchone()[0]
+
+
+def test_each_answered_call_counts_one_api_call_and_a_refused_one_none(demo_api):
+    base, keys, host_file = demo_api
+    before = api_calls_used(host_file)
+    assert call(base, 'GET', '/projects', keys['test']).status_code == 200
+    assert api_calls_used(host_file) == before + 1
+    assert error(call(base, 'POST', '/projects', keys['test'], json=dict(name='')))[0] == 422
+    assert error(call(base, 'POST', '/projects', keys['viewer'], json=dict(name='No')))[0] == 403
+    assert api_calls_used(host_file) == before + 1
+
+
 def test_a_browser_session_is_refused_on_the_api(demo_api):
     "A session cookie opens the pages, never the API, so no cross-site form can call it."
-    base, _ = demo_api
+    base, _, _ = demo_api
     with httpx.Client(base_url=base, timeout=10) as browser:
         login = dict(email='demo@example.com', password='demo password 1234')
         assert browser.post('/login', data=login).status_code == 303
@@ -75,7 +92,7 @@ def test_a_browser_session_is_refused_on_the_api(demo_api):
 
 
 def test_the_rate_limit_answers_429_with_retry_after_per_key_mode(demo_api):
-    base, keys = demo_api
+    base, keys, _ = demo_api
     codes = [call(base, 'GET', '/projects', keys['live']).status_code for _ in range(LIMIT + 1)]
     assert codes[-1] == 429 and set(codes[:-1]) <= {200, 429}
     r = call(base, 'GET', '/projects', keys['live'])
@@ -83,7 +100,7 @@ def test_the_rate_limit_answers_429_with_retry_after_per_key_mode(demo_api):
 
 
 def test_the_openapi_document_is_valid_and_describes_the_projects(demo_api):
-    base, _ = demo_api
+    base, _, _ = demo_api
     doc = httpx.get(f'{base}/api/openapi.json', timeout=10).json()
     validate(doc)   # OpenAPI 3.1, checked by openapi-spec-validator
     assert doc['openapi'] == '3.1.0'
