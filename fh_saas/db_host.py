@@ -8,10 +8,10 @@ Docs: https://fh-saas.github.io/fh_saas/db_host.html.md"""
 __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscriptions_t', 'plans_t', 'audit_t', 'jobs_t',
            'webhook_events_t', 'HOST_SCHEMA_VERSION', 'HOST_SCHEMA_STEPS', 'host_components', 'GlobalUser',
            'TenantCatalog', 'Membership', 'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob',
-           'StripeWebhookEvent', 'register_component', 'HostDatabaseUnavailable', 'HostDatabase', 'host_doctor',
-           'UTCTimestamp', 'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert',
-           'env_count', 'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable',
-           'DuplicateRecord', 'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase',
+           'StripeWebhookEvent', 'register_component', 'HostDatabaseUnavailable', 'HostDatabase', 'add_host_columns',
+           'host_doctor', 'UTCTimestamp', 'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError',
+           'dialect_insert', 'env_count', 'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env',
+           'BoundTable', 'DuplicateRecord', 'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase',
            'HostComponent', 'schema_version', 'schema_versions_t', 'upgrade_schema']
 
 # %% ../nbs/04_db_host.ipynb #52f52564
@@ -311,6 +311,33 @@ class HostDatabase:
         with cls._lock: cls._instance = None
 
     def __repr__(self): return f"HostDatabase({_describe(self.url)})"
+
+# %% ../nbs/04_db_host.ipynb #a2be6432
+_MODELS = {table.name: cls for table, cls in _TABLES.values()}
+
+def _add_field(cls, name: str):
+    "Give the model dataclass `cls` one more field, defaulting to `UNSET` like the others."
+    cls.__annotations__[name] = str
+    setattr(cls, name, UNSET)
+    for generated in ('__init__', '__repr__', '__eq__', '__match_args__'):
+        if generated in cls.__dict__: delattr(cls, generated)
+    dataclass(cls)
+
+def add_host_columns(table: sa.Table, *columns: sa.Column) -> HostComponent:
+    "Add the app's `columns` to core `table`: created in the database, and fields of the table's model."
+    if table.metadata is not host_metadata or (cls := _MODELS.get(table.name)) is None:
+        raise ValueError(f"{table.name!r} is not one of the host database's core tables")
+    for col in columns:
+        if col.name in table.c:
+            if table.c[col.name].info.get('app') and repr(table.c[col.name].type) == repr(col.type): continue
+            raise ValueError(f"{table.name} already has a column {col.name!r}")
+        if col.primary_key or (not col.nullable and col.server_default is None):
+            raise ValueError(f"{table.name}.{col.name}: an added column must be nullable or have a server default")
+        col.info['app'] = True
+        table.append_column(col)
+        _add_field(cls, col.name)
+    added = [c for c in table.c if c.info.get('app')]
+    return register_component(HostComponent(f'app_columns:{table.name}', host_metadata, len(added), [table]))
 
 # %% ../nbs/04_db_host.ipynb #702a530e
 def _shared_emails(conn) -> list[tuple[str, str]]:
