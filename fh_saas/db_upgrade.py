@@ -35,6 +35,11 @@ def _index_names(conn, table: str) -> set[str]:
                                         (table,)).scalars())
     return {i['name'] for i in sa.inspect(conn).get_indexes(table)}
 
+def _lacking(conn, t: sa.Table) -> list:
+    "The indexes of `t` the database does not have (its index names read once)."
+    have = _index_names(conn, t.name)
+    return [ix for ix in t.indexes if ix.name not in have]
+
 def _create_index(conn, ix) -> bool:
     "Create `ix`; False, with nothing changed, when existing rows break its unique rule."
     try:
@@ -56,8 +61,7 @@ def _add_missing(conn, metadata, tables) -> list[str]:
             if col.name in have: continue
             ddl = sa.schema.CreateColumn(col).compile(dialect=conn.dialect)
             conn.exec_driver_sql(f'ALTER TABLE {prep.format_table(t)} ADD COLUMN {ddl}')
-        idx_names = _index_names(conn, t.name)
-        skipped += [ix.name for ix in t.indexes if ix.name not in idx_names and not _create_index(conn, ix)]
+        skipped += [ix.name for ix in _lacking(conn, t) if not _create_index(conn, ix)]
     return skipped
 
 def schema_version(conn, component: str) -> int:
@@ -92,14 +96,13 @@ def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, ver
 def missing_indexes(engine: sa.Engine, tables) -> list[str]:
     "The indexes of `tables` the database lacks."
     with engine.connect() as conn:
-        return [ix.name for t in tables for ix in t.indexes if ix.name not in _index_names(conn, t.name)]
+        return [ix.name for t in tables for ix in _lacking(conn, t)]
 
 def create_missing_indexes(engine: sa.Engine, tables) -> list[str]:
     "Create the indexes of `tables` the database lacks; the ones existing rows still break (not created)."
     with engine.begin() as conn:
         _lock_for_ddl(conn)
-        return [ix.name for t in tables for ix in t.indexes
-                if ix.name not in _index_names(conn, t.name) and not _create_index(conn, ix)]
+        return [ix.name for t in tables for ix in _lacking(conn, t) if not _create_index(conn, ix)]
 
 # %% ../nbs/03_db_upgrade.ipynb #439e921f
 @dataclass

@@ -106,9 +106,7 @@ def _add_projects(app, saas, policy):
     @require_role('member')
     def create_project(auth, name: str, csrf: str = ''):
         if not csrf_ok(auth, csrf): return Response('invalid form token: reload the page', status_code=403)
-        if name.strip():
-            auth.db['projects'].insert(dict(id=gen_id(), name=name.strip()[:200], created_by=auth.user.id,
-                                            created_at=timestamp()))
+        if name.strip(): _add_project(auth, name.strip()[:200])
         return RedirectResponse('/projects', 303)
 
 # %% ../nbs/91_demo.ipynb #6dd97d25
@@ -118,6 +116,12 @@ class ProjectIn(BaseModel):
 
 def _project(row) -> dict: return dict(id=row['id'], name=row['name'], created_at=row['created_at'])
 
+def _add_project(auth, name: str) -> dict:
+    "Store a project named `name` for `auth`'s tenant, made by its user; the row."
+    row = dict(id=gen_id(), name=name.strip(), created_by=auth.user.id, created_at=timestamp())
+    auth.db['projects'].insert(row)
+    return row
+
 def _add_projects_api(app):
     api = Api(app, title='Demo API')
 
@@ -126,9 +130,7 @@ def _add_projects_api(app):
 
     @api.post('/projects', body=ProjectIn, status=201, summary='Create a project', role='member')
     def create_project(auth, body: ProjectIn):
-        row = dict(id=gen_id(), name=body.name.strip(), created_by=auth.user.id, created_at=timestamp())
-        auth.db['projects'].insert(row)
-        return _project(row)
+        return _project(_add_project(auth, body.name))
 
     @api.delete('/projects/{project_id}', status=204, summary='Delete a project', role='member')
     def delete_project(auth, project_id: str):
