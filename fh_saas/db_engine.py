@@ -9,7 +9,7 @@ __all__ = ['HostDatabaseConfigError', 'url_from_env', 'env_count', 'env_flag', '
            'get_db_uri', 'error_reason']
 
 # %% ../nbs/01_db_engine.ipynb #c049e813
-import importlib.util, os
+import importlib.util, os, select
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -71,6 +71,20 @@ def with_driver(url) -> URL:
         return url.set(drivername='postgresql+psycopg2')
     return url
 
+def _readable(fd: int) -> bool:
+    "Whether socket `fd` has something to read (or has closed) right now, without waiting."
+    if hasattr(select, 'poll'):
+        p = select.poll()
+        p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+def _check_on_checkout(engine):
+    "Replace a pooled psycopg2 connection the server has closed: free, no round trip (see above)."
+    @sa.event.listens_for(engine, 'checkout')
+    def _checkout(dbapi_conn, record, proxy):
+        if dbapi_conn.closed or _readable(dbapi_conn.fileno()): raise sa.exc.DisconnectionError()
+
 def make_engine(url,                            # a SQLAlchemy URL or string; bare `postgresql://` works
                 pool_size: int | None = None,   # pooled connections; default `DB_POOL_SIZE` (10)
                 max_overflow: int | None = None,  # connections beyond the pool; default `DB_MAX_OVERFLOW` (10)
@@ -83,13 +97,15 @@ def make_engine(url,                            # a SQLAlchemy URL or string; ba
         eng = sa.create_engine(url, **kw)
         _sqlite_setup(eng)
         return eng
-    kw.setdefault('pool_pre_ping', env_flag('DB_POOL_PRE_PING', True))
+    kw.setdefault('pool_pre_ping', env_flag('DB_POOL_PRE_PING', False))
     # fh_saas stores no hstore: skip psycopg2's look-up of its type ids, a query on every new connection
     if url.get_driver_name() == 'psycopg2': kw.setdefault('use_native_hstore', False)
-    if 'poolclass' in kw: return sa.create_engine(url, **kw)
-    return sa.create_engine(url, pool_size=pool_size or env_count('DB_POOL_SIZE', 10, minimum=1),
-                            max_overflow=max_overflow if max_overflow is not None else env_count('DB_MAX_OVERFLOW', 10),
-                            pool_recycle=1800, **kw)
+    if 'poolclass' not in kw:
+        kw.update(pool_size=pool_size or env_count('DB_POOL_SIZE', 10, minimum=1), pool_recycle=1800,
+                  max_overflow=max_overflow if max_overflow is not None else env_count('DB_MAX_OVERFLOW', 10))
+    eng = sa.create_engine(url, **kw)
+    if url.get_driver_name() == 'psycopg2': _check_on_checkout(eng)
+    return eng
 
 # %% ../nbs/01_db_engine.ipynb #32b46e25
 def dialect_insert(conn, table: sa.Table):
