@@ -13,7 +13,7 @@ import os
 from fastcore.utils import listify
 
 from .beforeware import AuthResolver, DEFAULT_SKIP, saas_beforeware
-from .billing import BillingPolicy, entitlements
+from .billing import BillingPolicy, EntitlementsCache
 from .db_host import HostDatabase
 from .db_tenant import TenantNotFound, TenantUnavailable
 from .dev_mode import DEV_MAIL_PATH, DevOutbox, SaasConfigError, add_dev_mail, dev_policy, is_development
@@ -87,7 +87,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
                api_rate_limit: RateLimit | None = None,  # per tenant and key mode; default `FH_SAAS_API_RATE_LIMIT`
                pages: dict | None = None,            # page groups replacing those of `PAGES` (None drops one)
                publishable=(),                       # path regexes a publishable (`pk_`) key may call
-               access=None,                          # (host_db, tenant_id) -> `Entitlements`; default `entitlements`
+               access=None,                          # (host_db, tenant_id) -> `Entitlements`; default a cache
               ) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
@@ -108,7 +108,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
-                            access=access or (lambda h, tid: entitlements(h, tid, policy=policy)),
+                            access=access or EntitlementsCache(host_db, policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles,
                             rate_limit=api_rate_limit or api_rate_limit_from_env(), publishable=publishable)
     dev_paths = [DEV_MAIL_PATH] if dev else []

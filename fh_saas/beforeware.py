@@ -8,8 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/beforeware.html.md"""
 __all__ = ['DEFAULT_SKIP', 'AuthContext', 'Refusal', 'AuthResolver', 'refusal_response', 'saas_beforeware']
 
 # %% ../nbs/28_beforeware.ipynb #a8287ddb
-import re
-from dataclasses import dataclass, replace
+import inspect, re
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -21,7 +21,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from .db_values import gen_id
 from .db_host import HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t, memberships_t
 from .audit import bind_audit_context
-from .sessions import SessionManager, SessionRecord
+from .db_tenant import db_servers_t
+from .sessions import SessionManager, SessionRecord, sessions_t
 from .api_keys import verify_api_key, api_key_from_headers
 from .rate_limits import RateLimit, hit
 from .memberships import Roles, DEFAULT_ROLES
@@ -62,9 +63,37 @@ DEFAULT_SKIP = [r'/login', r'/signup', r'/password-reset(/.*)?', r'/verify-email
                 r'/health']
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{8,64}')
 
-def _row(conn, table, cls, *where):
-    row = conn.execute(sa.select(table).where(*where)).mappings().first()
-    return None if row is None else cls(**row)
+def _identity_queries():
+    """The two selects of a request's identity, each one statement: from a session (its user, impersonator,
+    membership in the session's tenant, that tenant and its server) or from a key's user and tenant."""
+    u, imp, m, t, srv, s = users_t, users_t.alias('imp'), memberships_t, tenants_t, db_servers_t, sessions_t
+    cols = [*(c.label(p + c.name) for p, tbl in (('u_', u), ('i_', imp), ('m_', m), ('t_', t)) for c in tbl.c),
+            srv.c.host.label('r_host'), srv.c.port.label('r_port')]
+    def rest(users, user_id, tenant_id, imp_id):
+        return (users.outerjoin(imp, imp.c.id == imp_id)
+                .outerjoin(m, sa.and_(m.c.user_id == user_id, m.c.tenant_id == tenant_id))
+                .outerjoin(t, t.c.id == tenant_id).outerjoin(srv, srv.c.id == t.c.server_id))
+    by_session = sa.select(*(c.label('s_' + c.name) for c in s.c), *cols).select_from(
+        rest(s.join(u, u.c.id == s.c.user_id), s.c.user_id, s.c.tenant_id, s.c.impersonator_user_id))
+    uid, tid = sa.bindparam('uid'), sa.bindparam('tid')
+    by_key = sa.select(*cols).select_from(rest(u, uid, tid, sa.null())).where(u.c.id == uid)
+    return by_session, by_key
+
+def _part(row, prefix: str, cls, key: str = 'id'):
+    "The `cls` made of `row`'s columns named `prefix`+field; None when its outer join matched nothing."
+    if row[prefix + key] is None: return None
+    return cls(**{f.name: row[prefix + f.name] for f in fields(cls)})
+
+def _has_parameter(f, name: str) -> bool:
+    "Whether callable `f` takes a parameter `name` (False for builtins, whose signature is unknown)."
+    try: return f is not None and name in inspect.signature(f).parameters
+    except (TypeError, ValueError): return False
+
+def _catalog(row) -> dict:
+    "The routing facts of the row's tenant, as `catalog_entry` reads them, so the router need not read them again."
+    return dict(id=row['t_id'], status=row['t_status'], db_url=row['t_db_url'], db_name=row['t_db_name'],
+                db_role=row['t_db_role'], routing_version=row['t_routing_version'],
+                schema_version=row['t_schema_version'], host=row['r_host'], port=row['r_port'])
 
 def _tenant_usable(t: TenantCatalog | None) -> bool:
     return t is not None and t.status == 'active' and t.deleted_at is None
@@ -86,37 +115,53 @@ class AuthResolver:
         self.host_db, self.sessions, self.tenant_db, self.access = host_db, sessions, tenant_db, access
         self.tenantless, self.access_exempt, self.api, self.publishable = tenantless, access_exempt, api, publishable
         self.rate_limit, self.unavailable, self.roles = rate_limit, unavailable, roles
+        self._takes_catalog = _has_parameter(tenant_db, 'catalog')
+        self._queries = None   # built at the first request, once the app has added its own host columns
 
     def is_api(self, req) -> bool:
         "Whether `req` is an API call (it carries an API key, or its path is an API path)."
         return api_key_from_headers(req.headers) is not None or any(re.fullmatch(p, req.url.path) for p in self.api)
 
-    def resolve(self, req) -> AuthContext | Refusal:
-        "The request's `AuthContext`, or why it is refused."
-        path, raw_key, session, key = req.url.path, api_key_from_headers(req.headers), None, None
-        if raw_key is not None:
+    def _identity(self, req):
+        "The request's API key or session, and its identity row (`None` when nothing live matches), or a `Refusal`."
+        if self._queries is None: self._queries = _identity_queries()
+        if (raw_key := api_key_from_headers(req.headers)) is not None:
             if (key := verify_api_key(self.host_db, raw_key)) is None:
                 return Refusal('unauthenticated', 'invalid or revoked API key')
-            if key.kind == 'publishable' and not any(re.fullmatch(p, path) for p in self.publishable):
+            if key.kind == 'publishable' and not any(re.fullmatch(p, req.url.path) for p in self.publishable):
                 return Refusal('forbidden', 'a publishable key cannot call this endpoint')
-            user_id, tenant_id, impersonator_id = key.created_by, key.tenant_id, None
-        else:
-            if (session := self.sessions.load(req.cookies.get(self.sessions.cookie_name))) is None:
-                return Refusal('unauthenticated', 'not logged in')
-            user_id, tenant_id, impersonator_id = session.user_id, session.tenant_id, session.impersonator_user_id
+            with self.host_db.transaction() as conn:
+                row = conn.execute(self._queries[1], dict(uid=key.created_by, tid=key.tenant_id)).mappings().first()
+            return key, None, row
+        if (h := self.sessions.id_hash(req.cookies.get(self.sessions.cookie_name))) is None:
+            return Refusal('unauthenticated', 'not logged in')
+        now = self.sessions.clock()
         with self.host_db.transaction() as conn:
-            user = _row(conn, users_t, GlobalUser, users_t.c.id == user_id)
-            impersonator = impersonator_id and _row(conn, users_t, GlobalUser, users_t.c.id == impersonator_id)
-            if not (user and user.is_active) or (impersonator_id and not (impersonator and impersonator.is_active
-                                                                          and impersonator.is_sys_admin)):
-                return Refusal('unauthenticated', 'this account is disabled')
-            base = dict(user=user, impersonator=impersonator or None, session=session, roles=self.roles,
-                        api_key_id=key and key.key_id, mode=key and key.mode)
-            if key is None and any(re.fullmatch(p, path) for p in self.tenantless): return AuthContext(**base)
-            if tenant_id is None: return Refusal('no_tenant', 'choose a tenant first')
-            m = _row(conn, memberships_t, Membership, memberships_t.c.user_id == user_id,
-                     memberships_t.c.tenant_id == tenant_id)
-            tenant = _row(conn, tenants_t, TenantCatalog, tenants_t.c.id == tenant_id)
+            row = conn.execute(self._queries[0].where(*self.sessions.live(h, now))).mappings().first()
+            if row is None: return Refusal('unauthenticated', 'not logged in')
+            session = SessionRecord(**{f.name: row['s_' + f.name] for f in fields(SessionRecord)})
+            self.sessions.touch(conn, dict(id_hash=h, last_seen_at=session.last_seen_at), now)
+        return None, session, row
+
+    def resolve(self, req) -> AuthContext | Refusal:
+        """The request's `AuthContext`, or why it is refused: its identity in one host query (two for an API key),
+        then the entitlements (`access`, cached per change by billing's default) and the tenant's database."""
+        if isinstance(found := self._identity(req), Refusal): return found
+        key, session, row = found
+        user, impersonator = row and _part(row, 'u_', GlobalUser), row and _part(row, 'i_', GlobalUser)
+        if not (user and user.is_active) or (session and session.impersonator_user_id and not (
+                impersonator and impersonator.is_active and impersonator.is_sys_admin)):
+            return Refusal('unauthenticated', 'this account is disabled')
+        base = dict(user=user, impersonator=impersonator, session=session, roles=self.roles,
+                    api_key_id=key and key.key_id, mode=key and key.mode)
+        if key is None and any(re.fullmatch(p, req.url.path) for p in self.tenantless): return AuthContext(**base)
+        if (tenant_id := key.tenant_id if key else session.tenant_id) is None:
+            return Refusal('no_tenant', 'choose a tenant first')
+        return self._in_tenant(req, base, key, tenant_id, row)
+
+    def _in_tenant(self, req, base: dict, key, tenant_id: str, row) -> AuthContext | Refusal:
+        "The rest for a tenant: membership, tenant status, billing's verdict, the API rate limit, its database."
+        path, m, tenant = req.url.path, _part(row, 'm_', Membership), _part(row, 't_', TenantCatalog)
         if not (m and m.is_active): return Refusal('forbidden', 'you are not a member of this tenant')
         if not _tenant_usable(tenant): return Refusal('forbidden', 'this tenant is not active')
         ents = None if self.access is None else self.access(self.host_db, tenant_id)
@@ -125,7 +170,8 @@ class AuthResolver:
         if key is not None and self.rate_limit is not None:
             rl = hit(self.host_db, f'api:{tenant_id}:{key.mode}', self.rate_limit)
             if not rl.allowed: return Refusal('rate_limited', 'rate limit exceeded', rl.retry_after)
-        try: db = self.tenant_db(tenant_id) if self.tenant_db else None
+        kw = dict(catalog=_catalog(row)) if self._takes_catalog else {}
+        try: db = self.tenant_db(tenant_id, **kw) if self.tenant_db else None
         except self.unavailable: return Refusal('unavailable', 'the tenant database is unavailable; try again shortly')
         return AuthContext(**base, tenant_id=tenant_id, tenant=tenant, membership=m, role=m.role, db=db,
                            access=None if ents is None else ents.access, entitlements=ents)

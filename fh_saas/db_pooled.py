@@ -27,13 +27,20 @@ class _ScopedConnection:
 class NoConnectionBound(RuntimeError):
     "A table was used outside any connection scope."
 
+class _KnownTable(DBTable):
+    "A fastsql table on a `Table` already reflected: made without fastsql's `create(checkfirst=True)` query."
+    def __init__(self, table: sa.Table, db, cls):
+        self.table, self.db, self.cls, self._exists = table, db, cls, True
+        self.xtra_id, self.result = {}, []
+
 class PooledDatabase(Database):
     "A fastsql `Database` over a pooled engine: each call or transaction scope borrows its own connection."
     def __init__(self, engine: sa.Engine, metadata: sa.MetaData | None = None):
         self._engine, self.conn_str = engine, engine.url.render_as_string()
         self.meta = metadata or sa.MetaData()
         self._tables, self._bound = {}, ContextVar(f'fh_saas_conn_{id(self)}', default=None)
-        self._reflecting = threading.RLock()   # held while `meta` changes: a table half-reflected is never seen
+        # held while `meta` changes, by every database sharing it: a table half-reflected is never seen
+        self._reflecting = self.meta.info.setdefault('fh_saas_reflecting', threading.RLock())
 
     @property
     def engine(self) -> sa.Engine | sa.Connection:
@@ -87,8 +94,13 @@ class PooledDatabase(Database):
         return res if isinstance(res, list) else []
 
     def table(self, nm: str, cls=None) -> DBTable:
-        "fastsql's `table`; the first use of `nm` reflects it, once, in the current scope or in one of its own."
+        """fastsql's `table`; the first use of `nm` reflects it, once, in the current scope or in one of its own; a
+        table already in `meta` (reflected before, with its columns) costs no query."""
         if (tbl := self._tables.get(nm)) is not None: return tbl
+        with self._reflecting:
+            if (known := self.meta.tables.get(nm)) is not None and len(known.columns):
+                tbl = self._tables[nm] = _KnownTable(known, self, cls or getattr(known, 'cls', None))
+                return tbl
         return self.run(self._locked, super().table, nm, cls)
 
     def create(self, cls: type, *args, **kwargs) -> DBTable:

@@ -84,18 +84,26 @@ class SessionManager:
         try: return hash_token(self._signer.unsign(cookie).decode())
         except (BadSignature, UnicodeError): return None
 
+    def live(self, id_hash: str, now: datetime) -> list:
+        "The conditions on `sessions_t` that select the session keyed `id_hash` if it is live at `now`."
+        c = sessions_t.c
+        return [c.id_hash == id_hash, c.revoked_at.is_(None), c.expires_at > timestamp(now),
+                c.last_seen_at > timestamp(now - self.idle)]
+
+    def touch(self, conn, row, now: datetime):
+        "Record that the session `row` was used at `now`, at most once per `touch_every` (a write avoided per request)."
+        if as_utc(row['last_seen_at']) <= now - self.touch_every:
+            conn.execute(sessions_t.update().where(sessions_t.c.id_hash == row['id_hash'])
+                         .values(last_seen_at=timestamp(now)))
+
     def load(self, cookie: str | None) -> SessionRecord | None:
         "The live session named by `cookie`; None when tampered, unknown, revoked, idle too long or past its lifetime."
         if (h := self.id_hash(cookie)) is None: return None
         now = self.clock()
-        c = sessions_t.c
         with self.host_db.transaction() as conn:
-            row = conn.execute(sa.select(sessions_t).where(
-                c.id_hash == h, c.revoked_at.is_(None), c.expires_at > timestamp(now),
-                c.last_seen_at > timestamp(now - self.idle))).mappings().first()
+            row = conn.execute(sa.select(sessions_t).where(*self.live(h, now))).mappings().first()
             if row is None: return None
-            if as_utc(row['last_seen_at']) <= now - self.touch_every:
-                conn.execute(sessions_t.update().where(c.id_hash == h).values(last_seen_at=timestamp(now)))
+            self.touch(conn, row, now)
         return SessionRecord(**row)
 
     def revoke(self, id_hash: str) -> bool:

@@ -16,24 +16,34 @@ import sqlalchemy as sa
 
 from .db_engine import env_count, error_reason
 from .db_pooled import BoundTable, PooledDatabase
-from .db_tenant import ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, catalog_entry, entry_engine
+from .db_tenant import BILLING_PREFIX, ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, catalog_entry, entry_engine
 from .db_tenant import routing_changed, unwatch_routing, watch_routing
 
 # %% ../nbs/13_tenant_router.ipynb #884eb397
 class TenantPoolExhausted(TimeoutError):
     "Every connection the router may open is in use and none came free in time."
 
+def _schema_key(row):
+    "Which tenants' tables look alike: those at one recorded schema version on one kind of database (None: unknown)."
+    version = row.get('schema_version')
+    return (version, 'sqlite' if row['host'] is None else 'postgresql') if version else None
+
+def _usable(row):
+    "`row`, a tenant's `catalog_entry`, if the tenant may be routed to; else `TenantUnavailable`."
+    if row['status'] != 'active': raise TenantUnavailable(row['id'], row['status'])
+    return row
+
 class _Entry:
-    __slots__ = ('tenant_id', 'engine', 'version', 'checked', 'leases', 'retired', 'db')
-    def __init__(self, tenant_id, engine, version):
+    __slots__ = ('tenant_id', 'engine', 'version', 'schema', 'checked', 'leases', 'retired', 'db')
+    def __init__(self, tenant_id, engine, version, schema):
         self.tenant_id, self.engine, self.version, self.checked = tenant_id, engine, version, time.monotonic()
-        self.leases, self.retired, self.db = 0, False, None
+        self.schema, self.leases, self.retired, self.db = schema, 0, False, None
 
 # %% ../nbs/13_tenant_router.ipynb #9ecd9b30
 class TenantDatabase(PooledDatabase):
     "A fastsql `Database` on one tenant whose scopes borrow connections through a `TenantRouter`."
-    def __init__(self, router, tenant_id: str, engine: sa.Engine):
-        super().__init__(engine)
+    def __init__(self, router, tenant_id: str, engine: sa.Engine, metadata: sa.MetaData | None = None):
+        super().__init__(engine, metadata)
         self.router, self.tenant_id = router, tenant_id
 
     def _begin(self):
@@ -60,6 +70,7 @@ class TenantRouter:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retiring: set[_Entry] = set()
         self._forgets = 0  # bumped by every `forget`, so a catalog read that raced with one is redone
+        self._schemas: dict[tuple, sa.MetaData] = {}   # reflected tables per schema version, shared by its tenants
         self._cond = threading.Condition()
         watch_routing(self)
         _listen(self)
@@ -68,8 +79,12 @@ class TenantRouter:
         "The catalog facts of an active tenant: one indexed read of the host database."
         with self.host_db.engine.connect() as conn: row = catalog_entry(conn, tenant_id)
         if row is None: raise TenantNotFound(f"no tenant {tenant_id!r}")
-        if row['status'] != 'active': raise TenantUnavailable(tenant_id, row['status'])
-        return row
+        return _usable(row)
+
+    def _metadata(self, key) -> sa.MetaData | None:
+        "The metadata every tenant at schema version `key` shares; None (each its own) for an unversioned tenant."
+        if key is None: return None
+        with self._cond: return self._schemas.setdefault(key, sa.MetaData())
 
     def _new_engine(self, row) -> sa.Engine:
         return entry_engine(row, pool_size=self.pool_size, max_overflow=0, pool_timeout=self.timeout)
@@ -103,16 +118,19 @@ class TenantRouter:
         self._entries.move_to_end(entry.tenant_id)
         return True
 
-    def _acquire(self, tenant_id: str) -> _Entry:
-        "A leased entry for `tenant_id`: from the cache while fresh, else after one catalog read."
+    def _acquire(self, tenant_id: str, catalog=None) -> _Entry:
+        """A leased entry for `tenant_id`: from the cache while fresh (or as new as a `catalog` row the caller has just
+        read), else after one catalog read."""
         deadline = time.monotonic() + self.timeout
         while True:
             with self._cond:
                 entry, forgets = self._entries.get(tenant_id), self._forgets
+                if entry is not None and catalog is not None and entry.version >= catalog['routing_version']:
+                    entry.checked = time.monotonic()   # as good as the router's own catalog read
                 if entry is not None and time.monotonic() - entry.checked < self.ttl:
                     if self._lease(entry, deadline): return entry
                     continue
-            row = self._lookup_or_forget(tenant_id)
+            row, catalog = self._lookup_or_forget(tenant_id) if catalog is None else _usable(catalog), None
             with self._cond:
                 if self._forgets != forgets: continue
                 entry = self._entries.get(tenant_id)
@@ -122,7 +140,8 @@ class TenantRouter:
                 if entry is None:
                     self._make_room(deadline)   # may wait, releasing the lock: re-check what could have changed
                     if tenant_id in self._entries or self._forgets != forgets: continue
-                    entry = self._entries[tenant_id] = _Entry(tenant_id, self._new_engine(row), row['routing_version'])
+                    entry = self._entries[tenant_id] = _Entry(tenant_id, self._new_engine(row), row['routing_version'],
+                                                              _schema_key(row))
                 else: entry.checked = time.monotonic()
                 if self._lease(entry, deadline): return entry
 
@@ -155,11 +174,12 @@ class TenantRouter:
         self._release(entry)
         return entry.engine
 
-    def tenant_db(self, tenant_id: str) -> TenantDatabase:
-        "A fastsql-style `Database` on `tenant_id`: each call borrows a routed connection."
-        entry = self._acquire(tenant_id)
+    def tenant_db(self, tenant_id: str, catalog=None) -> TenantDatabase:
+        """A fastsql-style `Database` on `tenant_id`: each call borrows a routed connection. `catalog`: its
+        `catalog_entry` row if the caller has just read it (the beforeware has), saving the router's own read."""
+        entry = self._acquire(tenant_id, catalog)
         try:
-            if entry.db is None: entry.db = TenantDatabase(self, tenant_id, entry.engine)
+            if entry.db is None: entry.db = TenantDatabase(self, tenant_id, entry.engine, self._metadata(entry.schema))
             return entry.db
         finally: self._release(entry)
 
@@ -218,6 +238,7 @@ class RoutingListener:
     def _forget_all(self):
         with _listeners_lock: routers = list(self.routers)
         for router in routers: router.forget_all()
+        routing_changed(BILLING_PREFIX + '*')
 
     def _serve(self, conn):
         "Pass each notification to `routing_changed` until `stop`: psycopg2's select/poll/notifies pattern."

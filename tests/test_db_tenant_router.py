@@ -218,3 +218,25 @@ def test_suspensions_during_concurrent_routing_leak_nothing(pg_tenant_host, pg_s
     assert errors == [] and not router._retiring
     assert all(e.leases == 0 for e in router._entries.values())
     assert tenant_connections(pg_server) <= router.budget
+
+
+def statements_on(engine) -> list:
+    "A list that grows by the text of each statement `engine` runs."
+    seen = []
+    sa.event.listen(engine, 'before_cursor_execute', lambda conn, cur, sql, *a: seen.append(sql))
+    return seen
+
+
+@pytest.mark.postgres
+def test_a_schema_version_is_reflected_once_for_all_its_tenants(pg_tenant_host, tenants, router):
+    a, b, c = tenants
+    router.tenant_db(a)['notes'].insert(dict(body='first'))             # reflects `notes`, once
+    for tid in (b, c, a):                                               # c evicts a: routing a again reflects nothing
+        db = router.tenant_db(tid)
+        seen = statements_on(router.engine(tid))
+        db['notes'].insert(dict(body=tid))
+        assert [r['body'] for r in db['notes']()][-1] == tid
+        assert not [s for s in seen if 'pg_catalog' in s or 'information_schema' in s], seen
+        assert len(seen) == 2                                           # the insert and the select, nothing else
+    assert router.tenant_db(a).meta is router.tenant_db(b).meta
+    assert [r['body'] for r in router.tenant_db(b)['notes']()] == [b]   # shared tables, each tenant's own rows
