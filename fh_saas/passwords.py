@@ -27,7 +27,7 @@ from .db_host import HostDatabase, GlobalUser, users_t
 from .audit import audit
 from .one_time_tokens import hash_token, issue_token, consume_token, one_time_tokens_t
 from .memberships import active_tenants
-from .rate_limits import RateLimit, hit, refund, reset_bucket
+from .rate_limits import RateLimit, counting, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer
 
@@ -97,40 +97,47 @@ def _buckets(email: str, ip: str | None, t: LoginThrottle):
 def _user_by_email(conn, email: str):
     return conn.execute(sa.select(users_t).where(sa.func.lower(users_t.c.email) == email)).mappings().first()
 
+def _throttled_lookup(host_db: HostDatabase, email: str, buckets: list, now):
+    "Count the attempt on its throttle buckets and read the account: one transaction, committed before the hash check."
+    with counting(host_db) as conn:
+        decisions = [hit(host_db, bucket, rule, now, conn=conn) for bucket, rule in buckets]
+        blocked = [d for d in decisions if not d.allowed]
+        return blocked, None if blocked else _user_by_email(conn, email)
+
+def _authenticate(host_db: HostDatabase, email: str, password: str, ip_address, user_agent, throttle, hasher, now,
+                  then: Callable | None = None):
+    """`authenticate`, in two host transactions; `then(user_id)` runs in the second, under the user row's lock, if
+    the password still is the one checked (a reset or an account claim may have raced with the check)."""
+    email, now = (email or '').strip().lower(), now or utcnow()
+    where, buckets = dict(ip_address=ip_address, user_agent=user_agent), list(_buckets(email, ip_address, throttle))
+    blocked, row = _throttled_lookup(host_db, email, buckets, now)
+    ok, new_hash = (False, None) if blocked else verify_password(row['password_hash'] if row else None, password,
+                                                                  hasher)
+    failure = 'throttled' if blocked else None if ok and row['is_active'] else 'inactive' if ok else 'bad_credentials'
+    with host_db.transaction() as conn:
+        if failure is None:
+            values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
+            u = users_t.c
+            if conn.execute(users_t.update().where(u.id == row['id'], u.password_hash == row['password_hash'],
+                                                   u.is_active.is_(True)).values(**values)).rowcount != 1:
+                failure = 'changed'
+        if failure is not None:
+            audit(host_db, 'auth.login_failed', target_id=row and row['id'],
+                  details=dict(email=_as_logged(email), reason=failure), **where)
+        else:
+            audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
+            reset_bucket(host_db, buckets[0][0], conn=conn)
+            for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now, conn=conn)
+            result = then(row['id']) if then else None
+    if blocked: raise LoginThrottled(max(d.retry_after for d in blocked))
+    if failure is not None: raise LoginFailed("wrong email or password")
+    return GlobalUser(**{**row, **values}), result
+
 def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: str | None = None,
                  user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
                  hasher: PasswordHasher = default_hasher, now=None) -> GlobalUser:
     "The active user with this email and password, else `LoginFailed`/`LoginThrottled`; every outcome audited."
-    email, now = (email or '').strip().lower(), now or utcnow()
-    where = dict(ip_address=ip_address, user_agent=user_agent)
-    buckets = list(_buckets(email, ip_address, throttle))
-    decisions = [hit(host_db, bucket, rule, now) for bucket, rule in buckets]
-    if blocked := [d for d in decisions if not d.allowed]:
-        with host_db.transaction():
-            audit(host_db, 'auth.login_failed', details=dict(email=_as_logged(email), reason='throttled'), **where)
-        raise LoginThrottled(max(d.retry_after for d in blocked))
-    with host_db.transaction() as conn: row = _user_by_email(conn, email)
-    ok, new_hash = verify_password(row['password_hash'] if row else None, password, hasher)
-    if not (ok and row['is_active']):
-        with host_db.transaction():
-            audit(host_db, 'auth.login_failed', target_id=row and row['id'],
-                  details=dict(email=_as_logged(email), reason='inactive' if ok else 'bad_credentials'), **where)
-        raise LoginFailed("wrong email or password")
-    with host_db.transaction() as conn:
-        values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
-        u = users_t.c
-        if still := conn.execute(users_t.update().where(u.id == row['id'], u.password_hash == row['password_hash'],
-                                                        u.is_active.is_(True))
-                                 .values(**values)).rowcount == 1:
-            audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
-    if not still:   # the password changed (a reset, an account claimed by its email's owner) while this one was checked
-        with host_db.transaction():
-            audit(host_db, 'auth.login_failed', target_id=row['id'],
-                  details=dict(email=_as_logged(email), reason='changed'), **where)
-        raise LoginFailed("wrong email or password")
-    reset_bucket(host_db, buckets[0][0])
-    for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now)
-    return host_db.global_users[row['id']]
+    return _authenticate(host_db, email, password, ip_address, user_agent, throttle, hasher, now)[0]
 
 # %% ../nbs/26_passwords.ipynb #d28334a6
 def open_session(sessions: SessionManager, user_id: str, ip_address: str | None = None,
@@ -142,13 +149,10 @@ def open_session(sessions: SessionManager, user_id: str, ip_address: str | None 
 def login(sessions: SessionManager, email: str, password: str, ip_address: str | None = None,
           user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
           hasher: PasswordHasher = default_hasher) -> tuple[GlobalUser, str]:
-    "Authenticate and open a session: `(user, cookie_value)`."
-    user, db, u = (authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher,
-                                sessions.clock()), sessions.host_db, users_t.c)
-    with db.transaction() as conn:
-        checked = sa.select(u.id).where(u.id == user.id, u.password_hash == user.password_hash, u.is_active.is_(True))
-        if conn.execute(checked.with_for_update()).first() is None: raise LoginFailed("wrong email or password")
-        return user, open_session(sessions, user.id, ip_address, user_agent)
+    """Authenticate and open a session: `(user, cookie_value)`. Two host transactions: the throttle counts and the
+    account, then (after the hash check) the login, its audit row and the session together."""
+    return _authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher, sessions.clock(),
+                         then=lambda user_id: open_session(sessions, user_id, ip_address, user_agent))
 
 # %% ../nbs/26_passwords.ipynb #69d584de
 def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now):

@@ -150,6 +150,22 @@ def test_login_throttle_holds_across_worker_processes(pg_host_db, pg_url):
     assert sum(counted) == 7, counted
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize('password', ['right password', 'wrong password'])
+def test_a_login_is_two_host_transactions(pg_host_db, password):
+    "The throttle counts and the account in one, then the login (or the failure), its audit row and the session."
+    pg_host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com',
+                                              password_hash=hash_password('right password', FAST)))
+    sessions, ended = SessionManager(pg_host_db, SECRET), []
+    for end in ('commit', 'rollback'): sa.event.listen(pg_host_db.engine, end, lambda conn: ended.append(1))
+    try: user, cookie = passwords.login(sessions, 'ann@example.com', password, '10.0.0.1', hasher=FAST)
+    except LoginFailed: user = cookie = None
+    assert len(ended) == 2
+    assert (user is not None and sessions.load(cookie).user_id == user.id) == (password == 'right password')
+    events = [r.event_type for r in pg_host_db.audit_logs(order_by='created_at')]
+    assert events == ['auth.login' if password == 'right password' else 'auth.login_failed']
+
+
 class _SMTPSink(threading.Thread):
     "A minimal SMTP server (just enough of RFC 5321 for smtplib) that keeps the last message."
     def __init__(self):
@@ -246,11 +262,12 @@ def test_a_failed_reset_mail_is_logged_without_the_link(world, caplog):
     assert 'password reset' in caplog.text and 'smtp is down' in caplog.text and 'reset?t=' not in caplog.text
 
 
-@pytest.mark.parametrize('moment', ['after_the_password_check', 'before_the_session'])
+@pytest.mark.parametrize('moment', ['after_the_password_check', 'after_the_login'])
 def test_a_claim_by_the_emails_owner_racing_a_password_login_leaves_the_squatter_no_session(
         host_db, monkeypatch, moment):
     """Mallory registered victim@corp.com unconfirmed; the victim's verified OAuth sign-in claims it while Mallory logs
-    in."""
+    in. The login records itself and opens its session in one transaction under the user row's lock, so a claim
+    comes either before it (the password no longer matches) or after it (and ends the session it opened)."""
     host_db.global_users.insert(GlobalUser(id='squat', email='victim@corp.com',
                                            password_hash=hash_password('mallory pw 123', FAST)))
     sessions = SessionManager(host_db, SECRET)
@@ -258,9 +275,10 @@ def test_a_claim_by_the_emails_owner_racing_a_password_login_leaves_the_squatter
     if moment == 'after_the_password_check':
         check = passwords.verify_password
         monkeypatch.setattr(passwords, 'verify_password', lambda *a: (check(*a), claim())[0])
+        with pytest.raises(LoginFailed): passwords.login(sessions, 'victim@corp.com', 'mallory pw 123', hasher=FAST)
     else:
-        auth = passwords.authenticate
-        monkeypatch.setattr(passwords, 'authenticate', lambda *a, **k: (auth(*a, **k), claim())[0])
-    with pytest.raises(LoginFailed): passwords.login(sessions, 'victim@corp.com', 'mallory pw 123', hasher=FAST)
+        _, cookie = passwords.login(sessions, 'victim@corp.com', 'mallory pw 123', hasher=FAST)
+        claim()
+        assert sessions.load(cookie) is None
     live = host_db.q("select count(*) n from auth_sessions where user_id = 'squat' and revoked_at is null")[0]['n']
     assert live == 0 and host_db.global_users['squat'].password_hash is None
