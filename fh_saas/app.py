@@ -12,7 +12,7 @@ import os
 
 from fastcore.utils import listify
 
-from .beforeware import AuthResolver, DEFAULT_SKIP, saas_beforeware
+from .beforeware import AuthResolver, DEFAULT_SKIP, ReleasePins, saas_beforeware
 from .billing import BillingPolicy, EntitlementsCache
 from .db_host import HostDatabase
 from .db_tenant import TenantNotFound, TenantUnavailable
@@ -107,7 +107,8 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
-    resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db,
+    app.add_middleware(ReleasePins)
+    resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db, pin=saas.router.pin,
                             access=access or EntitlementsCache(host_db, policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles,
                             rate_limit=api_rate_limit or api_rate_limit_from_env(), publishable=publishable)

@@ -3,10 +3,14 @@ import threading
 
 import pytest
 import sqlalchemy as sa
+from fasthtml.common import FastHTML
+from starlette.testclient import TestClient
 
-from fh_saas.db_host import get_db_uri
+from fh_saas.beforeware import AuthResolver, ReleasePins, saas_beforeware
+from fh_saas.db_host import GlobalUser, Membership, get_db_uri
 from fh_saas.db_tenant import (TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant,
                                suspend_tenant)
+from fh_saas.sessions import SessionManager
 from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter
 from pgserver import wait_for
 from tenant_helpers import (listening, new_id, pg_tenant_host, prepare, run_elsewhere, secret_key,  # noqa: F401
@@ -240,3 +244,27 @@ def test_a_schema_version_is_reflected_once_for_all_its_tenants(pg_tenant_host, 
         assert len(seen) == 2                                           # the insert and the select, nothing else
     assert router.tenant_db(a).meta is router.tenant_db(b).meta
     assert [r['body'] for r in router.tenant_db(b)['notes']()] == [b]   # shared tables, each tenant's own rows
+
+
+def test_a_request_keeps_its_tenant_routed_until_its_response_is_sent(sqlite_tenant_host):
+    host = sqlite_tenant_host
+    for tid in ('acme', 'beta', 'gamma'): provision_tenant(host, tid, prepare=prepare)
+    host.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
+    host.memberships.insert(Membership(user_id='ann', tenant_id='acme', role='owner'))
+    router, sessions = TenantRouter(host, budget=4, pool_size=2), SessionManager(host, 's' * 40)   # two tenants fit
+    app = FastHTML(before=saas_beforeware(AuthResolver(host, sessions, router.tenant_db, pin=router.pin)))
+    app.add_middleware(ReleasePins)
+
+    @app.get('/')
+    def home(auth):
+        for tid in ('beta', 'gamma'):      # the handler's other work routes two more tenants meanwhile
+            with router.connect(tid): pass
+        return dict(cached=router.cached, notes=len(auth.db['notes']()))
+
+    cli = TestClient(app)
+    cli.cookies.set(sessions.cookie_name, sessions.create('ann', 'acme'))
+    try:
+        assert cli.get('/').json() == dict(cached=['acme', 'gamma'], notes=0)   # beta went, not the pinned acme
+        with router.connect('beta'), router.connect('gamma'): pass              # released: acme may go now
+        assert router.cached == ['beta', 'gamma']
+    finally: router.close()
