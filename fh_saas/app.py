@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/app.html.md"""
 __all__ = ['PAGES', 'PUBLIC_PATHS', 'TENANTLESS_PATHS', 'mailer_from_env', 'api_rate_limit_from_env', 'setup_saas']
 
 # %% ../nbs/90_app.ipynb #f8a567d0
-import os
+import logging, os
 
 from fastcore.utils import listify
 
@@ -32,7 +32,7 @@ from .saas_context import Saas
 from .sessions import SessionManager
 from .stripe_billing import stripe_client_from_env
 from .stripe_webhooks import add_stripe_webhook, webhook_secrets_from_env
-from .tenant_router import TenantRouter
+from .tenant_router import TenantRouter, check_connection_budget
 from .ui import mount_static, static_headers
 
 # %% ../nbs/90_app.ipynb #59ebae24
@@ -51,6 +51,7 @@ def mailer_from_env(env=None) -> Mailer:
 PAGES = dict(auth=AuthPages, account=AccountPages, tenants=TenantPages, team=TeamPages, invitations=InvitationPages,
              api_keys=ApiKeyPages, billing=BillingPages, admin=AdminPages)   # the page groups `setup_saas` mounts
 
+_log = logging.getLogger(__name__)
 PUBLIC_PATHS = [r'/_fh_saas/static/.*', r'/pricing', r'/api/openapi\.json', r'/api/docs']
 TENANTLESS_PATHS = (r'/tenants.*', r'/account.*', r'/logout', r'/admin.*')   # signed in, but no current tenant needed
 
@@ -108,6 +109,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     app.add_middleware(ReleasePins)
+    for problem in check_connection_budget(host_db, saas.router.budget): _log.warning(problem)
     resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db, pin=saas.router.pin,
                             access=access or EntitlementsCache(host_db, policy),
                             tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles,

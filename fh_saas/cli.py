@@ -218,7 +218,8 @@ def _users(args, host_db) -> int:
 
 def _doctor(args, host_db) -> int:
     from fh_saas.db_host import host_doctor
-    found = host_doctor(host_db, repair=args.repair)
+    from fh_saas.tenant_router import check_connection_budget, default_budget
+    found = host_doctor(host_db, repair=args.repair) + check_connection_budget(host_db, default_budget())
     for line in found: print(line)
     print(f"{len(found)} problem(s)" if found else "the host database keeps every integrity rule")
     return 1 if found else 0

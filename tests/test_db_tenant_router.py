@@ -8,11 +8,11 @@ from starlette.testclient import TestClient
 
 from fh_saas.beforeware import AuthResolver, ReleasePins, saas_beforeware
 from fh_saas.db_host import GlobalUser, Membership, get_db_uri
-from fh_saas.db_tenant import (TenantNotFound, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant,
-                               suspend_tenant)
+from fh_saas.db_tenant import (TenantNotFound, TenantUnavailable, add_db_server, deprovision_tenant, provision_tenant,
+                               resume_tenant, suspend_tenant)
 from fh_saas.sessions import SessionManager
-from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter
-from pgserver import wait_for
+from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter, check_connection_budget
+from pgserver import free_port, wait_for
 from tenant_helpers import (listening, new_id, pg_tenant_host, prepare, run_elsewhere, secret_key,  # noqa: F401
                             sqlite_tenant_host, tenant_connections)
 
@@ -268,3 +268,21 @@ def test_a_request_keeps_its_tenant_routed_until_its_response_is_sent(sqlite_ten
         with router.connect('beta'), router.connect('gamma'): pass              # released: acme may go now
         assert router.cached == ['beta', 'gamma']
     finally: router.close()
+
+
+@pytest.mark.postgres
+def test_a_budget_the_servers_cannot_hold_for_every_worker_is_named_with_the_fix(pg_tenant_host, pg_server,
+                                                                                    monkeypatch):
+    with pg_server.engine.connect() as c:
+        limit = c.exec_driver_sql("SELECT current_setting('max_connections')::int"
+                                  " - current_setting('superuser_reserved_connections')::int").scalar()
+    assert check_connection_budget(pg_tenant_host, budget=limit // 4, workers=4) == []
+    [problem] = check_connection_budget(pg_tenant_host, budget=limit // 4 + 1, workers=4)
+    assert f"allows {limit} connections" in problem and f"at most {limit // 4}" in problem
+    monkeypatch.setenv('WEB_CONCURRENCY', '2')               # what uvicorn and gunicorn read for their worker count
+    assert check_connection_budget(pg_tenant_host, budget=limit // 2) == []
+    assert check_connection_budget(pg_tenant_host, budget=limit // 2 + 1) != []
+    add_db_server(pg_tenant_host, 'gone', '127.0.0.1', 'S3cret-admin-pw', port=free_port())
+    problems = check_connection_budget(pg_tenant_host, budget=1)
+    assert len(problems) == 1 and "'gone'" in problems[0] and 'cannot check it' in problems[0]
+    assert 'S3cret-admin-pw' not in problems[0]
