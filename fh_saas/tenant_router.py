@@ -35,10 +35,16 @@ def _usable(row):
     return row
 
 class _Entry:
-    __slots__ = ('tenant_id', 'engine', 'version', 'schema', 'checked', 'leases', 'pins', 'retired', 'db')
+    __slots__ = ('tenant_id', 'engine', 'version', 'schema', 'checked', 'leases', 'peak', 'pins', 'retired', 'db')
     def __init__(self, tenant_id, engine, version, schema):
         self.tenant_id, self.engine, self.version, self.checked = tenant_id, engine, version, time.monotonic()
-        self.schema, self.leases, self.pins, self.retired, self.db = schema, 0, 0, False, None
+        self.schema, self.leases, self.peak, self.pins, self.retired, self.db = schema, 0, 0, 0, False, None
+
+    @property
+    def cost(self) -> int:
+        """Connections its pool may have open: one while idle; while busy, the most leases held at once since it was
+        last idle (a connection returned while another is out stays open until the pool is idle again)."""
+        return max(1, self.peak)
 
     @property
     def busy(self) -> bool: return bool(self.leases or self.pins)
@@ -79,7 +85,7 @@ class TenantRouter:
         self.budget = budget or default_budget()
         if self.budget < pool_size:
             raise ValueError(f"budget {self.budget} is smaller than one tenant's pool ({pool_size})")
-        self.capacity = self.budget // pool_size
+        self.held = 0   # connections the cached and retiring tenants may hold: one idle each, or one per lease
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retiring: set[_Entry] = set()
         self._forgets = 0  # bumped by every `forget`, so a catalog read that raced with one is redone
@@ -100,14 +106,22 @@ class TenantRouter:
         with self._cond: return self._schemas.setdefault(key, sa.MetaData())
 
     def _new_engine(self, row) -> sa.Engine:
-        return entry_engine(row, pool_size=self.pool_size, max_overflow=0, pool_timeout=self.timeout)
+        "A pool keeping one idle connection and opening up to `pool_size` at once (the extra ones close when returned)."
+        return entry_engine(row, pool_size=1, max_overflow=self.pool_size - 1, pool_timeout=self.timeout)
 
     def _retire(self, entry: _Entry):
         "Drop `entry` from routing; close its pool now, or when its last user is done. Call with the lock held."
         if self._entries.get(entry.tenant_id) is entry: del self._entries[entry.tenant_id]
         entry.retired = True
-        if entry.busy: self._retiring.add(entry)
-        else: entry.engine.dispose()
+        self._retiring.add(entry)
+        self._close_if_done(entry)
+
+    def _close_if_done(self, entry: _Entry):
+        "Close a retired entry's pool once nobody uses it, which frees its connection. Lock held."
+        if entry.retired and not entry.busy and entry in self._retiring:
+            self._retiring.discard(entry)
+            entry.engine.dispose()
+            self.held -= 1
         self._cond.notify_all()
 
     def _wait(self, deadline: float, what: str):
@@ -115,21 +129,29 @@ class TenantRouter:
         if not self._cond.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
             raise TenantPoolExhausted(f"{what}: no connection came free in {self.timeout}s")
 
-    def _make_room(self, deadline: float):
-        "Evict idle least-recently-used tenants until one more fits; wait while all are busy. Lock held."
-        while len(self._entries) + len(self._retiring) >= self.capacity:
-            idle = next((e for e in self._entries.values() if not e.busy), None)
-            if idle is not None: self._retire(idle)
-            else: self._wait(deadline, f"all {self.budget} tenant connections are in use")
+    def _room(self, deadline: float, keep: _Entry | None = None) -> bool:
+        """True if one more connection fits the budget; else evict the least recently used idle tenant (not `keep`),
+        or wait for a change while every tenant is busy, and return False. Lock held."""
+        if self.held < self.budget: return True
+        idle = next((e for e in self._entries.values() if not e.busy and e is not keep), None)
+        if idle is not None: self._retire(idle)
+        else: self._wait(deadline, f"all {self.budget} tenant connections are in use")
+        return False
 
     def _lease(self, entry: _Entry, deadline: float) -> bool:
-        "Take one of `entry`'s `pool_size` connection slots; False if it was retired meanwhile. Lock held."
-        while entry.leases >= self.pool_size and not entry.retired:
-            self._wait(deadline, f"tenant {entry.tenant_id!r} has all {self.pool_size} connections in use")
-        if entry.retired: return False
-        entry.leases += 1
-        self._entries.move_to_end(entry.tenant_id)
-        return True
+        """Take one of `entry`'s `pool_size` connection slots (one that may open a connection counts against the
+        budget); False if it was retired meanwhile. Lock held."""
+        while not entry.retired:
+            grows = entry.leases + 1 > entry.cost
+            if entry.leases >= self.pool_size:
+                self._wait(deadline, f"tenant {entry.tenant_id!r} has all {self.pool_size} connections in use")
+            elif not grows or self._room(deadline, keep=entry):
+                self.held += 1 if grows else 0
+                entry.leases += 1
+                entry.peak = max(entry.peak, entry.leases)
+                self._entries.move_to_end(entry.tenant_id)
+                return True
+        return False
 
     def _acquire(self, tenant_id: str, catalog=None) -> _Entry:
         """A leased entry for `tenant_id`: from the cache while fresh (or as new as a `catalog` row the caller has just
@@ -151,10 +173,11 @@ class TenantRouter:
                     self._retire(entry)
                     entry = None
                 if entry is None:
-                    self._make_room(deadline)   # may wait, releasing the lock: re-check what could have changed
+                    while not self._room(deadline): pass   # may wait, releasing the lock: re-check what could change
                     if tenant_id in self._entries or self._forgets != forgets: continue
                     entry = self._entries[tenant_id] = _Entry(tenant_id, self._new_engine(row), row['routing_version'],
                                                               _schema_key(row))
+                    self.held += 1
                 else: entry.checked = time.monotonic()
                 if self._lease(entry, deadline): return entry
 
@@ -165,15 +188,17 @@ class TenantRouter:
                 if (entry := self._entries.get(tenant_id)) is not None: self._retire(entry)
             raise
 
+    def _drop_lease(self, entry: _Entry):
+        "One lease fewer; with the last one back, the pool keeps one idle connection and costs one again. Lock held."
+        entry.leases -= 1
+        if not entry.leases: self.held, entry.peak = self.held - entry.cost + 1, 0
+
     def _release(self, entry: _Entry, pin: bool = False):
         "Give back a lease (or a pin); a retired entry's pool closes with the last of them."
         with self._cond:
             if pin: entry.pins -= 1
-            else: entry.leases -= 1
-            if entry.retired and not entry.busy:
-                self._retiring.discard(entry)
-                entry.engine.dispose()
-            self._cond.notify_all()
+            else: self._drop_lease(entry)
+            self._close_if_done(entry)
 
     @contextmanager
     def connect(self, tenant_id: str):
@@ -207,7 +232,9 @@ class TenantRouter:
         its handler's connections come from the same pool. A pin takes no connection (`db`'s calls do, as ever)."""
         entry = self._acquire(tenant_id, catalog)
         db = self._db(entry)
-        with self._cond: entry.leases, entry.pins = entry.leases - 1, entry.pins + 1
+        with self._cond:
+            entry.pins += 1
+            self._drop_lease(entry)
         return TenantPin(self, entry, db)
 
     def forget(self, tenant_id: str):
@@ -234,7 +261,7 @@ class TenantRouter:
         _unlisten(self)
 
     def __repr__(self):
-        return f"TenantRouter({len(self._entries)}/{self.capacity} tenants cached, budget {self.budget})"
+        return f"TenantRouter({len(self._entries)} tenants cached, {self.held}/{self.budget} connections)"
 
 # %% ../nbs/13_tenant_router.ipynb #d37b8fdb
 def default_budget() -> int:

@@ -25,7 +25,7 @@ def tenants(pg_tenant_host):
 
 @pytest.fixture
 def router(pg_tenant_host):
-    r = TenantRouter(pg_tenant_host, budget=4, pool_size=2, ttl=60, timeout=5)
+    r = TenantRouter(pg_tenant_host, budget=2, pool_size=2, ttl=60, timeout=5)
     listening(r)  # its first LISTEN empties the cache: let that happen before the tests count catalog reads
     yield r
     r.close()
@@ -169,7 +169,7 @@ def test_changes_in_another_process_stop_routing_within_the_ttl(pg_tenant_host, 
 def test_sqlite_tenants_within_budget(sqlite_tenant_host):
     ids = [f'acme{i}' for i in range(5)]
     for tid in ids: provision_tenant(sqlite_tenant_host, tid, prepare=prepare)
-    r = TenantRouter(sqlite_tenant_host, budget=4, pool_size=2)
+    r = TenantRouter(sqlite_tenant_host, budget=2, pool_size=2)
     try:
         for tid in ids:
             with r.connect(tid) as c: c.exec_driver_sql("INSERT INTO notes (body) VALUES (?)", (tid,))
@@ -251,7 +251,7 @@ def test_a_request_keeps_its_tenant_routed_until_its_response_is_sent(sqlite_ten
     for tid in ('acme', 'beta', 'gamma'): provision_tenant(host, tid, prepare=prepare)
     host.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
     host.memberships.insert(Membership(user_id='ann', tenant_id='acme', role='owner'))
-    router, sessions = TenantRouter(host, budget=4, pool_size=2), SessionManager(host, 's' * 40)   # two tenants fit
+    router, sessions = TenantRouter(host, budget=2, pool_size=2), SessionManager(host, 's' * 40)   # two tenants fit
     app = FastHTML(before=saas_beforeware(AuthResolver(host, sessions, router.tenant_db, pin=router.pin)))
     app.add_middleware(ReleasePins)
 
@@ -286,3 +286,19 @@ def test_a_budget_the_servers_cannot_hold_for_every_worker_is_named_with_the_fix
     problems = check_connection_budget(pg_tenant_host, budget=1)
     assert len(problems) == 1 and "'gone'" in problems[0] and 'cannot check it' in problems[0]
     assert 'S3cret-admin-pw' not in problems[0]
+
+
+@pytest.mark.postgres
+def test_quiet_tenants_cost_one_connection_each_and_a_busy_one_more_while_busy(pg_server, pg_tenant_host):
+    ids = [provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id for _ in range(4)]
+    r = TenantRouter(pg_tenant_host, budget=4, pool_size=2, timeout=5)
+    listening(r)
+    try:
+        for tid in ids:
+            with r.connect(tid): pass
+        assert (r.cached, r.held) == (ids, 4) and tenant_connections(pg_server) == 4   # all four stay connected
+        with r.connect(ids[1]), r.connect(ids[1]):      # a second connection at once evicts the least recent idle one
+            assert (r.cached, r.held) == ([ids[2], ids[3], ids[1]], 4)
+            assert tenant_connections(pg_server) <= 4
+        assert r.held == 3 and wait_for(lambda: tenant_connections(pg_server) == 3)   # the extra one is closed
+    finally: r.close()
