@@ -6,7 +6,7 @@ Docs: https://fh-saas.github.io/fh_saas/api_keys.html.md"""
 
 # %% auto #0
 __all__ = ['api_keys_meta', 'api_keys_t', 'api_keys_component', 'ApiKey', 'ParsedKey', 'parse_api_key', 'create_api_key',
-           'revoke_api_key', 'list_api_keys', 'verify_api_key', 'api_key_from_headers']
+           'revoke_api_key', 'list_api_keys', 'key_matches', 'touch_key', 'verify_api_key', 'api_key_from_headers']
 
 # %% ../nbs/24_api_keys.ipynb #538df314
 import hmac, re, secrets
@@ -95,17 +95,25 @@ def list_api_keys(host_db: HostDatabase, tenant_id: str) -> list[ApiKey]:
         return [_record(r) for r in rows]
 
 # %% ../nbs/24_api_keys.ipynb #38282c34
+def key_matches(row, p: ParsedKey) -> bool:
+    "Whether the stored key `row` (None: there is none) is unrevoked, of `p`'s kind and mode, with `p`'s secret."
+    return (row is not None and row['revoked_at'] is None and (row['kind'], row['mode']) == (p.kind, p.mode)
+            and hmac.compare_digest(row['secret_hash'], hash_token(p.secret)))
+
+def touch_key(conn, row, now, touch_every: timedelta = timedelta(minutes=1)):
+    "Record that key `row` was used at `now`, at most once per `touch_every` (a write avoided per call)."
+    if row['last_used_at'] is None or as_utc(row['last_used_at']) <= now - touch_every:
+        k = api_keys_t.c
+        conn.execute(api_keys_t.update().where(k.key_id == row['key_id']).values(last_used_at=timestamp(now)))
+
 def verify_api_key(host_db: HostDatabase, raw: str | None, now=None,
                    touch_every: timedelta = timedelta(minutes=1)) -> ApiKey | None:
     "The live (unrevoked) key `raw` names, if its secret matches; None otherwise."
     if (p := parse_api_key(raw)) is None: return None
-    now, k = now or utcnow(), api_keys_t.c
     with host_db.transaction() as conn:
-        row = conn.execute(sa.select(api_keys_t).where(k.key_id == p.key_id)).mappings().first()
-        if (row is None or row['revoked_at'] is not None or (row['kind'], row['mode']) != (p.kind, p.mode)
-                or not hmac.compare_digest(row['secret_hash'], hash_token(p.secret))): return None
-        if row['last_used_at'] is None or as_utc(row['last_used_at']) <= now - touch_every:
-            conn.execute(api_keys_t.update().where(k.key_id == p.key_id).values(last_used_at=timestamp(now)))
+        row = conn.execute(sa.select(api_keys_t).where(api_keys_t.c.key_id == p.key_id)).mappings().first()
+        if not key_matches(row, p): return None
+        touch_key(conn, row, now or utcnow(), touch_every)
     return _record(row)
 
 def api_key_from_headers(headers) -> str | None:

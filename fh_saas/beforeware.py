@@ -18,12 +18,12 @@ from fasthtml.common import Beforeware
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from .db_values import gen_id
+from .db_values import gen_id, utcnow
 from .db_host import HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t, memberships_t
 from .audit import bind_audit_context
 from .db_tenant import db_servers_t
 from .sessions import SessionManager, SessionRecord, sessions_t
-from .api_keys import verify_api_key, api_key_from_headers
+from .api_keys import ApiKey, api_key_from_headers, api_keys_t, key_matches, parse_api_key, touch_key
 from .rate_limits import RateLimit, hit
 from .memberships import Roles, DEFAULT_ROLES
 
@@ -65,7 +65,8 @@ _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{8,64}')
 
 def _identity_queries():
     """The two selects of a request's identity, each one statement: from a session (its user, impersonator,
-    membership in the session's tenant, that tenant and its server) or from a key's user and tenant."""
+    membership in the session's tenant, that tenant and its server) or from an API key (the same for its creator
+    and its tenant)."""
     u, imp, m, t, srv, s = users_t, users_t.alias('imp'), memberships_t, tenants_t, db_servers_t, sessions_t
     cols = [*(c.label(p + c.name) for p, tbl in (('u_', u), ('i_', imp), ('m_', m), ('t_', t)) for c in tbl.c),
             srv.c.host.label('r_host'), srv.c.port.label('r_port')]
@@ -75,8 +76,10 @@ def _identity_queries():
                 .outerjoin(t, t.c.id == tenant_id).outerjoin(srv, srv.c.id == t.c.server_id))
     by_session = sa.select(*(c.label('s_' + c.name) for c in s.c), *cols).select_from(
         rest(s.join(u, u.c.id == s.c.user_id), s.c.user_id, s.c.tenant_id, s.c.impersonator_user_id))
-    uid, tid = sa.bindparam('uid'), sa.bindparam('tid')
-    by_key = sa.select(*cols).select_from(rest(u, uid, tid, sa.null())).where(u.c.id == uid)
+    k = api_keys_t
+    by_key = sa.select(*(c.label('k_' + c.name) for c in k.c), *cols).select_from(
+        rest(k.join(u, u.c.id == k.c.created_by), k.c.created_by, k.c.tenant_id, sa.null())
+    ).where(k.c.key_id == sa.bindparam('kid'))
     return by_session, by_key
 
 def _part(row, prefix: str, cls, key: str = 'id'):
@@ -140,14 +143,7 @@ class AuthResolver:
     def _identity(self, req):
         "The request's API key or session, and its identity row (`None` when nothing live matches), or a `Refusal`."
         if self._queries is None: self._queries = _identity_queries()
-        if (raw_key := api_key_from_headers(req.headers)) is not None:
-            if (key := verify_api_key(self.host_db, raw_key)) is None:
-                return Refusal('unauthenticated', 'invalid or revoked API key')
-            if key.kind == 'publishable' and not any(re.fullmatch(p, req.url.path) for p in self.publishable):
-                return Refusal('forbidden', 'a publishable key cannot call this endpoint')
-            with self.host_db.transaction() as conn:
-                row = conn.execute(self._queries[1], dict(uid=key.created_by, tid=key.tenant_id)).mappings().first()
-            return key, None, row
+        if (raw_key := api_key_from_headers(req.headers)) is not None: return self._key_identity(req, raw_key)
         if (h := self.sessions.id_hash(req.cookies.get(self.sessions.cookie_name))) is None:
             return Refusal('unauthenticated', 'not logged in')
         now = self.sessions.clock()
@@ -158,8 +154,22 @@ class AuthResolver:
             self.sessions.touch(conn, dict(id_hash=h, last_seen_at=session.last_seen_at), now)
         return None, session, row
 
+    def _key_identity(self, req, raw_key: str):
+        "The API key's record and identity row, read and checked in one statement, or a `Refusal`."
+        refused = Refusal('unauthenticated', 'invalid or revoked API key')
+        if (p := parse_api_key(raw_key)) is None: return refused
+        with self.host_db.transaction() as conn:
+            row = conn.execute(self._queries[1], dict(kid=p.key_id)).mappings().first()
+            stored = row and {c.name: row['k_' + c.name] for c in api_keys_t.c}
+            if not key_matches(stored, p): return refused
+            touch_key(conn, stored, utcnow())
+        key = ApiKey(**{f.name: stored[f.name] for f in fields(ApiKey)})
+        if key.kind == 'publishable' and not any(re.fullmatch(p, req.url.path) for p in self.publishable):
+            return Refusal('forbidden', 'a publishable key cannot call this endpoint')
+        return key, None, row
+
     def resolve(self, req) -> AuthContext | Refusal:
-        """The request's `AuthContext`, or why it is refused: its identity in one host query (two for an API key),
+        """The request's `AuthContext`, or why it is refused: its identity in one host query (from a session or a key),
         then the entitlements (`access`, cached per change by billing's default) and the tenant's database."""
         if isinstance(found := self._identity(req), Refusal): return found
         key, session, row = found
