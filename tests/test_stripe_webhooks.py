@@ -10,6 +10,7 @@ from fasthtml.common import Beforeware, FastHTML, RedirectResponse
 from starlette.applications import Starlette
 
 from fh_saas import stripe_webhooks as sw
+from fh_saas.audit import audit
 from fh_saas.db_host import PricingPlan, TenantCatalog
 from pgserver import wait_for
 from stripe_helpers import OLD_SECRET, SECRET, ServedApp, event, sign, subscription
@@ -446,3 +447,19 @@ def test_customer_of_a_tenant_mapped_to_another_is_ignored(endpoint):
     assert post(event("customer.updated", other, T0 + 5)).json()["status"] == "ignored_no_tenant"
     assert host_db.q("SELECT stripe_cust_id, email FROM core_stripe_customers") == [dict(stripe_cust_id="cus_1",
                                                                                          email=None)]
+
+
+@pytest.mark.postgres
+def test_own_handler_runs_in_the_events_transaction(pg_endpoint, monkeypatch):
+    "An app's handler writing through `host_db` and `tx.execute` commits or rolls back with the event."
+    host_db, post = pg_endpoint
+    def own(host_db, tx, event):
+        audit(host_db, "billing.own_handler", target_id=event["id"])
+        tx.execute(sa.text("UPDATE core_tenants SET name = 'Acme Inc' WHERE id = 'acme'"))
+        if event["data"]["object"]["id"] == "issfr_fail": raise RuntimeError("own handler failed")
+        return sw.Outcome("processed", "acme")
+    monkeypatch.setitem(sw.EVENT_HANDLERS, "radar.early_fraud_warning.created", own)
+    assert post(event("radar.early_fraud_warning.created", dict(id="issfr_fail"), T0)).status_code == 500
+    assert (host_db.audit_logs.count, host_db.tenants["acme"].name) == (0, "Acme")
+    assert post(event("radar.early_fraud_warning.created", dict(id="issfr_ok"), T0)).json()["status"] == "processed"
+    assert (host_db.audit_logs.count, host_db.tenants["acme"].name) == (1, "Acme Inc")
