@@ -285,6 +285,11 @@ def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race,
     host_db, post = pg_endpoint
     flaky = FlakyHandler(sw.on_subscription, fail=1, hold=lock_waits(host_db))   # B behind A; then A's record behind B
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
+    record = sw._record_failure
+    def record_once_b_applies(*args):   # else A's record may reach the index before B's retried insert does
+        wait_for(lambda: flaky.calls == 2, 10)
+        record(*args)
+    monkeypatch.setattr(sw, "_record_failure", record_once_b_applies)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
     res = race([lambda: post(body), lambda: (flaky.entered.wait(10), post(body))[1]])
     assert sorted(r.status_code for r in res) == [200, 500]
