@@ -6,7 +6,7 @@ Docs: https://fh-saas.github.io/fh_saas/audit.html.md"""
 
 # %% auto #0
 __all__ = ['audit_metadata', 'archive_t', 'audit_component', 'AuditContext', 'current_audit_context', 'audit_context',
-           'bind_audit_context', 'redact', 'audit', 'archive_audit_logs', 'audit_cursor', 'audit_events']
+           'bind_audit_context', 'redact', 'audit_row', 'audit', 'archive_audit_logs', 'audit_cursor', 'audit_events']
 
 # %% ../nbs/05_audit.ipynb #3ecba0ec
 import json, re
@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from .db_values import UTCTimestamp, as_utc, timestamp, utcnow
+from .db_values import UTCTimestamp, as_utc, gen_id, timestamp, utcnow
 from .db_upgrade import HostComponent
 from .db_host import HostDatabase, HostAuditLog, register_component, audit_t
 
@@ -63,14 +63,16 @@ def redact(value):
     return value
 
 # %% ../nbs/05_audit.ipynb #8c61c05a
+def audit_row(event_type: str, target_id: str | None = None, details: dict | None = None, **fields) -> dict:
+    "The columns of an audit row for `event_type`, for a writer that inserts it itself; `fields` override the context."
+    if not re.fullmatch(r'[a-z][a-z0-9_.]{1,63}', event_type): raise ValueError(f"bad audit event type {event_type!r}")
+    return dict(asdict(current_audit_context()), id=gen_id(), created_at=timestamp(), event_type=event_type,
+                target_id=target_id, details=json.dumps(redact(details or {}), sort_keys=True, default=str)) | fields
+
 def audit(host_db: HostDatabase, event_type: str, target_id: str | None = None, details: dict | None = None,
           **fields) -> HostAuditLog:
     "Append an audit row for `event_type` in the current transaction; `fields` override the bound context."
-    if not re.fullmatch(r'[a-z][a-z0-9_.]{1,63}', event_type): raise ValueError(f"bad audit event type {event_type!r}")
-    ctx = {**asdict(current_audit_context()), **fields}
-    row = HostAuditLog(event_type=event_type, target_id=target_id,
-                       details=json.dumps(redact(details or {}), sort_keys=True, default=str), **ctx)
-    return host_db.audit_logs.insert(row)
+    return host_db.audit_logs.insert(HostAuditLog(**audit_row(event_type, target_id, details, **fields)))
 
 # %% ../nbs/05_audit.ipynb #09308fb8
 _PG_GUARD_FN = """

@@ -70,6 +70,13 @@ class PooledDatabase(Database):
             try: yield conn
             finally: self._bound.reset(token)
 
+    @contextmanager
+    def joined(self, conn: sa.Connection):
+        "A scope on `conn`, whose transaction its owner begins and ends: calls inside it share `conn`."
+        token = self._bound.set(_ScopedConnection(conn))
+        try: yield conn
+        finally: self._bound.reset(token)
+
     def run(self, f, *args, **kwargs):
         "Call `f` in the current transaction scope, or in a new one of its own; generators are materialised."
         if self._bound.get() is not None: return self._call(f, *args, **kwargs)

@@ -8,7 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/stripe_models.html.md"""
 __all__ = ['STRIPE_API_VERSION', 'stripe_meta', 'customers_t', 'stripe_component', 'is_newer', 'epoch_iso', 'ref_id', 'sub_items',
            'subscription_period', 'item_price', 'subscription_amount', 'metadata_tenant', 'invoice_subscription',
            'resolve_tenant', 'locked_subscription', 'subscription_row', 'link_customer', 'event_clock',
-           'update_subscription', 'subscription_values', 'store_subscription']
+           'update_subscription', 'subscription_price', 'subscription_snapshot', 'subscription_values',
+           'store_subscription']
 
 # %% ../nbs/31_stripe_models.ipynb #b60fb2e1
 from datetime import datetime, timezone
@@ -130,15 +131,22 @@ def update_subscription(conn, row, values: dict):
     conn.execute(subscriptions_t.update().where(subscriptions_t.c.id == row.id).values(**values))
 
 # %% ../nbs/31_stripe_models.ipynb #64b827da
-def subscription_values(conn, sub: dict, row=None) -> dict:
-    "The `core_subscriptions` columns a Stripe subscription determines (plan looked up only when the price changed)."
-    price = ref_id(item_price(sub_items(sub)[0])) if sub_items(sub) else None
+def subscription_price(sub: dict) -> str | None:
+    "The Stripe price of the subscription's first item."
+    return ref_id(item_price(sub_items(sub)[0])) if sub_items(sub) else None
+
+def subscription_snapshot(sub: dict) -> dict:
+    "The `core_subscriptions` columns a Stripe subscription alone determines (the plan is looked up by its price)."
     start, end = subscription_period(sub)
-    values = dict(status=sub.get('status'), stripe_cust_id=ref_id(sub.get('customer')), stripe_price_id=price,
-                  payment_type='subscription', amount_cents=subscription_amount(sub), current_period_start=start,
-                  current_period_end=end, trial_end=epoch_iso(sub.get('trial_end')),
-                  cancel_at_period_end=bool(sub.get('cancel_at_period_end')),
-                  canceled_at=epoch_iso(sub.get('canceled_at')), ended_at=epoch_iso(sub.get('ended_at')))
+    return dict(status=sub.get('status'), stripe_cust_id=ref_id(sub.get('customer')),
+                stripe_price_id=subscription_price(sub), payment_type='subscription',
+                amount_cents=subscription_amount(sub), current_period_start=start, current_period_end=end,
+                trial_end=epoch_iso(sub.get('trial_end')), cancel_at_period_end=bool(sub.get('cancel_at_period_end')),
+                canceled_at=epoch_iso(sub.get('canceled_at')), ended_at=epoch_iso(sub.get('ended_at')))
+
+def subscription_values(conn, sub: dict, row=None) -> dict:
+    "The snapshot of `sub` with its plan (looked up only when the price changed)."
+    values, price = subscription_snapshot(sub), subscription_price(sub)
     if (row is None or price != row.stripe_price_id) and price and (plan := conn.execute(plan_selling(price)).first()):
         values.update(plan_tier=plan.id, product_name=plan.name)
     return values

@@ -5,10 +5,12 @@ from collections import Counter
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from fasthtml.common import Beforeware, FastHTML, RedirectResponse
 from starlette.applications import Starlette
 
 from fh_saas import stripe_webhooks as sw
+from fh_saas.audit import audit
 from fh_saas.db_host import PricingPlan, TenantCatalog
 from pgserver import wait_for
 from stripe_helpers import OLD_SECRET, SECRET, ServedApp, event, sign, subscription
@@ -200,14 +202,15 @@ def test_customer_updated(endpoint):
 
 
 class FlakyHandler:
-    """Wraps a real handler: runs it (so its writes happen) and sets `entered`, calls `hold()` if given (its locks still
-    held), then raises on the first `fail` calls."""
+    """Wraps a real handler: runs it and sends its writes (`tx.flush()`), sets `entered`, calls `hold()` if given (its
+    locks still held), then raises on the first `fail` calls."""
     def __init__(self, real, fail=1, hold=None):
         self.real, self.fail, self.hold, self.calls, self.entered = real, fail, hold, 0, threading.Event()
 
-    def __call__(self, host_db, conn, event):
+    def __call__(self, host_db, tx, event):
         self.calls += 1
-        out = self.real(host_db, conn, event)
+        out = self.real(host_db, tx, event)
+        assert tx.flush()
         self.entered.set()
         if self.hold: self.hold()
         if self.calls <= self.fail:
@@ -282,6 +285,11 @@ def test_failure_record_never_overwrites_a_concurrent_success(pg_endpoint, race,
     host_db, post = pg_endpoint
     flaky = FlakyHandler(sw.on_subscription, fail=1, hold=lock_waits(host_db))   # B behind A; then A's record behind B
     monkeypatch.setitem(sw.EVENT_HANDLERS, "customer.subscription.created", flaky)
+    record = sw._record_failure
+    def record_once_b_applies(*args):   # else A's record may reach the index before B's retried insert does
+        wait_for(lambda: flaky.calls == 2, 10)
+        record(*args)
+    monkeypatch.setattr(sw, "_record_failure", record_once_b_applies)
     body = event("customer.subscription.created", subscription("sub_1", "active", T0, "acme"), T0)
     res = race([lambda: post(body), lambda: (flaky.entered.wait(10), post(body))[1]])
     assert sorted(r.status_code for r in res) == [200, 500]
@@ -398,11 +406,14 @@ def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, 
     """The Checkout completion holds its locks for a while; the subscription's creation arrives meanwhile. Both take
     the subscription row and the customer mapping: in different orders they would deadlock (one 500)."""
     host_db, post = pg_endpoint
-    real, linked, hold = sw.link_customer, threading.Event(), lock_waits(host_db)
-    def slow_link(*args):
-        real(*args)
-        if not linked.is_set(): linked.set(); hold()  # the first link keeps its locks until the creation waits
-    monkeypatch.setattr(sw, "link_customer", slow_link)
+    linked, hold = threading.Event(), lock_waits(host_db)
+    def slow_checkout(host_db, tx, event):
+        out = sw.on_checkout_session(host_db, tx, event)
+        assert tx.flush()   # the new subscription row and the customer mapping written, their locks kept
+        linked.set()
+        hold()              # until the creation waits
+        return out
+    monkeypatch.setitem(sw.EVENT_HANDLERS, "checkout.session.completed", slow_checkout)
     session = dict(id="cs_1", object="checkout.session", mode="subscription", subscription="sub_1", customer="cus_1",
                    client_reference_id="acme", payment_status="paid")
     checkout = event("checkout.session.completed", session, T0)
@@ -412,3 +423,48 @@ def test_checkout_and_subscription_creation_racing_do_not_deadlock(pg_endpoint, 
     assert {(e.event_type, e.status, e.attempts) for e in host_db.webhook_events()} == {
         ("checkout.session.completed", "processed", 1), ("customer.subscription.created", "processed", 1)}
     assert [(s.stripe_cust_id, s.status) for s in host_db.subscriptions()] == [("cus_1", "trialing")]
+
+
+@pytest.mark.postgres
+def test_round_trips_on_postgresql(pg_host_db):
+    """An event is two round trips of its own (the claim sent with BEGIN, the writes with COMMIT), the first event of a
+    subscription three, a repeat delivery two (the claim, then ROLLBACK); psycopg2 leaves autocommit afterwards."""
+    pg_host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
+    sent = []
+    sa.event.listen(pg_host_db.engine, "before_cursor_execute", lambda c, cur, st, *a: sent.append(st.split()[0]))
+    def apply(body):
+        sent.clear()
+        out = sw.apply_event(pg_host_db, json.loads(body), body)
+        return out.status, out.duplicate, sent[:]
+    first = event("customer.subscription.created", subscription("sub_1", "trialing", T0, "acme"), T0)
+    update = event("customer.subscription.updated", subscription("sub_1", "active", T0 + 1, "acme"), T0 + 1)
+    assert apply(first) == ("processed", False, ["BEGIN;", "WITH", "COMMIT"])
+    assert apply(update) == ("processed", False, ["BEGIN;", "UPDATE"])
+    assert apply(update) == ("processed", True, ["BEGIN;", "ROLLBACK"])
+    with pg_host_db.engine.connect() as conn: assert conn.connection.dbapi_connection.autocommit is False
+    assert (pg_host_db.subscriptions()[0].status, pg_host_db.audit_logs.count) == ("active", 2)
+
+
+def test_customer_of_a_tenant_mapped_to_another_is_ignored(endpoint):
+    host_db, post = endpoint
+    post(event("customer.subscription.created", subscription("sub_1", "active", T0, "acme", customer="cus_1"), T0))
+    other = dict(id="cus_2", object="customer", email="x@acme.test", metadata=dict(tenant_id="acme"))
+    assert post(event("customer.updated", other, T0 + 5)).json()["status"] == "ignored_no_tenant"
+    assert host_db.q("SELECT stripe_cust_id, email FROM core_stripe_customers") == [dict(stripe_cust_id="cus_1",
+                                                                                         email=None)]
+
+
+@pytest.mark.postgres
+def test_own_handler_runs_in_the_events_transaction(pg_endpoint, monkeypatch):
+    "An app's handler writing through `host_db` and `tx.execute` commits or rolls back with the event."
+    host_db, post = pg_endpoint
+    def own(host_db, tx, event):
+        audit(host_db, "billing.own_handler", target_id=event["id"])
+        tx.execute(sa.text("UPDATE core_tenants SET name = 'Acme Inc' WHERE id = 'acme'"))
+        if event["data"]["object"]["id"] == "issfr_fail": raise RuntimeError("own handler failed")
+        return sw.Outcome("processed", "acme")
+    monkeypatch.setitem(sw.EVENT_HANDLERS, "radar.early_fraud_warning.created", own)
+    assert post(event("radar.early_fraud_warning.created", dict(id="issfr_fail"), T0)).status_code == 500
+    assert (host_db.audit_logs.count, host_db.tenants["acme"].name) == (0, "Acme")
+    assert post(event("radar.early_fraud_warning.created", dict(id="issfr_ok"), T0)).json()["status"] == "processed"
+    assert (host_db.audit_logs.count, host_db.tenants["acme"].name) == (1, "Acme Inc")
