@@ -352,8 +352,9 @@ def _add_statement(dialect: str, limited: bool):
         tenant_id=sa.bindparam('tid'), quota=sa.bindparam('quota'), period_start=sa.bindparam('period'),
         used=sa.bindparam('n'))
     total = usage_t.c.used + ins.excluded.used
-    return ins.on_conflict_do_update(index_elements=list(usage_t.primary_key), set_=dict(used=total),
-                                     where=total <= sa.bindparam('limit') if limited else None).returning(usage_t.c.used)
+    ins = ins.on_conflict_do_update(index_elements=list(usage_t.primary_key), set_=dict(used=total),
+                                    where=total <= sa.bindparam('limit') if limited else None)
+    return ins.returning(usage_t.c.used)
 
 def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int | None:
     "Count `n` of `quota` against the limit in `ents` on `conn`, in one statement; what remains (`None`: unlimited)."

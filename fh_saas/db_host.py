@@ -295,8 +295,14 @@ class HostDatabase:
         `COMMIT` round trips), the current transaction inside `transaction()`, a transaction of its own on SQLite."""
         if self.in_transaction or self.engine.dialect.name != 'postgresql':
             with self.transaction() as conn: yield conn
-        else:
-            with self.engine.connect().execution_options(isolation_level='AUTOCOMMIT') as conn: yield conn
+            return
+        with self.engine.connect() as conn:
+            # the driver's own switch, free on a connection with default session settings; SQLAlchemy's
+            # `isolation_level='AUTOCOMMIT'` sets the level back explicitly on return, and psycopg2 then sends `SET`s
+            raw = conn.connection.dbapi_connection
+            raw.autocommit = True
+            try: yield conn
+            finally: raw.autocommit = False
 
     def q(self, sql: str, **params) -> list[dict]:
         "Raw SQL with named parameters, in the current scope or its own; rows as dicts."
