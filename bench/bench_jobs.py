@@ -27,7 +27,7 @@ schedule period, so an idle worker sends nothing. What remains over the floor is
 statement per job (claim+complete) or the heavier combined one (Worker), the pool checkout,
 and the thread hand-over in the `Worker`.
 
-    python bench/bench_jobs.py [jobs]        # FH_SAAS_BENCH_PG_URL=<superuser url> to use an existing server
+    python bench/bench_jobs.py [jobs] [rounds]   # FH_SAAS_BENCH_PG_URL=<superuser url> to use an existing server
 """
 import multiprocessing as mp, os, statistics, sys, threading, time
 from pathlib import Path
@@ -142,16 +142,19 @@ def idle_and_wakeup(url, jobs=20, idle_s=3.0):
     return idle, latencies
 
 
-def main(n=2000):
+def main(n=1000, rounds=3):
     server = PgServer(os.environ['FH_SAAS_BENCH_PG_URL']) if 'FH_SAAS_BENCH_PG_URL' in os.environ else start_cluster()
     url = server.create_database('bench')
     try:
         HostDatabase(url).close(); HostDatabase.reset_instance()  # schema
         engine = make_engine(url)
-        print(f"{n} no-op jobs per run, PostgreSQL, {os.cpu_count()} CPUs, "
+        print(f"{rounds} rounds of {n} no-op jobs per variant, interleaved, PostgreSQL, {os.cpu_count()} CPUs, "
               f"DB_POOL_PRE_PING={os.environ['DB_POOL_PRE_PING']}")
         for procs in (1, 4):
-            bare, api, work = (timed(f, url, procs, engine, n) for f in (bare_loop, api_loop, worker_run))
+            secs = dict.fromkeys((bare_loop, api_loop, worker_run), 0.0)
+            for _ in range(rounds):   # interleaved: a load that drifts (the machine is shared) hits each alike
+                for f in secs: secs[f] += n / timed(f, url, procs, engine, n)
+            bare, api, work = (rounds * n / s for s in secs.values())
             print(f"{procs} process(es): bare claim loop {bare:6.0f} jobs/s | claim()+complete() {api:6.0f} jobs/s "
                   f"({api / bare:.2f} of bare) | Worker {work:6.0f} jobs/s ({work / bare:.2f} of bare)")
         engine.dispose()

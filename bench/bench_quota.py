@@ -18,7 +18,7 @@ pre-ping while `make_engine` still pings at checkout (`DB_POOL_PRE_PING=false` m
 it). What is left over the floor is the pool checkout, the isolation-level switch to autocommit
 (client-side in psycopg2) and SQLAlchemy's execution of a cached statement.
 
-    python bench/bench_quota.py [units_per_thread] [threads]
+    python bench/bench_quota.py [units_per_thread] [threads] [rounds]
     # FH_SAAS_BENCH_PG_URL=<superuser url> to use a running server
 """
 import os, sys, threading, time
@@ -88,7 +88,7 @@ def last_units(host_db, n_threads, spare=10):
     print(f"last {spare} units raced by {n_threads} threads: {len(granted)} granted, the limit held")
 
 
-def main(units=250, n_threads=8):
+def main(units=250, n_threads=8, rounds=3):
     server = PgServer(url) if (url := os.environ.get('FH_SAAS_BENCH_PG_URL')) else start_cluster()
     db_url = server.create_database('bench_quota')
     host_db = HostDatabase(db_url)
@@ -99,11 +99,12 @@ def main(units=250, n_threads=8):
             host_db.tenants.insert(TenantCatalog(id=f't{i}', name=f'T{i}'))
             host_db.subscriptions.insert(Subscription(tenant_id=f't{i}', status='active', plan_tier='pro'))
             override_quota(host_db, f't{i}', 'api_calls', limit)
-        print(f"{n_threads} threads x {units} units, "
+        print(f"{rounds} interleaved rounds of {n_threads} threads x {units} units, "
               f"PostgreSQL {host_db.q('show server_version')[0]['server_version']}")
         for label, tenants in (('hot row (one tenant)', ['t0'] * n_threads),
                                ('row per thread', [f't{i}' for i in range(n_threads)])):
-            floor, full = measure(host_db, tenants, units, n_threads, limit)
+            rates = [measure(host_db, tenants, units, n_threads, limit) for _ in range(rounds)]   # interleaved
+            floor, full = (len(rates) / sum(1 / r[k] for r in rates) for k in (0, 1))
             print(f"{label:22} bare counter {floor:8.0f}/s   consume_quota {full:8.0f}/s   ratio {full / floor:.2f}")
         last_units(host_db, n_threads)
     finally:
@@ -111,4 +112,4 @@ def main(units=250, n_threads=8):
         server.drop_database(db_url); server.stop()
 
 
-if __name__ == '__main__': main(*map(int, sys.argv[1:3]))
+if __name__ == '__main__': main(*map(int, sys.argv[1:4]))

@@ -297,9 +297,11 @@ class HostDatabase:
             with self.transaction() as conn: yield conn
             return
         with self.engine.connect() as conn:
-            # the driver's own switch, free on a connection with default session settings; SQLAlchemy's
+            # the driver's own switch is free while the session keeps the server's default level; SQLAlchemy's
             # `isolation_level='AUTOCOMMIT'` sets the level back explicitly on return, and psycopg2 then sends `SET`s
+            # at every switch, so a level set explicitly goes back to the default (the one SQLAlchemy read at connect)
             raw = conn.connection.dbapi_connection
+            if raw.isolation_level is not None: raw.isolation_level = None
             raw.autocommit = True
             try: yield conn
             finally: raw.autocommit = False

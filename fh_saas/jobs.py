@@ -358,6 +358,12 @@ def _next_claimable(host_db: HostDatabase, types) -> datetime | None:
         times = conn.execute(sa.union_all(_NEXT_DUE.where(*only), _NEXT_EXPIRY.where(*only))).scalars().all()
     return min((as_utc(t) for t in times if t is not None), default=None)
 
+def _readable(fds: list[int], timeout: float | None = None) -> set[int]:
+    "Which of `fds` can be read within `timeout` seconds (`None`: however long it takes)."
+    p = select.poll()
+    for fd in fds: p.register(fd, select.POLLIN)
+    return {fd for fd, _ in p.poll(None if timeout is None else timeout * 1000)}
+
 class _Listener:
     "A thread holding `LISTEN` on PostgreSQL (psycopg2): calls `wake()` on notifications; `listening` while connected."
     def __init__(self, host_db: HostDatabase, wake, retry: float):
@@ -380,7 +386,7 @@ class _Listener:
                 conn = self._connect()
                 self.listening = True
                 self.wake()   # notifications sent while not listening were missed: look once
-                while not select.select([conn, self._stop_r], [], [])[0].count(self._stop_r):
+                while self._stop_r not in _readable([conn.fileno(), self._stop_r]):
                     conn.poll()
                     if conn.notifies: conn.notifies.clear(); self.wake()
                 return
@@ -388,7 +394,7 @@ class _Listener:
                 if self.listening: _log.warning("job notifications lost, polling: %s", e)
                 self.listening = False
                 self.wake()
-                if select.select([self._stop_r], [], [], self.retry)[0]: return
+                if _readable([self._stop_r], self.retry): return
             finally:
                 self.listening = False
                 if conn is not None: conn.close()
