@@ -12,20 +12,28 @@ lost or ran twice (every job `done` after exactly one attempt, every handler cal
 Then one `Worker` sits idle in this process: the statements it sends over a few seconds are
 counted (none), and jobs are enqueued one at a time to time how long each takes to start.
 
-Where the time went (cProfile of 2000 `claim()`+`complete()` pairs, and of a `Worker`): before,
-each call was its own transaction: the pool's pre-ping, `BEGIN`, the statement, `COMMIT`, so
-eight round trips per job against the floor's one, plus SQLAlchemy building and caching a new
-`UPDATE ... WHERE` for every complete: 0.16x (1 process) and 0.19x (4). The `Worker` also
-polled (one claim transaction per idle thread per `poll`), 0.14x. Now each call is a single
-statement, built once and run autocommitted (`HostDatabase.one_statement`), so a job costs two
-round trips plus two pool checkouts; the pre-ping's round trip at checkout is measured only
-with `DB_POOL_PRE_PING=true` (`make_engine` is getting a free liveness check instead). The
-`Worker` sends one statement per job: a data-modifying CTE completes the finished jobs that
-are still held and claims up to one job per idle thread; it sleeps on `LISTEN` (a trigger
-`NOTIFY`s when a job becomes `queued`) and wakes for the next due `run_at`, lease expiry or
-schedule period, so an idle worker sends nothing. What remains over the floor is the second
-statement per job (claim+complete) or the heavier combined one (Worker), the pool checkout,
-and the thread hand-over in the `Worker`.
+Where the time went (cProfile with a CPU clock, and EXPLAIN ANALYZE, on 1000-2000 jobs): before,
+each call was its own transaction: the pool's pre-ping, `BEGIN`, the statement, `COMMIT` (eight
+round trips per job against the floor's one), plus SQLAlchemy building a new `UPDATE ... WHERE`
+and its cache key for every complete: 0.16x (1 process) and 0.19x (4); the `Worker` also polled
+(one claim transaction per idle thread per `poll`), 0.14x. Now each call is one statement,
+built once and run autocommitted (`HostDatabase.one_statement`): two round trips per job. Two
+costs hid behind that. Switching a pooled psycopg2 connection to autocommit through SQLAlchemy's
+`isolation_level` costs round trips of its own (psycopg2 sends `SET`s once a level was set
+explicitly, as SQLAlchemy does on every return), so `one_statement` flips the driver's switch on
+a session left at the server's default. And for a statement the size of the claim, SQLAlchemy's
+per-call work (cache key, bind processing, the `IN` list expanded per call) cost more CPU than the
+round trip on this 2-core machine, so the job statements are compiled once and handed to the
+driver as they are (`types` as one array parameter). What remains over the floor is the second
+statement (the floor's `UPDATE` claims and finishes at once), PostgreSQL planning a larger
+statement each time (0.4 ms against 0.2 ms), and per job about 4x the floor's client CPU
+(`Job`, JSON, two pool checkouts). The pre-ping's round trip at checkout is measured only with
+`DB_POOL_PRE_PING=true` (`make_engine` is getting a free liveness check instead). The `Worker`
+sends one statement per job: a data-modifying CTE completes the finished jobs still held and
+claims one job per idle thread; it sleeps on `LISTEN` (a trigger `NOTIFY`s when a job becomes
+`queued`) and wakes for the next due `run_at`, lease expiry or schedule period, so an idle worker
+sends nothing. The machine is shared: the variants are interleaved over rounds so a drifting
+load hits each alike, and figures still vary by 2x from run to run.
 
     python bench/bench_jobs.py [jobs] [rounds]   # FH_SAAS_BENCH_PG_URL=<superuser url> to use an existing server
 """

@@ -10,13 +10,18 @@ row per thread; then threads race for the last units under a limit. The run exit
 if the units counted differ from the units granted or the limit was passed.
 
 Where the time went (cProfile, one thread, 2000 calls): before, each call was one transaction
-with five round trips — the pool's pre-ping, `BEGIN`, the billing query (tenant, subscriptions,
-plan), the overrides query, the counter `UPDATE` — plus `COMMIT`, and SQLAlchemy compiling a
+with five round trips (the pool's pre-ping, `BEGIN`, the billing query for tenant, subscriptions
+and plan, the overrides query, the counter `UPDATE`) plus `COMMIT`, and SQLAlchemy compiling a
 fresh `UPDATE` (its cache key) every call: 0.10x the floor. Now the entitlements come from the
-caller and the statement is built once per backend: one round trip for the upsert, plus the
-pre-ping while `make_engine` still pings at checkout (`DB_POOL_PRE_PING=false` measures without
-it). What is left over the floor is the pool checkout, the isolation-level switch to autocommit
-(client-side in psycopg2) and SQLAlchemy's execution of a cached statement.
+caller and the statement is built once per backend: one round trip, autocommitted
+(`HostDatabase.one_statement`, whose autocommit switch is the driver's own: SQLAlchemy's
+`isolation_level` switch costs psycopg2 round trips of `SET`s once a level was set explicitly,
+which the floor's own connections do to the shared pool), plus the pre-ping while `make_engine`
+still pings at checkout (`DB_POOL_PRE_PING=true`; the default here is off, as the free liveness
+check makes it). What is left over the floor is about 2x its client CPU per unit (the pool
+checkout, SQLAlchemy's execution of the cached statement, the month's start), which the 8
+threads share under one GIL. The variants are interleaved over rounds; the machine is shared
+and figures vary from run to run.
 
     python bench/bench_quota.py [units_per_thread] [threads] [rounds]
     # FH_SAAS_BENCH_PG_URL=<superuser url> to use a running server
@@ -28,6 +33,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'tests'))
 from pgserver import PgServer, start_cluster
+
+os.environ.setdefault('DB_POOL_PRE_PING', 'false')   # what make_engine's free liveness check gives
 
 from fh_saas.billing import QuotaExceeded, consume_quota, entitlements, override_quota, month_start, quota_used
 from fh_saas.billing import seed_plans, usage_t
@@ -100,7 +107,8 @@ def main(units=250, n_threads=8, rounds=3):
             host_db.subscriptions.insert(Subscription(tenant_id=f't{i}', status='active', plan_tier='pro'))
             override_quota(host_db, f't{i}', 'api_calls', limit)
         print(f"{rounds} interleaved rounds of {n_threads} threads x {units} units, "
-              f"PostgreSQL {host_db.q('show server_version')[0]['server_version']}")
+              f"PostgreSQL {host_db.q('show server_version')[0]['server_version']}, "
+              f"DB_POOL_PRE_PING={os.environ['DB_POOL_PRE_PING']}")
         for label, tenants in (('hot row (one tenant)', ['t0'] * n_threads),
                                ('row per thread', [f't{i}' for i in range(n_threads)])):
             rates = [measure(host_db, tenants, units, n_threads, limit) for _ in range(rounds)]   # interleaved
