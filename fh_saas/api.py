@@ -122,7 +122,7 @@ def _meter(api: Api, req, auth):
     "Count the call against the tenant's metered quota (a refused or invalid call counts nothing), or refuse it."
     ents = auth.entitlements
     if api.quota and ents is not None and api.quota in ents.quotas:
-        try: consume_quota(req.app.state.host_db, auth.tenant_id, api.quota)
+        try: consume_quota(req.app.state.host_db, auth.tenant_id, api.quota, entitlements=ents)
         except QuotaExceeded as e:
             raise ApiError(429, 'quota_exceeded', str(e), {'Retry-After': str(_quota_reset(utcnow()))}) from None
 

@@ -12,7 +12,7 @@ __all__ = ['ENDED_STATUSES', 'billing_metadata', 'overrides_t', 'BILLING_TABLES'
            'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
 
 # %% ../nbs/30_billing.ipynb #2b79a86f
-import json, re, threading, time
+import functools, json, re, threading, time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
@@ -21,6 +21,7 @@ from typing import Mapping
 
 import sqlalchemy as sa
 from fastcore.utils import UNSET
+from sqlalchemy.dialects import postgresql, sqlite
 from fasthtml.core import Beforeware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -445,30 +446,42 @@ def _check_consumption(quota, n):
     if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     if not _is_int(n) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
 
+@functools.cache
+def _add_statement(dialect: str, limited: bool):
+    "Built once per backend: count `n` on the month's row, creating it, only where the total stays within `limit`."
+    ins = (postgresql if dialect == 'postgresql' else sqlite).insert(usage_t).values(
+        tenant_id=sa.bindparam('tid'), quota=sa.bindparam('quota'), period_start=sa.bindparam('period'),
+        used=sa.bindparam('n'))
+    total = usage_t.c.used + ins.excluded.used
+    ins = ins.on_conflict_do_update(index_elements=list(usage_t.primary_key), set_=dict(used=total),
+                                    where=total <= sa.bindparam('limit') if limited else None)
+    return ins.returning(usage_t.c.used)
+
 def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int | None:
-    "Count `n` of `quota` against the limit in `ents` on `conn`; the remaining amount (`None`: unlimited)."
+    "Count `n` of `quota` against the limit in `ents` on `conn`, in one statement; what remains (`None`: unlimited)."
     tid, limit, period = ents.tenant_id, ents.limit(quota), month_start(now)
     if limit == 0:
         why = (ents.access.reason if not ents.access.allowed
                else f"the {ents.access.plan_id!r} plan has no {quota!r} quota")
         raise QuotaExceeded(f"tenant {tid!r} may not use {quota!r}: {why}", tid, quota, 0, 0, n)
-    add = (usage_t.update().where(_usage_key(tid, quota, period)).values(used=usage_t.c.used + n)
-           .returning(usage_t.c.used))
-    if limit is not None: add = add.where(usage_t.c.used + n <= limit)
-    if (used := conn.execute(add).scalar()) is None:
-        conn.execute(dialect_insert(conn, usage_t).values(tenant_id=tid, quota=quota, period_start=period, used=0)
-                     .on_conflict_do_nothing())
-        used = conn.execute(add).scalar()
-    if used is not None: return None if limit is None else limit - used
-    used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar()
+    if limit is None or n <= limit:
+        add = _add_statement(conn.dialect.name, limit is not None)
+        used = conn.execute(add, dict(tid=tid, quota=quota, period=period, n=n, limit=limit)).scalar()
+        if used is not None: return None if limit is None else limit - used
+    used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar() or 0
     raise QuotaExceeded(f"tenant {tid!r} cannot use {n} more {quota!r}: {used} of {limit} used since {period}",
                         tid, quota, limit, used, n)
 
-def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None,
-                  policy: BillingPolicy = BillingPolicy()) -> int | None:
-    "Atomically count `n` of `quota` for `tenant_id`; what remains this month (`None`: unlimited), or `QuotaExceeded`."
+def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, policy: BillingPolicy = BillingPolicy(),
+                  entitlements: Entitlements | None = None) -> int | None:
+    """Atomically count `n` of `quota` for `tenant_id`; what remains this month (`None`: unlimited), or `QuotaExceeded`.
+    Pass the tenant's `entitlements` when the caller has them (a guard does): the count is then a single statement."""
     _check_consumption(quota, n)
+    if entitlements is not None and entitlements.tenant_id != tenant_id:
+        raise ValueError(f"entitlements of tenant {entitlements.tenant_id!r} passed for tenant {tenant_id!r}")
     now = _now(now)
+    if entitlements is not None:
+        with host_db.one_statement() as conn: return _consume(conn, entitlements, quota, n, now)
     with host_db.transaction() as conn:
         return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
@@ -520,8 +533,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is not None: return refusal
-        try:
-            with _host_db(req).transaction() as conn: _consume(conn, ents, quota, n, _now())
+        try: consume_quota(_host_db(req), ents.tenant_id, quota, n, entitlements=ents)
         except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
     return route_guard(check)
 

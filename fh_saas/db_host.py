@@ -16,6 +16,7 @@ __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscripti
 
 # %% ../nbs/04_db_host.ipynb #52f52564
 import itertools, threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -287,6 +288,23 @@ class HostDatabase:
     def in_transaction(self) -> bool:
         "Whether a `transaction()` scope is open in this context."
         return self.db._bound.get() is not None
+
+    @contextmanager
+    def one_statement(self):
+        """A connection for one statement that is atomic by itself: autocommitted on PostgreSQL (no `BEGIN` and
+        `COMMIT` round trips), the current transaction inside `transaction()`, a transaction of its own on SQLite."""
+        if self.in_transaction or self.engine.dialect.name != 'postgresql':
+            with self.transaction() as conn: yield conn
+            return
+        with self.engine.connect() as conn:
+            # the driver's own switch is free while the session keeps the server's default level; SQLAlchemy's
+            # `isolation_level='AUTOCOMMIT'` sets the level back explicitly on return, and psycopg2 then sends `SET`s
+            # at every switch, so a level set explicitly goes back to the default (the one SQLAlchemy read at connect)
+            raw = conn.connection.dbapi_connection
+            if raw.isolation_level is not None: raw.isolation_level = None
+            raw.autocommit = True
+            try: yield conn
+            finally: raw.autocommit = False
 
     def q(self, sql: str, **params) -> list[dict]:
         "Raw SQL with named parameters, in the current scope or its own; rows as dicts."

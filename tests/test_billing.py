@@ -367,6 +367,30 @@ def test_concurrent_consumers_never_pass_the_limit(host_db):
     assert sorted(granted) == list(range(limit)), "every remaining value was handed out exactly once"
     assert quota_used(host_db, 'acme', 'api_calls', now=T0) == limit
 
+def test_consumers_passing_their_entitlements_never_pass_the_limit(host_db):
+    "16 threads with the entitlements in hand (as a guard has them) race 1-3 units at a time for the month's first use."
+    limit = 40
+    ents = entitlements(pro_acme(host_db, limit), 'acme', now=T0)
+    def work(i):
+        out = []
+        for k in range(5):
+            n = 1 + (i + k) % 3
+            try: out.append((n, consume_quota(host_db, 'acme', 'api_calls', n=n, now=T0, entitlements=ents)))
+            except QuotaExceeded as e:
+                assert (e.limit, e.requested) == (limit, n) and e.used + n > limit
+                out.append((n, None))
+        return out
+    outcomes = _race_lists(16, work)
+    granted = sum(n for n, rest in outcomes if rest is not None)
+    assert granted == quota_used(host_db, 'acme', 'api_calls', now=T0) and limit - 2 <= granted <= limit
+    assert sorted(rest for _, rest in outcomes if rest is not None)[0] == limit - granted
+    with host_db.transaction() as c: assert c.execute(sa.select(sa.func.count()).select_from(usage_t)).scalar() == 1
+    with pytest.raises(QuotaExceeded, match=f"cannot use {limit + 1} more 'api_calls'"):
+        consume_quota(host_db, 'acme', 'api_calls', n=limit + 1, now=at(timedelta(days=31)), entitlements=ents)
+    with pytest.raises(ValueError, match="entitlements of tenant 'acme' passed for tenant 'beta'"):
+        consume_quota(host_db, 'beta', 'api_calls', entitlements=ents)
+    assert quota_usage(host_db, 'acme', now=at(timedelta(days=31))) == {}, "a refused first use writes no row"
+
 @pytest.mark.postgres
 def test_concurrent_mixed_sizes_on_postgresql(pg_host_db):
     "16 threads consume 1-4 units each try on PostgreSQL: the count equals the sum granted and never passes the limit."

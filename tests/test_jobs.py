@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from fh_saas import jobs
 from fh_saas.audit import audit, audit_events, current_audit_context
 from fh_saas.db_host import HostDatabase, as_utc, timestamp, jobs_t
 from fh_saas.jobs import (JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
@@ -202,11 +203,13 @@ def test_periodic_job_is_enqueued_once_per_period_by_many_workers(queue_db):
 
 
 def test_workers_with_schedules_enqueue_one_job_per_period(queue_db, monkeypatch):
+    "Each worker schedules before its first claim (an idle worker on PostgreSQL then waits for a notification)."
     seen, polls = [], Counter()
-    def counted_claim(host_db, worker_id, *args):
-        try: return claim(host_db, worker_id, *args)
+    exchange = jobs._exchange
+    def counted_exchange(host_db, worker_id, *args):
+        try: return exchange(host_db, worker_id, *args)
         finally: polls[worker_id] += 1
-    monkeypatch.setattr('fh_saas.jobs.claim', counted_claim)
+    monkeypatch.setattr(jobs, '_exchange', counted_exchange)
     handlers = {'test.tick': lambda job: seen.append(job.id)}
     daily = [Periodic('test.tick', timedelta(days=1))]
     workers = [Worker(queue_db, handlers, poll=0.01, schedules=daily) for _ in range(3)]
@@ -214,8 +217,7 @@ def test_workers_with_schedules_enqueue_one_job_per_period(queue_db, monkeypatch
     threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
     for t in threads: t.start()
     assert wait_for(lambda: seen, 10)
-    before = dict(polls)
-    assert wait_for(lambda: len(polls) == 3 and all(polls[w] > before.get(w, 0) for w in polls), 10), "all polled again"
+    assert wait_for(lambda: len(polls) == 3, 10), "every worker claimed, so every worker had scheduled"
     stop.set()
     for t in threads: t.join(10)
     assert len(seen) == 1 and len(_jobs(queue_db, job_type='test.tick')) == 1
@@ -292,3 +294,29 @@ def test_a_broken_worker_stops_and_raises_instead_of_limping_on(queue_db):
                     schedules=[Periodic('Not A Type', timedelta(hours=1))])
     with pytest.raises(RuntimeError, match='worker thread crashed') as e: worker.run(threading.Event())
     assert 'bad job type' in str(e.value.__cause__)
+
+
+@pytest.mark.postgres
+def test_an_idle_worker_on_postgresql_is_woken_by_notifications_and_due_times_not_polls(pg_url):
+    host_db = HostDatabase(pg_url)
+    try:
+        host_db.q("delete from sys_jobs")
+        ran = []
+        worker = Worker(host_db, {'test.wake': lambda job: ran.append(job.payload['n'])}, concurrency=2, poll=3600)
+        stop = threading.Event()
+        t = threading.Thread(target=worker.run, args=(stop,))
+        t.start()
+        try:
+            assert wait_for(lambda: worker._idle == 2, 10), "both threads idle, with no poll due for an hour"
+            enqueue(host_db, 'test.wake', dict(n=1))
+            assert wait_for(lambda: ran == [1], 10), "the notification woke it"
+            soon = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+            enqueue(host_db, 'test.wake', dict(n=2), run_at=soon)
+            assert wait_for(lambda: ran == [1, 2], 10), "it slept until the job was due"
+            assert datetime.now(timezone.utc) >= soon
+        finally:
+            stop.set(); t.join(30)
+        assert not t.is_alive()
+        assert [(r.status, r.attempts) for r in _jobs(host_db, job_type='test.wake')] == [('done', 1)] * 2
+    finally:
+        host_db.close(); HostDatabase.reset_instance()
