@@ -147,7 +147,7 @@ class AuthResolver:
         if (h := self.sessions.id_hash(req.cookies.get(self.sessions.cookie_name))) is None:
             return Refusal('unauthenticated', 'not logged in')
         now = self.sessions.clock()
-        with self.host_db.transaction() as conn:
+        with self.host_db.one_statement() as conn:   # a read, and at most once a minute a write: each atomic alone
             row = conn.execute(self._queries[0].where(*self.sessions.live(h, now))).mappings().first()
             if row is None: return Refusal('unauthenticated', 'not logged in')
             session = SessionRecord(**{f.name: row['s_' + f.name] for f in fields(SessionRecord)})
@@ -158,7 +158,7 @@ class AuthResolver:
         "The API key's record and identity row, read and checked in one statement, or a `Refusal`."
         refused = Refusal('unauthenticated', 'invalid or revoked API key')
         if (p := parse_api_key(raw_key)) is None: return refused
-        with self.host_db.transaction() as conn:
+        with self.host_db.one_statement() as conn:
             row = conn.execute(self._queries[1], dict(kid=p.key_id)).mappings().first()
             stored = row and {c.name: row['k_' + c.name] for c in api_keys_t.c}
             if not key_matches(stored, p): return refused

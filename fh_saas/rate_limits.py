@@ -47,15 +47,18 @@ def _window(rule: RateLimit, now: datetime) -> tuple[int, int]:
 
 @contextmanager
 def counting(host_db: HostDatabase, conn: sa.Connection | None = None):
-    """A transaction of the counters' own, committed whatever becomes of the caller's; or `conn`, when the caller
-    wants the counts in its own transaction (one commit for several steps)."""
+    """A connection of the counters' own, whose writes commit whatever becomes of the caller's transaction (each
+    counter function is one statement, so on PostgreSQL each commits by itself, with no BEGIN or COMMIT); or `conn`,
+    when the caller wants the counts in its own transaction."""
     if conn is not None:
         yield conn
         return
     if host_db.in_transaction and host_db.engine.dialect.name == 'sqlite':
         raise RuntimeError("on SQLite, rate limits are counted outside host_db.transaction(): "
                            "its single writer is held by the open transaction")
-    with host_db.engine.begin() as conn: yield conn
+    if host_db.in_transaction: ctx = host_db.engine.begin()   # not the caller's connection, nor its transaction
+    else: ctx = host_db.one_statement()
+    with ctx as conn: yield conn
 
 def hit(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None,
         conn: sa.Connection | None = None) -> RateDecision:
