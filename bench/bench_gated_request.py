@@ -1,21 +1,22 @@
 """Host-database statements per gated request, on SQLite and on PostgreSQL: a `setup_saas` app, a signed-in member of a
-paying tenant, and a route behind `require_feature` + `require_quota`. Counts every statement the host engine sends
-while the requests run: queries (SQLAlchemy `before_cursor_execute`) plus the BEGIN and COMMIT/ROLLBACK of each
-transaction (psycopg2 sends BEGIN itself, so engine `commit`/`rollback` events count them, except where psycopg2 began
-none: a statement in autocommit), and how many of the queries read the tenant's subscriptions. Pool checkouts send nothing since pre-ping became a socket check.
+paying tenant, and a route behind `require_feature` (and one behind `require_quota` too). Counts every statement the
+host engine sends while the requests run: queries (SQLAlchemy `before_cursor_execute`) plus the BEGIN and COMMIT of
+each transaction (engine `commit`/`rollback` events, except where psycopg2 began none: an autocommitted statement),
+and how many of the queries read the tenant's subscriptions. Pool checkouts send nothing since pre-ping became a
+socket check. bench/bench_app.py counts the same on the server, under load.
 
-Where the statements went (PostgreSQL, before this version): 11 queries in 4 transactions, so about 19 statements
-with BEGIN/COMMIT and 3-4 pre-pings: the session (and its touch), then user, membership and tenant in a second
-transaction, the entitlements (tenant + subscriptions + plans, overrides) in a third, and the router's catalog read
-every 5 s per tenant. Now: one autocommitted query (session, user, impersonator, membership, tenant and its
-server joined; the session's touch, once a minute, a second statement), the entitlements from `EntitlementsCache` (read again only when PostgreSQL announces a billing
-change), and the router takes the beforeware's catalog row instead of reading its own.
-`require_quota` adds its count: one UPDATE of the month's usage row, in a transaction of its own.
+Where the statements went (PostgreSQL, before): 11 queries in 4 transactions, about 19 statements with BEGIN/COMMIT
+and 3-4 pre-pings: the session (and its touch); user, membership and tenant in a second transaction; the
+entitlements (tenant, subscriptions, plans, overrides) in a third; and the router's catalog read every 5 s per tenant.
+Now: one autocommitted query joins session, user, impersonator, membership, tenant and its server (the session's
+touch, once a minute, is a second statement); the entitlements come from `EntitlementsCache`, read again only when
+PostgreSQL announces a billing change; the router takes the beforeware's catalog row instead of reading its own; and
+`require_quota`'s count is one autocommitted upsert.
+
 Measured here (2 cores, shared with other work), per request:
-- PostgreSQL, `require_feature`: 1.0 statement, 0 reading core_subscriptions; with `require_quota` 2.0 (its count
-  is one autocommitted upsert);
-- SQLite, `require_feature`: 9.0 statements (5 queries in 2 transactions: SQLite does not cache the entitlements,
-  as nothing announces its changes).
+- PostgreSQL: `require_feature` 1.0 statement, none reading core_subscriptions; with `require_quota` 2.0;
+- SQLite: `require_feature` 9.0 statements (5 queries in 2 transactions: SQLite does not cache the entitlements, as
+  nothing announces its changes).
 
 Run: python bench/bench_gated_request.py   (exits 1 if a request is refused)"""
 import os, sys, tempfile, time
