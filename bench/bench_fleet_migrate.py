@@ -26,9 +26,10 @@ connections plus as many host ones (8 at concurrency 4, 14 at 8, against the tes
 What changed: `migrate_database` sends the advisory lock and `lock_timeout` in one round trip and the
 version rows of all its steps in one `INSERT` (0 -> 3: 11 round trips per tenant instead of 15,
 counting the engine's three first-connect queries and the commit).
-On a quiet machine 1,000 tenants take well under the 60 s target (44 s at concurrency 4 before the
-change); the machine these runs share can be two to three times slower, and every figure with it, while
-the ratio to the bare DDL stays near 1.2. A higher `--concurrency` buys nothing on 2 cores.
+1,000 tenants at concurrency 4 took 44 s before the change and 21-30 s after it, 1.0-1.1 x the bare DDL
+sent one database at a time; the machine these runs share can be two to three times slower at moments,
+and every figure with it (80 s at such a moment), while the ratio stays put. A higher `--concurrency`
+buys nothing on 2 cores (8: the same ratio to the bare DDL).
 """
 import argparse, secrets, sqlite3, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
