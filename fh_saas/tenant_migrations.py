@@ -162,10 +162,9 @@ _LOCK_KEY = 0x66685f74  # pg advisory lock id for tenant migrations ("fh_t"); ad
 
 def _lock(conn: sa.Connection, lock_timeout: float | None):
     "Serialise migrations of this database: PostgreSQL advisory lock; SQLite already holds its write lock."
-    if conn.dialect.name == 'postgresql':
-        conn.execute(sa.text('SELECT pg_advisory_xact_lock(:k)'), dict(k=_LOCK_KEY))
-        if lock_timeout is not None:
-            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}")
+    if conn.dialect.name == 'postgresql':  # one round trip: the lock first, then the timeout for the DDL's locks
+        timeout = '' if lock_timeout is None else f"; SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}"
+        conn.exec_driver_sql(f'SELECT pg_advisory_xact_lock({_LOCK_KEY}){timeout}')
     elif conn.dialect.name == 'sqlite' and not conn.connection.dbapi_connection.in_transaction:
         raise TypeError("SQLite tenant engines must come from fh_saas.db_host.make_engine "
                         "(its transactions start with BEGIN IMMEDIATE, so DDL is transactional)")
@@ -197,12 +196,14 @@ def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, targ
             here = f"is {known.name!r}" if known else "does not exist"
             raise TenantSchemaMismatch(f"the database is at tenant schema {current} ({name!r}), "
                                        f"but this code's migration {current} {here} (latest: {schema.latest})")
+        applied = []
         for m in schema.pending(current, target):
             try:
                 m.apply(conn)
             except Exception as e: raise MigrationFailed(m.version, m.name, e) from e
-            conn.execute(_history_t.insert().values(version=m.version, name=m.name, applied_at=timestamp()))
+            applied.append(dict(version=m.version, name=m.name, applied_at=timestamp()))
             current = m.version
+        if applied: conn.execute(_history_t.insert(), applied)  # one statement for every step's row
     return current
 
 # %% ../nbs/11_tenant_migrations.ipynb #a6db8d43

@@ -212,18 +212,33 @@ def _copy(conn, df: pl.DataFrame, table: str, cols: str) -> int:
     except conn.dialect.loaded_dbapi.Error as e:
         raise sa.exc.DBAPIError.instance(copy, None, e, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect) from None
 
+def _update_from(q, table: str, stage: str, cols: list, keys: list) -> str:
+    "`UPDATE` of the rows of the quoted `table` whose keys are in `stage`, to the staged values."
+    return (f'UPDATE {table} AS t SET ' + ', '.join(f'{q(c)} = s.{q(c)}' for c in cols if c not in keys)
+            + f' FROM {stage} AS s WHERE ' + ' AND '.join(f't.{q(k)} = s.{q(k)}' for k in keys))
+
+def _insert_from(q, table: str, stage: str, cols: list, keys: list, skip_present: bool) -> str:
+    "`INSERT ... ON CONFLICT` of the staged rows; `skip_present` leaves out those whose key `table` already has."
+    names = ', '.join(map(q, cols))
+    absent = (f' WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE '
+              + ' AND '.join(f't.{q(k)} = s.{q(k)}' for k in keys) + ')') if skip_present else ''
+    return f'INSERT INTO {table} ({names}) SELECT {names} FROM {stage} AS s{absent} ' + _on_conflict(q, cols, keys)
+
 def _upsert_postgresql(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
     "COPY into a temporary table shaped like the target, then merge; a table created just now takes the COPY directly."
     q = conn.dialect.identifier_preparer.quote_identifier
-    cols = ', '.join(map(q, df.columns))
-    if new_table: return _copy(conn, df, q(table), cols)
+    cols, table = ', '.join(map(q, df.columns)), q(table)
+    if new_table: return _copy(conn, df, table, cols)
     stage = q(f'_fh_stage_{uuid.uuid4().hex}')
-    conn.exec_driver_sql(f'CREATE TEMPORARY TABLE {stage} AS SELECT {cols} FROM {q(table)} WITH NO DATA')
+    conn.exec_driver_sql(f'CREATE TEMPORARY TABLE {stage} AS SELECT {cols} FROM {table} WITH NO DATA')
     _copy(conn, df, stage, cols)
-    n = conn.exec_driver_sql(f'INSERT INTO {q(table)} ({cols}) SELECT {cols} FROM {stage} '
-                             + _on_conflict(q, df.columns, keys)).rowcount
+    conn.exec_driver_sql(f'ANALYZE {stage}')
+    updated = 0 if set(df.columns) == set(keys) else conn.exec_driver_sql(
+        _update_from(q, table, stage, df.columns, keys)).rowcount
+    inserted = 0 if updated == df.height else conn.exec_driver_sql(
+        _insert_from(q, table, stage, df.columns, keys, skip_present=updated > 0)).rowcount
     conn.exec_driver_sql(f'DROP TABLE {stage}')
-    return n
+    return updated + inserted
 
 def _upsert_sqlite(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
     "One `executemany` upsert (for a new table too); times, dates and decimals as ISO / exact text."

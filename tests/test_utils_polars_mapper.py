@@ -12,6 +12,7 @@ from fastsql import Database
 from fh_saas import utils_polars_mapper as mapper
 from fh_saas.db_host import HostDatabase, make_engine
 from fh_saas.utils_polars_mapper import map_and_upsert
+from pgserver import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,35 @@ def test_concurrent_first_writes_create_the_table_once(db_url, engine, race):
     errors = [o for o in outcomes if isinstance(o, Exception)]
     assert errors == []
     assert rows(engine, "raced") == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
+
+
+def waits_on_a_lock(pg_server, url) -> bool:
+    with pg_server.engine.connect() as c:
+        return c.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                 "AND wait_event_type = 'Lock'", (sa.make_url(url).database,)).scalar() > 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("other,after", [
+    ("INSERT INTO stock VALUES (3, 1, 'other')", [(1, 50, "a"), (2, 60, "b"), (3, 70, "other")]),
+    ("DELETE FROM stock WHERE id = 2", [(1, 50, "a"), (2, 60, None), (3, 70, None)])], ids=["insert", "delete"])
+def test_a_concurrent_writer_loses_no_row_and_causes_no_conflict(pg_server, empty_pg_url, other, after):
+    "Another transaction inserts a key being upserted, or deletes one, and commits while the upsert waits for it."
+    engine = make_engine(empty_pg_url)
+    outcome = []
+    def upsert():
+        try: outcome.append(map_and_upsert(pl.DataFrame(dict(id=[1, 2, 3], qty=[50, 60, 70])), "stock", "id",
+                                           empty_pg_url))
+        except Exception as e: outcome.append(e)
+    try:
+        seed(engine)
+        with engine.connect() as c:
+            c.exec_driver_sql(other)
+            writer = threading.Thread(target=upsert)
+            writer.start()
+            assert wait_for(lambda: waits_on_a_lock(pg_server, empty_pg_url))
+            c.commit()
+        writer.join()
+        assert outcome == [3]
+        assert rows(engine, "stock") == after
+    finally: engine.dispose()
