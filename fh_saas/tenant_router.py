@@ -90,6 +90,7 @@ class TenantRouter:
         self._retiring: set[_Entry] = set()
         self._forgets = 0  # bumped by every `forget`, so a catalog read that raced with one is redone
         self._schemas: dict[tuple, sa.MetaData] = {}   # reflected tables per schema version, shared by its tenants
+        self._engines: OrderedDict[tuple, sa.Engine] = OrderedDict()   # evicted tenants' engines, without connections
         self._cond = threading.Condition()
         watch_routing(self)
         _listen(self)
@@ -106,7 +107,10 @@ class TenantRouter:
         with self._cond: return self._schemas.setdefault(key, sa.MetaData())
 
     def _new_engine(self, row) -> sa.Engine:
-        "A pool keeping one idle connection and opening up to `pool_size` at once (the extra ones close when returned)."
+        """A pool keeping one idle connection and opening up to `pool_size` at once (the extra ones close when
+        returned): the tenant's engine kept from before its eviction when its routing has not changed since (its
+        dialect already knows the server, so its next connection sends no first-connect queries), else a new one."""
+        if (engine := self._engines.pop((row['id'], row['routing_version']), None)) is not None: return engine
         return entry_engine(row, pool_size=1, max_overflow=self.pool_size - 1, pool_timeout=self.timeout)
 
     def _retire(self, entry: _Entry):
@@ -120,7 +124,9 @@ class TenantRouter:
         "Close a retired entry's pool once nobody uses it, which frees its connection. Lock held."
         if entry.retired and not entry.busy and entry in self._retiring:
             self._retiring.discard(entry)
-            entry.engine.dispose()
+            entry.engine.dispose()   # its connections close; the engine itself may serve the tenant again
+            self._engines[(entry.tenant_id, entry.version)] = entry.engine
+            while len(self._engines) > 10 * self.budget: self._engines.popitem(last=False)
             self.held -= 1
         self._cond.notify_all()
 
@@ -257,6 +263,7 @@ class TenantRouter:
     def close(self):
         "Close every pool (connections in use close when their users finish) and stop listening for changes."
         self.forget_all()
+        with self._cond: self._engines.clear()
         unwatch_routing(self)
         _unlisten(self)
 

@@ -302,3 +302,15 @@ def test_quiet_tenants_cost_one_connection_each_and_a_busy_one_more_while_busy(p
             assert tenant_connections(pg_server) <= 4
         assert r.held == 3 and wait_for(lambda: tenant_connections(pg_server) == 3)   # the extra one is closed
     finally: r.close()
+
+
+@pytest.mark.postgres
+def test_an_evicted_tenant_routed_again_reuses_its_engine_unless_its_routing_changed(pg_tenant_host, tenants, router):
+    a, b, c = tenants
+    first = router.engine(a)
+    for tid in (b, c): router.engine(tid)                       # a is evicted: its connection closed
+    assert a not in router.cached and first.pool.checkedin() == 0
+    with router.connect(a) as conn: assert conn.exec_driver_sql("SELECT current_user").scalar() == f'tenant_{a}'
+    assert router.engine(a) is first                             # its dialect knew the server: no first-connect queries
+    suspend_tenant(pg_tenant_host, a); resume_tenant(pg_tenant_host, a)   # a routing change: a new engine
+    assert router.engine(a) is not first
