@@ -155,26 +155,36 @@ def login(sessions: SessionManager, email: str, password: str, ip_address: str |
                          then=lambda user_id: open_session(sessions, user_id, ip_address, user_agent))
 
 # %% ../nbs/26_passwords.ipynb #69d584de
-def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now):
-    "Store the new hash and spend every reset link still open: a leaked one must not outlive the change."
-    conn.execute(users_t.update().where(users_t.c.id == user_id)
-                 .values(password_hash=hash_password(password, hasher), password_changed_at=timestamp(now)))
+def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now, over: str | None = None) -> bool:
+    """Store the new hash (only over the hash `over`, when given) and spend every reset link still open: a leaked one
+    must not outlive the change. Whether it was stored."""
+    u = users_t.c
+    where = [u.id == user_id] + ([u.password_hash == over] if over is not None else [])
+    if conn.execute(users_t.update().where(*where).values(password_hash=hash_password(password, hasher),
+                                                          password_changed_at=timestamp(now))).rowcount != 1:
+        return False
     t = one_time_tokens_t.c
     conn.execute(one_time_tokens_t.update()
                  .where(t.user_id == user_id, t.purpose == 'password_reset', t.used_at.is_(None))
                  .values(used_at=timestamp(now)))
+    return True
 
 def change_password(sessions: SessionManager, record: SessionRecord, old: str, new: str,
                     hasher: PasswordHasher = default_hasher):
-    "Change the session user's password after checking `old`; end their other sessions."
+    """Change the session user's password after checking `old` (`LoginFailed` if wrong, `WeakPassword` if `new` is
+    refused); end their other sessions. The new hash is stored only over the one checked, so of two changes racing
+    from one old password, one wins and the other is refused as wrong."""
+    check_password_policy(new)
     db = sessions.host_db
     with db.transaction() as conn:
         stored = conn.execute(sa.select(users_t.c.password_hash).where(users_t.c.id == record.user_id)).scalar()
     if not verify_password(stored, old, hasher)[0]: raise LoginFailed("the current password is wrong")
     with db.transaction() as conn:
-        _set_password(conn, record.user_id, new, hasher, sessions.clock())
+        if not _set_password(conn, record.user_id, new, hasher, sessions.clock(), over=stored):
+            raise LoginFailed("the password was changed meanwhile")
         sessions.revoke_user(record.user_id, keep=record.id_hash)
-        audit(db, 'auth.password_changed', target_id=record.user_id)
+        audit(db, 'auth.password_changed', target_id=record.user_id, actor_user_id=record.user_id,
+              impersonator_user_id=record.impersonator_user_id)
 
 reset_mail_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix='fh_saas-password-reset')
 

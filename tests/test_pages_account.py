@@ -18,12 +18,12 @@ from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import invitations_t, switch_tenant
 from fh_saas.pages_api_keys import ApiKeyPages
-from fh_saas.pages_auth import AccountPages, AuthPages
+from fh_saas.pages_auth import AccountPages, AuthPages, session_handle
 from fh_saas.pages_tenants import InvitationPages, TeamPages, TenantPages
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
 from fh_saas.saas_context import Saas
-from fh_saas.sessions import SessionManager, start_impersonation
+from fh_saas.sessions import SessionManager, sessions_t, start_impersonation
 from fh_saas.tenant_router import TenantRouter
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
@@ -83,7 +83,8 @@ def world(tmp_path, monkeypatch):
     ui.mount_static(app)
     AuthPages(saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)),
               signup_rate=RateLimit(6, 3600)).mount(app)
-    for pages in (AccountPages, TenantPages, TeamPages, InvitationPages, ApiKeyPages): pages(saas).mount(app)
+    AccountPages(saas, hasher=FAST).mount(app)
+    for pages in (TenantPages, TeamPages, InvitationPages, ApiKeyPages): pages(saas).mount(app)
 
     @app.get('/')
     def home(auth): return f'home of {auth.tenant_id} for {auth.user.email} as {auth.role}'
@@ -591,3 +592,172 @@ def test_an_impersonating_admin_cannot_mint_an_api_key_that_outlasts_the_imperso
     r = admin.post('/api-keys', data=dict(name='backdoor', mode='live', csrf=csrf(page.text)))
     assert r.status_code == 403 and 'while impersonating' in r.text
     assert len(world.host_db.q("select key_id from auth_api_keys")) == 0
+
+
+# --- the account page: name, password, sessions -----------------------------------------------------------------
+FIREFOX = 'Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0'
+IPHONE = 'Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Version/17.0 Mobile/15E148 Safari/604.1'
+
+
+def user_id(world, email): return world.host_db.global_users(where="email = :e", where_args=dict(e=email))[0].id
+def events(world, kind): return world.host_db.audit_logs(where="event_type = :t", where_args=dict(t=kind))
+
+
+def device(world, email, agent, password=PW) -> TestClient:
+    "Another browser of `email`'s, logged in."
+    c = world.client()
+    c.headers['user-agent'] = agent
+    assert c.post('/login', data=dict(email=email, password=password)).status_code == 303
+    return c
+
+
+def live_hashes(world, email):
+    c = sessions_t.c
+    with world.host_db.transaction() as conn:
+        return {r.id_hash for r in conn.execute(sessions_t.select().where(c.user_id == user_id(world, email),
+                                                                          c.revoked_at.is_(None)))}
+
+
+def after(client, r):
+    "The page `r` redirected to, which says how the change went."
+    assert r.status_code == 303 and r.headers['location'].startswith('/account?done='), (r.status_code, r.text)
+    return client.get(r.headers['location']).text
+
+
+def test_the_account_page_has_the_name_and_password_forms_and_the_devices_signed_in(world):
+    ann = world.signup('ann@example.com')
+    device(world, 'ann@example.com', FIREFOX)
+    r = ann.get('/account')
+    assert r.headers['cache-control'] == 'no-store'
+    for part in ('action="/account/name"', 'value="Someone"', 'maxlength="200"', 'action="/account/password"',
+                 'name="current"', 'autocomplete="current-password"', 'action="/account/sessions/end-others"',
+                 'this device', 'Firefox on Linux', 'testclient'):
+        assert part in r.text, part
+    assert len(re.findall(r'\d{4}-\d\d-\d\d \d\d:\d\d UTC', r.text)) == 4
+    assert not any(h in r.text for h in live_hashes(world, 'ann@example.com'))   # sessions named by handle only
+    assert ann.get('/account?done=<script>').status_code == 200                   # an unknown code says nothing
+
+
+def test_a_name_change_is_trimmed_saved_audited_and_said_after_the_redirect(world):
+    ann = world.signup('ann@example.com')
+    token = csrf(ann.get('/account').text)
+    page = after(ann, ann.post('/account/name', data=dict(name='  Ann  Smith\u00e9 ', csrf=token)))
+    assert 'Your name has been saved.' in page and 'value="Ann  Smithé"' in page
+    uid = user_id(world, 'ann@example.com')
+    assert world.host_db.global_users[uid].name == 'Ann  Smithé'
+    (log,) = events(world, 'account.name_changed')
+    assert (log.target_id, log.actor_user_id, 'Ann  Smith' in log.details) == (uid, uid, True)
+    after(ann, ann.post('/account/name', data=dict(name='n' * 200, csrf=csrf(page))))
+    assert world.host_db.global_users[uid].name == 'n' * 200
+
+
+@pytest.mark.parametrize('form, says', [
+    (dict(), 'Enter your name.'), (dict(name=''), 'Enter your name.'), (dict(name=' \t '), 'Enter your name.'),
+    (dict(name='n' * 201), 'at most 200 characters'), (dict(name='x' * 100_000), 'at most 200 characters'),
+    (dict(name='Ann\x00Smith'), 'control characters'), (dict(name='Ann\r\nBcc: x'), 'control characters'),
+    (dict(name='Ann\x1b[31m'), 'control characters')])
+def test_a_refused_name_says_why_and_changes_nothing(world, form, says):
+    ann = world.signup('ann@example.com')
+    page = after(ann, ann.post('/account/name', data=dict(form, csrf=csrf(ann.get('/account').text))))
+    assert says in page and 'class="alert bad"' in page
+    assert world.host_db.global_users[user_id(world, 'ann@example.com')].name == 'Someone'
+    assert events(world, 'account.name_changed') == []
+
+
+def test_a_password_change_keeps_this_session_ends_the_others_and_is_audited(world):
+    ann = world.signup('ann@example.com')
+    phone = device(world, 'ann@example.com', IPHONE)
+    new = 'a brand new passphrase'
+    page = after(ann, ann.post('/account/password', data=dict(current=PW, password=new, confirm=new,
+                                                              csrf=csrf(ann.get('/account').text))))
+    assert 'Your password has been changed. Every other device has been signed out.' in page
+    assert 'Safari on iPhone' not in page and 'this device' in page
+    assert phone.get('/account').headers['location'].startswith('/login')
+    assert len(live_hashes(world, 'ann@example.com')) == 1
+    assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
+    device(world, 'ann@example.com', FIREFOX, new)
+    uid = user_id(world, 'ann@example.com')
+    (log,) = events(world, 'auth.password_changed')
+    assert (log.target_id, log.actor_user_id) == (uid, uid) and new not in log.details and PW not in log.details
+
+
+@pytest.mark.parametrize('form, says', [
+    (dict(current='wrong password', password='a new passphrase', confirm='a new passphrase'),
+     'The current password is wrong.'),
+    (dict(password='a new passphrase', confirm='a new passphrase'), 'The current password is wrong.'),
+    (dict(current=PW + '\x00', password='a new passphrase', confirm='a new passphrase'),
+     'The current password is wrong.'),
+    (dict(current=PW, password='a new passphrase', confirm='a new passphrasE'), 'The two new passwords differ.'),
+    (dict(current=PW, password='a new passphrase'), 'The two new passwords differ.'),
+    (dict(current=PW, password='short', confirm='short'), 'Choose a new password of 8 to 1024 characters.'),
+    (dict(current=PW, password='p' * 1025, confirm='p' * 1025), 'Choose a new password of 8 to 1024 characters.'),
+    (dict(current=PW), 'Choose a new password of 8 to 1024 characters.'),
+    (dict(), 'Choose a new password of 8 to 1024 characters.')])
+def test_a_refused_password_change_says_why_and_changes_nothing(world, form, says):
+    ann = world.signup('ann@example.com')
+    phone = device(world, 'ann@example.com', IPHONE)
+    page = after(ann, ann.post('/account/password', data=dict(form, csrf=csrf(ann.get('/account').text))))
+    assert says in page and 'class="alert bad"' in page and 'Safari on iPhone' in page
+    assert phone.get('/account').status_code == 200
+    assert events(world, 'auth.password_changed') == []
+    device(world, 'ann@example.com', FIREFOX)                              # the old password still works
+
+
+def test_a_new_password_with_a_nul_byte_is_a_password_like_any_other(world):
+    ann = world.signup('ann@example.com')
+    new = 'with\x00a nul byte'
+    page = after(ann, ann.post('/account/password', data=dict(current=PW, password=new, confirm=new,
+                                                              csrf=csrf(ann.get('/account').text))))
+    assert 'Your password has been changed.' in page
+    device(world, 'ann@example.com', FIREFOX, new)
+
+
+def test_one_device_is_signed_out_and_then_every_other_one(world):
+    ann = world.signup('ann@example.com')
+    phone, laptop = device(world, 'ann@example.com', IPHONE), device(world, 'ann@example.com', FIREFOX)
+    phone_hash = world.sessions.id_hash(phone.cookies.get(world.sessions.cookie_name))
+    page = ann.get('/account').text
+    assert f'value="{session_handle(phone_hash)}"' in page
+    page = after(ann, ann.post('/account/sessions/end', data=dict(handle=session_handle(phone_hash), csrf=csrf(page))))
+    assert 'That device has been signed out.' in page and 'Safari on iPhone' not in page and 'Firefox on Linux' in page
+    assert phone.get('/account').headers['location'].startswith('/login') and laptop.get('/account').status_code == 200
+    uid = user_id(world, 'ann@example.com')
+    assert [(a.target_id, a.actor_user_id) for a in events(world, 'account.session_ended')] == [(uid, uid)]
+    assert phone_hash not in events(world, 'account.session_ended')[0].details
+    page = after(ann, ann.post('/account/sessions/end-others', data=dict(csrf=csrf(page))))
+    assert 'Every other device has been signed out.' in page and 'Firefox on Linux' not in page
+    assert 'action="/account/sessions/end-others"' not in page               # nothing left to sign out
+    assert laptop.get('/account').headers['location'].startswith('/login') and ann.get('/account').status_code == 200
+    assert [a.details for a in events(world, 'account.other_sessions_ended')] == ['{"ended": 1}']
+
+
+def test_signing_out_a_session_that_is_not_ones_own_other_one_is_a_404(world):
+    ann = world.signup('ann@example.com')
+    eve = world.signup('eve@example.com', 'Evil Inc')
+    eve_hash = world.sessions.id_hash(eve.cookies.get(world.sessions.cookie_name))
+    ann_hash = world.sessions.id_hash(ann.cookies.get(world.sessions.cookie_name))
+    token = csrf(ann.get('/account').text)
+    for handle in (session_handle(eve_hash), eve_hash, session_handle(ann_hash), '', 'é' * 32, 'a\x00b', 'h' * 100_000,
+                   None):
+        r = ann.post('/account/sessions/end', data=dict(csrf=token, **({} if handle is None else dict(handle=handle))))
+        assert r.status_code == 404 and 'None of your other devices' in r.text, handle
+        assert 'Traceback' not in r.text and eve_hash not in r.text
+    assert eve.get('/account').status_code == 200 and ann.get('/account').status_code == 200
+    assert events(world, 'account.session_ended') == []
+
+
+@pytest.mark.parametrize('path, data', [('/account/name', dict(name='Mallory')),
+                                        ('/account/password', dict(current=PW, password='hijacked pw',
+                                                                   confirm='hijacked pw')),
+                                        ('/account/sessions/end-others', dict())])
+def test_account_changes_without_this_sessions_form_token_are_refused(world, path, data):
+    ann = world.signup('ann@example.com')
+    phone = device(world, 'ann@example.com', IPHONE)
+    foreign = csrf(world.signup('eve@example.com', 'Evil Inc').get('/account').text)
+    for form in (dict(data), dict(data, csrf=''), dict(data, csrf=foreign), dict(data, csrf='é\x00' * 40)):
+        r = ann.post(path, data=form)
+        assert r.status_code == 403 and 'did not come from this site' in r.text, form
+    assert world.client().post(path, data=data).headers['location'].startswith('/login')
+    assert world.host_db.global_users[user_id(world, 'ann@example.com')].name == 'Someone'
+    assert phone.get('/account').status_code == 200
+    device(world, 'ann@example.com', FIREFOX)

@@ -1,13 +1,18 @@
-"Sign-up under concurrency on PostgreSQL: the unique email and the tenant primary key decide, never a prior check."
+"""The account parts under concurrency on PostgreSQL: sign-up (the unique email and the tenant primary key decide, never
+a prior check), password changes and signing devices out (the row updates decide)."""
 from functools import partial
 
 import pytest
 from argon2 import PasswordHasher
 
-from fh_saas.pages_auth import AccountError, sign_up
+from fh_saas.db_host import GlobalUser
+from fh_saas.pages_auth import AccountError, end_other_sessions, end_session, live_sessions, session_handle, sign_up
+from fh_saas.passwords import LoginFailed, authenticate, change_password, hash_password
+from fh_saas.sessions import SessionManager
 
 pytestmark = pytest.mark.postgres
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+PW = 'correct horse battery'
 
 
 def test_concurrent_signups_with_one_email_make_one_account(pg_host_db, race):
@@ -29,3 +34,46 @@ def test_concurrent_signups_of_one_company_get_distinct_tenants(pg_host_db, race
                           "group by tenant_id")
     assert sorted(r['tenant_id'] for r in owners) == tids and {r['n'] for r in owners} == {1}
     assert pg_host_db.system_jobs.count == 6
+
+
+def ann_with_devices(db, n):
+    "Ann, on PostgreSQL, signed in on `n` devices: the session manager and her sessions."
+    db.global_users.insert(GlobalUser(id='ann', email='ann@example.com', password_hash=hash_password(PW, FAST)))
+    sessions = SessionManager(db, 'pg-account-secret-' + 'z' * 40)
+    return sessions, [sessions.load(sessions.create('ann', None, f'10.0.0.{i}', 'Firefox/1 Linux')) for i in range(n)]
+
+
+def live(sessions): return {s.id_hash for s in live_sessions(sessions, 'ann')}
+
+
+def test_a_password_change_ends_every_other_session_and_keeps_this_one(pg_host_db):
+    sessions, (here, *_) = ann_with_devices(pg_host_db, 3)
+    change_password(sessions, here, PW, 'a new passphrase', FAST)
+    assert live(sessions) == {here.id_hash}
+    assert authenticate(pg_host_db, 'ann@example.com', 'a new passphrase', hasher=FAST).id == 'ann'
+    (log,) = pg_host_db.audit_logs(where="event_type = 'auth.password_changed'")
+    assert (log.actor_user_id, 'passphrase' in log.details) == ('ann', False)
+
+
+def test_of_password_changes_racing_from_one_old_password_one_wins_and_keeps_its_session(pg_host_db, race):
+    sessions, devices = ann_with_devices(pg_host_db, 4)
+    out = race([partial(change_password, sessions, d, PW, f'new passphrase {i}', FAST) for i, d in enumerate(devices)],
+               catch=LoginFailed)
+    won = [i for i, o in enumerate(out) if not isinstance(o, LoginFailed)]
+    assert len(won) == 1 and live(sessions) == {devices[won[0]].id_hash}
+    assert authenticate(pg_host_db, 'ann@example.com', f'new passphrase {won[0]}', hasher=FAST).id == 'ann'
+    assert len(pg_host_db.audit_logs(where="event_type = 'auth.password_changed'")) == 1
+
+
+def test_two_devices_signing_out_one_session_together_end_it_once(pg_host_db, race):
+    sessions, (a, b, lost) = ann_with_devices(pg_host_db, 3)
+    out = race([partial(end_session, sessions, d, session_handle(lost.id_hash)) for d in (a, b)] * 2)
+    assert sorted(out) == [False, False, False, True] and live(sessions) == {a.id_hash, b.id_hash}
+    assert len(pg_host_db.audit_logs(where="event_type = 'account.session_ended'")) == 1
+
+
+def test_devices_signing_out_every_other_one_together_end_each_session_once(pg_host_db, race):
+    sessions, devices = ann_with_devices(pg_host_db, 4)
+    out = race([partial(end_other_sessions, sessions, d) for d in devices])
+    assert sum(out) == len(devices) - len(live(sessions)) and len(live(sessions)) <= 1
+    assert len(pg_host_db.audit_logs(where="event_type = 'account.other_sessions_ended'")) == 4
