@@ -308,6 +308,7 @@ ACCOUNT_NOTICES = dict(   # code: (what the account page says after the redirect
     password_wrong=("The current password is wrong. Your password has not been changed.", 'bad'),
     password_weak=(f"Choose a new password of {MIN_PASSWORD} to {MAX_PASSWORD} characters.", 'bad'),
     password_differs=("The two new passwords differ. Your password has not been changed.", 'bad'),
+    password_throttled=("Too many wrong passwords. Try again later, or sign out and reset your password.", 'bad'),
     session_ended=("That device has been signed out.", 'ok'),
     others_ended=("Every other device has been signed out.", 'ok'))
 
@@ -462,6 +463,7 @@ class AccountPages(Pages):
         if password != confirm: return self.done('password_differs')
         try: change_password(self.sessions, auth.session, current, password, self.hasher)
         except WeakPassword: return self.done('password_weak')
+        except LoginThrottled: return self.done('password_throttled')
         except LoginFailed: return self.done('password_wrong')
         return self.done('password_changed')
 

@@ -170,15 +170,18 @@ def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now
     return True
 
 def change_password(sessions: SessionManager, record: SessionRecord, old: str, new: str,
-                    hasher: PasswordHasher = default_hasher):
+                    hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle()):
     """Change the session user's password after checking `old` (`LoginFailed` if wrong, `WeakPassword` if `new` is
-    refused); end their other sessions. The new hash is stored only over the one checked, so of two changes racing
+    refused, `LoginThrottled` after `throttle.per_account` wrong guesses, so a stolen session cannot try passwords
+    without end); end their other sessions. The new hash is stored only over the one checked, so of two changes racing
     from one old password, one wins and the other is refused as wrong."""
     check_password_policy(new)
-    db = sessions.host_db
+    db, bucket = sessions.host_db, f'password_change:{record.user_id}'
+    if not (d := hit(db, bucket, throttle.per_account, sessions.clock())).allowed: raise LoginThrottled(d.retry_after)
     with db.transaction() as conn:
         stored = conn.execute(sa.select(users_t.c.password_hash).where(users_t.c.id == record.user_id)).scalar()
     if not verify_password(stored, old, hasher)[0]: raise LoginFailed("the current password is wrong")
+    reset_bucket(db, bucket)
     with db.transaction() as conn:
         if not _set_password(conn, record.user_id, new, hasher, sessions.clock(), over=stored):
             raise LoginFailed("the password was changed meanwhile")

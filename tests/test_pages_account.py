@@ -703,6 +703,19 @@ def test_a_refused_password_change_says_why_and_changes_nothing(world, form, say
     device(world, 'ann@example.com', FIREFOX)                              # the old password still works
 
 
+def test_guessing_the_current_password_is_throttled_like_a_login(world):
+    "A stolen session cannot try passwords without end: after 5 wrong ones even the right one is refused a while."
+    ann = world.signup('ann@example.com')
+    def change(current):
+        return after(ann, ann.post('/account/password', data=dict(current=current, password='a new passphrase',
+                                                                  confirm='a new passphrase',
+                                                                  csrf=csrf(ann.get('/account').text))))
+    assert all('The current password is wrong.' in change(f'guess {i}') for i in range(5))
+    assert 'Too many wrong passwords.' in change(PW)
+    assert events(world, 'auth.password_changed') == []
+    device(world, 'ann@example.com', FIREFOX)                              # the old password still works
+
+
 def test_a_new_password_with_a_nul_byte_is_a_password_like_any_other(world):
     ann = world.signup('ann@example.com')
     new = 'with\x00a nul byte'
