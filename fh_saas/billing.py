@@ -8,8 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/billing.html.md"""
 __all__ = ['ENDED_STATUSES', 'billing_metadata', 'overrides_t', 'BILLING_TABLES', 'usage_t', 'PlanError', 'validate_plan',
            'seed_plans', 'active_plans', 'BillingPolicy', 'Access', 'subscription_access', 'decide_access',
            'plan_selling', 'access_decision', 'Entitlements', 'entitlements', 'override_feature', 'override_quota',
-           'clear_override', 'EntitlementsCache', 'QuotaExceeded', 'month_start', 'quota_used', 'quota_usage',
-           'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
+           'clear_override', 'billing_changed', 'EntitlementsCache', 'QuotaExceeded', 'month_start', 'quota_used',
+           'quota_usage', 'consume_quota', 'require_feature', 'require_quota', 'billing_beforeware']
 
 # %% ../nbs/30_billing.ipynb #2b79a86f
 import functools, json, re, threading, time
@@ -357,8 +357,12 @@ def _written(conn, clause, *args):
     if isinstance(clause, sa.sql.dml.UpdateBase) and clause.table.name in BILLING_TABLES:
         conn.info['fh_saas_billing_written'] = True
 
+def billing_changed(tenant_id: str | None = None):
+    "Tell this process's entitlement caches that `tenant_id`'s billing (None: anyone's) changed and has committed."
+    routing_changed(BILLING_PREFIX + (tenant_id or '*'))
+
 def _committed(conn):
-    if conn.info.pop('fh_saas_billing_written', False): routing_changed(BILLING_PREFIX + '*')
+    if conn.info.pop('fh_saas_billing_written', False): billing_changed()
 
 def _rolled_back(conn): conn.info.pop('fh_saas_billing_written', None)
 

@@ -31,7 +31,7 @@ from .db_values import gen_id, timestamp
 from .db_engine import dialect_insert
 from .db_host import HostDatabase, audit_t, plans_t, subscriptions_t, tenants_t, webhook_events_t
 from .audit import audit_row
-from .billing import plan_selling
+from .billing import billing_changed, plan_selling
 from .stripe_models import customers_t, event_clock, invoice_subscription, is_newer, metadata_tenant, ref_id
 from .stripe_models import subscription_price, subscription_snapshot
 
@@ -553,10 +553,13 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
     reads = EVENT_READS[event['type']](event) if event['type'] in EVENT_READS else Reads()
     try:
         with _event_tx(host_db, event, payload, reads) as tx:
-            return _apply(host_db, tx, EVENT_HANDLERS.get(event['type']))
+            out = _apply(host_db, tx, EVENT_HANDLERS.get(event['type']))
     except Exception as e:
         _record_failure(host_db, event, payload, e)
         raise
+    # it committed with SQL of its own, which no engine event reports: this process's caches are told here
+    if out.status == 'processed' and not out.duplicate: billing_changed(out.tenant_id)
+    return out
 
 # %% ../nbs/32_stripe_webhooks.ipynb #c6a080bd
 MAX_BODY = 1 << 20

@@ -1,5 +1,6 @@
 """The per-process entitlements cache on PostgreSQL: read once per billing change, and a change is never missed, whether
 this process, another process or plain SQL made it."""
+import json
 from contextlib import closing
 from datetime import timedelta
 
@@ -10,8 +11,10 @@ import sqlalchemy as sa
 from fh_saas.billing import EntitlementsCache, override_feature, seed_plans
 from fh_saas.db_host import Subscription, TenantCatalog
 from fh_saas.db_values import timestamp, utcnow
+from fh_saas.stripe_webhooks import apply_event
 from fh_saas.tenant_router import TenantRouter
 from pgserver import wait_for
+from stripe_helpers import event, subscription
 from tenant_helpers import listening
 
 pytestmark = pytest.mark.postgres
@@ -92,3 +95,16 @@ def test_a_rolled_back_write_forgets_nothing_and_nothing_stale_is_kept(billed):
         override_feature(billed, 'acme', 'audit', True)
         raise RuntimeError('abandoned')
     assert not cache(billed, 'acme').has('audit') and cache.reads == 1
+
+
+def test_a_webhook_applied_in_this_process_is_seen_by_the_next_call_without_a_listener(pg_host_db):
+    "The webhook inbox commits with SQL of its own; its change is forgotten at once, before any notification."
+    seed_plans(pg_host_db, [dict(id='pro', name='Pro', features=['exports'], stripe_price_monthly='price_pro',
+                                 amount_monthly=2900)])
+    pg_host_db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    cache = EntitlementsCache(pg_host_db)                  # no router, so no listener: only this process's own news
+    assert not cache(pg_host_db, 'acme').access.allowed
+    t = int(utcnow().timestamp())
+    body = event('customer.subscription.created', subscription('sub_1', 'active', t, 'acme'), t)
+    assert apply_event(pg_host_db, json.loads(body), body).status == 'processed'
+    assert cache(pg_host_db, 'acme').has('exports')
