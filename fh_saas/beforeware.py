@@ -141,7 +141,7 @@ class AuthResolver:
         return api_key_from_headers(req.headers) is not None or any(re.fullmatch(p, req.url.path) for p in self.api)
 
     def _identity(self, req):
-        "The request's API key or session, and its identity row (`None` when nothing live matches), or a `Refusal`."
+        "`(key, session, identity row)` of the request (one of key and session is None), or a `Refusal`."
         if self._queries is None: self._queries = _identity_queries()
         if (raw_key := api_key_from_headers(req.headers)) is not None: return self._key_identity(req, raw_key)
         if (h := self.sessions.id_hash(req.cookies.get(self.sessions.cookie_name))) is None:
@@ -164,7 +164,7 @@ class AuthResolver:
             if not key_matches(stored, p): return refused
             touch_key(conn, stored, utcnow())
         key = ApiKey(**{f.name: stored[f.name] for f in fields(ApiKey)})
-        if key.kind == 'publishable' and not any(re.fullmatch(p, req.url.path) for p in self.publishable):
+        if key.kind == 'publishable' and not any(re.fullmatch(pat, req.url.path) for pat in self.publishable):
             return Refusal('forbidden', 'a publishable key cannot call this endpoint')
         return key, None, row
 
@@ -173,7 +173,7 @@ class AuthResolver:
         then the entitlements (`access`, cached per change by billing's default) and the tenant's database."""
         if isinstance(found := self._identity(req), Refusal): return found
         key, session, row = found
-        user, impersonator = row and _part(row, 'u_', GlobalUser), row and _part(row, 'i_', GlobalUser)
+        user, impersonator = _part(row, 'u_', GlobalUser), _part(row, 'i_', GlobalUser)
         if not (user and user.is_active) or (session and session.impersonator_user_id and not (
                 impersonator and impersonator.is_active and impersonator.is_sys_admin)):
             return Refusal('unauthenticated', 'this account is disabled')
