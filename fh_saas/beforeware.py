@@ -21,9 +21,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from .db_values import gen_id, utcnow
 from .db_host import HostDatabase, GlobalUser, TenantCatalog, Membership, users_t, tenants_t, memberships_t
 from .audit import bind_audit_context
-from .db_tenant import db_servers_t
+from .db_tenant import CATALOG_TENANT_FIELDS, db_servers_t
 from .sessions import SessionManager, SessionRecord, sessions_t
-from .api_keys import ApiKey, api_key_from_headers, api_keys_t, key_matches, parse_api_key, touch_key
+from .api_keys import api_key_from_headers, api_keys_t, key_matches, key_record, parse_api_key, touch_key
 from .rate_limits import RateLimit, hit
 from .memberships import Roles, DEFAULT_ROLES
 
@@ -108,9 +108,7 @@ def _has_parameter(f, name: str) -> bool:
 
 def _catalog(row) -> dict:
     "The routing facts of the row's tenant, as `catalog_entry` reads them, so the router need not read them again."
-    return dict(id=row['t_id'], status=row['t_status'], db_url=row['t_db_url'], db_name=row['t_db_name'],
-                db_role=row['t_db_role'], routing_version=row['t_routing_version'],
-                schema_version=row['t_schema_version'], host=row['r_host'], port=row['r_port'])
+    return {**{name: row['t_' + name] for name in CATALOG_TENANT_FIELDS}, 'host': row['r_host'], 'port': row['r_port']}
 
 def _tenant_usable(t: TenantCatalog | None) -> bool:
     return t is not None and t.status == 'active' and t.deleted_at is None
@@ -163,7 +161,7 @@ class AuthResolver:
             stored = row and {c.name: row['k_' + c.name] for c in api_keys_t.c}
             if not key_matches(stored, p): return refused
             touch_key(conn, stored, utcnow())
-        key = ApiKey(**{f.name: stored[f.name] for f in fields(ApiKey)})
+        key = key_record(stored)
         if key.kind == 'publishable' and not any(re.fullmatch(pat, req.url.path) for pat in self.publishable):
             return Refusal('forbidden', 'a publishable key cannot call this endpoint')
         return key, None, row
