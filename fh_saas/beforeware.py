@@ -148,7 +148,7 @@ class AuthResolver:
         with self.host_db.one_statement() as conn:   # a read, and at most once a minute a write: each atomic alone
             row = conn.execute(self._queries[0].where(*self.sessions.live(h, now))).mappings().first()
             if row is None: return Refusal('unauthenticated', 'not logged in')
-            session = SessionRecord(**{f.name: row['s_' + f.name] for f in fields(SessionRecord)})
+            session = _part(row, 's_', SessionRecord, key='id_hash')
             self.sessions.touch(conn, dict(id_hash=h, last_seen_at=session.last_seen_at), now)
         return None, session, row
 
