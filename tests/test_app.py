@@ -1,6 +1,7 @@
 """`setup_saas` end to end on a SQLite host file: a route behind billing's guards reads the tenant's billing once per
 request (the beforeware's entitlements), with the app's policy, and counts quotas on the app's own host database."""
-import re
+import re, threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
@@ -162,3 +163,28 @@ def test_setup_saas_takes_publishable_paths_and_the_apps_own_access_decision(tmp
         assert decided == ['acme']   # the app's decision ran (the refused call stops before billing)
     finally:
         saas.router.close(); host_db.close(); HostDatabase.reset_instance()
+
+
+def test_a_worker_serves_no_more_requests_at_once_than_its_threads(tmp_path, monkeypatch):
+    "With `FH_SAAS_THREADS=2`, eight gated requests in flight never run more than two handlers at once."
+    monkeypatch.setenv('FH_SAAS_THREADS', '2')
+    saas, app = _site(tmp_path, monkeypatch)
+    state, lock, crowded = dict(running=0, peak=0), threading.Lock(), threading.Event()
+
+    @app.get('/busy')
+    def busy():
+        with lock:
+            state['running'] += 1
+            state['peak'] = max(state['peak'], state['running'])
+            if state['running'] > 2: crowded.set()
+        crowded.wait(0.3)   # give a third handler the chance to start alongside
+        with lock: state['running'] -= 1
+        return 'done'
+
+    try:
+        with _client(saas, app, 'acme') as cli, ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: cli.get('/busy').status_code, range(8)))
+        assert statuses == [200] * 8
+        assert state['peak'] == 2 and not crowded.is_set()
+    finally:
+        saas.router.close(); saas.host_db.close(); HostDatabase.reset_instance()
