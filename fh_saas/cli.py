@@ -77,6 +77,12 @@ def _tenants(args, host_db) -> int:
                                   max_tenants=args.max_tenants)
         print(f"server {args.id} registered as {server['id']}")
         return 0
+    if args.action == 'mark':
+        report = dt.mark_tenants(host_db)
+        for tenant_id, reason in report.failed: print(f"FAILED {tenant_id}: {reason}")
+        print(f"marked the role and database of {len(report.marked)} tenant(s) as this install's, "
+              f"{len(report.failed)} failed")
+        return 0 if report.ok else 1
     act = dict(create=lambda: dt.provision_tenant(host_db, args.id, args.name, server=args.server),
                suspend=lambda: dt.suspend_tenant(host_db, args.id), resume=lambda: dt.resume_tenant(host_db, args.id),
                delete=lambda: dt.deprovision_tenant(host_db, args.id))[args.action]
@@ -218,8 +224,10 @@ def _users(args, host_db) -> int:
 
 def _doctor(args, host_db) -> int:
     from fh_saas.db_host import host_doctor
+    from fh_saas.db_tenant import host_connect_problems
     from fh_saas.tenant_router import check_connection_budget, default_budget
-    found = host_doctor(host_db, repair=args.repair) + check_connection_budget(host_db, default_budget())
+    found = (host_doctor(host_db, repair=args.repair) + check_connection_budget(host_db, default_budget())
+             + host_connect_problems(host_db))
     for line in found: print(line)
     print(f"{len(found)} problem(s)" if found else "the host database keeps every integrity rule")
     return 1 if found else 0
@@ -306,7 +314,8 @@ def _developer_commands(command):
     d.add_argument('--port', type=int, default=5001, help='port to listen on (default: %(default)s)')
 
 def _tenant_commands(command):
-    t = _actions(command('tenants', 'create, list, suspend, resume or delete tenants; register database servers'),
+    t = _actions(command('tenants', 'create, list, suspend, resume or delete tenants; register database servers; mark '
+                         "this install's roles and databases"),
                 'what to do')
     _act(t, 'list', 'list the tenants with their status, schema version and server')
     c = _act(t, 'create', 'create a tenant and its database, at the latest schema (safe to repeat)')
@@ -318,6 +327,8 @@ def _tenant_commands(command):
                          ('resume', 'make a suspended tenant active again'),
                          ('delete', "drop a tenant's database (irreversible)")]:
         _tenant_id(_act(t, action, help))
+    _act(t, 'mark', "mark the roles and databases of this install's tenants as its own, where fh_saas before "
+         "install marks left them unmarked (once, after upgrading; safe to repeat)")
     a = _act(t, 'add-server', 'register a PostgreSQL server for tenant databases (admin password from '
                      'FH_SAAS_SERVER_PASSWORD or a prompt)')
     a.add_argument('id', metavar='NAME', help="the server's name")

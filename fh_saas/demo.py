@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/demo.html.md"""
 __all__ = ['DEMO_PLANS', 'DEMO_EMAIL', 'DEMO_PASSWORD', 'PROJECTS_SQL', 'seed_demo', 'ProjectIn', 'demo_app', 'run_demo']
 
 # %% ../nbs/91_demo.ipynb #16bb71dc
-import csv, io, os, secrets
+import csv, io, os, secrets, sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .app import setup_saas
 from .billing import BillingPolicy, require_feature, seed_plans
 from .db_values import gen_id, timestamp, utcnow
 from .db_host import HostDatabase, GlobalUser, Subscription
-from .db_tenant import add_db_server, db_servers_t, provision_tenant
+from .db_tenant import add_db_server, close_host_database, db_servers_t, provision_tenant
 from .memberships import add_member
 from .csrf import csrf_token, csrf_ok
 from .guards import require_role
@@ -140,11 +140,14 @@ def _add_projects_api(app):
 
 # %% ../nbs/91_demo.ipynb #082fa2c3
 def _tenants_beside_host(host_db):
-    "On PostgreSQL with no tenant server registered, keep the tenants' databases on the host's own server."
+    """On PostgreSQL with no tenant server registered, keep the tenants' databases on the host's own server; and keep
+    tenant roles out of the host database (say what this host role could not revoke)."""
     with host_db.transaction() as conn:
-        if conn.execute(sa.select(sa.func.count()).select_from(db_servers_t)).scalar(): return
-    u = host_db.url
-    add_db_server(host_db, 'local', u.host or 'localhost', u.password, port=u.port or 5432, admin_user=u.username)
+        servers = conn.execute(sa.select(sa.func.count()).select_from(db_servers_t)).scalar()
+    if not servers:
+        u = host_db.url
+        add_db_server(host_db, 'local', u.host or 'localhost', u.password, port=u.port or 5432, admin_user=u.username)
+    for line in close_host_database(host_db): print(f"fh_saas demo: {line}", file=sys.stderr)
 
 def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:5001'):
     "The demo app and its `Saas` context, in development mode (its jobs run while it serves)."

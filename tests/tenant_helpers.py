@@ -52,6 +52,35 @@ def run_elsewhere(code: str):
     subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=60)
 
 
+OTHER_SECRET = 'other-install-key-' + 'fedcba9876543210' * 2
+
+
+def as_other_install(host_url: str, server, code: str) -> str:
+    """Run `code` as another fh_saas install: its own process, master key and host database `host_url` (as `host_db`),
+    with `server` registered there as its tenant server `main`; what it prints."""
+    u = server.admin_url
+    prelude = ("import os, sys; sys.path.insert(0, 'tests')\n"
+               "from fh_saas.db_host import HostDatabase\n"
+               "from fh_saas.db_tenant import add_db_server, deprovision_tenant, provision_tenant\n"
+               "from tenant_helpers import prepare\n"
+               f"host_db = HostDatabase({host_url!r})\n"
+               "if not host_db.q('SELECT id FROM core_db_servers'):\n"
+               f"    add_db_server(host_db, 'main', {u.host!r}, os.environ['OTHER_PG_PASSWORD'], port={u.port})\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FH_SAAS_SECRET_KEY=OTHER_SECRET, OTHER_PG_PASSWORD=u.password)
+    r = subprocess.run([sys.executable, '-c', prelude + code], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def pg_marks(server, name: str) -> tuple:
+    "The comments (fh_saas's install marks) on role `name` and on database `name` of `server`."
+    with server.engine.connect() as c:
+        return c.exec_driver_sql("SELECT (SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s),"
+                                 " (SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s)",
+                                 (name, name)).one()
+
+
 def listening(router):
     """The `RoutingListener` of `router` (on a PostgreSQL host) once it listens and has made its routers forget what
     came before."""

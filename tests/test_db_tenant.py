@@ -1,17 +1,21 @@
 "Tenant provisioning and lifecycle on real PostgreSQL clusters and SQLite files."
+import re
 from functools import partial
 
 import pytest
 import sqlalchemy as sa
 
 from fh_saas import db_tenant
-from fh_saas.db_host import HostDatabase
-from fh_saas.db_tenant import (InvalidTenantId, NoServerAvailable, PostgresStore, SqliteStore, TenantUnavailable,
-                               db_servers_t, deprovision_tenant, provision_tenant, resume_tenant, suspend_tenant,
+from fh_saas.cli import main
+from fh_saas.db_host import HostDatabase, host_components, schema_versions_t
+from fh_saas.db_tenant import (ForeignDatabaseObject, InvalidTenantId, NoServerAvailable, PostgresStore, SqliteStore,
+                               TenantUnavailable, close_host_database, db_servers_t, deprovision_tenant, install_mark,
+                               install_t, provision_tenant, resume_tenant, rotate_secret_key, suspend_tenant,
                                tenant_engine, tenant_url, tenants_t)
+from fh_saas.demo import _tenants_beside_host
 from fh_saas.tenant_migrations import TenantMigration, TenantSchema, database_version, migrate_database, tenants_behind
-from tenant_helpers import (SECRET, new_id, pg_tenant_host, pg_names, prepare, register, secret_key,  # noqa: F401
-                            sqlite_tenant_host)
+from tenant_helpers import (SECRET, as_other_install, new_id, pg_marks, pg_tenant_host, pg_names, prepare,  # noqa: F401
+                            register, secret_key, sqlite_tenant_host)
 
 
 class Crash(Exception):
@@ -330,3 +334,161 @@ def test_suspend_and_resume_are_idempotent(pg_tenant_host):
     assert suspend_tenant(pg_tenant_host, tid).routing_version == first.routing_version
     assert resume_tenant(pg_tenant_host, tid).status == 'active'
     assert resume_tenant(pg_tenant_host, tid).routing_version == first.routing_version + 1
+
+
+# --- shared servers: what this install made, and what it did not -------------------------------------------------
+
+@pytest.mark.postgres
+def test_a_second_install_on_the_server_adopts_none_of_the_first_ones_tenants(pg_tenant_host, pg_server):
+    tid = new_id()
+    provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    mark = install_mark(pg_tenant_host)
+    assert pg_marks(pg_server, f'tenant_{tid}') == (mark, mark)
+    other = pg_server.create_database()
+    try:
+        said = as_other_install(other, pg_server, f"""
+for step in (lambda: provision_tenant(host_db, {tid!r}, prepare=prepare), lambda: deprovision_tenant(host_db, {tid!r})):
+    try: print(step().status)
+    except Exception as e: print(type(e).__name__, e)""")
+    finally: pg_server.drop_database(other)
+    refused = (f"ForeignDatabaseObject {{}} 'tenant_{tid}' on server 'main' is another fh_saas install's: fh_saas "
+               "adopts only what this install made; use another tenant id here (installs that share a server must not "
+               "share tenant ids)")
+    assert said.splitlines() == [refused.format('role'), refused.format('database')]
+    assert_pg_tenant(pg_tenant_host, pg_server, tid)   # still there, and its own credentials still log in
+    assert pg_marks(pg_server, f'tenant_{tid}') == (mark, mark)
+
+
+def their_object(server, kind: str, name: str):
+    "A role or database called `name` that someone other than fh_saas made on `server`."
+    with server.engine.connect() as c:
+        c.exec_driver_sql(f'CREATE ROLE "{name}" LOGIN PASSWORD \'theirs\'' if kind == 'role' else
+                          f'CREATE DATABASE "{name}"')
+
+
+def drop_their_object(server, kind: str, name: str):
+    with server.engine.connect() as c: c.exec_driver_sql(f'DROP {kind.upper()} "{name}"')
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize('kind', ['role', 'database'])
+def test_a_role_or_database_fh_saas_did_not_make_is_never_adopted_nor_dropped(pg_tenant_host, pg_server, kind):
+    tid = new_id()
+    name = f'tenant_{tid}'
+    their_object(pg_server, kind, name)
+    try:
+        says = (f"{kind} '{name}' on server 'main' carries no fh_saas install mark: fh_saas adopts only what this "
+                "install made; use another tenant id, or drop the")
+        with pytest.raises(ForeignDatabaseObject, match=re.escape(says)): provision_tenant(pg_tenant_host, tid,
+                                                                                           prepare=prepare)
+        with pytest.raises(ForeignDatabaseObject, match=re.escape(says)): deprovision_tenant(pg_tenant_host, tid)
+        assert pg_marks(pg_server, name)[kind == 'database'] is None
+        if kind == 'role':   # its password is still its own
+            eng = sa.create_engine(pg_server.admin_url.set(username=name, password='theirs'),
+                                   poolclass=sa.pool.NullPool)
+            with eng.connect() as c: assert c.exec_driver_sql('SELECT current_user').scalar() == name
+            eng.dispose()
+        else:
+            with pg_server.engine.connect() as c:
+                owner = c.exec_driver_sql("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+                                          (name,)).scalar()
+            assert owner == pg_server.admin_url.username
+    finally: drop_their_object(pg_server, kind, name)
+    assert deprovision_tenant(pg_tenant_host, tid).status == 'deleted'
+    assert pg_names(pg_server, 'db', name) == [] and pg_names(pg_server, 'role', name) == []
+
+
+@pytest.mark.postgres
+def test_a_resumed_provisioning_adopts_its_own_database_whose_mark_a_crash_cut_off(pg_tenant_host, pg_server,
+                                                                                  monkeypatch):
+    tid = new_id()
+    name = f'tenant_{tid}'
+    crash_after(monkeypatch, 'provision', 'database')
+    with pytest.raises(Crash): provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    with pg_server.engine.connect() as c:   # as if the crash came between cloning and marking the database
+        c.exec_driver_sql(f'COMMENT ON DATABASE "{name}" IS NULL')
+    monkeypatch.setattr(db_tenant, '_after_step', lambda a, s: None)
+    provision_tenant(pg_tenant_host, tid, prepare=prepare)
+    assert_pg_tenant(pg_tenant_host, pg_server, tid)
+    assert pg_marks(pg_server, name) == (install_mark(pg_tenant_host),) * 2
+
+
+def test_the_install_id_is_made_once_by_the_upgrade(host_db):
+    mark = install_mark(host_db)
+    assert re.fullmatch('fh_saas install [0-9a-f]{32}', mark)
+    with host_db.transaction() as c:   # fh_saas before install ids: db_tenant's schema v1, without core_install
+        install_t.drop(c)
+        c.execute(schema_versions_t.update().where(schema_versions_t.c.component == 'db_tenant').values(version=1))
+    host_components['db_tenant'].upgrade(host_db.engine)
+    again = install_mark(host_db)
+    host_components['db_tenant'].upgrade(host_db.engine)
+    assert again != mark and install_mark(host_db) == again
+    with pytest.raises(sa.exc.IntegrityError), host_db.transaction() as c:
+        c.execute(install_t.insert().values(one=1, install_id='a' * 32))
+    assert len(host_db.q('SELECT * FROM core_install')) == 1
+
+
+def remove_marks(server, name: str):
+    "Leave role and database `name` as fh_saas made them before it marked what it makes."
+    with server.engine.connect() as c:
+        for kind in ('ROLE', 'DATABASE'): c.exec_driver_sql(f'COMMENT ON {kind} "{name}" IS NULL')
+
+
+@pytest.mark.postgres
+def test_an_install_from_before_marks_marks_its_tenants_with_one_command(pg_tenant_host, pg_server, capsys):
+    old, adopted = new_id('old'), new_id('adopted')
+    for tid in (old, adopted):
+        provision_tenant(pg_tenant_host, tid, prepare=prepare)
+        remove_marks(pg_server, f'tenant_{tid}')
+    with pg_server.engine.connect() as c:   # one that another install adopted too, before marks, and marked since
+        c.exec_driver_sql(f"COMMENT ON ROLE \"tenant_{adopted}\" IS 'fh_saas install {'b' * 32}'")
+    assert [tid for tid, _ in rotate_secret_key(pg_tenant_host).failed] == sorted([old, adopted])
+    with pytest.raises(ForeignDatabaseObject, match=re.escape('run `fh-saas tenants mark` once')):
+        deprovision_tenant(pg_tenant_host, old)
+    assert main(['tenants', 'mark']) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"FAILED {adopted}: role 'tenant_{adopted}' on server 'main' is another fh_saas install's: fh_saas "
+                   "adopts only what this install made; use another tenant id here (installs that share a server "
+                   "must not share tenant ids)", "marked the role and database of 1 tenant(s) as this install's, "
+                   "1 failed"]
+    mark = install_mark(pg_tenant_host)
+    assert pg_marks(pg_server, f'tenant_{old}') == (mark, mark)
+    assert pg_marks(pg_server, f'tenant_{adopted}') == (f"fh_saas install {'b' * 32}", None)
+    assert main(['tenants', 'mark']) == 1 and capsys.readouterr().out.splitlines()[-1].endswith(
+        "1 tenant(s) as this install's, 1 failed")
+    assert deprovision_tenant(pg_tenant_host, old).status == 'deleted'
+    remove_marks(pg_server, f'tenant_{adopted}')   # the operator settles whose it is: this install's
+    assert main(['tenants', 'mark']) == 0
+
+
+# --- the host database beside tenant databases ------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_beside_the_host_a_tenant_role_reaches_neither_the_host_database_nor_another_tenant(pg_host_db):
+    _tenants_beside_host(pg_host_db)   # the demo on PostgreSQL: tenants on the host database's own server
+    a, b = (provision_tenant(pg_host_db, new_id(), prepare=prepare).id for _ in range(2))
+    try:
+        a_url, b_url = tenant_url(pg_host_db, a), tenant_url(pg_host_db, b)
+        assert tenant_tables(a_url) == ['notes']
+        for database in (pg_host_db.url.database, b_url.database):
+            with pytest.raises(sa.exc.OperationalError, match='permission denied for database'):
+                tenant_tables(a_url.set(database=database))
+        assert pg_host_db.q('SELECT count(*) AS n FROM core_tenants') == [dict(n=2)]   # the host still connects
+    finally:
+        for tid in (a, b): deprovision_tenant(pg_host_db, tid)
+
+
+@pytest.mark.postgres
+def test_doctor_reports_who_may_connect_to_the_host_database(pg_tenant_host, pg_server, capsys):
+    host = pg_tenant_host.url.database
+    tid = provision_tenant(pg_tenant_host, new_id(), prepare=prepare).id
+    with pg_server.engine.connect() as c: c.exec_driver_sql(f'GRANT CONNECT ON DATABASE "{host}" TO "tenant_{tid}"')
+    assert main(['doctor']) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f'PUBLIC may connect to the host database {host}: run REVOKE CONNECT ON DATABASE "{host}" FROM PUBLIC',
+        f'tenant role tenant_{tid} may connect to the host database {host}: run REVOKE CONNECT ON DATABASE "{host}" '
+        f'FROM "tenant_{tid}"', '2 problem(s)']
+    assert close_host_database(pg_tenant_host) == []
+    assert main(['doctor']) == 0 and 'keeps every integrity rule' in capsys.readouterr().out
+    with pytest.raises(sa.exc.OperationalError, match='permission denied for database'):
+        tenant_tables(tenant_url(pg_tenant_host, tid).set(database=host))
