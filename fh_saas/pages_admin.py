@@ -8,9 +8,10 @@ Docs: https://fh-saas.github.io/fh_saas/pages_admin.html.md"""
 __all__ = ['DEPROVISION_JOB', 'AUDIT_TENANT_SUSPENDED', 'AUDIT_TENANT_RESUMED', 'AUDIT_TENANT_DELETE_REQUESTED',
            'AUDIT_JOB_RETRIED', 'AUDIT_WEBHOOKS_REPLAYED', 'TENANT_ACTIONS', 'status_badge', 'deprovision_key',
            'tenant_overview', 'tenant_action', 'admin_users', 'admin_jobs', 'admin_webhooks', 'failed_webhooks',
-           'AdminPages']
+           'audit_labels', 'user_id_for', 'AdminPages']
 
 # %% ../nbs/59_pages_admin.ipynb #80753070
+from datetime import date, datetime, timedelta, timezone
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
@@ -125,6 +126,25 @@ def failed_webhooks(host_db) -> int:
     c = webhook_events_t.c
     return host_db.db.execute(sa.select(sa.func.count().label('n')).where(c.status == 'failed'))[0]['n']
 
+def audit_labels(host_db, rows) -> dict[str, str]:
+    "What people call the users and tenants that audit `rows` name by id: emails and tenant names, in two queries."
+    ids = {v for r in rows for v in (r.actor_user_id, r.impersonator_user_id, r.target_id, r.tenant_id) if v}
+    if not ids: return {}
+    users = sa.select(users_t.c.id, users_t.c.email.label('label')).where(users_t.c.id.in_(ids))
+    tenants = sa.select(tenants_t.c.id, tenants_t.c.name.label('label')).where(tenants_t.c.id.in_(ids))
+    return {r['id']: r['label'] for q in (users, tenants) for r in host_db.db.execute(q) if r['label']}
+
+def user_id_for(host_db, who: str) -> str:
+    "The id of the user `who` names by email (any case), else `who` itself (an id)."
+    if '@' not in who: return who
+    found = host_db.db.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == who.strip().lower()))
+    return found[0]['id'] if found else who
+
+def _day(text: str) -> datetime:
+    "The start (UTC) of the day `text` names as YYYY-MM-DD, as a date field sends it."
+    try: return datetime.combine(date.fromisoformat(text.strip()), datetime.min.time(), timezone.utc)
+    except ValueError: raise ValueError(f"{text[:40]!r} is not a date: write it as YYYY-MM-DD") from None
+
 # %% ../nbs/59_pages_admin.ipynb #31a15db1
 _SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/jobs'), ('Audit log', '/admin/audit'),
              ('Webhooks', '/admin/webhooks'))
@@ -202,11 +222,16 @@ class AdminPages(Pages):
                           'No jobs.')
 
     def audit_table(self, rows):
+        "The events, naming users by email and tenants by name (the id on hover); a bare id is cut to 8 characters."
+        names = audit_labels(self.host_db, rows)
+        def who(i, none=''): return Span(names.get(i) or (i[:8] + '…' if len(i) > 9 else i), title=i) if i else none
         def details(r): return Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…')
-        return self.table(('When', 'Event', 'Actor', 'Impersonator', 'Tenant', 'Target', 'Details', 'IP'),
-                          [(ui.when(r.created_at), Code(r.event_type), r.actor_user_id or '—',
-                            r.impersonator_user_id or '', r.tenant_id or '',
-                            r.target_id or '', details(r), r.ip_address or '') for r in rows], 'No audit events match.')
+        return self.table(('When', 'Event', 'Actor', 'Tenant', 'Target', 'Details', 'IP'),
+                          [(Span(ui.when(r.created_at), cls='nowrap'), Code(r.event_type),
+                            Div(who(r.actor_user_id, '—'), Small(' by ', who(r.impersonator_user_id), cls='muted')
+                                if r.impersonator_user_id else None),
+                            who(r.tenant_id), who(r.target_id), details(r), r.ip_address or '') for r in rows],
+                          'No audit events match.')
 
     def webhooks_table(self, rows):
         return self.table(('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
@@ -296,17 +321,23 @@ def job_retry(self: AdminPages, req, auth, job_id: str):
 @patch
 @route('/admin/audit')
 @_admin
-def audit_log(self: AdminPages, req, auth, tenant: str = '', actor: str = '', type: str = '', before: str = ''):
-    kept = {k: v for k, v in dict(tenant=tenant, actor=actor, type=type).items() if v}
-    try: rows = audit_events(self.host_db, tenant_id=tenant or None, actor=actor or None, event_type=type or None,
-                             limit=self.page_size, before=before or None)
-    except ValueError as e: return self.refuse(req, 400, f"{str(e).capitalize()}.", '/admin/audit')
+def audit_log(self: AdminPages, req, auth, tenant: str = '', actor: str = '', type: str = '', since: str = '',
+              until: str = '', before: str = ''):
+    kept = {k: v for k, v in dict(tenant=tenant, actor=actor, type=type, since=since, until=until).items() if v}
+    try:
+        days = {k: _day(v) for k, v in dict(since=since, until=until).items() if v}
+        if 'until' in days: days['until'] += timedelta(days=1)   # the whole of the last day
+        rows = audit_events(self.host_db, tenant_id=tenant or None, actor=user_id_for(self.host_db, actor) or None,
+                            event_type=type or None, limit=self.page_size, before=before or None, **days)
+    except ValueError as e: return self.refuse(req, 400, f"{str(e)[:1].upper()}{str(e)[1:]}.", '/admin/audit')
     older = ('/admin/audit?' + urlencode({**kept,
                                           'before': audit_cursor(rows[-1])})) if len(rows) == self.page_size else None
     return self.layout(req, 'Audit log',
                        self.filters('/admin/audit', self.field('Tenant', 'tenant', value=tenant),
-                                    self.field('Actor (user id)', 'actor', value=actor),
-                                    self.field("Event type (exact, or a prefix ending in '.')", 'type', value=type)),
+                                    self.field('User (email or id)', 'actor', value=actor),
+                                    self.field("Event (exact, or a prefix ending in '.')", 'type', value=type),
+                                    self.field('From', 'since', 'date', value=since),
+                                    self.field('To', 'until', 'date', value=until)),
                        Div(self.audit_table(rows), Div(A('← Newest',
                                                          href='/admin/audit?' + urlencode(kept)) if before else None,
                                                        A('Older →', href=older) if older else None, style=_ROW),

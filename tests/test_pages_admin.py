@@ -1,6 +1,7 @@
 """The system-admin pages through a real FastHTML app:
 tenant lifecycle, impersonation, jobs, audit paging and webhook replay."""
 import json, re
+from datetime import datetime, timedelta, timezone
 
 from fh_saas.api_keys import create_api_key
 from fh_saas.audit import audit
@@ -193,17 +194,37 @@ def test_audit_filters_and_older_paging(site):
     seen, url = [], '/admin/audit?type=test.&actor=bot'
     for _ in range(5):
         html = root.get(url).text
-        seen += re.findall(r'<td>(t\d{3})</td>', html)
+        seen += re.findall(r'title="(t\d{3})"', html)
         m = re.search(r'href="(/admin/audit\?[^"]+)">Older', html)
         if not m: break
         url = m.group(1).replace('&amp;', '&')
         assert 'type=test.' in url and 'actor=bot' in url
     assert seen == [f't{i:03d}' for i in reversed(range(120))]                # newest first, no gaps, no repeats
-    acme = re.findall(r'<td>(t\d{3})</td>', root.get('/admin/audit?tenant=acme&type=test.').text)
+    acme = re.findall(r'title="(t\d{3})"', root.get('/admin/audit?tenant=acme&type=test.').text)
     assert acme[:3] == ['t119', 't117', 't115'] and len(acme) == 50
     assert 'other.thing' in root.get('/admin/audit?type=other.thing').text
     r = root.get('/admin/audit?before=garbage')
     assert r.status_code == 400 and 'Bad audit cursor' in r.text
+
+
+def test_the_audit_log_names_people_and_tenants_and_filters_by_email_and_day(site):
+    root, _ = admin_world(site)
+    alice = site.host_db.global_users['alice']
+    audit(site.host_db, 'member.added', actor_user_id='alice', impersonator_user_id='root', tenant_id='acme',
+          target_id='alice')
+    html = root.get('/admin/audit').text
+    row = re.search(r'<tr>(?:(?!</tr>).)*member\.added.*?</tr>', html, re.S).group(0)
+    assert row.count(alice.email) == 2 and 'Acme' in row and ' by ' in row
+    assert '>alice<' not in row and '>acme<' not in row                      # names, not ids (ids on hover)
+    assert 'member.added' in root.get('/admin/audit', params=dict(actor=alice.email.upper())).text
+    assert 'member.added' not in root.get('/admin/audit', params=dict(actor='nobody@example.com')).text
+    today = datetime.now(timezone.utc).date()
+    assert 'member.added' in root.get('/admin/audit', params=dict(since=str(today), until=str(today))).text
+    yesterday = str(today - timedelta(days=1))
+    assert 'member.added' not in root.get('/admin/audit', params=dict(until=yesterday)).text
+    for bad in ('yesterday', '2026-13-01', 'x' * 500, 'a\x00b'):
+        r = root.get('/admin/audit', params=dict(since=bad))
+        assert r.status_code == 400 and 'YYYY-MM-DD' in r.text, bad
 
 
 def test_replay_reapplies_a_failed_event(site):
