@@ -31,6 +31,7 @@ from .pages_admin import AdminPages
 from .pages_api_keys import ApiKeyPages
 from .pages_auth import AccountPages, AuthPages
 from .pages_billing import BillingPages
+from .pages_layout import add_error_pages
 from .pages_tenants import InvitationPages, TeamPages, TenantPages
 from .saas_context import Saas
 from .sessions import SessionManager
@@ -108,6 +109,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     app.state.host_db, app.state.saas = host_db, saas   # guards count quotas there, and refuse in the app's layout
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
+    add_error_pages(app, saas)
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
     if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
     if oauth_providers:

@@ -188,3 +188,19 @@ def test_a_worker_serves_no_more_requests_at_once_than_its_threads(tmp_path, mon
         assert state['peak'] == 2 and not crowded.is_set()
     finally:
         saas.router.close(); saas.host_db.close(); HostDatabase.reset_instance()
+
+
+def test_errors_answer_in_the_sites_layout_and_a_crash_names_its_request(saas_app):
+    saas, app = saas_app
+
+    @app.get('/crash')
+    def crash(): raise RuntimeError('secret internals')
+
+    cli = _client(saas, app, 'acme')
+    r = TestClient(app, raise_server_exceptions=False, cookies=dict(cli.cookies)).get('/crash')
+    assert r.status_code == 500 and 'Something went wrong' in r.text and 'secret internals' not in r.text
+    assert re.search(r'Reference: <code>[0-9a-f]{32}</code>', r.text)
+    r = cli.get('/no/such/page')
+    assert r.status_code == 404 and 'Page not found' in r.text and 'fh_saas.css' in r.text
+    r = cli.get('/api/no/such/thing')
+    assert r.status_code == 404 and r.headers['content-type'] == 'application/json'
