@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Mapping
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from fastcore.utils import UNSET
@@ -490,11 +491,13 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
         return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
 # %% ../nbs/30_billing.ipynb #f5bfecf6
-def _refuse(req: Request, status: int, message: str, pricing_path: str | None) -> Response:
+def _refuse(req: Request, status: int, message: str, pricing_path: str | None, why: dict | None = None) -> Response:
+    "Refuse `req`: a browser goes to the pricing page, told `why` (`?feature=` or `?quota=`); others get `message`."
+    to = f"{pricing_path}?{urlencode(why)}" if pricing_path and why else pricing_path
     if pricing_path and req.headers.get('hx-request'):
-        return PlainTextResponse(message, status_code=status, headers={'HX-Redirect': pricing_path})
+        return PlainTextResponse(message, status_code=status, headers={'HX-Redirect': to})
     if pricing_path and 'text/html' in req.headers.get('accept', ''):
-        return RedirectResponse(pricing_path, status_code=303)
+        return RedirectResponse(to, status_code=303)
     return PlainTextResponse(message, status_code=status)
 
 def _host_db(req: Request):
@@ -526,7 +529,7 @@ def require_feature(feature: str, pricing_path: str | None = '/pricing', policy:
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is None and not ents.has(feature):
-            refusal = _refuse(req, 402, f"your plan does not include {feature!r}", pricing_path)
+            refusal = _refuse(req, 402, f"your plan does not include {feature!r}", pricing_path, dict(feature=feature))
         return refusal
     return route_guard(check)
 
@@ -538,7 +541,7 @@ def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is not None: return refusal
         try: consume_quota(_host_db(req), ents.tenant_id, quota, n, entitlements=ents)
-        except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path)
+        except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path, dict(quota=quota))
     return route_guard(check)
 
 # %% ../nbs/30_billing.ipynb #5926399a

@@ -37,9 +37,9 @@ from . import ui
 DEMO_PLANS = [
     dict(id='free', name='Free', description='Projects for a small team.', amount_monthly=0, amount_yearly=0,
          trial_days=0, features=['projects'], quotas={'api_calls': 1000}, tier_level=0, sort_order=0),
-    dict(id='pro', name='Pro', description='Exports, more seats and more API calls.', amount_monthly=1900,
+    dict(id='pro', name='Pro', description='Exports and more API calls.', amount_monthly=1900,
          amount_yearly=19000, trial_days=14, features=['projects', 'exports'],
-         quotas={'seats': 10, 'api_calls': 100000}, tier_level=1, sort_order=1),
+         quotas={'api_calls': 100000}, tier_level=1, sort_order=1),
 ]
 DEMO_EMAIL, DEMO_PASSWORD = 'demo@example.com', 'demo password 1234'
 

@@ -486,9 +486,10 @@ def test_require_feature_refusals(billed):
     r = cli.post('/sso', headers=ACME)
     assert (r.status_code, r.text) == (402, "your plan does not include 'sso'")
     r = cli.post('/sso', headers={**ACME, **HTML}, follow_redirects=False)
-    assert (r.status_code, r.headers['location']) == (303, '/pricing')
+    assert (r.status_code, r.headers['location']) == (303, '/pricing?feature=sso')    # the page says which plan has it
     r = cli.post('/sso', headers={**ACME, **HTMX, **HTML})
-    assert (r.status_code, r.headers['hx-redirect'], r.text) == (402, '/pricing', "your plan does not include 'sso'")
+    assert ((r.status_code, r.headers['hx-redirect'], r.text)
+            == (402, '/pricing?feature=sso', "your plan does not include 'sso'"))
     r = cli.get('/reports/csv', headers={'x-tenant': 'lapsed'})
     assert (r.status_code, r.text) == (402, f"billing: trial ended at {at(-US)}")
     r = cli.get('/reports/csv', headers={'x-tenant': 'lapsed', **HTMX})
@@ -537,7 +538,7 @@ def test_require_quota_counts_each_call(billed):
     assert [cli.get('/api/ping', headers=ACME).text for _ in range(3)] == ['pong'] * 3
     r = cli.get('/api/ping', headers=ACME)
     assert r.status_code == 429 and "cannot use 1 more 'api_calls': 3 of 3 used" in r.text
-    assert cli.get('/api/ping', headers={**ACME, **HTMX}).headers['hx-redirect'] == '/pricing'
+    assert cli.get('/api/ping', headers={**ACME, **HTMX}).headers['hx-redirect'] == '/pricing?quota=api_calls'
     assert quota_used(billed, 'acme', 'api_calls') == 3
     assert cli.get('/api/ping', headers={'x-tenant': 'lapsed'}).status_code == 402
 

@@ -76,8 +76,8 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
 
         # The free plan has projects but not exports: the export sends her to the pricing page.
         alice.click("text=Export CSV (Pro)")
-        alice.wait_for_url("**/pricing")
-        expect(alice.locator("main")).to_contain_text("Pro")
+        alice.wait_for_url("**/pricing?feature=exports")
+        expect(alice.locator("main")).to_contain_text("Your plan does not include exports. It comes with Pro.")
 
         # Bob has his own team, Beta, with its own data.
         sign_up(bob, base, "bob@beta.test", "beta password 1234", "Bob", "Beta Co")
@@ -159,7 +159,7 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
 
         # She chooses Pro monthly and lands on the (stand-in's) hosted Checkout page for the monthly price.
         alice.goto(f"{base}/pricing")
-        alice.locator(".card.plan", has_text="Pro").locator("button:has-text('Choose monthly')").click()
+        alice.locator(".card.plan", has_text="Pro").locator("button:has-text('Choose Pro monthly')").click()
         alice.wait_for_url(f"{stripe_url}/c/pay/cs_test_*")
         expect(alice.locator("body")).to_contain_text(prices[(1900, "month")])
         session = fake.objects[alice.url.rsplit("/", 1)[1]]

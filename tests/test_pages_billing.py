@@ -17,11 +17,15 @@ from pages_helpers import fake_stripe, site  # noqa: F401
 def test_pricing_public_amounts_and_no_buttons_for_anonymous(site, fake_stripe):
     r = site.client().get('/pricing')
     assert r.status_code == 200
-    for text in ('$19.99', '$199.00', '$49.00', '14-day free trial', 'exports: 100 per month',
-                 'exports: unlimited per month', 'sso'):
+    for text in ('$19.99', '$49.00', '14-day free trial', '100 exports a month', 'Unlimited exports', 'Sso',
+                 'Yearly (save up to 17%)'):
         assert text in r.text, text
     assert r.text.index('Starter') < r.text.index('Pro')              # sort_order
-    assert 'action="/billing/checkout"' not in r.text and 'href="/signup"' in r.text
+    assert 'action="/billing/checkout"' not in r.text and r.text.count('href="/signup"') >= 2   # one per plan
+    yearly = site.client().get('/pricing?interval=year').text
+    assert '$199.00' in yearly and '$16.58 a month, billed yearly' in yearly and '$19.99' not in yearly
+    assert '$49.00' in yearly                                          # Pro has no yearly price: its monthly one
+    assert site.client().get('/pricing?interval=' + 'x' * 300).status_code == 200
     assert 'Log in' in r.text                                          # anonymous navigation
 
 
@@ -32,10 +36,10 @@ def test_pricing_shows_current_plan_and_buttons_to_admins_only(site, fake_stripe
     html = site.client('owner', 'acme').get('/pricing').text
     assert html.count('Current plan') == 1 and re.search(r'card plan current">\s*<h3>\s*Pro', html)
     assert 'owner@example.com' in html                                 # signed-in top bar on a public page
-    # starter monthly + yearly, pro monthly (no yearly price)
-    assert html.count('action="/billing/checkout"') == 3
-    # live subscription: a plan change, not a second subscription
-    assert 'Switch to monthly' in html
+    # one button per plan but the current one: Starter, for the period shown
+    assert html.count('action="/billing/checkout"') == 1 and 'Switch to Starter monthly' in html
+    yearly = site.client('owner', 'acme').get('/pricing?interval=year').text
+    assert 'Switch to Starter yearly' in yearly and 'value="year"' in yearly
     member = site.client('mem', 'acme').get('/pricing').text
     assert 'action="/billing/checkout"' not in member and 'Ask an owner or admin of Acme' in member
 
@@ -186,15 +190,29 @@ def test_billing_page_reuses_the_requests_entitlements(site):
     assert (reads.count('core_subscriptions'), reads.count('core_quota_usage')) == (1, 1)
 
 
-def test_without_stripe_pages_explain_which_variables_to_set(site):
-    site.user('owner'); site.tenant('acme'); site.member('owner', 'acme', 'owner')
-    c = site.client('owner', 'acme')
+def test_without_stripe_only_system_admins_are_told_which_variables_to_set(site):
+    site.user('owner'); site.user('root', is_sys_admin=True); site.tenant('acme')
+    site.member('owner', 'acme', 'owner'); site.member('root', 'acme', 'owner')
+    customer, admin = site.client('owner', 'acme'), site.client('root', 'acme')
     for path in ('/pricing', '/billing'):
-        r = c.get(path)
+        r = customer.get(path)
+        assert r.status_code == 200 and 'STRIPE' not in r.text and 'Online payment is not available yet' in r.text
+        r = admin.get(path)
         assert r.status_code == 200 and 'STRIPE_SECRET_KEY' in r.text and 'STRIPE_WEBHOOK_SECRET' in r.text, path
         assert 'https://app.test/stripe/webhook' in r.text and 'action="/billing/checkout"' not in r.text
-    r = c.post('/billing/checkout', data=dict(plan_id='starter', interval='month'))
-    assert r.status_code == 503 and 'STRIPE_SECRET_KEY' in r.text
+    r = customer.post('/billing/checkout', data=dict(plan_id='starter', interval='month'))
+    assert r.status_code == 503 and 'STRIPE' not in r.text and 'not available' in r.text
+    assert 'STRIPE_SECRET_KEY' in admin.post('/billing/checkout', data=dict(plan_id='starter')).text
+
+
+def test_a_gated_feature_says_which_plan_has_it(site):
+    site.user('owner'); site.tenant('acme'); site.member('owner', 'acme', 'owner')
+    c = site.client('owner', 'acme')
+    assert 'Your plan does not include sso. It comes with Pro.' in c.get('/pricing?feature=sso').text
+    assert 'Your plan does not include that feature.' in c.get('/pricing?feature=<script>').text
+    assert 'used all the exports your plan includes this month' in c.get('/pricing?quota=exports').text
+    r = c.get('/pricing?quota=' + 'q' * 5000 + '&feature=a%00b')
+    assert r.status_code == 200 and 'q' * 100 not in r.text.split('<main')[1]   # not echoed in the page
 
 
 @pytest.mark.stripe
