@@ -58,7 +58,7 @@ class Refusal:
     kind: str; detail: str; retry_after: int | None = None
 
 # %% ../nbs/28_beforeware.ipynb #4774a79c
-DEFAULT_SKIP = [r'/login', r'/signup', r'/password-reset(/.*)?', r'/verify-email/.*', r'/invitations/.*',
+DEFAULT_SKIP = [r'/login(/two-factor)?', r'/signup', r'/password-reset(/.*)?', r'/verify-email/.*', r'/invitations/.*',
                 r'/auth/oauth/.*', r'/stripe/webhook', r'/webhooks/.*', r'/static/.*', r'/favicon\.ico',
                 r'/health']
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{8,64}')

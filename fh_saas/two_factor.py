@@ -6,10 +6,11 @@ Docs: https://fh-saas.github.io/fh_saas/two_factor.html.md"""
 
 # %% auto #0
 __all__ = ['two_factor_meta', 'two_factor_t', 'recovery_codes_t', 'tenant_two_factor_t', 'two_factor_component', 'RECOVERY_CODES',
-           'PENDING_COOKIE', 'PENDING_TTL', 'TwoFactorError', 'setup_uri', 'qr_svg', 'recovery_code',
-           'two_factor_enabled', 'begin_setup', 'pending_secret', 'confirm_setup', 'take_codes_to_show', 'verify_code',
-           'recovery_codes_left', 'regenerate_recovery_codes', 'disable_two_factor', 'reset_two_factor', 'PendingLogin',
-           'issue_pending_login', 'read_pending_login', 'finish_pending_login', 'require_two_factor',
+           'PENDING_COOKIE', 'PENDING_TTL', 'SECOND_STEP_PATH', 'TwoFactorError', 'setup_uri', 'qr_svg',
+           'recovery_code', 'two_factor_enabled', 'begin_setup', 'pending_secret', 'confirm_setup',
+           'take_codes_to_show', 'verify_code', 'recovery_codes_left', 'regenerate_recovery_codes',
+           'disable_two_factor', 'reset_two_factor', 'PendingLogin', 'issue_pending_login', 'read_pending_login',
+           'finish_pending_login', 'set_pending_cookie', 'clear_pending_cookie', 'require_two_factor',
            'tenant_requires_two_factor', 'lacks_required_two_factor']
 
 # %% ../nbs/19_two_factor.ipynb #c0160756
@@ -113,7 +114,7 @@ def pending_secret(host_db: HostDatabase, user_id: str) -> str | None:
 def _step_of(secret: str, code: str, now: datetime) -> int | None:
     "The time step (now's or a neighbour: `valid_window=1`) whose code is `code`, the latest if several."
     totp, code = pyotp.TOTP(secret), _normal(code)
-    if not re.fullmatch(r'\d{6}', code) or not totp.verify(code, for_time=now, valid_window=1): return None
+    if not re.fullmatch(r'[0-9]{6}', code) or not totp.verify(code, for_time=now, valid_window=1): return None
     return next(totp.timecode(now) + d for d in (1, 0, -1) if hmac.compare_digest(totp.at(now, counter_offset=d), code))
 
 def _new_codes(conn, user_id: str) -> list[str]:
@@ -221,6 +222,7 @@ def reset_two_factor(host_db: HostDatabase, user_id: str, admin_id: str) -> bool
 
 # %% ../nbs/19_two_factor.ipynb #cf5f737a
 PENDING_COOKIE, PENDING_TTL = 'fh_saas_two_factor', timedelta(minutes=5)
+SECOND_STEP_PATH = '/login/two-factor'   # the page asking for the code (the pending login's cookie goes only there)
 
 @dataclass(frozen=True)
 class PendingLogin:
@@ -260,6 +262,17 @@ def finish_pending_login(conn, pending: PendingLogin) -> bool:
     c = two_factor_t.c
     return conn.execute(two_factor_t.update().where(c.user_id == pending.user_id, c.logins == pending.logins)
                         .values(logins=c.logins + 1)).rowcount == 1
+
+def set_pending_cookie(resp, token: str, secure: bool, path: str = SECOND_STEP_PATH):
+    "Give the browser the pending login `token`: HttpOnly, SameSite=Lax, sent only to the second step's page."
+    resp.set_cookie(PENDING_COOKIE, token, max_age=int(PENDING_TTL.total_seconds()), path=path, secure=secure,
+                    httponly=True, samesite='lax')
+    return resp
+
+def clear_pending_cookie(resp, path: str = SECOND_STEP_PATH):
+    "Remove the pending login's cookie (the second step is done)."
+    resp.delete_cookie(PENDING_COOKIE, path=path, httponly=True, samesite='lax')
+    return resp
 
 # %% ../nbs/19_two_factor.ipynb #325109a4
 def require_two_factor(host_db: HostDatabase, tenant_id: str, required: bool, actor_user_id: str) -> bool:
