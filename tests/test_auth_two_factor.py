@@ -1,5 +1,5 @@
 """Two-factor sign-in through a real FastHTML app over HTTP: setup on the account page, the second step at login
-(codes, recovery codes, replays, throttling, expiry, `next`), password reset, and the audit trail."""
+(codes, recovery codes, replays, throttling, expiry, `next`), password reset, a tenant's rule, and the audit trail."""
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +14,11 @@ from fh_saas.audit import audit_events
 from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.db_host import GlobalUser, HostDatabase
 from fh_saas.mail import MemoryOutbox
+from fh_saas.api_keys import create_api_key
+from fh_saas.db_host import Membership
+from fh_saas.db_tenant import provision_tenant
 from fh_saas.pages_auth import AccountPages, AuthPages
+from fh_saas.pages_tenants import TeamPages, TenantPages
 from fh_saas.passwords import hash_password
 from fh_saas.rate_limits import RateLimit
 from fh_saas.saas_context import Saas
@@ -78,7 +82,10 @@ def site(tmp_path, monkeypatch):
     app = FastHTML(before=saas_beforeware(resolver), hdrs=ui.static_headers(), default_hdrs=False, secret_key=SECRET)
     AuthPages(saas, hasher=FAST, two_factor_limit=RateLimit(3, 300)).mount(app)
     AccountPages(saas, hasher=FAST, two_factor_limit=RateLimit(3, 300)).mount(app)
-    app.get('/')(lambda auth: f'home of {auth.user.email}')
+    TenantPages(saas).mount(app)
+    TeamPages(saas).mount(app)
+    app.get('/')(lambda auth: f'home of {auth.user.email} in {auth.tenant_id}')
+    app.get('/api/whoami')(lambda auth: dict(user=auth.user.id, tenant=auth.tenant_id))
     s = Site(host_db, sessions, clock, outbox, app)
     s.user()
     yield s
@@ -282,3 +289,67 @@ def test_a_bad_code_field_is_a_notice_not_an_error(site):
         assert c.post('/login/two-factor', data=dict(code=code)).headers['location'] == '/login/two-factor?done=wrong'
     page = c.get('/login/two-factor?done=nonsense')
     assert page.status_code == 200 and 'That code is wrong' not in page.text
+
+
+@pytest.fixture
+def team(site):
+    "Tenant acme: ann owns it and has two-factor sign-in; bob is a member without it (both signed in)."
+    provision_tenant(site.host_db, 'acme', 'Acme')
+    site.user('bob')
+    for uid, role in (('ann', 'owner'), ('bob', 'member')):
+        site.host_db.memberships.insert(Membership(user_id=uid, tenant_id='acme', role=role))
+    ann, app, _ = site.enable('ann')
+    bob = site.client()
+    assert site.login(bob, 'bob').headers['location'] == '/' and bob.get('/').text == 'home of bob@example.com in acme'
+    return ann, bob, app
+
+
+def test_a_tenant_rule_sends_members_without_two_factor_to_set_it_up(site, team):
+    ann, bob, _ = team
+    page = ann.get('/team').text
+    assert 'Two-factor sign-in is up to each member.' in page and 'API keys are not affected' in page
+    r = ann.post('/team/two-factor', data=dict(required='on', csrf=csrf(page)))
+    assert (r.status_code, r.headers['location']) == (303, '/team?done=two_factor_required')
+    assert 'Members must now use two-factor sign-in.' in ann.get(r.headers['location']).text
+    assert ann.get('/').text == 'home of ann@example.com in acme'
+    r = bob.get('/')
+    assert (r.status_code, r.headers['location']) == (303, '/account?done=two_factor_required')
+    assert 'requires two-factor sign-in' in bob.get(r.headers['location']).text
+    assert bob.get('/', headers={'HX-Request': 'true'}).headers['hx-redirect'] == '/account?done=two_factor_required'
+    assert bob.get('/team').headers['location'] == '/account?done=two_factor_required'
+    assert bob.get('/api/whoami').json()['error']['code'] == 'two_factor_required'
+    switch = bob.post('/tenants/switch', data=dict(tenant_id='acme', csrf=csrf(bob.get('/account').text)))
+    assert switch.headers['location'] == '/account?done=two_factor_required'
+    rule = audit_events(site.host_db, event_type='tenant.two_factor_required')
+    assert [(e.actor_user_id, e.tenant_id) for e in rule] == [('ann', 'acme')]
+    r = ann.post('/team/two-factor', data=dict(required='off', csrf=csrf(ann.get('/team').text)))
+    assert r.headers['location'] == '/team?done=two_factor_optional' and bob.get('/').status_code == 200
+
+
+def test_a_member_who_turns_it_on_may_use_the_tenant_again(site, team):
+    ann, bob, _ = team
+    ann.post('/team/two-factor', data=dict(required='on', csrf=csrf(ann.get('/team').text)))
+    bob2, _, _ = site.enable('bob')
+    assert bob2.get('/').text == 'home of bob@example.com in acme'
+    assert bob2.post('/tenants/switch', data=dict(tenant_id='acme', csrf=csrf(bob2.get('/account').text))) \
+        .headers['location'] == '/'
+
+
+def test_api_keys_are_not_affected_by_the_rule(site, team):
+    ann, bob, _ = team
+    ann.post('/team/two-factor', data=dict(required='on', csrf=csrf(ann.get('/team').text)))
+    key, _ = create_api_key(site.host_db, 'acme', 'bob', 'ci')
+    r = site.client().get('/api/whoami', headers={'Authorization': f'Bearer {key}'})
+    assert r.json() == dict(user='bob', tenant='acme')
+
+
+def test_only_an_admin_with_two_factor_may_require_it(site, team):
+    ann, bob, app = team
+    assert bob.post('/team/two-factor', data=dict(required='on', csrf=csrf(bob.get('/account').text))) \
+        .status_code == 403
+    token = csrf(ann.get('/account').text)
+    ann.post('/account/two-factor/disable', data=dict(code=site.code(app), csrf=token))
+    r = ann.post('/team/two-factor', data=dict(required='on', csrf=token))
+    assert r.headers['location'] == '/team?done=two_factor_yours_first'
+    assert 'Turn on two-factor sign-in for your own account first' in ann.get(r.headers['location']).text
+    assert bob.get('/').status_code == 200

@@ -5,10 +5,14 @@ from functools import partial
 import pyotp
 import pytest
 import sqlalchemy as sa
+from fasthtml.common import FastHTML
+from starlette.testclient import TestClient
 
 from fh_saas.audit import audit_events
-from fh_saas.db_host import GlobalUser, HostDatabase, TenantCatalog
+from fh_saas.beforeware import AuthResolver, saas_beforeware
+from fh_saas.db_host import GlobalUser, HostDatabase, Membership, TenantCatalog
 from fh_saas.db_upgrade import schema_version
+from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import (TwoFactorError, begin_setup, confirm_setup, finish_pending_login, issue_pending_login,
                                 lacks_required_two_factor, read_pending_login, recovery_codes_left, require_two_factor,
                                 two_factor_component, two_factor_enabled, verify_code)
@@ -104,3 +108,21 @@ def test_a_tenant_rule_applies_to_members_without_two_factor(host_db):
     assert (lacks_required_two_factor(host_db, 'acme', 'ann'), lacks_required_two_factor(host_db, 'acme', 'bob')) \
         == (False, True)
     assert [e.event_type for e in audit_events(host_db, tenant_id='acme')] == ['tenant.two_factor_required']
+
+
+def test_the_beforeware_applies_the_tenant_rule_in_its_one_identity_query(host_db):
+    "On each backend: a session member without two-factor sign-in is refused the tenant; with it, let in."
+    enabled(host_db, 'ann')
+    host_db.global_users.insert(GlobalUser(id='bob', email='bob@example.com'))
+    host_db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    for uid in ('ann', 'bob'): host_db.memberships.insert(Membership(user_id=uid, tenant_id='acme'))
+    require_two_factor(host_db, 'acme', True, 'ann')
+    sessions = SessionManager(host_db, SECRET)
+    app = FastHTML(before=saas_beforeware(AuthResolver(host_db, sessions)), secret_key=SECRET)
+    app.get('/')(lambda auth: f'in {auth.tenant_id} as {auth.user.id}')
+    def get(uid):
+        c = TestClient(app, follow_redirects=False)
+        c.cookies.set(sessions.cookie_name, sessions.create(uid, 'acme'))
+        return c.get('/')
+    assert get('ann').text == 'in acme as ann'
+    assert get('bob').headers['location'] == '/account?done=two_factor_required'
