@@ -126,8 +126,7 @@ def _new_codes(conn, user_id: str) -> list[str]:
                  .values(codes_to_show=_seal(json.dumps(codes))))
     return codes
 
-def confirm_setup(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None,
-                  impersonator_user_id: str | None = None) -> list[str]:
+def confirm_setup(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None) -> list[str]:
     "Switch two-factor sign-in on if `code` comes from the pending secret, audited; the ten recovery codes."
     now, c = now or utcnow(), two_factor_t.c
     with host_db.transaction() as conn:
@@ -141,8 +140,7 @@ def confirm_setup(host_db: HostDatabase, user_id: str, code: str, now: datetime 
                                     last_step=step)).rowcount
         if done != 1: raise TwoFactorError("start the setup first")
         codes = _new_codes(conn, user_id)
-        audit(host_db, 'two_factor.enabled', target_id=user_id, actor_user_id=user_id,
-              impersonator_user_id=impersonator_user_id)
+        audit(host_db, 'two_factor.enabled', target_id=user_id, actor_user_id=user_id)
     return codes
 
 def take_codes_to_show(host_db: HostDatabase, user_id: str) -> list[str]:
@@ -186,14 +184,13 @@ def recovery_codes_left(host_db: HostDatabase, user_id: str) -> int:
         return conn.execute(sa.select(sa.func.count()).where(r.user_id == user_id, r.used_at.is_(None))).scalar()
 
 # %% ../nbs/19_two_factor.ipynb #2eb67739
-def regenerate_recovery_codes(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None,
-                              impersonator_user_id: str | None = None) -> list[str]:
+def regenerate_recovery_codes(host_db: HostDatabase, user_id: str, code: str,
+                              now: datetime | None = None) -> list[str]:
     "Ten new recovery codes (the old ones stop working) after a current `code`, audited; `TwoFactorError` if wrong."
     with host_db.transaction() as conn:
         if verify_code(host_db, user_id, code, now) is None: raise TwoFactorError("that code is wrong or used")
         codes = _new_codes(conn, user_id)
-        audit(host_db, 'two_factor.recovery_codes_regenerated', target_id=user_id, actor_user_id=user_id,
-              impersonator_user_id=impersonator_user_id)
+        audit(host_db, 'two_factor.recovery_codes_regenerated', target_id=user_id, actor_user_id=user_id)
     return codes
 
 def _forget(conn, user_id: str) -> bool:
@@ -204,14 +201,12 @@ def _forget(conn, user_id: str) -> bool:
     conn.execute(recovery_codes_t.delete().where(recovery_codes_t.c.user_id == user_id))
     return was_on
 
-def disable_two_factor(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None,
-                       impersonator_user_id: str | None = None):
+def disable_two_factor(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None):
     "Switch two-factor sign-in off after a current `code` (or recovery code), audited; `TwoFactorError` if wrong."
     with host_db.transaction() as conn:
         if verify_code(host_db, user_id, code, now) is None: raise TwoFactorError("that code is wrong or used")
         _forget(conn, user_id)
-        audit(host_db, 'two_factor.disabled', target_id=user_id, actor_user_id=user_id,
-              impersonator_user_id=impersonator_user_id)
+        audit(host_db, 'two_factor.disabled', target_id=user_id, actor_user_id=user_id)
 
 def reset_two_factor(host_db: HostDatabase, user_id: str, admin_id: str) -> bool:
     "A system admin switches `user_id`'s two-factor sign-in off (a lost phone), audited; False when it was off."
