@@ -1,4 +1,5 @@
-"Two-factor storage on SQLite and PostgreSQL: setup, codes spent once (also when raced), pending logins, the schema."
+"""Two-factor storage on SQLite and PostgreSQL: setup, codes spent once (also when raced), pending logins finished once,
+the schema, and the tenant rule in the beforeware."""
 from datetime import datetime, timedelta, timezone
 from functools import partial
 
@@ -12,6 +13,8 @@ from fh_saas.audit import audit_events
 from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, TenantCatalog
 from fh_saas.db_upgrade import schema_version
+from fh_saas.passwords import LoginFailed, PendingLoginExpired, second_step
+from fh_saas.rate_limits import RateLimit
 from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import (TwoFactorError, begin_setup, confirm_setup, finish_pending_login, issue_pending_login,
                                 lacks_required_two_factor, read_pending_login, recovery_codes_left, require_two_factor,
@@ -87,6 +90,19 @@ def test_one_pending_login_finished_at_once_finishes_once(pg_host_db, race):
     def finish():
         with pg_host_db.transaction() as conn: return finish_pending_login(conn, pending)
     assert race([finish] * 6).count(True) == 1
+
+
+@pytest.mark.postgres
+def test_one_pending_login_raced_with_several_codes_opens_one_session_and_spends_one_code(pg_host_db, race):
+    _, codes = enabled(pg_host_db)
+    sessions = SessionManager(pg_host_db, SECRET, clock=lambda: T0)
+    token = issue_pending_login(pg_host_db, 'ann', T0)
+    results = race([partial(second_step, sessions, token, codes[i], limit=RateLimit(100, 300)) for i in range(6)],
+                   catch=LoginFailed)
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert all(isinstance(r, PendingLoginExpired) for r in results if isinstance(r, Exception))
+    assert recovery_codes_left(pg_host_db, 'ann') == 9     # the losers' codes were given back with their rollback
+    assert len(pg_host_db.q("select * from auth_sessions where user_id = 'ann'")) == 1
 
 
 def test_a_pending_login_expires_and_dies_with_a_password_change(host_db):
