@@ -26,6 +26,7 @@ from .sessions import SessionManager, SessionRecord, sessions_t
 from .api_keys import api_key_from_headers, api_keys_t, key_matches, key_record, parse_api_key, touch_key
 from .rate_limits import RateLimit, hit
 from .memberships import Roles, DEFAULT_ROLES
+from .two_factor import tenant_two_factor_t, two_factor_t
 
 # %% ../nbs/28_beforeware.ipynb #f99792cf
 @dataclass(frozen=True)
@@ -53,12 +54,12 @@ class AuthContext:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a request was refused: `kind` is unauthenticated, no_tenant, forbidden, payment_required, rate_limited or
-    unavailable."""
+    """Why a request was refused: `kind` is unauthenticated, no_tenant, forbidden, payment_required, rate_limited,
+    unavailable or two_factor_required."""
     kind: str; detail: str; retry_after: int | None = None
 
 # %% ../nbs/28_beforeware.ipynb #4774a79c
-DEFAULT_SKIP = [r'/login', r'/signup', r'/password-reset(/.*)?', r'/verify-email/.*', r'/invitations/.*',
+DEFAULT_SKIP = [r'/login(/two-factor)?', r'/signup', r'/password-reset(/.*)?', r'/verify-email/.*', r'/invitations/.*',
                 r'/auth/oauth/.*', r'/stripe/webhook', r'/webhooks/.*', r'/static/.*', r'/favicon\.ico',
                 r'/health']
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{8,64}')
@@ -68,8 +69,11 @@ def _identity_queries():
     membership in the session's tenant, that tenant and its server) or from an API key (the same for its creator
     and its tenant)."""
     u, imp, m, t, srv, s = users_t, users_t.alias('imp'), memberships_t, tenants_t, db_servers_t, sessions_t
+    f, rule = two_factor_t, tenant_two_factor_t
+    lacks_two_factor = sa.and_(sa.exists().where(rule.c.tenant_id == t.c.id),   # the tenant's rule, unmet by the user
+                               ~sa.exists().where(f.c.user_id == u.c.id, f.c.secret.isnot(None)))
     cols = [*(c.label(p + c.name) for p, tbl in (('u_', u), ('i_', imp), ('m_', m), ('t_', t)) for c in tbl.c),
-            srv.c.host.label('r_host'), srv.c.port.label('r_port')]
+            srv.c.host.label('r_host'), srv.c.port.label('r_port'), lacks_two_factor.label('x_lacks_two_factor')]
     def rest(users, user_id, tenant_id, imp_id):
         return (users.outerjoin(imp, imp.c.id == imp_id)
                 .outerjoin(m, sa.and_(m.c.user_id == user_id, m.c.tenant_id == tenant_id))
@@ -187,6 +191,8 @@ class AuthResolver:
         path, m, tenant = req.url.path, _part(row, 'm_', Membership), _part(row, 't_', TenantCatalog)
         if not (m and m.is_active): return Refusal('forbidden', 'you are not a member of this tenant')
         if not _tenant_usable(tenant): return Refusal('forbidden', 'this tenant is not active')
+        if key is None and row['x_lacks_two_factor']:   # a person without it; API keys are not people
+            return Refusal('two_factor_required', 'this tenant requires two-factor sign-in')
         ents = None if self.access is None else self.access(self.host_db, tenant_id)
         if ents is not None and not ents.access.allowed and not any(re.fullmatch(p, path) for p in self.access_exempt):
             return Refusal('payment_required', ents.access.reason or f'subscription is {ents.access.state}')
@@ -208,7 +214,7 @@ class AuthResolver:
 
 # %% ../nbs/28_beforeware.ipynb #f4e0ee4e
 _STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=402, rate_limited=429,
-               unavailable=503)
+               unavailable=503, two_factor_required=403)
 
 def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_path='/tenants',
                      billing_path='/billing') -> Response:
@@ -222,6 +228,7 @@ def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_pa
         return Response(r.detail, status, headers=headers, media_type='text/plain')
     # '//evil.com' must stay a local path
     if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"
+    elif r.kind == 'two_factor_required': loc = '/account?done=two_factor_required'
     else: loc = billing_path if r.kind == 'payment_required' else tenants_path
     if req.headers.get('hx-request') == 'true': return Response(status_code=200, headers={'HX-Redirect': loc})
     return RedirectResponse(loc, 303)

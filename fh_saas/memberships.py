@@ -6,8 +6,9 @@ Docs: https://fh-saas.github.io/fh_saas/memberships.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULT_ROLES', 'invitations_meta', 'invitations_t', 'invitations_component', 'Roles', 'MembershipError', 'LastOwner',
-           'add_member', 'change_role', 'remove_member', 'transfer_ownership', 'active_tenants', 'switch_tenant',
-           'invite', 'accept_invitation', 'decline_invitation', 'pending_invitations', 'cancel_invitation']
+           'add_member', 'change_role', 'remove_member', 'transfer_ownership', 'active_tenants', 'TwoFactorNeeded',
+           'switch_tenant', 'invite', 'accept_invitation', 'decline_invitation', 'pending_invitations',
+           'cancel_invitation']
 
 # %% ../nbs/25_memberships.ipynb #b443bf62
 from datetime import timedelta
@@ -24,6 +25,7 @@ from .api_keys import api_keys_t
 from .one_time_tokens import new_token, hash_token, InvalidToken
 from .sessions import SessionManager, SessionRecord
 from .mail import Mailer, is_email_address
+from .two_factor import lacks_required_two_factor
 
 # %% ../nbs/25_memberships.ipynb #1ea8103a
 class Roles:
@@ -147,12 +149,18 @@ def active_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
     with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
 
 # %% ../nbs/25_memberships.ipynb #59dff87c
+class TwoFactorNeeded(MembershipError):
+    "The tenant requires two-factor sign-in, and the user has not turned it on."
+
 def switch_tenant(sessions: SessionManager, record: SessionRecord, tenant_id: str):
-    "Make `tenant_id` the session's current tenant; `MembershipError` without an active membership there."
+    """Make `tenant_id` the session's current tenant; `MembershipError` without an active membership there,
+    `TwoFactorNeeded` when the tenant requires two-factor sign-in the user lacks."""
     db = sessions.host_db
     with db.transaction():
         if tenant_id not in {r['tenant_id'] for r in active_tenants(db, record.user_id)}:
             raise MembershipError(f"no active membership in {tenant_id!r}")
+        if lacks_required_two_factor(db, tenant_id, record.user_id):
+            raise TwoFactorNeeded(f"{tenant_id!r} requires two-factor sign-in")
         sessions.set_tenant(record.id_hash, tenant_id)
         audit(db, 'auth.tenant_switched', target_id=tenant_id, tenant_id=tenant_id)
 

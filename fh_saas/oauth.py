@@ -11,6 +11,7 @@ __all__ = ['identities_meta', 'oauth_identities_t', 'identities_component', 'Ext
 
 # %% ../nbs/27_oauth.ipynb #58aaaaed
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from authlib.integrations.starlette_client import OAuth, OAuthError
@@ -24,6 +25,7 @@ from .audit import audit
 from .sessions import SessionManager
 from .passwords import open_session
 from .api_keys import api_keys_t
+from .two_factor import SECOND_STEP_PATH, issue_pending_login, set_pending_cookie, two_factor_enabled
 
 # %% ../nbs/27_oauth.ipynb #ef3db1c3
 identities_meta = sa.MetaData()
@@ -174,14 +176,21 @@ def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvide
         except OAuthError: return fail('provider_refused')
         ip, ua = req.client and req.client.host, req.headers.get('user-agent')
         def sign_in():
+            "`(cookie, None)`, or `(None, pending_login)` for a user with two-factor sign-in; `(None, None)`: disabled."
             user = link_or_create_user(sessions, ident)
-            if not user.is_active: return None
+            if not user.is_active: return None, None
+            if two_factor_enabled(sessions.host_db, user.id):   # the provider vouches for the password, not the code
+                return None, issue_pending_login(sessions.host_db, user.id, sessions.clock())
             with sessions.host_db.transaction():
                 audit(sessions.host_db, 'auth.login', target_id=user.id, actor_user_id=user.id, ip_address=ip,
                       user_agent=ua, details=dict(provider=name))
-                return open_session(sessions, user.id, ip, ua)
-        try: cookie = await run_in_threadpool(sign_in)
+                return open_session(sessions, user.id, ip, ua), None
+        try: cookie, pending = await run_in_threadpool(sign_in)
         except OAuthLinkRefused: return fail('email_not_verified')
+        https = secure or req.url.scheme == 'https'
+        if pending:
+            return set_pending_cookie(RedirectResponse(f'{SECOND_STEP_PATH}?next={quote(after_login)}', 303), pending,
+                                      https)
         if cookie is None: return fail('account_disabled')
-        return sessions.set_cookie(RedirectResponse(after_login, 303), cookie, secure or req.url.scheme == 'https')
+        return sessions.set_cookie(RedirectResponse(after_login, 303), cookie, https)
     return oauth

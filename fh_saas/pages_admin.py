@@ -27,6 +27,7 @@ from .csrf import FORGED
 from .pages_layout import Pages, guarded, route
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
+from .two_factor import reset_two_factor, two_factor_t
 
 # %% ../nbs/59_pages_admin.ipynb #051e215c
 _OK = {'active', 'done', 'processed', 'trialing'}
@@ -101,11 +102,14 @@ def tenant_action(host_db, tenant_id: str, action: str) -> bool:
 
 # %% ../nbs/59_pages_admin.ipynb #42625ef2
 def admin_users(host_db, search: str = '', limit: int = 200) -> list[dict]:
-    "Users newest first (email containing `search`), each with the number of tenants they are active in."
-    u, m = users_t, memberships_t
+    """Users newest first (email containing `search`), each with the number of tenants they are active in and whether
+    they use two-factor sign-in."""
+    u, m, f = users_t, memberships_t, two_factor_t
     n_tenants = sa.select(sa.func.count()).where(m.c.user_id == u.c.id, m.c.is_active).scalar_subquery()
+    two_factor = sa.exists().where(f.c.user_id == u.c.id, f.c.secret.isnot(None))
     q = sa.select(u.c.id, u.c.email, u.c.name, u.c.is_sys_admin, u.c.is_active, u.c.created_at, u.c.last_login,
-                  n_tenants.label('tenants')).order_by(u.c.created_at.desc(), u.c.id).limit(limit)
+                  n_tenants.label('tenants'), two_factor.label('two_factor'))
+    q = q.order_by(u.c.created_at.desc(), u.c.id).limit(limit)
     if search: q = q.where(sa.func.lower(u.c.email).contains(search.lower(), autoescape=True))
     return host_db.db.execute(q)
 
@@ -205,10 +209,16 @@ class AdminPages(Pages):
         def role(r): return ui.badge('system admin',
                                      'warn') if r['is_sys_admin'] else None if r['is_active'] else ui.badge('disabled',
                                                                                                             'bad')
-        def act(r): return self.action(f"/admin/impersonate/{r['id']}", 'Impersonate',
-                                       auth) if r['is_active'] and not r['is_sys_admin'] else None
+        def act(r):
+            reset = self.action(f"/admin/users/{r['id']}/reset-two-factor", 'Reset two-factor', auth, 'danger',
+                                f"Turn off two-factor sign-in for {r['email']} and sign them out everywhere?")
+            return Div(self.action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth)
+                       if r['is_active'] and not r['is_sys_admin'] else None, reset if r['two_factor'] else None,
+                       style=_ROW)
+        def two_factor(r): return ui.badge('two-factor', 'ok') if r['two_factor'] else None
         return self.table(('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
-                          [(r['email'], r['name'] or '', role(r), r['tenants'], ui.when(r['last_login']),
+                          [(r['email'], r['name'] or '', Div(role(r), two_factor(r)), r['tenants'],
+                            ui.when(r['last_login']),
                             ui.when(r['created_at']), act(r))
                            for r in rows], 'No users match.' if q else 'No users yet.')
 
@@ -242,6 +252,9 @@ class AdminPages(Pages):
 
 # %% ../nbs/59_pages_admin.ipynb #c854b72f
 _admin, _admin_form = guarded(sys_admin=True), guarded(sys_admin=True, csrf=True)
+_USER_NOTICES = dict(stopped='You are yourself again.',
+                     two_factor_reset="Two-factor sign-in is off for that user, and they are signed out everywhere.",
+                     two_factor_off="That user had no two-factor sign-in to reset.")
 
 @patch
 @route('/admin')
@@ -272,9 +285,19 @@ def lifecycle(self: AdminPages, req, auth, tenant_id: str, action: str):
 @_admin
 def users(self: AdminPages, req, auth, q: str = '', done: str = ''):
     rows = admin_users(self.host_db, q)
-    return self.layout(req, 'Users', self.notice('You are yourself again.' if done == 'stopped' else None),
+    return self.layout(req, 'Users', self.notice(_USER_NOTICES.get(done)),
                        self.filters('/admin/users', self.field('Email contains', 'q', value=q)),
                        Div(self.users_table(auth, rows, q), cls='card'))
+
+@patch
+@route('/admin/users/{user_id}/reset-two-factor', 'post')
+@_admin_form
+def user_reset_two_factor(self: AdminPages, req, auth, user_id: str):
+    "Turn off `user_id`'s two-factor sign-in (a lost phone) and end their sessions, in one audited transaction."
+    with self.host_db.transaction():
+        done = reset_two_factor(self.host_db, user_id, auth.user.id)
+        if done: self.sessions.revoke_user(user_id)
+    return Redirect('/admin/users?done=' + ('two_factor_reset' if done else 'two_factor_off'))
 
 @patch
 @route('/admin/impersonate/stop', ['get', 'post'])

@@ -5,12 +5,15 @@ from functools import partial
 from urllib.parse import urlsplit, parse_qs, urlencode
 
 import httpx
+import pyotp
 import pytest
 from oidc_provider_mock import run_server_in_thread, User
 
 from fh_saas.api_keys import create_api_key
 from fh_saas.db_host import timestamp
 from fh_saas.oauth import add_oauth_routes, oidc_provider, oauth_identities_t
+from fh_saas.passwords import LoginFailed, second_step
+from fh_saas.two_factor import PENDING_COOKIE, begin_setup, confirm_setup
 from auth_helpers import make_world, SECRET
 
 # the provider mock itself uses authlib APIs that warn about their own deprecation
@@ -192,3 +195,23 @@ def test_concurrent_claims_by_several_providers_claim_once_and_keep_every_link(p
         assert db.global_users['sam'].password_hash is None
     finally:
         db.close(); HostDatabase.reset_instance()
+
+
+@pytest.mark.oidc
+def test_a_user_with_two_factor_signs_in_with_the_provider_then_a_code(world, monkeypatch):
+    monkeypatch.setenv('FH_SAAS_SECRET_KEY', SECRET)
+    app = pyotp.TOTP(begin_setup(world.host_db, 'ann'))
+    confirm_setup(world.host_db, 'ann', app.at(world.clock()), world.clock())
+    before = world.host_db.q("select count(*) n from auth_sessions")[0]['n']
+    c = world.client()
+    r = sign_in(c, 'ann-sub')
+    assert (r.status_code, r.headers['location']) == (303, '/login/two-factor?next=/notes')
+    assert world.sessions.cookie_name not in r.headers['set-cookie'] and c.get('/notes').status_code == 303
+    assert world.host_db.q("select count(*) n from auth_sessions")[0]['n'] == before
+    pending = c.cookies.get(PENDING_COOKIE)
+    with pytest.raises(LoginFailed): second_step(world.sessions, pending, '000000')
+    world.clock.advance(seconds=30)
+    _, cookie = second_step(world.sessions, pending, app.at(world.clock()))
+    c.cookies.set(world.sessions.cookie_name, cookie)
+    assert c.get('/notes').json()['user'] == 'ann'
+    assert 'auth.login' not in [e.event_type for e in world.host_db.audit_logs() if e.details == '{"provider": "mock"}']

@@ -5,13 +5,14 @@ the tenant's own database, hit a feature the plan lacks, invite a teammate who a
 switch tenants without ever seeing the other tenant's data, and have an admin suspend the tenant so its members
 are refused on their very next request. Then an upgrade, with the demo's Stripe SDK pointed at the local Stripe
 stand-in: the owner of a free tenant chooses Pro, pays on the stand-in's hosted Checkout page, and the signed events
-Stripe sends next, delivered over HTTP to the demo's webhook, unlock the Pro feature. Screenshots of every page are
-saved to test-artifacts/ on failure.
+Stripe sends next, delivered over HTTP to the demo's webhook, unlock the Pro feature. And two-factor sign-in on a
+phone-sized screen. Screenshots of every page are saved to test-artifacts/ on failure.
 """
-import json, re
+import json, re, time
 from pathlib import Path
 
 import httpx
+import pyotp
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -122,6 +123,43 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
         # Bob, working in Beta, is unaffected.
         bob.goto(f"{base}/projects")
         expect(bob.locator("main")).to_contain_text("Beta secret")
+
+
+def fits(page) -> bool:
+    "Whether the page is no wider than the window (nothing to scroll sideways)."
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+@pytest.mark.browser
+def test_two_factor_sign_in_on_a_phone(demo, browser):
+    "On a 390 px wide screen: turn two-factor sign-in on with the key shown, sign out, sign in with a code."
+    base, email, password = demo, "carol@gamma.test", "gamma password 1234"
+    page = browser.new_context(viewport=dict(width=390, height=844)).new_page()
+    page.set_default_timeout(20_000)
+    with screenshots_on_failure("two-factor", carol=page):
+        sign_up(page, base, email, password, "Carol", "Gamma Co")
+        page.wait_for_url("**/projects")
+        page.goto(f"{base}/account")
+        page.click("button:has-text('Set up two-factor sign-in')")
+        expect(page.locator("main svg")).to_be_visible()
+        assert fits(page)
+        app = pyotp.TOTP(page.locator("#two-factor-secret").inner_text().replace(" ", ""))
+        page.fill("input[name=code]", app.now())
+        page.click("button:has-text('Turn on')")
+        expect(page.locator("#recovery-codes li")).to_have_count(10)
+        assert fits(page)
+        page.click("button:has-text('Log out')")
+        page.wait_for_url("**/login")
+        log_in(page, base, email, password)
+        page.wait_for_url("**/login/two-factor**")
+        assert fits(page)
+        page.fill("input[name=code]", app.at(time.time() + 30))   # the next step's code: the one used is spent
+        page.click("button:has-text('Verify')")
+        page.wait_for_url("**/projects")
+        assert fits(page)
+        page.goto(f"{base}/account")
+        expect(page.locator("main")).to_contain_text("10 recovery codes left")
+        assert fits(page)
 
 
 def deliver(base, event) -> dict:

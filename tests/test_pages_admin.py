@@ -1,7 +1,9 @@
 """The system-admin pages through a real FastHTML app:
-tenant lifecycle, impersonation, jobs, audit paging and webhook replay."""
+tenant lifecycle, impersonation, two-factor resets, jobs, audit paging and webhook replay."""
 import json, re
 from datetime import datetime, timedelta, timezone
+
+import pyotp
 
 from fh_saas.api_keys import create_api_key
 from fh_saas.audit import audit
@@ -10,6 +12,7 @@ from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
 from fh_saas.db_tenant import suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
 from fh_saas.pages_admin import deprovision_key, tenant_overview
+from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
 from pages_helpers import site  # noqa: F401
 from stripe_helpers import event, subscription
 
@@ -293,3 +296,24 @@ def test_a_system_admins_api_key_does_not_open_the_admin_area(site):
         r = api.get(path, headers={'Authorization': f'Bearer {secret}'})
         assert r.status_code == 403 and 'API keys cannot open it' in r.text and 'alice@example.com' not in r.text, path
     assert 'alice@example.com' in site.client('root').get('/admin/users').text   # the same admin, signed in, is let in
+
+
+def test_an_admin_resets_a_users_two_factor_and_ends_their_sessions(site, monkeypatch):
+    monkeypatch.setenv('FH_SAAS_SECRET_KEY', 'admin-test-secret-' + 'w' * 40)
+    root, alice = admin_world(site)
+    assert 'reset-two-factor' not in root.get('/admin/users').text              # alice has none yet
+    confirm_setup(site.host_db, 'alice', pyotp.TOTP(begin_setup(site.host_db, 'alice')).now())
+    page = root.get('/admin/users').text
+    assert 'action="/admin/users/alice/reset-two-factor"' in page and 'badge ok">two-factor' in page
+    assert alice.post('/admin/users/alice/reset-two-factor').status_code == 403   # not an admin
+    assert root.post('/admin/users/alice/reset-two-factor', csrf='').status_code == 403
+    assert two_factor_enabled(site.host_db, 'alice') and alice.get('/billing').status_code == 200
+    r = root.post('/admin/users/alice/reset-two-factor')
+    assert (r.status_code, r.headers['location']) == (303, '/admin/users?done=two_factor_reset')
+    assert 'Two-factor sign-in is off for that user' in root.get(r.headers['location']).text
+    assert not two_factor_enabled(site.host_db, 'alice') and alice.get('/billing').status_code == 303
+    reset = site.host_db.q("select actor_user_id, target_id from sys_audit_logs where event_type = 'two_factor.reset'")
+    assert reset == [dict(actor_user_id='root', target_id='alice')]
+    again = root.post('/admin/users/alice/reset-two-factor')
+    assert again.headers['location'] == '/admin/users?done=two_factor_off'
+    assert root.post('/admin/users/nobody/reset-two-factor').headers['location'] == '/admin/users?done=two_factor_off'
