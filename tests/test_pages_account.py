@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 import fh_saas.system_jobs  # noqa: F401 (registers the tenant.provision handler)
 from fh_saas import passwords, ui
+from fh_saas.api_keys import create_api_key
 from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.db_host import HostDatabase, jobs_t
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
@@ -371,6 +372,9 @@ def logged_in_member(world, role='member'):
 def bob_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'bob@example.com')
 
 
+def ann_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+
+
 def test_non_admin_cannot_invite_or_manage(world):
     ann, bob = logged_in_member(world)
     page = bob.get('/team').text
@@ -485,6 +489,20 @@ def test_api_key_shown_once_authenticates_and_revokes(world):
     assert ann.post('/api-keys', data=dict(name=' ', mode='test', csrf=csrf(listing))).status_code == 400
     assert ann.post('/api-keys', data=dict(name='k', mode='prod', csrf=csrf(listing))).status_code == 400
     assert len(world.host_db.q("select key_id from auth_api_keys")) == 1
+
+
+def test_an_api_key_acts_only_inside_its_own_tenant(world):
+    ann = world.owner('ann@example.com')
+    ann.post('/tenants', data=dict(company='Second Shop', csrf=csrf(ann.get('/tenants').text)))
+    world.provision()
+    secret, _ = create_api_key(world.host_db, 'acme_corp', ann_id(world), 'CI', 'secret', 'test')
+    api, key = world.client(), {'Authorization': f'Bearer {secret}'}
+    assert api.get('/api/whoami', headers=key).json()['tenant'] == 'acme_corp'
+    for path in ('/tenants', '/tenants/second_shop/status', '/tenants/acme_corp/status', '/account'):
+        r = api.get(path, headers=key)
+        assert r.status_code == 403 and r.json()['error']['code'] == 'forbidden', path
+        assert 'only inside its own tenant' in r.json()['error']['message'] and 'Second Shop' not in r.text, path
+    assert 'Second Shop' in ann.get('/tenants').text
 
 
 def test_members_see_keys_but_cannot_create_them(world):
