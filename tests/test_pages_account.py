@@ -612,6 +612,27 @@ def test_an_impersonating_admin_cannot_mint_an_api_key_that_outlasts_the_imperso
     assert len(world.host_db.q("select key_id from auth_api_keys")) == 0
 
 
+def test_an_impersonating_admin_cannot_invite_create_tenants_or_change_roles(world):
+    ann, bob = logged_in_member(world)
+    world.host_db.global_users.insert(dict(id='root', email='root@example.com', is_sys_admin=True))
+    cookie = world.sessions.create('root')
+    switch_tenant(world.sessions, start_impersonation(world.sessions, world.sessions.load(cookie), ann_id(world)),
+                  'acme_corp')
+    admin = world.client()
+    admin.cookies.set(world.sessions.cookie_name, cookie)
+    token, before, sent = csrf(admin.get('/team').text), counts(world.host_db), len(world.outbox.messages)
+    for path, data in [('/team/invite', dict(email='root@example.com', role='admin')),
+                       ('/team/role', dict(user_id=bob_id(world), role='admin')),
+                       ('/team/transfer', dict(user_id=bob_id(world))),
+                       ('/tenants', dict(company='Backdoor Ltd'))]:
+        r = admin.post(path, data=dict(data, csrf=token))
+        assert r.status_code == 403 and 'while impersonating' in r.text and 'class="alert bad"' in r.text, path
+    assert (counts(world.host_db), len(world.outbox.messages)) == (before, sent)
+    assert world.host_db.q("select count(*) n from auth_invitations where email = 'root@example.com'")[0]['n'] == 0
+    roles = sorted((m.user_id == ann_id(world), m.role) for m in world.host_db.memberships())
+    assert roles == [(False, 'member'), (True, 'owner')]
+
+
 # --- the account page: name, password, sessions -----------------------------------------------------------------
 FIREFOX = 'Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0'
 IPHONE = 'Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Version/17.0 Mobile/15E148 Safari/604.1'
