@@ -6,9 +6,10 @@ Docs: https://fh-saas.github.io/fh_saas/pages_auth.html.md"""
 
 # %% auto #0
 __all__ = ['AUDIT_SIGNUP', 'AUDIT_TENANT_REGISTERED', 'NO_STORE', 'ACCOUNT_NAME_MAX', 'AUDIT_NAME_CHANGED', 'AUDIT_SESSION_ENDED',
-           'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError', 'create_tenant', 'sign_up',
-           'signup_details', 'AuthPages', 'AccountRefused', 'clean_user_name', 'change_name', 'session_handle',
-           'live_sessions', 'end_session', 'end_other_sessions', 'short_agent', 'AccountPages']
+           'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError', 'TooManyTenants',
+           'create_tenant', 'sign_up', 'signup_details', 'AuthPages', 'AccountRefused', 'clean_user_name',
+           'change_name', 'session_handle', 'live_sessions', 'end_session', 'end_other_sessions', 'short_agent',
+           'AccountPages']
 
 # %% ../nbs/55_pages_auth.ipynb #600bd221
 import hashlib, json, logging, re, secrets, unicodedata
@@ -24,7 +25,7 @@ from . import ui
 from .audit import audit
 from .db_values import gen_id, timestamp
 from .db_pooled import DuplicateRecord
-from .db_host import GlobalUser, HostDatabase, memberships_t, users_t
+from .db_host import GlobalUser, HostDatabase, memberships_t, tenants_t, users_t
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .csrf import cross_site, local_path
 from .jobs import enqueue
@@ -71,11 +72,30 @@ def _set_details(host_db: HostDatabase, tenant_id: str, user_id: str, details: d
         conn.execute(sa.update(memberships_t).where(m.tenant_id == tenant_id, m.user_id == user_id)
                      .values(meta_attributes=json.dumps(details)))
 
+class TooManyTenants(AccountError):
+    "The user owns as many tenants as one person may."
+
+def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
+    """`TooManyTenants` when `owner_id` (not a system admin) owns `max_owned` live tenants already. The user's row is
+    locked first, so creations racing for one user count one after the other."""
+    if max_owned is None: return
+    u, m, t = users_t.c, memberships_t.c, tenants_t.c
+    q = sa.select(u.is_sys_admin).where(u.id == owner_id).with_for_update(key_share=True)
+    if conn.execute(q).scalar(): return
+    owned = conn.execute(sa.select(sa.func.count()).select_from(memberships_t.join(tenants_t, t.id == m.tenant_id))
+                         .where(m.user_id == owner_id, m.role == roles.owner, m.is_active.is_(True),
+                                t.status.notin_(('deleting', 'deleted')))).scalar()
+    if owned >= max_owned:
+        raise TooManyTenants(f"You already own {owned} tenants, the most one person may own. Ask support if you need "
+                             "more.")
+
 def create_tenant(host_db: HostDatabase, owner_id: str, name: str, roles: Roles = DEFAULT_ROLES,
-                  details: dict | None = None) -> str:
-    "Register tenant `name` (state `provisioning`) owned by `owner_id` and queue its provisioning, in one transaction."
+                  details: dict | None = None, max_owned: int | None = None) -> str:
+    """Register tenant `name` (state `provisioning`) owned by `owner_id` and queue its provisioning, in one transaction;
+    `TooManyTenants` when they own `max_owned` already (system admins have no cap)."""
     name = _clean_name(name, 'company name')
-    with host_db.transaction():
+    with host_db.transaction() as conn:
+        _check_owned(conn, owner_id, roles, max_owned)
         tid = next((t for t in tenant_ids(name) if register_tenant(host_db, t, name)), None)
         if tid is None: raise AccountError("Every id we tried for this name is taken. Please try again, or choose "
                                            "another name.")

@@ -25,8 +25,9 @@ from .memberships import LastOwner, MembershipError, Roles, accept_invitation, a
 from .memberships import cancel_invitation, change_role, decline_invitation, invitations_t, invite
 from .memberships import pending_invitations, remove_member, switch_tenant, transfer_ownership
 from .one_time_tokens import InvalidToken, hash_token
-from .pages_auth import NO_STORE, AccountError, create_tenant
+from .pages_auth import NO_STORE, AccountError, TooManyTenants, create_tenant
 from .pages_layout import Pages, guarded, route
+from .rate_limits import RateLimit, hit
 from .sessions import SessionRecord
 
 _log = logging.getLogger('fh_saas.pages_tenants')
@@ -76,6 +77,9 @@ IMPERSONATING = ("This cannot be done while impersonating: it would outlast the 
 
 class TenantPages(Pages):
     "The user's tenants: list, create, switch, and the set-up status of a new one."
+    max_owned: int | None = 10                   # tenants one user may own (system admins: any number); None: no cap
+    create_rate: RateLimit = RateLimit(5, 3600)  # tenants one user may create per hour
+
     def tenants_body(self, req, auth):
         current = auth.session.tenant_id if auth.session else None
         rows = [(Strong(t['name']), Span(t['tenant_id'], cls='muted'), t['role'],
@@ -97,8 +101,9 @@ class TenantPages(Pages):
                                                                                   required=True),
                                                            Button('Create tenant'), auth=auth)))
 
-    def tenants_page(self, req, auth, error=None, status=200):
-        return self.show(req, 'Your tenants', self.notice(error, 'bad'), *self.tenants_body(req, auth), status=status)
+    def tenants_page(self, req, auth, error=None, status=200, headers=None):
+        return self.show(req, 'Your tenants', self.notice(error, 'bad'), *self.tenants_body(req, auth), status=status,
+                         headers=headers)
 
     @route('/tenants')
     def tenants(self, req, auth): return self.tenants_page(req, auth)
@@ -107,7 +112,11 @@ class TenantPages(Pages):
     @guarded(csrf=True)
     def new_tenant(self, req, auth, company: str = ''):
         if auth.impersonator is not None: return self.tenants_page(req, auth, IMPERSONATING, 403)
-        try: tid = create_tenant(self.host_db, auth.user.id, company, self.roles)
+        if not (rl := hit(self.host_db, f'tenant_create:user:{auth.user.id}', self.create_rate)).allowed:
+            return self.tenants_page(req, auth, f"You have created several tenants just now. Try again in "
+                                                f"{rl.retry_after} seconds.", 429, {'Retry-After': str(rl.retry_after)})
+        try: tid = create_tenant(self.host_db, auth.user.id, company, self.roles, max_owned=self.max_owned)
+        except TooManyTenants as e: return self.tenants_page(req, auth, str(e), 403)
         except AccountError as e: return self.tenants_page(req, auth, str(e), 400)
         except NoServerAvailable: return self.tenants_page(req, auth,
                                                            "We cannot create new tenants right now. Please try again "

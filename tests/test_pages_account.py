@@ -540,6 +540,34 @@ def test_tenants_page_creates_another_tenant(world):
     assert ann.get('/').text.startswith('home of acme_corp')
 
 
+def test_one_user_owns_a_capped_number_of_tenants(world, monkeypatch):
+    monkeypatch.setattr(TenantPages, 'max_owned', 2)
+    ann = world.owner('ann@example.com')
+    token = csrf(ann.get('/tenants').text)
+    assert ann.post('/tenants', data=dict(company='Second Shop', csrf=token)).status_code == 303
+    before = counts(world.host_db)
+    r = ann.post('/tenants', data=dict(company='Third Shop', csrf=token))
+    assert r.status_code == 403 and 'You already own 2 tenants' in r.text and 'class="alert bad"' in r.text
+    assert counts(world.host_db) == before
+    ann_id_ = ann_id(world)
+    world.host_db.q("update core_memberships set role = 'admin' where tenant_id = 'second_shop'")
+    assert ann.post('/tenants', data=dict(company='Third Shop', csrf=token)).status_code == 303   # owns one again
+    world.host_db.global_users.update(dict(id=ann_id_, is_sys_admin=True))
+    assert ann.post('/tenants', data=dict(company='Fourth Shop', csrf=token)).status_code == 303  # no cap for admins
+
+
+def test_tenant_creation_is_rate_limited_per_user(world, monkeypatch):
+    monkeypatch.setattr(TenantPages, 'create_rate', RateLimit(2, 3600))
+    ann, eve = world.owner('ann@example.com'), world.owner('eve@example.com', 'Evil Inc')
+    token = csrf(ann.get('/tenants').text)
+    for i in range(2): assert ann.post('/tenants', data=dict(company=f'Shop {i}', csrf=token)).status_code == 303
+    before = counts(world.host_db)
+    r = ann.post('/tenants', data=dict(company='Shop 2', csrf=token))
+    assert r.status_code == 429 and 'Try again in' in r.text and int(r.headers['retry-after']) > 0
+    assert counts(world.host_db) == before
+    assert eve.post('/tenants', data=dict(company='Eve Two', csrf=csrf(eve.get('/tenants').text))).status_code == 303
+
+
 def test_status_page_is_for_members_only_and_reports_a_failed_job(world):
     ann = world.signup('ann@example.com')
     eve = world.signup('eve@example.com', 'Evil Inc')
