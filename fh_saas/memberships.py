@@ -19,6 +19,7 @@ from .db_values import gen_id, timestamp, utcnow, UTCTimestamp
 from .db_pooled import DuplicateRecord
 from .db_upgrade import HostComponent
 from .db_host import HostDatabase, register_component, Membership, users_t, tenants_t, memberships_t
+from .db_host import email_is, normalize_email
 from .audit import audit
 from .api_keys import api_keys_t
 from .one_time_tokens import new_token, hash_token, InvalidToken
@@ -183,7 +184,15 @@ invitations_t = sa.Table('auth_invitations', invitations_meta,
     sa.Column('declined_at', UTCTimestamp()))
 sa.Index('ix_auth_invitations_tenant', invitations_t.c.tenant_id)
 
-invitations_component = register_component(HostComponent('invitations', invitations_meta, 1, [invitations_t]))
+def _normalize_invitation_emails(conn):
+    "Version 2: invitations store their address as `normalize_email` makes it, as users do."
+    i = invitations_t.c
+    for iid, email in conn.execute(sa.select(i.id, i.email)).all():
+        if (e := normalize_email(email)) != email:
+            conn.execute(invitations_t.update().where(i.id == iid).values(email=e))
+
+invitations_component = register_component(HostComponent('invitations', invitations_meta, 2, [invitations_t],
+                                                          {2: _normalize_invitation_emails}))
 
 # %% ../nbs/25_memberships.ipynb #3f40afa0
 def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited_by: str, mailer: Mailer,
@@ -198,8 +207,8 @@ def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited
     with host_db.transaction() as conn:
         name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
         if name is None: raise MembershipError(f"no tenant {tenant_id!r}")
-        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=email, role=role,
-                                                   token_hash=hash_token(raw), invited_by=invited_by,
+        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=normalize_email(email),
+                                                   role=role, token_hash=hash_token(raw), invited_by=invited_by,
                                                    created_at=timestamp(now), expires_at=timestamp(now + ttl)))
         audit(host_db, 'invitation.created', target_id=iid, tenant_id=tenant_id, details=dict(email=email, role=role))
         mailer.send(email, f"You are invited to {name}",
@@ -211,7 +220,7 @@ def _use_invitation(conn, token: str, now: str, user_email: str | None, **values
     i = invitations_t.c
     cond = [i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None),
             i.expires_at > now]
-    if user_email is not None: cond.append(sa.func.lower(i.email) == user_email.lower())
+    if user_email is not None: cond.append(email_is(i.email, user_email))
     row = conn.execute(invitations_t.update().where(*cond).values(**values)
                        .returning(i.id, i.tenant_id, i.role, i.invited_by)).mappings().first()
     if row is None:

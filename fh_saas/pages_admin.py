@@ -20,6 +20,7 @@ from fasthtml.common import A, Button, Code, Div, Form, H1, Label, Nav, Option, 
 from . import ui
 from .audit import audit, audit_cursor, audit_events
 from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
+from .db_host import normalize_email
 from .db_tenant import InvalidTenantId, TenantNotFound, TenantUnavailable, resume_tenant, suspend_tenant, tenant_row
 from .jobs import enqueue, retry
 from .csrf import FORGED
@@ -105,7 +106,7 @@ def admin_users(host_db, search: str = '', limit: int = 200) -> list[dict]:
     n_tenants = sa.select(sa.func.count()).where(m.c.user_id == u.c.id, m.c.is_active).scalar_subquery()
     q = sa.select(u.c.id, u.c.email, u.c.name, u.c.is_sys_admin, u.c.is_active, u.c.created_at, u.c.last_login,
                   n_tenants.label('tenants')).order_by(u.c.created_at.desc(), u.c.id).limit(limit)
-    if search: q = q.where(sa.func.lower(u.c.email).contains(search.lower(), autoescape=True))
+    if search: q = q.where(u.c.email.contains(normalize_email(search), autoescape=True))
     return host_db.db.execute(q)
 
 def admin_jobs(host_db, status: str = '', limit: int = 100) -> list[dict]:

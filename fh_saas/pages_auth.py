@@ -25,7 +25,7 @@ from . import ui
 from .audit import audit
 from .db_values import gen_id, timestamp
 from .db_pooled import DuplicateRecord
-from .db_host import GlobalUser, HostDatabase, memberships_t, tenants_t, users_t
+from .db_host import GlobalUser, HostDatabase, memberships_t, normalize_email, tenants_t, users_t
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .csrf import cross_site, local_path
 from .jobs import enqueue
@@ -110,7 +110,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
             hasher: PasswordHasher = default_hasher, roles: Roles = DEFAULT_ROLES,
             details: dict | None = None) -> tuple[str, str | None]:
     "Create a user (and, given `company`, their tenant) in one transaction: `(user_id, tenant_id)`."
-    email = (email or '').strip()
+    email = normalize_email(email)
     if not is_email_address(email): raise AccountError("Enter a valid email address.")
     if name and len(name) > _NAME_MAX: raise AccountError(f"Your name can be at most {_NAME_MAX} characters long.")
     if company is not None: company = _clean_name(company, 'company name')
@@ -265,7 +265,7 @@ def reset_request_page(self: AuthPages, req):
 @route('/password-reset', 'post')
 def reset_request(self: AuthPages, req, email: str = ''):
     if cross_site(req): return self.forged(req)
-    address = (email or '').strip().lower()
+    address = normalize_email(email)
     if address and hit(self.host_db, f'password_reset:{hash_token(address)[:40]}', self.reset_rate).allowed:
         request_password_reset(self.host_db, address, self.saas.mailer,
                                lambda tok: self.saas.url(f'/password-reset/{tok}'))

@@ -19,7 +19,7 @@ from fasthtml.common import Span, Strong
 
 from . import ui
 from .db_values import as_utc, utcnow
-from .db_host import GlobalUser, HostDatabase, jobs_t, memberships_t, tenants_t, users_t
+from .db_host import GlobalUser, HostDatabase, jobs_t, memberships_t, normalize_email, tenants_t, users_t
 from .db_tenant import NoServerAvailable
 from .memberships import LastOwner, MembershipError, Roles, accept_invitation, active_tenants
 from .memberships import cancel_invitation, change_role, decline_invitation, invitations_t, invite
@@ -310,7 +310,7 @@ class InvitationPages(Pages):
         if user is None:
             return P(A('Log in to accept', href=f"/login?next={quote(here)}", cls='button'), ' ',
                      A('Create an account', href=f"/signup?next={quote(here)}", cls='button secondary'))
-        if user.email.lower() != inv['email'].lower():
+        if normalize_email(user.email) != normalize_email(inv['email']):
             return self.alert(f"You are logged in as {user.email}, but this invitation is for {inv['email']}. "
                               "Log out and log in with that address to accept it.", 'warn')
         return Form(Button('Accept invitation'), method='post', action=f'{here}/accept', cls='inline')

@@ -216,3 +216,18 @@ def test_racing_adds_of_one_member_give_one_membership_and_a_clear_error(people,
     finally: sa.event.remove(db.engine, 'after_cursor_execute', slow)
     assert sorted(type(r).__name__ for r in results) == ['Membership'] + ['MembershipError'] * 3
     assert db.q("select count(*) n from core_memberships where tenant_id = 'acme' and user_id = 'cy'")[0]['n'] == 1
+
+
+def test_the_invitations_upgrade_stores_their_addresses_normalised(people):
+    "Invitations made before emails were normalised (component v1) are accepted by the account of their address."
+    from fh_saas.memberships import invitations_component, invitations_t
+    db, outbox = people, MemoryOutbox()
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner')
+    invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
+    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    db.q("update auth_invitations set email = 'BOB@Ｅxample.com'")
+    db.q("update sys_schema_versions set version = 1 where component = 'invitations'")
+    assert invitations_component.upgrade(db.engine) == 2
+    with db.transaction() as conn: assert conn.execute(sa.select(invitations_t.c.email)).scalar() == 'bob@example.com'
+    assert accept_invitation(db, token, 'bob').tenant_id == 'acme'
