@@ -6,10 +6,10 @@ Docs: https://fh-saas.github.io/fh_saas/pages_auth.html.md"""
 
 # %% auto #0
 __all__ = ['AUDIT_SIGNUP', 'AUDIT_TENANT_REGISTERED', 'NO_STORE', 'ACCOUNT_NAME_MAX', 'AUDIT_NAME_CHANGED', 'AUDIT_SESSION_ENDED',
-           'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError', 'TooManyTenants',
-           'create_tenant', 'sign_up', 'signup_details', 'AuthPages', 'AccountRefused', 'clean_user_name',
-           'change_name', 'session_handle', 'live_sessions', 'end_session', 'end_other_sessions', 'short_agent',
-           'AccountPages']
+           'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError', 'EmailTaken',
+           'TooManyTenants', 'create_tenant', 'sign_up', 'signup_details', 'AuthPages', 'AccountRefused',
+           'clean_user_name', 'change_name', 'session_handle', 'live_sessions', 'end_session', 'end_other_sessions',
+           'short_agent', 'AccountPages']
 
 # %% ../nbs/55_pages_auth.ipynb #600bd221
 import hashlib, json, logging, re, secrets, unicodedata
@@ -57,6 +57,9 @@ AUDIT_TENANT_REGISTERED = 'tenant.registered'
 
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
+
+class EmailTaken(AccountError):
+    "A sign-up with the email of an existing account (the sign-up page does not say so: it mails that account)."
 
 _NAME_MAX = 100
 
@@ -124,8 +127,8 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
             tid = create_tenant(host_db, uid, company, roles, details) if company else None
             audit(host_db, AUDIT_SIGNUP, target_id=uid, actor_user_id=uid, tenant_id=tid)
     except DuplicateRecord:
-        raise AccountError("An account with this email address already exists. "
-                           "Log in, or reset your password.") from None
+        raise EmailTaken("An account with this email address already exists. "
+                         "Log in, or reset your password.") from None
     return uid, tid
 
 def signup_details(host_db: HostDatabase, user_id: str, tenant_id: str) -> dict:
@@ -143,6 +146,7 @@ class AuthPages(Pages):
     hasher: PasswordHasher = default_hasher
     throttle: LoginThrottle = LoginThrottle()
     signup_rate: RateLimit = RateLimit(20, 3600)     # sign-ups per network address per hour
+    taken_rate: RateLimit = RateLimit(3, 3600)       # "someone tried to sign up as you" emails per address per hour
     reset_rate: RateLimit = RateLimit(3, 3600)       # reset emails per address per hour
 
     def client(self, req): return (req.client.host if req.client else None), req.headers.get('user-agent')
@@ -203,6 +207,7 @@ def signup(self: AuthPages, req, email: str = '', password: str = '', name: str 
         details = self.signup_extra(req, values, bool(invited))
         uid, tid = sign_up(self.host_db, email, password, name or None, None if invited else company, self.hasher,
                            self.roles, details)
+    except EmailTaken: return self.signup_taken(req, email, company, invited)
     except AccountError as e: return again(str(e), 400)
     except NoServerAvailable: return again("We cannot create new workspaces right now. Please try again later.", 503)
     self.on_signup(req, uid, tid, details)
@@ -210,6 +215,27 @@ def signup(self: AuthPages, req, email: str = '', password: str = '', name: str 
     except OSError as e: _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
     cookie = self.sessions.create(uid, None, *self.client(req))
     return self.signed_in(req, cookie, invited or f'/tenants/{tid}/status')
+
+# %% ../nbs/55_pages_auth.ipynb #679897a6
+def _would_be_tenant(host_db: HostDatabase, company: str) -> str:
+    "The id a new tenant named `company` would get now (its slug, or the slug with a suffix when that is taken)."
+    candidates = list(tenant_ids(' '.join(company.split())))
+    with host_db.transaction() as conn:
+        taken = set(conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(candidates))).scalars())
+    return next((t for t in candidates if t not in taken), candidates[-1])
+
+@patch
+def signup_taken(self: AuthPages, req, email: str, company: str, invited: str):
+    "The answer to a sign-up with a taken email: what a new sign-up gets, minus the session; the owner is mailed."
+    address = normalize_email(email)
+    if hit(self.host_db, f'signup_taken:{hash_token(address)[:40]}', self.taken_rate).allowed:
+        body = (f"Someone tried to create an account at {self.saas.url('/')} with this email address. You already "
+                f"have one: log in at {self.saas.url('/login')}, or choose a new password at "
+                f"{self.saas.url('/password-reset')} if you forgot it. If it was not you, ignore this email: "
+                "nothing has changed.\n")
+        try: self.saas.mailer.send(address, 'Someone tried to sign up with your address', body)
+        except OSError as e: _log.warning("a sign-up with a taken address: the notice was not sent: %s", e)
+    return RedirectResponse(invited or f'/tenants/{_would_be_tenant(self.host_db, company)}/status', 303)
 
 # %% ../nbs/55_pages_auth.ipynb #22b31156
 @patch

@@ -176,7 +176,6 @@ def test_duplicate_email_and_bad_input_write_nothing(world):
     world.signup('ann@example.com')
     before = counts(world.host_db)
     for data, status, message in [
-            (dict(email='ANN@example.com', password=PW, company='Other'), 400, 'already exists'),
             (dict(email='bob@example.com', password='short', company='Other'), 400, 'longer password'),
             (dict(email='bob@example', password=PW, company='Other'), 400, 'valid email'),
             (dict(email='bob@example.com', password=PW, company='   '), 400, 'Enter a company name')]:
@@ -184,6 +183,30 @@ def test_duplicate_email_and_bad_input_write_nothing(world):
         assert (r.status_code, message in r.text, 'set-cookie' in r.headers) == (status, True, False), (data, r.text)
         assert 'class="alert bad"' in r.text and data['email'] in r.text     # the form is shown again, filled in
     assert counts(world.host_db) == before
+
+
+def test_a_sign_up_with_a_taken_email_answers_as_a_new_one_and_mails_the_owner(world, monkeypatch):
+    monkeypatch.setattr(AuthPages, 'taken_rate', RateLimit(2, 3600))
+    world.signup('ann@example.com', 'Acme Corp')
+    link = invite(world, world.owner('cy@example.com', 'Cy Co'), 'ann@example.com')
+    before = counts(world.host_db)
+    taken = world.client().post('/signup', data=dict(email=' ANN@Example.com', password='another secret', name='X',
+                                                      company='Other Co'))
+    assert counts(world.host_db) == before and 'set-cookie' not in taken.headers
+    new = world.client().post('/signup', data=dict(email='zed@example.com', password=PW, company='Other Co'))
+    assert (taken.status_code, taken.headers['location']) == (new.status_code, new.headers['location'])
+    assert (new.status_code, new.headers['location']) == (303, '/tenants/other_co/status')
+    notice = world.outbox.last_to('ann@example.com')
+    body = notice.get_content()
+    assert notice['Subject'] == 'Someone tried to sign up with your address' and 'another secret' not in body
+    assert 'https://app.test/login' in body and 'https://app.test/password-reset' in body
+    invited = world.client().post('/signup', data=dict(email='ann@example.com', password=PW, next=link))
+    assert (invited.status_code, invited.headers['location'], 'set-cookie' in invited.headers) == (303, link, False)
+    again = world.client().post('/signup', data=dict(email='ann@example.com', password=PW, company='X Co'))
+    assert again.status_code == 303
+    notices = [m for m in world.outbox.messages if m['Subject'] == 'Someone tried to sign up with your address']
+    assert len(notices) == 2          # `taken_rate`: two an hour per address here, however many tries
+    assert world.host_db.global_users.count == 3
 
 
 def test_signups_per_network_address_are_limited(world):
