@@ -181,7 +181,11 @@ class AuthResolver:
             return Refusal('unauthenticated', 'this account is disabled')
         base = dict(user=user, impersonator=impersonator, session=session, roles=self.roles,
                     api_key_id=key and key.key_id, mode=key and key.mode)
-        if key is None and any(re.fullmatch(p, req.url.path) for p in self.tenantless): return AuthContext(**base)
+        if any(re.fullmatch(p, req.url.path) for p in self.tenantless):
+            # a key acts inside its own tenant: the user's other tenants and account are not its business
+            if key is not None: return Refusal('forbidden', 'an API key works only inside its own tenant; this page '
+                                                            "is about a user's account and tenants")
+            return AuthContext(**base)
         if (tenant_id := key.tenant_id if key else session.tenant_id) is None:
             return Refusal('no_tenant', 'choose a tenant first')
         return self._in_tenant(req, base, key, tenant_id, row)

@@ -17,7 +17,7 @@ from dotenv import load_dotenv
 
 from .db_engine import error_reason
 from .db_pooled import RecordRefused
-from .db_host import HostDatabase, GlobalUser, memberships_t, tenants_t, users_t
+from .db_host import HostDatabase, GlobalUser, email_is, memberships_t, normalize_email, tenants_t, users_t
 
 # %% ../nbs/92_cli.ipynb #8d2f41a7
 class CliError(Exception):
@@ -169,7 +169,7 @@ def _key_user(host_db, tenant_id: str, email: str | None) -> dict:
     m, u = memberships_t.c, users_t.c
     q = (sa.select(u.id, u.email).join(memberships_t, m.user_id == u.id)
          .where(m.tenant_id == tenant_id, m.is_active.is_(True), u.is_active.is_(True)).order_by(m.created_at).limit(1))
-    q = q.where(sa.func.lower(u.email) == email.strip().lower()) if email else q.where(m.role == DEFAULT_ROLES.owner)
+    q = q.where(email_is(u.email, email)) if email else q.where(m.role == DEFAULT_ROLES.owner)
     with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
     if row is None and email: raise CliError(f"{email} is not an active member of {tenant_id}")
     if row is None: raise CliError(f"{tenant_id} has no owner: pass --user EMAIL")
@@ -217,7 +217,7 @@ def _users(args, host_db) -> int:
     from fh_saas.passwords import hash_password
     pw = _ask('FH_SAAS_ADMIN_PASSWORD', f"password for {args.email}: ")
     with host_db.transaction():
-        admin = GlobalUser(email=args.email, password_hash=hash_password(pw), is_sys_admin=True)
+        admin = GlobalUser(email=normalize_email(args.email), password_hash=hash_password(pw), is_sys_admin=True)
         u = host_db.global_users.insert(admin)
     print(f"system admin {u.email} created")
     return 0

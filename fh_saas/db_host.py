@@ -8,14 +8,15 @@ Docs: https://fh-saas.github.io/fh_saas/db_host.html.md"""
 __all__ = ['host_metadata', 'users_t', 'tenants_t', 'memberships_t', 'subscriptions_t', 'plans_t', 'audit_t', 'jobs_t',
            'webhook_events_t', 'HOST_SCHEMA_VERSION', 'HOST_SCHEMA_STEPS', 'host_components', 'GlobalUser',
            'TenantCatalog', 'Membership', 'Subscription', 'PricingPlan', 'HostAuditLog', 'SystemJob',
-           'StripeWebhookEvent', 'register_component', 'HostDatabaseUnavailable', 'HostDatabase', 'add_host_columns',
-           'host_doctor', 'UTCTimestamp', 'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError',
-           'dialect_insert', 'env_count', 'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env',
-           'BoundTable', 'DuplicateRecord', 'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase',
-           'HostComponent', 'schema_version', 'schema_versions_t', 'upgrade_schema']
+           'StripeWebhookEvent', 'normalize_email', 'email_is', 'EmailsCollide', 'register_component',
+           'HostDatabaseUnavailable', 'HostDatabase', 'add_host_columns', 'host_doctor', 'UTCTimestamp', 'as_utc',
+           'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert', 'env_count', 'env_flag',
+           'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable', 'DuplicateRecord',
+           'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase', 'HostComponent',
+           'schema_version', 'schema_versions_t', 'upgrade_schema']
 
 # %% ../nbs/04_db_host.ipynb #52f52564
-import itertools, threading
+import itertools, threading, unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -184,8 +185,17 @@ webhook_events_t = sa.Table('core_stripe_webhook_events', host_metadata, _id(),
 sa.Index('ux_core_stripe_webhook_events_event_id', webhook_events_t.c.event_id, unique=True)
 sa.Index('ix_core_stripe_webhook_events_status', webhook_events_t.c.status)
 
+# %% ../nbs/04_db_host.ipynb #16705ba3
+def normalize_email(email: str | None) -> str:
+    "`email` as it is stored and compared: trimmed, NFKC-normalised and case-folded (idempotent)."
+    return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', (email or '').strip()).casefold())
+
+def email_is(column, email: str | None):
+    "The SQL condition: the email stored in `column` is `email` (normalised), through the `lower(email)` index."
+    return sa.func.lower(column) == sa.func.lower(normalize_email(email))
+
 # %% ../nbs/04_db_host.ipynb #bf3fbfdb
-HOST_SCHEMA_VERSION = 3
+HOST_SCHEMA_VERSION = 4
 
 def _backfill_tenant_status(conn):
     conn.execute(tenants_t.update().where(tenants_t.c.is_active == sa.false()).values(status='suspended'))
@@ -208,7 +218,35 @@ def _utc_times(conn):
                 keys = [raw.c[c.name] == row[c.name] for c in t.primary_key]
                 conn.execute(raw.update().where(*keys).values({name: stored_utc(row[name])}))
 
-HOST_SCHEMA_STEPS = {2: _backfill_tenant_status, 3: _utc_times}
+def _shared_emails(conn) -> list[tuple[str, str]]:
+    "(email, user ids) of the emails that several users share in some letter case."
+    email = sa.func.lower(users_t.c.email)
+    shared = sa.select(email).group_by(email).having(sa.func.count() > 1)
+    rows = conn.execute(sa.select(email, users_t.c.id).where(email.in_(shared)).order_by(email, users_t.c.id)).all()
+    return [(e, ', '.join(r.id for r in group)) for e, group in itertools.groupby(rows, key=lambda r: r[0])]
+
+class EmailsCollide(RuntimeError):
+    "Stored emails that become one address once normalised: the upgrade stops rather than merge accounts."
+
+def _normalize_emails(conn):
+    """Store every user's email as `normalize_email` makes it; `EmailsCollide`, changing nothing, when that would give
+    two users one address. Users that already share an email in some letter case (fh-saas 0.9 allowed it) are left
+    to `host_doctor`, as before."""
+    shared = {uid for _, ids in _shared_emails(conn) for uid in ids.split(', ')}
+    rows = [r for r in conn.execute(sa.select(users_t.c.id, users_t.c.email).order_by(users_t.c.id))
+            if r.id not in shared]
+    by_email = {}
+    for r in rows: by_email.setdefault(normalize_email(r.email), []).append(r)
+    if clash := {e: rs for e, rs in by_email.items() if len(rs) > 1}:
+        named = '; '.join(f"{e}: " + ', '.join(f"user {r.id} ({r.email})" for r in rs) for e, rs in clash.items())
+        raise EmailsCollide(f"the host database was not upgraded: these users' emails are one address once letter "
+                            f"case and Unicode forms are ignored: {named}. Give all but one of each another email "
+                            "address (or merge them), then start again.")
+    for r in rows:
+        if (e := normalize_email(r.email)) != r.email:
+            conn.execute(users_t.update().where(users_t.c.id == r.id).values(email=e))
+
+HOST_SCHEMA_STEPS = {2: _backfill_tenant_status, 3: _utc_times, 4: _normalize_emails}
 
 # %% ../nbs/04_db_host.ipynb #0fddd977
 host_components: dict[str, HostComponent] = {}
@@ -358,13 +396,6 @@ def add_host_columns(table: sa.Table, *columns: sa.Column) -> HostComponent:
     return register_component(HostComponent(f'app_columns:{table.name}', host_metadata, len(added), [table]))
 
 # %% ../nbs/04_db_host.ipynb #702a530e
-def _shared_emails(conn) -> list[tuple[str, str]]:
-    "(email, user ids) of the emails that several users share in some letter case."
-    email = sa.func.lower(users_t.c.email)
-    shared = sa.select(email).group_by(email).having(sa.func.count() > 1)
-    rows = conn.execute(sa.select(email, users_t.c.id).where(email.in_(shared)).order_by(email, users_t.c.id)).all()
-    return [(e, ', '.join(r.id for r in group)) for e, group in itertools.groupby(rows, key=lambda r: r[0])]
-
 def host_doctor(host_db: HostDatabase, repair: bool = False) -> list[str]:
     "What keeps the host database from its integrity rules, each with what to do; `repair` adds the rules now possible."
     tables = [*host_metadata.sorted_tables, *(t for comp in host_components.values() for t in comp.tables)]

@@ -20,6 +20,7 @@ from .db_values import gen_id, timestamp, utcnow, UTCTimestamp
 from .db_pooled import DuplicateRecord
 from .db_upgrade import HostComponent
 from .db_host import HostDatabase, register_component, Membership, users_t, tenants_t, memberships_t
+from .db_host import email_is, normalize_email
 from .audit import audit
 from .api_keys import api_keys_t
 from .one_time_tokens import new_token, hash_token, InvalidToken
@@ -29,11 +30,14 @@ from .two_factor import lacks_required_two_factor
 
 # %% ../nbs/25_memberships.ipynb #1ea8103a
 class Roles:
-    "Role names ordered from least to most privileged; the last one owns the tenant."
-    def __init__(self, names=('viewer', 'member', 'admin', 'owner')):
+    """Role names ordered from least to most privileged; the last one owns the tenant. `inviter` is the least role that
+    may invite people (default: admin, or the owner when there is no admin role)."""
+    def __init__(self, names=('viewer', 'member', 'admin', 'owner'), inviter: str | None = None):
         if len(set(names)) != len(names) or len(names) < 2:
             raise ValueError("roles must be at least two distinct names")
         self.names, self.owner = tuple(names), names[-1]
+        self.inviter = inviter or ('admin' if 'admin' in self.names else self.owner)
+        self.rank(self.inviter)
 
     def rank(self, role: str) -> int:
         "The position of `role` (higher is more privileged); `ValueError` for an unknown role."
@@ -43,6 +47,10 @@ class Roles:
     def at_least(self, role: str | None, minimum: str) -> bool:
         "Whether `role` is `minimum` or above (None never is)."
         return role is not None and role in self.names and self.rank(role) >= self.rank(minimum)
+
+    def may_invite(self, role: str | None) -> bool:
+        "Whether a member with `role` may invite people."
+        return self.at_least(role, self.inviter)
 
 DEFAULT_ROLES = Roles()
 
@@ -104,6 +112,7 @@ def change_role(host_db: HostDatabase, tenant_id: str, user_id: str, role: str, 
         _set(conn, row['id'], role=role)
         audit(host_db, 'membership.role_changed', target_id=user_id, tenant_id=tenant_id,
               details=dict(old=row['role'], new=role))
+        if not roles.may_invite(role): _cancel_invitations_of(host_db, conn, tenant_id, user_id, 'demoted')
 
 def _revoke_keys_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str):
     "Revoke every live API key `user_id` created for `tenant_id`, each audited."
@@ -124,6 +133,7 @@ def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Ro
             raise LastOwner(f"{tenant_id} must keep at least one owner")
         _set(conn, row['id'], is_active=False)
         _revoke_keys_of(host_db, conn, tenant_id, user_id)
+        _cancel_invitations_of(host_db, conn, tenant_id, user_id, 'member_removed')
         audit(host_db, 'membership.removed', target_id=user_id, tenant_id=tenant_id, details=dict(role=row['role']))
 
 def transfer_ownership(host_db: HostDatabase, tenant_id: str, from_user_id: str, to_user_id: str,
@@ -139,6 +149,7 @@ def transfer_ownership(host_db: HostDatabase, tenant_id: str, from_user_id: str,
         _set(conn, frm['id'], role=demote_to)
         audit(host_db, 'membership.ownership_transferred', target_id=to_user_id, tenant_id=tenant_id,
               details=dict(from_user_id=from_user_id, demoted_to=demote_to))
+        if not roles.may_invite(demote_to): _cancel_invitations_of(host_db, conn, tenant_id, from_user_id, 'demoted')
 
 def active_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
     "The active tenants `user_id` can switch to: `tenant_id`, `name`, `role`, oldest membership first."
@@ -181,7 +192,15 @@ invitations_t = sa.Table('auth_invitations', invitations_meta,
     sa.Column('declined_at', UTCTimestamp()))
 sa.Index('ix_auth_invitations_tenant', invitations_t.c.tenant_id)
 
-invitations_component = register_component(HostComponent('invitations', invitations_meta, 1, [invitations_t]))
+def _normalize_invitation_emails(conn):
+    "Version 2: invitations store their address as `normalize_email` makes it, as users do."
+    i = invitations_t.c
+    for iid, email in conn.execute(sa.select(i.id, i.email)).all():
+        if (e := normalize_email(email)) != email:
+            conn.execute(invitations_t.update().where(i.id == iid).values(email=e))
+
+invitations_component = register_component(HostComponent('invitations', invitations_meta, 2, [invitations_t],
+                                                          {2: _normalize_invitation_emails}))
 
 # %% ../nbs/25_memberships.ipynb #3f40afa0
 def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited_by: str, mailer: Mailer,
@@ -196,8 +215,8 @@ def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited
     with host_db.transaction() as conn:
         name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
         if name is None: raise MembershipError(f"no tenant {tenant_id!r}")
-        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=email, role=role,
-                                                   token_hash=hash_token(raw), invited_by=invited_by,
+        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=normalize_email(email),
+                                                   role=role, token_hash=hash_token(raw), invited_by=invited_by,
                                                    created_at=timestamp(now), expires_at=timestamp(now + ttl)))
         audit(host_db, 'invitation.created', target_id=iid, tenant_id=tenant_id, details=dict(email=email, role=role))
         mailer.send(email, f"You are invited to {name}",
@@ -209,20 +228,44 @@ def _use_invitation(conn, token: str, now: str, user_email: str | None, **values
     i = invitations_t.c
     cond = [i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None),
             i.expires_at > now]
-    if user_email is not None: cond.append(sa.func.lower(i.email) == user_email.lower())
+    if user_email is not None: cond.append(email_is(i.email, user_email))
     row = conn.execute(invitations_t.update().where(*cond).values(**values)
                        .returning(i.id, i.tenant_id, i.role, i.invited_by)).mappings().first()
     if row is None:
         raise InvalidToken("this invitation is invalid, expired, already used, or for another email address")
     return row
 
+def _cancel_invitations_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str, reason: str):
+    "Withdraw the open invitations `user_id` sent for `tenant_id` (they lost the right to invite), each audited."
+    i = invitations_t.c
+    gone = conn.execute(invitations_t.delete().where(i.tenant_id == tenant_id, i.invited_by == user_id,
+                                                     i.accepted_at.is_(None), i.declined_at.is_(None))
+                        .returning(i.id, i.email, i.role)).mappings().all()
+    for row in gone:
+        audit(host_db, 'invitation.canceled', target_id=row['id'], tenant_id=tenant_id,
+              details=dict(email=row['email'], role=row['role'], reason=reason, invited_by=user_id))
+
+def _check_inviter(conn, inv, roles: Roles):
+    """`InvalidToken` unless the invitation's sender may still invite to its tenant (an invitation made before its
+    sender lost that right was not withdrawn then); the sender's membership is read under a share lock."""
+    if inv['invited_by'] is None: return
+    m = memberships_t.c
+    row = conn.execute(sa.select(m.role, m.is_active).where(m.tenant_id == inv['tenant_id'],
+                                                            m.user_id == inv['invited_by'])
+                       .with_for_update(read=True)).mappings().first()
+    if not (row and row['is_active'] and roles.may_invite(row['role'])):
+        raise InvalidToken("this invitation is no longer valid: the person who sent it can no longer invite people "
+                           "to this tenant")
+
 def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES,
                       now=None) -> Membership:
-    "Join the invitation's tenant as `user_id` (whose email it must be for); single use; the membership."
+    """Join the invitation's tenant as `user_id` (whose email it must be for, and whose sender may still invite);
+    single use; the membership."""
     now = timestamp(now or utcnow())
     with host_db.transaction() as conn:
         email = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == user_id)).scalar()
         inv = _use_invitation(conn, token, now, email or '', accepted_at=now, accepted_by=user_id)
+        _check_inviter(conn, inv, roles)
         m = add_member(host_db, inv['tenant_id'], user_id, inv['role'], inv['invited_by'], roles)
         audit(host_db, 'invitation.accepted', target_id=inv['id'], tenant_id=inv['tenant_id'], actor_user_id=user_id)
     return m

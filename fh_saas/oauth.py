@@ -20,7 +20,7 @@ from starlette.responses import RedirectResponse
 
 from .db_values import gen_id, timestamp, UTCTimestamp
 from .db_upgrade import HostComponent
-from .db_host import register_component, GlobalUser, users_t
+from .db_host import register_component, GlobalUser, email_is, normalize_email, users_t
 from .audit import audit
 from .sessions import SessionManager
 from .passwords import open_session
@@ -62,7 +62,7 @@ def _find_user(conn, ident: ExternalIdentity):
     if not ident.email_verified:
         raise OAuthLinkRefused(f"{ident.provider} has not verified {ident.email}: "
                                "verify it there, or sign up with a password")
-    row = conn.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == ident.email.lower())).first()
+    row = conn.execute(sa.select(users_t.c.id).where(email_is(users_t.c.email, ident.email))).first()
     return (row[0] if row else None), True
 
 def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalIdentity):
@@ -92,7 +92,7 @@ def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> Gl
                 uid, new_link = _find_user(conn, ident)
                 if uid is None:
                     uid = gen_id()
-                    conn.execute(users_t.insert().values(id=uid, email=ident.email, name=ident.name,
+                    conn.execute(users_t.insert().values(id=uid, email=normalize_email(ident.email), name=ident.name,
                                                          created_at=timestamp(), is_active=True, is_sys_admin=False,
                                                          email_verified_at=timestamp()))
                     audit(db, 'auth.user_created', target_id=uid, actor_user_id=uid,

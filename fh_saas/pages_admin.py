@@ -21,6 +21,7 @@ from fasthtml.common import A, Button, Code, Div, Form, H1, Label, Nav, Option, 
 from . import ui
 from .audit import audit, audit_cursor, audit_events
 from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
+from .db_host import email_is, normalize_email
 from .db_tenant import InvalidTenantId, TenantNotFound, TenantUnavailable, resume_tenant, suspend_tenant, tenant_row
 from .jobs import enqueue, retry
 from .csrf import FORGED
@@ -110,7 +111,7 @@ def admin_users(host_db, search: str = '', limit: int = 200) -> list[dict]:
     q = sa.select(u.c.id, u.c.email, u.c.name, u.c.is_sys_admin, u.c.is_active, u.c.created_at, u.c.last_login,
                   n_tenants.label('tenants'), two_factor.label('two_factor'))
     q = q.order_by(u.c.created_at.desc(), u.c.id).limit(limit)
-    if search: q = q.where(sa.func.lower(u.c.email).contains(search.lower(), autoescape=True))
+    if search: q = q.where(u.c.email.contains(normalize_email(search), autoescape=True))
     return host_db.db.execute(q)
 
 def admin_jobs(host_db, status: str = '', limit: int = 100) -> list[dict]:
@@ -139,9 +140,9 @@ def audit_labels(host_db, rows) -> dict[str, str]:
     return {r['id']: r['label'] for q in (users, tenants) for r in host_db.db.execute(q) if r['label']}
 
 def user_id_for(host_db, who: str) -> str:
-    "The id of the user `who` names by email (any case), else `who` itself (an id)."
+    "The id of the user `who` names by email (any case or Unicode form), else `who` itself (an id)."
     if '@' not in who: return who
-    found = host_db.db.execute(sa.select(users_t.c.id).where(sa.func.lower(users_t.c.email) == who.strip().lower()))
+    found = host_db.db.execute(sa.select(users_t.c.id).where(email_is(users_t.c.email, who)))
     return found[0]['id'] if found else who
 
 def _day(text: str) -> datetime:

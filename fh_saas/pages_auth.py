@@ -7,9 +7,9 @@ Docs: https://fh-saas.github.io/fh_saas/pages_auth.html.md"""
 # %% auto #0
 __all__ = ['AUDIT_SIGNUP', 'AUDIT_TENANT_REGISTERED', 'NO_STORE', 'SECOND_STEP_NOTICES', 'ACCOUNT_NAME_MAX', 'AUDIT_NAME_CHANGED',
            'AUDIT_SESSION_ENDED', 'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError',
-           'create_tenant', 'sign_up', 'signup_details', 'AuthPages', 'AccountRefused', 'clean_user_name',
-           'change_name', 'session_handle', 'live_sessions', 'end_session', 'end_other_sessions', 'short_agent',
-           'AccountPages']
+           'EmailTaken', 'TooManyTenants', 'create_tenant', 'sign_up', 'signup_details', 'AuthPages', 'AccountRefused',
+           'clean_user_name', 'change_name', 'session_handle', 'live_sessions', 'end_session', 'end_other_sessions',
+           'short_agent', 'AccountPages']
 
 # %% ../nbs/55_pages_auth.ipynb #600bd221
 import hashlib, json, logging, re, secrets, unicodedata
@@ -25,7 +25,7 @@ from . import ui
 from .audit import audit
 from .db_values import gen_id, timestamp
 from .db_pooled import DuplicateRecord
-from .db_host import GlobalUser, HostDatabase, memberships_t, users_t
+from .db_host import GlobalUser, HostDatabase, memberships_t, normalize_email, tenants_t, users_t
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .csrf import cross_site, local_path
 from .jobs import enqueue
@@ -63,6 +63,9 @@ AUDIT_TENANT_REGISTERED = 'tenant.registered'
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
 
+class EmailTaken(AccountError):
+    "A sign-up with the email of an existing account (the sign-up page does not say so: it mails that account)."
+
 _NAME_MAX = 100
 
 def _clean_name(name: str | None, what: str) -> str:
@@ -77,11 +80,30 @@ def _set_details(host_db: HostDatabase, tenant_id: str, user_id: str, details: d
         conn.execute(sa.update(memberships_t).where(m.tenant_id == tenant_id, m.user_id == user_id)
                      .values(meta_attributes=json.dumps(details)))
 
+class TooManyTenants(AccountError):
+    "The user owns as many tenants as one person may."
+
+def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
+    """`TooManyTenants` when `owner_id` (not a system admin) owns `max_owned` live tenants already. The user's row is
+    locked first, so creations racing for one user count one after the other."""
+    if max_owned is None: return
+    u, m, t = users_t.c, memberships_t.c, tenants_t.c
+    q = sa.select(u.is_sys_admin).where(u.id == owner_id).with_for_update(key_share=True)
+    if conn.execute(q).scalar(): return
+    owned = conn.execute(sa.select(sa.func.count()).select_from(memberships_t.join(tenants_t, t.id == m.tenant_id))
+                         .where(m.user_id == owner_id, m.role == roles.owner, m.is_active.is_(True),
+                                t.status.notin_(('deleting', 'deleted')))).scalar()
+    if owned >= max_owned:
+        raise TooManyTenants(f"You already own {owned} tenants, the most one person may own. Ask support if you need "
+                             "more.")
+
 def create_tenant(host_db: HostDatabase, owner_id: str, name: str, roles: Roles = DEFAULT_ROLES,
-                  details: dict | None = None) -> str:
-    "Register tenant `name` (state `provisioning`) owned by `owner_id` and queue its provisioning, in one transaction."
+                  details: dict | None = None, max_owned: int | None = None) -> str:
+    """Register tenant `name` (state `provisioning`) owned by `owner_id` and queue its provisioning, in one transaction;
+    `TooManyTenants` when they own `max_owned` already (system admins have no cap)."""
     name = _clean_name(name, 'company name')
-    with host_db.transaction():
+    with host_db.transaction() as conn:
+        _check_owned(conn, owner_id, roles, max_owned)
         tid = next((t for t in tenant_ids(name) if register_tenant(host_db, t, name)), None)
         if tid is None: raise AccountError("Every id we tried for this name is taken. Please try again, or choose "
                                            "another name.")
@@ -96,7 +118,7 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
             hasher: PasswordHasher = default_hasher, roles: Roles = DEFAULT_ROLES,
             details: dict | None = None) -> tuple[str, str | None]:
     "Create a user (and, given `company`, their tenant) in one transaction: `(user_id, tenant_id)`."
-    email = (email or '').strip()
+    email = normalize_email(email)
     if not is_email_address(email): raise AccountError("Enter a valid email address.")
     if name and len(name) > _NAME_MAX: raise AccountError(f"Your name can be at most {_NAME_MAX} characters long.")
     if company is not None: company = _clean_name(company, 'company name')
@@ -110,8 +132,8 @@ def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None =
             tid = create_tenant(host_db, uid, company, roles, details) if company else None
             audit(host_db, AUDIT_SIGNUP, target_id=uid, actor_user_id=uid, tenant_id=tid)
     except DuplicateRecord:
-        raise AccountError("An account with this email address already exists. "
-                           "Log in, or reset your password.") from None
+        raise EmailTaken("An account with this email address already exists. "
+                         "Log in, or reset your password.") from None
     return uid, tid
 
 def signup_details(host_db: HostDatabase, user_id: str, tenant_id: str) -> dict:
@@ -130,6 +152,7 @@ class AuthPages(Pages):
     throttle: LoginThrottle = LoginThrottle()
     two_factor_limit: RateLimit = TWO_FACTOR_LIMIT  # wrong second-step codes per user
     signup_rate: RateLimit = RateLimit(20, 3600)     # sign-ups per network address per hour
+    taken_rate: RateLimit = RateLimit(3, 3600)       # "someone tried to sign up as you" emails per address per hour
     reset_rate: RateLimit = RateLimit(3, 3600)       # reset emails per address per hour
 
     def client(self, req): return (req.client.host if req.client else None), req.headers.get('user-agent')
@@ -190,6 +213,7 @@ def signup(self: AuthPages, req, email: str = '', password: str = '', name: str 
         details = self.signup_extra(req, values, bool(invited))
         uid, tid = sign_up(self.host_db, email, password, name or None, None if invited else company, self.hasher,
                            self.roles, details)
+    except EmailTaken: return self.signup_taken(req, email, company, invited)
     except AccountError as e: return again(str(e), 400)
     except NoServerAvailable: return again("We cannot create new workspaces right now. Please try again later.", 503)
     self.on_signup(req, uid, tid, details)
@@ -197,6 +221,27 @@ def signup(self: AuthPages, req, email: str = '', password: str = '', name: str 
     except OSError as e: _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
     cookie = self.sessions.create(uid, None, *self.client(req))
     return self.signed_in(req, cookie, invited or f'/tenants/{tid}/status')
+
+# %% ../nbs/55_pages_auth.ipynb #679897a6
+def _would_be_tenant(host_db: HostDatabase, company: str) -> str:
+    "The id a new tenant named `company` would get now (its slug, or the slug with a suffix when that is taken)."
+    candidates = list(tenant_ids(' '.join(company.split())))
+    with host_db.transaction() as conn:
+        taken = set(conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(candidates))).scalars())
+    return next((t for t in candidates if t not in taken), candidates[-1])
+
+@patch
+def signup_taken(self: AuthPages, req, email: str, company: str, invited: str):
+    "The answer to a sign-up with a taken email: what a new sign-up gets, minus the session; the owner is mailed."
+    address = normalize_email(email)
+    if hit(self.host_db, f'signup_taken:{hash_token(address)[:40]}', self.taken_rate).allowed:
+        body = (f"Someone tried to create an account at {self.saas.url('/')} with this email address. You already "
+                f"have one: log in at {self.saas.url('/login')}, or choose a new password at "
+                f"{self.saas.url('/password-reset')} if you forgot it. If it was not you, ignore this email: "
+                "nothing has changed.\n")
+        try: self.saas.mailer.send(address, 'Someone tried to sign up with your address', body)
+        except OSError as e: _log.warning("a sign-up with a taken address: the notice was not sent: %s", e)
+    return RedirectResponse(invited or f'/tenants/{_would_be_tenant(self.host_db, company)}/status', 303)
 
 # %% ../nbs/55_pages_auth.ipynb #22b31156
 @patch
@@ -301,7 +346,7 @@ def reset_request_page(self: AuthPages, req):
 @route('/password-reset', 'post')
 def reset_request(self: AuthPages, req, email: str = ''):
     if cross_site(req): return self.forged(req)
-    address = (email or '').strip().lower()
+    address = normalize_email(email)
     if address and hit(self.host_db, f'password_reset:{hash_token(address)[:40]}', self.reset_rate).allowed:
         request_password_reset(self.host_db, address, self.saas.mailer,
                                lambda tok: self.saas.url(f'/password-reset/{tok}'))

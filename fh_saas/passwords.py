@@ -24,7 +24,7 @@ from argon2.exceptions import VerificationError, InvalidHashError
 
 from .db_values import timestamp, utcnow
 from .db_engine import env_count
-from .db_host import HostDatabase, GlobalUser, users_t
+from .db_host import HostDatabase, GlobalUser, email_is, normalize_email, users_t
 from .audit import audit
 from .one_time_tokens import hash_token, issue_token, consume_token, one_time_tokens_t
 from .memberships import active_tenants
@@ -98,7 +98,7 @@ def _buckets(email: str, ip: str | None, t: LoginThrottle):
     if ip: yield f'login:ip:{ip}', t.per_ip
 
 def _user_by_email(conn, email: str):
-    return conn.execute(sa.select(users_t).where(sa.func.lower(users_t.c.email) == email)).mappings().first()
+    return conn.execute(sa.select(users_t).where(email_is(users_t.c.email, email))).mappings().first()
 
 def _throttled_lookup(host_db: HostDatabase, email: str, buckets: list, now):
     "Count the attempt on its throttle buckets and read the account: one transaction, committed before the hash check."
@@ -111,7 +111,7 @@ def _authenticate(host_db: HostDatabase, email: str, password: str, ip_address, 
                   then: Callable | None = None):
     """`authenticate`, in two host transactions; `then(user_id)` runs in the second, under the user row's lock, if
     the password still is the one checked (a reset or an account claim may have raced with the check)."""
-    email, now = (email or '').strip().lower(), now or utcnow()
+    email, now = normalize_email(email), now or utcnow()
     where, buckets = dict(ip_address=ip_address, user_agent=user_agent), list(_buckets(email, ip_address, throttle))
     blocked, row = _throttled_lookup(host_db, email, buckets, now)
     ok, new_hash = (False, None) if blocked else verify_password(row['password_hash'] if row else None, password,
@@ -216,7 +216,7 @@ reset_mail_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix='fh_s
 def _send_reset_link(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str], ttl: timedelta,
                      now):
     "Email a reset link (built by `link(token)`) if an active user has this email; nothing otherwise."
-    with host_db.transaction() as conn: row = _user_by_email(conn, (email or '').strip().lower())
+    with host_db.transaction() as conn: row = _user_by_email(conn, email)
     if not row or not row['is_active']: return
     with host_db.transaction():
         raw = issue_token(host_db, row['id'], 'password_reset', ttl, now)

@@ -204,3 +204,31 @@ def test_errors_answer_in_the_sites_layout_and_a_crash_names_its_request(saas_ap
     assert r.status_code == 404 and 'Page not found' in r.text and 'fh_saas.css' in r.text
     r = cli.get('/api/no/such/thing')
     assert r.status_code == 404 and r.headers['content-type'] == 'application/json'
+
+
+def test_the_dev_outbox_is_shown_in_development_only_and_only_to_this_machine(tmp_path, monkeypatch):
+    from fh_saas.dev_mode import DevOutbox
+    monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
+    host_db, routers = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}"), []
+    try:
+        dev_app, prod_app = FastHTML(default_hdrs=False, secret_key='a' * 48), FastHTML(secret_key='a' * 48)
+        sessions = SessionManager(host_db, 's' * 48)
+        saas = setup_saas(dev_app, host_db, sessions=sessions, webhook_secrets=[], dev=True)
+        routers.append(saas.router)
+        saas.mailer.send('ann@example.com', 'Reset your password', 'http://127.0.0.1:5001/password-reset/tok-123')
+        here = TestClient(dev_app, client=('127.0.0.1', 50000))
+        assert here.get('/dev/mail').status_code == 200 and 'tok-123' in here.get('/dev/mail').text
+        assert 'tok-123' in TestClient(dev_app, client=('::1', 50000)).get('/dev/mail').text
+        for client, headers in [(('192.168.1.20', 50000), {}), (('testclient', 50000), {}),
+                                (('127.0.0.1', 50000), {'X-Forwarded-For': '203.0.113.9'}),
+                                (('127.0.0.1', 50000), {'Forwarded': 'for=203.0.113.9'})]:
+            r = TestClient(dev_app, client=client).get('/dev/mail', headers=headers)
+            assert r.status_code == 404 and 'tok-123' not in r.text, (client, headers)
+        prod = setup_saas(prod_app, host_db, sessions=sessions, webhook_secrets=[], dev=False, mailer=DevOutbox())
+        routers.append(prod.router)
+        prod.mailer.send('ann@example.com', 'Reset your password', 'http://127.0.0.1:5001/password-reset/tok-456')
+        r = TestClient(prod_app, client=('127.0.0.1', 50000), follow_redirects=False).get('/dev/mail')
+        assert r.status_code in (303, 404) and 'tok-456' not in r.text
+    finally:
+        for router in routers: router.close()
+        host_db.close(); HostDatabase.reset_instance()

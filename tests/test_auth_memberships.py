@@ -106,11 +106,63 @@ def test_invitation_expiry_and_wrong_recipient(people):
     from datetime import datetime, timedelta, timezone
     db, outbox, t0 = people, MemoryOutbox(), datetime(2026, 1, 1, tzinfo=timezone.utc)
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner')
     invite(db, 'acme', 'BOB@example.com', 'viewer', 'ann', outbox, lambda t: t, ttl=timedelta(days=1), now=t0)
     token = outbox.last_to('BOB@example.com').get_content().split('\n')[1]
     with pytest.raises(InvalidToken): accept_invitation(db, token, 'cy', now=t0)
     with pytest.raises(InvalidToken): accept_invitation(db, token, 'bob', now=t0 + timedelta(days=2))
     assert accept_invitation(db, token, 'bob', now=t0 + timedelta(hours=1)).role == 'viewer'
+
+
+def open_invites(db, t='acme'): return sorted(r['email'] for r in pending_invitations(db, t))
+
+
+def test_who_loses_the_right_to_invite_loses_the_invitations_they_sent(people):
+    db, outbox = people, MemoryOutbox()
+    for t in ('acme', 'globex'): db.tenants.insert(TenantCatalog(id=t, name=t))
+    for user, role in (('ann', 'owner'), ('bob', 'admin'), ('cy', 'admin')): add_member(db, 'acme', user, role)
+    add_member(db, 'globex', 'bob', 'owner')
+    send = lambda t, email, by: invite(db, t, email, 'admin', by, outbox, lambda tok: tok)
+    send('acme', 'bob.again@example.com', 'bob'); send('acme', 'cy.two@example.com', 'cy')
+    send('acme', 'by.ann@example.com', 'ann'); send('globex', 'bob.globex@example.com', 'bob')
+    token = outbox.last_to('bob.again@example.com').get_content().split('\n')[1]
+    with pytest.raises(LastOwner): remove_member(db, 'acme', 'ann')      # refused: nothing is cancelled
+    change_role(db, 'acme', 'cy', 'admin')                               # still an inviter: nothing is cancelled
+    assert open_invites(db) == ['bob.again@example.com', 'by.ann@example.com', 'cy.two@example.com']
+    remove_member(db, 'acme', 'bob')
+    assert open_invites(db) == ['by.ann@example.com', 'cy.two@example.com']
+    assert open_invites(db, 'globex') == ['bob.globex@example.com']     # another tenant's are his to keep
+    db.global_users.insert(GlobalUser(id='bob2', email='bob.again@example.com'))
+    with pytest.raises(InvalidToken): accept_invitation(db, token, 'bob2')
+    change_role(db, 'acme', 'cy', 'member')
+    assert open_invites(db) == ['by.ann@example.com']
+    transfer_ownership(db, 'acme', 'ann', 'cy', demote_to='member')
+    assert open_invites(db) == []
+    reasons = [r['details'] for r in db.q("select details from sys_audit_logs where event_type = 'invitation.canceled'"
+                                          " order by created_at")]
+    assert [('member_removed' in d, 'demoted' in d) for d in reasons] == [(True, False), (False, True), (False, True)]
+    assert db.memberships(where="user_id = 'bob2'") == []
+
+
+def test_an_invitation_whose_sender_can_no_longer_invite_is_refused_at_accept(people):
+    "Belt and braces for invitations made before their sender lost the right to invite (no cancellation then)."
+    db, outbox = people, MemoryOutbox()
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner'); add_member(db, 'acme', 'bob', 'admin')
+    tokens = {}
+    for email in ('cy@example.com', 'cy2@example.com'):
+        invite(db, 'acme', email, 'admin', 'bob', outbox, lambda tok: tok)
+        tokens[email] = outbox.last_to(email).get_content().split('\n')[1]
+    db.global_users.insert(GlobalUser(id='cy2', email='cy2@example.com'))
+    db.q("update core_memberships set role = 'member' where user_id = 'bob'")
+    with pytest.raises(InvalidToken, match='can no longer invite'):
+        accept_invitation(db, tokens['cy@example.com'], 'cy')
+    db.q("update core_memberships set role = 'admin', is_active = false where user_id = 'bob'")
+    with pytest.raises(InvalidToken, match='can no longer invite'):
+        accept_invitation(db, tokens['cy2@example.com'], 'cy2')
+    assert db.memberships(where="user_id in ('cy', 'cy2')") == [] and len(pending_invitations(db, 'acme')) == 2
+    db.q("update core_memberships set is_active = true where user_id = 'bob'")
+    assert accept_invitation(db, tokens['cy@example.com'], 'cy').role == 'admin'
 
 
 def test_removed_member_can_be_reinvited_and_custom_roles(people):
@@ -164,3 +216,18 @@ def test_racing_adds_of_one_member_give_one_membership_and_a_clear_error(people,
     finally: sa.event.remove(db.engine, 'after_cursor_execute', slow)
     assert sorted(type(r).__name__ for r in results) == ['Membership'] + ['MembershipError'] * 3
     assert db.q("select count(*) n from core_memberships where tenant_id = 'acme' and user_id = 'cy'")[0]['n'] == 1
+
+
+def test_the_invitations_upgrade_stores_their_addresses_normalised(people):
+    "Invitations made before emails were normalised (component v1) are accepted by the account of their address."
+    from fh_saas.memberships import invitations_component, invitations_t
+    db, outbox = people, MemoryOutbox()
+    db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
+    add_member(db, 'acme', 'ann', 'owner')
+    invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
+    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    db.q("update auth_invitations set email = 'BOB@Ｅxample.com'")
+    db.q("update sys_schema_versions set version = 1 where component = 'invitations'")
+    assert invitations_component.upgrade(db.engine) == 2
+    with db.transaction() as conn: assert conn.execute(sa.select(invitations_t.c.email)).scalar() == 'bob@example.com'
+    assert accept_invitation(db, token, 'bob').tenant_id == 'acme'

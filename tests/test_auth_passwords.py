@@ -282,3 +282,28 @@ def test_a_claim_by_the_emails_owner_racing_a_password_login_leaves_the_squatter
         assert sessions.load(cookie) is None
     live = host_db.q("select count(*) n from auth_sessions where user_id = 'squat' and revoked_at is null")[0]['n']
     assert live == 0 and host_db.global_users['squat'].password_hash is None
+
+
+def test_an_email_is_one_address_in_any_letter_case_and_unicode_form(host_db):
+    "Sign-up, login, reset, invitations, OAuth linking and admin search agree on who `Émile@` is, on both backends."
+    from fh_saas.memberships import accept_invitation, add_member, invite
+    from fh_saas.pages_admin import admin_users
+    from fh_saas.pages_auth import AccountError, sign_up
+    uid, tid = sign_up(host_db, ' Émile@Example.COM ', 'correct horse', None, 'Émile Co', FAST)
+    assert host_db.global_users[uid].email == 'émile@example.com'
+    with pytest.raises(AccountError): sign_up(host_db, 'émile@example.com', 'correct horse', None, None, FAST)
+    for typed in ('ÉMILE@example.com', 'émile@EXAMPLE.com', 'E\u0301mile@example.com'):   # decomposed É too
+        assert authenticate(host_db, typed, 'correct horse', hasher=FAST).id == uid, typed
+    outbox = MemoryOutbox()
+    request_password_reset(host_db, 'ÉMILE@EXAMPLE.COM', outbox, lambda t: t).result()
+    assert [m['To'] for m in outbox.messages] == ['émile@example.com']
+    host_db.global_users.insert(GlobalUser(id='zoe', email='zoe@example.com'))
+    host_db.tenants.insert(dict(id='other', name='Other')); add_member(host_db, 'other', 'zoe', 'owner')
+    invite(host_db, 'other', 'ÉMILE@example.com', 'member', 'zoe', outbox, lambda t: t)
+    token = outbox.last_to('ÉMILE@example.com').get_content().split('\n')[1]
+    assert accept_invitation(host_db, token, uid).tenant_id == 'other'
+    sessions = SessionManager(host_db, SECRET)
+    assert link_or_create_user(sessions, ExternalIdentity('google', 'g-1', 'Émile@example.com', True)).id == uid
+    assert link_or_create_user(sessions, ExternalIdentity('github', 'h-2', 'ZOÉ@x.io', True)).email == 'zoé@x.io'
+    assert [r['id'] for r in admin_users(host_db, 'ÉMILE')] == [uid]
+    assert host_db.global_users.count == 3

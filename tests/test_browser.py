@@ -193,6 +193,7 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         sign_up(alice, base, "alice@gamma.test", "gamma password 1234", "Alice", "Gamma Co")
         alice.wait_for_url("**/projects")
         add_project(alice, "Gamma launch")
+        add_project(alice, "=1+2")      # a cell a spreadsheet would run as a formula, but for the export's escaping
         assert export_refused(alice, base)
 
         # She chooses Pro monthly and lands on the (stand-in's) hosted Checkout page for the monthly price.
@@ -236,7 +237,8 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
             alice.click("text=Export CSV (Pro)")
         assert download.value.suggested_filename == "projects.csv"
         rows = Path(download.value.path()).read_text().splitlines()
-        assert rows[0] == "name,created_at" and rows[1].startswith("Gamma launch,") and len(rows) == 2
+        assert rows[0] == "name,created_at" and rows[1].startswith("Gamma launch,") and len(rows) == 3
+        assert rows[2].startswith("'=1+2,")
 
 
 @pytest.mark.postgres

@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 
 from fh_saas.db_host import (HostDatabase, GlobalUser, TenantCatalog, Membership, Subscription, DuplicateRecord,
                              MissingReference, HostDatabaseConfigError, HostDatabaseUnavailable, HOST_SCHEMA_VERSION,
-                             gen_id, timestamp, get_db_uri, make_engine, schema_version, users_t)
+                             gen_id, timestamp, get_db_uri, make_engine, schema_version, users_t, EmailsCollide)
 from pgserver import free_port
 
 
@@ -217,6 +217,49 @@ def test_upgrades_a_host_database_from_an_earlier_version(host_url):
     try:
         assert host_db.tenants.count == 2
         with host_db.transaction() as c: assert schema_version(c, "core") == HOST_SCHEMA_VERSION
+    finally:
+        host_db.close(); HostDatabase.reset_instance()
+
+
+def at_core_v3_with_users(url, emails: dict):
+    "A host database at core schema v3 (before emails were normalised) holding users `{id: email}` as typed."
+    HostDatabase(url).close(); HostDatabase.reset_instance()
+    eng = sa.create_engine(url)
+    with eng.begin() as c:
+        for uid, email in emails.items():
+            c.execute(users_t.insert().values(id=uid, email=email, created_at=timestamp()))
+        c.exec_driver_sql("UPDATE sys_schema_versions SET version = 3 WHERE component = 'core'")
+    return eng
+
+
+def test_the_upgrade_stores_every_email_normalised(host_url):
+    typed = dict(u1='Émile@Example.COM', u2='ﬁona@example.com', u3='plain@example.com')
+    at_core_v3_with_users(host_url, typed).dispose()
+    host_db = HostDatabase(host_url)
+    try:
+        assert ({u.id: u.email for u in host_db.global_users()}
+                == dict(u1='émile@example.com', u2='fiona@example.com', u3='plain@example.com'))
+        with host_db.transaction() as c: assert schema_version(c, "core") == HOST_SCHEMA_VERSION
+    finally:
+        host_db.close(); HostDatabase.reset_instance()
+
+
+def test_the_upgrade_refuses_emails_that_become_one_address_and_names_them(host_url):
+    eng = at_core_v3_with_users(host_url, dict(u1='ﬁona@example.com', u2='Fiona@Example.com', u3='Émile@x.io'))
+    with pytest.raises(EmailsCollide) as e: HostDatabase(host_url)
+    HostDatabase.reset_instance()
+    message = str(e.value)
+    assert ('not upgraded' in message and 'user u1 (ﬁona@example.com)' in message
+            and 'user u2 (Fiona@Example.com)' in message and 'u3' not in message)
+    with eng.connect() as c:      # nothing changed, nothing merged
+        assert sorted(c.execute(sa.select(users_t.c.id, users_t.c.email)).all()) == [
+            ('u1', 'ﬁona@example.com'), ('u2', 'Fiona@Example.com'), ('u3', 'Émile@x.io')]
+        assert schema_version(c, "core") == 3
+    with eng.begin() as c: c.execute(users_t.update().where(users_t.c.id == 'u2').values(email='fiona2@example.com'))
+    eng.dispose()
+    host_db = HostDatabase(host_url)
+    try: assert sorted(u.email for u in host_db.global_users()) == ['fiona2@example.com', 'fiona@example.com',
+                                                                    'émile@x.io']
     finally:
         host_db.close(); HostDatabase.reset_instance()
 

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 import fh_saas.system_jobs  # noqa: F401 (registers the tenant.provision handler)
 from fh_saas import passwords, ui
+from fh_saas.api_keys import create_api_key
 from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.db_host import HostDatabase, jobs_t
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
@@ -175,7 +176,6 @@ def test_duplicate_email_and_bad_input_write_nothing(world):
     world.signup('ann@example.com')
     before = counts(world.host_db)
     for data, status, message in [
-            (dict(email='ANN@example.com', password=PW, company='Other'), 400, 'already exists'),
             (dict(email='bob@example.com', password='short', company='Other'), 400, 'longer password'),
             (dict(email='bob@example', password=PW, company='Other'), 400, 'valid email'),
             (dict(email='bob@example.com', password=PW, company='   '), 400, 'Enter a company name')]:
@@ -183,6 +183,30 @@ def test_duplicate_email_and_bad_input_write_nothing(world):
         assert (r.status_code, message in r.text, 'set-cookie' in r.headers) == (status, True, False), (data, r.text)
         assert 'class="alert bad"' in r.text and data['email'] in r.text     # the form is shown again, filled in
     assert counts(world.host_db) == before
+
+
+def test_a_sign_up_with_a_taken_email_answers_as_a_new_one_and_mails_the_owner(world, monkeypatch):
+    monkeypatch.setattr(AuthPages, 'taken_rate', RateLimit(2, 3600))
+    world.signup('ann@example.com', 'Acme Corp')
+    link = invite(world, world.owner('cy@example.com', 'Cy Co'), 'ann@example.com')
+    before = counts(world.host_db)
+    taken = world.client().post('/signup', data=dict(email=' ANN@Example.com', password='another secret', name='X',
+                                                      company='Other Co'))
+    assert counts(world.host_db) == before and 'set-cookie' not in taken.headers
+    new = world.client().post('/signup', data=dict(email='zed@example.com', password=PW, company='Other Co'))
+    assert (taken.status_code, taken.headers['location']) == (new.status_code, new.headers['location'])
+    assert (new.status_code, new.headers['location']) == (303, '/tenants/other_co/status')
+    notice = world.outbox.last_to('ann@example.com')
+    body = notice.get_content()
+    assert notice['Subject'] == 'Someone tried to sign up with your address' and 'another secret' not in body
+    assert 'https://app.test/login' in body and 'https://app.test/password-reset' in body
+    invited = world.client().post('/signup', data=dict(email='ann@example.com', password=PW, next=link))
+    assert (invited.status_code, invited.headers['location'], 'set-cookie' in invited.headers) == (303, link, False)
+    again = world.client().post('/signup', data=dict(email='ann@example.com', password=PW, company='X Co'))
+    assert again.status_code == 303
+    notices = [m for m in world.outbox.messages if m['Subject'] == 'Someone tried to sign up with your address']
+    assert len(notices) == 2          # `taken_rate`: two an hour per address here, however many tries
+    assert world.host_db.global_users.count == 3
 
 
 def test_signups_per_network_address_are_limited(world):
@@ -371,6 +395,9 @@ def logged_in_member(world, role='member'):
 def bob_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'bob@example.com')
 
 
+def ann_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+
+
 def test_non_admin_cannot_invite_or_manage(world):
     ann, bob = logged_in_member(world)
     page = bob.get('/team').text
@@ -487,6 +514,20 @@ def test_api_key_shown_once_authenticates_and_revokes(world):
     assert len(world.host_db.q("select key_id from auth_api_keys")) == 1
 
 
+def test_an_api_key_acts_only_inside_its_own_tenant(world):
+    ann = world.owner('ann@example.com')
+    ann.post('/tenants', data=dict(company='Second Shop', csrf=csrf(ann.get('/tenants').text)))
+    world.provision()
+    secret, _ = create_api_key(world.host_db, 'acme_corp', ann_id(world), 'CI', 'secret', 'test')
+    api, key = world.client(), {'Authorization': f'Bearer {secret}'}
+    assert api.get('/api/whoami', headers=key).json()['tenant'] == 'acme_corp'
+    for path in ('/tenants', '/tenants/second_shop/status', '/tenants/acme_corp/status', '/account'):
+        r = api.get(path, headers=key)
+        assert r.status_code == 403 and r.json()['error']['code'] == 'forbidden', path
+        assert 'only inside its own tenant' in r.json()['error']['message'] and 'Second Shop' not in r.text, path
+    assert 'Second Shop' in ann.get('/tenants').text
+
+
 def test_members_see_keys_but_cannot_create_them(world):
     ann, bob = logged_in_member(world)
     page = bob.get('/api-keys').text
@@ -520,6 +561,34 @@ def test_tenants_page_creates_another_tenant(world):
     done = ann.get('/tenants/second_shop/status', headers={'HX-Request': 'true'}).text
     assert 'Second Shop is ready' in done and 'every 1s' not in done     # acme stays current: offered, not switched
     assert ann.get('/').text.startswith('home of acme_corp')
+
+
+def test_one_user_owns_a_capped_number_of_tenants(world, monkeypatch):
+    monkeypatch.setattr(TenantPages, 'max_owned', 2)
+    ann = world.owner('ann@example.com')
+    token = csrf(ann.get('/tenants').text)
+    assert ann.post('/tenants', data=dict(company='Second Shop', csrf=token)).status_code == 303
+    before = counts(world.host_db)
+    r = ann.post('/tenants', data=dict(company='Third Shop', csrf=token))
+    assert r.status_code == 403 and 'You already own 2 tenants' in r.text and 'class="alert bad"' in r.text
+    assert counts(world.host_db) == before
+    ann_id_ = ann_id(world)
+    world.host_db.q("update core_memberships set role = 'admin' where tenant_id = 'second_shop'")
+    assert ann.post('/tenants', data=dict(company='Third Shop', csrf=token)).status_code == 303   # owns one again
+    world.host_db.global_users.update(dict(id=ann_id_, is_sys_admin=True))
+    assert ann.post('/tenants', data=dict(company='Fourth Shop', csrf=token)).status_code == 303  # no cap for admins
+
+
+def test_tenant_creation_is_rate_limited_per_user(world, monkeypatch):
+    monkeypatch.setattr(TenantPages, 'create_rate', RateLimit(2, 3600))
+    ann, eve = world.owner('ann@example.com'), world.owner('eve@example.com', 'Evil Inc')
+    token = csrf(ann.get('/tenants').text)
+    for i in range(2): assert ann.post('/tenants', data=dict(company=f'Shop {i}', csrf=token)).status_code == 303
+    before = counts(world.host_db)
+    r = ann.post('/tenants', data=dict(company='Shop 2', csrf=token))
+    assert r.status_code == 429 and 'Try again in' in r.text and int(r.headers['retry-after']) > 0
+    assert counts(world.host_db) == before
+    assert eve.post('/tenants', data=dict(company='Eve Two', csrf=csrf(eve.get('/tenants').text))).status_code == 303
 
 
 def test_status_page_is_for_members_only_and_reports_a_failed_job(world):
@@ -592,6 +661,27 @@ def test_an_impersonating_admin_cannot_mint_an_api_key_that_outlasts_the_imperso
     r = admin.post('/api-keys', data=dict(name='backdoor', mode='live', csrf=csrf(page.text)))
     assert r.status_code == 403 and 'while impersonating' in r.text
     assert len(world.host_db.q("select key_id from auth_api_keys")) == 0
+
+
+def test_an_impersonating_admin_cannot_invite_create_tenants_or_change_roles(world):
+    ann, bob = logged_in_member(world)
+    world.host_db.global_users.insert(dict(id='root', email='root@example.com', is_sys_admin=True))
+    cookie = world.sessions.create('root')
+    switch_tenant(world.sessions, start_impersonation(world.sessions, world.sessions.load(cookie), ann_id(world)),
+                  'acme_corp')
+    admin = world.client()
+    admin.cookies.set(world.sessions.cookie_name, cookie)
+    token, before, sent = csrf(admin.get('/team').text), counts(world.host_db), len(world.outbox.messages)
+    for path, data in [('/team/invite', dict(email='root@example.com', role='admin')),
+                       ('/team/role', dict(user_id=bob_id(world), role='admin')),
+                       ('/team/transfer', dict(user_id=bob_id(world))),
+                       ('/tenants', dict(company='Backdoor Ltd'))]:
+        r = admin.post(path, data=dict(data, csrf=token))
+        assert r.status_code == 403 and 'while impersonating' in r.text and 'class="alert bad"' in r.text, path
+    assert (counts(world.host_db), len(world.outbox.messages)) == (before, sent)
+    assert world.host_db.q("select count(*) n from auth_invitations where email = 'root@example.com'")[0]['n'] == 0
+    roles = sorted((m.user_id == ann_id(world), m.role) for m in world.host_db.memberships())
+    assert roles == [(False, 'member'), (True, 'owner')]
 
 
 # --- the account page: name, password, sessions -----------------------------------------------------------------

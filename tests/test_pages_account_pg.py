@@ -6,7 +6,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from fh_saas.db_host import GlobalUser
-from fh_saas.pages_auth import AccountError, end_other_sessions, end_session, live_sessions, session_handle, sign_up
+from fh_saas.pages_auth import AccountError, TooManyTenants, create_tenant, end_other_sessions, end_session
+from fh_saas.pages_auth import live_sessions, session_handle, sign_up
 from fh_saas.passwords import LoginFailed, authenticate, change_password, hash_password
 from fh_saas.sessions import SessionManager
 
@@ -34,6 +35,16 @@ def test_concurrent_signups_of_one_company_get_distinct_tenants(pg_host_db, race
                           "group by tenant_id")
     assert sorted(r['tenant_id'] for r in owners) == tids and {r['n'] for r in owners} == {1}
     assert pg_host_db.system_jobs.count == 6
+
+
+def test_racing_tenant_creations_at_the_cap_give_exactly_one_more_tenant(pg_host_db, race):
+    uid, _ = sign_up(pg_host_db, 'ann@example.com', 'long enough pw', None, 'Co 0', FAST)
+    for i in (1, 2): create_tenant(pg_host_db, uid, f'Co {i}')
+    out = race([partial(create_tenant, pg_host_db, uid, f'Racing {i}', max_owned=4) for i in range(8)],
+               catch=TooManyTenants)
+    assert sum(isinstance(o, str) for o in out) == 1 and sum(isinstance(o, TooManyTenants) for o in out) == 7
+    owned = pg_host_db.q("select count(*) as n from core_memberships where user_id = :u and role = 'owner'", u=uid)
+    assert owned[0]['n'] == pg_host_db.tenants.count == 4
 
 
 def ann_with_devices(db, n):
