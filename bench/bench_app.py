@@ -451,7 +451,7 @@ def measure(server, prov: dict, n: int, workers: int, args) -> bool:
         tot = {k: dict(n=0, elapsed=0.0, lat=[], errors=Counter(), wrong=0, samples=[], host=0, tenant=0, dealloc=0,
                        host_conns=0, tenant_conns=0, fatal=[], calls=Counter()) for k in KINDS}
         per = dict(seconds=args.seconds / args.rounds, requests=max(1, args.requests // args.rounds))
-        cpu0 = servers['app'].cpu()
+        cpu0, warm_rss = servers['app'].cpu(), servers['app'].rss_mb()
         for _ in range(args.rounds):
             for kind in KINDS:
                 a = counts.snapshot()
@@ -483,8 +483,10 @@ def measure(server, prov: dict, n: int, workers: int, args) -> bool:
               f"{per_req('host_conns', ('page',)):.2f}, api {per_req('tenant_conns', ('api',)):.2f}/"
               f"{per_req('host_conns', ('api',)):.2f}, bare {per_req('tenant_conns', ('bare',)):.2f}")
         print(f"  max_connections {MAX_CONNECTIONS}; router budget default (100 a worker); "
-              f"largest bare worker RSS {bare_rss:.0f} MB; {args.connections} client connections; app workers' CPU "
-              f"seconds in the windows: {', '.join(f'{c:.1f}' for c in sorted(cpu.values(), reverse=True))}")
+              f"largest app worker RSS {warm_rss:.0f} MB after the warm-up, {rss:.0f} MB after the "
+              f"{app_n} timed requests; largest bare worker RSS {bare_rss:.0f} MB; {args.connections} client "
+              f"connections; app workers' CPU seconds in the windows: "
+              f"{', '.join(f'{c:.1f}' for c in sorted(cpu.values(), reverse=True))}")
         if any(replaced.values()):
             print(f"  workers replaced during the run (uvicorn kills one that misses its 5 s health check): "
                   f"app {replaced['app']}, bare {replaced['bare']}")
