@@ -252,7 +252,8 @@ def users(self: AdminPages, req, auth, q: str = '', done: str = ''):
                        Div(self.users_table(auth, rows, q), cls='card'))
 
 @patch
-@route('/admin/impersonate/stop', ['get', 'post'])
+@route('/admin/impersonate/stop', 'post')
+@guarded(csrf=True)
 def impersonate_stop(self: AdminPages, req, auth):
     if auth.impersonator is None or auth.session is None: return self.refuse(req, 403,
                                                                              'You are not impersonating anyone.', '/')

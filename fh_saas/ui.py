@@ -63,11 +63,10 @@ def table(head, rows, empty: str | None = None):
 
 # %% ../nbs/50_ui.ipynb #65ba69d7
 def page(title: str, *content, nav=(), active: str | None = None, who=None, impersonator: str | None = None,
-         narrow: bool = False, brand: str = 'fh_saas'):
-    "A full page: title, top bar with navigation, optional impersonation banner, and `content`."
+         narrow: bool = False, brand: str = 'fh_saas', stop=None):
+    "A full page: title, top bar with navigation, optional impersonation banner (with its `stop` form), and `content`."
     bar = Header(A(brand, href='/', cls='brand'),
                  Nav(*[A(lbl, href=href, cls='active' if href == active else None) for lbl, href in nav]),
                  Div(who, cls='who') if who else None, cls='topbar')
-    banner = Div(f'You are acting as {impersonator}. ', A('Stop impersonating', href='/admin/impersonate/stop'),
-                 cls='impersonating') if impersonator else None
+    banner = Div(f'You are acting as {impersonator}. ', stop, cls='impersonating') if impersonator else None
     return Title(title), bar, banner, Main(*content, cls='container narrow' if narrow else 'container')
