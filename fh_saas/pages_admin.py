@@ -150,8 +150,7 @@ class AdminPages(Pages):
 
     def action(self, action: str, label: str, auth, cls: str | None = 'secondary', confirm: str | None = None):
         "A one-button form posting to `action`."
-        return self.form(action, Button(label, cls=cls, onclick=f"return confirm({confirm!r})" if confirm else None),
-                         auth=auth, cls=None)
+        return self.form(action, Button(label, cls=cls), auth=auth, cls=None, data_confirm=confirm)
 
     def filters(self, action: str, *fields):
         return Form(*fields, Button('Filter', cls='secondary'), A('Clear', href=action), method='get', action=action,

@@ -19,10 +19,10 @@ STATIC_DIR = files('fh_saas') / 'static'
 
 # %% ../nbs/50_ui.ipynb #7cd24ee7
 def static_headers(prefix: str = '/_fh_saas') -> tuple:
-    "The `<head>` tags for fh_saas pages: viewport, the stylesheet and htmx, all from `prefix`."
+    "The `<head>` tags for fh_saas pages: viewport, the stylesheet, htmx and the kit's script, all from `prefix`."
     return (Meta(name='viewport', content='width=device-width, initial-scale=1'),
             Link(rel='stylesheet', href=f'{prefix}/static/fh_saas.css'),
-            Script(src=f'{prefix}/static/htmx.min.js'))
+            Script(src=f'{prefix}/static/htmx.min.js'), Script(src=f'{prefix}/static/fh_saas.js'))
 
 def mount_static(app, prefix: str = '/_fh_saas'):
     "Serve the package's static files at `{prefix}/static/<name>`; nothing outside that folder."

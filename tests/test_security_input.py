@@ -13,9 +13,11 @@ from fasthtml.common import FastHTML
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from fh_saas.api_keys import create_api_key
 from fh_saas.app import setup_saas
 from fh_saas.csrf import csrf_token
-from fh_saas.db_host import GlobalUser, HostDatabase, Membership
+from fh_saas.billing import seed_plans
+from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import provision_tenant
 from fh_saas.dev_mode import SaasConfigError
 from fh_saas.http_guard import DEFAULT_MAX_FIELD
@@ -50,6 +52,9 @@ def site(pg_host_db, tmp_path, monkeypatch):
                                               password_hash=hash_password(PW, FAST)))
     provision_tenant(pg_host_db, 'acme', 'Acme')
     pg_host_db.memberships.insert(Membership(user_id='root', tenant_id='acme', role='owner'))
+    seed_plans(pg_host_db, [dict(id='pro', name='Pro', features=['api'])])
+    pg_host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro',
+                                                 payment_type='subscription'))
     yield saas, app
     saas.router.close()
 
@@ -202,6 +207,29 @@ def test_every_response_carries_the_security_headers(site):
         assert (r.headers['x-frame-options'], r.headers['x-content-type-options']) == ('DENY', 'nosniff')
         assert r.headers['referrer-policy'] == 'same-origin' and 'camera=()' in r.headers['permissions-policy']
         assert r.headers['strict-transport-security'].startswith('max-age=')
+
+
+INLINE_HANDLER = re.compile(r'<[^>]*\son[a-z]+\s*=', re.I)
+
+
+@pytest.mark.postgres
+def test_no_page_needs_an_inline_script_the_policy_would_refuse(site):
+    "Every page the kit serves, with its confirm buttons shown: no inline handler, no script without src or nonce."
+    saas, app = site
+    saas.host_db.global_users.insert(GlobalUser(id='bob', email='bob@example.com'))
+    saas.host_db.memberships.insert(Membership(user_id='bob', tenant_id='acme', role='member'))
+    create_api_key(saas.host_db, 'acme', 'root', 'ci', 'secret', 'test')
+    cli, _ = signed_in(saas, app)
+    pages = [p for p, m, _ in routes(app) if m == 'GET' and '{' not in p and not p.startswith('/_fh_saas')]
+    assert {'/team', '/api-keys', '/admin', '/admin/users', '/login'} <= set(pages)
+    for path in pages:
+        r = cli.get(path)
+        assert r.status_code == 200 or path not in ('/team', '/api-keys', '/admin', '/admin/users'), (path, r)
+        html = r.text
+        assert not INLINE_HANDLER.search(html), (path, INLINE_HANDLER.search(html).group(0))
+        assert all('src=' in tag or 'nonce=' in tag for tag in re.findall(r'<script\b[^>]*>', html)), path
+    assert 'data-confirm="Revoke this key?' in cli.get('/api-keys').text
+    assert 'data-confirm="Remove this member' in cli.get('/team').text
 
 
 @pytest.mark.postgres
