@@ -40,7 +40,8 @@ def _pairs(raw: bytes, what: str, max_chars: int):
 
 def check_address(raw_path: bytes, query: bytes, max_chars: int = DEFAULT_MAX_FIELD):
     "Refuse (`BadInput`) a path segment or query name or value that `check_text` refuses."
-    for segment in raw_path.split(b'/'): check_text(unquote_to_bytes(segment), 'The address', max_chars)
+    for segment in raw_path.partition(b'?')[0].split(b'/'):
+        check_text(unquote_to_bytes(segment), 'The address', max_chars)
     _pairs(query, 'The address', max_chars)
 
 def _multipart(body: bytes, boundary: bytes, max_chars: int):
@@ -107,9 +108,9 @@ class InputGuard:
         if scope['method'] not in _BODY_METHODS or any(re.fullmatch(p, scope['path']) for p in self.exempt):
             return await self.app(scope, receive, send)
         headers = dict(scope['headers'])
-        declared = headers.get(b'content-length', b'0')
-        if not declared.isdigit() or int(declared) > self.max_body or (body := await read_body(receive,
-                                                                                             self.max_body)) is None:
+        declared = headers.get(b'content-length', b'')   # none (chunked): the count while reading decides
+        if (declared.isdigit() and int(declared) > self.max_body
+                or (body := await read_body(receive, self.max_body)) is None):
             return await self.refuse(scope, 413, TOO_LARGE)(scope, receive, send)
         try: check_body(headers.get(b'content-type', b'').decode('latin-1'), body, self.max_field)
         except BadInput as e: return await self.refuse(scope, 400, str(e))(scope, receive, send)
@@ -131,7 +132,7 @@ NONCE = "'nonce'"                  # stands for the request's nonce in a policy
 DEFAULT_CSP = {'default-src': ["'self'"], 'script-src': ["'self'", NONCE], 'style-src': ["'self'", "'unsafe-inline'"],
                'img-src': ["'self'", 'data:'], 'object-src': ["'none'"], 'base-uri': ["'self'"],
                'frame-ancestors': ["'none'"]}
-PERMISSIONS = 'camera=(), microphone=(), geolocation=(), payment=(), usb=(), interest-cohort=()'
+PERMISSIONS = 'camera=(), microphone=(), geolocation=(), payment=(), usb=()'
 _SOURCE = re.compile(r"[^\s;,]+")
 
 def csp_policy(extra: dict | None = None) -> dict:
@@ -159,7 +160,7 @@ class SecurityHeaders:
         csp = '; '.join(f'{d} {sources(srcs)}'.strip() for d, srcs in self.policy.items())
         h = {'content-security-policy': csp, 'x-frame-options': 'DENY', 'x-content-type-options': 'nosniff',
              'referrer-policy': 'same-origin', 'permissions-policy': PERMISSIONS}
-        if self.hsts: h['strict-transport-security'] = 'max-age=31536000; includeSubDomains'
+        if self.hsts: h['strict-transport-security'] = 'max-age=31536000'   # this host only: not its subdomains
         return h
 
     async def __call__(self, scope, receive, send):
