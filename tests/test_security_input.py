@@ -2,7 +2,7 @@
 byte bites): a NUL byte, invalid UTF-8 or an overlong value is a 400 with a message on every route and form, never a
 500; a body is bounded while it is read; a long User-Agent is kept truncated; every response carries the security
 headers and the canonical link ignores the Host header; a guessable master key is refused at start-up."""
-import inspect, re
+import inspect, re, socket
 from functools import partial
 from urllib.parse import quote, urlencode
 
@@ -26,6 +26,7 @@ from fh_saas.pages_auth import AccountPages, AuthPages
 from fh_saas.pages_layout import handlers
 from fh_saas.passwords import hash_password
 from fh_saas.sessions import SessionManager, sessions_t
+from stripe_helpers import ServedApp
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 SECRET = 'security-input-secret-' + '0123456789abcdef' * 2
@@ -173,6 +174,25 @@ def test_a_body_over_the_limit_is_refused_while_it_is_read(site):
     r = cli.post('/api/anything', content=b'{"a": "' + b'x' * 70000 + b'"}',
                  headers={'content-type': 'application/json'})
     assert r.status_code == 413 and r.json()['error']['code'] == 'too_large'
+
+
+def first_answer(port: int, head: bytes, start: bytes) -> bytes:
+    "The server's first bytes in answer to `head` and the `start` of a body the client never finishes."
+    with socket.create_connection(('127.0.0.1', port), timeout=60) as s:   # the timeout only ends a hung server
+        s.sendall(head + start)
+        return s.recv(200)
+
+
+@pytest.mark.postgres
+def test_over_real_http_the_answer_comes_before_the_rest_of_the_body(site):
+    "uvicorn in front: a 30 MiB Content-Length, or 128 KiB of chunks, is answered 413 though the body never ends."
+    _, app = site
+    head = b'POST /login HTTP/1.1\r\nHost: app.test\r\nContent-Type: application/x-www-form-urlencoded\r\n'
+    piece = b'%x\r\n%s\r\n' % (65536, b'x' * 65536)
+    with ServedApp(app) as srv:
+        declared = first_answer(srv.port, head + b'Content-Length: %d\r\n\r\n' % (30 << 20), b'email=a')
+        chunked = first_answer(srv.port, head + b'Transfer-Encoding: chunked\r\n\r\n', piece * 2)
+    assert declared.startswith(b'HTTP/1.1 413') and chunked.startswith(b'HTTP/1.1 413'), (declared, chunked)
 
 
 @pytest.mark.postgres
