@@ -13,6 +13,7 @@ __all__ = ['DEFAULT_MAX_BODY', 'DEFAULT_MAX_FIELD', 'TOO_LARGE', 'CSP_NONCE', 'N
 import re, secrets
 from urllib.parse import unquote_to_bytes
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -60,8 +61,10 @@ def _multipart(body: bytes, boundary: bytes, max_chars: int):
         part.clear()
     parser = MultipartParser(boundary, dict(on_header_field=header_field, on_header_value=header_value,
                                             on_header_end=header_end, on_part_data=data, on_part_end=part_end))
-    parser.write(body)
-    parser.finalize()
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError: raise BadInput("The form could not be read. Reload the page and try again.") from None
 
 # %% ../nbs/49_http_guard.ipynb #3ac85722
 def check_body(content_type: str, body: bytes, max_chars: int = DEFAULT_MAX_FIELD):

@@ -176,6 +176,15 @@ def test_a_body_over_the_limit_is_refused_while_it_is_read(site):
     assert r.status_code == 413 and r.json()['error']['code'] == 'too_large'
 
 
+@pytest.mark.postgres
+def test_a_malformed_multipart_form_is_a_400_with_a_message(site):
+    _, app = site
+    cli = TestClient(app, follow_redirects=False)
+    for body in (b'garbage', b'--B\r\nno header line\r\n\r\nx\r\n--B--\r\n'):
+        r = cli.post('/login', content=body, headers={'content-type': 'multipart/form-data; boundary=B'})
+        assert (r.status_code, r.text) == (400, 'The form could not be read. Reload the page and try again.')
+
+
 def first_answer(port: int, head: bytes, start: bytes) -> bytes:
     "The server's first bytes in answer to `head` and the `start` of a body the client never finishes."
     with socket.create_connection(('127.0.0.1', port), timeout=60) as s:   # the timeout only ends a hung server
