@@ -63,11 +63,15 @@ def redact(value):
     return value
 
 # %% ../nbs/05_audit.ipynb #8c61c05a
+_AGENT_MAX = audit_t.c.user_agent.type.length   # a longer User-Agent is kept truncated, never refused
+
 def audit_row(event_type: str, target_id: str | None = None, details: dict | None = None, **fields) -> dict:
     "The columns of an audit row for `event_type`, for a writer that inserts it itself; `fields` override the context."
     if not re.fullmatch(r'[a-z][a-z0-9_.]{1,63}', event_type): raise ValueError(f"bad audit event type {event_type!r}")
-    return dict(asdict(current_audit_context()), id=gen_id(), created_at=timestamp(), event_type=event_type,
-                target_id=target_id, details=json.dumps(redact(details or {}), sort_keys=True, default=str)) | fields
+    row = dict(asdict(current_audit_context()), id=gen_id(), created_at=timestamp(), event_type=event_type,
+               target_id=target_id, details=json.dumps(redact(details or {}), sort_keys=True, default=str)) | fields
+    if isinstance(agent := row.get('user_agent'), str): row['user_agent'] = agent[:_AGENT_MAX] or None
+    return row
 
 def audit(host_db: HostDatabase, event_type: str, target_id: str | None = None, details: dict | None = None,
           **fields) -> HostAuditLog:

@@ -175,8 +175,7 @@ class AdminPages(Pages):
 
     def action(self, action: str, label: str, auth, cls: str | None = 'secondary', confirm: str | None = None):
         "A one-button form posting to `action`."
-        return self.form(action, Button(label, cls=cls, onclick=f"return confirm({confirm!r})" if confirm else None),
-                         auth=auth, cls=None)
+        return self.form(action, Button(label, cls=cls), auth=auth, cls=None, data_confirm=confirm)
 
     def filters(self, action: str, *fields):
         return Form(*fields, Button('Filter', cls='secondary'), A('Clear', href=action), method='get', action=action,
@@ -301,7 +300,8 @@ def user_reset_two_factor(self: AdminPages, req, auth, user_id: str):
     return Redirect('/admin/users?done=' + ('two_factor_reset' if done else 'two_factor_off'))
 
 @patch
-@route('/admin/impersonate/stop', ['get', 'post'])
+@route('/admin/impersonate/stop', 'post')
+@guarded(csrf=True)
 def impersonate_stop(self: AdminPages, req, auth):
     if auth.impersonator is None or auth.session is None: return self.refuse(req, 403,
                                                                              'You are not impersonating anyone.', '/')

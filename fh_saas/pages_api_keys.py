@@ -24,7 +24,7 @@ class ApiKeyPages(Pages):
             if k.revoked_at: return ui.badge('revoked', 'bad')
             if not is_admin: return ui.badge('active', 'ok')
             return self.form(f'/api-keys/{k.key_id}/revoke', Button('Revoke', cls='danger'), auth=auth, cls='inline',
-                             onsubmit="return confirm('Revoke this key? Requests using it will be refused.')")
+                             data_confirm='Revoke this key? Requests using it will be refused.')
         return [(k.name, Span(f"{'sk' if k.kind == 'secret' else 'pk'}_{k.mode}_{k.key_id}_…", cls='secret'),
                  ui.badge(k.mode, 'warn' if k.mode == 'test' else 'ok'), ui.when(k.created_at),
                  ui.when(k.last_used_at), state(k))

@@ -281,6 +281,7 @@ def do_login(self: AuthPages, req, email: str = '', password: str = '', next: st
 
 @patch
 @route('/logout', 'post')
+@guarded(csrf=True)
 def do_logout(self: AuthPages, auth):
     if auth.session is not None: logout(self.sessions, auth.session)
     return self.sessions.clear_cookie(RedirectResponse('/login', 303))

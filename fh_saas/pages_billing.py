@@ -240,10 +240,9 @@ class BillingPages(Pages):
         return Div(A('Change plan', href='/pricing', cls='button'),
                    self.form('/billing/portal', Button('Manage billing', cls='secondary'), auth=auth, cls='inline')
                    if stripe_billing.tenant_customer(self.host_db, auth.tenant_id) else None,
-                   self.form('/billing/cancel', Button('Cancel at period end', cls='danger',
-                                                       onclick="return confirm('Cancel the subscription at the end of "
-                                                               "the current period?')"),
-                             auth=auth, cls='inline') if live and not sub['cancel_at_period_end'] else None,
+                   self.form('/billing/cancel', Button('Cancel at period end', cls='danger'), auth=auth, cls='inline',
+                             data_confirm='Cancel the subscription at the end of the current period?')
+                   if live and not sub['cancel_at_period_end'] else None,
                    style=_ROW)
 
 # %% ../nbs/58_pages_billing.ipynb #3d3a7e3d

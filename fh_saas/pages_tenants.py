@@ -184,7 +184,7 @@ class TeamPages(Pages):
         return (self.form('/team/role', uid, role_select(auth.roles, m['role']), Button('Change role', cls='secondary'),
                           auth=auth, cls='inline'),
                 self.form('/team/remove', uid, Button('Remove', cls='danger'), auth=auth, cls='inline',
-                          onsubmit="return confirm('Remove this member from the tenant?')"),
+                          data_confirm='Remove this member from the tenant?'),
                 self.form('/team/transfer', uid, Button('Make owner', cls='secondary'), auth=auth,
                           cls='inline') if is_owner else None)
 
@@ -200,7 +200,7 @@ class TeamPages(Pages):
         invited = [(i['email'], ui.badge(i['role']), i['invited_by_email'] or '—', ui.when(i['expires_at']),
                     self.form(f"/team/invitations/{i['id']}/cancel", Button('Cancel', cls='danger'), auth=auth,
                               cls='inline',
-                              onsubmit="return confirm('Cancel this invitation? Its link will stop working.')"))
+                              data_confirm='Cancel this invitation? Its link will stop working.'))
                    for i in pending_invitations(self.host_db, auth.tenant_id)] if auth.has_role('admin') else []
         return self.card(H2('Pending invitations'), self.table(('Email', 'Role', 'Invited by', 'Expires', ''),
                                                                invited)) if invited else None

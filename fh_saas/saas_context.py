@@ -11,9 +11,10 @@ __all__ = ['Saas']
 from dataclasses import dataclass, field
 from typing import Any
 
-from fasthtml.common import A, Span, Form, Button
+from fasthtml.common import A, Span, Button
 
 from .db_host import HostDatabase
+from .csrf import post_form
 from .dev_mode import DEV_MAIL_PATH
 from .mail import Mailer
 from .sessions import SessionManager
@@ -68,7 +69,9 @@ class Saas:
         if auth is not None:
             who = (A(auth.user.email, href='/account', title='Your account'),
                    ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
-                   Form(Button('Log out', cls='secondary'), method='post', action='/logout'))
+                   post_form('/logout', Button('Log out', cls='secondary'), auth=auth, cls=None))
+        acting = auth is not None and auth.impersonator is not None
+        stop = post_form('/admin/impersonate/stop', Button('Stop impersonating', cls='secondary'), auth=auth,
+                         cls=None) if acting else None
         return ui.page(title, *content, nav=self.nav(auth, tenant), active=req.url.path, who=who, brand=self.brand,
-                       narrow=narrow,
-                       impersonator=auth.user.email if auth is not None and auth.impersonator is not None else None)
+                       narrow=narrow, impersonator=auth.user.email if acting else None, stop=stop)

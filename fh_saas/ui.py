@@ -19,10 +19,10 @@ STATIC_DIR = files('fh_saas') / 'static'
 
 # %% ../nbs/50_ui.ipynb #7cd24ee7
 def static_headers(prefix: str = '/_fh_saas') -> tuple:
-    "The `<head>` tags for fh_saas pages: viewport, the stylesheet and htmx, all from `prefix`."
+    "The `<head>` tags for fh_saas pages: viewport, the stylesheet, htmx and the kit's script, all from `prefix`."
     return (Meta(name='viewport', content='width=device-width, initial-scale=1'),
             Link(rel='stylesheet', href=f'{prefix}/static/fh_saas.css'),
-            Script(src=f'{prefix}/static/htmx.min.js'))
+            Script(src=f'{prefix}/static/htmx.min.js'), Script(src=f'{prefix}/static/fh_saas.js'))
 
 def mount_static(app, prefix: str = '/_fh_saas'):
     "Serve the package's static files at `{prefix}/static/<name>`; nothing outside that folder."
@@ -63,11 +63,10 @@ def table(head, rows, empty: str | None = None):
 
 # %% ../nbs/50_ui.ipynb #65ba69d7
 def page(title: str, *content, nav=(), active: str | None = None, who=None, impersonator: str | None = None,
-         narrow: bool = False, brand: str = 'fh_saas'):
-    "A full page: title, top bar with navigation, optional impersonation banner, and `content`."
+         narrow: bool = False, brand: str = 'fh_saas', stop=None):
+    "A full page: title, top bar with navigation, optional impersonation banner (with its `stop` form), and `content`."
     bar = Header(A(brand, href='/', cls='brand'),
                  Nav(*[A(lbl, href=href, cls='active' if href == active else None) for lbl, href in nav]),
                  Div(who, cls='who') if who else None, cls='topbar')
-    banner = Div(f'You are acting as {impersonator}. ', A('Stop impersonating', href='/admin/impersonate/stop'),
-                 cls='impersonating') if impersonator else None
+    banner = Div(f'You are acting as {impersonator}. ', stop, cls='impersonating') if impersonator else None
     return Title(title), bar, banner, Main(*content, cls='container narrow' if narrow else 'container')

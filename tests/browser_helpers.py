@@ -75,3 +75,10 @@ def sign_up(page, base, email, password, name, company=None):
     page.fill("input[name=name]", name)
     if company: page.fill("input[name=company]", company)
     page.click("button:has-text('Create account')")
+
+
+def csp_violations(page) -> list:
+    "The Content-Security-Policy violations `page` reports on its console, collected as they happen."
+    found = []
+    page.on("console", lambda m: found.append(m.text) if "Content Security Policy" in m.text else None)
+    return found

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from playwright.sync_api import expect
 
-from browser_helpers import chromium, screenshots_on_failure, served_demo, sign_up
+from browser_helpers import chromium, csp_violations, screenshots_on_failure, served_demo, sign_up
 from stripe_helpers import SECRET, ServedApp, sign
 from stripe_standin import FakeStripe
 
@@ -68,7 +68,9 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
     base = demo
     alice, bob, admin = (browser.new_context().new_page() for _ in range(3))
     for p in (alice, bob, admin): p.set_default_timeout(20_000)
-    admin.on("dialog", lambda d: d.accept())
+    violations = {who: csp_violations(p) for who, p in dict(alice=alice, bob=bob, admin=admin).items()}
+    asked = []                                   # the confirmations the admin's buttons ask: the first is dismissed
+    admin.on("dialog", lambda d: (asked.append(d.message), d.dismiss() if len(asked) == 1 else d.accept()))
     with screenshots_on_failure("story", alice=alice, bob=bob, admin=admin):
         # Alice signs up; the worker creates Alpha's database while the page shows progress, then she lands in it.
         sign_up(alice, base, "alice@alpha.test", "alpha password 1234", "Alice", "Alpha Co")
@@ -123,6 +125,45 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
         # Bob, working in Beta, is unaffected.
         bob.goto(f"{base}/projects")
         expect(bob.locator("main")).to_contain_text("Beta secret")
+
+        # The admin acts as Bob, then ends it with the banner's button (a POST with the form token).
+        admin.goto(f"{base}/admin/users")
+        admin.locator("tr", has_text="bob@beta.test").locator("button:has-text('Impersonate')").click()
+        expect(admin.locator(".impersonating")).to_contain_text("You are acting as bob@beta.test")
+        admin.click("button:has-text('Stop impersonating')")
+        admin.wait_for_url("**/admin/users?done=stopped")
+        expect(admin.locator("main")).to_contain_text("You are yourself again")
+
+        # Deleting Alpha asks first (fh_saas.js, no inline script): dismissed, nothing happens; accepted, it starts.
+        admin.goto(f"{base}/admin")
+        admin.locator("tr", has_text="Alpha Co").locator("button:has-text('Delete')").click()
+        admin.locator("tr", has_text="Alpha Co").locator("button:has-text('Delete')").click()
+        expect(admin.locator("tr", has_text="Alpha Co")).to_contain_text("deletion")
+        assert len(asked) == 2 and all("Delete tenant" in m for m in asked), asked
+
+        # Bob logs out with the top bar's button; his session is over.
+        bob.click("button:has-text('Log out')")
+        bob.wait_for_url("**/login")
+        bob.goto(f"{base}/projects")
+        assert "/login" in bob.url
+    assert violations == dict(alice=[], bob=[], admin=[])
+
+
+@pytest.mark.browser
+def test_pages_cannot_be_framed_even_by_the_same_site(demo, browser):
+    "/team's one-click forms cannot be clickjacked: the browser refuses to show the page in a frame."
+    base = demo
+    page = browser.new_context().new_page()
+    page.set_default_timeout(20_000)
+    refused = csp_violations(page)
+    with screenshots_on_failure("framing", page=page):
+        log_in(page, base, DEMO_EMAIL, DEMO_PASSWORD)
+        page.wait_for_url("**/projects")
+        page.goto(f"{base}/pricing")                                 # a page of the site itself frames /team
+        page.evaluate("url => { const f = document.createElement('iframe'); f.src = url; document.body.append(f); }",
+                      f"{base}/team")
+        page.wait_for_function("() => document.querySelector('iframe').contentDocument === null")
+        assert any("frame-ancestors" in m for m in refused), refused
 
 
 def fits(page) -> bool:
@@ -183,6 +224,7 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
     base, (fake, stripe_url) = paid_demo, stripe_standin
     alice = browser.new_context().new_page()
     alice.set_default_timeout(20_000)
+    violations = csp_violations(alice)
     with screenshots_on_failure("upgrade", alice=alice):
         # The demo created Pro's Stripe prices at start, through the SDK pointed at the stand-in.
         prices = {(o["unit_amount"], o["recurring"]["interval"]): o["id"]
@@ -239,6 +281,7 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         rows = Path(download.value.path()).read_text().splitlines()
         assert rows[0] == "name,created_at" and rows[1].startswith("Gamma launch,") and len(rows) == 3
         assert rows[2].startswith("'=1+2,")
+    assert violations == []
 
 
 @pytest.mark.postgres

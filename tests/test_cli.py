@@ -16,6 +16,7 @@ from pgserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = ('DB_', 'FH_SAAS_', 'STRIPE_', 'SMTP_')
+KEY = secrets.token_urlsafe(32)   # the master key of the `here` folder
 
 
 def clean_env(**settings) -> dict:
@@ -46,7 +47,7 @@ def here(tmp_path, monkeypatch):
     "The current folder is `tmp_path`, with a SQLite host database there and only these DB_/FH_SAAS_ settings."
     saved = dict(os.environ)
     for k in [k for k in os.environ if k.startswith(OUTSIDE)]: del os.environ[k]
-    os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(tmp_path / 'host.db'), FH_SAAS_SECRET_KEY='k' * 48)
+    os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(tmp_path / 'host.db'), FH_SAAS_SECRET_KEY=KEY)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))   # import_app puts the current folder on it
     yield tmp_path
@@ -146,7 +147,7 @@ def test_env_files_are_read_without_overriding(here, capsys):
     os.environ.pop('DB_NAME')
     (here / '.env').write_text("DB_NAME=from_dotenv.db\nFH_SAAS_SECRET_KEY=not-this-one\n")
     assert main(['tenants', 'list']) == 0 and (here / 'from_dotenv.db').exists()
-    assert os.environ['FH_SAAS_SECRET_KEY'] == 'k' * 48
+    assert os.environ['FH_SAAS_SECRET_KEY'] == KEY
     HostDatabase._instance.close(); HostDatabase.reset_instance(); del os.environ['DB_NAME']
     (here / 'other.env').write_text("DB_NAME=from_other.db\n")
     assert main(['--env-file', 'other.env', 'tenants', 'list']) == 0

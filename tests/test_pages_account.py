@@ -235,7 +235,11 @@ def test_login_logout_bad_login_and_throttling(world):
     r = c.post('/login', data=dict(email='ann@example.com', password=PW))
     assert (r.status_code, r.headers['location']) == (303, '/')
     assert c.get('/').text.startswith('home of acme_corp')
-    r = c.post('/logout')
+    r = c.post('/logout')                                     # another site's form: no token, still signed in
+    assert r.status_code == 403 and 'did not come from this site' in r.text
+    assert c.get('/').status_code == 200
+    assert 'name="csrf"' in re.search(r'<form[^>]*action="/logout".*?</form>', c.get('/account').text, re.S).group(0)
+    r = c.post('/logout', data=dict(csrf=csrf(c.get('/account').text)))
     assert (r.status_code, r.headers['location']) == (303, '/login')
     assert c.get('/').headers['location'] == '/login?next=/'
     for _ in range(3): c.post('/login', data=dict(email='ann@example.com', password='wrong password'))

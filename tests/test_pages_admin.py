@@ -104,7 +104,7 @@ def test_impersonation_banner_audit_and_stop(site):
     page = root.get('/admin')
     # acting as alice: no admin area, but the banner
     assert page.status_code == 403
-    assert 'You are acting as alice@example.com' in page.text and 'href="/admin/impersonate/stop"' in page.text
+    assert 'You are acting as alice@example.com' in page.text and 'action="/admin/impersonate/stop"' in page.text
     site.saas.sessions.set_tenant(site.saas.sessions.id_hash(root.cookies.get(site.saas.sessions.cookie_name)), 'acme')
     assert root.post('/notes', data=dict(body='as alice')).text == 'noted in acme'
     note = site.host_db.q("select actor_user_id, impersonator_user_id, tenant_id from sys_audit_logs"
@@ -113,10 +113,13 @@ def test_impersonation_banner_audit_and_stop(site):
     started = site.host_db.q("select actor_user_id, impersonator_user_id, target_id from sys_audit_logs"
                              " where event_type = 'impersonation.started'")
     assert started == [dict(actor_user_id='root', impersonator_user_id='root', target_id='alice')]
-    r = root.get('/admin/impersonate/stop')
+    assert root.get('/admin/impersonate/stop').status_code == 405             # a link or image cannot end it
+    assert root.post('/admin/impersonate/stop', csrf='').status_code == 403   # nor another site's form
+    assert root.get('/admin').status_code == 403                              # still acting as alice
+    r = root.post('/admin/impersonate/stop')
     assert r.status_code == 303 and 'You are yourself again' in root.get(r.headers['location']).text
     assert root.get('/admin').status_code == 200
-    assert root.get('/admin/impersonate/stop').status_code == 403             # nothing left to stop
+    assert root.post('/admin/impersonate/stop').status_code == 403            # nothing left to stop
 
 
 def test_admin_forms_carry_the_token_and_a_forged_post_changes_nothing(site):
@@ -126,8 +129,8 @@ def test_admin_forms_carry_the_token_and_a_forged_post_changes_nothing(site):
                                                           payload_json='{}', event_created=1_760_000_000, attempts=1,
                                                           last_error='boom'))
     pages = root.get('/admin').text + root.get('/admin/users').text + root.get('/admin/webhooks').text
-    # suspend, delete, impersonate alice, replay
-    assert pages.count('name="csrf"') == 4
+    # suspend, delete, impersonate alice, replay; and the log-out button of each page's top bar
+    assert pages.count('name="csrf"') == 4 + 3
     assert set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', pages)) == {root.token()}
     other = site.client('root').token()                                      # the same admin's other session
     for path in ('/admin/tenants/acme/suspend', '/admin/tenants/acme/delete', '/admin/impersonate/alice',
