@@ -7,9 +7,9 @@ Docs: https://fh-saas.github.io/fh_saas/pages_auth.html.md"""
 # %% auto #0
 __all__ = ['AUDIT_SIGNUP', 'AUDIT_TENANT_REGISTERED', 'NO_STORE', 'SECOND_STEP_NOTICES', 'ACCOUNT_NAME_MAX', 'AUDIT_NAME_CHANGED',
            'AUDIT_SESSION_ENDED', 'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError',
-           'EmailTaken', 'TooManyTenants', 'create_tenant', 'sign_up', 'signup_details', 'AuthPages', 'AccountRefused',
-           'clean_user_name', 'change_name', 'session_handle', 'live_sessions', 'end_session', 'end_other_sessions',
-           'short_agent', 'AccountPages']
+           'EmailTaken', 'clean_tenant_name', 'TooManyTenants', 'create_tenant', 'sign_up', 'signup_details',
+           'AuthPages', 'AccountRefused', 'clean_user_name', 'change_name', 'session_handle', 'live_sessions',
+           'end_session', 'end_other_sessions', 'short_agent', 'AccountPages']
 
 # %% ../nbs/55_pages_auth.ipynb #600bd221
 import hashlib, json, logging, re, secrets, unicodedata
@@ -73,6 +73,10 @@ def _clean_name(name: str | None, what: str) -> str:
     if not name: raise AccountError(f"Enter a {what}.")
     if len(name) > _NAME_MAX: raise AccountError(f"The {what} can be at most {_NAME_MAX} characters long.")
     return name
+
+def clean_tenant_name(name: str | None) -> str:
+    "A tenant's name as stored: spaces collapsed, present, at most 100 characters; else `AccountError`."
+    return _clean_name(name, 'company or team name')
 
 def _set_details(host_db: HostDatabase, tenant_id: str, user_id: str, details: dict):
     m = memberships_t.c

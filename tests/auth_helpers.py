@@ -17,7 +17,7 @@ from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.rate_limits import RateLimit
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
-SECRET = 'test-secret-' + 'x' * 40
+SECRET = 'test-secret-' + '0123456789abcdefghijklmnopqrstuvwxyz'
 
 
 class Clock:

@@ -14,13 +14,13 @@ from fh_saas import passwords, ui
 from fh_saas.api_keys import create_api_key
 from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.db_host import HostDatabase, jobs_t
-from fh_saas.db_tenant import TenantNotFound, TenantUnavailable
+from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, suspend_tenant
 from fh_saas.jobs import claim, complete, fail, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
 from fh_saas.memberships import invitations_t, switch_tenant
 from fh_saas.pages_api_keys import ApiKeyPages
 from fh_saas.pages_auth import AccountPages, AuthPages, session_handle
-from fh_saas.pages_tenants import InvitationPages, TeamPages, TenantPages
+from fh_saas.pages_tenants import InvitationPages, TeamPages, TenantPages, tenant_members
 from fh_saas.passwords import LoginThrottle
 from fh_saas.rate_limits import RateLimit
 from fh_saas.saas_context import Saas
@@ -868,3 +868,45 @@ def test_account_changes_without_this_sessions_form_token_are_refused(world, pat
     assert world.host_db.global_users[user_id(world, 'ann@example.com')].name == 'Someone'
     assert phone.get('/account').status_code == 200
     device(world, 'ann@example.com', FIREFOX)
+
+
+def test_a_tenant_is_renamed_by_its_admins_and_left_by_anyone_but_its_only_owner(world):
+    ann = world.owner('ann@example.com', 'Acme Corp')
+    bob = world.signup('bob@example.com', 'Bob Co')
+    world.provision()
+    bob.post(invite(world, ann, 'bob@example.com') + '/accept')
+    page = ann.get('/team').text
+    r = ann.post('/team/rename', data=dict(name='  Acme   Ltd ', csrf=csrf(page)))
+    assert (r.status_code, r.headers['location']) == (303, '/team?done=renamed')
+    assert 'The tenant has its new name.' in ann.get('/team?done=renamed').text
+    assert world.host_db.tenants['acme_corp'].name == 'Acme Ltd' and 'Acme Ltd' in bob.get('/tenants').text
+    for bad, says in (('   ', 'Enter a company or team name'), ('x' * 101, 'at most 100 characters')):
+        r = ann.post('/team/rename', data=dict(name=bad, csrf=csrf(page)))
+        assert r.status_code == 400 and says in r.text, bad
+    member_page = bob.get('/team').text
+    assert 'action="/team/rename"' not in member_page
+    assert bob.post('/team/rename', data=dict(name='Mine now', csrf=csrf(member_page))).status_code == 403
+    assert world.host_db.tenants['acme_corp'].name == 'Acme Ltd'
+    # the only owner may not leave; a member may, and is back on the tenants page, told so
+    r = ann.post('/team/leave', data=dict(csrf=csrf(page)))
+    assert (r.status_code, r.headers['location']) == (303, '/team?done=last_owner')
+    assert 'make someone else owner before you leave' in ann.get('/team?done=last_owner').text
+    assert ann.post('/team/leave').status_code == 403                   # no form token: nothing happens
+    r = bob.post('/team/leave', data=dict(csrf=csrf(member_page)))
+    assert (r.status_code, r.headers['location']) == (303, '/tenants?done=left')
+    assert 'You have left the tenant' in bob.get('/tenants?done=left').text
+    assert bob.get('/team').status_code == 303                          # no longer a member of Acme
+    assert [m['email'] for m in tenant_members(world.host_db, 'acme_corp')] == ['ann@example.com']
+
+
+def test_members_of_a_suspended_tenant_are_told_why_it_is_gone_and_whom_to_ask(world):
+    ann = world.owner('ann@example.com', 'Acme Corp')
+    bob = world.signup('bob@example.com', 'Bob Co')
+    world.provision()
+    bob.post(invite(world, ann, 'bob@example.com') + '/accept')
+    suspend_tenant(world.host_db, 'acme_corp')
+    assert bob.get('/').headers['location'] == '/tenants'
+    page = bob.get('/tenants').text
+    card = page[page.index('Suspended'):]
+    assert 'Acme Corp' in card and '(your current tenant)' in card and 'ann@example.com' in card
+    assert 'action="/tenants/switch"' in page and 'Bob Co' in page      # his own tenant is still there to switch to
