@@ -146,6 +146,15 @@ class TenantPages(Pages):
         notice, kind = TENANTS_NOTICES.get(done, (None, 'ok'))
         return self.tenants_page(req, auth, notice, kind=kind)
 
+    @route('/tenants/menu')
+    def tenants_menu(self, req, auth):
+        "The top bar's tenant switcher, as htmx fetches it: a switch button per other active tenant, and the list."
+        current = auth.session.tenant_id if auth.session else None
+        return (*[self.form('/tenants/switch', Hidden(name='tenant_id', value=t['tenant_id']),
+                            Button(t['name'], cls='link'), auth=auth, cls=None)
+                  for t in active_tenants(self.host_db, auth.user.id) if t['tenant_id'] != current],
+                A('All your tenants', href='/tenants'))
+
     @route('/tenants', 'post')
     @guarded(csrf=True)
     def new_tenant(self, req, auth, company: str = ''):

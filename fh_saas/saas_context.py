@@ -11,7 +11,7 @@ __all__ = ['Saas']
 from dataclasses import dataclass, field
 from typing import Any
 
-from fasthtml.common import A, Span, Button
+from fasthtml.common import A, Button, Details, Div, Span, Summary
 
 from .db_host import HostDatabase
 from .csrf import post_form
@@ -62,13 +62,21 @@ class Saas:
         if auth.user.is_sys_admin or auth.impersonator is not None: items.append(('Admin', '/admin'))
         return items + dev
 
+    def switcher(self, tenant):
+        """The current tenant's name in the top bar, opening the user's tenants to switch to: fetched when opened
+        (`/tenants/menu`), so a page costs no query for it; without script it links to the tenants page."""
+        menu = Div(A('All your tenants', href='/tenants'), cls='menu', hx_get='/tenants/menu', hx_swap='innerHTML',
+                   hx_trigger='toggle once from:closest details')
+        return Details(Summary(ui.badge(tenant.name if tenant else 'Choose a tenant'), title='Switch tenant'), menu,
+                       cls='switcher')
+
     def page(self, req, title: str, *content, narrow: bool = False):
         "`content` in the shared layout, with the top bar for the request's user and tenant."
         auth = req.scope.get('auth')
         tenant, who = self.current_tenant(auth), None
         if auth is not None:
             who = (A(auth.user.email, href='/account', title='Your account'),
-                   ui.badge(tenant.name if tenant else 'no tenant'), Span(auth.role) if auth.role else None,
+                   self.switcher(tenant), Span(auth.role) if auth.role else None,
                    post_form('/logout', Button('Log out', cls='secondary'), auth=auth, cls=None))
         acting = auth is not None and auth.impersonator is not None
         stop = post_form('/admin/impersonate/stop', Button('Stop impersonating', cls='secondary'), auth=auth,

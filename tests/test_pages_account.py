@@ -910,3 +910,17 @@ def test_members_of_a_suspended_tenant_are_told_why_it_is_gone_and_whom_to_ask(w
     card = page[page.index('Suspended'):]
     assert 'Acme Corp' in card and '(your current tenant)' in card and 'ann@example.com' in card
     assert 'action="/tenants/switch"' in page and 'Bob Co' in page      # his own tenant is still there to switch to
+
+
+def test_the_top_bar_switches_between_a_users_tenants(world):
+    ann = world.owner('ann@example.com', 'Acme Corp')
+    bob = world.owner('bob@example.com', 'Bob Co')
+    bob.post(invite(world, ann, 'bob@example.com') + '/accept')      # now in Acme
+    page = bob.get('/tenants').text
+    assert 'title="Switch tenant"' in page and 'hx-get="/tenants/menu"' in page
+    menu = bob.get('/tenants/menu', headers={'HX-Request': 'true'}).text
+    assert '<html' not in menu and 'Bob Co' in menu and 'Acme Corp' not in menu    # the others, not the current one
+    r = bob.post('/tenants/switch', data=dict(tenant_id='bob_co', csrf=csrf(menu)))
+    assert r.status_code == 303 and bob.get('/').text == 'home of bob_co for bob@example.com as owner'
+    assert 'Acme Corp' in bob.get('/tenants/menu', headers={'HX-Request': 'true'}).text
+    assert world.client().get('/tenants/menu').status_code == 303                     # signed out: to the login page
