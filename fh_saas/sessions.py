@@ -37,10 +37,11 @@ sessions_t = sa.Table('auth_sessions', sessions_meta,
     sa.Column('expires_at', UTCTimestamp(), nullable=False),
     sa.Column('revoked_at', UTCTimestamp()),
     sa.Column('ip_address', sa.String(45)),
-    sa.Column('user_agent', sa.String(512)))
+    sa.Column('user_agent', sa.String(512)),
+    sa.Column('return_tenant_id', sa.String(64)))   # while impersonating: the admin's tenant, restored at the end
 sa.Index('ix_auth_sessions_user', sessions_t.c.user_id)
 
-sessions_component = register_component(HostComponent('sessions', sessions_meta, 1, [sessions_t]))
+sessions_component = register_component(HostComponent('sessions', sessions_meta, 2, [sessions_t]))   # 2: its column
 
 @dataclass(frozen=True)
 class SessionRecord:
@@ -48,6 +49,7 @@ class SessionRecord:
     id_hash: str; user_id: str; tenant_id: str | None; impersonator_user_id: str | None
     created_at: str; last_seen_at: str; expires_at: str; revoked_at: str | None
     ip_address: str | None; user_agent: str | None
+    return_tenant_id: str | None = None   # while impersonating: the tenant the admin worked in before
 
 # %% ../nbs/23_sessions.ipynb #478f7b6b
 class SessionManager:
@@ -160,18 +162,20 @@ def start_impersonation(sessions: SessionManager, record: SessionRecord, target_
         if not target or not target['is_active'] or target['is_sys_admin']:
             raise ImpersonationRefused("that user cannot be impersonated")
         conn.execute(sessions_t.update().where(c.id_hash == record.id_hash)
-                     .values(user_id=target_user_id, impersonator_user_id=admin['id'], tenant_id=None))
+                     .values(user_id=target_user_id, impersonator_user_id=admin['id'], tenant_id=None,
+                             return_tenant_id=record.tenant_id))
         audit(db, 'impersonation.started', target_id=target_user_id, actor_user_id=admin['id'],
               impersonator_user_id=admin['id'])
     return SessionRecord(**{**record.__dict__, 'user_id': target_user_id, 'impersonator_user_id': admin['id'],
-                            'tenant_id': None})
+                            'tenant_id': None, 'return_tenant_id': record.tenant_id})
 
 def stop_impersonation(sessions: SessionManager, record: SessionRecord) -> SessionRecord:
-    "Return `record`'s session to the impersonating admin."
+    "Return `record`'s session to the impersonating admin, in the tenant they worked in before."
     if not record.impersonator_user_id: raise ImpersonationRefused("this session is not impersonating anyone")
-    db, c, admin = sessions.host_db, sessions_t.c, record.impersonator_user_id
+    db, c, admin, back = sessions.host_db, sessions_t.c, record.impersonator_user_id, record.return_tenant_id
     with db.transaction() as conn:
         conn.execute(sessions_t.update().where(c.id_hash == record.id_hash)
-                     .values(user_id=admin, impersonator_user_id=None, tenant_id=None))
+                     .values(user_id=admin, impersonator_user_id=None, tenant_id=back, return_tenant_id=None))
         audit(db, 'impersonation.stopped', target_id=record.user_id, actor_user_id=admin, impersonator_user_id=admin)
-    return SessionRecord(**{**record.__dict__, 'user_id': admin, 'impersonator_user_id': None, 'tenant_id': None})
+    return SessionRecord(**{**record.__dict__, 'user_id': admin, 'impersonator_user_id': None, 'tenant_id': back,
+                            'return_tenant_id': None})

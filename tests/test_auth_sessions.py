@@ -1,7 +1,10 @@
 "Sessions through a real FastHTML app: cookie flags, server-side logout and revocation, idle and absolute timeouts."
 import pytest
+import sqlalchemy as sa
 
 from auth_helpers import make_world
+from fh_saas.db_host import GlobalUser, HostDatabase
+from fh_saas.sessions import SessionManager
 
 
 @pytest.fixture
@@ -94,3 +97,21 @@ def test_revoking_an_admin_also_ends_the_sessions_in_which_they_impersonate(worl
     assert world.sessions.load(cookie).impersonator_user_id == 'ann'
     world.sessions.revoke_user('ann')          # e.g. the admin's password was reset after the cookie was stolen
     assert world.sessions.load(cookie) is None
+
+
+def test_the_sessions_upgrade_adds_the_impersonators_tenant_and_keeps_live_sessions(tmp_path):
+    "A host database from before (sessions v1, no return_tenant_id): upgraded in place, its sessions still load."
+    url = f"sqlite:///{tmp_path / 'host.db'}"
+    db = HostDatabase(url)
+    db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
+    cookie = SessionManager(db, 'sessions-upgrade-' + '0123456789abcdefghij').create('ann', 'acme')
+    with db.engine.begin() as c:
+        c.exec_driver_sql('ALTER TABLE auth_sessions DROP COLUMN return_tenant_id')
+        c.exec_driver_sql("UPDATE sys_schema_versions SET version = 1 WHERE component = 'sessions'")
+    db.close(); HostDatabase.reset_instance()
+    db = HostDatabase(url)
+    try:
+        assert 'return_tenant_id' in {c['name'] for c in sa.inspect(db.engine).get_columns('auth_sessions')}
+        record = SessionManager(db, 'sessions-upgrade-' + '0123456789abcdefghij').load(cookie)
+        assert (record.tenant_id, record.return_tenant_id) == ('acme', None)
+    finally: db.close(); HostDatabase.reset_instance()

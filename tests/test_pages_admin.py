@@ -322,3 +322,15 @@ def test_an_admin_resets_a_users_two_factor_and_ends_their_sessions(site, monkey
     again = root.post('/admin/users/alice/reset-two-factor')
     assert again.headers['location'] == '/admin/users?done=two_factor_off'
     assert root.post('/admin/users/nobody/reset-two-factor').headers['location'] == '/admin/users?done=two_factor_off'
+
+
+def test_stopping_an_impersonation_returns_the_admin_to_their_tenant(site):
+    site.user('root', is_sys_admin=True); site.user('alice')
+    site.tenant('acme'); site.tenant('ops'); site.member('alice', 'acme', 'owner'); site.member('root', 'ops', 'owner')
+    root = site.client('root', 'ops')
+    assert root.post('/admin/impersonate/alice').status_code == 303
+    record = site.saas.sessions.load(root.cookies.get(site.saas.sessions.cookie_name))
+    assert (record.user_id, record.tenant_id, record.return_tenant_id) == ('alice', None, 'ops')
+    root.post('/admin/impersonate/stop')
+    record = site.saas.sessions.load(root.cookies.get(site.saas.sessions.cookie_name))
+    assert (record.user_id, record.tenant_id, record.return_tenant_id) == ('root', 'ops', None)
