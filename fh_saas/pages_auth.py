@@ -6,10 +6,10 @@ Docs: https://fh-saas.github.io/fh_saas/pages_auth.html.md"""
 
 # %% auto #0
 __all__ = ['AUDIT_SIGNUP', 'AUDIT_TENANT_REGISTERED', 'NO_STORE', 'SECOND_STEP_NOTICES', 'ACCOUNT_NAME_MAX', 'AUDIT_NAME_CHANGED',
-           'AUDIT_SESSION_ENDED', 'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'tenant_ids', 'AccountError',
-           'EmailTaken', 'clean_tenant_name', 'TooManyTenants', 'create_tenant', 'sign_up', 'signup_details',
-           'AuthPages', 'AccountRefused', 'clean_user_name', 'change_name', 'session_handle', 'live_sessions',
-           'end_session', 'end_other_sessions', 'short_agent', 'AccountPages']
+           'AUDIT_SESSION_ENDED', 'AUDIT_OTHER_SESSIONS_ENDED', 'ACCOUNT_NOTICES', 'NEW_ADDRESS_PATH', 'tenant_ids',
+           'AccountError', 'EmailTaken', 'clean_tenant_name', 'TooManyTenants', 'create_tenant', 'sign_up',
+           'signup_details', 'AuthPages', 'AccountRefused', 'clean_user_name', 'change_name', 'session_handle',
+           'live_sessions', 'end_session', 'end_other_sessions', 'short_agent', 'AccountPages']
 
 # %% ../nbs/55_pages_auth.ipynb #600bd221
 import hashlib, json, logging, re, secrets, unicodedata
@@ -36,6 +36,7 @@ from .pages_layout import Pages, form_data, guarded, route
 from .passwords import LoginFailed, LoginThrottle, LoginThrottled, WeakPassword, default_hasher, hash_password
 from .passwords import login, request_password_reset, reset_password, send_email_verification, verify_email
 from .passwords import MAX_PASSWORD, MIN_PASSWORD, change_password
+from .passwords import EmailChangeRefused, confirm_email_change, request_email_change
 from .passwords import TWO_FACTOR_LIMIT, PendingLoginExpired, TwoFactorRequired, second_step
 from .rate_limits import RateLimit, hit, reset_bucket
 from .sessions import SessionManager, SessionRecord, logout, sessions_t
@@ -545,7 +546,8 @@ class AccountPages(Pages):
 
     def account_page(self, req, auth, notice=None, kind='ok', status=200, headers=None):
         return self.show(req, 'Your account', self.notice(notice, kind), self.account_body(req, auth),
-                         self.name_card(req, auth), self.password_card(req, auth), self.two_factor_card(req, auth),
+                         self.name_card(req, auth), self.email_card(req, auth), self.password_card(req, auth),
+                         self.two_factor_card(req, auth),
                          self.sessions_card(req, auth),
                          status=status, headers=headers)
 
@@ -696,3 +698,54 @@ def two_factor_disable(self: AccountPages, req, auth, code: str = ''):
     return self.two_factor_change(auth, lambda: disable_two_factor(self.host_db, auth.user.id, code,
                                                                    self.sessions.clock()),
                                   'two_factor_disabled')
+
+# %% ../nbs/55_pages_auth.ipynb #398b30d9
+ACCOUNT_NOTICES |= dict(
+    email_change_sent=("We sent a link to the new address. Your address changes when you open it; until then it "
+                       "stays as it is.", 'ok'),
+    email_invalid=("Enter a valid email address.", 'bad'),
+    email_same=("That is already your address.", 'bad'),
+    email_taken=("Another account uses that address.", 'bad'),
+    email_password_wrong=("The password is wrong. Your address has not been changed.", 'bad'),
+    email_impersonating=("The address cannot be changed while impersonating a user.", 'bad'),
+    email_unsent=("The email could not be sent, so nothing has been changed. Please try again later.", 'bad'))
+NEW_ADDRESS_PATH = '/verify-email/new-address'   # under /verify-email: opened from the mail, signed in or not
+
+@patch
+def email_card(self: AccountPages, req, auth):
+    "The form changing the user's email address: confirmed by a link to the new one, the old one told."
+    return self.card(H2('Your email address'),
+                     self.form('/account/email', self.field('New email address', 'email', 'email', required=True,
+                                                            maxlength=320, autocomplete='email'),
+                               self.field('Your password', 'password', 'password', required=True,
+                                          autocomplete='current-password'),
+                               Button('Change email address'), auth=auth),
+                     P("The new address takes effect once you open the link we send to it; we tell the old one.",
+                       cls='muted'))
+
+@patch
+@route('/account/email', 'post')
+@guarded(csrf=True)
+def set_email(self: AccountPages, req, auth, email: str = '', password: str = ''):
+    if auth.impersonator is not None: return self.done('email_impersonating')
+    def link(token): return self.saas.url(f'{NEW_ADDRESS_PATH}/{token}')
+    try: request_email_change(self.sessions, auth.session, email, password, self.saas.mailer, link, self.hasher)
+    except EmailChangeRefused as e: return self.done('email_' + e.code)
+    except LoginThrottled: return self.done('password_throttled')
+    except LoginFailed: return self.done('email_password_wrong')
+    except OSError as e:
+        _log.warning("email change of user %s: the mail was not sent: %s", auth.user.id, e)
+        return self.done('email_unsent')
+    return self.done('email_change_sent')
+
+@patch
+@route(NEW_ADDRESS_PATH + '/{token}')
+def confirm_new_address(self: AuthPages, req, token: str):
+    try: confirm_email_change(self.host_db, token)
+    except InvalidToken: message, status = "This link is invalid, expired or already used.", 400
+    except EmailChangeRefused as e: message, status = f"{e} Your address has not been changed.", 409
+    else: return self.show(req, 'Email address changed',
+                           self.alert("Your account now uses this address: sign in with it from now on.", 'ok'),
+                           P(A('Continue', href=self.saas.home)), narrow=True, headers=NO_STORE)
+    return self.show(req, 'Address not changed', self.alert(message, 'bad'), status=status, narrow=True,
+                     headers=NO_STORE)

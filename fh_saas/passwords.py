@@ -8,8 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/passwords.html.md"""
 __all__ = ['MIN_PASSWORD', 'MAX_PASSWORD', 'default_hasher', 'HASHING_SLOTS', 'reset_mail_executor', 'TWO_FACTOR_LIMIT',
            'WeakPassword', 'check_password_policy', 'hash_password', 'verify_password', 'LoginThrottle', 'LoginFailed',
            'LoginThrottled', 'authenticate', 'open_session', 'TwoFactorRequired', 'login', 'change_password',
-           'request_password_reset', 'reset_password', 'send_email_verification', 'verify_email', 'PendingLoginExpired',
-           'second_step']
+           'request_password_reset', 'reset_password', 'send_email_verification', 'EmailChangeRefused',
+           'request_email_change', 'confirm_email_change', 'verify_email', 'PendingLoginExpired', 'second_step']
 
 # %% ../nbs/26_passwords.ipynb #e8a70a0d
 import logging, os, re, threading
@@ -26,11 +26,11 @@ from .db_values import timestamp, utcnow
 from .db_engine import env_count
 from .db_host import HostDatabase, GlobalUser, email_is, normalize_email, users_t
 from .audit import audit
-from .one_time_tokens import hash_token, issue_token, consume_token, one_time_tokens_t
+from .one_time_tokens import hash_token, issue_token, consume_token, one_time_tokens_t, redeem_token
 from .memberships import active_tenants
 from .rate_limits import RateLimit, counting, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord
-from .mail import Mailer
+from .mail import Mailer, is_email_address
 from .two_factor import finish_pending_login, issue_pending_login, read_pending_login
 from .two_factor import recovery_codes_left, two_factor_enabled, verify_code
 
@@ -191,6 +191,16 @@ def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now
                  .values(used_at=timestamp(now)))
     return True
 
+def _check_current(sessions: SessionManager, record: SessionRecord, password: str, hasher, throttle) -> str:
+    "The stored hash, once `password` is the session user's (`LoginFailed`), throttled per account (`LoginThrottled`)."
+    db, bucket = sessions.host_db, f'password_change:{record.user_id}'
+    if not (d := hit(db, bucket, throttle.per_account, sessions.clock())).allowed: raise LoginThrottled(d.retry_after)
+    with db.transaction() as conn:
+        stored = conn.execute(sa.select(users_t.c.password_hash).where(users_t.c.id == record.user_id)).scalar()
+    if not verify_password(stored, password, hasher)[0]: raise LoginFailed("the current password is wrong")
+    reset_bucket(db, bucket)
+    return stored
+
 def change_password(sessions: SessionManager, record: SessionRecord, old: str, new: str,
                     hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle()):
     """Change the session user's password after checking `old` (`LoginFailed` if wrong, `WeakPassword` if `new` is
@@ -198,12 +208,7 @@ def change_password(sessions: SessionManager, record: SessionRecord, old: str, n
     without end); end their other sessions. The new hash is stored only over the one checked, so of two changes racing
     from one old password, one wins and the other is refused as wrong."""
     check_password_policy(new)
-    db, bucket = sessions.host_db, f'password_change:{record.user_id}'
-    if not (d := hit(db, bucket, throttle.per_account, sessions.clock())).allowed: raise LoginThrottled(d.retry_after)
-    with db.transaction() as conn:
-        stored = conn.execute(sa.select(users_t.c.password_hash).where(users_t.c.id == record.user_id)).scalar()
-    if not verify_password(stored, old, hasher)[0]: raise LoginFailed("the current password is wrong")
-    reset_bucket(db, bucket)
+    db, stored = sessions.host_db, _check_current(sessions, record, old, hasher, throttle)
     with db.transaction() as conn:
         if not _set_password(conn, record.user_id, new, hasher, sessions.clock(), over=stored):
             raise LoginFailed("the password was changed meanwhile")
@@ -252,6 +257,47 @@ def send_email_verification(host_db: HostDatabase, user_id: str, mailer: Mailer,
     email = host_db.global_users[user_id].email
     mailer.send(email, 'Confirm your email',
                 f"Confirm your address:\n{link(issue_token(host_db, user_id, 'email_verify', ttl, now))}\n")
+
+class EmailChangeRefused(ValueError):
+    "The new address is not one (`code` 'invalid'), is the current one ('same'), or another account's ('taken')."
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+def request_email_change(sessions: SessionManager, record: SessionRecord, new_email: str, password: str,
+                         mailer: Mailer, link: Callable[[str], str], hasher: PasswordHasher = default_hasher,
+                         throttle: LoginThrottle = LoginThrottle(), ttl: timedelta = timedelta(days=1)) -> str:
+    """After checking the session user's `password` (throttled as for a password change), mail `new_email` a link
+    that makes it the account's address, and tell the current address; the new address, normalised. Nothing changes
+    until the link is used (`confirm_email_change`)."""
+    db, new = sessions.host_db, normalize_email(new_email)
+    if not is_email_address(new): raise EmailChangeRefused('invalid', "Enter a valid email address.")
+    _check_current(sessions, record, password, hasher, throttle)
+    with db.transaction() as conn:
+        old = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == record.user_id)).scalar()
+        if new == normalize_email(old): raise EmailChangeRefused('same', "That is already your address.")
+        if _user_by_email(conn, new): raise EmailChangeRefused('taken', "Another account uses that address.")
+        raw = issue_token(db, record.user_id, 'email_change', ttl, sessions.clock(), payload=new)
+        audit(db, 'auth.email_change_requested', target_id=record.user_id, actor_user_id=record.user_id,
+              impersonator_user_id=record.impersonator_user_id)
+    mailer.send(new, 'Confirm your new email address', f"Use this link within {ttl} to make {new} the address of "
+                f"your account:\n{link(raw)}\n")
+    mailer.send(old, 'Your email address is being changed', f"Someone signed in to your account asked to change its "
+                f"address to {new}. Nothing changes unless that address confirms it. If this was not you, change "
+                "your password now: it ends every other session.\n")
+    return new
+
+def confirm_email_change(host_db: HostDatabase, token: str, now=None) -> str:
+    "Make the link's new address the user's (confirmed, single use); the user id. `EmailChangeRefused` if taken since."
+    try:
+        with host_db.transaction() as conn:
+            user_id, new = redeem_token(host_db, token, 'email_change', now)
+            conn.execute(users_t.update().where(users_t.c.id == user_id)
+                         .values(email=new, email_verified_at=timestamp(now or utcnow())))
+            audit(host_db, 'auth.email_changed', target_id=user_id, actor_user_id=user_id)
+    except sa.exc.IntegrityError:
+        raise EmailChangeRefused('taken', "Another account took that address meanwhile.") from None
+    return user_id
 
 def verify_email(host_db: HostDatabase, token: str, now=None) -> str:
     "Mark the token's user as verified (single use); the user id."

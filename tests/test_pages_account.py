@@ -924,3 +924,38 @@ def test_the_top_bar_switches_between_a_users_tenants(world):
     assert r.status_code == 303 and bob.get('/').text == 'home of bob_co for bob@example.com as owner'
     assert 'Acme Corp' in bob.get('/tenants/menu', headers={'HX-Request': 'true'}).text
     assert world.client().get('/tenants/menu').status_code == 303                     # signed out: to the login page
+
+
+def test_an_email_change_takes_effect_only_from_the_new_address_and_the_old_one_is_told(world):
+    ann = world.owner('ann@example.com', 'Acme Corp')
+    world.signup('bob@example.com', 'Bob Co')
+    page = ann.get('/account').text
+    def change(**form): return ann.post('/account/email', data=dict(csrf=csrf(page), **form)).headers['location']
+    assert change(email='ann@new.example', password='wrong password') == '/account?done=email_password_wrong'
+    assert change(email='not an address', password=PW) == '/account?done=email_invalid'
+    assert change(email='ANN@example.com', password=PW) == '/account?done=email_same'
+    assert change(email='Bob@Example.com', password=PW) == '/account?done=email_taken'
+    assert change(email=' Ann@New.Example ', password=PW) == '/account?done=email_change_sent'
+    assert 'We sent a link to the new address' in ann.get('/account?done=email_change_sent').text
+    assert world.host_db.global_users(where="email = 'ann@example.com'")            # unchanged until the link
+    assert 'ann@new.example' in world.outbox.last_to('ann@example.com').get_content()
+    link = world.link('ann@new.example')
+    assert link.startswith('/verify-email/new-address/')
+    r = world.client().get(link)                                                   # opened anywhere, signed in or not
+    assert r.status_code == 200 and 'Your account now uses this address' in r.text
+    user = world.host_db.global_users(where="email = 'ann@new.example'")[0]
+    assert user.email_verified_at and world.client().get(link).status_code == 400  # single use
+    r = world.client().post('/login', data=dict(email='ann@new.example', password=PW))
+    assert r.status_code == 303 and r.headers['location'] != '/login'
+    assert ann.post('/account/email', data=dict(email='x@y.example', password=PW)).status_code == 403   # no token
+
+
+def test_an_email_change_whose_address_was_taken_meanwhile_changes_nothing(world):
+    ann = world.owner('ann@example.com', 'Acme Corp')
+    page = ann.get('/account').text
+    ann.post('/account/email', data=dict(csrf=csrf(page), email='shared@example.com', password=PW))
+    link = world.link('shared@example.com')
+    world.signup('shared@example.com', 'Other Co')                                  # someone signs up with it first
+    r = world.client().get(link)
+    assert r.status_code == 409 and 'Another account took that address' in r.text
+    assert world.host_db.global_users(where="email = 'ann@example.com'")
