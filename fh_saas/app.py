@@ -116,7 +116,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
               ) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
-    if sessions is None: _master_key_set()
+    _master_key_set()   # sessions, two-factor secrets and pending sign-ins, server passwords: all derive from it
     if mailer is None: mailer = DevOutbox() if dev else mailer_from_env()
     base_url = base_url or os.environ.get('FH_SAAS_BASE_URL') or f"http://127.0.0.1:{os.environ.get('PORT', '5001')}"
     host_db = host_db or HostDatabase.from_env()

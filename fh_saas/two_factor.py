@@ -243,7 +243,8 @@ def issue_pending_login(host_db: HostDatabase, user_id: str, now: datetime | Non
 def read_pending_login(host_db: HostDatabase, token: str | None, now: datetime | None = None,
                        ttl: timedelta = PENDING_TTL) -> PendingLogin | None:
     "The pending login `token` names, if it is genuine, fresh, unused, and its user's password is unchanged."
-    try: data = _serializer().loads(token or '')
+    if not token: return None   # nothing to read (and no master key needed to say so)
+    try: data = _serializer().loads(token)
     except BadSignature: return None
     age = int((now or utcnow()).timestamp()) - data.get('t', 0)
     if not 0 <= age <= ttl.total_seconds(): return None

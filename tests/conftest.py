@@ -1,4 +1,6 @@
 "Shared fixtures: one real PostgreSQL cluster per test session, fresh databases per test, and `race`."
+import os
+
 import pytest
 
 from fh_saas.db_host import HostDatabase
@@ -12,6 +14,15 @@ def pytest_collection_modifyitems(items):
                                or 'postgresql' in getattr(getattr(item, 'callspec', None), 'params', {}).values())
     if unmarked := [i.nodeid for i in items if reaches(i) and not i.get_closest_marker('postgres')]:
         raise pytest.UsageError("these tests use PostgreSQL but are not marked postgres:\n  " + "\n  ".join(unmarked))
+
+
+MASTER_KEY = 'conftest-master-key-' + '0123456789abcdefghijklmnopqrstuvwxyz'
+
+
+@pytest.fixture(autouse=True)
+def master_key(monkeypatch):
+    "Every deployment sets `FH_SAAS_SECRET_KEY` (`setup_saas` refuses to start without one): so does every test."
+    if not os.environ.get('FH_SAAS_SECRET_KEY'): monkeypatch.setenv('FH_SAAS_SECRET_KEY', MASTER_KEY)
 
 
 @pytest.fixture(scope="session")
