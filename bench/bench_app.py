@@ -21,6 +21,16 @@ entitlements re-read after the cache's 60 s safety TTL, at ~12 s between request
 ratios are still short of 0.5x: the profile (`--profile`, on-CPU) puts ~50% of the serving threads' time in
 `do_execute`/`do_commit`, i.e. the app's two round trips (host, tenant) against the bare app's one.
 
+Then (2026-12-02, later): under load a worker ran up to AnyIO's 40 threads against a host pool that keeps 10
+connections, so a busy moment opened host connections beyond the pool and closed each as it came back (SQLAlchemy
+keeps only `pool_size` idle): 0.06 new host connections per API request, each a PostgreSQL login, ~40% of the API's
+samples in psycopg2's `connect`. A worker now runs as many request threads as its host pool keeps (`FH_SAAS_THREADS`,
+default `DB_POOL_SIZE`): 0.00 new host connections per request, API 0.46 -> 0.55x, page 0.37 -> 0.46x (one run each,
+other work on the machine). Over 73,466 timed requests at 100 tenants the largest worker grew from 111 MB after the
+warm-up to 116 MB. What remains: the tenant side's new connections (0.04-0.07 per request: two requests for one
+tenant at once need a second connection, and the default budget of 100 holds one per tenant), and CPU: the machine
+is saturated, and a gated request takes two thread hops (beforeware, handler) where the bare app takes one.
+
 Baseline, measured 2026-12-02 before any optimisation of the request path (`--seconds 20`, the router's default
 budget). The machine has 2 cores shared with other helpers' benchmarks, and the load generator and PostgreSQL run on
 the same cores, so figures move by tens of percent between runs (the bare app did 333 requests/s in run 1, 172-213
