@@ -51,13 +51,13 @@ def tenant_for_member(host_db: HostDatabase, user_id: str, tenant_id: str) -> di
     with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
     return dict(row) if row else None
 
-def suspended_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
-    "The suspended tenants `user_id` is a member of, each with its owners' emails (whom to ask why)."
+def suspended_tenants(host_db: HostDatabase, user_id: str, owner: str = 'owner') -> list[dict]:
+    "The suspended tenants `user_id` is a member of, each with the emails of its `owner`s (whom to ask why)."
     m, t, u = memberships_t.c, tenants_t.c, users_t.c
     mine = (sa.select(t.id, t.name).join(memberships_t, m.tenant_id == t.id)
             .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'suspended').order_by(t.name))
     owners = (sa.select(m.tenant_id, u.email).join(users_t, u.id == m.user_id)
-              .where(m.role == 'owner', m.is_active.is_(True)).order_by(u.email))
+              .where(m.role == owner, m.is_active.is_(True)).order_by(u.email))
     with host_db.transaction() as conn:
         rows = [dict(r) for r in conn.execute(mine).mappings()]
         found = conn.execute(owners.where(m.tenant_id.in_([r['id'] for r in rows]))).all() if rows else []
@@ -114,7 +114,8 @@ class TenantPages(Pages):
                                                                                                      cls='secondary'),
                            auth=auth, cls='inline'))
                 for t in active_tenants(self.host_db, auth.user.id)]
-        pending, suspended = pending_tenants(self.host_db, auth.user.id), suspended_tenants(self.host_db, auth.user.id)
+        pending = pending_tenants(self.host_db, auth.user.id)
+        suspended = suspended_tenants(self.host_db, auth.user.id, self.roles.owner)
         return (self.suspended_card(suspended, current),
                 None if current or rows or pending or suspended else
                 self.alert("You are not a member of any active tenant yet. Create one below, or ask for an invitation.",
