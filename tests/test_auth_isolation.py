@@ -127,7 +127,7 @@ def test_no_request_reaches_another_tenants_database(world, data):
             is_key = ev['cred'].startswith('key')
             if path == '/tenants' and genuine and not is_key and model.user_ok[u]:
                 assert (r.status_code, opened) == (200, []), (ev, r.status_code, r.text)
-            elif path == '/tenants' and is_key:   # a key acts inside its own tenant: a user's tenants are not its business
+            elif path == '/tenants' and is_key:   # a key acts inside its own tenant, never on a user's tenants
                 assert r.status_code in (401, 403) and opened == [], (ev, r.status_code, r.text, opened)
             elif genuine and model.entitled(u, t):
                 assert r.status_code == 200 and opened == [t], (ev, r.status_code, r.text, opened)
