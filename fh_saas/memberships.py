@@ -7,8 +7,8 @@ Docs: https://fh-saas.github.io/fh_saas/memberships.html.md"""
 # %% auto #0
 __all__ = ['DEFAULT_ROLES', 'invitations_meta', 'invitations_t', 'invitations_component', 'Roles', 'MembershipError', 'LastOwner',
            'add_member', 'change_role', 'remove_member', 'transfer_ownership', 'active_tenants', 'TwoFactorNeeded',
-           'switch_tenant', 'invite', 'accept_invitation', 'decline_invitation', 'pending_invitations',
-           'cancel_invitation']
+           'switch_tenant', 'invite', 'accept_invitation', 'invited_address', 'decline_invitation',
+           'pending_invitations', 'cancel_invitation']
 
 # %% ../nbs/25_memberships.ipynb #b443bf62
 from datetime import timedelta
@@ -267,8 +267,18 @@ def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Ro
         inv = _use_invitation(conn, token, now, email or '', accepted_at=now, accepted_by=user_id)
         _check_inviter(conn, inv, roles)
         m = add_member(host_db, inv['tenant_id'], user_id, inv['role'], inv['invited_by'], roles)
+        # the link was mailed to this address: opening it proves the mailbox, as a confirmation link would
+        conn.execute(users_t.update().where(users_t.c.id == user_id, users_t.c.email_verified_at.is_(None))
+                     .values(email_verified_at=now))
         audit(host_db, 'invitation.accepted', target_id=inv['id'], tenant_id=inv['tenant_id'], actor_user_id=user_id)
     return m
+
+def invited_address(host_db: HostDatabase, token: str, now=None) -> str | None:
+    "The address the open invitation `token` was sent to; None when it is unknown, used or expired."
+    i = invitations_t.c
+    q = sa.select(i.email).where(i.token_hash == hash_token(token or ''), i.accepted_at.is_(None),
+                                 i.declined_at.is_(None), i.expires_at > timestamp(now or utcnow()))
+    with host_db.transaction() as conn: return conn.execute(q).scalar()
 
 def decline_invitation(host_db: HostDatabase, token: str, now=None) -> str:
     "Refuse the invitation (single use); its tenant id."

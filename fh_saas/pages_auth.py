@@ -13,7 +13,7 @@ __all__ = ['AUDIT_SIGNUP', 'AUDIT_TENANT_REGISTERED', 'NO_STORE', 'SECOND_STEP_N
 
 # %% ../nbs/55_pages_auth.ipynb #600bd221
 import hashlib, json, logging, re, secrets, unicodedata
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 from argon2 import PasswordHasher
@@ -30,7 +30,7 @@ from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .csrf import cross_site, local_path
 from .jobs import enqueue
 from .mail import is_email_address
-from .memberships import DEFAULT_ROLES, Roles, add_member
+from .memberships import DEFAULT_ROLES, Roles, add_member, invited_address
 from .one_time_tokens import InvalidToken, hash_token
 from .pages_layout import Pages, form_data, guarded, route
 from .passwords import LoginFailed, LoginThrottle, LoginThrottled, WeakPassword, default_hasher, hash_password
@@ -178,6 +178,11 @@ class AuthPages(Pages):
                 None if invited else self.field('Company or team name', 'company', value=values.get('company', ''),
                                                 required=True, autocomplete='organization')]
 
+    def invited_here(self, next: str, email: str) -> bool:
+        "Whether `next` is an open invitation's page for `email` (signing up to accept it)."
+        m = re.fullmatch(r'/invitations/([^/?#]+)', next or '')
+        return bool(m) and invited_address(self.host_db, unquote(m.group(1))) == normalize_email(email)
+
     def signup_extra(self, req, form: dict, invited: bool) -> dict:
         "The `details` to store from the app's own sign-up fields in `form`; raise `AccountError` to refuse them."
         return {}
@@ -201,7 +206,9 @@ class AuthPages(Pages):
 # %% ../nbs/55_pages_auth.ipynb #1ec35d0f
 @patch
 @route('/signup')
-def signup_get(self: AuthPages, req, next: str = ''): return self.signup_page(req, next=next)
+def signup_get(self: AuthPages, req, next: str = '', email: str = ''):
+    "The sign-up page; `email` fills in the address (an invitation's link passes the one it was sent to)."
+    return self.signup_page(req, dict(email=email[:320]) if email else None, next)
 
 @patch
 @route('/signup', 'post')
@@ -222,8 +229,9 @@ def signup(self: AuthPages, req, email: str = '', password: str = '', name: str 
     except AccountError as e: return again(str(e), 400)
     except NoServerAvailable: return again("We cannot create new workspaces right now. Please try again later.", 503)
     self.on_signup(req, uid, tid, details)
-    try: send_email_verification(self.host_db, uid, self.saas.mailer, self.verify_link)
-    except OSError as e: _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
+    if not self.invited_here(invited, email):   # accepting that invitation confirms the address: no second mail
+        try: send_email_verification(self.host_db, uid, self.saas.mailer, self.verify_link)
+        except OSError as e: _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
     cookie = self.sessions.create(uid, None, *self.client(req))
     return self.signed_in(req, cookie, invited or f'/tenants/{tid}/status')
 

@@ -11,7 +11,7 @@ __all__ = ['TENANTS_NOTICES', 'IMPERSONATING', 'TEAM_NOTICES', 'tenant_members',
 
 # %% ../nbs/56_pages_tenants.ipynb #25887a21
 import logging
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import sqlalchemy as sa
 from fastcore.basics import patch
@@ -417,7 +417,8 @@ class InvitationPages(Pages):
     def invitation_actions(self, inv: dict, here: str, user):
         if user is None:
             return P(A('Log in to accept', href=f"/login?next={quote(here)}", cls='button'), ' ',
-                     A('Create an account', href=f"/signup?next={quote(here)}", cls='button secondary'))
+                     A('Create an account', href=f"/signup?{urlencode(dict(next=here, email=inv['email']))}",
+                       cls='button secondary'))
         if normalize_email(user.email) != normalize_email(inv['email']):
             return self.alert(f"You are logged in as {user.email}, but this invitation is for {inv['email']}. "
                               "Log out and log in with that address to accept it.", 'warn')

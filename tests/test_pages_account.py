@@ -365,6 +365,24 @@ def test_new_user_signs_up_from_an_invitation_without_a_tenant_of_their_own(worl
     assert world.host_db.tenants.count == 1
 
 
+def test_an_invitation_prefills_sign_up_and_confirms_the_address_it_was_sent_to(world):
+    ann = world.owner('ann@example.com')
+    link = invite(world, ann, 'Dan@Example.com')
+    page = world.client().get(link).text
+    signup = re.search(r'href="(/signup\?[^"]+)"', page).group(1).replace('&amp;', '&')
+    assert 'value="dan@example.com"' in world.client().get(signup).text           # the address is filled in
+    sent = len(world.outbox.messages)
+    dan = world.client()
+    assert dan.post('/signup', data=dict(email='dan@example.com', password=PW, next=link)).headers['location'] == link
+    assert len(world.outbox.messages) == sent                                      # no confirmation mail to follow
+    assert dan.post(f'{link}/accept').headers['location'] == '/'                   # one click
+    assert world.host_db.global_users(where="email = 'dan@example.com'")[0].email_verified_at
+    # signing up from an invitation with another address is confirmed by mail, as any sign-up
+    link = invite(world, ann, 'erin@example.com')
+    world.client().post('/signup', data=dict(email='erin.other@example.com', password=PW, next=link))
+    assert 'Confirm your address' in world.outbox.last_to('erin.other@example.com').get_content()
+
+
 def test_invitation_for_someone_else_cannot_be_accepted_and_decline_works(world):
     ann = world.owner('ann@example.com')
     link = invite(world, ann, 'bob@example.com')
