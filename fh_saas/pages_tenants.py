@@ -296,13 +296,13 @@ class TeamPages(Pages):
                               403)
 
     def team_change(self, req, auth, change, done: str):
-        "Run `change()`; show the team page with the outcome."
+        "Run `change()`; then back to the team page, which says `TEAM_NOTICES[done]` (a refusal is shown at once)."
         try: change()
         except LastOwner:
             return self.team_page(req, auth, "A tenant must keep at least one owner. Make someone else owner first.",
                                   'bad', 409)
         except (MembershipError, ValueError) as e: return self.team_page(req, auth, str(e), 'bad', 400)
-        return self.team_page(req, auth, done)
+        return Redirect(f'/team?done={done}')
 
     def check_may_change(self, auth, user_id: str):
         "Admins manage the members below owner; changing an owner takes an owner."
@@ -317,6 +317,11 @@ TEAM_NOTICES = dict(   # code: what the team page says after the redirect, and i
     two_factor_optional=("Two-factor sign-in is now up to each member.", 'ok'),
     two_factor_yours_first=("Turn on two-factor sign-in for your own account first, on your account page.", 'bad'),
     renamed=("The tenant has its new name.", 'ok'),
+    invited=("Invitation sent. It is listed under pending invitations until it is accepted.", 'ok'),
+    invitation_cancelled=("Invitation cancelled: its link no longer works.", 'ok'),
+    role_changed=("Role changed.", 'ok'),
+    member_removed=("Member removed. Their API keys for this tenant no longer work.", 'ok'),
+    ownership_transferred=("Ownership transferred: you are now an admin.", 'ok'),
     last_owner=("You are this tenant's only owner: make someone else owner before you leave.", 'bad'))
 
 @patch
@@ -341,7 +346,7 @@ def team_invite(self: TeamPages, req, auth, email: str = '', role: str = 'member
     link = lambda tok: self.saas.url(f'/invitations/{tok}')
     change = lambda: invite(self.host_db, auth.tenant_id, email, role, auth.user.id, self.saas.mailer, link,
                             roles=auth.roles)
-    try: return self.team_change(req, auth, change, f"Invitation sent to {email.strip()}.")
+    try: return self.team_change(req, auth, change, 'invited')
     except OSError as e:
         _log.warning("invitation to tenant %s: the email was not sent: %s", auth.tenant_id, e)
         return self.team_page(req, auth,
@@ -357,7 +362,7 @@ def team_cancel_invitation(self: TeamPages, req, auth, invitation_id: str):
         if not cancel_invitation(self.host_db, auth.tenant_id, invitation_id):
             raise MembershipError("This tenant has no open invitation with that id: it may have been accepted or "
                                   "cancelled already.")
-    return self.team_change(req, auth, change, "Invitation cancelled: its link no longer works.")
+    return self.team_change(req, auth, change, 'invitation_cancelled')
 
 @patch
 @route('/team/role', 'post')
@@ -368,7 +373,7 @@ def team_role(self: TeamPages, req, auth, user_id: str = '', role: str = ''):
         self.check_may_change(auth, user_id)
         if role == auth.roles.owner: raise MembershipError("Use “Make owner” to hand over ownership.")
         change_role(self.host_db, auth.tenant_id, user_id, role, auth.roles)
-    return self.team_change(req, auth, change, "Role changed.")
+    return self.team_change(req, auth, change, 'role_changed')
 
 @patch
 @route('/team/remove', 'post')
@@ -377,7 +382,7 @@ def team_remove(self: TeamPages, req, auth, user_id: str = ''):
     def change():
         self.check_may_change(auth, user_id)
         remove_member(self.host_db, auth.tenant_id, user_id, auth.roles)
-    return self.team_change(req, auth, change, "Member removed.")
+    return self.team_change(req, auth, change, 'member_removed')
 
 @patch
 @route('/team/rename', 'post')
@@ -403,7 +408,7 @@ def team_leave(self: TeamPages, req, auth):
 def team_transfer(self: TeamPages, req, auth, user_id: str = ''):
     if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
     change = lambda: transfer_ownership(self.host_db, auth.tenant_id, auth.user.id, user_id, roles=auth.roles)
-    return self.team_change(req, auth, change, "Ownership transferred: you are now an admin.")
+    return self.team_change(req, auth, change, 'ownership_transferred')
 
 # %% ../nbs/56_pages_tenants.ipynb #1bd287fb
 class InvitationPages(Pages):
