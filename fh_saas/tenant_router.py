@@ -6,7 +6,7 @@ Docs: https://fh-saas.github.io/fh_saas/tenant_router.html.md"""
 
 # %% auto #0
 __all__ = ['LISTENER_NAME', 'TenantPoolExhausted', 'TenantDatabase', 'TenantPin', 'TenantRouter', 'default_budget',
-           'check_connection_budget', 'RoutingListener']
+           'check_connection_budget', 'RoutingListener', 'tenant_scope']
 
 # %% ../nbs/13_tenant_router.ipynb #023b3ddf
 import logging, os, selectors, threading, time, weakref
@@ -15,7 +15,9 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
+from .audit import audit_context
 from .db_engine import env_count, error_reason
+from .db_values import gen_id
 from .db_pooled import BoundTable, PooledDatabase
 from .db_tenant import BILLING_PREFIX, ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, catalog_entry, entry_engine
 from .db_tenant import db_servers_t, routing_changed, server_admin_url, unwatch_routing, watch_routing
@@ -414,3 +416,15 @@ def _host_closed(engine):
     "The host database closed: stop its listener."
     with _listeners_lock: listener = _listeners.pop(engine, None)
     if listener is not None: listener.stop()
+
+# %% ../nbs/13_tenant_router.ipynb #919297ae
+@contextmanager
+def tenant_scope(router: TenantRouter, tenant_id: str, actor_user_id: str | None = None,
+                 request_id: str | None = None):
+    "`tenant_id`'s database for the block, pinned, with the audit context bound; `TenantUnavailable` unless active."
+    pin = router.pin(tenant_id)
+    try:
+        with audit_context(tenant_id=tenant_id, actor_user_id=actor_user_id,
+                           request_id=request_id or f'scope:{gen_id()}'):
+            yield pin.db
+    finally: pin.release()

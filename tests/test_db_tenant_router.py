@@ -6,12 +6,13 @@ import sqlalchemy as sa
 from fasthtml.common import FastHTML
 from starlette.testclient import TestClient
 
+from fh_saas.audit import audit
 from fh_saas.beforeware import AuthResolver, ReleasePins, saas_beforeware
 from fh_saas.db_host import GlobalUser, Membership, get_db_uri
 from fh_saas.db_tenant import (TenantNotFound, TenantUnavailable, add_db_server, deprovision_tenant, provision_tenant,
                                resume_tenant, suspend_tenant)
 from fh_saas.sessions import SessionManager
-from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter, check_connection_budget
+from fh_saas.tenant_router import TenantPoolExhausted, TenantRouter, check_connection_budget, tenant_scope
 from pgserver import free_port, wait_for
 from tenant_helpers import (listening, new_id, pg_tenant_host, prepare, run_elsewhere, secret_key,  # noqa: F401
                             sqlite_tenant_host, tenant_connections)
@@ -330,3 +331,29 @@ def test_an_evicted_tenant_routed_again_reuses_its_engine_unless_its_routing_cha
     assert router.engine(a) is first                             # its dialect knew the server: no first-connect queries
     suspend_tenant(pg_tenant_host, a); resume_tenant(pg_tenant_host, a)   # a routing change: a new engine
     assert router.engine(a) is not first
+
+
+@pytest.mark.postgres
+def test_a_tenant_scope_in_each_thread_writes_and_audits_only_its_own_tenant(pg_tenant_host, tenants):
+    "Jobs on three tenants at once, in threads: each block sees its own database and its own audit context."
+    router, barrier, errors = TenantRouter(pg_tenant_host, budget=3, timeout=5), threading.Barrier(3), []
+    def job(tid):
+        try:
+            with tenant_scope(router, tid, request_id=f'job:{tid}') as db:
+                barrier.wait(10)
+                db['notes'].insert(dict(body=tid))
+                audit(pg_tenant_host, 'test.scoped', target_id=tid)
+        except Exception as e: errors.append(e)
+    threads = [threading.Thread(target=job, args=(tid,)) for tid in tenants]
+    try:
+        for t in threads: t.start()
+        for t in threads: t.join()
+        assert errors == []
+        for tid in tenants:
+            with router.connect(tid) as c: assert [r[0] for r in c.exec_driver_sql("SELECT body FROM notes")] == [tid]
+        logged = {(e.target_id, e.tenant_id, e.request_id) for e in pg_tenant_host.audit_logs(
+            where="event_type = 'test.scoped'")}
+        assert logged == {(tid, tid, f'job:{tid}') for tid in tenants}
+        suspend_tenant(pg_tenant_host, tenants[0])
+        with pytest.raises(TenantUnavailable), tenant_scope(router, tenants[0]): pass
+    finally: router.close()
