@@ -342,7 +342,8 @@ class HostDatabase:
             if raw.isolation_level is not None: raw.isolation_level = None
             raw.autocommit = True
             try: yield conn
-            finally: raw.autocommit = False
+            finally:
+                if not raw.closed: raw.autocommit = False   # a connection the server dropped is discarded as it is
 
     def q(self, sql: str, **params) -> list[dict]:
         "Raw SQL with named parameters, in the current scope or its own; rows as dicts."

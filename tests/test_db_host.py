@@ -1,5 +1,5 @@
 "HostDatabase on SQLite files and a real PostgreSQL server: the seed API, integrity, concurrency, upgrades, bad input."
-import multiprocessing as mp, time
+import multiprocessing as mp, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -182,6 +182,28 @@ def test_a_connection_the_server_dropped_is_replaced_at_checkout(pg_url, pg_serv
     finally:
         engine.dispose()
 
+
+
+@pytest.mark.postgres
+def test_a_statement_whose_connection_the_server_drops_fails_as_a_database_error(pg_url, pg_server):
+    "The server ends the backend mid-statement: one_statement raises SQLAlchemy's error (callers retry on it), never"
+    " psycopg2's InterfaceError from restoring the closed connection's settings, and the next statement works."
+    host_db, sleeping = HostDatabase(pg_url), sa.text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = :db AND query = 'SELECT pg_sleep(30)'")
+    try:
+        def kill():
+            with pg_server.engine.connect() as admin:
+                while (pid := admin.execute(sleeping, dict(db=make_url(pg_url).database)).scalar()) is None:
+                    time.sleep(0.01)
+                admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), dict(p=pid))
+        killer = threading.Thread(target=kill)
+        killer.start()
+        with pytest.raises(sa.exc.OperationalError), host_db.one_statement() as c:
+            c.exec_driver_sql("SELECT pg_sleep(30)")
+        killer.join()
+        with host_db.one_statement() as c: assert c.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        host_db.close(); HostDatabase.reset_instance()
 
 SEED_SCHEMA = [
     "CREATE TABLE core_users (id TEXT PRIMARY KEY, email TEXT, oauth_id TEXT, password_hash TEXT, stripe_cust_id TEXT,"
