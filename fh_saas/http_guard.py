@@ -181,7 +181,7 @@ class SecurityHeaders:
 def page_before(base_url: str):
     "A FastHTML `before` putting the nonce on the page's head and foot scripts and the canonical link on `base_url`."
     base = base_url.rstrip('/')
-    def before(req):
+    async def before(req):   # no I/O: on the event loop, no thread hop of its own
         query = req.url.query
         req.canonical = base + req.url.path + (f'?{query}' if query else '')
         if (nonce := csp_nonce(req)) is None: return
