@@ -6,9 +6,10 @@ Docs: https://fh-saas.github.io/fh_saas/pages_admin.html.md"""
 
 # %% auto #0
 __all__ = ['DEPROVISION_JOB', 'AUDIT_TENANT_SUSPENDED', 'AUDIT_TENANT_RESUMED', 'AUDIT_TENANT_DELETE_REQUESTED',
-           'AUDIT_JOB_RETRIED', 'AUDIT_WEBHOOKS_REPLAYED', 'TENANT_ACTIONS', 'status_badge', 'deprovision_key',
-           'tenant_overview', 'tenant_action', 'admin_users', 'admin_jobs', 'admin_webhooks', 'failed_webhooks',
-           'audit_labels', 'user_id_for', 'AdminPages']
+           'AUDIT_JOB_RETRIED', 'AUDIT_WEBHOOKS_REPLAYED', 'TENANT_ACTIONS', 'AUDIT_USER_DISABLED',
+           'AUDIT_USER_ENABLED', 'status_badge', 'deprovision_key', 'tenant_overview', 'tenant_action', 'admin_users',
+           'admin_jobs', 'admin_webhooks', 'failed_webhooks', 'audit_labels', 'user_id_for', 'UserRefused',
+           'set_user_active', 'AdminPages']
 
 # %% ../nbs/59_pages_admin.ipynb #80753070
 from datetime import date, datetime, timedelta, timezone
@@ -19,6 +20,7 @@ from fastcore.basics import patch
 from fasthtml.common import A, Button, Code, Div, Form, H1, Label, Nav, Option, P, Redirect, Select, Small, Span
 
 from . import ui
+from .api_keys import revoke_user_keys
 from .audit import audit, audit_cursor, audit_events
 from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
 from .db_host import email_is, normalize_email
@@ -150,6 +152,31 @@ def _day(text: str) -> datetime:
     try: return datetime.combine(date.fromisoformat(text.strip()), datetime.min.time(), timezone.utc)
     except ValueError: raise ValueError(f"{text[:40]!r} is not a date: write it as YYYY-MM-DD") from None
 
+# %% ../nbs/59_pages_admin.ipynb #df7eb502
+AUDIT_USER_DISABLED = 'admin.user_disabled'
+AUDIT_USER_ENABLED = 'admin.user_enabled'
+
+class UserRefused(Exception):
+    "A user an admin may not disable or enable, with the reason (`code`: which one, for the page's notice)."
+    def __init__(self, code: str, message: str): super().__init__(message); self.code = code
+
+def set_user_active(host_db, sessions, user_id: str, active: bool, admin_id: str) -> bool:
+    """Enable or disable `user_id`'s login, audited, in one transaction; disabling also ends their sessions and revokes
+    their API keys. False when the user already was so."""
+    if user_id == admin_id: raise UserRefused('self', 'you cannot disable or enable your own account')
+    u = users_t.c
+    with host_db.transaction() as conn:
+        row = conn.execute(sa.select(u.is_active, u.is_sys_admin).where(u.id == user_id).with_for_update()).first()
+        if row is None: raise UserRefused('no_user', f"there is no user {user_id[:64]!r}")
+        if row.is_sys_admin: raise UserRefused('sys_admin', 'a system admin cannot be disabled from the admin pages')
+        if bool(row.is_active) == active: return False
+        conn.execute(users_t.update().where(u.id == user_id).values(is_active=active))
+        details = {} if active else dict(signed_out=sessions.revoke_user(user_id),
+                                         keys_revoked=len(revoke_user_keys(host_db, user_id)))
+        audit(host_db, AUDIT_USER_ENABLED if active else AUDIT_USER_DISABLED, target_id=user_id,
+              actor_user_id=admin_id, details=details)
+    return True
+
 # %% ../nbs/59_pages_admin.ipynb #31a15db1
 _SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/jobs'), ('Audit log', '/admin/audit'),
              ('Webhooks', '/admin/webhooks'))
@@ -214,7 +241,14 @@ class AdminPages(Pages):
                                 f"Turn off two-factor sign-in for {r['email']} and sign them out everywhere?")
             return Div(self.action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth)
                        if r['is_active'] and not r['is_sys_admin'] else None, reset if r['two_factor'] else None,
-                       style=_ROW)
+                       toggle(r), style=_ROW)
+        def toggle(r):
+            if r['is_sys_admin'] or r['id'] == auth.user.id: return None
+            if r['is_active']: return self.action(f"/admin/users/{r['id']}/disable", 'Disable', auth, 'danger',
+                                                  f"Disable {r['email']}? They are signed out everywhere at once and "
+                                                  "their API keys are revoked for good.")
+            return self.action(f"/admin/users/{r['id']}/enable", 'Enable', auth, 'secondary',
+                               f"Let {r['email']} sign in again? Their API keys stay revoked.")
         def two_factor(r): return ui.badge('two-factor', 'ok') if r['two_factor'] else None
         return self.table(('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
                           [(r['email'], r['name'] or '', Div(role(r), two_factor(r)), r['tenants'],
@@ -254,7 +288,16 @@ class AdminPages(Pages):
 _admin, _admin_form = guarded(sys_admin=True), guarded(sys_admin=True, csrf=True)
 _USER_NOTICES = dict(stopped='You are yourself again.',
                      two_factor_reset="Two-factor sign-in is off for that user, and they are signed out everywhere.",
-                     two_factor_off="That user had no two-factor sign-in to reset.")
+                     two_factor_off="That user had no two-factor sign-in to reset.",
+                     disabled='That user is disabled: they are signed out everywhere and their API keys are revoked.',
+                     enabled='That user can sign in again. Their API keys stay revoked: a tenant admin issues new '
+                             'ones.',
+                     already_disabled='That user was already disabled.',
+                     already_enabled='That user was already enabled.')
+_USER_REFUSALS = dict(self='You cannot disable or enable your own account: another system admin can.',
+                      sys_admin='System admins cannot be disabled or enabled here: admin rights are changed by whoever '
+                                'runs the service.',
+                      no_user='There is no such user.')
 
 @patch
 @route('/admin')
@@ -286,8 +329,29 @@ def lifecycle(self: AdminPages, req, auth, tenant_id: str, action: str):
 def users(self: AdminPages, req, auth, q: str = '', done: str = ''):
     rows = admin_users(self.host_db, q)
     return self.layout(req, 'Users', self.notice(_USER_NOTICES.get(done)),
+                       self.notice(_USER_REFUSALS.get(done), 'bad'),
                        self.filters('/admin/users', self.field('Email contains', 'q', value=q)),
-                       Div(self.users_table(auth, rows, q), cls='card'))
+                       Div(self.users_table(auth, rows, q),
+                           P('Disabling a user signs them out everywhere and revokes their API keys at once; enabling '
+                             'restores their login only (their API keys stay revoked).', cls='muted'), cls='card'))
+
+@patch
+def set_active(self: AdminPages, req, auth, user_id: str, active: bool):
+    "Disable or enable `user_id` (`set_user_active`), then back to the users page saying what happened."
+    try: changed = set_user_active(self.host_db, self.sessions, user_id, active, auth.user.id)
+    except UserRefused as e: return Redirect('/admin/users?done=' + e.code)
+    word = 'enabled' if active else 'disabled'
+    return Redirect('/admin/users?done=' + (word if changed else f'already_{word}'))
+
+@patch
+@route('/admin/users/{user_id}/disable', 'post')
+@_admin_form
+def user_disable(self: AdminPages, req, auth, user_id: str): return self.set_active(req, auth, user_id, False)
+
+@patch
+@route('/admin/users/{user_id}/enable', 'post')
+@_admin_form
+def user_enable(self: AdminPages, req, auth, user_id: str): return self.set_active(req, auth, user_id, True)
 
 @patch
 @route('/admin/users/{user_id}/reset-two-factor', 'post')

@@ -1,17 +1,18 @@
 """The system-admin pages through a real FastHTML app:
-tenant lifecycle, impersonation, two-factor resets, jobs, audit paging and webhook replay."""
+tenant lifecycle, impersonation, two-factor resets, disabling users, jobs, audit paging and webhook replay."""
 import json, re
 from datetime import datetime, timedelta, timezone
 
 import pyotp
 
-from fh_saas.api_keys import create_api_key
+from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.audit import audit
 from fh_saas.billing import seed_plans
-from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
+from fh_saas.db_host import GlobalUser, StripeWebhookEvent, Subscription, TenantCatalog
 from fh_saas.db_tenant import suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
-from fh_saas.pages_admin import deprovision_key, tenant_overview
+from fh_saas.pages_admin import UserRefused, deprovision_key, set_user_active, tenant_overview
+from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
 from pages_helpers import site  # noqa: F401
 from stripe_helpers import event, subscription
@@ -129,16 +130,17 @@ def test_admin_forms_carry_the_token_and_a_forged_post_changes_nothing(site):
                                                           payload_json='{}', event_created=1_760_000_000, attempts=1,
                                                           last_error='boom'))
     pages = root.get('/admin').text + root.get('/admin/users').text + root.get('/admin/webhooks').text
-    # suspend, delete, impersonate alice, replay; and the log-out button of each page's top bar
-    assert pages.count('name="csrf"') == 4 + 3
+    # suspend, delete, impersonate alice, disable alice, replay; and the log-out button of each page's top bar
+    assert pages.count('name="csrf"') == 5 + 3
     assert set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', pages)) == {root.token()}
     other = site.client('root').token()                                      # the same admin's other session
     for path in ('/admin/tenants/acme/suspend', '/admin/tenants/acme/delete', '/admin/impersonate/alice',
-                 '/admin/webhooks/replay'):
+                 '/admin/users/alice/disable', '/admin/webhooks/replay'):
         for bad in ('', 'f' * 64, other):
             r = root.post(path, csrf=bad)
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, bad)
     assert site.host_db.tenants['acme'].status == 'active' and site.host_db.system_jobs.count == 0
+    assert site.host_db.global_users['alice'].is_active
     assert (site.host_db.q("select status, attempts from core_stripe_webhook_events")
             == [dict(status='failed', attempts=1)])
     assert site.host_db.audit_logs.count == 0
@@ -334,3 +336,71 @@ def test_stopping_an_impersonation_returns_the_admin_to_their_tenant(site):
     root.post('/admin/impersonate/stop')
     record = site.saas.sessions.load(root.cookies.get(site.saas.sessions.cookie_name))
     assert (record.user_id, record.tenant_id, record.return_tenant_id) == ('root', 'ops', None)
+
+
+def test_a_disabled_user_is_refused_at_once_and_enabling_restores_the_login_but_not_the_keys(site):
+    root, alice = admin_world(site)
+    key, _ = create_api_key(site.host_db, 'acme', 'alice', 'sync')
+    bearer = {'Authorization': f'Bearer {key}'}
+    assert alice.get('/billing').status_code == 200 and site.client().get('/billing', headers=bearer).status_code == 200
+    page = root.get('/admin/users').text
+    assert 'action="/admin/users/alice/disable"' in page and '/admin/users/root/disable' not in page   # not oneself
+    assert alice.post('/admin/users/alice/disable').status_code == 403                                # not an admin
+    r = root.post('/admin/users/alice/disable')
+    assert (r.status_code, r.headers['location']) == (303, '/admin/users?done=disabled')
+    page = root.get(r.headers['location']).text
+    assert 'That user is disabled' in page and 'badge bad">disabled' in page
+    assert 'action="/admin/users/alice/enable"' in page and 'their API keys stay revoked' in page
+    assert alice.get('/billing').status_code == 303                              # the open session: refused at once
+    assert site.client().get('/billing', headers=bearer).status_code == 401      # and the key
+    assert site.client('alice', 'acme').get('/billing').status_code == 303      # a new session too (is_active)
+    assert root.post('/admin/users/alice/disable').headers['location'] == '/admin/users?done=already_disabled'
+    r = root.post('/admin/users/alice/enable')
+    assert (r.status_code, r.headers['location']) == (303, '/admin/users?done=enabled')
+    assert 'Their API keys stay revoked' in root.get(r.headers['location']).text
+    assert site.client('alice', 'acme').get('/billing').status_code == 200      # she can sign in again
+    assert alice.get('/billing').status_code == 303                              # the ended session stays ended
+    assert site.client().get('/billing', headers=bearer).status_code == 401
+    assert verify_api_key(site.host_db, key) is None
+    events = site.host_db.q("select event_type, actor_user_id, target_id, details from sys_audit_logs"
+                            " where event_type like 'admin.user_%' order by created_at")
+    assert events == [dict(event_type='admin.user_disabled', actor_user_id='root', target_id='alice',
+                           details='{"keys_revoked": 1, "signed_out": 1}'),
+                      dict(event_type='admin.user_enabled', actor_user_id='root', target_id='alice', details='{}')]
+
+
+def test_disabling_oneself_another_admin_or_nobody_is_refused_with_the_reason(site):
+    root, _ = admin_world(site)
+    site.user('ops', is_sys_admin=True); site.user('bob'); site.member('bob', 'acme')
+    for target, code, words in (('root', 'self', 'your own account'), ('ops', 'sys_admin', 'System admins cannot'),
+                                ('ghost', 'no_user', 'no such user')):
+        for action in ('disable', 'enable'):
+            r = root.post(f'/admin/users/{target}/{action}')
+            assert (r.status_code, r.headers['location']) == (303, f'/admin/users?done={code}'), (target, action)
+            assert words in root.get(r.headers['location']).text
+    assert '/admin/users/ops/disable' not in root.get('/admin/users').text
+    assert root.post('/admin/impersonate/bob').status_code == 303
+    assert root.post('/admin/users/alice/disable').status_code == 403          # acting as bob: no admin rights
+    assert all(site.host_db.global_users[u].is_active for u in ('root', 'ops', 'alice', 'bob'))
+    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type like 'admin.user_%'")[0]['n'] == 0
+
+
+def test_disabling_ends_sessions_and_keys_in_one_transaction_on_both_backends(host_db, race):
+    "On SQLite and PostgreSQL: two admins disabling at once disable, sign out and audit once."
+    sessions = SessionManager(host_db, 'admin-test-secret-' + 'z' * 40)
+    for uid, admin in (('root', True), ('ops', True), ('ann', False)):
+        host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com', is_sys_admin=admin))
+    for tid in ('acme', 'beta'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid.title()))
+    cookies = [sessions.create('ann', t) for t in ('acme', 'beta')]
+    keys = [create_api_key(host_db, t, 'ann', 'sync')[0] for t in ('acme', 'beta')]
+    other = create_api_key(host_db, 'acme', 'root', 'mine')[0]
+    outcomes = race([lambda a=a: set_user_active(host_db, sessions, 'ann', False, a) for a in ('root', 'ops')])
+    assert sorted(outcomes) == [False, True]
+    assert [sessions.load(c) for c in cookies] == [None, None]
+    assert [verify_api_key(host_db, k) for k in keys] == [None, None]
+    assert verify_api_key(host_db, other) is not None and not host_db.global_users['ann'].is_active
+    assert host_db.q("select details from sys_audit_logs where event_type = 'admin.user_disabled'") == [
+        dict(details='{"keys_revoked": 2, "signed_out": 2}')]
+    try: set_user_active(host_db, sessions, 'ops', False, 'root')
+    except UserRefused as e: assert e.code == 'sys_admin'
+    else: raise AssertionError('another system admin was disabled')
