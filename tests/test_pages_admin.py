@@ -11,7 +11,8 @@ from fh_saas.billing import seed_plans
 from fh_saas.db_host import GlobalUser, StripeWebhookEvent, Subscription, TenantCatalog
 from fh_saas.db_tenant import suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
-from fh_saas.pages_admin import UserRefused, deprovision_key, set_user_active, tenant_overview
+from fh_saas.pages_admin import AdminPages, UserRefused, deprovision_key, set_user_active, tenant_cursor
+from fh_saas.pages_admin import tenant_overview
 from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
 from pages_helpers import site  # noqa: F401
@@ -268,6 +269,13 @@ def test_tenant_overview_on_both_backends(host_db):
     assert rows == {'acme': ('pro', 'past_due', None), 'beta': ('legacy', 'canceled', 'queued'),
                     'a_c': (None, None, None)}
     assert [r['id'] for r in tenant_overview(host_db, '_')] == ['a_c']       # LIKE wildcards are literal
+    assert [r['id'] for r in tenant_overview(host_db, 'ACM')] == ['acme']    # any case, on PostgreSQL too
+    suspend_tenant(host_db, 'beta')
+    assert [r['id'] for r in tenant_overview(host_db, status='suspended')] == ['beta']
+    pages, before = [], ''
+    while page := tenant_overview(host_db, limit=2, before=before):
+        pages.append([r['id'] for r in page]); before = tenant_cursor(page[-1])
+    assert sum(pages, []) == [r['id'] for r in tenant_overview(host_db)] and len(pages) == 2
 
 
 def test_users_search_is_case_insensitive_and_literal(site):
@@ -404,3 +412,31 @@ def test_disabling_ends_sessions_and_keys_in_one_transaction_on_both_backends(ho
     try: set_user_active(host_db, sessions, 'ops', False, 'root')
     except UserRefused as e: assert e.code == 'sys_admin'
     else: raise AssertionError('another system admin was disabled')
+
+
+def test_tenants_search_and_status_filter_are_kept_in_the_paging_links(site, monkeypatch):
+    root, _ = admin_world(site)
+    for tid in ('beta', 'gamma', 'delta', 'omega'): site.tenant(tid)
+    site.host_db.tenants.update(dict(id='gamma', name='Gamma Labs'))
+    for tid in ('beta', 'delta', 'omega'): suspend_tenant(site.host_db, tid)
+    def listed(url): return re.findall(r'<code>(\w+)</code>', root.get(url).text)
+    assert listed('/admin?q=ACM') == ['acme'] and listed('/admin?q=labs') == ['gamma']   # id or name, any case
+    assert listed('/admin?status=suspended') == ['omega', 'delta', 'beta']
+    assert listed('/admin?status=active&q=a') == ['gamma', 'acme']
+    assert listed('/admin?status=any') == listed('/admin') == ['omega', 'delta', 'gamma', 'beta', 'acme']
+    assert '<option value="suspended" selected>' in root.get('/admin?status=suspended').text
+    assert 'No tenants match.' in root.get('/admin?status=deleted').text
+    monkeypatch.setattr(AdminPages, 'tenants_per_page', 2)
+    seen, url = [], '/admin?status=suspended&q=E'
+    for _ in range(4):
+        html = root.get(url).text
+        seen += re.findall(r'<code>(\w+)</code>', html)
+        if not (m := re.search(r'href="(/admin\?[^"]+)">Older', html)): break
+        url = m.group(1).replace('&amp;', '&')
+        assert 'status=suspended' in url and 'q=E' in url
+    assert seen == ['omega', 'delta', 'beta']                                     # no gaps, no repeats
+    assert 'href="/admin?q=E&amp;status=suspended">' in root.get(url).text      # back to the newest, filters kept
+    for bad, words in (('status=gone', "Unknown tenant status 'gone'"), ('before=garbage', 'Bad page position'),
+                       ('before=2026-01-01T00:00:00%2B00:00', 'Bad page position')):
+        r = root.get('/admin?' + bad)
+        assert r.status_code == 400 and words in r.text, bad
