@@ -7,9 +7,10 @@ Docs: https://fh-saas.github.io/fh_saas/pages_admin.html.md"""
 # %% auto #0
 __all__ = ['DEPROVISION_JOB', 'TENANT_STATUSES', 'AUDIT_TENANT_SUSPENDED', 'AUDIT_TENANT_RESUMED',
            'AUDIT_TENANT_DELETE_REQUESTED', 'AUDIT_JOB_RETRIED', 'AUDIT_WEBHOOKS_REPLAYED', 'TENANT_ACTIONS',
-           'AUDIT_USER_DISABLED', 'AUDIT_USER_ENABLED', 'status_badge', 'deprovision_key', 'tenant_cursor',
-           'tenant_overview', 'tenant_action', 'admin_users', 'admin_jobs', 'admin_webhooks', 'failed_webhooks',
-           'audit_labels', 'user_id_for', 'UserRefused', 'set_user_active', 'AdminPages']
+           'AUDIT_USER_DISABLED', 'AUDIT_USER_ENABLED', 'MRR_STATUSES', 'status_badge', 'deprovision_key',
+           'tenant_cursor', 'tenant_overview', 'tenant_action', 'admin_users', 'admin_jobs', 'admin_webhooks',
+           'failed_webhooks', 'audit_labels', 'user_id_for', 'UserRefused', 'set_user_active', 'tenants_by_status',
+           'signups_since', 'monthly_revenue', 'AdminPages']
 
 # %% ../nbs/59_pages_admin.ipynb #80753070
 from datetime import date, datetime, timedelta, timezone
@@ -17,17 +18,19 @@ from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from fastcore.basics import patch
-from fasthtml.common import A, Button, Code, Div, Form, H1, Label, Nav, Option, P, Redirect, Select, Small, Span
+from fasthtml.common import A, Button, Code, Div, Form, H1, H2, Label, Nav, Option, P, Redirect, Select, Small, Span
+from fasthtml.common import Strong
 
 from . import ui
 from .api_keys import revoke_user_keys
 from .audit import audit, audit_cursor, audit_events
 from .db_host import jobs_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t, webhook_events_t
 from .db_host import email_is, normalize_email
-from .db_values import as_utc, timestamp
+from .db_values import as_utc, timestamp, utcnow
 from .db_tenant import InvalidTenantId, TenantNotFound, TenantUnavailable, resume_tenant, suspend_tenant, tenant_row
 from .jobs import enqueue, retry
 from .csrf import FORGED
+from .pages_billing import format_money
 from .pages_layout import Pages, guarded, route
 from .sessions import ImpersonationRefused, start_impersonation, stop_impersonation
 from .stripe_webhooks import replay_failed
@@ -197,6 +200,32 @@ def set_user_active(host_db, sessions, user_id: str, active: bool, admin_id: str
               actor_user_id=admin_id, details=details)
     return True
 
+# %% ../nbs/59_pages_admin.ipynb #0a35a850
+MRR_STATUSES = ('active', 'past_due')
+
+def tenants_by_status(host_db) -> dict[str, int]:
+    "How many tenants are in each status (only the statuses some tenant is in)."
+    t = tenants_t.c
+    q = sa.select(t.status, sa.func.count().label('n')).group_by(t.status).order_by(t.status)
+    return {r['status']: r['n'] for r in host_db.db.execute(q)}
+
+def signups_since(host_db, since: datetime) -> int:
+    "How many users were created at or after `since`."
+    q = sa.select(sa.func.count().label('n')).where(users_t.c.created_at >= since)
+    return host_db.db.execute(q)[0]['n']
+
+def monthly_revenue(host_db) -> dict[str, int]:
+    "Monthly recurring revenue in integer minor units per currency, by the rule above."
+    s, p = subscriptions_t.c, plans_t.c
+    def amounts(price, amount): return sa.func.sum(sa.case((price == s.stripe_price_id, amount), else_=0))
+    q = (sa.select(p.currency, amounts(p.stripe_price_monthly, p.amount_monthly).label('monthly'),
+                   amounts(p.stripe_price_yearly, p.amount_yearly).label('yearly'))
+         .select_from(subscriptions_t.join(plans_t, sa.or_(p.stripe_price_monthly == s.stripe_price_id,
+                                                           p.stripe_price_yearly == s.stripe_price_id)))
+         .where(s.status.in_(MRR_STATUSES), s.payment_type == 'subscription')
+         .group_by(p.currency).order_by(p.currency))
+    return {r['currency']: int(r['monthly'] or 0) + (int(r['yearly'] or 0) + 6) // 12 for r in host_db.db.execute(q)}
+
 # %% ../nbs/59_pages_admin.ipynb #31a15db1
 _SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/jobs'), ('Audit log', '/admin/audit'),
              ('Webhooks', '/admin/webhooks'))
@@ -241,6 +270,23 @@ class AdminPages(Pages):
                    self.action(f"/admin/tenants/{tid}/delete", 'Delete', auth, 'danger',
                                f"Delete tenant {tid} and all its data? This cannot be undone.")
                    if st in ('provisioning', 'active', 'suspended') and r['deletion'] is None else None, style=_ROW)
+
+    def overview(self, kept: dict):
+        "The overview card: tenants by status (each a link to them), sign-ups in the last 30 days, recurring revenue."
+        counts, mrr = tenants_by_status(self.host_db), monthly_revenue(self.host_db)
+        joined = signups_since(self.host_db, utcnow() - timedelta(days=30))
+        def count(s, n):
+            shown = Span(status_badge(s), f" {n:,}", cls='nowrap')
+            return A(shown, href='/admin?' + urlencode({**kept, 'status': s})) if s in TENANT_STATUSES else shown
+        def stat(label, *value, style=None): return Div(Small(label, cls='muted'), Div(*value, style=style))
+        revenue = ' + '.join(format_money(v, c) for c, v in mrr.items()) or format_money(0)
+        return self.card(H2('Overview'),
+                         Div(stat('Tenants by status', *[count(s, n) for s, n in counts.items()] or ['none yet'],
+                                  style=_ROW),
+                             stat('Sign-ups, last 30 days', Strong(f"{joined:,}")),
+                             stat('Monthly recurring revenue', Strong(revenue),
+                                  Div(Small('active and past-due subscriptions', cls='muted'))),
+                             style='display:flex;gap:2rem;flex-wrap:wrap'))
 
     def tenants_table(self, auth, rows, filtered: bool):
         def status(r):
@@ -332,6 +378,7 @@ def tenants(self: AdminPages, req, auth, q: str = '', status: str = '', before: 
              if len(rows) == self.tenants_per_page else None)
     return self.layout(req, 'Tenants',
                        self.notice(f"Tenant {tenant} {_DONE[done]}." if done in _DONE and tenant else None),
+                       self.overview({'q': q} if q else {}),
                        self.filters('/admin', self.field('Search id or name', 'q', value=q),
                                     self.status_select('status', kept.get('status', ''), TENANT_STATUSES)),
                        Div(self.tenants_table(auth, rows, bool(kept)),

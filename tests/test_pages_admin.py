@@ -12,7 +12,7 @@ from fh_saas.db_host import GlobalUser, StripeWebhookEvent, Subscription, Tenant
 from fh_saas.db_tenant import suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
 from fh_saas.pages_admin import AdminPages, UserRefused, deprovision_key, set_user_active, tenant_cursor
-from fh_saas.pages_admin import tenant_overview
+from fh_saas.pages_admin import monthly_revenue, signups_since, tenant_overview, tenants_by_status
 from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
 from pages_helpers import site  # noqa: F401
@@ -440,3 +440,47 @@ def test_tenants_search_and_status_filter_are_kept_in_the_paging_links(site, mon
                        ('before=2026-01-01T00:00:00%2B00:00', 'Bad page position')):
         r = root.get('/admin?' + bad)
         assert r.status_code == 400 and words in r.text, bad
+
+
+def test_the_overview_counts_tenants_by_status_sign_ups_and_monthly_recurring_revenue(site):
+    "Starter is $19.99 a month or $199.00 a year, Pro $49.00 a month (pages_helpers.PLANS)."
+    root, _ = admin_world(site)                                                # acme: active on Starter monthly
+    site.tenant('beta', 'trialing', 'price_pro_m')                             # not revenue yet
+    site.tenant('gamma', 'past_due', 'price_starter_y')                        # still billed: 19900 / 12 = 1658
+    site.tenant('delta', 'active', 'price_pro_m')
+    site.tenant('omega', None)
+    site.host_db.subscriptions.insert(Subscription(tenant_id='omega', status='active', stripe_price_id='price_pro_m',
+                                                   payment_type='one_time'))   # not recurring
+    suspend_tenant(site.host_db, 'omega')
+    long_ago = (datetime.now(timezone.utc) - timedelta(days=31)).isoformat()
+    site.user('early', created_at=long_ago)
+    html = root.get('/admin?q=a').text
+    card = re.search(r'<h2>Overview</h2>.*?</div>\s*</div>\s*</div>', html, re.S).group(0)
+    assert '$85.57' in card                                                    # 1999 + 1658 + 4900 cents
+    assert re.search(r'Sign-ups, last 30 days</small>\s*<div>\s*<strong>2</strong>', card)   # root, alice
+    assert 'href="/admin?q=a&amp;status=active"' in card and 'badge ok">active</span> 4' in card
+    assert 'href="/admin?q=a&amp;status=suspended"' in card and 'badge warn">suspended</span> 1' in card
+
+
+def test_overview_queries_on_both_backends(host_db):
+    "Known amounts in two currencies; each live subscription at its plan's price, yearly ones at a twelfth."
+    seed_plans(host_db, [dict(id='basic', name='Basic', amount_monthly=1000, amount_yearly=10001, currency='usd',
+                              stripe_price_monthly='price_b_m', stripe_price_yearly='price_b_y'),
+                         dict(id='euro', name='Euro', amount_monthly=2500, currency='eur',
+                              stripe_price_monthly='price_e_m')])
+    for tid in ('t1', 't2', 't3'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid))
+    host_db.tenants.update(dict(id='t3', status='deleted'))
+    for tid, status, price in (('t1', 'active', 'price_b_m'), ('t1', 'past_due', 'price_b_y'),
+                               ('t2', 'active', 'price_b_y'), ('t2', 'active', 'price_e_m'),
+                               ('t2', 'trialing', 'price_b_m'), ('t3', 'canceled', 'price_e_m'),
+                               ('t3', 'unpaid', 'price_b_m'), ('t3', 'incomplete', 'price_b_m')):
+        host_db.subscriptions.insert(Subscription(tenant_id=tid, status=status, stripe_price_id=price,
+                                                  payment_type='subscription'))
+    assert monthly_revenue(host_db) == {'eur': 2500, 'usd': 1000 + (2 * 10001 + 6) // 12}   # 20002 / 12 = 1666.8
+    assert monthly_revenue(host_db)['usd'] == 2667
+    assert tenants_by_status(host_db) == {'active': 2, 'deleted': 1}
+    now = datetime.now(timezone.utc)
+    for uid, days in (('a', 1), ('b', 29), ('c', 31), ('d', 400)):
+        host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com',
+                                               created_at=(now - timedelta(days=days)).isoformat()))
+    assert signups_since(host_db, now - timedelta(days=30)) == 2
