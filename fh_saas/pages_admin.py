@@ -361,7 +361,7 @@ _USER_NOTICES = dict(stopped='You are yourself again.',
                              'ones.',
                      already_disabled='That user was already disabled.',
                      already_enabled='That user was already enabled.')
-_USER_REFUSALS = dict(self='You cannot disable or enable your own account: another system admin can.',
+_USER_REFUSALS = dict(self='You cannot disable or enable your own account.',
                       sys_admin='System admins cannot be disabled or enabled here: admin rights are changed by whoever '
                                 'runs the service.',
                       no_user='There is no such user.')
