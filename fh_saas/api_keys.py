@@ -7,7 +7,7 @@ Docs: https://fh-saas.github.io/fh_saas/api_keys.html.md"""
 # %% auto #0
 __all__ = ['api_keys_meta', 'api_keys_t', 'api_keys_component', 'ApiKey', 'ParsedKey', 'parse_api_key', 'key_record',
            'create_api_key', 'revoke_api_key', 'list_api_keys', 'key_matches', 'touch_key', 'verify_api_key',
-           'api_key_from_headers']
+           'api_key_from_headers', 'revoke_user_keys']
 
 # %% ../nbs/24_api_keys.ipynb #538df314
 import hmac, re, secrets
@@ -124,3 +124,16 @@ def api_key_from_headers(headers) -> str | None:
     auth = headers.get('authorization') or ''
     if auth[:7].lower() == 'bearer ' and auth[7:].strip(): return auth[7:].strip()
     return (headers.get('x-api-key') or '').strip() or None
+
+# %% ../nbs/24_api_keys.ipynb #58cebe66
+def revoke_user_keys(host_db: HostDatabase, user_id: str) -> list[str]:
+    "Revoke every live key `user_id` created, in any tenant, each audited in its tenant; the ids of those revoked."
+    k = api_keys_t.c
+    with host_db.transaction() as conn:
+        live = conn.execute(sa.select(k.key_id, k.tenant_id).where(k.created_by == user_id, k.revoked_at.is_(None))
+                            .order_by(k.key_id).with_for_update()).all()
+        if live: conn.execute(api_keys_t.update().where(k.key_id.in_([r.key_id for r in live]))
+                              .values(revoked_at=timestamp()))
+        for r in live: audit(host_db, 'api_key.revoked', target_id=r.key_id, tenant_id=r.tenant_id,
+                             details=dict(reason='creator disabled'))
+    return [r.key_id for r in live]

@@ -143,6 +143,22 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
         expect(admin.locator("tr", has_text="Alpha Co")).to_contain_text("deletion")
         assert len(asked) == 2 and all("Delete tenant" in m for m in asked), asked
 
+        # Disabling Bob (asked first) refuses him at once and keeps him out; enabling lets him log in again.
+        admin.goto(f"{base}/admin/users")
+        admin.locator("tr", has_text="bob@beta.test").locator("button:has-text('Disable')").click()
+        admin.wait_for_url("**/admin/users?done=disabled")
+        expect(admin.locator("main")).to_contain_text("That user is disabled")
+        assert len(asked) == 3 and asked[2].startswith("Disable bob@beta.test?"), asked
+        bob.goto(f"{base}/projects")
+        assert "/login" in bob.url
+        log_in(bob, base, "bob@beta.test", "beta password 1234")
+        expect(bob.locator("main")).to_contain_text("Wrong email or password.")
+        admin.locator("tr", has_text="bob@beta.test").locator("button:has-text('Enable')").click()
+        admin.wait_for_url("**/admin/users?done=enabled")
+        expect(admin.locator("main")).to_contain_text("Their API keys stay revoked")
+        log_in(bob, base, "bob@beta.test", "beta password 1234")
+        expect(bob).not_to_have_url(re.compile(r"/login"))
+
         # Bob logs out with the top bar's button; his session is over.
         bob.click("button:has-text('Log out')")
         bob.wait_for_url("**/login")

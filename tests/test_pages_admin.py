@@ -1,17 +1,19 @@
 """The system-admin pages through a real FastHTML app:
-tenant lifecycle, impersonation, two-factor resets, jobs, audit paging and webhook replay."""
+tenant lifecycle, impersonation, two-factor resets, disabling users, jobs, audit paging and webhook replay."""
 import json, re
 from datetime import datetime, timedelta, timezone
 
 import pyotp
 
-from fh_saas.api_keys import create_api_key
+from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.audit import audit
 from fh_saas.billing import seed_plans
-from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
+from fh_saas.db_host import GlobalUser, StripeWebhookEvent, Subscription, TenantCatalog
 from fh_saas.db_tenant import suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
-from fh_saas.pages_admin import deprovision_key, tenant_overview
+from fh_saas.pages_admin import AdminPages, UserRefused, deprovision_key, set_user_active, tenant_cursor
+from fh_saas.pages_admin import monthly_revenue, signups_since, tenant_overview, tenants_by_status
+from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
 from pages_helpers import site  # noqa: F401
 from stripe_helpers import event, subscription
@@ -129,16 +131,17 @@ def test_admin_forms_carry_the_token_and_a_forged_post_changes_nothing(site):
                                                           payload_json='{}', event_created=1_760_000_000, attempts=1,
                                                           last_error='boom'))
     pages = root.get('/admin').text + root.get('/admin/users').text + root.get('/admin/webhooks').text
-    # suspend, delete, impersonate alice, replay; and the log-out button of each page's top bar
-    assert pages.count('name="csrf"') == 4 + 3
+    # suspend, delete, impersonate alice, disable alice, replay; and the log-out button of each page's top bar
+    assert pages.count('name="csrf"') == 5 + 3
     assert set(re.findall(r'value="([0-9a-f]{64})" name="csrf"', pages)) == {root.token()}
     other = site.client('root').token()                                      # the same admin's other session
     for path in ('/admin/tenants/acme/suspend', '/admin/tenants/acme/delete', '/admin/impersonate/alice',
-                 '/admin/webhooks/replay'):
+                 '/admin/users/alice/disable', '/admin/webhooks/replay'):
         for bad in ('', 'f' * 64, other):
             r = root.post(path, csrf=bad)
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, bad)
     assert site.host_db.tenants['acme'].status == 'active' and site.host_db.system_jobs.count == 0
+    assert site.host_db.global_users['alice'].is_active
     assert (site.host_db.q("select status, attempts from core_stripe_webhook_events")
             == [dict(status='failed', attempts=1)])
     assert site.host_db.audit_logs.count == 0
@@ -266,6 +269,13 @@ def test_tenant_overview_on_both_backends(host_db):
     assert rows == {'acme': ('pro', 'past_due', None), 'beta': ('legacy', 'canceled', 'queued'),
                     'a_c': (None, None, None)}
     assert [r['id'] for r in tenant_overview(host_db, '_')] == ['a_c']       # LIKE wildcards are literal
+    assert [r['id'] for r in tenant_overview(host_db, 'ACM')] == ['acme']    # any case, on PostgreSQL too
+    suspend_tenant(host_db, 'beta')
+    assert [r['id'] for r in tenant_overview(host_db, status='suspended')] == ['beta']
+    pages, before = [], ''
+    while page := tenant_overview(host_db, limit=2, before=before):
+        pages.append([r['id'] for r in page]); before = tenant_cursor(page[-1])
+    assert sum(pages, []) == [r['id'] for r in tenant_overview(host_db)] and len(pages) == 2
 
 
 def test_users_search_is_case_insensitive_and_literal(site):
@@ -334,3 +344,143 @@ def test_stopping_an_impersonation_returns_the_admin_to_their_tenant(site):
     root.post('/admin/impersonate/stop')
     record = site.saas.sessions.load(root.cookies.get(site.saas.sessions.cookie_name))
     assert (record.user_id, record.tenant_id, record.return_tenant_id) == ('root', 'ops', None)
+
+
+def test_a_disabled_user_is_refused_at_once_and_enabling_restores_the_login_but_not_the_keys(site):
+    root, alice = admin_world(site)
+    key, _ = create_api_key(site.host_db, 'acme', 'alice', 'sync')
+    bearer = {'Authorization': f'Bearer {key}'}
+    assert alice.get('/billing').status_code == 200 and site.client().get('/billing', headers=bearer).status_code == 200
+    page = root.get('/admin/users').text
+    assert 'action="/admin/users/alice/disable"' in page and '/admin/users/root/disable' not in page   # not oneself
+    assert alice.post('/admin/users/alice/disable').status_code == 403                                # not an admin
+    r = root.post('/admin/users/alice/disable')
+    assert (r.status_code, r.headers['location']) == (303, '/admin/users?done=disabled')
+    page = root.get(r.headers['location']).text
+    assert 'That user is disabled' in page and 'badge bad">disabled' in page
+    assert 'action="/admin/users/alice/enable"' in page and 'their API keys stay revoked' in page
+    assert alice.get('/billing').status_code == 303                              # the open session: refused at once
+    assert site.client().get('/billing', headers=bearer).status_code == 401      # and the key
+    assert site.client('alice', 'acme').get('/billing').status_code == 303      # a new session too (is_active)
+    assert root.post('/admin/users/alice/disable').headers['location'] == '/admin/users?done=already_disabled'
+    r = root.post('/admin/users/alice/enable')
+    assert (r.status_code, r.headers['location']) == (303, '/admin/users?done=enabled')
+    assert 'Their API keys stay revoked' in root.get(r.headers['location']).text
+    assert site.client('alice', 'acme').get('/billing').status_code == 200      # she can sign in again
+    assert alice.get('/billing').status_code == 303                              # the ended session stays ended
+    assert site.client().get('/billing', headers=bearer).status_code == 401
+    assert verify_api_key(site.host_db, key) is None
+    events = site.host_db.q("select event_type, actor_user_id, target_id, details from sys_audit_logs"
+                            " where event_type like 'admin.user_%' order by created_at")
+    assert events == [dict(event_type='admin.user_disabled', actor_user_id='root', target_id='alice',
+                           details='{"keys_revoked": 1, "signed_out": 1}'),
+                      dict(event_type='admin.user_enabled', actor_user_id='root', target_id='alice', details='{}')]
+
+
+def test_disabling_oneself_another_admin_or_nobody_is_refused_with_the_reason(site):
+    root, _ = admin_world(site)
+    site.user('ops', is_sys_admin=True); site.user('bob'); site.member('bob', 'acme')
+    for target, code, words in (('root', 'self', 'your own account'), ('ops', 'sys_admin', 'System admins cannot'),
+                                ('ghost', 'no_user', 'no such user')):
+        for action in ('disable', 'enable'):
+            r = root.post(f'/admin/users/{target}/{action}')
+            assert (r.status_code, r.headers['location']) == (303, f'/admin/users?done={code}'), (target, action)
+            assert words in root.get(r.headers['location']).text
+    assert '/admin/users/ops/disable' not in root.get('/admin/users').text
+    assert root.post('/admin/impersonate/bob').status_code == 303
+    assert root.post('/admin/users/alice/disable').status_code == 403          # acting as bob: no admin rights
+    assert all(site.host_db.global_users[u].is_active for u in ('root', 'ops', 'alice', 'bob'))
+    assert site.host_db.q("select count(*) n from sys_audit_logs where event_type like 'admin.user_%'")[0]['n'] == 0
+
+
+def test_disabling_ends_sessions_and_keys_in_one_transaction_on_both_backends(host_db, race):
+    "On SQLite and PostgreSQL: two admins disabling at once disable, sign out and audit once."
+    sessions = SessionManager(host_db, 'admin-test-secret-' + 'z' * 40)
+    for uid, admin in (('root', True), ('ops', True), ('ann', False)):
+        host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com', is_sys_admin=admin))
+    for tid in ('acme', 'beta'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid.title()))
+    cookies = [sessions.create('ann', t) for t in ('acme', 'beta')]
+    keys = [create_api_key(host_db, t, 'ann', 'sync')[0] for t in ('acme', 'beta')]
+    other = create_api_key(host_db, 'acme', 'root', 'mine')[0]
+    outcomes = race([lambda a=a: set_user_active(host_db, sessions, 'ann', False, a) for a in ('root', 'ops')])
+    assert sorted(outcomes) == [False, True]
+    assert [sessions.load(c) for c in cookies] == [None, None]
+    assert [verify_api_key(host_db, k) for k in keys] == [None, None]
+    assert verify_api_key(host_db, other) is not None and not host_db.global_users['ann'].is_active
+    assert host_db.q("select details from sys_audit_logs where event_type = 'admin.user_disabled'") == [
+        dict(details='{"keys_revoked": 2, "signed_out": 2}')]
+    try: set_user_active(host_db, sessions, 'ops', False, 'root')
+    except UserRefused as e: assert e.code == 'sys_admin'
+    else: raise AssertionError('another system admin was disabled')
+
+
+def test_tenants_search_and_status_filter_are_kept_in_the_paging_links(site, monkeypatch):
+    root, _ = admin_world(site)
+    for tid in ('beta', 'gamma', 'delta', 'omega'): site.tenant(tid)
+    site.host_db.tenants.update(dict(id='gamma', name='Gamma Labs'))
+    for tid in ('beta', 'delta', 'omega'): suspend_tenant(site.host_db, tid)
+    def listed(url): return re.findall(r'<code>(\w+)</code>', root.get(url).text)
+    assert listed('/admin?q=ACM') == ['acme'] and listed('/admin?q=labs') == ['gamma']   # id or name, any case
+    assert listed('/admin?status=suspended') == ['omega', 'delta', 'beta']
+    assert listed('/admin?status=active&q=a') == ['gamma', 'acme']
+    assert listed('/admin?status=any') == listed('/admin') == ['omega', 'delta', 'gamma', 'beta', 'acme']
+    assert '<option value="suspended" selected>' in root.get('/admin?status=suspended').text
+    assert 'No tenants match.' in root.get('/admin?status=deleted').text
+    monkeypatch.setattr(AdminPages, 'tenants_per_page', 2)
+    seen, url = [], '/admin?status=suspended&q=E'
+    for _ in range(4):
+        html = root.get(url).text
+        seen += re.findall(r'<code>(\w+)</code>', html)
+        if not (m := re.search(r'href="(/admin\?[^"]+)">Older', html)): break
+        url = m.group(1).replace('&amp;', '&')
+        assert 'status=suspended' in url and 'q=E' in url
+    assert seen == ['omega', 'delta', 'beta']                                     # no gaps, no repeats
+    assert 'href="/admin?q=E&amp;status=suspended">' in root.get(url).text      # back to the newest, filters kept
+    for bad, words in (('status=gone', "Unknown tenant status 'gone'"), ('before=garbage', 'Bad page position'),
+                       ('before=2026-01-01T00:00:00%2B00:00', 'Bad page position')):
+        r = root.get('/admin?' + bad)
+        assert r.status_code == 400 and words in r.text, bad
+
+
+def test_the_overview_counts_tenants_by_status_sign_ups_and_monthly_recurring_revenue(site):
+    "Starter is $19.99 a month or $199.00 a year, Pro $49.00 a month (pages_helpers.PLANS)."
+    root, _ = admin_world(site)                                                # acme: active on Starter monthly
+    site.tenant('beta', 'trialing', 'price_pro_m')                             # not revenue yet
+    site.tenant('gamma', 'past_due', 'price_starter_y')                        # still billed: 19900 / 12 = 1658
+    site.tenant('delta', 'active', 'price_pro_m')
+    site.tenant('omega', None)
+    site.host_db.subscriptions.insert(Subscription(tenant_id='omega', status='active', stripe_price_id='price_pro_m',
+                                                   payment_type='one_time'))   # not recurring
+    suspend_tenant(site.host_db, 'omega')
+    long_ago = (datetime.now(timezone.utc) - timedelta(days=31)).isoformat()
+    site.user('early', created_at=long_ago)
+    html = root.get('/admin?q=a').text
+    card = re.search(r'<h2>Overview</h2>.*?</div>\s*</div>\s*</div>', html, re.S).group(0)
+    assert '$85.57' in card                                                    # 1999 + 1658 + 4900 cents
+    assert re.search(r'Sign-ups, last 30 days</small>\s*<div>\s*<strong>2</strong>', card)   # root, alice
+    assert 'href="/admin?q=a&amp;status=active"' in card and 'badge ok">active</span> 4' in card
+    assert 'href="/admin?q=a&amp;status=suspended"' in card and 'badge warn">suspended</span> 1' in card
+
+
+def test_overview_queries_on_both_backends(host_db):
+    "Known amounts in two currencies; each live subscription at its plan's price, yearly ones at a twelfth."
+    seed_plans(host_db, [dict(id='basic', name='Basic', amount_monthly=1000, amount_yearly=10001, currency='usd',
+                              stripe_price_monthly='price_b_m', stripe_price_yearly='price_b_y'),
+                         dict(id='euro', name='Euro', amount_monthly=2500, currency='eur',
+                              stripe_price_monthly='price_e_m')])
+    for tid in ('t1', 't2', 't3'): host_db.tenants.insert(TenantCatalog(id=tid, name=tid))
+    host_db.tenants.update(dict(id='t3', status='deleted'))
+    for tid, status, price in (('t1', 'active', 'price_b_m'), ('t1', 'past_due', 'price_b_y'),
+                               ('t2', 'active', 'price_b_y'), ('t2', 'active', 'price_e_m'),
+                               ('t2', 'trialing', 'price_b_m'), ('t3', 'canceled', 'price_e_m'),
+                               ('t3', 'unpaid', 'price_b_m'), ('t3', 'incomplete', 'price_b_m')):
+        host_db.subscriptions.insert(Subscription(tenant_id=tid, status=status, stripe_price_id=price,
+                                                  payment_type='subscription'))
+    assert monthly_revenue(host_db) == {'eur': 2500, 'usd': 1000 + (2 * 10001 + 6) // 12}   # 20002 / 12 = 1666.8
+    assert monthly_revenue(host_db)['usd'] == 2667
+    assert tenants_by_status(host_db) == {'active': 2, 'deleted': 1}
+    now = datetime.now(timezone.utc)
+    for uid, days in (('a', 1), ('b', 29), ('c', 31), ('d', 400)):
+        host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com',
+                                               created_at=(now - timedelta(days=days)).isoformat()))
+    assert signups_since(host_db, now - timedelta(days=30)) == 2
