@@ -23,7 +23,7 @@ from .db_tenant import TenantNotFound, TenantUnavailable
 from .dev_mode import DEV_MAIL_PATH, DevOutbox, SaasConfigError, add_dev_mail, dev_policy, is_development
 from .dev_mode import serve_jobs
 from .http_guard import DEFAULT_MAX_BODY, InputGuard, SecurityHeaders, csp_policy, page_before
-from .mail import Mailer, SMTPMailer
+from .mail import Mailer, MailTemplates, SMTPMailer
 from .memberships import DEFAULT_ROLES, Roles
 from .rate_limits import RateLimit
 from .master_key import secret_key
@@ -113,6 +113,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
                access=None,                          # (host_db, tenant_id) -> `Entitlements`; default a cache
                max_body: int | None = None,          # largest request body in bytes; default `FH_SAAS_MAX_BODY`, 64 KiB
                csp: dict | None = None,              # sources the app adds to the Content-Security-Policy, by directive
+               mail_templates: type[MailTemplates] = MailTemplates,  # the messages; a subclass words them its way
               ) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
@@ -124,7 +125,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     if dev: policy = dev_policy(host_db, policy)
     if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
     saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
-                mailer, stripe, base_url, brand, home, list(app_nav), dev=dev)
+                mailer, stripe, base_url, brand, home, list(app_nav), dev=dev, mail=mail_templates(brand))
     app.state.host_db, app.state.saas = host_db, saas   # guards count quotas there, and refuse in the app's layout
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
