@@ -37,7 +37,7 @@ from .pages_tenants import InvitationPages, TeamPages, TenantPages
 from .saas_context import Saas
 from .sessions import SessionManager
 from .stripe_billing import stripe_client_from_env
-from .stripe_webhooks import add_stripe_webhook, webhook_secrets_from_env
+from .stripe_webhooks import add_stripe_webhook, payment_failed_mail, webhook_secrets_from_env
 from .tenant_router import TenantRouter, check_connection_budget
 from .ui import mount_static, static_headers
 
@@ -90,6 +90,11 @@ def _master_key_set():
     try: secret_key()
     except ValueError as e: raise SaasConfigError(str(e)) from None
 
+def _add_webhook(app, saas: Saas, secrets, roles: Roles):
+    "The Stripe webhook; a failed invoice payment it records is mailed to the tenant's owners."
+    after = payment_failed_mail(saas.host_db, saas.mailer, saas.url('/billing'), saas.mail, roles.owner)
+    add_stripe_webhook(app, saas.host_db, secrets, after=after)
+
 def setup_saas(app,                                 # the FastHTML app to mount the kit on
                host_db: HostDatabase | None = None,  # default: `HostDatabase.from_env()` (the `DB_*` variables)
                *,
@@ -131,7 +136,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     add_error_pages(app, saas)
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
-    if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
+    if webhook_secrets: _add_webhook(app, saas, webhook_secrets, roles)
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     _install_middleware(app, saas, max_body, csp)

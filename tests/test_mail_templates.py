@@ -14,11 +14,13 @@ import fh_saas.system_jobs  # noqa: F401 (registers the tenant.provision handler
 from fh_saas import passwords
 from fh_saas.app import setup_saas
 from fh_saas.billing import BillingPolicy, seed_plans
-from fh_saas.db_host import HostDatabase
+from fh_saas.db_host import GlobalUser, HostDatabase, Membership
+from fh_saas.db_tenant import provision_tenant
 from fh_saas.jobs import claim, complete, job_handlers, job_scope
 from fh_saas.mail import MAIL_KINDS, MailTemplates, MemoryOutbox, html_part, send_mail, text_part
 from fh_saas.passwords import send_email_verification
 from fh_saas.sessions import SessionManager
+from stripe_helpers import SECRET, event, sign
 
 HOSTILE = '<script>alert(1)</script>'
 LINK = 'https://app.test/x/tok?a=1&b=2'
@@ -136,3 +138,32 @@ def test_the_welcome_is_sent_once_whichever_confirmation_link_is_used(site):
     assert first != second and cli.get(first).status_code == 200 and cli.get(second).status_code == 200
     subjects = [m['Subject'] for m in outbox.messages if m['To'] == 'ann@example.com']
     assert subjects == ['Acme Cloud: confirm your address'] * 2 + ['Acme Cloud: you are in']
+
+
+def test_a_failed_invoice_payment_mails_each_active_owner_once(tmp_path, monkeypatch):
+    "Through `setup_saas`'s webhook: owners only, active ones only, and a repeat delivery mails nobody again."
+    monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
+    host_db, outbox = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}"), MemoryOutbox()
+    app = FastHTML(default_hdrs=False, secret_key='a' * 48)
+    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=outbox, webhook_secrets=[SECRET],
+                      base_url='https://app.test', brand='Acme Cloud', dev=False)
+    try:
+        provision_tenant(host_db, 'beta', '<script>Beta</script>')
+        for uid, role, active in [('ann', 'owner', True), ('bob', 'owner', True), ('cy', 'member', True),
+                                  ('dee', 'owner', False)]:
+            host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com', is_active=active))
+            host_db.memberships.insert(Membership(user_id=uid, tenant_id='beta', role=role))
+        inv = dict(id='in_1', object='invoice', customer='cus_1', amount_due=900, attempt_count=1,
+                   parent=dict(subscription_details=dict(subscription='sub_1', metadata={'tenant_id': 'beta'})))
+        cli, answers = TestClient(app), []
+        for body in [event('invoice.payment_failed', inv, 1_760_000_000, 'evt_failed')] * 2 + [
+                event('invoice.paid', inv, 1_760_000_100, 'evt_paid')]:
+            answers.append(cli.post('/stripe/webhook', content=body, headers={'Stripe-Signature': sign(body)}).json())
+        assert answers == [dict(status='processed', duplicate=False), dict(status='processed', duplicate=True),
+                           dict(status='processed', duplicate=False)]
+        assert sorted(m['To'] for m in outbox.messages) == ['ann@example.com', 'bob@example.com']
+        mail = outbox.last_to('ann@example.com')
+        assert mail['Subject'] == 'A payment for <script>Beta</script> failed' and '<script' not in html_part(mail)
+        assert 'https://app.test/billing' in text_part(mail) and 'Acme Cloud' in html_part(mail)
+    finally:
+        saas.router.close(); host_db.close(); HostDatabase.reset_instance()
