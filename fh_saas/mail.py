@@ -143,7 +143,7 @@ def email_change_notice(self: MailTemplates, new: str) -> Mail:
 def signup_taken(self: MailTemplates, login: str, reset: str) -> Mail:
     return self.compose('Someone tried to sign up with your address', [
         f"Someone tried to create an account at {self.brand} with this email address. You already have one: "
-        "log in at"], login, 'Log in', after=[
+        "log in here:"], login, 'Log in', after=[
         f"Forgot your password? Choose a new one at {reset}",
         "If it was not you, ignore this email: nothing has changed."])
 
