@@ -23,7 +23,7 @@ from .db_tenant import TenantNotFound, TenantUnavailable
 from .dev_mode import DEV_MAIL_PATH, DevOutbox, SaasConfigError, add_dev_mail, dev_policy, is_development
 from .dev_mode import serve_jobs
 from .http_guard import DEFAULT_MAX_BODY, InputGuard, SecurityHeaders, csp_policy, page_before
-from .mail import Mailer, SMTPMailer
+from .mail import Mailer, MailTemplates, SMTPMailer
 from .memberships import DEFAULT_ROLES, Roles
 from .rate_limits import RateLimit
 from .master_key import secret_key
@@ -37,7 +37,7 @@ from .pages_tenants import InvitationPages, TeamPages, TenantPages
 from .saas_context import Saas
 from .sessions import SessionManager
 from .stripe_billing import stripe_client_from_env
-from .stripe_webhooks import add_stripe_webhook, webhook_secrets_from_env
+from .stripe_webhooks import add_stripe_webhook, payment_failed_mail, webhook_secrets_from_env
 from .tenant_router import TenantRouter, check_connection_budget
 from .ui import mount_static, static_headers
 
@@ -90,6 +90,11 @@ def _master_key_set():
     try: secret_key()
     except ValueError as e: raise SaasConfigError(str(e)) from None
 
+def _add_webhook(app, saas: Saas, secrets, roles: Roles):
+    "The Stripe webhook; a failed invoice payment it records is mailed to the tenant's owners."
+    after = payment_failed_mail(saas.host_db, saas.mailer, saas.url('/billing'), saas.mail, roles.owner)
+    add_stripe_webhook(app, saas.host_db, secrets, after=after)
+
 def setup_saas(app,                                 # the FastHTML app to mount the kit on
                host_db: HostDatabase | None = None,  # default: `HostDatabase.from_env()` (the `DB_*` variables)
                *,
@@ -113,6 +118,7 @@ def setup_saas(app,                                 # the FastHTML app to mount 
                access=None,                          # (host_db, tenant_id) -> `Entitlements`; default a cache
                max_body: int | None = None,          # largest request body in bytes; default `FH_SAAS_MAX_BODY`, 64 KiB
                csp: dict | None = None,              # sources the app adds to the Content-Security-Policy, by directive
+               mail_templates: type[MailTemplates] = MailTemplates,  # the messages; a subclass words them its way
               ) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
@@ -124,13 +130,13 @@ def setup_saas(app,                                 # the FastHTML app to mount 
     if dev: policy = dev_policy(host_db, policy)
     if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
     saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
-                mailer, stripe, base_url, brand, home, list(app_nav), dev=dev)
+                mailer, stripe, base_url, brand, home, list(app_nav), dev=dev, mail=mail_templates(brand))
     app.state.host_db, app.state.saas = host_db, saas   # guards count quotas there, and refuse in the app's layout
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     add_error_pages(app, saas)
     if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
-    if webhook_secrets: add_stripe_webhook(app, host_db, webhook_secrets)
+    if webhook_secrets: _add_webhook(app, saas, webhook_secrets, roles)
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     _install_middleware(app, saas, max_body, csp)

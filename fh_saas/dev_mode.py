@@ -6,17 +6,17 @@ Docs: https://fh-saas.github.io/fh_saas/dev_mode.html.md"""
 
 # %% auto #0
 __all__ = ['DEV_MAIL_PATH', 'DEV_PLAN', 'SaasConfigError', 'is_development', 'DevOutbox', 'linked', 'is_loopback',
-           'from_this_machine', 'add_dev_mail', 'serve_jobs', 'dev_policy']
+           'from_this_machine', 'add_dev_mail', 'dev_mail_item', 'serve_jobs', 'dev_policy']
 
 # %% ../nbs/51_dev_mode.ipynb #9ebcf4a5
 import ipaddress, os, re, sys, threading
 
-from fasthtml.common import A, H1, P, Pre, Strong
+from fasthtml.common import A, H1, Div, Iframe, P, Pre, Strong
 from starlette.responses import PlainTextResponse
 
 from .billing import BillingPolicy, active_plans, seed_plans
 from .jobs import Worker
-from .mail import MemoryOutbox
+from .mail import MemoryOutbox, html_part, text_part
 from .system_jobs import SYSTEM_SCHEDULES
 from . import ui
 
@@ -36,8 +36,8 @@ class DevOutbox(MemoryOutbox):
     "The development mailer: keeps each message for `/dev/mail` and prints it to `stream` (default: stderr)."
     def __init__(self, sender: str = 'no-reply@localhost', stream=None): super().__init__(sender); self.stream = stream
 
-    def send(self, to: str, subject: str, body: str) -> None:
-        super().send(to, subject, body)
+    def send(self, to: str, subject: str, body: str, html: str | None = None) -> None:
+        super().send(to, subject, body, html)
         print(f"--- mail to {to}: {subject}\n{body.rstrip()}\n---", file=self.stream or sys.stderr, flush=True)
 
 # %% ../nbs/51_dev_mode.ipynb #12c0c3a9
@@ -66,9 +66,16 @@ def add_dev_mail(app, saas, outbox: MemoryOutbox, path: str = DEV_MAIL_PATH):
     @app.get(path)
     def dev_mail(req):
         if not from_this_machine(req): return PlainTextResponse('Not Found', 404)
-        msgs = list(reversed(outbox.messages))
-        items = [ui.card(P(Strong(m['Subject']), f" to {m['To']}"), Pre(*linked(m.get_content()))) for m in msgs]
+        items = [dev_mail_item(m) for m in reversed(outbox.messages)]
         return saas.page(req, 'Mail', H1('Mail sent by this app'), *(items or [P('No mail yet.', cls='muted')]))
+
+def dev_mail_item(msg) -> Div:
+    """One message of the outbox page: its text part with clickable links, and beside it its HTML part as a mail
+    client shows it, in a sandboxed frame (no script, no same-origin access, so the mail cannot act on the page)."""
+    html = html_part(msg)
+    shown = Iframe(srcdoc=html, sandbox='', title=f"{msg['Subject']} (HTML)", cls='mail-html') if html else None
+    return ui.card(P(Strong(msg['Subject']), f" to {msg['To']}"),
+                   Div(Pre(*linked(text_part(msg)), cls='mail-text'), shown, cls='mail-parts'))
 
 # %% ../nbs/51_dev_mode.ipynb #558fe745
 def serve_jobs(app, host_db, schedules=SYSTEM_SCHEDULES, poll: float = 0.2) -> threading.Event:

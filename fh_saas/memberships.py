@@ -25,7 +25,7 @@ from .audit import audit
 from .api_keys import api_keys_t
 from .one_time_tokens import new_token, hash_token, InvalidToken
 from .sessions import SessionManager, SessionRecord
-from .mail import Mailer, is_email_address
+from .mail import Mailer, MailTemplates, is_email_address, send_mail
 from .two_factor import lacks_required_two_factor
 
 # %% ../nbs/25_memberships.ipynb #1ea8103a
@@ -205,7 +205,7 @@ invitations_component = register_component(HostComponent('invitations', invitati
 # %% ../nbs/25_memberships.ipynb #3f40afa0
 def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited_by: str, mailer: Mailer,
            link: Callable[[str], str], ttl: timedelta = timedelta(days=7), roles: Roles = DEFAULT_ROLES,
-           now=None) -> str:
+           now=None, templates: MailTemplates | None = None) -> str:
     "Invite `email` to `tenant_id` as `role` (not owner: ownership is transferred); email the link; the invitation id."
     if roles.rank(role) >= roles.rank(roles.owner):
         raise MembershipError("invite as a lower role, then transfer ownership")
@@ -219,8 +219,8 @@ def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited
                                                    role=role, token_hash=hash_token(raw), invited_by=invited_by,
                                                    created_at=timestamp(now), expires_at=timestamp(now + ttl)))
         audit(host_db, 'invitation.created', target_id=iid, tenant_id=tenant_id, details=dict(email=email, role=role))
-        mailer.send(email, f"You are invited to {name}",
-                    f"Join {name} as {role}:\n{link(raw)}\n")   # fails: nothing is kept
+        mail = (templates or MailTemplates()).invitation(name, role, link(raw), ttl)
+        send_mail(mailer, email, mail)   # fails: nothing is kept
     return iid
 
 def _use_invitation(conn, token: str, now: str, user_email: str | None, **values):

@@ -29,7 +29,7 @@ from .db_host import GlobalUser, HostDatabase, memberships_t, normalize_email, t
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .csrf import cross_site, local_path
 from .jobs import enqueue
-from .mail import is_email_address
+from .mail import is_email_address, send_mail
 from .memberships import DEFAULT_ROLES, Roles, add_member, invited_address
 from .one_time_tokens import InvalidToken, hash_token
 from .pages_layout import Pages, form_data, guarded, route
@@ -230,7 +230,7 @@ def signup(self: AuthPages, req, email: str = '', password: str = '', name: str 
     except NoServerAvailable: return again("We cannot create new workspaces right now. Please try again later.", 503)
     self.on_signup(req, uid, tid, details)
     if not self.invited_here(invited, email):   # accepting that invitation confirms the address: no second mail
-        try: send_email_verification(self.host_db, uid, self.saas.mailer, self.verify_link)
+        try: send_email_verification(self.host_db, uid, self.saas.mailer, self.verify_link, templates=self.saas.mail)
         except OSError as e: _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
     cookie = self.sessions.create(uid, None, *self.client(req))
     return self.signed_in(req, cookie, invited or f'/tenants/{tid}/status')
@@ -248,11 +248,8 @@ def signup_taken(self: AuthPages, req, email: str, company: str, invited: str):
     "The answer to a sign-up with a taken email: what a new sign-up gets, minus the session; the owner is mailed."
     address = normalize_email(email)
     if hit(self.host_db, f'signup_taken:{hash_token(address)[:40]}', self.taken_rate).allowed:
-        body = (f"Someone tried to create an account at {self.saas.url('/')} with this email address. You already "
-                f"have one: log in at {self.saas.url('/login')}, or choose a new password at "
-                f"{self.saas.url('/password-reset')} if you forgot it. If it was not you, ignore this email: "
-                "nothing has changed.\n")
-        try: self.saas.mailer.send(address, 'Someone tried to sign up with your address', body)
+        mail = self.saas.mail.signup_taken(self.saas.url('/login'), self.saas.url('/password-reset'))
+        try: send_mail(self.saas.mailer, address, mail)
         except OSError as e: _log.warning("a sign-up with a taken address: the notice was not sent: %s", e)
     return RedirectResponse(invited or f'/tenants/{_would_be_tenant(self.host_db, company)}/status', 303)
 
@@ -363,7 +360,7 @@ def reset_request(self: AuthPages, req, email: str = ''):
     address = normalize_email(email)
     if address and hit(self.host_db, f'password_reset:{hash_token(address)[:40]}', self.reset_rate).allowed:
         request_password_reset(self.host_db, address, self.saas.mailer,
-                               lambda tok: self.saas.url(f'/password-reset/{tok}'))
+                               lambda tok: self.saas.url(f'/password-reset/{tok}'), templates=self.saas.mail)
     return self.show(req, 'Check your email',
                      self.alert("If an account exists for that address, we have sent it a link to reset "
                                                          "the password. The link works once, within an hour.", 'ok'),
@@ -401,7 +398,8 @@ def new_password(self: AuthPages, req, token: str, password: str = '', confirm: 
 @patch
 @route('/verify-email/{token}')
 def verify(self: AuthPages, req, token: str):
-    try: verify_email(self.host_db, token)
+    try: verify_email(self.host_db, token, mailer=self.saas.mailer, home=self.saas.url(self.saas.home),
+                      templates=self.saas.mail)
     except InvalidToken:
         return self.show(req, 'Link expired', self.alert("This confirmation link is invalid, expired or already used.",
                                                          'bad'),
@@ -607,7 +605,8 @@ class AccountPages(Pages):
             return self.account_page(req, auth,
                                      f"We have sent you several links already. Try again in {rl.retry_after} seconds.",
                                      'bad', 429, headers={'Retry-After': str(rl.retry_after)})
-        try: send_email_verification(self.host_db, auth.user.id, self.saas.mailer, self.verify_link)
+        try: send_email_verification(self.host_db, auth.user.id, self.saas.mailer, self.verify_link,
+                                     templates=self.saas.mail)
         except OSError as e:
             _log.warning("user %s: the verification email was not sent: %s", auth.user.id, e)
             return self.account_page(req, auth,
@@ -737,7 +736,8 @@ def email_card(self: AccountPages, req, auth):
 def set_email(self: AccountPages, req, auth, email: str = '', password: str = ''):
     if auth.impersonator is not None: return self.done('email_impersonating')
     def link(token): return self.saas.url(f'{NEW_ADDRESS_PATH}/{token}')
-    try: request_email_change(self.sessions, auth.session, email, password, self.saas.mailer, link, self.hasher)
+    try: request_email_change(self.sessions, auth.session, email, password, self.saas.mailer, link, self.hasher,
+                              templates=self.saas.mail)
     except EmailChangeRefused as e: return self.done('email_' + e.code)
     except LoginThrottled: return self.done('password_throttled')
     except LoginFailed: return self.done('email_password_wrong')

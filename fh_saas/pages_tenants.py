@@ -345,7 +345,7 @@ def team_invite(self: TeamPages, req, auth, email: str = '', role: str = 'member
     if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
     link = lambda tok: self.saas.url(f'/invitations/{tok}')
     change = lambda: invite(self.host_db, auth.tenant_id, email, role, auth.user.id, self.saas.mailer, link,
-                            roles=auth.roles)
+                            roles=auth.roles, templates=self.saas.mail)
     try: return self.team_change(req, auth, change, 'invited')
     except OSError as e:
         _log.warning("invitation to tenant %s: the email was not sent: %s", auth.tenant_id, e)

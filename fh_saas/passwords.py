@@ -30,7 +30,7 @@ from .one_time_tokens import hash_token, issue_token, consume_token, one_time_to
 from .memberships import active_tenants
 from .rate_limits import RateLimit, counting, hit, refund, reset_bucket
 from .sessions import SessionManager, SessionRecord
-from .mail import Mailer, is_email_address
+from .mail import Mailer, MailTemplates, is_email_address, send_mail
 from .two_factor import finish_pending_login, issue_pending_login, read_pending_login
 from .two_factor import recovery_codes_left, two_factor_enabled, verify_code
 
@@ -219,23 +219,24 @@ def change_password(sessions: SessionManager, record: SessionRecord, old: str, n
 reset_mail_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix='fh_saas-password-reset')
 
 def _send_reset_link(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str], ttl: timedelta,
-                     now):
+                     now, templates: MailTemplates):
     "Email a reset link (built by `link(token)`) if an active user has this email; nothing otherwise."
     with host_db.transaction() as conn: row = _user_by_email(conn, email)
     if not row or not row['is_active']: return
     with host_db.transaction():
         raw = issue_token(host_db, row['id'], 'password_reset', ttl, now)
         audit(host_db, 'auth.password_reset_requested', target_id=row['id'])
-    mailer.send(row['email'], 'Reset your password',
-                f"Use this link within {ttl} to choose a new password:\n{link(raw)}\n")
+    send_mail(mailer, row['email'], templates.password_reset(link(raw), ttl))
 
 def _log_failure(done: Future):
     if (e := done.exception()) is not None: _log.error("a password reset mail was not sent", exc_info=e)
 
 def request_password_reset(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str],
-                           ttl: timedelta = timedelta(hours=1), now=None, executor: Executor | None = None) -> Future:
+                           ttl: timedelta = timedelta(hours=1), now=None, executor: Executor | None = None,
+                           templates: MailTemplates | None = None) -> Future:
     "Hand the lookup and the reset mail to `executor` and return at once, account or not; the `Future` of that work."
-    done = (executor or reset_mail_executor).submit(_send_reset_link, host_db, email, mailer, link, ttl, now)
+    done = (executor or reset_mail_executor).submit(_send_reset_link, host_db, email, mailer, link, ttl, now,
+                                                    templates or MailTemplates())
     done.add_done_callback(_log_failure)
     return done
 
@@ -252,11 +253,10 @@ def reset_password(sessions: SessionManager, token: str, new: str, hasher: Passw
 
 # %% ../nbs/26_passwords.ipynb #1cd44d2a
 def send_email_verification(host_db: HostDatabase, user_id: str, mailer: Mailer, link: Callable[[str], str],
-                            ttl: timedelta = timedelta(days=2), now=None):
+                            ttl: timedelta = timedelta(days=2), now=None, templates: MailTemplates | None = None):
     "Email `user_id` a link proving they control their address."
-    email = host_db.global_users[user_id].email
-    mailer.send(email, 'Confirm your email',
-                f"Confirm your address:\n{link(issue_token(host_db, user_id, 'email_verify', ttl, now))}\n")
+    email, raw = host_db.global_users[user_id].email, issue_token(host_db, user_id, 'email_verify', ttl, now)
+    send_mail(mailer, email, (templates or MailTemplates()).verify_email(link(raw), ttl))
 
 class EmailChangeRefused(ValueError):
     "The new address is not one (`code` 'invalid'), is the current one ('same'), or another account's ('taken')."
@@ -266,7 +266,8 @@ class EmailChangeRefused(ValueError):
 
 def request_email_change(sessions: SessionManager, record: SessionRecord, new_email: str, password: str,
                          mailer: Mailer, link: Callable[[str], str], hasher: PasswordHasher = default_hasher,
-                         throttle: LoginThrottle = LoginThrottle(), ttl: timedelta = timedelta(days=1)) -> str:
+                         throttle: LoginThrottle = LoginThrottle(), ttl: timedelta = timedelta(days=1),
+                         templates: MailTemplates | None = None) -> str:
     """After checking the session user's `password` (throttled as for a password change), mail `new_email` a link
     that makes it the account's address, and tell the current address; the new address, normalised. Nothing changes
     until the link is used (`confirm_email_change`)."""
@@ -280,11 +281,9 @@ def request_email_change(sessions: SessionManager, record: SessionRecord, new_em
         raw = issue_token(db, record.user_id, 'email_change', ttl, sessions.clock(), payload=new)
         audit(db, 'auth.email_change_requested', target_id=record.user_id, actor_user_id=record.user_id,
               impersonator_user_id=record.impersonator_user_id)
-    mailer.send(new, 'Confirm your new email address', f"Use this link within {ttl} to make {new} the address of "
-                f"your account:\n{link(raw)}\n")
-    mailer.send(old, 'Your email address is being changed', f"Someone signed in to your account asked to change its "
-                f"address to {new}. Nothing changes unless that address confirms it. If this was not you, change "
-                "your password now: it ends every other session.\n")
+    templates = templates or MailTemplates()
+    send_mail(mailer, new, templates.email_change(new, link(raw), ttl))
+    send_mail(mailer, old, templates.email_change_notice(new))
     return new
 
 def confirm_email_change(host_db: HostDatabase, token: str, now=None) -> str:
@@ -299,13 +298,19 @@ def confirm_email_change(host_db: HostDatabase, token: str, now=None) -> str:
         raise EmailChangeRefused('taken', "Another account took that address meanwhile.") from None
     return user_id
 
-def verify_email(host_db: HostDatabase, token: str, now=None) -> str:
-    "Mark the token's user as verified (single use); the user id."
+def verify_email(host_db: HostDatabase, token: str, now=None, mailer: Mailer | None = None, home: str = '/',
+                 templates: MailTemplates | None = None) -> str:
+    """Mark the token's user as verified (single use); the user id. With a `mailer`, the first confirmation of an
+    address is answered with the welcome mail (linking to `home`), once: a second link finds it confirmed."""
+    u = users_t.c
     with host_db.transaction() as conn:
         user_id = consume_token(host_db, token, 'email_verify', now)
-        conn.execute(users_t.update().where(users_t.c.id == user_id)
-                     .values(email_verified_at=timestamp(now or utcnow())))
+        first = conn.execute(users_t.update().where(u.id == user_id, u.email_verified_at.is_(None))
+                             .values(email_verified_at=timestamp(now or utcnow())).returning(u.email)).scalar()
         audit(host_db, 'auth.email_verified', target_id=user_id, actor_user_id=user_id)
+    if mailer is not None and first is not None:
+        try: send_mail(mailer, first, (templates or MailTemplates()).welcome(home))
+        except OSError as e: _log.warning("user %s: the welcome email was not sent: %s", user_id, e)
     return user_id
 
 # %% ../nbs/26_passwords.ipynb #35a32dae

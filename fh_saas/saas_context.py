@@ -16,7 +16,7 @@ from fasthtml.common import A, Button, Details, Div, Span, Summary
 from .db_host import HostDatabase
 from .csrf import post_form
 from .dev_mode import DEV_MAIL_PATH
-from .mail import Mailer
+from .mail import Mailer, MailTemplates
 from .sessions import SessionManager
 from .tenant_router import TenantRouter
 from . import ui
@@ -36,6 +36,7 @@ class Saas:
     app_nav: list = field(default_factory=list)   # the app's own (label, href) entries
     dev: bool = False                    # development mode: the outbox page is in the navigation
     stop_jobs: Any = None                # in development mode, the `threading.Event` that stops in-process jobs
+    mail: MailTemplates = field(default_factory=MailTemplates)   # the messages the kit sends
 
     @property
     def secure(self) -> bool:

@@ -8,7 +8,8 @@ Docs: https://fh-saas.github.io/fh_saas/stripe_webhooks.html.md"""
 __all__ = ['EVENT_HANDLERS', 'EVENT_READS', 'MAX_BODY', 'WebhookRejected', 'verify_event', 'Reads', 'Found', 'Outcome', 'EventTx',
            'subscription_reads', 'on_subscription', 'checkout_reads', 'on_checkout_session', 'invoice_reads',
            'on_invoice', 'customer_reads', 'on_customer', 'scrub', 'apply_event', 'webhook_endpoint',
-           'webhook_secrets_from_env', 'add_stripe_webhook', 'replay_failed', 'fetch_undelivered']
+           'webhook_secrets_from_env', 'add_stripe_webhook', 'payment_failed_mail', 'replay_failed',
+           'fetch_undelivered']
 
 # %% ../nbs/32_stripe_webhooks.ipynb #f8f54e87
 import functools, json, logging, os, re, time
@@ -29,9 +30,11 @@ from starlette.routing import Route
 
 from .db_values import gen_id, timestamp
 from .db_engine import dialect_insert
-from .db_host import HostDatabase, audit_t, plans_t, subscriptions_t, tenants_t, webhook_events_t
+from .db_host import HostDatabase, audit_t, memberships_t, plans_t, subscriptions_t, tenants_t, users_t
+from .db_host import webhook_events_t
 from .audit import audit_row
 from .billing import billing_changed, plan_selling
+from .mail import Mailer, MailTemplates, send_mail
 from .stripe_models import customers_t, event_clock, invoice_subscription, is_newer, metadata_tenant, ref_id
 from .stripe_models import subscription_price, subscription_snapshot
 
@@ -574,7 +577,7 @@ async def _read_body(request, limit: int) -> bytes | None:
         chunks.append(chunk)
     return b''.join(chunks)
 
-def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
+def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300, after=None):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
     async def stripe_webhook(request):
@@ -586,6 +589,10 @@ def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300):
         except Exception as e:
             _log.error("Stripe event %s (%s) failed: %s", event['id'], event['type'], scrub(f"{type(e).__name__}: {e}"))
             return JSONResponse({'error': 'event not applied; it will be retried'}, status_code=500)
+        if after is not None and out.status == 'processed' and not out.duplicate:
+            try: await run_in_threadpool(after, event, out)
+            except Exception as e:   # the event is applied and stays so: Stripe is not asked to send it again
+                _log.error("Stripe event %s: the follow-up failed: %s", event['id'], scrub(f"{type(e).__name__}: {e}"))
         return JSONResponse({'status': out.status, 'duplicate': out.duplicate})
     return stripe_webhook
 
@@ -599,13 +606,37 @@ def add_stripe_webhook(app,                          # a FastHTML or Starlette a
                        secrets=None,                 # signing secrets, newest first; default `STRIPE_WEBHOOK_SECRET`
                        path: str = '/stripe/webhook',  # the endpoint's path, as configured in Stripe
                        tolerance: int = 300,         # seconds a signature's timestamp may be old
+                       after=None,                   # (event, outcome) -> None, once per event newly processed
                       ) -> Route:
     """Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login;
     `secrets` default to the environment's."""
     secrets = webhook_secrets_from_env() if secrets is None else secrets
-    route = Route(path, webhook_endpoint(host_db, secrets, tolerance), methods=['POST'], name='stripe_webhook')
+    route = Route(path, webhook_endpoint(host_db, secrets, tolerance, after), methods=['POST'], name='stripe_webhook')
     app.router.routes.insert(0, route)
     return route
+
+# %% ../nbs/32_stripe_webhooks.ipynb #f01fea17
+def _owner_emails(host_db: HostDatabase, tenant_id: str, owner: str) -> tuple[str | None, list[str]]:
+    "The tenant's name and its active owners' addresses."
+    m, u = memberships_t.c, users_t.c
+    with host_db.transaction() as conn:
+        name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
+        emails = conn.execute(sa.select(u.email).join_from(memberships_t, users_t, m.user_id == u.id)
+                              .where(m.tenant_id == tenant_id, m.role == owner, m.is_active, u.is_active)
+                              .order_by(u.email)).scalars().all()
+    return name, list(emails)
+
+def payment_failed_mail(host_db: HostDatabase, mailer: Mailer, link: str, templates: MailTemplates | None = None,
+                        owner: str = 'owner'):
+    "An `after` that mails the tenant's active `owner`s the `payment_failed` message (linking to `link`)."
+    templates = templates or MailTemplates()
+    def after(event: dict, out: Outcome):
+        if event['type'] != 'invoice.payment_failed' or out.tenant_id is None: return
+        name, emails = _owner_emails(host_db, out.tenant_id, owner)
+        for email in emails:
+            try: send_mail(mailer, email, templates.payment_failed(name or out.tenant_id, link))
+            except OSError as e: _log.warning("tenant %s: a payment failure mail was not sent: %s", out.tenant_id, e)
+    return after
 
 # %% ../nbs/32_stripe_webhooks.ipynb #aaf235f3
 def _apply_counting(host_db, counts: Counter, event: dict, payload: str):

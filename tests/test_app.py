@@ -2,6 +2,7 @@
 request (the beforeware's entitlements), with the app's policy, and counts quotas on the app's own host database."""
 import re, threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +15,7 @@ from fh_saas.billing import BillingPolicy, entitlements, quota_used, require_fea
 from fh_saas.db_host import GlobalUser, HostDatabase, Membership, Subscription
 from fh_saas.db_tenant import provision_tenant
 from fh_saas.guards import require_role
-from fh_saas.mail import MemoryOutbox
+from fh_saas.mail import MemoryOutbox, send_mail
 from fh_saas.memberships import Roles, add_member, invite
 from fh_saas.passwords import hash_password
 from fh_saas.sessions import SessionManager
@@ -122,7 +123,7 @@ def test_an_app_with_its_own_roles_invites_and_guards_with_them(tmp_path, monkey
         add_member(host_db, 'acme', 'ann', 'owner', roles=roles)
         invite(host_db, 'acme', 'bob@example.com', 'developer', 'ann', outbox, lambda tok: f'https://app.test/invitations/{tok}',
                roles=roles)
-        link = re.search(r'https://app\.test(/\S+)', outbox.last_to('bob@example.com').get_content()).group(1)
+        link = re.search(r'https://app\.test(/\S+)', outbox.last_text('bob@example.com')).group(1)
         cli = TestClient(app, follow_redirects=False, base_url='https://app.test')
         assert cli.post('/login', data=dict(email='bob@example.com', password='long pw 123')).status_code == 303
         r = cli.post(f'{link}/accept')
@@ -219,6 +220,12 @@ def test_the_dev_outbox_is_shown_in_development_only_and_only_to_this_machine(tm
         here = TestClient(dev_app, client=('127.0.0.1', 50000))
         assert here.get('/dev/mail').status_code == 200 and 'tok-123' in here.get('/dev/mail').text
         assert 'tok-123' in TestClient(dev_app, client=('::1', 50000)).get('/dev/mail').text
+        send_mail(saas.mailer, 'bob@example.com', saas.mail.invitation('<script>x</script>', 'member', 'http://i/t',
+                                                                     timedelta(days=7)))
+        page = here.get('/dev/mail')
+        frame = re.search(r'<iframe srcdoc=(["\'])(.*?)\1 sandbox=""[^>]*>', page.text, re.S)
+        assert frame and '&amp;lt;script&amp;gt;x' in frame.group(2) and '<script>x' not in page.text
+        assert "script-src 'self' 'nonce-" in page.headers['content-security-policy']
         for client, headers in [(('192.168.1.20', 50000), {}), (('testclient', 50000), {}),
                                 (('127.0.0.1', 50000), {'X-Forwarded-For': '203.0.113.9'}),
                                 (('127.0.0.1', 50000), {'Forwarded': 'for=203.0.113.9'})]:

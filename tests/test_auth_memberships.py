@@ -63,7 +63,7 @@ def test_invitation_accepted_once_under_concurrency(people, race):
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     add_member(db, 'acme', 'ann', 'owner')
     invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
-    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('bob@example.com').split('\n')[1]
     results = race([lambda: accept_invitation(db, token, 'bob')] * 4 + [lambda: decline_invitation(db, token)],
                    catch=InvalidToken)
     assert sum(not isinstance(r, Exception) for r in results) == 1
@@ -78,7 +78,7 @@ def test_an_invitation_is_either_accepted_or_cancelled_never_both(people, race, 
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     add_member(db, 'acme', 'ann', 'owner')
     iid = invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
-    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('bob@example.com').split('\n')[1]
     accept, cancel = lambda: accept_invitation(db, token, 'bob'), lambda: cancel_invitation(db, 'acme', iid)
     accepted, cancelled = race([accept, cancel], catch=InvalidToken)
     member = not isinstance(accepted, Exception)
@@ -108,7 +108,7 @@ def test_invitation_expiry_and_wrong_recipient(people):
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     add_member(db, 'acme', 'ann', 'owner')
     invite(db, 'acme', 'BOB@example.com', 'viewer', 'ann', outbox, lambda t: t, ttl=timedelta(days=1), now=t0)
-    token = outbox.last_to('BOB@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('BOB@example.com').split('\n')[1]
     with pytest.raises(InvalidToken): accept_invitation(db, token, 'cy', now=t0)
     with pytest.raises(InvalidToken): accept_invitation(db, token, 'bob', now=t0 + timedelta(days=2))
     assert accept_invitation(db, token, 'bob', now=t0 + timedelta(hours=1)).role == 'viewer'
@@ -125,7 +125,7 @@ def test_who_loses_the_right_to_invite_loses_the_invitations_they_sent(people):
     send = lambda t, email, by: invite(db, t, email, 'admin', by, outbox, lambda tok: tok)
     send('acme', 'bob.again@example.com', 'bob'); send('acme', 'cy.two@example.com', 'cy')
     send('acme', 'by.ann@example.com', 'ann'); send('globex', 'bob.globex@example.com', 'bob')
-    token = outbox.last_to('bob.again@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('bob.again@example.com').split('\n')[1]
     with pytest.raises(LastOwner): remove_member(db, 'acme', 'ann')      # refused: nothing is cancelled
     change_role(db, 'acme', 'cy', 'admin')                               # still an inviter: nothing is cancelled
     assert open_invites(db) == ['bob.again@example.com', 'by.ann@example.com', 'cy.two@example.com']
@@ -152,7 +152,7 @@ def test_an_invitation_whose_sender_can_no_longer_invite_is_refused_at_accept(pe
     tokens = {}
     for email in ('cy@example.com', 'cy2@example.com'):
         invite(db, 'acme', email, 'admin', 'bob', outbox, lambda tok: tok)
-        tokens[email] = outbox.last_to(email).get_content().split('\n')[1]
+        tokens[email] = outbox.last_text(email).split('\n')[1]
     db.global_users.insert(GlobalUser(id='cy2', email='cy2@example.com'))
     db.q("update core_memberships set role = 'member' where user_id = 'bob'")
     with pytest.raises(InvalidToken, match='can no longer invite'):
@@ -225,7 +225,7 @@ def test_the_invitations_upgrade_stores_their_addresses_normalised(people):
     db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     add_member(db, 'acme', 'ann', 'owner')
     invite(db, 'acme', 'bob@example.com', 'member', 'ann', outbox, lambda t: t)
-    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('bob@example.com').split('\n')[1]
     db.q("update auth_invitations set email = 'BOB@Ｅxample.com'")
     db.q("update sys_schema_versions set version = 1 where component = 'invitations'")
     assert invitations_component.upgrade(db.engine) == 2

@@ -1,6 +1,8 @@
 "Login, throttling (across processes), rehashing, constant-time misses, reset and verification tokens."
 import socket, subprocess, sys, textwrap, threading
 from functools import partial
+from datetime import timedelta
+from email import message_from_string, policy as email_policy
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from argon2 import PasswordHasher
 
 from fh_saas.db_host import GlobalUser
 from fh_saas import passwords
-from fh_saas.mail import MemoryOutbox, SMTPMailer
+from fh_saas.mail import MailTemplates, MemoryOutbox, SMTPMailer, html_part, send_mail, text_part
 from fh_saas.oauth import ExternalIdentity, link_or_create_user
 from fh_saas.passwords import (authenticate, hash_password, request_password_reset, reset_password, LoginFailed,
                                LoginThrottle, send_email_verification, verify_email, WeakPassword)
@@ -85,14 +87,14 @@ def test_reset_link_single_use_expiring_and_only_hash_stored(world):
     outbox = MemoryOutbox()
     request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: f'https://x/reset?t={t}',
                            now=world.clock()).result(timeout=10)
-    token = outbox.last_to('ann@example.com').get_content().split('t=')[1].strip()
+    token = outbox.last_text('ann@example.com').split('t=')[1].split()[0]
     assert token not in str(world.host_db.q("select * from auth_one_time_tokens"))
     with pytest.raises(WeakPassword): reset_password(world.sessions, token, 'short', FAST)
     world.clock.advance(minutes=59)
     assert reset_password(world.sessions, token, 'brand new password', FAST) == 'ann'
     with pytest.raises(InvalidToken): reset_password(world.sessions, token, 'another password', FAST)
     request_password_reset(world.host_db, 'ann@example.com', outbox, lambda t: t, now=world.clock()).result(timeout=10)
-    late = outbox.last_to('ann@example.com').get_content().split('\n')[1]
+    late = outbox.last_text('ann@example.com').split('\n')[1]
     world.clock.advance(minutes=61)
     with pytest.raises(InvalidToken): reset_password(world.sessions, late, 'another password', FAST)
     events = [r.event_type for r in world.host_db.audit_logs(order_by='created_at')]
@@ -102,7 +104,7 @@ def test_reset_link_single_use_expiring_and_only_hash_stored(world):
 def test_email_verification_single_use(world):
     outbox = MemoryOutbox()
     send_email_verification(world.host_db, 'bob', outbox, lambda t: t)
-    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('bob@example.com').split('\n')[1]
     assert verify_email(world.host_db, token) == 'bob' and world.host_db.global_users['bob'].email_verified_at
     with pytest.raises(InvalidToken): verify_email(world.host_db, token)
 
@@ -114,7 +116,7 @@ def test_reset_token_used_once_under_concurrency(pg_host_db, race):
                                            password_hash=hash_password('old password', FAST)))
     sessions, outbox = SessionManager(host_db, SECRET), MemoryOutbox()
     request_password_reset(host_db, 'ann@example.com', outbox, lambda t: t).result(timeout=10)
-    token = outbox.last_to('ann@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('ann@example.com').split('\n')[1]
     results = race([partial(reset_password, sessions, token, f'new password {i}', FAST) for i in range(8)],
                    catch=InvalidToken)
     assert sum(r == 'ann' for r in results) == 1
@@ -198,12 +200,25 @@ def test_smtp_mailer_delivers():
     assert 'ann@example.com' in sink.rcpt[0] and 'Subject: Hi' in sink.data and 'link: https://x/y' in sink.data
 
 
+def test_smtp_mailer_delivers_a_template_as_text_then_html():
+    sink = _SMTPSink(); sink.start()
+    mail = MailTemplates('Acme').invitation('<b>Beta</b>', 'member', 'https://x/invitations/tok', timedelta(days=7))
+    send_mail(SMTPMailer('127.0.0.1', sink.port, sender='app@example.com', starttls=False), 'ann@example.com', mail)
+    sink.join(10)
+    msg = message_from_string(sink.data.replace('\r\n', '\n'), policy=email_policy.default)   # as a client reads it
+    assert msg.get_content_type() == 'multipart/alternative' and msg['Subject'] == 'You are invited to <b>Beta</b>'
+    assert [p.get_content_type() for p in msg.iter_parts()] == ['text/plain', 'text/html']
+    assert text_part(msg) == mail.text
+    assert text_part(msg).startswith('Join <b>Beta</b> as member:\nhttps://x/invitations/tok\n')
+    assert '&lt;b&gt;Beta&lt;/b&gt;' in html_part(msg) and 'Or open https://x/invitations/tok' in html_part(msg)
+
+
 def test_a_password_reset_spends_every_other_open_reset_link(world):
     outbox, link = MemoryOutbox(), lambda tok: f'/password-reset/{tok}'
     tokens = []
     for _ in range(2):
         request_password_reset(world.host_db, 'ann@example.com', outbox, link).result(timeout=10)
-        tokens.append(outbox.last_to('ann@example.com').get_content().split('/password-reset/')[1].split()[0])
+        tokens.append(outbox.last_text('ann@example.com').split('/password-reset/')[1].split()[0])
     reset_password(world.sessions, tokens[0], 'a brand new password', FAST)
     with pytest.raises(InvalidToken): reset_password(world.sessions, tokens[1], 'the leaked link wins', FAST)
     assert authenticate(world.host_db, 'ann@example.com', 'a brand new password', hasher=FAST)
@@ -228,10 +243,10 @@ def test_an_account_without_a_password_never_matches(stored):
 class HeldMailer:
     "A real outbox whose sends wait until `release` is set (a slow SMTP server), recording the thread they ran on."
     def __init__(self): self.outbox, self.release, self.threads = MemoryOutbox(), threading.Event(), []
-    def send(self, to, subject, body):
+    def send(self, to, subject, body, html=None):
         self.threads.append(threading.get_ident())
         self.release.wait(5)
-        self.outbox.send(to, subject, body)
+        self.outbox.send(to, subject, body, html)
 
 
 @pytest.mark.parametrize('email', ['ann@example.com', 'nobody@example.com'])
@@ -255,7 +270,7 @@ def test_a_reset_request_does_the_same_work_whether_or_not_the_account_exists(wo
 
 def test_a_failed_reset_mail_is_logged_without_the_link(world, caplog):
     class Down:
-        def send(self, to, subject, body): raise ConnectionRefusedError("smtp is down")
+        def send(self, to, subject, body, html=None): raise ConnectionRefusedError("smtp is down")
     done = request_password_reset(world.host_db, 'ann@example.com', Down(), lambda t: f'https://x/reset?t={t}')
     with pytest.raises(ConnectionRefusedError): done.result(timeout=10)
     assert wait_for(lambda: 'password reset' in caplog.text)       # the done-callback may run just after result()
@@ -300,7 +315,7 @@ def test_an_email_is_one_address_in_any_letter_case_and_unicode_form(host_db):
     host_db.global_users.insert(GlobalUser(id='zoe', email='zoe@example.com'))
     host_db.tenants.insert(dict(id='other', name='Other')); add_member(host_db, 'other', 'zoe', 'owner')
     invite(host_db, 'other', 'ÉMILE@example.com', 'member', 'zoe', outbox, lambda t: t)
-    token = outbox.last_to('ÉMILE@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('ÉMILE@example.com').split('\n')[1]
     assert accept_invitation(host_db, token, uid).tenant_id == 'other'
     sessions = SessionManager(host_db, SECRET)
     assert link_or_create_user(sessions, ExternalIdentity('google', 'g-1', 'Émile@example.com', True)).id == uid

@@ -236,7 +236,7 @@ def test_a_password_reset_does_not_skip_the_second_step(site, monkeypatch):
     monkeypatch.setattr(passwords, 'reset_mail_executor', pool)
     c.post('/password-reset', data=dict(email='ann@example.com'))
     pool.shutdown(wait=True)   # the mail went out
-    link = re.search(r'https://app\.test(/\S+)', site.outbox.last_to('ann@example.com').get_content()).group(1)
+    link = re.search(r'https://app\.test(/\S+)', site.outbox.last_text('ann@example.com')).group(1)
     assert c.post(link, data=dict(password='a brand new one', confirm='a brand new one')).status_code == 200
     assert site.sessions_of() == 0 and c.get('/account').status_code == 303
     r = site.login(c, password='a brand new one')

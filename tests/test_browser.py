@@ -94,6 +94,9 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
         expect(alice.locator("main")).to_contain_text("Invitation sent.")
         bob.goto(f"{base}/dev/mail")
         link = re.search(r"http://\S+/invitations/[\w-]+", bob.locator("main").inner_text()).group(0)
+        shown = bob.frame_locator("iframe.mail-html").first    # the HTML part, as a mail client shows it
+        expect(shown.locator("body")).to_contain_text("fh_saas demo")
+        expect(shown.locator("body")).to_contain_text(f"Or open {link}")
 
         # Bob accepts in his own browser and is switched to Alpha: Alpha's data, never Beta's.
         bob.goto(link)

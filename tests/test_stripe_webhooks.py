@@ -11,7 +11,8 @@ from starlette.applications import Starlette
 
 from fh_saas import stripe_webhooks as sw
 from fh_saas.audit import audit
-from fh_saas.db_host import PricingPlan, TenantCatalog
+from fh_saas.db_host import GlobalUser, Membership, PricingPlan, TenantCatalog
+from fh_saas.mail import MemoryOutbox
 from pgserver import wait_for
 from stripe_helpers import OLD_SECRET, SECRET, ServedApp, event, sign, subscription
 
@@ -468,3 +469,28 @@ def test_own_handler_runs_in_the_events_transaction(pg_endpoint, monkeypatch):
     assert (host_db.audit_logs.count, host_db.tenants["acme"].name) == (0, "Acme")
     assert post(event("radar.early_fraud_warning.created", dict(id="issfr_ok"), T0)).json()["status"] == "processed"
     assert (host_db.audit_logs.count, host_db.tenants["acme"].name) == (1, "Acme Inc")
+
+
+class _Refusing(MemoryOutbox):
+    "An outbox whose server refuses one address."
+    def send(self, to, subject, body, html=None):
+        if to == 'ann@example.com': raise ConnectionRefusedError('smtp refused ann')
+        super().send(to, subject, body, html)
+
+
+def test_a_failed_payment_is_mailed_to_the_owners_even_when_one_address_fails(host_db):
+    host_db.tenants.insert(TenantCatalog(id="acme", name="Acme"))
+    for uid in ('ann', 'bob'):
+        host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com'))
+        host_db.memberships.insert(Membership(user_id=uid, tenant_id='acme', role='owner'))
+    outbox, app = _Refusing(), Starlette()
+    sw.add_stripe_webhook(app, host_db, secrets=[SECRET],
+                          after=sw.payment_failed_mail(host_db, outbox, 'https://app.test/billing'))
+    inv = dict(id='in_1', object='invoice', customer='cus_1',
+               parent=dict(subscription_details=dict(subscription='sub_1', metadata={'tenant_id': 'acme'})))
+    body = event('invoice.payment_failed', inv, T0)
+    with ServedApp(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post('/stripe/webhook', content=body, headers={'Stripe-Signature': sign(body)})
+    assert (r.status_code, r.json()['status']) == (200, 'processed')
+    assert [m['To'] for m in outbox.messages] == ['bob@example.com']
+    assert outbox.last_to('bob@example.com')['Subject'] == 'A payment for Acme failed'
