@@ -381,7 +381,7 @@ def test_an_invitation_prefills_sign_up_and_confirms_the_address_it_was_sent_to(
     # signing up from an invitation with another address is confirmed by mail, as any sign-up
     link = invite(world, ann, 'erin@example.com')
     world.client().post('/signup', data=dict(email='erin.other@example.com', password=PW, next=link))
-    assert 'Confirm your address' in world.outbox.last_to('erin.other@example.com').get_content()
+    assert 'Confirm your address' in world.outbox.last_text('erin.other@example.com')
 
 
 def test_invitation_for_someone_else_cannot_be_accepted_and_decline_works(world):
