@@ -61,6 +61,15 @@ class App:
             n += 1
         return n
 
+    def deprovision(self) -> int:
+        "Run every queued `tenant.deprovision` job the way a worker does; the number run."
+        n = 0
+        while (job := claim(self.host_db, 'test-worker', ['tenant.deprovision'])) is not None:
+            with job_scope(job): result = job_handlers['tenant.deprovision'](job)
+            assert complete(self.host_db, job, result)
+            n += 1
+        return n
+
     def link(self, to: str) -> str:
         "The path of the link in the last email sent to `to`."
         body = self.outbox.last_to(to).get_content()
@@ -494,6 +503,29 @@ def test_the_only_owner_cannot_leave_the_tenant_ownerless(world):
     assert ann.get('/').text.endswith('as owner')
 
 
+def test_an_owner_deletes_the_tenant_by_typing_its_name_and_its_members_lose_it(world):
+    ann, bob = logged_in_member(world)
+    page = ann.get('/team').text
+    assert 'action="/team/delete"' in page and 'data-confirm="Delete Acme Corp and all its data for good?"' in page
+    assert 'action="/team/delete"' not in bob.get('/team').text                    # owners only
+    r = bob.post('/team/delete', data=dict(name='Acme Corp', csrf=csrf(bob.get('/team').text)))
+    assert r.status_code == 403
+    assert ann.post('/team/delete', data=dict(name='Acme Corp')).status_code == 403              # no form token
+    r = ann.post('/team/delete', data=dict(name='acme corp', csrf=csrf(page)))
+    assert r.status_code == 400 and 'Nothing has been deleted' in r.text and 'class="alert bad"' in r.text
+    assert (world.host_db.tenants['acme_corp'].status, world.deprovision()) == ('active', 0)
+    r = ann.post('/team/delete', data=dict(name=' Acme Corp ', csrf=csrf(page)))
+    assert (r.status_code, r.headers['location']) == (303, '/tenants?done=deleting')
+    listed = ann.get(r.headers['location']).text
+    assert 'The tenant is being deleted' in listed and 'Being deleted' in listed and 'Suspended' not in listed
+    assert [(e.actor_user_id, e.target_id) for e in events(world, 'tenant.delete_requested')] == [
+        (ann_id(world), 'acme_corp')]
+    assert bob.get('/').headers['location'] == '/tenants' and ann.get('/team').headers['location'] == '/tenants'
+    assert 'Being deleted' in bob.get('/tenants').text
+    assert world.deprovision() == 1 and world.host_db.tenants['acme_corp'].status == 'deleted'
+    assert 'Acme Corp' not in ann.get('/tenants').text and bob.get('/').headers['location'] == '/tenants'
+
+
 def test_api_key_shown_once_authenticates_and_revokes(world):
     ann = world.owner('ann@example.com')
     page = ann.get('/api-keys')
@@ -679,6 +711,7 @@ def test_an_impersonating_admin_cannot_invite_create_tenants_or_change_roles(wor
     for path, data in [('/team/invite', dict(email='root@example.com', role='admin')),
                        ('/team/role', dict(user_id=bob_id(world), role='admin')),
                        ('/team/transfer', dict(user_id=bob_id(world))),
+                       ('/team/delete', dict(name='Acme Corp')),
                        ('/tenants', dict(company='Backdoor Ltd'))]:
         r = admin.post(path, data=dict(data, csrf=token))
         assert r.status_code == 403 and 'while impersonating' in r.text and 'class="alert bad"' in r.text, path

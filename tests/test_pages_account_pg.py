@@ -1,13 +1,18 @@
 """The account parts under concurrency on PostgreSQL: sign-up (the unique email and the tenant primary key decide, never
-a prior check), password changes and signing devices out (the row updates decide)."""
+a prior check), password changes and signing devices out (the row updates decide), an owner deleting a tenant (the
+tenant's row lock decides)."""
 from functools import partial
 
 import pytest
 from argon2 import PasswordHasher
 
+import fh_saas.system_jobs  # noqa: F401 (registers the tenant.deprovision handler)
 from fh_saas.db_host import GlobalUser
+from fh_saas.jobs import claim, complete, job_handlers, job_scope
+from fh_saas.memberships import MembershipError, add_member, transfer_ownership
 from fh_saas.pages_auth import AccountError, TooManyTenants, create_tenant, end_other_sessions, end_session
 from fh_saas.pages_auth import live_sessions, session_handle, sign_up
+from fh_saas.pages_tenants import delete_tenant, deleting_tenants
 from fh_saas.passwords import LoginFailed, authenticate, change_password, hash_password
 from fh_saas.sessions import SessionManager
 
@@ -45,6 +50,33 @@ def test_racing_tenant_creations_at_the_cap_give_exactly_one_more_tenant(pg_host
     assert sum(isinstance(o, str) for o in out) == 1 and sum(isinstance(o, TooManyTenants) for o in out) == 7
     owned = pg_host_db.q("select count(*) as n from core_memberships where user_id = :u and role = 'owner'", u=uid)
     assert owned[0]['n'] == pg_host_db.tenants.count == 4
+
+
+def test_an_owners_deletion_racing_the_handover_of_ownership_is_queued_once_by_an_owner_or_refused(pg_host_db, race,
+                                                                                                  tmp_path,
+                                                                                                  monkeypatch):
+    monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path))
+    db = pg_host_db
+    ann, tid = sign_up(db, 'ann@example.com', 'long enough pw', None, 'Acme', FAST)
+    db.tenants.update(dict(id=tid, status='active'))   # as the provisioning job would leave it
+    db.global_users.insert(GlobalUser(id='bob', email='bob@example.com'))
+    add_member(db, tid, 'bob', 'admin')
+    out = race([partial(delete_tenant, db, tid, ann, 'Acme'), partial(delete_tenant, db, tid, ann, 'Acme'),
+                partial(transfer_ownership, db, tid, ann, 'bob')], catch=MembershipError)
+    order = [r['event_type'] for r in db.q("select event_type from sys_audit_logs where event_type in "
+                                           "('tenant.delete_requested', 'membership.ownership_transferred') "
+                                           "order by created_at, id")]
+    if order[0] == 'tenant.delete_requested':        # ann was the owner when she deleted it: queued once
+        assert sorted(out[:2], key=str) == [False, True] and order.count('tenant.delete_requested') == 1
+    else:                                             # the handover came first: ann is no owner any more
+        assert all(isinstance(o, MembershipError) for o in out[:2]) and order == ['membership.ownership_transferred']
+    deleting = order[0] == 'tenant.delete_requested'
+    assert db.q("select count(*) as n from sys_jobs where job_type = 'tenant.deprovision'")[0]['n'] == deleting
+    assert deleting_tenants(db, 'bob') == ([dict(id=tid, name='Acme')] if deleting else [])
+    if deleting:
+        job = claim(db, 'test-worker', ['tenant.deprovision'])
+        with job_scope(job): assert complete(db, job, job_handlers['tenant.deprovision'](job))
+        assert db.tenants[tid].status == 'deleted' and deleting_tenants(db, 'bob') == []
 
 
 def ann_with_devices(db, n):

@@ -9,9 +9,9 @@ from fh_saas.api_keys import create_api_key
 from fh_saas.audit import audit
 from fh_saas.billing import seed_plans
 from fh_saas.db_host import StripeWebhookEvent, Subscription, TenantCatalog
-from fh_saas.db_tenant import suspend_tenant
+from fh_saas.db_tenant import deprovision_key, suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
-from fh_saas.pages_admin import deprovision_key, tenant_overview
+from fh_saas.pages_admin import tenant_overview
 from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
 from pages_helpers import site  # noqa: F401
 from stripe_helpers import event, subscription
