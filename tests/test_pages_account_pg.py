@@ -1,6 +1,6 @@
 """The account parts under concurrency on PostgreSQL: sign-up (the unique email and the tenant primary key decide, never
-a prior check), password changes and signing devices out (the row updates decide), an owner deleting a tenant (the
-tenant's row lock decides)."""
+a prior check), password changes and signing devices out (the row updates decide), an owner deleting a tenant, and
+deleting an account (the tenant's row lock decides: a tenant never loses its last owner)."""
 from functools import partial
 
 import pytest
@@ -9,8 +9,10 @@ from argon2 import PasswordHasher
 import fh_saas.system_jobs  # noqa: F401 (registers the tenant.deprovision handler)
 from fh_saas.db_host import GlobalUser
 from fh_saas.jobs import claim, complete, job_handlers, job_scope
-from fh_saas.memberships import MembershipError, add_member, transfer_ownership
-from fh_saas.pages_auth import AccountError, TooManyTenants, create_tenant, end_other_sessions, end_session
+from fh_saas.mail import MemoryOutbox
+from fh_saas.memberships import LastOwner, MembershipError, SoleOwner, add_member, change_role, transfer_ownership
+from fh_saas.pages_auth import AccountError, AccountRefused, TooManyTenants, create_tenant, delete_account
+from fh_saas.pages_auth import end_other_sessions, end_session
 from fh_saas.pages_auth import live_sessions, session_handle, sign_up
 from fh_saas.pages_tenants import delete_tenant, deleting_tenants
 from fh_saas.passwords import LoginFailed, authenticate, change_password, hash_password
@@ -120,3 +122,42 @@ def test_devices_signing_out_every_other_one_together_end_each_session_once(pg_h
     out = race([partial(end_other_sessions, sessions, d) for d in devices])
     assert sum(out) == len(devices) - len(live(sessions)) and len(live(sessions)) <= 1
     assert len(pg_host_db.audit_logs(where="event_type = 'account.other_sessions_ended'")) == 4
+
+
+def co_owners(db):
+    "Ann and bob own Acme together, each signed in: `(tenant id, sessions, {user id: session})`."
+    ann, tid = sign_up(db, 'ann@example.com', PW, None, 'Acme', FAST)
+    db.global_users.insert(GlobalUser(id='bob', email='bob@example.com', password_hash=hash_password(PW, FAST)))
+    add_member(db, tid, 'bob', 'owner')
+    sessions = SessionManager(db, 'k' * 40)
+    return tid, sessions, {u: sessions.load(sessions.create(u)) for u in (ann, 'bob')}
+
+
+def owners(db, tid):
+    return db.q("select user_id from core_memberships where tenant_id = :t and role = 'owner' and is_active", t=tid)
+
+
+def deletion(sessions, record, email):
+    return partial(delete_account, sessions, record, PW, email, None, MemoryOutbox(), hasher=FAST)
+
+
+def test_co_owners_deleting_their_accounts_at_once_leave_the_tenant_one_of_them(pg_host_db, race):
+    tid, sessions, rec = co_owners(pg_host_db)
+    ann = next(u for u in rec if u != 'bob')
+    out = race([deletion(sessions, rec[ann], 'ann@example.com'), deletion(sessions, rec['bob'], 'bob@example.com')],
+               catch=(SoleOwner, AccountRefused))
+    done = [o for o in out if isinstance(o, str)]
+    assert len(done) == 1 and len(owners(pg_host_db, tid)) == 1
+    refused = next(o for o in out if not isinstance(o, str))
+    assert isinstance(refused, SoleOwner) or refused.code == 'delete_sole_owner'
+    assert pg_host_db.q("select count(*) as n from sys_audit_logs where event_type = 'account.deleted'")[0]['n'] == 1
+
+
+def test_an_account_deletion_racing_the_other_owner_stepping_down_keeps_one_owner(pg_host_db, race):
+    tid, sessions, rec = co_owners(pg_host_db)
+    ann = next(u for u in rec if u != 'bob')
+    out = race([deletion(sessions, rec[ann], 'ann@example.com'), partial(change_role, pg_host_db, tid, 'bob', 'admin')],
+               catch=(SoleOwner, AccountRefused, LastOwner))
+    deleted, stepped_down = isinstance(out[0], str), out[1] is None
+    assert deleted != stepped_down                                  # exactly one of the two went through
+    assert [r['user_id'] for r in owners(pg_host_db, tid)] == (['bob'] if deleted else [ann])
