@@ -10,7 +10,7 @@ import fh_saas.system_jobs  # noqa: F401 (registers the tenant.deprovision handl
 from fh_saas.db_host import GlobalUser
 from fh_saas.jobs import claim, complete, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
-from fh_saas.memberships import LastOwner, MembershipError, SoleOwner, add_member, change_role, transfer_ownership
+from fh_saas.memberships import MembershipError, SoleOwner, add_member, change_role, transfer_ownership
 from fh_saas.pages_auth import AccountError, AccountRefused, TooManyTenants, create_tenant, delete_account
 from fh_saas.pages_auth import end_other_sessions, end_session
 from fh_saas.pages_auth import live_sessions, session_handle, sign_up
@@ -153,11 +153,14 @@ def test_co_owners_deleting_their_accounts_at_once_leave_the_tenant_one_of_them(
     assert pg_host_db.q("select count(*) as n from sys_audit_logs where event_type = 'account.deleted'")[0]['n'] == 1
 
 
-def test_an_account_deletion_racing_the_other_owner_stepping_down_keeps_one_owner(pg_host_db, race):
+@pytest.mark.parametrize('step_down', ['demoted', 'hands over'])
+def test_an_account_deletion_racing_the_other_owner_stepping_down_keeps_one_owner(pg_host_db, race, step_down):
+    "Bob stops being an owner (demoting himself, or handing ownership to ann) while ann deletes her account."
     tid, sessions, rec = co_owners(pg_host_db)
     ann = next(u for u in rec if u != 'bob')
-    out = race([deletion(sessions, rec[ann], 'ann@example.com'), partial(change_role, pg_host_db, tid, 'bob', 'admin')],
-               catch=(SoleOwner, AccountRefused, LastOwner))
+    other = (partial(change_role, pg_host_db, tid, 'bob', 'admin') if step_down == 'demoted' else
+             partial(transfer_ownership, pg_host_db, tid, 'bob', ann))
+    out = race([deletion(sessions, rec[ann], 'ann@example.com'), other], catch=(AccountRefused, MembershipError))
     deleted, stepped_down = isinstance(out[0], str), out[1] is None
     assert deleted != stepped_down                                  # exactly one of the two went through
     assert [r['user_id'] for r in owners(pg_host_db, tid)] == (['bob'] if deleted else [ann])
