@@ -91,12 +91,14 @@ class TooManyTenants(AccountError):
     "The user owns as many tenants as one person may."
 
 def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
-    """`TooManyTenants` when `owner_id` (not a system admin) owns `max_owned` live tenants already. The user's row is
-    locked first, so creations racing for one user count one after the other."""
-    if max_owned is None: return
+    """`AccountError` unless `owner_id` is an active user; `TooManyTenants` when they (not a system admin) own
+    `max_owned` live tenants already. The user's row is locked first, so creations racing for one user count one
+    after the other, and one racing the account's deletion waits for it and is refused (no tenant of nobody's)."""
     u, m, t = users_t.c, memberships_t.c, tenants_t.c
-    q = sa.select(u.is_sys_admin).where(u.id == owner_id).with_for_update(key_share=True)
-    if conn.execute(q).scalar(): return
+    q = sa.select(u.is_sys_admin, u.is_active).where(u.id == owner_id).with_for_update(key_share=True)
+    user = conn.execute(q).first()
+    if user is None or not user.is_active: raise AccountError("This account has been closed.")
+    if max_owned is None or user.is_sys_admin: return
     owned = conn.execute(sa.select(sa.func.count()).select_from(memberships_t.join(tenants_t, t.id == m.tenant_id))
                          .where(m.user_id == owner_id, m.role == roles.owner, m.is_active.is_(True),
                                 t.status.notin_(('deleting', 'deleted')))).scalar()

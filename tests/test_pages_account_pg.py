@@ -164,3 +164,15 @@ def test_an_account_deletion_racing_the_other_owner_stepping_down_keeps_one_owne
     deleted, stepped_down = isinstance(out[0], str), out[1] is None
     assert deleted != stepped_down                                  # exactly one of the two went through
     assert [r['user_id'] for r in owners(pg_host_db, tid)] == (['bob'] if deleted else [ann])
+
+
+def test_a_tenant_created_while_its_owner_deletes_the_account_is_refused_or_blocks_the_deletion(pg_host_db, race):
+    tid, sessions, rec = co_owners(pg_host_db)
+    out = race([deletion(sessions, rec['bob'], 'bob@example.com'), partial(create_tenant, pg_host_db, 'bob', 'Bobs')],
+               catch=(AccountRefused, MembershipError, AccountError))
+    deleted, created = isinstance(out[0], str), isinstance(out[1], str)
+    assert deleted != created                                        # one of the two went through, never both
+    orphans = pg_host_db.q("select t.id from core_tenants t where not exists (select 1 from core_memberships m "
+                           "join core_users u on u.id = m.user_id where m.tenant_id = t.id and m.role = 'owner' "
+                           "and m.is_active and u.is_active)")
+    assert orphans == [] and pg_host_db.tenants.count == (1 if deleted else 2)
