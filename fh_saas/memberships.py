@@ -266,11 +266,13 @@ def _check_inviter(conn, inv, roles: Roles):
 
 def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES,
                       now=None) -> Membership:
-    """Join the invitation's tenant as `user_id` (whose email it must be for, and whose sender may still invite);
-    single use; the membership."""
+    """Join the invitation's tenant as `user_id` (an active user, whose email it must be for, and whose sender may
+    still invite); single use; the membership. The user's row is locked, so an account deleted meanwhile joins none."""
     now = timestamp(now or utcnow())
+    u = users_t.c
     with host_db.transaction() as conn:
-        email = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == user_id)).scalar()
+        email = conn.execute(sa.select(u.email).where(u.id == user_id, u.is_active.is_(True))
+                             .with_for_update(key_share=True)).scalar()
         inv = _use_invitation(conn, token, now, email or '', accepted_at=now, accepted_by=user_id)
         _check_inviter(conn, inv, roles)
         m = add_member(host_db, inv['tenant_id'], user_id, inv['role'], inv['invited_by'], roles)

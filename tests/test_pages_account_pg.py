@@ -1,16 +1,20 @@
 """The account parts under concurrency on PostgreSQL: sign-up (the unique email and the tenant primary key decide, never
 a prior check), password changes and signing devices out (the row updates decide), an owner deleting a tenant, and
 deleting an account (the tenant's row lock decides: a tenant never loses its last owner)."""
+import threading
 from functools import partial
 
 import pytest
+import sqlalchemy as sa
 from argon2 import PasswordHasher
 
 import fh_saas.system_jobs  # noqa: F401 (registers the tenant.deprovision handler)
 from fh_saas.db_host import GlobalUser
 from fh_saas.jobs import claim, complete, job_handlers, job_scope
 from fh_saas.mail import MemoryOutbox
-from fh_saas.memberships import MembershipError, SoleOwner, add_member, change_role, transfer_ownership
+from fh_saas.memberships import MembershipError, SoleOwner, accept_invitation, add_member, change_role, invite
+from fh_saas.memberships import transfer_ownership
+from fh_saas.one_time_tokens import InvalidToken
 from fh_saas.pages_auth import AccountError, AccountRefused, TooManyTenants, create_tenant, delete_account
 from fh_saas.pages_auth import end_other_sessions, end_session
 from fh_saas.pages_auth import live_sessions, session_handle, sign_up
@@ -176,3 +180,33 @@ def test_a_tenant_created_while_its_owner_deletes_the_account_is_refused_or_bloc
                            "join core_users u on u.id = m.user_id where m.tenant_id = t.id and m.role = 'owner' "
                            "and m.is_active and u.is_active)")
     assert orphans == [] and pg_host_db.tenants.count == (1 if deleted else 2)
+
+
+
+def lock_waiters(db) -> int:
+    return db.q("select count(*) as n from pg_stat_activity where wait_event_type = 'Lock' "
+                "and datname = current_database()")[0]['n']
+
+
+def test_an_invitation_accepted_while_the_account_is_being_deleted_waits_for_it_and_is_refused(pg_host_db):
+    co_owners(pg_host_db)
+    other, _ = sign_up(pg_host_db, 'cy@example.com', PW, None, 'Globex', FAST)
+    outbox = MemoryOutbox()
+    invite(pg_host_db, 'globex', 'bob@example.com', 'member', other, outbox, str)
+    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    out = {}
+    def accept():
+        try: out['result'] = accept_invitation(pg_host_db, token, 'bob')
+        except InvalidToken as e: out['result'] = e
+    with pg_host_db.engine.connect() as deleting:           # what delete_account does to bob's row, not yet committed
+        deleting.execute(sa.text("select id from core_users where id = 'bob' for update"))
+        deleting.execute(sa.text("update core_users set is_active = false, email = 'deleted-bob@invalid' "
+                                 "where id = 'bob'"))
+        joining = threading.Thread(target=accept)
+        joining.start()
+        while joining.is_alive() and lock_waiters(pg_host_db) == 0: joining.join(0.02)
+        deleting.commit()
+    joining.join()
+    assert isinstance(out['result'], InvalidToken)
+    assert pg_host_db.q("select tenant_id from core_memberships where user_id = 'bob' and is_active "
+                        "and tenant_id = 'globex'") == []
