@@ -6,14 +6,15 @@ Docs: https://fh-saas.github.io/fh_saas/db_tenant.html.md"""
 
 # %% auto #0
 __all__ = ['TENANT_ID_PATTERN', 'db_servers_t', 'install_t', 'MARK_PREFIX', 'CATALOG_TENANT_FIELDS', 'ROUTING_CHANNEL',
-           'BILLING_PREFIX', 'TEMPLATE_DB', 'REKEYED_STATUSES', 'InvalidTenantId', 'check_tenant_id', 'tenant_db_name',
-           'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'scram_verifier', 'encrypt_secret',
-           'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url', 'install_mark', 'ForeignDatabaseObject',
-           'tenant_row', 'tenant_url', 'tenant_engine', 'catalog_entry', 'entry_url', 'entry_engine', 'watch_routing',
-           'unwatch_routing', 'watch_billing', 'routing_changed', 'tenant_dir', 'SqliteStore', 'template_strategy',
-           'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant', 'provision_tenant', 'migrate_tenants',
-           'suspend_tenant', 'resume_tenant', 'deprovision_tenant', 'RotationReport', 'rotate_secret_key', 'MarkReport',
-           'mark_tenants', 'host_connect_problems', 'close_host_database']
+           'BILLING_PREFIX', 'TEMPLATE_DB', 'DEPROVISION_JOB', 'REKEYED_STATUSES', 'InvalidTenantId', 'check_tenant_id',
+           'tenant_db_name', 'TenantNotFound', 'TenantUnavailable', 'TenantConfigError', 'scram_verifier',
+           'encrypt_secret', 'decrypt_secret', 'add_db_server', 'db_server', 'server_admin_url', 'install_mark',
+           'ForeignDatabaseObject', 'tenant_row', 'tenant_url', 'tenant_engine', 'catalog_entry', 'entry_url',
+           'entry_engine', 'watch_routing', 'unwatch_routing', 'watch_billing', 'routing_changed', 'tenant_dir',
+           'SqliteStore', 'template_strategy', 'PostgresStore', 'NoServerAvailable', 'store_for', 'register_tenant',
+           'provision_tenant', 'migrate_tenants', 'suspend_tenant', 'resume_tenant', 'deprovision_tenant',
+           'deprovision_key', 'deletion_requested', 'RotationReport', 'rotate_secret_key', 'MarkReport', 'mark_tenants',
+           'host_connect_problems', 'close_host_database']
 
 # %% ../nbs/12_db_tenant.ipynb #da46af25
 import base64, hashlib, hmac, os, re, threading, weakref
@@ -28,7 +29,7 @@ from cryptography.fernet import InvalidToken
 from .db_values import gen_id, timestamp, UTCTimestamp
 from .db_engine import error_reason, make_engine
 from .db_upgrade import HostComponent
-from .db_host import TenantCatalog, register_component, tenants_t
+from .db_host import TenantCatalog, jobs_t, register_component, tenants_t
 from .tenant_migrations import migrate_database, migrate_fleet
 from .master_key import cipher, role_password, role_passwords, secret_key
 
@@ -535,6 +536,22 @@ def deprovision_tenant(host_db, tenant_id: str) -> TenantCatalog:
     routing_changed(tenant_id)
     _after_step('deprovision', 'deleted')
     return tenant_row(host_db, tenant_id)
+
+# %% ../nbs/12_db_tenant.ipynb #76069cdf
+DEPROVISION_JOB = 'tenant.deprovision'   # the job running `deprovision_tenant` (its handler is in system_jobs)
+
+def deprovision_key(tenant_id: str) -> str:
+    "The dedupe key of `tenant_id`'s deprovision job: a tenant is queued for deletion at most once."
+    return f"{DEPROVISION_JOB}:{tenant_id}"
+
+def deletion_requested(conn, tenant_ids) -> set[str]:
+    "Those of `tenant_ids` deleted, being deleted, or whose deprovision job is queued, running or done."
+    ids, t, j = list(tenant_ids), tenants_t.c, jobs_t.c
+    if not ids: return set()
+    gone = conn.execute(sa.select(t.id).where(t.id.in_(ids), t.status.in_(('deleting', 'deleted')))).scalars()
+    queued = conn.execute(sa.select(j.tenant_id).where(j.dedupe_key.in_([deprovision_key(i) for i in ids]),
+                                                       j.status.in_(('queued', 'running', 'done')))).scalars()
+    return set(gone) | set(queued)
 
 # %% ../nbs/12_db_tenant.ipynb #a8754366
 @dataclass

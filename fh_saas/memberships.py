@@ -8,7 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/memberships.html.md"""
 __all__ = ['DEFAULT_ROLES', 'invitations_meta', 'invitations_t', 'invitations_component', 'Roles', 'MembershipError', 'LastOwner',
            'add_member', 'change_role', 'remove_member', 'transfer_ownership', 'active_tenants', 'TwoFactorNeeded',
            'switch_tenant', 'invite', 'accept_invitation', 'invited_address', 'decline_invitation',
-           'pending_invitations', 'cancel_invitation']
+           'pending_invitations', 'cancel_invitation', 'SoleOwner', 'sole_owned_tenants', 'leave_every_tenant']
 
 # %% ../nbs/25_memberships.ipynb #b443bf62
 from datetime import timedelta
@@ -21,6 +21,7 @@ from .db_pooled import DuplicateRecord
 from .db_upgrade import HostComponent
 from .db_host import HostDatabase, register_component, Membership, users_t, tenants_t, memberships_t
 from .db_host import email_is, normalize_email
+from .db_tenant import deletion_requested
 from .audit import audit
 from .api_keys import api_keys_t
 from .one_time_tokens import new_token, hash_token, InvalidToken
@@ -114,15 +115,24 @@ def change_role(host_db: HostDatabase, tenant_id: str, user_id: str, role: str, 
               details=dict(old=row['role'], new=role))
         if not roles.may_invite(role): _cancel_invitations_of(host_db, conn, tenant_id, user_id, 'demoted')
 
-def _revoke_keys_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str):
-    "Revoke every live API key `user_id` created for `tenant_id`, each audited."
+def _revoke_keys_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str, reason: str):
+    "Revoke every live API key `user_id` created for `tenant_id`, each audited with `reason`."
     k = api_keys_t.c
     revoked = conn.execute(api_keys_t.update()
                            .where(k.tenant_id == tenant_id, k.created_by == user_id, k.revoked_at.is_(None))
                            .values(revoked_at=timestamp()).returning(k.key_id)).scalars().all()
     for key_id in revoked:
         audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id,
-              details=dict(reason='member_removed', user_id=user_id))
+              details=dict(reason=reason, user_id=user_id))
+
+def _end_membership(host_db: HostDatabase, conn, row, reason: str, **details):
+    "Deactivate membership `row`, revoke its member's API keys for its tenant and cancel their invitations; audited."
+    tenant_id, user_id = row['tenant_id'], row['user_id']
+    _set(conn, row['id'], is_active=False)
+    _revoke_keys_of(host_db, conn, tenant_id, user_id, reason)
+    _cancel_invitations_of(host_db, conn, tenant_id, user_id, reason)
+    audit(host_db, 'membership.removed', target_id=user_id, tenant_id=tenant_id, details=dict(role=row['role'],
+                                                                                              **details))
 
 def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Roles = DEFAULT_ROLES):
     "Deactivate a membership and revoke the API keys the member made for this tenant; `LastOwner` for the only owner."
@@ -131,10 +141,7 @@ def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Ro
         row = _active(conn, tenant_id, user_id)
         if row['role'] == roles.owner and _owner_count(conn, tenant_id, roles.owner) <= 1:
             raise LastOwner(f"{tenant_id} must keep at least one owner")
-        _set(conn, row['id'], is_active=False)
-        _revoke_keys_of(host_db, conn, tenant_id, user_id)
-        _cancel_invitations_of(host_db, conn, tenant_id, user_id, 'member_removed')
-        audit(host_db, 'membership.removed', target_id=user_id, tenant_id=tenant_id, details=dict(role=row['role']))
+        _end_membership(host_db, conn, row, 'member_removed')
 
 def transfer_ownership(host_db: HostDatabase, tenant_id: str, from_user_id: str, to_user_id: str,
                        demote_to: str = 'admin', roles: Roles = DEFAULT_ROLES):
@@ -259,11 +266,13 @@ def _check_inviter(conn, inv, roles: Roles):
 
 def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES,
                       now=None) -> Membership:
-    """Join the invitation's tenant as `user_id` (whose email it must be for, and whose sender may still invite);
-    single use; the membership."""
+    """Join the invitation's tenant as `user_id` (an active user, whose email it must be for, and whose sender may
+    still invite); single use; the membership. The user's row is locked, so an account deleted meanwhile joins none."""
     now = timestamp(now or utcnow())
+    u = users_t.c
     with host_db.transaction() as conn:
-        email = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == user_id)).scalar()
+        email = conn.execute(sa.select(u.email).where(u.id == user_id, u.is_active.is_(True))
+                             .with_for_update(key_share=True)).scalar()
         inv = _use_invitation(conn, token, now, email or '', accepted_at=now, accepted_by=user_id)
         _check_inviter(conn, inv, roles)
         m = add_member(host_db, inv['tenant_id'], user_id, inv['role'], inv['invited_by'], roles)
@@ -309,3 +318,40 @@ def cancel_invitation(host_db: HostDatabase, tenant_id: str, invitation_id: str)
         if row is None: return False
         audit(host_db, 'invitation.canceled', target_id=invitation_id, tenant_id=tenant_id, details=dict(row))
     return True
+
+# %% ../nbs/25_memberships.ipynb #bd8dcc1f
+class SoleOwner(LastOwner):
+    "The user is the only owner of tenants still in use: `tenants` lists them (`tenant_id`, `name`)."
+    def __init__(self, tenants: list[dict]):
+        super().__init__("the only owner of " + ', '.join(t['name'] for t in tenants))
+        self.tenants = tenants
+
+def _memberships_of(conn, user_id: str):
+    m, t = memberships_t.c, tenants_t.c
+    q = (sa.select(memberships_t, t.name).join(tenants_t, t.id == m.tenant_id)
+         .where(m.user_id == user_id, m.is_active.is_(True)).order_by(m.tenant_id))
+    return conn.execute(q).mappings().all()
+
+def _sole_owned(conn, rows, roles: Roles) -> list[dict]:
+    going = deletion_requested(conn, [r['tenant_id'] for r in rows])
+    return [dict(tenant_id=r['tenant_id'], name=r['name']) for r in rows
+            if r['role'] == roles.owner and r['tenant_id'] not in going
+            and _owner_count(conn, r['tenant_id'], roles.owner) <= 1]
+
+def sole_owned_tenants(host_db: HostDatabase, user_id: str, roles: Roles = DEFAULT_ROLES) -> list[dict]:
+    "The tenants still in use whose only owner is `user_id`: `tenant_id` and `name`, by id."
+    with host_db.transaction() as conn: return _sole_owned(conn, _memberships_of(conn, user_id), roles)
+
+def leave_every_tenant(host_db: HostDatabase, user_id: str, reason: str, roles: Roles = DEFAULT_ROLES) -> int:
+    """End every membership of `user_id` as `remove_member` would, holding each tenant's row; `SoleOwner` (nothing
+    done) when they are the only owner of a tenant still in use. How many memberships ended."""
+    with host_db.transaction() as conn:
+        locked: set[str] = set()
+        while True:   # lock the tenants of the memberships read, then read again until no new tenant shows up
+            rows = _memberships_of(conn, user_id)
+            if not (new := sorted({r['tenant_id'] for r in rows} - locked)): break
+            for tenant_id in new: _lock_tenant(conn, tenant_id)
+            locked.update(new)
+        if sole := _sole_owned(conn, rows, roles): raise SoleOwner(sole)
+        for row in rows: _end_membership(host_db, conn, row, reason)
+    return len(rows)

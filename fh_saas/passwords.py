@@ -7,9 +7,10 @@ Docs: https://fh-saas.github.io/fh_saas/passwords.html.md"""
 # %% auto #0
 __all__ = ['MIN_PASSWORD', 'MAX_PASSWORD', 'default_hasher', 'HASHING_SLOTS', 'reset_mail_executor', 'TWO_FACTOR_LIMIT',
            'WeakPassword', 'check_password_policy', 'hash_password', 'verify_password', 'LoginThrottle', 'LoginFailed',
-           'LoginThrottled', 'authenticate', 'open_session', 'TwoFactorRequired', 'login', 'change_password',
-           'request_password_reset', 'reset_password', 'send_email_verification', 'EmailChangeRefused',
-           'request_email_change', 'confirm_email_change', 'verify_email', 'PendingLoginExpired', 'second_step']
+           'LoginThrottled', 'authenticate', 'open_session', 'TwoFactorRequired', 'login', 'check_current_password',
+           'change_password', 'request_password_reset', 'reset_password', 'send_email_verification',
+           'EmailChangeRefused', 'request_email_change', 'confirm_email_change', 'verify_email', 'PendingLoginExpired',
+           'second_step']
 
 # %% ../nbs/26_passwords.ipynb #e8a70a0d
 import logging, os, re, threading
@@ -191,7 +192,7 @@ def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now
                  .values(used_at=timestamp(now)))
     return True
 
-def _check_current(sessions: SessionManager, record: SessionRecord, password: str, hasher, throttle) -> str:
+def check_current_password(sessions: SessionManager, record: SessionRecord, password: str, hasher, throttle) -> str:
     "The stored hash, once `password` is the session user's (`LoginFailed`), throttled per account (`LoginThrottled`)."
     db, bucket = sessions.host_db, f'password_change:{record.user_id}'
     if not (d := hit(db, bucket, throttle.per_account, sessions.clock())).allowed: raise LoginThrottled(d.retry_after)
@@ -208,7 +209,7 @@ def change_password(sessions: SessionManager, record: SessionRecord, old: str, n
     without end); end their other sessions. The new hash is stored only over the one checked, so of two changes racing
     from one old password, one wins and the other is refused as wrong."""
     check_password_policy(new)
-    db, stored = sessions.host_db, _check_current(sessions, record, old, hasher, throttle)
+    db, stored = sessions.host_db, check_current_password(sessions, record, old, hasher, throttle)
     with db.transaction() as conn:
         if not _set_password(conn, record.user_id, new, hasher, sessions.clock(), over=stored):
             raise LoginFailed("the password was changed meanwhile")
@@ -273,7 +274,7 @@ def request_email_change(sessions: SessionManager, record: SessionRecord, new_em
     until the link is used (`confirm_email_change`)."""
     db, new = sessions.host_db, normalize_email(new_email)
     if not is_email_address(new): raise EmailChangeRefused('invalid', "Enter a valid email address.")
-    _check_current(sessions, record, password, hasher, throttle)
+    check_current_password(sessions, record, password, hasher, throttle)
     with db.transaction() as conn:
         old = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == record.user_id)).scalar()
         if new == normalize_email(old): raise EmailChangeRefused('same', "That is already your address.")

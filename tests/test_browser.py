@@ -171,6 +171,36 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
 
 
 @pytest.mark.browser
+def test_an_owner_deletes_her_tenant_and_then_her_account(demo, browser):
+    page = browser.new_context().new_page()
+    page.set_default_timeout(20_000)
+    violations, asked = csp_violations(page), []
+    page.on("dialog", lambda d: (asked.append(d.message), d.accept()))
+    with screenshots_on_failure("deletion", dana=page):
+        sign_up(page, demo, "dana@delta.test", "delta password 1234", "Dana", "Delta Co")
+        page.wait_for_url("**/projects")
+
+        # The team page's danger zone: her tenant's name typed, the browser asks once more, and it is being deleted.
+        page.goto(f"{demo}/team")
+        page.fill("form[action='/team/delete'] input[name=name]", "Delta Co")
+        page.click("button:has-text('Delete this tenant')")
+        page.wait_for_url("**/tenants?done=deleting")
+        expect(page.locator("main")).to_contain_text("The tenant is being deleted")   # (the demo's worker may be done)
+
+        # A tenant going away needs no owner, so her account can go too; she lands on the login page, signed out.
+        page.goto(f"{demo}/account")
+        page.fill("form[action='/account/delete'] input[name=password]", "delta password 1234")
+        page.fill("form[action='/account/delete'] input[name=email]", "dana@delta.test")
+        page.click("button:has-text('Delete my account')")
+        page.wait_for_url("**/login?done=account_deleted")
+        expect(page.locator("main")).to_contain_text("Your account has been deleted")
+        page.goto(f"{demo}/account")
+        assert "/login" in page.url
+    assert asked == ["Delete Delta Co and all its data for good?", "Delete your account for good?"]
+    assert violations == []
+
+
+@pytest.mark.browser
 def test_pages_cannot_be_framed_even_by_the_same_site(demo, browser):
     "/team's one-click forms cannot be clickjacked: the browser refuses to show the page in a frame."
     base = demo

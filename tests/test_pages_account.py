@@ -4,6 +4,7 @@ in-memory outbox whose links the tests follow. Provisioning runs the real `tenan
 import re, threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pyotp
 import pytest
 from argon2 import PasswordHasher
 from fasthtml.common import FastHTML
@@ -11,7 +12,7 @@ from starlette.testclient import TestClient
 
 import fh_saas.system_jobs  # noqa: F401 (registers the tenant.provision handler)
 from fh_saas import passwords, ui
-from fh_saas.api_keys import create_api_key
+from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.beforeware import AuthResolver, saas_beforeware
 from fh_saas.db_host import HostDatabase, jobs_t
 from fh_saas.db_tenant import TenantNotFound, TenantUnavailable, suspend_tenant
@@ -26,6 +27,7 @@ from fh_saas.rate_limits import RateLimit
 from fh_saas.saas_context import Saas
 from fh_saas.sessions import SessionManager, sessions_t, start_impersonation
 from fh_saas.tenant_router import TenantRouter
+from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_t
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 SECRET = 'pages-test-secret-' + 'y' * 40
@@ -57,6 +59,15 @@ class App:
         n = 0
         while (job := claim(self.host_db, 'test-worker', ['tenant.provision'])) is not None:
             with job_scope(job): result = job_handlers['tenant.provision'](job)
+            assert complete(self.host_db, job, result)
+            n += 1
+        return n
+
+    def deprovision(self) -> int:
+        "Run every queued `tenant.deprovision` job the way a worker does; the number run."
+        n = 0
+        while (job := claim(self.host_db, 'test-worker', ['tenant.deprovision'])) is not None:
+            with job_scope(job): result = job_handlers['tenant.deprovision'](job)
             assert complete(self.host_db, job, result)
             n += 1
         return n
@@ -514,6 +525,29 @@ def test_the_only_owner_cannot_leave_the_tenant_ownerless(world):
     assert ann.get('/').text.endswith('as owner')
 
 
+def test_an_owner_deletes_the_tenant_by_typing_its_name_and_its_members_lose_it(world):
+    ann, bob = logged_in_member(world)
+    page = ann.get('/team').text
+    assert 'action="/team/delete"' in page and 'data-confirm="Delete Acme Corp and all its data for good?"' in page
+    assert 'action="/team/delete"' not in bob.get('/team').text                    # owners only
+    r = bob.post('/team/delete', data=dict(name='Acme Corp', csrf=csrf(bob.get('/team').text)))
+    assert r.status_code == 403
+    assert ann.post('/team/delete', data=dict(name='Acme Corp')).status_code == 403              # no form token
+    r = ann.post('/team/delete', data=dict(name='acme corp', csrf=csrf(page)))
+    assert r.status_code == 400 and 'Nothing has been deleted' in r.text and 'class="alert bad"' in r.text
+    assert (world.host_db.tenants['acme_corp'].status, world.deprovision()) == ('active', 0)
+    r = ann.post('/team/delete', data=dict(name=' Acme Corp ', csrf=csrf(page)))
+    assert (r.status_code, r.headers['location']) == (303, '/tenants?done=deleting')
+    listed = ann.get(r.headers['location']).text
+    assert 'The tenant is being deleted' in listed and 'Being deleted' in listed and 'Suspended' not in listed
+    assert [(e.actor_user_id, e.target_id) for e in events(world, 'tenant.delete_requested')] == [
+        (ann_id(world), 'acme_corp')]
+    assert bob.get('/').headers['location'] == '/tenants' and ann.get('/team').headers['location'] == '/tenants'
+    assert 'Being deleted' in bob.get('/tenants').text
+    assert world.deprovision() == 1 and world.host_db.tenants['acme_corp'].status == 'deleted'
+    assert 'Acme Corp' not in ann.get('/tenants').text and bob.get('/').headers['location'] == '/tenants'
+
+
 def test_api_key_shown_once_authenticates_and_revokes(world):
     ann = world.owner('ann@example.com')
     page = ann.get('/api-keys')
@@ -699,6 +733,7 @@ def test_an_impersonating_admin_cannot_invite_create_tenants_or_change_roles(wor
     for path, data in [('/team/invite', dict(email='root@example.com', role='admin')),
                        ('/team/role', dict(user_id=bob_id(world), role='admin')),
                        ('/team/transfer', dict(user_id=bob_id(world))),
+                       ('/team/delete', dict(name='Acme Corp')),
                        ('/tenants', dict(company='Backdoor Ltd'))]:
         r = admin.post(path, data=dict(data, csrf=token))
         assert r.status_code == 403 and 'while impersonating' in r.text and 'class="alert bad"' in r.text, path
@@ -979,3 +1014,68 @@ def test_an_email_change_whose_address_was_taken_meanwhile_changes_nothing(world
     r = world.client().get(link)
     assert r.status_code == 409 and 'Another account took that address' in r.text
     assert world.host_db.global_users(where="email = 'ann@example.com'")
+
+
+# --- deleting the account ---------------------------------------------------------------------------------------
+def delete_me(client, **form):
+    "Post the account page's deletion form; where it redirected."
+    page = client.get('/account').text
+    return client.post('/account/delete', data=dict(csrf=csrf(page), **form)).headers['location']
+
+
+def test_the_only_owner_is_told_the_way_out_and_a_deleted_account_is_anonymised_everywhere(world):
+    ann, bob = logged_in_member(world)
+    uid = ann_id(world)
+    key, _ = create_api_key(world.host_db, 'acme_corp', uid, 'deploy')
+    invite(world, ann, 'cy@example.com')
+    page = ann.get('/account').text
+    assert 'action="/account/delete"' in page and 'data-confirm="Delete your account for good?"' in page
+    assert 'You are the only owner of Acme Corp' in page and 'make someone else owner on its team page' in page
+    mine = dict(password=PW, email='ann@example.com')
+    assert delete_me(ann, **mine) == '/account?done=delete_sole_owner'
+    assert 'Your account has not been deleted' in ann.get('/account?done=delete_sole_owner').text
+    ann.post('/team/transfer', data=dict(user_id=bob_id(world), csrf=csrf(ann.get('/team').text)))  # the way out
+    assert 'You are the only owner' not in ann.get('/account').text
+    assert delete_me(ann, password=PW, email='bob@example.com') == '/account?done=delete_email'
+    assert delete_me(ann, password='wrong password', email='ann@example.com') == '/account?done=delete_password_wrong'
+    assert ann.post('/account/delete', data=mine).status_code == 403                        # no form token
+    assert world.host_db.global_users[uid].is_active and verify_api_key(world.host_db, key) is not None
+    r = ann.post('/account/delete', data=dict(csrf=csrf(ann.get('/account').text), password=PW,
+                                              email=' Ann@Example.com'))
+    assert (r.status_code, r.headers['location']) == (303, '/login?done=account_deleted')
+    cleared = r.headers['set-cookie'].lower()
+    assert cleared.startswith(world.sessions.cookie_name.lower() + '=') and 'max-age=0' in cleared
+    assert 'Your account has been deleted' in world.client().get(r.headers['location']).text
+    gone = world.host_db.global_users[uid]
+    assert (gone.email, gone.name, gone.password_hash, gone.is_active) == (f'deleted-{uid}@invalid', None, None, False)
+    assert not any(m.is_active for m in world.host_db.memberships() if m.user_id == uid)
+    assert verify_api_key(world.host_db, key) is None
+    assert world.host_db.q("select email from auth_invitations where invited_by = :u and accepted_at is null",
+                           u=uid) == []                                                 # cy's was cancelled
+    assert [e.actor_user_id for e in events(world, 'account.deleted')] == [uid]
+    assert 'have been deleted' in world.outbox.last_to('ann@example.com').get_content()
+    assert ann.get('/account').status_code == 303                                           # every session ended
+    assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
+    assert [m['user_id'] for m in tenant_members(world.host_db, 'acme_corp')] == [bob_id(world)]
+    world.signup('ann@example.com', 'Ann Again')                                            # the address is free
+
+
+def test_with_two_factor_sign_in_deleting_the_account_takes_a_code_and_never_an_impersonator(world):
+    ann, bob = logged_in_member(world)
+    uid = bob_id(world)
+    codes = confirm_setup(world.host_db, uid, pyotp.TOTP(begin_setup(world.host_db, uid)).now())
+    assert 'Code from your app, or a recovery code' in bob.get('/account').text
+    world.host_db.global_users.insert(dict(id='root', email='root@example.com', is_sys_admin=True))
+    cookie = world.sessions.create('root')
+    start_impersonation(world.sessions, world.sessions.load(cookie), uid)
+    admin = world.client()
+    admin.cookies.set(world.sessions.cookie_name, cookie)
+    form = dict(password=PW, email='bob@example.com', code=codes[0])
+    assert delete_me(admin, **form) == '/account?done=delete_impersonating'
+    assert delete_me(bob, password=PW, email='bob@example.com', code='000000') == '/account?done=delete_code'
+    assert world.host_db.global_users[uid].is_active
+    assert delete_me(bob, **form) == '/login?done=account_deleted'
+    assert not world.host_db.global_users[uid].is_active
+    with world.host_db.transaction() as conn:
+        assert conn.execute(two_factor_t.select().where(two_factor_t.c.user_id == uid)).first() is None
+    assert ann.get('/').text.endswith('as owner')                                           # the tenant goes on

@@ -9,9 +9,9 @@ from fh_saas.api_keys import create_api_key, verify_api_key
 from fh_saas.audit import audit
 from fh_saas.billing import seed_plans
 from fh_saas.db_host import GlobalUser, StripeWebhookEvent, Subscription, TenantCatalog
-from fh_saas.db_tenant import suspend_tenant
+from fh_saas.db_tenant import deprovision_key, suspend_tenant
 from fh_saas.jobs import claim, enqueue, fail
-from fh_saas.pages_admin import AdminPages, UserRefused, deprovision_key, set_user_active, tenant_cursor
+from fh_saas.pages_admin import AdminPages, UserRefused, set_user_active, tenant_cursor
 from fh_saas.pages_admin import monthly_revenue, signups_since, tenant_overview, tenants_by_status
 from fh_saas.sessions import SessionManager
 from fh_saas.two_factor import begin_setup, confirm_setup, two_factor_enabled
