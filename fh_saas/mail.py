@@ -163,8 +163,14 @@ def payment_failed(self: MailTemplates, tenant: str, link: str) -> Mail:
         f"The latest payment for {tenant}'s subscription did not go through. Update the payment method to keep "
         "the subscription active."], link, 'Update payment details')
 
+@patch
+def account_deleted(self: MailTemplates) -> Mail:
+    return self.compose('Your account has been deleted', [
+        f"Your {self.brand} account and your membership of every tenant have been deleted, and every device signed in "
+        "to it has been signed out. If this was not you, contact support."])
+
 MAIL_KINDS = ('verify_email', 'password_reset', 'email_change', 'email_change_notice', 'signup_taken', 'welcome',
-              'invitation', 'payment_failed')
+              'invitation', 'payment_failed', 'account_deleted')
 
 def send_mail(mailer: Mailer, to: str, mail: Mail) -> None:
     "Deliver `mail` to `to`: its text, with its HTML as the alternative."

@@ -30,7 +30,7 @@ from .db_host import GlobalUser, HostDatabase, memberships_t, normalize_email, t
 from .db_tenant import NoServerAvailable, check_tenant_id, register_tenant
 from .csrf import cross_site, local_path
 from .jobs import enqueue
-from .mail import Mailer, is_email_address, send_mail
+from .mail import MailTemplates, Mailer, is_email_address, send_mail
 from .memberships import DEFAULT_ROLES, Roles, SoleOwner, add_member, invited_address
 from .memberships import leave_every_tenant, sole_owned_tenants
 from .oauth import oauth_identities_t
@@ -799,7 +799,8 @@ def _check_deletion(sessions: SessionManager, record: SessionRecord, password: s
 
 def delete_account(sessions: SessionManager, record: SessionRecord, password: str, email: str, code: str | None,
                    mailer: Mailer, roles: Roles = DEFAULT_ROLES, hasher: PasswordHasher = default_hasher,
-                   throttle: LoginThrottle | None = None, two_factor_limit: RateLimit = TWO_FACTOR_LIMIT) -> str:
+                   throttle: LoginThrottle | None = None, two_factor_limit: RateLimit = TWO_FACTOR_LIMIT,
+                   templates: MailTemplates | None = None) -> str:
     """Delete `record`'s user (anonymised, see above) after their password, `email` typed to confirm and, with
     two-factor sign-in, a `code`; the old address, which is told. `AccountRefused`, `LoginFailed`, `LoginThrottled`
     or `SoleOwner` (raced with a change of owners) leave everything as it was."""
@@ -820,9 +821,7 @@ def delete_account(sessions: SessionManager, record: SessionRecord, password: st
                                                                 email_verified_at=None))
         audit(db, AUDIT_ACCOUNT_DELETED, target_id=uid, actor_user_id=uid,
               details=dict(memberships_ended=ended, sessions_ended=signed_out))
-    try: mailer.send(address, 'Your account has been deleted', "Your account and your membership of every tenant "
-                     "have been deleted, and every device signed in to it has been signed out. If this was not you, "
-                     "contact support.\n")
+    try: send_mail(mailer, address, (templates or MailTemplates()).account_deleted())
     except OSError as e: _log.warning("user %s: the notice of the account's deletion was not sent: %s", uid, e)
     return address
 
@@ -851,7 +850,7 @@ def delete_card(self: AccountPages, req, auth):
 def delete_own_account(self: AccountPages, req, auth, password: str = '', email: str = '', code: str = ''):
     if auth.impersonator is not None: return self.done('delete_impersonating')
     try: delete_account(self.sessions, auth.session, password, email, code, self.saas.mailer, self.roles, self.hasher,
-                        two_factor_limit=self.two_factor_limit)
+                        two_factor_limit=self.two_factor_limit, templates=self.saas.mail)
     except AccountRefused as e: return self.done(e.code)
     except SoleOwner: return self.done('delete_sole_owner')
     except LoginThrottled: return self.done('password_throttled')

@@ -1053,7 +1053,7 @@ def test_the_only_owner_is_told_the_way_out_and_a_deleted_account_is_anonymised_
     assert world.host_db.q("select email from auth_invitations where invited_by = :u and accepted_at is null",
                            u=uid) == []                                                 # cy's was cancelled
     assert [e.actor_user_id for e in events(world, 'account.deleted')] == [uid]
-    assert 'have been deleted' in world.outbox.last_to('ann@example.com').get_content()
+    assert 'have been deleted' in world.outbox.last_text('ann@example.com')
     assert ann.get('/account').status_code == 303                                           # every session ended
     assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
     assert [m['user_id'] for m in tenant_members(world.host_db, 'acme_corp')] == [bob_id(world)]

@@ -193,7 +193,7 @@ def test_an_invitation_accepted_while_the_account_is_being_deleted_waits_for_it_
     other, _ = sign_up(pg_host_db, 'cy@example.com', PW, None, 'Globex', FAST)
     outbox = MemoryOutbox()
     invite(pg_host_db, 'globex', 'bob@example.com', 'member', other, outbox, str)
-    token = outbox.last_to('bob@example.com').get_content().split('\n')[1]
+    token = outbox.last_text('bob@example.com').split('\n')[1]
     out = {}
     def accept():
         try: out['result'] = accept_invitation(pg_host_db, token, 'bob')
