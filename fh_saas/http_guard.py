@@ -156,15 +156,16 @@ class SecurityHeaders:
     "ASGI middleware adding the Content-Security-Policy (with a per-request nonce) and the other security headers."
     def __init__(self, app, csp: dict | None = None, hsts: bool = False):
         self.app, self.policy, self.hsts = app, csp_policy(csp), hsts
+        # the policy's text is made once, in pieces split where each request's nonce goes ('\n' is in no source)
+        def sources(srcs): return ' '.join('\n' if s == NONCE else s for s in srcs)
+        self._csp = '; '.join(f'{d} {s}' if (s := sources(srcs)) else d for d, srcs in self.policy.items()).split('\n')
+        self._fixed = {'x-frame-options': 'DENY', 'x-content-type-options': 'nosniff',
+                       'referrer-policy': 'same-origin', 'permissions-policy': PERMISSIONS}
+        if hsts: self._fixed['strict-transport-security'] = 'max-age=31536000'   # this host only: not its subdomains
 
     def headers(self, nonce: str) -> dict:
         "The headers of a response to the request with `nonce`."
-        def sources(srcs): return ' '.join(f"'nonce-{nonce}'" if s == NONCE else s for s in srcs)
-        csp = '; '.join(f'{d} {sources(srcs)}'.strip() for d, srcs in self.policy.items())
-        h = {'content-security-policy': csp, 'x-frame-options': 'DENY', 'x-content-type-options': 'nosniff',
-             'referrer-policy': 'same-origin', 'permissions-policy': PERMISSIONS}
-        if self.hsts: h['strict-transport-security'] = 'max-age=31536000'   # this host only: not its subdomains
-        return h
+        return {'content-security-policy': f"'nonce-{nonce}'".join(self._csp), **self._fixed}
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
