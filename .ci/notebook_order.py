@@ -1,4 +1,5 @@
 "Check that the notebooks are numbered in import order: each one imports only modules of lower-numbered notebooks."
+
 import json, re, sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ def notebooks() -> dict[str, tuple[str, Path]]:
     for p in sorted(NBS.glob('[0-9]*.ipynb')):
         cells = json.loads(p.read_text())['cells']
         text = '\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code')
-        if m := re.search(r'^#\| default_exp (\w+)', text, re.M): found[m.group(1)] = (p.name.split('_')[0], p, text)
+        if m := re.search(r'^#\| default_exp (\w+)', text, re.M):
+            found[m.group(1)] = (p.name.split('_')[0], p, text)
     return found
 
 
@@ -25,7 +27,10 @@ def problems() -> list[str]:
             names = [m.group(1) or m.group(3)] if m.group(2) is None else re.findall(r'\w+', m.group(2))
             for dep in names:
                 if dep in found and dep != mod and found[dep][0] >= num:
-                    out.append(f"{path.name} imports fh_saas.{dep}, whose notebook {found[dep][1].name} does not come before it")
+                    out.append(
+                        f"{path.name} imports fh_saas.{dep}, "
+                        f"whose notebook {found[dep][1].name} does not come before it"
+                    )
     return out
 
 

@@ -1,4 +1,6 @@
-"Write README.md from nbs/index.ipynb (nbconvert's markdown exporter: nbdev-readme needs Quarto); `--check` only compares."
+"""Write README.md from nbs/index.ipynb (nbconvert's markdown exporter: nbdev-readme needs Quarto); `--check` only
+compares."""
+
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ def rendered() -> str:
 
 if __name__ == '__main__':
     readme, text = ROOT / 'README.md', rendered()
-    if '--check' not in sys.argv[1:]: readme.write_text(text)
+    if '--check' not in sys.argv[1:]:
+        readme.write_text(text)
     elif readme.read_text() != text:
         sys.exit("README.md differs from nbs/index.ipynb: edit the notebook, then run `python .ci/readme.py`")

@@ -2,6 +2,7 @@
 SQLAlchemy engine (a normal `QueuePool`) and rendering them as `render` does for the app under load.
 
 Served by `uvicorn app_bare:app --app-dir bench`; `BENCH_BARE_URL` is the database's SQLAlchemy URL."""
+
 import os
 
 import sqlalchemy as sa
@@ -22,5 +23,6 @@ app = FastHTML(default_hdrs=False)
 
 @app.get('/items')
 def items():
-    with engine.connect() as conn: rows = conn.execute(sa.text(ITEMS_SQL)).mappings().all()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(ITEMS_SQL)).mappings().all()
     return render(rows)

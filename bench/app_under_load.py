@@ -4,6 +4,7 @@ the tenant's 10 rows of `items` through `auth.db[...]`.
 Served by `uvicorn app_under_load:app --app-dir bench --workers W`, configured by the environment: the `DB_*`
 variables name the host database, `FH_SAAS_SECRET_KEY` the master key, `FH_SAAS_API_RATE_LIMIT` the API rate limit;
 the tenant router keeps its default budget (`FH_SAAS_TENANT_CONN_BUDGET` unset)."""
+
 import os
 
 from fasthtml.common import FastHTML
@@ -23,7 +24,8 @@ ITEMS_SQL = 'CREATE TABLE items (id INTEGER PRIMARY KEY, name VARCHAR(200) NOT N
 
 def register_items():
     "The tenant schema's `items` table, as a tenant migration (`bench_app.py` provisions with it)."
-    if tenant_schema.latest < ITEMS_VERSION: register_tenant_migration(ITEMS_VERSION, 'bench_items', ITEMS_SQL)
+    if tenant_schema.latest < ITEMS_VERSION:
+        register_tenant_migration(ITEMS_VERSION, 'bench_items', ITEMS_SQL)
 
 
 def make_app():
@@ -33,15 +35,17 @@ def make_app():
 
     @app.get('/items')
     @require_feature(FEATURE)
-    def items(auth): return render(auth.db['items'](order_by='id'))
+    def items(auth):
+        return render(auth.db['items'](order_by='id'))
 
     api = Api(app, title='Bench API')
 
     @api.get('/items', summary='List the items')
-    def list_items(auth): return [dict(id=r['id'], name=r['name']) for r in auth.db['items'](order_by='id')]
+    def list_items(auth):
+        return [dict(id=r['id'], name=r['name']) for r in auth.db['items'](order_by='id')]
 
     return app, saas
 
 
-if os.environ.get('DB_NAME'):   # imported by the server (`bench_app.py` imports `register_items` alone)
+if os.environ.get('DB_NAME'):  # imported by the server (`bench_app.py` imports `register_items` alone)
     app, saas = make_app()

@@ -126,6 +126,7 @@ Run (from the repository root; PYTHONPATH makes the servers import this checkout
     PYTHONPATH=$PWD python bench/bench_app.py --tenants 100 1000 --workers 2 4 --seconds 20 --statements 12 \
         --profile 10                                                     # the figures above, ~25 minutes
 """
+
 import argparse, asyncio, json, os, random, re, signal, socket, subprocess, sys, tempfile, time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -139,7 +140,7 @@ sys.path.insert(2, str(BENCH))
 os.environ.setdefault('FH_SAAS_SECRET_KEY', 'bench-master-key-0123456789abcdef0123456789')
 
 MAX_CONNECTIONS = 700
-TIMEOUT = 15.0       # seconds a request may take before it counts as an error
+TIMEOUT = 15.0  # seconds a request may take before it counts as an error
 ROW_RE = re.compile(r'([a-z][a-z0-9_]*)-item-(\d+)')
 KINDS = ('bare', 'page', 'api')
 LABEL = dict(bare='bare', page='gated page', api='api')
@@ -149,8 +150,10 @@ LABEL = dict(bare='bare', page='gated page', api='api')
 def rows_ok(kind: str, tid: str, body: bytes) -> bool:
     "Whether `body` shows exactly the 10 rows of tenant `tid`."
     if kind == 'api':
-        try: names = [r['name'] for r in json.loads(body)]
-        except (ValueError, TypeError, KeyError): return False
+        try:
+            names = [r['name'] for r in json.loads(body)]
+        except (ValueError, TypeError, KeyError):
+            return False
         return names == [f'{tid}-item-{i}' for i in range(1, 11)]
     return ROW_RE.findall(body.decode('utf-8', 'replace')) == [(tid, str(i)) for i in range(1, 11)]
 
@@ -160,7 +163,8 @@ async def read_response(reader) -> tuple[int, dict, bytes]:
     lines = head.decode('latin-1').split('\r\n')
     status = int(lines[0].split(' ', 2)[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(':') for h in lines[1:] if h)}
-    if 'content-length' in headers: return status, headers, await reader.readexactly(int(headers['content-length']))
+    if 'content-length' in headers:
+        return status, headers, await reader.readexactly(int(headers['content-length']))
     if headers.get('transfer-encoding', '').lower() == 'chunked':
         body = b''
         while size := int((await reader.readuntil(b'\r\n')).split(b';')[0], 16):
@@ -181,64 +185,100 @@ async def load(cmd: dict, targets: list) -> dict:
     deadline = t0 + cmd.get('seconds', 1e9)
 
     async def client(i):
-        await asyncio.sleep(0.003 * i)   # one connection at a time, so that one worker does not accept them all
+        await asyncio.sleep(0.003 * i)  # one connection at a time, so that one worker does not accept them all
         conn = None
         while True:
             if cmd.get('warmup'):
-                if (nxt := next(order, None)) is None: break
+                if (nxt := next(order, None)) is None:
+                    break
                 tid, req = nxt
             else:
-                if left[0] <= 0 or time.perf_counter() >= deadline: break
+                if left[0] <= 0 or time.perf_counter() >= deadline:
+                    break
                 left[0] -= 1
                 tid, req = random.choice(reqs)
             try:
                 async with asyncio.timeout(TIMEOUT):
-                    if conn is None: conn = await asyncio.open_connection('127.0.0.1', port)
+                    if conn is None:
+                        conn = await asyncio.open_connection('127.0.0.1', port)
                     start = time.perf_counter()
                     conn[1].write(req)
                     status, headers, body = await read_response(conn[0])
                 lat.append((time.perf_counter() - start) * 1000)
-                if status != 200: errors[str(status)] += 1
-                elif not rows_ok(kind, tid, body): wrong.append(f'{tid}: {body[:300]!r}')
-                if headers.get('connection', '').lower() == 'close': conn[1].close(); conn = None
-            except (TimeoutError, OSError, EOFError, ValueError, IndexError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError) as e:
+                if status != 200:
+                    errors[str(status)] += 1
+                elif not rows_ok(kind, tid, body):
+                    wrong.append(f'{tid}: {body[:300]!r}')
+                if headers.get('connection', '').lower() == 'close':
+                    conn[1].close()
+                    conn = None
+            except (
+                TimeoutError,
+                OSError,
+                EOFError,
+                ValueError,
+                IndexError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+            ) as e:
                 errors['timeout' if isinstance(e, TimeoutError) else type(e).__name__] += 1
-                if conn is not None: conn[1].close(); conn = None
-        if conn is not None: conn[1].close()
+                if conn is not None:
+                    conn[1].close()
+                    conn = None
+        if conn is not None:
+            conn[1].close()
 
     await asyncio.gather(*[client(i) for i in range(cmd['connections'])])
-    return dict(n=len(lat) + sum(v for k, v in errors.items() if not k.isdigit()), elapsed=time.perf_counter() - t0,
-                lat=lat, errors=dict(errors), wrong=len(wrong), wrong_samples=wrong[:3])
+    return dict(
+        n=len(lat) + sum(v for k, v in errors.items() if not k.isdigit()),
+        elapsed=time.perf_counter() - t0,
+        lat=lat,
+        errors=dict(errors),
+        wrong=len(wrong),
+        wrong_samples=wrong[:3],
+    )
 
 
 def loadgen_main():
     "The load generator process: one JSON command a line on stdin, one JSON result a line on stdout."
-    try: import uvloop; uvloop.install()
-    except ImportError: pass
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     targets = {}
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd['op'] == 'targets': targets = cmd['targets']; res = {}
-        else: res = asyncio.run(load(cmd, targets[cmd['kind']]))
-        sys.stdout.write(json.dumps(res) + '\n'); sys.stdout.flush()
+        if cmd['op'] == 'targets':
+            targets = cmd['targets']
+            res = {}
+        else:
+            res = asyncio.run(load(cmd, targets[cmd['kind']]))
+        sys.stdout.write(json.dumps(res) + '\n')
+        sys.stdout.flush()
 
 
 class LoadGen:
     "The parent's handle on the load generator process."
+
     def __init__(self, targets: dict):
-        self.proc = subprocess.Popen([sys.executable, __file__, '--loadgen'], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, '--loadgen'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.ask(op='targets', targets=targets)
 
     def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + '\n'); self.proc.stdin.flush()
+        self.proc.stdin.write(json.dumps(cmd) + '\n')
+        self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        if not line: raise RuntimeError('the load generator died')
+        if not line:
+            raise RuntimeError('the load generator died')
         return json.loads(line)
 
     def close(self):
-        self.proc.stdin.close(); self.proc.wait(10)
+        self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 # ----------------------------------------------------------------------------------------------------- provisioning
@@ -273,96 +313,142 @@ def provision(server, n: int) -> dict:
         eng = tenant_engine(host_db, tid, poolclass=sa.pool.NullPool)
         try:
             with eng.begin() as c:
-                c.execute(sa.text('INSERT INTO items (id, name) VALUES (:id, :name)'),
-                          [dict(id=i, name=f'{tid}-item-{i}') for i in range(1, 11)])
-        finally: eng.dispose()
+                c.execute(
+                    sa.text('INSERT INTO items (id, name) VALUES (:id, :name)'),
+                    [dict(id=i, name=f'{tid}-item-{i}') for i in range(1, 11)],
+                )
+        finally:
+            eng.dispose()
         uid = f'u_{tid}'
         host_db.global_users.insert(GlobalUser(id=uid, email=f'{tid}@example.com', name=f'Owner of {tid}'))
         host_db.memberships.insert(Membership(user_id=uid, tenant_id=tid, role='owner'))
-        host_db.subscriptions.insert(Subscription(tenant_id=tid, status='active', plan_tier='pro',
-                                                  payment_type='subscription'))
+        host_db.subscriptions.insert(
+            Subscription(tenant_id=tid, status='active', plan_tier='pro', payment_type='subscription')
+        )
         key, _ = create_api_key(host_db, tid, uid, 'bench')
         return tid, sessions.create(uid, tid), key
 
     t0, done, out = time.perf_counter(), 0, []
-    out.append(one(ids[0]))   # the first one prepares the template
+    out.append(one(ids[0]))  # the first one prepares the template
     with ThreadPoolExecutor(4) as ex:
         for res in ex.map(one, ids[1:]):
-            out.append(res); done = len(out)
+            out.append(res)
+            done = len(out)
             if done % max(1, n // 10) == 0 or done == n:
                 print(f'  provisioned {done}/{n} tenants ({time.perf_counter() - t0:.0f} s)', flush=True)
     cookie = sessions.cookie_name
     bare_url = tenant_url(host_db, ids[0]).render_as_string(hide_password=False)
     host = make_url(host_url)
-    host_db.close(); HostDatabase.reset_instance()
-    return dict(host_db_name=host.database, host_password=host.password, host_port=host.port, bare_url=bare_url,
-                targets=dict(page=[(t, f'Cookie: {cookie}={c}\r\n') for t, c, _ in out],
-                             api=[(t, f'Authorization: Bearer {k}\r\n') for t, _, k in out],
-                             bare=[(ids[0], '')]))
+    host_db.close()
+    HostDatabase.reset_instance()
+    return dict(
+        host_db_name=host.database,
+        host_password=host.password,
+        host_port=host.port,
+        bare_url=bare_url,
+        targets=dict(
+            page=[(t, f'Cookie: {cookie}={c}\r\n') for t, c, _ in out],
+            api=[(t, f'Authorization: Bearer {k}\r\n') for t, _, k in out],
+            bare=[(ids[0], '')],
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- servers
 class Server:
     "`uvicorn module:app --workers W` on a free port, in a process group of its own."
+
     def __init__(self, module: str, workers: int, env: dict):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'uvicorn', f'{module}:app', '--app-dir', str(BENCH), '--host', '127.0.0.1',
-             '--port', str(self.port), '--workers', str(workers), '--log-level', 'warning', '--no-access-log'],
-            env=env, cwd=ROOT, start_new_session=True)
+            [
+                sys.executable,
+                '-m',
+                'uvicorn',
+                f'{module}:app',
+                '--app-dir',
+                str(BENCH),
+                '--host',
+                '127.0.0.1',
+                '--port',
+                str(self.port),
+                '--workers',
+                str(workers),
+                '--log-level',
+                'warning',
+                '--no-access-log',
+            ],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         self.workers = workers
 
     def wait_ready(self, timeout=60.0):
         "Until every worker answers (a request to a path that does not exist, on several connections)."
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.proc.poll() is not None: raise RuntimeError(f'the server exited with {self.proc.returncode}')
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'the server exited with {self.proc.returncode}')
             if len(self.worker_pids()) == self.workers:
                 try:
                     with socket.create_connection(('127.0.0.1', self.port), timeout=5) as s:
                         s.sendall(b'GET /_ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
-                        if s.recv(64).startswith(b'HTTP/1.1'): return
-                except OSError: pass
+                        if s.recv(64).startswith(b'HTTP/1.1'):
+                            return
+                except OSError:
+                    pass
             time.sleep(0.2)
         raise RuntimeError('the server did not start')
 
     def worker_pids(self) -> list[int]:
         "The uvicorn workers (spawned children of the master; not multiprocessing's resource tracker)."
-        try: kids = Path(f'/proc/{self.proc.pid}/task/{self.proc.pid}/children').read_text().split()
-        except OSError: return []
+        try:
+            kids = Path(f'/proc/{self.proc.pid}/task/{self.proc.pid}/children').read_text().split()
+        except OSError:
+            return []
         return [int(k) for k in kids if b'spawn_main' in _read(f'/proc/{k}/cmdline')]
 
     def rss_mb(self) -> float:
         "The largest worker's resident memory, MB."
+
         def rss(pid):
             m = re.search(rb'VmRSS:\s+(\d+) kB', _read(f'/proc/{pid}/status'))
             return int(m.group(1)) / 1024 if m else 0.0
+
         return max((rss(p) for p in self.worker_pids()), default=0.0)
 
     def cpu(self) -> dict[int, float]:
         "CPU seconds (user + system) each worker has used so far."
         ticks = os.sysconf('SC_CLK_TCK')
+
         def used(pid):
             fields = _read(f'/proc/{pid}/stat').rpartition(b')')[2].split()
             return (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 12 else 0.0
+
         return {p: used(p) for p in self.worker_pids()}
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try: self.proc.wait(20)
+            try:
+                self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 def _read(path) -> bytes:
-    try: return Path(path).read_bytes()
-    except OSError: return b''
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b''
 
 
 # ------------------------------------------------------------------------------------------------- server-side counts
 class Counts:
     "Statements (`pg_stat_statements`) and new connections (`log_connections`) by database, between two snapshots."
+
     def __init__(self, server, host_db_name: str):
         self.server, self.host = server, host_db_name
 
@@ -371,20 +457,31 @@ class Counts:
             rows = c.exec_driver_sql(
                 "SELECT CASE WHEN d.datname = %s THEN 'host' ELSE 'tenant' END, s.query, sum(s.calls)::bigint"
                 " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
-                " WHERE d.datname = %s OR d.datname LIKE 'tenant\\_%%' GROUP BY 1, 2", (self.host, self.host)).all()
+                " WHERE d.datname = %s OR d.datname LIKE 'tenant\\_%%' GROUP BY 1, 2",
+                (self.host, self.host),
+            ).all()
             dealloc = c.exec_driver_sql('SELECT dealloc FROM pg_stat_statements_info').scalar()
-        return dict(calls=Counter({(side, q): n for side, q, n in rows}), dealloc=dealloc,
-                    log=self.server.log_path.stat().st_size)
+        return dict(
+            calls=Counter({(side, q): n for side, q, n in rows}),
+            dealloc=dealloc,
+            log=self.server.log_path.stat().st_size,
+        )
 
     def diff(self, a: dict, b: dict) -> dict:
         with open(self.server.log_path, 'rb') as f:
-            f.seek(a['log']); text = f.read(b['log'] - a['log']).decode('utf-8', 'replace')
+            f.seek(a['log'])
+            text = f.read(b['log'] - a['log']).decode('utf-8', 'replace')
         dbs = re.findall(r'connection authorized: user=\S+ database=(\S+)', text)
         calls = b['calls'] - a['calls']
-        return dict(host=sum(n for (side, _), n in calls.items() if side == 'host'),
-                    tenant=sum(n for (side, _), n in calls.items() if side == 'tenant'), calls=calls,
-                    dealloc=b['dealloc'] - a['dealloc'], host_conns=sum(d == self.host for d in dbs),
-                    tenant_conns=sum(d.startswith('tenant_') for d in dbs), fatal=re.findall(r'FATAL:\s+(.*)', text))
+        return dict(
+            host=sum(n for (side, _), n in calls.items() if side == 'host'),
+            tenant=sum(n for (side, _), n in calls.items() if side == 'tenant'),
+            calls=calls,
+            dealloc=b['dealloc'] - a['dealloc'],
+            host_conns=sum(d == self.host for d in dbs),
+            tenant_conns=sum(d.startswith('tenant_') for d in dbs),
+            fatal=re.findall(r'FATAL:\s+(.*)', text),
+        )
 
 
 def top_statements(calls: Counter, side: str, n: int, top: int) -> list[str]:
@@ -399,13 +496,32 @@ def profile(pid: int, gen: LoadGen, cmd: dict, seconds: float, top: int = 12) ->
     threads serving a request (a stack through fh_saas, Starlette, FastHTML, uvicorn's protocol or the app; idle
     pool threads, the idle event loop and the routing listener left out), top frames by own and inclusive samples."""
     out = Path(tempfile.mkdtemp(prefix='bench_app_')) / 'raw.txt'
-    spy = subprocess.Popen(['py-spy', 'record', '-p', str(pid), '-d', str(int(seconds)), '-r', '100', '-F', '--idle',
-                            '--nonblocking', '-f', 'raw', '-o', str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    spy = subprocess.Popen(
+        [
+            'py-spy',
+            'record',
+            '-p',
+            str(pid),
+            '-d',
+            str(int(seconds)),
+            '-r',
+            '100',
+            '-F',
+            '--idle',
+            '--nonblocking',
+            '-f',
+            'raw',
+            '-o',
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(0.5)
     gen.ask(**dict(cmd, seconds=seconds))
     _, err = spy.communicate(timeout=seconds + 60)
-    if not out.exists(): return [f'py-spy failed: {err.decode()[-300:]}']
+    if not out.exists():
+        return [f'py-spy failed: {err.decode()[-300:]}']
     serving = re.compile(r'\((fh_saas|starlette|fasthtml|bench|uvicorn/protocols)/')
     strip = re.compile(rf'\((?:{re.escape(str(ROOT))}|.*site-packages|.*lib/python3\.\d+)/')
     own, incl, total, seen = Counter(), Counter(), 0, 0
@@ -413,16 +529,24 @@ def profile(pid: int, gen: LoadGen, cmd: dict, seconds: float, top: int = 12) ->
         stack, _, n = line.rpartition(' ')
         frames, n = [strip.sub('(', f) for f in stack.split(';')], int(n)
         seen += n
-        if 'RoutingListener' in stack or not any(serving.search(f) for f in frames): continue
+        if 'RoutingListener' in stack or not any(serving.search(f) for f in frames):
+            continue
         total += n
         own[frames[-1]] += n
-        for f in set(frames): incl[f] += n
-    out.unlink(); out.parent.rmdir()
-    share = lambda c, keep=lambda k: True: [f'{100 * v / total:5.1f}%  {k}' for k, v in c.most_common()
-                                            if keep(k)][:top]
-    return [f'{total} of {seen} samples in threads serving a request (on average {total / (100 * seconds):.1f} '
-            'such threads); own:', *share(own), 'inclusive, fh_saas and app frames:',
-            *share(incl, lambda k: '(fh_saas/' in k or '(bench/' in k)]
+        for f in set(frames):
+            incl[f] += n
+    out.unlink()
+    out.parent.rmdir()
+    share = lambda c, keep=lambda k: True: [f'{100 * v / total:5.1f}%  {k}' for k, v in c.most_common() if keep(k)][
+        :top
+    ]
+    return [
+        f'{total} of {seen} samples in threads serving a request (on average {total / (100 * seconds):.1f} '
+        'such threads); own:',
+        *share(own),
+        'inclusive, fh_saas and app frames:',
+        *share(incl, lambda k: '(fh_saas/' in k or '(bench/' in k),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------- the run
@@ -433,33 +557,70 @@ def pct(values, q):
 
 def measure(server, prov: dict, n: int, workers: int, args) -> bool:
     "One configuration: both servers, warm-up, interleaved windows; prints the figures; False if anything failed."
-    base = {k: v for k, v in os.environ.items()
-            if k not in ('FH_SAAS_TENANT_CONN_BUDGET', 'DB_POOL_SIZE', 'DB_MAX_OVERFLOW', 'DB_POOL_PRE_PING')}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ('FH_SAAS_TENANT_CONN_BUDGET', 'DB_POOL_SIZE', 'DB_MAX_OVERFLOW', 'DB_POOL_PRE_PING')
+    }
     base['PYTHONPATH'] = os.pathsep.join([str(ROOT), str(BENCH)])
-    app_env = dict(base, DB_TYPE='POSTGRESQL', DB_HOST='127.0.0.1', DB_PORT=str(prov['host_port']), DB_USER='postgres',
-                   DB_PASS=prov['host_password'], DB_NAME=prov['host_db_name'], FH_SAAS_ENV='production',
-                   FH_SAAS_API_RATE_LIMIT='1000000000/60')
+    app_env = dict(
+        base,
+        DB_TYPE='POSTGRESQL',
+        DB_HOST='127.0.0.1',
+        DB_PORT=str(prov['host_port']),
+        DB_USER='postgres',
+        DB_PASS=prov['host_password'],
+        DB_NAME=prov['host_db_name'],
+        FH_SAAS_ENV='production',
+        FH_SAAS_API_RATE_LIMIT='1000000000/60',
+    )
     bare_env = dict(base, BENCH_BARE_URL=prov['bare_url'])
     servers = dict(bare=Server('app_bare', workers, bare_env), app=Server('app_under_load', workers, app_env))
     gen, counts = LoadGen(prov['targets']), Counts(server, prov['host_db_name'])
     port = dict(bare=servers['bare'].port, page=servers['app'].port, api=servers['app'].port)
     path = dict(bare='/items', page='/items', api='/api/items')
-    cmd = lambda kind, **kw: dict(op='run', kind=kind, port=port[kind], path=path[kind], connections=args.connections,
-                                  **kw)
+    cmd = lambda kind, **kw: dict(
+        op='run', kind=kind, port=port[kind], path=path[kind], connections=args.connections, **kw
+    )
     try:
-        for s in servers.values(): s.wait_ready()
+        for s in servers.values():
+            s.wait_ready()
         started = {k: set(s.worker_pids()) for k, s in servers.items()}
         t0 = time.perf_counter()
-        warm = [gen.ask(**cmd('bare', requests=max(n, 200))), gen.ask(**cmd('page', warmup=True)),
-                gen.ask(**cmd('api', warmup=True))]
+        warm = [
+            gen.ask(**cmd('bare', requests=max(n, 200))),
+            gen.ask(**cmd('page', warmup=True)),
+            gen.ask(**cmd('api', warmup=True)),
+        ]
         bad = Counter()
-        for w in warm: bad.update(w['errors'])
+        for w in warm:
+            bad.update(w['errors'])
         wrong = sum(w['wrong'] for w in warm)
         ok = not bad and not wrong
-        print(f'  warmed up in {time.perf_counter() - t0:.1f} s' + (f'; warm-up errors {dict(bad)}' if bad else '')
-              + (f'; wrong warm-up responses {wrong}' if wrong else ''), flush=True)
-        tot = {k: dict(n=0, elapsed=0.0, lat=[], errors=Counter(), wrong=0, samples=[], host=0, tenant=0, dealloc=0,
-                       host_conns=0, tenant_conns=0, fatal=[], calls=Counter()) for k in KINDS}
+        print(
+            f'  warmed up in {time.perf_counter() - t0:.1f} s'
+            + (f'; warm-up errors {dict(bad)}' if bad else '')
+            + (f'; wrong warm-up responses {wrong}' if wrong else ''),
+            flush=True,
+        )
+        tot = {
+            k: dict(
+                n=0,
+                elapsed=0.0,
+                lat=[],
+                errors=Counter(),
+                wrong=0,
+                samples=[],
+                host=0,
+                tenant=0,
+                dealloc=0,
+                host_conns=0,
+                tenant_conns=0,
+                fatal=[],
+                calls=Counter(),
+            )
+            for k in KINDS
+        }
         per = dict(seconds=args.seconds / args.rounds, requests=max(1, args.requests // args.rounds))
         cpu0, warm_rss = servers['app'].cpu(), servers['app'].rss_mb()
         for _ in range(args.rounds):
@@ -468,62 +629,84 @@ def measure(server, prov: dict, n: int, workers: int, args) -> bool:
                 r = gen.ask(**cmd(kind, **per))
                 d = counts.diff(a, counts.snapshot())
                 t = tot[kind]
-                t['n'] += r['n']; t['elapsed'] += r['elapsed']; t['lat'] += r['lat']; t['errors'].update(r['errors'])
-                t['wrong'] += r['wrong']; t['samples'] += r['wrong_samples']
-                for k in ('host', 'tenant', 'dealloc', 'host_conns', 'tenant_conns', 'fatal', 'calls'): t[k] += d[k]
+                t['n'] += r['n']
+                t['elapsed'] += r['elapsed']
+                t['lat'] += r['lat']
+                t['errors'].update(r['errors'])
+                t['wrong'] += r['wrong']
+                t['samples'] += r['wrong_samples']
+                for k in ('host', 'tenant', 'dealloc', 'host_conns', 'tenant_conns', 'fatal', 'calls'):
+                    t[k] += d[k]
         rss, bare_rss = servers['app'].rss_mb(), servers['bare'].rss_mb()
         cpu = {p: c - cpu0.get(p, 0.0) for p, c in servers['app'].cpu().items()}
         replaced = {k: len(started[k] - set(s.worker_pids())) for k, s in servers.items()}
         rate = {k: t['n'] / t['elapsed'] for k, t in tot.items()}
         app_n = tot['page']['n'] + tot['api']['n']
         app_err = sum(tot['page']['errors'].values()) + sum(tot['api']['errors'].values())
+
         def per_req(k, kinds=('page', 'api')):
             return sum(tot[x][k] for x in kinds) / max(1, sum(tot[x]['n'] for x in kinds))
-        lat = lambda k: f"{pct(tot[k]['lat'], .5):.1f}/{pct(tot[k]['lat'], .99):.1f}"
-        print(f"app load ({n} tenants, {workers} workers): gated page {rate['page'] / rate['bare']:.2f} x, "
-              f"api {rate['api'] / rate['bare']:.2f} x, errors {100 * app_err / max(1, app_n):.2f}%, "
-              f"p50/p99 {lat('page')} ms, host statements/request {per_req('host'):.1f}, "
-              f"tenant statements/request {per_req('tenant'):.1f}, RSS {rss:.0f} MB")
-        print(f"  requests/s: bare {rate['bare']:.0f}, gated page {rate['page']:.0f}, api {rate['api']:.0f} "
-              f"({tot['bare']['n']}, {tot['page']['n']}, {tot['api']['n']} requests in {args.rounds} rounds); "
-              f"p50/p99 ms: bare {lat('bare')}, api {lat('api')}")
+
+        lat = lambda k: f"{pct(tot[k]['lat'], 0.5):.1f}/{pct(tot[k]['lat'], 0.99):.1f}"
+        print(
+            f"app load ({n} tenants, {workers} workers): gated page {rate['page'] / rate['bare']:.2f} x, "
+            f"api {rate['api'] / rate['bare']:.2f} x, errors {100 * app_err / max(1, app_n):.2f}%, "
+            f"p50/p99 {lat('page')} ms, host statements/request {per_req('host'):.1f}, "
+            f"tenant statements/request {per_req('tenant'):.1f}, RSS {rss:.0f} MB"
+        )
+        print(
+            f"  requests/s: bare {rate['bare']:.0f}, gated page {rate['page']:.0f}, api {rate['api']:.0f} "
+            f"({tot['bare']['n']}, {tot['page']['n']}, {tot['api']['n']} requests in {args.rounds} rounds); "
+            f"p50/p99 ms: bare {lat('bare')}, api {lat('api')}"
+        )
         sp = lambda k: f"{per_req('host', (k,)):.1f}/{per_req('tenant', (k,)):.1f}"
-        print(f"  statements/request host/tenant: gated page {sp('page')}, api {sp('api')}, bare {sp('bare')}; "
-              f"new connections/request tenant/host: gated page {per_req('tenant_conns', ('page',)):.2f}/"
-              f"{per_req('host_conns', ('page',)):.2f}, api {per_req('tenant_conns', ('api',)):.2f}/"
-              f"{per_req('host_conns', ('api',)):.2f}, bare {per_req('tenant_conns', ('bare',)):.2f}")
-        print(f"  max_connections {MAX_CONNECTIONS}; router budget default (100 a worker); "
-              f"largest app worker RSS {warm_rss:.0f} MB after the warm-up, {rss:.0f} MB after the "
-              f"{app_n} timed requests; largest bare worker RSS {bare_rss:.0f} MB; {args.connections} client "
-              f"connections; app workers' CPU seconds in the windows: "
-              f"{', '.join(f'{c:.1f}' for c in sorted(cpu.values(), reverse=True))}")
+        print(
+            f"  statements/request host/tenant: gated page {sp('page')}, api {sp('api')}, bare {sp('bare')}; "
+            f"new connections/request tenant/host: gated page {per_req('tenant_conns', ('page',)):.2f}/"
+            f"{per_req('host_conns', ('page',)):.2f}, api {per_req('tenant_conns', ('api',)):.2f}/"
+            f"{per_req('host_conns', ('api',)):.2f}, bare {per_req('tenant_conns', ('bare',)):.2f}"
+        )
+        print(
+            f"  max_connections {MAX_CONNECTIONS}; router budget default (100 a worker); "
+            f"largest app worker RSS {warm_rss:.0f} MB after the warm-up, {rss:.0f} MB after the "
+            f"{app_n} timed requests; largest bare worker RSS {bare_rss:.0f} MB; {args.connections} client "
+            f"connections; app workers' CPU seconds in the windows: "
+            f"{', '.join(f'{c:.1f}' for c in sorted(cpu.values(), reverse=True))}"
+        )
         if any(replaced.values()):
-            print(f"  workers replaced during the run (uvicorn kills one that misses its 5 s health check): "
-                  f"app {replaced['app']}, bare {replaced['bare']}")
+            print(
+                f"  workers replaced during the run (uvicorn kills one that misses its 5 s health check): "
+                f"app {replaced['app']}, bare {replaced['bare']}"
+            )
         for k, t in tot.items():
             if t['errors'] or t['wrong']:
                 ok = False
                 print(f"  ERRORS {LABEL[k]}: {dict(t['errors'])}, wrong responses {t['wrong']} {t['samples'][:2]}")
-            if t['dealloc']: print(f"  warning: pg_stat_statements evicted entries during {LABEL[k]}: counts low")
-            if t['fatal']: print(f"  server FATALs during {LABEL[k]}: {Counter(t['fatal']).most_common(3)}")
+            if t['dealloc']:
+                print(f"  warning: pg_stat_statements evicted entries during {LABEL[k]}: counts low")
+            if t['fatal']:
+                print(f"  server FATALs during {LABEL[k]}: {Counter(t['fatal']).most_common(3)}")
         for kind in ('page', 'api') if args.statements else ():
             for side in ('host', 'tenant'):
                 print(f'  {side} statements per {LABEL[kind]} request (pg_stat_statements, top {args.statements}):')
                 for line in top_statements(tot[kind]['calls'], side, tot[kind]['n'], args.statements):
                     print('    ' + line)
         if args.profile:
-            pid = max(cpu, key=cpu.get)   # the busiest worker
+            pid = max(cpu, key=cpu.get)  # the busiest worker
             for kind in ('page', 'api'):
                 print(f'  py-spy, the busiest app worker (pid {pid}), {LABEL[kind]} load, {args.profile:.0f} s:')
-                for line in profile(pid, gen, cmd(kind, requests=10**9), args.profile): print('    ' + line)
+                for line in profile(pid, gen, cmd(kind, requests=10**9), args.profile):
+                    print('    ' + line)
     finally:
         gen.close()
-        for s in servers.values(): s.stop()
+        for s in servers.values():
+            s.stop()
     return ok
 
 
 def main():
-    if '--loadgen' in sys.argv: return loadgen_main()
+    if '--loadgen' in sys.argv:
+        return loadgen_main()
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--tenants', type=int, nargs='+', default=[100])
     p.add_argument('--workers', type=int, nargs='+', default=[2])
@@ -535,23 +718,35 @@ def main():
     p.add_argument('--profile', type=float, default=0, metavar='S', help='py-spy one app worker for S s per kind')
     args = p.parse_args()
     from pgserver import start_cluster
+
     ok = True
     for n in args.tenants:
         t0 = time.perf_counter()
-        server = start_cluster(settings={'max_connections': MAX_CONNECTIONS, 'log_connections': 'on',
-                                         'shared_preload_libraries': 'pg_stat_statements',
-                                         'pg_stat_statements.max': 50000, 'pg_stat_statements.track_utility': 'on'})
+        server = start_cluster(
+            settings={
+                'max_connections': MAX_CONNECTIONS,
+                'log_connections': 'on',
+                'shared_preload_libraries': 'pg_stat_statements',
+                'pg_stat_statements.max': 50000,
+                'pg_stat_statements.track_utility': 'on',
+            }
+        )
         try:
             with server.engine.connect() as c:
                 c.exec_driver_sql('CREATE EXTENSION pg_stat_statements')
-                print(f'PostgreSQL cluster on port {server.admin_url.port}: max_connections '
-                      f"{c.exec_driver_sql('SHOW max_connections').scalar()}, pg_stat_statements, log_connections",
-                      flush=True)
+                print(
+                    f'PostgreSQL cluster on port {server.admin_url.port}: max_connections '
+                    f"{c.exec_driver_sql('SHOW max_connections').scalar()}, pg_stat_statements, log_connections",
+                    flush=True,
+                )
             prov = provision(server, n)
             print(f'  {n} tenants ready in {time.perf_counter() - t0:.0f} s', flush=True)
-            for w in args.workers: ok = measure(server, prov, n, w, args) and ok
-        finally: server.stop()
+            for w in args.workers:
+                ok = measure(server, prov, n, w, args) and ok
+        finally:
+            server.stop()
     sys.exit(0 if ok else 1)
 
 
-if __name__ == '__main__': main()
+if __name__ == '__main__':
+    main()

@@ -19,6 +19,7 @@ Measured here (2 cores, shared with other work), per request:
   nothing announces its changes).
 
 Run: python bench/bench_gated_request.py   (exits 1 if a request is refused)"""
+
 import os, sys, tempfile, time
 from pathlib import Path
 
@@ -40,43 +41,52 @@ N = 300
 
 class Counter:
     "Statements an engine sends: queries, and the BEGIN and COMMIT/ROLLBACK around them."
+
     def __init__(self, engine):
         self.queries, self.ends = [], 0
         sa.event.listen(engine, 'before_cursor_execute', lambda conn, cur, sql, *a: self.queries.append(sql))
-        for end in ('commit', 'rollback'): sa.event.listen(engine, end, self._end)
+        for end in ('commit', 'rollback'):
+            sa.event.listen(engine, end, self._end)
 
     def _end(self, conn):
         "A transaction ends; it sent BEGIN and COMMIT unless psycopg2 says none was begun (an autocommitted statement)."
         raw = conn.connection.dbapi_connection
-        if not hasattr(raw, 'get_transaction_status') or raw.get_transaction_status() != 0: self.ends += 1
+        if not hasattr(raw, 'get_transaction_status') or raw.get_transaction_status() != 0:
+            self.ends += 1
 
-    def clear(self): self.queries, self.ends = [], 0
+    def clear(self):
+        self.queries, self.ends = [], 0
 
     @property
-    def statements(self) -> int: return len(self.queries) + 2 * self.ends
+    def statements(self) -> int:
+        return len(self.queries) + 2 * self.ends
 
 
 def gated_app(host_db, tmp: Path):
     os.environ['FH_SAAS_TENANT_DIR'] = str(tmp / 'tenants')
     app = FastHTML(default_hdrs=False, secret_key='b' * 48)
-    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=MemoryOutbox(),
-                      webhook_secrets=[])
+    saas = setup_saas(
+        app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=MemoryOutbox(), webhook_secrets=[]
+    )
 
     @app.get('/report')
     @require_feature('exports')
-    def report(auth): return f'report for {auth.tenant_id}'
+    def report(auth):
+        return f'report for {auth.tenant_id}'
 
     @app.get('/export')
     @require_feature('exports')
     @require_quota('exports')
-    def export(auth): return f'exported for {auth.tenant_id}'
+    def export(auth):
+        return f'exported for {auth.tenant_id}'
 
     seed_plans(host_db, [dict(id='pro', name='Pro', features=['exports'], quotas={'exports': None})])
     host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
     provision_tenant(host_db, 'acme', 'Acme')
     host_db.memberships.insert(Membership(user_id='ann', tenant_id='acme', role='owner'))
-    host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro',
-                                              payment_type='subscription'))
+    host_db.subscriptions.insert(
+        Subscription(tenant_id='acme', status='active', plan_tier='pro', payment_type='subscription')
+    )
     cli = TestClient(app, follow_redirects=False)
     cli.cookies.set(saas.sessions.cookie_name, saas.sessions.create('ann', 'acme'))
     return saas, cli
@@ -88,17 +98,21 @@ def measure(name: str, url: str) -> bool:
     saas, cli = gated_app(host_db, tmp)
     counter, ok = Counter(host_db.engine), True
     for path, what in (('/report', 'require_feature'), ('/export', 'require_feature + require_quota')):
-        ok = all(cli.get(path).status_code == 200 for _ in range(3)) and ok   # warm: the caches fill
-        time.sleep(0.5)                                                        # the warm-up's notifications arrive
+        ok = all(cli.get(path).status_code == 200 for _ in range(3)) and ok  # warm: the caches fill
+        time.sleep(0.5)  # the warm-up's notifications arrive
         counter.clear()
         t0 = time.perf_counter()
         ok = all(cli.get(path).status_code == 200 for _ in range(N)) and ok
         dt = time.perf_counter() - t0
         subs = sum('core_subscriptions' in q for q in counter.queries)
-        print(f"{name}, {what}: host statements per gated request {counter.statements / N:.1f} "
-              f"({len(counter.queries) / N:.1f} queries in {counter.ends / N:.1f} transactions; reading "
-              f"core_subscriptions {subs / N:.1f}); {N / dt:.0f} requests/s through TestClient")
-    saas.router.close(); host_db.close(); HostDatabase.reset_instance()
+        print(
+            f"{name}, {what}: host statements per gated request {counter.statements / N:.1f} "
+            f"({len(counter.queries) / N:.1f} queries in {counter.ends / N:.1f} transactions; reading "
+            f"core_subscriptions {subs / N:.1f}); {N / dt:.0f} requests/s through TestClient"
+        )
+    saas.router.close()
+    host_db.close()
+    HostDatabase.reset_instance()
     return ok
 
 
@@ -106,6 +120,10 @@ if __name__ == '__main__':
     os.environ.setdefault('FH_SAAS_SECRET_KEY', 'bench-master-key-0123456789abcdef0123456789')
     ok = measure('SQLite', f"sqlite:///{Path(tempfile.mkdtemp()) / 'host.db'}")
     server = start_server()
-    try: ok = measure('PostgreSQL', server.create_database('gated')) and ok
-    finally: server.stop()
-    if not ok: print('a gated request was refused'); sys.exit(1)
+    try:
+        ok = measure('PostgreSQL', server.create_database('gated')) and ok
+    finally:
+        server.stop()
+    if not ok:
+        print('a gated request was refused')
+        sys.exit(1)

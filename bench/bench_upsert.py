@@ -35,6 +35,7 @@ Measured at 1M rows on a quiet machine: every row an update 12.2 s -> 9.0 s (0.2
 every row new 0.46x -> 0.44x (noise), new table unchanged (its path did not change); 0.5x is not reached. On the
 machine loaded by other work the ratios swing widely (0.26x before, 0.50x and 0.63x after).
 """
+
 import io, sys, time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -59,7 +60,8 @@ def frame(n: int, version: int = 0) -> pl.DataFrame:
         amount_cents=pl.col("id") * 7 + version,
         score=pl.col("id").cast(pl.Float64) / 3 + version,
         created_at=pl.datetime_range(start, start + timedelta(seconds=n - 1), "1s", time_zone="UTC", eager=True),
-        active=pl.col("id") % 2 == version % 2)
+        active=pl.col("id") % 2 == version % 2,
+    )
 
 
 def fresh_table(eng, name: str):
@@ -86,10 +88,12 @@ def raw_copy(eng, df: pl.DataFrame, table: str):
 def naive(eng, df: pl.DataFrame, table: str):
     "What a loop of inserts does: one upsert statement per row."
     cols = df.columns
-    sql = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
-           " ON CONFLICT (id) DO UPDATE SET "
-           + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]))
-    with eng.begin() as c, c.connection.cursor() as cur: cur.executemany(sql, df.rows())
+    sql = (
+        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+        " ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
+    )
+    with eng.begin() as c, c.connection.cursor() as cur:
+        cur.executemany(sql, df.rows())
 
 
 def run(eng, url: str, n: int):
@@ -97,18 +101,23 @@ def run(eng, url: str, n: int):
     df, df2 = frame(n), frame(n, version=1)
     t_copy = t_new = t_ins = t_upd = float("inf")
     for _ in range(3 if n <= 200_000 else 1):
-        fresh_table(eng, "b_copy"); fresh_table(eng, "b_upsert")
-        with eng.begin() as c: c.exec_driver_sql("DROP TABLE IF EXISTS b_new")
+        fresh_table(eng, "b_copy")
+        fresh_table(eng, "b_upsert")
+        with eng.begin() as c:
+            c.exec_driver_sql("DROP TABLE IF EXISTS b_new")
         t_copy = min(t_copy, timed(lambda: raw_copy(eng, df, "b_copy")))
         t_new = min(t_new, timed(lambda: map_and_upsert(df, "b_new", "id", url)))
         t_ins = min(t_ins, timed(lambda: map_and_upsert(df, "b_upsert", "id", url)))
         t_upd = min(t_upd, timed(lambda: map_and_upsert(df2, "b_upsert", "id", url)))
     with eng.connect() as c:
-        got = c.exec_driver_sql("SELECT count(*), sum(amount_cents), count(*) FILTER (WHERE right(name, 3) = ' v1') "
-                                "FROM b_upsert").one()
+        got = c.exec_driver_sql(
+            "SELECT count(*), sum(amount_cents), count(*) FILTER (WHERE right(name, 3) = ' v1') FROM b_upsert"
+        ).one()
     if tuple(got) != (n, df2["amount_cents"].sum(), n):
-        sys.exit(f"FAILED: after the upsert b_upsert holds (rows, sum, rows updated) {tuple(got)}, not "
-                 f"{(n, df2['amount_cents'].sum(), n)}")
+        sys.exit(
+            f"FAILED: after the upsert b_upsert holds (rows, sum, rows updated) {tuple(got)}, not "
+            f"{(n, df2['amount_cents'].sum(), n)}"
+        )
     m = min(n, NAIVE_MAX)
     fresh_table(eng, "b_naive")
     t_naive = timed(lambda: naive(eng, df.head(m), "b_naive"))
@@ -118,8 +127,10 @@ def run(eng, url: str, n: int):
     print(f"  map_and_upsert, new table    {r_new:>10,.0f} rows/s  {t_new:7.2f} s  {r_new / r_copy:5.2f}x COPY")
     print(f"  map_and_upsert, all new      {r_ins:>10,.0f} rows/s  {t_ins:7.2f} s  {r_ins / r_copy:5.2f}x COPY")
     print(f"  map_and_upsert, all updates  {r_upd:>10,.0f} rows/s  {t_upd:7.2f} s  {r_upd / r_copy:5.2f}x COPY")
-    print(f"  naive executemany, {m:,} rows {r_naive:>8,.0f} rows/s  {t_naive:7.2f} s  "
-          f"map_and_upsert (new) is {r_ins / r_naive:,.0f}x faster")
+    print(
+        f"  naive executemany, {m:,} rows {r_naive:>8,.0f} rows/s  {t_naive:7.2f} s  "
+        f"map_and_upsert (new) is {r_ins / r_naive:,.0f}x faster"
+    )
 
 
 def main(sizes):
@@ -128,7 +139,8 @@ def main(sizes):
     url = server.create_database("bench")
     eng = sa.create_engine(url)
     try:
-        for n in sizes: run(eng, url, n)
+        for n in sizes:
+            run(eng, url, n)
     finally:
         eng.dispose()
         server.drop_database(url)

@@ -1,6 +1,7 @@
 """The app bench_webhooks.py serves in a uvicorn process of its own, on the `DB_*` host database: the Stripe webhook
 endpoint, and beside it the floor over HTTP, a bare Starlette endpoint doing only the inbox INSERT + commit
 (`/floor`), and the same after the signature check (`/floor/signed`)."""
+
 import json
 
 from sqlalchemy.dialects import postgresql
@@ -20,9 +21,17 @@ def insert(body: str):
     "The floor: one INSERT ... ON CONFLICT DO NOTHING and its commit."
     ev = json.loads(body)
     with host_db.engine.connect() as conn:
-        conn.execute(postgresql.insert(webhook_events_t).values(
-            event_id=ev["id"], event_type=ev["type"], status="processed", payload_json=body,
-            event_created=ev["created"]).on_conflict_do_nothing(index_elements=["event_id"]))
+        conn.execute(
+            postgresql.insert(webhook_events_t)
+            .values(
+                event_id=ev["id"],
+                event_type=ev["type"],
+                status="processed",
+                payload_json=body,
+                event_created=ev["created"],
+            )
+            .on_conflict_do_nothing(index_elements=["event_id"])
+        )
         conn.commit()
 
 
@@ -38,6 +47,7 @@ async def floor_signed(request):
     return JSONResponse({"status": "processed"})
 
 
-app = Starlette(routes=[Route("/floor", floor, methods=["POST"]),
-                        Route("/floor/signed", floor_signed, methods=["POST"])])
+app = Starlette(
+    routes=[Route("/floor", floor, methods=["POST"]), Route("/floor/signed", floor_signed, methods=["POST"])]
+)
 stripe_webhooks.add_stripe_webhook(app, host_db, secrets)

@@ -26,13 +26,16 @@ from .billing import QuotaExceeded, consume_quota
 # %% ../nbs/60_api.ipynb #97cbf28d
 class ApiError(Exception):
     "Raise in an API handler to answer `status` with `{\"error\": {\"code\": code, \"message\": message}}`."
+
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     "The API's error shape."
     return JSONResponse(dict(error=dict(code=code, message=message)), status, headers=headers)
+
 
 def _validation_message(e: ValidationError) -> str:
     "Each field's problem, in one line: `name: String should have at least 1 character`."
@@ -42,16 +45,18 @@ def _validation_message(e: ValidationError) -> str:
 @dataclass
 class Endpoint:
     "One declared API route."
+
     method: str
-    path: str                       # below the API's prefix, with `{name}` path parameters
+    path: str  # below the API's prefix, with `{name}` path parameters
     handler: object
-    body: type | None = None        # a pydantic model the JSON body must validate against
+    body: type | None = None  # a pydantic model the JSON body must validate against
     status: int = 200
     summary: str = ''
-    role: str | None = None         # the least role the key's member must have
+    role: str | None = None  # the least role the key's member must have
 
     @property
-    def params(self) -> list[str]: return re.findall(r'{(\w+)}', self.path)
+    def params(self) -> list[str]:
+        return re.findall(r'{(\w+)}', self.path)
 
 # %% ../nbs/60_api.ipynb #3b944eb1
 def _quota_reset(now: datetime) -> int:
@@ -59,78 +64,113 @@ def _quota_reset(now: datetime) -> int:
     nxt = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
     return max(1, int((nxt - now).total_seconds()))
 
+
 class Api:
     "JSON endpoints under `prefix` for API keys, described at `prefix/openapi.json` and `prefix/docs`."
-    def __init__(self, app,                   # the FastHTML app (its beforeware resolves the keys)
-                 prefix: str = '/api',          # the path every endpoint is under
-                 title: str = 'API',            # shown in the OpenAPI document and on the docs page
-                 version: str = '1',            # the API's version, in the OpenAPI document
-                 quota: str | None = 'api_calls',  # the quota each call counts, when the plan has it; None: none
-                 roles: Roles | None = None):   # the role order for `role=`; default the app's (`auth.roles`)
+
+    def __init__(
+        self,
+        app,  # the FastHTML app (its beforeware resolves the keys)
+        prefix: str = '/api',  # the path every endpoint is under
+        title: str = 'API',  # shown in the OpenAPI document and on the docs page
+        version: str = '1',  # the API's version, in the OpenAPI document
+        quota: str | None = 'api_calls',  # the quota each call counts, when the plan has it; None: none
+        roles: Roles | None = None,
+    ):  # the role order for `role=`; default the app's (`auth.roles`)
         self.app, self.prefix, self.title, self.version, self.quota = app, prefix.rstrip('/'), title, version, quota
         self.roles, self.endpoints = roles, []
         app.get(f'{self.prefix}/openapi.json')(lambda: JSONResponse(self.openapi()))
         app.get(f'{self.prefix}/docs')(self._docs)
 
-    def route(self, method: str,              # GET, POST, PUT, PATCH or DELETE
-              path: str,                        # below `prefix`, with `{name}` path parameters
-              body: type | None = None,         # a pydantic model the JSON body must validate against
-              status: int = 200,                # the status of a success (201 for created, 204 for no content)
-              summary: str = '',                # what it does; default the handler's docstring
-              role: str | None = None):         # the least role of the key's member
+    def route(
+        self,
+        method: str,  # GET, POST, PUT, PATCH or DELETE
+        path: str,  # below `prefix`, with `{name}` path parameters
+        body: type | None = None,  # a pydantic model the JSON body must validate against
+        status: int = 200,  # the status of a success (201 for created, 204 for no content)
+        summary: str = '',  # what it does; default the handler's docstring
+        role: str | None = None,
+    ):  # the least role of the key's member
         "Declare `handler(auth, body=..., **path_params)` for `method` `path`; it returns what the JSON answer holds."
         if body is not None and not (isinstance(body, type) and issubclass(body, BaseModel)):
             raise TypeError(f"body must be a pydantic BaseModel class, not {body!r}")
+
         def register(handler):
             ep = Endpoint(method.upper(), path, handler, body, status, summary or (handler.__doc__ or '').strip(), role)
             self.endpoints.append(ep)
-            async def route(req): return await self._answer(ep, req)
-            route.__name__ = f'api_{handler.__name__}'   # FastHTML names the route after it
+
+            async def route(req):
+                return await self._answer(ep, req)
+
+            route.__name__ = f'api_{handler.__name__}'  # FastHTML names the route after it
             self.app.route(self.prefix + path, methods=[ep.method])(route)
             return handler
+
         return register
 
-    def get(self, path, **kw): return self.route('GET', path, **kw)
-    def post(self, path, **kw): return self.route('POST', path, **kw)
-    def put(self, path, **kw): return self.route('PUT', path, **kw)
-    def patch(self, path, **kw): return self.route('PATCH', path, **kw)
-    def delete(self, path, **kw): return self.route('DELETE', path, **kw)
+    def get(self, path, **kw):
+        return self.route('GET', path, **kw)
+
+    def post(self, path, **kw):
+        return self.route('POST', path, **kw)
+
+    def put(self, path, **kw):
+        return self.route('PUT', path, **kw)
+
+    def patch(self, path, **kw):
+        return self.route('PATCH', path, **kw)
+
+    def delete(self, path, **kw):
+        return self.route('DELETE', path, **kw)
 
 # %% ../nbs/60_api.ipynb #4572df76
 def _has_nul(value) -> bool:
-    if isinstance(value, str): return '\x00' in value
-    if isinstance(value, dict): return any(_has_nul(v) for v in value.values())
+    if isinstance(value, str):
+        return '\x00' in value
+    if isinstance(value, dict):
+        return any(_has_nul(v) for v in value.values())
     return isinstance(value, (list, tuple)) and any(_has_nul(v) for v in value)
+
 
 async def _body(ep: Endpoint, req):
     "The validated body of `req`, or an `ApiError` 422 (a NUL character, which no database column takes, included)."
     raw = await req.body()
-    try: body = ep.body.model_validate_json(raw or b'{}')
-    except ValidationError as e: raise ApiError(422, 'invalid', _validation_message(e)) from None
-    if _has_nul(body.model_dump()): raise ApiError(422, 'invalid', 'text must not contain NUL characters')
+    try:
+        body = ep.body.model_validate_json(raw or b'{}')
+    except ValidationError as e:
+        raise ApiError(422, 'invalid', _validation_message(e)) from None
+    if _has_nul(body.model_dump()):
+        raise ApiError(422, 'invalid', 'text must not contain NUL characters')
     return body
+
 
 def _check(api: Api, ep: Endpoint, auth):
     "Refuse a call that is not an API key's, or a member's below `ep.role`."
     if getattr(auth, 'api_key_id', None) is None:
-        raise ApiError(401, 'unauthenticated', "send an API key: Authorization: Bearer <key>",
-                       {'WWW-Authenticate': 'Bearer'})
+        raise ApiError(
+            401, 'unauthenticated', "send an API key: Authorization: Bearer <key>", {'WWW-Authenticate': 'Bearer'}
+        )
     if ep.role is not None and not (api.roles or auth.roles).at_least(auth.role, ep.role):
         raise ApiError(403, 'forbidden', f"this needs the {ep.role} role; the key's member is {auth.role}")
+
 
 def _meter(api: Api, req, auth):
     "Count the call against the tenant's metered quota (a refused or invalid call counts nothing), or refuse it."
     ents = auth.entitlements
     if api.quota and ents is not None and api.quota in ents.quotas:
-        try: consume_quota(req.app.state.host_db, auth.tenant_id, api.quota, entitlements=ents)
+        try:
+            consume_quota(req.app.state.host_db, auth.tenant_id, api.quota, entitlements=ents)
         except QuotaExceeded as e:
             raise ApiError(429, 'quota_exceeded', str(e), {'Retry-After': str(_quota_reset(utcnow()))}) from None
 
 # %% ../nbs/60_api.ipynb #5680edfb
 def _json(value, status: int) -> Response:
-    if value is None and status == 204: return Response(status_code=204)
-    if isinstance(value, BaseModel): value = value.model_dump(mode='json')
+    if value is None and status == 204:
+        return Response(status_code=204)
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode='json')
     return JSONResponse(value, status)
+
 
 @patch
 async def _answer(self: Api, ep: Endpoint, req) -> Response:
@@ -143,52 +183,110 @@ async def _answer(self: Api, ep: Endpoint, req) -> Response:
         f = ep.handler
         value = await f(auth, **kw) if inspect.iscoroutinefunction(f) else await run_in_threadpool(f, auth, **kw)
         return _json(value, ep.status)
-    except ApiError as e: return error_response(e.status, e.code, e.message, e.headers)
-    except DuplicateRecord as e: return error_response(409, 'conflict', str(e))
+    except ApiError as e:
+        return error_response(e.status, e.code, e.message, e.headers)
+    except DuplicateRecord as e:
+        return error_response(409, 'conflict', str(e))
 
 # %% ../nbs/60_api.ipynb #9232d2b5
-_ERRORS = {401: 'no API key, or an invalid or revoked one', 403: 'the role or the plan does not allow it',
-           404: 'no such object', 409: 'a duplicate', 422: 'the body does not validate',
-           429: 'rate limit or quota exceeded (see Retry-After)'}
+_ERRORS = {
+    401: 'no API key, or an invalid or revoked one',
+    403: 'the role or the plan does not allow it',
+    404: 'no such object',
+    409: 'a duplicate',
+    422: 'the body does not validate',
+    429: 'rate limit or quota exceeded (see Retry-After)',
+}
+
 
 def _operation(ep: Endpoint) -> dict:
-    codes = [401, 403, 429, *([422] if ep.body is not None else []), *([404] if ep.params else []),
-             *([409] if ep.method in ('POST', 'PUT', 'PATCH') else [])]
-    ok = {'description': 'no content'} if ep.status == 204 else {
-        'description': 'OK', 'content': {'application/json': {'schema': {}}}}
-    op = dict(operationId=ep.handler.__name__, summary=ep.summary, security=[{'bearer': []}, {'apiKey': []}],
-              responses={str(ep.status): ok} | {str(c): {'description': _ERRORS[c], 'content': {
-                  'application/json': {'schema': {'$ref': '#/components/schemas/Error'}}}} for c in sorted(codes)})
+    codes = [
+        401,
+        403,
+        429,
+        *([422] if ep.body is not None else []),
+        *([404] if ep.params else []),
+        *([409] if ep.method in ('POST', 'PUT', 'PATCH') else []),
+    ]
+    ok = (
+        {'description': 'no content'}
+        if ep.status == 204
+        else {'description': 'OK', 'content': {'application/json': {'schema': {}}}}
+    )
+    op = dict(
+        operationId=ep.handler.__name__,
+        summary=ep.summary,
+        security=[{'bearer': []}, {'apiKey': []}],
+        responses={str(ep.status): ok}
+        | {
+            str(c): {
+                'description': _ERRORS[c],
+                'content': {'application/json': {'schema': {'$ref': '#/components/schemas/Error'}}},
+            }
+            for c in sorted(codes)
+        },
+    )
     path_param = lambda n: {'name': n, 'in': 'path', 'required': True, 'schema': {'type': 'string'}}
-    if ep.params: op['parameters'] = [path_param(n) for n in ep.params]
+    if ep.params:
+        op['parameters'] = [path_param(n) for n in ep.params]
     if ep.body is not None:
         op['requestBody'] = {'required': True, 'content': {'application/json': {'schema': ep.body.model_json_schema()}}}
     return op
+
 
 @patch
 def openapi(self: Api) -> dict:
     "The OpenAPI 3.1 document of the declared endpoints."
     paths = {}
-    for ep in self.endpoints: paths.setdefault(self.prefix + ep.path, {})[ep.method.lower()] = _operation(ep)
-    error = {'type': 'object', 'required': ['error'], 'properties': {'error': {
-        'type': 'object', 'required': ['code', 'message'],
-        'properties': {'code': {'type': 'string'}, 'message': {'type': 'string'}}}}}
-    schemes = {'bearer': {'type': 'http', 'scheme': 'bearer'},
-               'apiKey': {'type': 'apiKey', 'name': 'X-API-Key', 'in': 'header'}}
-    return {'openapi': '3.1.0', 'info': {'title': self.title, 'version': self.version}, 'paths': paths,
-            'components': {'schemas': {'Error': error}, 'securitySchemes': schemes}}
+    for ep in self.endpoints:
+        paths.setdefault(self.prefix + ep.path, {})[ep.method.lower()] = _operation(ep)
+    error = {
+        'type': 'object',
+        'required': ['error'],
+        'properties': {
+            'error': {
+                'type': 'object',
+                'required': ['code', 'message'],
+                'properties': {'code': {'type': 'string'}, 'message': {'type': 'string'}},
+            }
+        },
+    }
+    schemes = {
+        'bearer': {'type': 'http', 'scheme': 'bearer'},
+        'apiKey': {'type': 'apiKey', 'name': 'X-API-Key', 'in': 'header'},
+    }
+    return {
+        'openapi': '3.1.0',
+        'info': {'title': self.title, 'version': self.version},
+        'paths': paths,
+        'components': {'schemas': {'Error': error}, 'securitySchemes': schemes},
+    }
 
 # %% ../nbs/60_api.ipynb #e50c1a5e
 @patch
 def _docs(self: Api, req):
     "A page listing each endpoint: method, path, what it does and the body it takes."
-    def fields(ep): return ', '.join(ep.body.model_json_schema().get('properties', {})) if ep.body is not None else ''
-    rows = [Tr(Td(Code(ep.method)), Td(Code(self.prefix + ep.path)), Td(ep.summary), Td(fields(ep)))
-            for ep in self.endpoints]
-    content = (H1(self.title), P('Send an API key as ', Code('Authorization: Bearer <key>'), '. Errors are ',
-                                   Code('{"error": {"code": ..., "message": ...}}'), '. The OpenAPI document: ',
-                                   Code(f'{self.prefix}/openapi.json'), '.'),
-               H2('Endpoints'),
-               Table(Thead(Tr(Th('Method'), Th('Path'), Th('What it does'), Th('Body'))), Tbody(*rows)))
+
+    def fields(ep):
+        return ', '.join(ep.body.model_json_schema().get('properties', {})) if ep.body is not None else ''
+
+    rows = [
+        Tr(Td(Code(ep.method)), Td(Code(self.prefix + ep.path)), Td(ep.summary), Td(fields(ep)))
+        for ep in self.endpoints
+    ]
+    content = (
+        H1(self.title),
+        P(
+            'Send an API key as ',
+            Code('Authorization: Bearer <key>'),
+            '. Errors are ',
+            Code('{"error": {"code": ..., "message": ...}}'),
+            '. The OpenAPI document: ',
+            Code(f'{self.prefix}/openapi.json'),
+            '.',
+        ),
+        H2('Endpoints'),
+        Table(Thead(Tr(Th('Method'), Th('Path'), Th('What it does'), Th('Body'))), Tbody(*rows)),
+    )
     saas = getattr(req.app.state, 'saas', None)
     return FtResponse(saas.page(req, self.title, *content) if saas is not None else content)

@@ -26,7 +26,9 @@ from .one_time_tokens import hash_token
 api_keys_meta = sa.MetaData()
 _users, _tenants = users_t.to_metadata(api_keys_meta), tenants_t.to_metadata(api_keys_meta)
 
-api_keys_t = sa.Table('auth_api_keys', api_keys_meta,
+api_keys_t = sa.Table(
+    'auth_api_keys',
+    api_keys_meta,
     sa.Column('key_id', sa.String(16), primary_key=True),
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), nullable=False),
     sa.Column('created_by', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), nullable=False),
@@ -36,16 +38,27 @@ api_keys_t = sa.Table('auth_api_keys', api_keys_meta,
     sa.Column('secret_hash', sa.String(64), nullable=False),
     sa.Column('created_at', UTCTimestamp(), nullable=False),
     sa.Column('last_used_at', UTCTimestamp()),
-    sa.Column('revoked_at', UTCTimestamp()))
+    sa.Column('revoked_at', UTCTimestamp()),
+)
 sa.Index('ix_auth_api_keys_tenant', api_keys_t.c.tenant_id)
 
 api_keys_component = register_component(HostComponent('api_keys', api_keys_meta, 1, [api_keys_t]))
 
+
 @dataclass(frozen=True)
 class ApiKey:
     "A stored API key, without its secret."
-    key_id: str; tenant_id: str; created_by: str; name: str; kind: str; mode: str
-    created_at: str; last_used_at: str | None; revoked_at: str | None
+
+    key_id: str
+    tenant_id: str
+    created_by: str
+    name: str
+    kind: str
+    mode: str
+    created_at: str
+    last_used_at: str | None
+    revoked_at: str | None
+
 
 _PREFIX = dict(secret='sk', publishable='pk')
 _KEY_RE = re.compile(r'(sk|pk)_(live|test)_([0-9a-f]{16})_([A-Za-z0-9_-]{43})')
@@ -54,54 +67,89 @@ _KEY_RE = re.compile(r'(sk|pk)_(live|test)_([0-9a-f]{16})_([A-Za-z0-9_-]{43})')
 @dataclass(frozen=True)
 class ParsedKey:
     "The parts of a well-formed key string."
-    kind: str; mode: str; key_id: str; secret: str
+
+    kind: str
+    mode: str
+    key_id: str
+    secret: str
+
 
 def parse_api_key(raw: str | None) -> ParsedKey | None:
     "Split `raw` into kind, mode, key id and secret; None when it is not a well-formed key."
     m = _KEY_RE.fullmatch(raw or '')
-    if not m: return None
+    if not m:
+        return None
     prefix, mode, key_id, secret = m.groups()
     return ParsedKey('secret' if prefix == 'sk' else 'publishable', mode, key_id, secret)
+
 
 def key_record(row) -> ApiKey:
     "The `ApiKey` of a stored key row (its secret's hash left out)."
     return ApiKey(**{k: row[k] for k in ApiKey.__dataclass_fields__})
 
-def create_api_key(host_db: HostDatabase, tenant_id: str, created_by: str, name: str,
-                   kind: str = 'secret', mode: str = 'live') -> tuple[str, ApiKey]:
+
+def create_api_key(
+    host_db: HostDatabase, tenant_id: str, created_by: str, name: str, kind: str = 'secret', mode: str = 'live'
+) -> tuple[str, ApiKey]:
     "A new key for `tenant_id`: `(full_key, record)`; the full key is never retrievable again."
-    if kind not in _PREFIX or mode not in ('live', 'test'): raise ValueError(f"bad key kind/mode {kind!r}/{mode!r}")
+    if kind not in _PREFIX or mode not in ('live', 'test'):
+        raise ValueError(f"bad key kind/mode {kind!r}/{mode!r}")
     key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-    values = dict(key_id=key_id, tenant_id=tenant_id, created_by=created_by, name=name[:200], kind=kind, mode=mode,
-                  secret_hash=hash_token(secret), created_at=timestamp())
+    values = dict(
+        key_id=key_id,
+        tenant_id=tenant_id,
+        created_by=created_by,
+        name=name[:200],
+        kind=kind,
+        mode=mode,
+        secret_hash=hash_token(secret),
+        created_at=timestamp(),
+    )
     with host_db.transaction() as conn:
         conn.execute(api_keys_t.insert().values(**values))
-        audit(host_db, 'api_key.created', target_id=key_id, tenant_id=tenant_id,
-              details=dict(name=name, kind=kind, mode=mode))
+        audit(
+            host_db,
+            'api_key.created',
+            target_id=key_id,
+            tenant_id=tenant_id,
+            details=dict(name=name, kind=kind, mode=mode),
+        )
         row = conn.execute(sa.select(api_keys_t).where(api_keys_t.c.key_id == key_id)).mappings().one()
     return f'{_PREFIX[kind]}_{mode}_{key_id}_{secret}', key_record(row)
+
 
 def revoke_api_key(host_db: HostDatabase, tenant_id: str, key_id: str) -> bool:
     "Revoke a key of `tenant_id` (no effect on other tenants' keys); False when there was none to revoke."
     k = api_keys_t.c
     with host_db.transaction() as conn:
-        n = conn.execute(api_keys_t.update().where(k.key_id == key_id, k.tenant_id == tenant_id, k.revoked_at.is_(None))
-                         .values(revoked_at=timestamp())).rowcount
-        if n: audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id)
+        n = conn.execute(
+            api_keys_t.update()
+            .where(k.key_id == key_id, k.tenant_id == tenant_id, k.revoked_at.is_(None))
+            .values(revoked_at=timestamp())
+        ).rowcount
+        if n:
+            audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id)
     return n == 1
+
 
 def list_api_keys(host_db: HostDatabase, tenant_id: str) -> list[ApiKey]:
     "The keys of `tenant_id`, newest first (revoked ones included, marked)."
     with host_db.transaction() as conn:
-        rows = conn.execute(sa.select(api_keys_t).where(api_keys_t.c.tenant_id == tenant_id)
-                            .order_by(api_keys_t.c.created_at.desc())).mappings()
+        rows = conn.execute(
+            sa.select(api_keys_t).where(api_keys_t.c.tenant_id == tenant_id).order_by(api_keys_t.c.created_at.desc())
+        ).mappings()
         return [key_record(r) for r in rows]
 
 # %% ../nbs/24_api_keys.ipynb #38282c34
 def key_matches(row, p: ParsedKey) -> bool:
     "Whether the stored key `row` (None: there is none) is unrevoked, of `p`'s kind and mode, with `p`'s secret."
-    return (row is not None and row['revoked_at'] is None and (row['kind'], row['mode']) == (p.kind, p.mode)
-            and hmac.compare_digest(row['secret_hash'], hash_token(p.secret)))
+    return (
+        row is not None
+        and row['revoked_at'] is None
+        and (row['kind'], row['mode']) == (p.kind, p.mode)
+        and hmac.compare_digest(row['secret_hash'], hash_token(p.secret))
+    )
+
 
 def touch_key(conn, row, now, touch_every: timedelta = timedelta(minutes=1)):
     "Record that key `row` was used at `now`, at most once per `touch_every` (a write avoided per call)."
@@ -109,20 +157,26 @@ def touch_key(conn, row, now, touch_every: timedelta = timedelta(minutes=1)):
         k = api_keys_t.c
         conn.execute(api_keys_t.update().where(k.key_id == row['key_id']).values(last_used_at=timestamp(now)))
 
-def verify_api_key(host_db: HostDatabase, raw: str | None, now=None,
-                   touch_every: timedelta = timedelta(minutes=1)) -> ApiKey | None:
+
+def verify_api_key(
+    host_db: HostDatabase, raw: str | None, now=None, touch_every: timedelta = timedelta(minutes=1)
+) -> ApiKey | None:
     "The live (unrevoked) key `raw` names, if its secret matches; None otherwise."
-    if (p := parse_api_key(raw)) is None: return None
+    if (p := parse_api_key(raw)) is None:
+        return None
     with host_db.transaction() as conn:
         row = conn.execute(sa.select(api_keys_t).where(api_keys_t.c.key_id == p.key_id)).mappings().first()
-        if not key_matches(row, p): return None
+        if not key_matches(row, p):
+            return None
         touch_key(conn, row, now or utcnow(), touch_every)
     return key_record(row)
+
 
 def api_key_from_headers(headers) -> str | None:
     "The key sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`, if any."
     auth = headers.get('authorization') or ''
-    if auth[:7].lower() == 'bearer ' and auth[7:].strip(): return auth[7:].strip()
+    if auth[:7].lower() == 'bearer ' and auth[7:].strip():
+        return auth[7:].strip()
     return (headers.get('x-api-key') or '').strip() or None
 
 # %% ../nbs/24_api_keys.ipynb #58cebe66
@@ -130,10 +184,22 @@ def revoke_user_keys(host_db: HostDatabase, user_id: str) -> list[str]:
     "Revoke every live key `user_id` created, in any tenant, each audited in its tenant; the ids of those revoked."
     k = api_keys_t.c
     with host_db.transaction() as conn:
-        live = conn.execute(sa.select(k.key_id, k.tenant_id).where(k.created_by == user_id, k.revoked_at.is_(None))
-                            .order_by(k.key_id).with_for_update()).all()
-        if live: conn.execute(api_keys_t.update().where(k.key_id.in_([r.key_id for r in live]))
-                              .values(revoked_at=timestamp()))
-        for r in live: audit(host_db, 'api_key.revoked', target_id=r.key_id, tenant_id=r.tenant_id,
-                             details=dict(reason='creator disabled'))
+        live = conn.execute(
+            sa.select(k.key_id, k.tenant_id)
+            .where(k.created_by == user_id, k.revoked_at.is_(None))
+            .order_by(k.key_id)
+            .with_for_update()
+        ).all()
+        if live:
+            conn.execute(
+                api_keys_t.update().where(k.key_id.in_([r.key_id for r in live])).values(revoked_at=timestamp())
+            )
+        for r in live:
+            audit(
+                host_db,
+                'api_key.revoked',
+                target_id=r.key_id,
+                tenant_id=r.tenant_id,
+                details=dict(reason='creator disabled'),
+            )
     return [r.key_id for r in live]

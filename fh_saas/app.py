@@ -46,20 +46,32 @@ def mailer_from_env(env=None) -> Mailer:
     "An `SMTPMailer` from `SMTP_HOST`, `SMTP_PORT`, `SMTP_USER`, `SMTP_PASSWORD`, `SMTP_FROM`."
     env = os.environ if env is None else env
     if not (host := env.get('SMTP_HOST')):
-        raise SaasConfigError("set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), pass mailer=, "
-                              "or set FH_SAAS_ENV=development")
+        raise SaasConfigError(
+            "set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_FROM), pass mailer=, "
+            "or set FH_SAAS_ENV=development"
+        )
     if not (port := env.get('SMTP_PORT', '587').strip()).isdigit():
         raise SaasConfigError(f"SMTP_PORT={port!r} is not a port number")
-    return SMTPMailer(host, int(port), env.get('SMTP_FROM', 'no-reply@localhost'),
-                      env.get('SMTP_USER'), env.get('SMTP_PASSWORD'))
+    return SMTPMailer(
+        host, int(port), env.get('SMTP_FROM', 'no-reply@localhost'), env.get('SMTP_USER'), env.get('SMTP_PASSWORD')
+    )
 
 # %% ../nbs/90_app.ipynb #a409d7b6
-PAGES = dict(auth=AuthPages, account=AccountPages, tenants=TenantPages, team=TeamPages, invitations=InvitationPages,
-             api_keys=ApiKeyPages, billing=BillingPages, admin=AdminPages)   # the page groups `setup_saas` mounts
+PAGES = dict(
+    auth=AuthPages,
+    account=AccountPages,
+    tenants=TenantPages,
+    team=TeamPages,
+    invitations=InvitationPages,
+    api_keys=ApiKeyPages,
+    billing=BillingPages,
+    admin=AdminPages,
+)  # the page groups `setup_saas` mounts
 
 _log = logging.getLogger(__name__)
 PUBLIC_PATHS = [r'/_fh_saas/static/.*', r'/pricing', r'/api/openapi\.json', r'/api/docs']
-TENANTLESS_PATHS = (r'/tenants.*', r'/account.*', r'/logout', r'/admin.*')   # signed in, but no current tenant needed
+TENANTLESS_PATHS = (r'/tenants.*', r'/account.*', r'/logout', r'/admin.*')  # signed in, but no current tenant needed
+
 
 def api_rate_limit_from_env(env=None) -> RateLimit:
     "`FH_SAAS_API_RATE_LIMIT` as `calls/seconds` (default `600/60`): each tenant's API keys of one mode share it."
@@ -69,91 +81,137 @@ def api_rate_limit_from_env(env=None) -> RateLimit:
         raise SaasConfigError(f"FH_SAAS_API_RATE_LIMIT={value!r}: use calls/seconds, e.g. 600/60")
     return RateLimit(int(calls), int(seconds))
 
+
 def max_body_from_env(env=None) -> int:
     "`FH_SAAS_MAX_BODY`: the largest request body in bytes (default 64 KiB); the Stripe webhook keeps its own limit."
     value = (os.environ if env is None else env).get('FH_SAAS_MAX_BODY', str(DEFAULT_MAX_BODY)).strip()
     if not value.isdigit() or int(value) < 1024:
-        raise SaasConfigError(f"FH_SAAS_MAX_BODY={value!r}: use a number of bytes, at least 1024 "
-                              f"(default {DEFAULT_MAX_BODY})")
+        raise SaasConfigError(
+            f"FH_SAAS_MAX_BODY={value!r}: use a number of bytes, at least 1024 (default {DEFAULT_MAX_BODY})"
+        )
     return int(value)
+
 
 def _install_middleware(app, saas: Saas, max_body: int | None, csp: dict | None):
     "Release tenant pins, bound and check every request's input, add the security headers (the last runs first)."
-    try: csp_policy(csp)
-    except ValueError as e: raise SaasConfigError(str(e)) from None
+    try:
+        csp_policy(csp)
+    except ValueError as e:
+        raise SaasConfigError(str(e)) from None
     app.add_middleware(ReleasePins)
     app.add_middleware(InputGuard, max_body=max_body or max_body_from_env())
     app.add_middleware(SecurityHeaders, csp=csp, hsts=saas.secure)
 
+
 def _master_key_set():
     "Refuse to start without a usable master key, saying what to set."
-    try: secret_key()
-    except ValueError as e: raise SaasConfigError(str(e)) from None
+    try:
+        secret_key()
+    except ValueError as e:
+        raise SaasConfigError(str(e)) from None
+
 
 def _add_webhook(app, saas: Saas, secrets, roles: Roles):
-    "The Stripe webhook; a failed invoice payment it records is mailed to the tenant's owners."
+    "The Stripe webhook (`secrets`, else `STRIPE_WEBHOOK_SECRET`, else none); failed payments are mailed to owners."
+    if secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'):
+        secrets = webhook_secrets_from_env()
+    if not secrets:
+        return
     after = payment_failed_mail(saas.host_db, saas.mailer, saas.url('/billing'), saas.mail, roles.owner)
     add_stripe_webhook(app, saas.host_db, secrets, after=after)
 
-def setup_saas(app,                                 # the FastHTML app to mount the kit on
-               host_db: HostDatabase | None = None,  # default: `HostDatabase.from_env()` (the `DB_*` variables)
-               *,
-               sessions: SessionManager | None = None,  # default: server-side sessions under `FH_SAAS_SECRET_KEY`
-               router: TenantRouter | None = None,   # default: one within `FH_SAAS_TENANT_CONN_BUDGET`
-               mailer: Mailer | None = None,         # default: SMTP from `SMTP_*`; the outbox page in development
-               stripe=None,                          # a `StripeClient`; default: from `STRIPE_SECRET_KEY` when set
-               webhook_secrets=None,                 # Stripe signing secrets; default: `STRIPE_WEBHOOK_SECRET`
-               policy: BillingPolicy | None = None,  # grace periods and free plan; default `BillingPolicy()`
-               base_url: str | None = None,          # the site's address; default `FH_SAAS_BASE_URL`, else localhost
-               brand: str = 'fh_saas',               # the name in the top bar
-               home: str = '/',                      # where a signed-in user lands (after sign-up too)
-               app_nav=(),                           # the app's own (label, href) navigation entries
-               oauth_providers=(),                   # `OAuthProvider`s for "Sign in with ..."
-               public=(),                            # path regexes of the app that need no login
-               dev: bool | None = None,              # development mode; default: `FH_SAAS_ENV`
-               roles: Roles = DEFAULT_ROLES,         # the app's role order, least privileged first
-               api_rate_limit: RateLimit | None = None,  # per tenant and key mode; default `FH_SAAS_API_RATE_LIMIT`
-               pages: dict | None = None,            # page groups replacing those of `PAGES` (None drops one)
-               publishable=(),                       # path regexes a publishable (`pk_`) key may call
-               access=None,                          # (host_db, tenant_id) -> `Entitlements`; default a cache
-               max_body: int | None = None,          # largest request body in bytes; default `FH_SAAS_MAX_BODY`, 64 KiB
-               csp: dict | None = None,              # sources the app adds to the Content-Security-Policy, by directive
-               mail_templates: type[MailTemplates] = MailTemplates,  # the messages; a subclass words them its way
-              ) -> Saas:
+
+def _resolver(saas: Saas, policy, access, roles: Roles, api_rate_limit, publishable) -> AuthResolver:
+    "The `AuthResolver` every request goes through; entitlements come from `access`, else a cache under `policy`."
+    policy = policy or BillingPolicy()
+    if saas.dev:
+        policy = dev_policy(saas.host_db, policy)
+    return AuthResolver(
+        saas.host_db,
+        saas.sessions,
+        tenant_db=saas.router.tenant_db,
+        pin=saas.router.pin,
+        access=access or EntitlementsCache(saas.host_db, policy),
+        tenantless=TENANTLESS_PATHS,
+        unavailable=(TenantNotFound, TenantUnavailable),
+        roles=roles,
+        rate_limit=api_rate_limit or api_rate_limit_from_env(),
+        publishable=publishable,
+    )
+
+
+def _mount_pages(app, saas: Saas, resolver: AuthResolver, public, pages: dict | None, roles: Roles):
+    "The beforeware, then the page groups; in development also the outbox page and a job worker in the app."
+    dev_paths = [DEV_MAIL_PATH] if saas.dev else []
+    skip = [*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]
+    app.before = [page_before(saas.base_url), saas_beforeware(resolver, skip=skip), *listify(app.before)]
+    groups = {**PAGES, **(pages or {})}
+    app.state.pages = {k: p(saas, roles=roles).mount(app) for k, p in groups.items() if p is not None}
+    if saas.dev:
+        if isinstance(saas.mailer, DevOutbox):
+            add_dev_mail(app, saas, saas.mailer, DEV_MAIL_PATH)
+        saas.stop_jobs = serve_jobs(app, saas.host_db)
+
+
+def setup_saas(
+    app,  # the FastHTML app to mount the kit on
+    host_db: HostDatabase | None = None,  # default: `HostDatabase.from_env()` (the `DB_*` variables)
+    *,
+    sessions: SessionManager | None = None,  # default: server-side sessions under `FH_SAAS_SECRET_KEY`
+    router: TenantRouter | None = None,  # default: one within `FH_SAAS_TENANT_CONN_BUDGET`
+    mailer: Mailer | None = None,  # default: SMTP from `SMTP_*`; the outbox page in development
+    stripe=None,  # a `StripeClient`; default: from `STRIPE_SECRET_KEY` when set
+    webhook_secrets=None,  # Stripe signing secrets; default: `STRIPE_WEBHOOK_SECRET`
+    policy: BillingPolicy | None = None,  # grace periods and free plan; default `BillingPolicy()`
+    base_url: str | None = None,  # the site's address; default `FH_SAAS_BASE_URL`, else localhost
+    brand: str = 'fh_saas',  # the name in the top bar
+    home: str = '/',  # where a signed-in user lands (after sign-up too)
+    app_nav=(),  # the app's own (label, href) navigation entries
+    oauth_providers=(),  # `OAuthProvider`s for "Sign in with ..."
+    public=(),  # path regexes of the app that need no login
+    dev: bool | None = None,  # development mode; default: `FH_SAAS_ENV`
+    roles: Roles = DEFAULT_ROLES,  # the app's role order, least privileged first
+    api_rate_limit: RateLimit | None = None,  # per tenant and key mode; default `FH_SAAS_API_RATE_LIMIT`
+    pages: dict | None = None,  # page groups replacing those of `PAGES` (None drops one)
+    publishable=(),  # path regexes a publishable (`pk_`) key may call
+    access=None,  # (host_db, tenant_id) -> `Entitlements`; default a cache
+    max_body: int | None = None,  # largest request body in bytes; default `FH_SAAS_MAX_BODY`, 64 KiB
+    csp: dict | None = None,  # sources the app adds to the Content-Security-Policy, by directive
+    mail_templates: type[MailTemplates] = MailTemplates,  # the messages; a subclass words them its way
+) -> Saas:
     "Mount fh_saas on `app` and return its `Saas`; `pages` replaces groups of `PAGES` (None drops one)."
     dev = is_development() if dev is None else dev
-    _master_key_set()   # sessions, two-factor secrets and pending sign-ins, server passwords: all derive from it
-    if mailer is None: mailer = DevOutbox() if dev else mailer_from_env()
+    _master_key_set()  # sessions, two-factor secrets and pending sign-ins, server passwords: all derive from it
     base_url = base_url or os.environ.get('FH_SAAS_BASE_URL') or f"http://127.0.0.1:{os.environ.get('PORT', '5001')}"
     host_db = host_db or HostDatabase.from_env()
-    policy = policy or BillingPolicy()
-    if dev: policy = dev_policy(host_db, policy)
-    if stripe is None and os.environ.get('STRIPE_SECRET_KEY'): stripe = stripe_client_from_env()
-    saas = Saas(host_db, sessions or SessionManager.from_env(host_db), router or TenantRouter(host_db),
-                mailer, stripe, base_url, brand, home, list(app_nav), dev=dev, mail=mail_templates(brand))
-    app.state.host_db, app.state.saas = host_db, saas   # guards count quotas there, and refuse in the app's layout
+    if stripe is None and os.environ.get('STRIPE_SECRET_KEY'):
+        stripe = stripe_client_from_env()
+    saas = Saas(
+        host_db,
+        sessions or SessionManager.from_env(host_db),
+        router or TenantRouter(host_db),
+        mailer if mailer is not None else DevOutbox() if dev else mailer_from_env(),
+        stripe,
+        base_url,
+        brand,
+        home,
+        list(app_nav),
+        dev=dev,
+        mail=mail_templates(brand),
+    )
+    app.state.host_db, app.state.saas = host_db, saas  # guards count quotas there, and refuse in the app's layout
     mount_static(app)
     app.hdrs = [*static_headers(), *listify(app.hdrs)]
     add_error_pages(app, saas)
-    if webhook_secrets is None and os.environ.get('STRIPE_WEBHOOK_SECRET'): webhook_secrets = webhook_secrets_from_env()
-    if webhook_secrets: _add_webhook(app, saas, webhook_secrets, roles)
+    _add_webhook(app, saas, webhook_secrets, roles)
     if oauth_providers:
         add_oauth_routes(app, saas.sessions, list(oauth_providers), after_login=home, secure=saas.secure)
     _install_middleware(app, saas, max_body, csp)
     limit_threads(app, threads_from_env(host_db.engine))
-    for problem in check_connection_budget(host_db, saas.router.budget): _log.warning(problem)
-    resolver = AuthResolver(host_db, saas.sessions, tenant_db=saas.router.tenant_db, pin=saas.router.pin,
-                            access=access or EntitlementsCache(host_db, policy),
-                            tenantless=TENANTLESS_PATHS, unavailable=(TenantNotFound, TenantUnavailable), roles=roles,
-                            rate_limit=api_rate_limit or api_rate_limit_from_env(), publishable=publishable)
-    dev_paths = [DEV_MAIL_PATH] if dev else []
-    skip = [*DEFAULT_SKIP, *PUBLIC_PATHS, *dev_paths, *public]
-    app.before = [page_before(base_url), saas_beforeware(resolver, skip=skip), *listify(app.before)]
-    groups = {**PAGES, **(pages or {})}
-    app.state.pages = {k: p(saas, roles=roles).mount(app) for k, p in groups.items() if p is not None}
-    if dev:
-        if isinstance(mailer, DevOutbox): add_dev_mail(app, saas, mailer, DEV_MAIL_PATH)
-        saas.stop_jobs = serve_jobs(app, host_db)
+    for problem in check_connection_budget(host_db, saas.router.budget):
+        _log.warning(problem)
+    resolver = _resolver(saas, policy, access, roles, api_rate_limit, publishable)
+    _mount_pages(app, saas, resolver, public, pages, roles)
     return saas
 
 # %% ../nbs/90_app.ipynb #09c8de98
@@ -162,6 +220,7 @@ def threads_from_env(engine, env=None) -> int:
     size = getattr(engine.pool, 'size', None)
     return env_count('FH_SAAS_THREADS', size() if callable(size) else 10, minimum=1, env=env)
 
+
 def limit_threads(app, threads: int):
     "Run at most `threads` of `app`'s sync handlers and beforeware at once, from its start (the lifespan) on."
     inner = app.router.lifespan_context
@@ -169,5 +228,7 @@ def limit_threads(app, threads: int):
     @asynccontextmanager
     async def lifespan(a):
         to_thread.current_default_thread_limiter().total_tokens = threads
-        async with inner(a) as state: yield state
+        async with inner(a) as state:
+            yield state
+
     app.router.lifespan_context = lifespan

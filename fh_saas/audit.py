@@ -25,6 +25,7 @@ from .db_host import HostDatabase, HostAuditLog, register_component, audit_t
 @dataclass(frozen=True)
 class AuditContext:
     "Who is acting and from where, for every audit row written while it is bound."
+
     actor_user_id: str | None = None
     impersonator_user_id: str | None = None
     tenant_id: str | None = None
@@ -32,19 +33,25 @@ class AuditContext:
     ip_address: str | None = None
     user_agent: str | None = None
 
+
 # AuditContext is frozen, so the shared default cannot be mutated (B039 cannot tell)
 _audit_ctx: ContextVar[AuditContext] = ContextVar('fh_saas_audit_ctx', default=AuditContext())  # noqa: B039
+
 
 def current_audit_context() -> AuditContext:
     "The context bound for the current request or job."
     return _audit_ctx.get()
 
+
 @contextmanager
 def audit_context(**fields):
     "Bind `fields` (on top of the current context) for audit rows written inside the block."
     token = _audit_ctx.set(replace(_audit_ctx.get(), **fields))
-    try: yield _audit_ctx.get()
-    finally: _audit_ctx.reset(token)
+    try:
+        yield _audit_ctx.get()
+    finally:
+        _audit_ctx.reset(token)
+
 
 def bind_audit_context(**fields) -> AuditContext:
     "Bind `fields` for the rest of the current task (a request's), which ends with it: nothing to reset."
@@ -52,29 +59,46 @@ def bind_audit_context(**fields) -> AuditContext:
     return _audit_ctx.get()
 
 # %% ../nbs/05_audit.ipynb #b0f9f9f5
-_SECRET_KEY = re.compile(r'pass(word)?|secret|token|api_?key|authorization|cookie|session|signature|card|cvc|iban',
-                         re.I)
+_SECRET_KEY = re.compile(
+    r'pass(word)?|secret|token|api_?key|authorization|cookie|session|signature|card|cvc|iban', re.I
+)
+
 
 def redact(value):
     "`value` with every credential-looking key's value replaced by `'[redacted]'`, recursively."
     if isinstance(value, dict):
         return {k: '[redacted]' if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)): return [redact(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
     return value
 
 # %% ../nbs/05_audit.ipynb #8c61c05a
-_AGENT_MAX = audit_t.c.user_agent.type.length   # a longer User-Agent is kept truncated, never refused
+_AGENT_MAX = audit_t.c.user_agent.type.length  # a longer User-Agent is kept truncated, never refused
+
 
 def audit_row(event_type: str, target_id: str | None = None, details: dict | None = None, **fields) -> dict:
     "The columns of an audit row for `event_type`, for a writer that inserts it itself; `fields` override the context."
-    if not re.fullmatch(r'[a-z][a-z0-9_.]{1,63}', event_type): raise ValueError(f"bad audit event type {event_type!r}")
-    row = dict(asdict(current_audit_context()), id=gen_id(), created_at=timestamp(), event_type=event_type,
-               target_id=target_id, details=json.dumps(redact(details or {}), sort_keys=True, default=str)) | fields
-    if isinstance(agent := row.get('user_agent'), str): row['user_agent'] = agent[:_AGENT_MAX] or None
+    if not re.fullmatch(r'[a-z][a-z0-9_.]{1,63}', event_type):
+        raise ValueError(f"bad audit event type {event_type!r}")
+    row = (
+        dict(
+            asdict(current_audit_context()),
+            id=gen_id(),
+            created_at=timestamp(),
+            event_type=event_type,
+            target_id=target_id,
+            details=json.dumps(redact(details or {}), sort_keys=True, default=str),
+        )
+        | fields
+    )
+    if isinstance(agent := row.get('user_agent'), str):
+        row['user_agent'] = agent[:_AGENT_MAX] or None
     return row
 
-def audit(host_db: HostDatabase, event_type: str, target_id: str | None = None, details: dict | None = None,
-          **fields) -> HostAuditLog:
+
+def audit(
+    host_db: HostDatabase, event_type: str, target_id: str | None = None, details: dict | None = None, **fields
+) -> HostAuditLog:
     "Append an audit row for `event_type` in the current transaction; `fields` override the bound context."
     return host_db.audit_logs.insert(HostAuditLog(**audit_row(event_type, target_id, details, **fields)))
 
@@ -87,43 +111,60 @@ BEGIN
 END $$;
 """
 
+
 def _pg_guard(table: str) -> str:
     return f"""DROP TRIGGER IF EXISTS {table}_append_only ON {table};
 CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}
   FOR EACH ROW EXECUTE FUNCTION fh_saas_audit_append_only();"""
 
+
 def _sqlite_guard(table: str, op: str) -> str:
     return f"""CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table}
   BEGIN SELECT RAISE(ABORT, '{table} is append-only ({op} refused)'); END"""
 
+
 def _install_guard(table: str):
     "Upgrade step: make `table` append-only."
+
     def step(conn):
         if conn.dialect.name == 'postgresql':
             conn.execute(sa.text(_PG_GUARD_FN + _pg_guard(table)))  # text(): psycopg2 would read the '%' as a parameter
         else:
-            for op in ('UPDATE', 'DELETE'): conn.exec_driver_sql(_sqlite_guard(table, op))
+            for op in ('UPDATE', 'DELETE'):
+                conn.exec_driver_sql(_sqlite_guard(table, op))
+
     return step
 
 # %% ../nbs/05_audit.ipynb #d62f79be
 audit_metadata = sa.MetaData()
-archive_t = sa.Table('sys_audit_logs_archive', audit_metadata,
+archive_t = sa.Table(
+    'sys_audit_logs_archive',
+    audit_metadata,
     *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in audit_t.columns),
-    sa.Column('archived_at', UTCTimestamp(), nullable=False))
+    sa.Column('archived_at', UTCTimestamp(), nullable=False),
+)
 sa.Index('ix_sys_audit_logs_archive_tenant_created', archive_t.c.tenant_id, archive_t.c.created_at)
 sa.Index('ix_sys_audit_logs_archive_created', archive_t.c.created_at)
+
 
 def _archive_and_time_order(conn):
     "Upgrade step 2: guard the archive; index the log by time alone, for unfiltered pages and archival."
     _install_guard('sys_audit_logs_archive')(conn)
     conn.exec_driver_sql('CREATE INDEX IF NOT EXISTS ix_sys_audit_logs_created ON sys_audit_logs (created_at)')
 
-audit_component = register_component(HostComponent('audit', audit_metadata, 2, [archive_t],
-    steps={1: _install_guard('sys_audit_logs'), 2: _archive_and_time_order}))
+
+audit_component = register_component(
+    HostComponent(
+        'audit', audit_metadata, 2, [archive_t], steps={1: _install_guard('sys_audit_logs'), 2: _archive_and_time_order}
+    )
+)
+
 
 def _cutoff(older_than) -> str:
-    if isinstance(older_than, timedelta): return timestamp(utcnow() - older_than)
+    if isinstance(older_than, timedelta):
+        return timestamp(utcnow() - older_than)
     return timestamp(as_utc(older_than))
+
 
 def archive_audit_logs(host_db: HostDatabase, older_than: datetime | str | timedelta) -> int:
     "Move audit rows created before `older_than` (an instant, or an age) to the archive; the number moved."
@@ -141,7 +182,8 @@ def archive_audit_logs(host_db: HostDatabase, older_than: datetime | str | timed
         rows = sa.select(*audit_t.columns, sa.literal(now, UTCTimestamp())).where(old)
         n = conn.execute(archive_t.insert().from_select([*cols, 'archived_at'], rows)).rowcount
         deleted = conn.execute(sa.delete(audit_t).where(old)).rowcount
-        if deleted != n: raise RuntimeError(f"archived {n} audit rows but deleted {deleted}: rolled back")
+        if deleted != n:
+            raise RuntimeError(f"archived {n} audit rows but deleted {deleted}: rolled back")
         conn.exec_driver_sql(_sqlite_guard('sys_audit_logs', 'DELETE'))
         return n
 
@@ -150,31 +192,56 @@ def audit_cursor(row: HostAuditLog) -> str:
     "An opaque position after `row`, for `audit_events(before=...)`."
     return f"{row.created_at}|{row.id}"
 
+
 def _parse_cursor(cursor: str) -> tuple[str, str]:
     created, _, row_id = str(cursor).partition('|')
-    try: created = timestamp(as_utc(created))
-    except (TypeError, ValueError): raise ValueError(f"bad audit cursor {cursor!r}") from None
-    if not re.fullmatch(r'[0-9A-Za-z_-]{1,64}', row_id): raise ValueError(f"bad audit cursor {cursor!r}")
+    try:
+        created = timestamp(as_utc(created))
+    except (TypeError, ValueError):
+        raise ValueError(f"bad audit cursor {cursor!r}") from None
+    if not re.fullmatch(r'[0-9A-Za-z_-]{1,64}', row_id):
+        raise ValueError(f"bad audit cursor {cursor!r}")
     return created, row_id
 
-def audit_events(host_db: HostDatabase, tenant_id: str | None = None, actor: str | None = None,
-                 event_type: str | None = None, since: datetime | str | None = None,
-                 until: datetime | str | None = None, limit: int = 100, before: str | None = None,
-                 archived: bool = False) -> list[HostAuditLog]:
+
+def audit_events(
+    host_db: HostDatabase,
+    tenant_id: str | None = None,
+    actor: str | None = None,
+    event_type: str | None = None,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    limit: int = 100,
+    before: str | None = None,
+    archived: bool = False,
+) -> list[HostAuditLog]:
     "Audit rows matching every given filter, newest first, at most `limit`, after the `before` cursor."
-    if not 1 <= limit <= 1000: raise ValueError("limit must be between 1 and 1000")
+    if not 1 <= limit <= 1000:
+        raise ValueError("limit must be between 1 and 1000")
     t = archive_t if archived else audit_t
     c, conds = t.c, []
-    if tenant_id is not None: conds.append(c.tenant_id == tenant_id)
-    if actor is not None: conds.append(c.actor_user_id == actor)
+    if tenant_id is not None:
+        conds.append(c.tenant_id == tenant_id)
+    if actor is not None:
+        conds.append(c.actor_user_id == actor)
     if event_type is not None:
-        conds.append(c.event_type.startswith(event_type, autoescape=True) if event_type.endswith('.')
-                     else c.event_type == event_type)
-    if since is not None: conds.append(c.created_at >= timestamp(as_utc(since)))
-    if until is not None: conds.append(c.created_at < timestamp(as_utc(until)))
+        conds.append(
+            c.event_type.startswith(event_type, autoescape=True)
+            if event_type.endswith('.')
+            else c.event_type == event_type
+        )
+    if since is not None:
+        conds.append(c.created_at >= timestamp(as_utc(since)))
+    if until is not None:
+        conds.append(c.created_at < timestamp(as_utc(until)))
     if before is not None:
         at, row_id = _parse_cursor(before)
         conds.append(sa.or_(c.created_at < at, sa.and_(c.created_at == at, c.id < row_id)))
-    q = (sa.select(*(c[col.name] for col in audit_t.columns)).where(*conds)
-         .order_by(c.created_at.desc(), c.id.desc()).limit(limit))
-    with host_db.transaction() as conn: return [HostAuditLog(**r._mapping) for r in conn.execute(q)]
+    q = (
+        sa.select(*(c[col.name] for col in audit_t.columns))
+        .where(*conds)
+        .order_by(c.created_at.desc(), c.id.desc())
+        .limit(limit)
+    )
+    with host_db.transaction() as conn:
+        return [HostAuditLog(**r._mapping) for r in conn.execute(q)]

@@ -33,6 +33,7 @@ from .two_factor import tenant_two_factor_t, two_factor_t
 class AuthContext:
     """Who is asking, in which tenant, with what role, the tenant database to use, and billing's verdict with the
     entitlements it grants."""
+
     user: GlobalUser
     tenant_id: str | None = None
     tenant: TenantCatalog | None = None
@@ -52,17 +53,32 @@ class AuthContext:
         "Whether the current role is `minimum` or above."
         return self.roles.at_least(self.role, minimum)
 
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a request was refused: `kind` is unauthenticated, no_tenant, forbidden, payment_required, rate_limited,
     unavailable or two_factor_required."""
-    kind: str; detail: str; retry_after: int | None = None
+
+    kind: str
+    detail: str
+    retry_after: int | None = None
 
 # %% ../nbs/28_beforeware.ipynb #4774a79c
-DEFAULT_SKIP = [r'/login(/two-factor)?', r'/signup', r'/password-reset(/.*)?', r'/verify-email/.*', r'/invitations/.*',
-                r'/auth/oauth/.*', r'/stripe/webhook', r'/webhooks/.*', r'/static/.*', r'/favicon\.ico',
-                r'/health']
+DEFAULT_SKIP = [
+    r'/login(/two-factor)?',
+    r'/signup',
+    r'/password-reset(/.*)?',
+    r'/verify-email/.*',
+    r'/invitations/.*',
+    r'/auth/oauth/.*',
+    r'/stripe/webhook',
+    r'/webhooks/.*',
+    r'/static/.*',
+    r'/favicon\.ico',
+    r'/health',
+]
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{8,64}')
+
 
 def _identity_queries():
     """The two selects of a request's identity, each one statement: from a session (its user, impersonator,
@@ -70,73 +86,106 @@ def _identity_queries():
     and its tenant)."""
     u, imp, m, t, srv, s = users_t, users_t.alias('imp'), memberships_t, tenants_t, db_servers_t, sessions_t
     f, rule = two_factor_t, tenant_two_factor_t
-    lacks_two_factor = sa.and_(sa.exists().where(rule.c.tenant_id == t.c.id),   # the tenant's rule, unmet by the user
-                               ~sa.exists().where(f.c.user_id == u.c.id, f.c.secret.isnot(None)))
-    cols = [*(c.label(p + c.name) for p, tbl in (('u_', u), ('i_', imp), ('m_', m), ('t_', t)) for c in tbl.c),
-            srv.c.host.label('r_host'), srv.c.port.label('r_port'), lacks_two_factor.label('x_lacks_two_factor')]
+    lacks_two_factor = sa.and_(
+        sa.exists().where(rule.c.tenant_id == t.c.id),  # the tenant's rule, unmet by the user
+        ~sa.exists().where(f.c.user_id == u.c.id, f.c.secret.isnot(None)),
+    )
+    cols = [
+        *(c.label(p + c.name) for p, tbl in (('u_', u), ('i_', imp), ('m_', m), ('t_', t)) for c in tbl.c),
+        srv.c.host.label('r_host'),
+        srv.c.port.label('r_port'),
+        lacks_two_factor.label('x_lacks_two_factor'),
+    ]
+
     def rest(users, user_id, tenant_id, imp_id):
-        return (users.outerjoin(imp, imp.c.id == imp_id)
-                .outerjoin(m, sa.and_(m.c.user_id == user_id, m.c.tenant_id == tenant_id))
-                .outerjoin(t, t.c.id == tenant_id).outerjoin(srv, srv.c.id == t.c.server_id))
+        return (
+            users.outerjoin(imp, imp.c.id == imp_id)
+            .outerjoin(m, sa.and_(m.c.user_id == user_id, m.c.tenant_id == tenant_id))
+            .outerjoin(t, t.c.id == tenant_id)
+            .outerjoin(srv, srv.c.id == t.c.server_id)
+        )
+
     by_session = sa.select(*(c.label('s_' + c.name) for c in s.c), *cols).select_from(
-        rest(s.join(u, u.c.id == s.c.user_id), s.c.user_id, s.c.tenant_id, s.c.impersonator_user_id))
+        rest(s.join(u, u.c.id == s.c.user_id), s.c.user_id, s.c.tenant_id, s.c.impersonator_user_id)
+    )
     k = api_keys_t
-    by_key = sa.select(*(c.label('k_' + c.name) for c in k.c), *cols).select_from(
-        rest(k.join(u, u.c.id == k.c.created_by), k.c.created_by, k.c.tenant_id, sa.null())
-    ).where(k.c.key_id == sa.bindparam('kid'))
+    by_key = (
+        sa.select(*(c.label('k_' + c.name) for c in k.c), *cols)
+        .select_from(rest(k.join(u, u.c.id == k.c.created_by), k.c.created_by, k.c.tenant_id, sa.null()))
+        .where(k.c.key_id == sa.bindparam('kid'))
+    )
     return by_session, by_key
+
 
 def _part(row, prefix: str, cls, key: str = 'id'):
     "The `cls` made of `row`'s columns named `prefix`+field; None when its outer join matched nothing."
-    if row[prefix + key] is None: return None
+    if row[prefix + key] is None:
+        return None
     return cls(**{f.name: row[prefix + f.name] for f in fields(cls)})
 
-PINS = 'fh_saas.pins'   # the request scope's list of tenant pins, made and released by `ReleasePins`
+
+PINS = 'fh_saas.pins'  # the request scope's list of tenant pins, made and released by `ReleasePins`
+
 
 class ReleasePins:
     """ASGI middleware: the tenants a request pinned (`AuthResolver(pin=...)`) are released once its response has
     been sent, so a tenant is not evicted between the beforeware and the handler. `setup_saas` installs it."""
-    def __init__(self, app): self.app = app
+
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
         scope[PINS] = pins = []
-        try: await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
         finally:
-            for pin in pins: pin.release()
+            for pin in pins:
+                pin.release()
+
 
 def _has_parameter(f, name: str) -> bool:
     "Whether callable `f` takes a parameter `name` (False for builtins, whose signature is unknown)."
-    try: return f is not None and name in inspect.signature(f).parameters
-    except (TypeError, ValueError): return False
+    try:
+        return f is not None and name in inspect.signature(f).parameters
+    except (TypeError, ValueError):
+        return False
+
 
 def _catalog(row) -> dict:
     "The routing facts of the row's tenant, as `catalog_entry` reads them, so the router need not read them again."
     return {**{name: row['t_' + name] for name in CATALOG_TENANT_FIELDS}, 'host': row['r_host'], 'port': row['r_port']}
 
+
 def _tenant_usable(t: TenantCatalog | None) -> bool:
     return t is not None and t.status == 'active' and t.deleted_at is None
 
+
 class AuthResolver:
     "Turn a request into an `AuthContext` or a `Refusal`, reading every fact from the host database."
-    def __init__(self, host_db: HostDatabase,  # users, memberships, tenants and keys are read here
-                 sessions: SessionManager,      # what a session cookie is checked against
-                 tenant_db: Callable[[str], Any] | None = None,  # tenant id -> its database (`TenantRouter.tenant_db`)
-                 access: Callable[[HostDatabase, str], Any] | None = None,  # (host_db, tenant) -> `Entitlements`
-                 *,
-                 tenantless=(r'/tenants.*', r'/account.*', r'/logout'),  # paths that need a user but no tenant
-                 access_exempt=(r'/billing.*',),  # paths open to a tenant that billing refuses (to pay)
-                 api=(r'/api/.*',),             # paths whose refusals are JSON even without a key
-                 publishable=(),                # paths a publishable (`pk_`) key may call
-                 rate_limit: RateLimit | None = None,  # API calls per tenant and key mode; None: unlimited
-                 unavailable: tuple[type[Exception], ...] = (),  # `tenant_db` errors that mean "try again" (503)
-                 roles: Roles = DEFAULT_ROLES,  # the app's role order, put on every `AuthContext`
-                 pin: Callable | None = None):  # tenant id -> a pin with a `db` (`TenantRouter.pin`), see `ReleasePins`
+
+    def __init__(
+        self,
+        host_db: HostDatabase,  # users, memberships, tenants and keys are read here
+        sessions: SessionManager,  # what a session cookie is checked against
+        tenant_db: Callable[[str], Any] | None = None,  # tenant id -> its database (`TenantRouter.tenant_db`)
+        access: Callable[[HostDatabase, str], Any] | None = None,  # (host_db, tenant) -> `Entitlements`
+        *,
+        tenantless=(r'/tenants.*', r'/account.*', r'/logout'),  # paths that need a user but no tenant
+        access_exempt=(r'/billing.*',),  # paths open to a tenant that billing refuses (to pay)
+        api=(r'/api/.*',),  # paths whose refusals are JSON even without a key
+        publishable=(),  # paths a publishable (`pk_`) key may call
+        rate_limit: RateLimit | None = None,  # API calls per tenant and key mode; None: unlimited
+        unavailable: tuple[type[Exception], ...] = (),  # `tenant_db` errors that mean "try again" (503)
+        roles: Roles = DEFAULT_ROLES,  # the app's role order, put on every `AuthContext`
+        pin: Callable | None = None,
+    ):  # tenant id -> a pin with a `db` (`TenantRouter.pin`), see `ReleasePins`
         self.host_db, self.sessions, self.tenant_db, self.access = host_db, sessions, tenant_db, access
         self.tenantless, self.access_exempt, self.api, self.publishable = tenantless, access_exempt, api, publishable
         self.rate_limit, self.unavailable, self.roles = rate_limit, unavailable, roles
         self.pin, self._takes_catalog = pin, _has_parameter(pin or tenant_db, 'catalog')
-        self._queries = None   # built at the first request, once the app has added its own host columns
+        self._queries = None  # built at the first request, once the app has added its own host columns
 
     def is_api(self, req) -> bool:
         "Whether `req` is an API call (it carries an API key, or its path is an API path)."
@@ -144,14 +193,17 @@ class AuthResolver:
 
     def _identity(self, req):
         "`(key, session, identity row)` of the request (one of key and session is None), or a `Refusal`."
-        if self._queries is None: self._queries = _identity_queries()
-        if (raw_key := api_key_from_headers(req.headers)) is not None: return self._key_identity(req, raw_key)
+        if self._queries is None:
+            self._queries = _identity_queries()
+        if (raw_key := api_key_from_headers(req.headers)) is not None:
+            return self._key_identity(req, raw_key)
         if (h := self.sessions.id_hash(req.cookies.get(self.sessions.cookie_name))) is None:
             return Refusal('unauthenticated', 'not logged in')
         now = self.sessions.clock()
-        with self.host_db.one_statement() as conn:   # a read, and at most once a minute a write: each atomic alone
+        with self.host_db.one_statement() as conn:  # a read, and at most once a minute a write: each atomic alone
             row = conn.execute(self._queries[0].where(*self.sessions.live(h, now))).mappings().first()
-            if row is None: return Refusal('unauthenticated', 'not logged in')
+            if row is None:
+                return Refusal('unauthenticated', 'not logged in')
             session = _part(row, 's_', SessionRecord, key='id_hash')
             self.sessions.touch(conn, dict(id_hash=h, last_seen_at=session.last_seen_at), now)
         return None, session, row
@@ -159,11 +211,13 @@ class AuthResolver:
     def _key_identity(self, req, raw_key: str):
         "The API key's record and identity row, read and checked in one statement, or a `Refusal`."
         refused = Refusal('unauthenticated', 'invalid or revoked API key')
-        if (p := parse_api_key(raw_key)) is None: return refused
+        if (p := parse_api_key(raw_key)) is None:
+            return refused
         with self.host_db.one_statement() as conn:
             row = conn.execute(self._queries[1], dict(kid=p.key_id)).mappings().first()
             stored = row and {c.name: row['k_' + c.name] for c in api_keys_t.c}
-            if not key_matches(stored, p): return refused
+            if not key_matches(stored, p):
+                return refused
             touch_key(conn, stored, utcnow())
         key = key_record(stored)
         if key.kind == 'publishable' and not any(re.fullmatch(pat, req.url.path) for pat in self.publishable):
@@ -173,18 +227,31 @@ class AuthResolver:
     def resolve(self, req) -> AuthContext | Refusal:
         """The request's `AuthContext`, or why it is refused: its identity in one host query (from a session or a key),
         then the entitlements (`access`, cached per change by billing's default) and the tenant's database."""
-        if isinstance(found := self._identity(req), Refusal): return found
+        if isinstance(found := self._identity(req), Refusal):
+            return found
         key, session, row = found
         user, impersonator = _part(row, 'u_', GlobalUser), _part(row, 'i_', GlobalUser)
-        if not (user and user.is_active) or (session and session.impersonator_user_id and not (
-                impersonator and impersonator.is_active and impersonator.is_sys_admin)):
+        if not (user and user.is_active) or (
+            session
+            and session.impersonator_user_id
+            and not (impersonator and impersonator.is_active and impersonator.is_sys_admin)
+        ):
             return Refusal('unauthenticated', 'this account is disabled')
-        base = dict(user=user, impersonator=impersonator, session=session, roles=self.roles,
-                    api_key_id=key and key.key_id, mode=key and key.mode)
+        base = dict(
+            user=user,
+            impersonator=impersonator,
+            session=session,
+            roles=self.roles,
+            api_key_id=key and key.key_id,
+            mode=key and key.mode,
+        )
         if any(re.fullmatch(p, req.url.path) for p in self.tenantless):
             # a key acts inside its own tenant: the user's other tenants and account are not its business
-            if key is not None: return Refusal('forbidden', 'an API key works only inside its own tenant; this page '
-                                                            "is about a user's account and tenants")
+            if key is not None:
+                return Refusal(
+                    'forbidden',
+                    'an API key works only inside its own tenant; this page is about a user\'s account and tenants',
+                )
             return AuthContext(**base)
         if (tenant_id := key.tenant_id if key else session.tenant_id) is None:
             return Refusal('no_tenant', 'choose a tenant first')
@@ -193,21 +260,34 @@ class AuthResolver:
     def _in_tenant(self, req, base: dict, key, tenant_id: str, row) -> AuthContext | Refusal:
         "The rest for a tenant: membership, tenant status, billing's verdict, the API rate limit, its database."
         path, m, tenant = req.url.path, _part(row, 'm_', Membership), _part(row, 't_', TenantCatalog)
-        if not (m and m.is_active): return Refusal('forbidden', 'you are not a member of this tenant')
-        if not _tenant_usable(tenant): return Refusal('forbidden', 'this tenant is not active')
-        if key is None and row['x_lacks_two_factor']:   # a person without it; API keys are not people
+        if not (m and m.is_active):
+            return Refusal('forbidden', 'you are not a member of this tenant')
+        if not _tenant_usable(tenant):
+            return Refusal('forbidden', 'this tenant is not active')
+        if key is None and row['x_lacks_two_factor']:  # a person without it; API keys are not people
             return Refusal('two_factor_required', 'this tenant requires two-factor sign-in')
         ents = None if self.access is None else self.access(self.host_db, tenant_id)
         if ents is not None and not ents.access.allowed and not any(re.fullmatch(p, path) for p in self.access_exempt):
             return Refusal('payment_required', ents.access.reason or f'subscription is {ents.access.state}')
         if key is not None and self.rate_limit is not None:
             rl = hit(self.host_db, f'api:{tenant_id}:{key.mode}', self.rate_limit)
-            if not rl.allowed: return Refusal('rate_limited', 'rate limit exceeded', rl.retry_after)
+            if not rl.allowed:
+                return Refusal('rate_limited', 'rate limit exceeded', rl.retry_after)
         kw = dict(catalog=_catalog(row)) if self._takes_catalog else {}
-        try: db = self._database(req, tenant_id, kw)
-        except self.unavailable: return Refusal('unavailable', 'the tenant database is unavailable; try again shortly')
-        return AuthContext(**base, tenant_id=tenant_id, tenant=tenant, membership=m, role=m.role, db=db,
-                           access=None if ents is None else ents.access, entitlements=ents)
+        try:
+            db = self._database(req, tenant_id, kw)
+        except self.unavailable:
+            return Refusal('unavailable', 'the tenant database is unavailable; try again shortly')
+        return AuthContext(
+            **base,
+            tenant_id=tenant_id,
+            tenant=tenant,
+            membership=m,
+            role=m.role,
+            db=db,
+            access=None if ents is None else ents.access,
+            entitlements=ents,
+        )
 
     def _database(self, req, tenant_id: str, kw: dict):
         "The tenant's database: pinned for the rest of the request when the app releases pins, else from `tenant_db`."
@@ -217,30 +297,46 @@ class AuthResolver:
         return self.tenant_db(tenant_id, **kw) if self.tenant_db else None
 
 # %% ../nbs/28_beforeware.ipynb #f4e0ee4e
-_STATUS = dict(unauthenticated=401, no_tenant=403, forbidden=403, payment_required=402, rate_limited=429,
-               unavailable=503, two_factor_required=403)
+_STATUS = dict(
+    unauthenticated=401,
+    no_tenant=403,
+    forbidden=403,
+    payment_required=402,
+    rate_limited=429,
+    unavailable=503,
+    two_factor_required=403,
+)
 
-def refusal_response(r: Refusal, req, api: bool, login_path='/login', tenants_path='/tenants',
-                     billing_path='/billing') -> Response:
+
+def refusal_response(
+    r: Refusal, req, api: bool, login_path='/login', tenants_path='/tenants', billing_path='/billing'
+) -> Response:
     "The response for a refused request: JSON for API calls, `HX-Redirect` for htmx, else a 303 redirect."
     status = _STATUS[r.kind]
     headers = {'Retry-After': str(r.retry_after)} if r.retry_after else {}
     if api:
-        if status == 401: headers['WWW-Authenticate'] = 'Bearer'
+        if status == 401:
+            headers['WWW-Authenticate'] = 'Bearer'
         return JSONResponse(dict(error=dict(code=r.kind, message=r.detail)), status, headers=headers)
     if r.kind in ('unavailable', 'rate_limited'):
         return Response(r.detail, status, headers=headers, media_type='text/plain')
     # '//evil.com' must stay a local path
-    if r.kind == 'unauthenticated': loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"
-    elif r.kind == 'two_factor_required': loc = '/account?done=two_factor_required'
-    else: loc = billing_path if r.kind == 'payment_required' else tenants_path
-    if req.headers.get('hx-request') == 'true': return Response(status_code=200, headers={'HX-Redirect': loc})
+    if r.kind == 'unauthenticated':
+        loc = f"{login_path}?next={quote('/' + req.url.path.lstrip('/'))}"
+    elif r.kind == 'two_factor_required':
+        loc = '/account?done=two_factor_required'
+    else:
+        loc = billing_path if r.kind == 'payment_required' else tenants_path
+    if req.headers.get('hx-request') == 'true':
+        return Response(status_code=200, headers={'HX-Redirect': loc})
     return RedirectResponse(loc, 303)
 
 # %% ../nbs/28_beforeware.ipynb #5c4fd5ad
-def saas_beforeware(resolver: AuthResolver, skip=DEFAULT_SKIP, login_path='/login', tenants_path='/tenants',
-                    billing_path='/billing') -> Beforeware:
+def saas_beforeware(
+    resolver: AuthResolver, skip=DEFAULT_SKIP, login_path='/login', tenants_path='/tenants', billing_path='/billing'
+) -> Beforeware:
     "FastHTML `Beforeware` putting an `AuthContext` on `req.scope['auth']` and binding the audit context, or refusing."
+
     async def before(req):
         res = await run_in_threadpool(resolver.resolve, req)
         if isinstance(res, Refusal):
@@ -249,8 +345,13 @@ def saas_beforeware(resolver: AuthResolver, skip=DEFAULT_SKIP, login_path='/logi
         res = replace(res, request_id=rid if _REQUEST_ID.fullmatch(rid) else gen_id())
         req.scope['auth'] = res
         actor = res.user.id if res.api_key_id is None else f'apikey:{res.api_key_id}'
-        bind_audit_context(actor_user_id=actor, impersonator_user_id=res.impersonator and res.impersonator.id,
-                           tenant_id=res.tenant_id, request_id=res.request_id,
-                           ip_address=req.client and req.client.host,
-                           user_agent=(req.headers.get('user-agent') or '')[:512] or None)
+        bind_audit_context(
+            actor_user_id=actor,
+            impersonator_user_id=res.impersonator and res.impersonator.id,
+            tenant_id=res.tenant_id,
+            request_id=res.request_id,
+            ip_address=req.client and req.client.host,
+            user_agent=(req.headers.get('user-agent') or '')[:512] or None,
+        )
+
     return Beforeware(before, skip=skip)

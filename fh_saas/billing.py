@@ -38,19 +38,43 @@ from .guards import route_guard
 class PlanError(ValueError):
     "A plan definition was refused; nothing was written."
 
+
 _PLAN_ID = re.compile(r'[a-z0-9][a-z0-9_-]{0,63}')
 _KEY = re.compile(r'[a-z][a-z0-9_.:-]{0,63}')
 _PRICE_ID = re.compile(r'price_\w{1,200}', re.ASCII)
 _CURRENCY = re.compile(r'[a-z]{3}')
-_PLAN_DEFAULTS = dict(description=None, stripe_price_monthly=None, stripe_price_yearly=None, amount_monthly=None,
-                      amount_yearly=None, currency='usd', trial_days=30, features=[], quotas={}, tier_level=1,
-                      is_active=True, sort_order=0)
+_PLAN_DEFAULTS = dict(
+    description=None,
+    stripe_price_monthly=None,
+    stripe_price_yearly=None,
+    amount_monthly=None,
+    amount_yearly=None,
+    currency='usd',
+    trial_days=30,
+    features=[],
+    quotas={},
+    tier_level=1,
+    is_active=True,
+    sort_order=0,
+)
 _PLAN_FIELDS = {'id', 'name', *_PLAN_DEFAULTS}
 
-def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
-def _is_key(v): return isinstance(v, str) and _KEY.fullmatch(v) is not None
-def _is_limit(v): return v is None or (_is_int(v) and v >= 0)
-def _is_price(v): return v is None or (isinstance(v, str) and _PRICE_ID.fullmatch(v) is not None)
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_key(v):
+    return isinstance(v, str) and _KEY.fullmatch(v) is not None
+
+
+def _is_limit(v):
+    return v is None or (_is_int(v) and v >= 0)
+
+
+def _is_price(v):
+    return v is None or (isinstance(v, str) and _PRICE_ID.fullmatch(v) is not None)
+
 
 _PLAN_CHECKS = [
     ('id', lambda v: isinstance(v, str) and _PLAN_ID.fullmatch(v), "1-64 characters of a-z, 0-9, '_', '-'"),
@@ -62,13 +86,21 @@ _PLAN_CHECKS = [
     ('amount_yearly', _is_limit, 'a non-negative integer number of cents'),
     ('currency', lambda v: isinstance(v, str) and _CURRENCY.fullmatch(v), "a three-letter ISO 4217 code such as 'usd'"),
     ('trial_days', lambda v: _is_int(v) and 0 <= v <= 730, 'an integer from 0 to 730'),
-    ('features', lambda v: isinstance(v, (list, tuple)) and all(map(_is_key, v)) and len(set(v)) == len(v),
-     'a list of distinct feature keys (a-z, 0-9, _ . : -)'),
-    ('quotas', lambda v: isinstance(v, dict) and all(_is_key(k) and _is_limit(n) for k, n in v.items()),
-     'an object of quota key -> non-negative integer limit or null'),
+    (
+        'features',
+        lambda v: isinstance(v, (list, tuple)) and all(map(_is_key, v)) and len(set(v)) == len(v),
+        'a list of distinct feature keys (a-z, 0-9, _ . : -)',
+    ),
+    (
+        'quotas',
+        lambda v: isinstance(v, dict) and all(_is_key(k) and _is_limit(n) for k, n in v.items()),
+        'an object of quota key -> non-negative integer limit or null',
+    ),
     ('tier_level', _is_int, 'an integer'),
     ('sort_order', _is_int, 'an integer'),
-    ('is_active', lambda v: isinstance(v, bool), 'true or false')]
+    ('is_active', lambda v: isinstance(v, bool), 'true or false'),
+]
+
 
 def _plan_dict(plan) -> dict:
     "`plan` as a plain dict of the fields it sets; JSON text in `features`/`quotas` is decoded."
@@ -76,22 +108,28 @@ def _plan_dict(plan) -> dict:
     p = {k: v for k, v in p.items() if v is not UNSET and k not in ('created_at', 'updated_at')}
     for k in ('features', 'quotas'):
         if isinstance(p.get(k), str):
-            try: p[k] = json.loads(p[k])
-            except ValueError: pass
-    if isinstance(p.get('currency'), str): p['currency'] = p['currency'].lower()
+            try:
+                p[k] = json.loads(p[k])
+            except ValueError:
+                pass
+    if isinstance(p.get('currency'), str):
+        p['currency'] = p['currency'].lower()
     return p
+
 
 def validate_plan(plan) -> dict:
     "The `core_pricing_plans` row for `plan` (a dict or `PricingPlan`); `PlanError` names every problem."
     p = _plan_dict(plan)
     label = f"plan {p['id']!r}" if isinstance(p.get('id'), str) else 'plan'
-    if unknown := sorted(set(p) - _PLAN_FIELDS): raise PlanError(f"{label}: unknown field(s): {', '.join(unknown)}")
+    if unknown := sorted(set(p) - _PLAN_FIELDS):
+        raise PlanError(f"{label}: unknown field(s): {', '.join(unknown)}")
     p = {**_PLAN_DEFAULTS, **p}
     errs = [f"{k} must be {want}, got {p.get(k)!r}" for k, ok, want in _PLAN_CHECKS if not ok(p.get(k))]
     for period in ('monthly', 'yearly'):
         if p[f'stripe_price_{period}'] is not None and p[f'amount_{period}'] is None:
             errs.append(f"amount_{period} is required with stripe_price_{period}")
-    if errs: raise PlanError(f"{label}: " + '; '.join(errs))
+    if errs:
+        raise PlanError(f"{label}: " + '; '.join(errs))
     return {**p, 'features': json.dumps(list(p['features'])), 'quotas': json.dumps(p['quotas'], sort_keys=True)}
 
 # %% ../nbs/30_billing.ipynb #1214030b
@@ -99,30 +137,47 @@ def seed_plans(host_db, plans, retire_missing: bool = False) -> list[str]:
     "Insert or update `plans` (dicts or `PricingPlan`s) by id; the ids of the plans written."
     rows = [validate_plan(p) for p in plans]
     ids = [r['id'] for r in rows]
-    if dups := sorted({i for i in ids if ids.count(i) > 1}): raise PlanError(f"duplicate plan id(s): {', '.join(dups)}")
+    if dups := sorted({i for i in ids if ids.count(i) > 1}):
+        raise PlanError(f"duplicate plan id(s): {', '.join(dups)}")
     now, written = timestamp(), []
     with host_db.transaction() as conn:
         for row in rows:
             ins = dialect_insert(conn, plans_t).values(**row, created_at=now)
             cols = [c for c in row if c != 'id']
-            ins = ins.on_conflict_do_update(index_elements=[plans_t.c.id],
+            ins = ins.on_conflict_do_update(
+                index_elements=[plans_t.c.id],
                 set_={**{c: ins.excluded[c] for c in cols}, 'updated_at': now},
-                where=sa.or_(*[plans_t.c[c].is_distinct_from(ins.excluded[c]) for c in cols]))
-            if conn.execute(ins).rowcount: written.append(row['id'])
+                where=sa.or_(*[plans_t.c[c].is_distinct_from(ins.excluded[c]) for c in cols]),
+            )
+            if conn.execute(ins).rowcount:
+                written.append(row['id'])
         if retire_missing:
-            retire = (plans_t.update().where(plans_t.c.id.not_in([r['id'] for r in rows]), plans_t.c.is_active)
-                      .values(is_active=False, updated_at=now).returning(plans_t.c.id))
+            retire = (
+                plans_t.update()
+                .where(plans_t.c.id.not_in([r['id'] for r in rows]), plans_t.c.is_active)
+                .values(is_active=False, updated_at=now)
+                .returning(plans_t.c.id)
+            )
             written += sorted(conn.execute(retire).scalars())
         if shared := _shared_prices(conn):
             raise PlanError(f"Stripe price id(s) sold by more than one plan: {', '.join(shared)}")
     return written
 
+
 def _shared_prices(conn) -> list[str]:
     "Stripe price ids claimed by more than one plan (or both periods of one): a subscription's plan would be ambiguous."
     m, y = plans_t.c.stripe_price_monthly, plans_t.c.stripe_price_yearly
     u = sa.union_all(sa.select(m.label('price')), sa.select(y.label('price'))).subquery()
-    return list(conn.execute(sa.select(u.c.price).where(u.c.price.isnot(None)).group_by(u.c.price)
-                             .having(sa.func.count() > 1).order_by(u.c.price)).scalars())
+    return list(
+        conn.execute(
+            sa.select(u.c.price)
+            .where(u.c.price.isnot(None))
+            .group_by(u.c.price)
+            .having(sa.func.count() > 1)
+            .order_by(u.c.price)
+        ).scalars()
+    )
+
 
 def active_plans(host_db) -> list[PricingPlan]:
     "The plans on sale, in pricing-page order (`sort_order`, then `tier_level`, then id)."
@@ -133,13 +188,16 @@ def active_plans(host_db) -> list[PricingPlan]:
 @dataclass(frozen=True)
 class BillingPolicy:
     "How lenient access is: the grace for overdue renewals and unconfirmed bank transfers, and an optional free plan."
+
     grace: timedelta = timedelta(days=7)
     pending_grace: timedelta = timedelta(days=14)
     free_plan: str | None = None
 
+
 @dataclass(frozen=True)
 class Access:
     "The billing verdict for one tenant at one instant."
+
     allowed: bool
     state: str
     reason: str
@@ -147,47 +205,70 @@ class Access:
     trial_end: str | None = None
     grace_until: str | None = None
 
-_REFUSED = dict(incomplete='the first payment has not completed',
-                incomplete_expired='the first payment was never completed', unpaid='invoices are unpaid',
-                paused='the subscription is paused', canceled='the subscription was canceled')
-ENDED_STATUSES = frozenset({'canceled', 'incomplete_expired'})   # over for good: no later event revives them
 
-def _now(now=None) -> datetime: return utcnow() if now is None else as_utc(now)
+_REFUSED = dict(
+    incomplete='the first payment has not completed',
+    incomplete_expired='the first payment was never completed',
+    unpaid='invoices are unpaid',
+    paused='the subscription is paused',
+    canceled='the subscription was canceled',
+)
+ENDED_STATUSES = frozenset({'canceled', 'incomplete_expired'})  # over for good: no later event revives them
+
+
+def _now(now=None) -> datetime:
+    return utcnow() if now is None else as_utc(now)
+
 
 def subscription_access(sub: dict, now, policy: BillingPolicy = BillingPolicy()) -> Access:
     "The verdict of one subscription row (with its resolved `plan_id`) at `now`; no database."
     now, status, plan = _now(now), sub.get('status'), sub.get('plan_id')
+
     def within(start, span, ok, over):
         "Allowed for `span` after `start`."
-        if start is None: return Access(False, status, f"{status} with no start time to count the grace from", plan)
+        if start is None:
+            return Access(False, status, f"{status} with no start time to count the grace from", plan)
         until = timestamp(as_utc(start) + span)
         allowed = now < as_utc(until)
-        return Access(allowed, status, f"{ok} until {until}" if allowed else f"{over} at {until}", plan,
-                      grace_until=until)
+        return Access(
+            allowed, status, f"{ok} until {until}" if allowed else f"{over} at {until}", plan, grace_until=until
+        )
+
     if status == 'trialing':
         end = sub.get('trial_end')
-        if end is None: return Access(False, status, 'the trial has no end date', plan)
+        if end is None:
+            return Access(False, status, 'the trial has no end date', plan)
         ok = now < as_utc(end)
         return Access(ok, status, f"trial {'until' if ok else 'ended at'} {end}", plan, trial_end=end)
     if status == 'active':
         end = sub.get('current_period_end')
-        if end is None or now < as_utc(end): return Access(True, status, 'active', plan)
+        if end is None or now < as_utc(end):
+            return Access(True, status, 'active', plan)
         return within(end, policy.grace, 'renewal awaited; grace', 'no renewal recorded; grace ended')
     if status == 'past_due':
-        return within(sub.get('current_period_start'), policy.grace, 'payment overdue; grace',
-                      'payment overdue; grace ended')
+        return within(
+            sub.get('current_period_start'), policy.grace, 'payment overdue; grace', 'payment overdue; grace ended'
+        )
     if status == 'pending_payment':
         ordered = max((as_utc(t) for t in (sub.get('created_at'), sub.get('current_period_start')) if t), default=None)
-        return within(ordered, policy.pending_grace, 'bank transfer awaiting confirmation; allowed',
-                      'bank transfer not confirmed; grace ended')
+        return within(
+            ordered,
+            policy.pending_grace,
+            'bank transfer awaiting confirmation; allowed',
+            'bank transfer not confirmed; grace ended',
+        )
     return Access(False, status or 'unknown', _REFUSED.get(status, f"unknown subscription status {status!r}"), plan)
+
 
 def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPolicy = BillingPolicy()) -> Access:
     "The verdict for a tenant from its catalog row and its subscription rows (newest first); no database."
-    if tenant is None: return Access(False, 'no_tenant', 'no such tenant')
-    if tenant['status'] != 'active': return Access(False, 'tenant_blocked', f"the tenant is {tenant['status']}")
+    if tenant is None:
+        return Access(False, 'no_tenant', 'no such tenant')
+    if tenant['status'] != 'active':
+        return Access(False, 'tenant_blocked', f"the tenant is {tenant['status']}")
     verdicts = [subscription_access(s, now, policy) for s in subs]
-    if ok := next((v for v in verdicts if v.allowed), None): return ok
+    if ok := next((v for v in verdicts if v.allowed), None):
+        return ok
     last = verdicts[0] if verdicts else None
     if policy.free_plan and (last is None or last.state in ENDED_STATUSES):
         return Access(True, 'free', 'free plan' + (f" ({last.reason})" if last else ''), policy.free_plan)
@@ -196,49 +277,76 @@ def decide_access(tenant: dict | None, subs: list[dict], now, policy: BillingPol
 # %% ../nbs/30_billing.ipynb #a6eb1d8a
 _PLAN_GRANTS = (plans_t.c.features, plans_t.c.quotas, plans_t.c.name.label('plan_name'), plans_t.c.currency)
 
+
 def plan_selling(price) -> sa.Select:
     "The plan selling Stripe `price` (value or column) monthly or yearly; one on sale first if prices were ever shared."
     p = plans_t.c
-    return (sa.select(plans_t).where(sa.or_(p.stripe_price_monthly == price, p.stripe_price_yearly == price))
-            .order_by(p.is_active.desc(), p.id).limit(1))
+    return (
+        sa.select(plans_t)
+        .where(sa.or_(p.stripe_price_monthly == price, p.stripe_price_yearly == price))
+        .order_by(p.is_active.desc(), p.id)
+        .limit(1)
+    )
+
 
 def _billing_query():
     "One query for a tenant's catalog row, its subscriptions newest first, each with `plan_id` and that plan's grants."
     t, s, p = tenants_t, subscriptions_t, plans_t
     by_price = plan_selling(s.c.stripe_price_id).with_only_columns(p.c.id).scalar_subquery()
-    subs = (sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id'))
-            .where(s.c.tenant_id == sa.bindparam('tid')).subquery())
-    return (sa.select(t.c.status.label('tenant_status'), subs, *_PLAN_GRANTS)
-            .select_from(t.outerjoin(subs, subs.c.tenant_id == t.c.id).outerjoin(p, p.c.id == subs.c.plan_id))
-            .where(t.c.id == sa.bindparam('tid')).order_by(subs.c.created_at.desc(), subs.c.id.desc()))
+    subs = (
+        sa.select(s, sa.func.coalesce(by_price, s.c.plan_tier).label('plan_id'))
+        .where(s.c.tenant_id == sa.bindparam('tid'))
+        .subquery()
+    )
+    return (
+        sa.select(t.c.status.label('tenant_status'), subs, *_PLAN_GRANTS)
+        .select_from(t.outerjoin(subs, subs.c.tenant_id == t.c.id).outerjoin(p, p.c.id == subs.c.plan_id))
+        .where(t.c.id == sa.bindparam('tid'))
+        .order_by(subs.c.created_at.desc(), subs.c.id.desc())
+    )
+
 
 _BILLING_QUERY = _billing_query()
+
 
 def _billing_rows(conn, tenant_id: str):
     "The tenant's catalog row (`None` if there is none) and its subscription rows, newest first."
     rows = conn.execute(_BILLING_QUERY, dict(tid=tenant_id)).mappings().all()
-    if not rows: return None, []
+    if not rows:
+        return None, []
     tenant = dict(status=rows[0]['tenant_status'])
     return tenant, [dict(r) for r in rows if r['id'] is not None]
 
+
 def access_decision(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Access:
     "May `tenant_id` use the app at `now` (default: the current time)?"
-    with host_db.transaction() as conn: return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
+    with host_db.transaction() as conn:
+        return decide_access(*_billing_rows(conn, tenant_id), _now(now), policy)
 
 # %% ../nbs/30_billing.ipynb #762ee361
 billing_metadata = sa.MetaData()
 tenants_t.to_metadata(billing_metadata)
 
+
 def _tenant_fk():
     return sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), primary_key=True)
 
-overrides_t = sa.Table('core_entitlement_overrides', billing_metadata, _tenant_fk(),
-    sa.Column('kind', sa.String(8), primary_key=True), sa.Column('key', sa.String(64), primary_key=True),
-    sa.Column('enabled', sa.Boolean), sa.Column('quota_limit', sa.BigInteger),
+
+overrides_t = sa.Table(
+    'core_entitlement_overrides',
+    billing_metadata,
+    _tenant_fk(),
+    sa.Column('kind', sa.String(8), primary_key=True),
+    sa.Column('key', sa.String(64), primary_key=True),
+    sa.Column('enabled', sa.Boolean),
+    sa.Column('quota_limit', sa.BigInteger),
     sa.Column('updated_at', UTCTimestamp(), nullable=False, default=timestamp, onupdate=timestamp),
-    sa.CheckConstraint("(kind = 'feature' AND enabled IS NOT NULL AND quota_limit IS NULL) OR "
-                       "(kind = 'quota' AND enabled IS NULL AND (quota_limit IS NULL OR quota_limit >= 0))",
-                       name='ck_core_entitlement_overrides_kind'))
+    sa.CheckConstraint(
+        "(kind = 'feature' AND enabled IS NOT NULL AND quota_limit IS NULL) OR "
+        "(kind = 'quota' AND enabled IS NULL AND (quota_limit IS NULL OR quota_limit >= 0))",
+        name='ck_core_entitlement_overrides_kind',
+    ),
+)
 
 BILLING_TABLES = ('core_subscriptions', 'core_entitlement_overrides', 'core_pricing_plans')
 
@@ -254,135 +362,198 @@ BEGIN
   RETURN NULL;
 END $$"""
 
+
 def _announce_billing_changes(conn):
     "Install the triggers that announce billing changes at commit (PostgreSQL; nothing on SQLite)."
-    if conn.dialect.name != 'postgresql': return
+    if conn.dialect.name != 'postgresql':
+        return
     conn.exec_driver_sql(_ANNOUNCE)
     row = (('core_subscriptions', 'tenant_id', 'ROW'), ('core_entitlement_overrides', 'tenant_id', 'ROW'))
     for table, arg, each in (*row, ('core_pricing_plans', '*', 'STATEMENT')):
         conn.exec_driver_sql(f'DROP TRIGGER IF EXISTS fh_saas_billing_changed ON {table}')
-        conn.exec_driver_sql(f"CREATE TRIGGER fh_saas_billing_changed AFTER INSERT OR UPDATE OR DELETE ON {table} "
-                             f"FOR EACH {each} EXECUTE FUNCTION fh_saas_billing_changed('{arg}')")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER fh_saas_billing_changed AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            f"FOR EACH {each} EXECUTE FUNCTION fh_saas_billing_changed('{arg}')"
+        )
 
-usage_t = sa.Table('core_quota_usage', billing_metadata, _tenant_fk(),
-    sa.Column('quota', sa.String(64), primary_key=True), sa.Column('period_start', UTCTimestamp(), primary_key=True),
+
+usage_t = sa.Table(
+    'core_quota_usage',
+    billing_metadata,
+    _tenant_fk(),
+    sa.Column('quota', sa.String(64), primary_key=True),
+    sa.Column('period_start', UTCTimestamp(), primary_key=True),
     sa.Column('used', sa.BigInteger, nullable=False, default=0, server_default='0'),
-    sa.CheckConstraint('used >= 0', name='ck_core_quota_usage_used'))
+    sa.CheckConstraint('used >= 0', name='ck_core_quota_usage_used'),
+)
 
-register_component(HostComponent('billing', billing_metadata, 2, [overrides_t, usage_t],
-                                  steps={2: _announce_billing_changes}))
+register_component(
+    HostComponent('billing', billing_metadata, 2, [overrides_t, usage_t], steps={2: _announce_billing_changes})
+)
 
 # %% ../nbs/30_billing.ipynb #29d45622
 @dataclass(frozen=True)
 class Entitlements:
     """What a tenant may use now: its access verdict, features and quota limits (`None`: unlimited), and what they were
     read from."""
+
     tenant_id: str
     access: Access
     features: frozenset = frozenset()
     quotas: Mapping[str, int | None] = field(default_factory=lambda: MappingProxyType({}))
-    subscription: Mapping | None = None   # the newest subscription row, with its `plan_id`
-    plan: Mapping | None = None           # `id`, `name` and `currency` of the plan `access.plan_id` names, if it exists
+    subscription: Mapping | None = None  # the newest subscription row, with its `plan_id`
+    plan: Mapping | None = None  # `id`, `name` and `currency` of the plan `access.plan_id` names, if it exists
 
-    def has(self, feature: str) -> bool: return feature in self.features
+    def has(self, feature: str) -> bool:
+        return feature in self.features
+
     def limit(self, quota: str) -> int | None:
         "The monthly limit of `quota`: 0 when not granted, `None` when unlimited."
         return self.quotas.get(quota, 0)
 
+
 def _billing_facts(conn, tenant_id: str, policy: BillingPolicy) -> tuple:
     "What a tenant's entitlements at any time are computed from: its catalog row, subscriptions, free plan, overrides."
     tenant, subs = _billing_rows(conn, tenant_id)
-    if tenant is None: return None, [], {}, []
+    if tenant is None:
+        return None, [], {}, []
     free = policy.free_plan if policy.free_plan not in {s['plan_id'] for s in subs} else None
-    plans = {} if free is None else {r['id']: r for r in conn.execute(
-        sa.select(plans_t.c.id, *_PLAN_GRANTS).where(plans_t.c.id == free)).mappings()}
+    plans = (
+        {}
+        if free is None
+        else {
+            r['id']: r
+            for r in conn.execute(sa.select(plans_t.c.id, *_PLAN_GRANTS).where(plans_t.c.id == free)).mappings()
+        }
+    )
     overrides = conn.execute(sa.select(overrides_t).where(overrides_t.c.tenant_id == tenant_id)).mappings().all()
     return tenant, subs, plans, [dict(o) for o in overrides]
+
 
 def _entitlements_at(tenant_id: str, facts: tuple, now: datetime, policy: BillingPolicy) -> Entitlements:
     "The entitlements at `now` from `_billing_facts`; no database."
     tenant, subs, plans, overrides = facts
     access = decide_access(tenant, subs, now, policy)
     grants = next((s for s in subs if s['plan_id'] == access.plan_id and s['features'] is not None), None)
-    if grants is None and access.allowed: grants = plans.get(access.plan_id)
-    read = dict(subscription=MappingProxyType(subs[0]) if subs else None,
-                plan=None if grants is None else MappingProxyType(dict(id=access.plan_id, name=grants['plan_name'],
-                                                                       currency=grants['currency'])))
-    if not access.allowed: return Entitlements(tenant_id, access, **read)
-    features, quotas = ((set(json.loads(grants['features'])), json.loads(grants['quotas'])) if grants is not None
-                        else (set(), {}))
+    if grants is None and access.allowed:
+        grants = plans.get(access.plan_id)
+    read = dict(
+        subscription=MappingProxyType(subs[0]) if subs else None,
+        plan=None
+        if grants is None
+        else MappingProxyType(dict(id=access.plan_id, name=grants['plan_name'], currency=grants['currency'])),
+    )
+    if not access.allowed:
+        return Entitlements(tenant_id, access, **read)
+    features, quotas = (
+        (set(json.loads(grants['features'])), json.loads(grants['quotas'])) if grants is not None else (set(), {})
+    )
     for o in overrides:
-        if o['kind'] == 'quota': quotas[o['key']] = o['quota_limit']
-        elif o['enabled']: features.add(o['key'])
-        else: features.discard(o['key'])
+        if o['kind'] == 'quota':
+            quotas[o['key']] = o['quota_limit']
+        elif o['enabled']:
+            features.add(o['key'])
+        else:
+            features.discard(o['key'])
     return Entitlements(tenant_id, access, frozenset(features), MappingProxyType(quotas), **read)
+
 
 def _entitlements(conn, tenant_id: str, now: datetime, policy: BillingPolicy) -> Entitlements:
     return _entitlements_at(tenant_id, _billing_facts(conn, tenant_id, policy), now, policy)
 
+
 def entitlements(host_db, tenant_id: str, now=None, policy: BillingPolicy = BillingPolicy()) -> Entitlements:
     "The features and quotas `tenant_id` has at `now`: its plan's, with the tenant's overrides applied."
-    with host_db.transaction() as conn: return _entitlements(conn, tenant_id, _now(now), policy)
+    with host_db.transaction() as conn:
+        return _entitlements(conn, tenant_id, _now(now), policy)
 
 # %% ../nbs/30_billing.ipynb #1ab3208b
 def _set_override(host_db, tenant_id: str, kind: str, key: str, **values):
-    if not _is_key(key): raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
+    if not _is_key(key):
+        raise ValueError(f"{kind} key {key!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
     try:
         with host_db.transaction() as conn:
-            ins = dialect_insert(conn, overrides_t).values(tenant_id=tenant_id, kind=kind, key=key,
-                                                           updated_at=timestamp(), **values)
-            conn.execute(ins.on_conflict_do_update(index_elements=list(overrides_t.primary_key),
-                                                   set_=dict(updated_at=ins.excluded.updated_at, **values)))
-    except sa.exc.IntegrityError: raise LookupError(f"no tenant {tenant_id!r}") from None
+            ins = dialect_insert(conn, overrides_t).values(
+                tenant_id=tenant_id, kind=kind, key=key, updated_at=timestamp(), **values
+            )
+            conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=list(overrides_t.primary_key),
+                    set_=dict(updated_at=ins.excluded.updated_at, **values),
+                )
+            )
+    except sa.exc.IntegrityError:
+        raise LookupError(f"no tenant {tenant_id!r}") from None
+
 
 def override_feature(host_db, tenant_id: str, feature: str, enabled: bool):
     "Switch `feature` on or off for `tenant_id`, whatever its plan says."
-    if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
     _set_override(host_db, tenant_id, 'feature', feature, enabled=enabled)
+
 
 def override_quota(host_db, tenant_id: str, quota: str, limit: int | None):
     "Give `tenant_id` a monthly `limit` for `quota` (`None`: unlimited) in place of its plan's."
-    if not _is_limit(limit): raise ValueError(f"quota limit must be a non-negative integer or None, got {limit!r}")
+    if not _is_limit(limit):
+        raise ValueError(f"quota limit must be a non-negative integer or None, got {limit!r}")
     _set_override(host_db, tenant_id, 'quota', quota, quota_limit=limit)
+
 
 def clear_override(host_db, tenant_id: str, kind: str, key: str) -> bool:
     "Remove the tenant's `kind` ('feature' or 'quota') override of `key`; whether there was one."
-    if kind not in ('feature', 'quota'): raise ValueError(f"kind must be 'feature' or 'quota', got {kind!r}")
+    if kind not in ('feature', 'quota'):
+        raise ValueError(f"kind must be 'feature' or 'quota', got {kind!r}")
     with host_db.transaction() as conn:
         o = overrides_t.c
-        return conn.execute(overrides_t.delete()
-                            .where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount > 0
+        return (
+            conn.execute(overrides_t.delete().where(o.tenant_id == tenant_id, o.kind == kind, o.key == key)).rowcount
+            > 0
+        )
 
 # %% ../nbs/30_billing.ipynb #ab03e664
 def _written(conn, clause, *args):
     if isinstance(clause, sa.sql.dml.UpdateBase) and clause.table.name in BILLING_TABLES:
         conn.info['fh_saas_billing_written'] = True
 
+
 def billing_changed(tenant_id: str | None = None):
     "Tell this process's entitlement caches that `tenant_id`'s billing (None: anyone's) changed and has committed."
     routing_changed(BILLING_PREFIX + (tenant_id or '*'))
 
-def _committed(conn):
-    if conn.info.pop('fh_saas_billing_written', False): billing_changed()
 
-def _rolled_back(conn): conn.info.pop('fh_saas_billing_written', None)
+def _committed(conn):
+    if conn.info.pop('fh_saas_billing_written', False):
+        billing_changed()
+
+
+def _rolled_back(conn):
+    conn.info.pop('fh_saas_billing_written', None)
+
 
 def _watch_writes(engine: sa.Engine):
     "Forget this process's cached entitlements when a write to a billing table through `engine` commits."
-    if sa.event.contains(engine, 'after_execute', _written): return
+    if sa.event.contains(engine, 'after_execute', _written):
+        return
     sa.event.listen(engine, 'after_execute', _written)
     sa.event.listen(engine, 'commit', _committed)
     sa.event.listen(engine, 'rollback', _rolled_back)
 
+
 class EntitlementsCache:
     "`entitlements` per tenant, read once per billing change: `AuthResolver`'s `access` hook; one per process."
-    def __init__(self, host_db, policy: BillingPolicy = BillingPolicy(),
-                 ttl: float = 60.0,          # seconds a tenant's facts are kept if no change is announced
-                 size: int = 10_000,         # tenants kept, least recently used dropped first
-                 enabled: bool | None = None):  # cache at all; default: on PostgreSQL, where changes are announced
+
+    def __init__(
+        self,
+        host_db,
+        policy: BillingPolicy = BillingPolicy(),
+        ttl: float = 60.0,  # seconds a tenant's facts are kept if no change is announced
+        size: int = 10_000,  # tenants kept, least recently used dropped first
+        enabled: bool | None = None,
+    ):  # cache at all; default: on PostgreSQL, where changes are announced
         self.host_db, self.policy, self.ttl, self.size = host_db, policy, ttl, size
         self.enabled = host_db.engine.dialect.name == 'postgresql' if enabled is None else enabled
-        self.reads = 0   # how many times facts were read from the host database
+        self.reads = 0  # how many times facts were read from the host database
         self._facts: OrderedDict[str, tuple] = OrderedDict()
         self._lock, self._forgets = threading.Lock(), 0
         if self.enabled:
@@ -392,93 +563,141 @@ class EntitlementsCache:
     def _cached(self, tenant_id: str):
         with self._lock:
             hit = self._facts.get(tenant_id)
-            if hit is None or time.monotonic() - hit[0] >= self.ttl: return None, self._forgets
+            if hit is None or time.monotonic() - hit[0] >= self.ttl:
+                return None, self._forgets
             self._facts.move_to_end(tenant_id)
             return hit[1], self._forgets
 
     def __call__(self, host_db, tenant_id: str, now=None) -> Entitlements:
         "The entitlements of `tenant_id` at `now` (default: the current time)."
-        if not self.enabled or host_db is not self.host_db: return entitlements(host_db, tenant_id, now, self.policy)
+        if not self.enabled or host_db is not self.host_db:
+            return entitlements(host_db, tenant_id, now, self.policy)
         facts, forgets = self._cached(tenant_id)
         if facts is None:
-            with host_db.transaction() as conn: facts = _billing_facts(conn, tenant_id, self.policy)
+            with host_db.transaction() as conn:
+                facts = _billing_facts(conn, tenant_id, self.policy)
             with self._lock:
                 self.reads += 1
-                if self._forgets == forgets:   # no change was announced while reading: the facts may be kept
+                if self._forgets == forgets:  # no change was announced while reading: the facts may be kept
                     self._facts[tenant_id] = (time.monotonic(), facts)
-                    while len(self._facts) > self.size: self._facts.popitem(last=False)
+                    while len(self._facts) > self.size:
+                        self._facts.popitem(last=False)
         return _entitlements_at(tenant_id, facts, _now(now), self.policy)
 
     def forget(self, tenant_id: str):
         "Read `tenant_id`'s facts again at its next use (`'*'`: every tenant's)."
         with self._lock:
             self._forgets += 1
-            if tenant_id == '*': self._facts.clear()
-            else: self._facts.pop(tenant_id, None)
+            if tenant_id == '*':
+                self._facts.clear()
+            else:
+                self._facts.pop(tenant_id, None)
 
-    def __repr__(self): return f"EntitlementsCache({len(self._facts)} tenants, {self.reads} reads)"
-
+    def __repr__(self):
+        return f"EntitlementsCache({len(self._facts)} tenants, {self.reads} reads)"
 
 # %% ../nbs/30_billing.ipynb #49694c7b
 class QuotaExceeded(Exception):
     "Consuming would pass the tenant's quota; nothing was counted."
+
     def __init__(self, message, tenant_id, quota, limit, used, requested):
         super().__init__(message)
         self.tenant_id, self.quota, self.limit, self.used, self.requested = tenant_id, quota, limit, used, requested
+
 
 def month_start(now=None) -> str:
     "The first instant of `now`'s UTC calendar month, the start of the quota period."
     return timestamp(_now(now).replace(day=1, hour=0, minute=0, second=0, microsecond=0))
 
+
 def _usage_key(tenant_id, quota, period):
     u = usage_t.c
     return sa.and_(u.tenant_id == tenant_id, u.quota == quota, u.period_start == period)
 
+
 def quota_used(host_db, tenant_id: str, quota: str, now=None) -> int:
     "How much of `quota` `tenant_id` has used in `now`'s month."
     with host_db.transaction() as conn:
-        return conn.execute(sa.select(usage_t.c.used)
-                            .where(_usage_key(tenant_id, quota, month_start(now)))).scalar() or 0
+        return (
+            conn.execute(sa.select(usage_t.c.used).where(_usage_key(tenant_id, quota, month_start(now)))).scalar() or 0
+        )
+
 
 def quota_usage(host_db, tenant_id: str, now=None) -> dict[str, int]:
     "How much of each quota `tenant_id` has used in `now`'s month, in one query (quotas not used yet are absent)."
     u = usage_t.c
     with host_db.transaction() as conn:
-        return dict(conn.execute(sa.select(u.quota, u.used)
-                                 .where(u.tenant_id == tenant_id, u.period_start == month_start(now))).all())
+        return dict(
+            conn.execute(
+                sa.select(u.quota, u.used).where(u.tenant_id == tenant_id, u.period_start == month_start(now))
+            ).all()
+        )
+
 
 def _check_consumption(quota, n):
-    if not _is_key(quota): raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
-    if not _is_int(n) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not _is_key(quota):
+        raise ValueError(f"quota key {quota!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+
 
 @functools.cache
 def _add_statement(dialect: str, limited: bool):
     "Built once per backend: count `n` on the month's row, creating it, only where the total stays within `limit`."
-    ins = (postgresql if dialect == 'postgresql' else sqlite).insert(usage_t).values(
-        tenant_id=sa.bindparam('tid'), quota=sa.bindparam('quota'), period_start=sa.bindparam('period'),
-        used=sa.bindparam('n'))
+    ins = (
+        (postgresql if dialect == 'postgresql' else sqlite)
+        .insert(usage_t)
+        .values(
+            tenant_id=sa.bindparam('tid'),
+            quota=sa.bindparam('quota'),
+            period_start=sa.bindparam('period'),
+            used=sa.bindparam('n'),
+        )
+    )
     total = usage_t.c.used + ins.excluded.used
-    ins = ins.on_conflict_do_update(index_elements=list(usage_t.primary_key), set_=dict(used=total),
-                                    where=total <= sa.bindparam('limit') if limited else None)
+    ins = ins.on_conflict_do_update(
+        index_elements=list(usage_t.primary_key),
+        set_=dict(used=total),
+        where=total <= sa.bindparam('limit') if limited else None,
+    )
     return ins.returning(usage_t.c.used)
+
 
 def _consume(conn, ents: Entitlements, quota: str, n: int, now: datetime) -> int | None:
     "Count `n` of `quota` against the limit in `ents` on `conn`, in one statement; what remains (`None`: unlimited)."
     tid, limit, period = ents.tenant_id, ents.limit(quota), month_start(now)
     if limit == 0:
-        why = (ents.access.reason if not ents.access.allowed
-               else f"the {ents.access.plan_id!r} plan has no {quota!r} quota")
+        why = (
+            ents.access.reason
+            if not ents.access.allowed
+            else f"the {ents.access.plan_id!r} plan has no {quota!r} quota"
+        )
         raise QuotaExceeded(f"tenant {tid!r} may not use {quota!r}: {why}", tid, quota, 0, 0, n)
     if limit is None or n <= limit:
         add = _add_statement(conn.dialect.name, limit is not None)
         used = conn.execute(add, dict(tid=tid, quota=quota, period=period, n=n, limit=limit)).scalar()
-        if used is not None: return None if limit is None else limit - used
+        if used is not None:
+            return None if limit is None else limit - used
     used = conn.execute(sa.select(usage_t.c.used).where(_usage_key(tid, quota, period))).scalar() or 0
-    raise QuotaExceeded(f"tenant {tid!r} cannot use {n} more {quota!r}: {used} of {limit} used since {period}",
-                        tid, quota, limit, used, n)
+    raise QuotaExceeded(
+        f"tenant {tid!r} cannot use {n} more {quota!r}: {used} of {limit} used since {period}",
+        tid,
+        quota,
+        limit,
+        used,
+        n,
+    )
 
-def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, policy: BillingPolicy = BillingPolicy(),
-                  entitlements: Entitlements | None = None) -> int | None:
+
+def consume_quota(
+    host_db,
+    tenant_id: str,
+    quota: str,
+    n: int = 1,
+    now=None,
+    policy: BillingPolicy = BillingPolicy(),
+    entitlements: Entitlements | None = None,
+) -> int | None:
     """Atomically count `n` of `quota` for `tenant_id`; what remains this month (`None`: unlimited), or `QuotaExceeded`.
     Pass the tenant's `entitlements` when the caller has them (a guard does): the count is then a single statement."""
     _check_consumption(quota, n)
@@ -486,7 +705,8 @@ def consume_quota(host_db, tenant_id: str, quota: str, n: int = 1, now=None, pol
         raise ValueError(f"entitlements of tenant {entitlements.tenant_id!r} passed for tenant {tenant_id!r}")
     now = _now(now)
     if entitlements is not None:
-        with host_db.one_statement() as conn: return _consume(conn, entitlements, quota, n, now)
+        with host_db.one_statement() as conn:
+            return _consume(conn, entitlements, quota, n, now)
     with host_db.transaction() as conn:
         return _consume(conn, _entitlements(conn, tenant_id, now, policy), quota, n, now)
 
@@ -500,11 +720,13 @@ def _refuse(req: Request, status: int, message: str, pricing_path: str | None, w
         return RedirectResponse(to, status_code=303)
     return PlainTextResponse(message, status_code=status)
 
+
 def _host_db(req: Request):
     "The host database of the app serving `req` (`setup_saas` sets `app.state.host_db`)."
     if (db := getattr(req.app.state, 'host_db', None)) is None:
         raise RuntimeError("billing guards need the app's host database: set app.state.host_db (setup_saas does)")
     return db
+
 
 def _request_entitlements(req: Request, policy: BillingPolicy) -> Entitlements | None:
     """The entitlements of the request's tenant: the auth layer's if it resolved them, else computed once on the app's
@@ -512,44 +734,61 @@ def _request_entitlements(req: Request, policy: BillingPolicy) -> Entitlements |
     if 'entitlements' not in req.scope:
         auth = req.scope.get('auth')
         ents, tid = getattr(auth, 'entitlements', None), getattr(auth, 'tenant_id', None)
-        req.scope['entitlements'] = (ents if ents is not None or not tid
-                                     else entitlements(_host_db(req), tid, policy=policy))
+        req.scope['entitlements'] = (
+            ents if ents is not None or not tid else entitlements(_host_db(req), tid, policy=policy)
+        )
     return req.scope['entitlements']
+
 
 def _entitled(req, policy, pricing_path) -> tuple[Entitlements | None, Response | None]:
     ents = _request_entitlements(req, policy)
-    if ents is None: return None, PlainTextResponse('sign in and choose a tenant first', status_code=401)
-    if not ents.access.allowed: return ents, _refuse(req, 402, f"billing: {ents.access.reason}", pricing_path)
+    if ents is None:
+        return None, PlainTextResponse('sign in and choose a tenant first', status_code=401)
+    if not ents.access.allowed:
+        return ents, _refuse(req, 402, f"billing: {ents.access.reason}", pricing_path)
     return ents, None
+
 
 def require_feature(feature: str, pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy()):
     "Decorate a route handler so only tenants whose plan (or override) includes `feature` reach it."
     if not _is_key(feature):
         raise ValueError(f"feature key {feature!r} is not valid: use a-z, 0-9, _ . : - (at most 64)")
+
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
         if refusal is None and not ents.has(feature):
             refusal = _refuse(req, 402, f"your plan does not include {feature!r}", pricing_path, dict(feature=feature))
         return refusal
+
     return route_guard(check)
 
-def require_quota(quota: str, n: int = 1, pricing_path: str | None = '/pricing',
-                  policy: BillingPolicy = BillingPolicy()):
+
+def require_quota(
+    quota: str, n: int = 1, pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy()
+):
     "Decorate a route handler so each call consumes `n` of `quota`; past the limit it answers 429."
     _check_consumption(quota, n)
+
     def check(req):
         ents, refusal = _entitled(req, policy, pricing_path)
-        if refusal is not None: return refusal
-        try: consume_quota(_host_db(req), ents.tenant_id, quota, n, entitlements=ents)
-        except QuotaExceeded as e: return _refuse(req, 429, str(e), pricing_path, dict(quota=quota))
+        if refusal is not None:
+            return refusal
+        try:
+            consume_quota(_host_db(req), ents.tenant_id, quota, n, entitlements=ents)
+        except QuotaExceeded as e:
+            return _refuse(req, 429, str(e), pricing_path, dict(quota=quota))
+
     return route_guard(check)
 
 # %% ../nbs/30_billing.ipynb #5926399a
-def billing_beforeware(pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(),
-                       skip=()) -> Beforeware:
+def billing_beforeware(
+    pricing_path: str | None = '/pricing', policy: BillingPolicy = BillingPolicy(), skip=()
+) -> Beforeware:
     "FastHTML beforeware refusing every request of a tenant that billing refuses (`skip`: path regexes left open)."
+
     def check(req):
         ents = _request_entitlements(req, policy)
         if ents is not None and not ents.access.allowed:
             return _refuse(req, 402, f"billing: {ents.access.reason}", pricing_path)
+
     return Beforeware(check, skip=[*([re.escape(pricing_path)] if pricing_path else []), *skip])

@@ -23,69 +23,93 @@ from .db_host import HostDatabase, GlobalUser, email_is, memberships_t, normaliz
 class CliError(Exception):
     "An operator's mistake: `fh-saas` prints it in one line and exits 2."
 
+
 def load_env(path=None) -> Path | None:
     "Read `path` (default: `.env` in the current folder, if any) into `os.environ`, never overriding; the file read."
     p = Path('.env' if path is None else path)
     if not p.is_file():
-        if path is None: return None
+        if path is None:
+            return None
         raise CliError(f"--env-file {path}: no such file")
     load_dotenv(p, override=False)
     return p
 
+
 def _ask(var: str, prompt: str) -> str:
     "A secret from the variable `var`, else typed at a prompt; a mistake when there is neither (no terminal)."
-    if value := os.environ.get(var): return value
-    if sys.stdin is None or not sys.stdin.isatty(): raise CliError(f"set {var}, or run this in a terminal to be asked")
-    try: return getpass.getpass(prompt)
-    except EOFError: raise CliError(f"no input: set {var}") from None
+    if value := os.environ.get(var):
+        return value
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise CliError(f"set {var}, or run this in a terminal to be asked")
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        raise CliError(f"no input: set {var}") from None
 
 # %% ../nbs/92_cli.ipynb #4aa0c5e3
 def _here_on_path():
     "Make modules in the current folder importable, as `python -m` would."
-    if (cwd := str(Path.cwd())) not in sys.path: sys.path.insert(0, cwd)
+    if (cwd := str(Path.cwd())) not in sys.path:
+        sys.path.insert(0, cwd)
+
 
 def _module_name(spec: str) -> tuple[str, str]:
     "`module[:attr]` (a path like `app.py` allowed) as (module, attr)."
     name, _, attr = spec.partition(':')
     name = name.removesuffix('.py').replace(os.sep, '.').strip('.')
-    if not name: raise CliError(f"{spec!r} names no module")
+    if not name:
+        raise CliError(f"{spec!r} names no module")
     return name, attr
+
 
 def import_app(spec: str | None):
     "Import the app module `spec` (`module` or `module:attr`) from the current folder; the module, or its `attr`."
-    if not spec: return None
+    if not spec:
+        return None
     name, attr = _module_name(spec)
     _here_on_path()
-    try: mod = importlib.import_module(name)
+    try:
+        mod = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if not e.name or not (name == e.name or name.startswith(e.name + '.')): raise   # one the app imports
+        if not e.name or not (name == e.name or name.startswith(e.name + '.')):
+            raise  # one the app imports
         raise CliError(f"no module {name!r} in {Path.cwd()}") from None
-    if attr and not hasattr(mod, attr): raise CliError(f"module {name!r} has no {attr!r}")
+    if attr and not hasattr(mod, attr):
+        raise CliError(f"module {name!r} has no {attr!r}")
     return getattr(mod, attr) if attr else mod
 
 # %% ../nbs/92_cli.ipynb #5513c818
 def _tenants(args, host_db) -> int:
     from fh_saas import db_tenant as dt
+
     if args.action == 'list':
         rows = host_db.tenants(order_by='id')
-        for t in rows: print(f"{t.id:<24} {t.status:<12} v{t.schema_version:<3} {t.server_id or 'sqlite'}  {t.name}")
+        for t in rows:
+            print(f"{t.id:<24} {t.status:<12} v{t.schema_version:<3} {t.server_id or 'sqlite'}  {t.name}")
         print(f"{len(rows)} tenant(s)")
         return 0
     if args.action == 'add-server':
         pw = _ask('FH_SAAS_SERVER_PASSWORD', f"admin password for {args.id}: ")
-        server = dt.add_db_server(host_db, args.id, args.host, pw, port=args.port, admin_user=args.admin_user,
-                                  max_tenants=args.max_tenants)
+        server = dt.add_db_server(
+            host_db, args.id, args.host, pw, port=args.port, admin_user=args.admin_user, max_tenants=args.max_tenants
+        )
         print(f"server {args.id} registered as {server['id']}")
         return 0
     if args.action == 'mark':
         report = dt.mark_tenants(host_db)
-        for tenant_id, reason in report.failed: print(f"FAILED {tenant_id}: {reason}")
-        print(f"marked the role and database of {len(report.marked)} tenant(s) as this install's, "
-              f"{len(report.failed)} failed")
+        for tenant_id, reason in report.failed:
+            print(f"FAILED {tenant_id}: {reason}")
+        print(
+            f"marked the role and database of {len(report.marked)} tenant(s) as this install's, "
+            f"{len(report.failed)} failed"
+        )
         return 0 if report.ok else 1
-    act = dict(create=lambda: dt.provision_tenant(host_db, args.id, args.name, server=args.server),
-               suspend=lambda: dt.suspend_tenant(host_db, args.id), resume=lambda: dt.resume_tenant(host_db, args.id),
-               delete=lambda: dt.deprovision_tenant(host_db, args.id))[args.action]
+    act = dict(
+        create=lambda: dt.provision_tenant(host_db, args.id, args.name, server=args.server),
+        suspend=lambda: dt.suspend_tenant(host_db, args.id),
+        resume=lambda: dt.resume_tenant(host_db, args.id),
+        delete=lambda: dt.deprovision_tenant(host_db, args.id),
+    )[args.action]
     t = act()
     print(f"tenant {t.id}: {t.status}")
     return 0
@@ -95,35 +119,48 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     filled = width * done // total if total else width
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
+
 def _ahead(host_db, latest: int) -> int:
     "How many tenants are above schema version `latest`, at migrations this process does not know."
     with host_db.transaction() as conn:
         return conn.execute(sa.select(sa.func.count()).where(tenants_t.c.schema_version > latest)).scalar()
 
+
 def _migrate(args, host_db) -> int:
     from fh_saas.db_tenant import migrate_tenants
     from fh_saas.tenant_migrations import tenant_schema
+
     def progress(outcome, done, total):
         print(f"\r{_bar(done, total)} {outcome.tenant_id:<24}", end='', file=sys.stderr, flush=True)
+
     report = migrate_tenants(host_db, args.target, args.concurrency, args.tenant, progress=progress)
     print(file=sys.stderr)
-    for o in report.failed: print(f"FAILED {o.tenant_id} at v{o.failed_version}: {o.error}")
+    for o in report.failed:
+        print(f"FAILED {o.tenant_id} at v{o.failed_version}: {o.error}")
     print(f"migrated {len(report.migrated)} tenant(s) to v{report.target}, {len(report.failed)} failed")
     if n := _ahead(host_db, tenant_schema.latest):
-        print(f"{n} tenant(s) are above v{tenant_schema.latest}, the latest migration known here: "
-              "pass --app MODULE (or set FH_SAAS_APP) to load the app's migrations", file=sys.stderr)
+        print(
+            f"{n} tenant(s) are above v{tenant_schema.latest}, the latest migration known here: "
+            "pass --app MODULE (or set FH_SAAS_APP) to load the app's migrations",
+            file=sys.stderr,
+        )
     return 0 if report.ok else 1
 
 # %% ../nbs/92_cli.ipynb #24f4e937
 def _secret(args, host_db) -> int:
     from fh_saas.db_tenant import rotate_secret_key
+
     report = rotate_secret_key(host_db)
-    for tenant_id, reason in report.failed: print(f"FAILED {tenant_id}: {reason}")
-    print(f"re-encrypted {report.servers} server admin password(s), re-keyed {len(report.rotated)} tenant role(s), "
-          f"{len(report.failed)} failed")
+    for tenant_id, reason in report.failed:
+        print(f"FAILED {tenant_id}: {reason}")
+    print(
+        f"re-encrypted {report.servers} server admin password(s), re-keyed {len(report.rotated)} tenant role(s), "
+        f"{len(report.failed)} failed"
+    )
     if report.ok:
         print("now remove FH_SAAS_PREVIOUS_SECRET_KEYS from every process (sessions signed under those keys then end)")
-    else: print("keep FH_SAAS_PREVIOUS_SECRET_KEYS and run `fh-saas secret rotate` again")
+    else:
+        print("keep FH_SAAS_PREVIOUS_SECRET_KEYS and run `fh-saas secret rotate` again")
     return 0 if report.ok else 1
 
 # %% ../nbs/92_cli.ipynb #e0410f95
@@ -134,31 +171,44 @@ def _price(p) -> str:
     prices = [f"{cents / 100:.2f} {cur}/{per}" for cents, per in amounts if cents is not None]
     return ' or '.join(prices or ['no price']) + (f", {p.trial_days}-day trial" if p.trial_days else '')
 
-def _quota(key: str, limit: int | None) -> str: return f"{key} {'unlimited' if limit is None else f'{limit}/month'}"
+
+def _quota(key: str, limit: int | None) -> str:
+    return f"{key} {'unlimited' if limit is None else f'{limit}/month'}"
+
 
 def _plan_lines(p) -> list[str]:
     "How `plans list` shows plan `p`: id, name and prices, then its features and quotas."
     features, quotas = json.loads(p.features or '[]'), json.loads(p.quotas or '{}')
-    return [f"{p.id:<16} {p.name:<20} {_price(p)}", f"  features: {', '.join(features) or 'none'}",
-            f"  quotas:   {', '.join(_quota(k, n) for k, n in quotas.items()) or 'none'}"]
+    return [
+        f"{p.id:<16} {p.name:<20} {_price(p)}",
+        f"  features: {', '.join(features) or 'none'}",
+        f"  quotas:   {', '.join(_quota(k, n) for k, n in quotas.items()) or 'none'}",
+    ]
+
 
 def _plans_file(path: str) -> list:
     "The JSON list of plans in the file `path`; a mistake when it cannot be read or holds something else."
-    try: plans = json.loads(Path(path).read_text())
-    except OSError as e: raise CliError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e: raise CliError(f"{path} is not JSON: {e}") from None
+    try:
+        plans = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise CliError(f"{path} is not JSON: {e}") from None
     if not isinstance(plans, list) or not all(isinstance(p, dict) for p in plans):
         raise CliError(f"{path} must hold a JSON list of plans (objects)")
     return plans
 
+
 def _plans(args, host_db) -> int:
     from fh_saas.billing import seed_plans, active_plans
+
     if args.action == 'seed':
         ids = seed_plans(host_db, _plans_file(args.file), retire_missing=args.retire_missing)
         print(f"{len(ids)} plan(s) written: {', '.join(ids) or 'none changed'}")
         return 0
     plans = active_plans(host_db)
-    for p in plans: print(*_plan_lines(p), sep='\n')
+    for p in plans:
+        print(*_plan_lines(p), sep='\n')
     print(f"{len(plans)} plan(s) on sale")
     return 0
 
@@ -166,34 +216,52 @@ def _plans(args, host_db) -> int:
 def _key_user(host_db, tenant_id: str, email: str | None) -> dict:
     "The member a new key acts as: the user with `email`, else the tenant's first owner; a mistake when there is none."
     from fh_saas.memberships import DEFAULT_ROLES
+
     m, u = memberships_t.c, users_t.c
-    q = (sa.select(u.id, u.email).join(memberships_t, m.user_id == u.id)
-         .where(m.tenant_id == tenant_id, m.is_active.is_(True), u.is_active.is_(True)).order_by(m.created_at).limit(1))
+    q = (
+        sa.select(u.id, u.email)
+        .join(memberships_t, m.user_id == u.id)
+        .where(m.tenant_id == tenant_id, m.is_active.is_(True), u.is_active.is_(True))
+        .order_by(m.created_at)
+        .limit(1)
+    )
     q = q.where(email_is(u.email, email)) if email else q.where(m.role == DEFAULT_ROLES.owner)
-    with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
-    if row is None and email: raise CliError(f"{email} is not an active member of {tenant_id}")
-    if row is None: raise CliError(f"{tenant_id} has no owner: pass --user EMAIL")
+    with host_db.transaction() as conn:
+        row = conn.execute(q).mappings().first()
+    if row is None and email:
+        raise CliError(f"{email} is not an active member of {tenant_id}")
+    if row is None:
+        raise CliError(f"{tenant_id} has no owner: pass --user EMAIL")
     return dict(row)
+
 
 def _keys(args, host_db) -> int:
     from fh_saas.api_keys import create_api_key, list_api_keys, revoke_api_key
     from fh_saas.db_tenant import tenant_row
+
     tid = tenant_row(host_db, args.tenant).id
     if args.action == 'create':
         name = ' '.join(args.name.split())
-        if not 0 < len(name) <= 200: raise CliError("--name needs 1 to 200 characters")
+        if not 0 < len(name) <= 200:
+            raise CliError("--name needs 1 to 200 characters")
         user = _key_user(host_db, tid, args.user)
         raw, key = create_api_key(host_db, tid, user['id'], name, 'secret', args.mode)
         print(raw)
-        print(f"key {key.key_id} ({key.mode}) for {tid}, acting as {user['email']}: shown only now, store it",
-              file=sys.stderr)
+        print(
+            f"key {key.key_id} ({key.mode}) for {tid}, acting as {user['email']}: shown only now, store it",
+            file=sys.stderr,
+        )
     elif args.action == 'list':
         keys = list_api_keys(host_db, tid)
-        for k in keys: print(f"{k.key_id}  {k.mode:<4}  {'revoked' if k.revoked_at else 'active':<7}  "
-                             f"last used {k.last_used_at or 'never':<32}  {k.name}")
+        for k in keys:
+            print(
+                f"{k.key_id}  {k.mode:<4}  {'revoked' if k.revoked_at else 'active':<7}  "
+                f"last used {k.last_used_at or 'never':<32}  {k.name}"
+            )
         print(f"{len(keys)} key(s)")
     else:
-        if not revoke_api_key(host_db, tid, args.key_id): raise CliError(f"{tid} has no unrevoked key {args.key_id!r}")
+        if not revoke_api_key(host_db, tid, args.key_id):
+            raise CliError(f"{tid} has no unrevoked key {args.key_id!r}")
         print(f"key {args.key_id} revoked")
     return 0
 
@@ -201,20 +269,25 @@ def _keys(args, host_db) -> int:
 def _stripe(args, host_db) -> int:
     from fh_saas.stripe_webhooks import replay_failed, fetch_undelivered
     from fh_saas.stripe_billing import stripe_client_from_env, reconcile, sync_plans
+
     if args.action == 'replay':
         print('failed events:', replay_failed(host_db))
         if args.fetch_days:
             print('undelivered events:', fetch_undelivered(stripe_client_from_env(), host_db, min(args.fetch_days, 30)))
     elif args.action == 'reconcile':
         drifts = reconcile(stripe_client_from_env(), host_db, fix=args.fix)
-        for d in drifts: print(f"{d.stripe_sub_id} tenant={d.tenant_id} {d.field}: ours={d.ours!r} stripe={d.stripe!r}")
+        for d in drifts:
+            print(f"{d.stripe_sub_id} tenant={d.tenant_id} {d.field}: ours={d.ours!r} stripe={d.stripe!r}")
         print(f"{len(drifts)} difference(s){' fixed where safe' if args.fix else ''}")
     else:
-        for line in sync_plans(stripe_client_from_env(), host_db): print(line)
+        for line in sync_plans(stripe_client_from_env(), host_db):
+            print(line)
     return 0
+
 
 def _users(args, host_db) -> int:
     from fh_saas.passwords import hash_password
+
     pw = _ask('FH_SAAS_ADMIN_PASSWORD', f"password for {args.email}: ")
     with host_db.transaction():
         admin = GlobalUser(email=normalize_email(args.email), password_hash=hash_password(pw), is_sys_admin=True)
@@ -222,26 +295,40 @@ def _users(args, host_db) -> int:
     print(f"system admin {u.email} created")
     return 0
 
+
 def _doctor(args, host_db) -> int:
     from fh_saas.db_host import host_doctor
     from fh_saas.db_tenant import host_connect_problems
     from fh_saas.tenant_router import check_connection_budget, default_budget
-    found = (host_doctor(host_db, repair=args.repair) + check_connection_budget(host_db, default_budget())
-             + host_connect_problems(host_db))
-    for line in found: print(line)
+
+    found = (
+        host_doctor(host_db, repair=args.repair)
+        + check_connection_budget(host_db, default_budget())
+        + host_connect_problems(host_db)
+    )
+    for line in found:
+        print(line)
     print(f"{len(found)} problem(s)" if found else "the host database keeps every integrity rule")
     return 1 if found else 0
+
 
 def _worker(args, host_db) -> int:
     from fh_saas.jobs import run_worker
     from fh_saas.system_jobs import SYSTEM_SCHEDULES
-    run_worker(args, SYSTEM_SCHEDULES)   # on the same host database (a singleton), which it closes when it stops
+
+    run_worker(args, SYSTEM_SCHEDULES)  # on the same host database (a singleton), which it closes when it stops
     return 0
 
 # %% ../nbs/92_cli.ipynb #b2d8c6f1
-_STARTER = {'app.py.tmpl': 'app.py', 'test_app.py.tmpl': 'test_app.py', 'env.example': '.env.example',
-            'gitignore': '.gitignore', 'README.md': 'README.md'}   # template -> file written (no .py in the package)
+_STARTER = {
+    'app.py.tmpl': 'app.py',
+    'test_app.py.tmpl': 'test_app.py',
+    'env.example': '.env.example',
+    'gitignore': '.gitignore',
+    'README.md': 'README.md',
+}  # template -> file written (no .py in the package)
 _PROJECT_NAME = re.compile(r'[A-Za-z0-9][\w.-]{0,63}')
+
 
 def new_project(folder) -> list[Path]:
     "Write the starter project into `folder`, which must be new or empty; the files written."
@@ -255,26 +342,34 @@ def new_project(folder) -> list[Path]:
     written = []
     for src, dst in _STARTER.items():
         text = (files('fh_saas') / 'templates' / 'starter' / src).read_text()
-        for k, v in values.items(): text = text.replace('{{' + k + '}}', v)
+        for k, v in values.items():
+            text = text.replace('{{' + k + '}}', v)
         (p := folder / dst).write_text(text)
         written.append(p)
     return written
 
+
 def _new(args) -> int:
     written = new_project(args.name)
     print(f"created {args.name}: {', '.join(p.name for p in written)}")
-    print(f"next:\n  cd {args.name}\n  cp .env.example .env     # its settings, with this project's master key\n"
-          "  fh-saas serve app:app    # then open http://127.0.0.1:5001\n  python -m pytest -q      # test_app.py")
+    print(
+        f"next:\n  cd {args.name}\n  cp .env.example .env     # its settings, with this project's master key\n"
+        "  fh-saas serve app:app    # then open http://127.0.0.1:5001\n  python -m pytest -q      # test_app.py"
+    )
     return 0
 
 # %% ../nbs/92_cli.ipynb #e5b7f2c0
 def _serve(args) -> int:
     import uvicorn
+
     name, attr = _module_name(args.app)
-    _here_on_path()   # the app's folder, for this process and the worker processes uvicorn spawns
-    try: found = importlib.util.find_spec(name) is not None
-    except ImportError: found = False   # a package on the way is missing
-    if not found: raise CliError(f"no module {name!r} in {Path.cwd()}")
+    _here_on_path()  # the app's folder, for this process and the worker processes uvicorn spawns
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ImportError:
+        found = False  # a package on the way is missing
+    if not found:
+        raise CliError(f"no module {name!r} in {Path.cwd()}")
     uvicorn.run(f"{name}:{attr or 'app'}", host=args.host, port=args.port, workers=args.workers, reload=args.reload)
     return 0
 
@@ -288,16 +383,28 @@ exit status: 0 done; 1 done, but some of it failed (a tenant that did not migrat
 
 `fh-saas COMMAND --help` tells more about each command."""
 
-def _app_option(p):
-    p.add_argument('--app', dest='app_module', metavar='MODULE', help="your app's module (or module:attr) in the "
-                   "current folder: importing it registers its tenant migrations and jobs (default: $FH_SAAS_APP)")
 
-def _tenant_id(p, what='the tenant'): p.add_argument('id', metavar='ID', help=f"{what}'s id")
+def _app_option(p):
+    p.add_argument(
+        '--app',
+        dest='app_module',
+        metavar='MODULE',
+        help="your app's module (or module:attr) in the "
+        "current folder: importing it registers its tenant migrations and jobs (default: $FH_SAAS_APP)",
+    )
+
+
+def _tenant_id(p, what='the tenant'):
+    p.add_argument('id', metavar='ID', help=f"{what}'s id")
+
 
 def _actions(cmd, help):
     return cmd.add_subparsers(dest='action', required=True, metavar='ACTION', title='actions', help=help)
 
-def _act(group, name, help): return group.add_parser(name, help=help, description=help)
+
+def _act(group, name, help):
+    return group.add_parser(name, help=help, description=help)
+
 
 def _developer_commands(command):
     n = command('new', 'write a starter project (app.py, test_app.py, .env.example) into a new folder')
@@ -313,44 +420,67 @@ def _developer_commands(command):
     d.add_argument('--host', default='127.0.0.1', help='address to listen on (default: %(default)s)')
     d.add_argument('--port', type=int, default=5001, help='port to listen on (default: %(default)s)')
 
+
 def _tenant_commands(command):
-    t = _actions(command('tenants', 'create, list, suspend, resume or delete tenants; register database servers; mark '
-                         "this install's roles and databases"),
-                'what to do')
+    t = _actions(
+        command(
+            'tenants',
+            'create, list, suspend, resume or delete tenants; register database servers; mark '
+            "this install's roles and databases",
+        ),
+        'what to do',
+    )
     _act(t, 'list', 'list the tenants with their status, schema version and server')
     c = _act(t, 'create', 'create a tenant and its database, at the latest schema (safe to repeat)')
-    _tenant_id(c, 'the new tenant'); c.add_argument('--name', help='its display name (default: the id)')
-    c.add_argument('--server', help='place its database on this registered server (default: the least used '
-                   'one; SQLite files when none is registered)')
+    _tenant_id(c, 'the new tenant')
+    c.add_argument('--name', help='its display name (default: the id)')
+    c.add_argument(
+        '--server',
+        help='place its database on this registered server (default: the least used '
+        'one; SQLite files when none is registered)',
+    )
     _app_option(c)
-    for action, help in [('suspend', 'stop routing to a tenant, keeping its data'),
-                         ('resume', 'make a suspended tenant active again'),
-                         ('delete', "drop a tenant's database (irreversible)")]:
+    for action, help in [
+        ('suspend', 'stop routing to a tenant, keeping its data'),
+        ('resume', 'make a suspended tenant active again'),
+        ('delete', "drop a tenant's database (irreversible)"),
+    ]:
         _tenant_id(_act(t, action, help))
-    _act(t, 'mark', "mark the roles and databases of this install's tenants as its own, where fh_saas before "
-         "install marks left them unmarked (once, after upgrading; safe to repeat)")
-    a = _act(t, 'add-server', 'register a PostgreSQL server for tenant databases (admin password from '
-                     'FH_SAAS_SERVER_PASSWORD or a prompt)')
+    _act(
+        t,
+        'mark',
+        "mark the roles and databases of this install's tenants as its own, where fh_saas before "
+        "install marks left them unmarked (once, after upgrading; safe to repeat)",
+    )
+    a = _act(
+        t,
+        'add-server',
+        'register a PostgreSQL server for tenant databases (admin password from FH_SAAS_SERVER_PASSWORD or a prompt)',
+    )
     a.add_argument('id', metavar='NAME', help="the server's name")
     a.add_argument('--host', required=True, help="the server's host name or address")
     a.add_argument('--port', type=int, default=5432, help='its port (default: %(default)s)')
-    a.add_argument('--admin-user', default='postgres',
-                   help='a role that may create databases and roles (default: %(default)s)')
+    a.add_argument(
+        '--admin-user', default='postgres', help='a role that may create databases and roles (default: %(default)s)'
+    )
     a.add_argument('--max-tenants', type=int, default=500, help='tenant databases it may hold (default: %(default)s)')
 
     m = command('migrate', "bring tenant databases to the latest schema (fh_saas's migrations and the app's)")
     m.add_argument('--target', type=int, metavar='N', help='migrate to version N (default: the latest)')
-    m.add_argument('--concurrency', type=int, default=4, metavar='N',
-                   help='tenants migrated at once (default: %(default)s)')
+    m.add_argument(
+        '--concurrency', type=int, default=4, metavar='N', help='tenants migrated at once (default: %(default)s)'
+    )
     m.add_argument('--tenant', action='append', metavar='ID', help='only this tenant (repeatable)')
     _app_option(m)
+
 
 def _key_and_billing_commands(command):
     k = _actions(command('keys', "mint, list or revoke a tenant's API keys"), 'what to do')
     kc = _act(k, 'create', 'mint a secret API key and print it, once')
     kc.add_argument('tenant', metavar='TENANT', help="the tenant's id")
-    kc.add_argument('--name', default='command line',
-                    help='what the key is for, shown on the API keys page (default: %(default)s)')
+    kc.add_argument(
+        '--name', default='command line', help='what the key is for, shown on the API keys page (default: %(default)s)'
+    )
     kc.add_argument('--mode', choices=['live', 'test'], default='test', help='live or test key (default: %(default)s)')
     kc.add_argument('--user', metavar='EMAIL', help="the member the key acts as (default: the tenant's first owner)")
     kl = _act(k, 'list', "list a tenant's keys (never their secrets)")
@@ -367,64 +497,110 @@ def _key_and_billing_commands(command):
 
     s = _actions(command('stripe', 'replay failed webhook events, reconcile with Stripe, sync plans'), 'what to do')
     _act(s, 'replay', 'apply again the webhook events that failed').add_argument(
-        '--fetch-days', type=int, default=0, metavar='N',
-        help="also apply events of the last N days Stripe could not deliver (max 30)")
+        '--fetch-days',
+        type=int,
+        default=0,
+        metavar='N',
+        help="also apply events of the last N days Stripe could not deliver (max 30)",
+    )
     _act(s, 'reconcile', "compare Stripe's subscriptions with ours").add_argument(
-        '--fix', action='store_true', help="write Stripe's state over ours where that is safe")
+        '--fix', action='store_true', help="write Stripe's state over ours where that is safe"
+    )
     _act(s, 'sync-plans', 'create or update the Stripe products and prices of the plans')
+
 
 def _operator_commands(command):
     from fh_saas.jobs import worker_arguments
+
     u = _actions(command('users', 'create a system admin'), 'what to do')
     _act(u, 'create-admin', 'a system admin (password from FH_SAAS_ADMIN_PASSWORD or a prompt)').add_argument(
-        'email', metavar='EMAIL', help="the admin's email address")
-    x = _actions(command('secret', 'after a master key change: re-key server passwords and tenant roles to '
-                        'FH_SAAS_SECRET_KEY'), 'what to do')
+        'email', metavar='EMAIL', help="the admin's email address"
+    )
+    x = _actions(
+        command('secret', 'after a master key change: re-key server passwords and tenant roles to FH_SAAS_SECRET_KEY'),
+        'what to do',
+    )
     _act(x, 'rotate', 're-encrypt server passwords and re-key tenant roles (safe to repeat)')
     w = command('worker', 'run background jobs (provisioning, migrations, reconcile, clean-ups) until stopped')
-    worker_arguments(w); _app_option(w)
+    worker_arguments(w)
+    _app_option(w)
     command('doctor', 'check the host database against its integrity rules (e.g. after fh-saas 0.9)').add_argument(
-        '--repair', action='store_true', help='add the rules nothing blocks any more (safe to repeat)')
+        '--repair', action='store_true', help='add the rules nothing blocks any more (safe to repeat)'
+    )
+
 
 def parser() -> argparse.ArgumentParser:
     "The `fh-saas` argument parser."
-    p = argparse.ArgumentParser(prog='fh-saas', description='fh_saas: multi-tenant SaaS kit for FastHTML',
-                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog='fh-saas',
+        description='fh_saas: multi-tenant SaaS kit for FastHTML',
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument('--env-file', metavar='PATH', help='read settings from PATH instead of ./.env')
     sub = p.add_subparsers(dest='cmd', required=True, metavar='COMMAND', title='commands')
-    def command(name, help, description=None): return sub.add_parser(name, help=help, description=description or help)
-    for add in (_developer_commands, _tenant_commands, _key_and_billing_commands, _operator_commands): add(command)
+
+    def command(name, help, description=None):
+        return sub.add_parser(name, help=help, description=description or help)
+
+    for add in (_developer_commands, _tenant_commands, _key_and_billing_commands, _operator_commands):
+        add(command)
     return p
+
 
 def _demo(args) -> int:
     from fh_saas.demo import run_demo
+
     run_demo(args.folder, args.host, args.port)
     return 0
 
+
 _STANDALONE = dict(new=_new, serve=_serve, demo=_demo)
-_COMMANDS = dict(tenants=_tenants, migrate=_migrate, secret=_secret, plans=_plans, stripe=_stripe, users=_users,
-                 worker=_worker, keys=_keys, doctor=_doctor)
+_COMMANDS = dict(
+    tenants=_tenants,
+    migrate=_migrate,
+    secret=_secret,
+    plans=_plans,
+    stripe=_stripe,
+    users=_users,
+    worker=_worker,
+    keys=_keys,
+    doctor=_doctor,
+)
 # Mistakes: bad ids, settings, plans and passwords are ValueErrors; a duplicate a RecordRefused; unknown tenants
 # LookupErrors; a host database out of reach a ConnectionError; a tenant in the wrong state, a missing server or an
 # app's setup a RuntimeError.
-_MISTAKES = (CliError, ValueError, RecordRefused, LookupError, RuntimeError, PermissionError, ConnectionError,
-             sa.exc.OperationalError)
+_MISTAKES = (
+    CliError,
+    ValueError,
+    RecordRefused,
+    LookupError,
+    RuntimeError,
+    PermissionError,
+    ConnectionError,
+    sa.exc.OperationalError,
+)
+
 
 def _reason(e: BaseException) -> str:
     "What went wrong, in one line."
     return f"KeyError: {e}" if type(e) is KeyError else error_reason(e)
+
 
 def main(argv=None) -> int:
     "Entry point of the `fh-saas` command."
     args = parser().parse_args(argv)
     try:
         load_env(args.env_file)
-        if args.cmd in _STANDALONE: return _STANDALONE[args.cmd](args)
-        if hasattr(args, 'app_module'): import_app(args.app_module or os.environ.get('FH_SAAS_APP'))
+        if args.cmd in _STANDALONE:
+            return _STANDALONE[args.cmd](args)
+        if hasattr(args, 'app_module'):
+            import_app(args.app_module or os.environ.get('FH_SAAS_APP'))
         return _COMMANDS[args.cmd](args, HostDatabase.from_env())
     except _MISTAKES as e:
         print(f"fh-saas {args.cmd}: {_reason(e)}", file=sys.stderr)
         return 2
 
 # %% ../nbs/92_cli.ipynb #0b9f6d4e
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__':
+    sys.exit(main())

@@ -20,12 +20,15 @@ def csrf_token(session: SessionRecord) -> str:
     "The form token of `session`."
     return hmac.new(session.id_hash.encode(), b'fh_saas.csrf', hashlib.sha256).hexdigest()
 
+
 def csrf_ok(auth, token: str | None) -> bool:
     "Whether `token` is the form token of `auth`'s browser session."
     session = getattr(auth, 'session', None)
     return session is not None and hmac.compare_digest(csrf_token(session).encode(), (token or '').encode())
 
+
 FORGED = "This form has expired or did not come from this site. Reload the page and try again."
+
 
 def post_form(action: str, *content, auth=None, cls='stack', **kw) -> Form:
     "A POST form to `action`, carrying `auth`'s form token when it has a browser session."
@@ -36,8 +39,10 @@ def post_form(action: str, *content, auth=None, cls='stack', **kw) -> Form:
 def cross_site(req) -> bool:
     "Whether a browser says `req` was started by another site (`Sec-Fetch-Site`, else `Origin` against `Host`)."
     h = req.headers
-    if (site := h.get('sec-fetch-site')) is not None: return site not in ('same-origin', 'none')
-    if (origin := h.get('origin')) is None: return False
+    if (site := h.get('sec-fetch-site')) is not None:
+        return site not in ('same-origin', 'none')
+    if (origin := h.get('origin')) is None:
+        return False
     return origin == 'null' or urlsplit(origin).netloc != h.get('host')
 
 # %% ../nbs/52_csrf.ipynb #4637f20e

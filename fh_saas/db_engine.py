@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 class HostDatabaseConfigError(ValueError):
     "The `DB_*` settings cannot describe a host database."
 
+
 def url_from_env(env=None) -> URL:
     "The host database URL described by the `DB_*` variables in `env` (default: `os.environ`)."
     env = os.environ if env is None else env
@@ -29,26 +30,40 @@ def url_from_env(env=None) -> URL:
         return URL.create('sqlite', database=name if Path(name).suffix else f'{name}.db')
     if kind not in ('POSTGRESQL', 'POSTGRES'):
         raise HostDatabaseConfigError(f"DB_TYPE={kind!r} is not supported: use POSTGRESQL or SQLITE")
-    if not env.get('DB_PASS'): raise HostDatabaseConfigError("DB_PASS is required when DB_TYPE is POSTGRESQL")
+    if not env.get('DB_PASS'):
+        raise HostDatabaseConfigError("DB_PASS is required when DB_TYPE is POSTGRESQL")
     port = env.get('DB_PORT', '5432')
-    if not port.isdigit(): raise HostDatabaseConfigError(f"DB_PORT={port!r} is not a port number")
-    return URL.create('postgresql+psycopg2', env.get('DB_USER', 'postgres'), env['DB_PASS'],
-                      env.get('DB_HOST', 'localhost'), int(port), name)
+    if not port.isdigit():
+        raise HostDatabaseConfigError(f"DB_PORT={port!r} is not a port number")
+    return URL.create(
+        'postgresql+psycopg2',
+        env.get('DB_USER', 'postgres'),
+        env['DB_PASS'],
+        env.get('DB_HOST', 'localhost'),
+        int(port),
+        name,
+    )
+
 
 def env_count(name: str, default: int, env=None, minimum: int = 0) -> int:
     "The whole number (at least `minimum`) in the variable `name`, else `default`."
     value = (os.environ if env is None else env).get(name, '').strip()
-    if not value: return default
+    if not value:
+        return default
     if not value.isdigit() or int(value) < minimum:
         raise HostDatabaseConfigError(f"{name}={value!r} is not a whole number of at least {minimum}")
     return int(value)
 
+
 def env_flag(name: str, default: bool, env=None) -> bool:
     "The yes/no in the variable `name` (`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`), else `default`."
     value = (os.environ if env is None else env).get(name, '').strip().lower()
-    if not value: return default
-    if value in ('1', 'true', 'yes', 'on'): return True
-    if value in ('0', 'false', 'no', 'off'): return False
+    if not value:
+        return default
+    if value in ('1', 'true', 'yes', 'on'):
+        return True
+    if value in ('0', 'false', 'no', 'off'):
+        return False
     raise HostDatabaseConfigError(f"{name}={value!r}: use true or false")
 
 # %% ../nbs/01_db_engine.ipynb #32c4184c
@@ -62,7 +77,9 @@ def _sqlite_setup(engine):
         cur.close()
 
     @sa.event.listens_for(engine, 'begin')
-    def _begin(conn): conn.exec_driver_sql('BEGIN IMMEDIATE')
+    def _begin(conn):
+        conn.exec_driver_sql('BEGIN IMMEDIATE')
+
 
 def with_driver(url) -> URL:
     "`url`, a bare `postgresql://` one on psycopg2 when psycopg 3 (SQLAlchemy 2.1's default) is not installed."
@@ -70,6 +87,7 @@ def with_driver(url) -> URL:
     if url.drivername == 'postgresql' and importlib.util.find_spec('psycopg') is None:
         return url.set(drivername='postgresql+psycopg2')
     return url
+
 
 def _readable(fd: int) -> bool:
     "Whether socket `fd` has something to read (or has closed) right now, without waiting."
@@ -79,32 +97,43 @@ def _readable(fd: int) -> bool:
         return bool(p.poll(0))
     return bool(select.select([fd], [], [], 0)[0])
 
+
 def _check_on_checkout(engine):
     "Replace a pooled psycopg2 connection the server has closed: free, no round trip (see above)."
+
     @sa.event.listens_for(engine, 'checkout')
     def _checkout(dbapi_conn, record, proxy):
-        if dbapi_conn.closed or _readable(dbapi_conn.fileno()): raise sa.exc.DisconnectionError()
+        if dbapi_conn.closed or _readable(dbapi_conn.fileno()):
+            raise sa.exc.DisconnectionError()
 
-def make_engine(url,                            # a SQLAlchemy URL or string; bare `postgresql://` works
-                pool_size: int | None = None,   # pooled connections; default `DB_POOL_SIZE` (10)
-                max_overflow: int | None = None,  # connections beyond the pool; default `DB_MAX_OVERFLOW` (10)
-                **kw,                           # passed to `sqlalchemy.create_engine`
-               ) -> sa.Engine:
+
+def make_engine(
+    url,  # a SQLAlchemy URL or string; bare `postgresql://` works
+    pool_size: int | None = None,  # pooled connections; default `DB_POOL_SIZE` (10)
+    max_overflow: int | None = None,  # connections beyond the pool; default `DB_MAX_OVERFLOW` (10)
+    **kw,  # passed to `sqlalchemy.create_engine`
+) -> sa.Engine:
     "An engine for `url` with fh_saas's pool and SQLite settings; a `poolclass` (e.g. `NullPool`) replaces the pool."
     url = with_driver(url)
     if url.get_backend_name() == 'sqlite':
-        if pool_size is not None: kw.update(pool_size=pool_size, max_overflow=max_overflow or 0)
+        if pool_size is not None:
+            kw.update(pool_size=pool_size, max_overflow=max_overflow or 0)
         eng = sa.create_engine(url, **kw)
         _sqlite_setup(eng)
         return eng
     kw.setdefault('pool_pre_ping', env_flag('DB_POOL_PRE_PING', False))
     # fh_saas stores no hstore: skip psycopg2's look-up of its type ids, a query on every new connection
-    if url.get_driver_name() == 'psycopg2': kw.setdefault('use_native_hstore', False)
+    if url.get_driver_name() == 'psycopg2':
+        kw.setdefault('use_native_hstore', False)
     if 'poolclass' not in kw:
-        kw.update(pool_size=pool_size or env_count('DB_POOL_SIZE', 10, minimum=1), pool_recycle=1800,
-                  max_overflow=max_overflow if max_overflow is not None else env_count('DB_MAX_OVERFLOW', 10))
+        kw.update(
+            pool_size=pool_size or env_count('DB_POOL_SIZE', 10, minimum=1),
+            pool_recycle=1800,
+            max_overflow=max_overflow if max_overflow is not None else env_count('DB_MAX_OVERFLOW', 10),
+        )
     eng = sa.create_engine(url, **kw)
-    if url.get_driver_name() == 'psycopg2': _check_on_checkout(eng)
+    if url.get_driver_name() == 'psycopg2':
+        _check_on_checkout(eng)
     return eng
 
 # %% ../nbs/01_db_engine.ipynb #32b46e25
@@ -114,10 +143,14 @@ def dialect_insert(conn, table: sa.Table):
 
 # %% ../nbs/01_db_engine.ipynb #4657c7ed
 def _engine_of(db) -> sa.Engine:
-    if isinstance(db, sa.Engine): return db
-    if isinstance(db, sa.Connection): return db.engine
-    if (eng := getattr(db, 'engine', None)) is not None: return eng
+    if isinstance(db, sa.Engine):
+        return db
+    if isinstance(db, sa.Connection):
+        return db.engine
+    if (eng := getattr(db, 'engine', None)) is not None:
+        return eng
     raise TypeError(f"no SQLAlchemy engine on {type(db).__name__}")
+
 
 def get_db_uri(db) -> str:
     "The full SQLAlchemy URL (password unmasked) of a `HostDatabase`, fastsql `Database`, engine or connection."

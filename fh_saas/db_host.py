@@ -33,155 +33,418 @@ from .db_pooled import RecordRefused
 from .db_upgrade import HostComponent, create_missing_indexes, missing_indexes, schema_version, schema_versions_t
 from .db_upgrade import upgrade_schema
 
-
 # %% ../nbs/04_db_host.ipynb #dfdea55a
-_all_ = ['UTCTimestamp', 'as_utc', 'gen_id', 'timestamp', 'utcnow', 'HostDatabaseConfigError', 'dialect_insert',
-          'env_count', 'env_flag', 'error_reason', 'get_db_uri', 'make_engine', 'url_from_env', 'BoundTable',
-          'DuplicateRecord', 'MissingReference', 'RecordRefused', 'NoConnectionBound', 'PooledDatabase',
-          'HostComponent', 'schema_version', 'schema_versions_t', 'upgrade_schema']
+_all_ = [
+    'UTCTimestamp',
+    'as_utc',
+    'gen_id',
+    'timestamp',
+    'utcnow',
+    'HostDatabaseConfigError',
+    'dialect_insert',
+    'env_count',
+    'env_flag',
+    'error_reason',
+    'get_db_uri',
+    'make_engine',
+    'url_from_env',
+    'BoundTable',
+    'DuplicateRecord',
+    'MissingReference',
+    'RecordRefused',
+    'NoConnectionBound',
+    'PooledDatabase',
+    'HostComponent',
+    'schema_version',
+    'schema_versions_t',
+    'upgrade_schema',
+]
 
 # %% ../nbs/04_db_host.ipynb #a1cba110
 def _model(cls):
     "Make `cls` a dataclass whose every field defaults to `UNSET`."
-    for name in cls.__annotations__: setattr(cls, name, UNSET)
+    for name in cls.__annotations__:
+        setattr(cls, name, UNSET)
     return dataclass(cls)
+
 
 @_model
 class GlobalUser:
     "Identity: who is this person? One row per human, across all tenants."
-    id: str; email: str; oauth_id: str; password_hash: str; stripe_cust_id: str; is_sys_admin: bool
-    created_at: str; last_login: str
-    name: str; is_active: bool; email_verified_at: str; password_changed_at: str; updated_at: str
+
+    id: str
+    email: str
+    oauth_id: str
+    password_hash: str
+    stripe_cust_id: str
+    is_sys_admin: bool
+    created_at: str
+    last_login: str
+    name: str
+    is_active: bool
+    email_verified_at: str
+    password_changed_at: str
+    updated_at: str
+
 
 @_model
 class TenantCatalog:
     "Registry: where is this tenant's database, and may it be reached?"
-    id: str; name: str; db_url: str; is_active: bool; plan_tier: str; created_at: str
-    status: str; server_id: str; db_name: str; db_role: str; schema_version: int; routing_version: int
-    updated_at: str; deleted_at: str
+
+    id: str
+    name: str
+    db_url: str
+    is_active: bool
+    plan_tier: str
+    created_at: str
+    status: str
+    server_id: str
+    db_name: str
+    db_role: str
+    schema_version: int
+    routing_version: int
+    updated_at: str
+    deleted_at: str
+
 
 @_model
 class Membership:
     "Router: which tenants can a user reach, and with which role?"
-    id: str; user_id: str; tenant_id: str; profile_id: str; meta_attributes: str; role: str; is_active: bool
-    created_at: str; invited_by: str; updated_at: str
+
+    id: str
+    user_id: str
+    tenant_id: str
+    profile_id: str
+    meta_attributes: str
+    role: str
+    is_active: bool
+    created_at: str
+    invited_by: str
+    updated_at: str
+
 
 @_model
 class Subscription:
     "Billing: is this tenant allowed to use the app? Amounts are integer cents."
-    id: str; tenant_id: str; stripe_sub_id: str; stripe_cust_id: str; plan_tier: str; status: str
-    current_period_end: str; cancel_at_period_end: bool; payment_type: str; amount_cents: int
-    product_name: str; trial_end: str; created_at: str
-    stripe_price_id: str; current_period_start: str; canceled_at: str; ended_at: str
-    last_event_created: int; last_event_id: str; updated_at: str
+
+    id: str
+    tenant_id: str
+    stripe_sub_id: str
+    stripe_cust_id: str
+    plan_tier: str
+    status: str
+    current_period_end: str
+    cancel_at_period_end: bool
+    payment_type: str
+    amount_cents: int
+    product_name: str
+    trial_end: str
+    created_at: str
+    stripe_price_id: str
+    current_period_start: str
+    canceled_at: str
+    ended_at: str
+    last_event_created: int
+    last_event_id: str
+    updated_at: str
+
 
 @_model
 class PricingPlan:
     "Pricing: a tier with its Stripe price ids; amounts in integer cents, `features`/`quotas` as JSON text."
-    id: str; name: str; description: str; stripe_price_monthly: str; stripe_price_yearly: str
-    amount_monthly: int; amount_yearly: int; currency: str; trial_days: int; features: str
-    tier_level: int; is_active: bool; sort_order: int; created_at: str
-    quotas: str; updated_at: str
+
+    id: str
+    name: str
+    description: str
+    stripe_price_monthly: str
+    stripe_price_yearly: str
+    amount_monthly: int
+    amount_yearly: int
+    currency: str
+    trial_days: int
+    features: str
+    tier_level: int
+    is_active: bool
+    sort_order: int
+    created_at: str
+    quotas: str
+    updated_at: str
+
 
 @_model
 class HostAuditLog:
     "Security: who changed what, as whom, from where. Append-only."
-    id: str; actor_user_id: str; event_type: str; target_id: str; details: str; ip_address: str; created_at: str
-    impersonator_user_id: str; tenant_id: str; request_id: str; user_agent: str
+
+    id: str
+    actor_user_id: str
+    event_type: str
+    target_id: str
+    details: str
+    ip_address: str
+    created_at: str
+    impersonator_user_id: str
+    tenant_id: str
+    request_id: str
+    user_agent: str
+
 
 @_model
 class SystemJob:
     "Background work: a durable queue row with its lease and retry state."
-    id: str; job_type: str; status: str; payload: str; error_log: str; created_at: str; completed_at: str
-    tenant_id: str; run_at: str; attempts: int; max_attempts: int; priority: int; dedupe_key: str
-    lease_until: str; locked_by: str; heartbeat_at: str; started_at: str; updated_at: str; result: str
+
+    id: str
+    job_type: str
+    status: str
+    payload: str
+    error_log: str
+    created_at: str
+    completed_at: str
+    tenant_id: str
+    run_at: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    dedupe_key: str
+    lease_until: str
+    locked_by: str
+    heartbeat_at: str
+    started_at: str
+    updated_at: str
+    result: str
+
 
 @_model
 class StripeWebhookEvent:
     "Inbox: one row per Stripe event id, so an event is applied exactly once."
-    id: str; event_id: str; event_type: str; status: str; payload_json: str; created_at: str
-    event_created: int; livemode: bool; object_id: str; tenant_id: str; attempts: int; last_error: str
-    processed_at: str; updated_at: str
+
+    id: str
+    event_id: str
+    event_type: str
+    status: str
+    payload_json: str
+    created_at: str
+    event_created: int
+    livemode: bool
+    object_id: str
+    tenant_id: str
+    attempts: int
+    last_error: str
+    processed_at: str
+    updated_at: str
 
 # %% ../nbs/04_db_host.ipynb #4dbd38f3
 host_metadata = sa.MetaData()
 
-def _id(): return sa.Column('id', sa.String(64), primary_key=True, default=gen_id)
-def _created(): return sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp)
-def _updated(): return sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp)
+
+def _id():
+    return sa.Column('id', sa.String(64), primary_key=True, default=gen_id)
+
+
+def _created():
+    return sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp)
+
+
+def _updated():
+    return sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp)
+
+
 def _flag(name, on):
     return sa.Column(name, sa.Boolean, nullable=False, default=on, server_default=sa.true() if on else sa.false())
-def _int(name, n=0): return sa.Column(name, sa.Integer, nullable=False, default=n, server_default=str(n))
-def _ts(name): return sa.Column(name, UTCTimestamp())
-def _str(name, n=255, **kw): return sa.Column(name, sa.String(n), **kw)
-def _text(name): return sa.Column(name, sa.Text)
-def _where_set(col): return dict(sqlite_where=col.isnot(None), postgresql_where=col.isnot(None))
 
-users_t = sa.Table('core_users', host_metadata, _id(),
-    _str('email', 320, nullable=False), _str('oauth_id'), _text('password_hash'), _str('stripe_cust_id'),
-    _flag('is_sys_admin', False), _created(), _ts('last_login'),
-    _str('name'), _flag('is_active', True), _ts('email_verified_at'), _ts('password_changed_at'), _updated())
+
+def _int(name, n=0):
+    return sa.Column(name, sa.Integer, nullable=False, default=n, server_default=str(n))
+
+
+def _ts(name):
+    return sa.Column(name, UTCTimestamp())
+
+
+def _str(name, n=255, **kw):
+    return sa.Column(name, sa.String(n), **kw)
+
+
+def _text(name):
+    return sa.Column(name, sa.Text)
+
+
+def _where_set(col):
+    return dict(sqlite_where=col.isnot(None), postgresql_where=col.isnot(None))
+
+
+users_t = sa.Table(
+    'core_users',
+    host_metadata,
+    _id(),
+    _str('email', 320, nullable=False),
+    _str('oauth_id'),
+    _text('password_hash'),
+    _str('stripe_cust_id'),
+    _flag('is_sys_admin', False),
+    _created(),
+    _ts('last_login'),
+    _str('name'),
+    _flag('is_active', True),
+    _ts('email_verified_at'),
+    _ts('password_changed_at'),
+    _updated(),
+)
 sa.Index('ux_core_users_email', sa.func.lower(users_t.c.email), unique=True)
 sa.Index('ux_core_users_oauth_id', users_t.c.oauth_id, unique=True, **_where_set(users_t.c.oauth_id))
 
-tenants_t = sa.Table('core_tenants', host_metadata, _id(),
-    _str('name', nullable=False), _text('db_url'), _flag('is_active', True), _str('plan_tier', 64), _created(),
-    _str('status', 16, nullable=False, default='active', server_default='active'), _str('server_id', 64),
-    _str('db_name', 63), _str('db_role', 63), _int('schema_version'), _int('routing_version'), _updated(),
-    _ts('deleted_at'))
+tenants_t = sa.Table(
+    'core_tenants',
+    host_metadata,
+    _id(),
+    _str('name', nullable=False),
+    _text('db_url'),
+    _flag('is_active', True),
+    _str('plan_tier', 64),
+    _created(),
+    _str('status', 16, nullable=False, default='active', server_default='active'),
+    _str('server_id', 64),
+    _str('db_name', 63),
+    _str('db_role', 63),
+    _int('schema_version'),
+    _int('routing_version'),
+    _updated(),
+    _ts('deleted_at'),
+)
 sa.Index('ix_core_tenants_status', tenants_t.c.status)
 
-memberships_t = sa.Table('core_memberships', host_metadata, _id(),
+memberships_t = sa.Table(
+    'core_memberships',
+    host_metadata,
+    _id(),
     sa.Column('user_id', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), nullable=False),
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), nullable=False),
-    _str('profile_id', 64), _text('meta_attributes'),
+    _str('profile_id', 64),
+    _text('meta_attributes'),
     _str('role', 32, nullable=False, default='member', server_default='member'),
-    _flag('is_active', True), _created(), _str('invited_by', 64), _updated())
+    _flag('is_active', True),
+    _created(),
+    _str('invited_by', 64),
+    _updated(),
+)
 sa.Index('ux_core_memberships_user_tenant', memberships_t.c.user_id, memberships_t.c.tenant_id, unique=True)
 sa.Index('ix_core_memberships_tenant', memberships_t.c.tenant_id)
 
-subscriptions_t = sa.Table('core_subscriptions', host_metadata, _id(),
+subscriptions_t = sa.Table(
+    'core_subscriptions',
+    host_metadata,
+    _id(),
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), nullable=False),
-    _str('stripe_sub_id'), _str('stripe_cust_id'), _str('plan_tier', 64), _str('status', 32), _ts('current_period_end'),
-    _flag('cancel_at_period_end', False), _str('payment_type', 32), sa.Column('amount_cents', sa.BigInteger),
-    _str('product_name'), _ts('trial_end'), _created(),
-    _str('stripe_price_id'), _ts('current_period_start'), _ts('canceled_at'), _ts('ended_at'),
-    sa.Column('last_event_created', sa.BigInteger), _str('last_event_id'), _updated())
-sa.Index('ux_core_subscriptions_stripe_sub_id', subscriptions_t.c.stripe_sub_id, unique=True,
-         **_where_set(subscriptions_t.c.stripe_sub_id))
+    _str('stripe_sub_id'),
+    _str('stripe_cust_id'),
+    _str('plan_tier', 64),
+    _str('status', 32),
+    _ts('current_period_end'),
+    _flag('cancel_at_period_end', False),
+    _str('payment_type', 32),
+    sa.Column('amount_cents', sa.BigInteger),
+    _str('product_name'),
+    _ts('trial_end'),
+    _created(),
+    _str('stripe_price_id'),
+    _ts('current_period_start'),
+    _ts('canceled_at'),
+    _ts('ended_at'),
+    sa.Column('last_event_created', sa.BigInteger),
+    _str('last_event_id'),
+    _updated(),
+)
+sa.Index(
+    'ux_core_subscriptions_stripe_sub_id',
+    subscriptions_t.c.stripe_sub_id,
+    unique=True,
+    **_where_set(subscriptions_t.c.stripe_sub_id),
+)
 sa.Index('ix_core_subscriptions_tenant', subscriptions_t.c.tenant_id)
 
-plans_t = sa.Table('core_pricing_plans', host_metadata, _id(),
-    _str('name', nullable=False), _text('description'), _str('stripe_price_monthly'), _str('stripe_price_yearly'),
-    sa.Column('amount_monthly', sa.BigInteger), sa.Column('amount_yearly', sa.BigInteger),
-    _str('currency', 3, nullable=False, default='usd', server_default='usd'), _int('trial_days', 30),
-    sa.Column('features', sa.Text, nullable=False, default='[]', server_default='[]'), _int('tier_level', 1),
-    _flag('is_active', True), _int('sort_order'), _created(),
-    sa.Column('quotas', sa.Text, nullable=False, default='{}', server_default='{}'), _updated())
+plans_t = sa.Table(
+    'core_pricing_plans',
+    host_metadata,
+    _id(),
+    _str('name', nullable=False),
+    _text('description'),
+    _str('stripe_price_monthly'),
+    _str('stripe_price_yearly'),
+    sa.Column('amount_monthly', sa.BigInteger),
+    sa.Column('amount_yearly', sa.BigInteger),
+    _str('currency', 3, nullable=False, default='usd', server_default='usd'),
+    _int('trial_days', 30),
+    sa.Column('features', sa.Text, nullable=False, default='[]', server_default='[]'),
+    _int('tier_level', 1),
+    _flag('is_active', True),
+    _int('sort_order'),
+    _created(),
+    sa.Column('quotas', sa.Text, nullable=False, default='{}', server_default='{}'),
+    _updated(),
+)
 
-audit_t = sa.Table('sys_audit_logs', host_metadata, _id(),
-    _str('actor_user_id', 64), _str('event_type', 64, nullable=False), _str('target_id'), _text('details'),
-    _str('ip_address', 45), _created(),
-    _str('impersonator_user_id', 64), _str('tenant_id', 64), _str('request_id', 64), _str('user_agent', 512))
+audit_t = sa.Table(
+    'sys_audit_logs',
+    host_metadata,
+    _id(),
+    _str('actor_user_id', 64),
+    _str('event_type', 64, nullable=False),
+    _str('target_id'),
+    _text('details'),
+    _str('ip_address', 45),
+    _created(),
+    _str('impersonator_user_id', 64),
+    _str('tenant_id', 64),
+    _str('request_id', 64),
+    _str('user_agent', 512),
+)
 sa.Index('ix_sys_audit_logs_tenant_created', audit_t.c.tenant_id, audit_t.c.created_at)
 sa.Index('ix_sys_audit_logs_actor_created', audit_t.c.actor_user_id, audit_t.c.created_at)
 sa.Index('ix_sys_audit_logs_type_created', audit_t.c.event_type, audit_t.c.created_at)
 
-jobs_t = sa.Table('sys_jobs', host_metadata, _id(),
-    _str('job_type', 64, nullable=False), _str('status', 16, nullable=False, default='queued', server_default='queued'),
-    _text('payload'), _text('error_log'), _created(), _ts('completed_at'),
-    _str('tenant_id', 64), _ts('run_at'), _int('attempts'), _int('max_attempts', 5), _int('priority'),
-    _str('dedupe_key'), _ts('lease_until'), _str('locked_by', 128), _ts('heartbeat_at'), _ts('started_at'),
-    _updated(), _text('result'))
+jobs_t = sa.Table(
+    'sys_jobs',
+    host_metadata,
+    _id(),
+    _str('job_type', 64, nullable=False),
+    _str('status', 16, nullable=False, default='queued', server_default='queued'),
+    _text('payload'),
+    _text('error_log'),
+    _created(),
+    _ts('completed_at'),
+    _str('tenant_id', 64),
+    _ts('run_at'),
+    _int('attempts'),
+    _int('max_attempts', 5),
+    _int('priority'),
+    _str('dedupe_key'),
+    _ts('lease_until'),
+    _str('locked_by', 128),
+    _ts('heartbeat_at'),
+    _ts('started_at'),
+    _updated(),
+    _text('result'),
+)
 sa.Index('ix_sys_jobs_status_run_at', jobs_t.c.status, jobs_t.c.run_at)
 sa.Index('ux_sys_jobs_dedupe_key', jobs_t.c.dedupe_key, unique=True, **_where_set(jobs_t.c.dedupe_key))
 
-webhook_events_t = sa.Table('core_stripe_webhook_events', host_metadata, _id(),
-    _str('event_id', nullable=False), _str('event_type', 128, nullable=False), _str('status', 32, nullable=False),
-    _text('payload_json'), _created(),
-    sa.Column('event_created', sa.BigInteger), sa.Column('livemode', sa.Boolean), _str('object_id'),
+webhook_events_t = sa.Table(
+    'core_stripe_webhook_events',
+    host_metadata,
+    _id(),
+    _str('event_id', nullable=False),
+    _str('event_type', 128, nullable=False),
+    _str('status', 32, nullable=False),
+    _text('payload_json'),
+    _created(),
+    sa.Column('event_created', sa.BigInteger),
+    sa.Column('livemode', sa.Boolean),
+    _str('object_id'),
     _str('tenant_id', 64),
-    _int('attempts'), _text('last_error'), _ts('processed_at'), _updated())
+    _int('attempts'),
+    _text('last_error'),
+    _ts('processed_at'),
+    _updated(),
+)
 sa.Index('ux_core_stripe_webhook_events_event_id', webhook_events_t.c.event_id, unique=True)
 sa.Index('ix_core_stripe_webhook_events_status', webhook_events_t.c.status)
 
@@ -190,6 +453,7 @@ def normalize_email(email: str | None) -> str:
     "`email` as it is stored and compared: trimmed, NFKC-normalised and case-folded (idempotent)."
     return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', (email or '').strip()).casefold())
 
+
 def email_is(column, email: str | None):
     "The SQL condition: the email stored in `column` is `email` (normalised), through the `lower(email)` index."
     return sa.func.lower(column) == sa.func.lower(normalize_email(email))
@@ -197,14 +461,16 @@ def email_is(column, email: str | None):
 # %% ../nbs/04_db_host.ipynb #bf3fbfdb
 HOST_SCHEMA_VERSION = 4
 
+
 def _backfill_tenant_status(conn):
     conn.execute(tenants_t.update().where(tenants_t.c.is_active == sa.false()).values(status='suspended'))
+
 
 def _text_times(conn, t: sa.Table) -> list[str]:
     "The columns of `t` that hold instants as text: all of them on SQLite, those fh-saas 0.9 made on PostgreSQL."
     stored = {c['name']: c['type'] for c in sa.inspect(conn).get_columns(t.name)}
-    return [c.name for c in t.columns
-            if isinstance(c.type, UTCTimestamp) and isinstance(stored.get(c.name), sa.String)]
+    return [c.name for c in t.columns if isinstance(c.type, UTCTimestamp) and isinstance(stored.get(c.name), sa.String)]
+
 
 def _utc_times(conn):
     "fh-saas 0.9 stored naive UTC times: rewrite each as the aware, fixed-width text every other row holds."
@@ -218,6 +484,7 @@ def _utc_times(conn):
                 keys = [raw.c[c.name] == row[c.name] for c in t.primary_key]
                 conn.execute(raw.update().where(*keys).values({name: stored_utc(row[name])}))
 
+
 def _shared_emails(conn) -> list[tuple[str, str]]:
     "(email, user ids) of the emails that several users share in some letter case."
     email = sa.func.lower(users_t.c.email)
@@ -225,54 +492,74 @@ def _shared_emails(conn) -> list[tuple[str, str]]:
     rows = conn.execute(sa.select(email, users_t.c.id).where(email.in_(shared)).order_by(email, users_t.c.id)).all()
     return [(e, ', '.join(r.id for r in group)) for e, group in itertools.groupby(rows, key=lambda r: r[0])]
 
+
 class EmailsCollide(RuntimeError):
     "Stored emails that become one address once normalised: the upgrade stops rather than merge accounts."
+
 
 def _normalize_emails(conn):
     """Store every user's email as `normalize_email` makes it; `EmailsCollide`, changing nothing, when that would give
     two users one address. Users that already share an email in some letter case (fh-saas 0.9 allowed it) are left
     to `host_doctor`, as before."""
     shared = {uid for _, ids in _shared_emails(conn) for uid in ids.split(', ')}
-    rows = [r for r in conn.execute(sa.select(users_t.c.id, users_t.c.email).order_by(users_t.c.id))
-            if r.id not in shared]
+    rows = [
+        r for r in conn.execute(sa.select(users_t.c.id, users_t.c.email).order_by(users_t.c.id)) if r.id not in shared
+    ]
     by_email = {}
-    for r in rows: by_email.setdefault(normalize_email(r.email), []).append(r)
+    for r in rows:
+        by_email.setdefault(normalize_email(r.email), []).append(r)
     if clash := {e: rs for e, rs in by_email.items() if len(rs) > 1}:
         named = '; '.join(f"{e}: " + ', '.join(f"user {r.id} ({r.email})" for r in rs) for e, rs in clash.items())
-        raise EmailsCollide(f"the host database was not upgraded: these users' emails are one address once letter "
-                            f"case and Unicode forms are ignored: {named}. Give all but one of each another email "
-                            "address (or merge them), then start again.")
+        raise EmailsCollide(
+            f"the host database was not upgraded: these users' emails are one address once letter "
+            f"case and Unicode forms are ignored: {named}. Give all but one of each another email "
+            "address (or merge them), then start again."
+        )
     for r in rows:
         if (e := normalize_email(r.email)) != r.email:
             conn.execute(users_t.update().where(users_t.c.id == r.id).values(email=e))
+
 
 HOST_SCHEMA_STEPS = {2: _backfill_tenant_status, 3: _utc_times, 4: _normalize_emails}
 
 # %% ../nbs/04_db_host.ipynb #0fddd977
 host_components: dict[str, HostComponent] = {}
 
+
 def register_component(component: HostComponent) -> HostComponent:
     "Register `component`; upgrade the open host database (if any) to it now."
     host_components[component.name] = component
-    if (inst := HostDatabase._instance) is not None: component.upgrade(inst.engine)
+    if (inst := HostDatabase._instance) is not None:
+        component.upgrade(inst.engine)
     return component
 
 # %% ../nbs/04_db_host.ipynb #42dac961
 class HostDatabaseUnavailable(ConnectionError):
     "The host database server could not be reached."
 
-_TABLES = dict(global_users=(users_t, GlobalUser), tenants=(tenants_t, TenantCatalog),
-               memberships=(memberships_t, Membership), subscriptions=(subscriptions_t, Subscription),
-               pricing_plans=(plans_t, PricingPlan), audit_logs=(audit_t, HostAuditLog),
-               system_jobs=(jobs_t, SystemJob), webhook_events=(webhook_events_t, StripeWebhookEvent))
+
+_TABLES = dict(
+    global_users=(users_t, GlobalUser),
+    tenants=(tenants_t, TenantCatalog),
+    memberships=(memberships_t, Membership),
+    subscriptions=(subscriptions_t, Subscription),
+    pricing_plans=(plans_t, PricingPlan),
+    audit_logs=(audit_t, HostAuditLog),
+    system_jobs=(jobs_t, SystemJob),
+    webhook_events=(webhook_events_t, StripeWebhookEvent),
+)
+
 
 def _describe(url: URL) -> str:
     "Where `url` points, without its password."
-    if url.get_backend_name() == 'sqlite': return f"sqlite file {url.database}"
+    if url.get_backend_name() == 'sqlite':
+        return f"sqlite file {url.database}"
     return f"{url.host}:{url.port or 5432}/{url.database} as {url.username}"
+
 
 class HostDatabase:
     "Singleton connection manager for the host database."
+
     _instance, _lock = None, threading.Lock()
 
     def __new__(cls, db_url=None):
@@ -280,8 +567,10 @@ class HostDatabase:
         with cls._lock:
             if (inst := cls._instance) is not None:
                 if db_url is not None and inst.url != make_url(db_url):
-                    raise RuntimeError(f"HostDatabase is already open on {_describe(inst.url)}; "
-                                       "call close() and reset_instance() first")
+                    raise RuntimeError(
+                        f"HostDatabase is already open on {_describe(inst.url)}; "
+                        "call close() and reset_instance() first"
+                    )
                 return inst
             url = make_url(db_url) if db_url is not None else url_from_env()
             inst = super().__new__(cls)
@@ -292,15 +581,19 @@ class HostDatabase:
     def _open(self, url: URL):
         self.url, self.engine = url, make_engine(url)
         try:
-            with self.engine.connect() as c: c.exec_driver_sql('SELECT 1')
+            with self.engine.connect() as c:
+                c.exec_driver_sql('SELECT 1')
         except sa.exc.OperationalError as e:
             self.engine.dispose()
             raise HostDatabaseUnavailable(
-                f"cannot reach the host database at {_describe(url)}: {error_reason(e)}") from None
+                f"cannot reach the host database at {_describe(url)}: {error_reason(e)}"
+            ) from None
         upgrade_schema(self.engine, 'core', host_metadata, HOST_SCHEMA_VERSION, HOST_SCHEMA_STEPS)
-        for comp in list(host_components.values()): comp.upgrade(self.engine)
+        for comp in list(host_components.values()):
+            comp.upgrade(self.engine)
         self.db = PooledDatabase(self.engine, host_metadata)
-        for attr, (tbl, cls) in _TABLES.items(): setattr(self, attr, self.bind(tbl, cls))
+        for attr, (tbl, cls) in _TABLES.items():
+            setattr(self, attr, self.bind(tbl, cls))
 
     @property
     def tenant_catalogs(self) -> BoundTable:
@@ -332,18 +625,22 @@ class HostDatabase:
         """A connection for one statement that is atomic by itself: autocommitted on PostgreSQL (no `BEGIN` and
         `COMMIT` round trips), the current transaction inside `transaction()`, a transaction of its own on SQLite."""
         if self.in_transaction or self.engine.dialect.name != 'postgresql':
-            with self.transaction() as conn: yield conn
+            with self.transaction() as conn:
+                yield conn
             return
         with self.engine.connect() as conn:
             # the driver's own switch is free while the session keeps the server's default level; SQLAlchemy's
             # `isolation_level='AUTOCOMMIT'` sets the level back explicitly on return, and psycopg2 then sends `SET`s
             # at every switch, so a level set explicitly goes back to the default (the one SQLAlchemy read at connect)
             raw = conn.connection.dbapi_connection
-            if raw.isolation_level is not None: raw.isolation_level = None
+            if raw.isolation_level is not None:
+                raw.isolation_level = None
             raw.autocommit = True
-            try: yield conn
+            try:
+                yield conn
             finally:
-                if not raw.closed: raw.autocommit = False   # a connection the server dropped is discarded as it is
+                if not raw.closed:
+                    raw.autocommit = False  # a connection the server dropped is discarded as it is
 
     def q(self, sql: str, **params) -> list[dict]:
         "Raw SQL with named parameters, in the current scope or its own; rows as dicts."
@@ -351,7 +648,8 @@ class HostDatabase:
 
     def commit(self):
         "Kept from the original API: every call outside `transaction()` has already committed."
-        if self.in_transaction: raise RuntimeError("inside host_db.transaction() the scope commits when it ends")
+        if self.in_transaction:
+            raise RuntimeError("inside host_db.transaction() the scope commits when it ends")
 
     def rollback(self):
         "Kept from the original API: nothing is pending outside `transaction()`; inside it, raise to roll back."
@@ -365,20 +663,25 @@ class HostDatabase:
     @classmethod
     def reset_instance(cls):
         "Forget the singleton (tests); call `close()` first to release its connections."
-        with cls._lock: cls._instance = None
+        with cls._lock:
+            cls._instance = None
 
-    def __repr__(self): return f"HostDatabase({_describe(self.url)})"
+    def __repr__(self):
+        return f"HostDatabase({_describe(self.url)})"
 
 # %% ../nbs/04_db_host.ipynb #a2be6432
 _MODELS = {table.name: cls for table, cls in _TABLES.values()}
+
 
 def _add_field(cls, name: str):
     "Give the model dataclass `cls` one more field, defaulting to `UNSET` like the others."
     cls.__annotations__[name] = str
     setattr(cls, name, UNSET)
     for generated in ('__init__', '__repr__', '__eq__', '__match_args__'):
-        if generated in cls.__dict__: delattr(cls, generated)
+        if generated in cls.__dict__:
+            delattr(cls, generated)
     dataclass(cls)
+
 
 def add_host_columns(table: sa.Table, *columns: sa.Column) -> HostComponent:
     "Add the app's `columns` to core `table`: created in the database, and fields of the table's model."
@@ -386,7 +689,8 @@ def add_host_columns(table: sa.Table, *columns: sa.Column) -> HostComponent:
         raise ValueError(f"{table.name!r} is not one of the host database's core tables")
     for col in columns:
         if col.name in table.c:
-            if table.c[col.name].info.get('app') and repr(table.c[col.name].type) == repr(col.type): continue
+            if table.c[col.name].info.get('app') and repr(table.c[col.name].type) == repr(col.type):
+                continue
             raise ValueError(f"{table.name} already has a column {col.name!r}")
         if col.primary_key or (not col.nullable and col.server_default is None):
             raise ValueError(f"{table.name}.{col.name}: an added column must be nullable or have a server default")
@@ -401,8 +705,12 @@ def host_doctor(host_db: HostDatabase, repair: bool = False) -> list[str]:
     "What keeps the host database from its integrity rules, each with what to do; `repair` adds the rules now possible."
     tables = [*host_metadata.sorted_tables, *(t for comp in host_components.values() for t in comp.tables)]
     missing = create_missing_indexes(host_db.engine, tables) if repair else missing_indexes(host_db.engine, tables)
-    with host_db.engine.connect() as conn: shared = _shared_emails(conn)
-    found = [f"users {ids} share the email {email}: merge them or change all but one, then run `fh-saas doctor "
-             "--repair`" for email, ids in shared]
-    return found + [f"index {name} is missing: run `fh-saas doctor --repair` once nothing above is left"
-                    for name in missing]
+    with host_db.engine.connect() as conn:
+        shared = _shared_emails(conn)
+    found = [
+        f"users {ids} share the email {email}: merge them or change all but one, then run `fh-saas doctor --repair`"
+        for email, ids in shared
+    ]
+    return found + [
+        f"index {name} is missing: run `fh-saas doctor --repair` once nothing above is left" for name in missing
+    ]

@@ -19,22 +19,35 @@ from fastsql import Database, DBTable
 # %% ../nbs/02_db_pooled.ipynb #4facb4d7
 class _ScopedConnection:
     "The scope's connection as fastsql sees it: `commit`/`rollback` are left to the enclosing scope."
-    def __init__(self, conn): self._conn = conn
-    def __getattr__(self, k): return getattr(self._conn, k)
-    def commit(self): pass
-    def rollback(self): pass
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def __getattr__(self, k):
+        return getattr(self._conn, k)
+
+    def commit(self):
+        pass
+
+    def rollback(self):
+        pass
+
 
 class NoConnectionBound(RuntimeError):
     "A table was used outside any connection scope."
 
+
 class _KnownTable(DBTable):
     "A fastsql table on a `Table` already reflected: made without fastsql's `create(checkfirst=True)` query."
+
     def __init__(self, table: sa.Table, db, cls):
         self.table, self.db, self.cls, self._exists = table, db, cls, True
         self.xtra_id, self.result = {}, []
 
+
 class PooledDatabase(Database):
     "A fastsql `Database` over a pooled engine: each call or transaction scope borrows its own connection."
+
     def __init__(self, engine: sa.Engine, metadata: sa.MetaData | None = None):
         self._engine, self.conn_str = engine, engine.url.render_as_string()
         self.meta = metadata or sa.MetaData()
@@ -63,24 +76,31 @@ class PooledDatabase(Database):
     def transaction(self):
         "A scope in which every call shares one connection and commits or rolls back together."
         if (outer := self._bound.get()) is not None:
-            with outer._conn.begin_nested(): yield outer._conn
+            with outer._conn.begin_nested():
+                yield outer._conn
             return
         with self._begin() as conn:
             token = self._bound.set(_ScopedConnection(conn))
-            try: yield conn
-            finally: self._bound.reset(token)
+            try:
+                yield conn
+            finally:
+                self._bound.reset(token)
 
     @contextmanager
     def joined(self, conn: sa.Connection):
         "A scope on `conn`, whose transaction its owner begins and ends: calls inside it share `conn`."
         token = self._bound.set(_ScopedConnection(conn))
-        try: yield conn
-        finally: self._bound.reset(token)
+        try:
+            yield conn
+        finally:
+            self._bound.reset(token)
 
     def run(self, f, *args, **kwargs):
         "Call `f` in the current transaction scope, or in a new one of its own; generators are materialised."
-        if self._bound.get() is not None: return self._call(f, *args, **kwargs)
-        with self.transaction(): return self._call(f, *args, **kwargs)
+        if self._bound.get() is not None:
+            return self._call(f, *args, **kwargs)
+        with self.transaction():
+            return self._call(f, *args, **kwargs)
 
     @staticmethod
     def _call(f, *args, **kwargs):
@@ -103,7 +123,8 @@ class PooledDatabase(Database):
     def table(self, nm: str, cls=None) -> DBTable:
         """fastsql's `table`; the first use of `nm` reflects it, once, in the current scope or in one of its own; a
         table already in `meta` (reflected before, with its columns) costs no query."""
-        if (tbl := self._tables.get(nm)) is not None: return tbl
+        if (tbl := self._tables.get(nm)) is not None:
+            return tbl
         with self._reflecting:
             if (known := self.meta.tables.get(nm)) is not None and len(known.columns):
                 tbl = self._tables[nm] = _KnownTable(known, self, cls or getattr(known, 'cls', None))
@@ -116,62 +137,95 @@ class PooledDatabase(Database):
 
     def _locked(self, f, *args, **kwargs):
         "`f` changing `meta`, one thread at a time; taken inside the scope, so no thread waits for the pool holding it."
-        with self._reflecting: return f(*args, **kwargs)
+        with self._reflecting:
+            return f(*args, **kwargs)
 
-    def table_names(self) -> list[str]: return self.run(super().table_names)
-    def view_names(self) -> list[str]: return self.run(super().view_names)
-    def schema(self) -> str: return self.run(super().schema)
-    def create_view(self, *args, **kwargs): return self.run(super().create_view, *args, **kwargs)
+    def table_names(self) -> list[str]:
+        return self.run(super().table_names)
 
-    def close(self): self._engine.dispose()
+    def view_names(self) -> list[str]:
+        return self.run(super().view_names)
+
+    def schema(self) -> str:
+        return self.run(super().schema)
+
+    def create_view(self, *args, **kwargs):
+        return self.run(super().create_view, *args, **kwargs)
+
+    def close(self):
+        self._engine.dispose()
 
 # %% ../nbs/02_db_pooled.ipynb #4830dad7
 class RecordRefused(Exception):
     "A write the schema's integrity rules refused; nothing was written."
 
+
 class DuplicateRecord(RecordRefused):
     "A write was refused by a unique rule of the schema; nothing was written."
+
 
 class MissingReference(RecordRefused):
     "A write named a record that does not exist, or removed one that others still name (a foreign key)."
 
+
 def _rule_name(msg: str) -> str:
     "The unique rule named in a driver's message: our `ux_` index or a primary key, else SQLite's column list."
-    if m := re.search(r'ux_\w+|\w+_pkey', msg): return m.group(0)
+    if m := re.search(r'ux_\w+|\w+_pkey', msg):
+        return m.group(0)
     m = re.search(r'UNIQUE constraint failed: ([\w.]+)', msg)
     return m.group(1) if m else 'unique key'
+
 
 def _refused(err: sa.exc.IntegrityError, table: str) -> Exception:
     "The kit's error for the rule `err` broke: `DuplicateRecord`, `MissingReference`, or `err` itself for another."
     msg = str(err.orig)
     if 'unique' in msg.lower():
         return DuplicateRecord(f"{table}: a record with the same {_rule_name(msg)} already exists")
-    if 'foreign key' not in msg.lower(): return err
-    if 'still referenced' in msg: return MissingReference(f"{table}: other records still refer to this one")
+    if 'foreign key' not in msg.lower():
+        return err
+    if 'still referenced' in msg:
+        return MissingReference(f"{table}: other records still refer to this one")
     if m := re.search(r'Key \((\w+)\)=.*? is not present in table "(\w+)"', msg):
         return MissingReference(f"{table}: its {m.group(1)} names no record of {m.group(2)}")
     return MissingReference(f"{table}: it names a record that does not exist, or others still refer to it")
 
+
 class BoundTable:
     "A fastsql table whose every call borrows a connection (or joins the current transaction)."
-    def __init__(self, pdb: PooledDatabase, tbl: DBTable): self._pdb, self._tbl = pdb, tbl
+
+    def __init__(self, pdb: PooledDatabase, tbl: DBTable):
+        self._pdb, self._tbl = pdb, tbl
 
     def _run(self, f, *args, **kwargs):
-        try: return self._pdb.run(f, *args, **kwargs)
+        try:
+            return self._pdb.run(f, *args, **kwargs)
         except sa.exc.IntegrityError as e:
             err = _refused(e, self._tbl.table.name)
-            if err is e: raise
+            if err is e:
+                raise
             raise err from None
 
-    def __call__(self, *args, **kwargs): return self._run(self._tbl, *args, **kwargs)
-    def __getitem__(self, key): return self._run(self._tbl.__getitem__, key)
-    def __contains__(self, key): return self._run(self._tbl.__contains__, key)
-    def __len__(self): return self._run(len, self._tbl)
-    def __repr__(self): return repr(self._tbl)
+    def __call__(self, *args, **kwargs):
+        return self._run(self._tbl, *args, **kwargs)
+
+    def __getitem__(self, key):
+        return self._run(self._tbl.__getitem__, key)
+
+    def __contains__(self, key):
+        return self._run(self._tbl.__contains__, key)
+
+    def __len__(self):
+        return self._run(len, self._tbl)
+
+    def __repr__(self):
+        return repr(self._tbl)
 
     def __getattr__(self, name):
-        if name.startswith('_'): raise AttributeError(name)
-        if isinstance(getattr(type(self._tbl), name, None), property): return self._run(getattr, self._tbl, name)
+        if name.startswith('_'):
+            raise AttributeError(name)
+        if isinstance(getattr(type(self._tbl), name, None), property):
+            return self._run(getattr, self._tbl, name)
         attr = getattr(self._tbl, name)
-        if not callable(attr): return attr
+        if not callable(attr):
+            return attr
         return lambda *args, **kwargs: self._run(attr, *args, **kwargs)

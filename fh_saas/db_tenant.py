@@ -36,15 +36,19 @@ from .master_key import cipher, role_password, role_passwords, secret_key
 # %% ../nbs/12_db_tenant.ipynb #06561525
 TENANT_ID_PATTERN = re.compile(r'[a-z][a-z0-9_]{2,39}')
 
+
 class InvalidTenantId(ValueError):
     "A tenant id that does not match `TENANT_ID_PATTERN`."
+
 
 def check_tenant_id(tenant_id) -> str:
     "`tenant_id` if it matches `TENANT_ID_PATTERN`, else `InvalidTenantId`."
     if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
-        raise InvalidTenantId(f"invalid tenant id {str(tenant_id)[:60]!r}: "
-                              "use 3-40 characters a-z, 0-9, _ starting with a letter")
+        raise InvalidTenantId(
+            f"invalid tenant id {str(tenant_id)[:60]!r}: use 3-40 characters a-z, 0-9, _ starting with a letter"
+        )
     return tenant_id
+
 
 def tenant_db_name(tenant_id: str) -> str:
     "The database (and login role) name of a tenant on PostgreSQL."
@@ -54,11 +58,14 @@ def tenant_db_name(tenant_id: str) -> str:
 class TenantNotFound(LookupError):
     "No catalog row has this tenant id."
 
+
 class TenantUnavailable(RuntimeError):
     "The tenant exists but its status does not allow the request."
+
     def __init__(self, tenant_id: str, status: str):
         super().__init__(f"tenant {tenant_id!r} is {status}")
         self.tenant_id, self.status = tenant_id, status
+
 
 class TenantConfigError(RuntimeError):
     "Settings needed for tenant databases are missing or wrong."
@@ -73,20 +80,27 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     server_key = hmac.new(salted, b'Server Key', hashlib.sha256).digest()
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
+
 def encrypt_secret(value: str) -> str:
     "`value` encrypted with a key derived from the master key (for server admin passwords in the catalog)."
     return cipher('db-server-admin').encrypt(value.encode()).decode()
 
+
 def decrypt_secret(token: str) -> str:
     "The value `encrypt_secret` encrypted into `token`, under the current or a previous master key."
-    try: return cipher('db-server-admin').decrypt(token.encode()).decode()
+    try:
+        return cipher('db-server-admin').decrypt(token.encode()).decode()
     except InvalidToken:
-        raise TenantConfigError("a stored secret decrypts under none of the master keys: keep the key it was encrypted "
-                                "under in FH_SAAS_PREVIOUS_SECRET_KEYS until `fh-saas secret rotate` has run") from None
+        raise TenantConfigError(
+            "a stored secret decrypts under none of the master keys: keep the key it was encrypted "
+            "under in FH_SAAS_PREVIOUS_SECRET_KEYS until `fh-saas secret rotate` has run"
+        ) from None
 
 # %% ../nbs/12_db_tenant.ipynb #7db45195
 _meta = sa.MetaData()
-db_servers_t = sa.Table('core_db_servers', _meta,
+db_servers_t = sa.Table(
+    'core_db_servers',
+    _meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
     sa.Column('name', sa.String(64), nullable=False, unique=True),
     sa.Column('host', sa.String(255), nullable=False),
@@ -97,61 +111,105 @@ db_servers_t = sa.Table('core_db_servers', _meta,
     sa.Column('max_tenants', sa.Integer, nullable=False, default=500),
     sa.Column('is_active', sa.Boolean, nullable=False, default=True),
     sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp),
-    sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp))
-install_t = sa.Table('core_install', _meta,
+    sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp),
+)
+install_t = sa.Table(
+    'core_install',
+    _meta,
     sa.Column('one', sa.Integer, sa.CheckConstraint('one = 1', name='ck_core_install_one'), primary_key=True),
     sa.Column('install_id', sa.String(32), nullable=False),
-    sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp))
+    sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp),
+)
+
 
 def _make_install_id(conn):
     "db_tenant v2: this install's random id, made once (the single row's primary key is 1)."
     if conn.execute(sa.select(install_t.c.one)).first() is None:
         conn.execute(install_t.insert().values(one=1, install_id=gen_id(), created_at=timestamp()))
 
+
 register_component(HostComponent('db_tenant', _meta, 2, [db_servers_t, install_t], steps={2: _make_install_id}))
 
-def add_db_server(host_db, name: str, host: str, admin_password: str, port: int = 5432, admin_user: str = 'postgres',
-                  admin_db: str = 'postgres', max_tenants: int = 500) -> dict:
+
+def add_db_server(
+    host_db,
+    name: str,
+    host: str,
+    admin_password: str,
+    port: int = 5432,
+    admin_user: str = 'postgres',
+    admin_db: str = 'postgres',
+    max_tenants: int = 500,
+) -> dict:
     "Register a PostgreSQL server for tenant databases; the admin password is stored encrypted."
-    row = dict(id=gen_id(), name=name, host=host, port=int(port), admin_user=admin_user, admin_db=admin_db,
-               admin_password_enc=encrypt_secret(admin_password), max_tenants=max_tenants, is_active=True)
-    with host_db.transaction() as conn: conn.execute(db_servers_t.insert().values(**row))
+    row = dict(
+        id=gen_id(),
+        name=name,
+        host=host,
+        port=int(port),
+        admin_user=admin_user,
+        admin_db=admin_db,
+        admin_password_enc=encrypt_secret(admin_password),
+        max_tenants=max_tenants,
+        is_active=True,
+    )
+    with host_db.transaction() as conn:
+        conn.execute(db_servers_t.insert().values(**row))
     return db_server(host_db, row['id'])
+
 
 def db_server(host_db, server_id: str) -> dict:
     "The server row `server_id` as a dict."
     with host_db.transaction() as conn:
         row = conn.execute(sa.select(db_servers_t).where(db_servers_t.c.id == server_id)).mappings().first()
-    if row is None: raise LookupError(f"no database server {server_id!r}")
+    if row is None:
+        raise LookupError(f"no database server {server_id!r}")
     return dict(row)
+
 
 def server_admin_url(server: dict, database: str | None = None) -> URL:
     "The admin URL (with password) of `server`, on its admin database or on `database`."
-    return URL.create('postgresql+psycopg2', server['admin_user'], decrypt_secret(server['admin_password_enc']),
-                      server['host'], server['port'], database or server['admin_db'])
+    return URL.create(
+        'postgresql+psycopg2',
+        server['admin_user'],
+        decrypt_secret(server['admin_password_enc']),
+        server['host'],
+        server['port'],
+        database or server['admin_db'],
+    )
 
 # %% ../nbs/12_db_tenant.ipynb #5b7c2e14
 MARK_PREFIX = 'fh_saas install '
 
+
 def install_mark(host_db) -> str:
     "The comment that marks a role or database on a tenant server as this install's: `fh_saas install <its id>`."
-    with host_db.transaction() as conn: install_id = conn.execute(sa.select(install_t.c.install_id)).scalar_one()
+    with host_db.transaction() as conn:
+        install_id = conn.execute(sa.select(install_t.c.install_id)).scalar_one()
     return MARK_PREFIX + install_id
+
 
 class ForeignDatabaseObject(RuntimeError):
     "A role or database on a tenant server that this install did not make: fh_saas neither adopts nor drops it."
+
     def __init__(self, kind: str, name: str, server: str, mark: str | None):
         what, rule = f"{kind} {name!r} on server {server!r}", "fh_saas adopts only what this install made"
         if mark is None:
-            says = (f"{what} carries no fh_saas install mark: {rule}; use another tenant id, or drop the {kind} on "
-                    "the server if nothing needs it; if this install made it before fh_saas marked what it makes, "
-                    "run `fh-saas tenants mark` once")
+            says = (
+                f"{what} carries no fh_saas install mark: {rule}; use another tenant id, or drop the {kind} on "
+                "the server if nothing needs it; if this install made it before fh_saas marked what it makes, "
+                "run `fh-saas tenants mark` once"
+            )
         elif mark.startswith(MARK_PREFIX):
-            says = (f"{what} is another fh_saas install's: {rule}; use another tenant id here (installs that share a "
-                    "server must not share tenant ids)")
+            says = (
+                f"{what} is another fh_saas install's: {rule}; use another tenant id here (installs that share a "
+                "server must not share tenant ids)"
+            )
         else:
-            says = (f"{what} has a comment that is no fh_saas install mark: {rule}; use another tenant id, or clear "
-                    f"the comment (COMMENT ON {kind.upper()} ... IS NULL) if this install made it")
+            says = (
+                f"{what} has a comment that is no fh_saas install mark: {rule}; use another tenant id, or clear "
+                f"the comment (COMMENT ON {kind.upper()} ... IS NULL) if this install made it"
+            )
         super().__init__(says)
         self.kind, self.name, self.server = kind, name, server
 
@@ -159,87 +217,120 @@ class ForeignDatabaseObject(RuntimeError):
 def tenant_row(host_db, tenant_id: str, lock: bool = False) -> TenantCatalog:
     "The catalog row of `tenant_id` (validated first), or `TenantNotFound`; `lock` holds it until the transaction ends."
     q = sa.select(tenants_t).where(tenants_t.c.id == check_tenant_id(tenant_id))
-    with host_db.transaction() as conn: row = conn.execute(q.with_for_update() if lock else q).mappings().first()
-    if row is None: raise TenantNotFound(f"no tenant {tenant_id!r}")
+    with host_db.transaction() as conn:
+        row = conn.execute(q.with_for_update() if lock else q).mappings().first()
+    if row is None:
+        raise TenantNotFound(f"no tenant {tenant_id!r}")
     return TenantCatalog(**row)
 
+
 def _entry(host_db, tenant_id: str):
-    with host_db.transaction() as conn: row = catalog_entry(conn, tenant_id)
-    if row is None: raise TenantNotFound(f"no tenant {tenant_id!r}")
+    with host_db.transaction() as conn:
+        row = catalog_entry(conn, tenant_id)
+    if row is None:
+        raise TenantNotFound(f"no tenant {tenant_id!r}")
     return row
+
 
 def tenant_url(host_db, tenant_id: str) -> URL:
     "The usable URL of `tenant_id`'s database, with the current-key password on PostgreSQL. Never log it."
     return entry_url(_entry(host_db, tenant_id))
 
+
 def tenant_engine(host_db, tenant_id: str, **kwargs) -> sa.Engine:
     "An engine (`make_engine` with `kwargs`) on `tenant_id`'s database; see `entry_engine`."
     return entry_engine(_entry(host_db, tenant_id), **kwargs)
 
+
 CATALOG_TENANT_FIELDS = ('id', 'status', 'db_url', 'db_name', 'db_role', 'routing_version', 'schema_version')
+
 
 def catalog_entry(conn, tenant_id: str):
     "The routing facts of `tenant_id` (its row's `CATALOG_TENANT_FIELDS` and its server's address) in one lookup."
-    q = (sa.select(*(tenants_t.c[name] for name in CATALOG_TENANT_FIELDS), db_servers_t.c.host, db_servers_t.c.port)
-         .select_from(tenants_t.outerjoin(db_servers_t, db_servers_t.c.id == tenants_t.c.server_id))
-         .where(tenants_t.c.id == check_tenant_id(tenant_id)))
+    q = (
+        sa.select(*(tenants_t.c[name] for name in CATALOG_TENANT_FIELDS), db_servers_t.c.host, db_servers_t.c.port)
+        .select_from(tenants_t.outerjoin(db_servers_t, db_servers_t.c.id == tenants_t.c.server_id))
+        .where(tenants_t.c.id == check_tenant_id(tenant_id))
+    )
     return conn.execute(q).mappings().first()
+
 
 def entry_url(row) -> URL:
     "The usable URL for a `catalog_entry` row: from its server for PostgreSQL, its file for SQLite."
-    if row['host'] is None: return make_url(row['db_url'])
-    return URL.create('postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'],
-                      row['db_name'])
+    if row['host'] is None:
+        return make_url(row['db_url'])
+    return URL.create(
+        'postgresql+psycopg2', row['db_role'], role_password(row['db_role']), row['host'], row['port'], row['db_name']
+    )
+
 
 def _login_under_any_key(dialect, conn_rec, cargs, cparams):
     "Log a tenant role in with its current-key password, else a previous key's; if none works, the current key's error."
     current = None
     for password in role_passwords(cparams['user']):
-        try: return dialect.connect(*cargs, **{**cparams, 'password': password})
-        except dialect.loaded_dbapi.OperationalError as e: current = current or e
+        try:
+            return dialect.connect(*cargs, **{**cparams, 'password': password})
+        except dialect.loaded_dbapi.OperationalError as e:
+            current = current or e
     raise current
+
 
 def entry_engine(row, **kwargs) -> sa.Engine:
     "An engine (`make_engine` with `kwargs`) on a `catalog_entry` row's database; PostgreSQL logins try old keys too."
     engine = make_engine(entry_url(row), **kwargs)
-    if row['host'] is not None: sa.event.listen(engine, 'do_connect', _login_under_any_key)
+    if row['host'] is not None:
+        sa.event.listen(engine, 'do_connect', _login_under_any_key)
     return engine
 
 # %% ../nbs/12_db_tenant.ipynb #cc104a25
 ROUTING_CHANNEL = 'fh_saas_routing'
-BILLING_PREFIX = 'billing:'   # a payload naming a tenant whose billing changed, or `billing:*` for every tenant
+BILLING_PREFIX = 'billing:'  # a payload naming a tenant whose billing changed, or `billing:*` for every tenant
 _watchers, _billing_watchers = weakref.WeakSet(), weakref.WeakSet()
+
 
 def watch_routing(cache):
     "Call `cache.forget(tenant_id)` on every routing change this process makes or hears of (`cache` is held weakly)."
     _watchers.add(cache)
 
+
 def unwatch_routing(cache):
     "Stop telling `cache` of routing changes."
     _watchers.discard(cache)
+
 
 def watch_billing(cache):
     "Call `cache.forget(tenant_id)` (`'*'`: every tenant) on every billing or routing change heard of (held weakly)."
     _billing_watchers.add(cache)
 
+
 def routing_changed(payload: str):
     """Tell this process's caches of a change: a tenant id (its routing, so its billing caches too) or
     `billing:<tenant id>` / `billing:*` (billing only), so their next use reads the database."""
-    if payload.startswith(BILLING_PREFIX): payload = payload[len(BILLING_PREFIX):]
+    if payload.startswith(BILLING_PREFIX):
+        payload = payload[len(BILLING_PREFIX) :]
     else:
-        for cache in list(_watchers): cache.forget(payload)
-    for cache in list(_billing_watchers): cache.forget(payload)
+        for cache in list(_watchers):
+            cache.forget(payload)
+    for cache in list(_billing_watchers):
+        cache.forget(payload)
+
 
 def _bump_routing(conn, tenant_id: str, only_from: tuple = (), **values) -> int:
     """Set `values` on `tenant_id`'s row (if its status is in `only_from`, when given) and bump `routing_version`,
     notifying at commit; rows changed."""
     t = tenants_t
-    upd = t.update().where(t.c.id == tenant_id).values(routing_version=t.c.routing_version + 1, updated_at=timestamp(),
-                                                       **values)
-    if only_from: upd = upd.where(t.c.status.in_(only_from))
+    upd = (
+        t.update()
+        .where(t.c.id == tenant_id)
+        .values(routing_version=t.c.routing_version + 1, updated_at=timestamp(), **values)
+    )
+    if only_from:
+        upd = upd.where(t.c.status.in_(only_from))
     n = conn.execute(upd).rowcount
-    if n and conn.dialect.name == 'postgresql': conn.execute(sa.select(sa.func.pg_notify(ROUTING_CHANNEL, tenant_id)))
+    if n and conn.dialect.name == 'postgresql':
+        conn.execute(sa.select(sa.func.pg_notify(ROUTING_CHANNEL, tenant_id)))
     return n
+
 
 def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = ()) -> TenantCatalog:
     "Move `tenant_id` to `status` (from one of `only_from`, if given), bump `routing_version`, tell local routers."
@@ -247,49 +338,61 @@ def _set_status(host_db, tenant_id: str, status: str, only_from: tuple = ()) -> 
         n = _bump_routing(conn, tenant_id, only_from, status=status, is_active=status == 'active')
     routing_changed(tenant_id)
     row = tenant_row(host_db, tenant_id)
-    if not n and row.status != status: raise TenantUnavailable(tenant_id, row.status)
+    if not n and row.status != status:
+        raise TenantUnavailable(tenant_id, row.status)
     return row
 
 # %% ../nbs/12_db_tenant.ipynb #f9f77f83
 def _after_step(action: str, step: str):
     "Called after each provisioning, deprovisioning or re-keying step; tests replace it to crash between steps."
 
+
 def tenant_dir(host_db) -> Path:
     "The folder of SQLite tenant files."
-    if d := os.environ.get('FH_SAAS_TENANT_DIR'): return Path(d)
+    if d := os.environ.get('FH_SAAS_TENANT_DIR'):
+        return Path(d)
     url = host_db.engine.url
     base = Path(url.database).resolve().parent if url.get_backend_name() == 'sqlite' and url.database else Path.cwd()
     return base / 'tenants'
 
+
 class SqliteStore:
     "Tenant databases as SQLite files in `folder`."
+
     provision_steps, deprovision_steps = ('claim', 'file', 'schema', 'activate'), ('deleting', 'file', 'deleted')
 
-    def __init__(self, folder: Path): self.folder = Path(folder).resolve()
+    def __init__(self, folder: Path):
+        self.folder = Path(folder).resolve()
 
-    def path(self, tenant_id: str) -> Path: return self.folder / f"{check_tenant_id(tenant_id)}.db"
+    def path(self, tenant_id: str) -> Path:
+        return self.folder / f"{check_tenant_id(tenant_id)}.db"
 
     def placement(self, tenant_id: str) -> dict:
-        return dict(server_id=None, db_name=self.path(tenant_id).name, db_role=None,
-                    db_url=f"sqlite:///{self.path(tenant_id)}")
+        return dict(
+            server_id=None, db_name=self.path(tenant_id).name, db_role=None, db_url=f"sqlite:///{self.path(tenant_id)}"
+        )
 
     def create(self, row, prepare) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
         eng = make_engine(row.db_url)
         try:
-            with eng.connect(): pass
+            with eng.connect():
+                pass
             _after_step('provision', 'file')
             version = prepare(eng) if prepare else 0
             _after_step('provision', 'schema')
             return version
-        finally: eng.dispose()
+        finally:
+            eng.dispose()
 
     def drop(self, row):
-        for suffix in ('', '-wal', '-shm'): Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
+        for suffix in ('', '-wal', '-shm'):
+            Path(f"{self.path(row.id)}{suffix}").unlink(missing_ok=True)
         _after_step('deprovision', 'file')
 
 # %% ../nbs/12_db_tenant.ipynb #1d11a9b0
 TEMPLATE_DB = 'fh_saas_tenant_template'
+
 
 def template_strategy() -> str:
     "How PostgreSQL copies the template (`FH_SAAS_TEMPLATE_STRATEGY`): `WAL_LOG` (default) or `FILE_COPY`."
@@ -297,7 +400,9 @@ def template_strategy() -> str:
     if strategy not in ('WAL_LOG', 'FILE_COPY'):
         raise TenantConfigError(f"FH_SAAS_TEMPLATE_STRATEGY={strategy!r}: use WAL_LOG or FILE_COPY")
     return strategy
-_TEMPLATE_LOCK = 0x66685f74  # advisory lock id guarding the template ("fh_t")
+
+
+_TEMPLATE_LOCK = 0x66685F74  # advisory lock id guarding the template ("fh_t")
 _OWN_CLONED_OBJECTS = sa.text("""
 DO $$
 DECLARE r record; owner text := current_setting('fh_saas.tenant_role');
@@ -324,8 +429,10 @@ BEGIN
   LOOP EXECUTE format('ALTER %s OWNER TO %I', r.obj, owner); END LOOP;
 END $$""")
 
+
 class PostgresStore:
     "Tenant databases on the PostgreSQL server `server` (a `core_db_servers` row), made and marked by install `mark`."
+
     provision_steps = ('claim', 'role', 'database', 'grants', 'activate')
     deprovision_steps = ('deleting', 'database', 'role', 'deleted')
     _prepared, _admin_engines, _lock = set(), {}, threading.Lock()
@@ -344,17 +451,27 @@ class PostgresStore:
         key = (self.server['id'], self.server['admin_password_enc'])
         with self._lock:
             if (eng := self._admin_engines.get(key)) is None:
-                eng = self._admin_engines[key] = make_engine(server_admin_url(self.server), pool_size=2, max_overflow=2,
-                                                             isolation_level='AUTOCOMMIT', hide_parameters=True)
+                eng = self._admin_engines[key] = make_engine(
+                    server_admin_url(self.server),
+                    pool_size=2,
+                    max_overflow=2,
+                    isolation_level='AUTOCOMMIT',
+                    hide_parameters=True,
+                )
         return eng
 
     def _one_off(self, database: str) -> sa.Engine:
         "An unpooled admin engine on `database`, so no connection lingers to block cloning or dropping it."
-        return sa.create_engine(server_admin_url(self.server, database), isolation_level='AUTOCOMMIT',
-                                poolclass=sa.pool.NullPool, hide_parameters=True)
+        return sa.create_engine(
+            server_admin_url(self.server, database),
+            isolation_level='AUTOCOMMIT',
+            poolclass=sa.pool.NullPool,
+            hide_parameters=True,
+        )
 
     @staticmethod
-    def _q(conn, name): return conn.dialect.identifier_preparer.quote(name)
+    def _q(conn, name):
+        return conn.dialect.identifier_preparer.quote(name)
 
     @staticmethod
     def _exists(conn, catalog, col, name):
@@ -364,12 +481,17 @@ class PostgresStore:
         """Whether role or database `name` exists; `ForeignDatabaseObject` unless it carries this install's mark (a
         database also when unmarked but owned by this install's role: a crash came before its mark), or no mark at
         all with `unmarked_too`."""
-        q = ("SELECT shobj_description(oid, 'pg_authid'), NULL FROM pg_roles WHERE rolname = %s" if kind == 'role' else
-             "SELECT shobj_description(oid, 'pg_database'), shobj_description(datdba, 'pg_authid') FROM pg_database "
-             "WHERE datname = %s")
-        if (found := conn.exec_driver_sql(q, (name,)).first()) is None: return False
+        q = (
+            "SELECT shobj_description(oid, 'pg_authid'), NULL FROM pg_roles WHERE rolname = %s"
+            if kind == 'role'
+            else "SELECT shobj_description(oid, 'pg_database'), shobj_description(datdba, 'pg_authid') "
+            "FROM pg_database WHERE datname = %s"
+        )
+        if (found := conn.exec_driver_sql(q, (name,)).first()) is None:
+            return False
         mark, owner_mark = found
-        if mark == self.mark or (mark is None and (unmarked_too or owner_mark == self.mark)): return True
+        if mark == self.mark or (mark is None and (unmarked_too or owner_mark == self.mark)):
+            return True
         raise ForeignDatabaseObject(kind, name, self.server['name'], mark)
 
     def _mark(self, conn, kind: str, name: str):
@@ -378,7 +500,8 @@ class PostgresStore:
     def _prepare_template(self, conn, prepare):
         "Create the template if missing and bring it up to date, once per process and `prepare`."
         key = (self.server['id'], prepare)
-        if key in self._prepared: return
+        if key in self._prepared:
+            return
         conn.exec_driver_sql('SELECT pg_advisory_lock(%s)', (_TEMPLATE_LOCK,))
         try:
             tmpl = self._q(conn, TEMPLATE_DB)
@@ -387,30 +510,39 @@ class PostgresStore:
                 conn.exec_driver_sql(f'REVOKE ALL ON DATABASE {tmpl} FROM PUBLIC')
             eng = self._one_off(TEMPLATE_DB)
             try:
-                if prepare: prepare(eng)
-            finally: eng.dispose()
-        finally: conn.exec_driver_sql('SELECT pg_advisory_unlock(%s)', (_TEMPLATE_LOCK,))
-        with self._lock: self._prepared.add(key)
+                if prepare:
+                    prepare(eng)
+            finally:
+                eng.dispose()
+        finally:
+            conn.exec_driver_sql('SELECT pg_advisory_unlock(%s)', (_TEMPLATE_LOCK,))
+        with self._lock:
+            self._prepared.add(key)
 
     def _clone_template(self, conn, name):
         "Create database `name` from the template unless this install's exists, and mark it this install's."
         conn.exec_driver_sql('SELECT pg_advisory_lock_shared(%s)', (_TEMPLATE_LOCK,))
         try:
             if not self._ours(conn, 'database', name):
-                conn.exec_driver_sql(f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
-                                     f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} '
-                                     'ALLOW_CONNECTIONS false')
-        finally: conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
+                conn.exec_driver_sql(
+                    f'CREATE DATABASE {self._q(conn, name)} OWNER {self._q(conn, name)} '
+                    f'TEMPLATE {self._q(conn, TEMPLATE_DB)} STRATEGY {template_strategy()} '
+                    'ALLOW_CONNECTIONS false'
+                )
+        finally:
+            conn.exec_driver_sql('SELECT pg_advisory_unlock_shared(%s)', (_TEMPLATE_LOCK,))
         self._mark(conn, 'database', name)
 
     def set_role(self, name: str):
         "Create login role `name` marked as this install's, or give this install's role its current-key password."
         with self._admin().connect() as conn:
             conn = conn.execution_options(isolation_level='READ COMMITTED')
-            with conn.begin():   # created and marked together
+            with conn.begin():  # created and marked together
                 verb = 'ALTER' if self._ours(conn, 'role', name) else 'CREATE'
-                conn.exec_driver_sql(f'{verb} ROLE {self._q(conn, name)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE '
-                                     'PASSWORD %s', (scram_verifier(role_password(name)),))
+                conn.exec_driver_sql(
+                    f'{verb} ROLE {self._q(conn, name)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s',
+                    (scram_verifier(role_password(name)),),
+                )
                 self._mark(conn, 'role', name)
 
     def create(self, row, prepare) -> int:
@@ -430,7 +562,8 @@ class PostgresStore:
             with own.connect() as conn:
                 conn.execute(sa.text("SELECT set_config('fh_saas.tenant_role', :r, false)"), dict(r=name))
                 conn.execute(_OWN_CLONED_OBJECTS)
-        finally: own.dispose()
+        finally:
+            own.dispose()
         _after_step('provision', 'grants')
         return version
 
@@ -439,43 +572,59 @@ class PostgresStore:
             if self._ours(conn, 'database', row.db_name):
                 conn.exec_driver_sql(f'DROP DATABASE {self._q(conn, row.db_name)} WITH (FORCE)')
             _after_step('deprovision', 'database')
-            if self._ours(conn, 'role', row.db_role): conn.exec_driver_sql(f'DROP ROLE {self._q(conn, row.db_role)}')
+            if self._ours(conn, 'role', row.db_role):
+                conn.exec_driver_sql(f'DROP ROLE {self._q(conn, row.db_role)}')
             _after_step('deprovision', 'role')
 
     def mark_unmarked(self, row):
         "Mark `row`'s role and database as this install's where they carry no mark at all (made before marks)."
         with self._admin().connect() as conn:
             for kind, name in (('role', row.db_role), ('database', row.db_name)):
-                if self._ours(conn, kind, name, unmarked_too=True): self._mark(conn, kind, name)
+                if self._ours(conn, kind, name, unmarked_too=True):
+                    self._mark(conn, kind, name)
 
 # %% ../nbs/12_db_tenant.ipynb #d951cc3e
 class NoServerAvailable(RuntimeError):
     "Every registered database server is inactive or full."
 
+
 def _place(conn, host_db, server_name: str | None):
     "The store for a new tenant: the named or least-loaded active server with room, else SQLite files."
     s, t = db_servers_t, tenants_t
-    servers = conn.execute(sa.select(s).where(s.c.is_active == sa.true()).order_by(s.c.name)
-                           .with_for_update()).mappings().all()
+    servers = (
+        conn.execute(sa.select(s).where(s.c.is_active == sa.true()).order_by(s.c.name).with_for_update())
+        .mappings()
+        .all()
+    )
     if not servers:
-        if server_name: raise NoServerAvailable(f"no active database server named {server_name!r}")
+        if server_name:
+            raise NoServerAvailable(f"no active database server named {server_name!r}")
         return SqliteStore(tenant_dir(host_db))
-    load = dict(conn.execute(sa.select(t.c.server_id, sa.func.count()).where(t.c.status != 'deleted')
-                             .group_by(t.c.server_id)).all())
+    load = dict(
+        conn.execute(
+            sa.select(t.c.server_id, sa.func.count()).where(t.c.status != 'deleted').group_by(t.c.server_id)
+        ).all()
+    )
     fits = [dict(r) for r in servers if load.get(r['id'], 0) < r['max_tenants'] and (server_name in (None, r['name']))]
     if not fits:
-        raise NoServerAvailable("no active database server with room"
-                                f"{f' named {server_name!r}' if server_name else ''}")
+        raise NoServerAvailable(
+            f"no active database server with room{f' named {server_name!r}' if server_name else ''}"
+        )
     return PostgresStore(min(fits, key=lambda r: load.get(r['id'], 0)), install_mark(host_db))
+
 
 def store_for(host_db, row: TenantCatalog):
     "The store holding `row`'s database."
-    return (PostgresStore(db_server(host_db, row.server_id), install_mark(host_db)) if row.server_id
-            else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent))
+    return (
+        PostgresStore(db_server(host_db, row.server_id), install_mark(host_db))
+        if row.server_id
+        else SqliteStore(Path(row.db_url.removeprefix('sqlite:///')).parent)
+    )
 
 # %% ../nbs/12_db_tenant.ipynb #393794b0
-def register_tenant(host_db, tenant_id: str, name: str | None = None, server: str | None = None,
-                    plan_tier: str | None = None) -> bool:
+def register_tenant(
+    host_db, tenant_id: str, name: str | None = None, server: str | None = None, plan_tier: str | None = None
+) -> bool:
     "Claim `tenant_id` with a catalog row in `provisioning` (in the caller's transaction); False if it was taken."
     t = tenants_t
     try:
@@ -483,20 +632,37 @@ def register_tenant(host_db, tenant_id: str, name: str | None = None, server: st
             if conn.execute(sa.select(t.c.id).where(t.c.id == check_tenant_id(tenant_id))).first() is not None:
                 return False
             store = _place(conn, host_db, server)
-            conn.execute(t.insert().values(id=tenant_id, name=name or tenant_id, status='provisioning', is_active=False,
-                                           plan_tier=plan_tier, routing_version=1, **store.placement(tenant_id)))
+            conn.execute(
+                t.insert().values(
+                    id=tenant_id,
+                    name=name or tenant_id,
+                    status='provisioning',
+                    is_active=False,
+                    plan_tier=plan_tier,
+                    routing_version=1,
+                    **store.placement(tenant_id),
+                )
+            )
             return True
-    except sa.exc.IntegrityError: return False  # a concurrent registration claimed the id first
+    except sa.exc.IntegrityError:
+        return False  # a concurrent registration claimed the id first
 
-def provision_tenant(host_db, tenant_id: str, name: str | None = None,
-                     prepare: Callable[[sa.Engine], int] | None = migrate_database,
-                     server: str | None = None, plan_tier: str | None = None) -> TenantCatalog:
+
+def provision_tenant(
+    host_db,
+    tenant_id: str,
+    name: str | None = None,
+    prepare: Callable[[sa.Engine], int] | None = migrate_database,
+    server: str | None = None,
+    plan_tier: str | None = None,
+) -> TenantCatalog:
     "Create (or finish creating) `tenant_id`'s database and make it active; safe to repeat and to run concurrently."
     register_tenant(host_db, tenant_id, name, server, plan_tier)
     _after_step('provision', 'claim')
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
-        if row.status in ('deleting', 'deleted'): raise TenantUnavailable(tenant_id, row.status)
+        if row.status in ('deleting', 'deleted'):
+            raise TenantUnavailable(tenant_id, row.status)
         if row.status == 'provisioning':
             version = store_for(host_db, row).create(row, prepare)
             _bump_routing(conn, tenant_id, status='active', is_active=True, schema_version=version)
@@ -507,25 +673,37 @@ def provision_tenant(host_db, tenant_id: str, name: str | None = None,
 # %% ../nbs/12_db_tenant.ipynb #5e831b28
 def migrate_tenants(host_db, target: int | None = None, concurrency: int = 4, tenant_ids=None, progress=None):
     "Bring every tenant behind `target` (default: the latest) up to date; a `FleetReport`."
-    def engine_for(tenant_id): return tenant_engine(host_db, tenant_id, poolclass=sa.pool.NullPool)
-    return migrate_fleet(host_db, engine_for, target=target, concurrency=concurrency, tenant_ids=tenant_ids,
-                         progress=progress)
+
+    def engine_for(tenant_id):
+        return tenant_engine(host_db, tenant_id, poolclass=sa.pool.NullPool)
+
+    return migrate_fleet(
+        host_db, engine_for, target=target, concurrency=concurrency, tenant_ids=tenant_ids, progress=progress
+    )
 
 # %% ../nbs/12_db_tenant.ipynb #06ef5fcc
 def suspend_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing to an active tenant, keeping its data."
     return _set_status(host_db, check_tenant_id(tenant_id), 'suspended', only_from=('active',))
 
+
 def resume_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Route to a suspended tenant again."
     return _set_status(host_db, check_tenant_id(tenant_id), 'active', only_from=('suspended',))
 
+
 def deprovision_tenant(host_db, tenant_id: str) -> TenantCatalog:
     "Stop routing, drop the tenant's database and role, and keep its row as `deleted`; safe to repeat."
-    try: _set_status(host_db, check_tenant_id(tenant_id), 'deleting',
-                     only_from=('provisioning', 'active', 'suspended', 'deleting'))
+    try:
+        _set_status(
+            host_db,
+            check_tenant_id(tenant_id),
+            'deleting',
+            only_from=('provisioning', 'active', 'suspended', 'deleting'),
+        )
     except TenantUnavailable as e:
-        if e.status == 'deleted': return tenant_row(host_db, tenant_id)
+        if e.status == 'deleted':
+            return tenant_row(host_db, tenant_id)
         raise
     _after_step('deprovision', 'deleting')
     with host_db.transaction() as conn:
@@ -538,53 +716,71 @@ def deprovision_tenant(host_db, tenant_id: str) -> TenantCatalog:
     return tenant_row(host_db, tenant_id)
 
 # %% ../nbs/12_db_tenant.ipynb #76069cdf
-DEPROVISION_JOB = 'tenant.deprovision'   # the job running `deprovision_tenant` (its handler is in system_jobs)
+DEPROVISION_JOB = 'tenant.deprovision'  # the job running `deprovision_tenant` (its handler is in system_jobs)
+
 
 def deprovision_key(tenant_id: str) -> str:
     "The dedupe key of `tenant_id`'s deprovision job: a tenant is queued for deletion at most once."
     return f"{DEPROVISION_JOB}:{tenant_id}"
 
+
 def deletion_requested(conn, tenant_ids) -> set[str]:
     "Those of `tenant_ids` deleted, being deleted, or whose deprovision job is queued, running or done."
     ids, t, j = list(tenant_ids), tenants_t.c, jobs_t.c
-    if not ids: return set()
+    if not ids:
+        return set()
     gone = conn.execute(sa.select(t.id).where(t.id.in_(ids), t.status.in_(('deleting', 'deleted')))).scalars()
-    queued = conn.execute(sa.select(j.tenant_id).where(j.dedupe_key.in_([deprovision_key(i) for i in ids]),
-                                                       j.status.in_(('queued', 'running', 'done')))).scalars()
+    queued = conn.execute(
+        sa.select(j.tenant_id).where(
+            j.dedupe_key.in_([deprovision_key(i) for i in ids]), j.status.in_(('queued', 'running', 'done'))
+        )
+    ).scalars()
     return set(gone) | set(queued)
 
 # %% ../nbs/12_db_tenant.ipynb #a8754366
 @dataclass
 class RotationReport:
     "What `rotate_secret_key` re-keyed: server admin passwords, tenant roles, and tenants it could not (id, reason)."
+
     servers: int
     rotated: list[str]
     failed: list[tuple[str, str]]
 
     @property
-    def ok(self) -> bool: return not self.failed
+    def ok(self) -> bool:
+        return not self.failed
+
 
 REKEYED_STATUSES = ('active', 'suspended')
+
 
 def _rekey_servers(host_db) -> int:
     "Re-encrypt every server's admin password under the current key, in one transaction."
     s = db_servers_t
     with host_db.transaction() as conn:
-        rows = conn.execute(sa.select(s.c.id, s.c.name, s.c.admin_password_enc).order_by(s.c.id)
-                            .with_for_update()).all()
+        rows = conn.execute(
+            sa.select(s.c.id, s.c.name, s.c.admin_password_enc).order_by(s.c.id).with_for_update()
+        ).all()
         for server_id, name, enc in rows:
-            try: password = decrypt_secret(enc)
-            except TenantConfigError as e: raise TenantConfigError(f"database server {name!r}: {e}") from None
-            conn.execute(s.update().where(s.c.id == server_id)
-                         .values(admin_password_enc=encrypt_secret(password), updated_at=timestamp()))
+            try:
+                password = decrypt_secret(enc)
+            except TenantConfigError as e:
+                raise TenantConfigError(f"database server {name!r}: {e}") from None
+            conn.execute(
+                s.update()
+                .where(s.c.id == server_id)
+                .values(admin_password_enc=encrypt_secret(password), updated_at=timestamp())
+            )
     return len(rows)
+
 
 def _rekey_role(host_db, tenant_id: str) -> bool:
     """Give `tenant_id`'s role its current-key password and bump `routing_version`, the catalog row locked;
     False if no longer re-keyed."""
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
-        if row.status not in REKEYED_STATUSES or row.server_id is None: return False
+        if row.status not in REKEYED_STATUSES or row.server_id is None:
+            return False
         _after_step('rotate', 'locked')
         store_for(host_db, row).set_role(tenant_db_name(row.id))
         _after_step('rotate', 'role')
@@ -592,37 +788,46 @@ def _rekey_role(host_db, tenant_id: str) -> bool:
     routing_changed(tenant_id)
     return True
 
+
 def rotate_secret_key(host_db) -> RotationReport:
     "Re-key what was made under a previous master key to the current one; reports per-tenant failures, safe to repeat."
     servers, t = _rekey_servers(host_db), tenants_t
     q = sa.select(t.c.id).where(t.c.server_id.is_not(None), t.c.status.in_(REKEYED_STATUSES)).order_by(t.c.id)
-    with host_db.transaction() as conn: ids = list(conn.execute(q).scalars())
+    with host_db.transaction() as conn:
+        ids = list(conn.execute(q).scalars())
     report = RotationReport(servers, [], [])
     for tenant_id in ids:
         try:
-            if _rekey_role(host_db, tenant_id): report.rotated.append(tenant_id)
-        except Exception as e: report.failed.append((tenant_id, error_reason(e)))
+            if _rekey_role(host_db, tenant_id):
+                report.rotated.append(tenant_id)
+        except Exception as e:
+            report.failed.append((tenant_id, error_reason(e)))
     return report
 
 # %% ../nbs/12_db_tenant.ipynb #4f2d8a17
 @dataclass
 class MarkReport:
     "The tenants whose role and database `mark_tenants` marked as this install's, and those it could not (id, reason)."
+
     marked: list[str]
     failed: list[tuple[str, str]]
 
     @property
-    def ok(self) -> bool: return not self.failed
+    def ok(self) -> bool:
+        return not self.failed
+
 
 def mark_tenants(host_db) -> MarkReport:
     "Mark the unmarked roles and databases of this install's tenants on PostgreSQL as its own (once, after upgrading)."
     t = tenants_t
     q = sa.select(t.c.id).where(t.c.server_id.is_not(None), t.c.status != 'deleted').order_by(t.c.id)
-    with host_db.transaction() as conn: ids = list(conn.execute(q).scalars())
+    with host_db.transaction() as conn:
+        ids = list(conn.execute(q).scalars())
     report = MarkReport([], [])
     for tenant_id in ids:
         row = tenant_row(host_db, tenant_id)
-        try: store_for(host_db, row).mark_unmarked(row)
+        try:
+            store_for(host_db, row).mark_unmarked(row)
         except Exception as e:
             report.failed.append((tenant_id, error_reason(e)))
             continue
@@ -634,11 +839,18 @@ def _host_connect_grants(conn) -> list[str]:
     "Who besides its owner and superusers may connect to the host database: `PUBLIC`, and tenant roles granted it."
     roles = sorted(conn.execute(sa.select(tenants_t.c.db_role).where(tenants_t.c.db_role.is_not(None))).scalars())
     public = conn.exec_driver_sql("SELECT has_database_privilege('public', current_database(), 'CONNECT')").scalar()
-    granted = conn.exec_driver_sql(
-        "SELECT DISTINCT r.rolname FROM pg_database d CROSS JOIN aclexplode(d.datacl) a JOIN pg_roles r "
-        "ON r.oid = a.grantee WHERE d.datname = current_database() AND a.privilege_type = 'CONNECT' "
-        "AND r.rolname = ANY(%s) ORDER BY 1", (roles,)).scalars().all()
+    granted = (
+        conn.exec_driver_sql(
+            "SELECT DISTINCT r.rolname FROM pg_database d CROSS JOIN aclexplode(d.datacl) a JOIN pg_roles r "
+            "ON r.oid = a.grantee WHERE d.datname = current_database() AND a.privilege_type = 'CONNECT' "
+            "AND r.rolname = ANY(%s) ORDER BY 1",
+            (roles,),
+        )
+        .scalars()
+        .all()
+    )
     return (['PUBLIC'] if public else []) + granted
+
 
 def _revoke(conn, grantee: str) -> str:
     "The `REVOKE` that takes `CONNECT` on the host database from `grantee` (`PUBLIC` or a role), names quoted."
@@ -646,19 +858,26 @@ def _revoke(conn, grantee: str) -> str:
     db = conn.exec_driver_sql('SELECT current_database()').scalar()
     return f"REVOKE CONNECT ON DATABASE {quote(db)} FROM {'PUBLIC' if grantee == 'PUBLIC' else quote(grantee)}"
 
+
 def _grant_lines(conn, grantees) -> list[str]:
     db = conn.exec_driver_sql('SELECT current_database()').scalar()
     who = lambda g: g if g == 'PUBLIC' else f'tenant role {g}'
     return [f"{who(g)} may connect to the host database {db}: run {_revoke(conn, g)}" for g in grantees]
 
+
 def host_connect_problems(host_db) -> list[str]:
     "Who may connect to the host database on PostgreSQL that should not (`PUBLIC`, tenant roles), each with its fix."
-    if host_db.engine.dialect.name != 'postgresql': return []
-    with host_db.transaction() as conn: return _grant_lines(conn, _host_connect_grants(conn))
+    if host_db.engine.dialect.name != 'postgresql':
+        return []
+    with host_db.transaction() as conn:
+        return _grant_lines(conn, _host_connect_grants(conn))
+
 
 def close_host_database(host_db) -> list[str]:
     "Revoke `CONNECT` on the host database from `PUBLIC` and tenant roles (PostgreSQL); what could not be revoked."
-    if host_db.engine.dialect.name != 'postgresql': return []
+    if host_db.engine.dialect.name != 'postgresql':
+        return []
     with host_db.transaction() as conn:
-        for grantee in _host_connect_grants(conn): conn.exec_driver_sql(_revoke(conn, grantee))
+        for grantee in _host_connect_grants(conn):
+            conn.exec_driver_sql(_revoke(conn, grantee))
         return _grant_lines(conn, _host_connect_grants(conn))

@@ -16,36 +16,51 @@ import sqlalchemy as sa
 from .db_values import UTCTimestamp, timestamp
 
 # %% ../nbs/03_db_upgrade.ipynb #7c954626
-schema_versions_t = sa.Table('sys_schema_versions', sa.MetaData(),
-    sa.Column('component', sa.String(64), primary_key=True), sa.Column('version', sa.Integer, nullable=False),
-    sa.Column('updated_at', UTCTimestamp()))
+schema_versions_t = sa.Table(
+    'sys_schema_versions',
+    sa.MetaData(),
+    sa.Column('component', sa.String(64), primary_key=True),
+    sa.Column('version', sa.Integer, nullable=False),
+    sa.Column('updated_at', UTCTimestamp()),
+)
 
 # %% ../nbs/03_db_upgrade.ipynb #2dbbd568
-_LOCK_KEY = 0x66685f73  # pg advisory lock id for schema upgrades ("fh_s")
+_LOCK_KEY = 0x66685F73  # pg advisory lock id for schema upgrades ("fh_s")
 _log = logging.getLogger(__name__)
+
 
 def _lock_for_ddl(conn):
     "Serialise schema upgrades across processes (PostgreSQL advisory lock; SQLite's write lock is already held)."
-    if conn.dialect.name == 'postgresql': conn.execute(sa.text('SELECT pg_advisory_xact_lock(:k)'), dict(k=_LOCK_KEY))
+    if conn.dialect.name == 'postgresql':
+        conn.execute(sa.text('SELECT pg_advisory_xact_lock(:k)'), dict(k=_LOCK_KEY))
+
 
 def _index_names(conn, table: str) -> set[str]:
     "Names of `table`'s indexes, expression indexes included (SQLAlchemy's SQLite reflection skips those)."
     if conn.dialect.name == 'sqlite':
-        return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
-                                        (table,)).scalars())
+        return set(
+            conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,)
+            ).scalars()
+        )
     return {i['name'] for i in sa.inspect(conn).get_indexes(table)}
+
 
 def _lacking(conn, t: sa.Table) -> list:
     "The indexes of `t` the database does not have (its index names read once)."
     have = _index_names(conn, t.name)
     return [ix for ix in t.indexes if ix.name not in have]
 
+
 def _create_index(conn, ix) -> bool:
     "Create `ix`; False, with nothing changed, when existing rows break its unique rule."
     try:
-        with conn.begin_nested(): ix.create(conn)
-    except sa.exc.IntegrityError: return False
+        with conn.begin_nested():
+            ix.create(conn)
+    except sa.exc.IntegrityError:
+        return False
     return True
+
 
 def _add_missing(conn, metadata, tables) -> list[str]:
     "Create missing tables; add missing columns and indexes to existing ones; the unique indexes rows kept from."
@@ -58,45 +73,65 @@ def _add_missing(conn, metadata, tables) -> list[str]:
         have = {c['name'] for c in insp.get_columns(t.name)}
         prep = conn.dialect.identifier_preparer
         for col in t.columns:
-            if col.name in have: continue
+            if col.name in have:
+                continue
             ddl = sa.schema.CreateColumn(col).compile(dialect=conn.dialect)
             conn.exec_driver_sql(f'ALTER TABLE {prep.format_table(t)} ADD COLUMN {ddl}')
         skipped += [ix.name for ix in _lacking(conn, t) if not _create_index(conn, ix)]
     return skipped
 
+
 def schema_version(conn, component: str) -> int:
     "The recorded version of `component` (0 when never installed)."
-    if not sa.inspect(conn).has_table('sys_schema_versions'): return 0
+    if not sa.inspect(conn).has_table('sys_schema_versions'):
+        return 0
     v = conn.execute(sa.select(schema_versions_t.c.version).where(schema_versions_t.c.component == component)).scalar()
     return v or 0
 
-def upgrade_schema(engine: sa.Engine, component: str, metadata: sa.MetaData, version: int,
-                   steps: dict | None = None, tables: list | None = None) -> int:
+
+def upgrade_schema(
+    engine: sa.Engine,
+    component: str,
+    metadata: sa.MetaData,
+    version: int,
+    steps: dict | None = None,
+    tables: list | None = None,
+) -> int:
     "Bring `component`'s `tables` (default: all in `metadata`) to `version`, running `steps[n](conn)` for each newer n."
     with engine.begin() as conn:
         _lock_for_ddl(conn)
-        if not sa.inspect(conn).has_table('sys_schema_versions'): schema_versions_t.create(conn)
+        if not sa.inspect(conn).has_table('sys_schema_versions'):
+            schema_versions_t.create(conn)
         old = schema_version(conn, component)
         if old > version:
-            raise RuntimeError(f"the database has {component} schema v{old}, newer than this fh_saas (v{version}): "
-                               "upgrade fh_saas")
-        if old == version: return old
+            raise RuntimeError(
+                f"the database has {component} schema v{old}, newer than this fh_saas (v{version}): upgrade fh_saas"
+            )
+        if old == version:
+            return old
         owned = tables if tables is not None else metadata.sorted_tables
         if skipped := _add_missing(conn, metadata, owned):
-            _log.warning("%s schema: %s not created, because existing rows break it: run `fh-saas doctor`",
-                         component, ', '.join(skipped))
+            _log.warning(
+                "%s schema: %s not created, because existing rows break it: run `fh-saas doctor`",
+                component,
+                ', '.join(skipped),
+            )
         for n in range(old + 1, version + 1):
-            if steps and n in steps: steps[n](conn)
+            if steps and n in steps:
+                steps[n](conn)
         values = dict(component=component, version=version, updated_at=timestamp())
         if old:
             conn.execute(schema_versions_t.update().where(schema_versions_t.c.component == component).values(**values))
-        else: conn.execute(schema_versions_t.insert().values(**values))
+        else:
+            conn.execute(schema_versions_t.insert().values(**values))
     return version
+
 
 def missing_indexes(engine: sa.Engine, tables) -> list[str]:
     "The indexes of `tables` the database lacks."
     with engine.connect() as conn:
         return [ix.name for t in tables for ix in _lacking(conn, t)]
+
 
 def create_missing_indexes(engine: sa.Engine, tables) -> list[str]:
     "Create the indexes of `tables` the database lacks; the ones existing rows still break (not created)."
@@ -108,7 +143,12 @@ def create_missing_indexes(engine: sa.Engine, tables) -> list[str]:
 @dataclass
 class HostComponent:
     "A set of host tables owned by one module, with its schema version and upgrade steps."
-    name: str; metadata: sa.MetaData; version: int; tables: list; steps: dict | None = None
+
+    name: str
+    metadata: sa.MetaData
+    version: int
+    tables: list
+    steps: dict | None = None
 
     def upgrade(self, engine):
         "Bring this component's tables in `engine`'s database up to its version."

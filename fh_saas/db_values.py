@@ -24,12 +24,15 @@ def as_utc(value) -> datetime:
     dt = datetime.fromisoformat(value) if isinstance(value, str) else value
     if not isinstance(dt, datetime):
         raise TypeError(f"expected a datetime or ISO-8601 string, got {type(value).__name__}")
-    if dt.tzinfo is None: raise ValueError(f"timestamp {value!r} has no time zone; use UTC")
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no time zone; use UTC")
     return dt.astimezone(timezone.utc)
+
 
 def utcnow() -> datetime:
     "The current time as an aware UTC datetime: the one clock every fh_saas module defaults to."
     return datetime.now(timezone.utc)
+
 
 def timestamp(dt: datetime | None = None) -> str:
     "`dt` (default: now) as a fixed-width ISO-8601 UTC string."
@@ -38,17 +41,20 @@ def timestamp(dt: datetime | None = None) -> str:
 # %% ../nbs/00_db_values.ipynb #af63bad4
 class UTCTimestamp(sa.types.TypeDecorator):
     "A UTC instant: `TIMESTAMPTZ` on PostgreSQL, fixed-width ISO-8601 text elsewhere; an ISO string in Python."
+
     impl, cache_ok = sa.String(32), True
 
     def load_dialect_impl(self, dialect):
         return dialect.type_descriptor(sa.DateTime(timezone=True) if dialect.name == 'postgresql' else sa.String(32))
 
     def process_bind_param(self, value, dialect):
-        if value is None: return None
+        if value is None:
+            return None
         return as_utc(value) if dialect.name == 'postgresql' else timestamp(as_utc(value))
 
     def process_result_value(self, value, dialect):
         return None if value is None else stored_utc(value)
+
 
 def stored_utc(value) -> str:
     "A stored instant as fixed-width UTC text; a naive one (fh-saas 0.9 wrote those, all in UTC) is read as UTC."

@@ -15,8 +15,23 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from fasthtml.common import (FastHTML, A, Button, Form, H1, Hidden, P, RedirectResponse, Response, Table, Tbody, Td, Th,
-                             Thead, Tr)
+from fasthtml.common import (
+    FastHTML,
+    A,
+    Button,
+    Form,
+    H1,
+    Hidden,
+    P,
+    RedirectResponse,
+    Response,
+    Table,
+    Tbody,
+    Td,
+    Th,
+    Thead,
+    Tr,
+)
 
 from pydantic import BaseModel, Field
 
@@ -37,11 +52,30 @@ from . import ui
 
 # %% ../nbs/91_demo.ipynb #9cf80e76
 DEMO_PLANS = [
-    dict(id='free', name='Free', description='Projects for a small team.', amount_monthly=0, amount_yearly=0,
-         trial_days=0, features=['projects'], quotas={'api_calls': 1000}, tier_level=0, sort_order=0),
-    dict(id='pro', name='Pro', description='Exports and more API calls.', amount_monthly=1900,
-         amount_yearly=19000, trial_days=14, features=['projects', 'exports'],
-         quotas={'api_calls': 100000}, tier_level=1, sort_order=1),
+    dict(
+        id='free',
+        name='Free',
+        description='Projects for a small team.',
+        amount_monthly=0,
+        amount_yearly=0,
+        trial_days=0,
+        features=['projects'],
+        quotas={'api_calls': 1000},
+        tier_level=0,
+        sort_order=0,
+    ),
+    dict(
+        id='pro',
+        name='Pro',
+        description='Exports and more API calls.',
+        amount_monthly=1900,
+        amount_yearly=19000,
+        trial_days=14,
+        features=['projects', 'exports'],
+        quotas={'api_calls': 100000},
+        tier_level=1,
+        sort_order=1,
+    ),
 ]
 DEMO_EMAIL, DEMO_PASSWORD = 'demo@example.com', 'demo password 1234'
 
@@ -50,16 +84,20 @@ PROJECTS_SQL = """CREATE TABLE projects (id VARCHAR(32) PRIMARY KEY, name VARCHA
 
 # %% ../nbs/91_demo.ipynb #e9ed3691
 def _register_projects():
-    if tenant_schema.latest < 4: register_tenant_migration(4, 'demo_projects', PROJECTS_SQL)
+    if tenant_schema.latest < 4:
+        register_tenant_migration(4, 'demo_projects', PROJECTS_SQL)
+
 
 def _secret_key(folder: Path) -> str:
     "`FH_SAAS_SECRET_KEY`, or one kept in the demo folder so sessions survive a restart."
-    if key := os.environ.get('FH_SAAS_SECRET_KEY'): return key
+    if key := os.environ.get('FH_SAAS_SECRET_KEY'):
+        return key
     f = folder / 'secret_key'
     if not f.exists():
         f.write_text(secrets.token_urlsafe(48))
         f.chmod(0o600)
     return f.read_text().strip()
+
 
 def seed_demo(host_db: HostDatabase) -> str:
     "The plans, and the demo account owning tenant `demo` on a Pro trial; safe to repeat. The demo user's id."
@@ -67,17 +105,31 @@ def seed_demo(host_db: HostDatabase) -> str:
     tenant = provision_tenant(host_db, 'demo', 'Demo Workspace')
     with host_db.transaction():
         found = host_db.global_users(where='lower(email) = :e', where_args=dict(e=DEMO_EMAIL))
-        if found: return found[0].id
-        user = host_db.global_users.insert(GlobalUser(email=DEMO_EMAIL, name='Demo User',
-                                                      password_hash=hash_password(DEMO_PASSWORD),
-                                                      is_sys_admin=True, email_verified_at=timestamp()))
+        if found:
+            return found[0].id
+        user = host_db.global_users.insert(
+            GlobalUser(
+                email=DEMO_EMAIL,
+                name='Demo User',
+                password_hash=hash_password(DEMO_PASSWORD),
+                is_sys_admin=True,
+                email_verified_at=timestamp(),
+            )
+        )
         add_member(host_db, tenant.id, user.id, 'owner')
-        host_db.subscriptions.insert(Subscription(tenant_id=tenant.id, status='trialing', plan_tier='pro',
-                                                  trial_end=timestamp(utcnow() + timedelta(days=14))))
+        host_db.subscriptions.insert(
+            Subscription(
+                tenant_id=tenant.id,
+                status='trialing',
+                plan_tier='pro',
+                trial_end=timestamp(utcnow() + timedelta(days=14)),
+            )
+        )
     return user.id
 
 # %% ../nbs/91_demo.ipynb #63d51ed5
 _FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
+
 
 def csv_cell(value) -> str:
     """`value` as a CSV cell a spreadsheet shows as text: one starting like a formula (`= + - @`, a tab or a carriage
@@ -93,14 +145,26 @@ def _add_projects(app, saas, policy):
         rows = auth.db['projects'](order_by='created_at desc')
         body = Tbody(*[Tr(Td(p['name']), Td(p['created_at'][:16].replace('T', ' '))) for p in rows])
         table = Table(Thead(Tr(Th('Project'), Th('Created'))), body) if rows else P('No projects yet.', cls='muted')
-        form = Form(ui.field('New project', 'name', required=True, maxlength=200), Button('Create'),
-                    Hidden(name='csrf', value=csrf_token(auth.session)), method='post', action='/projects',
-                    cls='inline')
+        form = Form(
+            ui.field('New project', 'name', required=True, maxlength=200),
+            Button('Create'),
+            Hidden(name='csrf', value=csrf_token(auth.session)),
+            method='post',
+            action='/projects',
+            cls='inline',
+        )
         if not auth.roles.at_least(auth.role, 'member'):
-            form = P(f"As a viewer you see {auth.tenant.name}'s projects; ask an admin to make you a member to add "
-                     "one.")
-        return saas.page(req, 'Projects', H1('Projects'), ui.card(form), ui.card(table),
-                         A('Export CSV (Pro)', href='/projects/export', cls='button secondary'))
+            form = P(
+                f"As a viewer you see {auth.tenant.name}'s projects; ask an admin to make you a member to add one."
+            )
+        return saas.page(
+            req,
+            'Projects',
+            H1('Projects'),
+            ui.card(form),
+            ui.card(table),
+            A('Export CSV (Pro)', href='/projects/export', cls='button secondary'),
+        )
 
     @app.get('/projects/export')
     @require_feature('exports', policy=policy)
@@ -108,24 +172,34 @@ def _add_projects(app, saas, policy):
         out = io.StringIO()
         w = csv.writer(out)
         w.writerow(['name', 'created_at'])
-        for p in auth.db['projects'](order_by='created_at'): w.writerow([csv_cell(p['name']), p['created_at']])
-        return Response(out.getvalue(), media_type='text/csv',
-                        headers={'Content-Disposition': 'attachment; filename="projects.csv"'})
+        for p in auth.db['projects'](order_by='created_at'):
+            w.writerow([csv_cell(p['name']), p['created_at']])
+        return Response(
+            out.getvalue(),
+            media_type='text/csv',
+            headers={'Content-Disposition': 'attachment; filename="projects.csv"'},
+        )
 
     @app.post('/projects')
     @require_feature('projects', policy=policy)
     @require_role('member')
     def create_project(auth, name: str, csrf: str = ''):
-        if not csrf_ok(auth, csrf): return Response('invalid form token: reload the page', status_code=403)
-        if name.strip(): _add_project(auth, name.strip()[:200])
+        if not csrf_ok(auth, csrf):
+            return Response('invalid form token: reload the page', status_code=403)
+        if name.strip():
+            _add_project(auth, name.strip()[:200])
         return RedirectResponse('/projects', 303)
 
 # %% ../nbs/91_demo.ipynb #6dd97d25
 class ProjectIn(BaseModel):
     "A new project."
+
     name: str = Field(min_length=1, max_length=200)
 
-def _project(row) -> dict: return dict(id=row['id'], name=row['name'], created_at=row['created_at'])
+
+def _project(row) -> dict:
+    return dict(id=row['id'], name=row['name'], created_at=row['created_at'])
+
 
 def _add_project(auth, name: str) -> dict:
     "Store a project named `name` for `auth`'s tenant, made by its user; the row."
@@ -133,11 +207,13 @@ def _add_project(auth, name: str) -> dict:
     auth.db['projects'].insert(row)
     return row
 
+
 def _add_projects_api(app):
     api = Api(app, title='Demo API')
 
     @api.get('/projects', summary='List the projects, newest first')
-    def list_projects(auth): return [_project(p) for p in auth.db['projects'](order_by='created_at desc')]
+    def list_projects(auth):
+        return [_project(p) for p in auth.db['projects'](order_by='created_at desc')]
 
     @api.post('/projects', body=ProjectIn, status=201, summary='Create a project', role='member')
     def create_project(auth, body: ProjectIn):
@@ -147,6 +223,7 @@ def _add_projects_api(app):
     def delete_project(auth, project_id: str):
         if not auth.db['projects'].delete_where('id = :id', dict(id=project_id)):
             raise ApiError(404, 'not_found', f"no project {project_id[:40]!r}")
+
     return api
 
 # %% ../nbs/91_demo.ipynb #082fa2c3
@@ -158,7 +235,9 @@ def _tenants_beside_host(host_db):
     if not servers:
         u = host_db.url
         add_db_server(host_db, 'local', u.host or 'localhost', u.password, port=u.port or 5432, admin_user=u.username)
-    for line in close_host_database(host_db): print(f"fh_saas demo: {line}", file=sys.stderr)
+    for line in close_host_database(host_db):
+        print(f"fh_saas demo: {line}", file=sys.stderr)
+
 
 def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:5001'):
     "The demo app and its `Saas` context, in development mode (its jobs run while it serves)."
@@ -166,32 +245,50 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     path.mkdir(parents=True, exist_ok=True)
     os.environ['FH_SAAS_SECRET_KEY'] = _secret_key(path)
     if os.environ.get('DB_TYPE', 'SQLITE').upper() == 'SQLITE':
-        os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(path/'host.db'))
+        os.environ.update(DB_TYPE='SQLITE', DB_NAME=str(path / 'host.db'))
     _register_projects()
     host_db = HostDatabase.from_env()
-    if host_db.engine.dialect.name == 'postgresql': _tenants_beside_host(host_db)
+    if host_db.engine.dialect.name == 'postgresql':
+        _tenants_beside_host(host_db)
     seed_demo(host_db)
     stripe = stripe_client_from_env() if os.environ.get('STRIPE_SECRET_KEY') else None
-    if stripe: sync_plans(stripe, host_db)
+    if stripe:
+        sync_plans(stripe, host_db)
     policy = BillingPolicy(free_plan='free')
     app = FastHTML(default_hdrs=False, title='fh_saas demo', secret_key=os.environ['FH_SAAS_SECRET_KEY'])
-    saas = setup_saas(app, host_db, stripe=stripe, policy=policy, base_url=base_url, brand='fh_saas demo',
-                      home='/projects', app_nav=[('Projects', '/projects')], dev=True)
+    saas = setup_saas(
+        app,
+        host_db,
+        stripe=stripe,
+        policy=policy,
+        base_url=base_url,
+        brand='fh_saas demo',
+        home='/projects',
+        app_nav=[('Projects', '/projects')],
+        dev=True,
+    )
     app.get('/')(lambda: RedirectResponse('/projects', 303))
     _add_projects(app, saas, policy)
     _add_projects_api(app)
     return app, saas
 
+
 def bind_warning(host: str) -> str | None:
     "What to say when the demo is to listen on `host` beyond this machine (its mail page and account are open)."
-    if is_loopback(host): return None
-    return (f"WARNING: the demo listens on {host}, beyond this machine: anyone who reaches it can log in as "
-            f"{DEMO_EMAIL} with the published password, a system admin. Use --host 127.0.0.1 unless you mean it.")
+    if is_loopback(host):
+        return None
+    return (
+        f"WARNING: the demo listens on {host}, beyond this machine: anyone who reaches it can log in as "
+        f"{DEMO_EMAIL} with the published password, a system admin. Use --host 127.0.0.1 unless you mean it."
+    )
+
 
 def run_demo(folder: str = 'fh_saas_demo', host: str = '127.0.0.1', port: int = 5001):
     "Serve the demo until interrupted (warning on stderr when `host` is not this machine's loopback)."
     import uvicorn
-    if warning := bind_warning(host): print(warning, file=sys.stderr, flush=True)
+
+    if warning := bind_warning(host):
+        print(warning, file=sys.stderr, flush=True)
     app, _ = demo_app(folder, f'http://{host}:{port}')
     print(f"fh_saas demo on http://{host}:{port}  (log in as {DEMO_EMAIL} / {DEMO_PASSWORD})")
     uvicorn.run(app, host=host, port=port, log_level='warning')

@@ -24,17 +24,23 @@ from . import ui
 class SaasConfigError(RuntimeError):
     "fh_saas cannot start as configured; the message names what to set."
 
+
 def is_development(env=None) -> bool:
     "Whether `FH_SAAS_ENV` (in `env`, default `os.environ`) asks for development mode."
     value = (os.environ if env is None else env).get('FH_SAAS_ENV', '').strip().lower()
-    if value in ('development', 'dev'): return True
-    if value in ('', 'production', 'prod'): return False
+    if value in ('development', 'dev'):
+        return True
+    if value in ('', 'production', 'prod'):
+        return False
     raise SaasConfigError(f"FH_SAAS_ENV={value!r}: use development or production")
 
 # %% ../nbs/51_dev_mode.ipynb #e2592816
 class DevOutbox(MemoryOutbox):
     "The development mailer: keeps each message for `/dev/mail` and prints it to `stream` (default: stderr)."
-    def __init__(self, sender: str = 'no-reply@localhost', stream=None): super().__init__(sender); self.stream = stream
+
+    def __init__(self, sender: str = 'no-reply@localhost', stream=None):
+        super().__init__(sender)
+        self.stream = stream
 
     def send(self, to: str, subject: str, body: str, html: str | None = None) -> None:
         super().send(to, subject, body, html)
@@ -43,58 +49,89 @@ class DevOutbox(MemoryOutbox):
 # %% ../nbs/51_dev_mode.ipynb #12c0c3a9
 _URL = re.compile(r'(https?://[^\s<>"]+)')
 
+
 def linked(text: str) -> list:
     "`text` as strings and links: every http(s) URL in it becomes an `A`."
     return [A(part, href=part) if i % 2 else part for i, part in enumerate(_URL.split(text)) if part]
 
+
 DEV_MAIL_PATH = '/dev/mail'
 _PROXY_HEADERS = ('forwarded', 'x-forwarded-for', 'x-real-ip')
 
+
 def is_loopback(host: str | None) -> bool:
     "Whether `host` (an address, or `localhost`) is this machine's loopback interface."
-    if (host or '').strip().lower() == 'localhost': return True
-    try: return ipaddress.ip_address((host or '').strip('[]')).is_loopback
-    except ValueError: return False
+    if (host or '').strip().lower() == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address((host or '').strip('[]')).is_loopback
+    except ValueError:
+        return False
+
 
 def from_this_machine(req) -> bool:
     "Whether `req` came straight from this machine: a loopback client, and no proxy header (it relays others)."
     return is_loopback(req.client and req.client.host) and not any(h in req.headers for h in _PROXY_HEADERS)
 
+
 def add_dev_mail(app, saas, outbox: MemoryOutbox, path: str = DEV_MAIL_PATH):
     """Serve `outbox`'s messages at `path`, to requests from this machine only (the mail holds reset links: anyone
     who can read it can take over the accounts); others get a 404."""
+
     @app.get(path)
     def dev_mail(req):
-        if not from_this_machine(req): return PlainTextResponse('Not Found', 404)
+        if not from_this_machine(req):
+            return PlainTextResponse('Not Found', 404)
         items = [dev_mail_item(m) for m in reversed(outbox.messages)]
         return saas.page(req, 'Mail', H1('Mail sent by this app'), *(items or [P('No mail yet.', cls='muted')]))
+
 
 def dev_mail_item(msg) -> Div:
     """One message of the outbox page: its text part with clickable links, and beside it its HTML part as a mail
     client shows it, in a sandboxed frame (no script, no same-origin access, so the mail cannot act on the page)."""
     html = html_part(msg)
     shown = Iframe(srcdoc=html, sandbox='', title=f"{msg['Subject']} (HTML)", cls='mail-html') if html else None
-    return ui.card(P(Strong(msg['Subject']), f" to {msg['To']}"),
-                   Div(Pre(*linked(text_part(msg)), cls='mail-text'), shown, cls='mail-parts'))
+    return ui.card(
+        P(Strong(msg['Subject']), f" to {msg['To']}"),
+        Div(Pre(*linked(text_part(msg)), cls='mail-text'), shown, cls='mail-parts'),
+    )
 
 # %% ../nbs/51_dev_mode.ipynb #558fe745
 def serve_jobs(app, host_db, schedules=SYSTEM_SCHEDULES, poll: float = 0.2) -> threading.Event:
     "Run jobs on a thread of this process while `app` serves; the event that stops it (set at shutdown)."
     stop = threading.Event()
-    def start(): threading.Thread(target=Worker(host_db, poll=poll, schedules=schedules).run, args=(stop,),
-                                  name='fh-saas-jobs', daemon=True).start()
+
+    def start():
+        threading.Thread(
+            target=Worker(host_db, poll=poll, schedules=schedules).run, args=(stop,), name='fh-saas-jobs', daemon=True
+        ).start()
+
     app.lifespan.startup.append(start)
     app.lifespan.shutdown.append(stop.set)
     return stop
 
 # %% ../nbs/51_dev_mode.ipynb #457cf41e
-DEV_PLAN = dict(id='free', name='Free', description='Everything, while you develop.', amount_monthly=0, amount_yearly=0,
-                trial_days=0, features=[], quotas={}, tier_level=0, sort_order=0)
+DEV_PLAN = dict(
+    id='free',
+    name='Free',
+    description='Everything, while you develop.',
+    amount_monthly=0,
+    amount_yearly=0,
+    trial_days=0,
+    features=[],
+    quotas={},
+    tier_level=0,
+    sort_order=0,
+)
+
 
 def dev_policy(host_db, policy: BillingPolicy) -> BillingPolicy:
     "`policy`, or, when it names no free plan and only `DEV_PLAN` is on sale (or none), one giving `DEV_PLAN` to all."
-    if policy.free_plan is not None: return policy
+    if policy.free_plan is not None:
+        return policy
     on_sale = [p.id for p in active_plans(host_db)]
-    if not on_sale: seed_plans(host_db, [DEV_PLAN])
-    elif on_sale != [DEV_PLAN['id']]: return policy
+    if not on_sale:
+        seed_plans(host_db, [DEV_PLAN])
+    elif on_sale != [DEV_PLAN['id']]:
+        return policy
     return BillingPolicy(policy.grace, policy.pending_grace, free_plan=DEV_PLAN['id'])

@@ -20,8 +20,10 @@ from .memberships import Roles
 # %% ../nbs/29_guards.ipynb #95b85504
 _REQ = '_fh_saas_guard_req'
 
+
 def route_guard(check):
     "A route decorator running `check(req)` in a worker thread first; a response it returns replaces the handler's."
+
     def decorator(f):
         sig = inspect.signature(f)
         params, outer = list(sig.parameters.values()), _REQ not in sig.parameters
@@ -32,11 +34,14 @@ def route_guard(check):
         @functools.wraps(f)
         async def route(*args, **kw):
             req = kw.pop(_REQ) if outer else kw[_REQ]
-            if (refusal := await run_in_threadpool(check, req)) is not None: return refusal
+            if (refusal := await run_in_threadpool(check, req)) is not None:
+                return refusal
             return await f(*args, **kw) if inspect.iscoroutinefunction(f) else await run_in_threadpool(f, *args, **kw)
+
         route.__signature__ = sig.replace(parameters=params)
         route.__annotations__ = {**f.__annotations__, _REQ: Request}
         return route
+
     return decorator
 
 # %% ../nbs/29_guards.ipynb #e033b664
@@ -45,20 +50,27 @@ def forbidden(req, message: str, status: int = 403):
     auth = req.scope.get('auth')
     if getattr(auth, 'api_key_id', None) is not None:
         return JSONResponse(dict(error=dict(code='forbidden', message=message)), status)
-    if (saas := getattr(req.app.state, 'saas', None)) is None: return PlainTextResponse(message, status)
+    if (saas := getattr(req.app.state, 'saas', None)) is None:
+        return PlainTextResponse(message, status)
     return FtResponse(saas.page(req, 'Not allowed', H1('Not allowed'), P(message)), status)
 
 # %% ../nbs/29_guards.ipynb #41c71756
 def require_role(minimum: str, roles: Roles | None = None):
     "Decorate a handler so only members with role `minimum` or above (in `roles`, else the app's) reach it."
-    if roles is not None: roles.rank(minimum)   # an unknown role is a mistake in the app: say so at import
+    if roles is not None:
+        roles.rank(minimum)  # an unknown role is a mistake in the app: say so at import
+
     def check(req):
         auth = req.scope.get('auth')
         have = getattr(auth, 'role', None)
         order = roles or getattr(auth, 'roles', None) or Roles()
-        order.rank(minimum)   # a role the app's set lacks: its mistake, not the visitor's
-        if order.at_least(have, minimum): return None
+        order.rank(minimum)  # a role the app's set lacks: its mistake, not the visitor's
+        if order.at_least(have, minimum):
+            return None
         name = auth.tenant.name if getattr(auth, 'tenant', None) is not None else 'this workspace'
-        return forbidden(req, f"This needs the {minimum} role in {name}; yours is {have or 'none'}. Ask an admin of "
-                              f"{name} to change it.")
+        return forbidden(
+            req,
+            f"This needs the {minimum} role in {name}; yours is {have or 'none'}. Ask an admin of {name} to change it.",
+        )
+
     return route_guard(check)

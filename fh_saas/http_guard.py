@@ -19,25 +19,32 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, PlainTextResponse
 
 # %% ../nbs/49_http_guard.ipynb #7576fae4
-DEFAULT_MAX_BODY = 64 * 1024   # bytes of a request body (forms, JSON) unless `setup_saas(max_body=)` says otherwise
-DEFAULT_MAX_FIELD = 4096       # characters of one path segment, query value or form field
+DEFAULT_MAX_BODY = 64 * 1024  # bytes of a request body (forms, JSON) unless `setup_saas(max_body=)` says otherwise
+DEFAULT_MAX_FIELD = 4096  # characters of one path segment, query value or form field
+
 
 class BadInput(ValueError):
     "A request value that no handler should see; its message is shown to the visitor."
 
+
 def check_text(raw: bytes, what: str, max_chars: int = DEFAULT_MAX_FIELD) -> str:
     "`raw` as text, unless it holds a NUL byte, is not UTF-8 or is longer than `max_chars` (`BadInput`)."
-    if b'\x00' in raw: raise BadInput(f"{what} contains a character that is not allowed. Remove it and try again.")
-    try: text = raw.decode('utf-8')
+    if b'\x00' in raw:
+        raise BadInput(f"{what} contains a character that is not allowed. Remove it and try again.")
+    try:
+        text = raw.decode('utf-8')
     except UnicodeDecodeError:
         raise BadInput(f"{what} contains text that is not valid UTF-8. Remove it and try again.") from None
-    if len(text) > max_chars: raise BadInput(f"{what} is too long (at most {max_chars} characters).")
+    if len(text) > max_chars:
+        raise BadInput(f"{what} is too long (at most {max_chars} characters).")
     return text
 
 # %% ../nbs/49_http_guard.ipynb #3fc6d817
 def _pairs(raw: bytes, what: str, max_chars: int):
     for pair in filter(None, raw.split(b'&')):
-        for part in pair.split(b'=', 1): check_text(unquote_to_bytes(part.replace(b'+', b' ')), what, max_chars)
+        for part in pair.split(b'=', 1):
+            check_text(unquote_to_bytes(part.replace(b'+', b' ')), what, max_chars)
+
 
 def check_address(raw_path: bytes, query: bytes, max_chars: int = DEFAULT_MAX_FIELD):
     "Refuse (`BadInput`) a path segment or query name or value that `check_text` refuses."
@@ -45,32 +52,54 @@ def check_address(raw_path: bytes, query: bytes, max_chars: int = DEFAULT_MAX_FI
         check_text(unquote_to_bytes(segment), 'The address', max_chars)
     _pairs(query, 'The address', max_chars)
 
+
 def _multipart(body: bytes, boundary: bytes, max_chars: int):
     "Check each multipart field that is not a file upload."
     part = {}
-    def header_field(data, start, end): part['field'] = part.get('field', b'') + data[start:end]
-    def header_value(data, start, end): part['value'] = part.get('value', b'') + data[start:end]
+
+    def header_field(data, start, end):
+        part['field'] = part.get('field', b'') + data[start:end]
+
+    def header_value(data, start, end):
+        part['value'] = part.get('value', b'') + data[start:end]
+
     def header_end():
-        if part.pop('field', b'').lower() == b'content-disposition': part['disposition'] = part.pop('value', b'')
+        if part.pop('field', b'').lower() == b'content-disposition':
+            part['disposition'] = part.pop('value', b'')
         part.pop('value', None)
-    def data(d, start, end): part['data'] = part.get('data', b'') + d[start:end]
+
+    def data(d, start, end):
+        part['data'] = part.get('data', b'') + d[start:end]
+
     def part_end():
         _, options = parse_options_header(part.get('disposition', b''))
         check_text(options.get(b'name', b''), 'A form field name', max_chars)
-        if b'filename' not in options: check_text(part.get('data', b''), 'A form field', max_chars)
+        if b'filename' not in options:
+            check_text(part.get('data', b''), 'A form field', max_chars)
         part.clear()
-    parser = MultipartParser(boundary, dict(on_header_field=header_field, on_header_value=header_value,
-                                            on_header_end=header_end, on_part_data=data, on_part_end=part_end))
+
+    parser = MultipartParser(
+        boundary,
+        dict(
+            on_header_field=header_field,
+            on_header_value=header_value,
+            on_header_end=header_end,
+            on_part_data=data,
+            on_part_end=part_end,
+        ),
+    )
     try:
         parser.write(body)
         parser.finalize()
-    except FormParserError: raise BadInput("The form could not be read. Reload the page and try again.") from None
+    except FormParserError:
+        raise BadInput("The form could not be read. Reload the page and try again.") from None
 
 # %% ../nbs/49_http_guard.ipynb #3ac85722
 def check_body(content_type: str, body: bytes, max_chars: int = DEFAULT_MAX_FIELD):
     "Refuse (`BadInput`) a form field that `check_text` refuses; other bodies pass."
     kind, options = parse_options_header(content_type)
-    if kind == b'application/x-www-form-urlencoded': _pairs(body, 'A form field', max_chars)
+    if kind == b'application/x-www-form-urlencoded':
+        _pairs(body, 'A form field', max_chars)
     elif kind == b'multipart/form-data' and (boundary := options.get(b'boundary')):
         _multipart(body, boundary, max_chars)
 
@@ -78,22 +107,33 @@ def check_body(content_type: str, body: bytes, max_chars: int = DEFAULT_MAX_FIEL
 _BODY_METHODS = ('POST', 'PUT', 'PATCH', 'DELETE')
 TOO_LARGE = "The request is too large."
 
+
 async def read_body(receive, limit: int) -> bytes | None:
     "The whole request body, or None as soon as it passes `limit` bytes (the rest is never read)."
     chunks, size = [], 0
     while True:
         message = await receive()
-        if message['type'] == 'http.disconnect': return b''.join(chunks)
+        if message['type'] == 'http.disconnect':
+            return b''.join(chunks)
         size += len(chunk := message.get('body', b''))
-        if size > limit: return None
+        if size > limit:
+            return None
         chunks.append(chunk)
-        if not message.get('more_body', False): return b''.join(chunks)
+        if not message.get('more_body', False):
+            return b''.join(chunks)
+
 
 class InputGuard:
     "ASGI middleware refusing bad addresses and form fields (400) and bodies over `max_body` bytes (413)."
-    def __init__(self, app, max_body: int = DEFAULT_MAX_BODY, max_field: int = DEFAULT_MAX_FIELD,
-                 exempt=(r'/stripe/webhook', r'/webhooks/.*'),  # paths that read and bound their own body
-                 api=(r'/api/.*',)):                           # paths refused in the API's JSON shape
+
+    def __init__(
+        self,
+        app,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_field: int = DEFAULT_MAX_FIELD,
+        exempt=(r'/stripe/webhook', r'/webhooks/.*'),  # paths that read and bound their own body
+        api=(r'/api/.*',),
+    ):  # paths refused in the API's JSON shape
         self.app, self.max_body, self.max_field, self.exempt, self.api = app, max_body, max_field, exempt, api
 
     def refuse(self, scope, status: int, message: str):
@@ -104,39 +144,59 @@ class InputGuard:
         return PlainTextResponse(message, status)
 
     async def __call__(self, scope, receive, send):
-        if scope['type'] != 'http': return await self.app(scope, receive, send)
-        try: check_address(scope.get('raw_path') or scope['path'].encode(), scope.get('query_string', b''),
-                           self.max_field)
-        except BadInput as e: return await self.refuse(scope, 400, str(e))(scope, receive, send)
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
+        try:
+            check_address(
+                scope.get('raw_path') or scope['path'].encode(), scope.get('query_string', b''), self.max_field
+            )
+        except BadInput as e:
+            return await self.refuse(scope, 400, str(e))(scope, receive, send)
         if scope['method'] not in _BODY_METHODS or any(re.fullmatch(p, scope['path']) for p in self.exempt):
             return await self.app(scope, receive, send)
         headers = dict(scope['headers'])
-        declared = headers.get(b'content-length', b'')   # none (chunked): the count while reading decides
-        if (declared.isdigit() and int(declared) > self.max_body
-                or (body := await read_body(receive, self.max_body)) is None):
+        declared = headers.get(b'content-length', b'')  # none (chunked): the count while reading decides
+        if (
+            declared.isdigit()
+            and int(declared) > self.max_body
+            or (body := await read_body(receive, self.max_body)) is None
+        ):
             return await self.refuse(scope, 413, TOO_LARGE)(scope, receive, send)
-        try: check_body(headers.get(b'content-type', b'').decode('latin-1'), body, self.max_field)
-        except BadInput as e: return await self.refuse(scope, 400, str(e))(scope, receive, send)
+        try:
+            check_body(headers.get(b'content-type', b'').decode('latin-1'), body, self.max_field)
+        except BadInput as e:
+            return await self.refuse(scope, 400, str(e))(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
+
 
 def _replay(body: bytes, receive):
     "A `receive` that gives the app the body already read, then whatever the client sends next."
     sent = False
+
     async def replayed():
         nonlocal sent
-        if sent: return await receive()
+        if sent:
+            return await receive()
         sent = True
         return dict(type='http.request', body=body, more_body=False)
+
     return replayed
 
 # %% ../nbs/49_http_guard.ipynb #ab2baf2e
-CSP_NONCE = 'fh_saas.csp_nonce'   # the request scope's key of this request's nonce
-NONCE = "'nonce'"                  # stands for the request's nonce in a policy
-DEFAULT_CSP = {'default-src': ["'self'"], 'script-src': ["'self'", NONCE], 'style-src': ["'self'", "'unsafe-inline'"],
-               'img-src': ["'self'", 'data:'], 'object-src': ["'none'"], 'base-uri': ["'self'"],
-               'frame-ancestors': ["'none'"]}
+CSP_NONCE = 'fh_saas.csp_nonce'  # the request scope's key of this request's nonce
+NONCE = "'nonce'"  # stands for the request's nonce in a policy
+DEFAULT_CSP = {
+    'default-src': ["'self'"],
+    'script-src': ["'self'", NONCE],
+    'style-src': ["'self'", "'unsafe-inline'"],
+    'img-src': ["'self'", 'data:'],
+    'object-src': ["'none'"],
+    'base-uri': ["'self'"],
+    'frame-ancestors': ["'none'"],
+}
 PERMISSIONS = 'camera=(), microphone=(), geolocation=(), payment=(), usb=()'
 _SOURCE = re.compile(r"[^\s;,]+")
+
 
 def csp_policy(extra: dict | None = None) -> dict:
     "The kit's policy with the sources of `extra` (directive -> sources) added; `ValueError` on a malformed source."
@@ -148,44 +208,63 @@ def csp_policy(extra: dict | None = None) -> dict:
         policy[directive] = list(dict.fromkeys([*policy.get(directive, []), *sources]))
     return policy
 
+
 def csp_nonce(req) -> str | None:
     "This request's nonce, for an app's own inline `<script nonce=...>` (None outside `SecurityHeaders`)."
     return req.scope.get(CSP_NONCE)
 
+
 class SecurityHeaders:
     "ASGI middleware adding the Content-Security-Policy (with a per-request nonce) and the other security headers."
+
     def __init__(self, app, csp: dict | None = None, hsts: bool = False):
         self.app, self.policy, self.hsts = app, csp_policy(csp), hsts
+
         # the policy's text is made once, in pieces split where each request's nonce goes ('\n' is in no source)
-        def sources(srcs): return ' '.join('\n' if s == NONCE else s for s in srcs)
+        def sources(srcs):
+            return ' '.join('\n' if s == NONCE else s for s in srcs)
+
         self._csp = '; '.join(f'{d} {s}' if (s := sources(srcs)) else d for d, srcs in self.policy.items()).split('\n')
-        self._fixed = {'x-frame-options': 'DENY', 'x-content-type-options': 'nosniff',
-                       'referrer-policy': 'same-origin', 'permissions-policy': PERMISSIONS}
-        if hsts: self._fixed['strict-transport-security'] = 'max-age=31536000'   # this host only: not its subdomains
+        self._fixed = {
+            'x-frame-options': 'DENY',
+            'x-content-type-options': 'nosniff',
+            'referrer-policy': 'same-origin',
+            'permissions-policy': PERMISSIONS,
+        }
+        if hsts:
+            self._fixed['strict-transport-security'] = 'max-age=31536000'  # this host only: not its subdomains
 
     def headers(self, nonce: str) -> dict:
         "The headers of a response to the request with `nonce`."
         return {'content-security-policy': f"'nonce-{nonce}'".join(self._csp), **self._fixed}
 
     async def __call__(self, scope, receive, send):
-        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
         scope[CSP_NONCE] = nonce = secrets.token_urlsafe(16)
+
         async def with_headers(message):
             if message['type'] == 'http.response.start':
                 headers = MutableHeaders(scope=message)
                 for k, v in self.headers(nonce).items():
-                    if k not in headers: headers[k] = v
+                    if k not in headers:
+                        headers[k] = v
             await send(message)
+
         await self.app(scope, receive, with_headers)
 
 # %% ../nbs/49_http_guard.ipynb #3ce58c27
 def page_before(base_url: str):
     "A FastHTML `before` putting the nonce on the page's head and foot scripts and the canonical link on `base_url`."
     base = base_url.rstrip('/')
-    async def before(req):   # no I/O: on the event loop, no thread hop of its own
+
+    async def before(req):  # no I/O: on the event loop, no thread hop of its own
         query = req.url.query
         req.canonical = base + req.url.path + (f'?{query}' if query else '')
-        if (nonce := csp_nonce(req)) is None: return
+        if (nonce := csp_nonce(req)) is None:
+            return
         for tag in (*req.hdrs, *req.ftrs):
-            if getattr(tag, 'tag', None) == 'script': tag.attrs['nonce'] = nonce
+            if getattr(tag, 'tag', None) == 'script':
+                tag.attrs['nonce'] = nonce
+
     return before

@@ -32,7 +32,9 @@ _log = logging.getLogger('fh_saas.jobs')
 
 _JOB_TYPE = re.compile(r'[a-z][a-z0-9_.]{1,63}')
 
-def _row(r) -> SystemJob: return SystemJob(**r._mapping)
+
+def _row(r) -> SystemJob:
+    return SystemJob(**r._mapping)
 
 # %% ../nbs/40_jobs.ipynb #4eedfc0a
 def _insert_ignoring_duplicate(conn, values):
@@ -40,22 +42,46 @@ def _insert_ignoring_duplicate(conn, values):
     ins = dialect_insert(conn, jobs_t).values(**values)
     return ins.on_conflict_do_nothing(index_elements=[c.dedupe_key], index_where=c.dedupe_key.isnot(None))
 
-def enqueue(host_db: HostDatabase, job_type: str, payload: dict | None = None, tenant_id: str | None = None,
-            run_at: datetime | str | None = None, dedupe_key: str | None = None, max_attempts: int = 5,
-            priority: int = 0) -> SystemJob:
+
+def enqueue(
+    host_db: HostDatabase,
+    job_type: str,
+    payload: dict | None = None,
+    tenant_id: str | None = None,
+    run_at: datetime | str | None = None,
+    dedupe_key: str | None = None,
+    max_attempts: int = 5,
+    priority: int = 0,
+) -> SystemJob:
     "Queue a `job_type` job (in the current transaction); with `dedupe_key`, the job already holding that key if any."
-    if not _JOB_TYPE.fullmatch(job_type or ''): raise ValueError(f"bad job type {job_type!r}")
-    if max_attempts < 1: raise ValueError("max_attempts must be at least 1")
+    if not _JOB_TYPE.fullmatch(job_type or ''):
+        raise ValueError(f"bad job type {job_type!r}")
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
     if not isinstance(payload, dict | None):
         raise ValueError(f"job payload must be a dict, got {type(payload).__name__}")
-    try: body = json.dumps(payload or {}, sort_keys=True)
-    except TypeError as e: raise ValueError(f"job payload must be JSON: {e}") from None
-    values = dict(id=gen_id(), job_type=job_type, status='queued', payload=body, tenant_id=tenant_id,
-                  run_at=timestamp(as_utc(run_at) if run_at else None), dedupe_key=dedupe_key,
-                  max_attempts=max_attempts, priority=priority, attempts=0, created_at=timestamp())
+    try:
+        body = json.dumps(payload or {}, sort_keys=True)
+    except TypeError as e:
+        raise ValueError(f"job payload must be JSON: {e}") from None
+    values = dict(
+        id=gen_id(),
+        job_type=job_type,
+        status='queued',
+        payload=body,
+        tenant_id=tenant_id,
+        run_at=timestamp(as_utc(run_at) if run_at else None),
+        dedupe_key=dedupe_key,
+        max_attempts=max_attempts,
+        priority=priority,
+        attempts=0,
+        created_at=timestamp(),
+    )
     with host_db.transaction() as conn:
-        if dedupe_key is None: conn.execute(jobs_t.insert().values(**values))
-        else: conn.execute(_insert_ignoring_duplicate(conn, values))
+        if dedupe_key is None:
+            conn.execute(jobs_t.insert().values(**values))
+        else:
+            conn.execute(_insert_ignoring_duplicate(conn, values))
         key = jobs_t.c.id == values['id'] if dedupe_key is None else jobs_t.c.dedupe_key == dedupe_key
         return _row(conn.execute(sa.select(jobs_t).where(key)).one())
 
@@ -64,47 +90,76 @@ _claim_meta = sa.MetaData()
 _jobs = jobs_t.to_metadata(_claim_meta)
 _QUEUED, _RUNNING = (sa.literal_column(f"'{s}'", sa.String) for s in ('queued', 'running'))
 _is_queued = _jobs.c.status == sa.text("'queued'")
-queue_index = sa.Index('ix_sys_jobs_queue', _jobs.c.priority.desc(), _jobs.c.run_at, _jobs.c.id,
-                       postgresql_where=_is_queued, sqlite_where=_is_queued)
+queue_index = sa.Index(
+    'ix_sys_jobs_queue',
+    _jobs.c.priority.desc(),
+    _jobs.c.run_at,
+    _jobs.c.id,
+    postgresql_where=_is_queued,
+    sqlite_where=_is_queued,
+)
 JOBS_CHANNEL = 'fh_saas_jobs'
+
 
 def _notify_trigger(conn):
     "On PostgreSQL, a trigger `NOTIFY`ing `JOBS_CHANNEL` when a job becomes `queued` (sent as its transaction commits)."
-    if conn.dialect.name != 'postgresql': return
+    if conn.dialect.name != 'postgresql':
+        return
     conn.exec_driver_sql(f"""CREATE OR REPLACE FUNCTION fh_saas_jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN PERFORM pg_notify('{JOBS_CHANNEL}', ''); RETURN NULL; END $$""")
     conn.exec_driver_sql("DROP TRIGGER IF EXISTS sys_jobs_notify ON sys_jobs")
     conn.exec_driver_sql("""CREATE TRIGGER sys_jobs_notify AFTER INSERT OR UPDATE OF status, run_at ON sys_jobs
         FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE PROCEDURE fh_saas_jobs_notify()""")
 
-jobs_component = register_component(HostComponent('jobs', _claim_meta, 2, [], steps={
-    1: lambda conn: queue_index.create(conn, checkfirst=True), 2: _notify_trigger}))
+
+jobs_component = register_component(
+    HostComponent(
+        'jobs',
+        _claim_meta,
+        2,
+        [],
+        steps={1: lambda conn: queue_index.create(conn, checkfirst=True), 2: _notify_trigger},
+    )
+)
+
 
 @dataclass
 class Job:
     "A job leased to one worker: what the handler gets."
-    id: str; job_type: str; payload: dict; tenant_id: str | None; attempts: int; max_attempts: int
-    worker_id: str; lease: float
+
+    id: str
+    job_type: str
+    payload: dict
+    tenant_id: str | None
+    attempts: int
+    max_attempts: int
+    worker_id: str
+    lease: float
     host_db: HostDatabase = field(repr=False)
     lost: bool = False
 
     def heartbeat(self) -> bool:
         "Extend the lease; `False` (and `lost` set) when another worker has taken the job over."
-        if not heartbeat(self.host_db, self): self.lost = True
+        if not heartbeat(self.host_db, self):
+            self.lost = True
         return not self.lost
+
 
 def _owned(job: Job):
     c = jobs_t.c
     return sa.and_(c.id == job.id, c.status == 'running', c.locked_by == job.worker_id, c.attempts == job.attempts)
 
+
 def _append_error(old: str | None, line: str, keep: int = 4000) -> str:
-    return ((old + '\n') if old else '') [-keep:] + line
+    return ((old + '\n') if old else '')[-keep:] + line
+
 
 def _appended_error(line, keep: int = 4000):
     "`_append_error` in SQL, on the row's `error_log`."
     old = sa.func.coalesce(jobs_t.c.error_log + '\n', '')
     kept = sa.func.substr(old, sa.func.length(old) - (keep - 1))
     return sa.case((sa.func.length(old) > keep, kept), else_=old) + line
+
 
 def _first_unheld(where, *order, pref: int):
     "Up to `n` ids in `order`, skipping rows other claims hold, tagged `pref` (lower is taken first)."
@@ -113,11 +168,14 @@ def _first_unheld(where, *order, pref: int):
     ids = ids.subquery()
     return sa.select(ids.c.id, sa.literal_column(str(pref), sa.Integer).label('pref'))
 
+
 def _of_types(pg: bool):
     "`job_type` in the list `types`: `= ANY(array)` on PostgreSQL (one SQL text for any list), `IN (...)` elsewhere."
     t = jobs_t.c.job_type
-    if pg: return t == sa.any_(sa.bindparam('types', type_=postgresql.ARRAY(sa.String)))
+    if pg:
+        return t == sa.any_(sa.bindparam('types', type_=postgresql.ARRAY(sa.String)))
     return t.in_(sa.bindparam('types', expanding=True))
+
 
 def _claim_update(typed: bool, pg: bool, keep=None):
     """The claim: up to `n` jobs, expired leases first, then the queue; a job out of attempts goes `dead` instead.
@@ -129,22 +187,43 @@ def _claim_update(typed: bool, pg: bool, keep=None):
     due = _first_unheld([c.status == _QUEUED, c.run_at <= now, *only], c.priority.desc(), c.run_at, c.id, pref=1)
     pick = sa.union_all(expired, due).order_by(sa.text('pref')).limit(sa.bindparam('n')).subquery()
     live = c.attempts < c.max_attempts
-    def either(run, dead): return sa.case((live, run), else_=dead)
-    note = (sa.bindparam('now_text', type_=sa.String) + ' lease expired on attempt ' + sa.cast(c.attempts, sa.String)
-            + ' of ' + sa.cast(c.max_attempts, sa.String) + ': dead')
-    return (jobs_t.update().where(c.id.in_(sa.select(pick.c.id)))
-            .values(status=either(sa.literal('running'), sa.literal('dead')),
-                    attempts=either(c.attempts + 1, c.max_attempts),
-                    locked_by=either(sa.bindparam('worker_id'), sa.null()), started_at=now, heartbeat_at=now,
-                    lease_until=either(sa.bindparam('lease_end', type_=ts), sa.null()),
-                    completed_at=either(c.completed_at, now), error_log=either(c.error_log, _appended_error(note)),
-                    updated_at=now)
-            .returning(c.id, c.job_type, c.status, c.payload, c.tenant_id, c.attempts, c.max_attempts))
+
+    def either(run, dead):
+        return sa.case((live, run), else_=dead)
+
+    note = (
+        sa.bindparam('now_text', type_=sa.String)
+        + ' lease expired on attempt '
+        + sa.cast(c.attempts, sa.String)
+        + ' of '
+        + sa.cast(c.max_attempts, sa.String)
+        + ': dead'
+    )
+    return (
+        jobs_t.update()
+        .where(c.id.in_(sa.select(pick.c.id)))
+        .values(
+            status=either(sa.literal('running'), sa.literal('dead')),
+            attempts=either(c.attempts + 1, c.max_attempts),
+            locked_by=either(sa.bindparam('worker_id'), sa.null()),
+            started_at=now,
+            heartbeat_at=now,
+            lease_until=either(sa.bindparam('lease_end', type_=ts), sa.null()),
+            completed_at=either(c.completed_at, now),
+            error_log=either(c.error_log, _appended_error(note)),
+            updated_at=now,
+        )
+        .returning(c.id, c.job_type, c.status, c.payload, c.tenant_id, c.attempts, c.max_attempts)
+    )
+
 
 @functools.cache
-def _claim_statement(typed: bool, dialect: str): return _claim_update(typed, dialect == 'postgresql')
+def _claim_statement(typed: bool, dialect: str):
+    return _claim_update(typed, dialect == 'postgresql')
+
 
 _COMPILED: dict = {}
+
 
 def _compiled(stmt, dialect) -> tuple[str, dict]:
     "`stmt`'s SQL for `dialect`'s kind and the values of the parameters it fixes itself, compiled on first use."
@@ -152,26 +231,45 @@ def _compiled(stmt, dialect) -> tuple[str, dict]:
     if (hit := _COMPILED.get(key)) is None:
         compiled = stmt.compile(dialect=dialect)
         fixed = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
-        hit = _COMPILED[key] = (compiled.string, fixed, stmt)   # stmt kept: its id stays its own
+        hit = _COMPILED[key] = (compiled.string, fixed, stmt)  # stmt kept: its id stays its own
     return hit[:2]
+
 
 def _run(conn, stmt, params: dict):
     """Execute a statement built once. On PostgreSQL its SQL is compiled once and handed to the driver as is: no
     cache key to derive per call, no bind processing (the values given are what psycopg2 sends). Elsewhere as usual."""
-    if conn.dialect.name != 'postgresql': return conn.execute(stmt, params)
+    if conn.dialect.name != 'postgresql':
+        return conn.execute(stmt, params)
     sql, fixed = _compiled(stmt, conn.dialect)
     return conn.exec_driver_sql(sql, {**fixed, **params})
+
 
 def _claim_params(worker_id: str, types, lease: float, n: int) -> dict:
     now = utcnow()
     params = dict(now=now, now_text=timestamp(now), worker_id=worker_id, n=n, lease_end=now + timedelta(seconds=lease))
-    if types is not None: params['types'] = list(types)
+    if types is not None:
+        params['types'] = list(types)
     return params
+
 
 def _leased(rows, worker_id: str, lease: float, host_db) -> list[Job]:
     "The `Job`s among claimed `rows` (those that went `dead` instead are left out)."
-    return [Job(r.id, r.job_type, json.loads(r.payload or '{}'), r.tenant_id, r.attempts, r.max_attempts, worker_id,
-                lease, host_db) for r in rows if r.status == 'running']
+    return [
+        Job(
+            r.id,
+            r.job_type,
+            json.loads(r.payload or '{}'),
+            r.tenant_id,
+            r.attempts,
+            r.max_attempts,
+            worker_id,
+            lease,
+            host_db,
+        )
+        for r in rows
+        if r.status == 'running'
+    ]
+
 
 def claim(host_db: HostDatabase, worker_id: str, types: list[str] | None = None, lease: float = 30.0) -> Job | None:
     "Lease the next due job (of `types`, default any) to `worker_id` for `lease` seconds; `None` when there is none."
@@ -179,34 +277,52 @@ def claim(host_db: HostDatabase, worker_id: str, types: list[str] | None = None,
         with host_db.one_statement() as conn:
             statement = _claim_statement(types is not None, conn.dialect.name)
             rows = _run(conn, statement, _claim_params(worker_id, types, lease, 1)).all()
-        if not rows: return None
-        if jobs := _leased(rows, worker_id, lease, host_db): return jobs[0]
+        if not rows:
+            return None
+        if jobs := _leased(rows, worker_id, lease, host_db):
+            return jobs[0]
 
 # %% ../nbs/40_jobs.ipynb #761d419d
 class JobRejected(Exception):
     "Raised by a handler when retrying cannot help (bad payload, missing tenant): the job goes straight to `dead`."
+
 
 def retry_delay(attempts: int, base: float = 5.0, cap: float = 3600.0) -> float:
     "Seconds before retrying after failed attempt `attempts`: `base*2**(attempts-1)` capped, half of it jittered."
     d = min(cap, base * 2 ** min(attempts - 1, 60))
     return d / 2 + random.uniform(0, d / 2)
 
+
 def _owned_update(**values):
     "An `UPDATE` of the job `job_id` while `job_worker` still holds it on attempt `job_attempts`."
     c = jobs_t.c
-    return jobs_t.update().where(c.id == sa.bindparam('job_id'), c.status == 'running',
-                                 c.locked_by == sa.bindparam('job_worker'), c.attempts == sa.bindparam('job_attempts')
-                                 ).values(**values)
+    return (
+        jobs_t.update()
+        .where(
+            c.id == sa.bindparam('job_id'),
+            c.status == 'running',
+            c.locked_by == sa.bindparam('job_worker'),
+            c.attempts == sa.bindparam('job_attempts'),
+        )
+        .values(**values)
+    )
 
-def _held(job: Job) -> dict: return dict(job_id=job.id, job_worker=job.worker_id, job_attempts=job.attempts)
+
+def _held(job: Job) -> dict:
+    return dict(job_id=job.id, job_worker=job.worker_id, job_attempts=job.attempts)
+
 
 _TS = jobs_t.c.started_at.type
 _NOW = sa.bindparam('now', type_=_TS)
 _HEARTBEAT = _owned_update(heartbeat_at=_NOW, lease_until=sa.bindparam('lease_end', type_=_TS), updated_at=_NOW)
-_COMPLETE = _owned_update(status='done', completed_at=_NOW, lease_until=None, result=sa.bindparam('outcome'),
-                          updated_at=_NOW)
+_COMPLETE = _owned_update(
+    status='done', completed_at=_NOW, lease_until=None, result=sa.bindparam('outcome'), updated_at=_NOW
+)
 
-def _result_json(result) -> str | None: return None if result is None else json.dumps(result, default=str)
+
+def _result_json(result) -> str | None:
+    return None if result is None else json.dumps(result, default=str)
+
 
 def heartbeat(host_db: HostDatabase, job: Job) -> bool:
     "Extend `job`'s lease by `job.lease` seconds if `job.worker_id` still holds it."
@@ -215,34 +331,48 @@ def heartbeat(host_db: HostDatabase, job: Job) -> bool:
         res = _run(conn, _HEARTBEAT, dict(_held(job), now=now, lease_end=now + timedelta(seconds=job.lease)))
     return res.rowcount == 1
 
+
 def complete(host_db: HostDatabase, job: Job, result=None) -> bool:
     "Mark `job` done with its JSON `result`, if this worker still holds it."
     with host_db.one_statement() as conn:
         res = _run(conn, _COMPLETE, dict(_held(job), now=utcnow(), outcome=_result_json(result)))
     return res.rowcount == 1
 
-def fail(host_db: HostDatabase, job: Job, error: str, retry: bool = True, base: float = 5.0,
-         cap: float = 3600.0) -> str | None:
+
+def fail(
+    host_db: HostDatabase, job: Job, error: str, retry: bool = True, base: float = 5.0, cap: float = 3600.0
+) -> str | None:
     """Record `error` on `job`: queue it again after a backoff, or `dead` when out of attempts;
     the new status, `None` if not held."""
     now = utcnow()
     dead = not retry or job.attempts >= job.max_attempts
     with host_db.transaction() as conn:
         old = conn.execute(sa.select(jobs_t.c.error_log).where(_owned(job))).one_or_none()
-        if old is None: return None
+        if old is None:
+            return None
         line = f"{timestamp(now)} attempt {job.attempts}/{job.max_attempts} on {job.worker_id}: {error}"
-        values = dict(status='dead', completed_at=timestamp(now)) if dead else dict(
-            status='queued', run_at=timestamp(now + timedelta(seconds=retry_delay(job.attempts, base, cap))))
-        res = conn.execute(jobs_t.update().where(_owned(job)).values(
-            locked_by=None, lease_until=None, error_log=_append_error(old.error_log, line), **values))
+        values = (
+            dict(status='dead', completed_at=timestamp(now))
+            if dead
+            else dict(status='queued', run_at=timestamp(now + timedelta(seconds=retry_delay(job.attempts, base, cap))))
+        )
+        res = conn.execute(
+            jobs_t.update()
+            .where(_owned(job))
+            .values(locked_by=None, lease_until=None, error_log=_append_error(old.error_log, line), **values)
+        )
     return values['status'] if res.rowcount == 1 else None
+
 
 def cancel(host_db: HostDatabase, job_id: str) -> bool:
     "Cancel a job that has not started (`queued`); `False` if it is running or finished."
     c = jobs_t.c
     with host_db.transaction() as conn:
-        res = conn.execute(jobs_t.update().where(c.id == job_id, c.status == 'queued')
-                           .values(status='canceled', completed_at=timestamp()))
+        res = conn.execute(
+            jobs_t.update()
+            .where(c.id == job_id, c.status == 'queued')
+            .values(status='canceled', completed_at=timestamp())
+        )
     return res.rowcount == 1
 
 # %% ../nbs/40_jobs.ipynb #ba64ca53
@@ -250,29 +380,45 @@ def retry(host_db: HostDatabase, job_id: str) -> bool:
     "Queue the `dead` job `job_id` again, due now with its attempts reset; `False` if it is not dead."
     c, now = jobs_t.c, timestamp()
     with host_db.transaction() as conn:
-        res = conn.execute(jobs_t.update().where(c.id == job_id, c.status == 'dead').values(
-            status='queued', run_at=now, attempts=0, completed_at=None, locked_by=None, lease_until=None,
-            error_log=sa.func.coalesce(c.error_log + '\n', '') + f"{now} retried by hand: attempts reset"))
+        res = conn.execute(
+            jobs_t.update()
+            .where(c.id == job_id, c.status == 'dead')
+            .values(
+                status='queued',
+                run_at=now,
+                attempts=0,
+                completed_at=None,
+                locked_by=None,
+                lease_until=None,
+                error_log=sa.func.coalesce(c.error_log + '\n', '') + f"{now} retried by hand: attempts reset",
+            )
+        )
     return res.rowcount == 1
 
 # %% ../nbs/40_jobs.ipynb #a304744b
 job_handlers: dict = {}
 
+
 def register_handler(job_type: str, fn):
     "Make `fn(job)` the handler of `job_type` jobs."
-    if not _JOB_TYPE.fullmatch(job_type): raise ValueError(f"bad job type {job_type!r}")
+    if not _JOB_TYPE.fullmatch(job_type):
+        raise ValueError(f"bad job type {job_type!r}")
     job_handlers[job_type] = fn
     return fn
+
 
 def job_handler(job_type: str):
     "Decorator form of `register_handler`."
     return lambda fn: register_handler(job_type, fn)
 
+
 _job_tenant: ContextVar[str | None] = ContextVar('fh_saas_job_tenant', default=None)
+
 
 def current_job_tenant() -> str | None:
     "The tenant of the job running in this thread (`None` outside a job or for a global job)."
     return _job_tenant.get()
+
 
 @contextmanager
 def job_scope(job: Job):
@@ -281,7 +427,8 @@ def job_scope(job: Job):
     try:
         with audit_context(**{**asdict(AuditContext()), 'tenant_id': job.tenant_id, 'request_id': f'job:{job.id}'}):
             yield job
-    finally: _job_tenant.reset(token)
+    finally:
+        _job_tenant.reset(token)
 
 # %% ../nbs/40_jobs.ipynb #b9dd8c03
 @job_handler('audit.archive')
@@ -295,24 +442,47 @@ def archive_audit_job(job: Job) -> dict:
 # %% ../nbs/40_jobs.ipynb #248696a0
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
+
 def period_start(every: timedelta, now: datetime | None = None) -> datetime:
     "Start of the `every`-long period (counted from the Unix epoch) that contains `now`."
     now = as_utc(now or utcnow())
     return _EPOCH + (now - _EPOCH) // every * every
 
+
 @dataclass(frozen=True)
 class Periodic:
     "A job to run once every `every`."
-    job_type: str; every: timedelta; payload: dict | None = None; tenant_id: str | None = None; priority: int = 0
 
-def schedule(host_db: HostDatabase, job_type: str, every: timedelta, payload: dict | None = None,
-             tenant_id: str | None = None, now: datetime | None = None, priority: int = 0,
-             max_attempts: int = 5) -> SystemJob:
+    job_type: str
+    every: timedelta
+    payload: dict | None = None
+    tenant_id: str | None = None
+    priority: int = 0
+
+
+def schedule(
+    host_db: HostDatabase,
+    job_type: str,
+    every: timedelta,
+    payload: dict | None = None,
+    tenant_id: str | None = None,
+    now: datetime | None = None,
+    priority: int = 0,
+    max_attempts: int = 5,
+) -> SystemJob:
     "The `job_type` job of the period containing `now`, enqueued once however many workers ask."
     start = period_start(every, now)
     key = f"{job_type}{'/' + tenant_id if tenant_id else ''}@{timestamp(start)}"
-    return enqueue(host_db, job_type, payload, tenant_id, run_at=start, dedupe_key=key,
-                   max_attempts=max_attempts, priority=priority)
+    return enqueue(
+        host_db,
+        job_type,
+        payload,
+        tenant_id,
+        run_at=start,
+        dedupe_key=key,
+        max_attempts=max_attempts,
+        priority=priority,
+    )
 
 # %% ../nbs/40_jobs.ipynb #9a901004
 @functools.cache
@@ -320,19 +490,34 @@ def _exchange_statement(typed: bool, finished: int):
     """PostgreSQL, built once per shape: complete the `finished` jobs still held, and claim up to `n` more, in one
     statement; one row per claimed job (or one of `NULL`s), each with the ids completed."""
     c, now = jobs_t.c, sa.bindparam('now', type_=jobs_t.c.started_at.type)
-    fin = sa.values(sa.column('id', sa.String), sa.column('attempts', sa.Integer), sa.column('result', sa.Text),
-                    name='finished').data([tuple(sa.bindparam(f'{k}{i}', type_=t) for k, t in
-                                                 (('fid', sa.String), ('fat', sa.Integer), ('fres', sa.Text)))
-                                           for i in range(finished)])
-    done = (jobs_t.update().where(c.id == fin.c.id, c.attempts == fin.c.attempts, c.status == 'running',
-                                  c.locked_by == sa.bindparam('worker_id'))
-            .values(status=sa.literal('done'), completed_at=now, updated_at=now, lease_until=sa.null(),
-                    result=fin.c.result)
-            .returning(c.id).cte('done'))   # no value left to SQLAlchemy: two UPDATEs cannot share its parameter names
+    fin = sa.values(
+        sa.column('id', sa.String), sa.column('attempts', sa.Integer), sa.column('result', sa.Text), name='finished'
+    ).data(
+        [
+            tuple(
+                sa.bindparam(f'{k}{i}', type_=t)
+                for k, t in (('fid', sa.String), ('fat', sa.Integer), ('fres', sa.Text))
+            )
+            for i in range(finished)
+        ]
+    )
+    done = (
+        jobs_t.update()
+        .where(
+            c.id == fin.c.id,
+            c.attempts == fin.c.attempts,
+            c.status == 'running',
+            c.locked_by == sa.bindparam('worker_id'),
+        )
+        .values(status=sa.literal('done'), completed_at=now, updated_at=now, lease_until=sa.null(), result=fin.c.result)
+        .returning(c.id)
+        .cte('done')
+    )  # no value left to SQLAlchemy: two UPDATEs cannot share its parameter names
     claimed = _claim_update(typed, True, keep=sa.select(fin.c.id)).cte('claimed')
     completed = sa.select(sa.func.array_agg(done.c.id)).scalar_subquery().label('completed')
     one = sa.select(sa.literal(1).label('one')).subquery()
     return sa.select(completed, *claimed.c).select_from(one.outerjoin(claimed, sa.true()))
+
 
 def _exchange(host_db: HostDatabase, worker_id: str, types, lease: float, results: list, n: int):
     "Record `results` (`(job, result)` pairs) as done and claim up to `n` jobs: the ids completed, the rows claimed."
@@ -348,8 +533,10 @@ def _exchange(host_db: HostDatabase, worker_id: str, types, lease: float, result
         statement = _claim_statement(types is not None, conn.dialect.name)
         return completed, _run(conn, statement, params).all() if n else []
 
+
 _NEXT_DUE = sa.select(sa.func.min(jobs_t.c.run_at)).where(jobs_t.c.status == _QUEUED)
 _NEXT_EXPIRY = sa.select(sa.func.min(jobs_t.c.lease_until)).where(jobs_t.c.status == _RUNNING)
+
 
 def _next_claimable(host_db: HostDatabase, types) -> datetime | None:
     "When a job of `types` next becomes claimable (its `run_at`, or a lease ending); `None` if none is queued or held."
@@ -358,14 +545,18 @@ def _next_claimable(host_db: HostDatabase, types) -> datetime | None:
         times = conn.execute(sa.union_all(_NEXT_DUE.where(*only), _NEXT_EXPIRY.where(*only))).scalars().all()
     return min((as_utc(t) for t in times if t is not None), default=None)
 
+
 def _readable(fds: list[int], timeout: float | None = None) -> set[int]:
     "Which of `fds` can be read within `timeout` seconds (`None`: however long it takes)."
     p = select.poll()
-    for fd in fds: p.register(fd, select.POLLIN)
+    for fd in fds:
+        p.register(fd, select.POLLIN)
     return {fd for fd, _ in p.poll(None if timeout is None else timeout * 1000)}
+
 
 class _Listener:
     "A thread holding `LISTEN` on PostgreSQL (psycopg2): calls `wake()` on notifications; `listening` while connected."
+
     def __init__(self, host_db: HostDatabase, wake, retry: float):
         self.engine, self.wake, self.retry, self.listening = host_db.engine, wake, retry, False
         self._stop_r, self._stop_w = os.pipe()
@@ -376,7 +567,8 @@ class _Listener:
         cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
         conn = self.engine.dialect.connect(*cargs, **cparams)
         conn.autocommit = True
-        with conn.cursor() as cur: cur.execute(f'LISTEN {JOBS_CHANNEL}')
+        with conn.cursor() as cur:
+            cur.execute(f'LISTEN {JOBS_CHANNEL}')
         return conn
 
     def _run(self):
@@ -385,30 +577,47 @@ class _Listener:
             try:
                 conn = self._connect()
                 self.listening = True
-                self.wake()   # notifications sent while not listening were missed: look once
+                self.wake()  # notifications sent while not listening were missed: look once
                 while self._stop_r not in _readable([conn.fileno(), self._stop_r]):
                     conn.poll()
-                    if conn.notifies: conn.notifies.clear(); self.wake()
+                    if conn.notifies:
+                        conn.notifies.clear()
+                        self.wake()
                 return
             except Exception as e:  # the server went away: poll until it is back
-                if self.listening: _log.warning("job notifications lost, polling: %s", e)
+                if self.listening:
+                    _log.warning("job notifications lost, polling: %s", e)
                 self.listening = False
                 self.wake()
-                if _readable([self._stop_r], self.retry): return
+                if _readable([self._stop_r], self.retry):
+                    return
             finally:
                 self.listening = False
-                if conn is not None: conn.close()
+                if conn is not None:
+                    conn.close()
 
     def close(self):
         os.write(self._stop_w, b'x')
         self._thread.join()
-        for fd in (self._stop_r, self._stop_w): os.close(fd)
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+
 
 class Worker:
     "Claims and runs jobs with `handlers` (default: every registered one) until stopped."
-    def __init__(self, host_db: HostDatabase, handlers: dict | None = None, concurrency: int = 1, poll: float = 1.0,
-                 lease: float = 30.0, schedules: list[Periodic] = (), retry_base: float = 5.0,
-                 retry_cap: float = 3600.0, name: str | None = None):
+
+    def __init__(
+        self,
+        host_db: HostDatabase,
+        handlers: dict | None = None,
+        concurrency: int = 1,
+        poll: float = 1.0,
+        lease: float = 30.0,
+        schedules: list[Periodic] = (),
+        retry_base: float = 5.0,
+        retry_cap: float = 3600.0,
+        name: str | None = None,
+    ):
         self.host_db, self.handlers = host_db, dict(job_handlers if handlers is None else handlers)
         self.concurrency, self.poll, self.lease, self.schedules = concurrency, poll, lease, list(schedules)
         self.retry_base, self.retry_cap = retry_base, retry_cap
@@ -418,25 +627,33 @@ class Worker:
 
     def run(self, stop: threading.Event):
         "Work until `stop` is set; then finish the jobs in hand and return."
-        threads = [threading.Thread(target=self._loop, args=(stop,), name=f'job-worker-{i}')
-                   for i in range(self.concurrency)]
+        threads = [
+            threading.Thread(target=self._loop, args=(stop,), name=f'job-worker-{i}') for i in range(self.concurrency)
+        ]
         done = threading.Event()
         beats = threading.Thread(target=self._heartbeats, args=(done,), name='job-heartbeat')
         waker = threading.Thread(target=lambda: (stop.wait(), self._wake(everyone=True)), name='job-stop', daemon=True)
         if self.host_db.engine.dialect.driver == 'psycopg2':
             self._listener = _Listener(self.host_db, self._wake, self.poll)
-        for t in [*threads, beats, waker]: t.start()
-        for t in threads: t.join()
-        done.set(); beats.join()
-        if self._listener is not None: self._listener.close()
-        if self._crash is not None: raise RuntimeError("a worker thread crashed") from self._crash
+        for t in [*threads, beats, waker]:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        beats.join()
+        if self._listener is not None:
+            self._listener.close()
+        if self._crash is not None:
+            raise RuntimeError("a worker thread crashed") from self._crash
 
     def _wake(self, everyone: bool = False):
         "Something changed: a waiting thread looks again (claiming for the others too), or `everyone` (a stop)."
         with self._cond:
             self._news += 1
-            if everyone: self._cond.notify_all()
-            else: self._cond.notify()
+            if everyone:
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
 
     def _loop(self, stop: threading.Event):
         "One worker thread: run a job, then record it and claim the next (and one per idle thread) in one round trip."
@@ -445,25 +662,32 @@ class Worker:
             while True:
                 if (job := self._take()) is None:
                     news, n = self._news, 0 if stop.is_set() else 1 + self._idle
-                    if results or n: job, results = self._claim(results, n), []
+                    if results or n:
+                        job, results = self._claim(results, n), []
                     if job is None:
-                        if stop.is_set(): return
+                        if stop.is_set():
+                            return
                         self._sleep(news, stop)
                         continue
-                if (outcome := self._run(job)) is not None: results.append((job, outcome[0]))
-                else: self._release(job)
+                if (outcome := self._run(job)) is not None:
+                    results.append((job, outcome[0]))
+                else:
+                    self._release(job)
         except BaseException as e:  # a bug, not a job failure: stop every thread and let run() raise it
             self._crash = e
             stop.set()
 
     def _take(self) -> Job | None:
-        with self._cond: return self._handed.pop(0) if self._handed else None
+        with self._cond:
+            return self._handed.pop(0) if self._handed else None
 
     def _claim(self, results: list, n: int) -> Job | None:
         "Record `results` and claim up to `n` jobs: the first to run here, the others handed to idle threads."
-        for job, _ in results: self._release(job)   # no more heartbeats: recorded now, or retried after the lease
+        for job, _ in results:
+            self._release(job)  # no more heartbeats: recorded now, or retried after the lease
         try:
-            if n: self._schedule_due()
+            if n:
+                self._schedule_due()
             completed, rows = _exchange(self.host_db, self.name, list(self.handlers), self.lease, results, n)
         except sa.exc.DBAPIError as e:
             _log.warning("claim failed, retrying in %ss: %s", self.poll, error_reason(e))
@@ -472,9 +696,11 @@ class Worker:
             time.sleep(self.poll)
             return None
         for job, _ in results:
-            if job.id not in completed: _log.warning("job %s %s: lease lost, outcome discarded", job.job_type, job.id)
+            if job.id not in completed:
+                _log.warning("job %s %s: lease lost, outcome discarded", job.job_type, job.id)
         jobs = _leased(rows, self.name, self.lease, self.host_db)
-        with self._lock: self._running.update(((j.id, j.attempts), j) for j in jobs)
+        with self._lock:
+            self._running.update(((j.id, j.attempts), j) for j in jobs)
         if len(jobs) > 1:
             with self._cond:
                 self._handed.extend(jobs[1:])
@@ -487,79 +713,113 @@ class Worker:
         timeout = self._wait_time()
         with self._cond:
             self._idle += 1
-            try: self._cond.wait_for(lambda: self._handed or self._news != news or stop.is_set(), timeout)
-            finally: self._idle -= 1
+            try:
+                self._cond.wait_for(lambda: self._handed or self._news != news or stop.is_set(), timeout)
+            finally:
+                self._idle -= 1
 
     def _wait_time(self) -> float | None:
         "Seconds until a job may be claimable or a schedule's next period starts (`None`: not before a notification)."
-        if self._listener is None or not self._listener.listening: return self.poll
-        try: due = _next_claimable(self.host_db, list(self.handlers))
-        except sa.exc.DBAPIError: return self.poll
+        if self._listener is None or not self._listener.listening:
+            return self.poll
+        try:
+            due = _next_claimable(self.host_db, list(self.handlers))
+        except sa.exc.DBAPIError:
+            return self.poll
         times = [due, *(period_start(p.every) + p.every for p in self.schedules)]
         at = min((t for t in times if t is not None), default=None)
         return None if at is None else max(0.0, (at - utcnow()).total_seconds())
 
     def _release(self, job: Job):
-        with self._lock: self._running.pop((job.id, job.attempts), None)
+        with self._lock:
+            self._running.pop((job.id, job.attempts), None)
 
     def _schedule_due(self):
         for p in self.schedules:
             start = period_start(p.every)
-            if self._scheduled.get(p) == start: continue
+            if self._scheduled.get(p) == start:
+                continue
             schedule(self.host_db, p.job_type, p.every, p.payload, p.tenant_id, priority=p.priority)
             self._scheduled[p] = start
 
     def _run(self, job: Job) -> tuple | None:
         "Run `job`'s handler: `(result,)` to record as done, or `None` when its failure was recorded here."
         try:
-            with job_scope(job): return (self.handlers[job.job_type](job),)
-        except JobRejected as e: outcome = self._fail(job, f"rejected: {e}", retry=False)
+            with job_scope(job):
+                return (self.handlers[job.job_type](job),)
+        except JobRejected as e:
+            outcome = self._fail(job, f"rejected: {e}", retry=False)
         except Exception as e:
             err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
             outcome = self._fail(job, err, base=self.retry_base, cap=self.retry_cap)
-        if outcome is None: _log.warning("job %s %s: lease lost, outcome discarded", job.job_type, job.id)
+        if outcome is None:
+            _log.warning("job %s %s: lease lost, outcome discarded", job.job_type, job.id)
 
     def _fail(self, job: Job, error: str, **kw) -> str | None:
-        try: return fail(self.host_db, job, error, **kw)
+        try:
+            return fail(self.host_db, job, error, **kw)
         except sa.exc.DBAPIError as e:
-            _log.warning("job %s %s: outcome not recorded (retried after its lease): %s",
-                         job.job_type, job.id, error_reason(e))
+            _log.warning(
+                "job %s %s: outcome not recorded (retried after its lease): %s", job.job_type, job.id, error_reason(e)
+            )
             return 'unrecorded'
 
     def _heartbeats(self, done: threading.Event):
         while not done.wait(self.lease / 3):
-            with self._lock: jobs = list(self._running.values())
+            with self._lock:
+                jobs = list(self._running.values())
             for job in jobs:
                 try:
                     if not job.heartbeat() and (job.id, job.attempts) in self._running:
                         _log.warning("job %s %s: lease lost to another worker", job.job_type, job.id)
-                except sa.exc.DBAPIError as e: _log.warning("heartbeat of job %s failed: %s", job.id, error_reason(e))
+                except sa.exc.DBAPIError as e:
+                    _log.warning("heartbeat of job %s failed: %s", job.id, error_reason(e))
 
 # %% ../nbs/40_jobs.ipynb #9c7255bd
 def worker_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add the `fh-saas worker` options to `p` (the CLI's `worker` sub-command uses this too)."
-    p.add_argument('--import', dest='modules', action='append', default=[],
-                   help='module registering job handlers (repeatable)')
+    p.add_argument(
+        '--import', dest='modules', action='append', default=[], help='module registering job handlers (repeatable)'
+    )
     p.add_argument('--concurrency', type=int, default=1, help='jobs run at the same time')
-    p.add_argument('--poll', type=float, default=1.0,
-                   help='seconds between polls when idle (SQLite; PostgreSQL while notifications are down)')
+    p.add_argument(
+        '--poll',
+        type=float,
+        default=1.0,
+        help='seconds between polls when idle (SQLite; PostgreSQL while notifications are down)',
+    )
     p.add_argument('--lease', type=float, default=30.0, help='seconds a claim lasts without a heartbeat')
     p.add_argument('--retry-base', type=float, default=5.0, help='seconds before the first retry (doubling after)')
     return p
 
+
 def run_worker(args: argparse.Namespace, schedules: list[Periodic] = ()):
     """Run a worker with parsed `worker_arguments` (keeping `schedules` queued) on the `DB_*` host database
     until SIGTERM/SIGINT."""
-    for m in args.modules: importlib.import_module(m)
+    for m in args.modules:
+        importlib.import_module(m)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     host_db, stop = HostDatabase.from_env(), threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     _log.info("worker on %r: %s", host_db, ', '.join(sorted(job_handlers)))
-    try: Worker(host_db, concurrency=args.concurrency, poll=args.poll, lease=args.lease, retry_base=args.retry_base,
-                schedules=schedules).run(stop)
-    finally: host_db.close()
+    try:
+        Worker(
+            host_db,
+            concurrency=args.concurrency,
+            poll=args.poll,
+            lease=args.lease,
+            retry_base=args.retry_base,
+            schedules=schedules,
+        ).run(stop)
+    finally:
+        host_db.close()
+
 
 def main(argv=None):
     "Entry point of `fh-saas worker` on its own (`python -c 'from fh_saas.jobs import main; main()' ...`)."
-    run_worker(worker_arguments(argparse.ArgumentParser(prog='fh-saas worker', description='run background jobs'))
-               .parse_args(argv))
+    run_worker(
+        worker_arguments(argparse.ArgumentParser(prog='fh-saas worker', description='run background jobs')).parse_args(
+            argv
+        )
+    )

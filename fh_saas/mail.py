@@ -21,48 +21,65 @@ from fasthtml.common import A, Body, Div, Head, Html, Meta, P, Title, to_xml
 # %% ../nbs/22_mail.ipynb #662d3737
 class Mailer(Protocol):
     "Anything that can deliver an email: a plain-text body, and optionally an HTML alternative of it."
+
     def send(self, to: str, subject: str, body: str, html: str | None = None) -> None: ...
+
 
 def _message(sender: str, to: str, subject: str, body: str, html: str | None = None) -> EmailMessage:
     msg = EmailMessage()
     msg['From'], msg['To'], msg['Subject'] = sender, to, subject
     msg.set_content(body)
-    if html is not None: msg.add_alternative(html, subtype='html')
+    if html is not None:
+        msg.add_alternative(html, subtype='html')
     return msg
+
 
 def text_part(msg: EmailMessage) -> str:
     "The plain-text body of `msg` (the whole message when it has no HTML part)."
     return msg.get_body(('plain',)).get_content()
+
 
 def html_part(msg: EmailMessage) -> str | None:
     "The HTML body of `msg`, or None when it is plain text only."
     part = msg.get_body(('html',))
     return part.get_content() if part is not None else None
 
+
 @dataclass
 class SMTPMailer:
     "Deliver through an SMTP server, upgrading to TLS with STARTTLS unless `starttls=False`."
-    host: str; port: int = 587; sender: str = 'no-reply@localhost'
-    username: str | None = None; password: str | None = field(default=None, repr=False)
-    starttls: bool = True; timeout: float = 10
+
+    host: str
+    port: int = 587
+    sender: str = 'no-reply@localhost'
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    starttls: bool = True
+    timeout: float = 10
 
     def send(self, to: str, subject: str, body: str, html: str | None = None) -> None:
         with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-            if self.starttls: smtp.starttls()
-            if self.username: smtp.login(self.username, self.password or '')
+            if self.starttls:
+                smtp.starttls()
+            if self.username:
+                smtp.login(self.username, self.password or '')
             smtp.send_message(_message(self.sender, to, subject, body, html))
+
 
 class MemoryOutbox:
     "Keep sent messages in a list (thread-safe), for tests and local development."
+
     def __init__(self, sender: str = 'no-reply@localhost'):
         self.sender, self.messages, self._lock = sender, [], threading.Lock()
 
     def send(self, to: str, subject: str, body: str, html: str | None = None) -> None:
-        with self._lock: self.messages.append(_message(self.sender, to, subject, body, html))
+        with self._lock:
+            self.messages.append(_message(self.sender, to, subject, body, html))
 
     def last_to(self, to: str) -> EmailMessage:
         "The most recent message sent to `to`."
-        with self._lock: return next(m for m in reversed(self.messages) if m['To'] == to)
+        with self._lock:
+            return next(m for m in reversed(self.messages) if m['To'] == to)
 
     def last_text(self, to: str) -> str:
         "The plain-text body of the most recent message sent to `to`."
@@ -70,6 +87,7 @@ class MemoryOutbox:
 
 # %% ../nbs/22_mail.ipynb #b55f016b
 _EMAIL = re.compile(r'[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]+')
+
 
 def is_email_address(text: str) -> bool:
     "Whether `text` (already stripped) is a plausible email address that fits the 320-character columns."
@@ -79,26 +97,39 @@ def is_email_address(text: str) -> bool:
 @dataclass(frozen=True)
 class Mail:
     "One message, ready to send: its subject, plain-text body and HTML body."
-    subject: str; text: str; html: str
+
+    subject: str
+    text: str
+    html: str
+
 
 def duration(ttl: timedelta) -> str:
     "`ttl` in words, for a message: '7 days', '1 hour', '30 minutes'."
-    if ttl.days: n, unit = ttl.days, 'day'
-    elif ttl.seconds >= 3600: n, unit = ttl.seconds // 3600, 'hour'
-    else: n, unit = max(ttl.seconds // 60, 1), 'minute'
+    if ttl.days:
+        n, unit = ttl.days, 'day'
+    elif ttl.seconds >= 3600:
+        n, unit = ttl.seconds // 3600, 'hour'
+    else:
+        n, unit = max(ttl.seconds // 60, 1), 'minute'
     return f"{n} {unit}{'s' * (n != 1)}"
+
 
 _PAGE = 'margin:0;padding:24px;background:#f3f4f6;font-family:Helvetica,Arial,sans-serif;color:#1f2937'
 _CARD = 'max-width:560px;margin:0 auto;padding:24px;background:#ffffff;border-radius:8px;font-size:15px;line-height:1.5'
 _BRAND = 'margin:0 0 24px;font-size:20px;font-weight:bold'
-_BUTTON = ('display:inline-block;padding:10px 18px;background:#2563eb;color:#ffffff;border-radius:6px;'
-           'text-decoration:none;font-weight:bold')
+_BUTTON = (
+    'display:inline-block;padding:10px 18px;background:#2563eb;color:#ffffff;border-radius:6px;'
+    'text-decoration:none;font-weight:bold'
+)
 _SMALL = 'font-size:13px;color:#6b7280;word-break:break-all'
+
 
 class MailTemplates:
     """The kit's messages, one method per kind, each a `Mail` made by `compose`. Subclass it to word a kind your
     own way, or override `html` to restyle them all."""
-    def __init__(self, brand: str = 'fh_saas'): self.brand = brand
+
+    def __init__(self, brand: str = 'fh_saas'):
+        self.brand = brand
 
     def compose(self, subject: str, paragraphs, link: str | None = None, button: str = 'Open', after=()) -> Mail:
         "A `Mail`: `paragraphs`, then `link` (a `button` in HTML, with its address written out), then `after`."
@@ -111,68 +142,129 @@ class MailTemplates:
         "The HTML body: the brand at the top, the paragraphs, the button and its address, the closing paragraphs."
         para = lambda *c, style='': P(*c, style='margin:0 0 16px;' + style)
         action = [para(A(button, href=link, style=_BUTTON)), para(f"Or open {link}", style=_SMALL)] if link else []
-        card = Div(P(self.brand, style=_BRAND), *[para(p) for p in paragraphs], *action, *[para(p) for p in after],
-                   style=_CARD)
+        card = Div(
+            P(self.brand, style=_BRAND), *[para(p) for p in paragraphs], *action, *[para(p) for p in after], style=_CARD
+        )
         return to_xml(Html(Head(Meta(charset='utf-8'), Title(subject)), Body(card, style=_PAGE)))
 
 # %% ../nbs/22_mail.ipynb #a147e04a
 @patch
 def verify_email(self: MailTemplates, link: str, ttl: timedelta) -> Mail:
-    return self.compose('Confirm your email', [f"Confirm your address for {self.brand} within {duration(ttl)}:"],
-                        link, 'Confirm my address')
+    return self.compose(
+        'Confirm your email',
+        [f"Confirm your address for {self.brand} within {duration(ttl)}:"],
+        link,
+        'Confirm my address',
+    )
+
 
 @patch
 def password_reset(self: MailTemplates, link: str, ttl: timedelta) -> Mail:
-    return self.compose('Reset your password', [f"Use this link within {duration(ttl)} to choose a new password:"],
-                        link, 'Choose a new password',
-                        after=["If you did not ask for this, ignore this email: your password stays as it is."])
+    return self.compose(
+        'Reset your password',
+        [f"Use this link within {duration(ttl)} to choose a new password:"],
+        link,
+        'Choose a new password',
+        after=["If you did not ask for this, ignore this email: your password stays as it is."],
+    )
+
 
 @patch
 def email_change(self: MailTemplates, new: str, link: str, ttl: timedelta) -> Mail:
-    return self.compose('Confirm your new email address',
-                        [f"Use this link within {duration(ttl)} to make {new} the address of your account:"],
-                        link, 'Confirm this address')
+    return self.compose(
+        'Confirm your new email address',
+        [f"Use this link within {duration(ttl)} to make {new} the address of your account:"],
+        link,
+        'Confirm this address',
+    )
+
 
 @patch
 def email_change_notice(self: MailTemplates, new: str) -> Mail:
-    return self.compose('Your email address is being changed', [
-        f"Someone signed in to your account asked to change its address to {new}. Nothing changes unless that "
-        "address confirms it. If this was not you, change your password now: it ends every other session."])
+    return self.compose(
+        'Your email address is being changed',
+        [
+            f"Someone signed in to your account asked to change its address to {new}. Nothing changes unless that "
+            "address confirms it. If this was not you, change your password now: it ends every other session."
+        ],
+    )
+
 
 @patch
 def signup_taken(self: MailTemplates, login: str, reset: str) -> Mail:
-    return self.compose('Someone tried to sign up with your address', [
-        f"Someone tried to create an account at {self.brand} with this email address. You already have one: "
-        "log in here:"], login, 'Log in', after=[
-        f"Forgot your password? Choose a new one at {reset}",
-        "If it was not you, ignore this email: nothing has changed."])
+    return self.compose(
+        'Someone tried to sign up with your address',
+        [
+            f"Someone tried to create an account at {self.brand} with this email address. You already have one: "
+            "log in here:"
+        ],
+        login,
+        'Log in',
+        after=[
+            f"Forgot your password? Choose a new one at {reset}",
+            "If it was not you, ignore this email: nothing has changed.",
+        ],
+    )
+
 
 @patch
 def welcome(self: MailTemplates, link: str) -> Mail:
-    return self.compose(f"Welcome to {self.brand}", [f"Your email address is confirmed: welcome to {self.brand}."],
-                        link, f"Open {self.brand}")
+    return self.compose(
+        f"Welcome to {self.brand}",
+        [f"Your email address is confirmed: welcome to {self.brand}."],
+        link,
+        f"Open {self.brand}",
+    )
+
 
 @patch
 def invitation(self: MailTemplates, tenant: str, role: str, link: str, ttl: timedelta) -> Mail:
-    return self.compose(f"You are invited to {tenant}", [f"Join {tenant} as {role}:"], link, f"Join {tenant}",
-                        after=[f"The invitation expires in {duration(ttl)}."])
+    return self.compose(
+        f"You are invited to {tenant}",
+        [f"Join {tenant} as {role}:"],
+        link,
+        f"Join {tenant}",
+        after=[f"The invitation expires in {duration(ttl)}."],
+    )
+
 
 @patch
 def payment_failed(self: MailTemplates, tenant: str, link: str) -> Mail:
-    return self.compose(f"A payment for {tenant} failed", [
-        f"The latest payment for {tenant}'s subscription did not go through. Update the payment method to keep "
-        "the subscription active."], link, 'Update payment details')
+    return self.compose(
+        f"A payment for {tenant} failed",
+        [
+            f"The latest payment for {tenant}'s subscription did not go through. Update the payment method to keep "
+            "the subscription active."
+        ],
+        link,
+        'Update payment details',
+    )
+
 
 @patch
 def account_deleted(self: MailTemplates) -> Mail:
-    return self.compose('Your account has been deleted', [
-        f"Your {self.brand} account and your membership of every tenant have been deleted, and every device signed in "
-        "to it has been signed out. If this was not you, contact support."])
+    return self.compose(
+        'Your account has been deleted',
+        [
+            f"Your {self.brand} account and your membership of every tenant have been deleted, and every device "
+            "signed in to it has been signed out. If this was not you, contact support."
+        ],
+    )
 
-MAIL_KINDS = ('verify_email', 'password_reset', 'email_change', 'email_change_notice', 'signup_taken', 'welcome',
-              'invitation', 'payment_failed', 'account_deleted')
+
+MAIL_KINDS = (
+    'verify_email',
+    'password_reset',
+    'email_change',
+    'email_change_notice',
+    'signup_taken',
+    'welcome',
+    'invitation',
+    'payment_failed',
+    'account_deleted',
+)
+
 
 def send_mail(mailer: Mailer, to: str, mail: Mail) -> None:
     "Deliver `mail` to `to`: its text, with its HTML as the alternative."
     mailer.send(to, mail.subject, mail.text, html=mail.html)
-

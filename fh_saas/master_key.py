@@ -14,34 +14,41 @@ import base64, collections, hashlib, hmac, math, os
 from cryptography.fernet import Fernet, MultiFernet
 
 # %% ../nbs/10_master_key.ipynb #e2ac6a36
-GENERATE_KEY = '''python -c "import secrets; print(secrets.token_urlsafe(32))"'''   # how to make a good key
+GENERATE_KEY = '''python -c "import secrets; print(secrets.token_urlsafe(32))"'''  # how to make a good key
 MIN_KEY_BITS, MIN_KEY_SYMBOLS = 80, 8
+
 
 def estimated_bits(key: str) -> float:
     "A rough strength of `key`: its length times the Shannon entropy of its characters (0 for one repeated character)."
     n, counts = len(key), collections.Counter(key)
     return n * -sum(c / n * math.log2(c / n) for c in counts.values()) if n else 0.0
 
+
 def key_problem(key: str) -> str | None:
     "Why `key` is no master key (too short, too few different characters, too repetitive), else None."
-    if len(key) < 32: return "is shorter than 32 characters"
+    if len(key) < 32:
+        return "is shorter than 32 characters"
     if len(set(key)) < MIN_KEY_SYMBOLS or estimated_bits(key) < MIN_KEY_BITS:
         return "is too repetitive to be random (too few different characters)"
+
 
 def secret_key() -> str:
     "The master key from `FH_SAAS_SECRET_KEY`; `ValueError` unless it is a long, random-looking string."
     key = os.environ.get('FH_SAAS_SECRET_KEY', '')
-    if (why := key_problem(key)):
-        raise ValueError(f"FH_SAAS_SECRET_KEY {'is not set' if not key else why}: set it to a random string of at "
-                         f"least 32 characters; generate one with `{GENERATE_KEY}`")
+    if why := key_problem(key):
+        raise ValueError(
+            f"FH_SAAS_SECRET_KEY {'is not set' if not key else why}: set it to a random string of at "
+            f"least 32 characters; generate one with `{GENERATE_KEY}`"
+        )
     return key
+
 
 def secret_keys() -> tuple[str, ...]:
     "The current master key, then the distinct keys in `FH_SAAS_PREVIOUS_SECRET_KEYS` (checked like the current one)."
     current, listed = secret_key(), os.environ.get('FH_SAAS_PREVIOUS_SECRET_KEYS', '')
     previous = [k.strip() for k in listed.split(',') if k.strip()]
     for i, key in enumerate(previous, 1):
-        if (why := key_problem(key)):
+        if why := key_problem(key):
             raise ValueError(f"key {i} of {len(previous)} in FH_SAAS_PREVIOUS_SECRET_KEYS {why}")
     return tuple(dict.fromkeys([current, *previous]))
 
@@ -50,13 +57,16 @@ def derive(purpose: str, msg: str = '', key: str | None = None) -> bytes:
     "32 bytes for `purpose` (and `msg`), derived from the master key (or from `key`) with HMAC-SHA256."
     return hmac.new((key or secret_key()).encode(), f"fh_saas:{purpose}:{msg}".encode(), hashlib.sha256).digest()
 
+
 def role_password(role: str, key: str | None = None) -> str:
     "The password of tenant login role `role`, derived from the master key (or from `key`)."
     return derive('tenant-role', role, key).hex()
 
+
 def role_passwords(role: str) -> list[str]:
     "`role`'s password under the current master key, then under each previous key."
     return [role_password(role, key) for key in secret_keys()]
+
 
 def cipher(purpose: str) -> MultiFernet:
     "Fernet under a key derived for `purpose` from each master key: encrypts under the current one, decrypts under any."

@@ -33,6 +33,7 @@ from .two_factor import lacks_required_two_factor
 class Roles:
     """Role names ordered from least to most privileged; the last one owns the tenant. `inviter` is the least role that
     may invite people (default: admin, or the owner when there is no admin role)."""
+
     def __init__(self, names=('viewer', 'member', 'admin', 'owner'), inviter: str | None = None):
         if len(set(names)) != len(names) or len(names) < 2:
             raise ValueError("roles must be at least two distinct names")
@@ -42,8 +43,10 @@ class Roles:
 
     def rank(self, role: str) -> int:
         "The position of `role` (higher is more privileged); `ValueError` for an unknown role."
-        try: return self.names.index(role)
-        except ValueError: raise ValueError(f"unknown role {role!r}; roles are {', '.join(self.names)}") from None
+        try:
+            return self.names.index(role)
+        except ValueError:
+            raise ValueError(f"unknown role {role!r}; roles are {', '.join(self.names)}") from None
 
     def at_least(self, role: str | None, minimum: str) -> bool:
         "Whether `role` is `minimum` or above (None never is)."
@@ -53,54 +56,78 @@ class Roles:
         "Whether a member with `role` may invite people."
         return self.at_least(role, self.inviter)
 
+
 DEFAULT_ROLES = Roles()
 
 # %% ../nbs/25_memberships.ipynb #eea75752
 class MembershipError(ValueError):
     "A membership change that the rules refuse."
 
+
 class LastOwner(MembershipError):
     "The change would leave the tenant without an owner."
+
 
 def _lock_tenant(conn, tenant_id: str):
     "Serialise owner-changing transactions of one tenant on its catalog row."
     q = sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id).with_for_update(key_share=True)
-    if conn.execute(q).scalar() is None: raise MembershipError(f"no tenant {tenant_id!r}")
+    if conn.execute(q).scalar() is None:
+        raise MembershipError(f"no tenant {tenant_id!r}")
+
 
 def _membership(conn, tenant_id: str, user_id: str):
     m = memberships_t.c
-    return conn.execute(sa.select(memberships_t)
-                        .where(m.tenant_id == tenant_id, m.user_id == user_id)).mappings().first()
+    return (
+        conn.execute(sa.select(memberships_t).where(m.tenant_id == tenant_id, m.user_id == user_id)).mappings().first()
+    )
+
 
 def _owner_count(conn, tenant_id: str, owner: str) -> int:
     m = memberships_t.c
-    return conn.execute(sa.select(sa.func.count()).where(m.tenant_id == tenant_id, m.role == owner,
-                                                         m.is_active.is_(True))).scalar()
+    return conn.execute(
+        sa.select(sa.func.count()).where(m.tenant_id == tenant_id, m.role == owner, m.is_active.is_(True))
+    ).scalar()
+
 
 def _set(conn, membership_id: str, **values):
-    conn.execute(memberships_t.update().where(memberships_t.c.id == membership_id)
-                 .values(updated_at=timestamp(), **values))
+    conn.execute(
+        memberships_t.update().where(memberships_t.c.id == membership_id).values(updated_at=timestamp(), **values)
+    )
 
-def add_member(host_db: HostDatabase, tenant_id: str, user_id: str, role: str = 'member',
-               invited_by: str | None = None, roles: Roles = DEFAULT_ROLES) -> Membership:
+
+def add_member(
+    host_db: HostDatabase,
+    tenant_id: str,
+    user_id: str,
+    role: str = 'member',
+    invited_by: str | None = None,
+    roles: Roles = DEFAULT_ROLES,
+) -> Membership:
     "Give `user_id` an active membership with `role` (re-activating a removed one); audited."
     roles.rank(role)
     with host_db.transaction() as conn:
         old = _membership(conn, tenant_id, user_id)
-        if old and old['is_active']: raise MembershipError(f"user {user_id} is already a member of {tenant_id}")
-        if old: _set(conn, old['id'], role=role, is_active=True, invited_by=invited_by)
+        if old and old['is_active']:
+            raise MembershipError(f"user {user_id} is already a member of {tenant_id}")
+        if old:
+            _set(conn, old['id'], role=role, is_active=True, invited_by=invited_by)
         else:
-            try: host_db.memberships.insert(Membership(user_id=user_id, tenant_id=tenant_id, role=role,
-                                                       invited_by=invited_by))
+            try:
+                host_db.memberships.insert(
+                    Membership(user_id=user_id, tenant_id=tenant_id, role=role, invited_by=invited_by)
+                )
             except DuplicateRecord:
                 raise MembershipError(f"user {user_id} is already a member of {tenant_id}") from None
         audit(host_db, 'membership.created', target_id=user_id, tenant_id=tenant_id, details=dict(role=role))
         return host_db.memberships[_membership(conn, tenant_id, user_id)['id']]
 
+
 def _active(conn, tenant_id, user_id):
     row = _membership(conn, tenant_id, user_id)
-    if not row or not row['is_active']: raise MembershipError(f"user {user_id} is not a member of {tenant_id}")
+    if not row or not row['is_active']:
+        raise MembershipError(f"user {user_id} is not a member of {tenant_id}")
     return row
+
 
 def change_role(host_db: HostDatabase, tenant_id: str, user_id: str, role: str, roles: Roles = DEFAULT_ROLES):
     "Give a member a new role; `LastOwner` if that would demote the only owner."
@@ -111,19 +138,39 @@ def change_role(host_db: HostDatabase, tenant_id: str, user_id: str, role: str, 
         if row['role'] == roles.owner != role and _owner_count(conn, tenant_id, roles.owner) <= 1:
             raise LastOwner(f"{tenant_id} must keep at least one owner")
         _set(conn, row['id'], role=role)
-        audit(host_db, 'membership.role_changed', target_id=user_id, tenant_id=tenant_id,
-              details=dict(old=row['role'], new=role))
-        if not roles.may_invite(role): _cancel_invitations_of(host_db, conn, tenant_id, user_id, 'demoted')
+        audit(
+            host_db,
+            'membership.role_changed',
+            target_id=user_id,
+            tenant_id=tenant_id,
+            details=dict(old=row['role'], new=role),
+        )
+        if not roles.may_invite(role):
+            _cancel_invitations_of(host_db, conn, tenant_id, user_id, 'demoted')
+
 
 def _revoke_keys_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str, reason: str):
     "Revoke every live API key `user_id` created for `tenant_id`, each audited with `reason`."
     k = api_keys_t.c
-    revoked = conn.execute(api_keys_t.update()
-                           .where(k.tenant_id == tenant_id, k.created_by == user_id, k.revoked_at.is_(None))
-                           .values(revoked_at=timestamp()).returning(k.key_id)).scalars().all()
+    revoked = (
+        conn.execute(
+            api_keys_t.update()
+            .where(k.tenant_id == tenant_id, k.created_by == user_id, k.revoked_at.is_(None))
+            .values(revoked_at=timestamp())
+            .returning(k.key_id)
+        )
+        .scalars()
+        .all()
+    )
     for key_id in revoked:
-        audit(host_db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id,
-              details=dict(reason=reason, user_id=user_id))
+        audit(
+            host_db,
+            'api_key.revoked',
+            target_id=key_id,
+            tenant_id=tenant_id,
+            details=dict(reason=reason, user_id=user_id),
+        )
+
 
 def _end_membership(host_db: HostDatabase, conn, row, reason: str, **details):
     "Deactivate membership `row`, revoke its member's API keys for its tenant and cancel their invitations; audited."
@@ -131,8 +178,10 @@ def _end_membership(host_db: HostDatabase, conn, row, reason: str, **details):
     _set(conn, row['id'], is_active=False)
     _revoke_keys_of(host_db, conn, tenant_id, user_id, reason)
     _cancel_invitations_of(host_db, conn, tenant_id, user_id, reason)
-    audit(host_db, 'membership.removed', target_id=user_id, tenant_id=tenant_id, details=dict(role=row['role'],
-                                                                                              **details))
+    audit(
+        host_db, 'membership.removed', target_id=user_id, tenant_id=tenant_id, details=dict(role=row['role'], **details)
+    )
+
 
 def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Roles = DEFAULT_ROLES):
     "Deactivate a membership and revoke the API keys the member made for this tenant; `LastOwner` for the only owner."
@@ -143,32 +192,53 @@ def remove_member(host_db: HostDatabase, tenant_id: str, user_id: str, roles: Ro
             raise LastOwner(f"{tenant_id} must keep at least one owner")
         _end_membership(host_db, conn, row, 'member_removed')
 
-def transfer_ownership(host_db: HostDatabase, tenant_id: str, from_user_id: str, to_user_id: str,
-                       demote_to: str = 'admin', roles: Roles = DEFAULT_ROLES):
+
+def transfer_ownership(
+    host_db: HostDatabase,
+    tenant_id: str,
+    from_user_id: str,
+    to_user_id: str,
+    demote_to: str = 'admin',
+    roles: Roles = DEFAULT_ROLES,
+):
     "Make `to_user_id` an owner and `from_user_id` a `demote_to`, in one transaction."
     roles.rank(demote_to)
     with host_db.transaction() as conn:
         _lock_tenant(conn, tenant_id)
         frm, to = _active(conn, tenant_id, from_user_id), _active(conn, tenant_id, to_user_id)
-        if frm['role'] != roles.owner: raise MembershipError(f"user {from_user_id} is not an owner of {tenant_id}")
-        if from_user_id == to_user_id: raise MembershipError("ownership must go to another member")
+        if frm['role'] != roles.owner:
+            raise MembershipError(f"user {from_user_id} is not an owner of {tenant_id}")
+        if from_user_id == to_user_id:
+            raise MembershipError("ownership must go to another member")
         _set(conn, to['id'], role=roles.owner)
         _set(conn, frm['id'], role=demote_to)
-        audit(host_db, 'membership.ownership_transferred', target_id=to_user_id, tenant_id=tenant_id,
-              details=dict(from_user_id=from_user_id, demoted_to=demote_to))
-        if not roles.may_invite(demote_to): _cancel_invitations_of(host_db, conn, tenant_id, from_user_id, 'demoted')
+        audit(
+            host_db,
+            'membership.ownership_transferred',
+            target_id=to_user_id,
+            tenant_id=tenant_id,
+            details=dict(from_user_id=from_user_id, demoted_to=demote_to),
+        )
+        if not roles.may_invite(demote_to):
+            _cancel_invitations_of(host_db, conn, tenant_id, from_user_id, 'demoted')
+
 
 def active_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
     "The active tenants `user_id` can switch to: `tenant_id`, `name`, `role`, oldest membership first."
     m, t = memberships_t.c, tenants_t.c
-    q = (sa.select(m.tenant_id, t.name, m.role).join(tenants_t, t.id == m.tenant_id)
-         .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'active')
-         .order_by(m.created_at, m.tenant_id))
-    with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
+    q = (
+        sa.select(m.tenant_id, t.name, m.role)
+        .join(tenants_t, t.id == m.tenant_id)
+        .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'active')
+        .order_by(m.created_at, m.tenant_id)
+    )
+    with host_db.transaction() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
 
 # %% ../nbs/25_memberships.ipynb #59dff87c
 class TwoFactorNeeded(MembershipError):
     "The tenant requires two-factor sign-in, and the user has not turned it on."
+
 
 def switch_tenant(sessions: SessionManager, record: SessionRecord, tenant_id: str):
     """Make `tenant_id` the session's current tenant; `MembershipError` without an active membership there,
@@ -186,7 +256,9 @@ def switch_tenant(sessions: SessionManager, record: SessionRecord, tenant_id: st
 invitations_meta = sa.MetaData()
 _users, _tenants = users_t.to_metadata(invitations_meta), tenants_t.to_metadata(invitations_meta)
 
-invitations_t = sa.Table('auth_invitations', invitations_meta,
+invitations_t = sa.Table(
+    'auth_invitations',
+    invitations_meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), nullable=False),
     sa.Column('email', sa.String(320), nullable=False),
@@ -195,9 +267,12 @@ invitations_t = sa.Table('auth_invitations', invitations_meta,
     sa.Column('invited_by', sa.String(64)),
     sa.Column('created_at', UTCTimestamp(), nullable=False),
     sa.Column('expires_at', UTCTimestamp(), nullable=False),
-    sa.Column('accepted_at', UTCTimestamp()), sa.Column('accepted_by', sa.String(64)),
-    sa.Column('declined_at', UTCTimestamp()))
+    sa.Column('accepted_at', UTCTimestamp()),
+    sa.Column('accepted_by', sa.String(64)),
+    sa.Column('declined_at', UTCTimestamp()),
+)
 sa.Index('ix_auth_invitations_tenant', invitations_t.c.tenant_id)
+
 
 def _normalize_invitation_emails(conn):
     "Version 2: invitations store their address as `normalize_email` makes it, as users do."
@@ -206,88 +281,156 @@ def _normalize_invitation_emails(conn):
         if (e := normalize_email(email)) != email:
             conn.execute(invitations_t.update().where(i.id == iid).values(email=e))
 
-invitations_component = register_component(HostComponent('invitations', invitations_meta, 2, [invitations_t],
-                                                          {2: _normalize_invitation_emails}))
+
+invitations_component = register_component(
+    HostComponent('invitations', invitations_meta, 2, [invitations_t], {2: _normalize_invitation_emails})
+)
 
 # %% ../nbs/25_memberships.ipynb #3f40afa0
-def invite(host_db: HostDatabase, tenant_id: str, email: str, role: str, invited_by: str, mailer: Mailer,
-           link: Callable[[str], str], ttl: timedelta = timedelta(days=7), roles: Roles = DEFAULT_ROLES,
-           now=None, templates: MailTemplates | None = None) -> str:
+def invite(
+    host_db: HostDatabase,
+    tenant_id: str,
+    email: str,
+    role: str,
+    invited_by: str,
+    mailer: Mailer,
+    link: Callable[[str], str],
+    ttl: timedelta = timedelta(days=7),
+    roles: Roles = DEFAULT_ROLES,
+    now=None,
+    templates: MailTemplates | None = None,
+) -> str:
     "Invite `email` to `tenant_id` as `role` (not owner: ownership is transferred); email the link; the invitation id."
     if roles.rank(role) >= roles.rank(roles.owner):
         raise MembershipError("invite as a lower role, then transfer ownership")
     email, raw, now = (email or '').strip(), new_token(), now or utcnow()
-    if not is_email_address(email): raise MembershipError(f"{email[:320]!r} is not an email address")
+    if not is_email_address(email):
+        raise MembershipError(f"{email[:320]!r} is not an email address")
     iid = gen_id()
     with host_db.transaction() as conn:
         name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
-        if name is None: raise MembershipError(f"no tenant {tenant_id!r}")
-        conn.execute(invitations_t.insert().values(id=iid, tenant_id=tenant_id, email=normalize_email(email),
-                                                   role=role, token_hash=hash_token(raw), invited_by=invited_by,
-                                                   created_at=timestamp(now), expires_at=timestamp(now + ttl)))
+        if name is None:
+            raise MembershipError(f"no tenant {tenant_id!r}")
+        conn.execute(
+            invitations_t.insert().values(
+                id=iid,
+                tenant_id=tenant_id,
+                email=normalize_email(email),
+                role=role,
+                token_hash=hash_token(raw),
+                invited_by=invited_by,
+                created_at=timestamp(now),
+                expires_at=timestamp(now + ttl),
+            )
+        )
         audit(host_db, 'invitation.created', target_id=iid, tenant_id=tenant_id, details=dict(email=email, role=role))
         mail = (templates or MailTemplates()).invitation(name, role, link(raw), ttl)
-        send_mail(mailer, email, mail)   # fails: nothing is kept
+        send_mail(mailer, email, mail)  # fails: nothing is kept
     return iid
+
 
 def _use_invitation(conn, token: str, now: str, user_email: str | None, **values):
     "Mark an open invitation (for `user_email`, if given) used, atomically; its row or `InvalidToken`."
     i = invitations_t.c
-    cond = [i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None),
-            i.expires_at > now]
-    if user_email is not None: cond.append(email_is(i.email, user_email))
-    row = conn.execute(invitations_t.update().where(*cond).values(**values)
-                       .returning(i.id, i.tenant_id, i.role, i.invited_by)).mappings().first()
+    cond = [
+        i.token_hash == hash_token(token or ''),
+        i.accepted_at.is_(None),
+        i.declined_at.is_(None),
+        i.expires_at > now,
+    ]
+    if user_email is not None:
+        cond.append(email_is(i.email, user_email))
+    row = (
+        conn.execute(
+            invitations_t.update().where(*cond).values(**values).returning(i.id, i.tenant_id, i.role, i.invited_by)
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         raise InvalidToken("this invitation is invalid, expired, already used, or for another email address")
     return row
 
+
 def _cancel_invitations_of(host_db: HostDatabase, conn, tenant_id: str, user_id: str, reason: str):
     "Withdraw the open invitations `user_id` sent for `tenant_id` (they lost the right to invite), each audited."
     i = invitations_t.c
-    gone = conn.execute(invitations_t.delete().where(i.tenant_id == tenant_id, i.invited_by == user_id,
-                                                     i.accepted_at.is_(None), i.declined_at.is_(None))
-                        .returning(i.id, i.email, i.role)).mappings().all()
+    gone = (
+        conn.execute(
+            invitations_t.delete()
+            .where(i.tenant_id == tenant_id, i.invited_by == user_id, i.accepted_at.is_(None), i.declined_at.is_(None))
+            .returning(i.id, i.email, i.role)
+        )
+        .mappings()
+        .all()
+    )
     for row in gone:
-        audit(host_db, 'invitation.canceled', target_id=row['id'], tenant_id=tenant_id,
-              details=dict(email=row['email'], role=row['role'], reason=reason, invited_by=user_id))
+        audit(
+            host_db,
+            'invitation.canceled',
+            target_id=row['id'],
+            tenant_id=tenant_id,
+            details=dict(email=row['email'], role=row['role'], reason=reason, invited_by=user_id),
+        )
+
 
 def _check_inviter(conn, inv, roles: Roles):
     """`InvalidToken` unless the invitation's sender may still invite to its tenant (an invitation made before its
     sender lost that right was not withdrawn then); the sender's membership is read under a share lock."""
-    if inv['invited_by'] is None: return
+    if inv['invited_by'] is None:
+        return
     m = memberships_t.c
-    row = conn.execute(sa.select(m.role, m.is_active).where(m.tenant_id == inv['tenant_id'],
-                                                            m.user_id == inv['invited_by'])
-                       .with_for_update(read=True)).mappings().first()
+    row = (
+        conn.execute(
+            sa.select(m.role, m.is_active)
+            .where(m.tenant_id == inv['tenant_id'], m.user_id == inv['invited_by'])
+            .with_for_update(read=True)
+        )
+        .mappings()
+        .first()
+    )
     if not (row and row['is_active'] and roles.may_invite(row['role'])):
-        raise InvalidToken("this invitation is no longer valid: the person who sent it can no longer invite people "
-                           "to this tenant")
+        raise InvalidToken(
+            "this invitation is no longer valid: the person who sent it can no longer invite people to this tenant"
+        )
 
-def accept_invitation(host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES,
-                      now=None) -> Membership:
+
+def accept_invitation(
+    host_db: HostDatabase, token: str, user_id: str, roles: Roles = DEFAULT_ROLES, now=None
+) -> Membership:
     """Join the invitation's tenant as `user_id` (an active user, whose email it must be for, and whose sender may
     still invite); single use; the membership. The user's row is locked, so an account deleted meanwhile joins none."""
     now = timestamp(now or utcnow())
     u = users_t.c
     with host_db.transaction() as conn:
-        email = conn.execute(sa.select(u.email).where(u.id == user_id, u.is_active.is_(True))
-                             .with_for_update(key_share=True)).scalar()
+        email = conn.execute(
+            sa.select(u.email).where(u.id == user_id, u.is_active.is_(True)).with_for_update(key_share=True)
+        ).scalar()
         inv = _use_invitation(conn, token, now, email or '', accepted_at=now, accepted_by=user_id)
         _check_inviter(conn, inv, roles)
         m = add_member(host_db, inv['tenant_id'], user_id, inv['role'], inv['invited_by'], roles)
         # the link was mailed to this address: opening it proves the mailbox, as a confirmation link would
-        conn.execute(users_t.update().where(users_t.c.id == user_id, users_t.c.email_verified_at.is_(None))
-                     .values(email_verified_at=now))
+        conn.execute(
+            users_t.update()
+            .where(users_t.c.id == user_id, users_t.c.email_verified_at.is_(None))
+            .values(email_verified_at=now)
+        )
         audit(host_db, 'invitation.accepted', target_id=inv['id'], tenant_id=inv['tenant_id'], actor_user_id=user_id)
     return m
+
 
 def invited_address(host_db: HostDatabase, token: str, now=None) -> str | None:
     "The address the open invitation `token` was sent to; None when it is unknown, used or expired."
     i = invitations_t.c
-    q = sa.select(i.email).where(i.token_hash == hash_token(token or ''), i.accepted_at.is_(None),
-                                 i.declined_at.is_(None), i.expires_at > timestamp(now or utcnow()))
-    with host_db.transaction() as conn: return conn.execute(q).scalar()
+    q = sa.select(i.email).where(
+        i.token_hash == hash_token(token or ''),
+        i.accepted_at.is_(None),
+        i.declined_at.is_(None),
+        i.expires_at > timestamp(now or utcnow()),
+    )
+    with host_db.transaction() as conn:
+        return conn.execute(q).scalar()
+
 
 def decline_invitation(host_db: HostDatabase, token: str, now=None) -> str:
     "Refuse the invitation (single use); its tenant id."
@@ -301,57 +444,92 @@ def decline_invitation(host_db: HostDatabase, token: str, now=None) -> str:
 def pending_invitations(host_db: HostDatabase, tenant_id: str, now=None) -> list[dict]:
     "Unused, unexpired invites of `tenant_id`: `id`, `email`, `role`, `invited_by_email`, `expires_at`; newest first."
     i, u = invitations_t.c, users_t.c
-    q = (sa.select(i.id, i.email, i.role, u.email.label('invited_by_email'), i.created_at, i.expires_at)
-         .join(users_t, u.id == i.invited_by, isouter=True)
-         .where(i.tenant_id == tenant_id, i.accepted_at.is_(None), i.declined_at.is_(None),
-                i.expires_at > timestamp(now or utcnow()))
-         .order_by(i.created_at.desc(), i.id))
-    with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
+    q = (
+        sa.select(i.id, i.email, i.role, u.email.label('invited_by_email'), i.created_at, i.expires_at)
+        .join(users_t, u.id == i.invited_by, isouter=True)
+        .where(
+            i.tenant_id == tenant_id,
+            i.accepted_at.is_(None),
+            i.declined_at.is_(None),
+            i.expires_at > timestamp(now or utcnow()),
+        )
+        .order_by(i.created_at.desc(), i.id)
+    )
+    with host_db.transaction() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
+
 
 def cancel_invitation(host_db: HostDatabase, tenant_id: str, invitation_id: str) -> bool:
     "Withdraw `tenant_id`'s unused invitation `invitation_id` (its link stops working), audited; False if none."
     i = invitations_t.c
     with host_db.transaction() as conn:
-        row = conn.execute(invitations_t.delete().where(i.id == invitation_id, i.tenant_id == tenant_id,
-                                                        i.accepted_at.is_(None), i.declined_at.is_(None))
-                           .returning(i.email, i.role)).mappings().first()
-        if row is None: return False
+        row = (
+            conn.execute(
+                invitations_t.delete()
+                .where(
+                    i.id == invitation_id, i.tenant_id == tenant_id, i.accepted_at.is_(None), i.declined_at.is_(None)
+                )
+                .returning(i.email, i.role)
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return False
         audit(host_db, 'invitation.canceled', target_id=invitation_id, tenant_id=tenant_id, details=dict(row))
     return True
 
 # %% ../nbs/25_memberships.ipynb #bd8dcc1f
 class SoleOwner(LastOwner):
     "The user is the only owner of tenants still in use: `tenants` lists them (`tenant_id`, `name`)."
+
     def __init__(self, tenants: list[dict]):
         super().__init__("the only owner of " + ', '.join(t['name'] for t in tenants))
         self.tenants = tenants
 
+
 def _memberships_of(conn, user_id: str):
     m, t = memberships_t.c, tenants_t.c
-    q = (sa.select(memberships_t, t.name).join(tenants_t, t.id == m.tenant_id)
-         .where(m.user_id == user_id, m.is_active.is_(True)).order_by(m.tenant_id))
+    q = (
+        sa.select(memberships_t, t.name)
+        .join(tenants_t, t.id == m.tenant_id)
+        .where(m.user_id == user_id, m.is_active.is_(True))
+        .order_by(m.tenant_id)
+    )
     return conn.execute(q).mappings().all()
+
 
 def _sole_owned(conn, rows, roles: Roles) -> list[dict]:
     going = deletion_requested(conn, [r['tenant_id'] for r in rows])
-    return [dict(tenant_id=r['tenant_id'], name=r['name']) for r in rows
-            if r['role'] == roles.owner and r['tenant_id'] not in going
-            and _owner_count(conn, r['tenant_id'], roles.owner) <= 1]
+    return [
+        dict(tenant_id=r['tenant_id'], name=r['name'])
+        for r in rows
+        if r['role'] == roles.owner
+        and r['tenant_id'] not in going
+        and _owner_count(conn, r['tenant_id'], roles.owner) <= 1
+    ]
+
 
 def sole_owned_tenants(host_db: HostDatabase, user_id: str, roles: Roles = DEFAULT_ROLES) -> list[dict]:
     "The tenants still in use whose only owner is `user_id`: `tenant_id` and `name`, by id."
-    with host_db.transaction() as conn: return _sole_owned(conn, _memberships_of(conn, user_id), roles)
+    with host_db.transaction() as conn:
+        return _sole_owned(conn, _memberships_of(conn, user_id), roles)
+
 
 def leave_every_tenant(host_db: HostDatabase, user_id: str, reason: str, roles: Roles = DEFAULT_ROLES) -> int:
     """End every membership of `user_id` as `remove_member` would, holding each tenant's row; `SoleOwner` (nothing
     done) when they are the only owner of a tenant still in use. How many memberships ended."""
     with host_db.transaction() as conn:
         locked: set[str] = set()
-        while True:   # lock the tenants of the memberships read, then read again until no new tenant shows up
+        while True:  # lock the tenants of the memberships read, then read again until no new tenant shows up
             rows = _memberships_of(conn, user_id)
-            if not (new := sorted({r['tenant_id'] for r in rows} - locked)): break
-            for tenant_id in new: _lock_tenant(conn, tenant_id)
+            if not (new := sorted({r['tenant_id'] for r in rows} - locked)):
+                break
+            for tenant_id in new:
+                _lock_tenant(conn, tenant_id)
             locked.update(new)
-        if sole := _sole_owned(conn, rows, roles): raise SoleOwner(sole)
-        for row in rows: _end_membership(host_db, conn, row, reason)
+        if sole := _sole_owned(conn, rows, roles):
+            raise SoleOwner(sole)
+        for row in rows:
+            _end_membership(host_db, conn, row, reason)
     return len(rows)

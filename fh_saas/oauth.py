@@ -31,15 +31,22 @@ from .two_factor import SECOND_STEP_PATH, issue_pending_login, set_pending_cooki
 identities_meta = sa.MetaData()
 _users = users_t.to_metadata(identities_meta)
 
-oauth_identities_t = sa.Table('auth_oauth_identities', identities_meta,
+oauth_identities_t = sa.Table(
+    'auth_oauth_identities',
+    identities_meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
     sa.Column('provider', sa.String(64), nullable=False),
     sa.Column('subject', sa.String(255), nullable=False),
     sa.Column('user_id', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), nullable=False),
     sa.Column('email', sa.String(320)),
-    sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp))
-sa.Index('ux_auth_oauth_identities_provider_subject', oauth_identities_t.c.provider, oauth_identities_t.c.subject,
-         unique=True)
+    sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp),
+)
+sa.Index(
+    'ux_auth_oauth_identities_provider_subject',
+    oauth_identities_t.c.provider,
+    oauth_identities_t.c.subject,
+    unique=True,
+)
 sa.Index('ix_auth_oauth_identities_user', oauth_identities_t.c.user_id)
 
 identities_component = register_component(HostComponent('oauth_identities', identities_meta, 1, [oauth_identities_t]))
@@ -48,39 +55,69 @@ identities_component = register_component(HostComponent('oauth_identities', iden
 @dataclass(frozen=True)
 class ExternalIdentity:
     "What a provider told us about the person who signed in."
-    provider: str; subject: str; email: str | None; email_verified: bool; name: str | None = None
+
+    provider: str
+    subject: str
+    email: str | None
+    email_verified: bool
+    name: str | None = None
+
 
 class OAuthLinkRefused(PermissionError):
     "The provider shared no email, or one it has not verified, for an identity not linked yet."
+
 
 def _find_user(conn, ident: ExternalIdentity):
     "`(user_id, new_link)`: the linked user, the user to link by email, or `(None, True)` to create one."
     i = oauth_identities_t.c
     uid = conn.execute(sa.select(i.user_id).where(i.provider == ident.provider, i.subject == ident.subject)).scalar()
-    if uid: return uid, False
-    if not ident.email: raise OAuthLinkRefused(f"{ident.provider} did not share an email address")
+    if uid:
+        return uid, False
+    if not ident.email:
+        raise OAuthLinkRefused(f"{ident.provider} did not share an email address")
     if not ident.email_verified:
-        raise OAuthLinkRefused(f"{ident.provider} has not verified {ident.email}: "
-                               "verify it there, or sign up with a password")
+        raise OAuthLinkRefused(
+            f"{ident.provider} has not verified {ident.email}: verify it there, or sign up with a password"
+        )
     row = conn.execute(sa.select(users_t.c.id).where(email_is(users_t.c.email, ident.email))).first()
     return (row[0] if row else None), True
+
 
 def _claim_unverified(sessions: SessionManager, conn, uid: str, ident: ExternalIdentity):
     "Hand `uid` to the proven owner of its email if it was never verified, cutting every other way in; else nothing."
     db, now, u = sessions.host_db, timestamp(), users_t.c
-    claimed = conn.execute(users_t.update().where(u.id == uid, u.email_verified_at.is_(None))
-                           .values(email_verified_at=now, password_hash=None, password_changed_at=now)).rowcount
-    if not claimed: return  # verified already (perhaps by a concurrent claim, whose row lock this update waited on)
+    claimed = conn.execute(
+        users_t.update()
+        .where(u.id == uid, u.email_verified_at.is_(None))
+        .values(email_verified_at=now, password_hash=None, password_changed_at=now)
+    ).rowcount
+    if not claimed:
+        return  # verified already (perhaps by a concurrent claim, whose row lock this update waited on)
     ended = sessions.revoke_user(uid)
     k = api_keys_t.c
-    keys = conn.execute(api_keys_t.update().where(k.created_by == uid, k.revoked_at.is_(None))
-                        .values(revoked_at=now).returning(k.key_id, k.tenant_id)).all()
+    keys = conn.execute(
+        api_keys_t.update()
+        .where(k.created_by == uid, k.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(k.key_id, k.tenant_id)
+    ).all()
     for key_id, tenant_id in keys:
-        audit(db, 'api_key.revoked', target_id=key_id, tenant_id=tenant_id,
-              details=dict(reason='unverified_account_claimed', user_id=uid))
+        audit(
+            db,
+            'api_key.revoked',
+            target_id=key_id,
+            tenant_id=tenant_id,
+            details=dict(reason='unverified_account_claimed', user_id=uid),
+        )
     dropped = conn.execute(oauth_identities_t.delete().where(oauth_identities_t.c.user_id == uid)).rowcount
-    audit(db, 'auth.unverified_account_claimed', target_id=uid, actor_user_id=uid,
-          details=dict(provider=ident.provider, logins_ended=ended, keys_revoked=len(keys), identities_removed=dropped))
+    audit(
+        db,
+        'auth.unverified_account_claimed',
+        target_id=uid,
+        actor_user_id=uid,
+        details=dict(provider=ident.provider, logins_ended=ended, keys_revoked=len(keys), identities_removed=dropped),
+    )
+
 
 def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> GlobalUser:
     """The user `ident` signs in as: already linked, linked now by verified email (claiming an unverified account),
@@ -92,53 +129,84 @@ def link_or_create_user(sessions: SessionManager, ident: ExternalIdentity) -> Gl
                 uid, new_link = _find_user(conn, ident)
                 if uid is None:
                     uid = gen_id()
-                    conn.execute(users_t.insert().values(id=uid, email=normalize_email(ident.email), name=ident.name,
-                                                         created_at=timestamp(), is_active=True, is_sys_admin=False,
-                                                         email_verified_at=timestamp()))
-                    audit(db, 'auth.user_created', target_id=uid, actor_user_id=uid,
-                          details=dict(provider=ident.provider))
-                elif new_link: _claim_unverified(sessions, conn, uid, ident)
+                    conn.execute(
+                        users_t.insert().values(
+                            id=uid,
+                            email=normalize_email(ident.email),
+                            name=ident.name,
+                            created_at=timestamp(),
+                            is_active=True,
+                            is_sys_admin=False,
+                            email_verified_at=timestamp(),
+                        )
+                    )
+                    audit(
+                        db, 'auth.user_created', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider)
+                    )
+                elif new_link:
+                    _claim_unverified(sessions, conn, uid, ident)
                 if new_link:
-                    conn.execute(oauth_identities_t.insert().values(id=gen_id(), provider=ident.provider,
-                                                                    subject=ident.subject, user_id=uid,
-                                                                    email=ident.email, created_at=timestamp()))
-                    audit(db, 'auth.oauth_linked', target_id=uid, actor_user_id=uid,
-                          details=dict(provider=ident.provider))
+                    conn.execute(
+                        oauth_identities_t.insert().values(
+                            id=gen_id(),
+                            provider=ident.provider,
+                            subject=ident.subject,
+                            user_id=uid,
+                            email=ident.email,
+                            created_at=timestamp(),
+                        )
+                    )
+                    audit(
+                        db, 'auth.oauth_linked', target_id=uid, actor_user_id=uid, details=dict(provider=ident.provider)
+                    )
             return db.global_users[uid]
         except sa.exc.IntegrityError:
-            if attempt == 2: raise  # a concurrent first sign-in of the same person won; the retry finds its rows
+            if attempt == 2:
+                raise  # a concurrent first sign-in of the same person won; the retry finds its rows
 
 # %% ../nbs/27_oauth.ipynb #781f1388
 @dataclass(frozen=True)
 class OAuthProvider:
     "A provider registration: OpenID Connect (by metadata URL) or GitHub's plain OAuth 2."
-    name: str; client_id: str; client_secret: str = field(repr=False)
+
+    name: str
+    client_id: str
+    client_secret: str = field(repr=False)
     metadata_url: str | None = None
     kind: str = 'oidc'
     scope: str = 'openid email profile'
+
 
 def oidc_provider(name: str, client_id: str, client_secret: str, issuer: str) -> OAuthProvider:
     "Any OpenID Connect provider, discovered from `issuer`'s `/.well-known/openid-configuration`."
     return OAuthProvider(name, client_id, client_secret, issuer.rstrip('/') + '/.well-known/openid-configuration')
 
+
 def google_provider(client_id: str, client_secret: str) -> OAuthProvider:
     "Sign in with Google (OpenID Connect)."
     return oidc_provider('google', client_id, client_secret, 'https://accounts.google.com')
+
 
 def github_provider(client_id: str, client_secret: str) -> OAuthProvider:
     "Sign in with GitHub (OAuth 2; the verified primary email comes from the API)."
     return OAuthProvider('github', client_id, client_secret, kind='github', scope='read:user user:email')
 
-_GITHUB = dict(authorize_url='https://github.com/login/oauth/authorize',
-               access_token_url='https://github.com/login/oauth/access_token', api_base_url='https://api.github.com/')
+
+_GITHUB = dict(
+    authorize_url='https://github.com/login/oauth/authorize',
+    access_token_url='https://github.com/login/oauth/access_token',
+    api_base_url='https://api.github.com/',
+)
+
 
 def make_oauth(providers: list[OAuthProvider]) -> OAuth:
     "An authlib `OAuth` registry with `providers`."
     oauth = OAuth()
     for p in providers:
         urls = _GITHUB if p.kind == 'github' else dict(server_metadata_url=p.metadata_url)
-        oauth.register(p.name, client_id=p.client_id, client_secret=p.client_secret, client_kwargs=dict(scope=p.scope),
-                       **urls)
+        oauth.register(
+            p.name, client_id=p.client_id, client_secret=p.client_secret, client_kwargs=dict(scope=p.scope), **urls
+        )
     return oauth
 
 # %% ../nbs/27_oauth.ipynb #46a390fa
@@ -148,49 +216,78 @@ async def identity_from_token(client, provider: OAuthProvider, token: dict) -> E
         user = (await client.get('user', token=token)).json()
         emails = (await client.get('user/emails', token=token)).json()
         primary = next((e for e in emails if e.get('primary')), {})
-        return ExternalIdentity('github', str(user['id']), primary.get('email'), bool(primary.get('verified')),
-                                user.get('name'))
+        return ExternalIdentity(
+            'github', str(user['id']), primary.get('email'), bool(primary.get('verified')), user.get('name')
+        )
     claims = token.get('userinfo') or await client.userinfo(token=token)
-    return ExternalIdentity(provider.name, str(claims['sub']), claims.get('email'),
-                            claims.get('email_verified') is True, claims.get('name'))
+    return ExternalIdentity(
+        provider.name, str(claims['sub']), claims.get('email'), claims.get('email_verified') is True, claims.get('name')
+    )
 
 # %% ../nbs/27_oauth.ipynb #4cddd968
-def add_oauth_routes(app, sessions: SessionManager, providers: list[OAuthProvider], prefix: str = '/auth/oauth',
-                     after_login: str = '/', login_path: str = '/login', secure: bool = False) -> OAuth:
+def _oauth_sign_in(sessions: SessionManager, ident, provider: str, ip, ua):
+    "`(cookie, None)`, or `(None, pending_login)` for a user with two-factor sign-in; `(None, None)`: disabled."
+    user = link_or_create_user(sessions, ident)
+    if not user.is_active:
+        return None, None
+    if two_factor_enabled(sessions.host_db, user.id):  # the provider vouches for the password, not the code
+        return None, issue_pending_login(sessions.host_db, user.id, sessions.clock())
+    with sessions.host_db.transaction():
+        audit(
+            sessions.host_db,
+            'auth.login',
+            target_id=user.id,
+            actor_user_id=user.id,
+            ip_address=ip,
+            user_agent=ua,
+            details=dict(provider=provider),
+        )
+        return open_session(sessions, user.id, ip, ua), None
+
+
+def add_oauth_routes(
+    app,
+    sessions: SessionManager,
+    providers: list[OAuthProvider],
+    prefix: str = '/auth/oauth',
+    after_login: str = '/',
+    login_path: str = '/login',
+    secure: bool = False,
+) -> OAuth:
     """Add `{prefix}/{name}/login` and `{prefix}/{name}/callback` to a FastHTML `app` (`secure`: the site is https);
     the authlib registry."""
     oauth, by_name = make_oauth(providers), {p.name: p for p in providers}
 
-    def fail(reason: str): return RedirectResponse(f'{login_path}?error={reason}', 303)
+    def fail(reason: str):
+        return RedirectResponse(f'{login_path}?error={reason}', 303)
 
     @app.get(prefix + '/{name}/login')
     async def oauth_login(req, name: str):
-        if name not in by_name: return fail('unknown_provider')
+        if name not in by_name:
+            return fail('unknown_provider')
         return await oauth.create_client(name).authorize_redirect(req, str(req.url_for('oauth_callback', name=name)))
 
     @app.get(prefix + '/{name}/callback', name='oauth_callback')
     async def oauth_callback(req, name: str):
-        if name not in by_name: return fail('unknown_provider')
+        if name not in by_name:
+            return fail('unknown_provider')
         client = oauth.create_client(name)
-        try: ident = await identity_from_token(client, by_name[name], await client.authorize_access_token(req))
-        except OAuthError: return fail('provider_refused')
+        try:
+            ident = await identity_from_token(client, by_name[name], await client.authorize_access_token(req))
+        except OAuthError:
+            return fail('provider_refused')
         ip, ua = req.client and req.client.host, req.headers.get('user-agent')
-        def sign_in():
-            "`(cookie, None)`, or `(None, pending_login)` for a user with two-factor sign-in; `(None, None)`: disabled."
-            user = link_or_create_user(sessions, ident)
-            if not user.is_active: return None, None
-            if two_factor_enabled(sessions.host_db, user.id):   # the provider vouches for the password, not the code
-                return None, issue_pending_login(sessions.host_db, user.id, sessions.clock())
-            with sessions.host_db.transaction():
-                audit(sessions.host_db, 'auth.login', target_id=user.id, actor_user_id=user.id, ip_address=ip,
-                      user_agent=ua, details=dict(provider=name))
-                return open_session(sessions, user.id, ip, ua), None
-        try: cookie, pending = await run_in_threadpool(sign_in)
-        except OAuthLinkRefused: return fail('email_not_verified')
+        try:
+            cookie, pending = await run_in_threadpool(_oauth_sign_in, sessions, ident, name, ip, ua)
+        except OAuthLinkRefused:
+            return fail('email_not_verified')
         https = secure or req.url.scheme == 'https'
         if pending:
-            return set_pending_cookie(RedirectResponse(f'{SECOND_STEP_PATH}?next={quote(after_login)}', 303), pending,
-                                      https)
-        if cookie is None: return fail('account_disabled')
+            return set_pending_cookie(
+                RedirectResponse(f'{SECOND_STEP_PATH}?next={quote(after_login)}', 303), pending, https
+            )
+        if cookie is None:
+            return fail('account_disabled')
         return sessions.set_cookie(RedirectResponse(after_login, 303), cookie, https)
+
     return oauth

@@ -23,6 +23,7 @@ def new_token(nbytes: int = 32) -> str:
     "A fresh URL-safe random secret of `nbytes` bytes."
     return secrets.token_urlsafe(nbytes)
 
+
 def hash_token(raw: str) -> str:
     "The SHA-256 hex digest under which a token is stored and looked up."
     return hashlib.sha256(raw.encode()).hexdigest()
@@ -31,7 +32,9 @@ def hash_token(raw: str) -> str:
 tokens_meta = sa.MetaData()
 _users = users_t.to_metadata(tokens_meta)
 
-one_time_tokens_t = sa.Table('auth_one_time_tokens', tokens_meta,
+one_time_tokens_t = sa.Table(
+    'auth_one_time_tokens',
+    tokens_meta,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
     sa.Column('token_hash', sa.String(64), nullable=False, unique=True),
     sa.Column('purpose', sa.String(32), nullable=False),
@@ -39,37 +42,60 @@ one_time_tokens_t = sa.Table('auth_one_time_tokens', tokens_meta,
     sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp),
     sa.Column('expires_at', UTCTimestamp(), nullable=False),
     sa.Column('used_at', UTCTimestamp()),
-    sa.Column('payload', sa.String(320)))   # what the link carries beside its user: an email change's new address
+    sa.Column('payload', sa.String(320)),
+)  # what the link carries beside its user: an email change's new address
 sa.Index('ix_auth_one_time_tokens_user', one_time_tokens_t.c.user_id)
 
-tokens_component = register_component(HostComponent('tokens', tokens_meta, 2, [one_time_tokens_t]))   # 2: payload
+tokens_component = register_component(HostComponent('tokens', tokens_meta, 2, [one_time_tokens_t]))  # 2: payload
 
 # %% ../nbs/20_one_time_tokens.ipynb #fdfca43e
 class InvalidToken(ValueError):
     "The token is unknown, expired, already used, or meant for something else."
 
-def issue_token(host_db: HostDatabase, user_id: str, purpose: str, ttl: timedelta, now: datetime | None = None,
-                payload: str | None = None) -> str:
+
+def issue_token(
+    host_db: HostDatabase,
+    user_id: str,
+    purpose: str,
+    ttl: timedelta,
+    now: datetime | None = None,
+    payload: str | None = None,
+) -> str:
     """Store a new token's hash for `user_id` and `purpose` (with `payload`, e.g. a new address), valid for `ttl`; the
     raw token (send it, never store it)."""
     now = now or utcnow()
     raw = new_token()
     with host_db.transaction() as conn:
-        conn.execute(one_time_tokens_t.insert().values(id=gen_id(), token_hash=hash_token(raw), purpose=purpose,
-                                                       user_id=user_id, created_at=timestamp(now),
-                                                       expires_at=timestamp(now + ttl), payload=payload))
+        conn.execute(
+            one_time_tokens_t.insert().values(
+                id=gen_id(),
+                token_hash=hash_token(raw),
+                purpose=purpose,
+                user_id=user_id,
+                created_at=timestamp(now),
+                expires_at=timestamp(now + ttl),
+                payload=payload,
+            )
+        )
     return raw
+
 
 def redeem_token(host_db: HostDatabase, raw: str, purpose: str, now: datetime | None = None) -> tuple[str, str | None]:
     "Mark the token used, atomically: its user id and payload; `InvalidToken` if it is unknown, expired or used."
     now = timestamp(now or utcnow())
     t = one_time_tokens_t.c
-    stmt = (one_time_tokens_t.update()
-            .where(t.token_hash == hash_token(raw or ''), t.purpose == purpose, t.used_at.is_(None), t.expires_at > now)
-            .values(used_at=now).returning(t.user_id, t.payload))
-    with host_db.transaction() as conn: row = conn.execute(stmt).first()
-    if row is None: raise InvalidToken(f"this {purpose.replace('_', ' ')} link is invalid, expired or already used")
+    stmt = (
+        one_time_tokens_t.update()
+        .where(t.token_hash == hash_token(raw or ''), t.purpose == purpose, t.used_at.is_(None), t.expires_at > now)
+        .values(used_at=now)
+        .returning(t.user_id, t.payload)
+    )
+    with host_db.transaction() as conn:
+        row = conn.execute(stmt).first()
+    if row is None:
+        raise InvalidToken(f"this {purpose.replace('_', ' ')} link is invalid, expired or already used")
     return row.user_id, row.payload
+
 
 def consume_token(host_db: HostDatabase, raw: str, purpose: str, now: datetime | None = None) -> str:
     "Mark the token used and return its user id, atomically; `InvalidToken` if it is unknown, expired or used."

@@ -41,12 +41,21 @@ from .two_factor import reset_two_factor, two_factor_t
 _OK = {'active', 'done', 'processed', 'trialing'}
 _BAD = {'failed', 'dead', 'deleted', 'canceled', 'unpaid', 'incomplete_expired'}
 
+
 def status_badge(status: str | None):
     "A badge for any tenant, job, subscription or webhook status."
     s = status or 'none'
-    kind = 'ok' if s in _OK else 'bad' if s in _BAD else '' if s.startswith(('ignored',
-                                                                             'skipped')) or s == 'none' else 'warn'
+    kind = (
+        'ok'
+        if s in _OK
+        else 'bad'
+        if s in _BAD
+        else ''
+        if s.startswith(('ignored', 'skipped')) or s == 'none'
+        else 'warn'
+    )
     return ui.badge(s.replace('_', ' '), kind)
+
 
 def _last_line(text: str | None, limit: int = 160) -> str:
     lines = [s for s in (text or '').splitlines() if s.strip()]
@@ -57,40 +66,65 @@ _DONE = dict(suspend='suspended', resume='resumed', delete='queued for deletion'
 
 TENANT_STATUSES = ('active', 'suspended', 'provisioning', 'deleting', 'deleted')
 
+
 def tenant_cursor(row) -> str:
     "An opaque position after the tenants table's `row`, for `tenant_overview(before=...)`."
     return f"{row['created_at']}|{row['id']}"
 
+
 def _before(cursor: str):
     "The condition for the rows after `cursor` in the tenants table's order (newest first)."
     created, _, tid = cursor.partition('|')
-    try: at = timestamp(as_utc(created))
-    except (TypeError, ValueError): at = None
-    if at is None or not tid or len(tid) > 64: raise ValueError(f"bad page position {cursor[:40]!r}")
+    try:
+        at = timestamp(as_utc(created))
+    except (TypeError, ValueError):
+        at = None
+    if at is None or not tid or len(tid) > 64:
+        raise ValueError(f"bad page position {cursor[:40]!r}")
     t = tenants_t.c
     return sa.or_(t.created_at < at, sa.and_(t.created_at == at, t.id < tid))
+
 
 def tenant_overview(host_db, search: str = '', limit: int = 200, status: str = '', before: str = '') -> list[dict]:
     """Tenants newest first (id or name containing `search` in any case, in `status`, after the `before` cursor), with
     plan, subscription status and deletion job status."""
-    if status and status not in TENANT_STATUSES: raise ValueError(f"unknown tenant status {status[:40]!r}")
+    if status and status not in TENANT_STATUSES:
+        raise ValueError(f"unknown tenant status {status[:40]!r}")
     t, s, p, j = tenants_t, subscriptions_t, plans_t, jobs_t
-    by_price = (sa.select(p.c.id).where(sa.or_(p.c.stripe_price_monthly == s.c.stripe_price_id,
-                                               p.c.stripe_price_yearly == s.c.stripe_price_id))
-                .order_by(p.c.id).limit(1).scalar_subquery())
+    by_price = (
+        sa.select(p.c.id)
+        .where(sa.or_(p.c.stripe_price_monthly == s.c.stripe_price_id, p.c.stripe_price_yearly == s.c.stripe_price_id))
+        .order_by(p.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+
     def newest(col):
         latest = sa.select(col).where(s.c.tenant_id == t.c.id).order_by(s.c.created_at.desc(), s.c.id.desc())
         return latest.limit(1).scalar_subquery()
-    deletion = (sa.select(j.c.status).where(j.c.dedupe_key == sa.literal(f"{DEPROVISION_JOB}:") + t.c.id)
-                .scalar_subquery())
-    q = (sa.select(t.c.id, t.c.name, t.c.status, t.c.server_id, t.c.schema_version, t.c.created_at,
-                   newest(sa.func.coalesce(by_price,
-                                           s.c.plan_tier)).label('plan'), newest(s.c.status).label('subscription'),
-                   deletion.label('deletion'))
-         .order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit))
-    if search: q = q.where(sa.or_(t.c.id.icontains(search, autoescape=True), t.c.name.icontains(search,
-                                                                                                 autoescape=True)))
-    if status: q = q.where(t.c.status == status)
+
+    deletion = (
+        sa.select(j.c.status).where(j.c.dedupe_key == sa.literal(f"{DEPROVISION_JOB}:") + t.c.id).scalar_subquery()
+    )
+    q = (
+        sa.select(
+            t.c.id,
+            t.c.name,
+            t.c.status,
+            t.c.server_id,
+            t.c.schema_version,
+            t.c.created_at,
+            newest(sa.func.coalesce(by_price, s.c.plan_tier)).label('plan'),
+            newest(s.c.status).label('subscription'),
+            deletion.label('deletion'),
+        )
+        .order_by(t.c.created_at.desc(), t.c.id.desc())
+        .limit(limit)
+    )
+    if search:
+        q = q.where(sa.or_(t.c.id.icontains(search, autoescape=True), t.c.name.icontains(search, autoescape=True)))
+    if status:
+        q = q.where(t.c.status == status)
     return host_db.db.execute(q.where(_before(before)) if before else q)
 
 # %% ../nbs/59_pages_admin.ipynb #eeb59fcc
@@ -103,16 +137,20 @@ AUDIT_WEBHOOKS_REPLAYED = 'admin.webhooks_replayed'
 TENANT_ACTIONS = ('suspend', 'resume', 'delete')
 _AUDIT = dict(suspend=AUDIT_TENANT_SUSPENDED, resume=AUDIT_TENANT_RESUMED, delete=AUDIT_TENANT_DELETE_REQUESTED)
 
+
 def tenant_action(host_db, tenant_id: str, action: str) -> bool:
     "Suspend, resume or queue the deletion of `tenant_id` (as `queue_tenant_deletion` does), audited; False if done."
-    if action not in TENANT_ACTIONS: raise ValueError(f"unknown tenant action {action!r}")
-    if action == 'delete': return queue_tenant_deletion(host_db, tenant_id, AUDIT_TENANT_DELETE_REQUESTED)
+    if action not in TENANT_ACTIONS:
+        raise ValueError(f"unknown tenant action {action!r}")
+    if action == 'delete':
+        return queue_tenant_deletion(host_db, tenant_id, AUDIT_TENANT_DELETE_REQUESTED)
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
         job = conn.execute(sa.select(jobs_t.c.status).where(jobs_t.c.dedupe_key == deprovision_key(tenant_id))).scalar()
-        if row.status == ('suspended' if action == 'suspend' else 'active'): return False
-        if action == 'resume' and job in ('queued', 'running'): raise TenantUnavailable(tenant_id,
-                                                                                        'queued for deletion')
+        if row.status == ('suspended' if action == 'suspend' else 'active'):
+            return False
+        if action == 'resume' and job in ('queued', 'running'):
+            raise TenantUnavailable(tenant_id, 'queued for deletion')
         (suspend_tenant if action == 'suspend' else resume_tenant)(host_db, tenant_id)
         audit(host_db, _AUDIT[action], target_id=tenant_id, tenant_id=tenant_id)
     return True
@@ -124,11 +162,22 @@ def admin_users(host_db, search: str = '', limit: int = 200) -> list[dict]:
     u, m, f = users_t, memberships_t, two_factor_t
     n_tenants = sa.select(sa.func.count()).where(m.c.user_id == u.c.id, m.c.is_active).scalar_subquery()
     two_factor = sa.exists().where(f.c.user_id == u.c.id, f.c.secret.isnot(None))
-    q = sa.select(u.c.id, u.c.email, u.c.name, u.c.is_sys_admin, u.c.is_active, u.c.created_at, u.c.last_login,
-                  n_tenants.label('tenants'), two_factor.label('two_factor'))
+    q = sa.select(
+        u.c.id,
+        u.c.email,
+        u.c.name,
+        u.c.is_sys_admin,
+        u.c.is_active,
+        u.c.created_at,
+        u.c.last_login,
+        n_tenants.label('tenants'),
+        two_factor.label('two_factor'),
+    )
     q = q.order_by(u.c.created_at.desc(), u.c.id).limit(limit)
-    if search: q = q.where(u.c.email.contains(normalize_email(search), autoescape=True))
+    if search:
+        q = q.where(u.c.email.contains(normalize_email(search), autoescape=True))
     return host_db.db.execute(q)
+
 
 def admin_jobs(host_db, status: str = '', limit: int = 100) -> list[dict]:
     "Jobs newest first, only those in `status` when given."
@@ -136,63 +185,90 @@ def admin_jobs(host_db, status: str = '', limit: int = 100) -> list[dict]:
     q = sa.select(jobs_t).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
     return host_db.db.execute(q.where(c.status == status) if status else q)
 
+
 def admin_webhooks(host_db, status: str = '', limit: int = 100) -> list[dict]:
     "Stripe webhook events newest first, only those in `status` when given."
     c = webhook_events_t.c
     q = sa.select(webhook_events_t).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
     return host_db.db.execute(q.where(c.status == status) if status else q)
 
+
 def failed_webhooks(host_db) -> int:
     "How many Stripe webhook events failed (and can be replayed)."
     c = webhook_events_t.c
     return host_db.db.execute(sa.select(sa.func.count().label('n')).where(c.status == 'failed'))[0]['n']
 
+
 def audit_labels(host_db, rows) -> dict[str, str]:
     "What people call the users and tenants that audit `rows` name by id: emails and tenant names, in two queries."
     ids = {v for r in rows for v in (r.actor_user_id, r.impersonator_user_id, r.target_id, r.tenant_id) if v}
-    if not ids: return {}
+    if not ids:
+        return {}
     users = sa.select(users_t.c.id, users_t.c.email.label('label')).where(users_t.c.id.in_(ids))
     tenants = sa.select(tenants_t.c.id, tenants_t.c.name.label('label')).where(tenants_t.c.id.in_(ids))
     return {r['id']: r['label'] for q in (users, tenants) for r in host_db.db.execute(q) if r['label']}
 
+
 def user_id_for(host_db, who: str) -> str:
     "The id of the user `who` names by email (any case or Unicode form), else `who` itself (an id)."
-    if '@' not in who: return who
+    if '@' not in who:
+        return who
     found = host_db.db.execute(sa.select(users_t.c.id).where(email_is(users_t.c.email, who)))
     return found[0]['id'] if found else who
 
+
 def _day(text: str) -> datetime:
     "The start (UTC) of the day `text` names as YYYY-MM-DD, as a date field sends it."
-    try: return datetime.combine(date.fromisoformat(text.strip()), datetime.min.time(), timezone.utc)
-    except ValueError: raise ValueError(f"{text[:40]!r} is not a date: write it as YYYY-MM-DD") from None
+    try:
+        return datetime.combine(date.fromisoformat(text.strip()), datetime.min.time(), timezone.utc)
+    except ValueError:
+        raise ValueError(f"{text[:40]!r} is not a date: write it as YYYY-MM-DD") from None
 
 # %% ../nbs/59_pages_admin.ipynb #df7eb502
 AUDIT_USER_DISABLED = 'admin.user_disabled'
 AUDIT_USER_ENABLED = 'admin.user_enabled'
 
+
 class UserRefused(Exception):
     "A user an admin may not disable or enable, with the reason (`code`: which one, for the page's notice)."
-    def __init__(self, code: str, message: str): super().__init__(message); self.code = code
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
 
 def set_user_active(host_db, sessions, user_id: str, active: bool, admin_id: str) -> bool:
     """Enable or disable `user_id`'s login, audited, in one transaction; disabling also ends their sessions and revokes
     their API keys. False when the user already was so."""
-    if user_id == admin_id: raise UserRefused('self', 'you cannot disable or enable your own account')
+    if user_id == admin_id:
+        raise UserRefused('self', 'you cannot disable or enable your own account')
     u = users_t.c
     with host_db.transaction() as conn:
         row = conn.execute(sa.select(u.is_active, u.is_sys_admin).where(u.id == user_id).with_for_update()).first()
-        if row is None: raise UserRefused('no_user', f"there is no user {user_id[:64]!r}")
-        if row.is_sys_admin: raise UserRefused('sys_admin', 'a system admin cannot be disabled from the admin pages')
-        if bool(row.is_active) == active: return False
+        if row is None:
+            raise UserRefused('no_user', f"there is no user {user_id[:64]!r}")
+        if row.is_sys_admin:
+            raise UserRefused('sys_admin', 'a system admin cannot be disabled from the admin pages')
+        if bool(row.is_active) == active:
+            return False
         conn.execute(users_t.update().where(u.id == user_id).values(is_active=active))
-        details = {} if active else dict(signed_out=sessions.revoke_user(user_id),
-                                         keys_revoked=len(revoke_user_keys(host_db, user_id)))
-        audit(host_db, AUDIT_USER_ENABLED if active else AUDIT_USER_DISABLED, target_id=user_id,
-              actor_user_id=admin_id, details=details)
+        details = (
+            {}
+            if active
+            else dict(signed_out=sessions.revoke_user(user_id), keys_revoked=len(revoke_user_keys(host_db, user_id)))
+        )
+        audit(
+            host_db,
+            AUDIT_USER_ENABLED if active else AUDIT_USER_DISABLED,
+            target_id=user_id,
+            actor_user_id=admin_id,
+            details=details,
+        )
     return True
 
 # %% ../nbs/59_pages_admin.ipynb #0a35a850
 MRR_STATUSES = ('active', 'past_due')
+
 
 def tenants_by_status(host_db) -> dict[str, int]:
     "How many tenants are in each status (only the statuses some tenant is in)."
@@ -200,223 +276,410 @@ def tenants_by_status(host_db) -> dict[str, int]:
     q = sa.select(t.status, sa.func.count().label('n')).group_by(t.status).order_by(t.status)
     return {r['status']: r['n'] for r in host_db.db.execute(q)}
 
+
 def signups_since(host_db, since: datetime) -> int:
     "How many users were created at or after `since`."
     q = sa.select(sa.func.count().label('n')).where(users_t.c.created_at >= since)
     return host_db.db.execute(q)[0]['n']
 
+
 def monthly_revenue(host_db) -> dict[str, int]:
     "Monthly recurring revenue in integer minor units per currency, by the rule above."
     s, p = subscriptions_t.c, plans_t.c
-    def amounts(price, amount): return sa.func.sum(sa.case((price == s.stripe_price_id, amount), else_=0))
-    q = (sa.select(p.currency, amounts(p.stripe_price_monthly, p.amount_monthly).label('monthly'),
-                   amounts(p.stripe_price_yearly, p.amount_yearly).label('yearly'))
-         .select_from(subscriptions_t.join(plans_t, sa.or_(p.stripe_price_monthly == s.stripe_price_id,
-                                                           p.stripe_price_yearly == s.stripe_price_id)))
-         .where(s.status.in_(MRR_STATUSES), s.payment_type == 'subscription')
-         .group_by(p.currency).order_by(p.currency))
+
+    def amounts(price, amount):
+        return sa.func.sum(sa.case((price == s.stripe_price_id, amount), else_=0))
+
+    q = (
+        sa.select(
+            p.currency,
+            amounts(p.stripe_price_monthly, p.amount_monthly).label('monthly'),
+            amounts(p.stripe_price_yearly, p.amount_yearly).label('yearly'),
+        )
+        .select_from(
+            subscriptions_t.join(
+                plans_t, sa.or_(p.stripe_price_monthly == s.stripe_price_id, p.stripe_price_yearly == s.stripe_price_id)
+            )
+        )
+        .where(s.status.in_(MRR_STATUSES), s.payment_type == 'subscription')
+        .group_by(p.currency)
+        .order_by(p.currency)
+    )
     return {r['currency']: int(r['monthly'] or 0) + (int(r['yearly'] or 0) + 6) // 12 for r in host_db.db.execute(q)}
 
 # %% ../nbs/59_pages_admin.ipynb #31a15db1
-_SECTIONS = (('Tenants', '/admin'), ('Users', '/admin/users'), ('Jobs', '/admin/jobs'), ('Audit log', '/admin/audit'),
-             ('Webhooks', '/admin/webhooks'))
+_SECTIONS = (
+    ('Tenants', '/admin'),
+    ('Users', '/admin/users'),
+    ('Jobs', '/admin/jobs'),
+    ('Audit log', '/admin/audit'),
+    ('Webhooks', '/admin/webhooks'),
+)
 _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:end'
 
 # %% ../nbs/59_pages_admin.ipynb #5d801cb2
 class AdminPages(Pages):
     "The system admins' area under `/admin`."
-    page_size: int = 50   # audit events per page
+
+    page_size: int = 50  # audit events per page
     tenants_per_page: int = 200
 
     def layout(self, req, title: str, *content, narrow: bool = False):
-        tabs = Nav(*[A(label, href=href, cls='button' if href == req.url.path else 'button secondary') for label,
-                     href in _SECTIONS],
-                   style=_ROW)
-        return self.saas.page(req, f"Admin · {title}", H1(title), tabs, Div(style='height:1rem'), *content,
-                              narrow=narrow)
+        tabs = Nav(
+            *[
+                A(label, href=href, cls='button' if href == req.url.path else 'button secondary')
+                for label, href in _SECTIONS
+            ],
+            style=_ROW,
+        )
+        return self.saas.page(
+            req, f"Admin · {title}", H1(title), tabs, Div(style='height:1rem'), *content, narrow=narrow
+        )
 
     def refuse(self, req, status: int, message: str, back: str | None = '/admin'):
         title = 'Not allowed' if status == 403 else 'Not done'
         return self.show(req, title, self.alert(message, 'bad'), P(A('Back', href=back)), status=status)
 
-    def forged(self, req): return self.refuse(req, 403, FORGED)
+    def forged(self, req):
+        return self.refuse(req, 403, FORGED)
 
     def action(self, action: str, label: str, auth, cls: str | None = 'secondary', confirm: str | None = None):
         "A one-button form posting to `action`."
         return self.form(action, Button(label, cls=cls), auth=auth, cls=None, data_confirm=confirm)
 
     def filters(self, action: str, *fields):
-        return Form(*fields, Button('Filter', cls='secondary'), A('Clear', href=action), method='get', action=action,
-                    style=_ROW)
+        return Form(
+            *fields, Button('Filter', cls='secondary'), A('Clear', href=action), method='get', action=action, style=_ROW
+        )
 
     def status_select(self, name: str, value: str, options):
-        return Label('Status', Select(Option('any', value=''), *[Option(o, value=o,
-                                                                        selected=o == value) for o in options],
-                                      name=name))
+        return Label(
+            'Status',
+            Select(Option('any', value=''), *[Option(o, value=o, selected=o == value) for o in options], name=name),
+        )
 
     def tenant_actions(self, auth, r):
         tid, st = r['id'], r['status']
-        return Div(self.action(f"/admin/tenants/{tid}/suspend", 'Suspend', auth) if st == 'active' else None,
-                   self.action(f"/admin/tenants/{tid}/resume", 'Resume', auth) if st == 'suspended' else None,
-                   self.action(f"/admin/tenants/{tid}/delete", 'Delete', auth, 'danger',
-                               f"Delete tenant {tid} and all its data? This cannot be undone.")
-                   if st in ('provisioning', 'active', 'suspended') and r['deletion'] is None else None, style=_ROW)
+        return Div(
+            self.action(f"/admin/tenants/{tid}/suspend", 'Suspend', auth) if st == 'active' else None,
+            self.action(f"/admin/tenants/{tid}/resume", 'Resume', auth) if st == 'suspended' else None,
+            self.action(
+                f"/admin/tenants/{tid}/delete",
+                'Delete',
+                auth,
+                'danger',
+                f"Delete tenant {tid} and all its data? This cannot be undone.",
+            )
+            if st in ('provisioning', 'active', 'suspended') and r['deletion'] is None
+            else None,
+            style=_ROW,
+        )
 
     def overview(self, kept: dict):
         "The overview card: tenants by status (each a link to them), sign-ups in the last 30 days, recurring revenue."
         counts, mrr = tenants_by_status(self.host_db), monthly_revenue(self.host_db)
         joined = signups_since(self.host_db, utcnow() - timedelta(days=30))
+
         def count(s, n):
             shown = Span(status_badge(s), f" {n:,}", cls='nowrap')
             return A(shown, href='/admin?' + urlencode({**kept, 'status': s})) if s in TENANT_STATUSES else shown
-        def stat(label, *value, style=None): return Div(Small(label, cls='muted'), Div(*value, style=style))
+
+        def stat(label, *value, style=None):
+            return Div(Small(label, cls='muted'), Div(*value, style=style))
+
         revenue = ' + '.join(format_money(v, c) for c, v in mrr.items()) or format_money(0)
-        return self.card(H2('Overview'),
-                         Div(stat('Tenants by status', *[count(s, n) for s, n in counts.items()] or ['none yet'],
-                                  style=_ROW),
-                             stat('Sign-ups, last 30 days', Strong(f"{joined:,}")),
-                             stat('Monthly recurring revenue', Strong(revenue),
-                                  Div(Small('active and past-due subscriptions', cls='muted'))),
-                             style='display:flex;gap:2rem;flex-wrap:wrap'))
+        return self.card(
+            H2('Overview'),
+            Div(
+                stat('Tenants by status', *[count(s, n) for s, n in counts.items()] or ['none yet'], style=_ROW),
+                stat('Sign-ups, last 30 days', Strong(f"{joined:,}")),
+                stat(
+                    'Monthly recurring revenue',
+                    Strong(revenue),
+                    Div(Small('active and past-due subscriptions', cls='muted')),
+                ),
+                style='display:flex;gap:2rem;flex-wrap:wrap',
+            ),
+        )
 
     def tenants_table(self, auth, rows, filtered: bool):
         def status(r):
             deletion = Small(' deletion ', status_badge(r['deletion'])) if r['deletion'] else None
             return Div(status_badge(r['status']), deletion)
-        def plan(r): return Span(r['plan'] or '—', ' ', status_badge(r['subscription'])) if r['subscription'] else '—'
-        return self.table(('Tenant', 'Name', 'Status', 'Plan', 'Server', 'Schema', 'Created', ''),
-                          [(Code(r['id']), r['name'], status(r), plan(r), r['server_id'] or 'local',
-                            r['schema_version'],
-                            ui.when(r['created_at']), self.tenant_actions(auth, r)) for r in rows],
-                          'No tenants match.' if filtered else 'No tenants yet.')
+
+        def plan(r):
+            return Span(r['plan'] or '—', ' ', status_badge(r['subscription'])) if r['subscription'] else '—'
+
+        return self.table(
+            ('Tenant', 'Name', 'Status', 'Plan', 'Server', 'Schema', 'Created', ''),
+            [
+                (
+                    Code(r['id']),
+                    r['name'],
+                    status(r),
+                    plan(r),
+                    r['server_id'] or 'local',
+                    r['schema_version'],
+                    ui.when(r['created_at']),
+                    self.tenant_actions(auth, r),
+                )
+                for r in rows
+            ],
+            'No tenants match.' if filtered else 'No tenants yet.',
+        )
+
+    def user_actions(self, auth, r):
+        "The buttons of a user's row: impersonate, reset two-factor, disable or enable."
+        reset = self.action(
+            f"/admin/users/{r['id']}/reset-two-factor",
+            'Reset two-factor',
+            auth,
+            'danger',
+            f"Turn off two-factor sign-in for {r['email']} and sign them out everywhere?",
+        )
+        return Div(
+            self.action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth)
+            if r['is_active'] and not r['is_sys_admin']
+            else None,
+            reset if r['two_factor'] else None,
+            self.user_toggle(auth, r),
+            style=_ROW,
+        )
+
+    def user_toggle(self, auth, r):
+        "Disable or Enable, for anyone but a system admin and oneself."
+        if r['is_sys_admin'] or r['id'] == auth.user.id:
+            return None
+        if r['is_active']:
+            return self.action(
+                f"/admin/users/{r['id']}/disable",
+                'Disable',
+                auth,
+                'danger',
+                f"Disable {r['email']}? They are signed out everywhere at once and "
+                "their API keys are revoked for good.",
+            )
+        return self.action(
+            f"/admin/users/{r['id']}/enable",
+            'Enable',
+            auth,
+            'secondary',
+            f"Let {r['email']} sign in again? Their API keys stay revoked.",
+        )
 
     def users_table(self, auth, rows, q: str):
-        def role(r): return ui.badge('system admin',
-                                     'warn') if r['is_sys_admin'] else None if r['is_active'] else ui.badge('disabled',
-                                                                                                            'bad')
-        def act(r):
-            reset = self.action(f"/admin/users/{r['id']}/reset-two-factor", 'Reset two-factor', auth, 'danger',
-                                f"Turn off two-factor sign-in for {r['email']} and sign them out everywhere?")
-            return Div(self.action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth)
-                       if r['is_active'] and not r['is_sys_admin'] else None, reset if r['two_factor'] else None,
-                       toggle(r), style=_ROW)
-        def toggle(r):
-            if r['is_sys_admin'] or r['id'] == auth.user.id: return None
-            if r['is_active']: return self.action(f"/admin/users/{r['id']}/disable", 'Disable', auth, 'danger',
-                                                  f"Disable {r['email']}? They are signed out everywhere at once and "
-                                                  "their API keys are revoked for good.")
-            return self.action(f"/admin/users/{r['id']}/enable", 'Enable', auth, 'secondary',
-                               f"Let {r['email']} sign in again? Their API keys stay revoked.")
-        def two_factor(r): return ui.badge('two-factor', 'ok') if r['two_factor'] else None
-        return self.table(('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
-                          [(r['email'], r['name'] or '', Div(role(r), two_factor(r)), r['tenants'],
-                            ui.when(r['last_login']),
-                            ui.when(r['created_at']), act(r))
-                           for r in rows], 'No users match.' if q else 'No users yet.')
+        def role(r):
+            if r['is_sys_admin']:
+                return ui.badge('system admin', 'warn')
+            return None if r['is_active'] else ui.badge('disabled', 'bad')
+
+        def two_factor(r):
+            return ui.badge('two-factor', 'ok') if r['two_factor'] else None
+
+        return self.table(
+            ('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
+            [
+                (
+                    r['email'],
+                    r['name'] or '',
+                    Div(role(r), two_factor(r)),
+                    r['tenants'],
+                    ui.when(r['last_login']),
+                    ui.when(r['created_at']),
+                    self.user_actions(auth, r),
+                )
+                for r in rows
+            ],
+            'No users match.' if q else 'No users yet.',
+        )
 
     def jobs_table(self, auth, rows):
-        return self.table(('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error', ''),
-                          [(status_badge(r['status']), Code(r['job_type']), r['tenant_id'] or '—',
-                            f"{r['attempts']} / {r['max_attempts']}",
-                            ui.when(r['run_at']), ui.when(r['created_at']), Small(_last_line(r['error_log'])),
-                            self.action(f"/admin/jobs/{r['id']}/retry", 'Retry',
-                                        auth) if r['status'] == 'dead' else None) for r in rows],
-                          'No jobs.')
+        return self.table(
+            ('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error', ''),
+            [
+                (
+                    status_badge(r['status']),
+                    Code(r['job_type']),
+                    r['tenant_id'] or '—',
+                    f"{r['attempts']} / {r['max_attempts']}",
+                    ui.when(r['run_at']),
+                    ui.when(r['created_at']),
+                    Small(_last_line(r['error_log'])),
+                    self.action(f"/admin/jobs/{r['id']}/retry", 'Retry', auth) if r['status'] == 'dead' else None,
+                )
+                for r in rows
+            ],
+            'No jobs.',
+        )
 
     def audit_table(self, rows):
         "The events, naming users by email and tenants by name (the id on hover); a bare id is cut to 8 characters."
         names = audit_labels(self.host_db, rows)
-        def who(i, none=''): return Span(names.get(i) or (i[:8] + '…' if len(i) > 9 else i), title=i) if i else none
-        def details(r): return Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…')
-        return self.table(('When', 'Event', 'Actor', 'Tenant', 'Target', 'Details', 'IP'),
-                          [(Span(ui.when(r.created_at), cls='nowrap'), Code(r.event_type),
-                            Div(who(r.actor_user_id, '—'), Small(' by ', who(r.impersonator_user_id), cls='muted')
-                                if r.impersonator_user_id else None),
-                            who(r.tenant_id), who(r.target_id), details(r), r.ip_address or '') for r in rows],
-                          'No audit events match.')
+
+        def who(i, none=''):
+            return Span(names.get(i) or (i[:8] + '…' if len(i) > 9 else i), title=i) if i else none
+
+        def details(r):
+            return Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…')
+
+        return self.table(
+            ('When', 'Event', 'Actor', 'Tenant', 'Target', 'Details', 'IP'),
+            [
+                (
+                    Span(ui.when(r.created_at), cls='nowrap'),
+                    Code(r.event_type),
+                    Div(
+                        who(r.actor_user_id, '—'),
+                        Small(' by ', who(r.impersonator_user_id), cls='muted') if r.impersonator_user_id else None,
+                    ),
+                    who(r.tenant_id),
+                    who(r.target_id),
+                    details(r),
+                    r.ip_address or '',
+                )
+                for r in rows
+            ],
+            'No audit events match.',
+        )
 
     def webhooks_table(self, rows):
-        return self.table(('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
-                          [(ui.when(r['created_at']), Code(r['event_id']), r['event_type'], status_badge(r['status']),
-                            r['attempts'],
-                            r['tenant_id'] or '—', Small(_last_line(r['last_error']))) for r in rows],
-                          'No webhook events received yet.')
+        return self.table(
+            ('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
+            [
+                (
+                    ui.when(r['created_at']),
+                    Code(r['event_id']),
+                    r['event_type'],
+                    status_badge(r['status']),
+                    r['attempts'],
+                    r['tenant_id'] or '—',
+                    Small(_last_line(r['last_error'])),
+                )
+                for r in rows
+            ],
+            'No webhook events received yet.',
+        )
 
 # %% ../nbs/59_pages_admin.ipynb #c854b72f
 _admin, _admin_form = guarded(sys_admin=True), guarded(sys_admin=True, csrf=True)
-_USER_NOTICES = dict(stopped='You are yourself again.',
-                     two_factor_reset="Two-factor sign-in is off for that user, and they are signed out everywhere.",
-                     two_factor_off="That user had no two-factor sign-in to reset.",
-                     disabled='That user is disabled: they are signed out everywhere and their API keys are revoked.',
-                     enabled='That user can sign in again. Their API keys stay revoked: a tenant admin issues new '
-                             'ones.',
-                     already_disabled='That user was already disabled.',
-                     already_enabled='That user was already enabled.')
-_USER_REFUSALS = dict(self='You cannot disable or enable your own account.',
-                      sys_admin='System admins cannot be disabled or enabled here: admin rights are changed by whoever '
-                                'runs the service.',
-                      no_user='There is no such user.')
+_USER_NOTICES = dict(
+    stopped='You are yourself again.',
+    two_factor_reset="Two-factor sign-in is off for that user, and they are signed out everywhere.",
+    two_factor_off="That user had no two-factor sign-in to reset.",
+    disabled='That user is disabled: they are signed out everywhere and their API keys are revoked.',
+    enabled='That user can sign in again. Their API keys stay revoked: a tenant admin issues new ones.',
+    already_disabled='That user was already disabled.',
+    already_enabled='That user was already enabled.',
+)
+_USER_REFUSALS = dict(
+    self='You cannot disable or enable your own account.',
+    sys_admin='System admins cannot be disabled or enabled here: admin rights are changed by whoever runs the service.',
+    no_user='There is no such user.',
+)
+
 
 @patch
 @route('/admin')
 @_admin
-def tenants(self: AdminPages, req, auth, q: str = '', status: str = '', before: str = '', done: str = '',
-            tenant: str = ''):
+def tenants(
+    self: AdminPages, req, auth, q: str = '', status: str = '', before: str = '', done: str = '', tenant: str = ''
+):
     kept = {k: v for k, v in dict(q=q, status='' if status == 'any' else status).items() if v}
-    try: rows = tenant_overview(self.host_db, q, self.tenants_per_page, kept.get('status', ''), before)
-    except ValueError as e: return self.refuse(req, 400, f"{str(e)[:1].upper()}{str(e)[1:]}.")
-    older = ('/admin?' + urlencode({**kept, 'before': tenant_cursor(rows[-1])})
-             if len(rows) == self.tenants_per_page else None)
-    return self.layout(req, 'Tenants',
-                       self.notice(f"Tenant {tenant} {_DONE[done]}." if done in _DONE and tenant else None),
-                       self.overview({'q': q} if q else {}),
-                       self.filters('/admin', self.field('Search id or name', 'q', value=q),
-                                    self.status_select('status', kept.get('status', ''), TENANT_STATUSES)),
-                       Div(self.tenants_table(auth, rows, bool(kept)),
-                           Div(A('← Newest', href='/admin?' + urlencode(kept)) if before else None,
-                               A('Older →', href=older) if older else None, style=_ROW), cls='card'))
+    try:
+        rows = tenant_overview(self.host_db, q, self.tenants_per_page, kept.get('status', ''), before)
+    except ValueError as e:
+        return self.refuse(req, 400, f"{str(e)[:1].upper()}{str(e)[1:]}.")
+    older = (
+        '/admin?' + urlencode({**kept, 'before': tenant_cursor(rows[-1])})
+        if len(rows) == self.tenants_per_page
+        else None
+    )
+    return self.layout(
+        req,
+        'Tenants',
+        self.notice(f"Tenant {tenant} {_DONE[done]}." if done in _DONE and tenant else None),
+        self.overview({'q': q} if q else {}),
+        self.filters(
+            '/admin',
+            self.field('Search id or name', 'q', value=q),
+            self.status_select('status', kept.get('status', ''), TENANT_STATUSES),
+        ),
+        Div(
+            self.tenants_table(auth, rows, bool(kept)),
+            Div(
+                A('← Newest', href='/admin?' + urlencode(kept)) if before else None,
+                A('Older →', href=older) if older else None,
+                style=_ROW,
+            ),
+            cls='card',
+        ),
+    )
+
 
 @patch
 @route('/admin/tenants/{tenant_id}/{action}', 'post')
 @_admin_form
 def lifecycle(self: AdminPages, req, auth, tenant_id: str, action: str):
-    if action not in TENANT_ACTIONS: return self.refuse(req, 404, f"Unknown tenant action {action!r}.")
-    try: changed = tenant_action(self.host_db, tenant_id, action)
-    except InvalidTenantId as e: return self.refuse(req, 400, str(e))
-    except TenantNotFound: return self.refuse(req, 404, f"There is no tenant {tenant_id!r}.")
+    if action not in TENANT_ACTIONS:
+        return self.refuse(req, 404, f"Unknown tenant action {action!r}.")
+    try:
+        changed = tenant_action(self.host_db, tenant_id, action)
+    except InvalidTenantId as e:
+        return self.refuse(req, 400, str(e))
+    except TenantNotFound:
+        return self.refuse(req, 404, f"There is no tenant {tenant_id!r}.")
     except TenantUnavailable as e:
         return self.refuse(req, 409, f"Tenant {tenant_id} is {e.status}; it cannot be {_DONE[action]}.")
     return Redirect('/admin?' + urlencode(dict(done=action, tenant=tenant_id)) if changed else '/admin')
+
 
 @patch
 @route('/admin/users')
 @_admin
 def users(self: AdminPages, req, auth, q: str = '', done: str = ''):
     rows = admin_users(self.host_db, q)
-    return self.layout(req, 'Users', self.notice(_USER_NOTICES.get(done)),
-                       self.notice(_USER_REFUSALS.get(done), 'bad'),
-                       self.filters('/admin/users', self.field('Email contains', 'q', value=q)),
-                       Div(self.users_table(auth, rows, q),
-                           P('Disabling a user signs them out everywhere and revokes their API keys at once; enabling '
-                             'restores their login only (their API keys stay revoked).', cls='muted'), cls='card'))
+    return self.layout(
+        req,
+        'Users',
+        self.notice(_USER_NOTICES.get(done)),
+        self.notice(_USER_REFUSALS.get(done), 'bad'),
+        self.filters('/admin/users', self.field('Email contains', 'q', value=q)),
+        Div(
+            self.users_table(auth, rows, q),
+            P(
+                'Disabling a user signs them out everywhere and revokes their API keys at once; enabling '
+                'restores their login only (their API keys stay revoked).',
+                cls='muted',
+            ),
+            cls='card',
+        ),
+    )
+
 
 @patch
 def set_active(self: AdminPages, req, auth, user_id: str, active: bool):
     "Disable or enable `user_id` (`set_user_active`), then back to the users page saying what happened."
-    try: changed = set_user_active(self.host_db, self.sessions, user_id, active, auth.user.id)
-    except UserRefused as e: return Redirect('/admin/users?done=' + e.code)
+    try:
+        changed = set_user_active(self.host_db, self.sessions, user_id, active, auth.user.id)
+    except UserRefused as e:
+        return Redirect('/admin/users?done=' + e.code)
     word = 'enabled' if active else 'disabled'
     return Redirect('/admin/users?done=' + (word if changed else f'already_{word}'))
+
 
 @patch
 @route('/admin/users/{user_id}/disable', 'post')
 @_admin_form
-def user_disable(self: AdminPages, req, auth, user_id: str): return self.set_active(req, auth, user_id, False)
+def user_disable(self: AdminPages, req, auth, user_id: str):
+    return self.set_active(req, auth, user_id, False)
+
 
 @patch
 @route('/admin/users/{user_id}/enable', 'post')
 @_admin_form
-def user_enable(self: AdminPages, req, auth, user_id: str): return self.set_active(req, auth, user_id, True)
+def user_enable(self: AdminPages, req, auth, user_id: str):
+    return self.set_active(req, auth, user_id, True)
+
 
 @patch
 @route('/admin/users/{user_id}/reset-two-factor', 'post')
@@ -425,24 +688,29 @@ def user_reset_two_factor(self: AdminPages, req, auth, user_id: str):
     "Turn off `user_id`'s two-factor sign-in (a lost phone) and end their sessions, in one audited transaction."
     with self.host_db.transaction():
         done = reset_two_factor(self.host_db, user_id, auth.user.id)
-        if done: self.sessions.revoke_user(user_id)
+        if done:
+            self.sessions.revoke_user(user_id)
     return Redirect('/admin/users?done=' + ('two_factor_reset' if done else 'two_factor_off'))
+
 
 @patch
 @route('/admin/impersonate/stop', 'post')
 @guarded(csrf=True)
 def impersonate_stop(self: AdminPages, req, auth):
-    if auth.impersonator is None or auth.session is None: return self.refuse(req, 403,
-                                                                             'You are not impersonating anyone.', '/')
+    if auth.impersonator is None or auth.session is None:
+        return self.refuse(req, 403, 'You are not impersonating anyone.', '/')
     stop_impersonation(self.sessions, auth.session)
     return Redirect('/admin/users?done=stopped')
+
 
 @patch
 @route('/admin/impersonate/{user_id}', 'post')
 @_admin_form
 def impersonate(self: AdminPages, req, auth, user_id: str):
-    try: start_impersonation(self.sessions, auth.session, user_id)
-    except ImpersonationRefused as e: return self.refuse(req, 409, f"{str(e).capitalize()}.", '/admin/users')
+    try:
+        start_impersonation(self.sessions, auth.session, user_id)
+    except ImpersonationRefused as e:
+        return self.refuse(req, 409, f"{str(e).capitalize()}.", '/admin/users')
     return Redirect('/tenants')
 
 # %% ../nbs/59_pages_admin.ipynb #c41d7b2f
@@ -451,10 +719,16 @@ def impersonate(self: AdminPages, req, auth, user_id: str):
 @_admin
 def jobs(self: AdminPages, req, auth, status: str = '', retried: str = ''):
     rows = admin_jobs(self.host_db, status)
-    return self.layout(req, 'Jobs', self.notice(f"Job {retried} is queued again." if retried else None),
-                       self.filters('/admin/jobs', self.status_select('status', status, ('queued', 'running', 'done',
-                                                                                         'dead', 'canceled'))),
-                       Div(self.jobs_table(auth, rows), cls='card'))
+    return self.layout(
+        req,
+        'Jobs',
+        self.notice(f"Job {retried} is queued again." if retried else None),
+        self.filters(
+            '/admin/jobs', self.status_select('status', status, ('queued', 'running', 'done', 'dead', 'canceled'))
+        ),
+        Div(self.jobs_table(auth, rows), cls='card'),
+    )
+
 
 @patch
 @route('/admin/jobs/{job_id}/retry', 'post')
@@ -462,39 +736,79 @@ def jobs(self: AdminPages, req, auth, status: str = '', retried: str = ''):
 def job_retry(self: AdminPages, req, auth, job_id: str):
     with self.host_db.transaction():
         if not retry(self.host_db, job_id):
-            return self.refuse(req, 409,
-                               f"Job {job_id} is not dead, so there is nothing to retry (someone may have retried it "
-                               "already).",
-                               '/admin/jobs')
+            return self.refuse(
+                req,
+                409,
+                f"Job {job_id} is not dead, so there is nothing to retry (someone may have retried it already).",
+                '/admin/jobs',
+            )
         job = self.host_db.system_jobs[job_id]
-        audit(self.host_db, AUDIT_JOB_RETRIED, target_id=job_id, tenant_id=job.tenant_id,
-              details=dict(job_type=job.job_type))
+        audit(
+            self.host_db,
+            AUDIT_JOB_RETRIED,
+            target_id=job_id,
+            tenant_id=job.tenant_id,
+            details=dict(job_type=job.job_type),
+        )
     return Redirect('/admin/jobs?' + urlencode(dict(retried=job_id)))
+
 
 @patch
 @route('/admin/audit')
 @_admin
-def audit_log(self: AdminPages, req, auth, tenant: str = '', actor: str = '', type: str = '', since: str = '',
-              until: str = '', before: str = ''):
+def audit_log(
+    self: AdminPages,
+    req,
+    auth,
+    tenant: str = '',
+    actor: str = '',
+    type: str = '',
+    since: str = '',
+    until: str = '',
+    before: str = '',
+):
     kept = {k: v for k, v in dict(tenant=tenant, actor=actor, type=type, since=since, until=until).items() if v}
     try:
         days = {k: _day(v) for k, v in dict(since=since, until=until).items() if v}
-        if 'until' in days: days['until'] += timedelta(days=1)   # the whole of the last day
-        rows = audit_events(self.host_db, tenant_id=tenant or None, actor=user_id_for(self.host_db, actor) or None,
-                            event_type=type or None, limit=self.page_size, before=before or None, **days)
-    except ValueError as e: return self.refuse(req, 400, f"{str(e)[:1].upper()}{str(e)[1:]}.", '/admin/audit')
-    older = ('/admin/audit?' + urlencode({**kept,
-                                          'before': audit_cursor(rows[-1])})) if len(rows) == self.page_size else None
-    return self.layout(req, 'Audit log',
-                       self.filters('/admin/audit', self.field('Tenant', 'tenant', value=tenant),
-                                    self.field('User (email or id)', 'actor', value=actor),
-                                    self.field("Event (exact, or a prefix ending in '.')", 'type', value=type),
-                                    self.field('From', 'since', 'date', value=since),
-                                    self.field('To', 'until', 'date', value=until)),
-                       Div(self.audit_table(rows), Div(A('← Newest',
-                                                         href='/admin/audit?' + urlencode(kept)) if before else None,
-                                                       A('Older →', href=older) if older else None, style=_ROW),
-                           cls='card'))
+        if 'until' in days:
+            days['until'] += timedelta(days=1)  # the whole of the last day
+        rows = audit_events(
+            self.host_db,
+            tenant_id=tenant or None,
+            actor=user_id_for(self.host_db, actor) or None,
+            event_type=type or None,
+            limit=self.page_size,
+            before=before or None,
+            **days,
+        )
+    except ValueError as e:
+        return self.refuse(req, 400, f"{str(e)[:1].upper()}{str(e)[1:]}.", '/admin/audit')
+    older = (
+        ('/admin/audit?' + urlencode({**kept, 'before': audit_cursor(rows[-1])}))
+        if len(rows) == self.page_size
+        else None
+    )
+    return self.layout(
+        req,
+        'Audit log',
+        self.filters(
+            '/admin/audit',
+            self.field('Tenant', 'tenant', value=tenant),
+            self.field('User (email or id)', 'actor', value=actor),
+            self.field("Event (exact, or a prefix ending in '.')", 'type', value=type),
+            self.field('From', 'since', 'date', value=since),
+            self.field('To', 'until', 'date', value=until),
+        ),
+        Div(
+            self.audit_table(rows),
+            Div(
+                A('← Newest', href='/admin/audit?' + urlencode(kept)) if before else None,
+                A('Older →', href=older) if older else None,
+                style=_ROW,
+            ),
+            cls='card',
+        ),
+    )
 
 # %% ../nbs/59_pages_admin.ipynb #011f9608
 @patch
@@ -502,22 +816,37 @@ def webhooks_page(self: AdminPages, req, auth, status: str = '', result=None):
     rows, failed = admin_webhooks(self.host_db, status), failed_webhooks(self.host_db)
     outcome = None
     if result is not None:
-        outcome = self.alert(('Replayed ' + ', '.join(f"{n} {k.replace('_', ' ')}" for k,
-                                                      n in sorted(result.items())) + '.')
-                             if result else 'There were no failed events to replay.',
-                             'bad' if result.get('failed') else 'ok')
-    return self.layout(req, 'Stripe webhooks', outcome,
-                       Div(self.filters('/admin/webhooks', self.status_select('status', status, ('processed', 'failed',
-                                                                                                 'processing'))),
-                           self.action('/admin/webhooks/replay',
-                                       f"Replay {failed} failed event{'' if failed == 1 else 's'}", auth, None)
-                           if failed else None, style=_ROW),
-                       Div(self.webhooks_table(rows), cls='card'))
+        outcome = self.alert(
+            ('Replayed ' + ', '.join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(result.items())) + '.')
+            if result
+            else 'There were no failed events to replay.',
+            'bad' if result.get('failed') else 'ok',
+        )
+    return self.layout(
+        req,
+        'Stripe webhooks',
+        outcome,
+        Div(
+            self.filters(
+                '/admin/webhooks', self.status_select('status', status, ('processed', 'failed', 'processing'))
+            ),
+            self.action(
+                '/admin/webhooks/replay', f"Replay {failed} failed event{'' if failed == 1 else 's'}", auth, None
+            )
+            if failed
+            else None,
+            style=_ROW,
+        ),
+        Div(self.webhooks_table(rows), cls='card'),
+    )
+
 
 @patch
 @route('/admin/webhooks')
 @_admin
-def webhooks(self: AdminPages, req, auth, status: str = ''): return self.webhooks_page(req, auth, status)
+def webhooks(self: AdminPages, req, auth, status: str = ''):
+    return self.webhooks_page(req, auth, status)
+
 
 @patch
 @route('/admin/webhooks/replay', 'post')

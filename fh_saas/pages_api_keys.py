@@ -18,60 +18,103 @@ from .pages_layout import Pages, guarded, route
 # %% ../nbs/57_pages_api_keys.ipynb #791bfc6c
 class ApiKeyPages(Pages):
     "The current tenant's API keys."
+
     def key_rows(self, auth) -> list:
         is_admin = auth.has_role('admin')
+
         def state(k):
-            if k.revoked_at: return ui.badge('revoked', 'bad')
-            if not is_admin: return ui.badge('active', 'ok')
-            return self.form(f'/api-keys/{k.key_id}/revoke', Button('Revoke', cls='danger'), auth=auth, cls='inline',
-                             data_confirm='Revoke this key? Requests using it will be refused.')
-        return [(k.name, Span(f"{'sk' if k.kind == 'secret' else 'pk'}_{k.mode}_{k.key_id}_…", cls='secret'),
-                 ui.badge(k.mode, 'warn' if k.mode == 'test' else 'ok'), ui.when(k.created_at),
-                 ui.when(k.last_used_at), state(k))
-                for k in list_api_keys(self.host_db, auth.tenant_id)]
+            if k.revoked_at:
+                return ui.badge('revoked', 'bad')
+            if not is_admin:
+                return ui.badge('active', 'ok')
+            return self.form(
+                f'/api-keys/{k.key_id}/revoke',
+                Button('Revoke', cls='danger'),
+                auth=auth,
+                cls='inline',
+                data_confirm='Revoke this key? Requests using it will be refused.',
+            )
+
+        return [
+            (
+                k.name,
+                Span(f"{'sk' if k.kind == 'secret' else 'pk'}_{k.mode}_{k.key_id}_…", cls='secret'),
+                ui.badge(k.mode, 'warn' if k.mode == 'test' else 'ok'),
+                ui.when(k.created_at),
+                ui.when(k.last_used_at),
+                state(k),
+            )
+            for k in list_api_keys(self.host_db, auth.tenant_id)
+        ]
 
     def create_card(self, auth):
-        if not auth.has_role('admin'): return P("Only admins and owners can create or revoke keys.", cls='muted')
-        return self.card(H2('Create a key'), self.form('/api-keys', self.field('Name', 'name', required=True,
-                                                                               maxlength=200,
-                                                                               placeholder='e.g. CI deploys'),
-                                                       Label('Mode', Select(Option('test', value='test'),
-                                                                            Option('live', value='live'),
-                                                                            name='mode')),
-                                                       Button('Create key'), auth=auth))
+        if not auth.has_role('admin'):
+            return P("Only admins and owners can create or revoke keys.", cls='muted')
+        return self.card(
+            H2('Create a key'),
+            self.form(
+                '/api-keys',
+                self.field('Name', 'name', required=True, maxlength=200, placeholder='e.g. CI deploys'),
+                Label('Mode', Select(Option('test', value='test'), Option('live', value='live'), name='mode')),
+                Button('Create key'),
+                auth=auth,
+            ),
+        )
 
     def keys_page(self, req, auth, secret=None, notice=None, kind='ok', status=200):
         rows = self.key_rows(auth)
-        shown = self.card(self.alert("Copy this key now. It is shown only once: we store only its hash, so it cannot "
-                                     "be shown again.",
-                                     'warn'), Div(secret, cls='secret')) if secret else None
-        return self.show(req, 'API keys', self.notice(notice, kind), shown,
-                         self.card(self.table(('Name', 'Key', 'Mode', 'Created', 'Last used', ''), rows)) if rows
-                         else P("No keys yet.", cls='muted'),
-                         self.create_card(auth), P("Send a key as ", Span('Authorization: Bearer <key>', cls='secret'),
-                                                   ".", cls='muted'),
-                         status=status, headers=NO_STORE)
+        shown = (
+            self.card(
+                self.alert(
+                    "Copy this key now. It is shown only once: we store only its hash, so it cannot be shown again.",
+                    'warn',
+                ),
+                Div(secret, cls='secret'),
+            )
+            if secret
+            else None
+        )
+        return self.show(
+            req,
+            'API keys',
+            self.notice(notice, kind),
+            shown,
+            self.card(self.table(('Name', 'Key', 'Mode', 'Created', 'Last used', ''), rows))
+            if rows
+            else P("No keys yet.", cls='muted'),
+            self.create_card(auth),
+            P("Send a key as ", Span('Authorization: Bearer <key>', cls='secret'), ".", cls='muted'),
+            status=status,
+            headers=NO_STORE,
+        )
 
     def role_refused(self, req, auth, role, message=None):
         return self.keys_page(req, auth, notice=message, kind='bad', status=403)
 
     @route('/api-keys')
-    def api_keys(self, req, auth): return self.keys_page(req, auth)
+    def api_keys(self, req, auth):
+        return self.keys_page(req, auth)
 
     @route('/api-keys', 'post')
     @guarded(role='admin', csrf=True, message="Only admins and owners can create keys.")
     def new_api_key(self, req, auth, name: str = '', mode: str = 'test'):
         if auth.impersonator is not None:
-            return self.keys_page(req, auth,
-                                  notice="Keys cannot be created while impersonating: a key would outlast the "
-                                         "impersonation.",
-                                  kind='bad', status=403)
+            return self.keys_page(
+                req,
+                auth,
+                notice="Keys cannot be created while impersonating: a key would outlast the impersonation.",
+                kind='bad',
+                status=403,
+            )
         name = ' '.join(name.split())
         if not name or len(name) > 200 or mode not in ('test', 'live'):
-            return self.keys_page(req, auth,
-                                  notice="Give the key a name (at most 200 characters) and choose test or live.",
-                                  kind='bad',
-                                  status=400)
+            return self.keys_page(
+                req,
+                auth,
+                notice="Give the key a name (at most 200 characters) and choose test or live.",
+                kind='bad',
+                status=400,
+            )
         secret, _ = create_api_key(self.host_db, auth.tenant_id, auth.user.id, name, 'secret', mode)
         return self.keys_page(req, auth, secret=secret, notice=f"Key “{name}” created.")
 

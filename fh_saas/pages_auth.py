@@ -55,41 +55,57 @@ def tenant_ids(name: str, attempts: int = 5):
     "Candidate tenant ids for company `name`: its slug (when valid), then the slug with random suffixes."
     ascii_name = unicodedata.normalize('NFKD', name or '').encode('ascii', 'ignore').decode().lower()
     slug = re.sub(r'[^a-z0-9]+', '_', ascii_name).strip('_')
-    if not slug[:1].isalpha(): slug = f"t_{slug}".rstrip('_')
+    if not slug[:1].isalpha():
+        slug = f"t_{slug}".rstrip('_')
     slug = slug[:32].rstrip('_')
-    if len(slug) >= 3: yield check_tenant_id(slug)
-    for _ in range(attempts): yield check_tenant_id(f"{slug}_{secrets.token_hex(3)}")
+    if len(slug) >= 3:
+        yield check_tenant_id(slug)
+    for _ in range(attempts):
+        yield check_tenant_id(f"{slug}_{secrets.token_hex(3)}")
 
 # %% ../nbs/55_pages_auth.ipynb #90a39db1
 AUDIT_SIGNUP = 'auth.signup'
 AUDIT_TENANT_REGISTERED = 'tenant.registered'
 
+
 class AccountError(ValueError):
     "A form the rules refuse; the message is meant for the person who filled it in."
+
 
 class EmailTaken(AccountError):
     "A sign-up with the email of an existing account (the sign-up page does not say so: it mails that account)."
 
+
 _NAME_MAX = 100
+
 
 def _clean_name(name: str | None, what: str) -> str:
     name = ' '.join((name or '').split())
-    if not name: raise AccountError(f"Enter a {what}.")
-    if len(name) > _NAME_MAX: raise AccountError(f"The {what} can be at most {_NAME_MAX} characters long.")
+    if not name:
+        raise AccountError(f"Enter a {what}.")
+    if len(name) > _NAME_MAX:
+        raise AccountError(f"The {what} can be at most {_NAME_MAX} characters long.")
     return name
+
 
 def clean_tenant_name(name: str | None) -> str:
     "A tenant's name as stored: spaces collapsed, present, at most 100 characters; else `AccountError`."
     return _clean_name(name, 'company or team name')
 
+
 def _set_details(host_db: HostDatabase, tenant_id: str, user_id: str, details: dict):
     m = memberships_t.c
     with host_db.transaction() as conn:
-        conn.execute(sa.update(memberships_t).where(m.tenant_id == tenant_id, m.user_id == user_id)
-                     .values(meta_attributes=json.dumps(details)))
+        conn.execute(
+            sa.update(memberships_t)
+            .where(m.tenant_id == tenant_id, m.user_id == user_id)
+            .values(meta_attributes=json.dumps(details))
+        )
+
 
 class TooManyTenants(AccountError):
     "The user owns as many tenants as one person may."
+
 
 def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
     """`AccountError` unless `owner_id` is an active user; `TooManyTenants` when they (not a system admin) own
@@ -98,90 +114,145 @@ def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
     u, m, t = users_t.c, memberships_t.c, tenants_t.c
     q = sa.select(u.is_sys_admin, u.is_active).where(u.id == owner_id).with_for_update(key_share=True)
     user = conn.execute(q).first()
-    if user is None or not user.is_active: raise AccountError("This account has been closed.")
-    if max_owned is None or user.is_sys_admin: return
-    owned = conn.execute(sa.select(sa.func.count()).select_from(memberships_t.join(tenants_t, t.id == m.tenant_id))
-                         .where(m.user_id == owner_id, m.role == roles.owner, m.is_active.is_(True),
-                                t.status.notin_(('deleting', 'deleted')))).scalar()
+    if user is None or not user.is_active:
+        raise AccountError("This account has been closed.")
+    if max_owned is None or user.is_sys_admin:
+        return
+    owned = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(memberships_t.join(tenants_t, t.id == m.tenant_id))
+        .where(
+            m.user_id == owner_id,
+            m.role == roles.owner,
+            m.is_active.is_(True),
+            t.status.notin_(('deleting', 'deleted')),
+        )
+    ).scalar()
     if owned >= max_owned:
-        raise TooManyTenants(f"You already own {owned} tenants, the most one person may own. Ask support if you need "
-                             "more.")
+        raise TooManyTenants(
+            f"You already own {owned} tenants, the most one person may own. Ask support if you need more."
+        )
 
-def create_tenant(host_db: HostDatabase, owner_id: str, name: str, roles: Roles = DEFAULT_ROLES,
-                  details: dict | None = None, max_owned: int | None = None) -> str:
+
+def create_tenant(
+    host_db: HostDatabase,
+    owner_id: str,
+    name: str,
+    roles: Roles = DEFAULT_ROLES,
+    details: dict | None = None,
+    max_owned: int | None = None,
+) -> str:
     """Register tenant `name` (state `provisioning`) owned by `owner_id` and queue its provisioning, in one transaction;
     `TooManyTenants` when they own `max_owned` already (system admins have no cap)."""
     name = _clean_name(name, 'company name')
     with host_db.transaction() as conn:
         _check_owned(conn, owner_id, roles, max_owned)
         tid = next((t for t in tenant_ids(name) if register_tenant(host_db, t, name)), None)
-        if tid is None: raise AccountError("Every id we tried for this name is taken. Please try again, or choose "
-                                           "another name.")
+        if tid is None:
+            raise AccountError("Every id we tried for this name is taken. Please try again, or choose another name.")
         add_member(host_db, tid, owner_id, roles.owner, roles=roles)
-        if details: _set_details(host_db, tid, owner_id, details)
+        if details:
+            _set_details(host_db, tid, owner_id, details)
         enqueue(host_db, 'tenant.provision', {'tenant_id': tid}, tenant_id=tid, dedupe_key=f'tenant.provision:{tid}')
-        audit(host_db, AUDIT_TENANT_REGISTERED, target_id=tid, tenant_id=tid, actor_user_id=owner_id,
-              details=dict(name=name))
+        audit(
+            host_db,
+            AUDIT_TENANT_REGISTERED,
+            target_id=tid,
+            tenant_id=tid,
+            actor_user_id=owner_id,
+            details=dict(name=name),
+        )
     return tid
 
-def sign_up(host_db: HostDatabase, email: str, password: str, name: str | None = None, company: str | None = None,
-            hasher: PasswordHasher = default_hasher, roles: Roles = DEFAULT_ROLES,
-            details: dict | None = None) -> tuple[str, str | None]:
+
+def sign_up(
+    host_db: HostDatabase,
+    email: str,
+    password: str,
+    name: str | None = None,
+    company: str | None = None,
+    hasher: PasswordHasher = default_hasher,
+    roles: Roles = DEFAULT_ROLES,
+    details: dict | None = None,
+) -> tuple[str, str | None]:
     "Create a user (and, given `company`, their tenant) in one transaction: `(user_id, tenant_id)`."
     email = normalize_email(email)
-    if not is_email_address(email): raise AccountError("Enter a valid email address.")
-    if name and len(name) > _NAME_MAX: raise AccountError(f"Your name can be at most {_NAME_MAX} characters long.")
-    if company is not None: company = _clean_name(company, 'company name')
-    try: password_hash = hash_password(password, hasher)
-    except WeakPassword as e: raise AccountError(f"Choose a longer password: {e}.") from None
+    if not is_email_address(email):
+        raise AccountError("Enter a valid email address.")
+    if name and len(name) > _NAME_MAX:
+        raise AccountError(f"Your name can be at most {_NAME_MAX} characters long.")
+    if company is not None:
+        company = _clean_name(company, 'company name')
+    try:
+        password_hash = hash_password(password, hasher)
+    except WeakPassword as e:
+        raise AccountError(f"Choose a longer password: {e}.") from None
     uid = gen_id()
     try:
         with host_db.transaction():
-            host_db.global_users.insert(GlobalUser(id=uid, email=email, name=' '.join((name or '').split()) or None,
-                                                   password_hash=password_hash))
+            host_db.global_users.insert(
+                GlobalUser(
+                    id=uid, email=email, name=' '.join((name or '').split()) or None, password_hash=password_hash
+                )
+            )
             tid = create_tenant(host_db, uid, company, roles, details) if company else None
             audit(host_db, AUDIT_SIGNUP, target_id=uid, actor_user_id=uid, tenant_id=tid)
     except DuplicateRecord:
-        raise EmailTaken("An account with this email address already exists. "
-                         "Log in, or reset your password.") from None
+        raise EmailTaken("An account with this email address already exists. Log in, or reset your password.") from None
     return uid, tid
+
 
 def signup_details(host_db: HostDatabase, user_id: str, tenant_id: str) -> dict:
     "The sign-up `details` stored on `user_id`'s membership of `tenant_id` ({} when none)."
     m = memberships_t.c
     q = sa.select(m.meta_attributes).where(m.tenant_id == tenant_id, m.user_id == user_id)
-    with host_db.transaction() as conn: raw = conn.execute(q).scalar()
+    with host_db.transaction() as conn:
+        raw = conn.execute(q).scalar()
     return json.loads(raw) if raw else {}
 
 # %% ../nbs/55_pages_auth.ipynb #505f4399
 NO_STORE = {'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer'}
 
+
 class AuthPages(Pages):
     "Sign-up, log in and out, password reset and email verification."
+
     hasher: PasswordHasher = default_hasher
     throttle: LoginThrottle = LoginThrottle()
     two_factor_limit: RateLimit = TWO_FACTOR_LIMIT  # wrong second-step codes per user
-    signup_rate: RateLimit = RateLimit(20, 3600)     # sign-ups per network address per hour
-    taken_rate: RateLimit = RateLimit(3, 3600)       # "someone tried to sign up as you" emails per address per hour
-    reset_rate: RateLimit = RateLimit(3, 3600)       # reset emails per address per hour
+    signup_rate: RateLimit = RateLimit(20, 3600)  # sign-ups per network address per hour
+    taken_rate: RateLimit = RateLimit(3, 3600)  # "someone tried to sign up as you" emails per address per hour
+    reset_rate: RateLimit = RateLimit(3, 3600)  # reset emails per address per hour
 
-    def client(self, req): return (req.client.host if req.client else None), req.headers.get('user-agent')
-    def verify_link(self, token: str) -> str: return self.saas.url(f'/verify-email/{token}')
+    def client(self, req):
+        return (req.client.host if req.client else None), req.headers.get('user-agent')
+
+    def verify_link(self, token: str) -> str:
+        return self.saas.url(f'/verify-email/{token}')
 
     def signed_in(self, req, cookie: str, to: str, status: int = 303):
         "A redirect to `to` that sets the session `cookie`."
-        return self.sessions.set_cookie(RedirectResponse(to, status), cookie,
-                                        self.saas.secure or req.url.scheme == 'https')
+        return self.sessions.set_cookie(
+            RedirectResponse(to, status), cookie, self.saas.secure or req.url.scheme == 'https'
+        )
 
     # --- sign-up parts -------------------------------------------------------------------------
     def signup_fields(self, req, values: dict, invited: bool) -> list:
         "The sign-up form's fields, filled in from `values`; an invited person joins a tenant, so names none."
-        return [self.field('Email', 'email', 'email', value=values.get('email', ''), required=True,
-                           autocomplete='email'),
-                self.field('Password', 'password', 'password', required=True, minlength=8, autocomplete='new-password'),
-                self.field('Your name', 'name', value=values.get('name', ''), autocomplete='name'),
-                None if invited else self.field('Company or team name', 'company', value=values.get('company', ''),
-                                                required=True, autocomplete='organization')]
+        return [
+            self.field('Email', 'email', 'email', value=values.get('email', ''), required=True, autocomplete='email'),
+            self.field('Password', 'password', 'password', required=True, minlength=8, autocomplete='new-password'),
+            self.field('Your name', 'name', value=values.get('name', ''), autocomplete='name'),
+            None
+            if invited
+            else self.field(
+                'Company or team name',
+                'company',
+                value=values.get('company', ''),
+                required=True,
+                autocomplete='organization',
+            ),
+        ]
 
     def invited_here(self, next: str, email: str) -> bool:
         "Whether `next` is an open invitation's page for `email` (signing up to accept it)."
@@ -198,15 +269,27 @@ class AuthPages(Pages):
     def signup_form(self, req, values: dict, next: str = ''):
         "The sign-up card."
         invited = local_path(next, '') != ''
-        return self.card(self.form('/signup', *self.signup_fields(req, values, invited),
-                                   Hidden(name='next', value=next) if invited else None, Button('Create account')))
+        return self.card(
+            self.form(
+                '/signup',
+                *self.signup_fields(req, values, invited),
+                Hidden(name='next', value=next) if invited else None,
+                Button('Create account'),
+            )
+        )
 
     def signup_page(self, req, values: dict | None = None, next: str = '', error=None, status: int = 200):
         "The sign-up page, with `error` above the form."
         login = f"/login?next={quote(next)}" if local_path(next, '') != '' else '/login'
-        return self.show(req, 'Create your account', self.notice(error, 'bad'), self.signup_form(req, values or {},
-                                                                                                 next),
-                         P('Already have an account? ', A('Log in', href=login)), status=status, narrow=True)
+        return self.show(
+            req,
+            'Create your account',
+            self.notice(error, 'bad'),
+            self.signup_form(req, values or {}, next),
+            P('Already have an account? ', A('Log in', href=login)),
+            status=status,
+            narrow=True,
+        )
 
 # %% ../nbs/55_pages_auth.ipynb #1ec35d0f
 @patch
@@ -215,28 +298,40 @@ def signup_get(self: AuthPages, req, next: str = '', email: str = ''):
     "The sign-up page; `email` fills in the address (an invitation's link passes the one it was sent to)."
     return self.signup_page(req, dict(email=email[:320]) if email else None, next)
 
+
 @patch
 @route('/signup', 'post')
-def signup(self: AuthPages, req, email: str = '', password: str = '', name: str = '', company: str = '',
-           next: str = ''):
-    if cross_site(req): return self.forged(req)
+def signup(
+    self: AuthPages, req, email: str = '', password: str = '', name: str = '', company: str = '', next: str = ''
+):
+    if cross_site(req):
+        return self.forged(req)
     invited, (ip, _) = local_path(next, ''), self.client(req)
     values = {**form_data(req), **dict(email=email, name=name, company=company)}
     values.pop('password', None)
-    def again(error, status): return self.signup_page(req, values, next, error, status)
+
+    def again(error, status):
+        return self.signup_page(req, values, next, error, status)
+
     if ip and not (rl := hit(self.host_db, f'signup:ip:{ip}', self.signup_rate)).allowed:
         return again(f"Too many sign-ups from your network. Try again in {rl.retry_after} seconds.", 429)
     try:
         details = self.signup_extra(req, values, bool(invited))
-        uid, tid = sign_up(self.host_db, email, password, name or None, None if invited else company, self.hasher,
-                           self.roles, details)
-    except EmailTaken: return self.signup_taken(req, email, company, invited)
-    except AccountError as e: return again(str(e), 400)
-    except NoServerAvailable: return again("We cannot create new workspaces right now. Please try again later.", 503)
+        uid, tid = sign_up(
+            self.host_db, email, password, name or None, None if invited else company, self.hasher, self.roles, details
+        )
+    except EmailTaken:
+        return self.signup_taken(req, email, company, invited)
+    except AccountError as e:
+        return again(str(e), 400)
+    except NoServerAvailable:
+        return again("We cannot create new workspaces right now. Please try again later.", 503)
     self.on_signup(req, uid, tid, details)
-    if not self.invited_here(invited, email):   # accepting that invitation confirms the address: no second mail
-        try: send_email_verification(self.host_db, uid, self.saas.mailer, self.verify_link, templates=self.saas.mail)
-        except OSError as e: _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
+    if not self.invited_here(invited, email):  # accepting that invitation confirms the address: no second mail
+        try:
+            send_email_verification(self.host_db, uid, self.saas.mailer, self.verify_link, templates=self.saas.mail)
+        except OSError as e:
+            _log.warning("sign-up of user %s: the verification email was not sent: %s", uid, e)
     cookie = self.sessions.create(uid, None, *self.client(req))
     return self.signed_in(req, cookie, invited or f'/tenants/{tid}/status')
 
@@ -248,179 +343,299 @@ def _would_be_tenant(host_db: HostDatabase, company: str) -> str:
         taken = set(conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(candidates))).scalars())
     return next((t for t in candidates if t not in taken), candidates[-1])
 
+
 @patch
 def signup_taken(self: AuthPages, req, email: str, company: str, invited: str):
     "The answer to a sign-up with a taken email: what a new sign-up gets, minus the session; the owner is mailed."
     address = normalize_email(email)
     if hit(self.host_db, f'signup_taken:{hash_token(address)[:40]}', self.taken_rate).allowed:
         mail = self.saas.mail.signup_taken(self.saas.url('/login'), self.saas.url('/password-reset'))
-        try: send_mail(self.saas.mailer, address, mail)
-        except OSError as e: _log.warning("a sign-up with a taken address: the notice was not sent: %s", e)
+        try:
+            send_mail(self.saas.mailer, address, mail)
+        except OSError as e:
+            _log.warning("a sign-up with a taken address: the notice was not sent: %s", e)
     return RedirectResponse(invited or f'/tenants/{_would_be_tenant(self.host_db, company)}/status', 303)
 
 # %% ../nbs/55_pages_auth.ipynb #22b31156
 LOGIN_NOTICES = dict(account_deleted="Your account has been deleted, and we have sent a notice to its address.")
 
+
 @patch
 def login_form(self: AuthPages, req, email: str = '', next: str = ''):
     "The login card."
-    return self.card(self.form('/login', self.field('Email', 'email', 'email', value=email, required=True,
-                                                    autocomplete='username'),
-                               self.field('Password', 'password', 'password', required=True,
-                                          autocomplete='current-password'),
-                               Hidden(name='next', value=next), Button('Log in')))
+    return self.card(
+        self.form(
+            '/login',
+            self.field('Email', 'email', 'email', value=email, required=True, autocomplete='username'),
+            self.field('Password', 'password', 'password', required=True, autocomplete='current-password'),
+            Hidden(name='next', value=next),
+            Button('Log in'),
+        )
+    )
+
 
 @patch
 def login_page(self: AuthPages, req, email='', next='', error=None, status=200, notice=None, headers=None):
     "The login page, with `notice` or `error` above the form."
-    return self.show(req, 'Log in', self.notice(notice, 'ok'), self.notice(error, 'bad'), self.login_form(req, email,
-                                                                                                          next),
-                     P(A('Forgot your password?', href='/password-reset'), ' · ', A('Create an account',
-                                                                                    href='/signup')),
-                     status=status, narrow=True, headers=headers)
+    return self.show(
+        req,
+        'Log in',
+        self.notice(notice, 'ok'),
+        self.notice(error, 'bad'),
+        self.login_form(req, email, next),
+        P(A('Forgot your password?', href='/password-reset'), ' · ', A('Create an account', href='/signup')),
+        status=status,
+        narrow=True,
+        headers=headers,
+    )
+
 
 @patch
 @route('/login')
 def login_get(self: AuthPages, req, next: str = '', done: str = ''):
     return self.login_page(req, next=local_path(next, ''), notice=LOGIN_NOTICES.get(done))
 
+
 @patch
 @route('/login', 'post')
 def do_login(self: AuthPages, req, email: str = '', password: str = '', next: str = ''):
-    if cross_site(req): return self.forged(req)
-    try: user, cookie = login(self.sessions, email, password, *self.client(req), self.throttle, self.hasher)
-    except TwoFactorRequired as e: return self.second_step_started(req, e.token, local_path(next, ''))
+    if cross_site(req):
+        return self.forged(req)
+    try:
+        user, cookie = login(self.sessions, email, password, *self.client(req), self.throttle, self.hasher)
+    except TwoFactorRequired as e:
+        return self.second_step_started(req, e.token, local_path(next, ''))
     except LoginThrottled as e:
-        return self.login_page(req, email, local_path(next, ''),
-                               f"Too many failed attempts. Try again in {e.retry_after} seconds.",
-                               429, headers={'Retry-After': str(e.retry_after)})
-    except LoginFailed: return self.login_page(req, email, local_path(next, ''), "Wrong email or password.", 401)
+        return self.login_page(
+            req,
+            email,
+            local_path(next, ''),
+            f"Too many failed attempts. Try again in {e.retry_after} seconds.",
+            429,
+            headers={'Retry-After': str(e.retry_after)},
+        )
+    except LoginFailed:
+        return self.login_page(req, email, local_path(next, ''), "Wrong email or password.", 401)
     return self.signed_in(req, cookie, local_path(next, self.saas.home))
+
 
 @patch
 @route('/logout', 'post')
 @guarded(csrf=True)
 def do_logout(self: AuthPages, auth):
-    if auth.session is not None: logout(self.sessions, auth.session)
+    if auth.session is not None:
+        logout(self.sessions, auth.session)
     return self.sessions.clear_cookie(RedirectResponse('/login', 303))
 
 # %% ../nbs/55_pages_auth.ipynb #4420062c
-SECOND_STEP_NOTICES = dict(   # code: what the second-step page says after the redirect
+SECOND_STEP_NOTICES = dict(  # code: what the second-step page says after the redirect
     wrong="That code is wrong or was used already. Enter the current code from your app, or a recovery code.",
-    throttled="Too many wrong codes. Wait a few minutes, then try again.")
+    throttled="Too many wrong codes. Wait a few minutes, then try again.",
+)
+
 
 def _second_step_to(next: str, done: str = '') -> str:
     query = '&'.join(([f"done={done}"] if done else []) + ([f"next={quote(next)}"] if next else []))
     return f"{SECOND_STEP_PATH}?{query}" if query else SECOND_STEP_PATH
 
+
 @patch
 def second_step_started(self: AuthPages, req, token: str, next: str):
     "The redirect to the second step, carrying the pending login `token` in its cookie."
-    return set_pending_cookie(RedirectResponse(_second_step_to(next), 303), token,
-                              self.saas.secure or req.url.scheme == 'https')
+    return set_pending_cookie(
+        RedirectResponse(_second_step_to(next), 303), token, self.saas.secure or req.url.scheme == 'https'
+    )
+
 
 @patch
 def second_step_page(self: AuthPages, req, next: str, error: str | None = None):
     "The code form, or (the pending login gone) the message to log in again."
     if read_pending_login(self.host_db, req.cookies.get(PENDING_COOKIE), self.sessions.clock()) is None:
         again = f"/login?next={quote(next)}" if next else '/login'
-        return self.show(req, 'Log in again', self.alert("Your sign-in has expired. Log in again.", 'bad'),
-                         P(A('Log in', href=again)), narrow=True, headers=NO_STORE)
-    return self.show(req, 'Two-factor sign-in', self.notice(error, 'bad'),
-                     self.card(self.form(SECOND_STEP_PATH,
-                                         P("Enter the 6-digit code from your authenticator app, or one of your "
-                                           "recovery codes."),
-                                         self.field('Code', 'code', required=True, maxlength=32,
-                                                    autocomplete='one-time-code', autofocus=True),
-                                         Hidden(name='next', value=next), Button('Verify'))),
-                     P(A('Cancel', href='/login')), narrow=True, headers=NO_STORE)
+        return self.show(
+            req,
+            'Log in again',
+            self.alert("Your sign-in has expired. Log in again.", 'bad'),
+            P(A('Log in', href=again)),
+            narrow=True,
+            headers=NO_STORE,
+        )
+    return self.show(
+        req,
+        'Two-factor sign-in',
+        self.notice(error, 'bad'),
+        self.card(
+            self.form(
+                SECOND_STEP_PATH,
+                P("Enter the 6-digit code from your authenticator app, or one of your recovery codes."),
+                self.field('Code', 'code', required=True, maxlength=32, autocomplete='one-time-code', autofocus=True),
+                Hidden(name='next', value=next),
+                Button('Verify'),
+            )
+        ),
+        P(A('Cancel', href='/login')),
+        narrow=True,
+        headers=NO_STORE,
+    )
+
 
 @patch
 @route(SECOND_STEP_PATH)
 def second_step_get(self: AuthPages, req, next: str = '', done: str = ''):
     return self.second_step_page(req, local_path(next, ''), SECOND_STEP_NOTICES.get(done))
 
+
 @patch
 @route(SECOND_STEP_PATH, 'post')
 def do_second_step(self: AuthPages, req, code: str = '', next: str = ''):
-    if cross_site(req): return self.forged(req)
+    if cross_site(req):
+        return self.forged(req)
     next = local_path(next, '')
-    try: _, cookie = second_step(self.sessions, req.cookies.get(PENDING_COOKIE), code, *self.client(req),
-                                 self.two_factor_limit)
-    except PendingLoginExpired: return clear_pending_cookie(RedirectResponse(_second_step_to(next), 303))
-    except LoginThrottled: return RedirectResponse(_second_step_to(next, 'throttled'), 303)
-    except LoginFailed: return RedirectResponse(_second_step_to(next, 'wrong'), 303)
+    try:
+        _, cookie = second_step(
+            self.sessions, req.cookies.get(PENDING_COOKIE), code, *self.client(req), self.two_factor_limit
+        )
+    except PendingLoginExpired:
+        return clear_pending_cookie(RedirectResponse(_second_step_to(next), 303))
+    except LoginThrottled:
+        return RedirectResponse(_second_step_to(next, 'throttled'), 303)
+    except LoginFailed:
+        return RedirectResponse(_second_step_to(next, 'wrong'), 303)
     return clear_pending_cookie(self.signed_in(req, cookie, next or self.saas.home))
 
 # %% ../nbs/55_pages_auth.ipynb #2f680b16
 @patch
 @route('/password-reset')
 def reset_request_page(self: AuthPages, req):
-    return self.show(req, 'Reset your password',
-                     P("Enter your account's email address and we will send you a link to choose a new password."),
-                     self.card(self.form('/password-reset', self.field('Email', 'email', 'email', required=True),
-                                         Button('Send reset link'))), narrow=True)
+    return self.show(
+        req,
+        'Reset your password',
+        P("Enter your account's email address and we will send you a link to choose a new password."),
+        self.card(
+            self.form(
+                '/password-reset', self.field('Email', 'email', 'email', required=True), Button('Send reset link')
+            )
+        ),
+        narrow=True,
+    )
+
 
 @patch
 @route('/password-reset', 'post')
 def reset_request(self: AuthPages, req, email: str = ''):
-    if cross_site(req): return self.forged(req)
+    if cross_site(req):
+        return self.forged(req)
     address = normalize_email(email)
     if address and hit(self.host_db, f'password_reset:{hash_token(address)[:40]}', self.reset_rate).allowed:
-        request_password_reset(self.host_db, address, self.saas.mailer,
-                               lambda tok: self.saas.url(f'/password-reset/{tok}'), templates=self.saas.mail)
-    return self.show(req, 'Check your email',
-                     self.alert("If an account exists for that address, we have sent it a link to reset "
-                                                         "the password. The link works once, within an hour.", 'ok'),
-                     P(A('Back to log in', href='/login')), narrow=True)
+        request_password_reset(
+            self.host_db,
+            address,
+            self.saas.mailer,
+            lambda tok: self.saas.url(f'/password-reset/{tok}'),
+            templates=self.saas.mail,
+        )
+    return self.show(
+        req,
+        'Check your email',
+        self.alert(
+            "If an account exists for that address, we have sent it a link to reset "
+            "the password. The link works once, within an hour.",
+            'ok',
+        ),
+        P(A('Back to log in', href='/login')),
+        narrow=True,
+    )
+
 
 @patch
 def new_password_form(self: AuthPages, req, token: str, error=None, status: int = 200):
-    return self.show(req, 'Choose a new password', self.notice(error, 'bad'),
-                     self.card(self.form(f'/password-reset/{quote(token)}',
-                                         self.field('New password', 'password', 'password', required=True, minlength=8,
-                                                    autocomplete='new-password'),
-                                         self.field('Repeat the new password', 'confirm', 'password', required=True,
-                                                    autocomplete='new-password'),
-                                         Button('Set new password'))), status=status, narrow=True, headers=NO_STORE)
+    return self.show(
+        req,
+        'Choose a new password',
+        self.notice(error, 'bad'),
+        self.card(
+            self.form(
+                f'/password-reset/{quote(token)}',
+                self.field(
+                    'New password', 'password', 'password', required=True, minlength=8, autocomplete='new-password'
+                ),
+                self.field(
+                    'Repeat the new password', 'confirm', 'password', required=True, autocomplete='new-password'
+                ),
+                Button('Set new password'),
+            )
+        ),
+        status=status,
+        narrow=True,
+        headers=NO_STORE,
+    )
+
 
 @patch
 @route('/password-reset/{token}')
-def new_password_page(self: AuthPages, req, token: str): return self.new_password_form(req, token)
+def new_password_page(self: AuthPages, req, token: str):
+    return self.new_password_form(req, token)
+
 
 @patch
 @route('/password-reset/{token}', 'post')
 def new_password(self: AuthPages, req, token: str, password: str = '', confirm: str = ''):
-    if cross_site(req): return self.forged(req)
-    if password != confirm: return self.new_password_form(req, token, "The two passwords differ.", 400)
-    try: reset_password(self.sessions, token, password, self.hasher)
-    except WeakPassword as e: return self.new_password_form(req, token, f"Choose a longer password: {e}.", 400)
+    if cross_site(req):
+        return self.forged(req)
+    if password != confirm:
+        return self.new_password_form(req, token, "The two passwords differ.", 400)
+    try:
+        reset_password(self.sessions, token, password, self.hasher)
+    except WeakPassword as e:
+        return self.new_password_form(req, token, f"Choose a longer password: {e}.", 400)
     except InvalidToken:
-        return self.show(req, 'Link expired', self.alert("This reset link is invalid, expired or already used.", 'bad'),
-                         P(A('Request a new link', href='/password-reset')), status=400, narrow=True, headers=NO_STORE)
-    return self.login_page(req,
-                           notice="Your password has been changed and every session signed out. Log in with the new "
-                                  "password.",
-                           headers=NO_STORE)
+        return self.show(
+            req,
+            'Link expired',
+            self.alert("This reset link is invalid, expired or already used.", 'bad'),
+            P(A('Request a new link', href='/password-reset')),
+            status=400,
+            narrow=True,
+            headers=NO_STORE,
+        )
+    return self.login_page(
+        req,
+        notice="Your password has been changed and every session signed out. Log in with the new password.",
+        headers=NO_STORE,
+    )
+
 
 @patch
 @route('/verify-email/{token}')
 def verify(self: AuthPages, req, token: str):
-    try: verify_email(self.host_db, token, mailer=self.saas.mailer, home=self.saas.url(self.saas.home),
-                      templates=self.saas.mail)
+    try:
+        verify_email(
+            self.host_db, token, mailer=self.saas.mailer, home=self.saas.url(self.saas.home), templates=self.saas.mail
+        )
     except InvalidToken:
-        return self.show(req, 'Link expired', self.alert("This confirmation link is invalid, expired or already used.",
-                                                         'bad'),
-                         status=400, narrow=True, headers=NO_STORE)
-    return self.show(req, 'Email confirmed', self.alert("Thank you: your email address is confirmed.", 'ok'),
-                     P(A('Continue', href=self.saas.home)), narrow=True, headers=NO_STORE)
+        return self.show(
+            req,
+            'Link expired',
+            self.alert("This confirmation link is invalid, expired or already used.", 'bad'),
+            status=400,
+            narrow=True,
+            headers=NO_STORE,
+        )
+    return self.show(
+        req,
+        'Email confirmed',
+        self.alert("Thank you: your email address is confirmed.", 'ok'),
+        P(A('Continue', href=self.saas.home)),
+        narrow=True,
+        headers=NO_STORE,
+    )
 
 # %% ../nbs/55_pages_auth.ipynb #1e0d4fd4
 ACCOUNT_NAME_MAX = 200
 AUDIT_NAME_CHANGED, AUDIT_SESSION_ENDED = 'account.name_changed', 'account.session_ended'
 AUDIT_OTHER_SESSIONS_ENDED = 'account.other_sessions_ended'
 
-ACCOUNT_NOTICES = dict(   # code: (what the account page says after the redirect, its kind)
+ACCOUNT_NOTICES = dict(  # code: (what the account page says after the redirect, its kind)
     name_changed=("Your name has been saved.", 'ok'),
     name_empty=("Enter your name.", 'bad'),
     name_long=(f"Your name can be at most {ACCOUNT_NAME_MAX} characters long.", 'bad'),
@@ -431,29 +646,43 @@ ACCOUNT_NOTICES = dict(   # code: (what the account page says after the redirect
     password_differs=("The two new passwords differ. Your password has not been changed.", 'bad'),
     password_throttled=("Too many wrong passwords. Try again later, or sign out and reset your password.", 'bad'),
     session_ended=("That device has been signed out.", 'ok'),
-    others_ended=("Every other device has been signed out.", 'ok'))
+    others_ended=("Every other device has been signed out.", 'ok'),
+)
+
 
 class AccountRefused(AccountError):
     "An account change the rules refuse; `code` names its message in `ACCOUNT_NOTICES`."
+
     def __init__(self, code: str):
         super().__init__(ACCOUNT_NOTICES[code][0])
         self.code = code
 
+
 def clean_user_name(name: str | None) -> str:
     "`name` trimmed; `AccountRefused` when it is empty, over `ACCOUNT_NAME_MAX` characters or has control characters."
     name = (name or '').strip()
-    if not name: raise AccountRefused('name_empty')
-    if len(name) > ACCOUNT_NAME_MAX: raise AccountRefused('name_long')
-    if any(unicodedata.category(ch) in ('Cc', 'Cs') for ch in name): raise AccountRefused('name_control')
+    if not name:
+        raise AccountRefused('name_empty')
+    if len(name) > ACCOUNT_NAME_MAX:
+        raise AccountRefused('name_long')
+    if any(unicodedata.category(ch) in ('Cc', 'Cs') for ch in name):
+        raise AccountRefused('name_control')
     return name
+
 
 def change_name(host_db: HostDatabase, record: SessionRecord, name: str | None) -> str:
     "Give `record`'s user the name `clean_user_name(name)`, audited, in one transaction; the name stored."
     name = clean_user_name(name)
     with host_db.transaction() as conn:
         conn.execute(users_t.update().where(users_t.c.id == record.user_id).values(name=name))
-        audit(host_db, AUDIT_NAME_CHANGED, target_id=record.user_id, actor_user_id=record.user_id,
-              impersonator_user_id=record.impersonator_user_id, details=dict(name=name))
+        audit(
+            host_db,
+            AUDIT_NAME_CHANGED,
+            target_id=record.user_id,
+            actor_user_id=record.user_id,
+            impersonator_user_id=record.impersonator_user_id,
+            details=dict(name=name),
+        )
     return name
 
 # %% ../nbs/55_pages_auth.ipynb #a31595f2
@@ -461,109 +690,197 @@ def session_handle(id_hash: str) -> str:
     "The name a page gives a session: derived from its stored key, which it must not show (it yields the form token)."
     return hashlib.sha256(b'fh_saas.session-handle:' + id_hash.encode()).hexdigest()[:32]
 
+
 def live_sessions(sessions: SessionManager, user_id: str) -> list[SessionRecord]:
     "`user_id`'s own live sessions (not those of an admin impersonating them), the most recently used first."
     c, now = sessions_t.c, sessions.clock()
-    q = (sa.select(sessions_t)
-         .where(c.user_id == user_id, c.impersonator_user_id.is_(None), c.revoked_at.is_(None),
-                c.expires_at > timestamp(now), c.last_seen_at > timestamp(now - sessions.idle))
-         .order_by(c.last_seen_at.desc(), c.created_at.desc()))
-    with sessions.host_db.transaction() as conn: return [SessionRecord(**r) for r in conn.execute(q).mappings()]
+    q = (
+        sa.select(sessions_t)
+        .where(
+            c.user_id == user_id,
+            c.impersonator_user_id.is_(None),
+            c.revoked_at.is_(None),
+            c.expires_at > timestamp(now),
+            c.last_seen_at > timestamp(now - sessions.idle),
+        )
+        .order_by(c.last_seen_at.desc(), c.created_at.desc())
+    )
+    with sessions.host_db.transaction() as conn:
+        return [SessionRecord(**r) for r in conn.execute(q).mappings()]
+
 
 def end_session(sessions: SessionManager, record: SessionRecord, handle: str) -> bool:
     "End the live session named `handle` of `record`'s user, other than `record`'s own, audited; False when none is."
     with sessions.host_db.transaction():
-        found = next((s for s in live_sessions(sessions, record.user_id)
-                      if s.id_hash != record.id_hash and session_handle(s.id_hash) == handle), None)
-        if found is None or not sessions.revoke(found.id_hash): return False
-        audit(sessions.host_db, AUDIT_SESSION_ENDED, target_id=record.user_id, actor_user_id=record.user_id,
-              impersonator_user_id=record.impersonator_user_id, details=dict(ip=found.ip_address))
+        found = next(
+            (
+                s
+                for s in live_sessions(sessions, record.user_id)
+                if s.id_hash != record.id_hash and session_handle(s.id_hash) == handle
+            ),
+            None,
+        )
+        if found is None or not sessions.revoke(found.id_hash):
+            return False
+        audit(
+            sessions.host_db,
+            AUDIT_SESSION_ENDED,
+            target_id=record.user_id,
+            actor_user_id=record.user_id,
+            impersonator_user_id=record.impersonator_user_id,
+            details=dict(ip=found.ip_address),
+        )
     return True
+
 
 def end_other_sessions(sessions: SessionManager, record: SessionRecord) -> int:
     "End every session of `record`'s user but `record`'s own, audited, in one transaction; how many ended."
     with sessions.host_db.transaction():
         n = sessions.revoke_user(record.user_id, keep=record.id_hash)
-        audit(sessions.host_db, AUDIT_OTHER_SESSIONS_ENDED, target_id=record.user_id, actor_user_id=record.user_id,
-              impersonator_user_id=record.impersonator_user_id, details=dict(ended=n))
+        audit(
+            sessions.host_db,
+            AUDIT_OTHER_SESSIONS_ENDED,
+            target_id=record.user_id,
+            actor_user_id=record.user_id,
+            impersonator_user_id=record.impersonator_user_id,
+            details=dict(ended=n),
+        )
     return n
 
+
 _BROWSERS = (('Edg/', 'Edge'), ('OPR/', 'Opera'), ('Firefox/', 'Firefox'), ('Chrome/', 'Chrome'), ('Safari/', 'Safari'))
-_SYSTEMS = (('iPhone', 'iPhone'), ('iPad', 'iPad'), ('Android', 'Android'), ('Windows', 'Windows'),
-            ('Mac OS X', 'macOS'), ('CrOS', 'ChromeOS'), ('Linux', 'Linux'))
+_SYSTEMS = (
+    ('iPhone', 'iPhone'),
+    ('iPad', 'iPad'),
+    ('Android', 'Android'),
+    ('Windows', 'Windows'),
+    ('Mac OS X', 'macOS'),
+    ('CrOS', 'ChromeOS'),
+    ('Linux', 'Linux'),
+)
+
 
 def short_agent(user_agent: str | None, width: int = 60) -> str:
     "A `User-Agent` as people read it ('Firefox on Linux'), else its start cut to `width`; '—' when there is none."
     ua = ' '.join((user_agent or '').split())
-    if not ua: return '—'
+    if not ua:
+        return '—'
     browser = next((name for key, name in _BROWSERS if key in ua), None)
     system = next((name for key, name in _SYSTEMS if key in ua), None)
-    if browser and system: return f"{browser} on {system}"
-    return ua if len(ua) <= width else ua[:width - 1] + '…'
+    if browser and system:
+        return f"{browser} on {system}"
+    return ua if len(ua) <= width else ua[: width - 1] + '…'
 
 # %% ../nbs/55_pages_auth.ipynb #fbad8374
 class AccountPages(Pages):
     "The signed-in user's account: their name, password, two-factor sign-in, and the devices signed in."
-    verify_rate: RateLimit = RateLimit(3, 3600)   # new confirmation links per user per hour
+
+    verify_rate: RateLimit = RateLimit(3, 3600)  # new confirmation links per user per hour
     two_factor_limit: RateLimit = TWO_FACTOR_LIMIT  # wrong codes per user (shared with the login's second step)
     hasher: PasswordHasher = default_hasher
 
-    def verify_link(self, token: str) -> str: return self.saas.url(f'/verify-email/{token}')
+    def verify_link(self, token: str) -> str:
+        return self.saas.url(f'/verify-email/{token}')
 
     def account_body(self, req, auth):
         "The card with the user's email, name and, until it is confirmed, the resend form."
         u = auth.user
-        confirm = None if u.email_verified_at else self.form(
-            '/account/verify-email',
-                                                             P("Your email address is not confirmed yet. Lost the "
-                                                               "link, or did it expire? We can send a new one."),
-            Button('Send a new confirmation link'), auth=auth)
+        confirm = (
+            None
+            if u.email_verified_at
+            else self.form(
+                '/account/verify-email',
+                P("Your email address is not confirmed yet. Lost the link, or did it expire? We can send a new one."),
+                Button('Send a new confirmation link'),
+                auth=auth,
+            )
+        )
         state = ui.badge('confirmed', 'ok') if u.email_verified_at else ui.badge('not confirmed', 'warn')
         return self.card(P(Strong('Email: '), u.email, ' ', state), P(Strong('Name: '), u.name or '—'), confirm)
 
     def name_card(self, req, auth):
         "The form changing the user's name."
-        return self.card(H2('Your name'),
-                         self.form('/account/name', self.field('Name', 'name', value=auth.user.name or '',
-                                                               required=True, maxlength=ACCOUNT_NAME_MAX,
-                                                               autocomplete='name'),
-                                   Button('Save name'), auth=auth))
+        return self.card(
+            H2('Your name'),
+            self.form(
+                '/account/name',
+                self.field(
+                    'Name',
+                    'name',
+                    value=auth.user.name or '',
+                    required=True,
+                    maxlength=ACCOUNT_NAME_MAX,
+                    autocomplete='name',
+                ),
+                Button('Save name'),
+                auth=auth,
+            ),
+        )
 
     def password_card(self, req, auth):
         "The form changing the user's password (which signs out every other device)."
         new = dict(required=True, minlength=MIN_PASSWORD, maxlength=MAX_PASSWORD, autocomplete='new-password')
-        return self.card(H2('Change your password'),
-                         self.form('/account/password',
-                                   self.field('Current password', 'current', 'password', required=True,
-                                              autocomplete='current-password'),
-                                   self.field('New password', 'password', 'password', **new),
-                                   self.field('Repeat the new password', 'confirm', 'password', **new),
-                                   Button('Change password'), auth=auth),
-                         P("Changing it signs out every other device.", cls='muted'))
+        return self.card(
+            H2('Change your password'),
+            self.form(
+                '/account/password',
+                self.field('Current password', 'current', 'password', required=True, autocomplete='current-password'),
+                self.field('New password', 'password', 'password', **new),
+                self.field('Repeat the new password', 'confirm', 'password', **new),
+                Button('Change password'),
+                auth=auth,
+            ),
+            P("Changing it signs out every other device.", cls='muted'),
+        )
 
     def session_row(self, auth, s: SessionRecord) -> tuple:
         here = auth.session is not None and s.id_hash == auth.session.id_hash
-        end = self.form('/account/sessions/end', Hidden(name='handle', value=session_handle(s.id_hash)),
-                        Button('Sign out', cls='danger'), auth=auth, cls='inline')
-        return (short_agent(s.user_agent), s.ip_address or '—', ui.when(s.created_at), ui.when(s.last_seen_at),
-                ui.badge('this device', 'ok') if here else end)
+        end = self.form(
+            '/account/sessions/end',
+            Hidden(name='handle', value=session_handle(s.id_hash)),
+            Button('Sign out', cls='danger'),
+            auth=auth,
+            cls='inline',
+        )
+        return (
+            short_agent(s.user_agent),
+            s.ip_address or '—',
+            ui.when(s.created_at),
+            ui.when(s.last_seen_at),
+            ui.badge('this device', 'ok') if here else end,
+        )
 
     def sessions_card(self, req, auth):
         "The user's live sessions, each but this one with a sign-out button, and one signing out all the others."
         live = live_sessions(self.sessions, auth.user.id)
         others = [s for s in live if auth.session is None or s.id_hash != auth.session.id_hash]
-        return self.card(H2('Where you are signed in'),
-                         self.table(('Device', 'IP address', 'Signed in', 'Last seen', ''),
-                                    [self.session_row(auth, s) for s in live], "No browser is signed in."),
-                         self.form('/account/sessions/end-others', Button('Sign out every other device',
-                                                                          cls='danger'), auth=auth) if others else None)
+        return self.card(
+            H2('Where you are signed in'),
+            self.table(
+                ('Device', 'IP address', 'Signed in', 'Last seen', ''),
+                [self.session_row(auth, s) for s in live],
+                "No browser is signed in.",
+            ),
+            self.form('/account/sessions/end-others', Button('Sign out every other device', cls='danger'), auth=auth)
+            if others
+            else None,
+        )
 
     def account_page(self, req, auth, notice=None, kind='ok', status=200, headers=None):
-        return self.show(req, 'Your account', self.notice(notice, kind), self.account_body(req, auth),
-                         self.name_card(req, auth), self.email_card(req, auth), self.password_card(req, auth),
-                         self.two_factor_card(req, auth),
-                         self.sessions_card(req, auth), self.delete_card(req, auth),
-                         status=status, headers=headers)
+        return self.show(
+            req,
+            'Your account',
+            self.notice(notice, kind),
+            self.account_body(req, auth),
+            self.name_card(req, auth),
+            self.email_card(req, auth),
+            self.password_card(req, auth),
+            self.two_factor_card(req, auth),
+            self.sessions_card(req, auth),
+            self.delete_card(req, auth),
+            status=status,
+            headers=headers,
+        )
 
     def done(self, code: str):
         "The redirect back to the account page, which then says `ACCOUNT_NOTICES[code]`."
@@ -577,26 +894,37 @@ class AccountPages(Pages):
     @route('/account/name', 'post')
     @guarded(csrf=True)
     def set_name(self, req, auth, name: str = ''):
-        try: change_name(self.host_db, auth.session, name)
-        except AccountRefused as e: return self.done(e.code)
+        try:
+            change_name(self.host_db, auth.session, name)
+        except AccountRefused as e:
+            return self.done(e.code)
         return self.done('name_changed')
 
     @route('/account/password', 'post')
     @guarded(csrf=True)
     def set_password(self, req, auth, current: str = '', password: str = '', confirm: str = ''):
-        if password != confirm: return self.done('password_differs')
-        try: change_password(self.sessions, auth.session, current, password, self.hasher)
-        except WeakPassword: return self.done('password_weak')
-        except LoginThrottled: return self.done('password_throttled')
-        except LoginFailed: return self.done('password_wrong')
+        if password != confirm:
+            return self.done('password_differs')
+        try:
+            change_password(self.sessions, auth.session, current, password, self.hasher)
+        except WeakPassword:
+            return self.done('password_weak')
+        except LoginThrottled:
+            return self.done('password_throttled')
+        except LoginFailed:
+            return self.done('password_wrong')
         return self.done('password_changed')
 
     @route('/account/sessions/end', 'post')
     @guarded(csrf=True)
     def sign_out_session(self, req, auth, handle: str = ''):
         if not end_session(self.sessions, auth.session, handle):
-            return self.refuse(req, 404, "None of your other devices is signed in with that session. It may have "
-                                         "been signed out already.", '/account')
+            return self.refuse(
+                req,
+                404,
+                "None of your other devices is signed in with that session. It may have been signed out already.",
+                '/account',
+            )
         return self.done('session_ended')
 
     @route('/account/sessions/end-others', 'post')
@@ -608,21 +936,29 @@ class AccountPages(Pages):
     @route('/account/verify-email', 'post')
     @guarded(csrf=True)
     def resend_verification(self, req, auth):
-        if auth.user.email_verified_at: return self.account_page(req, auth, "Your email address is already confirmed.")
+        if auth.user.email_verified_at:
+            return self.account_page(req, auth, "Your email address is already confirmed.")
         if not (rl := hit(self.host_db, f'email_verify:{auth.user.id}', self.verify_rate)).allowed:
-            return self.account_page(req, auth,
-                                     f"We have sent you several links already. Try again in {rl.retry_after} seconds.",
-                                     'bad', 429, headers={'Retry-After': str(rl.retry_after)})
-        try: send_email_verification(self.host_db, auth.user.id, self.saas.mailer, self.verify_link,
-                                     templates=self.saas.mail)
+            return self.account_page(
+                req,
+                auth,
+                f"We have sent you several links already. Try again in {rl.retry_after} seconds.",
+                'bad',
+                429,
+                headers={'Retry-After': str(rl.retry_after)},
+            )
+        try:
+            send_email_verification(
+                self.host_db, auth.user.id, self.saas.mailer, self.verify_link, templates=self.saas.mail
+            )
         except OSError as e:
             _log.warning("user %s: the verification email was not sent: %s", auth.user.id, e)
-            return self.account_page(req, auth,
-                                     "We could not send the email just now. Please try again in a few minutes.", 'bad',
-                                     503)
-        return self.account_page(req, auth,
-                                 f"We sent a new confirmation link to {auth.user.email}. It works once, within two "
-                                 "days.")
+            return self.account_page(
+                req, auth, "We could not send the email just now. Please try again in a few minutes.", 'bad', 503
+            )
+        return self.account_page(
+            req, auth, f"We sent a new confirmation link to {auth.user.email}. It works once, within two days."
+        )
 
 # %% ../nbs/55_pages_auth.ipynb #212f5a79
 ACCOUNT_NOTICES |= dict(
@@ -634,19 +970,26 @@ ACCOUNT_NOTICES |= dict(
     two_factor_throttled=("Too many wrong codes. Wait a few minutes, then try again.", 'bad'),
     two_factor_state=("Two-factor sign-in has changed meanwhile. Here is how it stands now.", 'bad'),
     two_factor_impersonating=("Two-factor sign-in cannot be changed while impersonating a user.", 'bad'),
-    two_factor_required=("A workspace you belong to requires two-factor sign-in. Set it up below to continue.", 'bad'))
+    two_factor_required=("A workspace you belong to requires two-factor sign-in. Set it up below to continue.", 'bad'),
+)
+
 
 def _code_field(label: str = 'Code from your app'):
     return ui.field(label, 'code', required=True, maxlength=32, autocomplete='one-time-code')
+
 
 @patch
 def two_factor_setup_part(self: AccountPages, req, auth, secret: str):
     "The QR code, the key in text, and the form confirming the first code."
     uri = setup_uri(secret, auth.user.email, self.saas.brand)
-    key = ' '.join(secret[i:i + 4] for i in range(0, len(secret), 4))
-    return (P("Scan this QR code with an authenticator app, or type in the key below."),
-            NotStr(qr_svg(uri)), P('Key: ', Code(key, id='two-factor-secret')),
-            self.form('/account/two-factor/confirm', _code_field(), Button('Turn on'), auth=auth))
+    key = ' '.join(secret[i : i + 4] for i in range(0, len(secret), 4))
+    return (
+        P("Scan this QR code with an authenticator app, or type in the key below."),
+        NotStr(qr_svg(uri)),
+        P('Key: ', Code(key, id='two-factor-secret')),
+        self.form('/account/two-factor/confirm', _code_field(), Button('Turn on'), auth=auth),
+    )
+
 
 @patch
 def two_factor_card(self: AccountPages, req, auth):
@@ -654,117 +997,176 @@ def two_factor_card(self: AccountPages, req, auth):
     uid = auth.user.id
     if two_factor_enabled(self.host_db, uid):
         codes = take_codes_to_show(self.host_db, uid)
-        shown = (P(Strong("Your recovery codes. "), "Each works once, in place of a code from your app. Keep them "
-                   "somewhere safe: they are not shown again."), Ul(*[Li(Code(c)) for c in codes], id='recovery-codes'))
-        return self.card(H2('Two-factor sign-in'), P(ui.badge('on', 'ok'), f" {recovery_codes_left(self.host_db, uid)}"
-                                                     " recovery codes left."), *(shown if codes else ()),
-                         self.form('/account/two-factor/recovery-codes', _code_field(), Button('New recovery codes'),
-                                   auth=auth),
-                         self.form('/account/two-factor/disable', _code_field('Code from your app, or a recovery code'),
-                                   Button('Turn off two-factor sign-in', cls='danger'), auth=auth))
+        shown = (
+            P(
+                Strong("Your recovery codes. "),
+                "Each works once, in place of a code from your app. Keep them "
+                "somewhere safe: they are not shown again.",
+            ),
+            Ul(*[Li(Code(c)) for c in codes], id='recovery-codes'),
+        )
+        return self.card(
+            H2('Two-factor sign-in'),
+            P(ui.badge('on', 'ok'), f" {recovery_codes_left(self.host_db, uid)} recovery codes left."),
+            *(shown if codes else ()),
+            self.form('/account/two-factor/recovery-codes', _code_field(), Button('New recovery codes'), auth=auth),
+            self.form(
+                '/account/two-factor/disable',
+                _code_field('Code from your app, or a recovery code'),
+                Button('Turn off two-factor sign-in', cls='danger'),
+                auth=auth,
+            ),
+        )
     secret = pending_secret(self.host_db, uid)
-    return self.card(H2('Two-factor sign-in'),
-                     *(self.two_factor_setup_part(req, auth, secret) if secret else
-                       (P("Ask for a code from an authenticator app on your phone at each login, as well as your "
-                          "password."),
-                        self.form('/account/two-factor/setup', Button('Set up two-factor sign-in'), auth=auth))))
+    return self.card(
+        H2('Two-factor sign-in'),
+        *(
+            self.two_factor_setup_part(req, auth, secret)
+            if secret
+            else (
+                P("Ask for a code from an authenticator app on your phone at each login, as well as your password."),
+                self.form('/account/two-factor/setup', Button('Set up two-factor sign-in'), auth=auth),
+            )
+        ),
+    )
 
 # %% ../nbs/55_pages_auth.ipynb #3d2024df
 @patch
 def two_factor_change(self: AccountPages, auth, change, done: str):
     "Run `change()` (which may raise `TwoFactorError`) under the code limit; the redirect saying how it went."
-    if auth.session.impersonator_user_id: return self.done('two_factor_impersonating')
+    if auth.session.impersonator_user_id:
+        return self.done('two_factor_impersonating')
     bucket = f'two_factor:{auth.user.id}'
     if not hit(self.host_db, bucket, self.two_factor_limit, self.sessions.clock()).allowed:
         return self.done('two_factor_throttled')
-    try: change()
-    except TwoFactorError: return self.done('two_factor_wrong')
+    try:
+        change()
+    except TwoFactorError:
+        return self.done('two_factor_wrong')
     reset_bucket(self.host_db, bucket)
     return self.done(done)
+
 
 @patch
 @route('/account/two-factor/setup', 'post')
 @guarded(csrf=True)
 def two_factor_setup(self: AccountPages, req, auth):
-    if auth.session.impersonator_user_id: return self.done('two_factor_impersonating')
-    try: begin_setup(self.host_db, auth.user.id)
-    except TwoFactorError: return self.done('two_factor_state')
+    if auth.session.impersonator_user_id:
+        return self.done('two_factor_impersonating')
+    try:
+        begin_setup(self.host_db, auth.user.id)
+    except TwoFactorError:
+        return self.done('two_factor_state')
     return self.done('two_factor_setup')
+
 
 @patch
 @route('/account/two-factor/confirm', 'post')
 @guarded(csrf=True)
 def two_factor_confirm(self: AccountPages, req, auth, code: str = ''):
-    return self.two_factor_change(auth, lambda: confirm_setup(self.host_db, auth.user.id, code, self.sessions.clock()),
-                                  'two_factor_enabled')
+    return self.two_factor_change(
+        auth, lambda: confirm_setup(self.host_db, auth.user.id, code, self.sessions.clock()), 'two_factor_enabled'
+    )
+
 
 @patch
 @route('/account/two-factor/recovery-codes', 'post')
 @guarded(csrf=True)
 def two_factor_new_codes(self: AccountPages, req, auth, code: str = ''):
-    return self.two_factor_change(auth, lambda: regenerate_recovery_codes(self.host_db, auth.user.id, code,
-                                                                          self.sessions.clock()),
-                                  'two_factor_codes')
+    return self.two_factor_change(
+        auth,
+        lambda: regenerate_recovery_codes(self.host_db, auth.user.id, code, self.sessions.clock()),
+        'two_factor_codes',
+    )
+
 
 @patch
 @route('/account/two-factor/disable', 'post')
 @guarded(csrf=True)
 def two_factor_disable(self: AccountPages, req, auth, code: str = ''):
-    return self.two_factor_change(auth, lambda: disable_two_factor(self.host_db, auth.user.id, code,
-                                                                   self.sessions.clock()),
-                                  'two_factor_disabled')
+    return self.two_factor_change(
+        auth, lambda: disable_two_factor(self.host_db, auth.user.id, code, self.sessions.clock()), 'two_factor_disabled'
+    )
 
 # %% ../nbs/55_pages_auth.ipynb #398b30d9
 ACCOUNT_NOTICES |= dict(
-    email_change_sent=("We sent a link to the new address. Your address changes when you open it; until then it "
-                       "stays as it is.", 'ok'),
+    email_change_sent=(
+        "We sent a link to the new address. Your address changes when you open it; until then it stays as it is.",
+        'ok',
+    ),
     email_invalid=("Enter a valid email address.", 'bad'),
     email_same=("That is already your address.", 'bad'),
     email_taken=("Another account uses that address.", 'bad'),
     email_password_wrong=("The password is wrong. Your address has not been changed.", 'bad'),
     email_impersonating=("The address cannot be changed while impersonating a user.", 'bad'),
-    email_unsent=("The email could not be sent, so nothing has been changed. Please try again later.", 'bad'))
-NEW_ADDRESS_PATH = '/verify-email/new-address'   # under /verify-email: opened from the mail, signed in or not
+    email_unsent=("The email could not be sent, so nothing has been changed. Please try again later.", 'bad'),
+)
+NEW_ADDRESS_PATH = '/verify-email/new-address'  # under /verify-email: opened from the mail, signed in or not
+
 
 @patch
 def email_card(self: AccountPages, req, auth):
     "The form changing the user's email address: confirmed by a link to the new one, the old one told."
-    return self.card(H2('Your email address'),
-                     self.form('/account/email', self.field('New email address', 'email', 'email', required=True,
-                                                            maxlength=320, autocomplete='email'),
-                               self.field('Your password', 'password', 'password', required=True,
-                                          autocomplete='current-password'),
-                               Button('Change email address'), auth=auth),
-                     P("The new address takes effect once you open the link we send to it; we tell the old one.",
-                       cls='muted'))
+    return self.card(
+        H2('Your email address'),
+        self.form(
+            '/account/email',
+            self.field('New email address', 'email', 'email', required=True, maxlength=320, autocomplete='email'),
+            self.field('Your password', 'password', 'password', required=True, autocomplete='current-password'),
+            Button('Change email address'),
+            auth=auth,
+        ),
+        P("The new address takes effect once you open the link we send to it; we tell the old one.", cls='muted'),
+    )
+
 
 @patch
 @route('/account/email', 'post')
 @guarded(csrf=True)
 def set_email(self: AccountPages, req, auth, email: str = '', password: str = ''):
-    if auth.impersonator is not None: return self.done('email_impersonating')
-    def link(token): return self.saas.url(f'{NEW_ADDRESS_PATH}/{token}')
-    try: request_email_change(self.sessions, auth.session, email, password, self.saas.mailer, link, self.hasher,
-                              templates=self.saas.mail)
-    except EmailChangeRefused as e: return self.done('email_' + e.code)
-    except LoginThrottled: return self.done('password_throttled')
-    except LoginFailed: return self.done('email_password_wrong')
+    if auth.impersonator is not None:
+        return self.done('email_impersonating')
+
+    def link(token):
+        return self.saas.url(f'{NEW_ADDRESS_PATH}/{token}')
+
+    try:
+        request_email_change(
+            self.sessions, auth.session, email, password, self.saas.mailer, link, self.hasher, templates=self.saas.mail
+        )
+    except EmailChangeRefused as e:
+        return self.done('email_' + e.code)
+    except LoginThrottled:
+        return self.done('password_throttled')
+    except LoginFailed:
+        return self.done('email_password_wrong')
     except OSError as e:
         _log.warning("email change of user %s: the mail was not sent: %s", auth.user.id, e)
         return self.done('email_unsent')
     return self.done('email_change_sent')
 
+
 @patch
 @route(NEW_ADDRESS_PATH + '/{token}')
 def confirm_new_address(self: AuthPages, req, token: str):
-    try: confirm_email_change(self.host_db, token)
-    except InvalidToken: message, status = "This link is invalid, expired or already used.", 400
-    except EmailChangeRefused as e: message, status = f"{e} Your address has not been changed.", 409
-    else: return self.show(req, 'Email address changed',
-                           self.alert("Your account now uses this address: sign in with it from now on.", 'ok'),
-                           P(A('Continue', href=self.saas.home)), narrow=True, headers=NO_STORE)
-    return self.show(req, 'Address not changed', self.alert(message, 'bad'), status=status, narrow=True,
-                     headers=NO_STORE)
+    try:
+        confirm_email_change(self.host_db, token)
+    except InvalidToken:
+        message, status = "This link is invalid, expired or already used.", 400
+    except EmailChangeRefused as e:
+        message, status = f"{e} Your address has not been changed.", 409
+    else:
+        return self.show(
+            req,
+            'Email address changed',
+            self.alert("Your account now uses this address: sign in with it from now on.", 'ok'),
+            P(A('Continue', href=self.saas.home)),
+            narrow=True,
+            headers=NO_STORE,
+        )
+    return self.show(
+        req, 'Address not changed', self.alert(message, 'bad'), status=status, narrow=True, headers=NO_STORE
+    )
 
 # %% ../nbs/55_pages_auth.ipynb #0f004882
 AUDIT_ACCOUNT_DELETED = 'account.deleted'
@@ -772,87 +1174,170 @@ ACCOUNT_NOTICES |= dict(
     delete_email=("Type your email address exactly as it is shown. Your account has not been deleted.", 'bad'),
     delete_password_wrong=("The password is wrong. Your account has not been deleted.", 'bad'),
     delete_code=("That code is wrong or was used already. Your account has not been deleted.", 'bad'),
-    delete_sole_owner=("You are the only owner of a tenant listed under “Delete your account”. Make someone else "
-                       "owner there, or delete the tenant, then try again. Your account has not been deleted.", 'bad'),
-    delete_impersonating=("An account cannot be deleted while impersonating its user.", 'bad'))
+    delete_sole_owner=(
+        "You are the only owner of a tenant listed under “Delete your account”. Make someone else "
+        "owner there, or delete the tenant, then try again. Your account has not been deleted.",
+        'bad',
+    ),
+    delete_impersonating=("An account cannot be deleted while impersonating its user.", 'bad'),
+)
+
 
 def deleted_email(user_id: str) -> str:
     "The address a deleted account keeps: unique, and never deliverable (`.invalid` is reserved)."
     return f"deleted-{user_id}@invalid"
 
-def _check_deletion(sessions: SessionManager, record: SessionRecord, password: str, email: str, code: str | None,
-                    roles: Roles, hasher, throttle, two_factor_limit) -> str:
+
+def _check_deletion(
+    sessions: SessionManager,
+    record: SessionRecord,
+    password: str,
+    email: str,
+    code: str | None,
+    roles: Roles,
+    hasher,
+    throttle,
+    two_factor_limit,
+) -> str:
     "The stored password hash, once the person asking has proven who they are; else why not."
     db, uid = sessions.host_db, record.user_id
-    if record.impersonator_user_id: raise AccountRefused('delete_impersonating')
+    if record.impersonator_user_id:
+        raise AccountRefused('delete_impersonating')
     with db.transaction() as conn:
         address = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == uid)).scalar()
-    if normalize_email(email) != normalize_email(address): raise AccountRefused('delete_email')
-    if sole_owned_tenants(db, uid, roles): raise AccountRefused('delete_sole_owner')
+    if normalize_email(email) != normalize_email(address):
+        raise AccountRefused('delete_email')
+    if sole_owned_tenants(db, uid, roles):
+        raise AccountRefused('delete_sole_owner')
     stored = check_current_password(sessions, record, password, hasher, throttle)
     if two_factor_enabled(db, uid):
         bucket = f'two_factor:{uid}'
-        if not (d := hit(db, bucket, two_factor_limit, sessions.clock())).allowed: raise LoginThrottled(d.retry_after)
-        if verify_code(db, uid, code, sessions.clock()) is None: raise AccountRefused('delete_code')
+        if not (d := hit(db, bucket, two_factor_limit, sessions.clock())).allowed:
+            raise LoginThrottled(d.retry_after)
+        if verify_code(db, uid, code, sessions.clock()) is None:
+            raise AccountRefused('delete_code')
         reset_bucket(db, bucket)
     return stored
 
-def delete_account(sessions: SessionManager, record: SessionRecord, password: str, email: str, code: str | None,
-                   mailer: Mailer, roles: Roles = DEFAULT_ROLES, hasher: PasswordHasher = default_hasher,
-                   throttle: LoginThrottle | None = None, two_factor_limit: RateLimit = TWO_FACTOR_LIMIT,
-                   templates: MailTemplates | None = None) -> str:
+
+def delete_account(
+    sessions: SessionManager,
+    record: SessionRecord,
+    password: str,
+    email: str,
+    code: str | None,
+    mailer: Mailer,
+    roles: Roles = DEFAULT_ROLES,
+    hasher: PasswordHasher = default_hasher,
+    throttle: LoginThrottle | None = None,
+    two_factor_limit: RateLimit = TWO_FACTOR_LIMIT,
+    templates: MailTemplates | None = None,
+) -> str:
     """Delete `record`'s user (anonymised, see above) after their password, `email` typed to confirm and, with
     two-factor sign-in, a `code`; the old address, which is told. `AccountRefused`, `LoginFailed`, `LoginThrottled`
     or `SoleOwner` (raced with a change of owners) leave everything as it was."""
     db, uid = sessions.host_db, record.user_id
-    stored = _check_deletion(sessions, record, password, email, code, roles, hasher, throttle or LoginThrottle(),
-                             two_factor_limit)
+    stored = _check_deletion(
+        sessions, record, password, email, code, roles, hasher, throttle or LoginThrottle(), two_factor_limit
+    )
     u = users_t.c
     with db.transaction() as conn:
-        address = conn.execute(sa.select(u.email).where(u.id == uid, u.password_hash == stored, u.is_active.is_(True))
-                               .with_for_update()).scalar()
-        if address is None: raise LoginFailed("the account changed meanwhile")
+        address = conn.execute(
+            sa.select(u.email).where(u.id == uid, u.password_hash == stored, u.is_active.is_(True)).with_for_update()
+        ).scalar()
+        if address is None:
+            raise LoginFailed("the account changed meanwhile")
         ended = leave_every_tenant(db, uid, 'account_deleted', roles)
         signed_out = sessions.revoke_user(uid)
         for t in (two_factor_t, recovery_codes_t, oauth_identities_t, one_time_tokens_t):
             conn.execute(t.delete().where(t.c.user_id == uid))
-        conn.execute(users_t.update().where(u.id == uid).values(email=deleted_email(uid), name=None, password_hash=None,
-                                                                oauth_id=None, is_active=False, is_sys_admin=False,
-                                                                email_verified_at=None))
-        audit(db, AUDIT_ACCOUNT_DELETED, target_id=uid, actor_user_id=uid,
-              details=dict(memberships_ended=ended, sessions_ended=signed_out))
-    try: send_mail(mailer, address, (templates or MailTemplates()).account_deleted())
-    except OSError as e: _log.warning("user %s: the notice of the account's deletion was not sent: %s", uid, e)
+        conn.execute(
+            users_t.update()
+            .where(u.id == uid)
+            .values(
+                email=deleted_email(uid),
+                name=None,
+                password_hash=None,
+                oauth_id=None,
+                is_active=False,
+                is_sys_admin=False,
+                email_verified_at=None,
+            )
+        )
+        audit(
+            db,
+            AUDIT_ACCOUNT_DELETED,
+            target_id=uid,
+            actor_user_id=uid,
+            details=dict(memberships_ended=ended, sessions_ended=signed_out),
+        )
+    try:
+        send_mail(mailer, address, (templates or MailTemplates()).account_deleted())
+    except OSError as e:
+        _log.warning("user %s: the notice of the account's deletion was not sent: %s", uid, e)
     return address
+
 
 @patch
 def delete_card(self: AccountPages, req, auth):
     "Deleting the account: the password, a code with two-factor sign-in, the email typed; the tenants in the way."
     uid, email = auth.user.id, auth.user.email
     sole = sole_owned_tenants(self.host_db, uid, self.roles)
-    blocked = self.alert(f"You are the only owner of {', '.join(t['name'] for t in sole)}. Before you can delete "
-                         "your account, make someone else owner on its team page, or delete the tenant there.",
-                         'warn') if sole else None
+    blocked = (
+        self.alert(
+            f"You are the only owner of {', '.join(t['name'] for t in sole)}. Before you can delete "
+            "your account, make someone else owner on its team page, or delete the tenant there.",
+            'warn',
+        )
+        if sole
+        else None
+    )
     code = _code_field('Code from your app, or a recovery code') if two_factor_enabled(self.host_db, uid) else None
-    return self.card(H2('Delete your account'),
-                     P("This signs you out everywhere, ends your membership of every tenant and revokes the API keys "
-                       "you made. It cannot be undone.", cls='muted'), blocked,
-                     self.form('/account/delete', self.field('Your password', 'password', 'password', required=True,
-                                                             autocomplete='current-password'), code,
-                               self.field(f"Type {email} to confirm", 'email', 'email', required=True,
-                                          autocomplete='off'),
-                               Button('Delete my account', cls='danger'), auth=auth,
-                               data_confirm="Delete your account for good?"))
+    return self.card(
+        H2('Delete your account'),
+        P(
+            "This signs you out everywhere, ends your membership of every tenant and revokes the API keys "
+            "you made. It cannot be undone.",
+            cls='muted',
+        ),
+        blocked,
+        self.form(
+            '/account/delete',
+            self.field('Your password', 'password', 'password', required=True, autocomplete='current-password'),
+            code,
+            self.field(f"Type {email} to confirm", 'email', 'email', required=True, autocomplete='off'),
+            Button('Delete my account', cls='danger'),
+            auth=auth,
+            data_confirm="Delete your account for good?",
+        ),
+    )
+
 
 @patch
 @route('/account/delete', 'post')
 @guarded(csrf=True)
 def delete_own_account(self: AccountPages, req, auth, password: str = '', email: str = '', code: str = ''):
-    if auth.impersonator is not None: return self.done('delete_impersonating')
-    try: delete_account(self.sessions, auth.session, password, email, code, self.saas.mailer, self.roles, self.hasher,
-                        two_factor_limit=self.two_factor_limit, templates=self.saas.mail)
-    except AccountRefused as e: return self.done(e.code)
-    except SoleOwner: return self.done('delete_sole_owner')
-    except LoginThrottled: return self.done('password_throttled')
-    except LoginFailed: return self.done('delete_password_wrong')
+    if auth.impersonator is not None:
+        return self.done('delete_impersonating')
+    try:
+        delete_account(
+            self.sessions,
+            auth.session,
+            password,
+            email,
+            code,
+            self.saas.mailer,
+            self.roles,
+            self.hasher,
+            two_factor_limit=self.two_factor_limit,
+            templates=self.saas.mail,
+        )
+    except AccountRefused as e:
+        return self.done(e.code)
+    except SoleOwner:
+        return self.done('delete_sole_owner')
+    except LoginThrottled:
+        return self.done('password_throttled')
+    except LoginFailed:
+        return self.done('delete_password_wrong')
     return self.sessions.clear_cookie(RedirectResponse('/login?done=account_deleted', 303))

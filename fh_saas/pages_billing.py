@@ -30,11 +30,12 @@ ZERO_DECIMAL = frozenset('bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xa
 THREE_DECIMAL = frozenset('bhd jod kwd omr tnd'.split())
 SYMBOLS = dict(usd='$', eur='€', gbp='£', jpy='¥', inr='₹', cad='CA$', aud='A$')
 
+
 def format_money(amount: int, currency: str = 'usd') -> str:
     "An integer `amount` of `currency`'s minor unit as people read it: 1999 usd -> '$19.99'."
     cur = currency.lower()
     places = 0 if cur in ZERO_DECIMAL else 3 if cur in THREE_DECIMAL else 2
-    whole, part = divmod(abs(amount), 10 ** places)
+    whole, part = divmod(abs(amount), 10**places)
     sign, number = '-' if amount < 0 else '', f"{whole:,}" + (f".{part:0{places}d}" if places else '')
     return f"{sign}{SYMBOLS[cur]}{number}" if cur in SYMBOLS else f"{sign}{number} {cur.upper()}"
 
@@ -44,121 +45,203 @@ _ROW = 'display:flex;gap:.5rem;flex-wrap:wrap;align-items:center'
 INTERVALS = ('month', 'year')
 NO_PAYMENTS = 'Online payment is not available yet.'
 
-def _label(key: str) -> str: return key.replace('_', ' ')
-def _quota_limit(limit) -> str: return 'unlimited' if limit is None else f"{limit:,}"
+
+def _label(key: str) -> str:
+    return key.replace('_', ' ')
+
+
+def _quota_limit(limit) -> str:
+    return 'unlimited' if limit is None else f"{limit:,}"
+
 
 def _quota_line(quota: str, limit) -> str:
     return f"Unlimited {_label(quota)}" if limit is None else f"{limit:,} {_label(quota)} a month"
+
 
 def plan_interval(plan: PricingPlan, interval: str) -> str:
     "The billing period `plan` is shown and sold in: `interval` if it has a price for it, else its other one."
     other = INTERVALS[1 - INTERVALS.index(interval)]
     return interval if getattr(plan, f'amount_{interval}ly') is not None else other
 
+
 def _price(plan: PricingPlan, interval: str):
     per = plan_interval(plan, interval)
     amount = getattr(plan, f'amount_{per}ly')
-    if not amount: return P(Span('Free', cls='price'))
-    monthly = (P(f"{format_money(round(amount / 12), plan.currency)} a month, billed yearly", cls='muted')
-               if per == 'year' else None)
+    if not amount:
+        return P(Span('Free', cls='price'))
+    monthly = (
+        P(f"{format_money(round(amount / 12), plan.currency)} a month, billed yearly", cls='muted')
+        if per == 'year'
+        else None
+    )
     return Div(P(Span(format_money(amount, plan.currency), cls='price'), Span(f" / {per}", cls='muted')), monthly)
+
 
 def yearly_saving(plans) -> int:
     "The largest percentage a yearly price saves over twelve monthly ones among `plans` (0 when none does)."
-    return max([round(100 * (1 - p.amount_yearly / (12 * p.amount_monthly))) for p in plans
-                if p.amount_monthly and p.amount_yearly is not None] or [0])
+    return max(
+        [
+            round(100 * (1 - p.amount_yearly / (12 * p.amount_monthly)))
+            for p in plans
+            if p.amount_monthly and p.amount_yearly is not None
+        ]
+        or [0]
+    )
+
 
 def plan_card(plan: PricingPlan, current: bool = False, actions=(), interval: str = 'month') -> Div:
     "A pricing card for `plan` at `interval`; `current` marks the tenant's plan; `actions` are the viewer's buttons."
     features, quotas = json.loads(plan.features), json.loads(plan.quotas)
-    return Div(H3(plan.name, ' ', ui.badge('Current plan', 'ok') if current else None),
-               P(plan.description, cls='muted') if plan.description else None, _price(plan, interval),
-               P(f"{plan.trial_days}-day free trial") if plan.trial_days else None,
-               Ul(*[Li(_label(f).capitalize()) for f in features],
-                  *[Li(_quota_line(q, n)) for q, n in sorted(quotas.items())]) if features or quotas else None,
-               Div(*actions, style=_ROW), cls='card plan current' if current else 'card plan')
+    return Div(
+        H3(plan.name, ' ', ui.badge('Current plan', 'ok') if current else None),
+        P(plan.description, cls='muted') if plan.description else None,
+        _price(plan, interval),
+        P(f"{plan.trial_days}-day free trial") if plan.trial_days else None,
+        Ul(*[Li(_label(f).capitalize()) for f in features], *[Li(_quota_line(q, n)) for q, n in sorted(quotas.items())])
+        if features or quotas
+        else None,
+        Div(*actions, style=_ROW),
+        cls='card plan current' if current else 'card plan',
+    )
+
 
 def stripe_setup_help(webhook_url: str) -> Div:
     "What to configure when Stripe is not set up."
-    return ui.alert(Div(
-        Strong('Payments are not configured yet. '),
-        'Set ', Code('STRIPE_SECRET_KEY'), ' to your Stripe secret API key (sk_test_… or sk_live_…) and ',
-        Code('STRIPE_WEBHOOK_SECRET'), ' to the signing secret (whsec_…) of a Stripe webhook endpoint pointing at ',
-        Code(webhook_url), ', then restart the app. Until then plans can be viewed but not bought.'), 'warn')
+    return ui.alert(
+        Div(
+            Strong('Payments are not configured yet. '),
+            'Set ',
+            Code('STRIPE_SECRET_KEY'),
+            ' to your Stripe secret API key (sk_test_… or sk_live_…) and ',
+            Code('STRIPE_WEBHOOK_SECRET'),
+            ' to the signing secret (whsec_…) of a Stripe webhook endpoint pointing at ',
+            Code(webhook_url),
+            ', then restart the app. Until then plans can be viewed but not bought.',
+        ),
+        'warn',
+    )
 
 # %% ../nbs/58_pages_billing.ipynb #01349b91
 def may_manage(auth: AuthContext | None, min_role: str = 'admin') -> bool:
     "Whether `auth` may buy, change or cancel its tenant's plan."
     return auth is not None and auth.tenant_id is not None and auth.has_role(min_role)
 
+
 def viewer(in_tenant: AuthResolver, signed_in: AuthResolver, req) -> AuthContext | None:
     "The signed-in visitor of a public page: with their tenant if usable, else without one; None when anonymous."
     res = in_tenant.resolve(req)
-    if not isinstance(res, AuthContext) and res.kind in ('no_tenant', 'forbidden'): res = signed_in.resolve(req)
+    if not isinstance(res, AuthContext) and res.kind in ('no_tenant', 'forbidden'):
+        res = signed_in.resolve(req)
     return res if isinstance(res, AuthContext) else None
 
 # %% ../nbs/58_pages_billing.ipynb #76571ce8
-_NOTICES = dict(plan_changed='Plan change requested. It shows here as soon as Stripe confirms it (usually within '
-                             'seconds).',
-                cancel_requested='The subscription will end at the close of the current billing period; access '
-                                 'continues until then.')
+_NOTICES = dict(
+    plan_changed='Plan change requested. It shows here as soon as Stripe confirms it (usually within seconds).',
+    cancel_requested='The subscription will end at the close of the current billing period; access '
+    'continues until then.',
+)
 _CHECKOUT_DONE = 'Thank you! Your subscription starts as soon as Stripe confirms the payment (usually within seconds).'
 
+
 def _state_kind(access) -> str:
-    if not access.allowed: return 'bad'
+    if not access.allowed:
+        return 'bad'
     return 'warn' if access.grace_until or access.state in ('past_due', 'pending_payment') else 'ok'
 
-def _rows(*pairs) -> Table: return Table(Tbody(*[Tr(Th(k), Td(v)) for k, v in pairs if v is not None]))
+
+def _rows(*pairs) -> Table:
+    return Table(Tbody(*[Tr(Th(k), Td(v)) for k, v in pairs if v is not None]))
 
 # %% ../nbs/58_pages_billing.ipynb #4ea12751
 def access_card(access: billing.Access, tenant_name: str) -> Div:
     "The access verdict: state, reason, trial end or grace, and what to do when access is paused."
     reason = access.reason if access.reason != access.state else None
-    return Div(H2('Access'), P(ui.badge(access.state.replace('_', ' '), _state_kind(access)), ' ', reason),
-               P(f"Trial ends {ui.when(access.trial_end)}.") if access.trial_end else None,
-               P(f"Grace period until {ui.when(access.grace_until)}.") if access.grace_until else None,
-               None if access.allowed else ui.alert(f"Access to {tenant_name} is paused: {access.reason}. Choose a "
-                                                    "plan or update "
-                                                    "the payment method to restore it; your data is kept.", 'bad'),
-               cls='card')
+    return Div(
+        H2('Access'),
+        P(ui.badge(access.state.replace('_', ' '), _state_kind(access)), ' ', reason),
+        P(f"Trial ends {ui.when(access.trial_end)}.") if access.trial_end else None,
+        P(f"Grace period until {ui.when(access.grace_until)}.") if access.grace_until else None,
+        None
+        if access.allowed
+        else ui.alert(
+            f"Access to {tenant_name} is paused: {access.reason}. Choose a "
+            "plan or update "
+            "the payment method to restore it; your data is kept.",
+            'bad',
+        ),
+        cls='card',
+    )
+
 
 def subscription_card(ents: billing.Entitlements) -> Div:
     "The tenant's newest subscription row, as people read it."
     sub, plan, access = ents.subscription, ents.plan, ents.access
-    if sub is None: return Div(H2('Subscription'), P('No subscription yet. ', A('Choose a plan', href='/pricing'),
-                                                     ' to start.'), cls='card')
+    if sub is None:
+        return Div(
+            H2('Subscription'),
+            P('No subscription yet. ', A('Choose a plan', href='/pricing'), ' to start.'),
+            cls='card',
+        )
     end, live = sub['current_period_end'], sub['status'] in stripe_billing.LIVE_STATUSES
-    renewal = (f"Cancels at the end of the period, {ui.when(end)}" if sub['cancel_at_period_end']
-               else f"Renews {ui.when(end)}" if end and live else None)
-    return Div(H2('Subscription'), _rows(
-        ('Plan', plan['name'] if plan else (access.plan_id or '—')), ('Status', ui.badge(sub['status'] or 'unknown',
-                                                                                         _state_kind(access))),
-        ('Amount', format_money(sub['amount_cents'],
-                                plan['currency'] if plan else 'usd') if sub['amount_cents'] is not None else None),
-        ('Current period',
-         f"{ui.when(sub['current_period_start'])} – {ui.when(end)}" if sub['current_period_start'] else None),
-        ('Renewal', renewal), ('Trial ends', ui.when(sub['trial_end']) if sub['trial_end'] else None),
-        ('Stripe subscription', Code(sub['stripe_sub_id']) if sub['stripe_sub_id'] else None)), cls='card')
+    renewal = (
+        f"Cancels at the end of the period, {ui.when(end)}"
+        if sub['cancel_at_period_end']
+        else f"Renews {ui.when(end)}"
+        if end and live
+        else None
+    )
+    return Div(
+        H2('Subscription'),
+        _rows(
+            ('Plan', plan['name'] if plan else (access.plan_id or '—')),
+            ('Status', ui.badge(sub['status'] or 'unknown', _state_kind(access))),
+            (
+                'Amount',
+                format_money(sub['amount_cents'], plan['currency'] if plan else 'usd')
+                if sub['amount_cents'] is not None
+                else None,
+            ),
+            (
+                'Current period',
+                f"{ui.when(sub['current_period_start'])} – {ui.when(end)}" if sub['current_period_start'] else None,
+            ),
+            ('Renewal', renewal),
+            ('Trial ends', ui.when(sub['trial_end']) if sub['trial_end'] else None),
+            ('Stripe subscription', Code(sub['stripe_sub_id']) if sub['stripe_sub_id'] else None),
+        ),
+        cls='card',
+    )
+
 
 def entitlements_card(ents: billing.Entitlements, used: dict[str, int]) -> Div:
     "The features and quotas `ents` grants; `used` is this month's usage of each quota."
-    if not ents.access.allowed: return Div(H2('Plan features'), P('Nothing is granted while access is paused.',
-                                                                  cls='muted'), cls='card')
+    if not ents.access.allowed:
+        return Div(H2('Plan features'), P('Nothing is granted while access is paused.', cls='muted'), cls='card')
     quotas = [(q, ents.quotas[q], used.get(q, 0)) for q in sorted(ents.quotas)]
-    def bar(n, u): return Div(Span(style=f"width:{min(100, 100 * u // n) if n else 0}%"), cls='progress')
-    return Div(H2('Plan features'), Ul(*[Li(f) for f in sorted(ents.features)]) if ents.features else P('No features.',
-                                                                                                        cls='muted'),
-               Table(Thead(Tr(Th('Quota'), Th('Used this month'), Th('Limit'), Th('Usage'))),
-                     Tbody(*[Tr(Td(q), Td(f"{u:,}"), Td(_quota_limit(n)), Td(bar(n, u))) for q, n,
-                             u in quotas])) if quotas else None,
-               cls='card')
+
+    def bar(n, u):
+        return Div(Span(style=f"width:{min(100, 100 * u // n) if n else 0}%"), cls='progress')
+
+    return Div(
+        H2('Plan features'),
+        Ul(*[Li(f) for f in sorted(ents.features)]) if ents.features else P('No features.', cls='muted'),
+        Table(
+            Thead(Tr(Th('Quota'), Th('Used this month'), Th('Limit'), Th('Usage'))),
+            Tbody(*[Tr(Td(q), Td(f"{u:,}"), Td(_quota_limit(n)), Td(bar(n, u))) for q, n, u in quotas]),
+        )
+        if quotas
+        else None,
+        cls='card',
+    )
 
 # %% ../nbs/58_pages_billing.ipynb #992606b7
 AUDIT_PLAN_CHANGE_REQUESTED = 'billing.plan_change_requested'
 AUDIT_CANCEL_REQUESTED = 'billing.cancel_requested'
 
+
 class BillingPages(Pages):
     "`/pricing`, `/billing` and the billing actions; `min_role` (of `roles`) may buy, change and cancel plans."
+
     min_role: str = 'admin'
     webhook_path: str = '/stripe/webhook'
 
@@ -171,26 +254,37 @@ class BillingPages(Pages):
     def refused(self, req, status: int, title: str, message, back=('Back to billing', '/billing')):
         return self.show(req, title, self.alert(message, 'bad'), P(A(back[0], href=back[1])), status=status)
 
-    def forged(self, req): return self.refused(req, 403, 'Not allowed', FORGED)
-    def allowed(self, auth, role): return may_manage(auth, role)
+    def forged(self, req):
+        return self.refused(req, 403, 'Not allowed', FORGED)
+
+    def allowed(self, auth, role):
+        return may_manage(auth, role)
+
     def role_refused(self, req, auth, role, message=None):
-        return self.refused(req, 403, 'Not allowed',
-                            message or 'Only owners and admins of this tenant can change its billing.')
+        return self.refused(
+            req, 403, 'Not allowed', message or 'Only owners and admins of this tenant can change its billing.'
+        )
 
     def setup_help(self, auth):
         "While Stripe is not configured: what to set for a system admin, a plain sentence for a customer."
-        if self.saas.stripe is not None: return None
-        if auth is not None and auth.user.is_sys_admin: return stripe_setup_help(self.webhook_url)
+        if self.saas.stripe is not None:
+            return None
+        if auth is not None and auth.user.is_sys_admin:
+            return stripe_setup_help(self.webhook_url)
         return P(NO_PAYMENTS, cls='muted')
 
     def unconfigured(self, req):
         "The 503 page while Stripe is not configured, else None."
-        if self.saas.stripe is None: return self.show(req, 'Payments not available',
-                                                      self.setup_help(req.scope.get('auth')), status=503)
+        if self.saas.stripe is None:
+            return self.show(req, 'Payments not available', self.setup_help(req.scope.get('auth')), status=503)
 
     def stripe_failed(self, req):
-        return self.refused(req, 502, 'Stripe is unavailable',
-                            'Stripe could not complete the request. Nothing was changed; please try again in a minute.')
+        return self.refused(
+            req,
+            502,
+            'Stripe is unavailable',
+            'Stripe could not complete the request. Nothing was changed; please try again in a minute.',
+        )
 
     def current_plan(self, tenant_id: str) -> str | None:
         d = billing.access_decision(self.host_db, tenant_id)
@@ -198,132 +292,222 @@ class BillingPages(Pages):
 
     def plan_actions(self, plan: PricingPlan, auth, live: bool, current: bool = False, interval: str = 'month'):
         "The button the viewer `auth` may use on `plan`'s card, for the billing period shown."
-        if auth is None: return (A('Start free trial' if plan.trial_days else 'Get started', href='/signup',
-                                   cls='button'),)
+        if auth is None:
+            return (A('Start free trial' if plan.trial_days else 'Get started', href='/signup', cls='button'),)
         per = plan_interval(plan, interval)
-        if current or not getattr(plan, f'stripe_price_{per}ly'): return ()
-        if auth.tenant_id is None: return (A('Choose a tenant first', href='/tenants', cls='button secondary'),)
-        if not may_manage(auth,
-                          self.min_role): return (P(f"Ask an owner or admin of {auth.tenant.name} to change the plan.",
-                                                    cls='muted'),)
-        if self.saas.stripe is None: return ()
-        return (self.form('/billing/checkout', Hidden(name='plan_id', value=plan.id),
-                          Hidden(name='interval', value=per),
-                          Button(f"{'Switch to' if live else 'Choose'} {plan.name} {per}ly"), auth=auth, cls='inline'),)
+        if current or not getattr(plan, f'stripe_price_{per}ly'):
+            return ()
+        if auth.tenant_id is None:
+            return (A('Choose a tenant first', href='/tenants', cls='button secondary'),)
+        if not may_manage(auth, self.min_role):
+            return (P(f"Ask an owner or admin of {auth.tenant.name} to change the plan.", cls='muted'),)
+        if self.saas.stripe is None:
+            return ()
+        return (
+            self.form(
+                '/billing/checkout',
+                Hidden(name='plan_id', value=plan.id),
+                Hidden(name='interval', value=per),
+                Button(f"{'Switch to' if live else 'Choose'} {plan.name} {per}ly"),
+                auth=auth,
+                cls='inline',
+            ),
+        )
 
     def interval_toggle(self, plans, interval: str):
         "Monthly or yearly prices, as two links (no script), when some plan has both."
-        if not any(p.amount_monthly is not None and p.amount_yearly is not None for p in plans): return None
+        if not any(p.amount_monthly is not None and p.amount_yearly is not None for p in plans):
+            return None
         save = yearly_saving(plans)
         labels = dict(month='Monthly', year=f"Yearly (save up to {save}%)" if save else 'Yearly')
-        return Div(*[A(labels[i], href=f'/pricing?interval={i}', cls='button' if i == interval else 'button secondary')
-                     for i in INTERVALS], style=_ROW + ';margin-bottom:1rem')
+        return Div(
+            *[
+                A(labels[i], href=f'/pricing?interval={i}', cls='button' if i == interval else 'button secondary')
+                for i in INTERVALS
+            ],
+            style=_ROW + ';margin-bottom:1rem',
+        )
 
     def gated_notice(self, plans, feature: str, quota: str):
         "Why a guard sent the visitor here, and which plans have what was missing (names only from the plans)."
         if feature:
             having = [p.name for p in plans if feature in json.loads(p.features)]
-            if not having: return self.alert("Your plan does not include that feature.", 'warn')
-            return self.alert(f"Your plan does not include {_label(feature)}. It comes with {' and '.join(having)}.",
-                              'warn')
+            if not having:
+                return self.alert("Your plan does not include that feature.", 'warn')
+            return self.alert(
+                f"Your plan does not include {_label(feature)}. It comes with {' and '.join(having)}.", 'warn'
+            )
         if quota and any(quota in json.loads(p.quotas) for p in plans):
-            return self.alert(f"You have used all the {_label(quota)} your plan includes this month. The plans below "
-                              "say how many each includes.", 'warn')
+            return self.alert(
+                f"You have used all the {_label(quota)} your plan includes this month. The plans below "
+                "say how many each includes.",
+                'warn',
+            )
 
     def manage_actions(self, auth, sub):
         "The Manage card's content: change plan, the Stripe portal and cancelling, as far as `auth` may."
-        if self.saas.stripe is None: return self.setup_help(auth)
-        if not may_manage(auth,
-                          self.min_role): return P('Only owners and admins can change the plan or payment details.',
-                                                   cls='muted')
+        if self.saas.stripe is None:
+            return self.setup_help(auth)
+        if not may_manage(auth, self.min_role):
+            return P('Only owners and admins can change the plan or payment details.', cls='muted')
         live = sub is not None and sub['status'] in stripe_billing.LIVE_STATUSES
-        return Div(A('Change plan', href='/pricing', cls='button'),
-                   self.form('/billing/portal', Button('Manage billing', cls='secondary'), auth=auth, cls='inline')
-                   if stripe_billing.tenant_customer(self.host_db, auth.tenant_id) else None,
-                   self.form('/billing/cancel', Button('Cancel at period end', cls='danger'), auth=auth, cls='inline',
-                             data_confirm='Cancel the subscription at the end of the current period?')
-                   if live and not sub['cancel_at_period_end'] else None,
-                   style=_ROW)
+        return Div(
+            A('Change plan', href='/pricing', cls='button'),
+            self.form('/billing/portal', Button('Manage billing', cls='secondary'), auth=auth, cls='inline')
+            if stripe_billing.tenant_customer(self.host_db, auth.tenant_id)
+            else None,
+            self.form(
+                '/billing/cancel',
+                Button('Cancel at period end', cls='danger'),
+                auth=auth,
+                cls='inline',
+                data_confirm='Cancel the subscription at the end of the current period?',
+            )
+            if live and not sub['cancel_at_period_end']
+            else None,
+            style=_ROW,
+        )
 
 # %% ../nbs/58_pages_billing.ipynb #3d3a7e3d
 @patch
 @route('/pricing')
 def pricing(self: BillingPages, req, interval: str = 'month', feature: str = '', quota: str = ''):
     auth, interval = viewer(self.in_tenant, self.signed_in, req), interval if interval in INTERVALS else 'month'
-    if auth is not None: req.scope['auth'] = auth
+    if auth is not None:
+        req.scope['auth'] = auth
     tid = auth and auth.tenant_id
-    current, live = (self.current_plan(tid), stripe_billing.live_subscription(self.host_db,
-                                                                              tid) is not None) if tid else (None,
-                                                                                                             False)
+    current, live = (
+        (self.current_plan(tid), stripe_billing.live_subscription(self.host_db, tid) is not None)
+        if tid
+        else (None, False)
+    )
     plans = billing.active_plans(self.host_db)
-    return self.layout(req, 'Pricing', self.gated_notice(plans, feature, quota), self.setup_help(auth),
-                       P(f"Plans for {auth.tenant.name}. Prices exclude taxes.",
-                         cls='muted') if tid else P('Prices exclude taxes.', cls='muted'),
-                       self.interval_toggle(plans, interval),
-                       Div(*[plan_card(p, p.id == current, self.plan_actions(p, auth, live, p.id == current, interval),
-                                       interval) for p in plans], cls='grid') if plans
-                       else self.alert('No plans are on sale yet.', 'warn'))
+    return self.layout(
+        req,
+        'Pricing',
+        self.gated_notice(plans, feature, quota),
+        self.setup_help(auth),
+        P(f"Plans for {auth.tenant.name}. Prices exclude taxes.", cls='muted')
+        if tid
+        else P('Prices exclude taxes.', cls='muted'),
+        self.interval_toggle(plans, interval),
+        Div(
+            *[
+                plan_card(p, p.id == current, self.plan_actions(p, auth, live, p.id == current, interval), interval)
+                for p in plans
+            ],
+            cls='grid',
+        )
+        if plans
+        else self.alert('No plans are on sale yet.', 'warn'),
+    )
+
 
 _manager = guarded(role=lambda pages, auth: pages.min_role, csrf=True)
+
 
 @patch
 @route('/billing/checkout', 'post')
 @_manager
 def checkout(self: BillingPages, req, auth, plan_id: str = '', interval: str = 'month'):
-    if refusal := self.unconfigured(req): return refusal
+    if refusal := self.unconfigured(req):
+        return refusal
     plan = next((p for p in billing.active_plans(self.host_db) if p.id == plan_id), None)
-    if plan is None: return self.refused(req, 400, 'Unknown plan', 'That plan is not on sale.', ('See the plans',
-                                                                                                 '/pricing'))
-    try: stripe_billing.plan_price(plan, interval)
-    except ValueError: return self.refused(req, 400, 'Unknown billing period',
-                                           f"{plan.name} cannot be bought per {interval}.", ('See the plans',
-                                                                                             '/pricing'))
+    if plan is None:
+        return self.refused(req, 400, 'Unknown plan', 'That plan is not on sale.', ('See the plans', '/pricing'))
+    try:
+        stripe_billing.plan_price(plan, interval)
+    except ValueError:
+        return self.refused(
+            req,
+            400,
+            'Unknown billing period',
+            f"{plan.name} cannot be bought per {interval}.",
+            ('See the plans', '/pricing'),
+        )
     try:
         if stripe_billing.live_subscription(self.host_db, auth.tenant_id):
             stripe_billing.change_plan(self.saas.stripe, self.host_db, auth.tenant_id, plan.id, interval)
-            audit(self.host_db, AUDIT_PLAN_CHANGE_REQUESTED, target_id=auth.tenant_id,
-                  details=dict(plan_id=plan.id, interval=interval))
+            audit(
+                self.host_db,
+                AUDIT_PLAN_CHANGE_REQUESTED,
+                target_id=auth.tenant_id,
+                details=dict(plan_id=plan.id, interval=interval),
+            )
             return Redirect('/billing?done=plan_changed')
         session = stripe_billing.create_subscription_checkout(
-            self.saas.stripe, self.host_db, auth.tenant_id, plan.id, interval=interval, email=auth.user.email,
-            success_url=self.saas.url('/billing?checkout=success'), cancel_url=self.saas.url('/pricing'))
+            self.saas.stripe,
+            self.host_db,
+            auth.tenant_id,
+            plan.id,
+            interval=interval,
+            email=auth.user.email,
+            success_url=self.saas.url('/billing?checkout=success'),
+            cancel_url=self.saas.url('/pricing'),
+        )
     except (ValueError, LookupError):
-        return self.refused(req, 409, 'Subscription changed',
-                            "The tenant's subscription changed while you were choosing; reload and try again.",
-                            ('See the plans', '/pricing'))
-    except stripe.StripeError: return self.stripe_failed(req)
+        return self.refused(
+            req,
+            409,
+            'Subscription changed',
+            "The tenant's subscription changed while you were choosing; reload and try again.",
+            ('See the plans', '/pricing'),
+        )
+    except stripe.StripeError:
+        return self.stripe_failed(req)
     return Redirect(session.url)
+
 
 @patch
 @route('/billing/portal', 'post')
 @_manager
 def portal(self: BillingPages, req, auth):
-    if refusal := self.unconfigured(req): return refusal
-    try: session = stripe_billing.create_portal_session(self.saas.stripe, self.host_db, auth.tenant_id,
-                                                        return_url=self.saas.url('/billing'))
-    except LookupError: return self.refused(req, 409, 'No billing account yet',
-                                            'Choose a plan first; the billing portal opens once the tenant has a '
-                                            'Stripe customer.', ('See the plans', '/pricing'))
-    except stripe.StripeError: return self.stripe_failed(req)
+    if refusal := self.unconfigured(req):
+        return refusal
+    try:
+        session = stripe_billing.create_portal_session(
+            self.saas.stripe, self.host_db, auth.tenant_id, return_url=self.saas.url('/billing')
+        )
+    except LookupError:
+        return self.refused(
+            req,
+            409,
+            'No billing account yet',
+            'Choose a plan first; the billing portal opens once the tenant has a Stripe customer.',
+            ('See the plans', '/pricing'),
+        )
+    except stripe.StripeError:
+        return self.stripe_failed(req)
     return Redirect(session.url)
+
 
 @patch
 @route('/billing/cancel', 'post')
 @_manager
 def cancel(self: BillingPages, req, auth):
-    if refusal := self.unconfigured(req): return refusal
-    try: stripe_billing.cancel_subscription(self.saas.stripe, self.host_db, auth.tenant_id, at_period_end=True)
-    except LookupError: return self.refused(req, 409, 'Nothing to cancel', 'This tenant has no live subscription.')
-    except stripe.StripeError: return self.stripe_failed(req)
+    if refusal := self.unconfigured(req):
+        return refusal
+    try:
+        stripe_billing.cancel_subscription(self.saas.stripe, self.host_db, auth.tenant_id, at_period_end=True)
+    except LookupError:
+        return self.refused(req, 409, 'Nothing to cancel', 'This tenant has no live subscription.')
+    except stripe.StripeError:
+        return self.stripe_failed(req)
     audit(self.host_db, AUDIT_CANCEL_REQUESTED, target_id=auth.tenant_id, details=dict(at_period_end=True))
     return Redirect('/billing?done=cancel_requested')
+
 
 @patch
 @route('/billing')
 def billing_page(self: BillingPages, req, auth, checkout: str = '', done: str = ''):
     ents = auth.entitlements if auth.entitlements is not None else billing.entitlements(self.host_db, auth.tenant_id)
     notice = _NOTICES.get(done) or (_CHECKOUT_DONE if checkout == 'success' else None)
-    return self.layout(req, 'Billing', self.notice(notice, 'ok'), access_card(ents.access, auth.tenant.name),
-                       subscription_card(ents),
-                       entitlements_card(ents, billing.quota_usage(self.host_db, auth.tenant_id)),
-                       Div(H2('Manage'), self.manage_actions(auth, ents.subscription), cls='card'))
+    return self.layout(
+        req,
+        'Billing',
+        self.notice(notice, 'ok'),
+        access_card(ents.access, auth.tenant.name),
+        subscription_card(ents),
+        entitlements_card(ents, billing.quota_usage(self.host_db, auth.tenant_id)),
+        Div(H2('Manage'), self.manage_actions(auth, ents.subscription), cls='card'),
+    )

@@ -24,47 +24,61 @@ from .saas_context import Saas
 # %% ../nbs/54_pages_layout.ipynb #41ad434c
 def route(path: str, methods='get'):
     "Mark a `Pages` method as the handler of `path` for `methods`."
+
     def mark(f):
         f.__route__ = (path, [methods] if isinstance(methods, str) else list(methods))
         return f
+
     return mark
+
 
 def guarded(role=None, csrf: bool = False, sys_admin: bool = False, message: str | None = None):
     "Mark a `Pages` handler as needing a system admin, the session's form token and/or `role` (or `role(pages, auth)`)."
+
     def mark(f):
         f.__guard__ = dict(role=role, csrf=csrf, sys_admin=sys_admin, message=message)
         return f
+
     return mark
+
 
 def handlers(cls) -> dict:
     "`{name: (path, methods, guard)}` for the routes of `cls` and its bases, in definition order."
     routes, guards = {}, {}
     for klass in reversed(cls.__mro__):
         for name, f in vars(klass).items():
-            if (r := getattr(f, '__route__', None)) is not None: routes[name] = r
-            if (g := getattr(f, '__guard__', None)) is not None: guards[name] = g
+            if (r := getattr(f, '__route__', None)) is not None:
+                routes[name] = r
+            if (g := getattr(f, '__guard__', None)) is not None:
+                guards[name] = g
     return {name: (*r, guards.get(name)) for name, r in routes.items()}
 
 # %% ../nbs/54_pages_layout.ipynb #92ee6938
 def form_data(req) -> dict:
     "`req`'s form fields, read from a worker thread (a guard's check, or a sync handler)."
-    async def read(): return dict(await req.form())
+
+    async def read():
+        return dict(await req.form())
+
     return anyio.from_thread.run(read)
 
 # %% ../nbs/54_pages_layout.ipynb #4e1c7e53
 class Pages:
     "A group of pages: routes marked with `route`, rendered through parts a subclass may override."
+
     def __init__(self, saas: Saas, roles: Roles = DEFAULT_ROLES, **options):
         self.saas, self.roles, self.host_db, self.sessions = saas, roles, saas.host_db, saas.sessions
         for k, v in options.items():
-            if not hasattr(type(self), k): raise TypeError(f"{type(self).__name__} has no option {k!r}")
+            if not hasattr(type(self), k):
+                raise TypeError(f"{type(self).__name__} has no option {k!r}")
             setattr(self, k, v)
 
     def mount(self, app):
         "Register the routes of this group on `app`, each behind its guard."
         for name, (path, methods, guard) in handlers(type(self)).items():
             f = getattr(self, name)
-            if guard: f = route_guard(functools.partial(self.refusal, **guard))(f)
+            if guard:
+                f = route_guard(functools.partial(self.refusal, **guard))(f)
             app.route(path, methods=methods, name=name)(f)
         return self
 
@@ -77,49 +91,72 @@ class Pages:
         "`layout` as a response with `status` and `headers`."
         return FtResponse(self.layout(req, title, *content, narrow=narrow), status, headers=headers)
 
-    def card(self, *content, **kw): return ui.card(*content, **kw)
-    def form(self, action: str, *content, auth=None, **kw): return post_form(action, *content, auth=auth, **kw)
-    def field(self, label: str, name: str, type: str = 'text', **kw): return ui.field(label, name, type, **kw)
-    def table(self, head, rows, empty: str | None = None): return ui.table(head, rows, empty)
-    def alert(self, text, kind: str = 'warn'): return ui.alert(text, kind)
-    def notice(self, text, kind: str = 'ok'): return ui.alert(text, kind) if text else None
+    def card(self, *content, **kw):
+        return ui.card(*content, **kw)
+
+    def form(self, action: str, *content, auth=None, **kw):
+        return post_form(action, *content, auth=auth, **kw)
+
+    def field(self, label: str, name: str, type: str = 'text', **kw):
+        return ui.field(label, name, type, **kw)
+
+    def table(self, head, rows, empty: str | None = None):
+        return ui.table(head, rows, empty)
+
+    def alert(self, text, kind: str = 'warn'):
+        return ui.alert(text, kind)
+
+    def notice(self, text, kind: str = 'ok'):
+        return ui.alert(text, kind) if text else None
 
     # --- refusals ------------------------------------------------------------------------------
     def refuse(self, req, status: int, message: str, back: str | None = None):
         "A page saying why `req` was refused."
-        return self.show(req, 'Not allowed', self.alert(message, 'bad'), P(A('Back', href=back)) if back else None,
-                         status=status)
+        return self.show(
+            req, 'Not allowed', self.alert(message, 'bad'), P(A('Back', href=back)) if back else None, status=status
+        )
 
-    def forged(self, req): return self.show(req, 'Not allowed', self.alert(FORGED, 'bad'), status=403)
-    def allowed(self, auth, role: str) -> bool: return auth is not None and auth.has_role(role)
+    def forged(self, req):
+        return self.show(req, 'Not allowed', self.alert(FORGED, 'bad'), status=403)
+
+    def allowed(self, auth, role: str) -> bool:
+        return auth is not None and auth.has_role(role)
 
     def role_refused(self, req, auth, role: str, message: str | None = None):
         "The refusal of a visitor below `role`."
-        return forbidden(req,
-                         message or f"This needs the {role} role; yours is {getattr(auth, 'role', None) or 'none'}.")
+        return forbidden(
+            req, message or f"This needs the {role} role; yours is {getattr(auth, 'role', None) or 'none'}."
+        )
 
     def not_sys_admin(self, auth) -> str | None:
         "Why `auth` may not use the system admins' pages, else None."
         if auth is None or auth.api_key_id is not None or auth.session is None:
             return 'The admin area needs a signed-in browser session; API keys cannot open it.'
-        if not auth.user.is_sys_admin: return 'This area is for system administrators.'
+        if not auth.user.is_sys_admin:
+            return 'This area is for system administrators.'
 
     def refusal(self, req, role=None, csrf: bool = False, sys_admin: bool = False, message: str | None = None):
         "The response refusing `req` a guarded handler, else None."
         auth = req.scope.get('auth')
-        if sys_admin and (why := self.not_sys_admin(auth)): return self.refuse(req, 403, why, '/')
-        if csrf and not csrf_ok(auth, form_data(req).get('csrf')): return self.forged(req)
+        if sys_admin and (why := self.not_sys_admin(auth)):
+            return self.refuse(req, 403, why, '/')
+        if csrf and not csrf_ok(auth, form_data(req).get('csrf')):
+            return self.forged(req)
         need = role(self, auth) if callable(role) else role
-        if need is not None and not self.allowed(auth, need): return self.role_refused(req, auth, need, message)
+        if need is not None and not self.allowed(auth, need):
+            return self.role_refused(req, auth, need, message)
 
 # %% ../nbs/54_pages_layout.ipynb #cfb766ab
 ERROR_PAGES = {
     403: ('Not allowed', "You do not have access to this page."),
     404: ('Page not found', "There is nothing at this address. The link may be mistyped, or the page may have moved."),
     405: ('Not available', "This address cannot be used that way."),
-    500: ('Something went wrong', "We could not finish this request. Please try again in a moment; if it keeps "
-                                  "happening, contact support."),
+    500: (
+        'Something went wrong',
+        "We could not finish this request. Please try again in a moment; if it keeps happening, contact support.",
+    ),
 }
+
 
 def error_page(saas: Saas, req, status: int):
     "What `status` answers `req` with: a page in `saas`'s layout, or JSON on an API path."
@@ -128,13 +165,21 @@ def error_page(saas: Saas, req, status: int):
     reference = getattr(auth, 'request_id', None) if status == 500 else None
     if req.url.path.startswith('/api/'):
         return JSONResponse(dict(error=text, **dict(request_id=reference) if reference else {}), status)
-    body = ui.card(P(text), P('Reference: ', Code(reference), cls='muted') if reference else None,
-                   P(A('Go to the home page', href='/')))
+    body = ui.card(
+        P(text),
+        P('Reference: ', Code(reference), cls='muted') if reference else None,
+        P(A('Go to the home page', href='/')),
+    )
     return FtResponse(ui.page(title, H1(title), body, brand=saas.brand, narrow=True), status)
+
 
 def add_error_pages(app, saas: Saas):
     "Answer 403, 404, 405 and 500 on `app` with `error_page` (FastHTML's headers: the stylesheet, the viewport)."
     for status in ERROR_PAGES:
-        def handler(req, exc, status=status): return error_page(saas, req, status)
-        app.exception_handlers[status] = _wrap_ex(handler, status, app.hdrs, app.ftrs, app.htmlkw, app.bodykw,
-                                                  app.body_wrap)
+
+        def handler(req, exc, status=status):
+            return error_page(saas, req, status)
+
+        app.exception_handlers[status] = _wrap_ex(
+            handler, status, app.hdrs, app.ftrs, app.htmlkw, app.bodykw, app.body_wrap
+        )

@@ -41,25 +41,44 @@ _log = logging.getLogger('fh_saas.pages_tenants')
 def tenant_members(host_db: HostDatabase, tenant_id: str) -> list[dict]:
     "Active members of `tenant_id` with email, name, role and join time, oldest first."
     m, u = memberships_t.c, users_t.c
-    q = (sa.select(m.user_id, u.email, u.name, m.role, m.created_at).join(users_t, u.id == m.user_id)
-         .where(m.tenant_id == tenant_id, m.is_active.is_(True)).order_by(m.created_at, u.email))
-    with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
+    q = (
+        sa.select(m.user_id, u.email, u.name, m.role, m.created_at)
+        .join(users_t, u.id == m.user_id)
+        .where(m.tenant_id == tenant_id, m.is_active.is_(True))
+        .order_by(m.created_at, u.email)
+    )
+    with host_db.transaction() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
+
 
 def tenant_for_member(host_db: HostDatabase, user_id: str, tenant_id: str) -> dict | None:
     "`tenant_id`'s catalog facts when `user_id` has an active membership there (any tenant status), else None."
     m, t = memberships_t.c, tenants_t.c
-    q = (sa.select(t.id, t.name, t.status, m.role).join(memberships_t, m.tenant_id == t.id)
-         .where(t.id == tenant_id, m.user_id == user_id, m.is_active.is_(True)))
-    with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
+    q = (
+        sa.select(t.id, t.name, t.status, m.role)
+        .join(memberships_t, m.tenant_id == t.id)
+        .where(t.id == tenant_id, m.user_id == user_id, m.is_active.is_(True))
+    )
+    with host_db.transaction() as conn:
+        row = conn.execute(q).mappings().first()
     return dict(row) if row else None
+
 
 def suspended_tenants(host_db: HostDatabase, user_id: str, owner: str = 'owner') -> list[dict]:
     "The suspended tenants `user_id` is a member of, each with the emails of its `owner`s (whom to ask why)."
     m, t, u = memberships_t.c, tenants_t.c, users_t.c
-    mine = (sa.select(t.id, t.name).join(memberships_t, m.tenant_id == t.id)
-            .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'suspended').order_by(t.name))
-    owners = (sa.select(m.tenant_id, u.email).join(users_t, u.id == m.user_id)
-              .where(m.role == owner, m.is_active.is_(True)).order_by(u.email))
+    mine = (
+        sa.select(t.id, t.name)
+        .join(memberships_t, m.tenant_id == t.id)
+        .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'suspended')
+        .order_by(t.name)
+    )
+    owners = (
+        sa.select(m.tenant_id, u.email)
+        .join(users_t, u.id == m.user_id)
+        .where(m.role == owner, m.is_active.is_(True))
+        .order_by(u.email)
+    )
     with host_db.transaction() as conn:
         rows = [dict(r) for r in conn.execute(mine).mappings()]
         going = deletion_requested(conn, [r['id'] for r in rows])
@@ -67,15 +86,21 @@ def suspended_tenants(host_db: HostDatabase, user_id: str, owner: str = 'owner')
         found = conn.execute(owners.where(m.tenant_id.in_([r['id'] for r in rows]))).all() if rows else []
     return [dict(r, owners=[e for tid, e in found if tid == r['id']]) for r in rows]
 
+
 def deleting_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
     "The tenants of `user_id` queued for deletion or being deleted (not yet `deleted`): `id` and `name`."
     m, t = memberships_t.c, tenants_t.c
-    q = (sa.select(t.id, t.name).join(memberships_t, m.tenant_id == t.id)
-         .where(m.user_id == user_id, m.is_active.is_(True), t.status.in_(('suspended', 'deleting'))).order_by(t.name))
+    q = (
+        sa.select(t.id, t.name)
+        .join(memberships_t, m.tenant_id == t.id)
+        .where(m.user_id == user_id, m.is_active.is_(True), t.status.in_(('suspended', 'deleting')))
+        .order_by(t.name)
+    )
     with host_db.transaction() as conn:
         rows = [dict(r) for r in conn.execute(q).mappings()]
         going = deletion_requested(conn, [r['id'] for r in rows])
     return [r for r in rows if r['id'] in going]
+
 
 def rename_tenant(host_db: HostDatabase, tenant_id: str, name: str) -> str:
     "Give `tenant_id` the (cleaned) `name`, audited with the old one; the name stored."
@@ -86,84 +111,164 @@ def rename_tenant(host_db: HostDatabase, tenant_id: str, name: str) -> str:
         audit(host_db, 'tenant.renamed', target_id=tenant_id, tenant_id=tenant_id, details=dict(old=old, new=name))
     return name
 
+
 def pending_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
     "Tenants of `user_id` still being provisioned."
     m, t = memberships_t.c, tenants_t.c
-    q = (sa.select(t.id, t.name).join(memberships_t, m.tenant_id == t.id)
-         .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'provisioning').order_by(t.created_at))
-    with host_db.transaction() as conn: return [dict(r) for r in conn.execute(q).mappings()]
+    q = (
+        sa.select(t.id, t.name)
+        .join(memberships_t, m.tenant_id == t.id)
+        .where(m.user_id == user_id, m.is_active.is_(True), t.status == 'provisioning')
+        .order_by(t.created_at)
+    )
+    with host_db.transaction() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
+
 
 def provisioning_job(host_db: HostDatabase, tenant_id: str) -> dict | None:
     "The status, attempts and last error line of `tenant_id`'s provisioning job."
-    q = sa.select(jobs_t.c.status, jobs_t.c.attempts,
-                  jobs_t.c.error_log).where(jobs_t.c.dedupe_key == f'tenant.provision:{tenant_id}')
-    with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
+    q = sa.select(jobs_t.c.status, jobs_t.c.attempts, jobs_t.c.error_log).where(
+        jobs_t.c.dedupe_key == f'tenant.provision:{tenant_id}'
+    )
+    with host_db.transaction() as conn:
+        row = conn.execute(q).mappings().first()
     return dict(row) if row else None
+
 
 def open_invitation(host_db: HostDatabase, token: str) -> dict | None:
     "The unused, unexpired invitation `token` names, with its tenant's name; None otherwise."
     i, t = invitations_t.c, tenants_t.c
-    q = (sa.select(i.email, i.role, i.expires_at, i.tenant_id, t.name.label('tenant_name')).join(tenants_t,
-                                                                                                 t.id == i.tenant_id)
-         .where(i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None)))
-    with host_db.transaction() as conn: row = conn.execute(q).mappings().first()
+    q = (
+        sa.select(i.email, i.role, i.expires_at, i.tenant_id, t.name.label('tenant_name'))
+        .join(tenants_t, t.id == i.tenant_id)
+        .where(i.token_hash == hash_token(token or ''), i.accepted_at.is_(None), i.declined_at.is_(None))
+    )
+    with host_db.transaction() as conn:
+        row = conn.execute(q).mappings().first()
     return dict(row) if row and as_utc(row['expires_at']) > utcnow() else None
 
 # %% ../nbs/56_pages_tenants.ipynb #d94e04c9
-TENANTS_NOTICES = dict(left=("You have left the tenant. Its data stays with its other members.", 'ok'),
-                       deleting=("The tenant is being deleted. Its members can no longer use it, and its data is "
-                                 "removed shortly.", 'ok'))
+TENANTS_NOTICES = dict(
+    left=("You have left the tenant. Its data stays with its other members.", 'ok'),
+    deleting=("The tenant is being deleted. Its members can no longer use it, and its data is removed shortly.", 'ok'),
+)
 
-IMPERSONATING = ("This cannot be done while impersonating: it would outlast the impersonation. Stop impersonating, "
-                 "and ask a member of the tenant to do it.")
+IMPERSONATING = (
+    "This cannot be done while impersonating: it would outlast the impersonation. Stop impersonating, "
+    "and ask a member of the tenant to do it."
+)
+
 
 class TenantPages(Pages):
     "The user's tenants: list, create, switch, and the set-up status of a new one."
-    max_owned: int | None = 10                   # tenants one user may own (system admins: any number); None: no cap
+
+    max_owned: int | None = 10  # tenants one user may own (system admins: any number); None: no cap
     create_rate: RateLimit = RateLimit(5, 3600)  # tenants one user may create per hour
 
     def tenants_body(self, req, auth):
         current = auth.session.tenant_id if auth.session else None
-        rows = [(Strong(t['name']), Span(t['tenant_id'], cls='muted'), t['role'],
-                 ui.badge('current', 'ok') if t['tenant_id'] == current else
-                 self.form('/tenants/switch', Hidden(name='tenant_id', value=t['tenant_id']), Button('Switch',
-                                                                                                     cls='secondary'),
-                           auth=auth, cls='inline'))
-                for t in active_tenants(self.host_db, auth.user.id)]
+        rows = [
+            (
+                Strong(t['name']),
+                Span(t['tenant_id'], cls='muted'),
+                t['role'],
+                ui.badge('current', 'ok')
+                if t['tenant_id'] == current
+                else self.form(
+                    '/tenants/switch',
+                    Hidden(name='tenant_id', value=t['tenant_id']),
+                    Button('Switch', cls='secondary'),
+                    auth=auth,
+                    cls='inline',
+                ),
+            )
+            for t in active_tenants(self.host_db, auth.user.id)
+        ]
         pending = pending_tenants(self.host_db, auth.user.id)
         suspended = suspended_tenants(self.host_db, auth.user.id, self.roles.owner)
-        return (self.suspended_card(suspended, current), self.deleting_card(deleting_tenants(self.host_db,
-                                                                                            auth.user.id)),
-                None if current or rows or pending or suspended else
-                self.alert("You are not a member of any active tenant yet. Create one below, or ask for an invitation.",
-                           'warn'),
-                self.alert("Choose the tenant to work in.", 'warn') if rows and not current else None,
-                self.card(self.table(('Name', 'Id', 'Role', ''), rows)) if rows else None,
-                self.card(H2('Being set up'), *[P(A(t['name'], href=f"/tenants/{t['id']}/status"), ' ',
-                                                  ui.badge('provisioning', 'warn'))
-                                               for t in pending]) if pending else None,
-                self.card(H2('Create a tenant'), self.form('/tenants', self.field('Company or team name', 'company',
-                                                                                  required=True),
-                                                           Button('Create tenant'), auth=auth)))
+        return (
+            self.suspended_card(suspended, current),
+            self.deleting_card(deleting_tenants(self.host_db, auth.user.id)),
+            None
+            if current or rows or pending or suspended
+            else self.alert(
+                "You are not a member of any active tenant yet. Create one below, or ask for an invitation.", 'warn'
+            ),
+            self.alert("Choose the tenant to work in.", 'warn') if rows and not current else None,
+            self.card(self.table(('Name', 'Id', 'Role', ''), rows)) if rows else None,
+            self.card(
+                H2('Being set up'),
+                *[
+                    P(A(t['name'], href=f"/tenants/{t['id']}/status"), ' ', ui.badge('provisioning', 'warn'))
+                    for t in pending
+                ],
+            )
+            if pending
+            else None,
+            self.card(
+                H2('Create a tenant'),
+                self.form(
+                    '/tenants',
+                    self.field('Company or team name', 'company', required=True),
+                    Button('Create tenant'),
+                    auth=auth,
+                ),
+            ),
+        )
 
     def suspended_card(self, suspended: list[dict], current: str | None):
         "The user's suspended tenants: closed to their members until restored, and whom to ask."
-        def owners(t): return ', '.join(t['owners']) or 'nobody'
-        return self.card(H2('Suspended'), *[P(Strong(t['name']), ' ', ui.badge('suspended', 'bad'),
-                                              ' (your current tenant)' if t['id'] == current else None, Br(),
-                                              Span(f"Its members cannot use it until it is restored. Its owners ("
-                                                   f"{owners(t)}) can tell you why; owners, please contact support.",
-                                                   cls='muted')) for t in suspended]) if suspended else None
+
+        def owners(t):
+            return ', '.join(t['owners']) or 'nobody'
+
+        return (
+            self.card(
+                H2('Suspended'),
+                *[
+                    P(
+                        Strong(t['name']),
+                        ' ',
+                        ui.badge('suspended', 'bad'),
+                        ' (your current tenant)' if t['id'] == current else None,
+                        Br(),
+                        Span(
+                            f"Its members cannot use it until it is restored. Its owners ("
+                            f"{owners(t)}) can tell you why; owners, please contact support.",
+                            cls='muted',
+                        ),
+                    )
+                    for t in suspended
+                ],
+            )
+            if suspended
+            else None
+        )
 
     def deleting_card(self, deleting: list[dict]):
         "The user's tenants being deleted: closed to every member, their data going."
-        return self.card(H2('Being deleted'), *[P(Strong(t['name']), ' ', ui.badge('being deleted', 'bad'), Br(),
-                                                  Span("Its members can no longer use it; its data is being removed.",
-                                                       cls='muted')) for t in deleting]) if deleting else None
+        return (
+            self.card(
+                H2('Being deleted'),
+                *[
+                    P(
+                        Strong(t['name']),
+                        ' ',
+                        ui.badge('being deleted', 'bad'),
+                        Br(),
+                        Span("Its members can no longer use it; its data is being removed.", cls='muted'),
+                    )
+                    for t in deleting
+                ],
+            )
+            if deleting
+            else None
+        )
 
     def tenants_page(self, req, auth, error=None, status=200, headers=None, kind='bad'):
-        return self.show(req, 'Your tenants', self.notice(error, kind), *self.tenants_body(req, auth), status=status,
-                         headers=headers)
+        return self.show(
+            req, 'Your tenants', self.notice(error, kind), *self.tenants_body(req, auth), status=status, headers=headers
+        )
 
     @route('/tenants')
     def tenants(self, req, auth, done: str = ''):
@@ -174,34 +279,55 @@ class TenantPages(Pages):
     def tenants_menu(self, req, auth):
         "The top bar's tenant switcher, as htmx fetches it: a switch button per other active tenant, and the list."
         current = auth.session.tenant_id if auth.session else None
-        return (*[self.form('/tenants/switch', Hidden(name='tenant_id', value=t['tenant_id']),
-                            Button(t['name'], cls='link'), auth=auth, cls=None)
-                  for t in active_tenants(self.host_db, auth.user.id) if t['tenant_id'] != current],
-                A('All your tenants', href='/tenants'))
+        return (
+            *[
+                self.form(
+                    '/tenants/switch',
+                    Hidden(name='tenant_id', value=t['tenant_id']),
+                    Button(t['name'], cls='link'),
+                    auth=auth,
+                    cls=None,
+                )
+                for t in active_tenants(self.host_db, auth.user.id)
+                if t['tenant_id'] != current
+            ],
+            A('All your tenants', href='/tenants'),
+        )
 
     @route('/tenants', 'post')
     @guarded(csrf=True)
     def new_tenant(self, req, auth, company: str = ''):
-        if auth.impersonator is not None: return self.tenants_page(req, auth, IMPERSONATING, 403)
+        if auth.impersonator is not None:
+            return self.tenants_page(req, auth, IMPERSONATING, 403)
         if not (rl := hit(self.host_db, f'tenant_create:user:{auth.user.id}', self.create_rate)).allowed:
-            return self.tenants_page(req, auth, f"You have created several tenants just now. Try again in "
-                                                f"{rl.retry_after} seconds.", 429, {'Retry-After': str(rl.retry_after)})
-        try: tid = create_tenant(self.host_db, auth.user.id, company, self.roles, max_owned=self.max_owned)
-        except TooManyTenants as e: return self.tenants_page(req, auth, str(e), 403)
-        except AccountError as e: return self.tenants_page(req, auth, str(e), 400)
-        except NoServerAvailable: return self.tenants_page(req, auth,
-                                                           "We cannot create new tenants right now. Please try again "
-                                                           "later.", 503)
+            return self.tenants_page(
+                req,
+                auth,
+                f"You have created several tenants just now. Try again in {rl.retry_after} seconds.",
+                429,
+                {'Retry-After': str(rl.retry_after)},
+            )
+        try:
+            tid = create_tenant(self.host_db, auth.user.id, company, self.roles, max_owned=self.max_owned)
+        except TooManyTenants as e:
+            return self.tenants_page(req, auth, str(e), 403)
+        except AccountError as e:
+            return self.tenants_page(req, auth, str(e), 400)
+        except NoServerAvailable:
+            return self.tenants_page(req, auth, "We cannot create new tenants right now. Please try again later.", 503)
         return Redirect(f'/tenants/{tid}/status')
 
     @route('/tenants/switch', 'post')
     @guarded(csrf=True)
     def do_switch(self, req, auth, tenant_id: str = ''):
-        try: switch_tenant(self.sessions, auth.session, tenant_id)
-        except TwoFactorNeeded: return Redirect('/account?done=two_factor_required')
-        except MembershipError: return self.tenants_page(req, auth,
-                                                         "You cannot switch to that tenant: you are not an active "
-                                                         "member of it.", 403)
+        try:
+            switch_tenant(self.sessions, auth.session, tenant_id)
+        except TwoFactorNeeded:
+            return Redirect('/account?done=two_factor_required')
+        except MembershipError:
+            return self.tenants_page(
+                req, auth, "You cannot switch to that tenant: you are not an active member of it.", 403
+            )
         return Redirect(self.saas.home)
 
 # %% ../nbs/56_pages_tenants.ipynb #911936ec
@@ -210,28 +336,46 @@ def status_fragment(self: TenantPages, auth, t: dict):
     "The set-up progress of tenant `t`, polling itself while the job runs."
     url = f"/tenants/{t['id']}/status"
     if t['status'] == 'active':
-        return Div(self.alert(f"{t['name']} is ready.", 'ok'),
-                   self.form('/tenants/switch', Hidden(name='tenant_id', value=t['id']), Button(f"Open {t['name']}"),
-                             auth=auth, cls='inline'),
-                   id='tenant-status')
-    if t['status'] != 'provisioning': return Div(self.alert(f"{t['name']} is {t['status']}.", 'bad'),
-                                                 id='tenant-status')
+        return Div(
+            self.alert(f"{t['name']} is ready.", 'ok'),
+            self.form(
+                '/tenants/switch',
+                Hidden(name='tenant_id', value=t['id']),
+                Button(f"Open {t['name']}"),
+                auth=auth,
+                cls='inline',
+            ),
+            id='tenant-status',
+        )
+    if t['status'] != 'provisioning':
+        return Div(self.alert(f"{t['name']} is {t['status']}.", 'bad'), id='tenant-status')
     job = provisioning_job(self.host_db, t['id']) or dict(status='queued', attempts=0, error_log=None)
     if job['status'] in ('dead', 'canceled'):
-        return Div(self.alert("Setting up this tenant failed. Please contact support; nothing you entered is lost.",
-                              'bad'), id='tenant-status')
+        return Div(
+            self.alert("Setting up this tenant failed. Please contact support; nothing you entered is lost.", 'bad'),
+            id='tenant-status',
+        )
     step, pct = ('Creating the database', 60) if job['status'] == 'running' else ('Waiting for a worker', 20)
     retry = P(f"Retrying (attempt {job['attempts'] + 1}).", cls='muted') if job['error_log'] else None
-    return Div(P(Strong(f"Setting up {t['name']}… "), step), Div(Span(style=f'width:{pct}%'), cls='progress'), retry,
-               id='tenant-status', hx_get=url, hx_trigger='every 1s', hx_swap='outerHTML')
+    return Div(
+        P(Strong(f"Setting up {t['name']}… "), step),
+        Div(Span(style=f'width:{pct}%'), cls='progress'),
+        retry,
+        id='tenant-status',
+        hx_get=url,
+        hx_trigger='every 1s',
+        hx_swap='outerHTML',
+    )
+
 
 @patch
 @route('/tenants/{tenant_id}/status')
 def tenant_status(self: TenantPages, req, auth, htmx: HtmxHeaders, tenant_id: str):
     t = tenant_for_member(self.host_db, auth.user.id, tenant_id)
-    if t is None: return self.show(req, 'Not found', self.alert("No tenant of yours has this id.", 'bad'), status=404)
+    if t is None:
+        return self.show(req, 'Not found', self.alert("No tenant of yours has this id.", 'bad'), status=404)
     if t['status'] == 'active' and auth.session is not None and auth.session.tenant_id is None:
-        switch_tenant(self.sessions, auth.session, tenant_id)   # a first tenant becomes current, as login would make it
+        switch_tenant(self.sessions, auth.session, tenant_id)  # a first tenant becomes current, as login would make it
         return Redirect(self.saas.home)
     fragment = self.status_fragment(auth, t)
     return fragment if htmx.request == 'true' else self.show(req, t['name'], fragment)
@@ -241,101 +385,188 @@ def role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
     "A select of the roles one may give (every role but owner)."
     return Select(*[Option(r, value=r, selected=r == selected) for r in roles.names if r != roles.owner], name=name)
 
-def _owner(pages, auth) -> str: return auth.roles.owner
+
+def _owner(pages, auth) -> str:
+    return auth.roles.owner
+
 
 class TeamPages(Pages):
     "The members and invitations of the current tenant."
+
     def member_actions(self, auth, m: dict) -> tuple:
         "The buttons `auth` may use on member `m`."
         me, is_owner = auth.user.id, auth.role == auth.roles.owner
-        if m['user_id'] == me or not auth.has_role('admin'): return ()
-        if m['role'] == auth.roles.owner and not is_owner: return ()
+        if m['user_id'] == me or not auth.has_role('admin'):
+            return ()
+        if m['role'] == auth.roles.owner and not is_owner:
+            return ()
         uid = Hidden(name='user_id', value=m['user_id'])
-        return (self.form('/team/role', uid, role_select(auth.roles, m['role']), Button('Change role', cls='secondary'),
-                          auth=auth, cls='inline'),
-                self.form('/team/remove', uid, Button('Remove', cls='danger'), auth=auth, cls='inline',
-                          data_confirm='Remove this member from the tenant?'),
-                self.form('/team/transfer', uid, Button('Make owner', cls='secondary'), auth=auth,
-                          cls='inline') if is_owner else None)
+        return (
+            self.form(
+                '/team/role',
+                uid,
+                role_select(auth.roles, m['role']),
+                Button('Change role', cls='secondary'),
+                auth=auth,
+                cls='inline',
+            ),
+            self.form(
+                '/team/remove',
+                uid,
+                Button('Remove', cls='danger'),
+                auth=auth,
+                cls='inline',
+                data_confirm='Remove this member from the tenant?',
+            ),
+            self.form('/team/transfer', uid, Button('Make owner', cls='secondary'), auth=auth, cls='inline')
+            if is_owner
+            else None,
+        )
 
     def members_card(self, auth):
         me = auth.user.id
-        rows = [((m['email'], Span(' (you)', cls='muted') if m['user_id'] == me else None), m['name'] or '',
-                 ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''), ui.when(m['created_at']),
-                 Div(*self.member_actions(auth, m), style='display:flex;gap:.5rem;flex-wrap:wrap'))
-                for m in tenant_members(self.host_db, auth.tenant_id)]
+        rows = [
+            (
+                (m['email'], Span(' (you)', cls='muted') if m['user_id'] == me else None),
+                m['name'] or '',
+                ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''),
+                ui.when(m['created_at']),
+                Div(*self.member_actions(auth, m), style='display:flex;gap:.5rem;flex-wrap:wrap'),
+            )
+            for m in tenant_members(self.host_db, auth.tenant_id)
+        ]
         return self.card(self.table(('Email', 'Name', 'Role', 'Member since', ''), rows))
 
     def invitations_card(self, auth):
-        invited = [(i['email'], ui.badge(i['role']), i['invited_by_email'] or '—', ui.when(i['expires_at']),
-                    self.form(f"/team/invitations/{i['id']}/cancel", Button('Cancel', cls='danger'), auth=auth,
-                              cls='inline',
-                              data_confirm='Cancel this invitation? Its link will stop working.'))
-                   for i in pending_invitations(self.host_db, auth.tenant_id)] if auth.has_role('admin') else []
-        return self.card(H2('Pending invitations'), self.table(('Email', 'Role', 'Invited by', 'Expires', ''),
-                                                               invited)) if invited else None
+        invited = (
+            [
+                (
+                    i['email'],
+                    ui.badge(i['role']),
+                    i['invited_by_email'] or '—',
+                    ui.when(i['expires_at']),
+                    self.form(
+                        f"/team/invitations/{i['id']}/cancel",
+                        Button('Cancel', cls='danger'),
+                        auth=auth,
+                        cls='inline',
+                        data_confirm='Cancel this invitation? Its link will stop working.',
+                    ),
+                )
+                for i in pending_invitations(self.host_db, auth.tenant_id)
+            ]
+            if auth.has_role('admin')
+            else []
+        )
+        return (
+            self.card(H2('Pending invitations'), self.table(('Email', 'Role', 'Invited by', 'Expires', ''), invited))
+            if invited
+            else None
+        )
 
     def invite_card(self, auth):
-        if not auth.has_role('admin'): return P("Only admins and owners can invite people or change roles.",
-                                                cls='muted')
-        return self.card(H2('Invite someone'), self.form('/team/invite', self.field('Email', 'email', 'email',
-                                                                                    required=True),
-                                                         Label('Role', role_select(auth.roles,
-                                                                                   'member')),
-                                                         Button('Send invitation'),
-                                                         auth=auth))
+        if not auth.has_role('admin'):
+            return P("Only admins and owners can invite people or change roles.", cls='muted')
+        return self.card(
+            H2('Invite someone'),
+            self.form(
+                '/team/invite',
+                self.field('Email', 'email', 'email', required=True),
+                Label('Role', role_select(auth.roles, 'member')),
+                Button('Send invitation'),
+                auth=auth,
+            ),
+        )
 
     def two_factor_card(self, auth):
         "Whether members must use two-factor sign-in, and (for admins) the switch."
         on = tenant_requires_two_factor(self.host_db, auth.tenant_id)
         state = P("Members must use two-factor sign-in." if on else "Two-factor sign-in is up to each member.")
-        if not auth.has_role('admin'): return self.card(H2('Two-factor sign-in'), state)
-        switch = self.form('/team/two-factor', Hidden(name='required', value='off' if on else 'on'),
-                           Button('Stop requiring it' if on else 'Require two-factor sign-in',
-                                  cls='secondary' if on else None), auth=auth)
-        return self.card(H2('Two-factor sign-in'), state, switch,
-                         P("Members without it are sent to set it up before they can use this tenant. API keys are "
-                           "not affected.", cls='muted'))
+        if not auth.has_role('admin'):
+            return self.card(H2('Two-factor sign-in'), state)
+        switch = self.form(
+            '/team/two-factor',
+            Hidden(name='required', value='off' if on else 'on'),
+            Button('Stop requiring it' if on else 'Require two-factor sign-in', cls='secondary' if on else None),
+            auth=auth,
+        )
+        return self.card(
+            H2('Two-factor sign-in'),
+            state,
+            switch,
+            P(
+                "Members without it are sent to set it up before they can use this tenant. API keys are not affected.",
+                cls='muted',
+            ),
+        )
 
     def settings_card(self, auth):
         "Renaming the tenant (admins and owners) and leaving it (anyone but its only owner, who must hand over first)."
-        rename = self.form('/team/rename', self.field('Name', 'name', value=auth.tenant.name, required=True,
-                                                      maxlength=100), Button('Rename', cls='secondary'),
-                           auth=auth) if auth.has_role('admin') else None
-        leave = self.form('/team/leave', Button('Leave this tenant', cls='danger'), auth=auth, cls='inline',
-                          data_confirm=f"Leave {auth.tenant.name}? You lose access to its data until someone invites "
-                                       "you again.")
-        return self.card(H2('This tenant'), rename, P("Leaving ends your access; an owner must make someone else owner "
-                                                      "first.", cls='muted'), leave)
+        rename = (
+            self.form(
+                '/team/rename',
+                self.field('Name', 'name', value=auth.tenant.name, required=True, maxlength=100),
+                Button('Rename', cls='secondary'),
+                auth=auth,
+            )
+            if auth.has_role('admin')
+            else None
+        )
+        leave = self.form(
+            '/team/leave',
+            Button('Leave this tenant', cls='danger'),
+            auth=auth,
+            cls='inline',
+            data_confirm=f"Leave {auth.tenant.name}? You lose access to its data until someone invites you again.",
+        )
+        return self.card(
+            H2('This tenant'),
+            rename,
+            P("Leaving ends your access; an owner must make someone else owner first.", cls='muted'),
+            leave,
+        )
 
     def team_page(self, req, auth, notice=None, kind='ok', status=200):
-        return self.show(req, f"Team of {auth.tenant.name}", self.notice(notice, kind), self.members_card(auth),
-                         self.invitations_card(auth), self.invite_card(auth), self.two_factor_card(auth),
-                         self.settings_card(auth), self.delete_card(auth), status=status)
+        return self.show(
+            req,
+            f"Team of {auth.tenant.name}",
+            self.notice(notice, kind),
+            self.members_card(auth),
+            self.invitations_card(auth),
+            self.invite_card(auth),
+            self.two_factor_card(auth),
+            self.settings_card(auth),
+            self.delete_card(auth),
+            status=status,
+        )
 
     def role_refused(self, req, auth, role, message=None):
-        return self.team_page(req, auth,
-                              message or f"Your role ({auth.role}) cannot do that: it takes {role} or above.", 'bad',
-                              403)
+        return self.team_page(
+            req, auth, message or f"Your role ({auth.role}) cannot do that: it takes {role} or above.", 'bad', 403
+        )
 
     def team_change(self, req, auth, change, done: str):
         "Run `change()`; then back to the team page, which says `TEAM_NOTICES[done]` (a refusal is shown at once)."
-        try: change()
+        try:
+            change()
         except LastOwner:
-            return self.team_page(req, auth, "A tenant must keep at least one owner. Make someone else owner first.",
-                                  'bad', 409)
-        except (MembershipError, ValueError) as e: return self.team_page(req, auth, str(e), 'bad', 400)
+            return self.team_page(
+                req, auth, "A tenant must keep at least one owner. Make someone else owner first.", 'bad', 409
+            )
+        except (MembershipError, ValueError) as e:
+            return self.team_page(req, auth, str(e), 'bad', 400)
         return Redirect(f'/team?done={done}')
 
     def check_may_change(self, auth, user_id: str):
         "Admins manage the members below owner; changing an owner takes an owner."
         m = tenant_for_member(self.host_db, user_id, auth.tenant_id)
-        if m is None: raise MembershipError("That person is not a member of this tenant.")
-        if m['role'] == auth.roles.owner and auth.role != auth.roles.owner: raise MembershipError("Only an owner can "
-                                                                                                  "change an owner.")
+        if m is None:
+            raise MembershipError("That person is not a member of this tenant.")
+        if m['role'] == auth.roles.owner and auth.role != auth.roles.owner:
+            raise MembershipError("Only an owner can change an owner.")
 
 # %% ../nbs/56_pages_tenants.ipynb #a722041d
-TEAM_NOTICES = dict(   # code: what the team page says after the redirect, and its kind
+TEAM_NOTICES = dict(  # code: what the team page says after the redirect, and its kind
     two_factor_required=("Members must now use two-factor sign-in.", 'ok'),
     two_factor_optional=("Two-factor sign-in is now up to each member.", 'ok'),
     two_factor_yours_first=("Turn on two-factor sign-in for your own account first, on your account page.", 'bad'),
@@ -345,11 +576,15 @@ TEAM_NOTICES = dict(   # code: what the team page says after the redirect, and i
     role_changed=("Role changed.", 'ok'),
     member_removed=("Member removed. Their API keys for this tenant no longer work.", 'ok'),
     ownership_transferred=("Ownership transferred: you are now an admin.", 'ok'),
-    last_owner=("You are this tenant's only owner: make someone else owner before you leave.", 'bad'))
+    last_owner=("You are this tenant's only owner: make someone else owner before you leave.", 'bad'),
+)
+
 
 @patch
 @route('/team')
-def team(self: TeamPages, req, auth, done: str = ''): return self.team_page(req, auth, *TEAM_NOTICES.get(done, (None,)))
+def team(self: TeamPages, req, auth, done: str = ''):
+    return self.team_page(req, auth, *TEAM_NOTICES.get(done, (None,)))
+
 
 @patch
 @route('/team/two-factor', 'post')
@@ -357,25 +592,42 @@ def team(self: TeamPages, req, auth, done: str = ''): return self.team_page(req,
 def team_two_factor(self: TeamPages, req, auth, required: str = ''):
     "Require two-factor sign-in of the members (the admin has it already, or they would lock themselves out), or stop."
     on = required == 'on'
-    if on and not two_factor_enabled(self.host_db, auth.user.id): return Redirect('/team?done=two_factor_yours_first')
+    if on and not two_factor_enabled(self.host_db, auth.user.id):
+        return Redirect('/team?done=two_factor_yours_first')
     require_two_factor(self.host_db, auth.tenant_id, on, auth.user.id)
     return Redirect('/team?done=' + ('two_factor_required' if on else 'two_factor_optional'))
+
 
 @patch
 @route('/team/invite', 'post')
 @guarded(role='admin', csrf=True)
 def team_invite(self: TeamPages, req, auth, email: str = '', role: str = 'member'):
-    if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
+    if auth.impersonator is not None:
+        return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
     link = lambda tok: self.saas.url(f'/invitations/{tok}')
-    change = lambda: invite(self.host_db, auth.tenant_id, email, role, auth.user.id, self.saas.mailer, link,
-                            roles=auth.roles, templates=self.saas.mail)
-    try: return self.team_change(req, auth, change, 'invited')
+    change = lambda: invite(
+        self.host_db,
+        auth.tenant_id,
+        email,
+        role,
+        auth.user.id,
+        self.saas.mailer,
+        link,
+        roles=auth.roles,
+        templates=self.saas.mail,
+    )
+    try:
+        return self.team_change(req, auth, change, 'invited')
     except OSError as e:
         _log.warning("invitation to tenant %s: the email was not sent: %s", auth.tenant_id, e)
-        return self.team_page(req, auth,
-                              "The invitation email could not be sent, so no invitation was made. Please try again "
-                              "later.",
-                              'bad', 503)
+        return self.team_page(
+            req,
+            auth,
+            "The invitation email could not be sent, so no invitation was made. Please try again later.",
+            'bad',
+            503,
+        )
+
 
 @patch
 @route('/team/invitations/{invitation_id}/cancel', 'post')
@@ -383,20 +635,28 @@ def team_invite(self: TeamPages, req, auth, email: str = '', role: str = 'member
 def team_cancel_invitation(self: TeamPages, req, auth, invitation_id: str):
     def change():
         if not cancel_invitation(self.host_db, auth.tenant_id, invitation_id):
-            raise MembershipError("This tenant has no open invitation with that id: it may have been accepted or "
-                                  "cancelled already.")
+            raise MembershipError(
+                "This tenant has no open invitation with that id: it may have been accepted or cancelled already."
+            )
+
     return self.team_change(req, auth, change, 'invitation_cancelled')
+
 
 @patch
 @route('/team/role', 'post')
 @guarded(role='admin', csrf=True)
 def team_role(self: TeamPages, req, auth, user_id: str = '', role: str = ''):
-    if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
+    if auth.impersonator is not None:
+        return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
+
     def change():
         self.check_may_change(auth, user_id)
-        if role == auth.roles.owner: raise MembershipError("Use “Make owner” to hand over ownership.")
+        if role == auth.roles.owner:
+            raise MembershipError("Use “Make owner” to hand over ownership.")
         change_role(self.host_db, auth.tenant_id, user_id, role, auth.roles)
+
     return self.team_change(req, auth, change, 'role_changed')
+
 
 @patch
 @route('/team/remove', 'post')
@@ -405,87 +665,120 @@ def team_remove(self: TeamPages, req, auth, user_id: str = ''):
     def change():
         self.check_may_change(auth, user_id)
         remove_member(self.host_db, auth.tenant_id, user_id, auth.roles)
+
     return self.team_change(req, auth, change, 'member_removed')
+
 
 @patch
 @route('/team/rename', 'post')
 @guarded(role='admin', csrf=True)
 def team_rename(self: TeamPages, req, auth, name: str = ''):
-    try: rename_tenant(self.host_db, auth.tenant_id, name)
-    except AccountError as e: return self.team_page(req, auth, str(e), 'bad', 400)
+    try:
+        rename_tenant(self.host_db, auth.tenant_id, name)
+    except AccountError as e:
+        return self.team_page(req, auth, str(e), 'bad', 400)
     return Redirect('/team?done=renamed')
+
 
 @patch
 @route('/team/leave', 'post')
 @guarded(csrf=True)
 def team_leave(self: TeamPages, req, auth):
     "Leave the tenant: the membership ends (and the keys one made for it), as a removal would; never its only owner."
-    if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
-    try: remove_member(self.host_db, auth.tenant_id, auth.user.id, auth.roles)
-    except LastOwner: return Redirect('/team?done=last_owner')
+    if auth.impersonator is not None:
+        return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
+    try:
+        remove_member(self.host_db, auth.tenant_id, auth.user.id, auth.roles)
+    except LastOwner:
+        return Redirect('/team?done=last_owner')
     return Redirect('/tenants?done=left')
+
 
 @patch
 @route('/team/transfer', 'post')
 @guarded(role=_owner, csrf=True)
 def team_transfer(self: TeamPages, req, auth, user_id: str = ''):
-    if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
+    if auth.impersonator is not None:
+        return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
     change = lambda: transfer_ownership(self.host_db, auth.tenant_id, auth.user.id, user_id, roles=auth.roles)
     return self.team_change(req, auth, change, 'ownership_transferred')
 
 # %% ../nbs/56_pages_tenants.ipynb #cfada11d
 AUDIT_TENANT_DELETE_REQUESTED = 'tenant.delete_requested'
 
+
 class WrongConfirmation(ValueError):
     "The name typed to confirm a deletion is not the tenant's."
 
-def delete_tenant(host_db: HostDatabase, tenant_id: str, user_id: str, typed_name: str | None,
-                  roles: Roles = DEFAULT_ROLES) -> bool:
+
+def delete_tenant(
+    host_db: HostDatabase, tenant_id: str, user_id: str, typed_name: str | None, roles: Roles = DEFAULT_ROLES
+) -> bool:
     """Queue the deletion of `tenant_id` (`queue_tenant_deletion`) for its owner `user_id`, who typed its name;
     audited with them as actor. `MembershipError` unless they are an active owner while the row is locked,
     `WrongConfirmation` for another name; False when the deletion was queued already."""
     m = memberships_t.c
     with host_db.transaction() as conn:
         row = tenant_row(host_db, tenant_id, lock=True)
-        role = conn.execute(sa.select(m.role).where(m.tenant_id == tenant_id, m.user_id == user_id,
-                                                    m.is_active.is_(True))).scalar()
-        if role != roles.owner: raise MembershipError(f"user {user_id} is not an owner of {tenant_id}")
-        if (typed_name or '').strip() != row.name: raise WrongConfirmation("the typed name is not the tenant's")
+        role = conn.execute(
+            sa.select(m.role).where(m.tenant_id == tenant_id, m.user_id == user_id, m.is_active.is_(True))
+        ).scalar()
+        if role != roles.owner:
+            raise MembershipError(f"user {user_id} is not an owner of {tenant_id}")
+        if (typed_name or '').strip() != row.name:
+            raise WrongConfirmation("the typed name is not the tenant's")
         return queue_tenant_deletion(host_db, tenant_id, AUDIT_TENANT_DELETE_REQUESTED, actor_user_id=user_id)
+
 
 @patch
 def delete_card(self: TeamPages, auth):
     "The danger zone, for owners only: delete the tenant, confirmed by typing its name."
-    if auth.role != auth.roles.owner: return None
+    if auth.role != auth.roles.owner:
+        return None
     name = auth.tenant.name
-    return self.card(H2('Delete this tenant'),
-                     P(f"Deleting {name} closes it to every member at once, then removes its data for good. This "
-                       "cannot be undone.", cls='muted'),
-                     self.form('/team/delete', self.field(f"Type {name} to confirm", 'name', required=True,
-                                                          autocomplete='off', maxlength=100),
-                               Button('Delete this tenant', cls='danger'), auth=auth,
-                               data_confirm=f"Delete {name} and all its data for good?"))
+    return self.card(
+        H2('Delete this tenant'),
+        P(
+            f"Deleting {name} closes it to every member at once, then removes its data for good. This "
+            "cannot be undone.",
+            cls='muted',
+        ),
+        self.form(
+            '/team/delete',
+            self.field(f"Type {name} to confirm", 'name', required=True, autocomplete='off', maxlength=100),
+            Button('Delete this tenant', cls='danger'),
+            auth=auth,
+            data_confirm=f"Delete {name} and all its data for good?",
+        ),
+    )
+
 
 @patch
 @route('/team/delete', 'post')
 @guarded(role=_owner, csrf=True)
 def team_delete(self: TeamPages, req, auth, name: str = ''):
-    if auth.impersonator is not None: return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
-    try: delete_tenant(self.host_db, auth.tenant_id, auth.user.id, name, auth.roles)
+    if auth.impersonator is not None:
+        return self.team_page(req, auth, IMPERSONATING, 'bad', 403)
+    try:
+        delete_tenant(self.host_db, auth.tenant_id, auth.user.id, name, auth.roles)
     except WrongConfirmation:
-        return self.team_page(req, auth, f"Type the tenant's name, {auth.tenant.name}, exactly as it is shown. "
-                                         "Nothing has been deleted.", 'bad', 400)
+        return self.team_page(
+            req,
+            auth,
+            f"Type the tenant's name, {auth.tenant.name}, exactly as it is shown. Nothing has been deleted.",
+            'bad',
+            400,
+        )
     except MembershipError:
-        return self.team_page(req, auth, "Only an owner can delete this tenant. Nothing has been deleted.", 'bad',
-                              403)
+        return self.team_page(req, auth, "Only an owner can delete this tenant. Nothing has been deleted.", 'bad', 403)
     except TenantUnavailable:
-        return self.team_page(req, auth, "This tenant cannot be deleted just now. Please contact support.", 'bad',
-                              409)
+        return self.team_page(req, auth, "This tenant cannot be deleted just now. Please contact support.", 'bad', 409)
     return Redirect('/tenants?done=deleting')
 
 # %% ../nbs/56_pages_tenants.ipynb #1bd287fb
 class InvitationPages(Pages):
     "The page an invitation link opens, and accepting or declining it."
+
     def session_user(self, req) -> tuple[SessionRecord | None, GlobalUser | None]:
         "The live session and active user behind the request's cookie (these pages are public, so no `auth`)."
         session = self.sessions.load(req.cookies.get(self.sessions.cookie_name))
@@ -494,48 +787,80 @@ class InvitationPages(Pages):
 
     def invitation_actions(self, inv: dict, here: str, user):
         if user is None:
-            return P(A('Log in to accept', href=f"/login?next={quote(here)}", cls='button'), ' ',
-                     A('Create an account', href=f"/signup?{urlencode(dict(next=here, email=inv['email']))}",
-                       cls='button secondary'))
+            return P(
+                A('Log in to accept', href=f"/login?next={quote(here)}", cls='button'),
+                ' ',
+                A(
+                    'Create an account',
+                    href=f"/signup?{urlencode(dict(next=here, email=inv['email']))}",
+                    cls='button secondary',
+                ),
+            )
         if normalize_email(user.email) != normalize_email(inv['email']):
-            return self.alert(f"You are logged in as {user.email}, but this invitation is for {inv['email']}. "
-                              "Log out and log in with that address to accept it.", 'warn')
+            return self.alert(
+                f"You are logged in as {user.email}, but this invitation is for {inv['email']}. "
+                "Log out and log in with that address to accept it.",
+                'warn',
+            )
         return Form(Button('Accept invitation'), method='post', action=f'{here}/accept', cls='inline')
 
     def unavailable(self, req, message: str, status: int, headers=None):
-        return self.show(req, 'Invitation unavailable', self.alert(message, 'bad'), status=status, narrow=True,
-                         headers=headers)
+        return self.show(
+            req, 'Invitation unavailable', self.alert(message, 'bad'), status=status, narrow=True, headers=headers
+        )
 
     @route('/invitations/{token}')
     def invitation(self, req, token: str):
         inv = open_invitation(self.host_db, token)
-        if inv is None: return self.unavailable(req, "This invitation is invalid, expired, or has already been used.",
-                                                404, NO_STORE)
+        if inv is None:
+            return self.unavailable(
+                req, "This invitation is invalid, expired, or has already been used.", 404, NO_STORE
+            )
         here, (_, user) = f'/invitations/{quote(token)}', self.session_user(req)
-        intro = P("You are invited to join ", Strong(inv['tenant_name']),
-                  f" as {inv['role']}. The invitation was sent to {inv['email']}.")
+        intro = P(
+            "You are invited to join ",
+            Strong(inv['tenant_name']),
+            f" as {inv['role']}. The invitation was sent to {inv['email']}.",
+        )
         decline = Form(Button('Decline', cls='secondary'), method='post', action=f'{here}/decline', cls='inline')
-        return self.show(req, f"Join {inv['tenant_name']}",
-                         self.card(intro, Div(self.invitation_actions(inv, here, user), decline,
-                                              style='display:flex;gap:.5rem')),
-                         narrow=True, headers=NO_STORE)
+        return self.show(
+            req,
+            f"Join {inv['tenant_name']}",
+            self.card(intro, Div(self.invitation_actions(inv, here, user), decline, style='display:flex;gap:.5rem')),
+            narrow=True,
+            headers=NO_STORE,
+        )
 
     @route('/invitations/{token}/accept', 'post')
     def invitation_accept(self, req, token: str):
         here, (session, _) = f'/invitations/{quote(token)}', self.session_user(req)
-        if session is None: return Redirect(f"/login?next={quote(here)}")
+        if session is None:
+            return Redirect(f"/login?next={quote(here)}")
         try:
             m = accept_invitation(self.host_db, token, session.user_id, self.roles)
             switch_tenant(self.sessions, session, m.tenant_id)
-        except InvalidToken as e: return self.unavailable(req, str(e).capitalize() + '.', 400)
-        except MembershipError: return self.show(req, 'Already a member',
-                                                 self.alert("You are already a member of this tenant.", 'warn'),
-                                                 P(A('Your tenants', href='/tenants')), status=409, narrow=True)
+        except InvalidToken as e:
+            return self.unavailable(req, str(e).capitalize() + '.', 400)
+        except MembershipError:
+            return self.show(
+                req,
+                'Already a member',
+                self.alert("You are already a member of this tenant.", 'warn'),
+                P(A('Your tenants', href='/tenants')),
+                status=409,
+                narrow=True,
+            )
         return Redirect(self.saas.home)
 
     @route('/invitations/{token}/decline', 'post')
     def invitation_decline(self, req, token: str):
-        try: decline_invitation(self.host_db, token)
-        except InvalidToken: return self.unavailable(req, "This invitation is invalid, expired, or already used.", 400)
-        return self.show(req, 'Invitation declined', self.alert("You declined the invitation. Nothing else changes.",
-                                                                'ok'), narrow=True)
+        try:
+            decline_invitation(self.host_db, token)
+        except InvalidToken:
+            return self.unavailable(req, "This invitation is invalid, expired, or already used.", 400)
+        return self.show(
+            req,
+            'Invitation declined',
+            self.alert("You declined the invitation. Nothing else changes.", 'ok'),
+            narrow=True,
+        )

@@ -43,63 +43,87 @@ default_hasher = PasswordHasher()
 # logins waits its turn instead of taking a worker's memory with it.
 HASHING_SLOTS = threading.BoundedSemaphore(env_count('FH_SAAS_HASH_CONCURRENCY', os.cpu_count() or 2, minimum=1))
 
+
 class WeakPassword(ValueError):
     "The new password does not meet the length policy."
+
 
 def check_password_policy(password: str):
     "Refuse passwords shorter than `MIN_PASSWORD` or longer than `MAX_PASSWORD` characters."
     if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         raise WeakPassword(f"a password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters long")
 
+
 def hash_password(password: str, hasher: PasswordHasher = default_hasher) -> str:
     "The argon2id hash of `password` (after checking the length policy)."
     check_password_policy(password)
-    with HASHING_SLOTS: return hasher.hash(password)
+    with HASHING_SLOTS:
+        return hasher.hash(password)
 
-def verify_password(stored: str | None, password: str,
-                    hasher: PasswordHasher = default_hasher) -> tuple[bool, str | None]:
+
+def verify_password(
+    stored: str | None, password: str, hasher: PasswordHasher = default_hasher
+) -> tuple[bool, str | None]:
     "`(ok, new_hash)`: whether `password` matches `stored`, and a fresh hash when the parameters changed."
     try:
-        with HASHING_SLOTS: hasher.verify(stored or _dummy_hash(hasher), password or '')
-    except (VerificationError, InvalidHashError): return False, None
-    if not stored: return False, None
-    if not hasher.check_needs_rehash(stored): return True, None
-    with HASHING_SLOTS: return True, hasher.hash(password)
+        with HASHING_SLOTS:
+            hasher.verify(stored or _dummy_hash(hasher), password or '')
+    except (VerificationError, InvalidHashError):
+        return False, None
+    if not stored:
+        return False, None
+    if not hasher.check_needs_rehash(stored):
+        return True, None
+    with HASHING_SLOTS:
+        return True, hasher.hash(password)
+
 
 _dummies: dict = {}
+
+
 def _dummy_hash(hasher: PasswordHasher) -> str:
     "A hash to verify against when there is no user, so the miss costs as much as a hit."
     key = (hasher.time_cost, hasher.memory_cost, hasher.parallelism)
-    if key not in _dummies: _dummies[key] = hasher.hash('fh_saas-no-such-user')
+    if key not in _dummies:
+        _dummies[key] = hasher.hash('fh_saas-no-such-user')
     return _dummies[key]
 
 # %% ../nbs/26_passwords.ipynb #da55b90b
 @dataclass(frozen=True)
 class LoginThrottle:
     "Failed logins allowed per account and per IP address in each window."
+
     per_account: RateLimit = RateLimit(5, 900)
     per_ip: RateLimit = RateLimit(50, 900)
+
 
 def _as_logged(email: str) -> str:
     "What the audit log keeps of a submitted email: the address, or a placeholder (people type passwords there)."
     email = (email or '').strip()
     return email[:320] if re.fullmatch(r'[^@\s]{1,64}@[^@\s]{1,255}', email) else '[not an email address]'
 
+
 class LoginFailed(PermissionError):
     "Wrong email or password (deliberately vague)."
 
+
 class LoginThrottled(LoginFailed):
     "Too many failed logins; try again after `retry_after` seconds."
+
     def __init__(self, retry_after: int):
         super().__init__(f"too many failed logins; try again in {retry_after} seconds")
         self.retry_after = retry_after
 
+
 def _buckets(email: str, ip: str | None, t: LoginThrottle):
     yield f'login:account:{hash_token(email)[:40]}', t.per_account
-    if ip: yield f'login:ip:{ip}', t.per_ip
+    if ip:
+        yield f'login:ip:{ip}', t.per_ip
+
 
 def _user_by_email(conn, email: str):
     return conn.execute(sa.select(users_t).where(email_is(users_t.c.email, email))).mappings().first()
+
 
 def _throttled_lookup(host_db: HostDatabase, email: str, buckets: list, now):
     "Count the attempt on its throttle buckets and read the account: one transaction, committed before the hash check."
@@ -108,73 +132,128 @@ def _throttled_lookup(host_db: HostDatabase, email: str, buckets: list, now):
         blocked = [d for d in decisions if not d.allowed]
         return blocked, None if blocked else _user_by_email(conn, email)
 
-def _authenticate(host_db: HostDatabase, email: str, password: str, ip_address, user_agent, throttle, hasher, now,
-                  then: Callable | None = None):
+
+def _authenticate(
+    host_db: HostDatabase,
+    email: str,
+    password: str,
+    ip_address,
+    user_agent,
+    throttle,
+    hasher,
+    now,
+    then: Callable | None = None,
+):
     """`authenticate`, in two host transactions; `then(user_id)` runs in the second, under the user row's lock, if
     the password still is the one checked (a reset or an account claim may have raced with the check)."""
     email, now = normalize_email(email), now or utcnow()
     where, buckets = dict(ip_address=ip_address, user_agent=user_agent), list(_buckets(email, ip_address, throttle))
     blocked, row = _throttled_lookup(host_db, email, buckets, now)
-    ok, new_hash = (False, None) if blocked else verify_password(row['password_hash'] if row else None, password,
-                                                                  hasher)
+    ok, new_hash = (
+        (False, None) if blocked else verify_password(row['password_hash'] if row else None, password, hasher)
+    )
     failure = 'throttled' if blocked else None if ok and row['is_active'] else 'inactive' if ok else 'bad_credentials'
     with host_db.transaction() as conn:
         if failure is None:
             values = dict(last_login=timestamp(now), **(dict(password_hash=new_hash) if new_hash else {}))
             u = users_t.c
-            if conn.execute(users_t.update().where(u.id == row['id'], u.password_hash == row['password_hash'],
-                                                   u.is_active.is_(True)).values(**values)).rowcount != 1:
+            if (
+                conn.execute(
+                    users_t.update()
+                    .where(u.id == row['id'], u.password_hash == row['password_hash'], u.is_active.is_(True))
+                    .values(**values)
+                ).rowcount
+                != 1
+            ):
                 failure = 'changed'
         if failure is not None:
-            audit(host_db, 'auth.login_failed', target_id=row and row['id'],
-                  details=dict(email=_as_logged(email), reason=failure), **where)
+            audit(
+                host_db,
+                'auth.login_failed',
+                target_id=row and row['id'],
+                details=dict(email=_as_logged(email), reason=failure),
+                **where,
+            )
         else:
             audit(host_db, 'auth.login', target_id=row['id'], actor_user_id=row['id'], **where)
             reset_bucket(host_db, buckets[0][0], conn=conn)
-            for bucket, rule in buckets[1:]: refund(host_db, bucket, rule, now, conn=conn)
+            for bucket, rule in buckets[1:]:
+                refund(host_db, bucket, rule, now, conn=conn)
             result = then(row['id']) if then else None
-    if blocked: raise LoginThrottled(max(d.retry_after for d in blocked))
-    if failure is not None: raise LoginFailed("wrong email or password")
+    if blocked:
+        raise LoginThrottled(max(d.retry_after for d in blocked))
+    if failure is not None:
+        raise LoginFailed("wrong email or password")
     return GlobalUser(**{**row, **values}), result
 
-def authenticate(host_db: HostDatabase, email: str, password: str, ip_address: str | None = None,
-                 user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
-                 hasher: PasswordHasher = default_hasher, now=None) -> GlobalUser:
+
+def authenticate(
+    host_db: HostDatabase,
+    email: str,
+    password: str,
+    ip_address: str | None = None,
+    user_agent: str | None = None,
+    throttle: LoginThrottle = LoginThrottle(),
+    hasher: PasswordHasher = default_hasher,
+    now=None,
+) -> GlobalUser:
     "The active user with this email and password, else `LoginFailed`/`LoginThrottled`; every outcome audited."
     return _authenticate(host_db, email, password, ip_address, user_agent, throttle, hasher, now)[0]
 
 # %% ../nbs/26_passwords.ipynb #d28334a6
-def open_session(sessions: SessionManager, user_id: str, ip_address: str | None = None,
-                 user_agent: str | None = None) -> str:
+def open_session(
+    sessions: SessionManager, user_id: str, ip_address: str | None = None, user_agent: str | None = None
+) -> str:
     "A new session for `user_id` in the active tenant they joined first (none if they have none); the cookie value."
     first = next(iter(active_tenants(sessions.host_db, user_id)), None)
     return sessions.create(user_id, first and first['tenant_id'], ip_address, user_agent)
 
+
 class TwoFactorRequired(LoginFailed):
     "The password was right, and the account signs in with a second step: `token` is its pending login."
+
     def __init__(self, user: GlobalUser, token: str):
         super().__init__("enter a code from your authenticator app, or a recovery code")
         self.user, self.token = user, token
+
 
 @dataclass(frozen=True)
 class _Pending:
     token: str
 
+
 def _session_or_pending(sessions: SessionManager, user_id: str, ip_address, user_agent):
     "A session's cookie value; or, when `user_id` uses two-factor sign-in, the signed token of a pending login."
-    if not two_factor_enabled(sessions.host_db, user_id): return open_session(sessions, user_id, ip_address, user_agent)
+    if not two_factor_enabled(sessions.host_db, user_id):
+        return open_session(sessions, user_id, ip_address, user_agent)
     return _Pending(issue_pending_login(sessions.host_db, user_id, sessions.clock()))
 
-def login(sessions: SessionManager, email: str, password: str, ip_address: str | None = None,
-          user_agent: str | None = None, throttle: LoginThrottle = LoginThrottle(),
-          hasher: PasswordHasher = default_hasher) -> tuple[GlobalUser, str]:
+
+def login(
+    sessions: SessionManager,
+    email: str,
+    password: str,
+    ip_address: str | None = None,
+    user_agent: str | None = None,
+    throttle: LoginThrottle = LoginThrottle(),
+    hasher: PasswordHasher = default_hasher,
+) -> tuple[GlobalUser, str]:
     """Authenticate and open a session: `(user, cookie_value)`. Two host transactions: the throttle counts and the
     account, then (after the hash check) the login, its audit row and the session together. A user with two-factor
     sign-in gets no session: `TwoFactorRequired` carries the pending login for `second_step`."""
-    user, done = _authenticate(sessions.host_db, email, password, ip_address, user_agent, throttle, hasher,
-                               sessions.clock(), then=lambda user_id: _session_or_pending(sessions, user_id,
-                                                                                          ip_address, user_agent))
-    if isinstance(done, _Pending): raise TwoFactorRequired(user, done.token)
+    user, done = _authenticate(
+        sessions.host_db,
+        email,
+        password,
+        ip_address,
+        user_agent,
+        throttle,
+        hasher,
+        sessions.clock(),
+        then=lambda user_id: _session_or_pending(sessions, user_id, ip_address, user_agent),
+    )
+    if isinstance(done, _Pending):
+        raise TwoFactorRequired(user, done.token)
     return user, done
 
 # %% ../nbs/26_passwords.ipynb #69d584de
@@ -183,27 +262,45 @@ def _set_password(conn, user_id: str, password: str, hasher: PasswordHasher, now
     must not outlive the change. Whether it was stored."""
     u = users_t.c
     where = [u.id == user_id] + ([u.password_hash == over] if over is not None else [])
-    if conn.execute(users_t.update().where(*where).values(password_hash=hash_password(password, hasher),
-                                                          password_changed_at=timestamp(now))).rowcount != 1:
+    if (
+        conn.execute(
+            users_t.update()
+            .where(*where)
+            .values(password_hash=hash_password(password, hasher), password_changed_at=timestamp(now))
+        ).rowcount
+        != 1
+    ):
         return False
     t = one_time_tokens_t.c
-    conn.execute(one_time_tokens_t.update()
-                 .where(t.user_id == user_id, t.purpose == 'password_reset', t.used_at.is_(None))
-                 .values(used_at=timestamp(now)))
+    conn.execute(
+        one_time_tokens_t.update()
+        .where(t.user_id == user_id, t.purpose == 'password_reset', t.used_at.is_(None))
+        .values(used_at=timestamp(now))
+    )
     return True
+
 
 def check_current_password(sessions: SessionManager, record: SessionRecord, password: str, hasher, throttle) -> str:
     "The stored hash, once `password` is the session user's (`LoginFailed`), throttled per account (`LoginThrottled`)."
     db, bucket = sessions.host_db, f'password_change:{record.user_id}'
-    if not (d := hit(db, bucket, throttle.per_account, sessions.clock())).allowed: raise LoginThrottled(d.retry_after)
+    if not (d := hit(db, bucket, throttle.per_account, sessions.clock())).allowed:
+        raise LoginThrottled(d.retry_after)
     with db.transaction() as conn:
         stored = conn.execute(sa.select(users_t.c.password_hash).where(users_t.c.id == record.user_id)).scalar()
-    if not verify_password(stored, password, hasher)[0]: raise LoginFailed("the current password is wrong")
+    if not verify_password(stored, password, hasher)[0]:
+        raise LoginFailed("the current password is wrong")
     reset_bucket(db, bucket)
     return stored
 
-def change_password(sessions: SessionManager, record: SessionRecord, old: str, new: str,
-                    hasher: PasswordHasher = default_hasher, throttle: LoginThrottle = LoginThrottle()):
+
+def change_password(
+    sessions: SessionManager,
+    record: SessionRecord,
+    old: str,
+    new: str,
+    hasher: PasswordHasher = default_hasher,
+    throttle: LoginThrottle = LoginThrottle(),
+):
     """Change the session user's password after checking `old` (`LoginFailed` if wrong, `WeakPassword` if `new` is
     refused, `LoginThrottled` after `throttle.per_account` wrong guesses, so a stolen session cannot try passwords
     without end); end their other sessions. The new hash is stored only over the one checked, so of two changes racing
@@ -214,32 +311,60 @@ def change_password(sessions: SessionManager, record: SessionRecord, old: str, n
         if not _set_password(conn, record.user_id, new, hasher, sessions.clock(), over=stored):
             raise LoginFailed("the password was changed meanwhile")
         sessions.revoke_user(record.user_id, keep=record.id_hash)
-        audit(db, 'auth.password_changed', target_id=record.user_id, actor_user_id=record.user_id,
-              impersonator_user_id=record.impersonator_user_id)
+        audit(
+            db,
+            'auth.password_changed',
+            target_id=record.user_id,
+            actor_user_id=record.user_id,
+            impersonator_user_id=record.impersonator_user_id,
+        )
+
 
 reset_mail_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix='fh_saas-password-reset')
 
-def _send_reset_link(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str], ttl: timedelta,
-                     now, templates: MailTemplates):
+
+def _send_reset_link(
+    host_db: HostDatabase,
+    email: str,
+    mailer: Mailer,
+    link: Callable[[str], str],
+    ttl: timedelta,
+    now,
+    templates: MailTemplates,
+):
     "Email a reset link (built by `link(token)`) if an active user has this email; nothing otherwise."
-    with host_db.transaction() as conn: row = _user_by_email(conn, email)
-    if not row or not row['is_active']: return
+    with host_db.transaction() as conn:
+        row = _user_by_email(conn, email)
+    if not row or not row['is_active']:
+        return
     with host_db.transaction():
         raw = issue_token(host_db, row['id'], 'password_reset', ttl, now)
         audit(host_db, 'auth.password_reset_requested', target_id=row['id'])
     send_mail(mailer, row['email'], templates.password_reset(link(raw), ttl))
 
-def _log_failure(done: Future):
-    if (e := done.exception()) is not None: _log.error("a password reset mail was not sent", exc_info=e)
 
-def request_password_reset(host_db: HostDatabase, email: str, mailer: Mailer, link: Callable[[str], str],
-                           ttl: timedelta = timedelta(hours=1), now=None, executor: Executor | None = None,
-                           templates: MailTemplates | None = None) -> Future:
+def _log_failure(done: Future):
+    if (e := done.exception()) is not None:
+        _log.error("a password reset mail was not sent", exc_info=e)
+
+
+def request_password_reset(
+    host_db: HostDatabase,
+    email: str,
+    mailer: Mailer,
+    link: Callable[[str], str],
+    ttl: timedelta = timedelta(hours=1),
+    now=None,
+    executor: Executor | None = None,
+    templates: MailTemplates | None = None,
+) -> Future:
     "Hand the lookup and the reset mail to `executor` and return at once, account or not; the `Future` of that work."
-    done = (executor or reset_mail_executor).submit(_send_reset_link, host_db, email, mailer, link, ttl, now,
-                                                    templates or MailTemplates())
+    done = (executor or reset_mail_executor).submit(
+        _send_reset_link, host_db, email, mailer, link, ttl, now, templates or MailTemplates()
+    )
     done.add_done_callback(_log_failure)
     return done
+
 
 def reset_password(sessions: SessionManager, token: str, new: str, hasher: PasswordHasher = default_hasher) -> str:
     "Set a new password with a reset token (single use); end all the user's sessions; the user id."
@@ -253,72 +378,117 @@ def reset_password(sessions: SessionManager, token: str, new: str, hasher: Passw
     return user_id
 
 # %% ../nbs/26_passwords.ipynb #1cd44d2a
-def send_email_verification(host_db: HostDatabase, user_id: str, mailer: Mailer, link: Callable[[str], str],
-                            ttl: timedelta = timedelta(days=2), now=None, templates: MailTemplates | None = None):
+def send_email_verification(
+    host_db: HostDatabase,
+    user_id: str,
+    mailer: Mailer,
+    link: Callable[[str], str],
+    ttl: timedelta = timedelta(days=2),
+    now=None,
+    templates: MailTemplates | None = None,
+):
     "Email `user_id` a link proving they control their address."
     email, raw = host_db.global_users[user_id].email, issue_token(host_db, user_id, 'email_verify', ttl, now)
     send_mail(mailer, email, (templates or MailTemplates()).verify_email(link(raw), ttl))
 
+
 class EmailChangeRefused(ValueError):
     "The new address is not one (`code` 'invalid'), is the current one ('same'), or another account's ('taken')."
+
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
 
-def request_email_change(sessions: SessionManager, record: SessionRecord, new_email: str, password: str,
-                         mailer: Mailer, link: Callable[[str], str], hasher: PasswordHasher = default_hasher,
-                         throttle: LoginThrottle = LoginThrottle(), ttl: timedelta = timedelta(days=1),
-                         templates: MailTemplates | None = None) -> str:
+
+def request_email_change(
+    sessions: SessionManager,
+    record: SessionRecord,
+    new_email: str,
+    password: str,
+    mailer: Mailer,
+    link: Callable[[str], str],
+    hasher: PasswordHasher = default_hasher,
+    throttle: LoginThrottle = LoginThrottle(),
+    ttl: timedelta = timedelta(days=1),
+    templates: MailTemplates | None = None,
+) -> str:
     """After checking the session user's `password` (throttled as for a password change), mail `new_email` a link
     that makes it the account's address, and tell the current address; the new address, normalised. Nothing changes
     until the link is used (`confirm_email_change`)."""
     db, new = sessions.host_db, normalize_email(new_email)
-    if not is_email_address(new): raise EmailChangeRefused('invalid', "Enter a valid email address.")
+    if not is_email_address(new):
+        raise EmailChangeRefused('invalid', "Enter a valid email address.")
     check_current_password(sessions, record, password, hasher, throttle)
     with db.transaction() as conn:
         old = conn.execute(sa.select(users_t.c.email).where(users_t.c.id == record.user_id)).scalar()
-        if new == normalize_email(old): raise EmailChangeRefused('same', "That is already your address.")
-        if _user_by_email(conn, new): raise EmailChangeRefused('taken', "Another account uses that address.")
+        if new == normalize_email(old):
+            raise EmailChangeRefused('same', "That is already your address.")
+        if _user_by_email(conn, new):
+            raise EmailChangeRefused('taken', "Another account uses that address.")
         raw = issue_token(db, record.user_id, 'email_change', ttl, sessions.clock(), payload=new)
-        audit(db, 'auth.email_change_requested', target_id=record.user_id, actor_user_id=record.user_id,
-              impersonator_user_id=record.impersonator_user_id)
+        audit(
+            db,
+            'auth.email_change_requested',
+            target_id=record.user_id,
+            actor_user_id=record.user_id,
+            impersonator_user_id=record.impersonator_user_id,
+        )
     templates = templates or MailTemplates()
     send_mail(mailer, new, templates.email_change(new, link(raw), ttl))
     send_mail(mailer, old, templates.email_change_notice(new))
     return new
+
 
 def confirm_email_change(host_db: HostDatabase, token: str, now=None) -> str:
     "Make the link's new address the user's (confirmed, single use); the user id. `EmailChangeRefused` if taken since."
     try:
         with host_db.transaction() as conn:
             user_id, new = redeem_token(host_db, token, 'email_change', now)
-            conn.execute(users_t.update().where(users_t.c.id == user_id)
-                         .values(email=new, email_verified_at=timestamp(now or utcnow())))
+            conn.execute(
+                users_t.update()
+                .where(users_t.c.id == user_id)
+                .values(email=new, email_verified_at=timestamp(now or utcnow()))
+            )
             audit(host_db, 'auth.email_changed', target_id=user_id, actor_user_id=user_id)
     except sa.exc.IntegrityError:
         raise EmailChangeRefused('taken', "Another account took that address meanwhile.") from None
     return user_id
 
-def verify_email(host_db: HostDatabase, token: str, now=None, mailer: Mailer | None = None, home: str = '/',
-                 templates: MailTemplates | None = None) -> str:
+
+def verify_email(
+    host_db: HostDatabase,
+    token: str,
+    now=None,
+    mailer: Mailer | None = None,
+    home: str = '/',
+    templates: MailTemplates | None = None,
+) -> str:
     """Mark the token's user as verified (single use); the user id. With a `mailer`, the first confirmation of an
     address is answered with the welcome mail (linking to `home`), once: a second link finds it confirmed."""
     u = users_t.c
     with host_db.transaction() as conn:
         user_id = consume_token(host_db, token, 'email_verify', now)
-        first = conn.execute(users_t.update().where(u.id == user_id, u.email_verified_at.is_(None))
-                             .values(email_verified_at=timestamp(now or utcnow())).returning(u.email)).scalar()
+        first = conn.execute(
+            users_t.update()
+            .where(u.id == user_id, u.email_verified_at.is_(None))
+            .values(email_verified_at=timestamp(now or utcnow()))
+            .returning(u.email)
+        ).scalar()
         audit(host_db, 'auth.email_verified', target_id=user_id, actor_user_id=user_id)
     if mailer is not None and first is not None:
-        try: send_mail(mailer, first, (templates or MailTemplates()).welcome(home))
-        except OSError as e: _log.warning("user %s: the welcome email was not sent: %s", user_id, e)
+        try:
+            send_mail(mailer, first, (templates or MailTemplates()).welcome(home))
+        except OSError as e:
+            _log.warning("user %s: the welcome email was not sent: %s", user_id, e)
     return user_id
 
 # %% ../nbs/26_passwords.ipynb #35a32dae
-TWO_FACTOR_LIMIT = RateLimit(5, 300)   # wrong second-step codes per user per five minutes
+TWO_FACTOR_LIMIT = RateLimit(5, 300)  # wrong second-step codes per user per five minutes
+
 
 class PendingLoginExpired(LoginFailed):
     "The pending login is unknown, expired or used: the password must be entered again."
+
 
 def _second_step_audit(db: HostDatabase, user_id: str, method: str | None, where: dict, reason: str = 'wrong_code'):
     if method is None:
@@ -326,17 +496,31 @@ def _second_step_audit(db: HostDatabase, user_id: str, method: str | None, where
         return
     audit(db, 'auth.two_factor_passed', target_id=user_id, actor_user_id=user_id, details=dict(method=method), **where)
     if method == 'recovery':
-        audit(db, 'two_factor.recovery_code_used', target_id=user_id, actor_user_id=user_id,
-              details=dict(left=recovery_codes_left(db, user_id)), **where)
+        audit(
+            db,
+            'two_factor.recovery_code_used',
+            target_id=user_id,
+            actor_user_id=user_id,
+            details=dict(left=recovery_codes_left(db, user_id)),
+            **where,
+        )
 
-def second_step(sessions: SessionManager, token: str | None, code: str | None, ip_address: str | None = None,
-                user_agent: str | None = None, limit: RateLimit = TWO_FACTOR_LIMIT) -> tuple[str, str]:
+
+def second_step(
+    sessions: SessionManager,
+    token: str | None,
+    code: str | None,
+    ip_address: str | None = None,
+    user_agent: str | None = None,
+    limit: RateLimit = TWO_FACTOR_LIMIT,
+) -> tuple[str, str]:
     """Finish the pending login `token` with `code`: `(user_id, cookie_value)`. `PendingLoginExpired` when the token
     is no good, `LoginThrottled` after `limit` wrong codes, `LoginFailed` for a wrong or used code. The code, the
     pending login and the session are spent together, in one transaction."""
     db, now, where = sessions.host_db, sessions.clock(), dict(ip_address=ip_address, user_agent=user_agent)
     pending = read_pending_login(db, token, now)
-    if pending is None: raise PendingLoginExpired("this sign-in has expired: enter your password again")
+    if pending is None:
+        raise PendingLoginExpired("this sign-in has expired: enter your password again")
     bucket = f'two_factor:{pending.user_id}'
     if not (d := hit(db, bucket, limit, now)).allowed:
         _second_step_audit(db, pending.user_id, None, where, 'throttled')
@@ -344,9 +528,11 @@ def second_step(sessions: SessionManager, token: str | None, code: str | None, i
     with db.transaction() as conn:
         method = verify_code(db, pending.user_id, code, now)
         if method is not None:
-            if not finish_pending_login(conn, pending): raise PendingLoginExpired("this sign-in was completed already")
+            if not finish_pending_login(conn, pending):
+                raise PendingLoginExpired("this sign-in was completed already")
             cookie = open_session(sessions, pending.user_id, ip_address, user_agent)
         _second_step_audit(db, pending.user_id, method, where)
-    if method is None: raise LoginFailed("that code is wrong or was used already")
+    if method is None:
+        raise LoginFailed("that code is wrong or was used already")
     reset_bucket(db, bucket)
     return pending.user_id, cookie

@@ -22,10 +22,13 @@ from .db_host import HostDatabase, register_component
 
 # %% ../nbs/21_rate_limits.ipynb #282b1862
 rate_meta = sa.MetaData()
-rate_counters_t = sa.Table('auth_rate_counters', rate_meta,
+rate_counters_t = sa.Table(
+    'auth_rate_counters',
+    rate_meta,
     sa.Column('bucket', sa.String(200), primary_key=True),
     sa.Column('window_start', sa.BigInteger, primary_key=True),
-    sa.Column('hits', sa.Integer, nullable=False))
+    sa.Column('hits', sa.Integer, nullable=False),
+)
 
 rate_limits_component = register_component(HostComponent('rate_limits', rate_meta, 1, [rate_counters_t]))
 
@@ -33,12 +36,19 @@ rate_limits_component = register_component(HostComponent('rate_limits', rate_met
 @dataclass(frozen=True)
 class RateLimit:
     "At most `limit` hits per `window` seconds."
-    limit: int; window: int
+
+    limit: int
+    window: int
+
 
 @dataclass(frozen=True)
 class RateDecision:
     "The outcome of one hit: allowed or not, the count so far, and seconds until the window resets."
-    allowed: bool; hits: int; retry_after: int
+
+    allowed: bool
+    hits: int
+    retry_after: int
+
 
 def _window(rule: RateLimit, now: datetime) -> tuple[int, int]:
     t = int(now.timestamp())
@@ -54,48 +64,68 @@ def counting(host_db: HostDatabase, conn: sa.Connection | None = None):
         yield conn
         return
     if host_db.in_transaction and host_db.engine.dialect.name == 'sqlite':
-        raise RuntimeError("on SQLite, rate limits are counted outside host_db.transaction(): "
-                           "its single writer is held by the open transaction")
-    if host_db.in_transaction: ctx = host_db.engine.begin()   # not the caller's connection, nor its transaction
-    else: ctx = host_db.one_statement()
-    with ctx as conn: yield conn
+        raise RuntimeError(
+            "on SQLite, rate limits are counted outside host_db.transaction(): "
+            "its single writer is held by the open transaction"
+        )
+    if host_db.in_transaction:
+        ctx = host_db.engine.begin()  # not the caller's connection, nor its transaction
+    else:
+        ctx = host_db.one_statement()
+    with ctx as conn:
+        yield conn
 
-def hit(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None,
-        conn: sa.Connection | None = None) -> RateDecision:
+
+def hit(
+    host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None, conn: sa.Connection | None = None
+) -> RateDecision:
     "Count one hit on `bucket` in the current window, atomically; `allowed` is False once `rule.limit` is passed."
     start, t = _window(rule, now or utcnow())
     c = rate_counters_t.c
     with counting(host_db, conn) as conn:
-        stmt = (dialect_insert(conn, rate_counters_t).values(bucket=bucket, window_start=start, hits=1)
-                .on_conflict_do_update(index_elements=[c.bucket, c.window_start], set_=dict(hits=c.hits + 1))
-                .returning(c.hits))
+        stmt = (
+            dialect_insert(conn, rate_counters_t)
+            .values(bucket=bucket, window_start=start, hits=1)
+            .on_conflict_do_update(index_elements=[c.bucket, c.window_start], set_=dict(hits=c.hits + 1))
+            .returning(c.hits)
+        )
         hits = conn.execute(stmt).scalar_one()
     return RateDecision(hits <= rule.limit, hits, 0 if hits <= rule.limit else start + rule.window - t)
 
-def refund(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None,
-           conn: sa.Connection | None = None):
+
+def refund(
+    host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None, conn: sa.Connection | None = None
+):
     "Give back one hit of the current window (an attempt that turned out to be legitimate)."
     start, _ = _window(rule, now or utcnow())
     c = rate_counters_t.c
     with counting(host_db, conn) as conn:
-        conn.execute(rate_counters_t.update().where(c.bucket == bucket, c.window_start == start, c.hits > 0)
-                     .values(hits=c.hits - 1))
+        conn.execute(
+            rate_counters_t.update()
+            .where(c.bucket == bucket, c.window_start == start, c.hits > 0)
+            .values(hits=c.hits - 1)
+        )
 
-def hits_so_far(host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None,
-                conn: sa.Connection | None = None) -> int:
+
+def hits_so_far(
+    host_db: HostDatabase, bucket: str, rule: RateLimit, now: datetime | None = None, conn: sa.Connection | None = None
+) -> int:
     "The count of `bucket` in the current window, without adding to it."
     start, _ = _window(rule, now or utcnow())
     c = rate_counters_t.c
     with counting(host_db, conn) as conn:
         return conn.execute(sa.select(c.hits).where(c.bucket == bucket, c.window_start == start)).scalar() or 0
 
+
 def reset_bucket(host_db: HostDatabase, bucket: str, conn: sa.Connection | None = None):
     "Forget every window of `bucket` (e.g. an account's failed logins after a successful one)."
     with counting(host_db, conn) as conn:
         conn.execute(rate_counters_t.delete().where(rate_counters_t.c.bucket == bucket))
 
+
 def purge_windows(host_db: HostDatabase, before: datetime, conn: sa.Connection | None = None) -> int:
     "Delete counters whose window started before `before` (run it from a periodic job); the number deleted."
     with counting(host_db, conn) as conn:
-        return conn.execute(rate_counters_t.delete()
-                            .where(rate_counters_t.c.window_start < int(before.timestamp()))).rowcount
+        return conn.execute(
+            rate_counters_t.delete().where(rate_counters_t.c.window_start < int(before.timestamp()))
+        ).rowcount

@@ -25,18 +25,19 @@ from . import ui
 @dataclass
 class Saas:
     "What the mounted routes share."
+
     host_db: HostDatabase
     sessions: SessionManager
     router: TenantRouter
     mailer: Mailer
-    stripe: Any = None                   # a `stripe.StripeClient`, or None when Stripe is not configured
+    stripe: Any = None  # a `stripe.StripeClient`, or None when Stripe is not configured
     base_url: str = 'http://127.0.0.1:5001'
     brand: str = 'fh_saas'
-    home: str = '/'                      # where a signed-in user lands
-    app_nav: list = field(default_factory=list)   # the app's own (label, href) entries
-    dev: bool = False                    # development mode: the outbox page is in the navigation
-    stop_jobs: Any = None                # in development mode, the `threading.Event` that stops in-process jobs
-    mail: MailTemplates = field(default_factory=MailTemplates)   # the messages the kit sends
+    home: str = '/'  # where a signed-in user lands
+    app_nav: list = field(default_factory=list)  # the app's own (label, href) entries
+    dev: bool = False  # development mode: the outbox page is in the navigation
+    stop_jobs: Any = None  # in development mode, the `threading.Event` that stops in-process jobs
+    mail: MailTemplates = field(default_factory=MailTemplates)  # the messages the kit sends
 
     @property
     def secure(self) -> bool:
@@ -49,7 +50,8 @@ class Saas:
 
     def current_tenant(self, auth):
         "The tenant `auth` works in: the beforeware's, else (on tenant-free pages) the session's while it is active."
-        if auth is None or auth.tenant is not None: return auth and auth.tenant
+        if auth is None or auth.tenant is not None:
+            return auth and auth.tenant
         tid = auth.session.tenant_id if auth.session else None
         tenant = self.host_db.tenants.get(tid, default=None) if tid else None
         return tenant if tenant is not None and tenant.status == 'active' else None
@@ -57,30 +59,53 @@ class Saas:
     def nav(self, auth, tenant=None) -> list:
         "The navigation entries `auth` may use (the tenant pages only with a current `tenant`)."
         dev = [('Mail', DEV_MAIL_PATH)] if self.dev else []
-        if auth is None: return [('Pricing', '/pricing'), ('Log in', '/login'), *dev]
+        if auth is None:
+            return [('Pricing', '/pricing'), ('Log in', '/login'), *dev]
         items = [*self.app_nav, ('Team', '/team'), ('API keys', '/api-keys'), ('Billing', '/billing')] if tenant else []
         items.append(('Tenants', '/tenants'))
-        if auth.user.is_sys_admin or auth.impersonator is not None: items.append(('Admin', '/admin'))
+        if auth.user.is_sys_admin or auth.impersonator is not None:
+            items.append(('Admin', '/admin'))
         return items + dev
 
     def switcher(self, tenant):
         """The current tenant's name in the top bar, opening the user's tenants to switch to: fetched when opened
         (`/tenants/menu`), so a page costs no query for it; without script it links to the tenants page."""
-        menu = Div(A('All your tenants', href='/tenants'), cls='menu', hx_get='/tenants/menu', hx_swap='innerHTML',
-                   hx_trigger='toggle once from:closest details')
-        return Details(Summary(ui.badge(tenant.name if tenant else 'Choose a tenant'), title='Switch tenant'), menu,
-                       cls='switcher')
+        menu = Div(
+            A('All your tenants', href='/tenants'),
+            cls='menu',
+            hx_get='/tenants/menu',
+            hx_swap='innerHTML',
+            hx_trigger='toggle once from:closest details',
+        )
+        return Details(
+            Summary(ui.badge(tenant.name if tenant else 'Choose a tenant'), title='Switch tenant'), menu, cls='switcher'
+        )
 
     def page(self, req, title: str, *content, narrow: bool = False):
         "`content` in the shared layout, with the top bar for the request's user and tenant."
         auth = req.scope.get('auth')
         tenant, who = self.current_tenant(auth), None
         if auth is not None:
-            who = (A(auth.user.email, href='/account', title='Your account'),
-                   self.switcher(tenant), Span(auth.role) if auth.role else None,
-                   post_form('/logout', Button('Log out', cls='secondary'), auth=auth, cls=None))
+            who = (
+                A(auth.user.email, href='/account', title='Your account'),
+                self.switcher(tenant),
+                Span(auth.role) if auth.role else None,
+                post_form('/logout', Button('Log out', cls='secondary'), auth=auth, cls=None),
+            )
         acting = auth is not None and auth.impersonator is not None
-        stop = post_form('/admin/impersonate/stop', Button('Stop impersonating', cls='secondary'), auth=auth,
-                         cls=None) if acting else None
-        return ui.page(title, *content, nav=self.nav(auth, tenant), active=req.url.path, who=who, brand=self.brand,
-                       narrow=narrow, impersonator=auth.user.email if acting else None, stop=stop)
+        stop = (
+            post_form('/admin/impersonate/stop', Button('Stop impersonating', cls='secondary'), auth=auth, cls=None)
+            if acting
+            else None
+        )
+        return ui.page(
+            title,
+            *content,
+            nav=self.nav(auth, tenant),
+            active=req.url.path,
+            who=who,
+            brand=self.brand,
+            narrow=narrow,
+            impersonator=auth.user.email if acting else None,
+            stop=stop,
+        )

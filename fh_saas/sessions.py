@@ -27,7 +27,9 @@ from .audit import audit
 sessions_meta = sa.MetaData()
 _users = users_t.to_metadata(sessions_meta)
 
-sessions_t = sa.Table('auth_sessions', sessions_meta,
+sessions_t = sa.Table(
+    'auth_sessions',
+    sessions_meta,
     sa.Column('id_hash', sa.String(64), primary_key=True),
     sa.Column('user_id', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), nullable=False),
     sa.Column('tenant_id', sa.String(64)),
@@ -38,25 +40,43 @@ sessions_t = sa.Table('auth_sessions', sessions_meta,
     sa.Column('revoked_at', UTCTimestamp()),
     sa.Column('ip_address', sa.String(45)),
     sa.Column('user_agent', sa.String(512)),
-    sa.Column('return_tenant_id', sa.String(64)))   # while impersonating: the admin's tenant, restored at the end
+    sa.Column('return_tenant_id', sa.String(64)),
+)  # while impersonating: the admin's tenant, restored at the end
 sa.Index('ix_auth_sessions_user', sessions_t.c.user_id)
 
-sessions_component = register_component(HostComponent('sessions', sessions_meta, 2, [sessions_t]))   # 2: its column
+sessions_component = register_component(HostComponent('sessions', sessions_meta, 2, [sessions_t]))  # 2: its column
+
 
 @dataclass(frozen=True)
 class SessionRecord:
     "One live login session, as stored (the raw id is only ever in the cookie)."
-    id_hash: str; user_id: str; tenant_id: str | None; impersonator_user_id: str | None
-    created_at: str; last_seen_at: str; expires_at: str; revoked_at: str | None
-    ip_address: str | None; user_agent: str | None
-    return_tenant_id: str | None = None   # while impersonating: the tenant the admin worked in before
+
+    id_hash: str
+    user_id: str
+    tenant_id: str | None
+    impersonator_user_id: str | None
+    created_at: str
+    last_seen_at: str
+    expires_at: str
+    revoked_at: str | None
+    ip_address: str | None
+    user_agent: str | None
+    return_tenant_id: str | None = None  # while impersonating: the tenant the admin worked in before
 
 # %% ../nbs/23_sessions.ipynb #478f7b6b
 class SessionManager:
     "Create, load, revoke and re-point server-side sessions, and read/write their signed cookie."
-    def __init__(self, host_db: HostDatabase, secret_key: str | Sequence[str], idle: timedelta = timedelta(hours=2),
-                 absolute: timedelta = timedelta(days=7), cookie_name: str = 'fh_saas_session',
-                 clock: Callable[[], datetime] = utcnow, touch_every: timedelta = timedelta(minutes=1)):
+
+    def __init__(
+        self,
+        host_db: HostDatabase,
+        secret_key: str | Sequence[str],
+        idle: timedelta = timedelta(hours=2),
+        absolute: timedelta = timedelta(days=7),
+        cookie_name: str = 'fh_saas_session',
+        clock: Callable[[], datetime] = utcnow,
+        touch_every: timedelta = timedelta(minutes=1),
+    ):
         keys = list(secret_key) if isinstance(secret_key, (list, tuple)) else [secret_key]
         if not keys or any(len(k or '') < 32 for k in keys):
             raise ValueError("each session secret key must be at least 32 characters")
@@ -69,42 +89,61 @@ class SessionManager:
         "A manager signing with `FH_SAAS_SECRET_KEY` and also accepting `FH_SAAS_PREVIOUS_SECRET_KEYS`."
         return cls(host_db, secret_keys(), **kwargs)
 
-    def create(self, user_id: str, tenant_id: str | None = None, ip_address: str | None = None,
-               user_agent: str | None = None) -> str:
+    def create(
+        self, user_id: str, tenant_id: str | None = None, ip_address: str | None = None, user_agent: str | None = None
+    ) -> str:
         "Store a new session (in the current transaction, if any); return the signed cookie value."
         raw, now = new_token(), self.clock()
         with self.host_db.transaction() as conn:
-            conn.execute(sessions_t.insert().values(
-                id_hash=hash_token(raw), user_id=user_id, tenant_id=tenant_id, created_at=timestamp(now),
-                last_seen_at=timestamp(now), expires_at=timestamp(now + self.absolute),
-                ip_address=ip_address, user_agent=(user_agent or '')[:512] or None))
+            conn.execute(
+                sessions_t.insert().values(
+                    id_hash=hash_token(raw),
+                    user_id=user_id,
+                    tenant_id=tenant_id,
+                    created_at=timestamp(now),
+                    last_seen_at=timestamp(now),
+                    expires_at=timestamp(now + self.absolute),
+                    ip_address=ip_address,
+                    user_agent=(user_agent or '')[:512] or None,
+                )
+            )
         return self._signer.sign(raw).decode()
 
     def id_hash(self, cookie: str | None) -> str | None:
         "The stored key of the session named by `cookie`, or None when the cookie is missing or tampered."
-        if not cookie: return None
-        try: return hash_token(self._signer.unsign(cookie).decode())
-        except (BadSignature, UnicodeError): return None
+        if not cookie:
+            return None
+        try:
+            return hash_token(self._signer.unsign(cookie).decode())
+        except (BadSignature, UnicodeError):
+            return None
 
     def live(self, id_hash: str, now: datetime) -> list:
         "The conditions on `sessions_t` that select the session keyed `id_hash` if it is live at `now`."
         c = sessions_t.c
-        return [c.id_hash == id_hash, c.revoked_at.is_(None), c.expires_at > timestamp(now),
-                c.last_seen_at > timestamp(now - self.idle)]
+        return [
+            c.id_hash == id_hash,
+            c.revoked_at.is_(None),
+            c.expires_at > timestamp(now),
+            c.last_seen_at > timestamp(now - self.idle),
+        ]
 
     def touch(self, conn, row, now: datetime):
         "Record that the session `row` was used at `now`, at most once per `touch_every` (a write avoided per request)."
         if as_utc(row['last_seen_at']) <= now - self.touch_every:
-            conn.execute(sessions_t.update().where(sessions_t.c.id_hash == row['id_hash'])
-                         .values(last_seen_at=timestamp(now)))
+            conn.execute(
+                sessions_t.update().where(sessions_t.c.id_hash == row['id_hash']).values(last_seen_at=timestamp(now))
+            )
 
     def load(self, cookie: str | None) -> SessionRecord | None:
         "The live session named by `cookie`; None when tampered, unknown, revoked, idle too long or past its lifetime."
-        if (h := self.id_hash(cookie)) is None: return None
+        if (h := self.id_hash(cookie)) is None:
+            return None
         now = self.clock()
         with self.host_db.transaction() as conn:
             row = conn.execute(sa.select(sessions_t).where(*self.live(h, now))).mappings().first()
-            if row is None: return None
+            if row is None:
+                return None
             self.touch(conn, row, now)
         return SessionRecord(**row)
 
@@ -112,14 +151,21 @@ class SessionManager:
         "End one session; False when it was already ended."
         c = sessions_t.c
         with self.host_db.transaction() as conn:
-            return conn.execute(sessions_t.update().where(c.id_hash == id_hash, c.revoked_at.is_(None))
-                                .values(revoked_at=timestamp(self.clock()))).rowcount == 1
+            return (
+                conn.execute(
+                    sessions_t.update()
+                    .where(c.id_hash == id_hash, c.revoked_at.is_(None))
+                    .values(revoked_at=timestamp(self.clock()))
+                ).rowcount
+                == 1
+            )
 
     def revoke_user(self, user_id: str, keep: str | None = None) -> int:
         "End every session of `user_id`, including those where they impersonate someone (except the one keyed `keep`)."
         c = sessions_t.c
-        cond = ([sa.or_(c.user_id == user_id, c.impersonator_user_id == user_id), c.revoked_at.is_(None)]
-                + ([c.id_hash != keep] if keep else []))
+        cond = [sa.or_(c.user_id == user_id, c.impersonator_user_id == user_id), c.revoked_at.is_(None)] + (
+            [c.id_hash != keep] if keep else []
+        )
         with self.host_db.transaction() as conn:
             return conn.execute(sessions_t.update().where(*cond).values(revoked_at=timestamp(self.clock()))).rowcount
 
@@ -130,8 +176,15 @@ class SessionManager:
 
     def set_cookie(self, resp, cookie: str, secure: bool):
         "Put the session cookie on `resp`: HttpOnly, SameSite=Lax, Secure when served over https."
-        resp.set_cookie(self.cookie_name, cookie, max_age=int(self.absolute.total_seconds()), path='/',
-                        secure=secure, httponly=True, samesite='lax')
+        resp.set_cookie(
+            self.cookie_name,
+            cookie,
+            max_age=int(self.absolute.total_seconds()),
+            path='/',
+            secure=secure,
+            httponly=True,
+            samesite='lax',
+        )
         return resp
 
     def clear_cookie(self, resp):
@@ -144,12 +197,18 @@ def logout(sessions: SessionManager, record: SessionRecord):
     "End `record`'s session and audit it."
     with sessions.host_db.transaction():
         if sessions.revoke(record.id_hash):
-            audit(sessions.host_db, 'auth.logout', target_id=record.user_id, actor_user_id=record.user_id,
-                  impersonator_user_id=record.impersonator_user_id)
+            audit(
+                sessions.host_db,
+                'auth.logout',
+                target_id=record.user_id,
+                actor_user_id=record.user_id,
+                impersonator_user_id=record.impersonator_user_id,
+            )
 
 # %% ../nbs/23_sessions.ipynb #fe735a50
 class ImpersonationRefused(PermissionError):
     "The session may not start or stop impersonating this user."
+
 
 def start_impersonation(sessions: SessionManager, record: SessionRecord, target_user_id: str) -> SessionRecord:
     "Make `record`'s session act as `target_user_id` (the session's user must be an active system admin)."
@@ -161,21 +220,52 @@ def start_impersonation(sessions: SessionManager, record: SessionRecord, target_
             raise ImpersonationRefused("only a system admin, not already impersonating, may impersonate")
         if not target or not target['is_active'] or target['is_sys_admin']:
             raise ImpersonationRefused("that user cannot be impersonated")
-        conn.execute(sessions_t.update().where(c.id_hash == record.id_hash)
-                     .values(user_id=target_user_id, impersonator_user_id=admin['id'], tenant_id=None,
-                             return_tenant_id=record.tenant_id))
-        audit(db, 'impersonation.started', target_id=target_user_id, actor_user_id=admin['id'],
-              impersonator_user_id=admin['id'])
-    return SessionRecord(**{**record.__dict__, 'user_id': target_user_id, 'impersonator_user_id': admin['id'],
-                            'tenant_id': None, 'return_tenant_id': record.tenant_id})
+        conn.execute(
+            sessions_t.update()
+            .where(c.id_hash == record.id_hash)
+            .values(
+                user_id=target_user_id,
+                impersonator_user_id=admin['id'],
+                tenant_id=None,
+                return_tenant_id=record.tenant_id,
+            )
+        )
+        audit(
+            db,
+            'impersonation.started',
+            target_id=target_user_id,
+            actor_user_id=admin['id'],
+            impersonator_user_id=admin['id'],
+        )
+    return SessionRecord(
+        **{
+            **record.__dict__,
+            'user_id': target_user_id,
+            'impersonator_user_id': admin['id'],
+            'tenant_id': None,
+            'return_tenant_id': record.tenant_id,
+        }
+    )
+
 
 def stop_impersonation(sessions: SessionManager, record: SessionRecord) -> SessionRecord:
     "Return `record`'s session to the impersonating admin, in the tenant they worked in before."
-    if not record.impersonator_user_id: raise ImpersonationRefused("this session is not impersonating anyone")
+    if not record.impersonator_user_id:
+        raise ImpersonationRefused("this session is not impersonating anyone")
     db, c, admin, back = sessions.host_db, sessions_t.c, record.impersonator_user_id, record.return_tenant_id
     with db.transaction() as conn:
-        conn.execute(sessions_t.update().where(c.id_hash == record.id_hash)
-                     .values(user_id=admin, impersonator_user_id=None, tenant_id=back, return_tenant_id=None))
+        conn.execute(
+            sessions_t.update()
+            .where(c.id_hash == record.id_hash)
+            .values(user_id=admin, impersonator_user_id=None, tenant_id=back, return_tenant_id=None)
+        )
         audit(db, 'impersonation.stopped', target_id=record.user_id, actor_user_id=admin, impersonator_user_id=admin)
-    return SessionRecord(**{**record.__dict__, 'user_id': admin, 'impersonator_user_id': None, 'tenant_id': back,
-                            'return_tenant_id': None})
+    return SessionRecord(
+        **{
+            **record.__dict__,
+            'user_id': admin,
+            'impersonator_user_id': None,
+            'tenant_id': back,
+            'return_tenant_id': None,
+        }
+    )

@@ -31,28 +31,34 @@ def stripe_client(api_key: str, **kwargs) -> stripe.StripeClient:
     "A `StripeClient` pinned to `STRIPE_API_VERSION`, retrying network errors twice (with the same idempotency key)."
     return stripe.StripeClient(api_key, stripe_version=STRIPE_API_VERSION, **{'max_network_retries': 2, **kwargs})
 
+
 def api_base(url: str, api_key: str) -> str:
     "`url` checked as a Stripe API host for `api_key` (no trailing slash): http(s), host, no path; https for live keys."
     u = urlsplit(url.strip())
-    if '@' in u.netloc: raise ValueError("STRIPE_API_BASE must not carry credentials (the API key authenticates)")
+    if '@' in u.netloc:
+        raise ValueError("STRIPE_API_BASE must not carry credentials (the API key authenticates)")
     if u.scheme not in ('http', 'https') or not u.hostname or u.path.strip('/') or u.query or u.fragment:
         raise ValueError(f"STRIPE_API_BASE must be like https://host[:port], not {url!r}")
     if api_key.startswith(('sk_live_', 'rk_live_')) and u.scheme != 'https':
         raise ValueError("a live Stripe key is only sent over https: STRIPE_API_BASE must start with https://")
     return f"{u.scheme}://{u.netloc}"
 
+
 def stripe_client_from_env(env=None, **kwargs) -> stripe.StripeClient:
     "A pinned client for `STRIPE_SECRET_KEY`, talking to `STRIPE_API_BASE` when set; an error when the key is unset."
     env = os.environ if env is None else env
-    if not (key := env.get('STRIPE_SECRET_KEY', '').strip()): raise ValueError("STRIPE_SECRET_KEY is not set")
+    if not (key := env.get('STRIPE_SECRET_KEY', '').strip()):
+        raise ValueError("STRIPE_SECRET_KEY is not set")
     if base := env.get('STRIPE_API_BASE', '').strip():
         kwargs = dict(base_addresses={'api': api_base(base, key)}) | kwargs
     return stripe_client(key, **kwargs)
+
 
 def idempotency_key(operation: str, *parts) -> str:
     "A Stripe idempotency key for `operation` on `parts`: equal inputs, equal key."
     blob = json.dumps([operation, *parts], sort_keys=True, default=str)
     return f"fh_saas-{operation}-{hashlib.sha256(blob.encode()).hexdigest()[:40]}"
+
 
 def request_scope() -> str:
     "The request id bound by `audit_context`, else a fresh one: keys with it are shared by retries of one request only."
@@ -64,72 +70,126 @@ def tenant_customer(host_db: HostDatabase, tenant_id: str) -> str | None:
     rows = host_db.db.execute(sa.select(customers_t.c.stripe_cust_id).where(customers_t.c.tenant_id == tenant_id))
     return rows[0]['stripe_cust_id'] if rows else None
 
-def ensure_customer(client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str,
-                    email: str | None = None) -> str:
+
+def ensure_customer(
+    client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str, email: str | None = None
+) -> str:
     "The tenant's Stripe customer id, creating the customer (idempotently) the first time."
-    if cust := tenant_customer(host_db, tenant_id): return cust
+    if cust := tenant_customer(host_db, tenant_id):
+        return cust
     tenant = host_db.tenants[tenant_id]
     params = dict(name=tenant.name, metadata={'tenant_id': tenant_id}, **({'email': email} if email else {}))
-    created = client.v1.customers.create(params=params,
-                                         options={'idempotency_key': idempotency_key('customer', tenant_id, params)})
-    with host_db.transaction() as conn: link_customer(conn, tenant_id, created.id)
+    created = client.v1.customers.create(
+        params=params, options={'idempotency_key': idempotency_key('customer', tenant_id, params)}
+    )
+    with host_db.transaction() as conn:
+        link_customer(conn, tenant_id, created.id)
     return tenant_customer(host_db, tenant_id)
 
 # %% ../nbs/33_stripe_billing.ipynb #03b0525a
 LIVE_STATUSES = ('trialing', 'active', 'past_due', 'unpaid', 'pending_payment', 'paused')
 
+
 def plan_price(plan: PricingPlan, interval: str = 'month') -> str:
     "The Stripe price id `plan` sells at for `interval` ('month' or 'year')."
-    if interval not in ('month', 'year'): raise ValueError(f"interval must be 'month' or 'year', not {interval!r}")
+    if interval not in ('month', 'year'):
+        raise ValueError(f"interval must be 'month' or 'year', not {interval!r}")
     price = plan.stripe_price_monthly if interval == 'month' else plan.stripe_price_yearly
-    if not price: raise ValueError(f"plan {plan.id!r} has no Stripe price for interval {interval!r}: run sync_plans")
+    if not price:
+        raise ValueError(f"plan {plan.id!r} has no Stripe price for interval {interval!r}: run sync_plans")
     return price
 
-def subscription_checkout_params(plan: PricingPlan, tenant_id: str, customer: str, success_url: str, cancel_url: str,
-                                 interval: str = 'month', trial_days: int | None = None) -> dict:
+
+def subscription_checkout_params(
+    plan: PricingPlan,
+    tenant_id: str,
+    customer: str,
+    success_url: str,
+    cancel_url: str,
+    interval: str = 'month',
+    trial_days: int | None = None,
+) -> dict:
     "The Checkout Session parameters that subscribe `tenant_id` to `plan`."
     trial = plan.trial_days if trial_days is None else trial_days
     meta = {'tenant_id': tenant_id, 'plan_id': plan.id}
-    return dict(mode='subscription', customer=customer, client_reference_id=tenant_id, metadata=meta,
-                line_items=[{'price': plan_price(plan, interval), 'quantity': 1}],
-                success_url=success_url, cancel_url=cancel_url,
-                subscription_data={'metadata': meta, **({'trial_period_days': trial} if trial else {})})
+    return dict(
+        mode='subscription',
+        customer=customer,
+        client_reference_id=tenant_id,
+        metadata=meta,
+        line_items=[{'price': plan_price(plan, interval), 'quantity': 1}],
+        success_url=success_url,
+        cancel_url=cancel_url,
+        subscription_data={'metadata': meta, **({'trial_period_days': trial} if trial else {})},
+    )
 
 # %% ../nbs/33_stripe_billing.ipynb #6958eb93
 def live_subscription(host_db: HostDatabase, tenant_id: str) -> dict | None:
     "The tenant's newest live recurring subscription row (as a dict), if any."
     c = subscriptions_t.c
-    rows = host_db.db.execute(sa.select(subscriptions_t).order_by(c.created_at.desc()).limit(1).where(
-        c.tenant_id == tenant_id, c.payment_type == 'subscription', c.status.in_(LIVE_STATUSES)))
+    rows = host_db.db.execute(
+        sa.select(subscriptions_t)
+        .order_by(c.created_at.desc())
+        .limit(1)
+        .where(c.tenant_id == tenant_id, c.payment_type == 'subscription', c.status.in_(LIVE_STATUSES))
+    )
     return rows[0] if rows else None
 
-def create_subscription_checkout(client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str, plan_id: str,
-                                 success_url: str, cancel_url: str, interval: str = 'month',
-                                 trial_days: int | None = None, email: str | None = None):
+
+def create_subscription_checkout(
+    client: stripe.StripeClient,
+    host_db: HostDatabase,
+    tenant_id: str,
+    plan_id: str,
+    success_url: str,
+    cancel_url: str,
+    interval: str = 'month',
+    trial_days: int | None = None,
+    email: str | None = None,
+):
     "A Checkout Session subscribing `tenant_id` to plan `plan_id`; redirect the user to its `url`."
     if live := live_subscription(host_db, tenant_id):
         raise ValueError(f"tenant {tenant_id!r} already has a {live['status']} subscription: use change_plan")
     plan = host_db.pricing_plans[plan_id]
-    if not plan.is_active: raise ValueError(f"plan {plan_id!r} is not on sale")
+    if not plan.is_active:
+        raise ValueError(f"plan {plan_id!r} is not on sale")
     customer = ensure_customer(client, host_db, tenant_id, email)
     params = subscription_checkout_params(plan, tenant_id, customer, success_url, cancel_url, interval, trial_days)
     return client.v1.checkout.sessions.create(
-        params=params, options={'idempotency_key': idempotency_key('checkout', request_scope(), params)})
+        params=params, options={'idempotency_key': idempotency_key('checkout', request_scope(), params)}
+    )
 
-def create_payment_checkout(client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str, price_id: str,
-                            success_url: str, cancel_url: str, quantity: int = 1, email: str | None = None):
+
+def create_payment_checkout(
+    client: stripe.StripeClient,
+    host_db: HostDatabase,
+    tenant_id: str,
+    price_id: str,
+    success_url: str,
+    cancel_url: str,
+    quantity: int = 1,
+    email: str | None = None,
+):
     "A one-time Checkout Session for a configured Stripe price (`price_id`), `quantity` units."
     if not (isinstance(price_id, str) and price_id.startswith('price_')):
         raise ValueError(f"not a Stripe price id: {price_id!r}")
     if not (isinstance(quantity, int) and 0 < quantity <= 1000):
         raise ValueError(f"quantity must be 1..1000, not {quantity!r}")
     meta = {'tenant_id': tenant_id}
-    params = dict(mode='payment', customer=ensure_customer(client, host_db, tenant_id, email),
-                  client_reference_id=tenant_id, metadata=meta, payment_intent_data={'metadata': meta},
-                  line_items=[{'price': price_id, 'quantity': quantity}], success_url=success_url,
-                  cancel_url=cancel_url)
+    params = dict(
+        mode='payment',
+        customer=ensure_customer(client, host_db, tenant_id, email),
+        client_reference_id=tenant_id,
+        metadata=meta,
+        payment_intent_data={'metadata': meta},
+        line_items=[{'price': price_id, 'quantity': quantity}],
+        success_url=success_url,
+        cancel_url=cancel_url,
+    )
     return client.v1.checkout.sessions.create(
-        params=params, options={'idempotency_key': idempotency_key('payment', request_scope(), params)})
+        params=params, options={'idempotency_key': idempotency_key('payment', request_scope(), params)}
+    )
+
 
 def create_portal_session(client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str, return_url: str):
     "A billing portal session for the tenant's customer (payment methods, invoices, cancellation)."
@@ -137,7 +197,8 @@ def create_portal_session(client: stripe.StripeClient, host_db: HostDatabase, te
         raise LookupError(f"tenant {tenant_id!r} has no Stripe customer yet")
     params = dict(customer=customer, return_url=return_url)
     return client.v1.billing_portal.sessions.create(
-        params=params, options={'idempotency_key': idempotency_key('portal', request_scope(), params)})
+        params=params, options={'idempotency_key': idempotency_key('portal', request_scope(), params)}
+    )
 
 # %% ../nbs/33_stripe_billing.ipynb #263b1687
 def _live_sub_id(host_db, tenant_id) -> str:
@@ -145,48 +206,77 @@ def _live_sub_id(host_db, tenant_id) -> str:
         raise LookupError(f"tenant {tenant_id!r} has no live subscription")
     return live['stripe_sub_id']
 
-def change_plan(client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str, plan_id: str,
-                interval: str = 'month', proration_behavior: str = 'create_prorations'):
+
+def change_plan(
+    client: stripe.StripeClient,
+    host_db: HostDatabase,
+    tenant_id: str,
+    plan_id: str,
+    interval: str = 'month',
+    proration_behavior: str = 'create_prorations',
+):
     "Move the tenant's subscription to `plan_id` at `interval`, prorated; returns Stripe's subscription."
     if proration_behavior not in ('create_prorations', 'always_invoice', 'none'):
         raise ValueError(f"bad proration_behavior {proration_behavior!r}")
     price = plan_price(host_db.pricing_plans[plan_id], interval)
     sub = client.v1.subscriptions.retrieve(_live_sub_id(host_db, tenant_id))
     item = sub['items']['data'][0]
-    if item['price']['id'] == price: return sub
-    params = dict(items=[{'id': item['id'], 'price': price}], proration_behavior=proration_behavior,
-                  metadata={'tenant_id': tenant_id, 'plan_id': plan_id})
+    if item['price']['id'] == price:
+        return sub
+    params = dict(
+        items=[{'id': item['id'], 'price': price}],
+        proration_behavior=proration_behavior,
+        metadata={'tenant_id': tenant_id, 'plan_id': plan_id},
+    )
     key = idempotency_key('change_plan', request_scope(), sub['id'], item['id'], item['price']['id'], params)
     return client.v1.subscriptions.update(sub['id'], params=params, options={'idempotency_key': key})
+
 
 def cancel_subscription(client: stripe.StripeClient, host_db: HostDatabase, tenant_id: str, at_period_end: bool = True):
     "Cancel the tenant's subscription at the end of the paid period (default) or now; returns Stripe's subscription."
     sub_id = _live_sub_id(host_db, tenant_id)
     if at_period_end:
         return client.v1.subscriptions.update(
-            sub_id, params=dict(cancel_at_period_end=True),
-            options={'idempotency_key': idempotency_key('cancel_at_period_end', request_scope(), sub_id)})
+            sub_id,
+            params=dict(cancel_at_period_end=True),
+            options={'idempotency_key': idempotency_key('cancel_at_period_end', request_scope(), sub_id)},
+        )
     return client.v1.subscriptions.cancel(
-        sub_id, options={'idempotency_key': idempotency_key('cancel_now', request_scope(), sub_id)})
+        sub_id, options={'idempotency_key': idempotency_key('cancel_now', request_scope(), sub_id)}
+    )
 
 # %% ../nbs/33_stripe_billing.ipynb #485088ee
 def sync_plans(client: stripe.StripeClient, host_db: HostDatabase) -> list[str]:
     "Create Stripe products/prices for active plans missing them; returns what was done."
     done = []
     for plan in host_db.pricing_plans(where='is_active = :a', where_args=dict(a=True), order_by='sort_order'):
-        todo = [(i, amt, col) for i, amt, col in (('month', plan.amount_monthly, 'stripe_price_monthly'),
-                                                  ('year', plan.amount_yearly, 'stripe_price_yearly'))
-                if amt and not getattr(plan, col)]
-        if not todo: continue
-        product = client.v1.products.create(params=dict(name=plan.name, metadata={'plan_id': plan.id}),
-                                            options={'idempotency_key': idempotency_key('product', plan.id, plan.name)})
+        todo = [
+            (i, amt, col)
+            for i, amt, col in (
+                ('month', plan.amount_monthly, 'stripe_price_monthly'),
+                ('year', plan.amount_yearly, 'stripe_price_yearly'),
+            )
+            if amt and not getattr(plan, col)
+        ]
+        if not todo:
+            continue
+        product = client.v1.products.create(
+            params=dict(name=plan.name, metadata={'plan_id': plan.id}),
+            options={'idempotency_key': idempotency_key('product', plan.id, plan.name)},
+        )
         prices = {}
         for interval, amount, col in todo:
-            params = dict(product=product.id, unit_amount=amount, currency=plan.currency,
-                          recurring={'interval': interval}, lookup_key=f"{plan.id}_{interval}",
-                          metadata={'plan_id': plan.id})
+            params = dict(
+                product=product.id,
+                unit_amount=amount,
+                currency=plan.currency,
+                recurring={'interval': interval},
+                lookup_key=f"{plan.id}_{interval}",
+                metadata={'plan_id': plan.id},
+            )
             prices[col] = client.v1.prices.create(
-                params=params, options={'idempotency_key': idempotency_key('price', params)}).id
+                params=params, options={'idempotency_key': idempotency_key('price', params)}
+            ).id
             done.append(f"plan {plan.id}: {interval}ly price {prices[col]} ({amount} {plan.currency})")
         host_db.pricing_plans.update(dict(id=plan.id, **prices))
     return done
@@ -195,21 +285,30 @@ def sync_plans(client: stripe.StripeClient, host_db: HostDatabase) -> list[str]:
 @dataclass
 class Drift:
     "One difference between Stripe and `core_subscriptions`."
-    stripe_sub_id: str; tenant_id: str | None; field: str; ours: object; stripe: object
+
+    stripe_sub_id: str
+    tenant_id: str | None
+    field: str
+    ours: object
+    stripe: object
+
 
 COMPARED = ('status', 'stripe_cust_id', 'stripe_price_id', 'amount_cents', 'current_period_end', 'cancel_at_period_end')
+
 
 def _drifts(conn, sub: dict, row) -> list[Drift]:
     if row is None:
         tenant = resolve_tenant(conn, cust_id=sub.get('customer'), claimed=[metadata_tenant(sub)])
         return [Drift(sub['id'], tenant, 'missing_locally', None, sub.get('status'))]
     want = subscription_values(conn, sub, row)
-    return [Drift(sub['id'], row.tenant_id, f, getattr(row, f), want[f])
-            for f in COMPARED if getattr(row, f) != want[f]]
+    return [
+        Drift(sub['id'], row.tenant_id, f, getattr(row, f), want[f]) for f in COMPARED if getattr(row, f) != want[f]
+    ]
+
 
 def reconcile(client: stripe.StripeClient, host_db: HostDatabase, fix: bool = False) -> list[Drift]:
     "Every difference between Stripe's subscriptions and ours; with `fix`, make ours match Stripe."
-    snapshot = dict(created=int(time.time()) - 1, id='reconcile')   # ordered like an event from just before the listing
+    snapshot = dict(created=int(time.time()) - 1, id='reconcile')  # ordered like an event from just before the listing
     seen, drifts = set(), []
     for obj in client.v1.subscriptions.list(params=dict(status='all', limit=100)).auto_paging_iter():
         sub = obj.to_dict()
@@ -217,15 +316,27 @@ def reconcile(client: stripe.StripeClient, host_db: HostDatabase, fix: bool = Fa
         with host_db.transaction() as conn:
             found = _drifts(conn, sub, locked_subscription(conn, sub['id']))
             drifts += found
-            if not (fix and found and found[0].tenant_id is not None): continue
+            if not (fix and found and found[0].tenant_id is not None):
+                continue
             row = subscription_row(conn, sub['id'], found[0].tenant_id)
             if is_newer(snapshot, sub.get('status'), row):
-                store_subscription(host_db, conn, row, sub,
-                                   dict(last_event_created=snapshot['created'], last_event_id='reconcile'),
-                                   dict(source='reconcile', fields=[d.field for d in found]))
+                store_subscription(
+                    host_db,
+                    conn,
+                    row,
+                    sub,
+                    dict(last_event_created=snapshot['created'], last_event_id='reconcile'),
+                    dict(source='reconcile', fields=[d.field for d in found]),
+                )
     c = subscriptions_t.c
-    ours = host_db.db.execute(sa.select(c.stripe_sub_id, c.tenant_id, c.status).where(
-        c.payment_type == 'subscription', c.status.notin_(ENDED_STATUSES)))
-    drifts += [Drift(r['stripe_sub_id'], r['tenant_id'], 'missing_in_stripe', r['status'], None)
-               for r in ours if r['stripe_sub_id'] not in seen]
+    ours = host_db.db.execute(
+        sa.select(c.stripe_sub_id, c.tenant_id, c.status).where(
+            c.payment_type == 'subscription', c.status.notin_(ENDED_STATUSES)
+        )
+    )
+    drifts += [
+        Drift(r['stripe_sub_id'], r['tenant_id'], 'missing_in_stripe', r['status'], None)
+        for r in ours
+        if r['stripe_sub_id'] not in seen
+    ]
     return drifts

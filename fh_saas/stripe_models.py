@@ -31,13 +31,17 @@ STRIPE_API_VERSION = '2026-10-28.endive'
 stripe_meta = sa.MetaData()
 tenants_t.to_metadata(stripe_meta)
 
-customers_t = sa.Table('core_stripe_customers', stripe_meta,
+customers_t = sa.Table(
+    'core_stripe_customers',
+    stripe_meta,
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), primary_key=True),
     sa.Column('stripe_cust_id', sa.String(255), nullable=False),
     sa.Column('email', sa.String(320)),
-    sa.Column('last_event_created', sa.BigInteger), sa.Column('last_event_id', sa.String(255)),
+    sa.Column('last_event_created', sa.BigInteger),
+    sa.Column('last_event_id', sa.String(255)),
     sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp),
-    sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp))
+    sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp),
+)
 sa.Index('ux_core_stripe_customers_cust', customers_t.c.stripe_cust_id, unique=True)
 
 stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [customers_t]))
@@ -46,9 +50,11 @@ stripe_component = register_component(HostComponent('stripe', stripe_meta, 1, [c
 def _order_key(created, status, event_id) -> tuple:
     return (created, status in ENDED_STATUSES, event_id or '')
 
+
 def is_newer(event: dict, status: str | None, row) -> bool:
     "Whether `event` (showing `status`) comes after the last event applied to `row`."
-    if row.last_event_created is None: return True
+    if row.last_event_created is None:
+        return True
     last = _order_key(row.last_event_created, getattr(row, 'status', None), row.last_event_id)
     return _order_key(event['created'], status, event['id']) > last
 
@@ -56,30 +62,38 @@ def is_newer(event: dict, status: str | None, row) -> bool:
 def epoch_iso(epoch) -> str | None:
     return None if epoch is None else timestamp(datetime.fromtimestamp(epoch, timezone.utc))
 
+
 def ref_id(ref) -> str | None:
     "A Stripe reference, expanded (`{'id': ...}`) or not."
     return ref.get('id') if isinstance(ref, dict) else ref
 
+
 def sub_items(sub: dict) -> list[dict]:
     return (sub.get('items') or {}).get('data') or []
+
 
 def subscription_period(sub: dict) -> tuple[str | None, str | None]:
     "Current period (start, end) as ISO UTC: from the first item (API 2025-03-31+), else the subscription."
     src = next((i for i in sub_items(sub) if i.get('current_period_end')), sub)
     return epoch_iso(src.get('current_period_start')), epoch_iso(src.get('current_period_end'))
 
+
 def item_price(item: dict) -> dict:
     return item.get('price') or item.get('plan') or {}
 
+
 def subscription_amount(sub: dict) -> int | None:
     "What the subscription costs per period, in integer cents (sum over items of unit amount x quantity)."
-    amounts = [(item_price(i).get('unit_amount', item_price(i).get('amount')), i.get('quantity') or 1)
-               for i in sub_items(sub)]
+    amounts = [
+        (item_price(i).get('unit_amount', item_price(i).get('amount')), i.get('quantity') or 1) for i in sub_items(sub)
+    ]
     return None if not amounts or any(a is None for a, _ in amounts) else sum(a * q for a, q in amounts)
+
 
 def metadata_tenant(obj: dict) -> str | None:
     "The tenant id our checkout wrote into a Stripe object's metadata (a claim, checked by `resolve_tenant`)."
     return (obj.get('metadata') or {}).get('tenant_id')
+
 
 def invoice_subscription(inv: dict) -> str | None:
     "The subscription an invoice bills: `parent.subscription_details` (API 2025-03-31+), else `subscription`."
@@ -88,44 +102,62 @@ def invoice_subscription(inv: dict) -> str | None:
 
 # %% ../nbs/31_stripe_models.ipynb #981226fe
 def _tenant_exists(conn, tenant_id) -> bool:
-    if not isinstance(tenant_id, str) or not tenant_id: return False
+    if not isinstance(tenant_id, str) or not tenant_id:
+        return False
     return conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id == tenant_id)).first() is not None
+
 
 def _known_tenant(conn, sub_id=None, cust_id=None) -> str | None:
     if sub_id:
-        t = conn.execute(sa.select(subscriptions_t.c.tenant_id)
-                         .where(subscriptions_t.c.stripe_sub_id == sub_id)).scalar()
-        if t: return t
+        t = conn.execute(
+            sa.select(subscriptions_t.c.tenant_id).where(subscriptions_t.c.stripe_sub_id == sub_id)
+        ).scalar()
+        if t:
+            return t
     if cust_id:
         return conn.execute(sa.select(customers_t.c.tenant_id).where(customers_t.c.stripe_cust_id == cust_id)).scalar()
 
+
 def resolve_tenant(conn, *, sub_id=None, cust_id=None, claimed=()) -> str | None:
     "The tenant of an object: a stored mapping first, then the first `claimed` id (metadata) that exists."
-    if t := _known_tenant(conn, sub_id, cust_id): return t
+    if t := _known_tenant(conn, sub_id, cust_id):
+        return t
     return next((c for c in claimed if _tenant_exists(conn, c)), None)
 
 # %% ../nbs/31_stripe_models.ipynb #52f234e0
 def locked_subscription(conn, stripe_id: str):
     "The `core_subscriptions` row for `stripe_id` (None if unknown), locked for this transaction."
-    return conn.execute(sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id)
-                        .with_for_update()).first()
+    return conn.execute(
+        sa.select(subscriptions_t).where(subscriptions_t.c.stripe_sub_id == stripe_id).with_for_update()
+    ).first()
+
 
 def subscription_row(conn, stripe_id: str, tenant_id: str, **init):
     "The `core_subscriptions` row for `stripe_id`, created for `tenant_id` if new, locked for this transaction."
-    if (row := locked_subscription(conn, stripe_id)) is not None: return row
+    if (row := locked_subscription(conn, stripe_id)) is not None:
+        return row
     c = subscriptions_t.c
-    conn.execute(dialect_insert(conn, subscriptions_t).values(stripe_sub_id=stripe_id, tenant_id=tenant_id, **init)
-                 .on_conflict_do_nothing(index_elements=[c.stripe_sub_id], index_where=c.stripe_sub_id.isnot(None)))
+    conn.execute(
+        dialect_insert(conn, subscriptions_t)
+        .values(stripe_sub_id=stripe_id, tenant_id=tenant_id, **init)
+        .on_conflict_do_nothing(index_elements=[c.stripe_sub_id], index_where=c.stripe_sub_id.isnot(None))
+    )
     return locked_subscription(conn, stripe_id)
+
 
 def link_customer(conn, tenant_id: str, cust_id: str | None):
     "Remember `cust_id` as the tenant's Stripe customer, unless the tenant or the customer is already mapped."
     if cust_id:
-        conn.execute(dialect_insert(conn, customers_t).values(tenant_id=tenant_id, stripe_cust_id=cust_id)
-                     .on_conflict_do_nothing())
+        conn.execute(
+            dialect_insert(conn, customers_t)
+            .values(tenant_id=tenant_id, stripe_cust_id=cust_id)
+            .on_conflict_do_nothing()
+        )
+
 
 def event_clock(event) -> dict:
     return dict(last_event_created=event['created'], last_event_id=event['id'], updated_at=timestamp())
+
 
 def update_subscription(conn, row, values: dict):
     conn.execute(subscriptions_t.update().where(subscriptions_t.c.id == row.id).values(**values))
@@ -135,14 +167,24 @@ def subscription_price(sub: dict) -> str | None:
     "The Stripe price of the subscription's first item."
     return ref_id(item_price(sub_items(sub)[0])) if sub_items(sub) else None
 
+
 def subscription_snapshot(sub: dict) -> dict:
     "The `core_subscriptions` columns a Stripe subscription alone determines (the plan is looked up by its price)."
     start, end = subscription_period(sub)
-    return dict(status=sub.get('status'), stripe_cust_id=ref_id(sub.get('customer')),
-                stripe_price_id=subscription_price(sub), payment_type='subscription',
-                amount_cents=subscription_amount(sub), current_period_start=start, current_period_end=end,
-                trial_end=epoch_iso(sub.get('trial_end')), cancel_at_period_end=bool(sub.get('cancel_at_period_end')),
-                canceled_at=epoch_iso(sub.get('canceled_at')), ended_at=epoch_iso(sub.get('ended_at')))
+    return dict(
+        status=sub.get('status'),
+        stripe_cust_id=ref_id(sub.get('customer')),
+        stripe_price_id=subscription_price(sub),
+        payment_type='subscription',
+        amount_cents=subscription_amount(sub),
+        current_period_start=start,
+        current_period_end=end,
+        trial_end=epoch_iso(sub.get('trial_end')),
+        cancel_at_period_end=bool(sub.get('cancel_at_period_end')),
+        canceled_at=epoch_iso(sub.get('canceled_at')),
+        ended_at=epoch_iso(sub.get('ended_at')),
+    )
+
 
 def subscription_values(conn, sub: dict, row=None) -> dict:
     "The snapshot of `sub` with its plan (looked up only when the price changed)."
@@ -151,11 +193,17 @@ def subscription_values(conn, sub: dict, row=None) -> dict:
         values.update(plan_tier=plan.id, product_name=plan.name)
     return values
 
+
 def store_subscription(host_db, conn, row, sub: dict, clock: dict, details: dict):
     "Write the snapshot `sub` over the locked `row` with its ordering `clock`, and audit it (same transaction)."
     if sub.get('customer') and ref_id(sub['customer']) != row.stripe_cust_id:
         link_customer(conn, row.tenant_id, ref_id(sub['customer']))
     values = subscription_values(conn, sub, row)
     update_subscription(conn, row, values | clock)
-    audit(host_db, 'billing.subscription_updated', target_id=sub['id'], tenant_id=row.tenant_id,
-          details=details | dict(status=values['status'], price=values['stripe_price_id'], previous_status=row.status))
+    audit(
+        host_db,
+        'billing.subscription_updated',
+        target_id=sub['id'],
+        tenant_id=row.tenant_id,
+        details=details | dict(status=values['status'], price=values['stripe_price_id'], previous_status=row.status),
+    )

@@ -45,8 +45,10 @@ _log = logging.getLogger('fh_saas.stripe')
 class WebhookRejected(ValueError):
     "A delivery that is not a genuine, well-formed Stripe event (answered 400, nothing stored)."
 
+
 _EVENT_ID = re.compile(r'evt_[A-Za-z0-9_]{1,200}')
 _SIG_TIME = re.compile(r'(?:^|,)\s*t=(\d+)')
+
 
 def _secrets(secrets) -> list[str]:
     secrets = [secrets] if isinstance(secrets, str) else list(secrets or [])
@@ -54,28 +56,42 @@ def _secrets(secrets) -> list[str]:
         raise ValueError("at least one non-empty Stripe webhook signing secret is required")
     return secrets
 
+
 def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int = 300) -> dict:
     """The event in `payload` if `signature` (the `Stripe-Signature` header) verifies with one of `secrets`;
     else `WebhookRejected`."""
     # stripe checks only the past side of the tolerance; a signature dated far ahead would stay replayable,
     # so we bound both.
-    if not signature: raise WebhookRejected("missing Stripe-Signature header")
-    try: payload.decode('utf-8')
-    except UnicodeDecodeError: raise WebhookRejected("body is not UTF-8") from None
+    if not signature:
+        raise WebhookRejected("missing Stripe-Signature header")
+    try:
+        payload.decode('utf-8')
+    except UnicodeDecodeError:
+        raise WebhookRejected("body is not UTF-8") from None
     for secret in _secrets(secrets):
         try:
             stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance)
             break
-        except stripe.SignatureVerificationError: continue
-    else: raise WebhookRejected("no valid signature for any configured secret, or timestamp outside the tolerance")
+        except stripe.SignatureVerificationError:
+            continue
+    else:
+        raise WebhookRejected("no valid signature for any configured secret, or timestamp outside the tolerance")
     if int(_SIG_TIME.search(signature).group(1)) > time.time() + tolerance:
         raise WebhookRejected("timestamp is in the future")
-    try: event = json.loads(payload)
-    except ValueError: raise WebhookRejected("body is not JSON") from None
-    obj = (event.get('data', {}).get('object') if isinstance(event, dict) and isinstance(event.get('data'), dict)
-           else None)
-    if not (isinstance(obj, dict) and isinstance(event.get('id'), str) and _EVENT_ID.fullmatch(event['id'])
-            and isinstance(event.get('type'), str) and type(event.get('created')) is int):
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise WebhookRejected("body is not JSON") from None
+    obj = (
+        event.get('data', {}).get('object') if isinstance(event, dict) and isinstance(event.get('data'), dict) else None
+    )
+    if not (
+        isinstance(obj, dict)
+        and isinstance(event.get('id'), str)
+        and _EVENT_ID.fullmatch(event['id'])
+        and isinstance(event.get('type'), str)
+        and type(event.get('created')) is int
+    ):
         raise WebhookRejected("not a Stripe event (needs id, type, created and data.object)")
     return event
 
@@ -83,30 +99,36 @@ def verify_event(payload: bytes, signature: str | None, secrets, tolerance: int 
 _APPLY = ('processing', 'failed')
 "Inbox statuses an event is applied from: `processing` (its own new row, never committed) and `failed` (a retry)."
 
+
 @dataclass(frozen=True)
 class Reads:
     "What an event's claim reads besides its inbox row, and which rows it locks: built from the event alone."
-    lock_sub: str | None = None    # the `core_subscriptions` row (by `stripe_sub_id`) to lock
-    lock_cust: str | None = None   # the `core_stripe_customers` row (by `stripe_cust_id`) to lock
-    map_sub: str | None = None     # a subscription whose tenant to look up
-    cust: str | None = None        # a customer whose tenant to look up
-    claimed: tuple = ()            # tenant ids the event claims (metadata), in order of preference
-    price: str | None = None       # a Stripe price whose plan to look up
+
+    lock_sub: str | None = None  # the `core_subscriptions` row (by `stripe_sub_id`) to lock
+    lock_cust: str | None = None  # the `core_stripe_customers` row (by `stripe_cust_id`) to lock
+    map_sub: str | None = None  # a subscription whose tenant to look up
+    cust: str | None = None  # a customer whose tenant to look up
+    claimed: tuple = ()  # tenant ids the event claims (metadata), in order of preference
+    price: str | None = None  # a Stripe price whose plan to look up
+
 
 @dataclass
 class Found:
     "What the claim found: the inbox `status` (None: a concurrent delivery's row, not yet visible) and the `Reads`."
+
     status: str | None
-    sub: SimpleNamespace | None = None        # the locked subscription row
-    customer: SimpleNamespace | None = None   # the locked customer row
-    sub_tenant: str | None = None             # tenant of `map_sub`
-    cust_tenant: str | None = None            # tenant of `cust`
-    tenants: frozenset = frozenset()          # the `claimed` tenants that exist
-    plan: SimpleNamespace | None = None       # the plan selling `price`
+    sub: SimpleNamespace | None = None  # the locked subscription row
+    customer: SimpleNamespace | None = None  # the locked customer row
+    sub_tenant: str | None = None  # tenant of `map_sub`
+    cust_tenant: str | None = None  # tenant of `cust`
+    tenants: frozenset = frozenset()  # the `claimed` tenants that exist
+    plan: SimpleNamespace | None = None  # the plan selling `price`
+
 
 _INBOX_COLS = ('id', 'event_id', 'event_type', 'payload_json', 'created_at', 'event_created', 'livemode', 'object_id')
 _SUB_COLS = ('id', 'tenant_id', 'status', 'stripe_cust_id', 'stripe_price_id', 'last_event_created', 'last_event_id')
 _CUST_COLS = ('tenant_id', 'last_event_created', 'last_event_id')
+
 
 def _row(cols, values) -> SimpleNamespace | None:
     return None if values is None or values[0] is None else SimpleNamespace(**dict(zip(cols, values, strict=True)))
@@ -115,6 +137,7 @@ def _row(cols, values) -> SimpleNamespace | None:
 @dataclass
 class Outcome:
     "What applying one event did: the inbox `status`, the tenant, and whether it was a repeat delivery."
+
     status: str
     tenant_id: str | None = None
     duplicate: bool = False
@@ -124,19 +147,22 @@ def _defaults(table: sa.Table, attr: str) -> tuple:
     "(name, default) of the columns of `table` whose `attr` ('default' or 'onupdate') SQLAlchemy fills in Python."
     return tuple((c.name, d) for c in table.c if (d := getattr(c, attr)) is not None and not d.is_sequence)
 
+
 def _filled(table: sa.Table, values: dict, attr: str) -> dict:
     "`values` plus the Python-side defaults (insert) or onupdates (update) of `table` it does not set."
     extra = {n: d.arg if d.is_scalar else d.arg(None) for n, d in _defaults(table, attr) if n not in values}
     return extra | values
 
+
 @dataclass(frozen=True)
 class _Write:
     "One queued write, an insert or an update of one row; its `shape` decides the SQL, compiled once."
+
     table: sa.Table
     cols: tuple
-    key: str | None = None         # update: the column that finds the row (its value comes last in `values`)
-    conflict: str | None = None    # insert: what ON CONFLICT DO NOTHING covers
-    incr: tuple = ()               # update: columns incremented by one
+    key: str | None = None  # update: the column that finds the row (its value comes last in `values`)
+    conflict: str | None = None  # insert: what ON CONFLICT DO NOTHING covers
+    incr: tuple = ()  # update: columns incremented by one
     values: tuple = ()
 
     @classmethod
@@ -150,7 +176,8 @@ class _Write:
         return cls(table, tuple(v), key=key, incr=tuple(incr), values=(*v.values(), where))
 
     @property
-    def shape(self) -> tuple: return (self.table, self.cols, self.key, self.conflict, self.incr)
+    def shape(self) -> tuple:
+        return (self.table, self.cols, self.key, self.conflict, self.incr)
 
     def params(self, prefix: str) -> dict:
         names = [prefix + c for c in self.cols] + ([prefix + 'key'] if self.key else [])
@@ -163,16 +190,21 @@ def _bind(prefix: str, table: sa.Table, col: str, name: str | None = None, cast:
     b = sa.bindparam(prefix + (name or col), type_=typ)
     return sa.cast(b, typ) if cast and not isinstance(typ, sa.String) else b
 
+
 def _insert(dialect: str, shape: tuple, prefix: str, won=None):
     "The INSERT of `shape`; with `won` (a condition) it inserts only when `won` holds."
     table, cols, _, conflict, _ = shape
     ins = (postgresql if dialect == 'postgresql' else sqlite).insert(table)
-    if won is None: ins = ins.values({c: _bind(prefix, table, c) for c in cols})
-    else: ins = ins.from_select(cols, sa.select(*(_bind(prefix, table, c, cast=True) for c in cols)).where(won))
-    if conflict == 'any': return ins.on_conflict_do_nothing()
-    if conflict: return ins.on_conflict_do_nothing(index_elements=[table.c[conflict]],
-                                                   index_where=table.c[conflict].isnot(None))
+    if won is None:
+        ins = ins.values({c: _bind(prefix, table, c) for c in cols})
+    else:
+        ins = ins.from_select(cols, sa.select(*(_bind(prefix, table, c, cast=True) for c in cols)).where(won))
+    if conflict == 'any':
+        return ins.on_conflict_do_nothing()
+    if conflict:
+        return ins.on_conflict_do_nothing(index_elements=[table.c[conflict]], index_where=table.c[conflict].isnot(None))
     return ins
+
 
 def _update(shape: tuple, prefix: str, won=None):
     "The UPDATE of `shape`: the row whose `key` is the `key` parameter; with `won`, only when `won` holds."
@@ -181,25 +213,31 @@ def _update(shape: tuple, prefix: str, won=None):
     found = [table.c[key] == _bind(prefix, table, key, 'key'), *([] if won is None else [won])]
     return table.update().where(*found).values(values)
 
+
 def _write_sql(dialect: str, shape: tuple, prefix: str, won=None):
     return (_update if shape[2] else partial(_insert, dialect))(shape, prefix, won)
+
 
 @functools.lru_cache(maxsize=1024)
 def _step(dialect: str, shape: tuple, prefix: str):
     "The statement of one write, built once per shape (SQLAlchemy then compiles it once too)."
     return _write_sql(dialect, shape, prefix)
 
+
 def _compiled(dialect, stmt) -> str:
     "`stmt` as `dialect`'s SQL text, every parameter one of ours (a constant would need a value sent with it)."
     compiled = stmt.compile(dialect=dialect)
-    if any(v is not None for v in compiled.params.values()): raise RuntimeError(f"a constant bound in {stmt}")
+    if any(v is not None for v in compiled.params.values()):
+        raise RuntimeError(f"a constant bound in {stmt}")
     return str(compiled)
+
 
 @functools.lru_cache(maxsize=1024)
 def _batch_sql(dialect, shapes: tuple, commit: bool) -> str:
     "One round trip: the writes of `shapes` in order, then COMMIT."
     parts = [_compiled(dialect, _write_sql('postgresql', s, f'w{i}_')) for i, s in enumerate(shapes)]
     return '; '.join(parts + (['COMMIT'] if commit else []))
+
 
 @functools.lru_cache(maxsize=1024)
 def _gated_sql(dialect, gate: tuple, shapes: tuple) -> str:
@@ -216,45 +254,95 @@ def _claim_statement():
     read the tenant mappings, the claimed tenants that exist, and the plan of the price."""
     w, s, cu, t, b = webhook_events_t, subscriptions_t, customers_t, tenants_t, partial(_bind, '')
     new = dict(status=sa.literal_column("'processing'"), attempts=sa.literal_column('0'))
-    ins = (postgresql.insert(w).values({c: b(w, c) for c in _INBOX_COLS} | new)
-           .on_conflict_do_nothing(index_elements=[w.c.event_id]).returning(w.c.status).cte('ins'))
-    seen = (sa.select(w.c.status).where(w.c.event_id == b(w, 'event_id'), ~sa.exists(sa.select(ins)))
-            .with_for_update().cte('seen'))
-    claim = sa.select(sa.func.coalesce(sa.select(ins.c.status).scalar_subquery(),
-                                       sa.select(seen.c.status).scalar_subquery()).label('status')).cte('claim')
+    ins = (
+        postgresql.insert(w)
+        .values({c: b(w, c) for c in _INBOX_COLS} | new)
+        .on_conflict_do_nothing(index_elements=[w.c.event_id])
+        .returning(w.c.status)
+        .cte('ins')
+    )
+    seen = (
+        sa.select(w.c.status)
+        .where(w.c.event_id == b(w, 'event_id'), ~sa.exists(sa.select(ins)))
+        .with_for_update()
+        .cte('seen')
+    )
+    claim = sa.select(
+        sa.func.coalesce(sa.select(ins.c.status).scalar_subquery(), sa.select(seen.c.status).scalar_subquery()).label(
+            'status'
+        )
+    ).cte('claim')
     applying = sa.select(claim.c.status).scalar_subquery().in_([sa.literal_column(f"'{a}'") for a in _APPLY])
-    sub = (sa.select(*(s.c[c] for c in _SUB_COLS)).where(s.c.stripe_sub_id == b(s, 'stripe_sub_id', 'lock_sub'),
-                                                         applying).with_for_update().cte('sub'))
-    cust = (sa.select(*(cu.c[c] for c in _CUST_COLS)).where(cu.c.stripe_cust_id == b(cu, 'stripe_cust_id', 'lock_cust'),
-                                                            applying).with_for_update().cte('cust'))
-    plan = (plan_selling(b(plans_t, 'stripe_price_monthly', 'price')).with_only_columns(plans_t.c.id, plans_t.c.name)
-            .limit(sa.literal_column('1')).lateral('plan'))
+    sub = (
+        sa.select(*(s.c[c] for c in _SUB_COLS))
+        .where(s.c.stripe_sub_id == b(s, 'stripe_sub_id', 'lock_sub'), applying)
+        .with_for_update()
+        .cte('sub')
+    )
+    cust = (
+        sa.select(*(cu.c[c] for c in _CUST_COLS))
+        .where(cu.c.stripe_cust_id == b(cu, 'stripe_cust_id', 'lock_cust'), applying)
+        .with_for_update()
+        .cte('cust')
+    )
+    plan = (
+        plan_selling(b(plans_t, 'stripe_price_monthly', 'price'))
+        .with_only_columns(plans_t.c.id, plans_t.c.name)
+        .limit(sa.literal_column('1'))
+        .lateral('plan')
+    )
+
     def tenant_of(tbl, col, name):
         return sa.select(tbl.c.tenant_id).where(tbl.c[col] == b(tbl, col, name)).scalar_subquery()
+
     claimed = sa.bindparam('claimed', type_=ARRAY(sa.String))
     tenants = sa.select(sa.func.array_agg(t.c.id)).where(t.c.id == sa.any_(claimed)).scalar_subquery()
-    return (sa.select(claim.c.status, *(c.label(f'sub_{c.name}') for c in sub.c),
-                      *(c.label(f'cust_{c.name}') for c in cust.c), tenant_of(s, 'stripe_sub_id', 'map_sub'),
-                      tenant_of(cu, 'stripe_cust_id', 'cust'), tenants, plan.c.id, plan.c.name)
-            .select_from(claim.outerjoin(sub, sa.true()).outerjoin(cust, sa.true()).outerjoin(plan, sa.true())))
+    return sa.select(
+        claim.c.status,
+        *(c.label(f'sub_{c.name}') for c in sub.c),
+        *(c.label(f'cust_{c.name}') for c in cust.c),
+        tenant_of(s, 'stripe_sub_id', 'map_sub'),
+        tenant_of(cu, 'stripe_cust_id', 'cust'),
+        tenants,
+        plan.c.id,
+        plan.c.name,
+    ).select_from(claim.outerjoin(sub, sa.true()).outerjoin(cust, sa.true()).outerjoin(plan, sa.true()))
+
 
 @functools.lru_cache(maxsize=8)
-def _claim_sql(dialect) -> str: return _compiled(dialect, _claim_statement())
+def _claim_sql(dialect) -> str:
+    return _compiled(dialect, _claim_statement())
+
 
 def _found(row) -> Found:
     "The claim statement's one row as a `Found`."
     n, m = len(_SUB_COLS), len(_SUB_COLS) + len(_CUST_COLS) + 1
-    return Found(row[0], _row(_SUB_COLS, row[1:n + 1]), _row(_CUST_COLS, row[n + 1:m]), row[m], row[m + 1],
-                 frozenset(row[m + 2] or ()), _row(('id', 'name'), row[m + 3:m + 5]))
+    return Found(
+        row[0],
+        _row(_SUB_COLS, row[1 : n + 1]),
+        _row(_CUST_COLS, row[n + 1 : m]),
+        row[m],
+        row[m + 1],
+        frozenset(row[m + 2] or ()),
+        _row(('id', 'name'), row[m + 3 : m + 5]),
+    )
 
 # %% ../nbs/32_stripe_webhooks.ipynb #d641f49c
 def _inbox_values(event, payload: str) -> dict:
-    return dict(event_id=event['id'], event_type=event['type'], payload_json=payload, event_created=event['created'],
-                livemode=bool(event.get('livemode')), object_id=ref_id(event['data']['object'].get('id')))
+    return dict(
+        event_id=event['id'],
+        event_type=event['type'],
+        payload_json=payload,
+        event_created=event['created'],
+        livemode=bool(event.get('livemode')),
+        object_id=ref_id(event['data']['object'].get('id')),
+    )
+
 
 class EventTx:
     """One event's transaction as its handler sees it: what the claim read and locked (`found`), and the writes the
     handler queues (`insert`, `update`, `create`, `audit`, `link_customer`), sent together after it returns."""
+
     def __init__(self, conn, event: dict, payload: str, reads: Reads):
         self.conn, self.event, self.reads = conn, event, reads
         self.inbox = dict(_inbox_values(event, payload), id=gen_id(), created_at=timestamp())
@@ -282,7 +370,8 @@ class EventTx:
     def create(self, table: sa.Table, values: dict, conflict: str):
         """Queue the INSERT of the new row the other writes depend on: if a concurrent delivery inserts it first, none
         is written, `lost` is set and the handler decides again on a new claim."""
-        if self._gate is not None: raise RuntimeError("an event creates at most one row")
+        if self._gate is not None:
+            raise RuntimeError("an event creates at most one row")
         self._gate = _Write.insert(table, values, conflict)
 
     def audit(self, event_type: str, target_id: str | None, tenant_id: str | None, details: dict):
@@ -291,11 +380,13 @@ class EventTx:
 
     def link_customer(self, tenant_id: str, cust_id: str | None):
         "Queue: remember `cust_id` as the tenant's customer, unless the tenant or the customer is mapped already."
-        if cust_id: self.insert(customers_t, dict(tenant_id=tenant_id, stripe_cust_id=cust_id), conflict='any')
+        if cust_id:
+            self.insert(customers_t, dict(tenant_id=tenant_id, stripe_cust_id=cust_id), conflict='any')
 
     def execute(self, statement, *args, **kwargs):
         "Run a SQLAlchemy `statement` in the event's transaction, after the writes queued so far."
-        if not self.flush(): raise RuntimeError("the row this event creates was created concurrently")
+        if not self.flush():
+            raise RuntimeError("the row this event creates was created concurrently")
         return self.conn.execute(statement, *args, **kwargs)
 
     def flush(self) -> bool:
@@ -305,16 +396,24 @@ class EventTx:
     def finish(self, out: Outcome) -> bool:
         "Record `out` in the inbox row and commit, with the queued writes; False: decide again (see `create`)."
         now = timestamp()
-        self._writes.append(_Write.update(webhook_events_t, dict(status=out.status, tenant_id=out.tenant_id,
-                                          last_error=None, processed_at=now, updated_at=now),
-                                          'event_id', self.event['id'], incr=('attempts',)))
+        self._writes.append(
+            _Write.update(
+                webhook_events_t,
+                dict(status=out.status, tenant_id=out.tenant_id, last_error=None, processed_at=now, updated_at=now),
+                'event_id',
+                self.event['id'],
+                incr=('attempts',),
+            )
+        )
         return self._send(commit=True)
 
     def _send(self, commit: bool) -> bool:
         writes, gate, self._writes, self._gate = self._writes, self._gate, [], None
-        if not (writes or gate or commit): return True
+        if not (writes or gate or commit):
+            return True
         won = self._run(gate, writes, commit)
-        if not won and self._sent: raise RuntimeError("the row this event creates was created concurrently")
+        if not won and self._sent:
+            raise RuntimeError("the row this event creates was created concurrently")
         self.lost, self._sent = self.lost or not won, self._sent or won
         return won
 
@@ -323,12 +422,19 @@ class _BatchTx(EventTx):
     """PostgreSQL through psycopg2: the claim is one statement sent with BEGIN, the writes one batch sent with COMMIT
     (or, with a new row, one statement, then COMMIT). psycopg2 is in autocommit meanwhile: the SQL holds the
     transaction, so BEGIN and COMMIT cost no round trips of their own."""
+
     begun = False
 
     def _claim(self) -> Found:
         r = self.reads
-        params = self.inbox | dict(lock_sub=r.lock_sub, lock_cust=r.lock_cust, map_sub=r.map_sub, cust=r.cust,
-                                   claimed=[t for t in r.claimed if isinstance(t, str) and t], price=r.price)
+        params = self.inbox | dict(
+            lock_sub=r.lock_sub,
+            lock_cust=r.lock_cust,
+            map_sub=r.map_sub,
+            cust=r.cust,
+            claimed=[t for t in r.claimed if isinstance(t, str) and t],
+            price=r.price,
+        )
         sql = _claim_sql(self.conn.dialect)
         row = self.conn.exec_driver_sql(sql if self.begun else 'BEGIN; ' + sql, params).first()
         self.begun = True
@@ -340,38 +446,55 @@ class _BatchTx(EventTx):
         if gate is None:
             self.conn.exec_driver_sql(_batch_sql(self.conn.dialect, shapes, commit), params)
             return True
-        won = self.conn.exec_driver_sql(_gated_sql(self.conn.dialect, gate.shape, shapes),
-                                        params | gate.params('g_')).scalar()
-        if won and commit: self.conn.exec_driver_sql('COMMIT')
+        won = self.conn.exec_driver_sql(
+            _gated_sql(self.conn.dialect, gate.shape, shapes), params | gate.params('g_')
+        ).scalar()
+        if won and commit:
+            self.conn.exec_driver_sql('COMMIT')
         return bool(won)
 
     def close(self):
         "Roll back whatever the SQL left open (a failure, a duplicate); a connection that cannot is discarded."
-        if self.conn.invalidated: return
+        if self.conn.invalidated:
+            return
         if self.conn.connection.dbapi_connection.info.transaction_status != TRANSACTION_STATUS_IDLE:
-            try: self.conn.exec_driver_sql('ROLLBACK')
-            except Exception: self.conn.invalidate()
+            try:
+                self.conn.exec_driver_sql('ROLLBACK')
+            except Exception:
+                self.conn.invalidate()
+
 
 class _StepTx(EventTx):
     "Any other backend (SQLite): a statement at a time in a `host_db.transaction()`."
+
     def _claim(self) -> Found:
         c, w, r = self.conn, webhook_events_t.c, self.reads
-        fresh = c.execute(dialect_insert(c, webhook_events_t).values(status='processing', attempts=0, **self.inbox)
-                          .on_conflict_do_nothing(index_elements=[w.event_id])).rowcount
-        status = 'processing' if fresh else c.execute(sa.select(w.status).where(w.event_id == self.event['id'])
-                                                      .with_for_update()).scalar()
+        fresh = c.execute(
+            dialect_insert(c, webhook_events_t)
+            .values(status='processing', attempts=0, **self.inbox)
+            .on_conflict_do_nothing(index_elements=[w.event_id])
+        ).rowcount
+        status = (
+            'processing'
+            if fresh
+            else c.execute(sa.select(w.status).where(w.event_id == self.event['id']).with_for_update()).scalar()
+        )
         locks = status in _APPLY
         claimed = [t for t in r.claimed if isinstance(t, str) and t]
         plan = r.price and c.execute(plan_selling(r.price).with_only_columns(plans_t.c.id, plans_t.c.name)).first()
-        return Found(status, self._locked(subscriptions_t, _SUB_COLS, 'stripe_sub_id', locks and r.lock_sub),
-                     self._locked(customers_t, _CUST_COLS, 'stripe_cust_id', locks and r.lock_cust),
-                     self._tenant(subscriptions_t, 'stripe_sub_id', r.map_sub),
-                     self._tenant(customers_t, 'stripe_cust_id', r.cust),
-                     frozenset(c.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(claimed))).scalars()),
-                     _row(('id', 'name'), plan or None))
+        return Found(
+            status,
+            self._locked(subscriptions_t, _SUB_COLS, 'stripe_sub_id', locks and r.lock_sub),
+            self._locked(customers_t, _CUST_COLS, 'stripe_cust_id', locks and r.lock_cust),
+            self._tenant(subscriptions_t, 'stripe_sub_id', r.map_sub),
+            self._tenant(customers_t, 'stripe_cust_id', r.cust),
+            frozenset(c.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(claimed))).scalars()),
+            _row(('id', 'name'), plan or None),
+        )
 
     def _locked(self, table, cols, col, key):
-        if not key: return None
+        if not key:
+            return None
         q = sa.select(*(table.c[k] for k in cols)).where(table.c[col] == key).with_for_update()
         return _row(cols, self.conn.execute(q).first())
 
@@ -382,93 +505,157 @@ class _StepTx(EventTx):
         dialect = self.conn.dialect.name
         if gate is not None and not self.conn.execute(_step(dialect, gate.shape, 'g_'), gate.params('g_')).rowcount:
             return False
-        for w in writes: self.conn.execute(_step(dialect, w.shape, 'w_'), w.params('w_'))
+        for w in writes:
+            self.conn.execute(_step(dialect, w.shape, 'w_'), w.params('w_'))
         return True
 
-    def close(self): pass
+    def close(self):
+        pass
+
 
 @contextmanager
 def _event_tx(host_db: HostDatabase, event: dict, payload: str, reads: Reads):
     "The transaction `apply_event` runs an event in; calls through `host_db` inside it join it."
     if host_db.engine.dialect.driver != 'psycopg2':
-        with host_db.transaction() as conn: yield _StepTx(conn, event, payload, reads)
+        with host_db.transaction() as conn:
+            yield _StepTx(conn, event, payload, reads)
         return
     with host_db.engine.connect() as conn:
         tx, raw = _BatchTx(conn, event, payload, reads), conn.connection.dbapi_connection
-        raw.autocommit = True   # psycopg2's own flag: no round trip, unlike an isolation level (a SET each way)
+        raw.autocommit = True  # psycopg2's own flag: no round trip, unlike an isolation level (a SET each way)
         try:
-            with host_db.db.joined(conn): yield tx
+            with host_db.db.joined(conn):
+                yield tx
         finally:
             tx.close()
-            if not conn.invalidated: raw.autocommit = False
+            if not conn.invalidated:
+                raw.autocommit = False
 
 # %% ../nbs/32_stripe_webhooks.ipynb #e65e60e2
 def subscription_reads(event) -> Reads:
     "A subscription event locks its row, and reads its customer's tenant, its claimed tenant and its price's plan."
     sub = event['data']['object']
-    return Reads(lock_sub=sub['id'], cust=ref_id(sub.get('customer')), claimed=(metadata_tenant(sub),),
-                 price=subscription_price(sub))
+    return Reads(
+        lock_sub=sub['id'],
+        cust=ref_id(sub.get('customer')),
+        claimed=(metadata_tenant(sub),),
+        price=subscription_price(sub),
+    )
+
 
 def on_subscription(host_db, tx, event) -> Outcome:
     "customer.subscription.created/updated/deleted/paused/resumed/trial_will_end: store the newest snapshot."
     sub, row, plan = event['data']['object'], tx.found.sub, tx.found.plan
     if row is not None and not is_newer(event, sub.get('status'), row):
         return Outcome('skipped_out_of_order', row.tenant_id)
-    if (tenant := row.tenant_id if row else tx.tenant()) is None: return Outcome('ignored_no_tenant')
+    if (tenant := row.tenant_id if row else tx.tenant()) is None:
+        return Outcome('ignored_no_tenant')
     values = subscription_snapshot(sub) | event_clock(event)
     if plan and (row is None or values['stripe_price_id'] != row.stripe_price_id):
         values.update(plan_tier=plan.id, product_name=plan.name)
-    if row is None: tx.create(subscriptions_t, dict(values, stripe_sub_id=sub['id'], tenant_id=tenant), 'stripe_sub_id')
-    else: tx.update(subscriptions_t, values, 'id', row.id)
-    if values['stripe_cust_id'] != (row and row.stripe_cust_id): tx.link_customer(tenant, values['stripe_cust_id'])
-    tx.audit('billing.subscription_updated', sub['id'], tenant,
-             dict(event_id=event['id'], event_type=event['type'], status=values['status'],
-                  price=values['stripe_price_id'], previous_status=row and row.status))
+    if row is None:
+        tx.create(subscriptions_t, dict(values, stripe_sub_id=sub['id'], tenant_id=tenant), 'stripe_sub_id')
+    else:
+        tx.update(subscriptions_t, values, 'id', row.id)
+    if values['stripe_cust_id'] != (row and row.stripe_cust_id):
+        tx.link_customer(tenant, values['stripe_cust_id'])
+    tx.audit(
+        'billing.subscription_updated',
+        sub['id'],
+        tenant,
+        dict(
+            event_id=event['id'],
+            event_type=event['type'],
+            status=values['status'],
+            price=values['stripe_price_id'],
+            previous_status=row and row.status,
+        ),
+    )
     return Outcome('processed', tenant)
 
 # %% ../nbs/32_stripe_webhooks.ipynb #659edeb5
-_SESSION_STATUS = {'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active',
-                                                  'unpaid': 'pending_payment'},
-                   'checkout.session.async_payment_succeeded': 'active',
-                   'checkout.session.async_payment_failed': 'payment_failed'}
+_SESSION_STATUS = {
+    'checkout.session.completed': {'paid': 'active', 'no_payment_required': 'active', 'unpaid': 'pending_payment'},
+    'checkout.session.async_payment_succeeded': 'active',
+    'checkout.session.async_payment_failed': 'payment_failed',
+}
+
 
 def checkout_reads(event) -> Reads:
     "A Checkout Session locks the row it fills (its subscription's, or its own in `payment` mode)."
     s = event['data']['object']
     sub_id = ref_id(s.get('subscription'))
     lock = {'subscription': sub_id, 'payment': s.get('id')}.get(s.get('mode'))
-    return Reads(lock_sub=lock, map_sub=sub_id, cust=ref_id(s.get('customer')),
-                 claimed=(s.get('client_reference_id'), metadata_tenant(s)))
+    return Reads(
+        lock_sub=lock,
+        map_sub=sub_id,
+        cust=ref_id(s.get('customer')),
+        claimed=(s.get('client_reference_id'), metadata_tenant(s)),
+    )
+
 
 def _session_values(event, row, status):
     "The columns a Checkout Session sets on `row` (None: a new one), or the outcome that leaves the row alone."
     s = event['data']['object']
     if s.get('mode') == 'payment':
-        if row and not is_newer(event, status, row): return Outcome('skipped_out_of_order', row.tenant_id)
-        return dict(status=status, stripe_cust_id=ref_id(s.get('customer')), amount_cents=s.get('amount_total'),
-                    **event_clock(event))
-    fills = row is None or row.status is None or (row.status == 'pending_payment'
-                                                  and event['type'] != 'checkout.session.completed')
-    if not fills and row.stripe_cust_id: return Outcome('skipped_superseded', row.tenant_id)
-    return (dict(stripe_cust_id=(row and row.stripe_cust_id) or ref_id(s.get('customer')), updated_at=timestamp())
-            | (dict(status=status) if fills else {}))
+        if row and not is_newer(event, status, row):
+            return Outcome('skipped_out_of_order', row.tenant_id)
+        return dict(
+            status=status,
+            stripe_cust_id=ref_id(s.get('customer')),
+            amount_cents=s.get('amount_total'),
+            **event_clock(event),
+        )
+    fills = (
+        row is None
+        or row.status is None
+        or (row.status == 'pending_payment' and event['type'] != 'checkout.session.completed')
+    )
+    if not fills and row.stripe_cust_id:
+        return Outcome('skipped_superseded', row.tenant_id)
+    return dict(stripe_cust_id=(row and row.stripe_cust_id) or ref_id(s.get('customer')), updated_at=timestamp()) | (
+        dict(status=status) if fills else {}
+    )
+
 
 def on_checkout_session(host_db, tx, event) -> Outcome:
     "checkout.session.completed / async_payment_succeeded / async_payment_failed."
     s, row = event['data']['object'], tx.found.sub
     status = _SESSION_STATUS[event['type']]
     status = status.get(s.get('payment_status')) if isinstance(status, dict) else status
-    if (tenant := tx.tenant()) is None: return Outcome('ignored_no_tenant')
-    if status is None or tx.reads.lock_sub is None: return Outcome('ignored_unhandled', tenant)
+    if (tenant := tx.tenant()) is None:
+        return Outcome('ignored_no_tenant')
+    if status is None or tx.reads.lock_sub is None:
+        return Outcome('ignored_unhandled', tenant)
     tenant = row.tenant_id if row else tenant
     tx.link_customer(tenant, ref_id(s.get('customer')))
-    if isinstance(values := _session_values(event, row, status), Outcome): return values
-    if row: tx.update(subscriptions_t, values, 'id', row.id)
-    else: tx.create(subscriptions_t, values | dict(stripe_sub_id=tx.reads.lock_sub, tenant_id=tenant, payment_type=(
-        'one_time' if s.get('mode') == 'payment' else 'subscription')), 'stripe_sub_id')
-    tx.audit('billing.subscription_updated', tx.reads.lock_sub, tenant,
-             dict(event_id=event['id'], event_type=event['type'], status=values.get('status', row and row.status),
-                  payment_status=s.get('payment_status'), previous_status=row and row.status))
+    if isinstance(values := _session_values(event, row, status), Outcome):
+        return values
+    if row:
+        tx.update(subscriptions_t, values, 'id', row.id)
+    else:
+        tx.create(
+            subscriptions_t,
+            values
+            | dict(
+                stripe_sub_id=tx.reads.lock_sub,
+                tenant_id=tenant,
+                payment_type=('one_time' if s.get('mode') == 'payment' else 'subscription'),
+            ),
+            'stripe_sub_id',
+        )
+    tx.audit(
+        'billing.subscription_updated',
+        tx.reads.lock_sub,
+        tenant,
+        dict(
+            event_id=event['id'],
+            event_type=event['type'],
+            status=values.get('status', row and row.status),
+            payment_status=s.get('payment_status'),
+            previous_status=row and row.status,
+        ),
+    )
     return Outcome('processed', tenant)
 
 # %% ../nbs/32_stripe_webhooks.ipynb #9d455a34
@@ -476,78 +663,119 @@ def invoice_reads(event) -> Reads:
     "An invoice locks nothing: it reads its tenant through its subscription, its customer, or its claimed tenant."
     inv = event['data']['object']
     details = (inv.get('parent') or {}).get('subscription_details') or {}
-    return Reads(map_sub=invoice_subscription(inv), cust=ref_id(inv.get('customer')),
-                 claimed=(metadata_tenant(details),))
+    return Reads(
+        map_sub=invoice_subscription(inv), cust=ref_id(inv.get('customer')), claimed=(metadata_tenant(details),)
+    )
+
 
 def on_invoice(host_db, tx, event) -> Outcome:
     "invoice.paid / invoice.payment_succeeded / invoice.payment_failed: an audit row for the tenant."
     inv = event['data']['object']
-    if (tenant := tx.tenant()) is None: return Outcome('ignored_no_tenant')
+    if (tenant := tx.tenant()) is None:
+        return Outcome('ignored_no_tenant')
     kind = 'billing.invoice_payment_failed' if event['type'] == 'invoice.payment_failed' else 'billing.invoice_paid'
-    tx.audit(kind, inv.get('id'), tenant,
-             dict(event_id=event['id'], event_type=event['type'], subscription=tx.reads.map_sub,
-                  amount_due=inv.get('amount_due'), amount_paid=inv.get('amount_paid'),
-                  attempt_count=inv.get('attempt_count'), currency=inv.get('currency')))
+    tx.audit(
+        kind,
+        inv.get('id'),
+        tenant,
+        dict(
+            event_id=event['id'],
+            event_type=event['type'],
+            subscription=tx.reads.map_sub,
+            amount_due=inv.get('amount_due'),
+            amount_paid=inv.get('amount_paid'),
+            attempt_count=inv.get('attempt_count'),
+            currency=inv.get('currency'),
+        ),
+    )
     return Outcome('processed', tenant)
+
 
 def customer_reads(event) -> Reads:
     "`customer.updated` locks the customer's row."
     cust = event['data']['object']
     return Reads(lock_cust=cust['id'], cust=cust['id'], claimed=(metadata_tenant(cust),))
 
+
 def on_customer(host_db, tx, event) -> Outcome:
     "customer.updated: keep the tenant's customer e-mail current."
     cust, row = event['data']['object'], tx.found.customer
     values = dict(email=cust.get('email'), **event_clock(event))
-    if row is None:   # a new mapping; after a lost race still none: the tenant has another customer
-        if tx.lost or (tenant := tx.tenant()) is None: return Outcome('ignored_no_tenant')
+    if row is None:  # a new mapping; after a lost race still none: the tenant has another customer
+        if tx.lost or (tenant := tx.tenant()) is None:
+            return Outcome('ignored_no_tenant')
         tx.create(customers_t, values | dict(tenant_id=tenant, stripe_cust_id=cust['id']), 'any')
-    elif not is_newer(event, None, row): return Outcome('skipped_out_of_order', row.tenant_id)
+    elif not is_newer(event, None, row):
+        return Outcome('skipped_out_of_order', row.tenant_id)
     else:
         tenant = row.tenant_id
         tx.update(customers_t, values, 'stripe_cust_id', cust['id'])
     tx.audit('billing.customer_updated', cust['id'], tenant, dict(event_id=event['id'], event_type=event['type']))
     return Outcome('processed', tenant)
 
+
 EVENT_HANDLERS = {
-    **{f'customer.subscription.{k}': on_subscription
-       for k in ('created', 'updated', 'deleted', 'paused', 'resumed', 'trial_will_end')},
+    **{
+        f'customer.subscription.{k}': on_subscription
+        for k in ('created', 'updated', 'deleted', 'paused', 'resumed', 'trial_will_end')
+    },
     **{t: on_checkout_session for t in _SESSION_STATUS},
     **{f'invoice.{k}': on_invoice for k in ('paid', 'payment_succeeded', 'payment_failed')},
-    'customer.updated': on_customer}
+    'customer.updated': on_customer,
+}
 
-EVENT_READS = {t: {on_subscription: subscription_reads, on_checkout_session: checkout_reads, on_invoice: invoice_reads,
-                   on_customer: customer_reads}[h] for t, h in EVENT_HANDLERS.items()}
+EVENT_READS = {
+    t: {
+        on_subscription: subscription_reads,
+        on_checkout_session: checkout_reads,
+        on_invoice: invoice_reads,
+        on_customer: customer_reads,
+    }[h]
+    for t, h in EVENT_HANDLERS.items()
+}
 
 # %% ../nbs/32_stripe_webhooks.ipynb #81a5603b
 _SECRETISH = re.compile(r'\b(sk|rk|pk|whsec)_[A-Za-z0-9_]+|://[^/\s:@]+:[^@\s]+@')
 
+
 def scrub(message: str, limit: int = 500) -> str:
     "An error message safe to store: API keys, webhook secrets and URL passwords removed; at most `limit` chars."
     return _SECRETISH.sub('[redacted]', message)[:limit]
+
 
 def _record_failure(host_db, event, payload, error: Exception):
     "In its own transaction: mark the event failed (attempts+1) unless a concurrent delivery has applied it meanwhile."
     c, msg = webhook_events_t.c, scrub(f"{type(error).__name__}: {error}")
     try:
         with host_db.transaction() as conn:
-            conn.execute(dialect_insert(conn, webhook_events_t)
-                         .values(status='failed', attempts=1, last_error=msg, **_inbox_values(event, payload))
-                         .on_conflict_do_update(index_elements=[c.event_id], where=c.status == 'failed',
-                                                set_=dict(attempts=c.attempts + 1, last_error=msg,
-                                                          updated_at=timestamp())))
-    except Exception as e: _log.error("could not record the failure of Stripe event %s: %s", event['id'], scrub(str(e)))
+            conn.execute(
+                dialect_insert(conn, webhook_events_t)
+                .values(status='failed', attempts=1, last_error=msg, **_inbox_values(event, payload))
+                .on_conflict_do_update(
+                    index_elements=[c.event_id],
+                    where=c.status == 'failed',
+                    set_=dict(attempts=c.attempts + 1, last_error=msg, updated_at=timestamp()),
+                )
+            )
+    except Exception as e:
+        _log.error("could not record the failure of Stripe event %s: %s", event['id'], scrub(str(e)))
+
 
 _CLAIMS = 3
 "Claims an event gets: a concurrent delivery can take its inbox row, then a row it creates, then it gives up (500)."
 
+
 def _apply(host_db, tx: EventTx, handler) -> Outcome:
     for _ in range(_CLAIMS):
-        if (found := tx.claim()).status is None: continue
-        if found.status not in _APPLY: return Outcome(found.status, duplicate=True)
+        if (found := tx.claim()).status is None:
+            continue
+        if found.status not in _APPLY:
+            return Outcome(found.status, duplicate=True)
         out = handler(host_db, tx, tx.event) if handler else Outcome('ignored_unhandled')
-        if tx.finish(out): return out
+        if tx.finish(out):
+            return out
     raise RuntimeError(f"Stripe event {tx.event['id']}: concurrent deliveries kept taking its rows")
+
 
 def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
     "Apply a verified `event` (raw JSON `payload`) exactly once; raises if its handler fails (the failure is recorded)."
@@ -561,53 +789,66 @@ def apply_event(host_db: HostDatabase, event: dict, payload: str) -> Outcome:
         _record_failure(host_db, event, payload, e)
         raise
     # it committed with SQL of its own, which no engine event reports: this process's caches are told here
-    if out.status == 'processed' and not out.duplicate: billing_changed(out.tenant_id)
+    if out.status == 'processed' and not out.duplicate:
+        billing_changed(out.tenant_id)
     return out
 
 # %% ../nbs/32_stripe_webhooks.ipynb #c6a080bd
 MAX_BODY = 1 << 20
 "Largest accepted delivery, in bytes (Stripe events are a few kB; the body is read before the signature is checked)."
 
+
 async def _read_body(request, limit: int) -> bytes | None:
     "The request body, or None as soon as it exceeds `limit` bytes."
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit: return None
+        if size > limit:
+            return None
         chunks.append(chunk)
     return b''.join(chunks)
+
 
 def webhook_endpoint(host_db: HostDatabase, secrets, tolerance: int = 300, after=None):
     "The ASGI endpoint: 400 for anything unverified, 200 once the event is applied or known, 500 so Stripe retries."
     secrets = _secrets(secrets)
+
     async def stripe_webhook(request):
         if (payload := await _read_body(request, MAX_BODY)) is None:
             return JSONResponse({'error': f'body larger than {MAX_BODY} bytes'}, status_code=413)
-        try: event = verify_event(payload, request.headers.get('stripe-signature'), secrets, tolerance)
-        except WebhookRejected as e: return JSONResponse({'error': str(e)}, status_code=400)
-        try: out = await run_in_threadpool(apply_event, host_db, event, payload.decode('utf-8'))
+        try:
+            event = verify_event(payload, request.headers.get('stripe-signature'), secrets, tolerance)
+        except WebhookRejected as e:
+            return JSONResponse({'error': str(e)}, status_code=400)
+        try:
+            out = await run_in_threadpool(apply_event, host_db, event, payload.decode('utf-8'))
         except Exception as e:
             _log.error("Stripe event %s (%s) failed: %s", event['id'], event['type'], scrub(f"{type(e).__name__}: {e}"))
             return JSONResponse({'error': 'event not applied; it will be retried'}, status_code=500)
         if after is not None and out.status == 'processed' and not out.duplicate:
-            try: await run_in_threadpool(after, event, out)
-            except Exception as e:   # the event is applied and stays so: Stripe is not asked to send it again
+            try:
+                await run_in_threadpool(after, event, out)
+            except Exception as e:  # the event is applied and stays so: Stripe is not asked to send it again
                 _log.error("Stripe event %s: the follow-up failed: %s", event['id'], scrub(f"{type(e).__name__}: {e}"))
         return JSONResponse({'status': out.status, 'duplicate': out.duplicate})
+
     return stripe_webhook
+
 
 def webhook_secrets_from_env(env=None) -> list[str]:
     "The signing secrets in `STRIPE_WEBHOOK_SECRET` (comma-separated during a rotation); an error when unset."
     env = os.environ if env is None else env
     return _secrets([x.strip() for x in env.get('STRIPE_WEBHOOK_SECRET', '').split(',') if x.strip()])
 
-def add_stripe_webhook(app,                          # a FastHTML or Starlette app
-                       host_db: HostDatabase,        # where the inbox and subscriptions live
-                       secrets=None,                 # signing secrets, newest first; default `STRIPE_WEBHOOK_SECRET`
-                       path: str = '/stripe/webhook',  # the endpoint's path, as configured in Stripe
-                       tolerance: int = 300,         # seconds a signature's timestamp may be old
-                       after=None,                   # (event, outcome) -> None, once per event newly processed
-                      ) -> Route:
+
+def add_stripe_webhook(
+    app,  # a FastHTML or Starlette app
+    host_db: HostDatabase,  # where the inbox and subscriptions live
+    secrets=None,  # signing secrets, newest first; default `STRIPE_WEBHOOK_SECRET`
+    path: str = '/stripe/webhook',  # the endpoint's path, as configured in Stripe
+    tolerance: int = 300,  # seconds a signature's timestamp may be old
+    after=None,  # (event, outcome) -> None, once per event newly processed
+) -> Route:
     """Mount the Stripe webhook endpoint on `app` (FastHTML or Starlette) at `path`, outside any login;
     `secrets` default to the environment's."""
     secrets = webhook_secrets_from_env() if secrets is None else secrets
@@ -621,21 +862,35 @@ def _owner_emails(host_db: HostDatabase, tenant_id: str, owner: str) -> tuple[st
     m, u = memberships_t.c, users_t.c
     with host_db.transaction() as conn:
         name = conn.execute(sa.select(tenants_t.c.name).where(tenants_t.c.id == tenant_id)).scalar()
-        emails = conn.execute(sa.select(u.email).join_from(memberships_t, users_t, m.user_id == u.id)
-                              .where(m.tenant_id == tenant_id, m.role == owner, m.is_active, u.is_active)
-                              .order_by(u.email)).scalars().all()
+        emails = (
+            conn.execute(
+                sa.select(u.email)
+                .join_from(memberships_t, users_t, m.user_id == u.id)
+                .where(m.tenant_id == tenant_id, m.role == owner, m.is_active, u.is_active)
+                .order_by(u.email)
+            )
+            .scalars()
+            .all()
+        )
     return name, list(emails)
 
-def payment_failed_mail(host_db: HostDatabase, mailer: Mailer, link: str, templates: MailTemplates | None = None,
-                        owner: str = 'owner'):
+
+def payment_failed_mail(
+    host_db: HostDatabase, mailer: Mailer, link: str, templates: MailTemplates | None = None, owner: str = 'owner'
+):
     "An `after` that mails the tenant's active `owner`s the `payment_failed` message (linking to `link`)."
     templates = templates or MailTemplates()
+
     def after(event: dict, out: Outcome):
-        if event['type'] != 'invoice.payment_failed' or out.tenant_id is None: return
+        if event['type'] != 'invoice.payment_failed' or out.tenant_id is None:
+            return
         name, emails = _owner_emails(host_db, out.tenant_id, owner)
         for email in emails:
-            try: send_mail(mailer, email, templates.payment_failed(name or out.tenant_id, link))
-            except OSError as e: _log.warning("tenant %s: a payment failure mail was not sent: %s", out.tenant_id, e)
+            try:
+                send_mail(mailer, email, templates.payment_failed(name or out.tenant_id, link))
+            except OSError as e:
+                _log.warning("tenant %s: a payment failure mail was not sent: %s", out.tenant_id, e)
+
     return after
 
 # %% ../nbs/32_stripe_webhooks.ipynb #aaf235f3
@@ -643,16 +898,21 @@ def _apply_counting(host_db, counts: Counter, event: dict, payload: str):
     try:
         out = apply_event(host_db, event, payload)
         counts['already_applied' if out.duplicate else out.status] += 1
-    except Exception: counts['failed'] += 1
+    except Exception:
+        counts['failed'] += 1
+
 
 def replay_failed(host_db: HostDatabase, limit: int = 1000) -> dict[str, int]:
     "Apply again up to `limit` failed events from their stored payloads, oldest first; counts by outcome."
     c = webhook_events_t.c
-    rows = host_db.db.execute(sa.select(c.payload_json).where(c.status == 'failed').order_by(c.event_created, c.id)
-                              .limit(limit))
+    rows = host_db.db.execute(
+        sa.select(c.payload_json).where(c.status == 'failed').order_by(c.event_created, c.id).limit(limit)
+    )
     counts = Counter()
-    for r in rows: _apply_counting(host_db, counts, json.loads(r['payload_json']), r['payload_json'])
+    for r in rows:
+        _apply_counting(host_db, counts, json.loads(r['payload_json']), r['payload_json'])
     return dict(counts)
+
 
 def fetch_undelivered(client: stripe.StripeClient, host_db: HostDatabase, days: int = 30) -> dict[str, int]:
     "Apply the events Stripe failed to deliver in the last `days` days; counts by outcome."
@@ -660,5 +920,6 @@ def fetch_undelivered(client: stripe.StripeClient, host_db: HostDatabase, days: 
     listed = client.v1.events.list(params=dict(delivery_success=False, created=dict(gte=since), limit=100))
     events = sorted((e.to_dict() for e in listed.auto_paging_iter()), key=lambda e: (e['created'], e['id']))
     counts = Counter()
-    for e in events: _apply_counting(host_db, counts, e, json.dumps(e))
+    for e in events:
+        _apply_counting(host_db, counts, e, json.dumps(e))
     return dict(counts)

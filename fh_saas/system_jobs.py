@@ -30,16 +30,19 @@ def provision_job(job):
     "Create the database of the tenant registered in the payload and make it active."
     return dict(status=provision_tenant(job.host_db, job.payload['tenant_id']).status)
 
+
 @job_handler(DEPROVISION_JOB)
 def deprovision_job(job):
     "Drop the tenant's database and role; its catalog row stays as `deleted`."
     return dict(status=deprovision_tenant(job.host_db, job.payload['tenant_id']).status)
 
+
 @job_handler('tenants.migrate')
 def migrate_job(job):
     "Bring every tenant up to date; a tenant that fails is reported in the result (the others go on)."
-    report = migrate_tenants(job.host_db, target=job.payload.get('target'),
-                             concurrency=job.payload.get('concurrency', 4))
+    report = migrate_tenants(
+        job.host_db, target=job.payload.get('target'), concurrency=job.payload.get('concurrency', 4)
+    )
     return dict(migrated=len(report.migrated), failed={o.tenant_id: o.error for o in report.failed})
 
 # %% ../nbs/41_system_jobs.ipynb #4bab8b72
@@ -49,13 +52,21 @@ def queue_tenant_deletion(host_db, tenant_id: str, event: str, **audit_fields) -
         row = tenant_row(host_db, tenant_id, lock=True)
         j = jobs_t.c
         job = conn.execute(sa.select(j.status).where(j.dedupe_key == deprovision_key(tenant_id))).scalar()
-        if row.status in ('deleting', 'deleted'): raise TenantUnavailable(tenant_id, row.status)
+        if row.status in ('deleting', 'deleted'):
+            raise TenantUnavailable(tenant_id, row.status)
         if job in ('dead', 'canceled'):
             raise TenantUnavailable(tenant_id, f"marked for deletion by a job that is {job}")
-        if job is not None: return False
-        if row.status == 'active': suspend_tenant(host_db, tenant_id)
-        job_id = enqueue(host_db, DEPROVISION_JOB, dict(tenant_id=tenant_id), tenant_id=tenant_id,
-                         dedupe_key=deprovision_key(tenant_id)).id
+        if job is not None:
+            return False
+        if row.status == 'active':
+            suspend_tenant(host_db, tenant_id)
+        job_id = enqueue(
+            host_db,
+            DEPROVISION_JOB,
+            dict(tenant_id=tenant_id),
+            tenant_id=tenant_id,
+            dedupe_key=deprovision_key(tenant_id),
+        ).id
         audit(host_db, event, target_id=tenant_id, tenant_id=tenant_id, details=dict(job_id=job_id), **audit_fields)
     return True
 
@@ -63,28 +74,37 @@ def queue_tenant_deletion(host_db, tenant_id: str, event: str, **audit_fields) -
 @job_handler('billing.reconcile')
 def reconcile_job(job):
     "Repair drift between Stripe's subscriptions and ours (skipped while Stripe is not configured)."
-    if not os.environ.get('STRIPE_SECRET_KEY'): return dict(skipped='STRIPE_SECRET_KEY is not set')
+    if not os.environ.get('STRIPE_SECRET_KEY'):
+        return dict(skipped='STRIPE_SECRET_KEY is not set')
     from fh_saas.stripe_billing import reconcile, stripe_client_from_env
+
     return dict(drift=len(reconcile(stripe_client_from_env(), job.host_db, fix=True)))
+
 
 @job_handler('auth.cleanup')
 def auth_cleanup_job(job):
     "Delete sessions and one-time tokens that ended more than `keep_days` ago, and old rate-limit windows."
     cutoff = utcnow() - timedelta(days=job.payload.get('keep_days', 1))
     with job.host_db.transaction() as conn:
-        s = conn.execute(sessions_t.delete().where(sa.or_(sessions_t.c.expires_at < cutoff,
-                                                          sessions_t.c.revoked_at < cutoff))).rowcount
-        t = conn.execute(one_time_tokens_t.delete().where(sa.or_(one_time_tokens_t.c.expires_at < cutoff,
-                                                                 one_time_tokens_t.c.used_at < cutoff))).rowcount
+        s = conn.execute(
+            sessions_t.delete().where(sa.or_(sessions_t.c.expires_at < cutoff, sessions_t.c.revoked_at < cutoff))
+        ).rowcount
+        t = conn.execute(
+            one_time_tokens_t.delete().where(
+                sa.or_(one_time_tokens_t.c.expires_at < cutoff, one_time_tokens_t.c.used_at < cutoff)
+            )
+        ).rowcount
     return dict(sessions=s, tokens=t, rate_windows=purge_windows(job.host_db, cutoff))
+
 
 @job_handler('jobs.purge')
 def purge_jobs_job(job):
     "Delete finished jobs older than `keep_days` (their dedupe keys become free again)."
     cutoff = utcnow() - timedelta(days=job.payload.get('keep_days', 30))
     with job.host_db.transaction() as conn:
-        n = conn.execute(jobs_t.delete().where(jobs_t.c.status.in_(('done', 'dead', 'canceled')),
-                                               jobs_t.c.completed_at < cutoff)).rowcount
+        n = conn.execute(
+            jobs_t.delete().where(jobs_t.c.status.in_(('done', 'dead', 'canceled')), jobs_t.c.completed_at < cutoff)
+        ).rowcount
     return dict(deleted=n)
 
 # %% ../nbs/41_system_jobs.ipynb #47162168
@@ -93,16 +113,26 @@ def trial_sweep_job(job):
     "Cancel local trials (no `stripe_sub_id`) whose `trial_end` has passed, ended at `trial_end`; one audit row each."
     s = subscriptions_t
     with job.host_db.transaction() as conn:
-        ended = conn.execute(s.update()
-                             .where(s.c.status == 'trialing', s.c.stripe_sub_id.is_(None), s.c.trial_end < utcnow())
-                             .values(status='canceled', ended_at=s.c.trial_end)
-                             .returning(s.c.id, s.c.tenant_id, s.c.trial_end)).all()
+        ended = conn.execute(
+            s.update()
+            .where(s.c.status == 'trialing', s.c.stripe_sub_id.is_(None), s.c.trial_end < utcnow())
+            .values(status='canceled', ended_at=s.c.trial_end)
+            .returning(s.c.id, s.c.tenant_id, s.c.trial_end)
+        ).all()
         for r in ended:
-            audit(job.host_db, 'billing.trial_expired', target_id=r.id, tenant_id=r.tenant_id,
-                  details=dict(trial_end=r.trial_end))
+            audit(
+                job.host_db,
+                'billing.trial_expired',
+                target_id=r.id,
+                tenant_id=r.tenant_id,
+                details=dict(trial_end=r.trial_end),
+            )
     return dict(expired=len(ended))
 
 # %% ../nbs/41_system_jobs.ipynb #d086b35f
-SYSTEM_SCHEDULES = [Periodic('billing.reconcile', timedelta(hours=1)),
-                    Periodic('billing.trial_sweep', timedelta(hours=1)),
-                    Periodic('auth.cleanup', timedelta(hours=6)), Periodic('jobs.purge', timedelta(days=1))]
+SYSTEM_SCHEDULES = [
+    Periodic('billing.reconcile', timedelta(hours=1)),
+    Periodic('billing.trial_sweep', timedelta(hours=1)),
+    Periodic('auth.cleanup', timedelta(hours=6)),
+    Periodic('jobs.purge', timedelta(days=1)),
+]

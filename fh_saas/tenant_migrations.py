@@ -27,9 +27,11 @@ from .db_host import tenants_t
 class MigrationRegistryError(ValueError):
     "A migration or a list of migrations is malformed: bad version, duplicate, out of order."
 
+
 @dataclass(frozen=True)
 class TenantMigration:
     "One step of the tenant schema: `up` is SQL text or a callable taking a SQLAlchemy `Connection`."
+
     version: int
     name: str
     up: str | Callable[[sa.Connection], None]
@@ -44,16 +46,22 @@ class TenantMigration:
 
     def same_as(self, other: 'TenantMigration') -> bool:
         "Whether `other` is this step again: same version and name, and the same SQL or the same function by name."
-        def key(up): return (up.__module__, up.__qualname__) if callable(up) else up.strip()
+
+        def key(up):
+            return (up.__module__, up.__qualname__) if callable(up) else up.strip()
+
         return (self.version, self.name, key(self.up)) == (other.version, other.name, key(other.up))
 
     def apply(self, conn: sa.Connection):
         "Run this step on `conn`, inside the caller's transaction."
-        if callable(self.up): return self.up(conn)
+        if callable(self.up):
+            return self.up(conn)
         cur = conn.connection.cursor()
         try:
-            for stmt in _sqlite_statements(self.up) if conn.dialect.name == 'sqlite' else [self.up]: cur.execute(stmt)
-        finally: cur.close()
+            for stmt in _sqlite_statements(self.up) if conn.dialect.name == 'sqlite' else [self.up]:
+                cur.execute(stmt)
+        finally:
+            cur.close()
 
 # %% ../nbs/11_tenant_migrations.ipynb #99e6657d
 def _sqlite_statements(script: str) -> Iterable[str]:
@@ -62,16 +70,20 @@ def _sqlite_statements(script: str) -> Iterable[str]:
     for piece in script.split(';'):
         stmt += piece + ';'
         if sqlite3.complete_statement(stmt):
-            if stmt.strip(' \t\r\n;'): yield stmt
+            if stmt.strip(' \t\r\n;'):
+                yield stmt
             stmt = ''
-    if stmt.strip(' \t\r\n;'): yield stmt
+    if stmt.strip(' \t\r\n;'):
+        yield stmt
 
 # %% ../nbs/11_tenant_migrations.ipynb #3b923e85
 class TenantSchema:
     "The ordered migrations of the tenant databases; versions strictly increase."
+
     def __init__(self, migrations: Iterable[TenantMigration] = ()):
         self._steps: dict[int, TenantMigration] = {}
-        for m in migrations: self.add(m)
+        for m in migrations:
+            self.add(m)
 
     def add(self, migration: TenantMigration) -> TenantMigration:
         "Append `migration` (the same step again is harmless); its version must be above every version here."
@@ -79,17 +91,24 @@ class TenantSchema:
             raise MigrationRegistryError(f"expected a TenantMigration, got {type(migration).__name__}")
         v = migration.version
         if (dup := self._steps.get(v)) is not None:
-            if dup.same_as(migration): return dup   # registered again (a second import, a reload): nothing to do
+            if dup.same_as(migration):
+                return dup  # registered again (a second import, a reload): nothing to do
             raise MigrationRegistryError(f"duplicate tenant migration version {v}: {dup.name!r} and {migration.name!r}")
         if v < self.latest:
-            raise MigrationRegistryError(f"tenant migration {v} ({migration.name!r}) is out of order: "
-                                         f"the latest is {self.latest} ({self._steps[self.latest].name!r})")
+            raise MigrationRegistryError(
+                f"tenant migration {v} ({migration.name!r}) is out of order: "
+                f"the latest is {self.latest} ({self._steps[self.latest].name!r})"
+            )
         self._steps[v] = migration
         return migration
 
     def migration(self, version: int, name: str):
         "Decorator: register the decorated function as migration `version`."
-        def register(f): self.add(TenantMigration(version, name, f)); return f
+
+        def register(f):
+            self.add(TenantMigration(version, name, f))
+            return f
+
         return register
 
     @property
@@ -97,38 +116,59 @@ class TenantSchema:
         "The highest version (0 for an empty schema)."
         return max(self._steps, default=0)
 
-    def get(self, version: int) -> TenantMigration | None: return self._steps.get(version)
+    def get(self, version: int) -> TenantMigration | None:
+        return self._steps.get(version)
 
     def pending(self, current: int, target: int | None = None) -> list[TenantMigration]:
         "The migrations above `current` up to `target` (default: the latest), in order."
         target = self.latest if target is None else target
         return [m for v, m in self._steps.items() if current < v <= target]
 
-    def __iter__(self): return iter(self._steps.values())
-    def __len__(self): return len(self._steps)
-    def __repr__(self): return f"TenantSchema({[f'{m.version}:{m.name}' for m in self]})"
+    def __iter__(self):
+        return iter(self._steps.values())
+
+    def __len__(self):
+        return len(self._steps)
+
+    def __repr__(self):
+        return f"TenantSchema({[f'{m.version}:{m.name}' for m in self]})"
 
 # %% ../nbs/11_tenant_migrations.ipynb #a39d21a5
 tenant_metadata = sa.MetaData()
 
-tenant_users_t = sa.Table('tenant_users', tenant_metadata,
+tenant_users_t = sa.Table(
+    'tenant_users',
+    tenant_metadata,
     sa.Column('id', sa.String(64), primary_key=True, default=gen_id),
     sa.Column('global_user_id', sa.String(64), nullable=False, unique=True),
-    sa.Column('display_name', sa.String(255)), sa.Column('email', sa.String(320)),
+    sa.Column('display_name', sa.String(255)),
+    sa.Column('email', sa.String(320)),
     sa.Column('role', sa.String(32), nullable=False, default='member', server_default='member'),
     sa.Column('is_active', sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column('meta', sa.Text, nullable=False, default='{}', server_default='{}'),
     sa.Column('created_at', UTCTimestamp(), nullable=False, default=timestamp),
-    sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp))
+    sa.Column('updated_at', UTCTimestamp(), onupdate=timestamp),
+)
 
-tenant_settings_t = sa.Table('tenant_settings', tenant_metadata,
-    sa.Column('key', sa.String(128), primary_key=True), sa.Column('value', sa.Text, nullable=False),
-    sa.Column('updated_at', UTCTimestamp(), nullable=False, default=timestamp, onupdate=timestamp))
+tenant_settings_t = sa.Table(
+    'tenant_settings',
+    tenant_metadata,
+    sa.Column('key', sa.String(128), primary_key=True),
+    sa.Column('value', sa.Text, nullable=False),
+    sa.Column('updated_at', UTCTimestamp(), nullable=False, default=timestamp, onupdate=timestamp),
+)
 
-tenant_permissions_t = sa.Table('tenant_permissions', tenant_metadata,
-    sa.Column('role', sa.String(32), primary_key=True), sa.Column('permission', sa.String(128), primary_key=True))
+tenant_permissions_t = sa.Table(
+    'tenant_permissions',
+    tenant_metadata,
+    sa.Column('role', sa.String(32), primary_key=True),
+    sa.Column('permission', sa.String(128), primary_key=True),
+)
 
-def _create(table: sa.Table): return lambda conn: table.create(conn)
+
+def _create(table: sa.Table):
+    return lambda conn: table.create(conn)
+
 
 core_migrations = (
     TenantMigration(1, 'tenant_users', _create(tenant_users_t)),
@@ -139,6 +179,7 @@ core_migrations = (
 # %% ../nbs/11_tenant_migrations.ipynb #ad43c0cf
 tenant_schema = TenantSchema(core_migrations)
 
+
 def register_tenant_migration(version: int, name: str, up) -> TenantMigration:
     "Add an app migration to `tenant_schema`; `up` is SQL text or a callable taking a `Connection`."
     return tenant_schema.add(TenantMigration(version, name, up))
@@ -146,19 +187,26 @@ def register_tenant_migration(version: int, name: str, up) -> TenantMigration:
 # %% ../nbs/11_tenant_migrations.ipynb #81f28c32
 class MigrationFailed(RuntimeError):
     "A migration step failed; the database was rolled back to the version it had before."
+
     def __init__(self, version: int, name: str, error: BaseException):
         self.version, self.name, self.reason = version, name, error_reason(error)
         super().__init__(f"tenant migration {version} ({name}) failed: {self.reason}")
 
+
 class TenantSchemaMismatch(RuntimeError):
     "The database's recorded schema does not belong to this code's `TenantSchema`."
 
-_history_t = sa.Table('_fh_saas_schema', sa.MetaData(),
+
+_history_t = sa.Table(
+    '_fh_saas_schema',
+    sa.MetaData(),
     sa.Column('version', sa.Integer, primary_key=True, autoincrement=False),
     sa.Column('name', sa.String(128), nullable=False),
-    sa.Column('applied_at', UTCTimestamp(), nullable=False))
+    sa.Column('applied_at', UTCTimestamp(), nullable=False),
+)
 
-_LOCK_KEY = 0x66685f74  # pg advisory lock id for tenant migrations ("fh_t"); advisory locks are per database
+_LOCK_KEY = 0x66685F74  # pg advisory lock id for tenant migrations ("fh_t"); advisory locks are per database
+
 
 def _lock(conn: sa.Connection, lock_timeout: float | None):
     "Serialise migrations of this database: PostgreSQL advisory lock; SQLite already holds its write lock."
@@ -166,23 +214,31 @@ def _lock(conn: sa.Connection, lock_timeout: float | None):
         timeout = '' if lock_timeout is None else f"; SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}"
         conn.exec_driver_sql(f'SELECT pg_advisory_xact_lock({_LOCK_KEY}){timeout}')
     elif conn.dialect.name == 'sqlite' and not conn.connection.dbapi_connection.in_transaction:
-        raise TypeError("SQLite tenant engines must come from fh_saas.db_host.make_engine "
-                        "(its transactions start with BEGIN IMMEDIATE, so DDL is transactional)")
+        raise TypeError(
+            "SQLite tenant engines must come from fh_saas.db_host.make_engine "
+            "(its transactions start with BEGIN IMMEDIATE, so DDL is transactional)"
+        )
+
 
 def _recorded(conn: sa.Connection) -> tuple[int, str | None]:
     "The latest applied (version, name) of this database: (0, None) when never migrated."
-    row = conn.execute(sa.select(_history_t.c.version, _history_t.c.name)
-                       .order_by(_history_t.c.version.desc()).limit(1)).first()
+    row = conn.execute(
+        sa.select(_history_t.c.version, _history_t.c.name).order_by(_history_t.c.version.desc()).limit(1)
+    ).first()
     return (row.version, row.name) if row else (0, None)
+
 
 def database_version(engine: sa.Engine) -> int:
     "The tenant schema version recorded in the database behind `engine` (0 when never migrated)."
     with engine.connect() as conn:
-        if not sa.inspect(conn).has_table(_history_t.name): return 0
+        if not sa.inspect(conn).has_table(_history_t.name):
+            return 0
         return _recorded(conn)[0]
 
-def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, target: int | None = None,
-                     lock_timeout: float | None = 10.0) -> int:
+
+def migrate_database(
+    engine: sa.Engine, schema: TenantSchema | None = None, target: int | None = None, lock_timeout: float | None = 10.0
+) -> int:
     "Apply `schema`'s pending migrations up to `target` in one locked transaction; return the version reached."
     schema = tenant_schema if schema is None else schema
     target = schema.latest if target is None else target
@@ -194,30 +250,38 @@ def migrate_database(engine: sa.Engine, schema: TenantSchema | None = None, targ
         current, name = _recorded(conn)
         if current and ((known := schema.get(current)) is None or known.name != name):
             here = f"is {known.name!r}" if known else "does not exist"
-            raise TenantSchemaMismatch(f"the database is at tenant schema {current} ({name!r}), "
-                                       f"but this code's migration {current} {here} (latest: {schema.latest})")
+            raise TenantSchemaMismatch(
+                f"the database is at tenant schema {current} ({name!r}), "
+                f"but this code's migration {current} {here} (latest: {schema.latest})"
+            )
         applied = []
         for m in schema.pending(current, target):
             try:
                 m.apply(conn)
-            except Exception as e: raise MigrationFailed(m.version, m.name, e) from e
+            except Exception as e:
+                raise MigrationFailed(m.version, m.name, e) from e
             applied.append(dict(version=m.version, name=m.name, applied_at=timestamp()))
             current = m.version
-        if applied: conn.execute(_history_t.insert(), applied)  # one statement for every step's row
+        if applied:
+            conn.execute(_history_t.insert(), applied)  # one statement for every step's row
     return current
 
 # %% ../nbs/11_tenant_migrations.ipynb #a6db8d43
 def ensure_template_current(engine: sa.Engine, schema: TenantSchema | None = None) -> int:
     "Migrate the template database behind `engine` to the latest version, then close its pooled connections."
-    try: return migrate_database(engine, schema)
-    finally: engine.dispose()
+    try:
+        return migrate_database(engine, schema)
+    finally:
+        engine.dispose()
 
 # %% ../nbs/11_tenant_migrations.ipynb #979591e9
 MIGRATABLE_STATUSES = ('active', 'suspended')
 
+
 @dataclass
 class TenantOutcome:
     "What a fleet run did to one tenant: the `version` it reached, or the step that failed and why."
+
     tenant_id: str
     from_version: int
     version: int | None = None
@@ -225,56 +289,86 @@ class TenantOutcome:
     error: str | None = None
 
     @property
-    def ok(self) -> bool: return self.error is None
+    def ok(self) -> bool:
+        return self.error is None
+
 
 @dataclass
 class FleetReport:
     "The outcome of `migrate_fleet` for each tenant it tried, by tenant id."
+
     target: int
     outcomes: list[TenantOutcome]
 
     @property
-    def migrated(self) -> list[TenantOutcome]: return [o for o in self.outcomes if o.ok]
+    def migrated(self) -> list[TenantOutcome]:
+        return [o for o in self.outcomes if o.ok]
+
     @property
-    def failed(self) -> list[TenantOutcome]: return [o for o in self.outcomes if not o.ok]
+    def failed(self) -> list[TenantOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
     @property
-    def ok(self) -> bool: return not self.failed
+    def ok(self) -> bool:
+        return not self.failed
 
     def __repr__(self):
-        return (f"FleetReport(target={self.target}, migrated={len(self.migrated)}, "
-                f"failed={[(o.tenant_id, o.failed_version) for o in self.failed]})")
+        return (
+            f"FleetReport(target={self.target}, migrated={len(self.migrated)}, "
+            f"failed={[(o.tenant_id, o.failed_version) for o in self.failed]})"
+        )
 
 # %% ../nbs/11_tenant_migrations.ipynb #e49a1da5
 def tenants_behind(host_db, target: int, tenant_ids: Iterable[str] | None = None) -> list[tuple[str, int]]:
     "(id, catalog schema_version) of the migratable tenants below `target`; unknown `tenant_ids` are an error."
-    q = (sa.select(tenants_t.c.id, tenants_t.c.schema_version)
-         .where(tenants_t.c.status.in_(MIGRATABLE_STATUSES), tenants_t.c.schema_version < target)
-         .order_by(tenants_t.c.id))
-    if isinstance(tenant_ids, str): raise TypeError("tenant_ids must be a collection of ids, not one string")
+    q = (
+        sa.select(tenants_t.c.id, tenants_t.c.schema_version)
+        .where(tenants_t.c.status.in_(MIGRATABLE_STATUSES), tenants_t.c.schema_version < target)
+        .order_by(tenants_t.c.id)
+    )
+    if isinstance(tenant_ids, str):
+        raise TypeError("tenant_ids must be a collection of ids, not one string")
     with host_db.transaction() as conn:
-        if tenant_ids is None: return [tuple(r) for r in conn.execute(q)]
+        if tenant_ids is None:
+            return [tuple(r) for r in conn.execute(q)]
         ids = sorted(set(tenant_ids))
-        known = set(conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(ids))
-                                 .order_by(tenants_t.c.id)).scalars())
+        known = set(
+            conn.execute(sa.select(tenants_t.c.id).where(tenants_t.c.id.in_(ids)).order_by(tenants_t.c.id)).scalars()
+        )
         if missing := [i for i in ids if i not in known]:
-            raise ValueError(f"unknown tenant ids: {', '.join(map(repr, missing[:10]))}"
-                             f"{' ...' if len(missing) > 10 else ''}")
+            raise ValueError(
+                f"unknown tenant ids: {', '.join(map(repr, missing[:10]))}{' ...' if len(missing) > 10 else ''}"
+            )
         return [tuple(r) for r in conn.execute(q.where(tenants_t.c.id.in_(ids)))]
+
 
 def _migrate_tenant(host_db, engine_for, schema, target, lock_timeout, tenant_id, from_version) -> TenantOutcome:
     "Migrate one tenant's database, then move its catalog version forward."
     try:
         version = migrate_database(engine_for(tenant_id), schema, target, lock_timeout)
         with host_db.transaction() as conn:
-            conn.execute(tenants_t.update().where(tenants_t.c.id == tenant_id, tenants_t.c.schema_version < version)
-                         .values(schema_version=version))
+            conn.execute(
+                tenants_t.update()
+                .where(tenants_t.c.id == tenant_id, tenants_t.c.schema_version < version)
+                .values(schema_version=version)
+            )
         return TenantOutcome(tenant_id, from_version, version)
-    except MigrationFailed as e: return TenantOutcome(tenant_id, from_version, failed_version=e.version, error=str(e))
-    except Exception as e: return TenantOutcome(tenant_id, from_version, error=f"{type(e).__name__}: {error_reason(e)}")
+    except MigrationFailed as e:
+        return TenantOutcome(tenant_id, from_version, failed_version=e.version, error=str(e))
+    except Exception as e:
+        return TenantOutcome(tenant_id, from_version, error=f"{type(e).__name__}: {error_reason(e)}")
 
-def migrate_fleet(host_db, engine_for: Callable[[str], sa.Engine], target: int | None = None, concurrency: int = 4,
-                  tenant_ids: Iterable[str] | None = None, progress: Callable | None = None,
-                  schema: TenantSchema | None = None, lock_timeout: float | None = 10.0) -> FleetReport:
+
+def migrate_fleet(
+    host_db,
+    engine_for: Callable[[str], sa.Engine],
+    target: int | None = None,
+    concurrency: int = 4,
+    tenant_ids: Iterable[str] | None = None,
+    progress: Callable | None = None,
+    schema: TenantSchema | None = None,
+    lock_timeout: float | None = 10.0,
+) -> FleetReport:
     "Migrate each tenant behind `target` (default: latest), `concurrency` at a time; failures are reported, not raised."
     schema = tenant_schema if schema is None else schema
     target = schema.latest if target is None else target
@@ -285,10 +379,13 @@ def migrate_fleet(host_db, engine_for: Callable[[str], sa.Engine], target: int |
     todo, outcomes = tenants_behind(host_db, target, tenant_ids), []
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix='fh_saas_migrate')
     try:
-        futures = [pool.submit(_migrate_tenant, host_db, engine_for, schema, target, lock_timeout, tid, v)
-                   for tid, v in todo]
+        futures = [
+            pool.submit(_migrate_tenant, host_db, engine_for, schema, target, lock_timeout, tid, v) for tid, v in todo
+        ]
         for fut in as_completed(futures):
             outcomes.append(outcome := fut.result())
-            if progress: progress(outcome, len(outcomes), len(todo))
-    finally: pool.shutdown(wait=True, cancel_futures=True)
+            if progress:
+                progress(outcome, len(outcomes), len(todo))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return FleetReport(target, sorted(outcomes, key=lambda o: o.tenant_id))

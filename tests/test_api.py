@@ -1,5 +1,6 @@
 """The demo's JSON API over real HTTP (the demo served by uvicorn in its own process), with keys minted in its host
 database: list, create and delete projects, and every refusal in the one error shape (401, 403, 404, 422, 429)."""
+
 import sqlite3
 
 import httpx
@@ -11,7 +12,7 @@ from fh_saas.db_host import GlobalUser, HostDatabase
 from fh_saas.memberships import add_member
 from browser_helpers import served_demo
 
-LIMIT = 12   # API calls per minute for each tenant and key mode, set through FH_SAAS_API_RATE_LIMIT
+LIMIT = 12  # API calls per minute for each tenant and key mode, set through FH_SAAS_API_RATE_LIMIT
 
 
 @pytest.fixture(scope='module')
@@ -24,10 +25,14 @@ def demo_api(tmp_path_factory):
             owner = host_db.global_users(where="email = 'demo@example.com'")[0]
             viewer = host_db.global_users.insert(GlobalUser(email='viewer@example.com'))
             add_member(host_db, 'demo', viewer.id, 'viewer')
-            keys = dict(live=create_api_key(host_db, 'demo', owner.id, 'live')[0],
-                        test=create_api_key(host_db, 'demo', owner.id, 'test', mode='test')[0],
-                        viewer=create_api_key(host_db, 'demo', viewer.id, 'viewer')[0])
-        finally: host_db.close(); HostDatabase.reset_instance()
+            keys = dict(
+                live=create_api_key(host_db, 'demo', owner.id, 'live')[0],
+                test=create_api_key(host_db, 'demo', owner.id, 'test', mode='test')[0],
+                viewer=create_api_key(host_db, 'demo', viewer.id, 'viewer')[0],
+            )
+        finally:
+            host_db.close()
+            HostDatabase.reset_instance()
         yield base, keys, folder / 'host.db'
 
 
@@ -49,7 +54,7 @@ def test_a_key_lists_creates_and_deletes_projects(demo_api):
     assert r.status_code == 201
     project = r.json()
     assert project['name'] == 'Launch plan' and len(project['id']) == 32
-    assert project in call(base, 'GET', '/projects', keys['viewer']).json()   # a viewer reads
+    assert project in call(base, 'GET', '/projects', keys['viewer']).json()  # a viewer reads
     assert call(base, 'DELETE', f"/projects/{project['id']}", keys['test']).status_code == 204
     assert project not in call(base, 'GET', '/projects', keys['test']).json()
 
@@ -102,8 +107,11 @@ def test_the_rate_limit_answers_429_with_retry_after_per_key_mode(demo_api):
 def test_the_openapi_document_is_valid_and_describes_the_projects(demo_api):
     base, _, _ = demo_api
     doc = httpx.get(f'{base}/api/openapi.json', timeout=10).json()
-    validate(doc)   # OpenAPI 3.1, checked by openapi-spec-validator
+    validate(doc)  # OpenAPI 3.1, checked by openapi-spec-validator
     assert doc['openapi'] == '3.1.0'
     assert {(p, m) for p, ops in doc['paths'].items() for m in ops} == {
-        ('/api/projects', 'get'), ('/api/projects', 'post'), ('/api/projects/{project_id}', 'delete')}
+        ('/api/projects', 'get'),
+        ('/api/projects', 'post'),
+        ('/api/projects/{project_id}', 'delete'),
+    }
     assert 'Create a project' in httpx.get(f'{base}/api/docs', timeout=10).text

@@ -16,9 +16,13 @@ from auth_helpers import make_world
 @pytest.fixture
 def world(sqlite_host_db, tmp_path):
     w = make_world(sqlite_host_db, tmp_path)
-    w.user('ann'); w.user('bob')
-    w.tenant('acme'); w.tenant('globex')
-    w.member('ann', 'acme', 'owner'); w.member('bob', 'acme', 'member'); w.member('bob', 'globex', 'admin')
+    w.user('ann')
+    w.user('bob')
+    w.tenant('acme')
+    w.tenant('globex')
+    w.member('ann', 'acme', 'owner')
+    w.member('bob', 'acme', 'member')
+    w.member('bob', 'globex', 'admin')
     yield w
     w.tenant_dbs.close()
 
@@ -30,8 +34,11 @@ def test_anonymous_is_sent_to_login_htmx_redirected_and_api_gets_401(world):
     r = c.get('/notes', headers={'HX-Request': 'true'})
     assert r.headers['hx-redirect'] == '/login?next=/notes' and 'location' not in r.headers
     r = c.get('/api/notes')
-    assert ((r.status_code, r.json()['error']['code'], r.headers['www-authenticate'])
-            == (401, 'unauthenticated', 'Bearer'))
+    assert (r.status_code, r.json()['error']['code'], r.headers['www-authenticate']) == (
+        401,
+        'unauthenticated',
+        'Bearer',
+    )
     assert world.tenant_dbs.opened == []
 
 
@@ -41,7 +48,7 @@ def test_skip_paths_bypass_auth(world):
 
 def test_tampered_cookie_is_anonymous_not_an_error(world):
     good = world.login_client('ann').cookies[world.sessions.cookie_name]
-    flip = lambda s, i: s[:i] + ('A' if s[i] != 'A' else 'B') + s[i + 1:]
+    flip = lambda s, i: s[:i] + ('A' if s[i] != 'A' else 'B') + s[i + 1 :]
     sid, sig = good.rsplit('.', 1)
     # (the last base64 character of a signature carries padding bits, so tampering targets the middle)
     for bad in (f'{sid}.{flip(sig, 10)}', f'{flip(sid, 5)}.{sig}', 'x', sid, '', 'a.b.c' * 50, f'{sid}.{sig}.{sig}'):
@@ -55,8 +62,13 @@ def test_request_reaches_own_tenant_db_and_audit_carries_request_facts(world):
     headers = {'X-Request-ID': 'req-12345678', 'User-Agent': 'pytest-ua'}
     assert c.post('/notes', data=dict(body='hi'), headers=headers).text == 'ok'
     row = world.host_db.audit_logs(where="event_type = 'note.created'")[0]
-    assert ((row.actor_user_id, row.tenant_id, row.request_id, row.user_agent, row.ip_address)
-            == ('ann', 'acme', 'req-12345678', 'pytest-ua', 'testclient'))
+    assert (row.actor_user_id, row.tenant_id, row.request_id, row.user_agent, row.ip_address) == (
+        'ann',
+        'acme',
+        'req-12345678',
+        'pytest-ua',
+        'testclient',
+    )
 
 
 def test_revoked_membership_refused_on_next_request(world):
@@ -101,8 +113,9 @@ def test_api_keys_by_both_headers_modes_and_revocation(world):
     live, rec = create_api_key(world.host_db, 'acme', 'ann', 'ci')
     test, _ = create_api_key(world.host_db, 'acme', 'ann', 'ci', mode='test')
     c = world.client()
-    assert (c.get('/api/notes', headers={'Authorization': f'Bearer {live}'}).json()
-            == dict(tenant='acme', mode='live', key=rec.key_id))
+    assert c.get('/api/notes', headers={'Authorization': f'Bearer {live}'}).json() == dict(
+        tenant='acme', mode='live', key=rec.key_id
+    )
     assert c.get('/api/notes', headers={'X-API-Key': test}).json()['mode'] == 'test'
     assert c.get('/api/notes', headers={'X-API-Key': live[:-2] + 'zz'}).status_code == 401
     revoke_api_key(world.host_db, 'acme', rec.key_id)
@@ -114,11 +127,11 @@ def test_api_key_dies_with_its_creators_membership(world):
     c = world.client()
     assert c.get('/api/notes', headers={'X-API-Key': key}).status_code == 200
     m = world.host_db.memberships(where="user_id = 'bob' and tenant_id = 'acme'")[0]
-    world.host_db.memberships.update(dict(id=m.id, is_active=False))      # the membership ends, the key itself is live
+    world.host_db.memberships.update(dict(id=m.id, is_active=False))  # the membership ends, the key itself is live
     r = c.get('/api/notes', headers={'X-API-Key': key})
     assert (r.status_code, r.json()['error']['code']) == (403, 'forbidden')
     world.host_db.memberships.update(dict(id=m.id, is_active=True))
-    remove_member(world.host_db, 'acme', 'bob')                             # revokes the key as well
+    remove_member(world.host_db, 'acme', 'bob')  # revokes the key as well
     world.host_db.memberships.update(dict(id=m.id, is_active=True))
     r = c.get('/api/notes', headers={'X-API-Key': key})
     assert (r.status_code, r.json()['error']['code']) == (401, 'unauthenticated')
@@ -133,7 +146,7 @@ def test_publishable_keys_only_on_publishable_paths(world):
 
 
 def test_rate_limit_per_tenant_429_with_retry_after(world, monkeypatch):
-    at = datetime(2026, 1, 1, 12, 0, 10, tzinfo=timezone.utc)   # ten seconds into a window, so all six fall in it
+    at = datetime(2026, 1, 1, 12, 0, 10, tzinfo=timezone.utc)  # ten seconds into a window, so all six fall in it
     monkeypatch.setattr(rate_limits, 'utcnow', lambda: at)
     a1, _ = create_api_key(world.host_db, 'acme', 'ann', 'a1')
     a2, _ = create_api_key(world.host_db, 'acme', 'bob', 'a2')
@@ -179,9 +192,11 @@ def test_impersonation_is_visible_and_audited_with_both_identities(world):
 
 def test_non_admin_cannot_impersonate(world):
     from fh_saas.sessions import start_impersonation, ImpersonationRefused
+
     bob = world.login_client('bob')
     rec = world.sessions.load(bob.cookies[world.sessions.cookie_name])
-    with pytest.raises(ImpersonationRefused): start_impersonation(world.sessions, rec, 'ann')
+    with pytest.raises(ImpersonationRefused):
+        start_impersonation(world.sessions, rec, 'ann')
     assert bob.get('/notes').json()['impersonator'] is None
 
 
@@ -189,7 +204,18 @@ def test_a_double_slash_path_never_becomes_an_external_login_target():
     "An app's catch-all route could see '//evil.example/x'; the login redirect must keep it a local path."
     from starlette.requests import Request
     from fh_saas.beforeware import Refusal, refusal_response
-    req = Request(dict(type='http', method='GET', path='//evil.example/notes', raw_path=b'//evil.example/notes',
-                       query_string=b'', headers=[], scheme='http', server=('testserver', 80)))
+
+    req = Request(
+        dict(
+            type='http',
+            method='GET',
+            path='//evil.example/notes',
+            raw_path=b'//evil.example/notes',
+            query_string=b'',
+            headers=[],
+            scheme='http',
+            server=('testserver', 80),
+        )
+    )
     r = refusal_response(Refusal('unauthenticated', 'not logged in'), req, api=False)
     assert r.status_code == 303 and r.headers['location'] == '/login?next=/evil.example/notes'

@@ -1,5 +1,6 @@
 """OpenID Connect end to end: a real FastHTML app, authlib's Starlette client and a local OIDC provider, redirects
 followed by hand."""
+
 import json
 from functools import partial
 from urllib.parse import urlsplit, parse_qs, urlencode
@@ -17,15 +18,18 @@ from fh_saas.two_factor import PENDING_COOKIE, begin_setup, confirm_setup
 from auth_helpers import make_world, SECRET
 
 # the provider mock itself uses authlib APIs that warn about their own deprecation
-pytestmark = pytest.mark.filterwarnings('ignore:get_jwt_config:DeprecationWarning',
-                                        'ignore:authlib.jose:DeprecationWarning')
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:get_jwt_config:DeprecationWarning', 'ignore:authlib.jose:DeprecationWarning'
+)
 
-USERS = [User(sub='alice-sub', claims=dict(email='alice@example.com', email_verified=True, name='Alice')),
-         User(sub='mallory-sub', claims=dict(email='ann@example.com', email_verified=False)),
-         User(sub='ann-sub', claims=dict(email='ANN@example.com', email_verified=True)),
-         User(sub='sam-sub', claims=dict(email='Sam@example.com', email_verified=True, name='Sam')),
-         User(sub='lax-sam-sub', claims=dict(email='sam@example.com', email_verified=False)),
-         User(sub='lax-new-sub', claims=dict(email='nobody@example.com', email_verified=False))]
+USERS = [
+    User(sub='alice-sub', claims=dict(email='alice@example.com', email_verified=True, name='Alice')),
+    User(sub='mallory-sub', claims=dict(email='ann@example.com', email_verified=False)),
+    User(sub='ann-sub', claims=dict(email='ANN@example.com', email_verified=True)),
+    User(sub='sam-sub', claims=dict(email='Sam@example.com', email_verified=True, name='Sam')),
+    User(sub='lax-sam-sub', claims=dict(email='sam@example.com', email_verified=False)),
+    User(sub='lax-new-sub', claims=dict(email='nobody@example.com', email_verified=False)),
+]
 
 
 @pytest.fixture(scope='module')
@@ -37,7 +41,9 @@ def provider():
 @pytest.fixture
 def world(sqlite_host_db, tmp_path, provider):
     w = make_world(sqlite_host_db, tmp_path)
-    w.user('ann', email_verified_at=timestamp()); w.tenant('acme'); w.member('ann', 'acme', 'owner')
+    w.user('ann', email_verified_at=timestamp())
+    w.tenant('acme')
+    w.member('ann', 'acme', 'owner')
     add_oauth_routes(w.app, w.sessions, [oidc_provider('mock', 'client-1', 'secret-1', provider)], after_login='/notes')
     yield w
     w.tenant_dbs.close()
@@ -54,7 +60,8 @@ def sign_in(c, sub, tamper_state=False):
     back = urlsplit(consent.headers['location'])
     assert back.path == '/auth/oauth/mock/callback'
     query = parse_qs(back.query)
-    if tamper_state: query['state'] = ['forged' + query['state'][0][6:]]
+    if tamper_state:
+        query['state'] = ['forged' + query['state'][0][6:]]
     return c.get(f'{back.path}?{urlencode({k: v[0] for k, v in query.items()})}')
 
 
@@ -66,8 +73,11 @@ def test_new_user_is_created_and_logged_in(world):
     alice = world.host_db.global_users(where="email = 'alice@example.com'")[0]
     assert alice.name == 'Alice' and alice.email_verified_at
     assert c.get('/tenants').text == f'choose a tenant, {alice.id}'
-    assert ([e.event_type for e in world.host_db.audit_logs(order_by='created_at')][-3:]
-            == ['auth.user_created', 'auth.oauth_linked', 'auth.login'])
+    assert [e.event_type for e in world.host_db.audit_logs(order_by='created_at')][-3:] == [
+        'auth.user_created',
+        'auth.oauth_linked',
+        'auth.login',
+    ]
     assert sign_in(world.client(), 'alice-sub').status_code == 303
     assert world.host_db.global_users.count == 2
 
@@ -100,14 +110,16 @@ def test_unverified_email_never_creates_a_user(world):
 def squatter(world):
     """An attacker's password account on Sam's address, never confirmed: a live session, an API key and an identity at
     a lax provider."""
-    world.user('sam'); world.member('sam', 'acme')
+    world.user('sam')
+    world.member('sam', 'acme')
     attacker = world.login_client('sam')
     assert attacker.get('/tenants').text == 'choose a tenant, sam'
     key, _ = create_api_key(world.host_db, 'acme', 'sam', 'attacker ci')
     assert world.client().get('/api/notes', headers={'Authorization': f'Bearer {key}'}).status_code == 200
     with world.host_db.transaction() as conn:
-        conn.execute(oauth_identities_t.insert().values(provider='lax', subject='squat', user_id='sam',
-                                                        email='sam@example.com'))
+        conn.execute(
+            oauth_identities_t.insert().values(provider='lax', subject='squat', user_id='sam', email='sam@example.com')
+        )
     return attacker, key
 
 
@@ -128,15 +140,19 @@ def test_verified_owner_claims_a_squatted_account(world):
     assert victim.get('/tenants').text == 'choose a tenant, sam'
     assert attacker.get('/tenants').headers['location'].startswith('/login')
     assert world.client().get('/api/notes', headers={'Authorization': f'Bearer {key}'}).status_code == 401
-    assert world.client().post('/login', data=dict(email='sam@example.com',
-                                                   password='correct horse battery')).status_code == 401
+    assert (
+        world.client().post('/login', data=dict(email='sam@example.com', password='correct horse battery')).status_code
+        == 401
+    )
     sam = world.host_db.global_users['sam']
     assert sam.email_verified_at and sam.password_hash is None
-    assert (world.host_db.q("select provider, subject from auth_oauth_identities where user_id = 'sam'")
-            == [dict(provider='mock', subject='sam-sub')])
+    assert world.host_db.q("select provider, subject from auth_oauth_identities where user_id = 'sam'") == [
+        dict(provider='mock', subject='sam-sub')
+    ]
     claim = world.host_db.audit_logs(where="event_type = 'auth.unverified_account_claimed'")
     assert [(a.target_id, json.loads(a.details)) for a in claim] == [
-        ('sam', dict(provider='mock', logins_ended=1, keys_revoked=1, identities_removed=1))]
+        ('sam', dict(provider='mock', logins_ended=1, keys_revoked=1, identities_removed=1))
+    ]
     assert world.host_db.memberships(where="user_id = 'sam'")[0].is_active
     assert sign_in(world.client(), 'sam-sub').status_code == 303
     assert len(world.host_db.audit_logs(where="event_type = 'auth.unverified_account_claimed'")) == 1
@@ -162,6 +178,7 @@ def test_concurrent_first_sign_ins_make_one_user_and_one_identity(pg_url, race):
     from fh_saas.db_host import HostDatabase
     from fh_saas.oauth import ExternalIdentity, link_or_create_user
     from fh_saas.sessions import SessionManager
+
     db = HostDatabase(pg_url)
     sessions = SessionManager(db, SECRET)
     try:
@@ -172,7 +189,8 @@ def test_concurrent_first_sign_ins_make_one_user_and_one_identity(pg_url, race):
         assert db.q("select count(*) n from auth_oauth_identities")[0]['n'] == 1
         assert db.q("select count(*) n from sys_audit_logs where event_type = 'auth.user_created'")[0]['n'] == 1
     finally:
-        db.close(); HostDatabase.reset_instance()
+        db.close()
+        HostDatabase.reset_instance()
 
 
 @pytest.mark.postgres
@@ -182,19 +200,25 @@ def test_concurrent_claims_by_several_providers_claim_once_and_keep_every_link(p
     from fh_saas.db_host import HostDatabase, GlobalUser
     from fh_saas.oauth import ExternalIdentity, link_or_create_user
     from fh_saas.sessions import SessionManager
+
     db = HostDatabase(pg_url)
     sessions = SessionManager(db, SECRET)
     try:
         db.global_users.insert(GlobalUser(id='sam', email='sam@example.com', password_hash='attacker-chosen'))
+
         def sign_in(n):
             return link_or_create_user(sessions, ExternalIdentity(f'p{n}', 'sub', 'sam@example.com', True)).id
+
         assert set(race([partial(sign_in, n) for n in range(6)])) == {'sam'}
         assert db.q("select count(*) n from auth_oauth_identities where user_id = 'sam'")[0]['n'] == 6
-        assert db.q("select count(*) n from sys_audit_logs"
-                    " where event_type = 'auth.unverified_account_claimed'")[0]['n'] == 1
+        assert (
+            db.q("select count(*) n from sys_audit_logs where event_type = 'auth.unverified_account_claimed'")[0]['n']
+            == 1
+        )
         assert db.global_users['sam'].password_hash is None
     finally:
-        db.close(); HostDatabase.reset_instance()
+        db.close()
+        HostDatabase.reset_instance()
 
 
 @pytest.mark.oidc
@@ -209,7 +233,8 @@ def test_a_user_with_two_factor_signs_in_with_the_provider_then_a_code(world, mo
     assert world.sessions.cookie_name not in r.headers['set-cookie'] and c.get('/notes').status_code == 303
     assert world.host_db.q("select count(*) n from auth_sessions")[0]['n'] == before
     pending = c.cookies.get(PENDING_COOKIE)
-    with pytest.raises(LoginFailed): second_step(world.sessions, pending, '000000')
+    with pytest.raises(LoginFailed):
+        second_step(world.sessions, pending, '000000')
     world.clock.advance(seconds=30)
     _, cookie = second_step(world.sessions, pending, app.at(world.clock()))
     c.cookies.set(world.sessions.cookie_name, cookie)

@@ -1,4 +1,5 @@
 "Sessions through a real FastHTML app: cookie flags, server-side logout and revocation, idle and absolute timeouts."
+
 import pytest
 import sqlalchemy as sa
 
@@ -10,19 +11,23 @@ from fh_saas.sessions import SessionManager
 @pytest.fixture
 def world(sqlite_host_db, tmp_path):
     w = make_world(sqlite_host_db, tmp_path)
-    w.user('ann'); w.tenant('acme'); w.member('ann', 'acme', 'owner')
+    w.user('ann')
+    w.tenant('acme')
+    w.member('ann', 'acme', 'owner')
     yield w
     w.tenant_dbs.close()
 
 
-def _set_cookie(r): return r.headers['set-cookie'].lower()
+def _set_cookie(r):
+    return r.headers['set-cookie'].lower()
 
 
 def test_cookie_flags_http_and_https(world):
     r = world.client().post('/login', data=dict(email='ann@example.com', password='correct horse battery'))
     assert 'httponly' in _set_cookie(r) and 'samesite=lax' in _set_cookie(r) and 'secure' not in _set_cookie(r)
-    r = world.client(base_url='https://app.example').post('/login', data=dict(email='ann@example.com',
-                                                                              password='correct horse battery'))
+    r = world.client(base_url='https://app.example').post(
+        '/login', data=dict(email='ann@example.com', password='correct horse battery')
+    )
     assert 'secure' in _set_cookie(r) and 'httponly' in _set_cookie(r)
 
 
@@ -44,12 +49,16 @@ def test_logout_ends_the_session_server_side(world):
 
 def test_password_change_ends_other_sessions_and_keeps_this_one(world):
     laptop, phone = world.login_client('ann'), world.login_client('ann')
-    assert laptop.post('/account/password',
-                       data=dict(old='correct horse battery', new='new horse battery')).text == 'changed'
+    assert (
+        laptop.post('/account/password', data=dict(old='correct horse battery', new='new horse battery')).text
+        == 'changed'
+    )
     assert laptop.get('/notes').status_code == 200
     assert phone.get('/notes').status_code == 303
-    assert world.client().post('/login', data=dict(email='ann@example.com',
-                                                   password='correct horse battery')).status_code == 401
+    assert (
+        world.client().post('/login', data=dict(email='ann@example.com', password='correct horse battery')).status_code
+        == 401
+    )
     world.login_client('ann', 'new horse battery')
 
 
@@ -82,20 +91,23 @@ def test_last_seen_written_at_most_once_a_minute(world):
     c = world.login_client('ann')
     seen = lambda: world.host_db.q("select last_seen_at from auth_sessions")[0]['last_seen_at']
     first = seen()
-    world.clock.advance(seconds=30); c.get('/notes')
+    world.clock.advance(seconds=30)
+    c.get('/notes')
     assert seen() == first
-    world.clock.advance(seconds=31); c.get('/notes')
+    world.clock.advance(seconds=31)
+    c.get('/notes')
     assert seen() > first
 
 
 def test_revoking_an_admin_also_ends_the_sessions_in_which_they_impersonate(world):
     from fh_saas.sessions import start_impersonation
+
     world.user('bob')
     world.host_db.global_users.update(dict(id='ann', is_sys_admin=True))
     cookie = world.sessions.create('ann')
     start_impersonation(world.sessions, world.sessions.load(cookie), 'bob')
     assert world.sessions.load(cookie).impersonator_user_id == 'ann'
-    world.sessions.revoke_user('ann')          # e.g. the admin's password was reset after the cookie was stolen
+    world.sessions.revoke_user('ann')  # e.g. the admin's password was reset after the cookie was stolen
     assert world.sessions.load(cookie) is None
 
 
@@ -108,10 +120,13 @@ def test_the_sessions_upgrade_adds_the_impersonators_tenant_and_keeps_live_sessi
     with db.engine.begin() as c:
         c.exec_driver_sql('ALTER TABLE auth_sessions DROP COLUMN return_tenant_id')
         c.exec_driver_sql("UPDATE sys_schema_versions SET version = 1 WHERE component = 'sessions'")
-    db.close(); HostDatabase.reset_instance()
+    db.close()
+    HostDatabase.reset_instance()
     db = HostDatabase(url)
     try:
         assert 'return_tenant_id' in {c['name'] for c in sa.inspect(db.engine).get_columns('auth_sessions')}
         record = SessionManager(db, 'sessions-upgrade-' + '0123456789abcdefghij').load(cookie)
         assert (record.tenant_id, record.return_tenant_id) == ('acme', None)
-    finally: db.close(); HostDatabase.reset_instance()
+    finally:
+        db.close()
+        HostDatabase.reset_instance()

@@ -1,5 +1,6 @@
 """Two-factor sign-in through a real FastHTML app over HTTP: setup on the account page, the second step at login
 (codes, recovery codes, replays, throttling, expiry, `next`), password reset, a tenant's rule, and the audit trail."""
+
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,14 +35,17 @@ PW = 'correct horse battery'
 
 class Site:
     "The app, its parts, and helpers that act as Ann in a browser."
+
     def __init__(self, host_db, sessions, clock, outbox, app):
         self.host_db, self.sessions, self.clock, self.outbox, self.app = host_db, sessions, clock, outbox, app
 
-    def client(self) -> TestClient: return TestClient(self.app, follow_redirects=False, base_url='https://app.test')
+    def client(self) -> TestClient:
+        return TestClient(self.app, follow_redirects=False, base_url='https://app.test')
 
     def user(self, uid='ann', password=PW, **kw):
-        self.host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com',
-                                                    password_hash=hash_password(password, FAST), **kw))
+        self.host_db.global_users.insert(
+            GlobalUser(id=uid, email=f'{uid}@example.com', password_hash=hash_password(password, FAST), **kw)
+        )
 
     def login(self, c, uid='ann', password=PW, next=''):
         return c.post('/login', data=dict(email=f'{uid}@example.com', password=password, next=next))
@@ -51,24 +55,28 @@ class Site:
         c = self.client()
         assert self.login(c, uid).headers['location'] == '/'
         token = csrf(c.get('/account').text)
-        assert c.post('/account/two-factor/setup', data=dict(csrf=token)).headers['location'] == \
-            '/account?done=two_factor_setup'
+        assert (
+            c.post('/account/two-factor/setup', data=dict(csrf=token)).headers['location']
+            == '/account?done=two_factor_setup'
+        )
         page = c.get('/account?done=two_factor_setup').text
         app = pyotp.TOTP(re.search(r'id="two-factor-secret">([A-Z2-7 ]+)<', page).group(1).replace(' ', ''))
         r = c.post('/account/two-factor/confirm', data=dict(code=app.at(self.clock()), csrf=token))
         assert r.headers['location'] == '/account?done=two_factor_enabled'
         codes = re.findall(r'<code>([A-Z2-7]{4}(?:-[A-Z2-7]{4}){3})</code>', c.get(r.headers['location']).text)
         assert len(codes) == 10
-        self.clock.advance(seconds=30)   # the code used to confirm is spent; the next step's is fresh
+        self.clock.advance(seconds=30)  # the code used to confirm is spent; the next step's is fresh
         return c, app, codes
 
-    def code(self, app: pyotp.TOTP) -> str: return app.at(self.clock())
+    def code(self, app: pyotp.TOTP) -> str:
+        return app.at(self.clock())
 
     def sessions_of(self, uid='ann') -> int:
         return len(self.host_db.q(f"select * from {sessions_t.name} where user_id = :u and revoked_at is null", u=uid))
 
 
-def csrf(page: str) -> str: return re.search(r'value="([0-9a-f]{64})" name="csrf"', page).group(1)
+def csrf(page: str) -> str:
+    return re.search(r'value="([0-9a-f]{64})" name="csrf"', page).group(1)
 
 
 @pytest.fixture
@@ -174,7 +182,8 @@ def test_wrong_codes_are_throttled_per_user(site):
     _, app, _ = site.enable()
     c = site.client()
     site.login(c)
-    for _ in range(3): c.post('/login/two-factor', data=dict(code='000000'))
+    for _ in range(3):
+        c.post('/login/two-factor', data=dict(code='000000'))
     r = c.post('/login/two-factor', data=dict(code=site.code(app)))
     assert r.headers['location'] == '/login/two-factor?done=throttled'
     assert 'Too many wrong codes' in c.get(r.headers['location']).text
@@ -194,8 +203,9 @@ def test_a_recovery_code_signs_in_once_and_is_audited(site):
     assert len(used) == 1 and used[0].details == '{"left": 9}'
     again = site.client()
     site.login(again)
-    assert again.post('/login/two-factor', data=dict(code=codes[0])).headers['location'] == \
-        '/login/two-factor?done=wrong'
+    assert (
+        again.post('/login/two-factor', data=dict(code=codes[0])).headers['location'] == '/login/two-factor?done=wrong'
+    )
 
 
 def test_a_pending_login_expires_after_five_minutes(site):
@@ -235,7 +245,7 @@ def test_a_password_reset_does_not_skip_the_second_step(site, monkeypatch):
     pool = ThreadPoolExecutor(1)
     monkeypatch.setattr(passwords, 'reset_mail_executor', pool)
     c.post('/password-reset', data=dict(email='ann@example.com'))
-    pool.shutdown(wait=True)   # the mail went out
+    pool.shutdown(wait=True)  # the mail went out
     link = re.search(r'https://app\.test(/\S+)', site.outbox.last_text('ann@example.com')).group(1)
     assert c.post(link, data=dict(password='a brand new one', confirm='a brand new one')).status_code == 200
     assert site.sessions_of() == 0 and c.get('/account').status_code == 303
@@ -247,18 +257,25 @@ def test_a_password_reset_does_not_skip_the_second_step(site, monkeypatch):
 def test_turning_it_off_and_new_codes_need_a_current_code(site):
     c, app, codes = site.enable()
     token = csrf(c.get('/account').text)
-    assert c.post('/account/two-factor/disable', data=dict(code='000000', csrf=token)).headers['location'] == \
-        '/account?done=two_factor_wrong'
+    assert (
+        c.post('/account/two-factor/disable', data=dict(code='000000', csrf=token)).headers['location']
+        == '/account?done=two_factor_wrong'
+    )
     r = c.post('/account/two-factor/recovery-codes', data=dict(code=site.code(app), csrf=token))
     assert r.headers['location'] == '/account?done=two_factor_codes'
     fresh = re.findall(r'<code>([A-Z2-7]{4}(?:-[A-Z2-7]{4}){3})</code>', c.get(r.headers['location']).text)
     assert len(fresh) == 10 and not set(fresh) & set(codes)
-    assert c.post('/account/two-factor/disable', data=dict(code=codes[1], csrf=token)).headers['location'] == \
-        '/account?done=two_factor_wrong'                                  # the old codes are gone
+    assert (
+        c.post('/account/two-factor/disable', data=dict(code=codes[1], csrf=token)).headers['location']
+        == '/account?done=two_factor_wrong'
+    )  # the old codes are gone
     r = c.post('/account/two-factor/disable', data=dict(code=fresh[0], csrf=token))
     assert r.headers['location'] == '/account?done=two_factor_disabled' and not two_factor_enabled(site.host_db, 'ann')
-    assert events(site, 'two_factor.') == ['two_factor.enabled', 'two_factor.recovery_codes_regenerated',
-                                           'two_factor.disabled']
+    assert events(site, 'two_factor.') == [
+        'two_factor.enabled',
+        'two_factor.recovery_codes_regenerated',
+        'two_factor.disabled',
+    ]
     assert site.login(site.client()).headers['location'] == '/'
 
 
@@ -266,7 +283,8 @@ def test_the_account_forms_need_the_form_token_and_count_wrong_codes(site):
     c, app, _ = site.enable()
     assert c.post('/account/two-factor/disable', data=dict(code=site.code(app))).status_code == 403
     token = csrf(c.get('/account').text)
-    for _ in range(3): c.post('/account/two-factor/disable', data=dict(code='000000', csrf=token))
+    for _ in range(3):
+        c.post('/account/two-factor/disable', data=dict(code='000000', csrf=token))
     r = c.post('/account/two-factor/disable', data=dict(code=site.code(app), csrf=token))
     assert r.headers['location'] == '/account?done=two_factor_throttled' and two_factor_enabled(site.host_db, 'ann')
 
@@ -331,8 +349,12 @@ def test_a_member_who_turns_it_on_may_use_the_tenant_again(site, team):
     ann.post('/team/two-factor', data=dict(required='on', csrf=csrf(ann.get('/team').text)))
     bob2, _, _ = site.enable('bob')
     assert bob2.get('/').text == 'home of bob@example.com in acme'
-    assert bob2.post('/tenants/switch', data=dict(tenant_id='acme', csrf=csrf(bob2.get('/account').text))) \
-        .headers['location'] == '/'
+    assert (
+        bob2.post('/tenants/switch', data=dict(tenant_id='acme', csrf=csrf(bob2.get('/account').text))).headers[
+            'location'
+        ]
+        == '/'
+    )
 
 
 def test_api_keys_are_not_affected_by_the_rule(site, team):
@@ -345,8 +367,9 @@ def test_api_keys_are_not_affected_by_the_rule(site, team):
 
 def test_only_an_admin_with_two_factor_may_require_it(site, team):
     ann, bob, app = team
-    assert bob.post('/team/two-factor', data=dict(required='on', csrf=csrf(bob.get('/account').text))) \
-        .status_code == 403
+    assert (
+        bob.post('/team/two-factor', data=dict(required='on', csrf=csrf(bob.get('/account').text))).status_code == 403
+    )
     token = csrf(ann.get('/account').text)
     ann.post('/account/two-factor/disable', data=dict(code=site.code(app), csrf=token))
     r = ann.post('/team/two-factor', data=dict(required='on', csrf=token))

@@ -8,6 +8,7 @@ stand-in: the owner of a free tenant chooses Pro, pays on the stand-in's hosted 
 Stripe sends next, delivered over HTTP to the demo's webhook, unlock the Pro feature. And two-factor sign-in on a
 phone-sized screen. Screenshots of every page are saved to test-artifacts/ on failure.
 """
+
 import json, re, time
 from pathlib import Path
 
@@ -28,26 +29,34 @@ DEMO_EMAIL, DEMO_PASSWORD = "demo@example.com", "demo password 1234"
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     "The demo without Stripe."
-    with served_demo(tmp_path_factory.mktemp("demo")) as base: yield base
+    with served_demo(tmp_path_factory.mktemp("demo")) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def stripe_standin():
     "The Stripe stand-in, serving its own hosted Checkout page, over real HTTP."
     fake = FakeStripe(hosts_checkout=True)
-    with ServedApp(fake.app()) as srv: yield fake, srv.url
+    with ServedApp(fake.app()) as srv:
+        yield fake, srv.url
 
 
 @pytest.fixture(scope="module")
 def paid_demo(tmp_path_factory, stripe_standin):
     "The demo with Stripe configured: the SDK talks to the stand-in, the webhook checks our signing secret."
-    with served_demo(tmp_path_factory.mktemp("paid-demo"), STRIPE_SECRET_KEY="sk_test_standin",
-                     STRIPE_API_BASE=stripe_standin[1], STRIPE_WEBHOOK_SECRET=SECRET) as base: yield base
+    with served_demo(
+        tmp_path_factory.mktemp("paid-demo"),
+        STRIPE_SECRET_KEY="sk_test_standin",
+        STRIPE_API_BASE=stripe_standin[1],
+        STRIPE_WEBHOOK_SECRET=SECRET,
+    ) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with chromium() as b: yield b
+    with chromium() as b:
+        yield b
 
 
 def log_in(page, base, email, password):
@@ -67,9 +76,10 @@ def add_project(page, name):
 def test_two_teams_an_invitation_and_a_suspension(demo, browser):
     base = demo
     alice, bob, admin = (browser.new_context().new_page() for _ in range(3))
-    for p in (alice, bob, admin): p.set_default_timeout(20_000)
+    for p in (alice, bob, admin):
+        p.set_default_timeout(20_000)
     violations = {who: csp_violations(p) for who, p in dict(alice=alice, bob=bob, admin=admin).items()}
-    asked = []                                   # the confirmations the admin's buttons ask: the first is dismissed
+    asked = []  # the confirmations the admin's buttons ask: the first is dismissed
     admin.on("dialog", lambda d: (asked.append(d.message), d.dismiss() if len(asked) == 1 else d.accept()))
     with screenshots_on_failure("story", alice=alice, bob=bob, admin=admin):
         # Alice signs up; the worker creates Alpha's database while the page shows progress, then she lands in it.
@@ -94,7 +104,7 @@ def test_two_teams_an_invitation_and_a_suspension(demo, browser):
         expect(alice.locator("main")).to_contain_text("Invitation sent.")
         bob.goto(f"{base}/dev/mail")
         link = re.search(r"http://\S+/invitations/[\w-]+", bob.locator("main").inner_text()).group(0)
-        shown = bob.frame_locator("iframe.mail-html").first    # the HTML part, as a mail client shows it
+        shown = bob.frame_locator("iframe.mail-html").first  # the HTML part, as a mail client shows it
         expect(shown.locator("body")).to_contain_text("fh_saas demo")
         expect(shown.locator("body")).to_contain_text(f"Or open {link}")
 
@@ -185,7 +195,7 @@ def test_an_owner_deletes_her_tenant_and_then_her_account(demo, browser):
         page.fill("form[action='/team/delete'] input[name=name]", "Delta Co")
         page.click("button:has-text('Delete this tenant')")
         page.wait_for_url("**/tenants?done=deleting")
-        expect(page.locator("main")).to_contain_text("The tenant is being deleted")   # (the demo's worker may be done)
+        expect(page.locator("main")).to_contain_text("The tenant is being deleted")  # (the demo's worker may be done)
 
         # A tenant going away needs no owner, so her account can go too; she lands on the login page, signed out.
         page.goto(f"{demo}/account")
@@ -210,9 +220,11 @@ def test_pages_cannot_be_framed_even_by_the_same_site(demo, browser):
     with screenshots_on_failure("framing", page=page):
         log_in(page, base, DEMO_EMAIL, DEMO_PASSWORD)
         page.wait_for_url("**/projects")
-        page.goto(f"{base}/pricing")                                 # a page of the site itself frames /team
-        page.evaluate("url => { const f = document.createElement('iframe'); f.src = url; document.body.append(f); }",
-                      f"{base}/team")
+        page.goto(f"{base}/pricing")  # a page of the site itself frames /team
+        page.evaluate(
+            "url => { const f = document.createElement('iframe'); f.src = url; document.body.append(f); }",
+            f"{base}/team",
+        )
         page.wait_for_function("() => document.querySelector('iframe').contentDocument === null")
         assert any("frame-ancestors" in m for m in refused), refused
 
@@ -245,7 +257,7 @@ def test_two_factor_sign_in_on_a_phone(demo, browser):
         log_in(page, base, email, password)
         page.wait_for_url("**/login/two-factor**")
         assert fits(page)
-        page.fill("input[name=code]", app.at(time.time() + 30))   # the next step's code: the one used is spent
+        page.fill("input[name=code]", app.at(time.time() + 30))  # the next step's code: the one used is spent
         page.click("button:has-text('Verify')")
         page.wait_for_url("**/projects")
         assert fits(page)
@@ -257,8 +269,12 @@ def test_two_factor_sign_in_on_a_phone(demo, browser):
 def deliver(base, event) -> dict:
     "POST `event` to the demo's webhook signed as Stripe signs it; Stripe's view of the answer."
     payload = json.dumps(event)
-    r = httpx.post(f"{base}/stripe/webhook", content=payload, timeout=10,
-                   headers={"Stripe-Signature": sign(payload), "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{base}/stripe/webhook",
+        content=payload,
+        timeout=10,
+        headers={"Stripe-Signature": sign(payload), "Content-Type": "application/json"},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -278,15 +294,18 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
     violations = csp_violations(alice)
     with screenshots_on_failure("upgrade", alice=alice):
         # The demo created Pro's Stripe prices at start, through the SDK pointed at the stand-in.
-        prices = {(o["unit_amount"], o["recurring"]["interval"]): o["id"]
-                  for o in fake.objects.values() if o["object"] == "price"}
+        prices = {
+            (o["unit_amount"], o["recurring"]["interval"]): o["id"]
+            for o in fake.objects.values()
+            if o["object"] == "price"
+        }
         assert set(prices) == {(1900, "month"), (19000, "year")}
 
         # Alice's new tenant is on the free plan: projects yes, exports no.
         sign_up(alice, base, "alice@gamma.test", "gamma password 1234", "Alice", "Gamma Co")
         alice.wait_for_url("**/projects")
         add_project(alice, "Gamma launch")
-        add_project(alice, "=1+2")      # a cell a spreadsheet would run as a formula, but for the export's escaping
+        add_project(alice, "=1+2")  # a cell a spreadsheet would run as a formula, but for the export's escaping
         assert export_refused(alice, base)
 
         # She chooses Pro monthly and lands on the (stand-in's) hosted Checkout page for the monthly price.
@@ -296,8 +315,9 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         expect(alice.locator("body")).to_contain_text(prices[(1900, "month")])
         session = fake.objects[alice.url.rsplit("/", 1)[1]]
         tenant_id = session["metadata"]["tenant_id"]
-        assert (session["client_reference_id"] == tenant_id
-                and session["subscription_data"]["metadata"]["plan_id"] == "pro")
+        assert (
+            session["client_reference_id"] == tenant_id and session["subscription_data"]["metadata"]["plan_id"] == "pro"
+        )
 
         # She pays and is sent back to billing; until Stripe's events arrive nothing is unlocked.
         alice.click("button:has-text('Pay')")
@@ -310,9 +330,13 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
         assert (completed["type"], created["type"]) == ("checkout.session.completed", "customer.subscription.created")
         assert created["data"]["object"]["metadata"]["tenant_id"] == tenant_id
         forged = json.dumps(created)
-        r = httpx.post(f"{base}/stripe/webhook", content=forged,
-                       headers={"Stripe-Signature": sign(forged, "whsec_not_ours")}, timeout=10)
-        assert r.status_code == 400 and export_refused(alice, base)                 # a forged event unlocks nothing
+        r = httpx.post(
+            f"{base}/stripe/webhook",
+            content=forged,
+            headers={"Stripe-Signature": sign(forged, "whsec_not_ours")},
+            timeout=10,
+        )
+        assert r.status_code == 400 and export_refused(alice, base)  # a forged event unlocks nothing
         assert [deliver(base, e)["status"] for e in fake.events] == ["processed", "processed"]
         # Stripe redelivers: no second effect
         assert deliver(base, created) == dict(status="processed", duplicate=True)
@@ -339,8 +363,14 @@ def test_upgrade_through_checkout_is_unlocked_by_the_webhook(paid_demo, stripe_s
 def test_the_demo_runs_on_postgresql_unchanged(second_pg_server, tmp_path):
     "With DB_TYPE=POSTGRESQL the same demo keeps its host database and its tenants' databases on PostgreSQL."
     u = make_url(second_pg_server.create_database("demo_host"))
-    settings = dict(DB_TYPE="POSTGRESQL", DB_USER=u.username, DB_PASS=u.password, DB_HOST=u.host, DB_PORT=str(u.port),
-                    DB_NAME=u.database)
+    settings = dict(
+        DB_TYPE="POSTGRESQL",
+        DB_USER=u.username,
+        DB_PASS=u.password,
+        DB_HOST=u.host,
+        DB_PORT=str(u.port),
+        DB_NAME=u.database,
+    )
     with served_demo(tmp_path / "demo", **settings) as base, httpx.Client(base_url=base) as c:
         r = c.post("/login", data=dict(email=DEMO_EMAIL, password=DEMO_PASSWORD), follow_redirects=True)
         assert r.url.path == "/projects"

@@ -5,6 +5,7 @@ key, so the tables have rows): the pages are found by following the links each p
 the navigation, so a new page is walked as soon as something links to it. Each page's whole length is saved as a
 screenshot in test-artifacts/widths/ (look at them), and the test fails naming every page wider than the screen.
 """
+
 import re
 from urllib.parse import urljoin, urlsplit
 
@@ -22,7 +23,8 @@ MAX_PAGES = 60
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    with served_demo(tmp_path_factory.mktemp("widths-demo")) as base: yield base
+    with served_demo(tmp_path_factory.mktemp("widths-demo")) as base:
+        yield base
 
 
 def _links(page, base) -> list[str]:
@@ -31,7 +33,8 @@ def _links(page, base) -> list[str]:
     paths = []
     for href in hrefs:
         url = urlsplit(urljoin(page.url, href))
-        if f"{url.scheme}://{url.netloc}" == base and not SKIP.search(url.path): paths.append(url.path)
+        if f"{url.scheme}://{url.netloc}" == base and not SKIP.search(url.path):
+            paths.append(url.path)
     return paths
 
 
@@ -41,11 +44,13 @@ def _walk(page, base, start: list[str], name: str) -> dict[str, int]:
     width = page.viewport_size["width"]
     while todo and len(seen) < MAX_PAGES:
         path = todo.pop(0)
-        if path in seen: continue
+        if path in seen:
+            continue
         seen.add(path)
         page.goto(base + path)
         scroll = page.evaluate("document.documentElement.scrollWidth")
-        if scroll > page.evaluate("window.innerWidth"): wide[path] = scroll
+        if scroll > page.evaluate("window.innerWidth"):
+            wide[path] = scroll
         shot = re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-") or "home"
         page.screenshot(path=str(ARTIFACTS / "widths" / f"{name}-{width}-{shot}.png"), full_page=True)
         todo += [p for p in _links(page, base) if p not in seen]

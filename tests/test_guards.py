@@ -1,5 +1,6 @@
 """`require_role` in the demo: a viewer reads the projects but cannot add one; a member can. The demo registers its
 tenant migration for the whole process, so it runs in a process of its own."""
+
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -32,11 +33,12 @@ print(json.dumps(out))
 def test_a_viewer_reads_the_projects_and_only_a_member_adds_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(('DB_', 'FH_SAAS_', 'STRIPE_'))}
     env['PYTHONPATH'] = str(ROOT)
-    res = subprocess.run([sys.executable, '-c', SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, '-c', SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out['viewer']['form'] is False and out['viewer']['status'] == 403
     assert "This needs the member role in Demo Workspace; yours is viewer." in out['viewer']['text']
-    assert "<nav" in out['viewer']['text']   # the refusal is a page of the app, not a bare status
+    assert "<nav" in out['viewer']['text']  # the refusal is a page of the app, not a bare status
     assert (out['member']['form'], out['member']['status']) == (True, 303)

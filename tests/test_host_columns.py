@@ -1,5 +1,6 @@
 """An app's own columns on the core tables: created in the database, read and written through the kit's models, on
 both backends. Adding a column changes the process's models, so each check runs in a process of its own."""
+
 import os, subprocess, sys
 from pathlib import Path
 
@@ -45,4 +46,4 @@ def test_an_apps_columns_are_read_and_written_through_the_models(host_url):
     out = run(SCRIPT, host_url)
     assert out.splitlines()[-1] == 'ok'
     assert "must be nullable or have a server default" in out and "core_users already has a column 'email'" in out
-    assert run(REOPEN, host_url).strip() == "[{'company_size': '11-50'}]"   # kept, and read by a process without it
+    assert run(REOPEN, host_url).strip() == "[{'company_size': '11-50'}]"  # kept, and read by a process without it

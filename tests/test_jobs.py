@@ -1,4 +1,5 @@
 "The job queue and worker on both backends: claims under thread contention, leases, retries, tenant binding."
+
 import json, threading, time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -10,8 +11,21 @@ import sqlalchemy as sa
 from fh_saas import jobs
 from fh_saas.audit import audit, audit_events, current_audit_context
 from fh_saas.db_host import HostDatabase, as_utc, timestamp, jobs_t
-from fh_saas.jobs import (JobRejected, Periodic, Worker, cancel, claim, complete, current_job_tenant, enqueue, fail,
-                          heartbeat, retry, retry_delay, schedule)
+from fh_saas.jobs import (
+    JobRejected,
+    Periodic,
+    Worker,
+    cancel,
+    claim,
+    complete,
+    current_job_tenant,
+    enqueue,
+    fail,
+    heartbeat,
+    retry,
+    retry_delay,
+    schedule,
+)
 from pgserver import wait_for
 
 
@@ -25,6 +39,7 @@ def module_url(request, tmp_path_factory):
     url = pg_server.create_database('jobs')
     yield url
     pg_server.drop_database(url)
+
 
 @pytest.fixture
 def queue_db(module_url):
@@ -41,14 +56,17 @@ def _jobs(queue_db, **where):
     with queue_db.transaction() as conn:
         return conn.execute(sa.select(jobs_t).where(*(c[k] == v for k, v in where.items()))).all()
 
+
 def _run_worker(worker, until, timeout=20):
     "Run `worker` in a thread until `until()` holds; stop it gracefully and return."
     stop = threading.Event()
     t = threading.Thread(target=worker.run, args=(stop,))
     t.start()
-    try: assert wait_for(until, timeout), "worker did not finish in time"
+    try:
+        assert wait_for(until, timeout), "worker did not finish in time"
     finally:
-        stop.set(); t.join(30)
+        stop.set()
+        t.join(30)
     assert not t.is_alive()
 
 
@@ -59,14 +77,18 @@ def test_concurrent_enqueue_with_one_dedupe_key_makes_one_job(queue_db):
 
 
 def test_contending_threads_claim_each_job_once(queue_db):
-    for i in range(60): enqueue(queue_db, 'test.claim', dict(i=i))
+    for i in range(60):
+        enqueue(queue_db, 'test.claim', dict(i=i))
+
     def drain(w):
         got = []
         while (job := claim(queue_db, f'w{w}', ['test.claim'])) is not None:
             got.append(job.id)
             assert complete(queue_db, job)
         return got
-    with ThreadPoolExecutor(6) as ex: claimed = [j for got in ex.map(drain, range(6)) for j in got]
+
+    with ThreadPoolExecutor(6) as ex:
+        claimed = [j for got in ex.map(drain, range(6)) for j in got]
     assert len(claimed) == len(set(claimed)) == 60
     assert {(r.status, r.attempts) for r in _jobs(queue_db, job_type='test.claim')} == {('done', 1)}
 
@@ -84,11 +106,16 @@ def test_claim_order_priority_then_run_at_and_not_before_run_at(queue_db):
 
 def test_bad_input_is_refused_and_writes_nothing(queue_db):
     for bad in ['', 'Tenant.Provision', 'x', 'a;drop table sys_jobs', 'a' * 70]:
-        with pytest.raises(ValueError, match='bad job type'): enqueue(queue_db, bad)
-    with pytest.raises(ValueError, match='must be JSON'): enqueue(queue_db, 'test.bad', dict(x=object()))
-    with pytest.raises(ValueError, match='must be a dict'): enqueue(queue_db, 'test.bad', 'tenant=acme')
-    with pytest.raises(ValueError, match='max_attempts'): enqueue(queue_db, 'test.bad', max_attempts=0)
-    with pytest.raises(ValueError, match='no time zone'): enqueue(queue_db, 'test.bad', run_at='2026-01-01T00:00:00')
+        with pytest.raises(ValueError, match='bad job type'):
+            enqueue(queue_db, bad)
+    with pytest.raises(ValueError, match='must be JSON'):
+        enqueue(queue_db, 'test.bad', dict(x=object()))
+    with pytest.raises(ValueError, match='must be a dict'):
+        enqueue(queue_db, 'test.bad', 'tenant=acme')
+    with pytest.raises(ValueError, match='max_attempts'):
+        enqueue(queue_db, 'test.bad', max_attempts=0)
+    with pytest.raises(ValueError, match='no time zone'):
+        enqueue(queue_db, 'test.bad', run_at='2026-01-01T00:00:00')
     assert queue_db.system_jobs.count == 0
 
 
@@ -162,14 +189,15 @@ def _dead(queue_db, job_type='test.dead', **kw):
 
 def test_a_retried_dead_job_runs_again_and_keeps_its_history(queue_db):
     j = _dead(queue_db, dedupe_key='test.dead:1')
-    assert enqueue(queue_db, 'test.dead', dedupe_key='test.dead:1').status == 'dead'   # the key blocks a fresh enqueue
+    assert enqueue(queue_db, 'test.dead', dedupe_key='test.dead:1').status == 'dead'  # the key blocks a fresh enqueue
     assert retry(queue_db, j.id)
     job = claim(queue_db, 'w2', ['test.dead'])
     assert (job.id, job.attempts, job.max_attempts) == (j.id, 1, 1)
     assert complete(queue_db, job, dict(ok=True))
     row = queue_db.system_jobs[j.id]
-    assert (row.status == 'done' and row.error_log.splitlines()[0].endswith('boom')
-            and 'retried by hand' in row.error_log)
+    assert (
+        row.status == 'done' and row.error_log.splitlines()[0].endswith('boom') and 'retried by hand' in row.error_log
+    )
 
 
 def test_concurrent_retries_queue_a_dead_job_once(queue_db, race):
@@ -206,20 +234,26 @@ def test_workers_with_schedules_enqueue_one_job_per_period(queue_db, monkeypatch
     "Each worker schedules before its first claim (an idle worker on PostgreSQL then waits for a notification)."
     seen, polls = [], Counter()
     exchange = jobs._exchange
+
     def counted_exchange(host_db, worker_id, *args):
-        try: return exchange(host_db, worker_id, *args)
-        finally: polls[worker_id] += 1
+        try:
+            return exchange(host_db, worker_id, *args)
+        finally:
+            polls[worker_id] += 1
+
     monkeypatch.setattr(jobs, '_exchange', counted_exchange)
     handlers = {'test.tick': lambda job: seen.append(job.id)}
     daily = [Periodic('test.tick', timedelta(days=1))]
     workers = [Worker(queue_db, handlers, poll=0.01, schedules=daily) for _ in range(3)]
     stop = threading.Event()
     threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
-    for t in threads: t.start()
+    for t in threads:
+        t.start()
     assert wait_for(lambda: seen, 10)
     assert wait_for(lambda: len(polls) == 3, 10), "every worker claimed, so every worker had scheduled"
     stop.set()
-    for t in threads: t.join(10)
+    for t in threads:
+        t.join(10)
     assert len(seen) == 1 and len(_jobs(queue_db, job_type='test.tick')) == 1
 
 
@@ -227,31 +261,45 @@ def test_each_job_sees_only_its_own_tenant(queue_db):
     tenants = ['acme', 'globex', None, 'initech', 'umbrella']
     jobs = {enqueue(queue_db, 'test.tenant', dict(i=i), tenant_id=tenants[i % 5]).id: tenants[i % 5] for i in range(40)}
     seen = {}
+
     def handler(job):
         time.sleep(0.002)  # keeps several jobs in flight at once
         seen[job.id] = (current_job_tenant(), current_audit_context())
         audit(queue_db, 'test.job_ran', target_id=job.id)
-    _run_worker(Worker(queue_db, {'test.tenant': handler}, concurrency=4, poll=0.01),
-                lambda: len(_jobs(queue_db, job_type='test.tenant', status='done')) == 40)
+
+    _run_worker(
+        Worker(queue_db, {'test.tenant': handler}, concurrency=4, poll=0.01),
+        lambda: len(_jobs(queue_db, job_type='test.tenant', status='done')) == 40,
+    )
     assert {j: t for j, (t, _) in seen.items()} == jobs
-    assert all(ctx.request_id == f'job:{j}' and ctx.tenant_id == jobs[j] and ctx.actor_user_id is None
-               for j, (_, ctx) in seen.items())
+    assert all(
+        ctx.request_id == f'job:{j}' and ctx.tenant_id == jobs[j] and ctx.actor_user_id is None
+        for j, (_, ctx) in seen.items()
+    )
     rows = audit_events(queue_db, event_type='test.job_ran', limit=100)
-    assert len(rows) == 40 and all(r.tenant_id == jobs[r.target_id] and r.request_id == f'job:{r.target_id}'
-                                   for r in rows)
+    assert len(rows) == 40 and all(
+        r.tenant_id == jobs[r.target_id] and r.request_id == f'job:{r.target_id}' for r in rows
+    )
     assert current_job_tenant() is None
 
 
 def test_worker_retries_failures_and_rejects_hopeless_jobs(queue_db):
     tries = {}
+
     def flaky(job):
         tries[job.id] = tries.get(job.id, 0) + 1
-        if job.attempts < 3: raise ConnectionError(f'upstream down (try {job.attempts})')
+        if job.attempts < 3:
+            raise ConnectionError(f'upstream down (try {job.attempts})')
         return dict(ok=job.attempts)
-    def hopeless(job): raise JobRejected('tenant does not exist')
+
+    def hopeless(job):
+        raise JobRejected('tenant does not exist')
+
     ok, bad = enqueue(queue_db, 'test.flaky'), enqueue(queue_db, 'test.hopeless')
-    _run_worker(Worker(queue_db, {'test.flaky': flaky, 'test.hopeless': hopeless}, poll=0.01, retry_base=0.02),
-                lambda: {r.status for r in _jobs(queue_db)} <= {'done', 'dead'})
+    _run_worker(
+        Worker(queue_db, {'test.flaky': flaky, 'test.hopeless': hopeless}, poll=0.01, retry_base=0.02),
+        lambda: {r.status for r in _jobs(queue_db)} <= {'done', 'dead'},
+    )
     row = queue_db.system_jobs[ok.id]
     assert (row.status, row.attempts, json.loads(row.result), tries[ok.id]) == ('done', 3, dict(ok=3), 3)
     assert 'ConnectionError: upstream down (try 2)' in row.error_log
@@ -262,13 +310,18 @@ def test_worker_retries_failures_and_rejects_hopeless_jobs(queue_db):
 def test_heartbeats_keep_a_long_job_from_being_taken(queue_db):
     j = enqueue(queue_db, 'test.long')
     started, stolen = threading.Event(), []
+
     def long(job):
         started.set()
         for _ in range(20):
             time.sleep(0.1)
-            if (other := claim(queue_db, 'thief', lease=30)) is not None: stolen.append(other.id)
-    _run_worker(Worker(queue_db, {'test.long': long}, poll=0.01, lease=1.0),  # the job runs for twice its lease
-                lambda: queue_db.system_jobs[j.id].status == 'done')
+            if (other := claim(queue_db, 'thief', lease=30)) is not None:
+                stolen.append(other.id)
+
+    _run_worker(
+        Worker(queue_db, {'test.long': long}, poll=0.01, lease=1.0),  # the job runs for twice its lease
+        lambda: queue_db.system_jobs[j.id].status == 'done',
+    )
     assert started.is_set() and stolen == [] and queue_db.system_jobs[j.id].attempts == 1
 
 
@@ -276,23 +329,33 @@ def test_graceful_stop_finishes_the_job_in_hand(queue_db):
     j = enqueue(queue_db, 'test.slow')
     enqueue(queue_db, 'test.slow', run_at=datetime.now(timezone.utc))
     started, release = threading.Event(), threading.Event()
+
     def slow(job):
         started.set()
         release.wait(10)
+
     stop = threading.Event()
     t = threading.Thread(target=Worker(queue_db, {'test.slow': slow}, poll=0.01).run, args=(stop,))
     t.start()
     assert started.wait(10)
-    stop.set(); release.set(); t.join(10)   # the stop comes while the job is in hand
+    stop.set()
+    release.set()
+    t.join(10)  # the stop comes while the job is in hand
     assert not t.is_alive()
     assert sorted(r.status for r in _jobs(queue_db, job_type='test.slow')) == ['done', 'queued']
-    assert queue_db.system_jobs[j.id].status == 'done'   # the one in hand, the earlier of the two
+    assert queue_db.system_jobs[j.id].status == 'done'  # the one in hand, the earlier of the two
 
 
 def test_a_broken_worker_stops_and_raises_instead_of_limping_on(queue_db):
-    worker = Worker(queue_db, {'test.x': lambda job: None}, concurrency=2, poll=0.01,
-                    schedules=[Periodic('Not A Type', timedelta(hours=1))])
-    with pytest.raises(RuntimeError, match='worker thread crashed') as e: worker.run(threading.Event())
+    worker = Worker(
+        queue_db,
+        {'test.x': lambda job: None},
+        concurrency=2,
+        poll=0.01,
+        schedules=[Periodic('Not A Type', timedelta(hours=1))],
+    )
+    with pytest.raises(RuntimeError, match='worker thread crashed') as e:
+        worker.run(threading.Event())
     assert 'bad job type' in str(e.value.__cause__)
 
 
@@ -315,8 +378,10 @@ def test_an_idle_worker_on_postgresql_is_woken_by_notifications_and_due_times_no
             assert wait_for(lambda: ran == [1, 2], 10), "it slept until the job was due"
             assert datetime.now(timezone.utc) >= soon
         finally:
-            stop.set(); t.join(30)
+            stop.set()
+            t.join(30)
         assert not t.is_alive()
         assert [(r.status, r.attempts) for r in _jobs(host_db, job_type='test.wake')] == [('done', 1)] * 2
     finally:
-        host_db.close(); HostDatabase.reset_instance()
+        host_db.close()
+        HostDatabase.reset_instance()

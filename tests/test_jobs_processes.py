@@ -3,6 +3,7 @@
 Workers are started through the real `fh-saas worker` entry point (`fh_saas.jobs.main`) with the
 handlers of `jobs_helpers`, and stopped with SIGTERM.
 """
+
 import json, os, signal, subprocess
 
 import pytest
@@ -12,28 +13,35 @@ from fh_saas.db_host import jobs_t, make_engine
 from jobs_helpers import counts, create_tables, effects_t, runs_t, start_worker, stop_workers
 from pgserver import start_cluster, wait_for
 
+
 def _enqueue(url, n, job_type='test.effect', **kw):
     "Enqueue `n` jobs through a HostDatabase of our own (the workers have theirs)."
     from fh_saas.db_host import HostDatabase
     from fh_saas.jobs import enqueue
+
     host_db = HostDatabase(url)
-    try: return [enqueue(host_db, job_type, **kw).id for _ in range(n)]
+    try:
+        return [enqueue(host_db, job_type, **kw).id for _ in range(n)]
     finally:
         host_db.close()
         HostDatabase.reset_instance()
+
 
 def _statuses(engine):
     with engine.connect() as c:
         return dict(c.execute(sa.select(jobs_t.c.status, sa.func.count()).group_by(jobs_t.c.status)).all())
 
+
 def _logs(tmp_path):
     return '\n'.join(p.read_text(errors='replace')[-3000:] for p in sorted(tmp_path.glob('worker*.log')))
+
 
 def _prepared(url):
     _enqueue(url, 0)  # creates the host schema
     eng = make_engine(url)
     create_tables(eng)
     return eng
+
 
 @pytest.fixture
 def engine(pg_url):
@@ -49,7 +57,8 @@ def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(
     procs = [start_worker(sqlite_url, tmp_path / f'worker{i}.log', '--poll', '0.05') for i in range(2)]
     try:
         assert wait_for(lambda: counts(eng)['runs'] >= 1, 30), _logs(tmp_path)
-        with eng.connect() as c: holder = c.execute(sa.select(jobs_t.c.locked_by).where(jobs_t.c.id == slow)).scalar()
+        with eng.connect() as c:
+            holder = c.execute(sa.select(jobs_t.c.locked_by).where(jobs_t.c.id == slow)).scalar()
         pid = int(holder.rsplit(':', 2)[1])
         [slow_proc] = [p for p in procs if p.pid == pid]
         slow_proc.send_signal(signal.SIGTERM)  # mid-job: it must finish the job, then exit
@@ -58,7 +67,8 @@ def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(
         with eng.connect() as c:
             assert c.execute(sa.select(jobs_t.c.status).where(jobs_t.c.id == slow)).scalar() == 'done'
         assert wait_for(lambda: _statuses(eng).get('done') == 41, 60), _logs(tmp_path)
-    finally: codes = stop_workers(procs)
+    finally:
+        codes = stop_workers(procs)
     assert codes == [0, 0]
     assert counts(eng) == dict(runs=41, run_jobs=41, effects=41, counter=41)
     eng.dispose()
@@ -67,14 +77,16 @@ def test_sqlite_worker_processes_share_the_queue_and_stop_gracefully_on_sigterm(
 @pytest.mark.postgres
 def test_four_worker_processes_run_each_of_200_jobs_exactly_once(pg_url, engine, tmp_path):
     ids = _enqueue(pg_url, 200, payload=dict(pause=0.002), tenant_id='acme')
-    procs = [start_worker(pg_url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05')
-             for i in range(4)]
+    procs = [
+        start_worker(pg_url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05') for i in range(4)
+    ]
     logs = [tmp_path / f'worker{i}.log' for i in range(4)]
     try:
         assert wait_for(lambda: _statuses(engine).get('done') == 200, 90), (_statuses(engine), _logs(tmp_path))
         # a worker still importing when the queue empties (a loaded machine) has no SIGTERM handler yet
         assert wait_for(lambda: all('worker on' in log.read_text() for log in logs), 60), _logs(tmp_path)
-    finally: codes = stop_workers(procs)
+    finally:
+        codes = stop_workers(procs)
     assert codes == [0, 0, 0, 0], _logs(tmp_path)
     assert counts(engine) == dict(runs=200, run_jobs=200, effects=200, counter=200)
     with engine.connect() as c:
@@ -89,13 +101,18 @@ def test_four_worker_processes_run_each_of_200_jobs_exactly_once(pg_url, engine,
 def test_kill_9_mid_job_resumes_on_another_worker_without_repeating_steps(pg_url, engine, tmp_path):
     [job_id] = _enqueue(pg_url, 1, 'test.steps', payload=dict(steps=8, hold_after=3))
     a = start_worker(pg_url, tmp_path / 'worker_a.log', '--lease', '1', '--poll', '0.05')
-    try: assert wait_for(lambda: counts(engine)['effects'] >= 3, 30), _logs(tmp_path)
-    finally: a.send_signal(signal.SIGKILL); a.wait(10)
+    try:
+        assert wait_for(lambda: counts(engine)['effects'] >= 3, 30), _logs(tmp_path)
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
     done_by_a = counts(engine)['effects']
     assert 3 <= done_by_a < 8
     b = start_worker(pg_url, tmp_path / 'worker_b.log', '--lease', '1', '--poll', '0.05')
-    try: assert wait_for(lambda: _statuses(engine).get('done') == 1, 30), _logs(tmp_path)
-    finally: assert stop_workers([b]) == [0], _logs(tmp_path)
+    try:
+        assert wait_for(lambda: _statuses(engine).get('done') == 1, 30), _logs(tmp_path)
+    finally:
+        assert stop_workers([b]) == [0], _logs(tmp_path)
     with engine.connect() as c:
         job = c.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).one()
         runs = c.execute(sa.select(runs_t.c.worker_id, runs_t.c.attempt).order_by(runs_t.c.id)).all()
@@ -115,23 +132,49 @@ def test_database_restart_under_load_completes_every_job_once(tmp_path):
         eng = make_engine(url)
         create_tables(eng)
         _enqueue(url, 200, payload=dict(pause=0.05), max_attempts=20)
-        procs = [start_worker(url, tmp_path / f'worker{i}.log', '--concurrency', '2', '--poll', '0.05',
-                              '--lease', '2', '--retry-base', '0.05') for i in range(2)]
+        procs = [
+            start_worker(
+                url,
+                tmp_path / f'worker{i}.log',
+                '--concurrency',
+                '2',
+                '--poll',
+                '0.05',
+                '--lease',
+                '2',
+                '--retry-base',
+                '0.05',
+            )
+            for i in range(2)
+        ]
         try:
             assert wait_for(lambda: _statuses(eng).get('done', 0) >= 30, 60), _logs(tmp_path)
-            with server.engine.connect() as c: data = c.exec_driver_sql('SHOW data_directory').scalar()
-            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w',
-                   'restart']
-            if os.geteuid() == 0: cmd = ['runuser', '-u', 'postgres', '--', *cmd]
+            with server.engine.connect() as c:
+                data = c.exec_driver_sql('SHOW data_directory').scalar()
+            cmd = [
+                'pg_ctl',
+                '-D',
+                data,
+                '-l',
+                os.path.join(os.path.dirname(data), 'log'),
+                '-m',
+                'fast',
+                '-w',
+                'restart',
+            ]
+            if os.geteuid() == 0:
+                cmd = ['runuser', '-u', 'postgres', '--', *cmd]
             server.engine.dispose()
             assert _statuses(eng).get('done', 0) < 190, "still under load when the server restarts"
             subprocess.run(cmd, check=True, capture_output=True, timeout=60)
             eng.dispose()
             assert wait_for(lambda: _statuses(eng).get('done') == 200, 90), (_statuses(eng), _logs(tmp_path))
-        finally: codes = stop_workers(procs)
+        finally:
+            codes = stop_workers(procs)
         assert codes == [0, 0], _logs(tmp_path)
         c = counts(eng)
         assert (c['effects'], c['counter'], c['run_jobs']) == (200, 200, 200), c
         assert 'retrying' in _logs(tmp_path) or 'not recorded' in _logs(tmp_path), "the workers did see the outage"
         eng.dispose()
-    finally: server.stop()
+    finally:
+        server.stop()

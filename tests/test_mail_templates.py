@@ -1,6 +1,7 @@
 """The kit's mail from `MailTemplates`: every kind has a plain-text part and an HTML part made from the same values,
 escaped, with the brand at the top and each button's address written out; an app's own templates, passed to
 `setup_saas(mail_templates=...)`, are the ones the real flows send over HTTP; the welcome follows a confirmation."""
+
 import html as htmlib
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,17 @@ from stripe_helpers import SECRET, event, sign
 
 HOSTILE = '<script>alert(1)</script>'
 LINK = 'https://app.test/x/tok?a=1&b=2'
-ARGS = dict(verify_email=(LINK, timedelta(days=2)), password_reset=(LINK, timedelta(hours=1)),
-            email_change=(HOSTILE, LINK, timedelta(days=1)), email_change_notice=(HOSTILE,),
-            signup_taken=(LINK, LINK + '&reset=1'), welcome=(LINK,),
-            invitation=(HOSTILE, 'member', LINK, timedelta(days=7)), payment_failed=(HOSTILE, LINK), account_deleted=())
+ARGS = dict(
+    verify_email=(LINK, timedelta(days=2)),
+    password_reset=(LINK, timedelta(hours=1)),
+    email_change=(HOSTILE, LINK, timedelta(days=1)),
+    email_change_notice=(HOSTILE,),
+    signup_taken=(LINK, LINK + '&reset=1'),
+    welcome=(LINK,),
+    invitation=(HOSTILE, 'member', LINK, timedelta(days=7)),
+    payment_failed=(HOSTILE, LINK),
+    account_deleted=(),
+)
 PW = 'correct horse battery'
 
 
@@ -43,7 +51,7 @@ def test_every_kind_has_a_text_and_an_html_part_escaped_with_the_brand_on_top_an
     assert HOSTILE in text and '<script' not in html and '<link' not in html and htmlib.escape(HOSTILE) in html
     brand = re.search(r'<body[^>]*>\s*<div[^>]*>\s*<p[^>]*>([^<]*)</p>', html).group(1)
     assert htmlib.unescape(brand) == HOSTILE
-    if kind not in ('email_change_notice', 'account_deleted'):   # the two that link nowhere
+    if kind not in ('email_change_notice', 'account_deleted'):  # the two that link nowhere
         shown = htmlib.escape(LINK, quote=False)
         assert LINK in text and f'href="{shown}"' in html and f'Or open {shown}' in html
 
@@ -58,6 +66,7 @@ def test_a_subject_with_a_line_break_stays_one_header_line():
 
 class AcmeMail(MailTemplates):
     "An app's own wording of the messages its users see first."
+
     def verify_email(self, link, ttl):
         return self.compose(f'{self.brand}: confirm your address', ['Acme wants to know it is you:'], link, 'Yes')
 
@@ -78,13 +87,24 @@ def site(tmp_path, monkeypatch):
     monkeypatch.setattr(passwords, 'reset_mail_executor', pool)
     host_db, outbox = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}"), MemoryOutbox()
     app = FastHTML(default_hdrs=False, secret_key='a' * 48)
-    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=outbox, webhook_secrets=[],
-                      policy=BillingPolicy(free_plan='free'), base_url='https://app.test', brand='Acme Cloud',
-                      mail_templates=AcmeMail, dev=False)
+    saas = setup_saas(
+        app,
+        host_db,
+        sessions=SessionManager(host_db, 's' * 48),
+        mailer=outbox,
+        webhook_secrets=[],
+        policy=BillingPolicy(free_plan='free'),
+        base_url='https://app.test',
+        brand='Acme Cloud',
+        mail_templates=AcmeMail,
+        dev=False,
+    )
     seed_plans(host_db, [dict(id='free', name='Free')])
     yield saas, app, outbox, pool
     pool.shutdown(wait=True)
-    saas.router.close(); host_db.close(); HostDatabase.reset_instance()
+    saas.router.close()
+    host_db.close()
+    HostDatabase.reset_instance()
 
 
 def _link(outbox, to) -> str:
@@ -93,7 +113,8 @@ def _link(outbox, to) -> str:
 
 def _provision(host_db):
     while (job := claim(host_db, 'test-worker', ['tenant.provision'])) is not None:
-        with job_scope(job): result = job_handlers['tenant.provision'](job)
+        with job_scope(job):
+            result = job_handlers['tenant.provision'](job)
         assert complete(host_db, job, result)
 
 
@@ -121,8 +142,9 @@ def test_the_apps_templates_are_sent_by_sign_up_confirmation_reset_and_invitatio
     r = ann.post('/team/invite', data=dict(email='bob@example.com', role='member', csrf=token))
     assert r.status_code == 303 and 'Invitation sent.' in ann.get(r.headers['location']).text
     invitation = outbox.last_to('bob@example.com')
-    assert invitation['Subject'] == 'Acme Cloud: join Acme Corp' and 'Acme asks you to join Acme Corp:' in \
-        text_part(invitation)
+    assert invitation['Subject'] == 'Acme Cloud: join Acme Corp' and 'Acme asks you to join Acme Corp:' in text_part(
+        invitation
+    )
     assert _link(outbox, 'bob@example.com').startswith('/invitations/')
 
 
@@ -132,8 +154,9 @@ def test_the_welcome_is_sent_once_whichever_confirmation_link_is_used(site):
     assert cli.post('/signup', data=dict(email='ann@example.com', password=PW, company='Acme Corp')).status_code == 303
     first = _link(outbox, 'ann@example.com')
     user_id = saas.host_db.global_users()[0].id
-    send_email_verification(saas.host_db, user_id, outbox, lambda tok: f'https://app.test/verify-email/{tok}',
-                            templates=saas.mail)
+    send_email_verification(
+        saas.host_db, user_id, outbox, lambda tok: f'https://app.test/verify-email/{tok}', templates=saas.mail
+    )
     second = _link(outbox, 'ann@example.com')
     assert first != second and cli.get(first).status_code == 200 and cli.get(second).status_code == 200
     subjects = [m['Subject'] for m in outbox.messages if m['To'] == 'ann@example.com']
@@ -145,25 +168,49 @@ def test_a_failed_invoice_payment_mails_each_active_owner_once(tmp_path, monkeyp
     monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
     host_db, outbox = HostDatabase(f"sqlite:///{tmp_path / 'host.db'}"), MemoryOutbox()
     app = FastHTML(default_hdrs=False, secret_key='a' * 48)
-    saas = setup_saas(app, host_db, sessions=SessionManager(host_db, 's' * 48), mailer=outbox, webhook_secrets=[SECRET],
-                      base_url='https://app.test', brand='Acme Cloud', dev=False)
+    saas = setup_saas(
+        app,
+        host_db,
+        sessions=SessionManager(host_db, 's' * 48),
+        mailer=outbox,
+        webhook_secrets=[SECRET],
+        base_url='https://app.test',
+        brand='Acme Cloud',
+        dev=False,
+    )
     try:
         provision_tenant(host_db, 'beta', '<script>Beta</script>')
-        for uid, role, active in [('ann', 'owner', True), ('bob', 'owner', True), ('cy', 'member', True),
-                                  ('dee', 'owner', False)]:
+        for uid, role, active in [
+            ('ann', 'owner', True),
+            ('bob', 'owner', True),
+            ('cy', 'member', True),
+            ('dee', 'owner', False),
+        ]:
             host_db.global_users.insert(GlobalUser(id=uid, email=f'{uid}@example.com', is_active=active))
             host_db.memberships.insert(Membership(user_id=uid, tenant_id='beta', role=role))
-        inv = dict(id='in_1', object='invoice', customer='cus_1', amount_due=900, attempt_count=1,
-                   parent=dict(subscription_details=dict(subscription='sub_1', metadata={'tenant_id': 'beta'})))
+        inv = dict(
+            id='in_1',
+            object='invoice',
+            customer='cus_1',
+            amount_due=900,
+            attempt_count=1,
+            parent=dict(subscription_details=dict(subscription='sub_1', metadata={'tenant_id': 'beta'})),
+        )
         cli, answers = TestClient(app), []
         for body in [event('invoice.payment_failed', inv, 1_760_000_000, 'evt_failed')] * 2 + [
-                event('invoice.paid', inv, 1_760_000_100, 'evt_paid')]:
+            event('invoice.paid', inv, 1_760_000_100, 'evt_paid')
+        ]:
             answers.append(cli.post('/stripe/webhook', content=body, headers={'Stripe-Signature': sign(body)}).json())
-        assert answers == [dict(status='processed', duplicate=False), dict(status='processed', duplicate=True),
-                           dict(status='processed', duplicate=False)]
+        assert answers == [
+            dict(status='processed', duplicate=False),
+            dict(status='processed', duplicate=True),
+            dict(status='processed', duplicate=False),
+        ]
         assert sorted(m['To'] for m in outbox.messages) == ['ann@example.com', 'bob@example.com']
         mail = outbox.last_to('ann@example.com')
         assert mail['Subject'] == 'A payment for <script>Beta</script> failed' and '<script' not in html_part(mail)
         assert 'https://app.test/billing' in text_part(mail) and 'Acme Cloud' in html_part(mail)
     finally:
-        saas.router.close(); host_db.close(); HostDatabase.reset_instance()
+        saas.router.close()
+        host_db.close()
+        HostDatabase.reset_instance()

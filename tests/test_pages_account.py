@@ -1,6 +1,7 @@
 """The account pages through a real FastHTML app wired the way `setup_saas` wires it: a SQLite host
 database, server-side sessions, the tenant router on per-tenant SQLite files, the beforeware, and an
 in-memory outbox whose links the tests follow. Provisioning runs the real `tenant.provision` job."""
+
 import re, threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,10 +37,12 @@ PW = 'correct horse battery'
 
 class App:
     "The test app and the parts the tests inspect."
+
     def __init__(self, host_db, sessions, router, outbox, app):
         self.host_db, self.sessions, self.router, self.outbox, self.app = host_db, sessions, router, outbox, app
 
-    def client(self) -> TestClient: return TestClient(self.app, follow_redirects=False, base_url='https://app.test')
+    def client(self) -> TestClient:
+        return TestClient(self.app, follow_redirects=False, base_url='https://app.test')
 
     def signup(self, email, company='Acme Corp', password=PW, client=None, **extra) -> TestClient:
         c = client or self.client()
@@ -51,14 +54,15 @@ class App:
         "A client signed up as `email`, working in its newly provisioned tenant."
         c = self.signup(email, company)
         self.provision()
-        c.get(f"/tenants/{company.lower().replace(' ', '_')}/status")   # an active first tenant becomes current
+        c.get(f"/tenants/{company.lower().replace(' ', '_')}/status")  # an active first tenant becomes current
         return c
 
     def provision(self) -> int:
         "Run every queued `tenant.provision` job the way a worker does; the number run."
         n = 0
         while (job := claim(self.host_db, 'test-worker', ['tenant.provision'])) is not None:
-            with job_scope(job): result = job_handlers['tenant.provision'](job)
+            with job_scope(job):
+                result = job_handlers['tenant.provision'](job)
             assert complete(self.host_db, job, result)
             n += 1
         return n
@@ -67,7 +71,8 @@ class App:
         "Run every queued `tenant.deprovision` job the way a worker does; the number run."
         n = 0
         while (job := claim(self.host_db, 'test-worker', ['tenant.deprovision'])) is not None:
-            with job_scope(job): result = job_handlers['tenant.deprovision'](job)
+            with job_scope(job):
+                result = job_handlers['tenant.deprovision'](job)
             assert complete(self.host_db, job, result)
             n += 1
         return n
@@ -78,7 +83,8 @@ class App:
         return re.search(r'https://app\.test(/\S+)', body).group(1)
 
 
-def csrf(page: str) -> str: return re.search(r'value="([0-9a-f]{64})" name="csrf"', page).group(1)
+def csrf(page: str) -> str:
+    return re.search(r'value="([0-9a-f]{64})" name="csrf"', page).group(1)
 
 
 @pytest.fixture
@@ -89,20 +95,29 @@ def world(tmp_path, monkeypatch):
     router = TenantRouter(host_db, budget=8)
     outbox = MemoryOutbox()
     saas = Saas(host_db, sessions, router, outbox, base_url='https://app.test', home='/')
-    resolver = AuthResolver(host_db, sessions, router.tenant_db, unavailable=(TenantNotFound, TenantUnavailable),
-                            rate_limit=RateLimit(1000, 60))
+    resolver = AuthResolver(
+        host_db,
+        sessions,
+        router.tenant_db,
+        unavailable=(TenantNotFound, TenantUnavailable),
+        rate_limit=RateLimit(1000, 60),
+    )
     app = FastHTML(before=saas_beforeware(resolver), hdrs=ui.static_headers(), default_hdrs=False, secret_key=SECRET)
     ui.mount_static(app)
-    AuthPages(saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)),
-              signup_rate=RateLimit(6, 3600)).mount(app)
+    AuthPages(
+        saas, hasher=FAST, throttle=LoginThrottle(per_account=RateLimit(3, 900)), signup_rate=RateLimit(6, 3600)
+    ).mount(app)
     AccountPages(saas, hasher=FAST).mount(app)
-    for pages in (TenantPages, TeamPages, InvitationPages, ApiKeyPages): pages(saas).mount(app)
+    for pages in (TenantPages, TeamPages, InvitationPages, ApiKeyPages):
+        pages(saas).mount(app)
 
     @app.get('/')
-    def home(auth): return f'home of {auth.tenant_id} for {auth.user.email} as {auth.role}'
+    def home(auth):
+        return f'home of {auth.tenant_id} for {auth.user.email} as {auth.role}'
 
     @app.get('/api/whoami')
-    def whoami(auth): return dict(user=auth.user.email, tenant=auth.tenant_id, mode=auth.mode)
+    def whoami(auth):
+        return dict(user=auth.user.email, tenant=auth.tenant_id, mode=auth.mode)
 
     yield App(host_db, sessions, router, outbox, app)
     router.close()
@@ -116,22 +131,26 @@ def counts(host_db):
 
 def test_signup_provisions_in_the_background_and_the_status_page_polls_until_home(world):
     page = world.client().get('/signup').text
-    for label in ('Email', 'Password', 'Your name', 'Company or team name', 'Create account'): assert label in page
+    for label in ('Email', 'Password', 'Your name', 'Company or team name', 'Create account'):
+        assert label in page
     c = world.client()
     r = c.post('/signup', data=dict(email='ann@example.com', password=PW, name='Ann', company='Acme Corp'))
     assert (r.status_code, r.headers['location']) == (303, '/tenants/acme_corp/status')
     assert world.host_db.tenants['acme_corp'].status == 'provisioning'
     assert [(m.user_id, m.role) for m in world.host_db.memberships()] == [(world.host_db.global_users()[0].id, 'owner')]
     job = world.host_db.system_jobs()[0]
-    assert ((job.job_type, job.tenant_id, job.dedupe_key)
-            == ('tenant.provision', 'acme_corp', 'tenant.provision:acme_corp'))
+    assert (job.job_type, job.tenant_id, job.dedupe_key) == (
+        'tenant.provision',
+        'acme_corp',
+        'tenant.provision:acme_corp',
+    )
 
     full = c.get('/tenants/acme_corp/status')
     assert full.status_code == 200 and '<html' in full.text and 'Setting up Acme Corp' in full.text
     assert 'hx-trigger="every 1s"' in full.text and 'hx-get="/tenants/acme_corp/status"' in full.text
     frag = c.get('/tenants/acme_corp/status', headers={'HX-Request': 'true'})
     assert '<html' not in frag.text and 'every 1s' in frag.text
-    assert c.get('/').headers['location'] == '/tenants'           # no usable tenant yet
+    assert c.get('/').headers['location'] == '/tenants'  # no usable tenant yet
 
     assert world.provision() == 1
     assert world.host_db.tenants['acme_corp'].status == 'active'
@@ -159,7 +178,7 @@ def test_an_unconfirmed_user_gets_a_new_verification_link_a_few_times_an_hour(wo
     assert world.client().post('/account/verify-email').headers['location'].startswith('/login')
     for token in ('', csrf(world.signup('eve@example.com', 'Evil Inc').get('/tenants').text)):
         assert ann.post('/account/verify-email', data=dict(csrf=token)).status_code == 403
-    assert len(world.outbox.messages) == sent + 1                          # eve's sign-up mail only
+    assert len(world.outbox.messages) == sent + 1  # eve's sign-up mail only
     for _ in range(2):
         r = ann.post('/account/verify-email', data=dict(csrf=csrf(page)))
         assert r.status_code == 200 and 'We sent a new confirmation link to ann@example.com' in r.text
@@ -169,7 +188,7 @@ def test_an_unconfirmed_user_gets_a_new_verification_link_a_few_times_an_hour(wo
     assert r.status_code == 429 and 'Try again in' in r.text and int(r.headers['retry-after']) > 0
     mails = [m for m in world.outbox.messages if m['To'] == 'ann@example.com']
     assert len(mails) == 4 and all(m['Subject'] == 'Confirm your email' for m in mails)
-    assert world.client().get(world.link('ann@example.com')).status_code == 200    # the newest link works
+    assert world.client().get(world.link('ann@example.com')).status_code == 200  # the newest link works
     assert world.host_db.global_users(where="email = 'ann@example.com'")[0].email_verified_at is not None
 
 
@@ -187,12 +206,13 @@ def test_duplicate_email_and_bad_input_write_nothing(world):
     world.signup('ann@example.com')
     before = counts(world.host_db)
     for data, status, message in [
-            (dict(email='bob@example.com', password='short', company='Other'), 400, 'longer password'),
-            (dict(email='bob@example', password=PW, company='Other'), 400, 'valid email'),
-            (dict(email='bob@example.com', password=PW, company='   '), 400, 'Enter a company name')]:
+        (dict(email='bob@example.com', password='short', company='Other'), 400, 'longer password'),
+        (dict(email='bob@example', password=PW, company='Other'), 400, 'valid email'),
+        (dict(email='bob@example.com', password=PW, company='   '), 400, 'Enter a company name'),
+    ]:
         r = world.client().post('/signup', data=data)
         assert (r.status_code, message in r.text, 'set-cookie' in r.headers) == (status, True, False), (data, r.text)
-        assert 'class="alert bad"' in r.text and data['email'] in r.text     # the form is shown again, filled in
+        assert 'class="alert bad"' in r.text and data['email'] in r.text  # the form is shown again, filled in
     assert counts(world.host_db) == before
 
 
@@ -201,8 +221,9 @@ def test_a_sign_up_with_a_taken_email_answers_as_a_new_one_and_mails_the_owner(w
     world.signup('ann@example.com', 'Acme Corp')
     link = invite(world, world.owner('cy@example.com', 'Cy Co'), 'ann@example.com')
     before = counts(world.host_db)
-    taken = world.client().post('/signup', data=dict(email=' ANN@Example.com', password='another secret', name='X',
-                                                      company='Other Co'))
+    taken = world.client().post(
+        '/signup', data=dict(email=' ANN@Example.com', password='another secret', name='X', company='Other Co')
+    )
     assert counts(world.host_db) == before and 'set-cookie' not in taken.headers
     new = world.client().post('/signup', data=dict(email='zed@example.com', password=PW, company='Other Co'))
     assert (taken.status_code, taken.headers['location']) == (new.status_code, new.headers['location'])
@@ -216,12 +237,13 @@ def test_a_sign_up_with_a_taken_email_answers_as_a_new_one_and_mails_the_owner(w
     again = world.client().post('/signup', data=dict(email='ann@example.com', password=PW, company='X Co'))
     assert again.status_code == 303
     notices = [m for m in world.outbox.messages if m['Subject'] == 'Someone tried to sign up with your address']
-    assert len(notices) == 2          # `taken_rate`: two an hour per address here, however many tries
+    assert len(notices) == 2  # `taken_rate`: two an hour per address here, however many tries
     assert world.host_db.global_users.count == 3
 
 
 def test_signups_per_network_address_are_limited(world):
-    for i in range(6): world.signup(f"user{i}@example.com", f"Company {i}")
+    for i in range(6):
+        world.signup(f"user{i}@example.com", f"Company {i}")
     before = counts(world.host_db)
     r = world.client().post('/signup', data=dict(email='late@example.com', password=PW, company='Late'))
     assert r.status_code == 429 and 'Too many sign-ups' in r.text
@@ -246,14 +268,15 @@ def test_login_logout_bad_login_and_throttling(world):
     r = c.post('/login', data=dict(email='ann@example.com', password=PW))
     assert (r.status_code, r.headers['location']) == (303, '/')
     assert c.get('/').text.startswith('home of acme_corp')
-    r = c.post('/logout')                                     # another site's form: no token, still signed in
+    r = c.post('/logout')  # another site's form: no token, still signed in
     assert r.status_code == 403 and 'did not come from this site' in r.text
     assert c.get('/').status_code == 200
     assert 'name="csrf"' in re.search(r'<form[^>]*action="/logout".*?</form>', c.get('/account').text, re.S).group(0)
     r = c.post('/logout', data=dict(csrf=csrf(c.get('/account').text)))
     assert (r.status_code, r.headers['location']) == (303, '/login')
     assert c.get('/').headers['location'] == '/login?next=/'
-    for _ in range(3): c.post('/login', data=dict(email='ann@example.com', password='wrong password'))
+    for _ in range(3):
+        c.post('/login', data=dict(email='ann@example.com', password='wrong password'))
     r = c.post('/login', data=dict(email='ann@example.com', password=PW))
     assert r.status_code == 429 and 'Too many failed attempts' in r.text and int(r.headers['retry-after']) > 0
 
@@ -265,10 +288,16 @@ def test_next_is_followed_only_to_local_paths(world):
     r = c.get('/team')
     assert r.headers['location'] == '/login?next=/team'
     assert 'value="/team"' in c.get('/login?next=/team').text
-    assert (c.post('/login', data=dict(email='ann@example.com', password=PW, next='/team')).headers['location']
-            == '/team')
-    for evil in ('https://evil.example/x', '//evil.example', '/\\evil.example', 'http:/evil.example',
-                 ' //evil.example'):
+    assert (
+        c.post('/login', data=dict(email='ann@example.com', password=PW, next='/team')).headers['location'] == '/team'
+    )
+    for evil in (
+        'https://evil.example/x',
+        '//evil.example',
+        '/\\evil.example',
+        'http:/evil.example',
+        ' //evil.example',
+    ):
         r = world.client().post('/login', data=dict(email='ann@example.com', password=PW, next=evil))
         assert (r.status_code, r.headers['location']) == (303, '/'), evil
         assert re.search(r'value="" name="next"', world.client().get('/login', params=dict(next=evil)).text), evil
@@ -286,8 +315,10 @@ def reset_mails(monkeypatch):
 def test_password_reset_through_the_emailed_link(world, reset_mails):
     old = world.signup('ann@example.com')
     world.provision()
-    same = {world.client().post('/password-reset', data=dict(email=e)).text.split('<main')[1]
-            for e in ('ann@example.com', 'nobody@example.com')}
+    same = {
+        world.client().post('/password-reset', data=dict(email=e)).text.split('<main')[1]
+        for e in ('ann@example.com', 'nobody@example.com')
+    }
     reset_mails()
     assert len(same) == 1 and 'If an account exists' in same.pop()
     assert [m['To'] for m in world.outbox.messages if 'Reset' in m['Subject']] == ['ann@example.com']
@@ -300,7 +331,7 @@ def test_password_reset_through_the_emailed_link(world, reset_mails):
     r = c.post(link, data=dict(password='brand new secret', confirm='brand new secret'))
     assert r.status_code == 200 and 'password has been changed' in r.text
     assert c.post(link, data=dict(password='another secret', confirm='another secret')).status_code == 400
-    assert old.get('/').headers['location'] == '/login?next=/'     # every old session ended
+    assert old.get('/').headers['location'] == '/login?next=/'  # every old session ended
     assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
     login = dict(email='ann@example.com', password='brand new secret')
     assert world.client().post('/login', data=login).status_code == 303
@@ -309,13 +340,15 @@ def test_password_reset_through_the_emailed_link(world, reset_mails):
 def test_the_reset_page_answers_before_a_slow_mail_server_for_any_address(world, reset_mails, monkeypatch):
     world.signup('ann@example.com')
     release, send = threading.Event(), world.outbox.send
+
     def held_send(to, subject, body, html=None):
         release.wait(5)
         send(to, subject, body, html)
+
     monkeypatch.setattr(world.outbox, 'send', held_send)
     for email in ('ann@example.com', 'nobody@example.com'):
         assert world.client().post('/password-reset', data=dict(email=email)).status_code == 200
-    assert not any('Reset' in m['Subject'] for m in world.outbox.messages)     # both answered while the mail waits
+    assert not any('Reset' in m['Subject'] for m in world.outbox.messages)  # both answered while the mail waits
     release.set()
     reset_mails()
     assert [m['To'] for m in world.outbox.messages if 'Reset' in m['Subject']] == ['ann@example.com']
@@ -332,7 +365,7 @@ def test_password_reset_mails_are_rate_limited_per_address(world, reset_mails):
 def invite(world, owner: TestClient, email: str, role='member') -> str:
     page = owner.get('/team').text
     r = owner.post('/team/invite', data=dict(email=email, role=role, csrf=csrf(page)))
-    assert (r.status_code, r.headers.get('location')) == (303, '/team?done=invited'), r.text   # reload sends nothing
+    assert (r.status_code, r.headers.get('location')) == (303, '/team?done=invited'), r.text  # reload sends nothing
     assert 'Invitation sent.' in owner.get(r.headers['location']).text
     return world.link(email)
 
@@ -351,7 +384,7 @@ def test_invited_user_accepts_sees_the_tenant_and_switches(world):
     r = bob.post(f'{link}/accept')
     assert (r.status_code, r.headers['location']) == (303, '/')
     assert bob.get('/').text == 'home of acme_corp for bob@example.com as member'
-    assert bob.post(f'{link}/accept').status_code == 400                # single use
+    assert bob.post(f'{link}/accept').status_code == 400  # single use
     tenants = bob.get('/tenants').text
     assert 'Acme Corp' in tenants and 'Bob Co' in tenants
     r = bob.post('/tenants/switch', data=dict(tenant_id='bob_co', csrf=csrf(tenants)))
@@ -382,12 +415,12 @@ def test_an_invitation_prefills_sign_up_and_confirms_the_address_it_was_sent_to(
     link = invite(world, ann, 'Dan@Example.com')
     page = world.client().get(link).text
     signup = re.search(r'href="(/signup\?[^"]+)"', page).group(1).replace('&amp;', '&')
-    assert 'value="dan@example.com"' in world.client().get(signup).text           # the address is filled in
+    assert 'value="dan@example.com"' in world.client().get(signup).text  # the address is filled in
     sent = len(world.outbox.messages)
     dan = world.client()
     assert dan.post('/signup', data=dict(email='dan@example.com', password=PW, next=link)).headers['location'] == link
-    assert len(world.outbox.messages) == sent                                      # no confirmation mail to follow
-    assert dan.post(f'{link}/accept').headers['location'] == '/'                   # one click
+    assert len(world.outbox.messages) == sent  # no confirmation mail to follow
+    assert dan.post(f'{link}/accept').headers['location'] == '/'  # one click
     assert world.host_db.global_users(where="email = 'dan@example.com'")[0].email_verified_at
     # signing up from an invitation with another address is confirmed by mail, as any sign-up
     link = invite(world, ann, 'erin@example.com')
@@ -426,10 +459,12 @@ def logged_in_member(world, role='member'):
     return ann, bob
 
 
-def bob_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'bob@example.com')
+def bob_id(world):
+    return next(u.id for u in world.host_db.global_users() if u.email == 'bob@example.com')
 
 
-def ann_id(world): return next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
+def ann_id(world):
+    return next(u.id for u in world.host_db.global_users() if u.email == 'ann@example.com')
 
 
 def test_non_admin_cannot_invite_or_manage(world):
@@ -458,7 +493,8 @@ def test_admins_see_pending_invitations_and_cancel_one_whose_link_then_fails(wor
     assert 'Pending invitations' in page and 'carol@example.com' in page and 'ann@example.com</td>' in page
     iid = invitation_id(world, 'carol@example.com')
     assert f'action="/team/invitations/{iid}/cancel"' in page
-    with world.host_db.transaction() as conn: token_hash = conn.execute(invitations_t.select()).one().token_hash
+    with world.host_db.transaction() as conn:
+        token_hash = conn.execute(invitations_t.select()).one().token_hash
     assert token_hash not in page and link.rsplit('/', 1)[1] not in page
     r = ann.post(f'/team/invitations/{iid}/cancel', data=dict(csrf=csrf(page)))
     assert r.status_code == 303 and (page := ann.get(r.headers['location']).text)
@@ -529,10 +565,10 @@ def test_an_owner_deletes_the_tenant_by_typing_its_name_and_its_members_lose_it(
     ann, bob = logged_in_member(world)
     page = ann.get('/team').text
     assert 'action="/team/delete"' in page and 'data-confirm="Delete Acme Corp and all its data for good?"' in page
-    assert 'action="/team/delete"' not in bob.get('/team').text                    # owners only
+    assert 'action="/team/delete"' not in bob.get('/team').text  # owners only
     r = bob.post('/team/delete', data=dict(name='Acme Corp', csrf=csrf(bob.get('/team').text)))
     assert r.status_code == 403
-    assert ann.post('/team/delete', data=dict(name='Acme Corp')).status_code == 403              # no form token
+    assert ann.post('/team/delete', data=dict(name='Acme Corp')).status_code == 403  # no form token
     r = ann.post('/team/delete', data=dict(name='acme corp', csrf=csrf(page)))
     assert r.status_code == 400 and 'Nothing has been deleted' in r.text and 'class="alert bad"' in r.text
     assert (world.host_db.tenants['acme_corp'].status, world.deprovision()) == ('active', 0)
@@ -541,7 +577,8 @@ def test_an_owner_deletes_the_tenant_by_typing_its_name_and_its_members_lose_it(
     listed = ann.get(r.headers['location']).text
     assert 'The tenant is being deleted' in listed and 'Being deleted' in listed and 'Suspended' not in listed
     assert [(e.actor_user_id, e.target_id) for e in events(world, 'tenant.delete_requested')] == [
-        (ann_id(world), 'acme_corp')]
+        (ann_id(world), 'acme_corp')
+    ]
     assert bob.get('/').headers['location'] == '/tenants' and ann.get('/team').headers['location'] == '/tenants'
     assert 'Being deleted' in bob.get('/tenants').text
     assert world.deprovision() == 1 and world.host_db.tenants['acme_corp'].status == 'deleted'
@@ -561,8 +598,14 @@ def test_api_key_shown_once_authenticates_and_revokes(world):
     api = world.client()
     who = api.get('/api/whoami', headers={'Authorization': f'Bearer {secret}'})
     assert who.json() == dict(user='ann@example.com', tenant='acme_corp', mode='test')
-    assert api.post('/api-keys', data=dict(name='minted by a key', csrf=csrf(listing)),
-                    headers={'Authorization': f'Bearer {secret}'}).status_code == 403
+    assert (
+        api.post(
+            '/api-keys',
+            data=dict(name='minted by a key', csrf=csrf(listing)),
+            headers={'Authorization': f'Bearer {secret}'},
+        ).status_code
+        == 403
+    )
     r = ann.post(f'/api-keys/{key_id}/revoke', data=dict(csrf=csrf(listing)))
     assert r.status_code == 200 and 'Key revoked' in r.text and 'revoked' in r.text
     assert api.get('/api/whoami', headers={'Authorization': f'Bearer {secret}'}).status_code == 401
@@ -598,9 +641,12 @@ def test_changes_without_this_sessions_form_token_are_refused(world):
     ann = world.owner('ann@example.com')
     other = world.signup('eve@example.com', 'Evil Inc')
     foreign = csrf(other.get('/tenants').text)
-    for path, data in [('/tenants/switch', dict(tenant_id='acme_corp')), ('/tenants', dict(company='Sneaky')),
-                       ('/api-keys', dict(name='k', mode='live')),
-                       ('/team/invite', dict(email='m@example.com', role='admin'))]:
+    for path, data in [
+        ('/tenants/switch', dict(tenant_id='acme_corp')),
+        ('/tenants', dict(company='Sneaky')),
+        ('/api-keys', dict(name='k', mode='live')),
+        ('/team/invite', dict(email='m@example.com', role='admin')),
+    ]:
         for token in ('', foreign, 'é' * 64):
             r = ann.post(path, data=dict(data, csrf=token))
             assert r.status_code == 403 and 'did not come from this site' in r.text, (path, token)
@@ -617,7 +663,7 @@ def test_tenants_page_creates_another_tenant(world):
     assert ann.post('/tenants', data=dict(company='', csrf=csrf(page))).status_code == 400
     world.provision()
     done = ann.get('/tenants/second_shop/status', headers={'HX-Request': 'true'}).text
-    assert 'Second Shop is ready' in done and 'every 1s' not in done     # acme stays current: offered, not switched
+    assert 'Second Shop is ready' in done and 'every 1s' not in done  # acme stays current: offered, not switched
     assert ann.get('/').text.startswith('home of acme_corp')
 
 
@@ -632,7 +678,7 @@ def test_one_user_owns_a_capped_number_of_tenants(world, monkeypatch):
     assert counts(world.host_db) == before
     ann_id_ = ann_id(world)
     world.host_db.q("update core_memberships set role = 'admin' where tenant_id = 'second_shop'")
-    assert ann.post('/tenants', data=dict(company='Third Shop', csrf=token)).status_code == 303   # owns one again
+    assert ann.post('/tenants', data=dict(company='Third Shop', csrf=token)).status_code == 303  # owns one again
     world.host_db.global_users.update(dict(id=ann_id_, is_sys_admin=True))
     assert ann.post('/tenants', data=dict(company='Fourth Shop', csrf=token)).status_code == 303  # no cap for admins
 
@@ -641,7 +687,8 @@ def test_tenant_creation_is_rate_limited_per_user(world, monkeypatch):
     monkeypatch.setattr(TenantPages, 'create_rate', RateLimit(2, 3600))
     ann, eve = world.owner('ann@example.com'), world.owner('eve@example.com', 'Evil Inc')
     token = csrf(ann.get('/tenants').text)
-    for i in range(2): assert ann.post('/tenants', data=dict(company=f'Shop {i}', csrf=token)).status_code == 303
+    for i in range(2):
+        assert ann.post('/tenants', data=dict(company=f'Shop {i}', csrf=token)).status_code == 303
     before = counts(world.host_db)
     r = ann.post('/tenants', data=dict(company='Shop 2', csrf=token))
     assert r.status_code == 429 and 'Try again in' in r.text and int(r.headers['retry-after']) > 0
@@ -670,18 +717,29 @@ def test_public_forms_refuse_posts_started_by_another_site(world):
     "Login CSRF: another site's form must not sign the visitor in (or up) as someone else, nor send reset mail."
     world.signup('ann@example.com')
     before = (world.host_db.global_users.count, len(world.outbox.messages))
-    for headers in ({'Sec-Fetch-Site': 'cross-site'}, {'Sec-Fetch-Site': 'same-site'},
-                    {'Origin': 'https://evil.example'}, {'Origin': 'null'}):
+    for headers in (
+        {'Sec-Fetch-Site': 'cross-site'},
+        {'Sec-Fetch-Site': 'same-site'},
+        {'Origin': 'https://evil.example'},
+        {'Origin': 'null'},
+    ):
         c = world.client()
-        for path, data in [('/login', dict(email='ann@example.com', password=PW)),
-                           ('/signup', dict(email='eve@example.com', password=PW, company='Evil Inc')),
-                           ('/password-reset', dict(email='ann@example.com'))]:
+        for path, data in [
+            ('/login', dict(email='ann@example.com', password=PW)),
+            ('/signup', dict(email='eve@example.com', password=PW, company='Evil Inc')),
+            ('/password-reset', dict(email='ann@example.com')),
+        ]:
             r = c.post(path, data=data, headers=headers)
-            assert (r.status_code == 403 and 'did not come from this site' in r.text
-                    and 'set-cookie' not in r.headers), (path, headers)
+            assert r.status_code == 403 and 'did not come from this site' in r.text and 'set-cookie' not in r.headers, (
+                path,
+                headers,
+            )
     assert (world.host_db.global_users.count, len(world.outbox.messages)) == before
-    for headers in ({'Sec-Fetch-Site': 'same-origin', 'Origin': 'https://app.test'}, {'Origin': 'https://app.test'},
-                    {}):
+    for headers in (
+        {'Sec-Fetch-Site': 'same-origin', 'Origin': 'https://app.test'},
+        {'Origin': 'https://app.test'},
+        {},
+    ):
         r = world.client().post('/login', data=dict(email='ann@example.com', password=PW), headers=headers)
         assert r.status_code == 303 and 'fh_saas_session=' in r.headers['set-cookie'], headers
 
@@ -698,7 +756,10 @@ def test_an_invitation_whose_mail_fails_is_not_kept_and_a_bad_address_stores_not
     token = csrf(ann.get('/team').text)
     r = ann.post('/team/invite', data=dict(email='bob@example.com\r\nBcc: all@example.com', role='member', csrf=token))
     assert r.status_code == 400 and 'not an email address' in r.text
-    def down(to, subject, body, html=None): raise ConnectionRefusedError('SMTP server down')
+
+    def down(to, subject, body, html=None):
+        raise ConnectionRefusedError('SMTP server down')
+
     monkeypatch.setattr(world.outbox, 'send', down)
     r = ann.post('/team/invite', data=dict(email='bob@example.com', role='member', csrf=token))
     assert r.status_code == 503 and 'could not be sent' in r.text
@@ -725,16 +786,19 @@ def test_an_impersonating_admin_cannot_invite_create_tenants_or_change_roles(wor
     ann, bob = logged_in_member(world)
     world.host_db.global_users.insert(dict(id='root', email='root@example.com', is_sys_admin=True))
     cookie = world.sessions.create('root')
-    switch_tenant(world.sessions, start_impersonation(world.sessions, world.sessions.load(cookie), ann_id(world)),
-                  'acme_corp')
+    switch_tenant(
+        world.sessions, start_impersonation(world.sessions, world.sessions.load(cookie), ann_id(world)), 'acme_corp'
+    )
     admin = world.client()
     admin.cookies.set(world.sessions.cookie_name, cookie)
     token, before, sent = csrf(admin.get('/team').text), counts(world.host_db), len(world.outbox.messages)
-    for path, data in [('/team/invite', dict(email='root@example.com', role='admin')),
-                       ('/team/role', dict(user_id=bob_id(world), role='admin')),
-                       ('/team/transfer', dict(user_id=bob_id(world))),
-                       ('/team/delete', dict(name='Acme Corp')),
-                       ('/tenants', dict(company='Backdoor Ltd'))]:
+    for path, data in [
+        ('/team/invite', dict(email='root@example.com', role='admin')),
+        ('/team/role', dict(user_id=bob_id(world), role='admin')),
+        ('/team/transfer', dict(user_id=bob_id(world))),
+        ('/team/delete', dict(name='Acme Corp')),
+        ('/tenants', dict(company='Backdoor Ltd')),
+    ]:
         r = admin.post(path, data=dict(data, csrf=token))
         assert r.status_code == 403 and 'while impersonating' in r.text and 'class="alert bad"' in r.text, path
     assert (counts(world.host_db), len(world.outbox.messages)) == (before, sent)
@@ -748,8 +812,12 @@ FIREFOX = 'Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.
 IPHONE = 'Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Version/17.0 Mobile/15E148 Safari/604.1'
 
 
-def user_id(world, email): return world.host_db.global_users(where="email = :e", where_args=dict(e=email))[0].id
-def events(world, kind): return world.host_db.audit_logs(where="event_type = :t", where_args=dict(t=kind))
+def user_id(world, email):
+    return world.host_db.global_users(where="email = :e", where_args=dict(e=email))[0].id
+
+
+def events(world, kind):
+    return world.host_db.audit_logs(where="event_type = :t", where_args=dict(t=kind))
 
 
 def device(world, email, agent, password=PW) -> TestClient:
@@ -763,8 +831,10 @@ def device(world, email, agent, password=PW) -> TestClient:
 def live_hashes(world, email):
     c = sessions_t.c
     with world.host_db.transaction() as conn:
-        return {r.id_hash for r in conn.execute(sessions_t.select().where(c.user_id == user_id(world, email),
-                                                                          c.revoked_at.is_(None)))}
+        return {
+            r.id_hash
+            for r in conn.execute(sessions_t.select().where(c.user_id == user_id(world, email), c.revoked_at.is_(None)))
+        }
 
 
 def after(client, r):
@@ -778,13 +848,22 @@ def test_the_account_page_has_the_name_and_password_forms_and_the_devices_signed
     device(world, 'ann@example.com', FIREFOX)
     r = ann.get('/account')
     assert r.headers['cache-control'] == 'no-store'
-    for part in ('action="/account/name"', 'value="Someone"', 'maxlength="200"', 'action="/account/password"',
-                 'name="current"', 'autocomplete="current-password"', 'action="/account/sessions/end-others"',
-                 'this device', 'Firefox on Linux', 'testclient'):
+    for part in (
+        'action="/account/name"',
+        'value="Someone"',
+        'maxlength="200"',
+        'action="/account/password"',
+        'name="current"',
+        'autocomplete="current-password"',
+        'action="/account/sessions/end-others"',
+        'this device',
+        'Firefox on Linux',
+        'testclient',
+    ):
         assert part in r.text, part
     assert len(re.findall(r'\d{4}-\d\d-\d\d \d\d:\d\d UTC', r.text)) == 4
-    assert not any(h in r.text for h in live_hashes(world, 'ann@example.com'))   # sessions named by handle only
-    assert ann.get('/account?done=<script>').status_code == 200                   # an unknown code says nothing
+    assert not any(h in r.text for h in live_hashes(world, 'ann@example.com'))  # sessions named by handle only
+    assert ann.get('/account?done=<script>').status_code == 200  # an unknown code says nothing
 
 
 def test_a_name_change_is_trimmed_saved_audited_and_said_after_the_redirect(world):
@@ -800,11 +879,19 @@ def test_a_name_change_is_trimmed_saved_audited_and_said_after_the_redirect(worl
     assert world.host_db.global_users[uid].name == 'n' * 200
 
 
-@pytest.mark.parametrize('form, says', [
-    (dict(), 'Enter your name.'), (dict(name=''), 'Enter your name.'), (dict(name=' \t '), 'Enter your name.'),
-    (dict(name='n' * 201), 'at most 200 characters'), (dict(name='x' * 100_000), 'at most 200 characters'),
-    (dict(name='Ann\x00Smith'), 'control characters'), (dict(name='Ann\r\nBcc: x'), 'control characters'),
-    (dict(name='Ann\x1b[31m'), 'control characters')])
+@pytest.mark.parametrize(
+    'form, says',
+    [
+        (dict(), 'Enter your name.'),
+        (dict(name=''), 'Enter your name.'),
+        (dict(name=' \t '), 'Enter your name.'),
+        (dict(name='n' * 201), 'at most 200 characters'),
+        (dict(name='x' * 100_000), 'at most 200 characters'),
+        (dict(name='Ann\x00Smith'), 'control characters'),
+        (dict(name='Ann\r\nBcc: x'), 'control characters'),
+        (dict(name='Ann\x1b[31m'), 'control characters'),
+    ],
+)
 def test_a_refused_name_says_why_and_changes_nothing(world, form, says):
     ann = world.signup('ann@example.com')
     page = after(ann, ann.post('/account/name', data=dict(form, csrf=csrf(ann.get('/account').text))))
@@ -817,8 +904,12 @@ def test_a_password_change_keeps_this_session_ends_the_others_and_is_audited(wor
     ann = world.signup('ann@example.com')
     phone = device(world, 'ann@example.com', IPHONE)
     new = 'a brand new passphrase'
-    page = after(ann, ann.post('/account/password', data=dict(current=PW, password=new, confirm=new,
-                                                              csrf=csrf(ann.get('/account').text))))
+    page = after(
+        ann,
+        ann.post(
+            '/account/password', data=dict(current=PW, password=new, confirm=new, csrf=csrf(ann.get('/account').text))
+        ),
+    )
     assert 'Your password has been changed. Every other device has been signed out.' in page
     assert 'Safari on iPhone' not in page and 'this device' in page
     assert phone.get('/account').headers['location'].startswith('/login')
@@ -830,18 +921,26 @@ def test_a_password_change_keeps_this_session_ends_the_others_and_is_audited(wor
     assert (log.target_id, log.actor_user_id) == (uid, uid) and new not in log.details and PW not in log.details
 
 
-@pytest.mark.parametrize('form, says', [
-    (dict(current='wrong password', password='a new passphrase', confirm='a new passphrase'),
-     'The current password is wrong.'),
-    (dict(password='a new passphrase', confirm='a new passphrase'), 'The current password is wrong.'),
-    (dict(current=PW + '\x00', password='a new passphrase', confirm='a new passphrase'),
-     'The current password is wrong.'),
-    (dict(current=PW, password='a new passphrase', confirm='a new passphrasE'), 'The two new passwords differ.'),
-    (dict(current=PW, password='a new passphrase'), 'The two new passwords differ.'),
-    (dict(current=PW, password='short', confirm='short'), 'Choose a new password of 8 to 1024 characters.'),
-    (dict(current=PW, password='p' * 1025, confirm='p' * 1025), 'Choose a new password of 8 to 1024 characters.'),
-    (dict(current=PW), 'Choose a new password of 8 to 1024 characters.'),
-    (dict(), 'Choose a new password of 8 to 1024 characters.')])
+@pytest.mark.parametrize(
+    'form, says',
+    [
+        (
+            dict(current='wrong password', password='a new passphrase', confirm='a new passphrase'),
+            'The current password is wrong.',
+        ),
+        (dict(password='a new passphrase', confirm='a new passphrase'), 'The current password is wrong.'),
+        (
+            dict(current=PW + '\x00', password='a new passphrase', confirm='a new passphrase'),
+            'The current password is wrong.',
+        ),
+        (dict(current=PW, password='a new passphrase', confirm='a new passphrasE'), 'The two new passwords differ.'),
+        (dict(current=PW, password='a new passphrase'), 'The two new passwords differ.'),
+        (dict(current=PW, password='short', confirm='short'), 'Choose a new password of 8 to 1024 characters.'),
+        (dict(current=PW, password='p' * 1025, confirm='p' * 1025), 'Choose a new password of 8 to 1024 characters.'),
+        (dict(current=PW), 'Choose a new password of 8 to 1024 characters.'),
+        (dict(), 'Choose a new password of 8 to 1024 characters.'),
+    ],
+)
 def test_a_refused_password_change_says_why_and_changes_nothing(world, form, says):
     ann = world.signup('ann@example.com')
     phone = device(world, 'ann@example.com', IPHONE)
@@ -849,27 +948,42 @@ def test_a_refused_password_change_says_why_and_changes_nothing(world, form, say
     assert says in page and 'class="alert bad"' in page and 'Safari on iPhone' in page
     assert phone.get('/account').status_code == 200
     assert events(world, 'auth.password_changed') == []
-    device(world, 'ann@example.com', FIREFOX)                              # the old password still works
+    device(world, 'ann@example.com', FIREFOX)  # the old password still works
 
 
 def test_guessing_the_current_password_is_throttled_like_a_login(world):
     "A stolen session cannot try passwords without end: after 5 wrong ones even the right one is refused a while."
     ann = world.signup('ann@example.com')
+
     def change(current):
-        return after(ann, ann.post('/account/password', data=dict(current=current, password='a new passphrase',
-                                                                  confirm='a new passphrase',
-                                                                  csrf=csrf(ann.get('/account').text))))
+        return after(
+            ann,
+            ann.post(
+                '/account/password',
+                data=dict(
+                    current=current,
+                    password='a new passphrase',
+                    confirm='a new passphrase',
+                    csrf=csrf(ann.get('/account').text),
+                ),
+            ),
+        )
+
     assert all('The current password is wrong.' in change(f'guess {i}') for i in range(5))
     assert 'Too many wrong passwords.' in change(PW)
     assert events(world, 'auth.password_changed') == []
-    device(world, 'ann@example.com', FIREFOX)                              # the old password still works
+    device(world, 'ann@example.com', FIREFOX)  # the old password still works
 
 
 def test_a_new_password_with_a_nul_byte_is_a_password_like_any_other(world):
     ann = world.signup('ann@example.com')
     new = 'with\x00a nul byte'
-    page = after(ann, ann.post('/account/password', data=dict(current=PW, password=new, confirm=new,
-                                                              csrf=csrf(ann.get('/account').text))))
+    page = after(
+        ann,
+        ann.post(
+            '/account/password', data=dict(current=PW, password=new, confirm=new, csrf=csrf(ann.get('/account').text))
+        ),
+    )
     assert 'Your password has been changed.' in page
     device(world, 'ann@example.com', FIREFOX, new)
 
@@ -888,7 +1002,7 @@ def test_one_device_is_signed_out_and_then_every_other_one(world):
     assert phone_hash not in events(world, 'account.session_ended')[0].details
     page = after(ann, ann.post('/account/sessions/end-others', data=dict(csrf=csrf(page))))
     assert 'Every other device has been signed out.' in page and 'Firefox on Linux' not in page
-    assert 'action="/account/sessions/end-others"' not in page               # nothing left to sign out
+    assert 'action="/account/sessions/end-others"' not in page  # nothing left to sign out
     assert laptop.get('/account').headers['location'].startswith('/login') and ann.get('/account').status_code == 200
     assert [a.details for a in events(world, 'account.other_sessions_ended')] == ['{"ended": 1}']
 
@@ -899,8 +1013,16 @@ def test_signing_out_a_session_that_is_not_ones_own_other_one_is_a_404(world):
     eve_hash = world.sessions.id_hash(eve.cookies.get(world.sessions.cookie_name))
     ann_hash = world.sessions.id_hash(ann.cookies.get(world.sessions.cookie_name))
     token = csrf(ann.get('/account').text)
-    for handle in (session_handle(eve_hash), eve_hash, session_handle(ann_hash), '', 'é' * 32, 'a\x00b', 'h' * 100_000,
-                   None):
+    for handle in (
+        session_handle(eve_hash),
+        eve_hash,
+        session_handle(ann_hash),
+        '',
+        'é' * 32,
+        'a\x00b',
+        'h' * 100_000,
+        None,
+    ):
         r = ann.post('/account/sessions/end', data=dict(csrf=token, **({} if handle is None else dict(handle=handle))))
         assert r.status_code == 404 and 'None of your other devices' in r.text, handle
         assert 'Traceback' not in r.text and eve_hash not in r.text
@@ -908,10 +1030,14 @@ def test_signing_out_a_session_that_is_not_ones_own_other_one_is_a_404(world):
     assert events(world, 'account.session_ended') == []
 
 
-@pytest.mark.parametrize('path, data', [('/account/name', dict(name='Mallory')),
-                                        ('/account/password', dict(current=PW, password='hijacked pw',
-                                                                   confirm='hijacked pw')),
-                                        ('/account/sessions/end-others', dict())])
+@pytest.mark.parametrize(
+    'path, data',
+    [
+        ('/account/name', dict(name='Mallory')),
+        ('/account/password', dict(current=PW, password='hijacked pw', confirm='hijacked pw')),
+        ('/account/sessions/end-others', dict()),
+    ],
+)
 def test_account_changes_without_this_sessions_form_token_are_refused(world, path, data):
     ann = world.signup('ann@example.com')
     phone = device(world, 'ann@example.com', IPHONE)
@@ -946,11 +1072,11 @@ def test_a_tenant_is_renamed_by_its_admins_and_left_by_anyone_but_its_only_owner
     r = ann.post('/team/leave', data=dict(csrf=csrf(page)))
     assert (r.status_code, r.headers['location']) == (303, '/team?done=last_owner')
     assert 'make someone else owner before you leave' in ann.get('/team?done=last_owner').text
-    assert ann.post('/team/leave').status_code == 403                   # no form token: nothing happens
+    assert ann.post('/team/leave').status_code == 403  # no form token: nothing happens
     r = bob.post('/team/leave', data=dict(csrf=csrf(member_page)))
     assert (r.status_code, r.headers['location']) == (303, '/tenants?done=left')
     assert 'You have left the tenant' in bob.get('/tenants?done=left').text
-    assert bob.get('/team').status_code == 303                          # no longer a member of Acme
+    assert bob.get('/team').status_code == 303  # no longer a member of Acme
     assert [m['email'] for m in tenant_members(world.host_db, 'acme_corp')] == ['ann@example.com']
 
 
@@ -962,47 +1088,50 @@ def test_members_of_a_suspended_tenant_are_told_why_it_is_gone_and_whom_to_ask(w
     suspend_tenant(world.host_db, 'acme_corp')
     assert bob.get('/').headers['location'] == '/tenants'
     page = bob.get('/tenants').text
-    card = page[page.index('Suspended'):]
+    card = page[page.index('Suspended') :]
     assert 'Acme Corp' in card and '(your current tenant)' in card and 'ann@example.com' in card
-    assert 'action="/tenants/switch"' in page and 'Bob Co' in page      # his own tenant is still there to switch to
+    assert 'action="/tenants/switch"' in page and 'Bob Co' in page  # his own tenant is still there to switch to
 
 
 def test_the_top_bar_switches_between_a_users_tenants(world):
     ann = world.owner('ann@example.com', 'Acme Corp')
     bob = world.owner('bob@example.com', 'Bob Co')
-    bob.post(invite(world, ann, 'bob@example.com') + '/accept')      # now in Acme
+    bob.post(invite(world, ann, 'bob@example.com') + '/accept')  # now in Acme
     page = bob.get('/tenants').text
     assert 'title="Switch tenant"' in page and 'hx-get="/tenants/menu"' in page
     menu = bob.get('/tenants/menu', headers={'HX-Request': 'true'}).text
-    assert '<html' not in menu and 'Bob Co' in menu and 'Acme Corp' not in menu    # the others, not the current one
+    assert '<html' not in menu and 'Bob Co' in menu and 'Acme Corp' not in menu  # the others, not the current one
     r = bob.post('/tenants/switch', data=dict(tenant_id='bob_co', csrf=csrf(menu)))
     assert r.status_code == 303 and bob.get('/').text == 'home of bob_co for bob@example.com as owner'
     assert 'Acme Corp' in bob.get('/tenants/menu', headers={'HX-Request': 'true'}).text
-    assert world.client().get('/tenants/menu').status_code == 303                     # signed out: to the login page
+    assert world.client().get('/tenants/menu').status_code == 303  # signed out: to the login page
 
 
 def test_an_email_change_takes_effect_only_from_the_new_address_and_the_old_one_is_told(world):
     ann = world.owner('ann@example.com', 'Acme Corp')
     world.signup('bob@example.com', 'Bob Co')
     page = ann.get('/account').text
-    def change(**form): return ann.post('/account/email', data=dict(csrf=csrf(page), **form)).headers['location']
+
+    def change(**form):
+        return ann.post('/account/email', data=dict(csrf=csrf(page), **form)).headers['location']
+
     assert change(email='ann@new.example', password='wrong password') == '/account?done=email_password_wrong'
     assert change(email='not an address', password=PW) == '/account?done=email_invalid'
     assert change(email='ANN@example.com', password=PW) == '/account?done=email_same'
     assert change(email='Bob@Example.com', password=PW) == '/account?done=email_taken'
     assert change(email=' Ann@New.Example ', password=PW) == '/account?done=email_change_sent'
     assert 'We sent a link to the new address' in ann.get('/account?done=email_change_sent').text
-    assert world.host_db.global_users(where="email = 'ann@example.com'")            # unchanged until the link
+    assert world.host_db.global_users(where="email = 'ann@example.com'")  # unchanged until the link
     assert 'ann@new.example' in world.outbox.last_text('ann@example.com')
     link = world.link('ann@new.example')
     assert link.startswith('/verify-email/new-address/')
-    r = world.client().get(link)                                                   # opened anywhere, signed in or not
+    r = world.client().get(link)  # opened anywhere, signed in or not
     assert r.status_code == 200 and 'Your account now uses this address' in r.text
     user = world.host_db.global_users(where="email = 'ann@new.example'")[0]
     assert user.email_verified_at and world.client().get(link).status_code == 400  # single use
     r = world.client().post('/login', data=dict(email='ann@new.example', password=PW))
     assert r.status_code == 303 and r.headers['location'] != '/login'
-    assert ann.post('/account/email', data=dict(email='x@y.example', password=PW)).status_code == 403   # no token
+    assert ann.post('/account/email', data=dict(email='x@y.example', password=PW)).status_code == 403  # no token
 
 
 def test_an_email_change_whose_address_was_taken_meanwhile_changes_nothing(world):
@@ -1010,7 +1139,7 @@ def test_an_email_change_whose_address_was_taken_meanwhile_changes_nothing(world
     page = ann.get('/account').text
     ann.post('/account/email', data=dict(csrf=csrf(page), email='shared@example.com', password=PW))
     link = world.link('shared@example.com')
-    world.signup('shared@example.com', 'Other Co')                                  # someone signs up with it first
+    world.signup('shared@example.com', 'Other Co')  # someone signs up with it first
     r = world.client().get(link)
     assert r.status_code == 409 and 'Another account took that address' in r.text
     assert world.host_db.global_users(where="email = 'ann@example.com'")
@@ -1038,10 +1167,11 @@ def test_the_only_owner_is_told_the_way_out_and_a_deleted_account_is_anonymised_
     assert 'You are the only owner' not in ann.get('/account').text
     assert delete_me(ann, password=PW, email='bob@example.com') == '/account?done=delete_email'
     assert delete_me(ann, password='wrong password', email='ann@example.com') == '/account?done=delete_password_wrong'
-    assert ann.post('/account/delete', data=mine).status_code == 403                        # no form token
+    assert ann.post('/account/delete', data=mine).status_code == 403  # no form token
     assert world.host_db.global_users[uid].is_active and verify_api_key(world.host_db, key) is not None
-    r = ann.post('/account/delete', data=dict(csrf=csrf(ann.get('/account').text), password=PW,
-                                              email=' Ann@Example.com'))
+    r = ann.post(
+        '/account/delete', data=dict(csrf=csrf(ann.get('/account').text), password=PW, email=' Ann@Example.com')
+    )
     assert (r.status_code, r.headers['location']) == (303, '/login?done=account_deleted')
     cleared = r.headers['set-cookie'].lower()
     assert cleared.startswith(world.sessions.cookie_name.lower() + '=') and 'max-age=0' in cleared
@@ -1050,14 +1180,15 @@ def test_the_only_owner_is_told_the_way_out_and_a_deleted_account_is_anonymised_
     assert (gone.email, gone.name, gone.password_hash, gone.is_active) == (f'deleted-{uid}@invalid', None, None, False)
     assert not any(m.is_active for m in world.host_db.memberships() if m.user_id == uid)
     assert verify_api_key(world.host_db, key) is None
-    assert world.host_db.q("select email from auth_invitations where invited_by = :u and accepted_at is null",
-                           u=uid) == []                                                 # cy's was cancelled
+    assert (
+        world.host_db.q("select email from auth_invitations where invited_by = :u and accepted_at is null", u=uid) == []
+    )  # cy's was cancelled
     assert [e.actor_user_id for e in events(world, 'account.deleted')] == [uid]
     assert 'have been deleted' in world.outbox.last_text('ann@example.com')
-    assert ann.get('/account').status_code == 303                                           # every session ended
+    assert ann.get('/account').status_code == 303  # every session ended
     assert world.client().post('/login', data=dict(email='ann@example.com', password=PW)).status_code == 401
     assert [m['user_id'] for m in tenant_members(world.host_db, 'acme_corp')] == [bob_id(world)]
-    world.signup('ann@example.com', 'Ann Again')                                            # the address is free
+    world.signup('ann@example.com', 'Ann Again')  # the address is free
 
 
 def test_with_two_factor_sign_in_deleting_the_account_takes_a_code_and_never_an_impersonator(world):
@@ -1078,4 +1209,4 @@ def test_with_two_factor_sign_in_deleting_the_account_takes_a_code_and_never_an_
     assert not world.host_db.global_users[uid].is_active
     with world.host_db.transaction() as conn:
         assert conn.execute(two_factor_t.select().where(two_factor_t.c.user_id == uid)).first() is None
-    assert ann.get('/').text.endswith('as owner')                                           # the tenant goes on
+    assert ann.get('/').text.endswith('as owner')  # the tenant goes on

@@ -1,5 +1,6 @@
 """A table's first use reflects it once, on the scope's connection: no second connection, no lock wait, no
 half-reflected table."""
+
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ def first_touch_in_a_transaction(tdb, body):
     "Use `notes` for the first time inside a scope; the tenant's pool must never lend a second connection."
     with tdb.transaction():
         tdb['notes'].insert(dict(body=body))
-        assert 'notes' in tdb.table_names()   # listed in the same scope (other tables depend on the shared template)
+        assert 'notes' in tdb.table_names()  # listed in the same scope (other tables depend on the shared template)
         assert tdb._engine.pool.checkedout() == 1
     assert tdb._engine.pool.checkedout() == 0
 
@@ -24,11 +25,12 @@ def test_sqlite_first_touch_inside_a_transaction_takes_no_second_connection(sqli
     r = TenantRouter(sqlite_tenant_host, budget=2, pool_size=2)
     try:
         first_touch_in_a_transaction(r.tenant_db('acme'), 'before eviction')
-        r.forget('acme')   # a new entry with an empty table cache reflects again
+        r.forget('acme')  # a new entry with an empty table cache reflects again
         tdb = r.tenant_db('acme')
         first_touch_in_a_transaction(tdb, 'after eviction')
         assert [n['body'] for n in tdb['notes']()] == ['before eviction', 'after eviction']
-    finally: r.close()
+    finally:
+        r.close()
 
 
 @pytest.mark.postgres
@@ -41,9 +43,10 @@ def test_postgres_first_touch_needs_only_the_one_routed_connection(pg_tenant_hos
         first_touch_in_a_transaction(tdb, 'in a transaction')
         r.forget(tid)
         tdb = r.tenant_db(tid)
-        assert [n['body'] for n in tdb['notes']()] == ['in a transaction']   # outside a scope: reflects in a routed one
+        assert [n['body'] for n in tdb['notes']()] == ['in a transaction']  # outside a scope: reflects in a routed one
         assert tdb._engine.pool.checkedout() == 0
-    finally: r.close()
+    finally:
+        r.close()
 
 
 WIDE = {name: [f'{name}_c{i}' for i in range(24)] for name in ('projects', 'tasks', 'labels')}
@@ -54,8 +57,9 @@ def add_wide_tables(router, tid):
     yet)."""
     with router.connect(tid) as c:
         for name, cols in WIDE.items():
-            c.exec_driver_sql(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, "
-                              f"{', '.join(f'{col} TEXT' for col in cols)})")
+            c.exec_driver_sql(
+                f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {', '.join(f'{col} TEXT' for col in cols)})"
+            )
             c.exec_driver_sql(f"INSERT INTO {name} VALUES (1, {', '.join(repr(col) for col in cols)})")
 
 
@@ -68,14 +72,16 @@ def unversioned(engine) -> int:
 def first_touch_race(router, tid, race, rounds=8, threads=16):
     "Threads released at one barrier read the tables of a freshly routed tenant; again after each eviction."
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)   # threads take turns every few bytecodes, so a reflection is interrupted midway
-    try: _first_touch_rounds(router, tid, race, rounds, threads)
-    finally: sys.setswitchinterval(switch)
+    sys.setswitchinterval(1e-6)  # threads take turns every few bytecodes, so a reflection is interrupted midway
+    try:
+        _first_touch_rounds(router, tid, race, rounds, threads)
+    finally:
+        sys.setswitchinterval(switch)
 
 
 def _first_touch_rounds(router, tid, race, rounds, threads):
     for _ in range(rounds):
-        router.forget(tid)   # a new entry: its database object has reflected nothing
+        router.forget(tid)  # a new entry: its database object has reflected nothing
         tdb = router.tenant_db(tid)
         reads = [lambda name=name, tdb=tdb: tdb[name]() for name in list(WIDE) * (threads // len(WIDE) + 1)][:threads]
         outcomes = race(reads, catch=Exception)
@@ -92,7 +98,8 @@ def test_sqlite_threads_first_touching_one_table_all_see_every_column(sqlite_ten
     try:
         add_wide_tables(r, 'acme')
         first_touch_race(r, 'acme', race)
-    finally: r.close()
+    finally:
+        r.close()
 
 
 @pytest.mark.postgres
@@ -103,4 +110,5 @@ def test_postgres_threads_first_touching_one_table_all_see_every_column(pg_tenan
     try:
         add_wide_tables(r, tid)
         first_touch_race(r, tid, race)
-    finally: r.close()
+    finally:
+        r.close()

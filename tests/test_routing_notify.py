@@ -1,4 +1,5 @@
 "Routing changes reach routers in other processes through PostgreSQL LISTEN/NOTIFY, with the TTL as the safety net."
+
 import logging, os, select, subprocess, threading
 from contextlib import closing
 
@@ -6,13 +7,22 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 
-from fh_saas.db_tenant import ROUTING_CHANNEL, TenantUnavailable, deprovision_tenant, provision_tenant, resume_tenant, \
-    rotate_secret_key, suspend_tenant, tenant_row, tenants_t
+from fh_saas.db_tenant import (
+    ROUTING_CHANNEL,
+    TenantUnavailable,
+    deprovision_tenant,
+    provision_tenant,
+    resume_tenant,
+    rotate_secret_key,
+    suspend_tenant,
+    tenant_row,
+    tenants_t,
+)
 from fh_saas.db_host import HostDatabase
 from fh_saas.tenant_router import LISTENER_NAME, TenantRouter, _listeners
 from pgserver import start_cluster, wait_for
-from tenant_helpers import (clean_up, listening, new_id, pg_tenant_host, prepare, register, run_elsewhere,  # noqa: F401
-                            secret_key, sqlite_tenant_host)
+from tenant_helpers import clean_up, listening, new_id, prepare, register, run_elsewhere
+from tenant_helpers import pg_tenant_host, secret_key, sqlite_tenant_host  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -30,22 +40,30 @@ def router(pg_tenant_host):
 
 def elsewhere(pg_url, action: str, tid: str):
     "Run `db_tenant.<action>(host, tid)` in another process."
-    run_elsewhere("from fh_saas.db_host import HostDatabase; from fh_saas import db_tenant; "
-                  f"h = HostDatabase({pg_url!r}); db_tenant.{action}(h, {tid!r}); h.close()")
+    run_elsewhere(
+        "from fh_saas.db_host import HostDatabase; from fh_saas import db_tenant; "
+        f"h = HostDatabase({pg_url!r}); db_tenant.{action}(h, {tid!r}); h.close()"
+    )
 
 
 def refused(router, tid) -> bool:
     try:
-        with router.connect(tid): return False
-    except TenantUnavailable: return True
+        with router.connect(tid):
+            return False
+    except TenantUnavailable:
+        return True
 
 
 def listener_backends(pg_server, pg_url) -> list[int]:
     "Pids of the listener connections on the host database."
     with pg_server.engine.connect() as c:
-        return [r[0] for r in c.exec_driver_sql("SELECT pid FROM pg_stat_activity"
-                                                " WHERE application_name = %s AND datname = %s",
-                                                (LISTENER_NAME, sa.make_url(pg_url).database))]
+        return [
+            r[0]
+            for r in c.exec_driver_sql(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
+                (LISTENER_NAME, sa.make_url(pg_url).database),
+            )
+        ]
 
 
 def listener_threads() -> list[threading.Thread]:
@@ -56,32 +74,42 @@ def listener_threads() -> list[threading.Thread]:
 def test_a_change_committed_in_another_process_stops_routing_at_once(pg_url, tenants, router):
     tid = tenants[0]
     listening(router)
-    with router.connect(tid): pass
+    with router.connect(tid):
+        pass
     elsewhere(pg_url, 'suspend_tenant', tid)
     assert wait_for(lambda: refused(router, tid), timeout=2)
     elsewhere(pg_url, 'resume_tenant', tid)
-    with router.connect(tid) as c: assert c.exec_driver_sql("SELECT current_user").scalar() == f'tenant_{tid}'
+    with router.connect(tid) as c:
+        assert c.exec_driver_sql("SELECT current_user").scalar() == f'tenant_{tid}'
 
 
 class Notifications:
     "A connection of the test's own listening on the routing channel."
+
     def __init__(self, url):
-        self.conn = psycopg2.connect(sa.make_url(url).set(drivername='postgresql')
-                                     .render_as_string(hide_password=False))
+        self.conn = psycopg2.connect(
+            sa.make_url(url).set(drivername='postgresql').render_as_string(hide_password=False)
+        )
         self.conn.autocommit = True
-        with self.conn.cursor() as cur: cur.execute(f'LISTEN {ROUTING_CHANNEL}')
+        with self.conn.cursor() as cur:
+            cur.execute(f'LISTEN {ROUTING_CHANNEL}')
         self.heard = []
 
     def until(self, payload) -> list[str]:
         "Every payload heard up to and including `payload` (notifications arrive in commit order)."
+
         def arrived():
-            if select.select([self.conn], [], [], 0.05)[0]: self.conn.poll()
-            while self.conn.notifies: self.heard.append(self.conn.notifies.pop(0).payload)
+            if select.select([self.conn], [], [], 0.05)[0]:
+                self.conn.poll()
+            while self.conn.notifies:
+                self.heard.append(self.conn.notifies.pop(0).payload)
             return payload in self.heard
+
         assert wait_for(arrived, timeout=5)
         return self.heard
 
-    def close(self): self.conn.close()
+    def close(self):
+        self.conn.close()
 
 
 @pytest.mark.postgres
@@ -115,15 +143,18 @@ def test_every_routing_version_bump_notifies_once(pg_tenant_host, pg_url, tenant
 def test_the_listener_reconnects_after_its_connection_is_killed(pg_server, pg_url, tenants, router, caplog):
     listener = listening(router)
     [pid] = listener_backends(pg_server, pg_url)
-    with router.connect(tenants[1]): pass
+    with router.connect(tenants[1]):
+        pass
     with caplog.at_level(logging.WARNING, logger='fh_saas.tenant_router'):
-        with pg_server.engine.connect() as c: c.exec_driver_sql("SELECT pg_terminate_backend(%s)", (pid,))
+        with pg_server.engine.connect() as c:
+            c.exec_driver_sql("SELECT pg_terminate_backend(%s)", (pid,))
         assert wait_for(lambda: listener.listens == 2)
     assert 'reconnecting' in caplog.text and pg_server.admin_url.password not in caplog.text
     assert len(backends := listener_backends(pg_server, pg_url)) == 1 and backends != [pid]
     assert router.cached == []  # what changed while nobody listened is unknown: everything was forgotten
     tid = tenants[0]
-    with router.connect(tid): pass
+    with router.connect(tid):
+        pass
     elsewhere(pg_url, 'suspend_tenant', tid)
     assert wait_for(lambda: refused(router, tid), timeout=2)
     assert listener_threads() == [listener.thread]
@@ -140,22 +171,39 @@ def test_the_listener_comes_back_after_a_server_restart(caplog):
             tid = provision_tenant(host_db, new_id(), prepare=prepare).id
             router = TenantRouter(host_db, ttl=60)
             listener = listening(router)
-            with server.engine.connect() as c: data = c.exec_driver_sql('SHOW data_directory').scalar()
+            with server.engine.connect() as c:
+                data = c.exec_driver_sql('SHOW data_directory').scalar()
             server.engine.dispose()
-            cmd = ['pg_ctl', '-D', data, '-l', os.path.join(os.path.dirname(data), 'log'), '-m', 'fast', '-w',
-                   'restart']
+            cmd = [
+                'pg_ctl',
+                '-D',
+                data,
+                '-l',
+                os.path.join(os.path.dirname(data), 'log'),
+                '-m',
+                'fast',
+                '-w',
+                'restart',
+            ]
             with caplog.at_level(logging.WARNING, logger='fh_saas.tenant_router'):
-                subprocess.run(['runuser', '-u', 'postgres', '--', *cmd] if os.geteuid() == 0 else cmd, check=True,
-                               capture_output=True, timeout=60)
+                subprocess.run(
+                    ['runuser', '-u', 'postgres', '--', *cmd] if os.geteuid() == 0 else cmd,
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
                 assert wait_for(lambda: listener.listens == 2)
             assert 'reconnecting' in caplog.text and listener_threads() == [listener.thread]
-            with router.connect(tid): pass
+            with router.connect(tid):
+                pass
             elsewhere(url, 'suspend_tenant', tid)
             assert wait_for(lambda: refused(router, tid), timeout=2)
             router.close()
             assert listener_threads() == []
-        finally: clean_up(host_db)
-    finally: server.stop()
+        finally:
+            clean_up(host_db)
+    finally:
+        server.stop()
 
 
 @pytest.mark.postgres
@@ -186,20 +234,25 @@ def test_a_missed_notification_is_caught_by_the_ttl(pg_tenant_host, pg_server, p
     tid, r = tenants[0], TenantRouter(pg_tenant_host, ttl=0.3)
     try:
         listening(r)
-        with r.connect(tid): pass
+        with r.connect(tid):
+            pass
         t = tenants_t
         # no pg_notify
         with sa.create_engine(pg_server.url(sa.make_url(pg_url).database), poolclass=sa.pool.NullPool).begin() as c:
-            c.execute(t.update().where(t.c.id == tid).values(status='suspended',
-                                                             routing_version=t.c.routing_version + 1))
+            c.execute(
+                t.update().where(t.c.id == tid).values(status='suspended', routing_version=t.c.routing_version + 1)
+            )
         assert wait_for(lambda: refused(r, tid), timeout=5)
-    finally: r.close()
+    finally:
+        r.close()
 
 
 def test_a_sqlite_host_has_no_listener(sqlite_tenant_host):
     r = TenantRouter(sqlite_tenant_host)
-    try: assert _listeners == {} and listener_threads() == []
-    finally: r.close()
+    try:
+        assert _listeners == {} and listener_threads() == []
+    finally:
+        r.close()
 
 
 @pytest.mark.postgres
@@ -208,10 +261,14 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_listener_alone(pg_ur
     tid, listener = tenants[0], listening(router)
     before = listener.listens
     if (pid := os.fork()) == 0:
-        try: router.close(); router.host_db.engine.dispose(close=False)
-        finally: os._exit(0)
+        try:
+            router.close()
+            router.host_db.engine.dispose(close=False)
+        finally:
+            os._exit(0)
     assert os.waitpid(pid, 0)[1] == 0
-    with router.connect(tid): pass
+    with router.connect(tid):
+        pass
     elsewhere(pg_url, 'suspend_tenant', tid)
     assert wait_for(lambda: refused(router, tid), timeout=2)
     assert listener.thread.is_alive() and listener.listens == before and len(listener_threads()) == 1

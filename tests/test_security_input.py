@@ -2,6 +2,7 @@
 byte bites): a NUL byte, invalid UTF-8 or an overlong value is a 400 with a message on every route and form, never a
 500; a body is bounded while it is read; a long User-Agent is kept truncated; every response carries the security
 headers and the canonical link ignores the Host header; a guessable master key is refused at start-up."""
+
 import inspect, re, socket
 from functools import partial
 from urllib.parse import quote, urlencode
@@ -31,10 +32,10 @@ from stripe_helpers import ServedApp
 FAST = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 SECRET = 'security-input-secret-' + '0123456789abcdef' * 2
 PW = 'correct horse battery'
-LONG_AGENT = 'Mozilla/5.0 (X11; Linux x86_64) ' * 20          # 640 characters
+LONG_AGENT = 'Mozilla/5.0 (X11; Linux x86_64) ' * 20  # 640 characters
 BAD = {'a NUL byte': b'ann\x00', 'invalid UTF-8': b'\xff\xfe', 'an overlong value': b'x' * (DEFAULT_MAX_FIELD + 1)}
 REFUSED = ('Remove it and try again.', 'is too long')
-GENERIC_FIELDS = ('name', 'email')                             # for routes that are not one of the kit's pages
+GENERIC_FIELDS = ('name', 'email')  # for routes that are not one of the kit's pages
 
 
 @pytest.fixture
@@ -42,20 +43,29 @@ def site(pg_host_db, tmp_path, monkeypatch):
     "The kit on a FastHTML app, host on PostgreSQL, tenants in SQLite files; root is a system admin owning acme."
     monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
     app = FastHTML(default_hdrs=False, secret_key=SECRET)
-    saas = setup_saas(app, pg_host_db, sessions=SessionManager(pg_host_db, SECRET), mailer=MemoryOutbox(),
-                      webhook_secrets=['whsec_security_input'], base_url='https://app.test',
-                      pages=dict(auth=partial(AuthPages, hasher=FAST), account=partial(AccountPages, hasher=FAST)))
+    saas = setup_saas(
+        app,
+        pg_host_db,
+        sessions=SessionManager(pg_host_db, SECRET),
+        mailer=MemoryOutbox(),
+        webhook_secrets=['whsec_security_input'],
+        base_url='https://app.test',
+        pages=dict(auth=partial(AuthPages, hasher=FAST), account=partial(AccountPages, hasher=FAST)),
+    )
 
     @app.get('/')
-    def home(auth): return f'home of {auth.tenant_id}'
+    def home(auth):
+        return f'home of {auth.tenant_id}'
 
-    pg_host_db.global_users.insert(GlobalUser(id='root', email='root@example.com', is_sys_admin=True,
-                                              password_hash=hash_password(PW, FAST)))
+    pg_host_db.global_users.insert(
+        GlobalUser(id='root', email='root@example.com', is_sys_admin=True, password_hash=hash_password(PW, FAST))
+    )
     provision_tenant(pg_host_db, 'acme', 'Acme')
     pg_host_db.memberships.insert(Membership(user_id='root', tenant_id='acme', role='owner'))
     seed_plans(pg_host_db, [dict(id='pro', name='Pro', features=['api'])])
-    pg_host_db.subscriptions.insert(Subscription(tenant_id='acme', status='active', plan_tier='pro',
-                                                 payment_type='subscription'))
+    pg_host_db.subscriptions.insert(
+        Subscription(tenant_id='acme', status='active', plan_tier='pro', payment_type='subscription')
+    )
     yield saas, app
     saas.router.close()
 
@@ -74,9 +84,14 @@ def routes(app) -> list[tuple[str, str, tuple]]:
     for group in app.state.pages.values():
         for name, (path, methods, _) in handlers(type(group)).items():
             params = inspect.signature(getattr(group, name)).parameters
-            for m in methods: fields[path, m.upper()] = tuple(p for p in params if p not in ('req', 'auth'))
-    return [(r.path, m, fields.get((r.path, m)) or GENERIC_FIELDS) for r in app.routes if isinstance(r, Route)
-            for m in sorted(set(r.methods or ['GET']) - {'HEAD'})]
+            for m in methods:
+                fields[path, m.upper()] = tuple(p for p in params if p not in ('req', 'auth'))
+    return [
+        (r.path, m, fields.get((r.path, m)) or GENERIC_FIELDS)
+        for r in app.routes
+        if isinstance(r, Route)
+        for m in sorted(set(r.methods or ['GET']) - {'HEAD'})
+    ]
 
 
 def fill(path: str, value: bytes) -> str:
@@ -84,7 +99,8 @@ def fill(path: str, value: bytes) -> str:
     return re.sub(r'\{\w+(:\w+)?\}', quote(value, safe=''), path)
 
 
-def is_exempt(path): return path in ('/stripe/webhook',)      # reads and bounds its own body
+def is_exempt(path):
+    return path in ('/stripe/webhook',)  # reads and bounds its own body
 
 
 @pytest.mark.postgres
@@ -92,21 +108,36 @@ def test_every_route_and_form_refuses_bad_values_with_a_message(site):
     "In a path id, the query, a URL-encoded and a multipart form field: 400 with a message, on every route."
     saas, app = site
     found = routes(app)
-    assert {('/login', 'POST'), ('/signup', 'POST'), ('/tenants', 'POST'), ('/api-keys', 'POST'),
-            ('/admin/tenants/{tenant_id}/{action}', 'POST')} <= {(p, m) for p, m, _ in found}
+    assert {
+        ('/login', 'POST'),
+        ('/signup', 'POST'),
+        ('/tenants', 'POST'),
+        ('/api-keys', 'POST'),
+        ('/admin/tenants/{tenant_id}/{action}', 'POST'),
+    } <= {(p, m) for p, m, _ in found}
     checked = 0
     for path, method, names in found:
         for what, bad in BAD.items():
             cli, token = signed_in(saas, app)
             good = path.replace('{', '').replace('}', '')
-            tries = [('path id', cli.request(method, fill(path, bad))) if '{' in path else None,
-                     ('query', cli.request(method, f'{good}?{urlencode({n: bad for n in names})}'))]
+            tries = [
+                ('path id', cli.request(method, fill(path, bad))) if '{' in path else None,
+                ('query', cli.request(method, f'{good}?{urlencode({n: bad for n in names})}')),
+            ]
             if method != 'GET':
                 form = urlencode({'csrf': token, **{n: bad for n in names}})
-                tries += [('form', cli.request(method, good, content=form,
-                                               headers={'content-type': 'application/x-www-form-urlencoded'})),
-                          ('multipart', cli.request(method, good, files={n: (None, bad) for n in names},
-                                                    data={'csrf': token}))]
+                tries += [
+                    (
+                        'form',
+                        cli.request(
+                            method, good, content=form, headers={'content-type': 'application/x-www-form-urlencoded'}
+                        ),
+                    ),
+                    (
+                        'multipart',
+                        cli.request(method, good, files={n: (None, bad) for n in names}, data={'csrf': token}),
+                    ),
+                ]
             for where, r in filter(None, tries):
                 checked += 1
                 if is_exempt(path) and where in ('form', 'multipart'):
@@ -124,11 +155,15 @@ def test_values_at_the_limit_reach_the_handlers_and_never_make_a_500(site):
     for path, method, names in routes(app):
         for anonymous in (False, True):
             cli, token = signed_in(saas, app)
-            if anonymous: cli.cookies.clear()
+            if anonymous:
+                cli.cookies.clear()
             url = fill(path, longest.encode())
-            r = (cli.get(f'{url}?{urlencode({n: longest for n in names})}') if method == 'GET' else
-                 cli.request(method, url, data={'csrf': token, **{n: longest for n in names}}))
-            assert r.status_code != 500, (path, method, anonymous, r.text[:300])   # 503: Stripe is not set up
+            r = (
+                cli.get(f'{url}?{urlencode({n: longest for n in names})}')
+                if method == 'GET'
+                else cli.request(method, url, data={'csrf': token, **{n: longest for n in names}})
+            )
+            assert r.status_code != 500, (path, method, anonymous, r.text[:300])  # 503: Stripe is not set up
 
 
 @pytest.mark.postgres
@@ -141,13 +176,17 @@ def test_a_long_user_agent_is_stored_truncated_and_failed_logins_are_audited(sit
     r = cli.post('/login', data=dict(email='root@example.com', password=PW))
     assert r.status_code == 303
     db = saas.host_db
-    logs = db.q("select event_type, user_agent from sys_audit_logs where event_type like 'auth.login%' "
-                "order by created_at")
-    assert [(x['event_type'], x['user_agent']) for x in logs] == [('auth.login_failed', LONG_AGENT[:512]),
-                                                                  ('auth.login', LONG_AGENT[:512])]
+    logs = db.q(
+        "select event_type, user_agent from sys_audit_logs where event_type like 'auth.login%' order by created_at"
+    )
+    assert [(x['event_type'], x['user_agent']) for x in logs] == [
+        ('auth.login_failed', LONG_AGENT[:512]),
+        ('auth.login', LONG_AGENT[:512]),
+    ]
     with db.transaction() as conn:
         assert [a for (a,) in conn.execute(sessions_t.select().with_only_columns(sessions_t.c.user_agent))] == [
-            LONG_AGENT[:512]]
+            LONG_AGENT[:512]
+        ]
     assert cli.get('/account').status_code == 200
 
 
@@ -159,20 +198,39 @@ def test_a_body_over_the_limit_is_refused_while_it_is_read(site):
     form = {'content-type': 'application/x-www-form-urlencoded'}
     r = cli.post('/login', content=b'email=a&password=' + b'x' * (64 * 1024), headers=form)
     assert (r.status_code, r.text) == (413, 'The request is too large.')
-    pulled, sent = [], []                                       # the app as the server calls it: 64 KiB pieces
+    pulled, sent = [], []  # the app as the server calls it: 64 KiB pieces
+
     async def receive():
         pulled.append(1)
-        return dict(type='http.request', body=b'x' * 65536, more_body=len(pulled) < 30 * 16)   # 30 MiB in all
-    async def send(message): sent.append(message)
-    scope = dict(type='http', asgi=dict(version='3.0'), http_version='1.1', method='POST', scheme='https',
-                 path='/signup', raw_path=b'/signup', query_string=b'', root_path='', client=('127.0.0.1', 1),
-                 server=('app.test', 443), headers=[(b'host', b'app.test'), (b'transfer-encoding', b'chunked'),
-                                                    (b'content-type', b'application/x-www-form-urlencoded')])
+        return dict(type='http.request', body=b'x' * 65536, more_body=len(pulled) < 30 * 16)  # 30 MiB in all
+
+    async def send(message):
+        sent.append(message)
+
+    scope = dict(
+        type='http',
+        asgi=dict(version='3.0'),
+        http_version='1.1',
+        method='POST',
+        scheme='https',
+        path='/signup',
+        raw_path=b'/signup',
+        query_string=b'',
+        root_path='',
+        client=('127.0.0.1', 1),
+        server=('app.test', 443),
+        headers=[
+            (b'host', b'app.test'),
+            (b'transfer-encoding', b'chunked'),
+            (b'content-type', b'application/x-www-form-urlencoded'),
+        ],
+    )
     anyio.run(app, scope, receive, send)
     assert sent[0]['status'] == 413 and b''.join(m.get('body', b'') for m in sent[1:]) == b'The request is too large.'
     assert len(pulled) == 2, f"read {len(pulled)} pieces of 64 KiB before refusing"
-    r = cli.post('/api/anything', content=b'{"a": "' + b'x' * 70000 + b'"}',
-                 headers={'content-type': 'application/json'})
+    r = cli.post(
+        '/api/anything', content=b'{"a": "' + b'x' * 70000 + b'"}', headers={'content-type': 'application/json'}
+    )
     assert r.status_code == 413 and r.json()['error']['code'] == 'too_large'
 
 
@@ -187,7 +245,7 @@ def test_a_malformed_multipart_form_is_a_400_with_a_message(site):
 
 def first_answer(port: int, head: bytes, start: bytes) -> bytes:
     "The server's first bytes in answer to `head` and the `start` of a body the client never finishes."
-    with socket.create_connection(('127.0.0.1', port), timeout=60) as s:   # the timeout only ends a hung server
+    with socket.create_connection(('127.0.0.1', port), timeout=60) as s:  # the timeout only ends a hung server
         s.sendall(head + start)
         return s.recv(200)
 
@@ -210,17 +268,19 @@ def test_the_body_limit_is_the_apps_to_set(pg_host_db, tmp_path, monkeypatch):
     monkeypatch.setenv('FH_SAAS_TENANT_DIR', str(tmp_path / 'tenants'))
     kw = dict(sessions=SessionManager(pg_host_db, SECRET), mailer=MemoryOutbox(), webhook_secrets=[])
     monkeypatch.setenv('FH_SAAS_MAX_BODY', 'lots')
-    with pytest.raises(SaasConfigError, match='FH_SAAS_MAX_BODY'): setup_saas(FastHTML(), pg_host_db, **kw)
+    with pytest.raises(SaasConfigError, match='FH_SAAS_MAX_BODY'):
+        setup_saas(FastHTML(), pg_host_db, **kw)
     monkeypatch.setenv('FH_SAAS_MAX_BODY', str(256 * 1024))
     app = FastHTML(default_hdrs=False)
     saas = setup_saas(app, pg_host_db, **kw)
     try:
         cli = TestClient(app, follow_redirects=False)
         padded = dict(email='a@example.com', password='wrong password', **{f'pad{i}': 'p' * 4000 for i in range(25)})
-        r = cli.post('/login', data=padded)                    # 100 KiB: over the default, under this app's limit
+        r = cli.post('/login', data=padded)  # 100 KiB: over the default, under this app's limit
         assert r.status_code == 401 and 'Wrong email or password' in r.text
         assert cli.post('/login', content=b'x' * (300 * 1024)).status_code == 413
-    finally: saas.router.close()
+    finally:
+        saas.router.close()
 
 
 @pytest.mark.postgres
@@ -228,8 +288,13 @@ def test_every_response_carries_the_security_headers(site):
     "A page that could be framed (/team), a public one, a refusal and a redirect all carry them, HSTS on https."
     saas, app = site
     cli, _ = signed_in(saas, app)
-    for r in (cli.get('/team'), cli.get('/pricing'), cli.get('/login'), cli.get('/admin/tenants/%00'),
-              TestClient(app, follow_redirects=False).get('/team')):
+    for r in (
+        cli.get('/team'),
+        cli.get('/pricing'),
+        cli.get('/login'),
+        cli.get('/admin/tenants/%00'),
+        TestClient(app, follow_redirects=False).get('/team'),
+    ):
         csp = r.headers['content-security-policy']
         assert "frame-ancestors 'none'" in csp and re.search(r"script-src 'self' 'nonce-[\w-]{16,}'", csp), csp
         assert 'unsafe-inline' not in csp.split('script-src')[1].split(';')[0]
@@ -282,7 +347,8 @@ def test_an_app_extends_the_content_security_policy(pg_host_db, tmp_path, monkey
         r = TestClient(app).get('/pricing')
         assert "img-src 'self' data: https://img.example.com" in r.headers['content-security-policy']
         assert 'strict-transport-security' not in r.headers
-    finally: saas.router.close()
+    finally:
+        saas.router.close()
 
 
 @pytest.mark.parametrize('weak', ['k' * 32, 'ab' * 20, '0123' * 10])
@@ -296,4 +362,6 @@ def test_a_repetitive_master_key_is_refused_with_how_to_make_one(tmp_path, monke
             setup_saas(FastHTML(default_hdrs=False), host_db, mailer=MemoryOutbox(), webhook_secrets=[])
         assert weak not in str(e.value)
         assert 'python -c "import secrets; print(secrets.token_urlsafe(32))"' in str(e.value)
-    finally: host_db.close(); HostDatabase.reset_instance()
+    finally:
+        host_db.close()
+        HostDatabase.reset_instance()

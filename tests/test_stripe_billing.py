@@ -1,5 +1,6 @@
 """Stripe calls: a subscription lifecycle against localstripe (real HTTP, real signed webhooks), and Checkout, portal,
 plan change, plan sync and undelivered events against a local stand-in."""
+
 import json, socket, subprocess, time
 
 import httpx
@@ -27,11 +28,17 @@ def acme_host(pg_host_db):
 @pytest.fixture(scope="module")
 def localstripe_url():
     port = free_port()
-    proc = subprocess.Popen(["localstripe", "--port", str(port), "--from-scratch"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["localstripe", "--port", str(port), "--from-scratch"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
     def up():
-        try: socket.create_connection(("127.0.0.1", port), 0.2).close(); return True
-        except OSError: return False
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
     assert wait_for(up, 20), "localstripe did not start"
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
@@ -53,31 +60,41 @@ def test_lifecycle_against_localstripe(acme_host, localstripe_url):
     app = Starlette()
     sw.add_stripe_webhook(app, acme_host, secrets=[SECRET])
     with ServedApp(app) as srv:
-        httpx.post(f"{localstripe_url}/_config/webhooks/fh_saas",
-                   data=dict(url=f"{srv.url}/stripe/webhook", secret=SECRET)).raise_for_status()
+        httpx.post(
+            f"{localstripe_url}/_config/webhooks/fh_saas", data=dict(url=f"{srv.url}/stripe/webhook", secret=SECRET)
+        ).raise_for_status()
         cust = sb.ensure_customer(client, acme_host, "acme", email="billing@acme.test")
         assert sb.ensure_customer(client, acme_host, "acme") == cust
         assert client.v1.customers.retrieve(cust).metadata["tenant_id"] == "acme"
-        client.v1.plans.create(params=dict(id="pro-monthly", product=dict(name="Pro"), amount=2900, currency="usd",
-                                           interval="month"))
-        pm = client.v1.payment_methods.create(params=dict(
-            type="card", card=dict(number="4242424242424242", exp_month=12, exp_year=2030, cvc="123")))
+        client.v1.plans.create(
+            params=dict(id="pro-monthly", product=dict(name="Pro"), amount=2900, currency="usd", interval="month")
+        )
+        pm = client.v1.payment_methods.create(
+            params=dict(type="card", card=dict(number="4242424242424242", exp_month=12, exp_year=2030, cvc="123"))
+        )
         client.v1.payment_methods.attach(pm.id, params=dict(customer=cust))
         client.v1.customers.update(cust, params=dict(invoice_settings=dict(default_payment_method=pm.id)))
         # what Checkout does for us in production: a subscription carrying the tenant in its metadata
-        sub = client.v1.subscriptions.create(params=dict(customer=cust, items=[dict(plan="pro-monthly")],
-                                                         metadata=dict(tenant_id="acme")))
+        sub = client.v1.subscriptions.create(
+            params=dict(customer=cust, items=[dict(plan="pro-monthly")], metadata=dict(tenant_id="acme"))
+        )
         assert wait_for(lambda: acme_host.subscriptions.count == 1, 15)
         row = acme_host.subscriptions()[0]
-        assert ((row.tenant_id, row.stripe_sub_id, row.status, row.amount_cents, row.stripe_price_id)
-                == ("acme", sub.id, "active", 2900, "pro-monthly"))
+        assert (row.tenant_id, row.stripe_sub_id, row.status, row.amount_cents, row.stripe_price_id) == (
+            "acme",
+            sub.id,
+            "active",
+            2900,
+            "pro-monthly",
+        )
         assert row.current_period_end == stripe_models.epoch_iso(sub.to_dict()["current_period_end"])
         assert sb.reconcile(client, acme_host) == []
 
         sb.cancel_subscription(client, acme_host, "acme", at_period_end=True)  # localstripe sends no event for it
         drift = sb.reconcile(client, acme_host, fix=True)
-        assert ([(d.stripe_sub_id, d.field, d.ours, d.stripe) for d in drift]
-                == [(sub.id, "cancel_at_period_end", False, True)])
+        assert [(d.stripe_sub_id, d.field, d.ours, d.stripe) for d in drift] == [
+            (sub.id, "cancel_at_period_end", False, True)
+        ]
         assert acme_host.subscriptions()[0].cancel_at_period_end is True and sb.reconcile(client, acme_host) == []
 
         sb.cancel_subscription(client, acme_host, "acme", at_period_end=False)
@@ -86,14 +103,19 @@ def test_lifecycle_against_localstripe(acme_host, localstripe_url):
     assert statuses["customer.subscription.created"] == statuses["customer.subscription.deleted"] == "processed"
     updates = acme_host.audit_logs(where="event_type = 'billing.subscription_updated'", order_by="created_at")
     assert updates[-1].details.count("canceled")
-    with pytest.raises(LookupError): sb.cancel_subscription(client, acme_host, "acme")
+    with pytest.raises(LookupError):
+        sb.cancel_subscription(client, acme_host, "acme")
 
 
 def test_customer_is_created_once_even_after_a_crash(acme_host, fake, monkeypatch):
     real = sb.link_customer
-    def crash(*a): raise ConnectionError("host database went away")
+
+    def crash(*a):
+        raise ConnectionError("host database went away")
+
     monkeypatch.setattr(sb, "link_customer", crash)
-    with pytest.raises(ConnectionError): sb.ensure_customer(fake.client, acme_host, "acme")
+    with pytest.raises(ConnectionError):
+        sb.ensure_customer(fake.client, acme_host, "acme")
     monkeypatch.setattr(sb, "link_customer", real)
     cust = sb.ensure_customer(fake.client, acme_host, "acme")
     assert sb.ensure_customer(fake.client, acme_host, "acme") == cust == sb.tenant_customer(acme_host, "acme")
@@ -113,9 +135,17 @@ def test_network_retry_reuses_the_key(acme_host, fake):
 
 
 def test_subscription_checkout(acme_host, fake):
-    acme_host.pricing_plans.insert(PricingPlan(id="pro", name="Pro", stripe_price_monthly="price_pm",
-                                               stripe_price_yearly="price_py", amount_monthly=2900, amount_yearly=29000,
-                                               trial_days=14))
+    acme_host.pricing_plans.insert(
+        PricingPlan(
+            id="pro",
+            name="Pro",
+            stripe_price_monthly="price_pm",
+            stripe_price_yearly="price_py",
+            amount_monthly=2900,
+            amount_yearly=29000,
+            trial_days=14,
+        )
+    )
     with audit_context(request_id="req-1"):
         s = sb.create_subscription_checkout(fake.client, acme_host, "acme", "pro", interval="year", **URLS)
         again = sb.create_subscription_checkout(fake.client, acme_host, "acme", "pro", interval="year", **URLS)
@@ -126,13 +156,16 @@ def test_subscription_checkout(acme_host, fake):
     with audit_context(request_id="req-2"):
         other = sb.create_subscription_checkout(fake.client, acme_host, "acme", "pro", trial_days=0, **URLS)
     assert other.id != s.id
-    assert "trial_period_days" not in [c[2] for c in fake.calls
-                                       if c[1] == "/v1/checkout/sessions"][-1]["subscription_data"]
+    assert (
+        "trial_period_days"
+        not in [c[2] for c in fake.calls if c[1] == "/v1/checkout/sessions"][-1]["subscription_data"]
+    )
     sessions = [c for c in fake.calls if c[1] == "/v1/checkout/sessions"]
     assert len({c[3] for c in sessions}) == 2
     # a tenant that already pays is sent to change_plan
-    body = event("customer.subscription.created", subscription("sub_live", "active", 1_760_000_000, "acme"),
-                 1_760_000_000)
+    body = event(
+        "customer.subscription.created", subscription("sub_live", "active", 1_760_000_000, "acme"), 1_760_000_000
+    )
     sw.apply_event(acme_host, json.loads(body), body)
     with pytest.raises(ValueError, match="change_plan"):
         sb.create_subscription_checkout(fake.client, acme_host, "acme", "pro", **URLS)
@@ -144,7 +177,10 @@ def test_payment_checkout_and_portal(acme_host, fake):
     s = sb.create_payment_checkout(fake.client, acme_host, "acme", "price_credits_100", quantity=3, **URLS)
     params = [c[2] for c in fake.calls if c[1] == "/v1/checkout/sessions"][0]
     assert (s.mode, params["line_items"], params["payment_intent_data"]) == (
-        "payment", [dict(price="price_credits_100", quantity="3")], dict(metadata=dict(tenant_id="acme")))
+        "payment",
+        [dict(price="price_credits_100", quantity="3")],
+        dict(metadata=dict(tenant_id="acme")),
+    )
     for bad in (dict(price_id="prod_x"), dict(price_id="price_x", quantity=0)):
         with pytest.raises(ValueError):
             sb.create_payment_checkout(fake.client, acme_host, "acme", **{"quantity": 1, **bad}, **URLS)
@@ -163,10 +199,11 @@ def test_change_plan_swaps_the_item_price(acme_host, fake):
         sub = sb.change_plan(fake.client, acme_host, "acme", target)
         assert sub["items"]["data"][0]["price"]["id"] == f"price_{target}"
     updates = [c for c in fake.calls if c[:2] == ("POST", "/v1/subscriptions/sub_1")]
-    assert [u[2]["items"] for u in updates] == [[dict(id="si_sub_1", price=p)]
-                                                for p in ("price_pro", "price_basic", "price_pro")]
+    assert [u[2]["items"] for u in updates] == [
+        [dict(id="si_sub_1", price=p)] for p in ("price_pro", "price_basic", "price_pro")
+    ]
     assert len({u[3] for u in updates}) == 3 and {u[2]["proration_behavior"] for u in updates} == {"create_prorations"}
-    assert sb.change_plan(fake.client, acme_host, "acme", "pro")["id"] == "sub_1"     # already there: no update
+    assert sb.change_plan(fake.client, acme_host, "acme", "pro")["id"] == "sub_1"  # already there: no update
     assert len([c for c in fake.calls if c[:2] == ("POST", "/v1/subscriptions/sub_1")]) == 3
     with pytest.raises(ValueError):
         sb.change_plan(fake.client, acme_host, "acme", "pro", proration_behavior="sometimes")
@@ -174,22 +211,27 @@ def test_change_plan_swaps_the_item_price(acme_host, fake):
 
 def test_sync_plans(acme_host, fake):
     acme_host.pricing_plans.insert(PricingPlan(id="pro", name="Pro", amount_monthly=2900, amount_yearly=29000))
-    acme_host.pricing_plans.insert(PricingPlan(id="done", name="Done", amount_monthly=900,
-                                               stripe_price_monthly="price_existing"))
+    acme_host.pricing_plans.insert(
+        PricingPlan(id="done", name="Done", amount_monthly=900, stripe_price_monthly="price_existing")
+    )
     assert len(sb.sync_plans(fake.client, acme_host)) == 2
     pro = acme_host.pricing_plans["pro"]
     assert pro.stripe_price_monthly.startswith("price_") and pro.stripe_price_yearly.startswith("price_")
     prices = [c[2] for c in fake.calls if c[1] == "/v1/prices"]
-    assert ([(p["unit_amount"], p["recurring"]["interval"], p["lookup_key"]) for p in prices]
-            == [("2900", "month", "pro_month"), ("29000", "year", "pro_year")])
+    assert [(p["unit_amount"], p["recurring"]["interval"], p["lookup_key"]) for p in prices] == [
+        ("2900", "month", "pro_month"),
+        ("29000", "year", "pro_year"),
+    ]
     assert sb.sync_plans(fake.client, acme_host) == []
     assert acme_host.pricing_plans["done"].stripe_price_monthly == "price_existing"
 
 
 def test_fetch_undelivered(acme_host, fake):
     now = int(time.time())
-    bodies = [event("customer.subscription.updated", subscription("sub_u", s, now - 100 + i, "acme"), now - 100 + i)
-              for i, s in enumerate(("trialing", "active", "past_due"))]
+    bodies = [
+        event("customer.subscription.updated", subscription("sub_u", s, now - 100 + i, "acme"), now - 100 + i)
+        for i, s in enumerate(("trialing", "active", "past_due"))
+    ]
     done = json.loads(bodies[0])
     sw.apply_event(acme_host, done, bodies[0])
     fake.events = sorted((json.loads(b) for b in bodies), key=lambda e: -e["created"])
@@ -200,12 +242,15 @@ def test_fetch_undelivered(acme_host, fake):
 
 def test_reconcile_reports_missing_rows(acme_host, fake):
     fake.add_subscription("sub_remote", "price_x", "acme")
-    body = event("customer.subscription.created", subscription("sub_gone", "active", 1_760_000_000, "acme"),
-                 1_760_000_000)
+    body = event(
+        "customer.subscription.created", subscription("sub_gone", "active", 1_760_000_000, "acme"), 1_760_000_000
+    )
     sw.apply_event(acme_host, json.loads(body), body)
     drift = sb.reconcile(fake.client, acme_host, fix=True)
-    assert sorted((d.stripe_sub_id, d.field) for d in drift) == [("sub_gone", "missing_in_stripe"),
-                                                                 ("sub_remote", "missing_locally")]
+    assert sorted((d.stripe_sub_id, d.field) for d in drift) == [
+        ("sub_gone", "missing_in_stripe"),
+        ("sub_remote", "missing_locally"),
+    ]
     assert acme_host.subscriptions(where="stripe_sub_id = 'sub_remote'")[0].status == "active"
     assert [d.field for d in sb.reconcile(fake.client, acme_host)] == ["missing_in_stripe"]
 
@@ -214,8 +259,11 @@ def test_reconcile_never_overwrites_a_newer_event(acme_host, fake):
     "An event applied after the listing began is newer than the listing: the drift is reported, our row kept."
     fake.add_subscription("sub_1", "price_x", "acme", status="active")
     newer = int(time.time()) + 5
-    body = event("customer.subscription.updated",
-                 subscription("sub_1", "past_due", newer, "acme", price="price_x", amount=1000), newer)
+    body = event(
+        "customer.subscription.updated",
+        subscription("sub_1", "past_due", newer, "acme", price="price_x", amount=1000),
+        newer,
+    )
     sw.apply_event(acme_host, json.loads(body), body)
     drift = sb.reconcile(fake.client, acme_host, fix=True)
     assert [(d.field, d.ours, d.stripe) for d in drift if d.field == "status"] == [("status", "past_due", "active")]

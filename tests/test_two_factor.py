@@ -1,5 +1,6 @@
 """Two-factor storage on SQLite and PostgreSQL: setup, codes spent once (also when raced), pending logins finished once,
 the schema, and the tenant rule in the beforeware."""
+
 from datetime import datetime, timedelta, timezone
 from functools import partial
 
@@ -16,16 +17,28 @@ from fh_saas.db_upgrade import schema_version
 from fh_saas.passwords import LoginFailed, PendingLoginExpired, second_step
 from fh_saas.rate_limits import RateLimit
 from fh_saas.sessions import SessionManager
-from fh_saas.two_factor import (TwoFactorError, begin_setup, confirm_setup, finish_pending_login, issue_pending_login,
-                                lacks_required_two_factor, read_pending_login, recovery_codes_left, require_two_factor,
-                                two_factor_component, two_factor_enabled, verify_code)
+from fh_saas.two_factor import (
+    TwoFactorError,
+    begin_setup,
+    confirm_setup,
+    finish_pending_login,
+    issue_pending_login,
+    lacks_required_two_factor,
+    read_pending_login,
+    recovery_codes_left,
+    require_two_factor,
+    two_factor_component,
+    two_factor_enabled,
+    verify_code,
+)
 
 SECRET = 'two-factor-test-secret-' + 'z' * 40
 T0 = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
 
 
 @pytest.fixture(autouse=True)
-def master_key(monkeypatch): monkeypatch.setenv('FH_SAAS_SECRET_KEY', SECRET)
+def master_key(monkeypatch):
+    monkeypatch.setenv('FH_SAAS_SECRET_KEY', SECRET)
 
 
 def enabled(host_db, uid='ann') -> tuple[pyotp.TOTP, list[str]]:
@@ -38,19 +51,22 @@ def enabled(host_db, uid='ann') -> tuple[pyotp.TOTP, list[str]]:
 def test_the_tables_come_with_the_host_database_and_are_recorded(host_url, host_db):
     names = set(sa.inspect(host_db.engine).get_table_names())
     assert {'auth_two_factor', 'auth_recovery_codes', 'auth_tenant_two_factor'} <= names
-    with host_db.transaction() as c: assert schema_version(c, 'two_factor') == two_factor_component.version
+    with host_db.transaction() as c:
+        assert schema_version(c, 'two_factor') == two_factor_component.version
     enabled(host_db)
     host_db.close()
     HostDatabase.reset_instance()
-    again = HostDatabase(host_url)   # a second start upgrades nothing and keeps the rows
-    with again.transaction() as c: assert schema_version(c, 'two_factor') == two_factor_component.version
+    again = HostDatabase(host_url)  # a second start upgrades nothing and keeps the rows
+    with again.transaction() as c:
+        assert schema_version(c, 'two_factor') == two_factor_component.version
     assert two_factor_enabled(again, 'ann')
 
 
 def test_setup_is_on_only_after_a_code_from_the_pending_secret(host_db):
     host_db.global_users.insert(GlobalUser(id='ann', email='ann@example.com'))
     totp = pyotp.TOTP(begin_setup(host_db, 'ann'))
-    with pytest.raises(TwoFactorError): confirm_setup(host_db, 'ann', pyotp.TOTP(pyotp.random_base32()).at(T0), T0)
+    with pytest.raises(TwoFactorError):
+        confirm_setup(host_db, 'ann', pyotp.TOTP(pyotp.random_base32()).at(T0), T0)
     assert not two_factor_enabled(host_db, 'ann')
     codes = confirm_setup(host_db, 'ann', totp.at(T0), now=T0)
     assert two_factor_enabled(host_db, 'ann') and len(set(codes)) == 10 and recovery_codes_left(host_db, 'ann') == 10
@@ -87,8 +103,11 @@ def test_one_totp_code_used_at_once_succeeds_once(pg_host_db, race):
 def test_one_pending_login_finished_at_once_finishes_once(pg_host_db, race):
     enabled(pg_host_db)
     pending = read_pending_login(pg_host_db, issue_pending_login(pg_host_db, 'ann', T0), T0)
+
     def finish():
-        with pg_host_db.transaction() as conn: return finish_pending_login(conn, pending)
+        with pg_host_db.transaction() as conn:
+            return finish_pending_login(conn, pending)
+
     assert race([finish] * 6).count(True) == 1
 
 
@@ -97,11 +116,13 @@ def test_one_pending_login_raced_with_several_codes_opens_one_session_and_spends
     _, codes = enabled(pg_host_db)
     sessions = SessionManager(pg_host_db, SECRET, clock=lambda: T0)
     token = issue_pending_login(pg_host_db, 'ann', T0)
-    results = race([partial(second_step, sessions, token, codes[i], limit=RateLimit(100, 300)) for i in range(6)],
-                   catch=LoginFailed)
+    results = race(
+        [partial(second_step, sessions, token, codes[i], limit=RateLimit(100, 300)) for i in range(6)],
+        catch=LoginFailed,
+    )
     assert sum(not isinstance(r, Exception) for r in results) == 1
     assert all(isinstance(r, PendingLoginExpired) for r in results if isinstance(r, Exception))
-    assert recovery_codes_left(pg_host_db, 'ann') == 9     # the losers' codes were given back with their rollback
+    assert recovery_codes_left(pg_host_db, 'ann') == 9  # the losers' codes were given back with their rollback
     assert len(pg_host_db.q("select * from auth_sessions where user_id = 'ann'")) == 1
 
 
@@ -121,8 +142,10 @@ def test_a_tenant_rule_applies_to_members_without_two_factor(host_db):
     host_db.global_users.insert(GlobalUser(id='bob', email='bob@example.com'))
     host_db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
     assert require_two_factor(host_db, 'acme', True, 'ann')
-    assert (lacks_required_two_factor(host_db, 'acme', 'ann'), lacks_required_two_factor(host_db, 'acme', 'bob')) \
-        == (False, True)
+    assert (lacks_required_two_factor(host_db, 'acme', 'ann'), lacks_required_two_factor(host_db, 'acme', 'bob')) == (
+        False,
+        True,
+    )
     assert [e.event_type for e in audit_events(host_db, tenant_id='acme')] == ['tenant.two_factor_required']
 
 
@@ -131,14 +154,17 @@ def test_the_beforeware_applies_the_tenant_rule_in_its_one_identity_query(host_d
     enabled(host_db, 'ann')
     host_db.global_users.insert(GlobalUser(id='bob', email='bob@example.com'))
     host_db.tenants.insert(TenantCatalog(id='acme', name='Acme'))
-    for uid in ('ann', 'bob'): host_db.memberships.insert(Membership(user_id=uid, tenant_id='acme'))
+    for uid in ('ann', 'bob'):
+        host_db.memberships.insert(Membership(user_id=uid, tenant_id='acme'))
     require_two_factor(host_db, 'acme', True, 'ann')
     sessions = SessionManager(host_db, SECRET)
     app = FastHTML(before=saas_beforeware(AuthResolver(host_db, sessions)), secret_key=SECRET)
     app.get('/')(lambda auth: f'in {auth.tenant_id} as {auth.user.id}')
+
     def get(uid):
         c = TestClient(app, follow_redirects=False)
         c.cookies.set(sessions.cookie_name, sessions.create(uid, 'acme'))
         return c.get('/')
+
     assert get('ann').text == 'in acme as ann'
     assert get('bob').headers['location'] == '/account?done=two_factor_required'
