@@ -51,13 +51,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from fh_saas import stripe_webhooks as sw
-from fh_saas.db_host import HostDatabase, TenantCatalog, webhook_events_t
+from fh_saas.db_host import HostDatabase, TenantCatalog
 from pgserver import free_port, start_server, wait_for
 from stripe_helpers import SECRET, event, sign, subscription
+from webhook_floor import floor_insert
 
 ROOT, CLIENTS, SUBS, ROUNDS, T0 = Path(__file__).resolve().parents[1], 8, 50, 4, 1_760_000_000
 
@@ -112,19 +112,7 @@ def bare_inserts(engine, deliveries):
                     body = work.get_nowait()
                 except queue.Empty:
                     return
-                ev = json.loads(body)
-                conn.execute(
-                    postgresql.insert(webhook_events_t)
-                    .values(
-                        event_id=ev["id"],
-                        event_type=ev["type"],
-                        status="processed",
-                        payload_json=body,
-                        event_created=ev["created"],
-                    )
-                    .on_conflict_do_nothing(index_elements=["event_id"])
-                )
-                conn.commit()
+                floor_insert(conn, body)
 
     return run_threads(worker)
 

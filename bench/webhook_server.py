@@ -2,16 +2,14 @@
 endpoint, and beside it the floor over HTTP, a bare Starlette endpoint doing only the inbox INSERT + commit
 (`/floor`), and the same after the signature check (`/floor/signed`)."""
 
-import json
-
-from sqlalchemy.dialects import postgresql
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from fh_saas import stripe_webhooks
-from fh_saas.db_host import HostDatabase, webhook_events_t
+from fh_saas.db_host import HostDatabase
+from webhook_floor import floor_insert
 
 host_db = HostDatabase.from_env()
 secrets = stripe_webhooks.webhook_secrets_from_env()
@@ -19,20 +17,8 @@ secrets = stripe_webhooks.webhook_secrets_from_env()
 
 def insert(body: str):
     "The floor: one INSERT ... ON CONFLICT DO NOTHING and its commit."
-    ev = json.loads(body)
     with host_db.engine.connect() as conn:
-        conn.execute(
-            postgresql.insert(webhook_events_t)
-            .values(
-                event_id=ev["id"],
-                event_type=ev["type"],
-                status="processed",
-                payload_json=body,
-                event_created=ev["created"],
-            )
-            .on_conflict_do_nothing(index_elements=["event_id"])
-        )
-        conn.commit()
+        floor_insert(conn, body)
 
 
 async def floor(request):

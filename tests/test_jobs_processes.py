@@ -4,7 +4,7 @@ Workers are started through the real `fh-saas worker` entry point (`fh_saas.jobs
 handlers of `jobs_helpers`, and stopped with SIGTERM.
 """
 
-import json, os, signal, subprocess
+import json, signal
 
 import pytest
 import sqlalchemy as sa
@@ -149,24 +149,8 @@ def test_database_restart_under_load_completes_every_job_once(tmp_path):
         ]
         try:
             assert wait_for(lambda: _statuses(eng).get('done', 0) >= 30, 60), _logs(tmp_path)
-            with server.engine.connect() as c:
-                data = c.exec_driver_sql('SHOW data_directory').scalar()
-            cmd = [
-                'pg_ctl',
-                '-D',
-                data,
-                '-l',
-                os.path.join(os.path.dirname(data), 'log'),
-                '-m',
-                'fast',
-                '-w',
-                'restart',
-            ]
-            if os.geteuid() == 0:
-                cmd = ['runuser', '-u', 'postgres', '--', *cmd]
-            server.engine.dispose()
             assert _statuses(eng).get('done', 0) < 190, "still under load when the server restarts"
-            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+            server.restart()
             eng.dispose()
             assert wait_for(lambda: _statuses(eng).get('done') == 200, 90), (_statuses(eng), _logs(tmp_path))
         finally:

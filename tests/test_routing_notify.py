@@ -1,6 +1,6 @@
 "Routing changes reach routers in other processes through PostgreSQL LISTEN/NOTIFY, with the TTL as the safety net."
 
-import logging, os, select, subprocess, threading
+import logging, os, select, threading
 from contextlib import closing
 
 import psycopg2
@@ -171,27 +171,8 @@ def test_the_listener_comes_back_after_a_server_restart(caplog):
             tid = provision_tenant(host_db, new_id(), prepare=prepare).id
             router = TenantRouter(host_db, ttl=60)
             listener = listening(router)
-            with server.engine.connect() as c:
-                data = c.exec_driver_sql('SHOW data_directory').scalar()
-            server.engine.dispose()
-            cmd = [
-                'pg_ctl',
-                '-D',
-                data,
-                '-l',
-                os.path.join(os.path.dirname(data), 'log'),
-                '-m',
-                'fast',
-                '-w',
-                'restart',
-            ]
             with caplog.at_level(logging.WARNING, logger='fh_saas.tenant_router'):
-                subprocess.run(
-                    ['runuser', '-u', 'postgres', '--', *cmd] if os.geteuid() == 0 else cmd,
-                    check=True,
-                    capture_output=True,
-                    timeout=60,
-                )
+                server.restart()
                 assert wait_for(lambda: listener.listens == 2)
             assert 'reconnecting' in caplog.text and listener_threads() == [listener.thread]
             with router.connect(tid):
