@@ -3,6 +3,7 @@ and that the change is real (another device signed out, a new address to log in 
 
 import re
 
+import pyotp
 import pytest
 from playwright.sync_api import expect
 
@@ -193,3 +194,67 @@ def test_an_admin_renames_the_tenant_then_leaves_it_and_its_only_owner_cannot(de
         expect(owner.locator("main table")).to_contain_text("Iota Labs")
     assert asked == ["Leave Iota Labs? You lose access to its data until someone invites you again."] * 2
     assert violations == [[], []]
+
+
+def turn_on_two_factor(page, base) -> pyotp.TOTP:
+    page.goto(f"{base}/account")
+    page.click("button:has-text('Set up two-factor sign-in')")
+    app = pyotp.TOTP(page.locator("#two-factor-secret").inner_text().replace(" ", ""))
+    page.fill("input[name=code]", app.now())
+    page.click("button:has-text('Turn on')")
+    page.wait_for_url("**/account?done=two_factor_enabled")
+    return app
+
+
+@pytest.mark.browser
+def test_a_tenant_requires_two_factor_and_an_admin_resets_it(demo, browser):
+    base, owner, member, admin = demo, new_page(browser), new_page(browser), new_page(browser)
+    violations, asked = [csp_violations(p) for p in (owner, member, admin)], []
+    admin.on("dialog", lambda d: (asked.append(d.message), d.accept()))
+    with screenshots_on_failure("two-factor-rules", owner=owner, member=member, admin=admin):
+        sign_up(owner, base, "ines@kappa.test", "kappa password 1234", "Ines", "Kappa Co")
+        owner.wait_for_url("**/projects")
+        owner.goto(f"{base}/team")
+        owner.fill("form[action='/team/invite'] input[name=email]", "jo@kappa.test")
+        owner.click("button:has-text('Send invitation')")
+        link = re.search(r"http://\S+/invitations/[\w-]+", mail_to(owner, base, "jo@kappa.test")[0]).group(0)
+        member.goto(link)
+        member.click("text=Create an account")
+        member.fill("input[name=password]", "jo password 1234")
+        member.click("button:has-text('Create account')")
+        member.click("button:has-text('Accept invitation')")
+        member.wait_for_url("**/projects")
+
+        # The owner must have it herself first; then members must.
+        owner.goto(f"{base}/team")
+        owner.click("button:has-text('Require two-factor sign-in')")
+        owner.wait_for_url("**/team?done=two_factor_yours_first")
+        expect(owner.locator("main")).to_contain_text("Turn on two-factor sign-in for your own account first")
+        turn_on_two_factor(owner, base)
+        owner.goto(f"{base}/team")
+        owner.click("button:has-text('Require two-factor sign-in')")
+        owner.wait_for_url("**/team?done=two_factor_required")
+        expect(owner.locator("main")).to_contain_text("Members must use two-factor sign-in.")
+
+        # Jo, without it, is sent to set it up on her next request; once on, the tenant is hers again.
+        member.goto(f"{base}/projects")
+        member.wait_for_url("**/account?done=two_factor_required")
+        expect(member.locator("main")).to_contain_text("A workspace you belong to requires two-factor sign-in.")
+        turn_on_two_factor(member, base)
+        member.goto(f"{base}/projects")
+        assert member.url.endswith("/projects")
+
+        # The system admin resets Jo's two-factor sign-in: she is signed out and signs in with her password alone.
+        log_in(admin, base, "demo@example.com", "demo password 1234")
+        admin.wait_for_url("**/projects")
+        admin.goto(f"{base}/admin/users")
+        admin.locator("tr", has_text="jo@kappa.test").locator("button:has-text('Reset two-factor')").click()
+        admin.wait_for_url("**/admin/users?done=two_factor_reset")
+        expect(admin.locator("main")).to_contain_text("Two-factor sign-in is off for that user")
+        member.goto(f"{base}/projects")
+        assert "/login" in member.url
+        log_in(member, base, "jo@kappa.test", "jo password 1234")
+        member.wait_for_url("**/account?done=two_factor_required")
+        expect(member.locator("main")).to_contain_text("Set up two-factor sign-in")
+    assert asked == ["Turn off two-factor sign-in for jo@kappa.test and sign them out everywhere?"]
+    assert violations == [[], [], []]
