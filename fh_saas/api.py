@@ -64,7 +64,7 @@ def _quota_reset(now: datetime) -> int:
     nxt = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
     return max(1, int((nxt - now).total_seconds()))
 
-
+# %% ../nbs/60_api.ipynb #35f18c50
 class Api:
     "JSON endpoints under `prefix` for API keys, described at `prefix/openapi.json` and `prefix/docs`."
 
@@ -82,32 +82,6 @@ class Api:
         app.get(f'{self.prefix}/openapi.json')(lambda: JSONResponse(self.openapi()))
         app.get(f'{self.prefix}/docs')(self._docs)
 
-    def route(
-        self,
-        method: str,  # GET, POST, PUT, PATCH or DELETE
-        path: str,  # below `prefix`, with `{name}` path parameters
-        body: type | None = None,  # a pydantic model the JSON body must validate against
-        status: int = 200,  # the status of a success (201 for created, 204 for no content)
-        summary: str = '',  # what it does; default the handler's docstring
-        role: str | None = None,
-    ):  # the least role of the key's member
-        "Declare `handler(auth, body=..., **path_params)` for `method` `path`; it returns what the JSON answer holds."
-        if body is not None and not (isinstance(body, type) and issubclass(body, BaseModel)):
-            raise TypeError(f"body must be a pydantic BaseModel class, not {body!r}")
-
-        def register(handler):
-            ep = Endpoint(method.upper(), path, handler, body, status, summary or (handler.__doc__ or '').strip(), role)
-            self.endpoints.append(ep)
-
-            async def route(req):
-                return await self._answer(ep, req)
-
-            route.__name__ = f'api_{handler.__name__}'  # FastHTML names the route after it
-            self.app.route(self.prefix + path, methods=[ep.method])(route)
-            return handler
-
-        return register
-
     def get(self, path, **kw):
         return self.route('GET', path, **kw)
 
@@ -122,6 +96,34 @@ class Api:
 
     def delete(self, path, **kw):
         return self.route('DELETE', path, **kw)
+
+# %% ../nbs/60_api.ipynb #57bfff4f
+@patch
+def route(
+    self: Api,
+    method: str,  # GET, POST, PUT, PATCH or DELETE
+    path: str,  # below `prefix`, with `{name}` path parameters
+    body: type | None = None,  # a pydantic model the JSON body must validate against
+    status: int = 200,  # the status of a success (201 for created, 204 for no content)
+    summary: str = '',  # what it does; default the handler's docstring
+    role: str | None = None,
+):  # the least role of the key's member
+    "Declare `handler(auth, body=..., **path_params)` for `method` `path`; it returns what the JSON answer holds."
+    if body is not None and not (isinstance(body, type) and issubclass(body, BaseModel)):
+        raise TypeError(f"body must be a pydantic BaseModel class, not {body!r}")
+
+    def register(handler):
+        ep = Endpoint(method.upper(), path, handler, body, status, summary or (handler.__doc__ or '').strip(), role)
+        self.endpoints.append(ep)
+
+        async def route(req):
+            return await self._answer(ep, req)
+
+        route.__name__ = f'api_{handler.__name__}'  # FastHTML names the route after it
+        self.app.route(self.prefix + path, methods=[ep.method])(route)
+        return handler
+
+    return register
 
 # %% ../nbs/60_api.ipynb #4572df76
 def _has_nul(value) -> bool:
@@ -233,7 +235,7 @@ def _operation(ep: Endpoint) -> dict:
         op['requestBody'] = {'required': True, 'content': {'application/json': {'schema': ep.body.model_json_schema()}}}
     return op
 
-
+# %% ../nbs/60_api.ipynb #cc578ba2
 @patch
 def openapi(self: Api) -> dict:
     "The OpenAPI 3.1 document of the declared endpoints."

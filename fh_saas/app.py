@@ -72,7 +72,7 @@ _log = logging.getLogger(__name__)
 PUBLIC_PATHS = [r'/_fh_saas/static/.*', r'/pricing', r'/api/openapi\.json', r'/api/docs']
 TENANTLESS_PATHS = (r'/tenants.*', r'/account.*', r'/logout', r'/admin.*')  # signed in, but no current tenant needed
 
-
+# %% ../nbs/90_app.ipynb #9dc3ac23
 def api_rate_limit_from_env(env=None) -> RateLimit:
     "`FH_SAAS_API_RATE_LIMIT` as `calls/seconds` (default `600/60`): each tenant's API keys of one mode share it."
     value = (os.environ if env is None else env).get('FH_SAAS_API_RATE_LIMIT', '600/60').strip()
@@ -91,7 +91,7 @@ def max_body_from_env(env=None) -> int:
         )
     return int(value)
 
-
+# %% ../nbs/90_app.ipynb #741eaaf4
 def _install_middleware(app, saas: Saas, max_body: int | None, csp: dict | None):
     "Release tenant pins, bound and check every request's input, add the security headers (the last runs first)."
     try:
@@ -120,7 +120,7 @@ def _add_webhook(app, saas: Saas, secrets, roles: Roles):
     after = payment_failed_mail(saas.host_db, saas.mailer, saas.url('/billing'), saas.mail, roles.owner)
     add_stripe_webhook(app, saas.host_db, secrets, after=after)
 
-
+# %% ../nbs/90_app.ipynb #d60417ce
 def _resolver(saas: Saas, policy, access, roles: Roles, api_rate_limit, publishable) -> AuthResolver:
     "The `AuthResolver` every request goes through; entitlements come from `access`, else a cache under `policy`."
     policy = policy or BillingPolicy()
@@ -152,7 +152,7 @@ def _mount_pages(app, saas: Saas, resolver: AuthResolver, public, pages: dict | 
             add_dev_mail(app, saas, saas.mailer, DEV_MAIL_PATH)
         saas.stop_jobs = serve_jobs(app, saas.host_db)
 
-
+# %% ../nbs/90_app.ipynb #21040f05
 def setup_saas(
     app,  # the FastHTML app to mount the kit on
     host_db: HostDatabase | None = None,  # default: `HostDatabase.from_env()` (the `DB_*` variables)

@@ -420,7 +420,7 @@ def _developer_commands(command):
     d.add_argument('--host', default='127.0.0.1', help='address to listen on (default: %(default)s)')
     d.add_argument('--port', type=int, default=5001, help='port to listen on (default: %(default)s)')
 
-
+# %% ../nbs/92_cli.ipynb #76f5d80d
 def _tenant_commands(command):
     t = _actions(
         command(
@@ -473,7 +473,7 @@ def _tenant_commands(command):
     m.add_argument('--tenant', action='append', metavar='ID', help='only this tenant (repeatable)')
     _app_option(m)
 
-
+# %% ../nbs/92_cli.ipynb #dc9ae423
 def _key_and_billing_commands(command):
     k = _actions(command('keys', "mint, list or revoke a tenant's API keys"), 'what to do')
     kc = _act(k, 'create', 'mint a secret API key and print it, once')
@@ -508,7 +508,7 @@ def _key_and_billing_commands(command):
     )
     _act(s, 'sync-plans', 'create or update the Stripe products and prices of the plans')
 
-
+# %% ../nbs/92_cli.ipynb #d9cf154f
 def _operator_commands(command):
     from fh_saas.jobs import worker_arguments
 
@@ -554,7 +554,7 @@ def _demo(args) -> int:
     run_demo(args.folder, args.host, args.port)
     return 0
 
-
+# %% ../nbs/92_cli.ipynb #2fba96a5
 _STANDALONE = dict(new=_new, serve=_serve, demo=_demo)
 _COMMANDS = dict(
     tenants=_tenants,

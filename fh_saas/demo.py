@@ -272,7 +272,7 @@ def demo_app(folder: str = 'fh_saas_demo', base_url: str = 'http://127.0.0.1:500
     _add_projects_api(app)
     return app, saas
 
-
+# %% ../nbs/91_demo.ipynb #a66153ec
 def bind_warning(host: str) -> str | None:
     "What to say when the demo is to listen on `host` beyond this machine (its mail page and account are open)."
     if is_loopback(host):

@@ -54,7 +54,7 @@ def linked(text: str) -> list:
     "`text` as strings and links: every http(s) URL in it becomes an `A`."
     return [A(part, href=part) if i % 2 else part for i, part in enumerate(_URL.split(text)) if part]
 
-
+# %% ../nbs/51_dev_mode.ipynb #4c19c8e5
 DEV_MAIL_PATH = '/dev/mail'
 _PROXY_HEADERS = ('forwarded', 'x-forwarded-for', 'x-real-ip')
 
@@ -73,7 +73,7 @@ def from_this_machine(req) -> bool:
     "Whether `req` came straight from this machine: a loopback client, and no proxy header (it relays others)."
     return is_loopback(req.client and req.client.host) and not any(h in req.headers for h in _PROXY_HEADERS)
 
-
+# %% ../nbs/51_dev_mode.ipynb #96c0e0ef
 def add_dev_mail(app, saas, outbox: MemoryOutbox, path: str = DEV_MAIL_PATH):
     """Serve `outbox`'s messages at `path`, to requests from this machine only (the mail holds reset links: anyone
     who can read it can take over the accounts); others get a 404."""
@@ -85,7 +85,7 @@ def add_dev_mail(app, saas, outbox: MemoryOutbox, path: str = DEV_MAIL_PATH):
         items = [dev_mail_item(m) for m in reversed(outbox.messages)]
         return saas.page(req, 'Mail', H1('Mail sent by this app'), *(items or [P('No mail yet.', cls='muted')]))
 
-
+# %% ../nbs/51_dev_mode.ipynb #7b587962
 def dev_mail_item(msg) -> Div:
     """One message of the outbox page: its text part with clickable links, and beside it its HTML part as a mail
     client shows it, in a sandboxed frame (no script, no same-origin access, so the mail cannot act on the page)."""

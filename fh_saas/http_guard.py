@@ -13,6 +13,7 @@ __all__ = ['DEFAULT_MAX_BODY', 'DEFAULT_MAX_FIELD', 'TOO_LARGE', 'CSP_NONCE', 'N
 import re, secrets
 from urllib.parse import unquote_to_bytes
 
+from fastcore.basics import patch
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import MutableHeaders
@@ -52,7 +53,7 @@ def check_address(raw_path: bytes, query: bytes, max_chars: int = DEFAULT_MAX_FI
         check_text(unquote_to_bytes(segment), 'The address', max_chars)
     _pairs(query, 'The address', max_chars)
 
-
+# %% ../nbs/49_http_guard.ipynb #ee2d4243
 def _multipart(body: bytes, boundary: bytes, max_chars: int):
     "Check each multipart field that is not a file upload."
     part = {}
@@ -122,7 +123,7 @@ async def read_body(receive, limit: int) -> bytes | None:
         if not message.get('more_body', False):
             return b''.join(chunks)
 
-
+# %% ../nbs/49_http_guard.ipynb #71b30c7b
 class InputGuard:
     "ASGI middleware refusing bad addresses and form fields (400) and bodies over `max_body` bytes (413)."
 
@@ -143,32 +144,33 @@ class InputGuard:
             return JSONResponse(dict(error=dict(code=code, message=message)), status)
         return PlainTextResponse(message, status)
 
-    async def __call__(self, scope, receive, send):
-        if scope['type'] != 'http':
-            return await self.app(scope, receive, send)
-        try:
-            check_address(
-                scope.get('raw_path') or scope['path'].encode(), scope.get('query_string', b''), self.max_field
-            )
-        except BadInput as e:
-            return await self.refuse(scope, 400, str(e))(scope, receive, send)
-        if scope['method'] not in _BODY_METHODS or any(re.fullmatch(p, scope['path']) for p in self.exempt):
-            return await self.app(scope, receive, send)
-        headers = dict(scope['headers'])
-        declared = headers.get(b'content-length', b'')  # none (chunked): the count while reading decides
-        if (
-            declared.isdigit()
-            and int(declared) > self.max_body
-            or (body := await read_body(receive, self.max_body)) is None
-        ):
-            return await self.refuse(scope, 413, TOO_LARGE)(scope, receive, send)
-        try:
-            check_body(headers.get(b'content-type', b'').decode('latin-1'), body, self.max_field)
-        except BadInput as e:
-            return await self.refuse(scope, 400, str(e))(scope, receive, send)
-        await self.app(scope, _replay(body, receive), send)
+# %% ../nbs/49_http_guard.ipynb #81d9f611
+@patch
+async def __call__(self: InputGuard, scope, receive, send):
+    "Check the address, then read and check the body, refusing what fails; hand the rest on to the app."
+    if scope['type'] != 'http':
+        return await self.app(scope, receive, send)
+    try:
+        check_address(scope.get('raw_path') or scope['path'].encode(), scope.get('query_string', b''), self.max_field)
+    except BadInput as e:
+        return await self.refuse(scope, 400, str(e))(scope, receive, send)
+    if scope['method'] not in _BODY_METHODS or any(re.fullmatch(p, scope['path']) for p in self.exempt):
+        return await self.app(scope, receive, send)
+    headers = dict(scope['headers'])
+    declared = headers.get(b'content-length', b'')  # none (chunked): the count while reading decides
+    if (
+        declared.isdigit()
+        and int(declared) > self.max_body
+        or (body := await read_body(receive, self.max_body)) is None
+    ):
+        return await self.refuse(scope, 413, TOO_LARGE)(scope, receive, send)
+    try:
+        check_body(headers.get(b'content-type', b'').decode('latin-1'), body, self.max_field)
+    except BadInput as e:
+        return await self.refuse(scope, 400, str(e))(scope, receive, send)
+    await self.app(scope, _replay(body, receive), send)
 
-
+# %% ../nbs/49_http_guard.ipynb #7b2987f6
 def _replay(body: bytes, receive):
     "A `receive` that gives the app the body already read, then whatever the client sends next."
     sent = False
@@ -213,7 +215,7 @@ def csp_nonce(req) -> str | None:
     "This request's nonce, for an app's own inline `<script nonce=...>` (None outside `SecurityHeaders`)."
     return req.scope.get(CSP_NONCE)
 
-
+# %% ../nbs/49_http_guard.ipynb #efc11880
 class SecurityHeaders:
     "ASGI middleware adding the Content-Security-Policy (with a per-request nonce) and the other security headers."
 

@@ -84,7 +84,7 @@ def _before(cursor: str):
     t = tenants_t.c
     return sa.or_(t.created_at < at, sa.and_(t.created_at == at, t.id < tid))
 
-
+# %% ../nbs/59_pages_admin.ipynb #bd6ed7f7
 def tenant_overview(host_db, search: str = '', limit: int = 200, status: str = '', before: str = '') -> list[dict]:
     """Tenants newest first (id or name containing `search` in any case, in `status`, after the `before` cursor), with
     plan, subscription status and deletion job status."""
@@ -198,7 +198,7 @@ def failed_webhooks(host_db) -> int:
     c = webhook_events_t.c
     return host_db.db.execute(sa.select(sa.func.count().label('n')).where(c.status == 'failed'))[0]['n']
 
-
+# %% ../nbs/59_pages_admin.ipynb #3e78db10
 def audit_labels(host_db, rows) -> dict[str, str]:
     "What people call the users and tenants that audit `rows` name by id: emails and tenant names, in two queries."
     ids = {v for r in rows for v in (r.actor_user_id, r.impersonator_user_id, r.target_id, r.tenant_id) if v}
@@ -352,213 +352,232 @@ class AdminPages(Pages):
             *fields, Button('Filter', cls='secondary'), A('Clear', href=action), method='get', action=action, style=_ROW
         )
 
-    def status_select(self, name: str, value: str, options):
-        return Label(
-            'Status',
-            Select(Option('any', value=''), *[Option(o, value=o, selected=o == value) for o in options], name=name),
-        )
+# %% ../nbs/59_pages_admin.ipynb #0a1cb096
+@patch
+def status_select(self: AdminPages, name: str, value: str, options):
+    return Label(
+        'Status',
+        Select(Option('any', value=''), *[Option(o, value=o, selected=o == value) for o in options], name=name),
+    )
 
-    def tenant_actions(self, auth, r):
-        tid, st = r['id'], r['status']
-        return Div(
-            self.action(f"/admin/tenants/{tid}/suspend", 'Suspend', auth) if st == 'active' else None,
-            self.action(f"/admin/tenants/{tid}/resume", 'Resume', auth) if st == 'suspended' else None,
-            self.action(
-                f"/admin/tenants/{tid}/delete",
-                'Delete',
-                auth,
-                'danger',
-                f"Delete tenant {tid} and all its data? This cannot be undone.",
-            )
-            if st in ('provisioning', 'active', 'suspended') and r['deletion'] is None
-            else None,
-            style=_ROW,
-        )
 
-    def overview(self, kept: dict):
-        "The overview card: tenants by status (each a link to them), sign-ups in the last 30 days, recurring revenue."
-        counts, mrr = tenants_by_status(self.host_db), monthly_revenue(self.host_db)
-        joined = signups_since(self.host_db, utcnow() - timedelta(days=30))
-
-        def count(s, n):
-            shown = Span(status_badge(s), f" {n:,}", cls='nowrap')
-            return A(shown, href='/admin?' + urlencode({**kept, 'status': s})) if s in TENANT_STATUSES else shown
-
-        def stat(label, *value, style=None):
-            return Div(Small(label, cls='muted'), Div(*value, style=style))
-
-        revenue = ' + '.join(format_money(v, c) for c, v in mrr.items()) or format_money(0)
-        return self.card(
-            H2('Overview'),
-            Div(
-                stat('Tenants by status', *[count(s, n) for s, n in counts.items()] or ['none yet'], style=_ROW),
-                stat('Sign-ups, last 30 days', Strong(f"{joined:,}")),
-                stat(
-                    'Monthly recurring revenue',
-                    Strong(revenue),
-                    Div(Small('active and past-due subscriptions', cls='muted')),
-                ),
-                style='display:flex;gap:2rem;flex-wrap:wrap',
-            ),
-        )
-
-    def tenants_table(self, auth, rows, filtered: bool):
-        def status(r):
-            deletion = Small(' deletion ', status_badge(r['deletion'])) if r['deletion'] else None
-            return Div(status_badge(r['status']), deletion)
-
-        def plan(r):
-            return Span(r['plan'] or '—', ' ', status_badge(r['subscription'])) if r['subscription'] else '—'
-
-        return self.table(
-            ('Tenant', 'Name', 'Status', 'Plan', 'Server', 'Schema', 'Created', ''),
-            [
-                (
-                    Code(r['id']),
-                    r['name'],
-                    status(r),
-                    plan(r),
-                    r['server_id'] or 'local',
-                    r['schema_version'],
-                    ui.when(r['created_at']),
-                    self.tenant_actions(auth, r),
-                )
-                for r in rows
-            ],
-            'No tenants match.' if filtered else 'No tenants yet.',
-        )
-
-    def user_actions(self, auth, r):
-        "The buttons of a user's row: impersonate, reset two-factor, disable or enable."
-        reset = self.action(
-            f"/admin/users/{r['id']}/reset-two-factor",
-            'Reset two-factor',
+@patch
+def tenant_actions(self: AdminPages, auth, r):
+    tid, st = r['id'], r['status']
+    return Div(
+        self.action(f"/admin/tenants/{tid}/suspend", 'Suspend', auth) if st == 'active' else None,
+        self.action(f"/admin/tenants/{tid}/resume", 'Resume', auth) if st == 'suspended' else None,
+        self.action(
+            f"/admin/tenants/{tid}/delete",
+            'Delete',
             auth,
             'danger',
-            f"Turn off two-factor sign-in for {r['email']} and sign them out everywhere?",
+            f"Delete tenant {tid} and all its data? This cannot be undone.",
         )
-        return Div(
-            self.action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth)
-            if r['is_active'] and not r['is_sys_admin']
-            else None,
-            reset if r['two_factor'] else None,
-            self.user_toggle(auth, r),
-            style=_ROW,
-        )
+        if st in ('provisioning', 'active', 'suspended') and r['deletion'] is None
+        else None,
+        style=_ROW,
+    )
 
-    def user_toggle(self, auth, r):
-        "Disable or Enable, for anyone but a system admin and oneself."
-        if r['is_sys_admin'] or r['id'] == auth.user.id:
-            return None
-        if r['is_active']:
-            return self.action(
-                f"/admin/users/{r['id']}/disable",
-                'Disable',
-                auth,
-                'danger',
-                f"Disable {r['email']}? They are signed out everywhere at once and "
-                "their API keys are revoked for good.",
+# %% ../nbs/59_pages_admin.ipynb #09aa5545
+@patch
+def overview(self: AdminPages, kept: dict):
+    "The overview card: tenants by status (each a link to them), sign-ups in the last 30 days, recurring revenue."
+    counts, mrr = tenants_by_status(self.host_db), monthly_revenue(self.host_db)
+    joined = signups_since(self.host_db, utcnow() - timedelta(days=30))
+
+    def count(s, n):
+        shown = Span(status_badge(s), f" {n:,}", cls='nowrap')
+        return A(shown, href='/admin?' + urlencode({**kept, 'status': s})) if s in TENANT_STATUSES else shown
+
+    def stat(label, *value, style=None):
+        return Div(Small(label, cls='muted'), Div(*value, style=style))
+
+    revenue = ' + '.join(format_money(v, c) for c, v in mrr.items()) or format_money(0)
+    return self.card(
+        H2('Overview'),
+        Div(
+            stat('Tenants by status', *[count(s, n) for s, n in counts.items()] or ['none yet'], style=_ROW),
+            stat('Sign-ups, last 30 days', Strong(f"{joined:,}")),
+            stat(
+                'Monthly recurring revenue',
+                Strong(revenue),
+                Div(Small('active and past-due subscriptions', cls='muted')),
+            ),
+            style='display:flex;gap:2rem;flex-wrap:wrap',
+        ),
+    )
+
+# %% ../nbs/59_pages_admin.ipynb #e368941d
+@patch
+def tenants_table(self: AdminPages, auth, rows, filtered: bool):
+    def status(r):
+        deletion = Small(' deletion ', status_badge(r['deletion'])) if r['deletion'] else None
+        return Div(status_badge(r['status']), deletion)
+
+    def plan(r):
+        return Span(r['plan'] or '—', ' ', status_badge(r['subscription'])) if r['subscription'] else '—'
+
+    return self.table(
+        ('Tenant', 'Name', 'Status', 'Plan', 'Server', 'Schema', 'Created', ''),
+        [
+            (
+                Code(r['id']),
+                r['name'],
+                status(r),
+                plan(r),
+                r['server_id'] or 'local',
+                r['schema_version'],
+                ui.when(r['created_at']),
+                self.tenant_actions(auth, r),
             )
+            for r in rows
+        ],
+        'No tenants match.' if filtered else 'No tenants yet.',
+    )
+
+# %% ../nbs/59_pages_admin.ipynb #225d2968
+@patch
+def user_actions(self: AdminPages, auth, r):
+    "The buttons of a user's row: impersonate, reset two-factor, disable or enable."
+    reset = self.action(
+        f"/admin/users/{r['id']}/reset-two-factor",
+        'Reset two-factor',
+        auth,
+        'danger',
+        f"Turn off two-factor sign-in for {r['email']} and sign them out everywhere?",
+    )
+    return Div(
+        self.action(f"/admin/impersonate/{r['id']}", 'Impersonate', auth)
+        if r['is_active'] and not r['is_sys_admin']
+        else None,
+        reset if r['two_factor'] else None,
+        self.user_toggle(auth, r),
+        style=_ROW,
+    )
+
+
+@patch
+def user_toggle(self: AdminPages, auth, r):
+    "Disable or Enable, for anyone but a system admin and oneself."
+    if r['is_sys_admin'] or r['id'] == auth.user.id:
+        return None
+    if r['is_active']:
         return self.action(
-            f"/admin/users/{r['id']}/enable",
-            'Enable',
+            f"/admin/users/{r['id']}/disable",
+            'Disable',
             auth,
-            'secondary',
-            f"Let {r['email']} sign in again? Their API keys stay revoked.",
+            'danger',
+            f"Disable {r['email']}? They are signed out everywhere at once and their API keys are revoked for good.",
         )
+    return self.action(
+        f"/admin/users/{r['id']}/enable",
+        'Enable',
+        auth,
+        'secondary',
+        f"Let {r['email']} sign in again? Their API keys stay revoked.",
+    )
 
-    def users_table(self, auth, rows, q: str):
-        def role(r):
-            if r['is_sys_admin']:
-                return ui.badge('system admin', 'warn')
-            return None if r['is_active'] else ui.badge('disabled', 'bad')
+# %% ../nbs/59_pages_admin.ipynb #463fb0ac
+@patch
+def users_table(self: AdminPages, auth, rows, q: str):
+    def role(r):
+        if r['is_sys_admin']:
+            return ui.badge('system admin', 'warn')
+        return None if r['is_active'] else ui.badge('disabled', 'bad')
 
-        def two_factor(r):
-            return ui.badge('two-factor', 'ok') if r['two_factor'] else None
+    def two_factor(r):
+        return ui.badge('two-factor', 'ok') if r['two_factor'] else None
 
-        return self.table(
-            ('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
-            [
-                (
-                    r['email'],
-                    r['name'] or '',
-                    Div(role(r), two_factor(r)),
-                    r['tenants'],
-                    ui.when(r['last_login']),
-                    ui.when(r['created_at']),
-                    self.user_actions(auth, r),
-                )
-                for r in rows
-            ],
-            'No users match.' if q else 'No users yet.',
-        )
+    return self.table(
+        ('Email', 'Name', '', 'Tenants', 'Last login', 'Joined', ''),
+        [
+            (
+                r['email'],
+                r['name'] or '',
+                Div(role(r), two_factor(r)),
+                r['tenants'],
+                ui.when(r['last_login']),
+                ui.when(r['created_at']),
+                self.user_actions(auth, r),
+            )
+            for r in rows
+        ],
+        'No users match.' if q else 'No users yet.',
+    )
 
-    def jobs_table(self, auth, rows):
-        return self.table(
-            ('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error', ''),
-            [
-                (
-                    status_badge(r['status']),
-                    Code(r['job_type']),
-                    r['tenant_id'] or '—',
-                    f"{r['attempts']} / {r['max_attempts']}",
-                    ui.when(r['run_at']),
-                    ui.when(r['created_at']),
-                    Small(_last_line(r['error_log'])),
-                    self.action(f"/admin/jobs/{r['id']}/retry", 'Retry', auth) if r['status'] == 'dead' else None,
-                )
-                for r in rows
-            ],
-            'No jobs.',
-        )
+# %% ../nbs/59_pages_admin.ipynb #f1ed05f0
+@patch
+def jobs_table(self: AdminPages, auth, rows):
+    return self.table(
+        ('Status', 'Type', 'Tenant', 'Attempts', 'Run at', 'Created', 'Last error', ''),
+        [
+            (
+                status_badge(r['status']),
+                Code(r['job_type']),
+                r['tenant_id'] or '—',
+                f"{r['attempts']} / {r['max_attempts']}",
+                ui.when(r['run_at']),
+                ui.when(r['created_at']),
+                Small(_last_line(r['error_log'])),
+                self.action(f"/admin/jobs/{r['id']}/retry", 'Retry', auth) if r['status'] == 'dead' else None,
+            )
+            for r in rows
+        ],
+        'No jobs.',
+    )
 
-    def audit_table(self, rows):
-        "The events, naming users by email and tenants by name (the id on hover); a bare id is cut to 8 characters."
-        names = audit_labels(self.host_db, rows)
+# %% ../nbs/59_pages_admin.ipynb #b4a6363b
+@patch
+def audit_table(self: AdminPages, rows):
+    "The events, naming users by email and tenants by name (the id on hover); a bare id is cut to 8 characters."
+    names = audit_labels(self.host_db, rows)
 
-        def who(i, none=''):
-            return Span(names.get(i) or (i[:8] + '…' if len(i) > 9 else i), title=i) if i else none
+    def who(i, none=''):
+        return Span(names.get(i) or (i[:8] + '…' if len(i) > 9 else i), title=i) if i else none
 
-        def details(r):
-            return Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…')
+    def details(r):
+        return Small(r.details if len(r.details or '') <= 160 else r.details[:160] + '…')
 
-        return self.table(
-            ('When', 'Event', 'Actor', 'Tenant', 'Target', 'Details', 'IP'),
-            [
-                (
-                    Span(ui.when(r.created_at), cls='nowrap'),
-                    Code(r.event_type),
-                    Div(
-                        who(r.actor_user_id, '—'),
-                        Small(' by ', who(r.impersonator_user_id), cls='muted') if r.impersonator_user_id else None,
-                    ),
-                    who(r.tenant_id),
-                    who(r.target_id),
-                    details(r),
-                    r.ip_address or '',
-                )
-                for r in rows
-            ],
-            'No audit events match.',
-        )
+    return self.table(
+        ('When', 'Event', 'Actor', 'Tenant', 'Target', 'Details', 'IP'),
+        [
+            (
+                Span(ui.when(r.created_at), cls='nowrap'),
+                Code(r.event_type),
+                Div(
+                    who(r.actor_user_id, '—'),
+                    Small(' by ', who(r.impersonator_user_id), cls='muted') if r.impersonator_user_id else None,
+                ),
+                who(r.tenant_id),
+                who(r.target_id),
+                details(r),
+                r.ip_address or '',
+            )
+            for r in rows
+        ],
+        'No audit events match.',
+    )
 
-    def webhooks_table(self, rows):
-        return self.table(
-            ('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
-            [
-                (
-                    ui.when(r['created_at']),
-                    Code(r['event_id']),
-                    r['event_type'],
-                    status_badge(r['status']),
-                    r['attempts'],
-                    r['tenant_id'] or '—',
-                    Small(_last_line(r['last_error'])),
-                )
-                for r in rows
-            ],
-            'No webhook events received yet.',
-        )
+# %% ../nbs/59_pages_admin.ipynb #79e12c4d
+@patch
+def webhooks_table(self: AdminPages, rows):
+    return self.table(
+        ('Received', 'Event', 'Type', 'Status', 'Attempts', 'Tenant', 'Last error'),
+        [
+            (
+                ui.when(r['created_at']),
+                Code(r['event_id']),
+                r['event_type'],
+                status_badge(r['status']),
+                r['attempts'],
+                r['tenant_id'] or '—',
+                Small(_last_line(r['last_error'])),
+            )
+            for r in rows
+        ],
+        'No webhook events received yet.',
+    )
 
 # %% ../nbs/59_pages_admin.ipynb #c854b72f
 _admin, _admin_form = guarded(sys_admin=True), guarded(sys_admin=True, csrf=True)
@@ -577,7 +596,7 @@ _USER_REFUSALS = dict(
     no_user='There is no such user.',
 )
 
-
+# %% ../nbs/59_pages_admin.ipynb #3eac8904
 @patch
 @route('/admin')
 @_admin
@@ -615,7 +634,7 @@ def tenants(
         ),
     )
 
-
+# %% ../nbs/59_pages_admin.ipynb #73c348da
 @patch
 @route('/admin/tenants/{tenant_id}/{action}', 'post')
 @_admin_form
@@ -655,7 +674,7 @@ def users(self: AdminPages, req, auth, q: str = '', done: str = ''):
         ),
     )
 
-
+# %% ../nbs/59_pages_admin.ipynb #e80e7919
 @patch
 def set_active(self: AdminPages, req, auth, user_id: str, active: bool):
     "Disable or enable `user_id` (`set_user_active`), then back to the users page saying what happened."
@@ -702,7 +721,7 @@ def impersonate_stop(self: AdminPages, req, auth):
     stop_impersonation(self.sessions, auth.session)
     return Redirect('/admin/users?done=stopped')
 
-
+# %% ../nbs/59_pages_admin.ipynb #624b0e0a
 @patch
 @route('/admin/impersonate/{user_id}', 'post')
 @_admin_form
@@ -752,7 +771,7 @@ def job_retry(self: AdminPages, req, auth, job_id: str):
         )
     return Redirect('/admin/jobs?' + urlencode(dict(retried=job_id)))
 
-
+# %% ../nbs/59_pages_admin.ipynb #dc997594
 @patch
 @route('/admin/audit')
 @_admin

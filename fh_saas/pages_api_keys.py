@@ -8,6 +8,7 @@ Docs: https://fh-saas.github.io/fh_saas/pages_api_keys.html.md"""
 __all__ = ['ApiKeyPages']
 
 # %% ../nbs/57_pages_api_keys.ipynb #9afa687e
+from fastcore.basics import patch
 from fasthtml.common import Button, Div, H2, Label, Option, P, Select, Span
 
 from . import ui
@@ -47,80 +48,92 @@ class ApiKeyPages(Pages):
             for k in list_api_keys(self.host_db, auth.tenant_id)
         ]
 
-    def create_card(self, auth):
-        if not auth.has_role('admin'):
-            return P("Only admins and owners can create or revoke keys.", cls='muted')
-        return self.card(
-            H2('Create a key'),
-            self.form(
-                '/api-keys',
-                self.field('Name', 'name', required=True, maxlength=200, placeholder='e.g. CI deploys'),
-                Label('Mode', Select(Option('test', value='test'), Option('live', value='live'), name='mode')),
-                Button('Create key'),
-                auth=auth,
+# %% ../nbs/57_pages_api_keys.ipynb #637fc737
+@patch
+def create_card(self: ApiKeyPages, auth):
+    if not auth.has_role('admin'):
+        return P("Only admins and owners can create or revoke keys.", cls='muted')
+    return self.card(
+        H2('Create a key'),
+        self.form(
+            '/api-keys',
+            self.field('Name', 'name', required=True, maxlength=200, placeholder='e.g. CI deploys'),
+            Label('Mode', Select(Option('test', value='test'), Option('live', value='live'), name='mode')),
+            Button('Create key'),
+            auth=auth,
+        ),
+    )
+
+# %% ../nbs/57_pages_api_keys.ipynb #95a860f5
+@patch
+def keys_page(self: ApiKeyPages, req, auth, secret=None, notice=None, kind='ok', status=200):
+    rows = self.key_rows(auth)
+    shown = (
+        self.card(
+            self.alert(
+                "Copy this key now. It is shown only once: we store only its hash, so it cannot be shown again.",
+                'warn',
             ),
+            Div(secret, cls='secret'),
         )
+        if secret
+        else None
+    )
+    return self.show(
+        req,
+        'API keys',
+        self.notice(notice, kind),
+        shown,
+        self.card(self.table(('Name', 'Key', 'Mode', 'Created', 'Last used', ''), rows))
+        if rows
+        else P("No keys yet.", cls='muted'),
+        self.create_card(auth),
+        P("Send a key as ", Span('Authorization: Bearer <key>', cls='secret'), ".", cls='muted'),
+        status=status,
+        headers=NO_STORE,
+    )
 
-    def keys_page(self, req, auth, secret=None, notice=None, kind='ok', status=200):
-        rows = self.key_rows(auth)
-        shown = (
-            self.card(
-                self.alert(
-                    "Copy this key now. It is shown only once: we store only its hash, so it cannot be shown again.",
-                    'warn',
-                ),
-                Div(secret, cls='secret'),
-            )
-            if secret
-            else None
-        )
-        return self.show(
+# %% ../nbs/57_pages_api_keys.ipynb #801b5800
+@patch
+def role_refused(self: ApiKeyPages, req, auth, role, message=None):
+    return self.keys_page(req, auth, notice=message, kind='bad', status=403)
+
+
+@patch
+@route('/api-keys')
+def api_keys(self: ApiKeyPages, req, auth):
+    return self.keys_page(req, auth)
+
+# %% ../nbs/57_pages_api_keys.ipynb #4ee189a5
+@patch
+@route('/api-keys', 'post')
+@guarded(role='admin', csrf=True, message="Only admins and owners can create keys.")
+def new_api_key(self: ApiKeyPages, req, auth, name: str = '', mode: str = 'test'):
+    if auth.impersonator is not None:
+        return self.keys_page(
             req,
-            'API keys',
-            self.notice(notice, kind),
-            shown,
-            self.card(self.table(('Name', 'Key', 'Mode', 'Created', 'Last used', ''), rows))
-            if rows
-            else P("No keys yet.", cls='muted'),
-            self.create_card(auth),
-            P("Send a key as ", Span('Authorization: Bearer <key>', cls='secret'), ".", cls='muted'),
-            status=status,
-            headers=NO_STORE,
+            auth,
+            notice="Keys cannot be created while impersonating: a key would outlast the impersonation.",
+            kind='bad',
+            status=403,
         )
+    name = ' '.join(name.split())
+    if not name or len(name) > 200 or mode not in ('test', 'live'):
+        return self.keys_page(
+            req,
+            auth,
+            notice="Give the key a name (at most 200 characters) and choose test or live.",
+            kind='bad',
+            status=400,
+        )
+    secret, _ = create_api_key(self.host_db, auth.tenant_id, auth.user.id, name, 'secret', mode)
+    return self.keys_page(req, auth, secret=secret, notice=f"Key “{name}” created.")
 
-    def role_refused(self, req, auth, role, message=None):
-        return self.keys_page(req, auth, notice=message, kind='bad', status=403)
-
-    @route('/api-keys')
-    def api_keys(self, req, auth):
-        return self.keys_page(req, auth)
-
-    @route('/api-keys', 'post')
-    @guarded(role='admin', csrf=True, message="Only admins and owners can create keys.")
-    def new_api_key(self, req, auth, name: str = '', mode: str = 'test'):
-        if auth.impersonator is not None:
-            return self.keys_page(
-                req,
-                auth,
-                notice="Keys cannot be created while impersonating: a key would outlast the impersonation.",
-                kind='bad',
-                status=403,
-            )
-        name = ' '.join(name.split())
-        if not name or len(name) > 200 or mode not in ('test', 'live'):
-            return self.keys_page(
-                req,
-                auth,
-                notice="Give the key a name (at most 200 characters) and choose test or live.",
-                kind='bad',
-                status=400,
-            )
-        secret, _ = create_api_key(self.host_db, auth.tenant_id, auth.user.id, name, 'secret', mode)
-        return self.keys_page(req, auth, secret=secret, notice=f"Key “{name}” created.")
-
-    @route('/api-keys/{key_id}/revoke', 'post')
-    @guarded(role='admin', csrf=True, message="Only admins and owners can revoke keys.")
-    def revoke_key(self, req, auth, key_id: str):
-        if not revoke_api_key(self.host_db, auth.tenant_id, key_id):
-            return self.keys_page(req, auth, notice="No active key of this tenant has that id.", kind='bad', status=404)
-        return self.keys_page(req, auth, notice="Key revoked: requests using it are refused from now on.")
+# %% ../nbs/57_pages_api_keys.ipynb #c4816abe
+@patch
+@route('/api-keys/{key_id}/revoke', 'post')
+@guarded(role='admin', csrf=True, message="Only admins and owners can revoke keys.")
+def revoke_key(self: ApiKeyPages, req, auth, key_id: str):
+    if not revoke_api_key(self.host_db, auth.tenant_id, key_id):
+        return self.keys_page(req, auth, notice="No active key of this tenant has that id.", kind='bad', status=404)
+    return self.keys_page(req, auth, notice="Key revoked: requests using it are refused from now on.")

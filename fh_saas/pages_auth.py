@@ -106,7 +106,7 @@ def _set_details(host_db: HostDatabase, tenant_id: str, user_id: str, details: d
 class TooManyTenants(AccountError):
     "The user owns as many tenants as one person may."
 
-
+# %% ../nbs/55_pages_auth.ipynb #ebae3883
 def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
     """`AccountError` unless `owner_id` is an active user; `TooManyTenants` when they (not a system admin) own
     `max_owned` live tenants already. The user's row is locked first, so creations racing for one user count one
@@ -133,7 +133,7 @@ def _check_owned(conn, owner_id: str, roles: Roles, max_owned: int | None):
             f"You already own {owned} tenants, the most one person may own. Ask support if you need more."
         )
 
-
+# %% ../nbs/55_pages_auth.ipynb #25ce37a2
 def create_tenant(
     host_db: HostDatabase,
     owner_id: str,
@@ -164,7 +164,7 @@ def create_tenant(
         )
     return tid
 
-
+# %% ../nbs/55_pages_auth.ipynb #2300eb3b
 def sign_up(
     host_db: HostDatabase,
     email: str,
@@ -254,42 +254,52 @@ class AuthPages(Pages):
             ),
         ]
 
-    def invited_here(self, next: str, email: str) -> bool:
-        "Whether `next` is an open invitation's page for `email` (signing up to accept it)."
-        m = re.fullmatch(r'/invitations/([^/?#]+)', next or '')
-        return bool(m) and invited_address(self.host_db, unquote(m.group(1))) == normalize_email(email)
+# %% ../nbs/55_pages_auth.ipynb #851d88b4
+@patch
+def invited_here(self: AuthPages, next: str, email: str) -> bool:
+    "Whether `next` is an open invitation's page for `email` (signing up to accept it)."
+    m = re.fullmatch(r'/invitations/([^/?#]+)', next or '')
+    return bool(m) and invited_address(self.host_db, unquote(m.group(1))) == normalize_email(email)
 
-    def signup_extra(self, req, form: dict, invited: bool) -> dict:
-        "The `details` to store from the app's own sign-up fields in `form`; raise `AccountError` to refuse them."
-        return {}
 
-    def on_signup(self, req, user_id: str, tenant_id: str | None, details: dict):
-        "Called once a sign-up is committed."
+@patch
+def signup_extra(self: AuthPages, req, form: dict, invited: bool) -> dict:
+    "The `details` to store from the app's own sign-up fields in `form`; raise `AccountError` to refuse them."
+    return {}
 
-    def signup_form(self, req, values: dict, next: str = ''):
-        "The sign-up card."
-        invited = local_path(next, '') != ''
-        return self.card(
-            self.form(
-                '/signup',
-                *self.signup_fields(req, values, invited),
-                Hidden(name='next', value=next) if invited else None,
-                Button('Create account'),
-            )
+
+@patch
+def on_signup(self: AuthPages, req, user_id: str, tenant_id: str | None, details: dict):
+    "Called once a sign-up is committed."
+
+
+@patch
+def signup_form(self: AuthPages, req, values: dict, next: str = ''):
+    "The sign-up card."
+    invited = local_path(next, '') != ''
+    return self.card(
+        self.form(
+            '/signup',
+            *self.signup_fields(req, values, invited),
+            Hidden(name='next', value=next) if invited else None,
+            Button('Create account'),
         )
+    )
 
-    def signup_page(self, req, values: dict | None = None, next: str = '', error=None, status: int = 200):
-        "The sign-up page, with `error` above the form."
-        login = f"/login?next={quote(next)}" if local_path(next, '') != '' else '/login'
-        return self.show(
-            req,
-            'Create your account',
-            self.notice(error, 'bad'),
-            self.signup_form(req, values or {}, next),
-            P('Already have an account? ', A('Log in', href=login)),
-            status=status,
-            narrow=True,
-        )
+
+@patch
+def signup_page(self: AuthPages, req, values: dict | None = None, next: str = '', error=None, status: int = 200):
+    "The sign-up page, with `error` above the form."
+    login = f"/login?next={quote(next)}" if local_path(next, '') != '' else '/login'
+    return self.show(
+        req,
+        'Create your account',
+        self.notice(error, 'bad'),
+        self.signup_form(req, values or {}, next),
+        P('Already have an account? ', A('Log in', href=login)),
+        status=status,
+        narrow=True,
+    )
 
 # %% ../nbs/55_pages_auth.ipynb #1ec35d0f
 @patch
@@ -395,7 +405,7 @@ def login_page(self: AuthPages, req, email='', next='', error=None, status=200, 
 def login_get(self: AuthPages, req, next: str = '', done: str = ''):
     return self.login_page(req, next=local_path(next, ''), notice=LOGIN_NOTICES.get(done))
 
-
+# %% ../nbs/55_pages_auth.ipynb #8c0cc2d0
 @patch
 @route('/login', 'post')
 def do_login(self: AuthPages, req, email: str = '', password: str = '', next: str = ''):
@@ -446,7 +456,7 @@ def second_step_started(self: AuthPages, req, token: str, next: str):
         RedirectResponse(_second_step_to(next), 303), token, self.saas.secure or req.url.scheme == 'https'
     )
 
-
+# %% ../nbs/55_pages_auth.ipynb #86e0f83f
 @patch
 def second_step_page(self: AuthPages, req, next: str, error: str | None = None):
     "The code form, or (the pending login gone) the message to log in again."
@@ -484,7 +494,7 @@ def second_step_page(self: AuthPages, req, next: str, error: str | None = None):
 def second_step_get(self: AuthPages, req, next: str = '', done: str = ''):
     return self.second_step_page(req, local_path(next, ''), SECOND_STEP_NOTICES.get(done))
 
-
+# %% ../nbs/55_pages_auth.ipynb #7bc634f3
 @patch
 @route(SECOND_STEP_PATH, 'post')
 def do_second_step(self: AuthPages, req, code: str = '', next: str = ''):
@@ -546,7 +556,7 @@ def reset_request(self: AuthPages, req, email: str = ''):
         narrow=True,
     )
 
-
+# %% ../nbs/55_pages_auth.ipynb #39654633
 @patch
 def new_password_form(self: AuthPages, req, token: str, error=None, status: int = 200):
     return self.show(
@@ -576,7 +586,7 @@ def new_password_form(self: AuthPages, req, token: str, error=None, status: int 
 def new_password_page(self: AuthPages, req, token: str):
     return self.new_password_form(req, token)
 
-
+# %% ../nbs/55_pages_auth.ipynb #ece0deb0
 @patch
 @route('/password-reset/{token}', 'post')
 def new_password(self: AuthPages, req, token: str, password: str = '', confirm: str = ''):
@@ -604,7 +614,7 @@ def new_password(self: AuthPages, req, token: str, password: str = '', confirm: 
         headers=NO_STORE,
     )
 
-
+# %% ../nbs/55_pages_auth.ipynb #367de7e6
 @patch
 @route('/verify-email/{token}')
 def verify(self: AuthPages, req, token: str):
@@ -669,7 +679,7 @@ def clean_user_name(name: str | None) -> str:
         raise AccountRefused('name_control')
     return name
 
-
+# %% ../nbs/55_pages_auth.ipynb #59c50ed7
 def change_name(host_db: HostDatabase, record: SessionRecord, name: str | None) -> str:
     "Give `record`'s user the name `clean_user_name(name)`, audited, in one transaction; the name stored."
     name = clean_user_name(name)
@@ -732,7 +742,7 @@ def end_session(sessions: SessionManager, record: SessionRecord, handle: str) ->
         )
     return True
 
-
+# %% ../nbs/55_pages_auth.ipynb #6627b807
 def end_other_sessions(sessions: SessionManager, record: SessionRecord) -> int:
     "End every session of `record`'s user but `record`'s own, audited, in one transaction; how many ended."
     with sessions.host_db.transaction():
@@ -798,167 +808,191 @@ class AccountPages(Pages):
         state = ui.badge('confirmed', 'ok') if u.email_verified_at else ui.badge('not confirmed', 'warn')
         return self.card(P(Strong('Email: '), u.email, ' ', state), P(Strong('Name: '), u.name or '—'), confirm)
 
-    def name_card(self, req, auth):
-        "The form changing the user's name."
-        return self.card(
-            H2('Your name'),
-            self.form(
-                '/account/name',
-                self.field(
-                    'Name',
-                    'name',
-                    value=auth.user.name or '',
-                    required=True,
-                    maxlength=ACCOUNT_NAME_MAX,
-                    autocomplete='name',
-                ),
-                Button('Save name'),
-                auth=auth,
+# %% ../nbs/55_pages_auth.ipynb #5a7e1608
+@patch
+def name_card(self: AccountPages, req, auth):
+    "The form changing the user's name."
+    return self.card(
+        H2('Your name'),
+        self.form(
+            '/account/name',
+            self.field(
+                'Name',
+                'name',
+                value=auth.user.name or '',
+                required=True,
+                maxlength=ACCOUNT_NAME_MAX,
+                autocomplete='name',
             ),
-        )
-
-    def password_card(self, req, auth):
-        "The form changing the user's password (which signs out every other device)."
-        new = dict(required=True, minlength=MIN_PASSWORD, maxlength=MAX_PASSWORD, autocomplete='new-password')
-        return self.card(
-            H2('Change your password'),
-            self.form(
-                '/account/password',
-                self.field('Current password', 'current', 'password', required=True, autocomplete='current-password'),
-                self.field('New password', 'password', 'password', **new),
-                self.field('Repeat the new password', 'confirm', 'password', **new),
-                Button('Change password'),
-                auth=auth,
-            ),
-            P("Changing it signs out every other device.", cls='muted'),
-        )
-
-    def session_row(self, auth, s: SessionRecord) -> tuple:
-        here = auth.session is not None and s.id_hash == auth.session.id_hash
-        end = self.form(
-            '/account/sessions/end',
-            Hidden(name='handle', value=session_handle(s.id_hash)),
-            Button('Sign out', cls='danger'),
+            Button('Save name'),
             auth=auth,
-            cls='inline',
-        )
-        return (
-            short_agent(s.user_agent),
-            s.ip_address or '—',
-            ui.when(s.created_at),
-            ui.when(s.last_seen_at),
-            ui.badge('this device', 'ok') if here else end,
-        )
+        ),
+    )
 
-    def sessions_card(self, req, auth):
-        "The user's live sessions, each but this one with a sign-out button, and one signing out all the others."
-        live = live_sessions(self.sessions, auth.user.id)
-        others = [s for s in live if auth.session is None or s.id_hash != auth.session.id_hash]
-        return self.card(
-            H2('Where you are signed in'),
-            self.table(
-                ('Device', 'IP address', 'Signed in', 'Last seen', ''),
-                [self.session_row(auth, s) for s in live],
-                "No browser is signed in.",
-            ),
-            self.form('/account/sessions/end-others', Button('Sign out every other device', cls='danger'), auth=auth)
-            if others
-            else None,
-        )
 
-    def account_page(self, req, auth, notice=None, kind='ok', status=200, headers=None):
-        return self.show(
+@patch
+def password_card(self: AccountPages, req, auth):
+    "The form changing the user's password (which signs out every other device)."
+    new = dict(required=True, minlength=MIN_PASSWORD, maxlength=MAX_PASSWORD, autocomplete='new-password')
+    return self.card(
+        H2('Change your password'),
+        self.form(
+            '/account/password',
+            self.field('Current password', 'current', 'password', required=True, autocomplete='current-password'),
+            self.field('New password', 'password', 'password', **new),
+            self.field('Repeat the new password', 'confirm', 'password', **new),
+            Button('Change password'),
+            auth=auth,
+        ),
+        P("Changing it signs out every other device.", cls='muted'),
+    )
+
+# %% ../nbs/55_pages_auth.ipynb #ca76ab31
+@patch
+def session_row(self: AccountPages, auth, s: SessionRecord) -> tuple:
+    here = auth.session is not None and s.id_hash == auth.session.id_hash
+    end = self.form(
+        '/account/sessions/end',
+        Hidden(name='handle', value=session_handle(s.id_hash)),
+        Button('Sign out', cls='danger'),
+        auth=auth,
+        cls='inline',
+    )
+    return (
+        short_agent(s.user_agent),
+        s.ip_address or '—',
+        ui.when(s.created_at),
+        ui.when(s.last_seen_at),
+        ui.badge('this device', 'ok') if here else end,
+    )
+
+
+@patch
+def sessions_card(self: AccountPages, req, auth):
+    "The user's live sessions, each but this one with a sign-out button, and one signing out all the others."
+    live = live_sessions(self.sessions, auth.user.id)
+    others = [s for s in live if auth.session is None or s.id_hash != auth.session.id_hash]
+    return self.card(
+        H2('Where you are signed in'),
+        self.table(
+            ('Device', 'IP address', 'Signed in', 'Last seen', ''),
+            [self.session_row(auth, s) for s in live],
+            "No browser is signed in.",
+        ),
+        self.form('/account/sessions/end-others', Button('Sign out every other device', cls='danger'), auth=auth)
+        if others
+        else None,
+    )
+
+# %% ../nbs/55_pages_auth.ipynb #ceb25f7d
+@patch
+def account_page(self: AccountPages, req, auth, notice=None, kind='ok', status=200, headers=None):
+    return self.show(
+        req,
+        'Your account',
+        self.notice(notice, kind),
+        self.account_body(req, auth),
+        self.name_card(req, auth),
+        self.email_card(req, auth),
+        self.password_card(req, auth),
+        self.two_factor_card(req, auth),
+        self.sessions_card(req, auth),
+        self.delete_card(req, auth),
+        status=status,
+        headers=headers,
+    )
+
+
+@patch
+def done(self: AccountPages, code: str):
+    "The redirect back to the account page, which then says `ACCOUNT_NOTICES[code]`."
+    return Redirect(f'/account?done={code}')
+
+
+@patch
+@route('/account')
+def account(self: AccountPages, req, auth, done: str = ''):
+    notice, kind = ACCOUNT_NOTICES.get(done, (None, 'ok'))
+    return self.account_page(req, auth, notice, kind, headers=NO_STORE)
+
+
+@patch
+@route('/account/name', 'post')
+@guarded(csrf=True)
+def set_name(self: AccountPages, req, auth, name: str = ''):
+    try:
+        change_name(self.host_db, auth.session, name)
+    except AccountRefused as e:
+        return self.done(e.code)
+    return self.done('name_changed')
+
+# %% ../nbs/55_pages_auth.ipynb #c46530cb
+@patch
+@route('/account/password', 'post')
+@guarded(csrf=True)
+def set_password(self: AccountPages, req, auth, current: str = '', password: str = '', confirm: str = ''):
+    if password != confirm:
+        return self.done('password_differs')
+    try:
+        change_password(self.sessions, auth.session, current, password, self.hasher)
+    except WeakPassword:
+        return self.done('password_weak')
+    except LoginThrottled:
+        return self.done('password_throttled')
+    except LoginFailed:
+        return self.done('password_wrong')
+    return self.done('password_changed')
+
+
+@patch
+@route('/account/sessions/end', 'post')
+@guarded(csrf=True)
+def sign_out_session(self: AccountPages, req, auth, handle: str = ''):
+    if not end_session(self.sessions, auth.session, handle):
+        return self.refuse(
             req,
-            'Your account',
-            self.notice(notice, kind),
-            self.account_body(req, auth),
-            self.name_card(req, auth),
-            self.email_card(req, auth),
-            self.password_card(req, auth),
-            self.two_factor_card(req, auth),
-            self.sessions_card(req, auth),
-            self.delete_card(req, auth),
-            status=status,
-            headers=headers,
+            404,
+            "None of your other devices is signed in with that session. It may have been signed out already.",
+            '/account',
         )
+    return self.done('session_ended')
 
-    def done(self, code: str):
-        "The redirect back to the account page, which then says `ACCOUNT_NOTICES[code]`."
-        return Redirect(f'/account?done={code}')
 
-    @route('/account')
-    def account(self, req, auth, done: str = ''):
-        notice, kind = ACCOUNT_NOTICES.get(done, (None, 'ok'))
-        return self.account_page(req, auth, notice, kind, headers=NO_STORE)
+@patch
+@route('/account/sessions/end-others', 'post')
+@guarded(csrf=True)
+def sign_out_others(self: AccountPages, req, auth):
+    end_other_sessions(self.sessions, auth.session)
+    return self.done('others_ended')
 
-    @route('/account/name', 'post')
-    @guarded(csrf=True)
-    def set_name(self, req, auth, name: str = ''):
-        try:
-            change_name(self.host_db, auth.session, name)
-        except AccountRefused as e:
-            return self.done(e.code)
-        return self.done('name_changed')
-
-    @route('/account/password', 'post')
-    @guarded(csrf=True)
-    def set_password(self, req, auth, current: str = '', password: str = '', confirm: str = ''):
-        if password != confirm:
-            return self.done('password_differs')
-        try:
-            change_password(self.sessions, auth.session, current, password, self.hasher)
-        except WeakPassword:
-            return self.done('password_weak')
-        except LoginThrottled:
-            return self.done('password_throttled')
-        except LoginFailed:
-            return self.done('password_wrong')
-        return self.done('password_changed')
-
-    @route('/account/sessions/end', 'post')
-    @guarded(csrf=True)
-    def sign_out_session(self, req, auth, handle: str = ''):
-        if not end_session(self.sessions, auth.session, handle):
-            return self.refuse(
-                req,
-                404,
-                "None of your other devices is signed in with that session. It may have been signed out already.",
-                '/account',
-            )
-        return self.done('session_ended')
-
-    @route('/account/sessions/end-others', 'post')
-    @guarded(csrf=True)
-    def sign_out_others(self, req, auth):
-        end_other_sessions(self.sessions, auth.session)
-        return self.done('others_ended')
-
-    @route('/account/verify-email', 'post')
-    @guarded(csrf=True)
-    def resend_verification(self, req, auth):
-        if auth.user.email_verified_at:
-            return self.account_page(req, auth, "Your email address is already confirmed.")
-        if not (rl := hit(self.host_db, f'email_verify:{auth.user.id}', self.verify_rate)).allowed:
-            return self.account_page(
-                req,
-                auth,
-                f"We have sent you several links already. Try again in {rl.retry_after} seconds.",
-                'bad',
-                429,
-                headers={'Retry-After': str(rl.retry_after)},
-            )
-        try:
-            send_email_verification(
-                self.host_db, auth.user.id, self.saas.mailer, self.verify_link, templates=self.saas.mail
-            )
-        except OSError as e:
-            _log.warning("user %s: the verification email was not sent: %s", auth.user.id, e)
-            return self.account_page(
-                req, auth, "We could not send the email just now. Please try again in a few minutes.", 'bad', 503
-            )
+# %% ../nbs/55_pages_auth.ipynb #3a56c6d5
+@patch
+@route('/account/verify-email', 'post')
+@guarded(csrf=True)
+def resend_verification(self: AccountPages, req, auth):
+    if auth.user.email_verified_at:
+        return self.account_page(req, auth, "Your email address is already confirmed.")
+    if not (rl := hit(self.host_db, f'email_verify:{auth.user.id}', self.verify_rate)).allowed:
         return self.account_page(
-            req, auth, f"We sent a new confirmation link to {auth.user.email}. It works once, within two days."
+            req,
+            auth,
+            f"We have sent you several links already. Try again in {rl.retry_after} seconds.",
+            'bad',
+            429,
+            headers={'Retry-After': str(rl.retry_after)},
         )
+    try:
+        send_email_verification(
+            self.host_db, auth.user.id, self.saas.mailer, self.verify_link, templates=self.saas.mail
+        )
+    except OSError as e:
+        _log.warning("user %s: the verification email was not sent: %s", auth.user.id, e)
+        return self.account_page(
+            req, auth, "We could not send the email just now. Please try again in a few minutes.", 'bad', 503
+        )
+    return self.account_page(
+        req, auth, f"We sent a new confirmation link to {auth.user.email}. It works once, within two days."
+    )
 
 # %% ../nbs/55_pages_auth.ipynb #212f5a79
 ACCOUNT_NOTICES |= dict(
@@ -990,7 +1024,7 @@ def two_factor_setup_part(self: AccountPages, req, auth, secret: str):
         self.form('/account/two-factor/confirm', _code_field(), Button('Turn on'), auth=auth),
     )
 
-
+# %% ../nbs/55_pages_auth.ipynb #0d0077c5
 @patch
 def two_factor_card(self: AccountPages, req, auth):
     "The two-factor sign-in card: set up, the recovery codes once, new codes, turn off."
@@ -1119,7 +1153,7 @@ def email_card(self: AccountPages, req, auth):
         P("The new address takes effect once you open the link we send to it; we tell the old one.", cls='muted'),
     )
 
-
+# %% ../nbs/55_pages_auth.ipynb #d336b4c3
 @patch
 @route('/account/email', 'post')
 @guarded(csrf=True)
@@ -1145,7 +1179,7 @@ def set_email(self: AccountPages, req, auth, email: str = '', password: str = ''
         return self.done('email_unsent')
     return self.done('email_change_sent')
 
-
+# %% ../nbs/55_pages_auth.ipynb #6ab9116a
 @patch
 @route(NEW_ADDRESS_PATH + '/{token}')
 def confirm_new_address(self: AuthPages, req, token: str):
@@ -1187,7 +1221,7 @@ def deleted_email(user_id: str) -> str:
     "The address a deleted account keeps: unique, and never deliverable (`.invalid` is reserved)."
     return f"deleted-{user_id}@invalid"
 
-
+# %% ../nbs/55_pages_auth.ipynb #6a0cd50a
 def _check_deletion(
     sessions: SessionManager,
     record: SessionRecord,
@@ -1219,7 +1253,7 @@ def _check_deletion(
         reset_bucket(db, bucket)
     return stored
 
-
+# %% ../nbs/55_pages_auth.ipynb #af00f558
 def delete_account(
     sessions: SessionManager,
     record: SessionRecord,
@@ -1277,7 +1311,7 @@ def delete_account(
         _log.warning("user %s: the notice of the account's deletion was not sent: %s", uid, e)
     return address
 
-
+# %% ../nbs/55_pages_auth.ipynb #916da20a
 @patch
 def delete_card(self: AccountPages, req, auth):
     "Deleting the account: the password, a code with two-factor sign-in, the email typed; the tenants in the way."
@@ -1312,7 +1346,7 @@ def delete_card(self: AccountPages, req, auth):
         ),
     )
 
-
+# %% ../nbs/55_pages_auth.ipynb #008bd352
 @patch
 @route('/account/delete', 'post')
 @guarded(csrf=True)

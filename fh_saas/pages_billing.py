@@ -88,7 +88,7 @@ def yearly_saving(plans) -> int:
         or [0]
     )
 
-
+# %% ../nbs/58_pages_billing.ipynb #4df66ce7
 def plan_card(plan: PricingPlan, current: bool = False, actions=(), interval: str = 'month') -> Div:
     "A pricing card for `plan` at `interval`; `current` marks the tenant's plan; `actions` are the viewer's buttons."
     features, quotas = json.loads(plan.features), json.loads(plan.quotas)
@@ -172,7 +172,7 @@ def access_card(access: billing.Access, tenant_name: str) -> Div:
         cls='card',
     )
 
-
+# %% ../nbs/58_pages_billing.ipynb #4354d2da
 def subscription_card(ents: billing.Entitlements) -> Div:
     "The tenant's newest subscription row, as people read it."
     sub, plan, access = ents.subscription, ents.plan, ents.access
@@ -212,7 +212,7 @@ def subscription_card(ents: billing.Entitlements) -> Div:
         cls='card',
     )
 
-
+# %% ../nbs/58_pages_billing.ipynb #61b48543
 def entitlements_card(ents: billing.Entitlements, used: dict[str, int]) -> Div:
     "The features and quotas `ents` grants; `used` is this month's usage of each quota."
     if not ents.access.allowed:
@@ -265,108 +265,126 @@ class BillingPages(Pages):
             req, 403, 'Not allowed', message or 'Only owners and admins of this tenant can change its billing.'
         )
 
-    def setup_help(self, auth):
-        "While Stripe is not configured: what to set for a system admin, a plain sentence for a customer."
-        if self.saas.stripe is not None:
-            return None
-        if auth is not None and auth.user.is_sys_admin:
-            return stripe_setup_help(self.webhook_url)
-        return P(NO_PAYMENTS, cls='muted')
+# %% ../nbs/58_pages_billing.ipynb #9de5c76b
+@patch
+def setup_help(self: BillingPages, auth):
+    "While Stripe is not configured: what to set for a system admin, a plain sentence for a customer."
+    if self.saas.stripe is not None:
+        return None
+    if auth is not None and auth.user.is_sys_admin:
+        return stripe_setup_help(self.webhook_url)
+    return P(NO_PAYMENTS, cls='muted')
 
-    def unconfigured(self, req):
-        "The 503 page while Stripe is not configured, else None."
-        if self.saas.stripe is None:
-            return self.show(req, 'Payments not available', self.setup_help(req.scope.get('auth')), status=503)
 
-    def stripe_failed(self, req):
-        return self.refused(
-            req,
-            502,
-            'Stripe is unavailable',
-            'Stripe could not complete the request. Nothing was changed; please try again in a minute.',
+@patch
+def unconfigured(self: BillingPages, req):
+    "The 503 page while Stripe is not configured, else None."
+    if self.saas.stripe is None:
+        return self.show(req, 'Payments not available', self.setup_help(req.scope.get('auth')), status=503)
+
+
+@patch
+def stripe_failed(self: BillingPages, req):
+    return self.refused(
+        req,
+        502,
+        'Stripe is unavailable',
+        'Stripe could not complete the request. Nothing was changed; please try again in a minute.',
+    )
+
+# %% ../nbs/58_pages_billing.ipynb #27674f50
+@patch
+def current_plan(self: BillingPages, tenant_id: str) -> str | None:
+    d = billing.access_decision(self.host_db, tenant_id)
+    return d.plan_id if d.allowed or d.state in stripe_billing.LIVE_STATUSES else None
+
+
+@patch
+def plan_actions(
+    self: BillingPages, plan: PricingPlan, auth, live: bool, current: bool = False, interval: str = 'month'
+):
+    "The button the viewer `auth` may use on `plan`'s card, for the billing period shown."
+    if auth is None:
+        return (A('Start free trial' if plan.trial_days else 'Get started', href='/signup', cls='button'),)
+    per = plan_interval(plan, interval)
+    if current or not getattr(plan, f'stripe_price_{per}ly'):
+        return ()
+    if auth.tenant_id is None:
+        return (A('Choose a tenant first', href='/tenants', cls='button secondary'),)
+    if not may_manage(auth, self.min_role):
+        return (P(f"Ask an owner or admin of {auth.tenant.name} to change the plan.", cls='muted'),)
+    if self.saas.stripe is None:
+        return ()
+    return (
+        self.form(
+            '/billing/checkout',
+            Hidden(name='plan_id', value=plan.id),
+            Hidden(name='interval', value=per),
+            Button(f"{'Switch to' if live else 'Choose'} {plan.name} {per}ly"),
+            auth=auth,
+            cls='inline',
+        ),
+    )
+
+# %% ../nbs/58_pages_billing.ipynb #7ad33f36
+@patch
+def interval_toggle(self: BillingPages, plans, interval: str):
+    "Monthly or yearly prices, as two links (no script), when some plan has both."
+    if not any(p.amount_monthly is not None and p.amount_yearly is not None for p in plans):
+        return None
+    save = yearly_saving(plans)
+    labels = dict(month='Monthly', year=f"Yearly (save up to {save}%)" if save else 'Yearly')
+    return Div(
+        *[
+            A(labels[i], href=f'/pricing?interval={i}', cls='button' if i == interval else 'button secondary')
+            for i in INTERVALS
+        ],
+        style=_ROW + ';margin-bottom:1rem',
+    )
+
+
+@patch
+def gated_notice(self: BillingPages, plans, feature: str, quota: str):
+    "Why a guard sent the visitor here, and which plans have what was missing (names only from the plans)."
+    if feature:
+        having = [p.name for p in plans if feature in json.loads(p.features)]
+        if not having:
+            return self.alert("Your plan does not include that feature.", 'warn')
+        return self.alert(
+            f"Your plan does not include {_label(feature)}. It comes with {' and '.join(having)}.", 'warn'
+        )
+    if quota and any(quota in json.loads(p.quotas) for p in plans):
+        return self.alert(
+            f"You have used all the {_label(quota)} your plan includes this month. The plans below "
+            "say how many each includes.",
+            'warn',
         )
 
-    def current_plan(self, tenant_id: str) -> str | None:
-        d = billing.access_decision(self.host_db, tenant_id)
-        return d.plan_id if d.allowed or d.state in stripe_billing.LIVE_STATUSES else None
 
-    def plan_actions(self, plan: PricingPlan, auth, live: bool, current: bool = False, interval: str = 'month'):
-        "The button the viewer `auth` may use on `plan`'s card, for the billing period shown."
-        if auth is None:
-            return (A('Start free trial' if plan.trial_days else 'Get started', href='/signup', cls='button'),)
-        per = plan_interval(plan, interval)
-        if current or not getattr(plan, f'stripe_price_{per}ly'):
-            return ()
-        if auth.tenant_id is None:
-            return (A('Choose a tenant first', href='/tenants', cls='button secondary'),)
-        if not may_manage(auth, self.min_role):
-            return (P(f"Ask an owner or admin of {auth.tenant.name} to change the plan.", cls='muted'),)
-        if self.saas.stripe is None:
-            return ()
-        return (
-            self.form(
-                '/billing/checkout',
-                Hidden(name='plan_id', value=plan.id),
-                Hidden(name='interval', value=per),
-                Button(f"{'Switch to' if live else 'Choose'} {plan.name} {per}ly"),
-                auth=auth,
-                cls='inline',
-            ),
+@patch
+def manage_actions(self: BillingPages, auth, sub):
+    "The Manage card's content: change plan, the Stripe portal and cancelling, as far as `auth` may."
+    if self.saas.stripe is None:
+        return self.setup_help(auth)
+    if not may_manage(auth, self.min_role):
+        return P('Only owners and admins can change the plan or payment details.', cls='muted')
+    live = sub is not None and sub['status'] in stripe_billing.LIVE_STATUSES
+    return Div(
+        A('Change plan', href='/pricing', cls='button'),
+        self.form('/billing/portal', Button('Manage billing', cls='secondary'), auth=auth, cls='inline')
+        if stripe_billing.tenant_customer(self.host_db, auth.tenant_id)
+        else None,
+        self.form(
+            '/billing/cancel',
+            Button('Cancel at period end', cls='danger'),
+            auth=auth,
+            cls='inline',
+            data_confirm='Cancel the subscription at the end of the current period?',
         )
-
-    def interval_toggle(self, plans, interval: str):
-        "Monthly or yearly prices, as two links (no script), when some plan has both."
-        if not any(p.amount_monthly is not None and p.amount_yearly is not None for p in plans):
-            return None
-        save = yearly_saving(plans)
-        labels = dict(month='Monthly', year=f"Yearly (save up to {save}%)" if save else 'Yearly')
-        return Div(
-            *[
-                A(labels[i], href=f'/pricing?interval={i}', cls='button' if i == interval else 'button secondary')
-                for i in INTERVALS
-            ],
-            style=_ROW + ';margin-bottom:1rem',
-        )
-
-    def gated_notice(self, plans, feature: str, quota: str):
-        "Why a guard sent the visitor here, and which plans have what was missing (names only from the plans)."
-        if feature:
-            having = [p.name for p in plans if feature in json.loads(p.features)]
-            if not having:
-                return self.alert("Your plan does not include that feature.", 'warn')
-            return self.alert(
-                f"Your plan does not include {_label(feature)}. It comes with {' and '.join(having)}.", 'warn'
-            )
-        if quota and any(quota in json.loads(p.quotas) for p in plans):
-            return self.alert(
-                f"You have used all the {_label(quota)} your plan includes this month. The plans below "
-                "say how many each includes.",
-                'warn',
-            )
-
-    def manage_actions(self, auth, sub):
-        "The Manage card's content: change plan, the Stripe portal and cancelling, as far as `auth` may."
-        if self.saas.stripe is None:
-            return self.setup_help(auth)
-        if not may_manage(auth, self.min_role):
-            return P('Only owners and admins can change the plan or payment details.', cls='muted')
-        live = sub is not None and sub['status'] in stripe_billing.LIVE_STATUSES
-        return Div(
-            A('Change plan', href='/pricing', cls='button'),
-            self.form('/billing/portal', Button('Manage billing', cls='secondary'), auth=auth, cls='inline')
-            if stripe_billing.tenant_customer(self.host_db, auth.tenant_id)
-            else None,
-            self.form(
-                '/billing/cancel',
-                Button('Cancel at period end', cls='danger'),
-                auth=auth,
-                cls='inline',
-                data_confirm='Cancel the subscription at the end of the current period?',
-            )
-            if live and not sub['cancel_at_period_end']
-            else None,
-            style=_ROW,
-        )
+        if live and not sub['cancel_at_period_end']
+        else None,
+        style=_ROW,
+    )
 
 # %% ../nbs/58_pages_billing.ipynb #3d3a7e3d
 @patch
@@ -405,7 +423,7 @@ def pricing(self: BillingPages, req, interval: str = 'month', feature: str = '',
 
 _manager = guarded(role=lambda pages, auth: pages.min_role, csrf=True)
 
-
+# %% ../nbs/58_pages_billing.ipynb #7bbda7ec
 @patch
 @route('/billing/checkout', 'post')
 @_manager
@@ -457,7 +475,7 @@ def checkout(self: BillingPages, req, auth, plan_id: str = '', interval: str = '
         return self.stripe_failed(req)
     return Redirect(session.url)
 
-
+# %% ../nbs/58_pages_billing.ipynb #8c4607b7
 @patch
 @route('/billing/portal', 'post')
 @_manager
@@ -496,7 +514,7 @@ def cancel(self: BillingPages, req, auth):
     audit(self.host_db, AUDIT_CANCEL_REQUESTED, target_id=auth.tenant_id, details=dict(at_period_end=True))
     return Redirect('/billing?done=cancel_requested')
 
-
+# %% ../nbs/58_pages_billing.ipynb #ae24c5c8
 @patch
 @route('/billing')
 def billing_page(self: BillingPages, req, auth, checkout: str = '', done: str = ''):

@@ -11,6 +11,7 @@ __all__ = ['ERROR_PAGES', 'route', 'guarded', 'handlers', 'form_data', 'Pages', 
 import functools
 
 import anyio
+from fastcore.basics import patch
 from fasthtml.common import A, Code, H1, FtResponse, P
 from fasthtml.core import _wrap_ex
 from starlette.responses import JSONResponse
@@ -82,69 +83,93 @@ class Pages:
             app.route(path, methods=methods, name=name)(f)
         return self
 
-    # --- parts ---------------------------------------------------------------------------------
-    def layout(self, req, title: str, *content, narrow: bool = False):
-        "The whole page: the app's layout around a heading and `content`."
-        return self.saas.page(req, title, H1(title), *content, narrow=narrow)
+# %% ../nbs/54_pages_layout.ipynb #4bd25f66
+@patch
+def layout(self: Pages, req, title: str, *content, narrow: bool = False):
+    "The whole page: the app's layout around a heading and `content`."
+    return self.saas.page(req, title, H1(title), *content, narrow=narrow)
 
-    def show(self, req, title: str, *content, status: int = 200, narrow: bool = False, headers=None):
-        "`layout` as a response with `status` and `headers`."
-        return FtResponse(self.layout(req, title, *content, narrow=narrow), status, headers=headers)
 
-    def card(self, *content, **kw):
-        return ui.card(*content, **kw)
+@patch
+def show(self: Pages, req, title: str, *content, status: int = 200, narrow: bool = False, headers=None):
+    "`layout` as a response with `status` and `headers`."
+    return FtResponse(self.layout(req, title, *content, narrow=narrow), status, headers=headers)
 
-    def form(self, action: str, *content, auth=None, **kw):
-        return post_form(action, *content, auth=auth, **kw)
 
-    def field(self, label: str, name: str, type: str = 'text', **kw):
-        return ui.field(label, name, type, **kw)
+@patch
+def card(self: Pages, *content, **kw):
+    return ui.card(*content, **kw)
 
-    def table(self, head, rows, empty: str | None = None):
-        return ui.table(head, rows, empty)
 
-    def alert(self, text, kind: str = 'warn'):
-        return ui.alert(text, kind)
+@patch
+def form(self: Pages, action: str, *content, auth=None, **kw):
+    return post_form(action, *content, auth=auth, **kw)
 
-    def notice(self, text, kind: str = 'ok'):
-        return ui.alert(text, kind) if text else None
 
-    # --- refusals ------------------------------------------------------------------------------
-    def refuse(self, req, status: int, message: str, back: str | None = None):
-        "A page saying why `req` was refused."
-        return self.show(
-            req, 'Not allowed', self.alert(message, 'bad'), P(A('Back', href=back)) if back else None, status=status
-        )
+@patch
+def field(self: Pages, label: str, name: str, type: str = 'text', **kw):
+    return ui.field(label, name, type, **kw)
 
-    def forged(self, req):
-        return self.show(req, 'Not allowed', self.alert(FORGED, 'bad'), status=403)
 
-    def allowed(self, auth, role: str) -> bool:
-        return auth is not None and auth.has_role(role)
+@patch
+def table(self: Pages, head, rows, empty: str | None = None):
+    return ui.table(head, rows, empty)
 
-    def role_refused(self, req, auth, role: str, message: str | None = None):
-        "The refusal of a visitor below `role`."
-        return forbidden(
-            req, message or f"This needs the {role} role; yours is {getattr(auth, 'role', None) or 'none'}."
-        )
 
-    def not_sys_admin(self, auth) -> str | None:
-        "Why `auth` may not use the system admins' pages, else None."
-        if auth is None or auth.api_key_id is not None or auth.session is None:
-            return 'The admin area needs a signed-in browser session; API keys cannot open it.'
-        if not auth.user.is_sys_admin:
-            return 'This area is for system administrators.'
+@patch
+def alert(self: Pages, text, kind: str = 'warn'):
+    return ui.alert(text, kind)
 
-    def refusal(self, req, role=None, csrf: bool = False, sys_admin: bool = False, message: str | None = None):
-        "The response refusing `req` a guarded handler, else None."
-        auth = req.scope.get('auth')
-        if sys_admin and (why := self.not_sys_admin(auth)):
-            return self.refuse(req, 403, why, '/')
-        if csrf and not csrf_ok(auth, form_data(req).get('csrf')):
-            return self.forged(req)
-        need = role(self, auth) if callable(role) else role
-        if need is not None and not self.allowed(auth, need):
-            return self.role_refused(req, auth, need, message)
+
+@patch
+def notice(self: Pages, text, kind: str = 'ok'):
+    return ui.alert(text, kind) if text else None
+
+# %% ../nbs/54_pages_layout.ipynb #38c1fbce
+@patch
+def refuse(self: Pages, req, status: int, message: str, back: str | None = None):
+    "A page saying why `req` was refused."
+    return self.show(
+        req, 'Not allowed', self.alert(message, 'bad'), P(A('Back', href=back)) if back else None, status=status
+    )
+
+
+@patch
+def forged(self: Pages, req):
+    return self.show(req, 'Not allowed', self.alert(FORGED, 'bad'), status=403)
+
+
+@patch
+def allowed(self: Pages, auth, role: str) -> bool:
+    return auth is not None and auth.has_role(role)
+
+
+@patch
+def role_refused(self: Pages, req, auth, role: str, message: str | None = None):
+    "The refusal of a visitor below `role`."
+    return forbidden(req, message or f"This needs the {role} role; yours is {getattr(auth, 'role', None) or 'none'}.")
+
+
+@patch
+def not_sys_admin(self: Pages, auth) -> str | None:
+    "Why `auth` may not use the system admins' pages, else None."
+    if auth is None or auth.api_key_id is not None or auth.session is None:
+        return 'The admin area needs a signed-in browser session; API keys cannot open it.'
+    if not auth.user.is_sys_admin:
+        return 'This area is for system administrators.'
+
+# %% ../nbs/54_pages_layout.ipynb #0522d72c
+@patch
+def refusal(self: Pages, req, role=None, csrf: bool = False, sys_admin: bool = False, message: str | None = None):
+    "The response refusing `req` a guarded handler, else None."
+    auth = req.scope.get('auth')
+    if sys_admin and (why := self.not_sys_admin(auth)):
+        return self.refuse(req, 403, why, '/')
+    if csrf and not csrf_ok(auth, form_data(req).get('csrf')):
+        return self.forged(req)
+    need = role(self, auth) if callable(role) else role
+    if need is not None and not self.allowed(auth, need):
+        return self.role_refused(req, auth, need, message)
 
 # %% ../nbs/54_pages_layout.ipynb #cfb766ab
 ERROR_PAGES = {

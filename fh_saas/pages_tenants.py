@@ -63,7 +63,7 @@ def tenant_for_member(host_db: HostDatabase, user_id: str, tenant_id: str) -> di
         row = conn.execute(q).mappings().first()
     return dict(row) if row else None
 
-
+# %% ../nbs/56_pages_tenants.ipynb #cfae530b
 def suspended_tenants(host_db: HostDatabase, user_id: str, owner: str = 'owner') -> list[dict]:
     "The suspended tenants `user_id` is a member of, each with the emails of its `owner`s (whom to ask why)."
     m, t, u = memberships_t.c, tenants_t.c, users_t.c
@@ -101,7 +101,7 @@ def deleting_tenants(host_db: HostDatabase, user_id: str) -> list[dict]:
         going = deletion_requested(conn, [r['id'] for r in rows])
     return [r for r in rows if r['id'] in going]
 
-
+# %% ../nbs/56_pages_tenants.ipynb #cc3b9217
 def rename_tenant(host_db: HostDatabase, tenant_id: str, name: str) -> str:
     "Give `tenant_id` the (cleaned) `name`, audited with the old one; the name stored."
     name = clean_tenant_name(name)
@@ -158,7 +158,7 @@ IMPERSONATING = (
     "and ask a member of the tenant to do it."
 )
 
-
+# %% ../nbs/56_pages_tenants.ipynb #05682c2b
 class TenantPages(Pages):
     "The user's tenants: list, create, switch, and the set-up status of a new one."
 
@@ -216,119 +216,133 @@ class TenantPages(Pages):
             ),
         )
 
-    def suspended_card(self, suspended: list[dict], current: str | None):
-        "The user's suspended tenants: closed to their members until restored, and whom to ask."
+# %% ../nbs/56_pages_tenants.ipynb #49acdebf
+@patch
+def suspended_card(self: TenantPages, suspended: list[dict], current: str | None):
+    "The user's suspended tenants: closed to their members until restored, and whom to ask."
 
-        def owners(t):
-            return ', '.join(t['owners']) or 'nobody'
+    def owners(t):
+        return ', '.join(t['owners']) or 'nobody'
 
-        return (
-            self.card(
-                H2('Suspended'),
-                *[
-                    P(
-                        Strong(t['name']),
-                        ' ',
-                        ui.badge('suspended', 'bad'),
-                        ' (your current tenant)' if t['id'] == current else None,
-                        Br(),
-                        Span(
-                            f"Its members cannot use it until it is restored. Its owners ("
-                            f"{owners(t)}) can tell you why; owners, please contact support.",
-                            cls='muted',
-                        ),
-                    )
-                    for t in suspended
-                ],
-            )
-            if suspended
-            else None
-        )
-
-    def deleting_card(self, deleting: list[dict]):
-        "The user's tenants being deleted: closed to every member, their data going."
-        return (
-            self.card(
-                H2('Being deleted'),
-                *[
-                    P(
-                        Strong(t['name']),
-                        ' ',
-                        ui.badge('being deleted', 'bad'),
-                        Br(),
-                        Span("Its members can no longer use it; its data is being removed.", cls='muted'),
-                    )
-                    for t in deleting
-                ],
-            )
-            if deleting
-            else None
-        )
-
-    def tenants_page(self, req, auth, error=None, status=200, headers=None, kind='bad'):
-        return self.show(
-            req, 'Your tenants', self.notice(error, kind), *self.tenants_body(req, auth), status=status, headers=headers
-        )
-
-    @route('/tenants')
-    def tenants(self, req, auth, done: str = ''):
-        notice, kind = TENANTS_NOTICES.get(done, (None, 'ok'))
-        return self.tenants_page(req, auth, notice, kind=kind)
-
-    @route('/tenants/menu')
-    def tenants_menu(self, req, auth):
-        "The top bar's tenant switcher, as htmx fetches it: a switch button per other active tenant, and the list."
-        current = auth.session.tenant_id if auth.session else None
-        return (
+    return (
+        self.card(
+            H2('Suspended'),
             *[
-                self.form(
-                    '/tenants/switch',
-                    Hidden(name='tenant_id', value=t['tenant_id']),
-                    Button(t['name'], cls='link'),
-                    auth=auth,
-                    cls=None,
+                P(
+                    Strong(t['name']),
+                    ' ',
+                    ui.badge('suspended', 'bad'),
+                    ' (your current tenant)' if t['id'] == current else None,
+                    Br(),
+                    Span(
+                        f"Its members cannot use it until it is restored. Its owners ("
+                        f"{owners(t)}) can tell you why; owners, please contact support.",
+                        cls='muted',
+                    ),
                 )
-                for t in active_tenants(self.host_db, auth.user.id)
-                if t['tenant_id'] != current
+                for t in suspended
             ],
-            A('All your tenants', href='/tenants'),
         )
+        if suspended
+        else None
+    )
 
-    @route('/tenants', 'post')
-    @guarded(csrf=True)
-    def new_tenant(self, req, auth, company: str = ''):
-        if auth.impersonator is not None:
-            return self.tenants_page(req, auth, IMPERSONATING, 403)
-        if not (rl := hit(self.host_db, f'tenant_create:user:{auth.user.id}', self.create_rate)).allowed:
-            return self.tenants_page(
-                req,
-                auth,
-                f"You have created several tenants just now. Try again in {rl.retry_after} seconds.",
-                429,
-                {'Retry-After': str(rl.retry_after)},
-            )
-        try:
-            tid = create_tenant(self.host_db, auth.user.id, company, self.roles, max_owned=self.max_owned)
-        except TooManyTenants as e:
-            return self.tenants_page(req, auth, str(e), 403)
-        except AccountError as e:
-            return self.tenants_page(req, auth, str(e), 400)
-        except NoServerAvailable:
-            return self.tenants_page(req, auth, "We cannot create new tenants right now. Please try again later.", 503)
-        return Redirect(f'/tenants/{tid}/status')
+# %% ../nbs/56_pages_tenants.ipynb #a6b6890a
+@patch
+def deleting_card(self: TenantPages, deleting: list[dict]):
+    "The user's tenants being deleted: closed to every member, their data going."
+    return (
+        self.card(
+            H2('Being deleted'),
+            *[
+                P(
+                    Strong(t['name']),
+                    ' ',
+                    ui.badge('being deleted', 'bad'),
+                    Br(),
+                    Span("Its members can no longer use it; its data is being removed.", cls='muted'),
+                )
+                for t in deleting
+            ],
+        )
+        if deleting
+        else None
+    )
 
-    @route('/tenants/switch', 'post')
-    @guarded(csrf=True)
-    def do_switch(self, req, auth, tenant_id: str = ''):
-        try:
-            switch_tenant(self.sessions, auth.session, tenant_id)
-        except TwoFactorNeeded:
-            return Redirect('/account?done=two_factor_required')
-        except MembershipError:
-            return self.tenants_page(
-                req, auth, "You cannot switch to that tenant: you are not an active member of it.", 403
+
+@patch
+def tenants_page(self: TenantPages, req, auth, error=None, status=200, headers=None, kind='bad'):
+    return self.show(
+        req, 'Your tenants', self.notice(error, kind), *self.tenants_body(req, auth), status=status, headers=headers
+    )
+
+
+@patch
+@route('/tenants')
+def tenants(self: TenantPages, req, auth, done: str = ''):
+    notice, kind = TENANTS_NOTICES.get(done, (None, 'ok'))
+    return self.tenants_page(req, auth, notice, kind=kind)
+
+# %% ../nbs/56_pages_tenants.ipynb #e7aab1ba
+@patch
+@route('/tenants/menu')
+def tenants_menu(self: TenantPages, req, auth):
+    "The top bar's tenant switcher, as htmx fetches it: a switch button per other active tenant, and the list."
+    current = auth.session.tenant_id if auth.session else None
+    return (
+        *[
+            self.form(
+                '/tenants/switch',
+                Hidden(name='tenant_id', value=t['tenant_id']),
+                Button(t['name'], cls='link'),
+                auth=auth,
+                cls=None,
             )
-        return Redirect(self.saas.home)
+            for t in active_tenants(self.host_db, auth.user.id)
+            if t['tenant_id'] != current
+        ],
+        A('All your tenants', href='/tenants'),
+    )
+
+
+@patch
+@route('/tenants', 'post')
+@guarded(csrf=True)
+def new_tenant(self: TenantPages, req, auth, company: str = ''):
+    if auth.impersonator is not None:
+        return self.tenants_page(req, auth, IMPERSONATING, 403)
+    if not (rl := hit(self.host_db, f'tenant_create:user:{auth.user.id}', self.create_rate)).allowed:
+        return self.tenants_page(
+            req,
+            auth,
+            f"You have created several tenants just now. Try again in {rl.retry_after} seconds.",
+            429,
+            {'Retry-After': str(rl.retry_after)},
+        )
+    try:
+        tid = create_tenant(self.host_db, auth.user.id, company, self.roles, max_owned=self.max_owned)
+    except TooManyTenants as e:
+        return self.tenants_page(req, auth, str(e), 403)
+    except AccountError as e:
+        return self.tenants_page(req, auth, str(e), 400)
+    except NoServerAvailable:
+        return self.tenants_page(req, auth, "We cannot create new tenants right now. Please try again later.", 503)
+    return Redirect(f'/tenants/{tid}/status')
+
+# %% ../nbs/56_pages_tenants.ipynb #6e3f3081
+@patch
+@route('/tenants/switch', 'post')
+@guarded(csrf=True)
+def do_switch(self: TenantPages, req, auth, tenant_id: str = ''):
+    try:
+        switch_tenant(self.sessions, auth.session, tenant_id)
+    except TwoFactorNeeded:
+        return Redirect('/account?done=two_factor_required')
+    except MembershipError:
+        return self.tenants_page(
+            req, auth, "You cannot switch to that tenant: you are not an active member of it.", 403
+        )
+    return Redirect(self.saas.home)
 
 # %% ../nbs/56_pages_tenants.ipynb #911936ec
 @patch
@@ -389,7 +403,7 @@ def role_select(roles: Roles, selected: str | None = None, name: str = 'role'):
 def _owner(pages, auth) -> str:
     return auth.roles.owner
 
-
+# %% ../nbs/56_pages_tenants.ipynb #0d8d0a72
 class TeamPages(Pages):
     "The members and invitations of the current tenant."
 
@@ -423,147 +437,165 @@ class TeamPages(Pages):
             else None,
         )
 
-    def members_card(self, auth):
-        me = auth.user.id
-        rows = [
+# %% ../nbs/56_pages_tenants.ipynb #6a52f028
+@patch
+def members_card(self: TeamPages, auth):
+    me = auth.user.id
+    rows = [
+        (
+            (m['email'], Span(' (you)', cls='muted') if m['user_id'] == me else None),
+            m['name'] or '',
+            ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''),
+            ui.when(m['created_at']),
+            Div(*self.member_actions(auth, m), style='display:flex;gap:.5rem;flex-wrap:wrap'),
+        )
+        for m in tenant_members(self.host_db, auth.tenant_id)
+    ]
+    return self.card(self.table(('Email', 'Name', 'Role', 'Member since', ''), rows))
+
+
+@patch
+def invitations_card(self: TeamPages, auth):
+    invited = (
+        [
             (
-                (m['email'], Span(' (you)', cls='muted') if m['user_id'] == me else None),
-                m['name'] or '',
-                ui.badge(m['role'], 'ok' if m['role'] == auth.roles.owner else ''),
-                ui.when(m['created_at']),
-                Div(*self.member_actions(auth, m), style='display:flex;gap:.5rem;flex-wrap:wrap'),
+                i['email'],
+                ui.badge(i['role']),
+                i['invited_by_email'] or '—',
+                ui.when(i['expires_at']),
+                self.form(
+                    f"/team/invitations/{i['id']}/cancel",
+                    Button('Cancel', cls='danger'),
+                    auth=auth,
+                    cls='inline',
+                    data_confirm='Cancel this invitation? Its link will stop working.',
+                ),
             )
-            for m in tenant_members(self.host_db, auth.tenant_id)
+            for i in pending_invitations(self.host_db, auth.tenant_id)
         ]
-        return self.card(self.table(('Email', 'Name', 'Role', 'Member since', ''), rows))
+        if auth.has_role('admin')
+        else []
+    )
+    return (
+        self.card(H2('Pending invitations'), self.table(('Email', 'Role', 'Invited by', 'Expires', ''), invited))
+        if invited
+        else None
+    )
 
-    def invitations_card(self, auth):
-        invited = (
-            [
-                (
-                    i['email'],
-                    ui.badge(i['role']),
-                    i['invited_by_email'] or '—',
-                    ui.when(i['expires_at']),
-                    self.form(
-                        f"/team/invitations/{i['id']}/cancel",
-                        Button('Cancel', cls='danger'),
-                        auth=auth,
-                        cls='inline',
-                        data_confirm='Cancel this invitation? Its link will stop working.',
-                    ),
-                )
-                for i in pending_invitations(self.host_db, auth.tenant_id)
-            ]
-            if auth.has_role('admin')
-            else []
-        )
-        return (
-            self.card(H2('Pending invitations'), self.table(('Email', 'Role', 'Invited by', 'Expires', ''), invited))
-            if invited
-            else None
-        )
+# %% ../nbs/56_pages_tenants.ipynb #5014c9b0
+@patch
+def invite_card(self: TeamPages, auth):
+    if not auth.has_role('admin'):
+        return P("Only admins and owners can invite people or change roles.", cls='muted')
+    return self.card(
+        H2('Invite someone'),
+        self.form(
+            '/team/invite',
+            self.field('Email', 'email', 'email', required=True),
+            Label('Role', role_select(auth.roles, 'member')),
+            Button('Send invitation'),
+            auth=auth,
+        ),
+    )
 
-    def invite_card(self, auth):
-        if not auth.has_role('admin'):
-            return P("Only admins and owners can invite people or change roles.", cls='muted')
-        return self.card(
-            H2('Invite someone'),
-            self.form(
-                '/team/invite',
-                self.field('Email', 'email', 'email', required=True),
-                Label('Role', role_select(auth.roles, 'member')),
-                Button('Send invitation'),
-                auth=auth,
-            ),
-        )
 
-    def two_factor_card(self, auth):
-        "Whether members must use two-factor sign-in, and (for admins) the switch."
-        on = tenant_requires_two_factor(self.host_db, auth.tenant_id)
-        state = P("Members must use two-factor sign-in." if on else "Two-factor sign-in is up to each member.")
-        if not auth.has_role('admin'):
-            return self.card(H2('Two-factor sign-in'), state)
-        switch = self.form(
-            '/team/two-factor',
-            Hidden(name='required', value='off' if on else 'on'),
-            Button('Stop requiring it' if on else 'Require two-factor sign-in', cls='secondary' if on else None),
+@patch
+def two_factor_card(self: TeamPages, auth):
+    "Whether members must use two-factor sign-in, and (for admins) the switch."
+    on = tenant_requires_two_factor(self.host_db, auth.tenant_id)
+    state = P("Members must use two-factor sign-in." if on else "Two-factor sign-in is up to each member.")
+    if not auth.has_role('admin'):
+        return self.card(H2('Two-factor sign-in'), state)
+    switch = self.form(
+        '/team/two-factor',
+        Hidden(name='required', value='off' if on else 'on'),
+        Button('Stop requiring it' if on else 'Require two-factor sign-in', cls='secondary' if on else None),
+        auth=auth,
+    )
+    return self.card(
+        H2('Two-factor sign-in'),
+        state,
+        switch,
+        P(
+            "Members without it are sent to set it up before they can use this tenant. API keys are not affected.",
+            cls='muted',
+        ),
+    )
+
+# %% ../nbs/56_pages_tenants.ipynb #7c9f82ea
+@patch
+def settings_card(self: TeamPages, auth):
+    "Renaming the tenant (admins and owners) and leaving it (anyone but its only owner, who must hand over first)."
+    rename = (
+        self.form(
+            '/team/rename',
+            self.field('Name', 'name', value=auth.tenant.name, required=True, maxlength=100),
+            Button('Rename', cls='secondary'),
             auth=auth,
         )
-        return self.card(
-            H2('Two-factor sign-in'),
-            state,
-            switch,
-            P(
-                "Members without it are sent to set it up before they can use this tenant. API keys are not affected.",
-                cls='muted',
-            ),
-        )
+        if auth.has_role('admin')
+        else None
+    )
+    leave = self.form(
+        '/team/leave',
+        Button('Leave this tenant', cls='danger'),
+        auth=auth,
+        cls='inline',
+        data_confirm=f"Leave {auth.tenant.name}? You lose access to its data until someone invites you again.",
+    )
+    return self.card(
+        H2('This tenant'),
+        rename,
+        P("Leaving ends your access; an owner must make someone else owner first.", cls='muted'),
+        leave,
+    )
 
-    def settings_card(self, auth):
-        "Renaming the tenant (admins and owners) and leaving it (anyone but its only owner, who must hand over first)."
-        rename = (
-            self.form(
-                '/team/rename',
-                self.field('Name', 'name', value=auth.tenant.name, required=True, maxlength=100),
-                Button('Rename', cls='secondary'),
-                auth=auth,
-            )
-            if auth.has_role('admin')
-            else None
-        )
-        leave = self.form(
-            '/team/leave',
-            Button('Leave this tenant', cls='danger'),
-            auth=auth,
-            cls='inline',
-            data_confirm=f"Leave {auth.tenant.name}? You lose access to its data until someone invites you again.",
-        )
-        return self.card(
-            H2('This tenant'),
-            rename,
-            P("Leaving ends your access; an owner must make someone else owner first.", cls='muted'),
-            leave,
-        )
 
-    def team_page(self, req, auth, notice=None, kind='ok', status=200):
-        return self.show(
-            req,
-            f"Team of {auth.tenant.name}",
-            self.notice(notice, kind),
-            self.members_card(auth),
-            self.invitations_card(auth),
-            self.invite_card(auth),
-            self.two_factor_card(auth),
-            self.settings_card(auth),
-            self.delete_card(auth),
-            status=status,
-        )
+@patch
+def team_page(self: TeamPages, req, auth, notice=None, kind='ok', status=200):
+    return self.show(
+        req,
+        f"Team of {auth.tenant.name}",
+        self.notice(notice, kind),
+        self.members_card(auth),
+        self.invitations_card(auth),
+        self.invite_card(auth),
+        self.two_factor_card(auth),
+        self.settings_card(auth),
+        self.delete_card(auth),
+        status=status,
+    )
 
-    def role_refused(self, req, auth, role, message=None):
+# %% ../nbs/56_pages_tenants.ipynb #f04054ec
+@patch
+def role_refused(self: TeamPages, req, auth, role, message=None):
+    return self.team_page(
+        req, auth, message or f"Your role ({auth.role}) cannot do that: it takes {role} or above.", 'bad', 403
+    )
+
+
+@patch
+def team_change(self: TeamPages, req, auth, change, done: str):
+    "Run `change()`; then back to the team page, which says `TEAM_NOTICES[done]` (a refusal is shown at once)."
+    try:
+        change()
+    except LastOwner:
         return self.team_page(
-            req, auth, message or f"Your role ({auth.role}) cannot do that: it takes {role} or above.", 'bad', 403
+            req, auth, "A tenant must keep at least one owner. Make someone else owner first.", 'bad', 409
         )
+    except (MembershipError, ValueError) as e:
+        return self.team_page(req, auth, str(e), 'bad', 400)
+    return Redirect(f'/team?done={done}')
 
-    def team_change(self, req, auth, change, done: str):
-        "Run `change()`; then back to the team page, which says `TEAM_NOTICES[done]` (a refusal is shown at once)."
-        try:
-            change()
-        except LastOwner:
-            return self.team_page(
-                req, auth, "A tenant must keep at least one owner. Make someone else owner first.", 'bad', 409
-            )
-        except (MembershipError, ValueError) as e:
-            return self.team_page(req, auth, str(e), 'bad', 400)
-        return Redirect(f'/team?done={done}')
 
-    def check_may_change(self, auth, user_id: str):
-        "Admins manage the members below owner; changing an owner takes an owner."
-        m = tenant_for_member(self.host_db, user_id, auth.tenant_id)
-        if m is None:
-            raise MembershipError("That person is not a member of this tenant.")
-        if m['role'] == auth.roles.owner and auth.role != auth.roles.owner:
-            raise MembershipError("Only an owner can change an owner.")
+@patch
+def check_may_change(self: TeamPages, auth, user_id: str):
+    "Admins manage the members below owner; changing an owner takes an owner."
+    m = tenant_for_member(self.host_db, user_id, auth.tenant_id)
+    if m is None:
+        raise MembershipError("That person is not a member of this tenant.")
+    if m['role'] == auth.roles.owner and auth.role != auth.roles.owner:
+        raise MembershipError("Only an owner can change an owner.")
 
 # %% ../nbs/56_pages_tenants.ipynb #a722041d
 TEAM_NOTICES = dict(  # code: what the team page says after the redirect, and its kind
@@ -597,7 +629,7 @@ def team_two_factor(self: TeamPages, req, auth, required: str = ''):
     require_two_factor(self.host_db, auth.tenant_id, on, auth.user.id)
     return Redirect('/team?done=' + ('two_factor_required' if on else 'two_factor_optional'))
 
-
+# %% ../nbs/56_pages_tenants.ipynb #f5cae54c
 @patch
 @route('/team/invite', 'post')
 @guarded(role='admin', csrf=True)
@@ -641,7 +673,7 @@ def team_cancel_invitation(self: TeamPages, req, auth, invitation_id: str):
 
     return self.team_change(req, auth, change, 'invitation_cancelled')
 
-
+# %% ../nbs/56_pages_tenants.ipynb #7a53002a
 @patch
 @route('/team/role', 'post')
 @guarded(role='admin', csrf=True)
@@ -679,7 +711,7 @@ def team_rename(self: TeamPages, req, auth, name: str = ''):
         return self.team_page(req, auth, str(e), 'bad', 400)
     return Redirect('/team?done=renamed')
 
-
+# %% ../nbs/56_pages_tenants.ipynb #0c5920f4
 @patch
 @route('/team/leave', 'post')
 @guarded(csrf=True)
@@ -729,7 +761,7 @@ def delete_tenant(
             raise WrongConfirmation("the typed name is not the tenant's")
         return queue_tenant_deletion(host_db, tenant_id, AUDIT_TENANT_DELETE_REQUESTED, actor_user_id=user_id)
 
-
+# %% ../nbs/56_pages_tenants.ipynb #6d613b46
 @patch
 def delete_card(self: TeamPages, auth):
     "The danger zone, for owners only: delete the tenant, confirmed by typing its name."
@@ -809,58 +841,62 @@ class InvitationPages(Pages):
             req, 'Invitation unavailable', self.alert(message, 'bad'), status=status, narrow=True, headers=headers
         )
 
-    @route('/invitations/{token}')
-    def invitation(self, req, token: str):
-        inv = open_invitation(self.host_db, token)
-        if inv is None:
-            return self.unavailable(
-                req, "This invitation is invalid, expired, or has already been used.", 404, NO_STORE
-            )
-        here, (_, user) = f'/invitations/{quote(token)}', self.session_user(req)
-        intro = P(
-            "You are invited to join ",
-            Strong(inv['tenant_name']),
-            f" as {inv['role']}. The invitation was sent to {inv['email']}.",
-        )
-        decline = Form(Button('Decline', cls='secondary'), method='post', action=f'{here}/decline', cls='inline')
+# %% ../nbs/56_pages_tenants.ipynb #01ecd067
+@patch
+@route('/invitations/{token}')
+def invitation(self: InvitationPages, req, token: str):
+    inv = open_invitation(self.host_db, token)
+    if inv is None:
+        return self.unavailable(req, "This invitation is invalid, expired, or has already been used.", 404, NO_STORE)
+    here, (_, user) = f'/invitations/{quote(token)}', self.session_user(req)
+    intro = P(
+        "You are invited to join ",
+        Strong(inv['tenant_name']),
+        f" as {inv['role']}. The invitation was sent to {inv['email']}.",
+    )
+    decline = Form(Button('Decline', cls='secondary'), method='post', action=f'{here}/decline', cls='inline')
+    return self.show(
+        req,
+        f"Join {inv['tenant_name']}",
+        self.card(intro, Div(self.invitation_actions(inv, here, user), decline, style='display:flex;gap:.5rem')),
+        narrow=True,
+        headers=NO_STORE,
+    )
+
+
+@patch
+@route('/invitations/{token}/accept', 'post')
+def invitation_accept(self: InvitationPages, req, token: str):
+    here, (session, _) = f'/invitations/{quote(token)}', self.session_user(req)
+    if session is None:
+        return Redirect(f"/login?next={quote(here)}")
+    try:
+        m = accept_invitation(self.host_db, token, session.user_id, self.roles)
+        switch_tenant(self.sessions, session, m.tenant_id)
+    except InvalidToken as e:
+        return self.unavailable(req, str(e).capitalize() + '.', 400)
+    except MembershipError:
         return self.show(
             req,
-            f"Join {inv['tenant_name']}",
-            self.card(intro, Div(self.invitation_actions(inv, here, user), decline, style='display:flex;gap:.5rem')),
-            narrow=True,
-            headers=NO_STORE,
-        )
-
-    @route('/invitations/{token}/accept', 'post')
-    def invitation_accept(self, req, token: str):
-        here, (session, _) = f'/invitations/{quote(token)}', self.session_user(req)
-        if session is None:
-            return Redirect(f"/login?next={quote(here)}")
-        try:
-            m = accept_invitation(self.host_db, token, session.user_id, self.roles)
-            switch_tenant(self.sessions, session, m.tenant_id)
-        except InvalidToken as e:
-            return self.unavailable(req, str(e).capitalize() + '.', 400)
-        except MembershipError:
-            return self.show(
-                req,
-                'Already a member',
-                self.alert("You are already a member of this tenant.", 'warn'),
-                P(A('Your tenants', href='/tenants')),
-                status=409,
-                narrow=True,
-            )
-        return Redirect(self.saas.home)
-
-    @route('/invitations/{token}/decline', 'post')
-    def invitation_decline(self, req, token: str):
-        try:
-            decline_invitation(self.host_db, token)
-        except InvalidToken:
-            return self.unavailable(req, "This invitation is invalid, expired, or already used.", 400)
-        return self.show(
-            req,
-            'Invitation declined',
-            self.alert("You declined the invitation. Nothing else changes.", 'ok'),
+            'Already a member',
+            self.alert("You are already a member of this tenant.", 'warn'),
+            P(A('Your tenants', href='/tenants')),
+            status=409,
             narrow=True,
         )
+    return Redirect(self.saas.home)
+
+# %% ../nbs/56_pages_tenants.ipynb #134de238
+@patch
+@route('/invitations/{token}/decline', 'post')
+def invitation_decline(self: InvitationPages, req, token: str):
+    try:
+        decline_invitation(self.host_db, token)
+    except InvalidToken:
+        return self.unavailable(req, "This invitation is invalid, expired, or already used.", 400)
+    return self.show(
+        req,
+        'Invitation declined',
+        self.alert("You declined the invitation. Nothing else changes.", 'ok'),
+        narrow=True,
+    )

@@ -11,6 +11,7 @@ __all__ = ['Saas']
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastcore.basics import patch
 from fasthtml.common import A, Button, Details, Div, Span, Summary
 
 from .db_host import HostDatabase
@@ -56,56 +57,62 @@ class Saas:
         tenant = self.host_db.tenants.get(tid, default=None) if tid else None
         return tenant if tenant is not None and tenant.status == 'active' else None
 
-    def nav(self, auth, tenant=None) -> list:
-        "The navigation entries `auth` may use (the tenant pages only with a current `tenant`)."
-        dev = [('Mail', DEV_MAIL_PATH)] if self.dev else []
-        if auth is None:
-            return [('Pricing', '/pricing'), ('Log in', '/login'), *dev]
-        items = [*self.app_nav, ('Team', '/team'), ('API keys', '/api-keys'), ('Billing', '/billing')] if tenant else []
-        items.append(('Tenants', '/tenants'))
-        if auth.user.is_sys_admin or auth.impersonator is not None:
-            items.append(('Admin', '/admin'))
-        return items + dev
+# %% ../nbs/53_saas_context.ipynb #784c4070
+@patch
+def nav(self: Saas, auth, tenant=None) -> list:
+    "The navigation entries `auth` may use (the tenant pages only with a current `tenant`)."
+    dev = [('Mail', DEV_MAIL_PATH)] if self.dev else []
+    if auth is None:
+        return [('Pricing', '/pricing'), ('Log in', '/login'), *dev]
+    items = [*self.app_nav, ('Team', '/team'), ('API keys', '/api-keys'), ('Billing', '/billing')] if tenant else []
+    items.append(('Tenants', '/tenants'))
+    if auth.user.is_sys_admin or auth.impersonator is not None:
+        items.append(('Admin', '/admin'))
+    return items + dev
 
-    def switcher(self, tenant):
-        """The current tenant's name in the top bar, opening the user's tenants to switch to: fetched when opened
-        (`/tenants/menu`), so a page costs no query for it; without script it links to the tenants page."""
-        menu = Div(
-            A('All your tenants', href='/tenants'),
-            cls='menu',
-            hx_get='/tenants/menu',
-            hx_swap='innerHTML',
-            hx_trigger='toggle once from:closest details',
-        )
-        return Details(
-            Summary(ui.badge(tenant.name if tenant else 'Choose a tenant'), title='Switch tenant'), menu, cls='switcher'
-        )
+# %% ../nbs/53_saas_context.ipynb #12276aaf
+@patch
+def switcher(self: Saas, tenant):
+    """The current tenant's name in the top bar, opening the user's tenants to switch to: fetched when opened
+    (`/tenants/menu`), so a page costs no query for it; without script it links to the tenants page."""
+    menu = Div(
+        A('All your tenants', href='/tenants'),
+        cls='menu',
+        hx_get='/tenants/menu',
+        hx_swap='innerHTML',
+        hx_trigger='toggle once from:closest details',
+    )
+    return Details(
+        Summary(ui.badge(tenant.name if tenant else 'Choose a tenant'), title='Switch tenant'), menu, cls='switcher'
+    )
 
-    def page(self, req, title: str, *content, narrow: bool = False):
-        "`content` in the shared layout, with the top bar for the request's user and tenant."
-        auth = req.scope.get('auth')
-        tenant, who = self.current_tenant(auth), None
-        if auth is not None:
-            who = (
-                A(auth.user.email, href='/account', title='Your account'),
-                self.switcher(tenant),
-                Span(auth.role) if auth.role else None,
-                post_form('/logout', Button('Log out', cls='secondary'), auth=auth, cls=None),
-            )
-        acting = auth is not None and auth.impersonator is not None
-        stop = (
-            post_form('/admin/impersonate/stop', Button('Stop impersonating', cls='secondary'), auth=auth, cls=None)
-            if acting
-            else None
+# %% ../nbs/53_saas_context.ipynb #41e3322a
+@patch
+def page(self: Saas, req, title: str, *content, narrow: bool = False):
+    "`content` in the shared layout, with the top bar for the request's user and tenant."
+    auth = req.scope.get('auth')
+    tenant, who = self.current_tenant(auth), None
+    if auth is not None:
+        who = (
+            A(auth.user.email, href='/account', title='Your account'),
+            self.switcher(tenant),
+            Span(auth.role) if auth.role else None,
+            post_form('/logout', Button('Log out', cls='secondary'), auth=auth, cls=None),
         )
-        return ui.page(
-            title,
-            *content,
-            nav=self.nav(auth, tenant),
-            active=req.url.path,
-            who=who,
-            brand=self.brand,
-            narrow=narrow,
-            impersonator=auth.user.email if acting else None,
-            stop=stop,
-        )
+    acting = auth is not None and auth.impersonator is not None
+    stop = (
+        post_form('/admin/impersonate/stop', Button('Stop impersonating', cls='secondary'), auth=auth, cls=None)
+        if acting
+        else None
+    )
+    return ui.page(
+        title,
+        *content,
+        nav=self.nav(auth, tenant),
+        active=req.url.path,
+        who=who,
+        brand=self.brand,
+        narrow=narrow,
+        impersonator=auth.user.email if acting else None,
+        stop=stop,
+    )
