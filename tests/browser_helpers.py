@@ -109,6 +109,14 @@ def sign_up(page, base, email, password, name, company=None):
     page.click("button:has-text('Create account')")
 
 
+def log_in(page, base, email, password):
+    "Fill in and send the login form (where it lands is the caller's to check)."
+    page.goto(f"{base}/login")
+    page.fill("input[name=email]", email)
+    page.fill("input[name=password]", password)
+    page.click("button:has-text('Log in')")
+
+
 def csp_violations(page) -> list:
     "The Content-Security-Policy violations `page` reports on its console, collected as they happen."
     found = []

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from playwright.sync_api import expect
 
-from browser_helpers import chromium, csp_violations, screenshots_on_failure, served_demo, sign_up
+from browser_helpers import chromium, csp_violations, log_in, screenshots_on_failure, served_demo, sign_up
 from stripe_helpers import SECRET, ServedApp, sign
 from stripe_standin import FakeStripe
 
@@ -57,13 +57,6 @@ def paid_demo(tmp_path_factory, stripe_standin):
 def browser():
     with chromium() as b:
         yield b
-
-
-def log_in(page, base, email, password):
-    page.goto(f"{base}/login")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", password)
-    page.click("button:has-text('Log in')")
 
 
 def add_project(page, name):

@@ -7,7 +7,7 @@ import pyotp
 import pytest
 from playwright.sync_api import expect
 
-from browser_helpers import chromium, csp_violations, screenshots_on_failure, served_demo, sign_up
+from browser_helpers import chromium, csp_violations, log_in, screenshots_on_failure, served_demo, sign_up
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,6 @@ def new_page(browser):
     page = browser.new_context().new_page()
     page.set_default_timeout(20_000)
     return page
-
-
-def log_in(page, base, email, password):
-    page.goto(f"{base}/login")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", password)
-    page.click("button:has-text('Log in')")
 
 
 @pytest.mark.browser
