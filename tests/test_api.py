@@ -2,6 +2,7 @@
 database: list, create and delete projects, and every refusal in the one error shape (401, 403, 404, 422, 429)."""
 
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -96,12 +97,21 @@ def test_a_browser_session_is_refused_on_the_api(demo_api):
         assert error(browser.get('/api/projects'))[0] == 401
 
 
+def start_of_a_window(window: int, needs: float = 10):
+    "Wait, if the current fixed window (they start at multiples of `window` seconds) has under `needs` seconds left."
+    left = window - time.time() % window
+    if left < needs:
+        time.sleep(left + 0.1)
+
+
 def test_the_rate_limit_answers_429_with_retry_after_per_key_mode(demo_api):
     base, keys, _ = demo_api
+    start_of_a_window(60)  # so the LIMIT + 1 calls count in one window
     codes = [call(base, 'GET', '/projects', keys['live']).status_code for _ in range(LIMIT + 1)]
     assert codes[-1] == 429 and set(codes[:-1]) <= {200, 429}
     r = call(base, 'GET', '/projects', keys['live'])
     assert error(r) == (429, 'rate_limited') and 1 <= int(r.headers['retry-after']) <= 60
+    assert call(base, 'GET', '/projects', keys['test']).status_code == 200  # the test mode counts apart
 
 
 def test_the_openapi_document_is_valid_and_describes_the_projects(demo_api):
