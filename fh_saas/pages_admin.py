@@ -9,9 +9,11 @@ __all__ = ['TENANT_STATUSES', 'AUDIT_TENANT_SUSPENDED', 'AUDIT_TENANT_RESUMED', 
            'AUDIT_JOB_RETRIED', 'AUDIT_WEBHOOKS_REPLAYED', 'TENANT_ACTIONS', 'AUDIT_USER_DISABLED',
            'AUDIT_USER_ENABLED', 'MRR_STATUSES', 'status_badge', 'tenant_cursor', 'tenant_overview', 'tenant_action',
            'admin_users', 'admin_jobs', 'admin_webhooks', 'failed_webhooks', 'audit_labels', 'user_id_for',
-           'UserRefused', 'set_user_active', 'tenants_by_status', 'signups_since', 'monthly_revenue', 'AdminPages']
+           'UserRefused', 'set_user_active', 'tenants_by_status', 'signups_since', 'monthly_revenue', 'AdminPages',
+           'replayed_query', 'replayed_counts']
 
 # %% ../nbs/59_pages_admin.ipynb #80753070
+import re
 from datetime import date, datetime, timedelta, timezone
 from urllib.parse import urlencode
 
@@ -829,6 +831,19 @@ def audit_log(
         ),
     )
 
+# %% ../nbs/59_pages_admin.ipynb #2a42e39c
+def replayed_query(result: dict[str, int]) -> str:
+    "The query string that carries a replay's counts to the page it redirects to."
+    return urlencode(dict(replayed=','.join(f'{k}:{n}' for k, n in sorted(result.items())) or 'none'))
+
+
+def replayed_counts(text: str) -> dict[str, int] | None:
+    "The counts in a `replayed` parameter (pairs that are not `outcome:count` are dropped); None without one."
+    if not text:
+        return None
+    pairs = (re.fullmatch(r'([a-z_]{1,30}):(\d{1,6})', p) for p in text.split(',')[:10])
+    return {m[1]: int(m[2]) for m in pairs if m}
+
 # %% ../nbs/59_pages_admin.ipynb #011f9608
 @patch
 def webhooks_page(self: AdminPages, req, auth, status: str = '', result=None):
@@ -863,8 +878,8 @@ def webhooks_page(self: AdminPages, req, auth, status: str = '', result=None):
 @patch
 @route('/admin/webhooks')
 @_admin
-def webhooks(self: AdminPages, req, auth, status: str = ''):
-    return self.webhooks_page(req, auth, status)
+def webhooks(self: AdminPages, req, auth, status: str = '', replayed: str = ''):
+    return self.webhooks_page(req, auth, status, replayed_counts(replayed))
 
 
 @patch
@@ -873,4 +888,4 @@ def webhooks(self: AdminPages, req, auth, status: str = ''):
 def webhooks_replay(self: AdminPages, req, auth):
     result = replay_failed(self.host_db)
     audit(self.host_db, AUDIT_WEBHOOKS_REPLAYED, details=result)
-    return self.webhooks_page(req, auth, result=result)
+    return Redirect('/admin/webhooks?' + replayed_query(result))

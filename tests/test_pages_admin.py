@@ -3,6 +3,7 @@ tenant lifecycle, impersonation, two-factor resets, disabling users, jobs, audit
 
 import json, re
 from datetime import datetime, timedelta, timezone
+from urllib.parse import quote
 
 import pyotp
 
@@ -315,14 +316,19 @@ def test_replay_reapplies_a_failed_event(site):
     html = root.get('/admin/webhooks').text
     assert 'badge bad">failed' in html and 'database was down' in html and 'Replay 1 failed event' in html
     r = root.post('/admin/webhooks/replay')
-    assert r.status_code == 200 and 'Replayed 1 processed.' in r.text and 'badge ok">processed' in r.text
+    assert (r.status_code, r.headers['location']) == (303, '/admin/webhooks?replayed=processed%3A1')
+    html = root.get(r.headers['location']).text
+    assert 'Replayed 1 processed.' in html and 'badge ok">processed' in html
     assert site.host_db.q("select status from core_subscriptions where stripe_sub_id = 'sub_r1'") == [
         dict(status='active')
     ]
     assert site.host_db.q("select details from sys_audit_logs where event_type = 'admin.webhooks_replayed'") == [
         dict(details='{"processed": 1}')
     ]
-    assert 'There were no failed events to replay.' in root.post('/admin/webhooks/replay').text
+    r = root.post('/admin/webhooks/replay')
+    assert 'There were no failed events to replay.' in root.get(r.headers['location']).text
+    r = root.get('/admin/webhooks?replayed=' + quote('<script>:1,processed:x'))  # a hand-made link
+    assert r.status_code == 200 and '<script>' not in r.text and 'There were no failed events' in r.text
 
 
 def test_tenant_overview_on_both_backends(host_db):
